@@ -1,0 +1,8 @@
+//! Tiered water tariffs and exact bills.
+//!
+//! `billing-core` owns tariffs (TOML data, validated) and the bill computation from validated
+//! register reads: tiers, components, proration and rounding to the fen. It is pure: no I/O, no
+//! clock, no floats (`rust_decimal` only). Bill runs against the database live in `pipeline`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(clippy::float_arithmetic)]

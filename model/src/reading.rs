@@ -1,0 +1,323 @@
+//! Normalised readings, their quality and provenance, and the uplink batch.
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{GatewayId, MeterId, Quantity, Unit};
+
+/// Version of the JSON wire form of [`ReadingBatch`] (and of the types it embeds).
+///
+/// Bump it on any breaking change; consumers refuse batches with a version they do not know.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Which clock a reading's timestamp comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClockSource {
+    /// The meter's own real-time clock (converted to UTC with the meter's configured zone).
+    Meter,
+    /// The gateway's receive time (the frame had no usable clock).
+    Gateway,
+    /// A carrier IoT platform's timestamp.
+    Platform,
+    /// Entered by a person (manual read, edit).
+    Manual,
+    /// Computed by the pipeline (estimates).
+    Pipeline,
+}
+
+/// The kind of source a frame arrived through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// MQTT subscription (concentrators).
+    Mqtt,
+    /// Modbus TCP poll.
+    ModbusTcp,
+    /// Modbus RTU poll over a serial line.
+    ModbusRtu,
+    /// Wired M-Bus master over a serial line.
+    MbusSerial,
+    /// Wireless M-Bus receiver.
+    Wmbus,
+    /// NB-IoT meter over CoAP/UDP.
+    Coap,
+    /// IoT-platform HTTP push.
+    HttpPush,
+    /// The HTTP API (manual reads, IF-REV-004).
+    Api,
+    /// Produced inside the pipeline (estimates).
+    Pipeline,
+}
+
+/// Where a reading came from: enough to find and re-decode the raw frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provenance {
+    /// Gateway that received the frame.
+    pub gateway: GatewayId,
+    /// Kind of source.
+    pub source: SourceKind,
+    /// Source instance id from the gateway configuration (`mqtt-north`, `bus1`...).
+    pub source_id: String,
+    /// SHA-256 of the raw frame bytes, hex (64 characters).
+    pub frame_hash: String,
+    /// When the gateway received the frame (UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub received_at: OffsetDateTime,
+}
+
+/// How an estimate was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EstimationMethod {
+    /// Linear interpolation between actual reads on both sides of a short gap.
+    Linear,
+    /// Scaled like-day profile for longer gaps.
+    Profile,
+    /// Average daily usage times elapsed days.
+    AverageDailyUsage,
+    /// Average of the previous N months (billing practice for unreadable meters).
+    HistoricalAverage,
+}
+
+/// Why a reading was rejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// Same meter, time and quantity already stored with a different value.
+    DuplicateConflict,
+    /// Timestamp too far in the future or too far from the receive time.
+    ImplausibleTimestamp,
+    /// The register decreased and neither rollover nor replacement explains it.
+    RegisterDecrease,
+    /// Usage above what the meter can physically pass in the elapsed time.
+    PhysicallyImpossible,
+    /// Unit cannot be converted to the meter's configured unit.
+    UnitMismatch,
+    /// Data from a meter that is not installed or is retired.
+    InactiveMeter,
+    /// The meter is unknown to the pipeline.
+    UnknownMeter,
+    /// The meter is flagged as tampered and no longer valid for billing.
+    Tampered,
+}
+
+/// The standing of a reading for billing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Quality {
+    /// As received, not yet validated.
+    Actual,
+    /// Passed every validation rule.
+    Validated,
+    /// Computed by estimation.
+    Estimated {
+        /// Method used.
+        method: EstimationMethod,
+    },
+    /// Replaced by a person; who and why are audited.
+    Edited {
+        /// User who edited.
+        by: String,
+        /// Reason given.
+        reason: String,
+    },
+    /// Expected but not received (a gap placeholder).
+    Missing,
+    /// Refused by validation; kept for audit, never billed.
+    Rejected {
+        /// Why.
+        reason: RejectReason,
+    },
+}
+
+impl Quality {
+    /// Returns the status name (`actual`, `validated`, `estimated`, `edited`, `missing`, `rejected`).
+    pub fn status(&self) -> &'static str {
+        match self {
+            Self::Actual => "actual",
+            Self::Validated => "validated",
+            Self::Estimated { .. } => "estimated",
+            Self::Edited { .. } => "edited",
+            Self::Missing => "missing",
+            Self::Rejected { .. } => "rejected",
+        }
+    }
+
+    /// Returns true when the reading may be used for billing.
+    pub fn is_billable(&self) -> bool {
+        matches!(
+            self,
+            Self::Validated | Self::Estimated { .. } | Self::Edited { .. }
+        )
+    }
+}
+
+/// A condition noticed by validation that does not by itself reject the read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QualityFlag {
+    /// Meter clock differs from receive time beyond tolerance; both times kept.
+    ClockSkew,
+    /// Older than the last validated read.
+    OutOfOrder,
+    /// Register wrapped at its capacity.
+    Rollover,
+    /// Register decreased: reverse flow.
+    ReverseFlow,
+    /// First read after a recorded meter replacement.
+    MeterReplaced,
+    /// Usage above k × average daily usage.
+    Spike,
+    /// Zero consumption over a long span on a meter that used to consume.
+    ZeroConsumption,
+    /// Converted from the frame's unit to the meter's configured unit.
+    UnitConverted,
+    /// Superseded by a later actual read (for estimates).
+    Superseded,
+}
+
+/// One normalised measurement of one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reading {
+    /// The meter.
+    pub meter: MeterId,
+    /// Measurement time, UTC.
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: OffsetDateTime,
+    /// Which clock `ts` comes from.
+    pub clock: ClockSource,
+    /// What is measured.
+    pub quantity: Quantity,
+    /// Exact value in `unit` (a JSON string, so no precision is lost on the wire).
+    pub value: Decimal,
+    /// Unit of `value`.
+    pub unit: Unit,
+    /// Storage number (0 = current value; M-Bus historic values have higher numbers).
+    #[serde(default)]
+    pub storage: u32,
+    /// Tariff register (0 = total).
+    #[serde(default)]
+    pub tariff: u16,
+    /// Sub-unit (device) number.
+    #[serde(default)]
+    pub subunit: u16,
+    /// Standing for billing.
+    pub quality: Quality,
+    /// Conditions noticed by validation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<QualityFlag>,
+    /// Where it came from.
+    pub provenance: Provenance,
+}
+
+/// A spooled reading with its gateway sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchEntry {
+    /// Gateway spool sequence number, strictly increasing per gateway.
+    pub seq: u64,
+    /// The reading.
+    pub reading: Reading,
+}
+
+/// The uplink message on `wm/v1/readings/{partition}`: a batch of readings from one gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadingBatch {
+    /// Wire version, [`WIRE_VERSION`].
+    pub v: u16,
+    /// Sending gateway.
+    pub gateway: GatewayId,
+    /// Partition of every reading in the batch.
+    pub partition: u16,
+    /// When the batch was published (UTC).
+    #[serde(with = "time::serde::rfc3339")]
+    pub sent_at: OffsetDateTime,
+    /// Entries in spool order.
+    pub entries: Vec<BatchEntry>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rust_decimal_macros::dec;
+    use time::macros::datetime;
+
+    fn sample() -> Reading {
+        Reading {
+            meter: MeterId::new("cjt188:78330011223344").unwrap(),
+            ts: datetime!(2026-11-24 10:43:00 UTC),
+            clock: ClockSource::Meter,
+            quantity: Quantity::Volume,
+            value: dec!(556677.00),
+            unit: Unit::CubicMetre,
+            storage: 0,
+            tariff: 0,
+            subunit: 0,
+            quality: Quality::Actual,
+            flags: vec![],
+            provenance: Provenance {
+                gateway: GatewayId::new("gw-1").unwrap(),
+                source: SourceKind::Coap,
+                source_id: "nbiot".into(),
+                frame_hash: "00".repeat(32),
+                received_at: datetime!(2026-11-24 10:43:05 UTC),
+            },
+        }
+    }
+
+    /// Pins the documented v1 JSON form (docs/wire-format.md).
+    #[test]
+    fn batch_json_form_is_stable() {
+        let batch = ReadingBatch {
+            v: WIRE_VERSION,
+            gateway: GatewayId::new("gw-1").unwrap(),
+            partition: 3,
+            sent_at: datetime!(2026-11-24 10:43:06 UTC),
+            entries: vec![BatchEntry {
+                seq: 42,
+                reading: sample(),
+            }],
+        };
+        let json = serde_json::to_value(&batch).unwrap();
+        let expected = serde_json::json!({
+            "v": 1, "gateway": "gw-1", "partition": 3, "sent_at": "2026-11-24T10:43:06Z",
+            "entries": [{"seq": 42, "reading": {
+                "meter": "cjt188:78330011223344", "ts": "2026-11-24T10:43:00Z", "clock": "meter",
+                "quantity": "volume", "value": "556677.00", "unit": "m3",
+                "storage": 0, "tariff": 0, "subunit": 0, "quality": {"status": "actual"},
+                "provenance": {"gateway": "gw-1", "source": "coap", "source_id": "nbiot",
+                    "frame_hash": "00".repeat(32), "received_at": "2026-11-24T10:43:05Z"}
+            }}]
+        });
+        assert_eq!(json, expected);
+        let back: ReadingBatch = serde_json::from_value(json).unwrap();
+        assert_eq!(back, batch);
+    }
+
+    #[test]
+    fn quality_tags() {
+        let q = Quality::Estimated {
+            method: EstimationMethod::Linear,
+        };
+        assert_eq!(
+            serde_json::to_string(&q).unwrap(),
+            r#"{"status":"estimated","method":"linear"}"#
+        );
+        assert!(q.is_billable());
+        assert!(
+            !Quality::Rejected {
+                reason: RejectReason::Tampered
+            }
+            .is_billable()
+        );
+        assert_eq!(Quality::Actual.status(), "actual");
+    }
+
+    #[test]
+    fn bad_meter_id_in_json_is_refused() {
+        let mut json = serde_json::to_value(sample()).unwrap();
+        json["meter"] = serde_json::json!("bad/id");
+        assert!(serde_json::from_value::<Reading>(json).is_err());
+    }
+}

@@ -1,0 +1,14 @@
+//! The central pipeline: ingest from MQTT, VEE, storage on PostgreSQL, rollups, billing trigger.
+//!
+//! `pipeline` owns the database: the schema ([`MIGRATOR`]), batched writes of readings
+//! ([`store`]), and the stages between the broker and storage. It never serves HTTP (that is
+//! `api`) and never speaks device protocols (that is `gateway` and `decoders`).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod store;
+pub mod testing;
+
+/// The schema migrations in `pipeline/migrations`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,90 @@
+//! Helpers for tests that need a real PostgreSQL: one fresh database per test.
+//!
+//! Tests never mock PostgreSQL. Each [`TestDatabase`] is a new database named
+//! `wm_test_<pid>_<n>_<random>` on the server of `DATABASE_URL` (default: local, trust auth), with
+//! every migration applied, so tests run in parallel without touching each other.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::database_url;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A freshly created and migrated database, dropped by [`TestDatabase::drop_database`] (or
+/// left behind for inspection when a test fails; `.ci/run` removes leftovers).
+#[derive(Debug)]
+pub struct TestDatabase {
+    /// Pool connected to the new database.
+    pub pool: PgPool,
+    /// Name of the database.
+    pub name: String,
+    /// Connection URL of the new database.
+    pub url: String,
+    admin: PgConnectOptions,
+}
+
+impl TestDatabase {
+    /// Creates and migrates a new database.
+    ///
+    /// # Panics
+    /// Panics with what to start when PostgreSQL is unreachable: tests must fail loudly.
+    pub async fn create() -> Self {
+        let admin_url = database_url();
+        let admin: PgConnectOptions = admin_url
+            .parse()
+            .unwrap_or_else(|e| panic!("DATABASE_URL {admin_url:?} is not a PostgreSQL URL: {e}"));
+        let mut conn = admin.connect().await.unwrap_or_else(|e| {
+            panic!(
+                "cannot reach PostgreSQL at {admin_url} ({e}); start it with \
+                 `pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start` \
+                 or run `bash .ci/run`"
+            )
+        });
+        let name = format!(
+            "wm_test_{}_{}_{:08x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            rand::random::<u32>()
+        );
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create test database {name}: {e}"));
+        conn.close().await.ok();
+        let options = admin.clone().database(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(options.clone())
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to test database {name}: {e}"));
+        crate::MIGRATOR
+            .run(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrations failed on {name}: {e}"));
+        let url = options.to_url_lossy().to_string();
+        Self {
+            pool,
+            name,
+            url,
+            admin,
+        }
+    }
+
+    /// Closes the pool and drops the database.
+    pub async fn drop_database(self) {
+        self.pool.close().await;
+        if let Ok(mut conn) = self.admin.connect().await {
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut conn)
+            .await
+            .ok();
+            conn.close().await.ok();
+        }
+    }
+}
