@@ -55,7 +55,10 @@ async fn migrations_are_idempotent_and_create_partitions() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
-    assert_eq!(created, 2, "months 13 and 14 ahead are new (0..=12 were prepared)");
+    assert_eq!(
+        created, 2,
+        "months 13 and 14 ahead are new (0..=12 were prepared)"
+    );
     db.drop_database().await;
 }
 
