@@ -6,3 +6,8 @@
 //! database and never interprets payloads itself (that is `decoders`' job).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod normalise;
+pub mod sink;
+
+pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};

@@ -1,0 +1,173 @@
+//! Turns a [`DecodedFrame`] into normalised [`Reading`]s with provenance.
+
+use decoders::{DecodedFrame, Function, Protocol, RecordValue};
+use model::{
+    ClockSource, GatewayId, MeterId, MeterIdError, Provenance, Quality, Reading, SourceKind, Unit,
+};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+/// Where and when a frame was received.
+#[derive(Debug, Clone)]
+pub struct FrameContext<'a> {
+    /// This gateway.
+    pub gateway: &'a GatewayId,
+    /// Kind of source.
+    pub source: SourceKind,
+    /// Source instance id from the configuration.
+    pub source_id: &'a str,
+    /// Receive time (UTC).
+    pub received_at: OffsetDateTime,
+    /// The raw frame, hashed into the provenance so the reading can be traced back to it.
+    pub raw: &'a [u8],
+}
+
+/// SHA-256 of a raw frame as lowercase hex.
+pub fn frame_hash(raw: &[u8]) -> String {
+    hex::encode(Sha256::digest(raw))
+}
+
+/// The pipeline's meter id for a decoded frame (`cjt188:<14 digits>`, `mbus:<MAN><8 digits>`).
+///
+/// Modbus frames carry no identity; their meter id comes from the device configuration.
+pub fn meter_id(frame: &DecodedFrame) -> Result<MeterId, MeterIdError> {
+    match frame.protocol {
+        Protocol::Cjt188 => MeterId::new(format!("cjt188:{}", frame.meter.id)),
+        Protocol::Mbus | Protocol::Wmbus => MeterId::new(format!(
+            "mbus:{}{}",
+            frame.meter.manufacturer.as_deref().unwrap_or(""),
+            frame.meter.id
+        )),
+        Protocol::Modbus => MeterId::new(format!("modbus:{}", frame.meter.id)),
+    }
+}
+
+/// Readings of the frame's numeric records that the pipeline stores.
+///
+/// `meter_ts` is the meter's own clock converted to UTC, when the frame had one; otherwise the
+/// receive time is used and marked [`ClockSource::Gateway`]. Maximum/minimum/error-state
+/// records and records without a pipeline quantity are left out: they stay visible in the raw
+/// frame, which the provenance hash identifies.
+pub fn to_readings(
+    frame: &DecodedFrame,
+    meter: &MeterId,
+    meter_ts: Option<OffsetDateTime>,
+    ctx: &FrameContext<'_>,
+) -> Vec<Reading> {
+    let (ts, clock) = match meter_ts {
+        Some(ts) => (ts, ClockSource::Meter),
+        None => (ctx.received_at, ClockSource::Gateway),
+    };
+    let provenance = Provenance {
+        gateway: ctx.gateway.clone(),
+        source: ctx.source,
+        source_id: ctx.source_id.to_owned(),
+        frame_hash: frame_hash(ctx.raw),
+        received_at: ctx.received_at,
+    };
+    frame
+        .records
+        .iter()
+        .filter(|r| r.function == Function::Instantaneous)
+        .filter_map(|record| {
+            let quantity = record.reading_quantity()?;
+            let RecordValue::Number(value) = &record.value else {
+                return None;
+            };
+            Some(Reading {
+                meter: meter.clone(),
+                ts,
+                clock,
+                quantity,
+                value: *value,
+                unit: record.unit.unwrap_or(Unit::Dimensionless),
+                storage: record.storage,
+                tariff: u16::try_from(record.tariff).unwrap_or(u16::MAX),
+                subunit: u16::try_from(record.subunit).unwrap_or(u16::MAX),
+                quality: Quality::Actual,
+                flags: Vec::new(),
+                provenance: provenance.clone(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use decoders::{MeterInfo, Record};
+    use model::Quantity;
+    use rust_decimal::Decimal;
+    use time::macros::datetime;
+
+    fn record(
+        quantity: &str,
+        value: RecordValue,
+        unit: Option<Unit>,
+        function: Function,
+    ) -> Record {
+        Record {
+            quantity: quantity.into(),
+            value,
+            unit,
+            storage: 0,
+            tariff: 0,
+            subunit: 0,
+            function,
+        }
+    }
+
+    #[test]
+    fn numeric_instantaneous_records_become_readings() {
+        let frame = DecodedFrame {
+            protocol: Protocol::Mbus,
+            meter: MeterInfo {
+                id: "12345678".into(),
+                manufacturer: Some("KAM".into()),
+                version: Some(1),
+                medium: Some("water".into()),
+            },
+            records: vec![
+                record(
+                    "volume",
+                    RecordValue::Number(Decimal::new(12345678, 3)),
+                    Some(Unit::CubicMetre),
+                    Function::Instantaneous,
+                ),
+                record(
+                    "volume_flow",
+                    RecordValue::Number(Decimal::new(15, 1)),
+                    Some(Unit::CubicMetrePerHour),
+                    Function::Maximum,
+                ),
+                record(
+                    "date_time",
+                    RecordValue::Date("2026-11-24T10:43".into()),
+                    None,
+                    Function::Instantaneous,
+                ),
+            ],
+        };
+        let gateway = GatewayId::new("gw-1").unwrap();
+        let ctx = FrameContext {
+            gateway: &gateway,
+            source: SourceKind::MbusSerial,
+            source_id: "bus1",
+            received_at: datetime!(2026-11-24 10:43:05 UTC),
+            raw: b"abc",
+        };
+        let id = meter_id(&frame).unwrap();
+        assert_eq!(id.as_str(), "mbus:KAM12345678");
+        let readings = to_readings(&frame, &id, None, &ctx);
+        assert_eq!(readings.len(), 1);
+        let r = &readings[0];
+        assert_eq!(r.quantity, Quantity::Volume);
+        assert_eq!(r.value, Decimal::new(12345678, 3));
+        assert_eq!(r.clock, ClockSource::Gateway);
+        assert_eq!(r.ts, ctx.received_at);
+        assert_eq!(
+            r.provenance.frame_hash,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
