@@ -9,5 +9,7 @@
 
 pub mod normalise;
 pub mod sink;
+pub mod source;
 
 pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};
+pub use source::{CommandOutcome, CommandRequest, SourceContext};
