@@ -18,7 +18,7 @@
 //! ```
 //! use decoders::wmbus::{self, FormatCache};
 //! // A CRC-stripped T1 telegram, unencrypted, CI 7A.
-//! let frame = hex::decode("1c442d2c7856341201 07 7a 01 00 0000 2f2f 0413 39300000 02fd170000".replace(' ', "")).unwrap();
+//! let frame = hex::decode("1b442d2c7856341201 07 7a 01 00 0000 2f2f 0413 39300000 02fd170000".replace(' ', "")).unwrap();
 //! let mut cache = FormatCache::default();
 //! let telegram = wmbus::parse(&frame, &None, &mut cache).unwrap();
 //! assert_eq!(telegram.meter.meter_id(), "mbus:KAM12345678");
