@@ -27,6 +27,7 @@
 mod compact;
 mod crc;
 mod crypto;
+mod diehl;
 pub mod encode;
 mod error;
 mod link;
@@ -224,6 +225,9 @@ pub enum PayloadKind {
     Compact,
     /// Manufacturer-specific payload (CI A0–B7) not decoded here.
     ManufacturerSpecific,
+    /// Diehl PRIOS (Izar) payload, descrambled with the published default keys: the 4 clear
+    /// header bytes after the CI, then the descrambled bytes (check byte 0x4B first).
+    DiehlPrios,
 }
 
 /// A telegram with every layer parsed and the application data decrypted.
@@ -275,7 +279,12 @@ pub fn parse(
     let c_field = r.u8("C field")?;
     let m = r.le_u16("manufacturer")?;
     let a = r.array::<6>("address")?;
-    let dll = Address::from_wire(m, a);
+    // `dll_raw` keeps the wire order for IVs; `dll` is the identity users know.
+    let dll_raw = Address::from_wire(m, a);
+    let dll = match frame.get(10) {
+        Some(&ci) if diehl::has_prios_address(m, ci) => diehl::prios_address(m, a),
+        _ => dll_raw,
+    };
 
     // Extended link layer.
     let ci_offset = r.offset();
@@ -320,6 +329,7 @@ pub fn parse(
             let mut plain = r.rest().to_vec();
             let encrypted = (sn >> 29) & 0x07 == ELL_ENC_AES_CTR;
             let owner = meter.unwrap_or(dll);
+            let owner_raw = meter.unwrap_or(dll_raw);
             if encrypted && !ell_crc_ok(&plain) {
                 let key = keys.key_for(owner.manufacturer, owner.id).ok_or_else(|| {
                     WmbusError::MissingKey {
@@ -330,7 +340,7 @@ pub fn parse(
                 let mut iv = [0u8; 16];
                 let sn_bytes = sn.to_le_bytes();
                 for (slot, b) in iv.iter_mut().zip(
-                    owner
+                    owner_raw
                         .to_wire()
                         .iter()
                         .chain(std::iter::once(&(cc & !0x12)))
@@ -448,7 +458,7 @@ pub fn parse(
         config_word: None,
         address: None,
     };
-    let kind = match tpl_ci {
+    let mut kind = match tpl_ci {
         0x7A | 0x5A | 0x61 | 0x65 | 0x6E | 0x74 | 0x7D | 0x7F | 0x8A => {
             tpl.access_number = Some(r.u8("TPL access number")?);
             tpl.status = Some(r.u8("TPL status")?);
@@ -481,8 +491,34 @@ pub fn parse(
         .address
         .or_else(|| ell.as_ref().and_then(|e| e.meter))
         .unwrap_or(dll);
+    let meter_raw = tpl
+        .address
+        .or_else(|| ell.as_ref().and_then(|e| e.meter))
+        .unwrap_or(dll_raw);
 
     // Security.
+    if kind == PayloadKind::ManufacturerSpecific
+        && ell.is_none()
+        && diehl::is_prios(m, tpl_ci)
+        && let Some(plain) = diehl::descramble(frame)
+    {
+        kind = PayloadKind::DiehlPrios;
+        let mut payload = frame.get(11..15).unwrap_or_default().to_vec();
+        payload.extend_from_slice(&plain);
+        return Ok(Telegram {
+            format,
+            c_field,
+            dll,
+            ell,
+            afl,
+            tpl,
+            meter,
+            protection: Protection::None,
+            kind,
+            payload,
+            payload_offset: 11,
+        });
+    }
     let mode = tpl.security_mode();
     let cw_offset = tpl_ci_offset.saturating_add(if tpl.address.is_some() { 11 } else { 3 });
     if mode == 7 {
@@ -518,7 +554,7 @@ pub fn parse(
                     let acc = tpl.access_number.unwrap_or(0);
                     for (slot, b) in iv
                         .iter_mut()
-                        .zip(meter.to_wire().iter().chain(std::iter::repeat(&acc)))
+                        .zip(meter_raw.to_wire().iter().chain(std::iter::repeat(&acc)))
                     {
                         *slot = *b;
                     }
@@ -595,6 +631,7 @@ pub fn parse(
             payload
         }
         PayloadKind::ManufacturerSpecific => payload,
+        PayloadKind::DiehlPrios => payload,
     };
 
     Ok(Telegram {
@@ -641,6 +678,12 @@ pub fn decode(
                 offset: telegram.payload_offset,
                 source,
             })?,
+        PayloadKind::DiehlPrios => diehl::izar_records(&telegram.payload).ok_or_else(|| {
+            WmbusError::ManufacturerSpecific {
+                meter: telegram.meter.meter_id(),
+                ci: telegram.tpl.ci,
+            }
+        })?,
         PayloadKind::ManufacturerSpecific => {
             return Err(WmbusError::ManufacturerSpecific {
                 meter: telegram.meter.meter_id(),
