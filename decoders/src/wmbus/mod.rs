@@ -831,4 +831,27 @@ mod tests {
             assert!(parse(&cut, &None, &mut FormatCache::new()).is_err(), "{n}");
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            drop(decode(&bytes, &Some(KEY), &mut FormatCache::new()));
+        }
+
+        #[test]
+        fn mutated_telegrams_never_panic(
+            at in 0usize..64,
+            byte in proptest::num::u8::ANY,
+            ci in proptest::sample::select(vec![0x72u8, 0x78, 0x79, 0x7A, 0x8C, 0x8D, 0x8E, 0x8F, 0x90, 0xA2]),
+        ) {
+            let mut frame = telegram(&meter(), &RECORDS, 3, Some(KEY));
+            frame[10] = ci;
+            if let Some(b) = frame.get_mut(at) {
+                *b = byte;
+            }
+            let mut cache = FormatCache::new();
+            drop(decode(&frame, &Some(KEY), &mut cache));
+            drop(decode(&frame, &None, &mut cache));
+        }
+    }
 }
