@@ -30,3 +30,10 @@ pub fn hex(s: &str) -> Vec<u8> {
     let clean: String = s.chars().filter(|c| c.is_ascii_hexdigit()).collect();
     hex::decode(clean).expect("valid hex")
 }
+
+/// Parses space-separated hex tokens leniently (a one-digit token is one byte).
+pub fn hex_tokens(s: &str) -> Vec<u8> {
+    s.split_whitespace()
+        .filter_map(|t| u8::from_str_radix(t, 16).ok())
+        .collect()
+}
