@@ -722,14 +722,62 @@ fn is_wired_long_frame(raw: &[u8]) -> bool {
 
 /// Wired long frames go to the wired decoder.
 fn decode_wired(raw: &[u8]) -> Result<DecodedFrame, WmbusError> {
-    let _ = raw;
-    Err(WmbusError::Wired(crate::mbus::MbusError::NotImplemented))
+    crate::mbus::decode(raw).map_err(WmbusError::Wired)
 }
 
 /// EN 13757-3 data records of decrypted application data (no TPL header).
+///
+/// Records are decoded in order; if one is malformed (wireless meters often end with truncated
+/// or vendor bytes), the records before it are kept and the undecoded rest is returned as one
+/// raw `undecoded_tail` record, so no value is invented and nothing is silently dropped. A
+/// payload whose first record already fails is an error.
 fn application_records(payload: &[u8]) -> Result<Vec<Record>, crate::mbus::MbusError> {
-    let _ = payload;
-    Err(crate::mbus::MbusError::NotImplemented)
+    let mut out = Vec::new();
+    let mut end = 0usize;
+    for rec in crate::mbus::records(payload) {
+        match rec {
+            Ok(rec) => {
+                end = raw_record_end(&rec);
+                out.push(rec.to_record());
+            }
+            Err(e) if out.is_empty() => return Err(e),
+            Err(_) => {
+                let tail = payload.get(end..).unwrap_or_default();
+                out.push(Record {
+                    quantity: "undecoded_tail".to_owned(),
+                    value: crate::frame::RecordValue::Raw(hex::encode(tail)),
+                    unit: None,
+                    storage: 0,
+                    tariff: 0,
+                    subunit: 0,
+                    function: crate::frame::Function::Instantaneous,
+                });
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Offset just past a decoded record (DIF, DIFEs, VIF, plain text, VIFEs, LVAR, data).
+fn raw_record_end(rec: &crate::mbus::RawRecord<'_>) -> usize {
+    let vif = usize::from(rec.dif & 0x0F != 0x0F);
+    let text = if rec.plain_text.is_empty() {
+        0
+    } else {
+        rec.plain_text.len().saturating_add(1)
+    };
+    [
+        1,
+        rec.dife.len(),
+        vif,
+        text,
+        rec.vife.len(),
+        usize::from(rec.lvar.is_some()),
+        rec.data.len(),
+    ]
+    .iter()
+    .fold(rec.offset, |acc, n| acc.saturating_add(*n))
 }
 
 #[cfg(test)]
@@ -802,6 +850,67 @@ mod tests {
         assert!(parse(&frame, &Some(wrong), &mut cache).is_err());
         assert!(parse(&frame, &Some(KEY), &mut cache).is_ok());
         assert!(format!("{cache:?}").starts_with("FormatCache"));
+    }
+
+    #[test]
+    fn decode_maps_records_and_identity() {
+        let frame = telegram(&meter(), &RECORDS, 0x42, Some(KEY));
+        let f = decode(&frame, &Some(KEY), &mut FormatCache::new()).unwrap();
+        assert_eq!(f.protocol, Protocol::Wmbus);
+        assert_eq!(f.meter.id, "12345678");
+        assert_eq!(f.meter.manufacturer.as_deref(), Some("KAM"));
+        assert_eq!(f.meter.medium.as_deref(), Some("water"));
+        assert_eq!(f.records.len(), 2);
+        assert_eq!(f.records[0].quantity, "volume");
+        assert_eq!(
+            f.records[0].value,
+            crate::frame::RecordValue::Number(model::Decimal::new(12345, 3))
+        );
+        assert_eq!(f.records[0].unit, Some(model::Unit::CubicMetre));
+    }
+
+    #[test]
+    fn compact_frame_needs_the_full_frame_first() {
+        // Full frame CI 78 then the same values as a compact frame CI 79.
+        let full = [&[0x78u8][..], &RECORDS].concat();
+        let (sig, _) = compact::format_of(&RECORDS).unwrap();
+        let data = [0x39, 0x30, 0x00, 0x00, 0x00, 0x00];
+        let mut compact_payload = vec![0x79];
+        compact_payload.extend_from_slice(&sig.to_le_bytes());
+        compact_payload.extend_from_slice(&crc::crc16(&RECORDS).to_le_bytes());
+        compact_payload.extend_from_slice(&data);
+        let with_header = |ci_and_data: &[u8]| {
+            let mut f = vec![0u8, 0x44];
+            f.extend_from_slice(&meter().address().to_wire());
+            f.extend_from_slice(ci_and_data);
+            f[0] = u8::try_from(f.len() - 1).unwrap();
+            f
+        };
+        let mut cache = FormatCache::new();
+        let compact_frame = with_header(&compact_payload);
+        assert!(matches!(
+            decode(&compact_frame, &None, &mut cache),
+            Err(WmbusError::UnknownCompactFormat { .. })
+        ));
+        let from_full = decode(&with_header(&full), &None, &mut cache).unwrap();
+        assert_eq!(cache.format_count(), 1);
+        let from_compact = decode(&compact_frame, &None, &mut cache).unwrap();
+        assert_eq!(from_full.records, from_compact.records);
+    }
+
+    #[test]
+    fn malformed_tail_is_kept_raw_not_invented() {
+        // A good record, then a DIF announcing 4 bytes with only 1 present.
+        let mut payload = RECORDS.to_vec();
+        payload.extend_from_slice(&[0x04, 0x13, 0x01]);
+        let frame = telegram(&meter(), &payload, 1, None);
+        let f = decode(&frame, &None, &mut FormatCache::new()).unwrap();
+        assert_eq!(f.records.len(), 3);
+        assert_eq!(f.records[2].quantity, "undecoded_tail");
+        assert_eq!(
+            f.records[2].value,
+            crate::frame::RecordValue::Raw("041301".into())
+        );
     }
 
     #[test]
