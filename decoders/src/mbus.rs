@@ -1135,6 +1135,8 @@ pub enum RawValue<'a> {
     Real(f32),
     /// Date type G: (year, month, day).
     Date(i32, u8, u8),
+    /// Time of day type J: (hour, minute, second).
+    Time(u8, u8, u8),
     /// Date-time type F (seconds `None`) or I.
     DateTime(i32, u8, u8, u8, u8, Option<u8>),
     /// Text (reversed on the wire; give the bytes as sent).
@@ -1458,6 +1460,11 @@ impl<'a> RawRecord<'a> {
             0x02 if info_date => date_g(data),
             0x04 if info_date => date_f(data).unwrap_or(RawValue::Bytes(self.data)),
             0x06 if info_date => date_i(data).unwrap_or(RawValue::Bytes(self.data)),
+            // Type J: ss mm hh (VIF 6D with 3 bytes).
+            0x03 if info_date => match data {
+                [s, m, h] => RawValue::Time(h & 0x1F, m & 0x3F, s & 0x3F),
+                _ => RawValue::Bytes(self.data),
+            },
             0x01..=0x04 | 0x06 | 0x07 => RawValue::Int(int_le(data)),
             0x05 => match <[u8; 4]>::try_from(data) {
                 Ok(b) => RawValue::Real(f32::from_le_bytes(b)),
@@ -1513,6 +1520,7 @@ impl<'a> RawRecord<'a> {
                     RawValue::DateTime(y, mo, d, h, mi, None) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
                     }
+                    RawValue::Time(h, mi, s) => RecordValue::Date(format!("{h:02}:{mi:02}:{s:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, Some(s)) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}"))
                     }

@@ -219,3 +219,25 @@ fn mbus_negative_bcd_and_plain_text_records() {
     assert_eq!(records[2].quantity, "customer");
     assert_eq!(records[2].value, decoders::RecordValue::Text("ABC".into()));
 }
+
+#[test]
+fn mbus_mode_2_msb_first_frame() {
+    // CI 76: header and data most significant byte first.
+    let mut body = common::hex("08 01 76 12 34 56 78 2C 2D 01 07 05 00 00 00 04 13 00 00 30 39");
+    body.extend_from_slice(&common::hex("03 6D 0A 2B 05")); // type J, sent MSB first: 10:43:05
+    let mut frame = vec![0x68, body.len() as u8, body.len() as u8, 0x68];
+    frame.extend_from_slice(&body);
+    frame.push(body.iter().fold(0u8, |a, b| a.wrapping_add(*b)));
+    frame.push(0x16);
+    let decoded = mbus::decode(&frame).unwrap();
+    assert_eq!(decoded.meter.id, "12345678");
+    assert_eq!(decoded.meter.manufacturer.as_deref(), Some("KAM"));
+    assert_eq!(
+        decoded.records[0].value,
+        decoders::RecordValue::Number("12.345".parse().unwrap())
+    );
+    assert_eq!(
+        decoded.records[1].value,
+        decoders::RecordValue::Date("10:43:05".into())
+    );
+}
