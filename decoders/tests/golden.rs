@@ -241,3 +241,33 @@ fn mbus_mode_2_msb_first_frame() {
         decoders::RecordValue::Date("10:43:05".into())
     );
 }
+
+#[test]
+fn cjt188_mirrored_status_bits() {
+    use cjt188::StatusBits;
+    // sdqr layout: 0x40 closed, 0xC0 abnormal, 0x20 battery low.
+    assert_eq!(StatusBits::Mirrored.valve_state(0x0040), 1);
+    assert_eq!(StatusBits::Mirrored.valve_state(0x00C0), 3);
+    assert!(StatusBits::Mirrored.battery_low(0x0020));
+    assert_eq!(StatusBits::Standard.valve_state(0x0021), 1);
+    assert_eq!(StatusBits::Standard.valve_state(0x0003), 3);
+    let frame = cjt188::Cjt188Frame::valve_reply(0x10, [0x11; 7], 1, 0x0060);
+    let decoded = cjt188::to_decoded_with(&frame, StatusBits::Mirrored);
+    let value = |q: &str| {
+        decoded
+            .records
+            .iter()
+            .find(|r| r.quantity == q)
+            .unwrap()
+            .value
+            .clone()
+    };
+    assert_eq!(
+        value("valve_state"),
+        decoders::RecordValue::Number(1.into())
+    );
+    assert_eq!(
+        value("battery_low"),
+        decoders::RecordValue::Number(1.into())
+    );
+}
