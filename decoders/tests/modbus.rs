@@ -447,6 +447,6 @@ proptest! {
         words in proptest::collection::vec(any::<u16>(), 0..8),
     ) {
         let map = RegisterMap::new("t", vec![spec(data_type, order)]);
-        let _ = decode(&map, start, &words);
+        drop(decode(&map, start, &words));
     }
 }
