@@ -382,17 +382,17 @@ impl<'a> Fields<'a> {
 
     /// Reads the signal fields under any of their usual spellings.
     fn signal(&self) -> Result<Signal, EnvelopeError> {
-        let pick = |names: [&'static str; 2]| names.into_iter().find(|n| self.get(n).is_some());
+        let pick = |names: &[&'static str]| names.iter().copied().find(|n| self.get(n).is_some());
         Ok(Signal {
-            rsrp: match pick(["rsrp", "RSRP"]) {
+            rsrp: match pick(&["rsrp", "RSRP"]) {
                 Some(n) => self.decimal(n)?,
                 None => None,
             },
-            sinr: match pick(["sinr", "SINR"]) {
+            sinr: match pick(&["sinr", "SINR", "snr", "SNR"]) {
                 Some(n) => self.decimal(n)?,
                 None => None,
             },
-            ecl: match pick(["ecl", "ECL"]) {
+            ecl: match pick(&["ecl", "ECL"]) {
                 Some(n) => self.ecl(n)?,
                 None => None,
             },
@@ -518,12 +518,24 @@ fn ctwing(obj: &Map<String, Value>) -> Result<Envelope, EnvelopeError> {
         obj: inner,
         prefix: "payload.",
     };
-    // Radio metadata: next to APPdata when the product profile forwards it, else top level.
+    // Radio metadata: in `payload.serviceData` for profile-decoded products (CTWing pushes
+    // `{"serviceId":..,"serviceData":{"RSRP":..,"SNR":..}}` there), next to APPdata, or at
+    // the top level; the innermost wins.
     let mut signal = f.signal()?;
-    let inner_signal = p.signal()?;
-    signal.rsrp = inner_signal.rsrp.or(signal.rsrp);
-    signal.sinr = inner_signal.sinr.or(signal.sinr);
-    signal.ecl = inner_signal.ecl.or(signal.ecl);
+    let mut layers = vec![p.signal()?];
+    if let Some(Value::Object(data)) = p.get("serviceData") {
+        let d = Fields {
+            platform: Platform::CtWing,
+            obj: data,
+            prefix: "payload.serviceData.",
+        };
+        layers.push(d.signal()?);
+    }
+    for inner in layers {
+        signal.rsrp = inner.rsrp.or(signal.rsrp);
+        signal.sinr = inner.sinr.or(signal.sinr);
+        signal.ecl = inner.ecl.or(signal.ecl);
+    }
     Ok(Envelope {
         platform: Platform::CtWing,
         device_id: f.required_id("deviceId")?,

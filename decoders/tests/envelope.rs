@@ -60,6 +60,28 @@ fn ctwing_signal_next_to_appdata() {
 }
 
 #[test]
+fn ctwing_signal_in_service_data() {
+    // Profile-decoded products carry properties in payload.serviceData (SNR spelling).
+    let body = format!(
+        r#"{{"upPacketSN":"","upDataSN":"","topic":"v1/up/ad19prof","timestamp":1764064800000,
+        "payload":{{"APPdata":"{FRAME_B64}","serviceId":"notification",
+        "serviceData":{{"RSRP":-114,"SNR":1,"ECL":2}}}},"messageType":"dataReport",
+        "deviceId":"acf7","IMSI":"undefined","IMEI":""}}"#
+    );
+    let env = decode_envelope(body.as_bytes()).unwrap();
+    assert_eq!(
+        env.signal,
+        Signal {
+            rsrp: Some(dec!(-114)),
+            sinr: Some(dec!(1)),
+            ecl: Some(2)
+        }
+    );
+    // An empty IMEI is no IMEI.
+    assert_eq!(env.imei, None);
+}
+
+#[test]
 fn ctwing_other_message_types_are_not_data() {
     let body = br#"{"messageType":"deviceOnlineOfflineReport","deviceId":"d1","eventType":1,"timestamp":1764064800000}"#;
     assert_eq!(
