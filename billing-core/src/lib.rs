@@ -8,8 +8,13 @@
 #![warn(missing_docs)]
 #![deny(clippy::float_arithmetic)]
 
+pub mod bill;
 pub mod quote;
 pub mod tariff;
 
+pub use bill::{
+    Bill, BillLine, BillRequest, LineKind, RegisterRead, Replacement, Segment, Usage,
+    adjustment_lines, bill_total, compute_bill, register_usage,
+};
 pub use quote::{BillingError, Line, Quote, QuoteRequest, price_class, quote, to_fen};
 pub use tariff::{Class, Component, Tariff, TariffBook, TariffError, TariffStatus, TierPeriod};

@@ -193,7 +193,9 @@ fn hex_prefix(bytes: &[u8], n: usize) -> String {
     let mut s = String::with_capacity(n * 2);
     for b in bytes.iter().take(n) {
         for nibble in [b >> 4, b & 0x0f] {
-            s.push(char::from(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0')));
+            s.push(char::from(
+                HEX.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
         }
     }
     s
