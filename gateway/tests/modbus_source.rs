@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use decoders::{Function, Record, RecordValue};
+use decoders::modbus::{DataType, RegisterFunction, RegisterMap, RegisterSpec};
 use edge_config::modbus::{
     ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity,
 };
-use gateway::sources::modbus::{self, Block, BlockData, DeviceDecoder, Health, Table};
+use gateway::sources::modbus::{self, Health};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
 use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity, Unit};
 use rust_decimal::Decimal;
@@ -21,48 +21,29 @@ use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
 
 /// Test map: holding 0..2 = volume in litres (u32, high word first), holding 2 = valve word.
-#[derive(Debug)]
-struct TestMap;
-
-impl DeviceDecoder for TestMap {
-    fn plan(&self) -> Vec<Block> {
-        vec![Block {
-            table: Table::Holding,
-            start: 0,
-            count: 3,
-        }]
-    }
-    fn decode(&self, _block: Block, data: &BlockData) -> Result<Vec<Record>, String> {
-        let BlockData::Words(w) = data else {
-            return Err("expected words".into());
-        };
-        let [hi, lo, valve] = w.as_slice() else {
-            return Err(format!("expected 3 registers, got {}", w.len()));
-        };
-        let litres = (u32::from(*hi) << 16) | u32::from(*lo);
-        let record = |quantity: &str, value, unit| Record {
-            quantity: quantity.into(),
-            value: RecordValue::Number(value),
-            unit,
-            storage: 0,
-            tariff: 0,
-            subunit: 0,
-            function: Function::Instantaneous,
-        };
-        Ok(vec![
-            record(
-                "volume",
-                Decimal::new(i64::from(litres), 3),
-                Some(Unit::CubicMetre),
-            ),
-            record("valve_state", Decimal::from(*valve), None),
-        ])
-    }
+fn test_map() -> RegisterMap {
+    let mut volume = RegisterSpec::new(
+        "volume",
+        "volume",
+        RegisterFunction::Holding,
+        0,
+        DataType::U32,
+    );
+    volume.scale = Decimal::new(1, 3);
+    volume.unit = Some(Unit::CubicMetre);
+    let valve = RegisterSpec::new(
+        "valve",
+        "valve_state",
+        RegisterFunction::Holding,
+        2,
+        DataType::U16,
+    );
+    RegisterMap::new("test", vec![volume, valve])
 }
 
-fn resolver(map: &str) -> Result<Arc<dyn DeviceDecoder>, String> {
+fn resolver(map: &str) -> Result<RegisterMap, String> {
     match map {
-        "test" => Ok(Arc::new(TestMap)),
+        "test" => Ok(test_map()),
         other => Err(format!("unknown map {other}")),
     }
 }

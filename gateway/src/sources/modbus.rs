@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use decoders::modbus::{self as modbus_decoder, RegisterFunction, RegisterMap};
 use decoders::{DecodedFrame, MeterInfo, Protocol, Record};
 use edge_config::modbus::{ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity};
 use model::{CommandAction, GatewayId, SourceKind};
@@ -236,8 +237,60 @@ impl Transport {
     }
 }
 
-/// Builds the decoder of a configured map name.
-pub type MapResolver = dyn Fn(&str) -> Result<Arc<dyn DeviceDecoder>, String> + Send + Sync;
+/// Finds the register map a device config names.
+pub type MapResolver = dyn Fn(&str) -> Result<RegisterMap, String> + Send + Sync;
+
+/// Polls and decodes a device with a register map (`decoders::modbus`).
+#[derive(Debug, Clone)]
+pub struct MapDecoder {
+    map: RegisterMap,
+    plan: Vec<Block>,
+}
+
+impl MapDecoder {
+    /// Plans reads of at most `max_block` registers, merging values `max_gap` apart.
+    pub fn new(map: RegisterMap, max_block: u16, max_gap: u16) -> Self {
+        let plan = map
+            .read_plan(max_block, max_gap)
+            .into_iter()
+            .map(|b| Block {
+                table: match b.function {
+                    RegisterFunction::Coil => Table::Coils,
+                    RegisterFunction::DiscreteInput => Table::DiscreteInputs,
+                    RegisterFunction::Holding => Table::Holding,
+                    RegisterFunction::Input => Table::Input,
+                },
+                start: b.start,
+                count: b.count,
+            })
+            .collect();
+        Self { map, plan }
+    }
+}
+
+impl DeviceDecoder for MapDecoder {
+    fn plan(&self) -> Vec<Block> {
+        self.plan.clone()
+    }
+
+    fn decode(&self, block: Block, data: &BlockData) -> Result<Vec<Record>, String> {
+        let function = match block.table {
+            Table::Coils => RegisterFunction::Coil,
+            Table::DiscreteInputs => RegisterFunction::DiscreteInput,
+            Table::Holding => RegisterFunction::Holding,
+            Table::Input => RegisterFunction::Input,
+        };
+        match data {
+            BlockData::Words(words) => {
+                modbus_decoder::decode_function(&self.map, function, block.start, words)
+            }
+            BlockData::Bits(bits) => {
+                modbus_decoder::decode_bits(&self.map, function, block.start, bits)
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
+}
 
 /// Runs a Modbus TCP source until shutdown, resolving maps with [`resolve_map`].
 pub async fn run(config: ModbusTcpSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
@@ -249,10 +302,10 @@ pub async fn run_rtu(config: ModbusRtuSourceConfig, ctx: SourceContext) -> Resul
     run_rtu_with(config, ctx, Health::default(), &resolve_map).await
 }
 
-/// Resolves a configured map name: register maps come from `edge_config::register_map`
+/// Resolves a configured map name. Map files come from `edge_config::register_map`
 /// (branch `modbus-envelope`), which this build does not contain yet; until it is merged every
-/// map name is refused with this error, and [`run_tcp_with`] takes a resolver instead.
-pub fn resolve_map(map: &str) -> Result<Arc<dyn DeviceDecoder>, String> {
+/// map name is refused with this error, and [`run_tcp_with`] / [`run_rtu_with`] take a resolver.
+pub fn resolve_map(map: &str) -> Result<RegisterMap, String> {
     Err(format!(
         "register map {map:?}: register-map loading is not built into this gateway yet"
     ))
@@ -260,12 +313,13 @@ pub fn resolve_map(map: &str) -> Result<Arc<dyn DeviceDecoder>, String> {
 
 fn devices_of(
     config: &[edge_config::modbus::ModbusDeviceConfig],
+    timing: &ModbusTiming,
     resolver: &MapResolver,
 ) -> Result<Vec<(Option<String>, PolledDevice)>, SourceError> {
     config
         .iter()
         .map(|d| {
-            let decoder = resolver(&d.map).map_err(|reason| SourceError::Map {
+            let map = resolver(&d.map).map_err(|reason| SourceError::Map {
                 device: d.name.clone(),
                 map: d.map.clone(),
                 reason,
@@ -276,7 +330,7 @@ fn devices_of(
                     name: d.name.clone(),
                     unit_id: d.unit_id,
                     poll_interval: d.poll_interval,
-                    decoder,
+                    decoder: Arc::new(MapDecoder::new(map, timing.max_block, timing.max_gap)),
                 },
             ))
         })
@@ -292,7 +346,7 @@ pub async fn run_tcp_with(
 ) -> Result<(), SourceError> {
     config.validate().map_err(SourceError::Config)?;
     let mut buses: BTreeMap<String, Vec<PolledDevice>> = BTreeMap::new();
-    for (address, device) in devices_of(&config.devices, resolver)? {
+    for (address, device) in devices_of(&config.devices, &config.timing, resolver)? {
         buses
             .entry(address.unwrap_or_default())
             .or_default()
@@ -314,7 +368,7 @@ pub async fn run_rtu_with(
     resolver: &MapResolver,
 ) -> Result<(), SourceError> {
     config.validate().map_err(SourceError::Config)?;
-    let devices = devices_of(&config.devices, resolver)?
+    let devices = devices_of(&config.devices, &config.timing, resolver)?
         .into_iter()
         .map(|(_, d)| d)
         .collect();
