@@ -8,4 +8,5 @@
 #![warn(missing_docs)]
 
 pub mod hydrant;
+pub mod mbus;
 pub mod modbus;

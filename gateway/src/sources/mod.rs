@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 pub mod hydrant;
+pub mod mbus;
 pub mod modbus;
 
 /// Exponential backoff with jitter, so many devices failing together do not retry in lockstep.
