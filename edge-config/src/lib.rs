@@ -7,3 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 pub mod register_map;
+
+pub mod hydrant;
+pub mod mbus;
+pub mod modbus;
