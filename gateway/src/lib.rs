@@ -10,6 +10,7 @@
 pub mod normalise;
 pub mod sink;
 pub mod source;
+pub mod spool;
 
 pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};
 pub use source::{CommandOutcome, CommandRequest, SourceContext};
