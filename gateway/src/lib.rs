@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod downlink;
 pub mod mqtt;
 pub mod normalise;
 pub mod sink;
