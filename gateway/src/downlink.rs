@@ -262,12 +262,11 @@ impl Downlink {
                             .then(|| routes.default_coap.clone())
                             .flatten()
                     });
-                match source {
-                    None => None,
-                    Some(s) => Some(routes.sources.get(&s).cloned().unwrap_or_else(|| {
+                source.map(|s| {
+                    routes.sources.get(&s).cloned().unwrap_or_else(|| {
                         Route::Unavailable(format!("source `{s}` is not running"))
-                    })),
-                }
+                    })
+                })
             };
         match route {
             None => self.transition(
