@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod engine;
+pub mod fleet;
+pub mod mqtt;
 pub mod profile;
 pub mod scenario;
 pub mod truth;
