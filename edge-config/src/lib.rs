@@ -6,3 +6,4 @@
 //! network; reading the file is the only I/O, and it lives at the edge of the crate.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+pub mod register_map;
