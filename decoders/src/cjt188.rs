@@ -1090,16 +1090,45 @@ fn clock_string(clock: PrimitiveDateTime) -> String {
     )
 }
 
-fn status_records(records: &mut Vec<Record>, st: u16) {
-    let valve = if st & ST_VALVE_ABNORMAL != 0 {
-        3
-    } else {
-        st & ST_VALVE_CLOSED
-    };
-    records.push(number("valve_state", Decimal::from(valve), None));
+/// Where a vendor puts the valve and battery bits in ST byte 0 (PROTOCOLS.md §3.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StatusBits {
+    /// D1D0 valve (00 open, 01 closed, 11 abnormal), D2 battery low: the standard.
+    #[default]
+    Standard,
+    /// Bit-mirrored reading of some vendors (sdqr): D7D6 valve (00 open, 01 closed, 11
+    /// abnormal), D5 battery low.
+    Mirrored,
+}
+
+impl StatusBits {
+    /// Valve state: 0 open, 1 closed, 3 abnormal.
+    pub fn valve_state(self, st: u16) -> u8 {
+        let (closed, abnormal) = match self {
+            Self::Standard => (st & ST_VALVE_CLOSED != 0, st & ST_VALVE_ABNORMAL != 0),
+            Self::Mirrored => (st & 0x0040 != 0, st & 0x0080 != 0),
+        };
+        if abnormal { 3 } else { u8::from(closed) }
+    }
+
+    /// True when the battery-low bit is set.
+    pub fn battery_low(self, st: u16) -> bool {
+        match self {
+            Self::Standard => st & ST_BATTERY_LOW != 0,
+            Self::Mirrored => st & 0x0020 != 0,
+        }
+    }
+}
+
+fn status_records(records: &mut Vec<Record>, st: u16, bits: StatusBits) {
+    records.push(number(
+        "valve_state",
+        Decimal::from(bits.valve_state(st)),
+        None,
+    ));
     records.push(number(
         "battery_low",
-        Decimal::from((st & ST_BATTERY_LOW) >> 2),
+        Decimal::from(u8::from(bits.battery_low(st))),
         None,
     ));
     records.push(number("status_word", Decimal::from(st), None));
@@ -1111,8 +1140,13 @@ fn unit_record(quantity: &str, v: &UnitValue) -> Option<Record> {
     Some(number(quantity, value, Some(unit)))
 }
 
-/// Returns the records of a parsed frame (empty for requests).
+/// Returns the records of a parsed frame (empty for requests), standard status bits.
 pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
+    records_with(frame, StatusBits::Standard)
+}
+
+/// Returns the records of a parsed frame, reading ST with the vendor's bit layout.
+pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
     let mut out = Vec::new();
     let volume = |q: &str, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
     match &frame.payload {
@@ -1124,7 +1158,7 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
                 RecordValue::Date(clock_string(r.clock)),
                 None,
             ));
-            status_records(&mut out, r.status);
+            status_records(&mut out, r.status, bits);
         }
         Payload::ReadingClockUnset {
             current_m3,
@@ -1134,7 +1168,7 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
         } => {
             out.push(volume("volume", *current_m3));
             out.push(volume("volume_settlement", *settlement_m3));
-            status_records(&mut out, *status);
+            status_records(&mut out, *status, bits);
         }
         Payload::Heat(h) => {
             let pairs = [
@@ -1167,7 +1201,7 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
                     None,
                 ));
             }
-            status_records(&mut out, h.status);
+            status_records(&mut out, h.status, bits);
         }
         Payload::History { volume_m3, .. } => {
             let mut r = volume("volume_settlement", *volume_m3);
@@ -1181,7 +1215,7 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
                 None,
             ));
         }
-        Payload::Status(st) => status_records(&mut out, *st),
+        Payload::Status(st) => status_records(&mut out, *st, bits),
         Payload::Raw(bytes) => {
             out.push(record(
                 &format!("di_{:04x}", frame.di),
@@ -1199,17 +1233,30 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
 /// # Errors
 /// [`Cjt188Error`] with the byte offset of the first problem.
 pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, Cjt188Error> {
+    decode_with(bytes, StatusBits::Standard)
+}
+
+/// Like [`decode`], reading the status word with the vendor's bit layout.
+///
+/// # Errors
+/// [`Cjt188Error`] with the byte offset of the first problem.
+pub fn decode_with(bytes: &[u8], bits: StatusBits) -> Result<DecodedFrame, Cjt188Error> {
     let frame = parse(bytes)?;
     let preamble = bytes.iter().take_while(|b| **b == PREAMBLE).count();
     let address_offset = preamble.saturating_add(2);
     if frame.address != [0xAA; 7] {
         bcd_le(&frame.address, address_offset, "address")?;
     }
-    Ok(to_decoded(&frame))
+    Ok(to_decoded_with(&frame, bits))
 }
 
-/// Maps a parsed frame to the protocol-neutral form.
+/// Maps a parsed frame to the protocol-neutral form (standard status bits).
 pub fn to_decoded(frame: &Cjt188Frame) -> DecodedFrame {
+    to_decoded_with(frame, StatusBits::Standard)
+}
+
+/// Maps a parsed frame to the protocol-neutral form with the vendor's status bit layout.
+pub fn to_decoded_with(frame: &Cjt188Frame, bits: StatusBits) -> DecodedFrame {
     DecodedFrame {
         protocol: Protocol::Cjt188,
         meter: MeterInfo {
@@ -1218,6 +1265,6 @@ pub fn to_decoded(frame: &Cjt188Frame) -> DecodedFrame {
             version: None,
             medium: Some(medium_name(frame.meter_type).to_owned()),
         },
-        records: records(frame),
+        records: records_with(frame, bits),
     }
 }

@@ -30,3 +30,28 @@ pub mod wmbus;
 
 pub use error::DecodeError;
 pub use frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+
+/// Guesses the protocol of a raw frame from its framing bytes.
+///
+/// M-Bus: `E5`, a short frame `10 .. 16`, or `68 L L 68`. CJ/T 188: `FE` wake-up bytes or `68 T A0..`.
+/// Returns `None` for anything else (wM-Bus telegrams have no distinctive start byte).
+pub fn detect(bytes: &[u8]) -> Option<Protocol> {
+    match bytes {
+        [0xE5] | [0x10, _, _, _, 0x16] => Some(Protocol::Mbus),
+        [0x68, l1, l2, 0x68, ..] if l1 == l2 => Some(Protocol::Mbus),
+        [0xFE, ..] | [0x68, ..] => Some(Protocol::Cjt188),
+        _ => None,
+    }
+}
+
+/// Decodes one wired frame of `protocol` (CJ/T 188 or M-Bus long frame).
+///
+/// Returns `None` for protocols that need more than the bytes (wM-Bus needs keys and a
+/// format cache: use `wmbus::decode`; Modbus needs a register map: use `modbus::decode`).
+pub fn decode(protocol: Protocol, bytes: &[u8]) -> Option<Result<DecodedFrame, DecodeError>> {
+    match protocol {
+        Protocol::Cjt188 => Some(cjt188::decode(bytes).map_err(DecodeError::from)),
+        Protocol::Mbus => Some(mbus::decode(bytes).map_err(DecodeError::from)),
+        Protocol::Wmbus | Protocol::Modbus => None,
+    }
+}

@@ -791,6 +791,66 @@ fn fixed_unit(code: u8) -> VifInfo {
     }
 }
 
+/// A variable data response split without allocation: header plus a record iterator.
+#[derive(Debug, Clone)]
+pub struct RspUd<'a> {
+    /// Link-layer control field.
+    pub control: u8,
+    /// Primary address.
+    pub address: u8,
+    /// CI.
+    pub ci: u8,
+    /// Header.
+    pub header: AppHeader,
+    /// The data records, parsed lazily.
+    pub records: RecordIter<'a>,
+}
+
+/// Parses an RSP_UD long frame (CI 72, 76, 7A, 78) without allocating: the hot path.
+///
+/// Fixed-structure frames (CI 73/77) are refused with [`MbusError::UnsupportedCi`]; use
+/// [`decode`] for them.
+///
+/// # Errors
+/// [`MbusError`] for framing and header problems; record errors come from the iterator.
+pub fn parse(bytes: &[u8]) -> Result<RspUd<'_>, MbusError> {
+    let (control, address, ci, data, data_offset) = match parse_link(bytes)? {
+        LinkFrame::Long {
+            control,
+            address,
+            ci,
+            data,
+            data_offset,
+        } => (control, address, ci, data, data_offset),
+        LinkFrame::Control { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "control frame",
+            });
+        }
+        LinkFrame::Short { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "short frame",
+            });
+        }
+        LinkFrame::Ack => {
+            return Err(MbusError::NotLongFrame {
+                kind: "single character E5",
+            });
+        }
+    };
+    let ci_offset = data_offset.saturating_sub(1);
+    let mut cur = Cursor::new(data, data_offset);
+    let header = parse_header(ci, ci_offset, &mut cur)?;
+    let records = RecordIter::with_offset(cur.rest, cur.offset, ci == CI_RSP_LONG_MSB);
+    Ok(RspUd {
+        control,
+        address,
+        ci,
+        header,
+        records,
+    })
+}
+
 /// Decodes the data records of a payload (after any header), e.g. a decrypted wM-Bus payload.
 ///
 /// # Errors
@@ -1075,6 +1135,8 @@ pub enum RawValue<'a> {
     Real(f32),
     /// Date type G: (year, month, day).
     Date(i32, u8, u8),
+    /// Time of day type J: (hour, minute, second).
+    Time(u8, u8, u8),
     /// Date-time type F (seconds `None`) or I.
     DateTime(i32, u8, u8, u8, u8, Option<u8>),
     /// Text (reversed on the wire; give the bytes as sent).
@@ -1398,6 +1460,11 @@ impl<'a> RawRecord<'a> {
             0x02 if info_date => date_g(data),
             0x04 if info_date => date_f(data).unwrap_or(RawValue::Bytes(self.data)),
             0x06 if info_date => date_i(data).unwrap_or(RawValue::Bytes(self.data)),
+            // Type J: ss mm hh (VIF 6D with 3 bytes).
+            0x03 if info_date => match data {
+                [s, m, h] => RawValue::Time(h & 0x1F, m & 0x3F, s & 0x3F),
+                _ => RawValue::Bytes(self.data),
+            },
             0x01..=0x04 | 0x06 | 0x07 => RawValue::Int(int_le(data)),
             0x05 => match <[u8; 4]>::try_from(data) {
                 Ok(b) => RawValue::Real(f32::from_le_bytes(b)),
@@ -1453,6 +1520,7 @@ impl<'a> RawRecord<'a> {
                     RawValue::DateTime(y, mo, d, h, mi, None) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
                     }
+                    RawValue::Time(h, mi, s) => RecordValue::Date(format!("{h:02}:{mi:02}:{s:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, Some(s)) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}"))
                     }
@@ -1488,15 +1556,14 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn pow10(exp: i32) -> Decimal {
-    let e = exp.unsigned_abs().min(27);
-    let mut v = Decimal::ONE;
-    for _ in 0..e {
-        v = v.checked_mul(Decimal::TEN).unwrap_or(v);
-    }
-    if exp < 0 {
-        Decimal::ONE.checked_div(v).unwrap_or(Decimal::ZERO)
-    } else {
-        v
+    match exp {
+        // Decimal holds at most 28 fractional digits.
+        -28..=-1 => Decimal::new(1, exp.unsigned_abs()),
+        0..=18 => Decimal::from(10i64.pow(exp.unsigned_abs())),
+        _ if exp < 0 => Decimal::ZERO,
+        _ => Decimal::from(10i64.pow(18))
+            .checked_mul(pow10(exp.saturating_sub(18)))
+            .unwrap_or(Decimal::MAX),
     }
 }
 
@@ -1642,6 +1709,12 @@ impl DataRecord {
             vife: Vec::new(),
             data,
         }
+    }
+
+    /// Sets the VIFE chain (extension bits are set by the encoder).
+    pub fn vife_chain(mut self, vife: &[u8]) -> Self {
+        self.vife = vife.to_vec();
+        self
     }
 
     /// Sets the storage number (DIF bit 6 + DIFEs as needed).
