@@ -1,9 +1,1223 @@
-//! Decoder for CJ/T 188 frames (issue 3). Not implemented yet: every entry point returns [`Cjt188Error::NotImplemented`].
+//! CJ/T 188 (户用计量仪表数据传输技术条件) frames: parser, encoder and builders.
+//!
+//! Frame layout (`../shared/design/PROTOCOLS.md` §3.1):
+//! `[FE..]  68  T  A0..A6  C  L  DI0 DI1 SER  DATA..  CS  16`, where `L` counts DI0 through the
+//! end of DATA and `CS` is the byte sum from `68` through the last DATA byte.
+//!
+//! Vendor variants accepted (§3.8): any number of `FE` wake-up bytes, both DI byte orders
+//! (`90 1F` and `1F 90`; the order is kept in [`Cjt188Frame::di_order`] so replies can echo it),
+//! the valve control code `2A`/`AA` next to `04`/`84`, and heat-meter replies that put the
+//! unit byte before each value (JY meters).
+//!
+//! ```
+//! use decoders::cjt188;
+//! let bytes = hex::decode(
+//!     "FEFEFEFE6810443322110033788116 1F9000007766552C007766552C310122110515202184 1316"
+//!         .replace(' ', ""),
+//! ).unwrap();
+//! let frame = cjt188::decode(&bytes).unwrap();
+//! assert_eq!(frame.meter.id, "78330011223344");
+//! assert_eq!(frame.records[0].quantity, "volume");
+//! ```
 
-/// Why a frame of this protocol could not be decoded.
+use model::{Decimal, Unit};
+use nom::Parser;
+use nom::bytes::complete::take;
+use nom::number::complete::u8 as byte;
+use time::{Date, Month, PrimitiveDateTime, Time};
+
+use crate::frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+
+/// Start byte of a frame.
+pub const START: u8 = 0x68;
+/// End byte of a frame.
+pub const END: u8 = 0x16;
+/// Wake-up byte sent before a frame.
+pub const PREAMBLE: u8 = 0xFE;
+
+/// Control function: read data (C=01, reply 81).
+pub const C_READ_DATA: u8 = 0x01;
+/// Control function: read address (C=03, reply 83, DI 810A).
+pub const C_READ_ADDRESS: u8 = 0x03;
+/// Control function: write data (C=04, reply 84), used for valve control DI A017.
+pub const C_WRITE_DATA: u8 = 0x04;
+/// Control function: read key version (C=09, reply 89, DI 8106).
+pub const C_READ_KEY_VERSION: u8 = 0x09;
+/// Control function: write address (C=15, reply 95, DI A018).
+pub const C_WRITE_ADDRESS: u8 = 0x15;
+/// Control function: write motor sync data (C=16, reply 96, DI A016).
+pub const C_WRITE_SYNC: u8 = 0x16;
+/// Vendor control code for valve operation instead of 04 (Fox Edge meters; reply AA).
+pub const C_VENDOR_VALVE: u8 = 0x2A;
+/// Control bit D7: set on frames sent by the meter.
+pub const C_REPLY: u8 = 0x80;
+/// Control bit D6: set on abnormal (error) replies.
+pub const C_ABNORMAL: u8 = 0x40;
+
+/// DI 901F: current measurement data.
+pub const DI_CURRENT: u16 = 0x901F;
+/// DI 810A: read address.
+pub const DI_ADDRESS: u16 = 0x810A;
+/// DI 8106: key version.
+pub const DI_KEY_VERSION: u16 = 0x8106;
+/// DI A017: valve control.
+pub const DI_VALVE: u16 = 0xA017;
+/// DI A018: write address.
+pub const DI_WRITE_ADDRESS: u16 = 0xA018;
+/// First settlement-history DI (last month); D120..D12B are months 1..12.
+pub const DI_HISTORY_FIRST: u16 = 0xD120;
+/// Last settlement-history DI (12 months ago).
+pub const DI_HISTORY_LAST: u16 = 0xD12B;
+
+/// Valve command byte: open (§3.6).
+pub const VALVE_OPEN: u8 = 0x55;
+/// Valve command byte: close (§3.6).
+pub const VALVE_CLOSE: u8 = 0x99;
+
+/// Unit code 2C: m³ (the usual volume unit of water meters).
+pub const UNIT_M3: u8 = 0x2C;
+
+/// Status bits D1D0: valve state (00 open, 01 closed, 11 abnormal).
+pub const ST_VALVE_MASK: u16 = 0x0003;
+/// Status bit D0: valve closed.
+pub const ST_VALVE_CLOSED: u16 = 0x0001;
+/// Status bit D1: valve abnormal.
+pub const ST_VALVE_ABNORMAL: u16 = 0x0002;
+/// Status bit D2: battery low.
+pub const ST_BATTERY_LOW: u16 = 0x0004;
+
+/// Why a CJ/T 188 frame could not be parsed. Offsets count from the first input byte.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Cjt188Error {
-    /// This decoder is not implemented yet.
-    #[error("decoder not implemented yet")]
-    NotImplemented,
+    /// The input ended before the frame did.
+    #[error("frame truncated at byte {offset}: {field} needs {needed} more byte(s)")]
+    Truncated {
+        /// Offset where the missing field starts.
+        offset: usize,
+        /// Field being read.
+        field: &'static str,
+        /// Bytes missing.
+        needed: usize,
+    },
+    /// After the FE preamble the start byte 0x68 was not found.
+    #[error("expected start byte 0x68 at byte {offset}, found {found:#04x}")]
+    BadStart {
+        /// Offset of the byte found.
+        offset: usize,
+        /// The byte found.
+        found: u8,
+    },
+    /// The length field is too small to hold DI and SER.
+    #[error("length field {length} at byte {offset} is below 3 (DI + SER)")]
+    BadLength {
+        /// Offset of the L byte.
+        offset: usize,
+        /// Value of L.
+        length: u8,
+    },
+    /// The checksum did not match.
+    #[error("bad checksum at byte {offset}: expected {expected:#04x}, found {found:#04x}")]
+    BadChecksum {
+        /// Offset of the CS byte.
+        offset: usize,
+        /// Sum computed from 0x68 through the data.
+        expected: u8,
+        /// Byte on the wire.
+        found: u8,
+    },
+    /// The end byte was not 0x16.
+    #[error("expected end byte 0x16 at byte {offset}, found {found:#04x}")]
+    BadEnd {
+        /// Offset of the byte found.
+        offset: usize,
+        /// The byte found.
+        found: u8,
+    },
+    /// Bytes followed the end byte.
+    #[error("{count} unexpected byte(s) after the end byte, from byte {offset}")]
+    TrailingBytes {
+        /// Offset of the first extra byte.
+        offset: usize,
+        /// Number of extra bytes.
+        count: usize,
+    },
+    /// A BCD field held a nibble above 9.
+    #[error("non-BCD byte {byte:#04x} at byte {offset} in {field}")]
+    BadBcd {
+        /// Offset of the byte.
+        offset: usize,
+        /// Field being read.
+        field: &'static str,
+        /// The byte.
+        byte: u8,
+    },
+    /// A unit code is not in the CJ/T 188 unit table, or not valid for the field.
+    #[error("unit code {code:#04x} at byte {offset} is not a valid {expected} unit")]
+    BadUnit {
+        /// Offset of the unit byte.
+        offset: usize,
+        /// The code.
+        code: u8,
+        /// What kind of unit was expected (`volume`, `energy`...).
+        expected: &'static str,
+    },
+    /// The real-time clock is not a calendar date and time.
+    #[error("real-time clock at byte {offset} is not a valid date/time")]
+    BadClock {
+        /// Offset of the clock's first byte (seconds).
+        offset: usize,
+    },
+    /// A known data identifier carried data of the wrong size.
+    #[error("data of DI {di:04X} at byte {offset} is {found} byte(s), expected {expected}")]
+    BadDataLength {
+        /// Offset of the data (after SER).
+        offset: usize,
+        /// The DI.
+        di: u16,
+        /// Expected data size.
+        expected: usize,
+        /// Data size found.
+        found: usize,
+    },
+    /// A valve command byte was neither 55 (open) nor 99 (close).
+    #[error("valve command {byte:#04x} at byte {offset} is neither 0x55 (open) nor 0x99 (close)")]
+    BadValveCommand {
+        /// Offset of the byte.
+        offset: usize,
+        /// The byte.
+        byte: u8,
+    },
+}
+
+/// Byte order of the data identifier on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DiOrder {
+    /// High byte first (`90 1F` for 901F): CJ/T 188-2004 and most vendors.
+    #[default]
+    HighFirst,
+    /// Low byte first (`1F 90` for 901F): CJ/T 188-2018 and some 2004 meters.
+    LowFirst,
+}
+
+/// A read-data (901F) reply of a water or gas meter, as the simulators build it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cjt188Reading {
+    /// Current cumulative volume in m³ (sent in the unit `unit`).
+    pub current_m3: Decimal,
+    /// Cumulative volume at the last settlement date in m³ (sent in the unit `unit`).
+    pub settlement_m3: Decimal,
+    /// Unit code on the wire for both volumes: 29..2B (L, ×10, ×100) or 2C..2E (m³, ×10, ×100).
+    pub unit: u8,
+    /// The meter's real-time clock (local time of the meter).
+    pub clock: PrimitiveDateTime,
+    /// Status word ST (byte 0 = low byte): D1D0 valve (00 open, 01 closed, 11 abnormal), D2 battery low.
+    pub status: u16,
+}
+
+/// A value with its CJ/T 188 unit code, as a heat meter sends it (value in that unit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitValue {
+    /// The value in the unit `unit` (2 decimals; flow 4 decimals).
+    pub value: Decimal,
+    /// Unit code.
+    pub unit: u8,
+}
+
+/// A read-data (901F) reply of a heat meter (T = 2x, L = 0x2E).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeatReading {
+    /// Heat at the settlement date.
+    pub settlement_heat: UnitValue,
+    /// Current cumulative heat.
+    pub current_heat: UnitValue,
+    /// Heat power.
+    pub power: UnitValue,
+    /// Flow rate (4 decimals).
+    pub flow: UnitValue,
+    /// Cumulative volume.
+    pub volume: UnitValue,
+    /// Supply temperature, °C (2 decimals).
+    pub supply_c: Decimal,
+    /// Return temperature, °C (2 decimals).
+    pub return_c: Decimal,
+    /// Cumulative working time, hours.
+    pub working_hours: u32,
+    /// Real-time clock; `None` when the meter sent all zeros.
+    pub clock: Option<PrimitiveDateTime>,
+    /// Status word ST (byte 0 = low byte).
+    pub status: u16,
+    /// The vendor variant that sends each unit byte before its value (JY meters).
+    pub unit_first: bool,
+}
+
+/// What follows DI and SER, interpreted according to control code and DI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Payload {
+    /// Nothing (requests, read-address reply, write acknowledgements).
+    Empty,
+    /// Water/gas 901F reply with a set clock.
+    Reading(Cjt188Reading),
+    /// Water/gas 901F reply whose clock is all zeros (not set); volumes in m³.
+    ReadingClockUnset {
+        /// Current cumulative volume, m³.
+        current_m3: Decimal,
+        /// Settlement-date cumulative volume, m³.
+        settlement_m3: Decimal,
+        /// Unit code on the wire.
+        unit: u8,
+        /// Status word.
+        status: u16,
+    },
+    /// Heat meter 901F reply.
+    Heat(HeatReading),
+    /// Settlement history reply (DI D120..D12B): cumulative volume of that month, m³.
+    History {
+        /// Volume, m³.
+        volume_m3: Decimal,
+        /// Unit code on the wire.
+        unit: u8,
+    },
+    /// Valve control request (A017): open or close.
+    Valve {
+        /// True = open (55), false = close (99).
+        open: bool,
+    },
+    /// Status word of a valve reply or an abnormal reply (2 bytes, byte 0 low).
+    Status(u16),
+    /// Data of a DI this crate does not interpret, kept raw.
+    Raw(Vec<u8>),
+}
+
+/// One CJ/T 188 frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cjt188Frame {
+    /// Meter type T (10h cold water, 20h heat, 30h gas, AAh wildcard...).
+    pub meter_type: u8,
+    /// Address A0..A6 in wire order (A0 = lowest digits).
+    pub address: [u8; 7],
+    /// Control code C.
+    pub control: u8,
+    /// Data identifier, logical value (0x901F whichever order it was sent in).
+    pub di: u16,
+    /// Byte order of the DI on the wire (kept so a reply can echo the request).
+    pub di_order: DiOrder,
+    /// Sequence number SER (echoed by the reply).
+    pub ser: u8,
+    /// Data.
+    pub payload: Payload,
+}
+
+/// Returns the pipeline meter id `cjt188:` + A6..A0 as 14 digits.
+pub fn meter_id(address: &[u8; 7]) -> String {
+    format!("cjt188:{}", address_digits(address))
+}
+
+/// Returns A6..A0 as 14 hex digits (the address as printed on the meter).
+pub fn address_digits(address: &[u8; 7]) -> String {
+    address.iter().rev().map(|b| format!("{b:02X}")).collect()
+}
+
+/// Parses a 14-digit address as printed (A6..A0) into wire order A0..A6.
+pub fn parse_address(digits: &str) -> Option<[u8; 7]> {
+    let bytes = hex::decode(digits).ok()?;
+    let mut address: [u8; 7] = bytes.try_into().ok()?;
+    address.reverse();
+    Some(address)
+}
+
+impl Cjt188Frame {
+    /// Builds a read-data request (C=01, DI 901F, SER 0).
+    pub fn read_data_request(meter_type: u8, address: [u8; 7]) -> Self {
+        Self::new(
+            meter_type,
+            address,
+            C_READ_DATA,
+            DI_CURRENT,
+            0,
+            Payload::Empty,
+        )
+    }
+
+    /// Builds a valve-control write (C=04, DI A017, 55 open / 99 close).
+    pub fn valve_control(meter_type: u8, address: [u8; 7], ser: u8, open: bool) -> Self {
+        Self::new(
+            meter_type,
+            address,
+            C_WRITE_DATA,
+            DI_VALVE,
+            ser,
+            Payload::Valve { open },
+        )
+    }
+
+    /// Builds a water/gas read-data reply (C=81, DI 901F, L=0x16).
+    pub fn read_data_reply(
+        meter_type: u8,
+        address: [u8; 7],
+        ser: u8,
+        reading: &Cjt188Reading,
+    ) -> Self {
+        let control = C_READ_DATA | C_REPLY;
+        let payload = Payload::Reading(reading.clone());
+        Self::new(meter_type, address, control, DI_CURRENT, ser, payload)
+    }
+
+    /// Builds a valve-control reply (C=84, DI A017) carrying the status word after the action.
+    pub fn valve_reply(meter_type: u8, address: [u8; 7], ser: u8, status: u16) -> Self {
+        let control = C_WRITE_DATA | C_REPLY;
+        Self::new(
+            meter_type,
+            address,
+            control,
+            DI_VALVE,
+            ser,
+            Payload::Status(status),
+        )
+    }
+
+    /// Builds a read-address request to the broadcast address (C=03, DI 810A).
+    pub fn read_address_request() -> Self {
+        Self::new(
+            0xAA,
+            [0xAA; 7],
+            C_READ_ADDRESS,
+            DI_ADDRESS,
+            0,
+            Payload::Empty,
+        )
+    }
+
+    /// Builds a read-address reply (C=83, DI 810A); the address is in the header.
+    pub fn read_address_reply(meter_type: u8, address: [u8; 7], ser: u8) -> Self {
+        let control = C_READ_ADDRESS | C_REPLY;
+        Self::new(
+            meter_type,
+            address,
+            control,
+            DI_ADDRESS,
+            ser,
+            Payload::Empty,
+        )
+    }
+
+    /// Builds an abnormal reply to `request` (C | C0) with a status word.
+    pub fn abnormal_reply(request: &Cjt188Frame, status: u16) -> Self {
+        let mut frame = request.clone();
+        frame.control = request.control | C_REPLY | C_ABNORMAL;
+        frame.payload = Payload::Status(status);
+        frame
+    }
+
+    /// Returns the same frame with the DI sent in `order`.
+    pub fn with_di_order(mut self, order: DiOrder) -> Self {
+        self.di_order = order;
+        self
+    }
+
+    fn new(
+        meter_type: u8,
+        address: [u8; 7],
+        control: u8,
+        di: u16,
+        ser: u8,
+        payload: Payload,
+    ) -> Self {
+        Self {
+            meter_type,
+            address,
+            control,
+            di,
+            di_order: DiOrder::HighFirst,
+            ser,
+            payload,
+        }
+    }
+
+    /// True for frames sent by the meter (control bit D7).
+    pub fn is_reply(&self) -> bool {
+        self.control & C_REPLY != 0
+    }
+
+    /// True for abnormal replies (control bit D6).
+    pub fn is_abnormal(&self) -> bool {
+        self.control & C_ABNORMAL != 0
+    }
+
+    /// Function code D5..D0 (01 read, 03 address, 04 write, 2A vendor valve...).
+    pub fn function(&self) -> u8 {
+        self.control & 0x3F
+    }
+
+    /// Returns the meter id (`cjt188:` + A6..A0).
+    pub fn meter_id(&self) -> String {
+        meter_id(&self.address)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+
+/// A position-aware reader over the frame; offsets in errors count from the input start.
+struct Cursor<'a> {
+    rest: &'a [u8],
+    offset: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(input: &'a [u8], offset: usize) -> Self {
+        Self {
+            rest: input,
+            offset,
+        }
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], Cjt188Error> {
+        let res: nom::IResult<&'a [u8], &'a [u8]> = take(n).parse(self.rest);
+        match res {
+            Ok((rest, taken)) => {
+                self.rest = rest;
+                self.offset = self.offset.saturating_add(n);
+                Ok(taken)
+            }
+            Err(_) => Err(Cjt188Error::Truncated {
+                offset: self.offset,
+                field,
+                needed: n.saturating_sub(self.rest.len()),
+            }),
+        }
+    }
+
+    fn byte(&mut self, field: &'static str) -> Result<u8, Cjt188Error> {
+        let res: nom::IResult<&'a [u8], u8> = byte.parse(self.rest);
+        match res {
+            Ok((rest, b)) => {
+                self.rest = rest;
+                self.offset = self.offset.saturating_add(1);
+                Ok(b)
+            }
+            Err(_) => Err(Cjt188Error::Truncated {
+                offset: self.offset,
+                field,
+                needed: 1,
+            }),
+        }
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], Cjt188Error> {
+        let offset = self.offset;
+        let bytes = self.take(N, field)?;
+        bytes.try_into().map_err(|_| Cjt188Error::Truncated {
+            offset,
+            field,
+            needed: N,
+        })
+    }
+}
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+}
+
+fn is_known_di(di: u16) -> bool {
+    matches!(
+        di,
+        0x901F
+            | 0x903F..=0x907F
+            | 0xD120..=0xD12B
+            | 0xD200..=0xD4FF
+            | 0x8102..=0x8106
+            | 0x810A
+            | 0xA010..=0xA019
+            | 0xA101..=0xA107
+    )
+}
+
+/// Resolves the wire DI bytes into the logical DI and the order it was sent in.
+fn resolve_di(di0: u8, di1: u8) -> (u16, DiOrder) {
+    let high_first = u16::from_be_bytes([di0, di1]);
+    let low_first = u16::from_le_bytes([di0, di1]);
+    if !is_known_di(high_first) && is_known_di(low_first) {
+        (low_first, DiOrder::LowFirst)
+    } else {
+        (high_first, DiOrder::HighFirst)
+    }
+}
+
+/// Parses one frame (with optional FE preamble); bytes after the end byte are an error.
+///
+/// # Errors
+/// [`Cjt188Error`] with the byte offset of the first problem.
+pub fn parse(bytes: &[u8]) -> Result<Cjt188Frame, Cjt188Error> {
+    let (frame, used) = parse_prefix(bytes)?;
+    if used < bytes.len() {
+        return Err(Cjt188Error::TrailingBytes {
+            offset: used,
+            count: bytes.len().saturating_sub(used),
+        });
+    }
+    Ok(frame)
+}
+
+/// Parses one frame at the start of `bytes` and returns it with the number of bytes used.
+///
+/// # Errors
+/// [`Cjt188Error`] with the byte offset of the first problem.
+pub fn parse_prefix(bytes: &[u8]) -> Result<(Cjt188Frame, usize), Cjt188Error> {
+    let preamble = bytes.iter().take_while(|b| **b == PREAMBLE).count();
+    let mut cur = Cursor::new(bytes, 0);
+    cur.take(preamble, "preamble")?;
+    let frame_start = cur.rest;
+    let start_offset = cur.offset;
+    let start = cur.byte("start byte")?;
+    if start != START {
+        return Err(Cjt188Error::BadStart {
+            offset: start_offset,
+            found: start,
+        });
+    }
+    let meter_type = cur.byte("meter type")?;
+    let address = cur.array::<7>("address")?;
+    let control = cur.byte("control code")?;
+    let len_offset = cur.offset;
+    let length = cur.byte("length")?;
+    if length < 3 {
+        return Err(Cjt188Error::BadLength {
+            offset: len_offset,
+            length,
+        });
+    }
+    let body_offset = cur.offset;
+    let body = cur.take(usize::from(length), "data")?;
+    let cs_offset = cur.offset;
+    let cs = cur.byte("checksum")?;
+    let end_offset = cur.offset;
+    let end = cur.byte("end byte")?;
+    // The checksum covers 68 through the last data byte: 11 header bytes + L.
+    let summed = frame_start
+        .get(..usize::from(length).saturating_add(11))
+        .unwrap_or(&[]);
+    let expected = checksum(summed);
+    if cs != expected {
+        return Err(Cjt188Error::BadChecksum {
+            offset: cs_offset,
+            expected,
+            found: cs,
+        });
+    }
+    if end != END {
+        return Err(Cjt188Error::BadEnd {
+            offset: end_offset,
+            found: end,
+        });
+    }
+    let used = cur.offset;
+
+    let mut body_cur = Cursor::new(body, body_offset);
+    let [di0, di1] = body_cur.array::<2>("DI")?;
+    let (di, di_order) = resolve_di(di0, di1);
+    let ser = body_cur.byte("SER")?;
+    let payload = parse_payload(meter_type, control, di, body_cur)?;
+    let frame = Cjt188Frame {
+        meter_type,
+        address,
+        control,
+        di,
+        di_order,
+        ser,
+        payload,
+    };
+    Ok((frame, used))
+}
+
+fn parse_payload(
+    meter_type: u8,
+    control: u8,
+    di: u16,
+    mut cur: Cursor<'_>,
+) -> Result<Payload, Cjt188Error> {
+    let data_offset = cur.offset;
+    let data = cur.rest;
+    if data.is_empty() {
+        return Ok(Payload::Empty);
+    }
+    let reply = control & C_REPLY != 0;
+    let abnormal = control & C_ABNORMAL != 0;
+    let function = control & 0x3F;
+    let expect_len = |expected: usize| {
+        if data.len() == expected {
+            Ok(())
+        } else {
+            Err(Cjt188Error::BadDataLength {
+                offset: data_offset,
+                di,
+                expected,
+                found: data.len(),
+            })
+        }
+    };
+    if abnormal {
+        if let [lo, hi] = data {
+            return Ok(Payload::Status(u16::from_le_bytes([*lo, *hi])));
+        }
+        return Ok(Payload::Raw(data.to_vec()));
+    }
+    match (reply, function, di) {
+        (true, C_READ_DATA, DI_CURRENT) if is_heat(meter_type) => {
+            expect_len(43)?;
+            parse_heat(&mut cur).map(Payload::Heat)
+        }
+        (true, C_READ_DATA, DI_CURRENT) => {
+            expect_len(19)?;
+            parse_water(&mut cur)
+        }
+        (true, C_READ_DATA, DI_HISTORY_FIRST..=DI_HISTORY_LAST) => {
+            expect_len(5)?;
+            let (volume_m3, unit) = volume_m3(&mut cur, "settlement history volume")?;
+            Ok(Payload::History { volume_m3, unit })
+        }
+        (false, C_WRITE_DATA | C_VENDOR_VALVE, DI_VALVE) => {
+            expect_len(1)?;
+            match cur.byte("valve command")? {
+                VALVE_OPEN => Ok(Payload::Valve { open: true }),
+                VALVE_CLOSE => Ok(Payload::Valve { open: false }),
+                other => Err(Cjt188Error::BadValveCommand {
+                    offset: data_offset,
+                    byte: other,
+                }),
+            }
+        }
+        (true, C_WRITE_DATA | C_VENDOR_VALVE, DI_VALVE) => {
+            expect_len(2)?;
+            let st = cur.array::<2>("status")?;
+            Ok(Payload::Status(u16::from_le_bytes(st)))
+        }
+        _ => Ok(Payload::Raw(data.to_vec())),
+    }
+}
+
+fn is_heat(meter_type: u8) -> bool {
+    (0x20..=0x2F).contains(&meter_type)
+}
+
+/// Decodes `digits`-digit BCD, low byte first, into an integer.
+fn bcd_le(bytes: &[u8], offset: usize, field: &'static str) -> Result<u64, Cjt188Error> {
+    let mut value: u64 = 0;
+    for (i, b) in bytes.iter().enumerate().rev() {
+        let (hi, lo) = (b >> 4, b & 0x0F);
+        if hi > 9 || lo > 9 {
+            return Err(Cjt188Error::BadBcd {
+                offset: offset.saturating_add(i),
+                field,
+                byte: *b,
+            });
+        }
+        value = value
+            .saturating_mul(100)
+            .saturating_add(u64::from(hi.wrapping_mul(10).wrapping_add(lo)));
+    }
+    Ok(value)
+}
+
+fn bcd_field(
+    cur: &mut Cursor<'_>,
+    n: usize,
+    scale: u32,
+    field: &'static str,
+) -> Result<Decimal, Cjt188Error> {
+    let offset = cur.offset;
+    let bytes = cur.take(n, field)?;
+    let raw = bcd_le(bytes, offset, field)?;
+    let raw = i64::try_from(raw).unwrap_or(i64::MAX);
+    Ok(Decimal::new(raw, scale))
+}
+
+/// Volume unit codes and their factor to m³ as (mantissa, scale).
+fn volume_factor(unit: u8) -> Option<Decimal> {
+    Some(match unit {
+        0x29 => Decimal::new(1, 3),
+        0x2A => Decimal::new(1, 2),
+        0x2B => Decimal::new(1, 1),
+        0x2C => Decimal::ONE,
+        0x2D => Decimal::TEN,
+        0x2E => Decimal::ONE_HUNDRED,
+        _ => return None,
+    })
+}
+
+/// Reads a 4-byte BCD XXXXXX.XX volume followed by its unit and returns it in m³.
+fn volume_m3(cur: &mut Cursor<'_>, field: &'static str) -> Result<(Decimal, u8), Cjt188Error> {
+    let value = bcd_field(cur, 4, 2, field)?;
+    let unit_offset = cur.offset;
+    let unit = cur.byte("unit")?;
+    let factor = volume_factor(unit).ok_or(Cjt188Error::BadUnit {
+        offset: unit_offset,
+        code: unit,
+        expected: "volume",
+    })?;
+    let m3 = value.checked_mul(factor).ok_or(Cjt188Error::BadUnit {
+        offset: unit_offset,
+        code: unit,
+        expected: "volume",
+    })?;
+    Ok((m3.normalize(), unit))
+}
+
+/// Reads the 7-byte clock `ss mm hh DD MM YYlo YYhi`; all zeros = not set.
+fn clock(cur: &mut Cursor<'_>) -> Result<Option<PrimitiveDateTime>, Cjt188Error> {
+    let offset = cur.offset;
+    let bytes = cur.array::<7>("real-time clock")?;
+    if bytes == [0; 7] {
+        return Ok(None);
+    }
+    let mut digits = [0u8; 7];
+    for ((d, b), i) in digits.iter_mut().zip(bytes).zip(0usize..) {
+        *d = u8::try_from(bcd_le(&[b], offset.saturating_add(i), "real-time clock")?).unwrap_or(0);
+    }
+    let [ss, mi, hh, dd, mo, ylo, yhi] = digits;
+    let year = i32::from(yhi)
+        .wrapping_mul(100)
+        .wrapping_add(i32::from(ylo));
+    let bad = Cjt188Error::BadClock { offset };
+    let month = Month::try_from(mo).map_err(|_| bad.clone())?;
+    let date = Date::from_calendar_date(year, month, dd).map_err(|_| bad.clone())?;
+    let time = Time::from_hms(hh, mi, ss).map_err(|_| bad)?;
+    Ok(Some(PrimitiveDateTime::new(date, time)))
+}
+
+fn status(cur: &mut Cursor<'_>) -> Result<u16, Cjt188Error> {
+    Ok(u16::from_le_bytes(cur.array::<2>("status")?))
+}
+
+fn parse_water(cur: &mut Cursor<'_>) -> Result<Payload, Cjt188Error> {
+    let (current_m3, unit) = volume_m3(cur, "current cumulative volume")?;
+    let (settlement_m3, _) = volume_m3(cur, "settlement-date cumulative volume")?;
+    let clock = clock(cur)?;
+    let status = status(cur)?;
+    Ok(match clock {
+        Some(clock) => Payload::Reading(Cjt188Reading {
+            current_m3,
+            settlement_m3,
+            unit,
+            clock,
+            status,
+        }),
+        None => Payload::ReadingClockUnset {
+            current_m3,
+            settlement_m3,
+            unit,
+            status,
+        },
+    })
+}
+
+/// Map a CJ/T 188 unit code to a model unit and the factor from wire units to it.
+fn unit_of(code: u8) -> Option<(Unit, Decimal)> {
+    let step = |base: u8| -> Decimal {
+        match code.wrapping_sub(base) {
+            0 => Decimal::ONE,
+            1 => Decimal::TEN,
+            _ => Decimal::ONE_HUNDRED,
+        }
+    };
+    let thousand = Decimal::new(1000, 0);
+    let milli = Decimal::new(1, 3);
+    let (unit, base, factor) = match code {
+        0x01 => (Unit::Joule, 0x01, Decimal::ONE),
+        0x02..=0x04 => (Unit::WattHour, 0x02, Decimal::ONE),
+        0x05..=0x07 => (Unit::KilowattHour, 0x05, Decimal::ONE),
+        0x08..=0x0A => (Unit::MegawattHour, 0x08, Decimal::ONE),
+        0x0B..=0x0D => (Unit::Joule, 0x0B, thousand),
+        0x0E..=0x10 => (Unit::Gigajoule, 0x0E, milli),
+        0x11..=0x13 => (Unit::Gigajoule, 0x11, Decimal::ONE),
+        0x14..=0x16 => (Unit::Watt, 0x14, Decimal::ONE),
+        0x17..=0x19 => (Unit::Kilowatt, 0x17, Decimal::ONE),
+        0x1A..=0x1C => (Unit::Kilowatt, 0x1A, thousand),
+        0x29..=0x2B => (Unit::Litre, 0x29, Decimal::ONE),
+        0x2C..=0x2E => (Unit::CubicMetre, 0x2C, Decimal::ONE),
+        0x32..=0x34 => (Unit::LitrePerHour, 0x32, Decimal::ONE),
+        0x35..=0x37 => (Unit::CubicMetrePerHour, 0x35, Decimal::ONE),
+        _ => return None,
+    };
+    factor.checked_mul(step(base)).map(|f| (unit, f))
+}
+
+fn heat_value(
+    cur: &mut Cursor<'_>,
+    unit_first: bool,
+    scale: u32,
+    field: &'static str,
+) -> Result<UnitValue, Cjt188Error> {
+    let (unit_offset, unit, value) = if unit_first {
+        let unit_offset = cur.offset;
+        let unit = cur.byte("unit")?;
+        (unit_offset, unit, bcd_field(cur, 4, scale, field)?)
+    } else {
+        let value = bcd_field(cur, 4, scale, field)?;
+        (cur.offset, cur.byte("unit")?, value)
+    };
+    if unit_of(unit).is_none() {
+        return Err(Cjt188Error::BadUnit {
+            offset: unit_offset,
+            code: unit,
+            expected: field,
+        });
+    }
+    Ok(UnitValue { value, unit })
+}
+
+fn parse_heat(cur: &mut Cursor<'_>) -> Result<HeatReading, Cjt188Error> {
+    // JY meters send the unit byte first: detect it when byte 4 is not a unit but byte 0 is.
+    let unit_first = match cur.rest {
+        [first, _, _, _, fifth, ..] => unit_of(*fifth).is_none() && unit_of(*first).is_some(),
+        _ => false,
+    };
+    let settlement_heat = heat_value(cur, unit_first, 2, "settlement heat")?;
+    let current_heat = heat_value(cur, unit_first, 2, "current heat")?;
+    let power = heat_value(cur, unit_first, 2, "heat power")?;
+    let flow = heat_value(cur, unit_first, 4, "flow")?;
+    let volume = heat_value(cur, unit_first, 2, "cumulative volume")?;
+    let supply_c = bcd_field(cur, 3, 2, "supply temperature")?;
+    let return_c = bcd_field(cur, 3, 2, "return temperature")?;
+    let hours = bcd_field(cur, 3, 0, "working time")?;
+    let working_hours = u32::try_from(hours.mantissa()).unwrap_or(u32::MAX);
+    let clock = clock(cur)?;
+    let status = status(cur)?;
+    Ok(HeatReading {
+        settlement_heat,
+        current_heat,
+        power,
+        flow,
+        volume,
+        supply_c,
+        return_c,
+        working_hours,
+        clock,
+        status,
+        unit_first,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+/// Encodes `value` (scaled by `scale` decimals) as `n` BCD bytes, low byte first.
+///
+/// Negative values encode as 0; values too large for the field keep their low digits, the
+/// way a meter register rolls over.
+fn push_bcd(out: &mut Vec<u8>, value: Decimal, scale: u32, n: usize) {
+    let mut scaled = value.round_dp(scale);
+    scaled.rescale(scale);
+    let mut raw = u128::try_from(scaled.mantissa()).unwrap_or(0);
+    for _ in 0..n {
+        let two = (raw % 100) as u8;
+        out.push(((two / 10) << 4) | (two % 10));
+        raw /= 100;
+    }
+}
+
+fn push_clock(out: &mut Vec<u8>, clock: Option<PrimitiveDateTime>) {
+    let Some(c) = clock else {
+        out.extend_from_slice(&[0; 7]);
+        return;
+    };
+    let year = u16::try_from(c.year()).unwrap_or(0);
+    let fields = [
+        c.second(),
+        c.minute(),
+        c.hour(),
+        c.day(),
+        u8::from(c.month()),
+        (year % 100) as u8,
+        (year / 100 % 100) as u8,
+    ];
+    for f in fields {
+        out.push(((f / 10) << 4) | (f % 10));
+    }
+}
+
+fn push_volume(out: &mut Vec<u8>, m3: Decimal, unit: u8) {
+    let factor = volume_factor(unit).unwrap_or(Decimal::ONE);
+    let wire = m3.checked_div(factor).unwrap_or(m3);
+    push_bcd(out, wire, 2, 4);
+    out.push(unit);
+}
+
+fn push_water(out: &mut Vec<u8>, current: Decimal, settlement: Decimal, unit: u8) {
+    push_volume(out, current, unit);
+    push_volume(out, settlement, unit);
+}
+
+fn push_heat_value(out: &mut Vec<u8>, v: &UnitValue, scale: u32, unit_first: bool) {
+    if unit_first {
+        out.push(v.unit);
+        push_bcd(out, v.value, scale, 4);
+    } else {
+        push_bcd(out, v.value, scale, 4);
+        out.push(v.unit);
+    }
+}
+
+fn push_payload(out: &mut Vec<u8>, payload: &Payload) {
+    match payload {
+        Payload::Empty => {}
+        Payload::Reading(r) => {
+            push_water(out, r.current_m3, r.settlement_m3, r.unit);
+            push_clock(out, Some(r.clock));
+            out.extend_from_slice(&r.status.to_le_bytes());
+        }
+        Payload::ReadingClockUnset {
+            current_m3,
+            settlement_m3,
+            unit,
+            status,
+        } => {
+            push_water(out, *current_m3, *settlement_m3, *unit);
+            push_clock(out, None);
+            out.extend_from_slice(&status.to_le_bytes());
+        }
+        Payload::Heat(h) => {
+            push_heat_value(out, &h.settlement_heat, 2, h.unit_first);
+            push_heat_value(out, &h.current_heat, 2, h.unit_first);
+            push_heat_value(out, &h.power, 2, h.unit_first);
+            push_heat_value(out, &h.flow, 4, h.unit_first);
+            push_heat_value(out, &h.volume, 2, h.unit_first);
+            push_bcd(out, h.supply_c, 2, 3);
+            push_bcd(out, h.return_c, 2, 3);
+            push_bcd(out, Decimal::from(h.working_hours), 0, 3);
+            push_clock(out, h.clock);
+            out.extend_from_slice(&h.status.to_le_bytes());
+        }
+        Payload::History { volume_m3, unit } => push_volume(out, *volume_m3, *unit),
+        Payload::Valve { open } => out.push(if *open { VALVE_OPEN } else { VALVE_CLOSE }),
+        Payload::Status(st) => out.extend_from_slice(&st.to_le_bytes()),
+        Payload::Raw(bytes) => out.extend_from_slice(bytes),
+    }
+}
+
+/// Encodes a frame without preamble (`68 .. CS 16`).
+///
+/// Raw payloads longer than 252 bytes are cut so that L fits in one byte.
+pub fn encode(frame: &Cjt188Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    encode_into(frame, &mut out);
+    out
+}
+
+/// Encodes a frame preceded by `preamble` FE wake-up bytes (serial links use 2 to 4).
+pub fn encode_with_preamble(frame: &Cjt188Frame, preamble: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(preamble.saturating_add(64));
+    out.resize(preamble, PREAMBLE);
+    encode_into(frame, &mut out);
+    out
+}
+
+/// Appends the encoded frame to `out` (lets callers reuse a buffer).
+pub fn encode_into(frame: &Cjt188Frame, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.push(START);
+    out.push(frame.meter_type);
+    out.extend_from_slice(&frame.address);
+    out.push(frame.control);
+    let len_pos = out.len();
+    out.push(0);
+    let di = match frame.di_order {
+        DiOrder::HighFirst => frame.di.to_be_bytes(),
+        DiOrder::LowFirst => frame.di.to_le_bytes(),
+    };
+    out.extend_from_slice(&di);
+    out.push(frame.ser);
+    push_payload(out, &frame.payload);
+    let data_len = out.len().saturating_sub(len_pos.saturating_add(1));
+    if data_len > 255 {
+        out.truncate(len_pos.saturating_add(256));
+    }
+    let len = u8::try_from(data_len).unwrap_or(u8::MAX);
+    if let Some(l) = out.get_mut(len_pos) {
+        *l = len;
+    }
+    let cs = checksum(out.get(start..).unwrap_or(&[]));
+    out.push(cs);
+    out.push(END);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mapping to DecodedFrame
+
+/// Medium name of a meter type code.
+pub fn medium_name(meter_type: u8) -> &'static str {
+    match meter_type {
+        0x10 => "cold_water",
+        0x11 => "hot_water",
+        0x12 => "drinking_water",
+        0x13 => "reclaimed_water",
+        0x14..=0x19 => "water",
+        0x20 => "heat",
+        0x21 => "cooling",
+        0x22 => "heat_cooling",
+        0x23..=0x29 => "heat",
+        0x30..=0x39 => "gas",
+        0x40..=0x49 => "custom",
+        0xAA => "wildcard",
+        _ => "unknown",
+    }
+}
+
+fn record(quantity: &str, value: RecordValue, unit: Option<Unit>) -> Record {
+    Record {
+        quantity: quantity.to_owned(),
+        value,
+        unit,
+        storage: 0,
+        tariff: 0,
+        subunit: 0,
+        function: Function::Instantaneous,
+    }
+}
+
+fn number(quantity: &str, value: Decimal, unit: Option<Unit>) -> Record {
+    record(quantity, RecordValue::Number(value), unit)
+}
+
+fn clock_string(clock: PrimitiveDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+        clock.year(),
+        u8::from(clock.month()),
+        clock.day(),
+        clock.hour(),
+        clock.minute(),
+        clock.second()
+    )
+}
+
+fn status_records(records: &mut Vec<Record>, st: u16) {
+    let valve = if st & ST_VALVE_ABNORMAL != 0 {
+        3
+    } else {
+        st & ST_VALVE_CLOSED
+    };
+    records.push(number("valve_state", Decimal::from(valve), None));
+    records.push(number(
+        "battery_low",
+        Decimal::from((st & ST_BATTERY_LOW) >> 2),
+        None,
+    ));
+    records.push(number("status_word", Decimal::from(st), None));
+}
+
+fn unit_record(quantity: &str, v: &UnitValue) -> Option<Record> {
+    let (unit, factor) = unit_of(v.unit)?;
+    let value = v.value.checked_mul(factor)?.normalize();
+    Some(number(quantity, value, Some(unit)))
+}
+
+/// Returns the records of a parsed frame (empty for requests).
+pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
+    let mut out = Vec::new();
+    let volume = |q: &str, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
+    match &frame.payload {
+        Payload::Reading(r) => {
+            out.push(volume("volume", r.current_m3));
+            out.push(volume("volume_settlement", r.settlement_m3));
+            out.push(record(
+                "date_time",
+                RecordValue::Date(clock_string(r.clock)),
+                None,
+            ));
+            status_records(&mut out, r.status);
+        }
+        Payload::ReadingClockUnset {
+            current_m3,
+            settlement_m3,
+            status,
+            ..
+        } => {
+            out.push(volume("volume", *current_m3));
+            out.push(volume("volume_settlement", *settlement_m3));
+            status_records(&mut out, *status);
+        }
+        Payload::Heat(h) => {
+            let pairs = [
+                ("energy_settlement", &h.settlement_heat),
+                ("energy", &h.current_heat),
+                ("power", &h.power),
+                ("volume_flow", &h.flow),
+                ("volume", &h.volume),
+            ];
+            out.extend(pairs.into_iter().filter_map(|(q, v)| unit_record(q, v)));
+            out.push(number(
+                "flow_temperature",
+                h.supply_c.normalize(),
+                Some(Unit::DegreeCelsius),
+            ));
+            out.push(number(
+                "return_temperature",
+                h.return_c.normalize(),
+                Some(Unit::DegreeCelsius),
+            ));
+            out.push(number(
+                "operating_time",
+                Decimal::from(h.working_hours),
+                Some(Unit::Hour),
+            ));
+            if let Some(clock) = h.clock {
+                out.push(record(
+                    "date_time",
+                    RecordValue::Date(clock_string(clock)),
+                    None,
+                ));
+            }
+            status_records(&mut out, h.status);
+        }
+        Payload::History { volume_m3, .. } => {
+            let mut r = volume("volume_settlement", *volume_m3);
+            r.storage = u32::from(frame.di.saturating_sub(DI_HISTORY_FIRST)).saturating_add(1);
+            out.push(r);
+        }
+        Payload::Valve { open } => {
+            out.push(number(
+                "valve_command",
+                Decimal::from(u8::from(!*open)),
+                None,
+            ));
+        }
+        Payload::Status(st) => status_records(&mut out, *st),
+        Payload::Raw(bytes) => {
+            out.push(record(
+                &format!("di_{:04x}", frame.di),
+                RecordValue::Raw(hex::encode(bytes)),
+                None,
+            ));
+        }
+        Payload::Empty => {}
+    }
+    out
+}
+
+/// Parses a frame and maps it to records (the address must be BCD digits or the all-AA wildcard).
+///
+/// # Errors
+/// [`Cjt188Error`] with the byte offset of the first problem.
+pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, Cjt188Error> {
+    let frame = parse(bytes)?;
+    let preamble = bytes.iter().take_while(|b| **b == PREAMBLE).count();
+    let address_offset = preamble.saturating_add(2);
+    if frame.address != [0xAA; 7] {
+        bcd_le(&frame.address, address_offset, "address")?;
+    }
+    Ok(to_decoded(&frame))
+}
+
+/// Maps a parsed frame to the protocol-neutral form.
+pub fn to_decoded(frame: &Cjt188Frame) -> DecodedFrame {
+    DecodedFrame {
+        protocol: Protocol::Cjt188,
+        meter: MeterInfo {
+            id: address_digits(&frame.address),
+            manufacturer: None,
+            version: None,
+            medium: Some(medium_name(frame.meter_type).to_owned()),
+        },
+        records: records(frame),
+    }
 }
