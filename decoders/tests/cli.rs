@@ -68,14 +68,52 @@ fn mbus_application_error_is_reported() {
     assert!(err.contains("at byte 7"), "{err}");
 }
 
+/// A mode-5 (AES-CBC) telegram from the simulator encoder: volume 12.345 m³, error flags 0.
+fn wmbus_mode5() -> (String, String) {
+    use decoders::wmbus::{encode, manufacturer_from_code};
+    let key = [0x5Au8; 16];
+    let meter = encode::WmbusMeter {
+        manufacturer: manufacturer_from_code("KAM").unwrap(),
+        id: 0x1234_5678,
+        version: 0x1B,
+        device_type: 0x07,
+    };
+    let records = [
+        0x04, 0x13, 0x39, 0x30, 0x00, 0x00, 0x02, 0xFD, 0x17, 0x00, 0x00,
+    ];
+    let frame = encode::telegram(&meter, &records, 0x21, Some(key));
+    (hex::encode(frame), hex::encode(key))
+}
+
 #[test]
-fn wmbus_points_to_the_wmbus_module() {
-    let (code, _, err) = meter_decode(&["--protocol", "wmbus", "2E44"]);
+fn wmbus_mode5_decodes_with_its_key() {
+    let (frame, key) = wmbus_mode5();
+    for protocol in ["wmbus", "auto"] {
+        let (code, out, err) = meter_decode(&["--protocol", protocol, "--key", &key, &frame]);
+        assert_eq!(code, 0, "stderr: {err}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(json["protocol"], "wmbus");
+        assert_eq!(json["meter"]["id"], "12345678");
+        assert_eq!(json["meter"]["manufacturer"], "KAM");
+        assert_eq!(json["records"][0]["value"], 12.345);
+        assert_eq!(json["records"][0]["unit"], "m3");
+        assert!(!out.contains(&key) && !err.contains(&key));
+    }
+}
+
+#[test]
+fn wmbus_wrong_or_missing_key_exits_non_zero() {
+    let (frame, key) = wmbus_mode5();
+    let (code, out, err) = meter_decode(&["--protocol", "wmbus", &frame]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("wmbus decoding is provided by decoders::wmbus"),
-        "{err}"
-    );
+    assert!(out.is_empty());
+    assert!(err.contains("no key is configured"), "{err}");
+    let wrong = key.replace('5', "6");
+    let (code, out, err) = meter_decode(&["--protocol", "wmbus", "--key", &wrong, &frame]);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(err.contains("wrong key for mbus:KAM12345678"), "{err}");
+    assert!(!err.contains(&wrong));
 }
 
 #[test]

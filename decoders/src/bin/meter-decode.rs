@@ -19,7 +19,7 @@ enum ProtocolArg {
     Mbus,
     /// Wireless M-Bus telegram (L field first, no CRCs).
     Wmbus,
-    /// Guess from the framing bytes (CJ/T 188 or wired M-Bus).
+    /// Guess from the framing bytes (CJ/T 188 or wired M-Bus; otherwise wireless M-Bus).
     Auto,
 }
 
@@ -53,23 +53,34 @@ fn parse_hex(parts: &[String]) -> anyhow::Result<Vec<u8>> {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let bytes = parse_hex(&args.hex)?;
-    if let Some(key) = &args.key {
-        let key = hex::decode(key).context("--key is not valid hex")?;
-        if key.len() != 16 {
-            bail!("--key must be 16 bytes (32 hex digits), got {}", key.len());
+    // The key is parsed into an array at once and never printed.
+    let key: Option<[u8; 16]> = match &args.key {
+        Some(key) => {
+            let key = hex::decode(key).context("--key is not valid hex")?;
+            let len = key.len();
+            Some(<[u8; 16]>::try_from(key).map_err(|_| {
+                anyhow::anyhow!("--key must be 16 bytes (32 hex digits), got {len}")
+            })?)
         }
-    }
+        None => None,
+    };
     let protocol = match args.protocol {
         ProtocolArg::Cjt188 => Protocol::Cjt188,
         ProtocolArg::Mbus => Protocol::Mbus,
-        ProtocolArg::Wmbus => bail!("wmbus decoding is provided by decoders::wmbus"),
-        ProtocolArg::Auto => decoders::detect(&bytes)
-            .context("cannot tell the protocol from the first bytes; pass --protocol")?,
+        ProtocolArg::Wmbus => Protocol::Wmbus,
+        // Wireless telegrams start with their L field, which no wired framing byte claims.
+        ProtocolArg::Auto => decoders::detect(&bytes).unwrap_or(Protocol::Wmbus),
     };
-    let frame = match decoders::decode(protocol, &bytes) {
-        // The error's Display already includes its cause; keep the message single.
-        Some(result) => result.map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => bail!("{protocol:?} frames cannot be decoded from bytes alone"),
+    let frame = if protocol == Protocol::Wmbus {
+        let mut cache = decoders::wmbus::FormatCache::new();
+        decoders::wmbus::decode(&bytes, &key, &mut cache)
+            .map_err(|e| anyhow::anyhow!("wmbus: {e}"))?
+    } else {
+        match decoders::decode(protocol, &bytes) {
+            // The error's Display already includes its cause; keep the message single.
+            Some(result) => result.map_err(|e| anyhow::anyhow!("{e}"))?,
+            None => bail!("{protocol:?} frames cannot be decoded from bytes alone"),
+        }
     };
     println!("{}", serde_json::to_string_pretty(&frame)?);
     Ok(())

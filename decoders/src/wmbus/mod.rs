@@ -106,14 +106,19 @@ impl FormatCache {
 
     /// Remembers the format of a full frame's records.
     fn learn(&mut self, meter: Address, records: &[u8]) {
-        if let Some((sig, format)) = compact::format_of(records) {
-            let k = (meter.manufacturer, meter.id, sig);
-            if !self.formats.contains_key(&k) {
-                if self.formats.len() >= MAX_CACHE_ENTRIES {
-                    self.formats.clear();
-                }
-                self.formats.insert(k, format);
+        // Signature first (no allocation): most full frames repeat a known format.
+        let Some(sig) = compact::signature_of(records) else {
+            return;
+        };
+        let k = (meter.manufacturer, meter.id, sig);
+        if self.formats.contains_key(&k) {
+            return;
+        }
+        if let Some((_, format)) = compact::format_of(records) {
+            if self.formats.len() >= MAX_CACHE_ENTRIES {
+                self.formats.clear();
             }
+            self.formats.insert(k, format);
         }
     }
 
@@ -401,7 +406,7 @@ pub fn parse(
         let afl_start = r.offset();
         let mut ar = Reader::new(r.bytes(afl_len, "AFL fields")?, afl_start);
         let fcl = ar.le_u16("AFL fragmentation control")?;
-        if fcl & 0x4000 != 0 || fcl & 0x00FF > 1 {
+        if fcl & 0x4000 != 0 {
             return Err(WmbusError::Fragmented {
                 fragment: u8::try_from(fcl & 0xFF).unwrap_or(0),
             });
@@ -533,6 +538,17 @@ pub fn parse(
                 0 => payload.len().saturating_sub(payload.len() % crypto::BLOCK),
                 n => n.saturating_mul(crypto::BLOCK),
             };
+            // Some receivers log an L field shorter than the encrypted blocks the configuration
+            // word announces (seen in the jMBus demo frames); when the received bytes go on,
+            // trust the configuration word. The 2F2F check still guards the result.
+            let end = payload_offset.saturating_add(enc_len);
+            if enc_len > payload.len()
+                && format == FrameFormat::Stripped
+                && ell_owned.is_none()
+                && let Some(longer) = raw.get(payload_offset..end)
+            {
+                payload = longer.to_vec();
+            }
             if enc_len > payload.len() {
                 return Err(WmbusError::BadEncryptedLength {
                     offset: payload_offset,
