@@ -10,6 +10,7 @@ pub mod config;
 pub mod ingest;
 pub mod store;
 pub mod testing;
+pub mod vee;
 
 /// The schema migrations in `pipeline/migrations`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
