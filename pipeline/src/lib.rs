@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod copy;
+pub mod edit;
 pub mod ingest;
 pub mod store;
 pub mod testing;

@@ -661,12 +661,33 @@ pub async fn load_vee(
     config: VeeConfig,
     owns: impl Fn(&str) -> bool,
 ) -> Result<Vee, StoreError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(stage("acquiring a connection"))?;
+    load_vee_filtered(&mut conn, config, None, owns).await
+}
+
+/// Like [`load_vee`] on one connection, optionally for one meter only (`FOR UPDATE` on its
+/// `meter_state` row, so concurrent manual reads of one meter serialise).
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when a query fails.
+pub async fn load_vee_filtered(
+    conn: &mut PgConnection,
+    config: VeeConfig,
+    only: Option<&str>,
+    owns: impl Fn(&str) -> bool,
+) -> Result<Vee, StoreError> {
+    let lock = if only.is_some() { " FOR UPDATE" } else { "" };
     let mut vee = Vee::new(config);
     let mut base: HashMap<String, (u32, u32)> = HashMap::new();
     let meters = sqlx::query(
-        "SELECT meter_id, register_capacity, nominal_flow_q3, installed_at, retired_at FROM meters",
+        "SELECT meter_id, register_capacity, nominal_flow_q3, installed_at, retired_at FROM meters
+         WHERE $1::text IS NULL OR meter_id = $1",
     )
-    .fetch_all(pool)
+    .bind(only)
+    .fetch_all(&mut *conn)
     .await
     .map_err(stage("loading meters"))?;
     for row in meters {
@@ -704,9 +725,11 @@ pub async fn load_vee(
         }
     }
     let reps = sqlx::query(
-        "SELECT meter_id, replaced_at, old_final_value, new_initial_value FROM meter_replacements",
+        "SELECT meter_id, replaced_at, old_final_value, new_initial_value FROM meter_replacements
+         WHERE $1::text IS NULL OR meter_id = $1",
     )
-    .fetch_all(pool)
+    .bind(only)
+    .fetch_all(&mut *conn)
     .await
     .map_err(stage("loading meter replacements"))?;
     for row in reps {
@@ -723,11 +746,13 @@ pub async fn load_vee(
             },
         );
     }
-    let states = sqlx::query(
+    let states = sqlx::query(&format!(
         "SELECT meter_id, last_ts, last_value, last_received_at, avg_daily_usage, profile::text
-         FROM meter_state WHERE last_ts IS NOT NULL AND last_value IS NOT NULL",
-    )
-    .fetch_all(pool)
+         FROM meter_state WHERE last_ts IS NOT NULL AND last_value IS NOT NULL
+           AND ($1::text IS NULL OR meter_id = $1){lock}"
+    ))
+    .bind(only)
+    .fetch_all(&mut *conn)
     .await
     .map_err(stage("loading meter state"))?;
     for row in states {
