@@ -10,3 +10,4 @@
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod wmbus;
