@@ -25,6 +25,10 @@ pub enum WmbusConfigError {
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WmbusUdpSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Address to bind, `host:port`.
     pub listen: String,
     /// The same telegram received again (through several repeaters) within this window is
@@ -40,6 +44,7 @@ pub struct WmbusUdpSourceConfig {
 impl std::fmt::Debug for WmbusUdpSourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WmbusUdpSourceConfig")
+            .field("id", &self.id)
             .field("listen", &self.listen)
             .field("dedup_window", &self.dedup_window)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
@@ -64,6 +69,7 @@ impl WmbusUdpSourceConfig {
     /// A config listening on `listen` with no keys.
     pub fn new(listen: impl Into<String>) -> Self {
         Self {
+            id: String::new(),
             listen: listen.into(),
             dedup_window: default_dedup_window(),
             keys: BTreeMap::new(),

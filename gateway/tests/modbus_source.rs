@@ -226,6 +226,7 @@ async fn tcp_polls_two_units_and_writes() {
     let s1 = slave(1, 123_456);
     tokio::spawn(serve_tcp(listener, s1.clone(), Arc::default()));
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(500),
         devices: vec![device("flow-1", Some(addr.clone()), 1, 300)],
     });
@@ -280,6 +281,7 @@ async fn silent_device_times_out_and_recovers_after_reconnect() {
     let connections = Arc::new(AtomicUsize::new(0));
     tokio::spawn(serve_tcp(listener, s.clone(), Arc::clone(&connections)));
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(200),
         devices: vec![device("flow-2", Some(addr), 1, 300)],
     });
@@ -322,6 +324,7 @@ async fn unreachable_endpoint_backs_off_without_a_storm() {
         l.local_addr().unwrap()
     };
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(200),
         // Polled every 100 ms: without backoff that is ≥ 20 connects in 1 s.
         devices: vec![device("flow-3", Some(addr.to_string()), 1, 100)],
@@ -372,6 +375,7 @@ async fn rtu_polls_over_a_socat_pty_pair() {
     tokio::spawn(async move { server.serve_forever(slave3).await.ok() });
 
     let config = ModbusRtuSourceConfig {
+        id: "rtu".into(),
         port: a.to_string_lossy().into_owned(),
         baud_rate: 9600,
         parity: Parity::None,
