@@ -46,6 +46,10 @@ pub const CI_RSP_LONG_MSB: u8 = 0x76;
 pub const CI_RSP_NONE: u8 = 0x78;
 /// CI: variable data response, short header.
 pub const CI_RSP_SHORT: u8 = 0x7A;
+/// CI: fixed data structure (EN 13757-3 annex G, LSB first).
+pub const CI_RSP_FIXED: u8 = 0x73;
+/// CI: fixed data structure, MSB first.
+pub const CI_RSP_FIXED_MSB: u8 = 0x77;
 /// CI: application reset (master to slave).
 pub const CI_APPLICATION_RESET: u8 = 0x50;
 /// CI: data send (master to slave).
@@ -563,6 +567,17 @@ pub enum AppHeader {
     },
     /// CI 72/76: long header.
     Long(RspUdHeader),
+    /// CI 73/77: fixed data structure header.
+    Fixed {
+        /// Identification, BCD coded.
+        id: u32,
+        /// Access number.
+        access_number: u8,
+        /// Status (bit 7: counters binary, bit 6: stored values).
+        status: u8,
+        /// Medium (EN 13757-3 table 3 code, from the medium/unit bits).
+        medium: u8,
+    },
 }
 
 /// The application layer of a variable data response.
@@ -680,6 +695,9 @@ pub fn decode_application(bytes: &[u8]) -> Result<Application, MbusError> {
 fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusError> {
     let mut cur = Cursor::new(bytes, base);
     let ci = cur.byte("CI")?;
+    if ci == CI_RSP_FIXED || ci == CI_RSP_FIXED_MSB {
+        return parse_fixed(ci, &mut cur);
+    }
     let header = parse_header(ci, base, &mut cur)?;
     let msb_first = ci == CI_RSP_LONG_MSB;
     let mut records_out = Vec::new();
@@ -697,6 +715,80 @@ fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusE
         records: records_out,
         more_records_follow: more,
     })
+}
+
+/// Fixed data structure: id(4) access status medium/units(2) counter1(4) counter2(4).
+fn parse_fixed(ci: u8, cur: &mut Cursor<'_>) -> Result<Application, MbusError> {
+    let msb = ci == CI_RSP_FIXED_MSB;
+    let order = |mut b: [u8; 4]| {
+        if msb {
+            b.reverse();
+        }
+        b
+    };
+    let id = u32::from_le_bytes(order(cur.array::<4>("identification")?));
+    let access_number = cur.byte("access number")?;
+    let status = cur.byte("status")?;
+    let [mu0, mu1] = cur.array::<2>("medium and units")?;
+    let medium = ((mu1 & 0xC0) >> 6) | ((mu0 & 0xC0) >> 4);
+    let mut records = Vec::with_capacity(2);
+    for unit_code in [mu0 & 0x3F, mu1 & 0x3F] {
+        let counter = order(cur.array::<4>("counter")?);
+        let raw = if status & 0x80 == 0 {
+            bcd(&counter).map(Decimal::from)
+        } else {
+            Some(Decimal::from(i32::from_le_bytes(counter)))
+        };
+        let info = fixed_unit(unit_code);
+        let value = raw
+            .and_then(|v| v.checked_mul(pow10(info.exponent)))
+            .map(|v| RecordValue::Number(v.normalize()))
+            .unwrap_or_else(|| RecordValue::Raw(hex::encode(counter)));
+        let unit = if matches!(value, RecordValue::Number(_)) {
+            info.unit
+        } else {
+            None
+        };
+        records.push(Record {
+            quantity: info.quantity.to_owned(),
+            value,
+            unit,
+            storage: u32::from(status & 0x40 != 0),
+            tariff: 0,
+            subunit: 0,
+            function: Function::Instantaneous,
+        });
+    }
+    Ok(Application {
+        ci,
+        header: AppHeader::Fixed {
+            id,
+            access_number,
+            status,
+            medium,
+        },
+        records,
+        more_records_follow: false,
+    })
+}
+
+/// Unit codes of the fixed data structure (EN 13757-3 annex G table).
+fn fixed_unit(code: u8) -> VifInfo {
+    use Unit as U;
+    let e = |base: u8, offset: i32| i32::from(code.wrapping_sub(base)).wrapping_add(offset);
+    match code {
+        0x02..=0x0A => vi("energy", Some(U::WattHour), e(0x02, 0)),
+        0x0B..=0x13 => vi("energy", Some(U::Joule), e(0x0B, 3)),
+        0x14..=0x1C => vi("power", Some(U::Watt), e(0x14, 0)),
+        0x1D..=0x25 => vi("power_j_per_h", None, e(0x1D, 3)),
+        0x26..=0x2E => vi("volume", Some(U::CubicMetre), e(0x26, -6)),
+        0x2F..=0x37 => vi("volume_flow", Some(U::CubicMetrePerHour), e(0x2F, -6)),
+        0x38 => vi("temperature", Some(U::DegreeCelsius), -3),
+        0x39 => vi("hca", None, 0),
+        0x3E => vi("historic", None, 0),
+        0x3F => vi("dimensionless", None, 0),
+        _ => vi("reserved", None, 0),
+    }
 }
 
 /// Decodes the data records of a payload (after any header), e.g. a decrypted wM-Bus payload.
@@ -753,6 +845,12 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
             manufacturer: Some(manufacturer_code(h.manufacturer)),
             version: Some(h.version),
             medium: Some(medium_name(h.medium).to_owned()),
+        },
+        AppHeader::Fixed { id, medium, .. } => MeterInfo {
+            id: format!("{id:08X}"),
+            manufacturer: None,
+            version: None,
+            medium: Some(medium_name(medium).to_owned()),
         },
         _ => MeterInfo {
             id: format!("{address:03}"),
@@ -879,6 +977,10 @@ impl<'a> RecordIter<'a> {
                     0xC0..=0xCF => usize::from(lvar.wrapping_sub(0xC0)),
                     0xD0..=0xDF => usize::from(lvar.wrapping_sub(0xD0)),
                     0xE0..=0xEF => usize::from(lvar.wrapping_sub(0xE0)),
+                    // Binary numbers of 4 * (LVAR - EC) bytes, then 48 and 64 bytes.
+                    0xF0..=0xF4 => usize::from(lvar.wrapping_sub(0xEC)).wrapping_mul(4),
+                    0xF5 => 48,
+                    0xF6 => 64,
                     _ => {
                         return Err(MbusError::UnsupportedLvar {
                             offset: lvar_offset,
@@ -1294,8 +1396,8 @@ impl<'a> RawRecord<'a> {
         match self.dif & 0x0F {
             0x00 | 0x08 => RawValue::None,
             0x02 if info_date => date_g(data),
-            0x04 if info_date => date_f(data),
-            0x06 if info_date => date_i(data),
+            0x04 if info_date => date_f(data).unwrap_or(RawValue::Bytes(self.data)),
+            0x06 if info_date => date_i(data).unwrap_or(RawValue::Bytes(self.data)),
             0x01..=0x04 | 0x06 | 0x07 => RawValue::Int(int_le(data)),
             0x05 => match <[u8; 4]>::try_from(data) {
                 Ok(b) => RawValue::Real(f32::from_le_bytes(b)),
@@ -1356,6 +1458,10 @@ impl<'a> RawRecord<'a> {
                     }
                     RawValue::Text(t) => RecordValue::Text(text(t)),
                     RawValue::None => RecordValue::Raw(String::new()),
+                    // Variable-length binary numbers are little-endian: print them MSB first.
+                    RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
+                        RecordValue::Raw(b.iter().rev().map(|x| format!("{x:02x}")).collect())
+                    }
                     RawValue::Bytes(b) => RecordValue::Raw(hex::encode(b)),
                     RawValue::Int(_) | RawValue::Real(_) => {
                         RecordValue::Raw(hex::encode(self.data))
@@ -1435,31 +1541,49 @@ fn bcd(data: &[u8]) -> Option<i64> {
     })
 }
 
+/// Two-digit years: 00-80 are 2000-2080, the rest 1900+ (EN 13757-3 recommendation, as libmbus).
+fn full_year(year: u8) -> i32 {
+    let base = if year <= 80 { 2000i32 } else { 1900 };
+    base.wrapping_add(i32::from(year))
+}
+
 fn date_g(d: &[u8]) -> RawValue<'static> {
     let [b0, b1] = <[u8; 2]>::try_from(d).unwrap_or([0, 0]);
     let year = ((b0 & 0xE0) >> 5) | ((b1 & 0xF0) >> 1);
-    RawValue::Date(2000i32.wrapping_add(i32::from(year)), b1 & 0x0F, b0 & 0x1F)
+    RawValue::Date(full_year(year), b1 & 0x0F, b0 & 0x1F)
 }
 
-fn date_f(d: &[u8]) -> RawValue<'static> {
+fn date_f(d: &[u8]) -> Option<RawValue<'static>> {
     let [b0, b1, b2, b3] = <[u8; 4]>::try_from(d).unwrap_or([0; 4]);
-    let year = ((b2 & 0xE0) >> 5) | ((b3 & 0xF0) >> 1);
-    let year = 2000i32.wrapping_add(i32::from(year));
-    RawValue::DateTime(year, b3 & 0x0F, b2 & 0x1F, b1 & 0x1F, b0 & 0x3F, None)
+    if b0 & 0x80 != 0 {
+        // IV bit: the meter marks its own clock invalid; keep the bytes.
+        return None;
+    }
+    let year = full_year(((b2 & 0xE0) >> 5) | ((b3 & 0xF0) >> 1));
+    Some(RawValue::DateTime(
+        year,
+        b3 & 0x0F,
+        b2 & 0x1F,
+        b1 & 0x1F,
+        b0 & 0x3F,
+        None,
+    ))
 }
 
-fn date_i(d: &[u8]) -> RawValue<'static> {
+fn date_i(d: &[u8]) -> Option<RawValue<'static>> {
     let [b0, b1, b2, b3, b4, _] = <[u8; 6]>::try_from(d).unwrap_or([0; 6]);
-    let year = ((b3 & 0xE0) >> 5) | ((b4 & 0xF0) >> 1);
-    let year = 2000i32.wrapping_add(i32::from(year));
-    RawValue::DateTime(
+    if b1 & 0x80 != 0 {
+        return None;
+    }
+    let year = full_year(((b3 & 0xE0) >> 5) | ((b4 & 0xF0) >> 1));
+    Some(RawValue::DateTime(
         year,
         b4 & 0x0F,
         b3 & 0x1F,
         b2 & 0x1F,
         b1 & 0x3F,
         Some(b0 & 0x3F),
-    )
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

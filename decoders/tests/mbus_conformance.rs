@@ -9,8 +9,10 @@ use decoders::{Function, Record, RecordValue, mbus};
 use model::Unit;
 use serde_json::Value;
 
-/// Frames known not to match libmbus, with the reason (see CONFORMANCE.md).
-const KNOWN_GAPS: &[&str] = &[];
+/// Frames known not to match libmbus, with the reason (see CONFORMANCE.md): both send
+/// non-decimal BCD nibbles (`DD`, `EB`: the meter's error marker), which libmbus turns into
+/// arbitrary numbers and we keep as raw hex.
+const KNOWN_GAPS: &[&str] = &["ELS_Elster-F96-Plus", "abb_f95"];
 
 /// Converts our unit to libmbus's normalized unit and the factor between them.
 fn libmbus_unit(unit: Unit) -> (&'static str, f64) {
@@ -36,12 +38,13 @@ fn libmbus_unit(unit: Unit) -> (&'static str, f64) {
     }
 }
 
-fn function_name(r: &Record) -> &'static str {
+fn function_name(r: &Record, fixed: bool) -> &'static str {
     match (r.quantity.as_str(), r.function) {
         ("manufacturer_specific", _) if matches!(r.value, RecordValue::Raw(_)) => {
             "Manufacturer specific"
         }
         ("more_records_follow", _) => "More records follow",
+        (_, Function::Instantaneous) if fixed => "Actual value",
         (_, Function::Instantaneous) => "Instantaneous value",
         (_, Function::Maximum) => "Maximum value",
         (_, Function::Minimum) => "Minimum value",
@@ -54,12 +57,12 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 /// Compares one record; returns a description of the first difference.
-fn compare(got: &Record, want: &Value) -> Result<(), String> {
+fn compare(got: &Record, want: &Value, fixed: bool) -> Result<(), String> {
     let s = |k: &str| want.get(k).and_then(Value::as_str);
     if want.get("Function").is_none() {
         return Ok(()); // libmbus printed an empty record (VIF 7B without extension).
     }
-    let function = function_name(got);
+    let function = function_name(got, fixed);
     if Some(function) != s("Function") {
         return Err(format!("function {function:?} != {:?}", s("Function")));
     }
@@ -83,8 +86,21 @@ fn compare(got: &Record, want: &Value) -> Result<(), String> {
             s("Device")
         ));
     }
-    let want_unit = s("Unit").unwrap_or("");
-    let want_value = s("Value").unwrap_or("");
+    let mut want_unit = s("Unit").unwrap_or("");
+    let mut want_value = s("Value").unwrap_or("").to_owned();
+    // Fixed-structure frames (CI 73) are printed unnormalized: litres and kWh.
+    let raw_unit: Option<(&str, f64)> = match want_unit {
+        "l" => Some(("m^3", 1e-3)),
+        "kWh" => Some(("Wh", 1e3)),
+        "reserved but historic" => Some(("", 1.0)),
+        _ => None,
+    };
+    if let Some((unit, factor)) = raw_unit {
+        let v: f64 = want_value.parse().unwrap_or(f64::NAN);
+        want_value = format!("{}", v * factor);
+        want_unit = unit;
+    }
+    let want_value = want_value.as_str();
     match &got.value {
         RecordValue::Number(d) => {
             let v: f64 = d.to_string().parse().unwrap();
@@ -121,6 +137,9 @@ fn compare(got: &Record, want: &Value) -> Result<(), String> {
             if t != want_value {
                 return Err(format!("text {t:?} != {want_value:?}"));
             }
+        }
+        RecordValue::Raw(_) if want_value.starts_with("1900-01-00") => {
+            // libmbus prints an invalid (IV bit) date-time as zeros; we keep the bytes raw.
         }
         RecordValue::Raw(h) => {
             let w: String = want_value.chars().filter(|c| !c.is_whitespace()).collect();
@@ -175,6 +194,7 @@ fn libmbus_corpus() {
                     ));
                 }
                 let info = &want["slave_information"];
+                let fixed = info.get("Manufacturer").is_none();
                 if let Some(id) = info.get("Id").and_then(Value::as_str) {
                     let ours = got.meter.id.trim_start_matches('0');
                     if ours != id.trim_start_matches('0') {
@@ -183,7 +203,7 @@ fn libmbus_corpus() {
                     }
                 }
                 for (i, (g, w)) in got.records.iter().zip(&want_records).enumerate() {
-                    match compare(g, w) {
+                    match compare(g, w, fixed) {
                         Ok(()) => records_ok += 1,
                         Err(e) => {
                             ok = false;
@@ -206,9 +226,20 @@ fn libmbus_corpus() {
     for f in &failures {
         println!("  mismatch: {f}");
     }
-    let _ = KNOWN_GAPS;
+    let unexpected: Vec<_> = failures
+        .iter()
+        .filter(|f| {
+            !KNOWN_GAPS
+                .iter()
+                .any(|g| f.starts_with(&format!("{g} record")))
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "unexpected mismatches: {unexpected:#?}"
+    );
     assert_eq!(errors_refused, errors, "every error frame must be refused");
     assert_eq!(frames, 76);
-    assert!(frames_ok >= 68, "regression: fewer libmbus frames right");
-    assert!(records_ok >= 930, "regression: fewer libmbus records right");
+    assert!(frames_ok >= 74, "regression: fewer libmbus frames right");
+    assert!(records_ok >= 938, "regression: fewer libmbus records right");
 }

@@ -7,10 +7,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod downlink;
+pub mod mqtt;
 pub mod normalise;
 pub mod sink;
 pub mod source;
 pub mod sources;
+pub mod spool;
+pub mod uplink;
 
 pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};
 pub use source::{CommandOutcome, CommandRequest, SourceContext};
