@@ -28,6 +28,7 @@ pub mod register_map;
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod wmbus;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

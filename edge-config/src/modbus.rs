@@ -118,6 +118,10 @@ fn default_poll_interval() -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusTcpSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Timeouts, retries, backoff.
     #[serde(default)]
     pub timing: ModbusTiming,
@@ -141,6 +145,10 @@ pub enum Parity {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusRtuSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Serial device path (`/dev/ttyUSB0`).
     pub port: String,
     /// Baud rate.
@@ -320,6 +328,7 @@ mod tests {
     fn tcp_config_parses_with_defaults() {
         let c: ModbusTcpSourceConfig = toml::from_str(
             r#"
+            id = "modbus-site"
             [timing]
             timeout = "500ms"
             [[devices]]
@@ -331,6 +340,7 @@ mod tests {
             "#,
         )
         .unwrap();
+        assert_eq!(c.id, "modbus-site");
         assert_eq!(c.timing.timeout, Duration::from_millis(500));
         assert_eq!(c.timing.retries, 2);
         assert_eq!(c.devices[0].poll_interval, Duration::from_secs(10));
@@ -378,6 +388,7 @@ mod tests {
     #[test]
     fn tcp_device_needs_host_port() {
         let c = ModbusTcpSourceConfig {
+            id: "mb".into(),
             timing: ModbusTiming::default(),
             devices: vec![ModbusDeviceConfig {
                 name: "d".into(),

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use decoders::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+use decoders::RecordValue;
 use edge_config::mbus::{MbusMeterConfig, MbusSerialSourceConfig};
 use gateway::sources::mbus::{self, Address, Master};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
-use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity, Unit};
+use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -190,40 +190,6 @@ async fn run_slaves(port: PathBuf, slaves: Slaves) {
     }
 }
 
-/// Minimal RSP_UD decoder for the simulated telegrams (stands in for `decoders::mbus`).
-fn test_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
-    let body = frame.get(7..frame.len() - 2).ok_or("short")?;
-    let id = format!(
-        "{:02x}{:02x}{:02x}{:02x}",
-        body[3], body[2], body[1], body[0]
-    );
-    let mut records = Vec::new();
-    let mut rest = &body[12..];
-    while let [dif @ (0x0C | 0x4C), 0x13, a, b, c, d, tail @ ..] = rest {
-        let digits = format!("{d:02x}{c:02x}{b:02x}{a:02x}");
-        records.push(Record {
-            quantity: "volume".into(),
-            value: RecordValue::Number(Decimal::new(digits.parse().unwrap(), 3)),
-            unit: Some(Unit::CubicMetre),
-            storage: u32::from(*dif == 0x4C),
-            tariff: 0,
-            subunit: 0,
-            function: Function::Instantaneous,
-        });
-        rest = tail;
-    }
-    Ok(DecodedFrame {
-        protocol: Protocol::Mbus,
-        meter: MeterInfo {
-            id,
-            manufacturer: Some("KAM".into()),
-            version: Some(1),
-            medium: Some("water".into()),
-        },
-        records,
-    })
-}
-
 struct Pty {
     _dir: tempfile::TempDir,
     master_end: PathBuf,
@@ -281,7 +247,7 @@ async fn multi_telegram_read_toggles_fcb_and_retry_repeats_it() {
     .unwrap();
     let telegrams = master.read(&Address::Primary(1), 8).await.unwrap();
     assert_eq!(telegrams.len(), 3);
-    let frame = test_decoder(&telegrams[1]).unwrap();
+    let frame = decoders::mbus::decode(&telegrams[1]).unwrap();
     assert_eq!(
         frame.records[0].value,
         RecordValue::Number(Decimal::new(100_000, 3))
@@ -325,7 +291,7 @@ async fn wildcard_search_resolves_collisions() {
         .read(&Address::Secondary("12345679".into()), 8)
         .await
         .unwrap();
-    let frame = test_decoder(&telegrams[0]).unwrap();
+    let frame = decoders::mbus::decode(&telegrams[0]).unwrap();
     assert_eq!(frame.meter.id, "12345679");
     assert_eq!(
         frame.records[0].value,
@@ -377,7 +343,7 @@ async fn source_submits_readings_and_executes_commands() {
         commands,
         shutdown: shutdown.clone(),
     };
-    let task = tokio::spawn(mbus::run_with(config, ctx, test_decoder));
+    let task = tokio::spawn(mbus::run(config, ctx));
     let mut got = Vec::new();
     for _ in 0..2 {
         let req = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -395,7 +361,7 @@ async fn source_submits_readings_and_executes_commands() {
         got,
         [
             ("mbus:KAM12345678".to_string(), 0, "123.456".to_string()),
-            ("mbus:KAM12345678".to_string(), 1, "100.000".to_string()),
+            ("mbus:KAM12345678".to_string(), 1, "100".to_string()),
             ("mbus:KAM87654321".to_string(), 0, "4.321".to_string()),
         ]
     );

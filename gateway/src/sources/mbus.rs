@@ -87,50 +87,30 @@ pub mod link {
     /// Address that talks to the selected meter.
     pub const SELECTED: u8 = 0xFD;
 
-    /// Short frame `10 C A CS 16`.
-    pub fn short(c: u8, a: u8) -> Vec<u8> {
-        vec![0x10, c, a, c.wrapping_add(a), 0x16]
-    }
-
-    /// Long frame `68 L L 68 C A CI data CS 16`.
-    pub fn long(c: u8, a: u8, ci: u8, data: &[u8]) -> Vec<u8> {
-        // Data longer than 252 bytes cannot be framed; callers build small frames only.
-        let l = u8::try_from(data.len() + 3).unwrap_or(u8::MAX);
-        let mut f = vec![0x68, l, l, 0x68, c, a, ci];
-        f.extend_from_slice(data);
-        let cs = f.iter().skip(4).fold(0u8, |acc, b| acc.wrapping_add(*b));
-        f.push(cs);
-        f.push(0x16);
-        f
-    }
+    use decoders::mbus::encode;
 
     /// SND_NKE (link reset) to `a`.
     pub fn snd_nke(a: u8) -> Vec<u8> {
-        short(0x40, a)
+        encode::snd_nke(a)
     }
 
     /// REQ_UD2 to `a` with the frame count bit.
     pub fn req_ud2(a: u8, fcb: bool) -> Vec<u8> {
-        short(if fcb { 0x7B } else { 0x5B }, a)
+        encode::req_ud2(a, fcb)
     }
 
     /// SND_UD to `a` with CI and data (FCB 0: commands are not repeated by FCB logic).
     pub fn snd_ud(a: u8, ci: u8, data: &[u8]) -> Vec<u8> {
-        long(0x53, a, ci, data)
+        encode::long(encode::C_SND_UD, a, ci, data)
     }
 
     /// Selection by secondary address: 8 digit nibbles, most significant first, 0xF = any.
     /// Manufacturer, version and medium are wildcards.
     pub fn select_secondary(digits: [u8; 8]) -> Vec<u8> {
-        let mut id = [0u8; 4];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            if let (Some(hi), Some(lo), Some(slot)) = (pair.first(), pair.get(1), id.get_mut(3 - i))
-            {
-                *slot = (hi << 4) | (lo & 0x0F);
-            }
-        }
-        let data = [id[0], id[1], id[2], id[3], 0xFF, 0xFF, 0xFF, 0xFF];
-        snd_ud(SELECTED, 0x52, &data)
+        let id = digits
+            .iter()
+            .fold(0u32, |acc, d| (acc << 4) | u32::from(d & 0x0F));
+        encode::select_secondary(id, None, None, None)
     }
 
     /// Checks a long frame's framing and checksum; returns the user data (C field on).
@@ -251,17 +231,6 @@ pub mod link {
             };
             rest = after;
         }
-    }
-
-    /// A type F date-time (EN 13757-3), as set-time data.
-    pub fn type_f(t: time::PrimitiveDateTime) -> [u8; 4] {
-        let year = u8::try_from(t.year().rem_euclid(100)).unwrap_or(0);
-        [
-            t.minute() & 0x3F,
-            t.hour() & 0x1F,
-            (t.day() & 0x1F) | ((year & 0x07) << 5),
-            (u8::from(t.month()) & 0x0F) | ((year & 0x78) << 1),
-        ]
     }
 }
 
@@ -546,11 +515,22 @@ fn classify(bytes: Vec<u8>) -> Reply {
 /// Decodes one RSP_UD long frame into records.
 pub type FrameDecoder = fn(&[u8]) -> Result<DecodedFrame, String>;
 
-/// The production decoder: `decoders::mbus::decode` (branch `decoders-i`). Until that branch is
-/// merged this build has no M-Bus record decoder and every telegram is counted as a decode
-/// error of kind `decoder_missing`.
-pub fn default_decoder(_frame: &[u8]) -> Result<DecodedFrame, String> {
-    Err("decoder_missing: decoders::mbus::decode is not built into this gateway yet".into())
+/// The production decoder: `decoders::mbus::decode`; the error text starts with its kind
+/// (`checksum: ...`), which becomes the decode-error counter's label.
+pub fn default_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
+    use decoders::mbus::MbusError as E;
+    decoders::mbus::decode(frame).map_err(|e| {
+        let kind = match &e {
+            E::BadChecksum { .. } => "checksum",
+            E::Truncated { .. } | E::BadLength { .. } | E::TrailingBytes { .. } => "length",
+            E::BadStart { .. } | E::BadHeader { .. } | E::BadStop { .. } => "framing",
+            E::NotLongFrame { .. } => "not_long_frame",
+            E::UnsupportedCi { .. } => "unsupported_ci",
+            E::ApplicationError { .. } => "application_error",
+            _ => "record",
+        };
+        format!("{kind}: {e}")
+    })
 }
 
 /// Runs the master until shutdown with [`default_decoder`].
@@ -733,10 +713,11 @@ impl Bus {
         let result = match command.action {
             CommandAction::MbusApplicationReset => self.master.snd_ud(&address, 0x50, &[]).await,
             CommandAction::SetTime => {
-                let now = OffsetDateTime::now_utc();
-                let t = link::type_f(time::PrimitiveDateTime::new(now.date(), now.time()));
-                let data = [0x04, 0x6D, t[0], t[1], t[2], t[3]];
-                self.master.snd_ud(&address, 0x51, &data).await
+                // The gateway's UTC time: the config has no per-meter time zone yet.
+                let frame = decoders::mbus::encode::set_time(0, OffsetDateTime::now_utc());
+                // From CI on, without CS and stop: reuse the encoder's record bytes.
+                let data = frame.get(7..frame.len().saturating_sub(2)).unwrap_or(&[]);
+                self.master.snd_ud(&address, 0x51, data).await
             }
             other => {
                 let _gone = reply.send(CommandOutcome::Failed(format!(

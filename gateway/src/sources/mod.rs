@@ -6,6 +6,7 @@ use std::time::Duration;
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod wmbus;
 
 /// Exponential backoff with jitter, so many devices failing together do not retry in lockstep.
 #[derive(Debug, Clone)]

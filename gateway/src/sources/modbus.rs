@@ -35,7 +35,7 @@ pub enum SourceError {
     #[error("invalid modbus source config: {0:?}")]
     Config(Vec<edge_config::modbus::ModbusConfigError>),
     /// A device's register map could not be loaded.
-    #[error("devices[{device}]: register map {map:?}: {reason}")]
+    #[error("device {device:?}: register map {map:?}: {reason}")]
     Map {
         /// Device name.
         device: String,
@@ -302,13 +302,16 @@ pub async fn run_rtu(config: ModbusRtuSourceConfig, ctx: SourceContext) -> Resul
     run_rtu_with(config, ctx, Health::default(), &resolve_map).await
 }
 
-/// Resolves a configured map name. Map files come from `edge_config::register_map`
-/// (branch `modbus-envelope`), which this build does not contain yet; until it is merged every
-/// map name is refused with this error, and [`run_tcp_with`] / [`run_rtu_with`] take a resolver.
+/// Resolves a configured map name: a shipped model (`edge_config::register_map::builtin_names`)
+/// or else a path to a map TOML.
 pub fn resolve_map(map: &str) -> Result<RegisterMap, String> {
-    Err(format!(
-        "register map {map:?}: register-map loading is not built into this gateway yet"
-    ))
+    use edge_config::register_map;
+    if register_map::builtin_names().contains(&map) {
+        register_map::builtin(map)
+    } else {
+        register_map::load(map)
+    }
+    .map_err(|e| e.to_string())
 }
 
 fn devices_of(
