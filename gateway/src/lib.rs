@@ -7,8 +7,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod coap;
+pub mod control;
 pub mod downlink;
+pub mod http_push;
+pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_source;
 pub mod normalise;
 pub mod sink;
 pub mod source;
