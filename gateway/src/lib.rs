@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_source;
 pub mod normalise;
+pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod spool;
