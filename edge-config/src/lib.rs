@@ -387,6 +387,9 @@ pub struct CoapSourceConfig {
     pub id: String,
     /// UDP listen address (default port 5683).
     pub listen: SocketAddr,
+    /// UTC offset of the meters' clocks in minutes (e.g. 480 for China). Without it the
+    /// gateway's receive time is used as the reading time.
+    pub meter_utc_offset_minutes: Option<i16>,
 }
 
 /// `kind = "http_push"`.
