@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod fleet;
+pub mod frames;
 pub mod mqtt;
 pub mod profile;
 pub mod scenario;
