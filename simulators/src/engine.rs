@@ -152,6 +152,8 @@ pub struct Emission {
     pub register_ml: u64,
     /// Reverse register, millilitres.
     pub reverse_ml: u64,
+    /// Register at the last monthly settlement (local midnight on the 1st), millilitres.
+    pub settlement_ml: u64,
     /// Flow during the step, litres per hour (true flow through the meter).
     pub flow_lph: f64,
     /// Battery level, percent.
@@ -187,6 +189,7 @@ pub fn unix(ts: i64) -> OffsetDateTime {
 #[derive(Debug, Clone, Default)]
 struct MeterState {
     register_ml: u64,
+    settlement_ml: u64,
     reverse_ml: u64,
     battery_start: f64,
     valve_closed: bool,
@@ -260,6 +263,7 @@ impl Engine {
                     (unit(scenario.seed ^ 0x5eed, idx, 1) * 2_000_000_000.0) as u64 % capacity_ml;
                 MeterState {
                     register_ml,
+                    settlement_ml: register_ml,
                     reverse_ml: 0,
                     battery_start: 60.0 + 40.0 * unit(scenario.seed ^ 0xba77, idx, 2),
                     valve_closed: false,
@@ -490,6 +494,8 @@ impl Engine {
         let seed = self.scenario.seed;
         let seed2 = seed ^ 0xa5a5_a5a5_5a5a_5a5a;
         let t_start = unix(step_start);
+        let local_start = unix(step_start + offset);
+        let settle = local_start.day() == 1 && local_start.hour() == 0 && local_start.minute() == 0;
 
         for idx in 0..self.population.meters.len() {
             let Some(spec) = self.population.meters.get(idx) else {
@@ -499,6 +505,9 @@ impl Engine {
                 continue;
             };
             let midx = idx as u64;
+            if settle {
+                st.settlement_ml = st.register_ml;
+            }
             let mut litres = 0.0;
             for (counter, hh, cc) in &subs {
                 let f = match spec.profile {
@@ -674,6 +683,7 @@ impl Engine {
                 meter_ts: step_end + skew,
                 register_ml: st.register_ml,
                 reverse_ml: st.reverse_ml,
+                settlement_ml: st.settlement_ml,
                 flow_lph: (litres - reverse_litres) / step_hours,
                 battery_pct: battery.clamp(0.0, 100.0) as u8,
                 status: Status {

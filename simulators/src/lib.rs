@@ -8,7 +8,9 @@
 
 pub mod engine;
 pub mod fleet;
+pub mod frames;
 pub mod mqtt;
+pub mod nbiot;
 pub mod profile;
 pub mod scenario;
 pub mod truth;
