@@ -4,5 +4,978 @@
 //! per-meter keys, uplink and spool settings. Raw serde types are validated into typed ones by
 //! pure functions that collect every problem with its path and line. It must not touch the
 //! network; reading the file is the only I/O, and it lives at the edge of the crate.
+//!
+//! ```
+//! let text = r#"
+//! gateway_id = "gw-1"
+//! [uplink]
+//! broker = "mqtt://127.0.0.1:1883"
+//! [spool]
+//! dir = "/tmp/spool"
+//! [[source]]
+//! id = "nbiot"
+//! kind = "coap"
+//! listen = "0.0.0.0:5683"
+//! "#;
+//! let config = edge_config::parse(text, "gateway.toml".as_ref()).unwrap();
+//! assert_eq!(config.uplink.topic_root, "wm/v1");
+//! assert_eq!(config.sources[0].config.id(), "nbiot");
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+pub mod register_map;
+
+pub mod hydrant;
+pub mod mbus;
+pub mod modbus;
+pub mod wmbus;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use model::{GatewayId, MeterId};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// One problem in a configuration file: where it is and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line (0 when the problem has no position, e.g. the file is unreadable).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The field (key or table) concerned.
+    pub field: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: `{}`: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.field,
+            self.message
+        )
+    }
+}
+
+/// Every problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    /// This gateway's id (used in topics and provenance).
+    pub gateway_id: GatewayId,
+    /// Connection to the central broker and how batches are published.
+    pub uplink: UplinkConfig,
+    /// The on-disk spool.
+    pub spool: SpoolSettings,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Protocol sources (`[[source]]` tables), in file order.
+    pub sources: Vec<SourceEntry>,
+    /// Devices behind the sources (`[[device]]` tables).
+    pub devices: Vec<Spanned<DeviceConfig>>,
+    /// Modbus register maps by name: name → TOML file (relative to the config file).
+    pub register_maps: BTreeMap<String, PathBuf>,
+}
+
+/// A `[[source]]` table and the line it starts on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceEntry {
+    /// 1-based line of the `[[source]]` header.
+    pub line: usize,
+    /// The typed source.
+    pub config: SourceConfig,
+}
+
+/// The file as serde sees it; sources are typed in a second step so that errors inside a
+/// `[[source]]` table keep their exact line (serde's tagged enums would lose it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    gateway_id: GatewayId,
+    uplink: UplinkConfig,
+    spool: SpoolSettings,
+    #[serde(default)]
+    metrics: MetricsConfig,
+    #[serde(default)]
+    source: Vec<Spanned<toml::Table>>,
+    #[serde(default)]
+    device: Vec<Spanned<DeviceConfig>>,
+    #[serde(default)]
+    register_maps: BTreeMap<String, PathBuf>,
+}
+
+/// An MQTT broker URL: `mqtt://host[:port]` (plain) or `mqtts://host[:port]` (TLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port (default 1883, or 8883 with TLS).
+    pub port: u16,
+    /// TLS requested by the scheme.
+    pub tls: bool,
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("tcp://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("mqtts://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("ssl://") {
+            (true, r)
+        } else {
+            return Err(format!(
+                "broker URL `{url}` must start with mqtt://, tcp://, mqtts:// or ssl://"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("broker URL `{url}`: port `{p}` is not 0-65535"))?,
+            ),
+            None => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() {
+            return Err(format!("broker URL `{url}` has no host"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            tls,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// MQTT protocol version of a connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5 (not supported by this build; refused by validation).
+    #[serde(rename = "5")]
+    V5,
+}
+
+/// `[uplink]`: the central broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Broker URL.
+    pub broker: BrokerUrl,
+    /// Client id prefix (default: the gateway id).
+    pub client_id: Option<String>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// CA certificate (PEM).
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// Topic root (default `wm/v1`).
+    #[serde(default = "default_topic_root")]
+    pub topic_root: String,
+    /// Partitions P (default 16).
+    #[serde(default = "default_partitions")]
+    pub partitions: u16,
+    /// Most readings per batch (default 500).
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Most batches awaiting PUBACK (default 16).
+    #[serde(default = "default_window")]
+    pub window: u16,
+}
+
+fn default_topic_root() -> String {
+    "wm/v1".into()
+}
+fn default_partitions() -> u16 {
+    16
+}
+fn default_batch_size() -> usize {
+    500
+}
+fn default_window() -> u16 {
+    16
+}
+
+/// `[spool]`: where readings wait for the uplink.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolSettings {
+    /// Directory (relative paths are relative to the config file).
+    pub dir: PathBuf,
+    /// Size bound in bytes (default 1 GiB); oldest data is evicted past it.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+}
+
+fn default_max_bytes() -> u64 {
+    1 << 30
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Listen address of `GET /metrics` (default `127.0.0.1:9464`).
+    #[serde(default = "default_metrics_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_metrics_listen(),
+        }
+    }
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+
+/// A `[[source]]` table, by `kind`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceConfig {
+    /// MQTT subscriber for concentrators.
+    Mqtt(MqttSourceConfig),
+    /// NB-IoT CoAP server.
+    Coap(CoapSourceConfig),
+    /// IoT-platform HTTP push endpoint.
+    HttpPush(HttpPushSourceConfig),
+    /// Modbus TCP poller (configuration owned by the field-sources work; not built yet).
+    ModbusTcp(toml::Table),
+    /// Modbus RTU poller (not built yet).
+    ModbusRtu(toml::Table),
+    /// Wired M-Bus master (not built yet).
+    MbusSerial(toml::Table),
+    /// Wireless M-Bus UDP receiver (not built yet).
+    WmbusUdp(toml::Table),
+    /// Hydrant MQTT bridge (not built yet).
+    HydrantMqtt(toml::Table),
+}
+
+impl SourceConfig {
+    /// The source instance id.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Mqtt(c) => &c.id,
+            Self::Coap(c) => &c.id,
+            Self::HttpPush(c) => &c.id,
+            Self::ModbusTcp(t)
+            | Self::ModbusRtu(t)
+            | Self::MbusSerial(t)
+            | Self::WmbusUdp(t)
+            | Self::HydrantMqtt(t) => t.get("id").and_then(|v| v.as_str()).unwrap_or(""),
+        }
+    }
+
+    /// The `kind` string.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Mqtt(_) => "mqtt",
+            Self::Coap(_) => "coap",
+            Self::HttpPush(_) => "http_push",
+            Self::ModbusTcp(_) => "modbus_tcp",
+            Self::ModbusRtu(_) => "modbus_rtu",
+            Self::MbusSerial(_) => "mbus_serial",
+            Self::WmbusUdp(_) => "wmbus_udp",
+            Self::HydrantMqtt(_) => "hydrant_mqtt",
+        }
+    }
+}
+
+/// How the payloads of an MQTT topic are decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PayloadFormat {
+    /// Concentrator readings JSON (`{"v":1,"concentrator":..,"readings":[..]}`).
+    Json,
+    /// One raw CJ/T 188 frame.
+    Cjt188,
+    /// One raw M-Bus long frame.
+    Mbus,
+    /// A raw frame; CJ/T 188 (starts 0x68 with a meter type) or M-Bus by its start bytes.
+    Auto,
+}
+
+/// One topic subscription of an MQTT source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicMapping {
+    /// Topic filter (wildcards allowed), e.g. `concentrator/+/readings`.
+    pub filter: String,
+    /// Payload format.
+    pub format: PayloadFormat,
+}
+
+/// `kind = "mqtt"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Source id.
+    pub id: String,
+    /// Site broker.
+    pub broker: BrokerUrl,
+    /// Client id (default `<gateway>-<source id>`).
+    pub client_id: Option<String>,
+    /// Protocol version (default "3.1.1").
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// CA certificate (PEM) to verify the broker.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    pub tls_key: Option<PathBuf>,
+    /// Topic → payload format.
+    pub topics: Vec<TopicMapping>,
+}
+
+/// `kind = "coap"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoapSourceConfig {
+    /// Source id.
+    pub id: String,
+    /// UDP listen address (default port 5683).
+    pub listen: SocketAddr,
+    /// UTC offset of the meters' clocks in minutes (e.g. 480 for China). Without it the
+    /// gateway's receive time is used as the reading time.
+    pub meter_utc_offset_minutes: Option<i16>,
+}
+
+/// `kind = "http_push"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpPushSourceConfig {
+    /// Source id.
+    pub id: String,
+    /// TCP listen address.
+    pub listen: SocketAddr,
+    /// HMAC-SHA256 shared secret.
+    pub secret: String,
+    /// Largest accepted clock difference of `X-Timestamp`, seconds (default 300).
+    #[serde(default = "default_max_skew")]
+    pub max_skew_s: u64,
+}
+
+fn default_max_skew() -> u64 {
+    300
+}
+
+/// The protocol a device speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceProtocol {
+    /// CJ/T 188 (NB-IoT meters, concentrators).
+    Cjt188,
+    /// Wired M-Bus.
+    Mbus,
+    /// Wireless M-Bus.
+    Wmbus,
+    /// Modbus.
+    Modbus,
+    /// Hydrant controller.
+    Hydrant,
+}
+
+/// A `[[device]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Meter/device id as the pipeline knows it (`cjt188:…`, `mbus:…`, `modbus:…`).
+    pub id: MeterId,
+    /// Protocol.
+    pub protocol: DeviceProtocol,
+    /// Id of the source the device is reached through.
+    pub source: Spanned<String>,
+    /// Protocol address (M-Bus primary/secondary, Modbus unit id, hydrant id...).
+    pub address: Option<String>,
+    /// AES-128 key, 32 hex digits (wM-Bus, encrypted payloads).
+    pub key: Option<Spanned<String>>,
+    /// Register map name (Modbus).
+    pub register_map: Option<Spanned<String>>,
+}
+
+impl DeviceConfig {
+    /// The decoded AES key, if any (validated on load).
+    pub fn key_bytes(&self) -> Option<[u8; 16]> {
+        let key = self.key.as_ref()?;
+        let v = hex::decode(key.get_ref()).ok()?;
+        v.try_into().ok()
+    }
+}
+
+impl GatewayConfig {
+    /// The sources without their lines.
+    pub fn source_configs(&self) -> impl Iterator<Item = &SourceConfig> {
+        self.sources.iter().map(|s| &s.config)
+    }
+
+    /// The configured device with this id.
+    pub fn device(&self, id: &str) -> Option<&DeviceConfig> {
+        self.devices
+            .iter()
+            .map(Spanned::get_ref)
+            .find(|d| d.id.as_str() == id)
+    }
+}
+
+/// Reads and validates a configuration file.
+///
+/// # Errors
+/// Every problem found, each with file, line and field.
+pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            column: 0,
+            field: String::new(),
+            message: format!("cannot read the file: {e}"),
+        }])
+    })?;
+    let mut config = parse(&text, path)?;
+    // Relative paths are relative to the configuration file, not the working directory.
+    if let Some(base) = path.parent() {
+        if config.spool.dir.is_relative() {
+            config.spool.dir = base.join(&config.spool.dir);
+        }
+        for p in config.register_maps.values_mut() {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// Parses and validates configuration text; `file` is only used in error messages.
+///
+/// # Errors
+/// Every problem found, each with file, line and field.
+pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigErrors> {
+    let toml_error = |e: toml::de::Error, base: usize| {
+        let (line, column, field) = match e.span() {
+            Some(span) => locate(text, base + span.start),
+            None => locate(text, base),
+        };
+        ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field,
+            message: e.message().trim().to_owned(),
+        }
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(e, 0)]))?;
+    let mut errors = Vec::new();
+    let mut sources = Vec::new();
+    for table in &raw.source {
+        let header = table.span();
+        match source_config(table.get_ref(), text, header.end) {
+            Ok(config) => sources.push(SourceEntry {
+                line: locate(text, header.start).0,
+                config,
+            }),
+            Err(SourceParseError::Toml(e)) => errors.push(toml_error(e, header.end)),
+            Err(SourceParseError::Kind(message)) => {
+                let (line, column, _) = locate(text, header.start);
+                errors.push(ConfigError {
+                    file: file.to_owned(),
+                    line,
+                    column,
+                    field: "source.kind".into(),
+                    message,
+                });
+            }
+        }
+    }
+    let config = GatewayConfig {
+        gateway_id: raw.gateway_id,
+        uplink: raw.uplink,
+        spool: raw.spool,
+        metrics: raw.metrics,
+        sources,
+        devices: raw.device,
+        register_maps: raw.register_maps,
+    };
+    if errors.is_empty() {
+        errors = validate(&config, &raw.source, text, file);
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+enum SourceParseError {
+    Toml(toml::de::Error),
+    Kind(String),
+}
+
+/// The body of the `[[source]]` table whose header ends at `header_end`, with nested
+/// `[source.x]`/`[[source.x]]` headers rewritten to `[x]`/`[[x]]` and the `kind` line blanked,
+/// padded so byte offsets still match the file (errors then point at the right line).
+fn source_body(text: &str, header_end: usize) -> String {
+    let rest = text.get(header_end..).unwrap_or("");
+    let mut body = String::with_capacity(rest.len());
+    let mut first = true;
+    for line in rest.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        let nl = if line.ends_with('\n') { "\n" } else { "" };
+        let content = line.strip_suffix('\n').unwrap_or(line);
+        if !first && trimmed.starts_with('[') {
+            let inner = trimmed.trim_start_matches('[');
+            if inner.starts_with("source.") {
+                let cut = content.replacen("source.", "", 1);
+                body.push_str(&cut);
+                body.push_str("       ");
+                body.push_str(nl);
+                continue;
+            }
+            break;
+        }
+        first = false;
+        let key = trimmed.split('=').next().unwrap_or("").trim();
+        if key == "kind" {
+            body.push_str(&" ".repeat(content.len()));
+            body.push_str(nl);
+        } else {
+            body.push_str(line);
+        }
+    }
+    body
+}
+
+fn source_config(
+    table: &toml::Table,
+    text: &str,
+    header_end: usize,
+) -> Result<SourceConfig, SourceParseError> {
+    let kind = match table.get("kind") {
+        Some(toml::Value::String(k)) => k.as_str(),
+        Some(other) => {
+            return Err(SourceParseError::Kind(format!(
+                "`kind` must be a string, got {}",
+                other.type_str()
+            )));
+        }
+        None => {
+            return Err(SourceParseError::Kind(
+                "missing field `kind` (one of mqtt, coap, http_push, modbus_tcp, modbus_rtu, \
+                 mbus_serial, wmbus_udp, hydrant_mqtt)"
+                    .into(),
+            ));
+        }
+    };
+    let body = || source_body(text, header_end);
+    let typed = |e| SourceParseError::Toml(e);
+    Ok(match kind {
+        "mqtt" => SourceConfig::Mqtt(toml::from_str(&body()).map_err(typed)?),
+        "coap" => SourceConfig::Coap(toml::from_str(&body()).map_err(typed)?),
+        "http_push" => SourceConfig::HttpPush(toml::from_str(&body()).map_err(typed)?),
+        "modbus_tcp" => SourceConfig::ModbusTcp(table.clone()),
+        "modbus_rtu" => SourceConfig::ModbusRtu(table.clone()),
+        "mbus_serial" => SourceConfig::MbusSerial(table.clone()),
+        "wmbus_udp" => SourceConfig::WmbusUdp(table.clone()),
+        "hydrant_mqtt" => SourceConfig::HydrantMqtt(table.clone()),
+        other => {
+            return Err(SourceParseError::Kind(format!(
+                "unknown source kind `{other}` (expected one of mqtt, coap, http_push, \
+                 modbus_tcp, modbus_rtu, mbus_serial, wmbus_udp, hydrant_mqtt)"
+            )));
+        }
+    })
+}
+
+/// Line, column and the key or table named at byte `offset`.
+fn locate(text: &str, offset: usize) -> (usize, usize, String) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    let line_text = text
+        .get(line_start..)
+        .and_then(|t| t.lines().next())
+        .unwrap_or("")
+        .trim();
+    let field = if line_text.starts_with('[') {
+        line_text.trim_matches(|c| c == '[' || c == ']').to_owned()
+    } else {
+        line_text.split('=').next().unwrap_or("").trim().to_owned()
+    };
+    (line, column, field)
+}
+
+fn validate(
+    config: &GatewayConfig,
+    raw_sources: &[Spanned<toml::Table>],
+    text: &str,
+    file: &Path,
+) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    let mut err = |offset: usize, field: &str, message: String| {
+        let (line, column, _) = locate(text, offset);
+        errors.push(ConfigError {
+            file: file.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message,
+        });
+    };
+    let u = &config.uplink;
+    let uplink_at = text.find("[uplink]").unwrap_or(0);
+    if u.partitions == 0 {
+        err(uplink_at, "uplink.partitions", "must be at least 1".into());
+    }
+    if !(1..=10_000).contains(&u.batch_size) {
+        err(
+            uplink_at,
+            "uplink.batch_size",
+            format!("{} is outside 1..=10000", u.batch_size),
+        );
+    }
+    if u.window == 0 || u.window > 1000 {
+        err(
+            uplink_at,
+            "uplink.window",
+            format!("{} is outside 1..=1000", u.window),
+        );
+    }
+    if u.topic_root.is_empty() || u.topic_root.contains(['+', '#']) || u.topic_root.ends_with('/') {
+        err(
+            uplink_at,
+            "uplink.topic_root",
+            format!(
+                "`{}` must be non-empty, without wildcards or a trailing /",
+                u.topic_root
+            ),
+        );
+    }
+    if u.broker.tls || u.tls_ca.is_some() || u.tls_cert.is_some() {
+        err(
+            uplink_at,
+            "uplink.broker",
+            "TLS is not supported by this gateway build (rumqttc without TLS); use mqtt:// \
+             behind a local TLS terminator"
+                .into(),
+        );
+    }
+    if u.tls_cert.is_some() != u.tls_key.is_some() {
+        err(
+            uplink_at,
+            "uplink.tls_key",
+            "tls_cert and tls_key must be given together".into(),
+        );
+    }
+    if u.username.is_none() && u.password.is_some() {
+        err(
+            uplink_at,
+            "uplink.password",
+            "a password needs a username".into(),
+        );
+    }
+    if config.spool.max_bytes < 1 << 20 {
+        err(
+            text.find("[spool]").unwrap_or(0),
+            "spool.max_bytes",
+            format!("{} is below the 1 MiB minimum", config.spool.max_bytes),
+        );
+    }
+
+    let mut ids = BTreeMap::new();
+    for (s, raw) in config.sources.iter().zip(raw_sources) {
+        let at = raw.span().start;
+        let src = &s.config;
+        let id = src.id();
+        if id.is_empty() {
+            err(
+                at,
+                "source.id",
+                "every source needs a non-empty `id`".into(),
+            );
+        } else if ids.insert(id.to_owned(), src.kind()).is_some() {
+            err(at, "source.id", format!("duplicate source id `{id}`"));
+        }
+        match src {
+            SourceConfig::Mqtt(m) => {
+                if m.protocol == MqttProtocol::V5 {
+                    err(
+                        at,
+                        "source.protocol",
+                        format!("source `{id}`: MQTT 5 is not supported yet; use \"3.1.1\""),
+                    );
+                }
+                if m.broker.tls || m.tls_ca.is_some() || m.tls_cert.is_some() {
+                    err(
+                        at,
+                        "source.broker",
+                        format!("source `{id}`: TLS is not supported by this gateway build"),
+                    );
+                }
+                if m.topics.is_empty() {
+                    err(
+                        at,
+                        "source.topics",
+                        format!("source `{id}`: at least one topic mapping is needed"),
+                    );
+                }
+                for t in &m.topics {
+                    if t.filter.is_empty() {
+                        err(
+                            at,
+                            "source.topics.filter",
+                            format!("source `{id}`: empty topic filter"),
+                        );
+                    }
+                }
+            }
+            SourceConfig::Coap(_) => {}
+            SourceConfig::HttpPush(h) => {
+                if h.secret.len() < 16 {
+                    err(
+                        at,
+                        "source.secret",
+                        format!("source `{id}`: the HMAC secret must be at least 16 bytes"),
+                    );
+                }
+            }
+            other => err(
+                at,
+                "source.kind",
+                format!(
+                    "source `{id}`: kind `{}` is not built yet in this gateway (field-bus \
+                     sources come with the gateway-field work)",
+                    other.kind()
+                ),
+            ),
+        }
+    }
+
+    let mut device_ids = BTreeSet::new();
+    for d in &config.devices {
+        let at = d.span().start;
+        let dev = d.get_ref();
+        if !device_ids.insert(dev.id.as_str().to_owned()) {
+            err(at, "device.id", format!("duplicate device id `{}`", dev.id));
+        }
+        let source = dev.source.get_ref();
+        match ids.get(source.as_str()) {
+            None => err(
+                dev.source.span().start,
+                "device.source",
+                format!(
+                    "device `{}`: no source with id `{source}` (known: {})",
+                    dev.id,
+                    ids.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            Some(kind) => {
+                let ok = match dev.protocol {
+                    DeviceProtocol::Cjt188 => matches!(*kind, "coap" | "http_push" | "mqtt"),
+                    DeviceProtocol::Mbus => matches!(*kind, "mbus_serial" | "mqtt"),
+                    DeviceProtocol::Wmbus => *kind == "wmbus_udp",
+                    DeviceProtocol::Modbus => matches!(*kind, "modbus_tcp" | "modbus_rtu"),
+                    DeviceProtocol::Hydrant => *kind == "hydrant_mqtt",
+                };
+                if !ok {
+                    err(
+                        dev.source.span().start,
+                        "device.source",
+                        format!(
+                            "device `{}`: protocol {:?} cannot be reached through a `{kind}` source",
+                            dev.id, dev.protocol
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(key) = &dev.key
+            && dev.key_bytes().is_none()
+        {
+            err(
+                key.span().start,
+                "device.key",
+                format!(
+                    "device `{}`: key must be 32 hex digits (AES-128), got {} characters",
+                    dev.id,
+                    key.get_ref().len()
+                ),
+            );
+        }
+        if let Some(map) = &dev.register_map
+            && !config.register_maps.contains_key(map.get_ref())
+        {
+            err(
+                map.span().start,
+                "device.register_map",
+                format!(
+                    "device `{}`: unknown register map `{}` (define it under [register_maps])",
+                    dev.id,
+                    map.get_ref()
+                ),
+            );
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"gateway_id = "gw-1"
+
+[uplink]
+broker = "mqtt://127.0.0.1:1883"
+partitions = 8
+
+[spool]
+dir = "spool"
+
+[[source]]
+id = "nbiot"
+kind = "coap"
+listen = "0.0.0.0:5683"
+
+[[source]]
+id = "conc"
+kind = "mqtt"
+broker = "mqtt://127.0.0.1"
+topics = [{ filter = "concentrator/+/readings", format = "json" }]
+
+[[device]]
+id = "cjt188:78330011223344"
+protocol = "cjt188"
+source = "nbiot"
+"#;
+
+    #[test]
+    fn good_config_loads_with_defaults() {
+        let c = parse(GOOD, Path::new("gw.toml")).unwrap();
+        assert_eq!(c.gateway_id.as_str(), "gw-1");
+        assert_eq!(c.uplink.partitions, 8);
+        assert_eq!(c.uplink.batch_size, 500);
+        assert_eq!(c.uplink.broker.port, 1883);
+        assert_eq!(c.spool.max_bytes, 1 << 30);
+        assert_eq!(c.sources.len(), 2);
+        assert_eq!(c.sources[1].config.kind(), "mqtt");
+        assert_eq!(c.sources[1].line, 15);
+        assert_eq!(
+            c.device("cjt188:78330011223344").unwrap().source.get_ref(),
+            "nbiot"
+        );
+    }
+
+    #[test]
+    fn type_errors_name_line_and_field() {
+        let bad = GOOD.replace("partitions = 8", "partitions = \"eight\"");
+        let e = parse(&bad, Path::new("gw.toml")).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].line, 5);
+        assert_eq!(e.0[0].field, "partitions");
+        assert!(e.to_string().starts_with("gw.toml:5:"), "{e}");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_are_reported() {
+        let bad = GOOD.replace("listen = \"0.0.0.0:5683\"", "lisen = \"0.0.0.0:5683\"");
+        let e = parse(&bad, Path::new("gw.toml")).unwrap_err();
+        assert!(
+            e.0[0].message.contains("lisen") || e.0[0].message.contains("listen"),
+            "{e}"
+        );
+        assert!(e.0[0].line >= 10, "{e}");
+        let bad = GOOD.replace("listen = \"0.0.0.0:5683\"", "listen = \"nowhere\"");
+        let e = parse(&bad, Path::new("gw.toml")).unwrap_err();
+        assert_eq!(e.0[0].line, 13, "{e}");
+        assert_eq!(e.0[0].field, "listen", "{e}");
+        // Nested tables of a source keep their lines too.
+        let nested = GOOD.replace(
+            "topics = [{ filter = \"concentrator/+/readings\", format = \"json\" }]",
+            "[[source.topics]]\nfilter = \"concentrator/+/frame\"\nformat = \"xml\"",
+        );
+        let e = parse(&nested, Path::new("gw.toml")).unwrap_err();
+        assert_eq!((e.0[0].line, e.0[0].field.as_str()), (21, "format"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_are_all_collected_with_lines() {
+        let bad = format!(
+            "{GOOD}\n[[device]]\nid = \"mbus:KAM12345678\"\nprotocol = \"mbus\"\nsource = \"nope\"\nkey = \"abc\"\n\n[[source]]\nid = \"bus1\"\nkind = \"modbus_tcp\"\n"
+        );
+        let e = parse(&bad, Path::new("gw.toml")).unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.0.len(), 3, "{text}");
+        let by_field = |f: &str| e.0.iter().find(|x| x.field == f).unwrap().clone();
+        assert_eq!(by_field("device.source").line, 29, "{text}");
+        assert!(
+            by_field("device.source")
+                .message
+                .contains("no source with id `nope`")
+        );
+        assert_eq!(by_field("device.key").line, 30, "{text}");
+        assert!(by_field("source.kind").message.contains("not built yet"));
+    }
+
+    #[test]
+    fn broker_urls() {
+        let b: BrokerUrl = "mqtts://broker.example:8884".parse().unwrap();
+        assert_eq!(
+            (b.host.as_str(), b.port, b.tls),
+            ("broker.example", 8884, true)
+        );
+        assert!("http://x".parse::<BrokerUrl>().is_err());
+    }
+}

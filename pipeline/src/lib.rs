@@ -7,8 +7,13 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod copy;
+pub mod edit;
+pub mod ingest;
 pub mod store;
 pub mod testing;
+pub mod vee;
+pub mod worker;
 
 /// The schema migrations in `pipeline/migrations`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,0 +1,863 @@
+//! Crash-safe, bounded, segmented append-only spool of readings (see docs/reliability.md).
+//!
+//! Layout: a directory of segment files `<first seq, 20 digits>.seg`. Each record is
+//! `[len u32 LE][crc32 u32 LE][payload]` with payload `[seq u64 LE][meter len u16 LE][meter
+//! id][BatchEntry JSON]`. The meter id is stored beside the JSON so the uplink can partition
+//! and splice entries into batches without parsing them again.
+//!
+//! - The writer ([`SpoolWriter`]) appends a group of readings, then `fsync`s, then publishes the
+//!   new durable length; only then are the submitters answered (group commit).
+//! - On open every segment is scanned; the first record whose length or CRC does not check
+//!   (a torn write after a crash) is cut off together with everything after it.
+//! - The uplink reads durable records through a [`Cursor`] and acknowledges sequence numbers
+//!   after the broker's PUBACK; a segment whose records are all acknowledged is deleted.
+//!   Acknowledgements are kept in memory only: after a restart the partly acknowledged
+//!   segments are sent again (at-least-once; the pipeline deduplicates by `seq`).
+//! - Past `max_bytes` the oldest segments are evicted even if unacknowledged, counted in
+//!   [`SpoolStats::evicted`] and logged as an error.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use model::Reading;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+
+use crate::sink::{SinkError, SubmitRequest};
+
+/// Bytes of the record header (`len` and `crc32`).
+const HEADER: usize = 8;
+/// Largest payload accepted when scanning; anything larger is treated as corruption.
+const MAX_PAYLOAD: u32 = 16 * 1024 * 1024;
+/// Fixed part of a payload before the meter id (`seq` and meter id length).
+const PAYLOAD_PREFIX: usize = 10;
+
+/// Why the spool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// A file operation failed.
+    #[error("spool I/O on {path}: {source}")]
+    Io {
+        /// File or directory involved.
+        path: PathBuf,
+        /// Underlying error.
+        source: io::Error,
+    },
+    /// A reading could not be serialised (should not happen for valid readings).
+    #[error("spool could not serialise a reading: {0}")]
+    Serialise(#[from] serde_json::Error),
+    /// A meter id longer than the record format allows.
+    #[error("meter id of {0} bytes is longer than the spool record allows")]
+    MeterIdTooLong(usize),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Spool settings.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// Directory of the segment files (created if missing).
+    pub dir: PathBuf,
+    /// Bound on the total size of all segments; past it the oldest segments are evicted.
+    pub max_bytes: u64,
+    /// A segment is closed and a new one started once it reaches this size.
+    pub segment_bytes: u64,
+}
+
+impl SpoolConfig {
+    /// Settings with a segment size derived from the bound (1/8 of it, 64 KiB..64 MiB).
+    pub fn new(dir: impl Into<PathBuf>, max_bytes: u64) -> Self {
+        let segment_bytes = (max_bytes / 8).clamp(64 * 1024, 64 * 1024 * 1024);
+        Self {
+            dir: dir.into(),
+            max_bytes,
+            segment_bytes,
+        }
+    }
+}
+
+/// Counters and gauges of the spool, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// Durable records not yet acknowledged by the uplink.
+    pub depth: u64,
+    /// Bytes of all segment files.
+    pub bytes: u64,
+    /// Number of segment files.
+    pub segments: usize,
+    /// Unacknowledged records evicted because the spool exceeded its bound.
+    pub evicted: u64,
+    /// Torn or corrupt records cut off when the spool was opened.
+    pub truncated: u64,
+    /// Next sequence number to be assigned.
+    pub next_seq: u64,
+    /// Records acknowledged by the uplink since start.
+    pub acked: u64,
+}
+
+/// One durable record as the uplink reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledEntry {
+    /// Spool sequence number.
+    pub seq: u64,
+    /// Meter id of the reading (for partitioning).
+    pub meter: String,
+    /// `model::BatchEntry` JSON.
+    pub json: Vec<u8>,
+}
+
+/// Read position of the uplink in the spool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    segment: u64,
+    offset: u64,
+}
+
+impl Cursor {
+    /// The oldest record still in the spool (replay position after a reconnect).
+    pub fn start() -> Self {
+        Self::default()
+    }
+}
+
+#[derive(Debug)]
+struct Segment {
+    path: PathBuf,
+    first_seq: u64,
+    /// Durable records in the file.
+    count: u64,
+    /// Durable length in bytes.
+    len: u64,
+    /// One bit per record: acknowledged by the uplink.
+    acked: Vec<u64>,
+    acked_count: u64,
+}
+
+impl Segment {
+    fn is_acked(&self, seq: u64) -> bool {
+        let i = seq - self.first_seq;
+        let word = usize::try_from(i / 64).unwrap_or(usize::MAX);
+        self.acked
+            .get(word)
+            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    }
+
+    /// Marks `seq` acknowledged; returns false when it already was or is not durable here.
+    fn ack(&mut self, seq: u64) -> bool {
+        if seq < self.first_seq || seq >= self.first_seq + self.count {
+            return false;
+        }
+        let i = seq - self.first_seq;
+        let word = usize::try_from(i / 64).unwrap_or(usize::MAX);
+        if self.acked.len() <= word {
+            self.acked.resize(word + 1, 0);
+        }
+        let Some(w) = self.acked.get_mut(word) else {
+            return false;
+        };
+        let bit = 1u64 << (i % 64);
+        if *w & bit != 0 {
+            return false;
+        }
+        *w |= bit;
+        self.acked_count += 1;
+        true
+    }
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    /// Segments by first sequence number; the last one is the writer's active segment.
+    segments: BTreeMap<u64, Segment>,
+    stats: SpoolStats,
+}
+
+impl Index {
+    fn active_key(&self) -> Option<u64> {
+        self.segments.keys().next_back().copied()
+    }
+
+    fn refresh_gauges(&mut self) {
+        self.stats.bytes = self.segments.values().map(|s| s.len).sum();
+        self.stats.depth = self
+            .segments
+            .values()
+            .map(|s| s.count - s.acked_count)
+            .sum();
+        self.stats.segments = self.segments.len();
+    }
+
+    /// Deletes closed segments whose records are all acknowledged.
+    fn delete_acked(&mut self) {
+        let active = self.active_key();
+        let done: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(k, s)| Some(**k) != active && s.acked_count == s.count)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in done {
+            if let Some(seg) = self.segments.remove(&k)
+                && let Err(e) = fs::remove_file(&seg.path)
+            {
+                tracing::warn!(path = %seg.path.display(), error = %e, "could not delete acknowledged spool segment");
+            }
+        }
+    }
+
+    /// Evicts the oldest closed segments until the total size is within `max_bytes`.
+    fn evict(&mut self, max_bytes: u64) {
+        let active = self.active_key();
+        loop {
+            let total: u64 = self.segments.values().map(|s| s.len).sum();
+            if total <= max_bytes {
+                break;
+            }
+            let Some(oldest) = self.segments.keys().next().copied() else {
+                break;
+            };
+            if Some(oldest) == active {
+                break;
+            }
+            if let Some(seg) = self.segments.remove(&oldest) {
+                let lost = seg.count - seg.acked_count;
+                self.stats.evicted += lost;
+                tracing::error!(
+                    alarm = "spool_overflow",
+                    path = %seg.path.display(),
+                    lost,
+                    evicted_total = self.stats.evicted,
+                    "spool over its size bound: evicted the oldest segment with unacknowledged readings"
+                );
+                if let Err(e) = fs::remove_file(&seg.path) {
+                    tracing::warn!(path = %seg.path.display(), error = %e, "could not delete evicted spool segment");
+                }
+            }
+        }
+    }
+}
+
+/// Shared handle on the spool: reading and acknowledging (uplink), statistics (metrics).
+#[derive(Debug, Clone)]
+pub struct Spool {
+    index: Arc<Mutex<Index>>,
+    notify: Arc<Notify>,
+}
+
+/// The single writer of a spool; see [`spawn_writer`].
+#[derive(Debug)]
+pub struct SpoolWriter {
+    config: SpoolConfig,
+    file: BufWriter<File>,
+    active_first: u64,
+    active_len: u64,
+    active_count: u64,
+    next_seq: u64,
+    spool: Spool,
+    buf: Vec<u8>,
+}
+
+#[derive(Serialize)]
+struct EntryRef<'a> {
+    seq: u64,
+    reading: &'a Reading,
+}
+
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{first_seq:020}.seg"))
+}
+
+fn lock(m: &Mutex<Index>) -> MutexGuard<'_, Index> {
+    // The index is updated in small steps that keep it consistent; a panic elsewhere must not
+    // stop the uplink from draining the spool.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A record parsed out of a byte buffer.
+struct Parsed<'a> {
+    seq: u64,
+    meter: &'a [u8],
+    json: &'a [u8],
+    /// Bytes consumed (header + payload).
+    size: usize,
+}
+
+/// Parses one record at the start of `buf`; `None` when incomplete, torn or corrupt.
+fn parse_record(buf: &[u8]) -> Option<Parsed<'_>> {
+    let len = u32::from_le_bytes(buf.get(0..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+    if len > MAX_PAYLOAD || (len as usize) < PAYLOAD_PREFIX {
+        return None;
+    }
+    let size = HEADER + len as usize;
+    let payload = buf.get(HEADER..size)?;
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let seq = u64::from_le_bytes(payload.get(0..8)?.try_into().ok()?);
+    let mlen = u16::from_le_bytes(payload.get(8..10)?.try_into().ok()?) as usize;
+    let meter = payload.get(PAYLOAD_PREFIX..PAYLOAD_PREFIX + mlen)?;
+    let json = payload.get(PAYLOAD_PREFIX + mlen..)?;
+    Some(Parsed {
+        seq,
+        meter,
+        json,
+        size,
+    })
+}
+
+/// Scans a segment file, truncating a torn or corrupt tail. Returns (count, len, truncated).
+fn recover_segment(path: &Path, first_seq: u64) -> Result<(u64, u64, bool), SpoolError> {
+    let data = fs::read(path).map_err(io_err(path))?;
+    let mut pos = 0usize;
+    let mut count = 0u64;
+    while let Some(rest) = data.get(pos..) {
+        if rest.is_empty() {
+            break;
+        }
+        match parse_record(rest) {
+            Some(rec) if rec.seq == first_seq + count => {
+                pos += rec.size;
+                count += 1;
+            }
+            _ => break,
+        }
+    }
+    let truncated = pos < data.len();
+    if truncated {
+        tracing::warn!(
+            path = %path.display(),
+            valid_bytes = pos,
+            cut_bytes = data.len() - pos,
+            "spool segment has a torn or corrupt tail; truncating it"
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        f.set_len(pos as u64).map_err(io_err(path))?;
+        f.sync_all().map_err(io_err(path))?;
+    }
+    Ok((count, pos as u64, truncated))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    // Makes a created or deleted segment file itself durable, not only its contents.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+impl Spool {
+    /// Opens (or creates) the spool in `config.dir`, recovering from a crash.
+    pub fn open(config: SpoolConfig) -> Result<(Spool, SpoolWriter), SpoolError> {
+        fs::create_dir_all(&config.dir).map_err(io_err(&config.dir))?;
+        let mut firsts: Vec<u64> = Vec::new();
+        for entry in fs::read_dir(&config.dir).map_err(io_err(&config.dir))? {
+            let entry = entry.map_err(io_err(&config.dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(stem) = name.strip_suffix(".seg")
+                && let Ok(first) = stem.parse::<u64>()
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+        let mut index = Index::default();
+        let mut truncated = 0u64;
+        for first in firsts {
+            let path = segment_path(&config.dir, first);
+            let (count, len, cut) = recover_segment(&path, first)?;
+            truncated += u64::from(cut);
+            index.segments.insert(
+                first,
+                Segment {
+                    path,
+                    first_seq: first,
+                    count,
+                    len,
+                    acked: Vec::new(),
+                    acked_count: 0,
+                },
+            );
+        }
+        let (active_first, active_count, active_len) = match index.segments.values().next_back() {
+            Some(s) => (s.first_seq, s.count, s.len),
+            None => {
+                let path = segment_path(&config.dir, 1);
+                File::create(&path).map_err(io_err(&path))?;
+                sync_dir(&config.dir)?;
+                index.segments.insert(
+                    1,
+                    Segment {
+                        path,
+                        first_seq: 1,
+                        count: 0,
+                        len: 0,
+                        acked: Vec::new(),
+                        acked_count: 0,
+                    },
+                );
+                (1, 0, 0)
+            }
+        };
+        let next_seq = active_first + active_count;
+        index.stats.truncated = truncated;
+        index.stats.next_seq = next_seq;
+        index.refresh_gauges();
+        let path = segment_path(&config.dir, active_first);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let spool = Spool {
+            index: Arc::new(Mutex::new(index)),
+            notify: Arc::new(Notify::new()),
+        };
+        let writer = SpoolWriter {
+            config,
+            file: BufWriter::with_capacity(256 * 1024, file),
+            active_first,
+            active_len,
+            active_count,
+            next_seq,
+            spool: spool.clone(),
+            buf: Vec::with_capacity(1024),
+        };
+        Ok((spool, writer))
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> SpoolStats {
+        lock(&self.index).stats.clone()
+    }
+
+    /// Waits until new records become durable (or a spurious wake-up).
+    pub async fn wait_for_data(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Reads up to `max` unacknowledged durable records from `cursor` on, advancing it.
+    ///
+    /// Returns an empty vector when the uplink has caught up with the writer.
+    pub fn read(&self, cursor: &mut Cursor, max: usize) -> Result<Vec<SpooledEntry>, SpoolError> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            // Locate the segment and its durable length under the lock; read without it.
+            let (path, first_seq, durable, is_active) = {
+                let index = lock(&self.index);
+                let active = index.active_key();
+                let Some((&first, seg)) = index.segments.range(cursor.segment..).next() else {
+                    break;
+                };
+                if first != cursor.segment {
+                    // Segment gone (acknowledged, evicted) or cursor at start: move on.
+                    cursor.segment = first;
+                    cursor.offset = 0;
+                }
+                (seg.path.clone(), first, seg.len, Some(first) == active)
+            };
+            if cursor.offset >= durable {
+                if is_active {
+                    break;
+                }
+                cursor.segment = first_seq + 1;
+                cursor.offset = 0;
+                continue;
+            }
+            let want = (durable - cursor.offset).min(4 * 1024 * 1024);
+            let mut data = vec![0u8; usize::try_from(want).unwrap_or(usize::MAX)];
+            let mut f = match File::open(&path) {
+                Ok(f) => f,
+                // Deleted between the lock and the open: re-resolve on the next round.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path)(e)),
+            };
+            f.seek(SeekFrom::Start(cursor.offset))
+                .map_err(io_err(&path))?;
+            f.read_exact(&mut data).map_err(io_err(&path))?;
+            let mut pos = 0usize;
+            let mut parsed = Vec::new();
+            while out.len() + parsed.len() < max {
+                let Some(rest) = data.get(pos..) else { break };
+                let Some(rec) = parse_record(rest) else { break };
+                pos += rec.size;
+                parsed.push(SpooledEntry {
+                    seq: rec.seq,
+                    meter: String::from_utf8_lossy(rec.meter).into_owned(),
+                    json: rec.json.to_vec(),
+                });
+            }
+            if pos == 0 {
+                // The durable region always holds whole records; a failure to parse one
+                // means the file changed under us. Skip the segment rather than spin.
+                tracing::error!(path = %path.display(), offset = cursor.offset, "unreadable record in durable spool region; skipping segment");
+                cursor.segment = first_seq + 1;
+                cursor.offset = 0;
+                continue;
+            }
+            cursor.offset += pos as u64;
+            let index = lock(&self.index);
+            if let Some(seg) = index.segments.get(&first_seq) {
+                out.extend(parsed.into_iter().filter(|e| !seg.is_acked(e.seq)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges records (the broker has them); fully acknowledged segments are deleted.
+    pub fn ack(&self, seqs: &[u64]) {
+        let mut index = lock(&self.index);
+        let mut n = 0u64;
+        for &seq in seqs {
+            let Some((_, seg)) = index.segments.range_mut(..=seq).next_back() else {
+                continue;
+            };
+            if seg.ack(seq) {
+                n += 1;
+            }
+        }
+        index.stats.acked += n;
+        index.delete_acked();
+        index.refresh_gauges();
+    }
+}
+
+impl SpoolWriter {
+    /// A handle on the spool this writer appends to.
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Appends readings (not yet durable; call [`SpoolWriter::sync`]). Returns the first seq.
+    pub fn append(&mut self, readings: &[Reading]) -> Result<u64, SpoolError> {
+        let first = self.next_seq;
+        for reading in readings {
+            let meter = reading.meter.as_str().as_bytes();
+            let mlen =
+                u16::try_from(meter.len()).map_err(|_| SpoolError::MeterIdTooLong(meter.len()))?;
+            self.buf.clear();
+            self.buf.extend_from_slice(&self.next_seq.to_le_bytes());
+            self.buf.extend_from_slice(&mlen.to_le_bytes());
+            self.buf.extend_from_slice(meter);
+            serde_json::to_writer(
+                &mut self.buf,
+                &EntryRef {
+                    seq: self.next_seq,
+                    reading,
+                },
+            )?;
+            let len = u32::try_from(self.buf.len()).unwrap_or(u32::MAX);
+            let path = segment_path(&self.config.dir, self.active_first);
+            self.file
+                .write_all(&len.to_le_bytes())
+                .and_then(|()| {
+                    self.file
+                        .write_all(&crc32fast::hash(&self.buf).to_le_bytes())
+                })
+                .and_then(|()| self.file.write_all(&self.buf))
+                .map_err(io_err(&path))?;
+            self.active_len += (HEADER + self.buf.len()) as u64;
+            self.active_count += 1;
+            self.next_seq += 1;
+        }
+        Ok(first)
+    }
+
+    /// Makes everything appended so far durable (`fsync`), publishes it to readers, rotates
+    /// the segment when full and enforces the size bound.
+    pub fn sync(&mut self) -> Result<(), SpoolError> {
+        let path = segment_path(&self.config.dir, self.active_first);
+        self.file.flush().map_err(io_err(&path))?;
+        self.file.get_ref().sync_data().map_err(io_err(&path))?;
+        let rotate = self.active_len >= self.config.segment_bytes;
+        let mut new_file = None;
+        if rotate {
+            let new_path = segment_path(&self.config.dir, self.next_seq);
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&new_path)
+                .map_err(io_err(&new_path))?;
+            sync_dir(&self.config.dir)?;
+            new_file = Some((new_path, f));
+        }
+        {
+            let mut index = lock(&self.spool.index);
+            if let Some(seg) = index.segments.get_mut(&self.active_first) {
+                seg.count = self.active_count;
+                seg.len = self.active_len;
+            }
+            index.stats.next_seq = self.next_seq;
+            if let Some((new_path, _)) = &new_file {
+                index.segments.insert(
+                    self.next_seq,
+                    Segment {
+                        path: new_path.clone(),
+                        first_seq: self.next_seq,
+                        count: 0,
+                        len: 0,
+                        acked: Vec::new(),
+                        acked_count: 0,
+                    },
+                );
+                index.delete_acked();
+            }
+            index.evict(self.config.max_bytes);
+            index.refresh_gauges();
+        }
+        if let Some((_, f)) = new_file {
+            self.file = BufWriter::with_capacity(256 * 1024, f);
+            self.active_first = self.next_seq;
+            self.active_len = 0;
+            self.active_count = 0;
+        }
+        self.spool.notify.notify_waiters();
+        self.spool.notify.notify_one();
+        Ok(())
+    }
+}
+
+/// Most readings put into one group commit.
+const GROUP_MAX_READINGS: usize = 8192;
+
+/// Runs the writer on a dedicated thread: drains [`SubmitRequest`]s, appends them as one
+/// group, `fsync`s once and then answers every request of the group.
+///
+/// The thread ends when every sender of `rx` is gone.
+pub fn spawn_writer(
+    mut writer: SpoolWriter,
+    mut rx: mpsc::Receiver<SubmitRequest>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("spool-writer".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let mut group = vec![first];
+                let mut n = group.iter().map(|r| r.readings.len()).sum::<usize>();
+                while n < GROUP_MAX_READINGS {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            n += req.readings.len();
+                            group.push(req);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                let result = group
+                    .iter()
+                    .try_for_each(|req| writer.append(&req.readings).map(|_| ()))
+                    .and_then(|()| writer.sync());
+                let answer = result.map_err(|e| {
+                    tracing::error!(error = %e, "spool write failed; submitters get an error");
+                    SinkError::Spool(e.to_string())
+                });
+                for req in group {
+                    // A submitter that gave up waiting is not an error of the spool.
+                    let _unused = req.done.send(answer.clone());
+                }
+            }
+        })
+        .expect("spawning the spool writer thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use model::{ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, SourceKind, Unit};
+    use rust_decimal::Decimal;
+    use time::macros::datetime;
+
+    pub(crate) fn reading(meter: &str, value: i64) -> Reading {
+        Reading {
+            meter: MeterId::new(meter).unwrap(),
+            ts: datetime!(2026-11-24 10:43:00 UTC),
+            clock: ClockSource::Meter,
+            quantity: Quantity::Volume,
+            value: Decimal::new(value, 3),
+            unit: Unit::CubicMetre,
+            storage: 0,
+            tariff: 0,
+            subunit: 0,
+            quality: Quality::Actual,
+            flags: vec![],
+            provenance: Provenance {
+                gateway: GatewayId::new("gw-1").unwrap(),
+                source: SourceKind::Coap,
+                source_id: "nbiot".into(),
+                frame_hash: "00".repeat(32),
+                received_at: datetime!(2026-11-24 10:43:05 UTC),
+            },
+        }
+    }
+
+    fn values(spool: &Spool) -> Vec<(u64, Decimal)> {
+        let mut cursor = Cursor::start();
+        spool
+            .read(&mut cursor, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let entry: model::BatchEntry = serde_json::from_slice(&e.json).unwrap();
+                assert_eq!(entry.seq, e.seq);
+                assert_eq!(entry.reading.meter.as_str(), e.meter);
+                (e.seq, entry.reading.value)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn append_sync_read_ack_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig {
+            dir: dir.path().into(),
+            max_bytes: 1 << 30,
+            segment_bytes: 4096,
+        };
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        for i in 0..100 {
+            assert_eq!(w.append(&[reading("m:1", i)]).unwrap(), (i + 1) as u64);
+            w.sync().unwrap();
+        }
+        let all = values(&spool);
+        assert_eq!(all.len(), 100);
+        assert_eq!(all[0], (1, Decimal::new(0, 3)));
+        assert_eq!(all[99], (100, Decimal::new(99, 3)));
+        let stats = spool.stats();
+        assert!(stats.segments > 3, "small segments rotate: {stats:?}");
+        assert_eq!(stats.depth, 100);
+        // Acknowledge the first 60: full segments disappear, reads skip acked ones.
+        spool.ack(&(1..=60).collect::<Vec<_>>());
+        let rest = values(&spool);
+        assert_eq!(rest.first().unwrap().0, 61);
+        assert_eq!(rest.len(), 40);
+        assert!(spool.stats().segments < stats.segments);
+        assert_eq!(spool.stats().depth, 40);
+        drop((spool, w));
+        // After a restart, the unacknowledged records are still there (plus the rest of a
+        // partly acknowledged segment) and numbering continues.
+        let (spool, mut w) = Spool::open(config).unwrap();
+        let again = values(&spool);
+        assert!(again.len() >= 40);
+        assert_eq!(again.last().unwrap().0, 100);
+        assert_eq!(w.append(&[reading("m:1", 1000)]).unwrap(), 101);
+    }
+
+    #[test]
+    fn torn_and_corrupt_tails_are_cut_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig::new(dir.path(), 1 << 30);
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        for i in 0..10 {
+            w.append(&[reading("m:1", i)]).unwrap();
+        }
+        w.sync().unwrap();
+        drop((spool, w));
+        let path = segment_path(dir.path(), 1);
+        let full = fs::metadata(&path).unwrap().len();
+        // Torn: the last record lost its last 5 bytes.
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(full - 5).unwrap();
+        drop(f);
+        let (spool, w) = Spool::open(config.clone()).unwrap();
+        let got = values(&spool);
+        assert_eq!(got.len(), 9);
+        assert_eq!(got[8], (9, Decimal::new(8, 3)));
+        assert_eq!(spool.stats().truncated, 1);
+        assert!(fs::metadata(&path).unwrap().len() < full - 5);
+        drop((spool, w));
+        // Corrupt: flip a byte inside the last record's payload.
+        let mut data = fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 3] ^= 0xff;
+        fs::write(&path, &data).unwrap();
+        let (spool, mut w) = Spool::open(config).unwrap();
+        let got = values(&spool);
+        assert_eq!(got.len(), 8);
+        assert_eq!(got[7].0, 8);
+        // Numbering continues after the last intact record.
+        assert_eq!(w.append(&[reading("m:1", 77)]).unwrap(), 9);
+    }
+
+    #[test]
+    fn eviction_only_past_the_bound_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig {
+            dir: dir.path().into(),
+            max_bytes: 20_000,
+            segment_bytes: 4_000,
+        };
+        let (spool, mut w) = Spool::open(config).unwrap();
+        // About 450 bytes per record: 40 records fit, 200 do not.
+        for i in 0..40 {
+            w.append(&[reading("m:1", i)]).unwrap();
+            w.sync().unwrap();
+        }
+        assert_eq!(spool.stats().evicted, 0);
+        for i in 40..200 {
+            w.append(&[reading("m:1", i)]).unwrap();
+            w.sync().unwrap();
+        }
+        let stats = spool.stats();
+        assert!(stats.evicted > 0);
+        assert!(stats.bytes <= 20_000 + 4_000, "{stats:?}");
+        let got = values(&spool);
+        // Oldest-first: what is left is the newest, contiguous, ending at 200.
+        assert_eq!(got.last().unwrap().0, 200);
+        assert_eq!(got.len() as u64 + stats.evicted, 200);
+        let seqs: Vec<u64> = got.iter().map(|g| g.0).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_answers_after_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+        let (sink, rx) = crate::IngestSink::new(64);
+        let handle = spawn_writer(writer, rx);
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let sink = sink.clone();
+            tasks.push(tokio::spawn(async move {
+                sink.submit(vec![
+                    reading(&format!("m:{i}"), i),
+                    reading(&format!("m:{i}"), i + 1),
+                ])
+                .await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(spool.stats().depth, 100);
+        let got = values(&spool);
+        // Per meter, the two readings of a submit stay in order.
+        for i in 0..50i64 {
+            let meter_vals: Vec<Decimal> = spool
+                .read(&mut Cursor::start(), usize::MAX)
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.meter == format!("m:{i}"))
+                .map(|e| {
+                    serde_json::from_slice::<model::BatchEntry>(&e.json)
+                        .unwrap()
+                        .reading
+                        .value
+                })
+                .collect();
+            assert_eq!(meter_vals, vec![Decimal::new(i, 3), Decimal::new(i + 1, 3)]);
+        }
+        assert_eq!(got.len(), 100);
+        drop(sink);
+        handle.join().unwrap();
+    }
+}

@@ -1,0 +1,899 @@
+//! A running fleet: the engine paced against real time, its readings sent over real
+//! transports, and counters of every frame sent.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use simulators::fleet::{Fleet, FleetConfig, ConcentratorConfig};
+//! use simulators::mqtt::MqttConfig;
+//! use simulators::scenario::Scenario;
+//! let scenario = Scenario::plain(100, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
+//! let mut config = FleetConfig::new(scenario);
+//! config.mqtt = Some(MqttConfig::from_url("mqtt://127.0.0.1:1883", "test/x", "fleet-1").unwrap());
+//! config.concentrators = Some(ConcentratorConfig { count: 2, meters: 100, upload: Default::default() });
+//! let mut fleet = Fleet::start(config).await?;
+//! let counts = fleet.wait_finished().await;
+//! println!("{} concentrator readings", counts.concentrator_readings);
+//! fleet.stop().await?;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use decoders::envelope::{Envelope, Platform, encode_envelope};
+use rumqttc::{AsyncClient, QoS};
+use time::format_description::well_known::Rfc3339;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::engine::{Delivery, MeterSpec};
+use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
+use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
+
+use crate::engine::{Emission, Engine, unix};
+use crate::mqtt::{
+    ConcentratorBatch, ConcentratorReading, Hydrant, HydrantCommand, MqttConfig,
+    concentrator_entries,
+};
+use crate::scenario::Scenario;
+use crate::truth::GroundTruth;
+
+/// When concentrators upload what they collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Upload {
+    /// Once a day at local midnight (what real concentrators do), and at the end of the run.
+    #[default]
+    Midnight,
+    /// After every simulation step.
+    EveryStep,
+}
+
+/// MQTT data concentrators (JSON batches on `concentrator/{cid}/readings`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConcentratorConfig {
+    /// Number of concentrators (`conc-000`…).
+    pub count: u32,
+    /// CJ/T 188 meters read through concentrators, spread round-robin.
+    pub meters: u32,
+    /// Upload schedule.
+    pub upload: Upload,
+}
+
+/// NB-IoT CJ/T 188 meters posting CoAP uplinks to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoapConfig {
+    /// Gateway CoAP address (`/up` is posted there).
+    pub gateway: SocketAddr,
+    /// Number of CJ/T 188 meters using CoAP.
+    pub meters: u32,
+}
+
+/// NB-IoT meters whose uplinks reach the gateway through an IoT platform's HTTP push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPushConfig {
+    /// Gateway HTTP address.
+    pub gateway: SocketAddr,
+    /// Path, `/v1/push`.
+    pub path: String,
+    /// Shared HMAC secret.
+    pub secret: String,
+    /// Envelope format.
+    pub platform: Platform,
+    /// Number of CJ/T 188 meters using the platform.
+    pub meters: u32,
+}
+
+/// Wireless M-Bus meters whose telegrams go to the gateway's UDP receiver interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WmbusConfig {
+    /// Gateway wM-Bus UDP address.
+    pub gateway: SocketAddr,
+    /// Number of M-Bus-addressed meters sending telegrams.
+    pub meters: u32,
+    /// Encrypt with per-meter keys ([`crate::frames::wmbus_key`]), security mode 5.
+    pub encrypted: bool,
+}
+
+/// What a fleet runs and where it sends.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The population, faults and simulated time span.
+    pub scenario: Scenario,
+    /// Real time per simulation step (`Duration::ZERO`: as fast as the transports go).
+    pub step_every: Duration,
+    /// Stop after this many steps (default: the whole scenario).
+    pub max_steps: Option<u64>,
+    /// Broker for concentrators and hydrants.
+    pub mqtt: Option<MqttConfig>,
+    /// Concentrators (need `mqtt`).
+    pub concentrators: Option<ConcentratorConfig>,
+    /// Number of hydrant controllers (need `mqtt`).
+    pub hydrants: u32,
+    /// NB-IoT CoAP meters.
+    pub coap: Option<CoapConfig>,
+    /// IoT-platform HTTP push.
+    pub http_push: Option<HttpPushConfig>,
+    /// wM-Bus meters.
+    pub wmbus: Option<WmbusConfig>,
+}
+
+impl FleetConfig {
+    /// A config that runs `scenario` one step per 100 ms with no transports enabled.
+    pub fn new(scenario: Scenario) -> Self {
+        Self {
+            scenario,
+            step_every: Duration::from_millis(100),
+            max_steps: None,
+            mqtt: None,
+            concentrators: None,
+            hydrants: 0,
+            coap: None,
+            http_push: None,
+            wmbus: None,
+        }
+    }
+}
+
+/// How a meter's readings leave the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Not transmitted (simulated only).
+    None,
+    /// Through concentrator `n`.
+    Concentrator(u32),
+    /// CoAP uplink.
+    Coap,
+    /// IoT-platform HTTP push.
+    Http,
+    /// wM-Bus telegram over UDP.
+    Wmbus,
+}
+
+macro_rules! counts {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counts of frames and messages sent, by kind.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct FrameCounts {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        #[derive(Debug, Default)]
+        struct Counters {
+            $($name: AtomicU64,)*
+        }
+
+        impl Counters {
+            fn snapshot(&self) -> FrameCounts {
+                FrameCounts {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counts! {
+    /// Simulation steps run.
+    steps,
+    /// Concentrator JSON batches published.
+    concentrator_batches,
+    /// Readings inside those batches (duplicates counted twice).
+    concentrator_readings,
+    /// Hydrant status messages published.
+    hydrant_ups,
+    /// Hydrant acks published.
+    hydrant_acks,
+    /// Hydrant commands executed (repeats of a command id not counted).
+    hydrant_commands_executed,
+    /// CoAP uplinks (read-data replies) acknowledged by the gateway.
+    coap_uplinks,
+    /// Valve commands received in CoAP responses and executed.
+    coap_valve_commands,
+    /// Valve replies (C=84) acknowledged by the gateway.
+    coap_valve_replies,
+    /// HTTP pushes answered 202.
+    http_pushes,
+    /// HTTP pushes answered with another status.
+    http_rejected,
+    /// wM-Bus telegrams sent as UDP datagrams.
+    wmbus_telegrams,
+    /// M-Bus requests answered (E5 or RSP_UD) on the serial line.
+    mbus_replies,
+    /// RSP_UD frames among them.
+    mbus_rsp_ud,
+    /// Modbus requests answered.
+    modbus_requests,
+    /// Frames sent corrupted on purpose (fault injection).
+    corrupted,
+    /// Extra copies sent on purpose (duplicate-frame faults).
+    duplicated,
+    /// Readings not sent because of communication-loss faults.
+    lost,
+    /// Transport errors (timeouts, refused connections) while sending.
+    errors,
+}
+
+fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// Entry point: see [`Fleet::start`].
+#[derive(Debug)]
+pub struct Fleet;
+
+/// A running fleet. Dropping it without [`FleetHandle::stop`] aborts its tasks.
+#[derive(Debug)]
+pub struct FleetHandle {
+    counters: Arc<Counters>,
+    engine: Arc<Mutex<Engine>>,
+    shutdown: watch::Sender<bool>,
+    finished: watch::Receiver<bool>,
+    driver: Option<JoinHandle<anyhow::Result<()>>>,
+    tasks: Vec<JoinHandle<()>>,
+    mqtt: Option<AsyncClient>,
+    mqtt_task: Option<JoinHandle<()>>,
+    mqtt_stop: watch::Sender<bool>,
+    mqtt_acked: Option<watch::Receiver<u64>>,
+}
+
+impl Fleet {
+    /// Starts the fleet: connects transports, waits until they are ready (MQTT subscription
+    /// acknowledged, listeners bound), then starts stepping the simulated clock.
+    ///
+    /// # Errors
+    /// Fails when the config is inconsistent (more meters routed than exist, a transport
+    /// enabled without its endpoint) or a transport does not become ready within 10 s.
+    pub async fn start(config: FleetConfig) -> anyhow::Result<FleetHandle> {
+        config
+            .scenario
+            .validate()
+            .context("invalid fleet scenario")?;
+        let engine = Engine::new(config.scenario.clone());
+        let routes = routes(&config, &engine)?;
+        let counters = Arc::new(Counters::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (finished_tx, finished) = watch::channel(false);
+        let mut tasks = Vec::new();
+
+        let clock = Arc::new(AtomicI64::new(engine.now().unix_timestamp()));
+        let (mqtt_stop, mqtt_stop_rx) = watch::channel(false);
+        let mut mqtt_task = None;
+        let mut mqtt_acked = None;
+        let needs_mqtt = config.concentrators.is_some() || config.hydrants > 0;
+        let mut mqtt_client = None;
+        let mut hydrant_bank = None;
+        if needs_mqtt {
+            let mqtt = config
+                .mqtt
+                .clone()
+                .context("concentrators and hydrants need an MQTT broker (mqtt config)")?;
+            let sub = (config.hydrants > 0).then(|| mqtt.topic("hydrant/+/cmd"));
+            let crate::mqtt::Connection {
+                client,
+                incoming,
+                mut ready,
+                acked,
+                task,
+            } = crate::mqtt::connect(&mqtt, sub, mqtt_stop_rx);
+            mqtt_task = Some(task);
+            mqtt_acked = Some(acked);
+            tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+                .await
+                .with_context(|| {
+                    format!(
+                        "MQTT broker {}:{} not ready within 10 s (is Mosquitto running?)",
+                        mqtt.host, mqtt.port
+                    )
+                })?
+                .context("mqtt event loop ended")?;
+            if config.hydrants > 0 {
+                let bank: Arc<Mutex<Vec<Hydrant>>> =
+                    Arc::new(Mutex::new((0..config.hydrants).map(Hydrant::new).collect()));
+                tasks.push(tokio::spawn(hydrant_commands(
+                    incoming,
+                    client.clone(),
+                    mqtt.clone(),
+                    Arc::clone(&bank),
+                    Arc::clone(&clock),
+                    Arc::clone(&counters),
+                )));
+                hydrant_bank = Some(bank);
+            }
+            mqtt_client = Some(client);
+        }
+
+        let wmbus_socket = match &config.wmbus {
+            Some(w) => Some(
+                UdpSocket::bind(unspecified(w.gateway))
+                    .await
+                    .context("binding the wM-Bus sender socket")?,
+            ),
+            None => None,
+        };
+        let population = Arc::new(engine.population().meters.clone());
+        let engine = Arc::new(Mutex::new(engine));
+        let driver = Driver {
+            population,
+            wmbus_socket,
+            message_id: Arc::new(AtomicU16::new(1)),
+            engine: Arc::clone(&engine),
+            routes,
+            config,
+            counters: Arc::clone(&counters),
+            mqtt: mqtt_client.clone(),
+            hydrants: hydrant_bank,
+            clock,
+        };
+        let driver = tokio::spawn(driver.run(shutdown_rx, finished_tx));
+        Ok(FleetHandle {
+            counters,
+            engine,
+            shutdown,
+            finished,
+            driver: Some(driver),
+            tasks,
+            mqtt: mqtt_client,
+            mqtt_task,
+            mqtt_stop,
+            mqtt_acked,
+        })
+    }
+}
+
+/// Returns the any-address of the same family as `peer`, port 0.
+fn unspecified(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
+    }
+}
+
+fn routes(config: &FleetConfig, engine: &Engine) -> anyhow::Result<Vec<Route>> {
+    let pop = &engine.population().meters;
+    let mut routes = vec![Route::None; pop.len()];
+    let cjt: Vec<usize> = pop
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m.address, model::MeterAddress::Cjt188 { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let mbus: Vec<usize> = pop
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m.address, model::MeterAddress::Mbus { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let mut next = cjt.iter();
+    let mut take = |n: u32, what: &str| -> anyhow::Result<Vec<usize>> {
+        let picked: Vec<usize> = next.by_ref().take(n as usize).copied().collect();
+        if picked.len() < n as usize {
+            bail!(
+                "{what}.meters: not enough CJ/T 188 meters in the scenario ({} in all)",
+                cjt.len()
+            );
+        }
+        Ok(picked)
+    };
+    let mut assign = |idx: usize, route: Route| {
+        if let Some(r) = routes.get_mut(idx) {
+            *r = route;
+        }
+    };
+    if let Some(c) = &config.coap {
+        for i in take(c.meters, "coap")? {
+            assign(i, Route::Coap);
+        }
+    }
+    if let Some(h) = &config.http_push {
+        for i in take(h.meters, "http_push")? {
+            assign(i, Route::Http);
+        }
+    }
+    if let Some(c) = &config.concentrators {
+        if c.count == 0 {
+            bail!("concentrators.count is 0");
+        }
+        for (k, i) in take(c.meters, "concentrators")?.into_iter().enumerate() {
+            assign(i, Route::Concentrator(k as u32 % c.count));
+        }
+    }
+    if let Some(w) = &config.wmbus {
+        if w.meters as usize > mbus.len() {
+            bail!(
+                "wmbus.meters = {} but the scenario has only {} M-Bus-addressed meters (fleet.mbus_meters)",
+                w.meters,
+                mbus.len()
+            );
+        }
+        for &i in mbus.iter().take(w.meters as usize) {
+            assign(i, Route::Wmbus);
+        }
+    }
+    Ok(routes)
+}
+
+struct Driver {
+    engine: Arc<Mutex<Engine>>,
+    routes: Vec<Route>,
+    config: FleetConfig,
+    counters: Arc<Counters>,
+    mqtt: Option<AsyncClient>,
+    hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
+    clock: Arc<AtomicI64>,
+    population: Arc<Vec<MeterSpec>>,
+    wmbus_socket: Option<UdpSocket>,
+    message_id: Arc<AtomicU16>,
+}
+
+/// At most this many CoAP / HTTP exchanges run at once (one socket each).
+const MAX_CONCURRENT_EXCHANGES: usize = 32;
+
+impl Driver {
+    async fn run(
+        self,
+        mut shutdown: watch::Receiver<bool>,
+        finished: watch::Sender<bool>,
+    ) -> anyhow::Result<()> {
+        let result = tokio::select! {
+            r = self.steps() => r,
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        finished.send_replace(true);
+        result
+    }
+
+    async fn steps(&self) -> anyhow::Result<()> {
+        let conc = self.config.concentrators.clone();
+        let mut buffers: Vec<Vec<ConcentratorReading>> =
+            vec![Vec::new(); conc.as_ref().map_or(0, |c| c.count as usize)];
+        let ids: Vec<String> = lock(&self.engine)
+            .population()
+            .meters
+            .iter()
+            .map(|m| m.id.as_str().to_owned())
+            .collect();
+        let offset = i64::from(self.config.scenario.utc_offset_hours) * 3600;
+        let seed = self.config.scenario.seed;
+        let mut ticker =
+            tokio::time::interval(self.config.step_every.max(Duration::from_micros(1)));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut step = 0u64;
+        loop {
+            if self.config.max_steps.is_some_and(|m| step >= m) {
+                break;
+            }
+            if !self.config.step_every.is_zero() {
+                ticker.tick().await;
+            }
+            let mut emissions: Vec<Emission> = Vec::new();
+            let now = {
+                let mut engine = lock(&self.engine);
+                if engine.finished() {
+                    break;
+                }
+                engine.step(|e| emissions.push(*e));
+                engine.now().unix_timestamp()
+            };
+            step += 1;
+            self.clock.store(now, Ordering::Relaxed);
+            for e in &emissions {
+                match self.routes.get(e.meter as usize) {
+                    Some(Route::Concentrator(c)) => {
+                        if e.delivery == crate::engine::Delivery::Lost {
+                            add(&self.counters.lost, 1);
+                        }
+                        if let (Some(buf), Some(id)) =
+                            (buffers.get_mut(*c as usize), ids.get(e.meter as usize))
+                        {
+                            buf.extend(concentrator_entries(id, e));
+                        }
+                    }
+                    Some(Route::Wmbus) => self.send_wmbus(e, step).await,
+                    Some(Route::Coap | Route::Http) => {}
+                    Some(Route::None) | None => {}
+                }
+            }
+            self.exchanges(&emissions, step).await;
+            if let Some(c) = &conc {
+                let midnight = (now + offset).rem_euclid(86_400) == 0;
+                if c.upload == Upload::EveryStep || midnight {
+                    self.upload(&mut buffers, now).await?;
+                }
+            }
+            if let Some(bank) = &self.hydrants {
+                let ups: Vec<_> = lock(bank)
+                    .iter_mut()
+                    .map(|h| h.tick(now, seed, step))
+                    .collect();
+                if let Some(client) = &self.mqtt
+                    && let Some(mqtt) = &self.config.mqtt
+                {
+                    for up in ups {
+                        let topic = mqtt.topic(&format!("hydrant/{}/up", up.hydrant));
+                        let body = serde_json::to_vec(&up)?;
+                        client
+                            .publish(topic, QoS::AtLeastOnce, false, body)
+                            .await
+                            .context("publishing hydrant status")?;
+                        add(&self.counters.hydrant_ups, 1);
+                    }
+                }
+            }
+            add(&self.counters.steps, 1);
+        }
+        let now = lock(&self.engine).now().unix_timestamp();
+        self.upload(&mut buffers, now).await?;
+        Ok(())
+    }
+
+    /// Runs the step's CoAP and HTTP exchanges concurrently and waits for all of them, so a
+    /// meter's readings always leave in time order.
+    async fn exchanges(&self, emissions: &[Emission], step: u64) {
+        let semaphore = Arc::new(Semaphore::new(MAX_CONCURRENT_EXCHANGES));
+        let mut set = JoinSet::new();
+        let offset_h = self.config.scenario.utc_offset_hours;
+        for e in emissions {
+            let route = self.routes.get(e.meter as usize).copied();
+            if !matches!(route, Some(Route::Coap | Route::Http)) {
+                continue;
+            }
+            if e.delivery == Delivery::Lost {
+                add(&self.counters.lost, 1);
+                continue;
+            }
+            let Some(spec) = self.population.get(e.meter as usize).cloned() else {
+                continue;
+            };
+            let Some(mut frame) = cjt188_reply(&spec, e, (step & 0xFF) as u8, offset_h) else {
+                continue;
+            };
+            if e.delivery == Delivery::Corrupt {
+                corrupt_checksummed(&mut frame);
+                add(&self.counters.corrupted, 1);
+            }
+            let copies = if e.delivery == Delivery::Duplicate {
+                add(&self.counters.duplicated, 1);
+                2
+            } else {
+                1
+            };
+            let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
+                break;
+            };
+            let counters = Arc::clone(&self.counters);
+            let e = *e;
+            match route {
+                Some(Route::Coap) => {
+                    let Some(c) = &self.config.coap else { continue };
+                    let job = CoapJob {
+                        gateway: c.gateway,
+                        engine: Arc::clone(&self.engine),
+                        message_id: Arc::clone(&self.message_id),
+                        counters,
+                        spec,
+                        e,
+                        frame,
+                        copies,
+                        token: (crate::profile::mix(u64::from(e.meter) ^ (step << 32)) as u32)
+                            .to_be_bytes(),
+                    };
+                    set.spawn(async move {
+                        job.run().await;
+                        drop(permit);
+                    });
+                }
+                Some(Route::Http) => {
+                    let Some(h) = self.config.http_push.clone() else {
+                        continue;
+                    };
+                    let mut envelope =
+                        Envelope::new(h.platform, format!("nb-{:08}", e.meter), frame);
+                    envelope.imei = Some(format!("86{:013}", e.meter));
+                    envelope.received_at = Some(unix(e.ts));
+                    let body = encode_envelope(h.platform, &envelope);
+                    set.spawn(async move {
+                        for _ in 0..copies {
+                            match http_push(h.gateway, &h.path, h.secret.as_bytes(), &body).await {
+                                Ok(202) => add(&counters.http_pushes, 1),
+                                Ok(status) => {
+                                    tracing::warn!(status, "http push refused");
+                                    add(&counters.http_rejected, 1);
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "http push failed");
+                                    add(&counters.errors, 1);
+                                }
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+                _ => {}
+            }
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    async fn send_wmbus(&self, e: &Emission, step: u64) {
+        let (Some(socket), Some(w)) = (&self.wmbus_socket, &self.config.wmbus) else {
+            return;
+        };
+        if e.delivery == Delivery::Lost {
+            add(&self.counters.lost, 1);
+            return;
+        }
+        let Some(spec) = self.population.get(e.meter as usize) else {
+            return;
+        };
+        let key = w
+            .encrypted
+            .then(|| wmbus_key(self.config.scenario.seed, e.meter));
+        let Some(mut telegram) = crate::frames::wmbus_telegram(
+            spec,
+            (step & 0xFF) as u8,
+            key,
+            e,
+            self.config.scenario.utc_offset_hours,
+        ) else {
+            return;
+        };
+        if e.delivery == Delivery::Corrupt {
+            corrupt_wmbus(&mut telegram, w.encrypted);
+            add(&self.counters.corrupted, 1);
+        }
+        let copies = if e.delivery == Delivery::Duplicate {
+            add(&self.counters.duplicated, 1);
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            match socket.send_to(&telegram, w.gateway).await {
+                Ok(_) => add(&self.counters.wmbus_telegrams, 1),
+                Err(err) => {
+                    tracing::warn!(error = %err, "wm-bus datagram not sent");
+                    add(&self.counters.errors, 1);
+                }
+            }
+        }
+    }
+
+    async fn upload(
+        &self,
+        buffers: &mut [Vec<ConcentratorReading>],
+        now: i64,
+    ) -> anyhow::Result<()> {
+        let (Some(client), Some(mqtt)) = (&self.mqtt, &self.config.mqtt) else {
+            return Ok(());
+        };
+        let sent_at = unix(now).format(&Rfc3339)?;
+        for (k, buf) in buffers.iter_mut().enumerate() {
+            let cid = format!("conc-{k:03}");
+            let readings = std::mem::take(buf);
+            // Large concentrators split their upload so one message stays well under 1 MB.
+            for chunk in readings.chunks(1000) {
+                let batch = ConcentratorBatch {
+                    v: 1,
+                    concentrator: cid.clone(),
+                    sent_at: sent_at.clone(),
+                    readings: chunk.to_vec(),
+                };
+                client
+                    .publish(
+                        mqtt.topic(&format!("concentrator/{cid}/readings")),
+                        QoS::AtLeastOnce,
+                        false,
+                        serde_json::to_vec(&batch)?,
+                    )
+                    .await
+                    .context("publishing concentrator batch")?;
+                add(&self.counters.concentrator_batches, 1);
+                add(&self.counters.concentrator_readings, chunk.len() as u64);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One NB-IoT meter's uplink (and the valve command it may get back).
+struct CoapJob {
+    gateway: SocketAddr,
+    engine: Arc<Mutex<Engine>>,
+    message_id: Arc<AtomicU16>,
+    counters: Arc<Counters>,
+    spec: MeterSpec,
+    e: Emission,
+    frame: Vec<u8>,
+    copies: u32,
+    token: [u8; 4],
+}
+
+impl CoapJob {
+    async fn run(self) {
+        let socket = match UdpSocket::bind(unspecified(self.gateway)).await {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot bind a coap socket");
+                add(&self.counters.errors, 1);
+                return;
+            }
+        };
+        let model::MeterAddress::Cjt188 {
+            meter_type,
+            address,
+        } = self.spec.address
+        else {
+            return;
+        };
+        for _ in 0..self.copies {
+            let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
+            let response =
+                match coap_post(&socket, self.gateway, mid, self.token, self.frame.clone()).await {
+                    Ok(r) => r,
+                    Err(err) => {
+                        tracing::warn!(meter = %self.spec.id, error = %err, "coap uplink failed");
+                        add(&self.counters.errors, 1);
+                        continue;
+                    }
+                };
+            add(&self.counters.coap_uplinks, 1);
+            let Some(cmd) = downlink_valve(&response, &address) else {
+                continue;
+            };
+            lock(&self.engine).set_valve(self.e.meter, cmd.open);
+            add(&self.counters.coap_valve_commands, 1);
+            let mut after = self.e;
+            after.status.valve_closed = !cmd.open;
+            let reply = valve_reply(meter_type, address, cmd, cjt188_status(&after));
+            let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
+            match coap_post(&socket, self.gateway, mid, self.token, reply).await {
+                Ok(_) => add(&self.counters.coap_valve_replies, 1),
+                Err(err) => {
+                    tracing::warn!(meter = %self.spec.id, error = %err, "valve reply failed");
+                    add(&self.counters.errors, 1);
+                }
+            }
+        }
+    }
+}
+
+async fn hydrant_commands(
+    mut incoming: mpsc::Receiver<rumqttc::Publish>,
+    client: AsyncClient,
+    mqtt: MqttConfig,
+    bank: Arc<Mutex<Vec<Hydrant>>>,
+    clock: Arc<AtomicI64>,
+    counters: Arc<Counters>,
+) {
+    while let Some(p) = incoming.recv().await {
+        // Topic: {prefix}hydrant/{hid}/cmd
+        let Some(rest) = p.topic.strip_prefix(&mqtt.topic("hydrant/")) else {
+            continue;
+        };
+        let Some(hid) = rest.strip_suffix("/cmd") else {
+            continue;
+        };
+        let cmd: HydrantCommand = match serde_json::from_slice(&p.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(hydrant = hid, error = %e, "bad hydrant command ignored");
+                continue;
+            }
+        };
+        let ack = {
+            let mut bank = lock(&bank);
+            let Some(h) = bank.iter_mut().find(|h| h.id == hid) else {
+                continue;
+            };
+            let before = h.executed;
+            let ack = h.handle(&cmd, clock.load(Ordering::Relaxed));
+            add(&counters.hydrant_commands_executed, h.executed - before);
+            ack
+        };
+        let body = match serde_json::to_vec(&ack) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode hydrant ack");
+                continue;
+            }
+        };
+        let topic = mqtt.topic(&format!("hydrant/{hid}/ack"));
+        if client
+            .publish(topic, QoS::AtLeastOnce, false, body)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        add(&counters.hydrant_acks, 1);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep going with it.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl FleetHandle {
+    /// Returns the counts of frames sent so far.
+    pub fn counts(&self) -> FrameCounts {
+        self.counters.snapshot()
+    }
+
+    /// Returns the ground truth recorded so far.
+    pub fn ground_truth(&self) -> GroundTruth {
+        lock(&self.engine).ground_truth()
+    }
+
+    /// Waits until every simulation step has run and its frames were handed to the
+    /// transports (devices keep answering commands until [`FleetHandle::stop`]).
+    pub async fn wait_finished(&mut self) -> FrameCounts {
+        // An error means the driver is gone, which also means it finished.
+        if self.finished.wait_for(|f| *f).await.is_err() {
+            tracing::debug!("fleet driver already gone");
+        }
+        self.counts()
+    }
+
+    /// Stops every device (steps and exchanges still in flight are cancelled: call
+    /// [`FleetHandle::wait_finished`] first to let a bounded run complete), disconnects
+    /// cleanly and returns the final counts.
+    ///
+    /// # Errors
+    /// Returns the driver's error if a transport failed during the run.
+    pub async fn stop(mut self) -> anyhow::Result<FrameCounts> {
+        self.shutdown.send_replace(true);
+        let result = match self.driver.take() {
+            Some(d) => d.await.context("fleet driver panicked")?,
+            None => Ok(()),
+        };
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        if let Some(client) = self.mqtt.take() {
+            // Wait for the broker to acknowledge every QoS 1 publish, so nothing queued in
+            // the client or the socket is lost, then disconnect cleanly.
+            let c = self.counters.snapshot();
+            let published = c.concentrator_batches + c.hydrant_ups + c.hydrant_acks;
+            if let Some(acked) = self.mqtt_acked.as_mut() {
+                let waited = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    acked.wait_for(|n| *n >= published),
+                )
+                .await;
+                if !matches!(waited, Ok(Ok(_))) {
+                    tracing::warn!(published, "broker did not acknowledge every publish");
+                }
+            }
+            if let Err(e) = client.disconnect().await {
+                tracing::debug!(error = %e, "mqtt event loop already gone");
+            }
+            if let Some(task) = self.mqtt_task.take()
+                && tokio::time::timeout(Duration::from_secs(5), task)
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("mqtt event loop did not end within 5 s");
+            }
+        }
+        self.mqtt_stop.send_replace(true);
+        result.map(|()| self.counters.snapshot())
+    }
+}
+
+impl Drop for FleetHandle {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+        self.mqtt_stop.send_replace(true);
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(d) = &self.driver {
+            d.abort();
+        }
+    }
+}
