@@ -77,9 +77,15 @@ const MAX_CACHE_ENTRIES: usize = 100_000;
 
 /// Per-meter decoder state: record formats seen in full frames (for compact frames, CI 79) and
 /// the expanded AES key of each meter (so a telegram costs no key schedule).
+///
+/// A compact frame is expanded with the format its own meter sent in a full frame; failing
+/// that, with a format a meter of the same model (manufacturer, version, device type) sent
+/// under the same signature. Either way the rebuilt records must match the compact frame's
+/// full-frame CRC, so a borrowed format cannot produce wrong values.
 #[derive(Default)]
 pub struct FormatCache {
     formats: HashMap<(u16, u32, u16), Vec<u8>>,
+    models: HashMap<(u16, u8, u8, u16), Vec<u8>>,
     ciphers: HashMap<(u16, u32), ([u8; 16], Aes128)>,
 }
 
@@ -118,6 +124,11 @@ impl FormatCache {
             if self.formats.len() >= MAX_CACHE_ENTRIES {
                 self.formats.clear();
             }
+            if self.models.len() >= MAX_CACHE_ENTRIES {
+                self.models.clear();
+            }
+            let model = (meter.manufacturer, meter.version, meter.device_type, sig);
+            self.models.entry(model).or_insert_with(|| format.clone());
             self.formats.insert(k, format);
         }
     }
@@ -125,6 +136,10 @@ impl FormatCache {
     fn format(&self, meter: Address, sig: u16) -> Option<&[u8]> {
         self.formats
             .get(&(meter.manufacturer, meter.id, sig))
+            .or_else(|| {
+                self.models
+                    .get(&(meter.manufacturer, meter.version, meter.device_type, sig))
+            })
             .map(Vec::as_slice)
     }
 
@@ -912,6 +927,18 @@ mod tests {
         assert_eq!(cache.format_count(), 1);
         let from_compact = decode(&compact_frame, &None, &mut cache).unwrap();
         assert_eq!(from_full.records, from_compact.records);
+
+        // Another meter of the same model borrows the format; its CRC must still match.
+        let mut other = compact_frame.clone();
+        other[4] ^= 0x01;
+        let borrowed = decode(&other, &None, &mut cache).unwrap();
+        assert_eq!(borrowed.records, from_full.records);
+        let last = other.len() - 1;
+        other[last] ^= 0x01;
+        assert!(matches!(
+            decode(&other, &None, &mut cache),
+            Err(WmbusError::CompactMismatch { .. })
+        ));
     }
 
     #[test]
