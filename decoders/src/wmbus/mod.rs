@@ -293,7 +293,27 @@ pub fn parse(
     cache: &mut FormatCache,
 ) -> Result<Telegram, WmbusError> {
     let (frame, format) = link::strip_crcs(raw)?;
-    let frame: &[u8] = &frame;
+    match parse_layers(raw, &frame, format, keys, cache) {
+        // A CRC-stripped telegram whose last two bytes happen to equal a format-B CRC (one in
+        // 65 536) was cut short: if the layers fail, read it again as stripped.
+        Err(e) if format != FrameFormat::Stripped => match link::as_stripped(raw) {
+            Some(stripped) => {
+                parse_layers(raw, stripped, FrameFormat::Stripped, keys, cache).map_err(|_| e)
+            }
+            None => Err(e),
+        },
+        other => other,
+    }
+}
+
+/// Parses the layers of a CRC-free telegram `frame` (`raw` is the input as received).
+fn parse_layers(
+    raw: &[u8],
+    frame: &[u8],
+    format: FrameFormat,
+    keys: &dyn KeyLookup,
+    cache: &mut FormatCache,
+) -> Result<Telegram, WmbusError> {
     let mut r = Reader::new(frame, 0);
     let _l = r.u8("L field")?;
     let c_field = r.u8("C field")?;
@@ -1035,6 +1055,43 @@ mod tests {
             f.records[2].value,
             crate::frame::RecordValue::Raw("041301".into())
         );
+    }
+
+    /// Adds format-A block CRCs (after byte 10, then every 16 bytes) to a stripped telegram.
+    fn with_format_a_crcs(stripped: &[u8]) -> Vec<u8> {
+        let (first, rest) = stripped.split_at(10);
+        let mut out = first.to_vec();
+        out.extend_from_slice(&crc::crc16(first).to_be_bytes());
+        for block in rest.chunks(16) {
+            out.extend_from_slice(block);
+            out.extend_from_slice(&crc::crc16(block).to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn format_a_and_b_crcs_are_verified_and_removed() {
+        let stripped = telegram(&meter(), &RECORDS, 9, Some(KEY));
+        let a = with_format_a_crcs(&stripped);
+        let t = parse(&a, &Some(KEY), &mut FormatCache::new()).unwrap();
+        assert_eq!(t.format, FrameFormat::A);
+        assert_eq!(&t.payload[2..13], &RECORDS);
+        let mut bad = a.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x01;
+        assert!(matches!(
+            parse(&bad, &Some(KEY), &mut FormatCache::new()),
+            Err(WmbusError::BadCrc { format: 'A', .. })
+        ));
+
+        // Format B: L counts the CRC, one CRC over everything before it.
+        let mut b = stripped.clone();
+        b[0] += 2;
+        let crc = crc::crc16(&b);
+        b.extend_from_slice(&crc.to_be_bytes());
+        let t = parse(&b, &Some(KEY), &mut FormatCache::new()).unwrap();
+        assert_eq!(t.format, FrameFormat::B);
+        assert_eq!(&t.payload[2..13], &RECORDS);
     }
 
     #[test]
