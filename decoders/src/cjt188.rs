@@ -754,12 +754,15 @@ fn volume_m3(cur: &mut Cursor<'_>, field: &'static str) -> Result<(Decimal, u8),
         code: unit,
         expected: "volume",
     })?;
+    if factor == Decimal::ONE {
+        return Ok((value, unit));
+    }
     let m3 = value.checked_mul(factor).ok_or(Cjt188Error::BadUnit {
         offset: unit_offset,
         code: unit,
         expected: "volume",
     })?;
-    Ok((m3.normalize(), unit))
+    Ok((m3, unit))
 }
 
 /// Reads the 7-byte clock `ss mm hh DD MM YYlo YYhi`; all zeros = not set.

@@ -1442,7 +1442,13 @@ impl<'a> RawRecord<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
         }
-        let info_date = self.vif_info().date;
+        self.raw_value_with(self.vif_info().date)
+    }
+
+    fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
+        if self.is_manufacturer_data() {
+            return RawValue::Bytes(self.data);
+        }
         let mut buf = [0u8; 8];
         let data = if self.msb_first && self.data.len() <= 8 {
             let n = self.data.len();
@@ -1485,21 +1491,31 @@ impl<'a> RawRecord<'a> {
     }
 
     /// The value scaled to the record's unit, when it is a number (no allocation).
+    ///
+    /// The decimal is not normalized (`12.345000` and `12.345` compare equal).
     pub fn number(&self) -> Option<(Decimal, Option<Unit>)> {
-        let info = self.vif_info();
-        let raw = match self.raw_value() {
-            RawValue::Int(v) => Decimal::from(v),
-            RawValue::Real(f) => Decimal::try_from(f).ok()?,
+        self.number_with(&self.vif_info())
+    }
+
+    fn number_with(&self, info: &VifInfo) -> Option<(Decimal, Option<Unit>)> {
+        let mut value = match self.raw_value_with(info.date) {
+            // Scaling an integer down is only a change of scale: no multiplication needed.
+            RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
+                Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
+            }
+            RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
+            RawValue::Real(f) => Decimal::try_from(f)
+                .ok()?
+                .checked_mul(pow10(info.exponent))?,
             _ => return None,
         };
-        let mut value = raw.checked_mul(pow10(info.exponent))?;
         if info.factor != 1 {
             value = value.checked_mul(Decimal::from(info.factor))?;
         }
         if let Some(add) = self.additive() {
             value = value.checked_add(add)?;
         }
-        Some((value.normalize(), info.unit))
+        Some((value, info.unit))
     }
 
     /// Converts to the protocol-neutral record (allocates the strings).
@@ -1512,10 +1528,10 @@ impl<'a> RawRecord<'a> {
             plain_text = text(self.plain_text);
             plain_text.as_str()
         };
-        let (value, unit) = match self.number() {
-            Some((v, unit)) => (RecordValue::Number(v), unit),
+        let (value, unit) = match self.number_with(&info) {
+            Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
             None => (
-                match self.raw_value() {
+                match self.raw_value_with(info.date) {
                     RawValue::Date(y, m, d) => RecordValue::Date(format!("{y:04}-{m:02}-{d:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, None) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
