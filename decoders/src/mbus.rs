@@ -1452,10 +1452,8 @@ impl<'a> RawRecord<'a> {
         let mut buf = [0u8; 8];
         let data = if self.msb_first && self.data.len() <= 8 {
             let n = self.data.len();
-            if let Some(dst) = buf.get_mut(..n) {
-                for (d, s) in dst.iter_mut().zip(self.data.iter().rev()) {
-                    *d = *s;
-                }
+            for (d, s) in buf.iter_mut().zip(self.data.iter().rev()) {
+                *d = *s;
             }
             buf.get(..n).unwrap_or(&[])
         } else {
@@ -1585,18 +1583,16 @@ fn pow10(exp: i32) -> Decimal {
 
 /// Little-endian two's-complement integer of 1..8 bytes.
 fn int_le(data: &[u8]) -> i64 {
-    let mut buf = [0u8; 8];
-    let n = data.len().min(8);
-    if let (Some(dst), Some(src)) = (buf.get_mut(..n), data.get(..n)) {
-        dst.copy_from_slice(src);
+    // Sign-extend from the most significant byte, then shift the rest in (no memcpy call).
+    let data = data.get(..data.len().min(8)).unwrap_or(&[]);
+    let mut value: i64 = match data.last() {
+        Some(top) if top & 0x80 != 0 => -1,
+        _ => 0,
+    };
+    for b in data.iter().rev() {
+        value = value.wrapping_shl(8) | i64::from(*b);
     }
-    let negative = data.get(n.saturating_sub(1)).is_some_and(|b| b & 0x80 != 0);
-    if negative {
-        for b in buf.iter_mut().skip(n) {
-            *b = 0xFF;
-        }
-    }
-    i64::from_le_bytes(buf)
+    value
 }
 
 /// BCD, low byte first; an F in the most significant digit means negative (EN 13757-3 annex).
