@@ -268,8 +268,8 @@ pub enum Payload {
         /// Status word.
         status: u16,
     },
-    /// Heat meter 901F reply.
-    Heat(HeatReading),
+    /// Heat meter 901F reply (boxed: it is four times the size of the other variants).
+    Heat(Box<HeatReading>),
     /// Settlement history reply (DI D120..D12B): cumulative volume of that month, m³.
     History {
         /// Volume, m³.
@@ -664,7 +664,7 @@ fn parse_payload(
     match (reply, function, di) {
         (true, C_READ_DATA, DI_CURRENT) if is_heat(meter_type) => {
             expect_len(43)?;
-            parse_heat(&mut cur).map(Payload::Heat)
+            parse_heat(&mut cur).map(|h| Payload::Heat(Box::new(h)))
         }
         (true, C_READ_DATA, DI_CURRENT) => {
             expect_len(19)?;
@@ -754,12 +754,15 @@ fn volume_m3(cur: &mut Cursor<'_>, field: &'static str) -> Result<(Decimal, u8),
         code: unit,
         expected: "volume",
     })?;
+    if factor == Decimal::ONE {
+        return Ok((value, unit));
+    }
     let m3 = value.checked_mul(factor).ok_or(Cjt188Error::BadUnit {
         offset: unit_offset,
         code: unit,
         expected: "volume",
     })?;
-    Ok((m3.normalize(), unit))
+    Ok((m3, unit))
 }
 
 /// Reads the 7-byte clock `ss mm hh DD MM YYlo YYhi`; all zeros = not set.

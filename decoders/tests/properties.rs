@@ -124,7 +124,7 @@ proptest! {
             di: cjt188::DI_CURRENT,
             di_order: DiOrder::HighFirst,
             ser,
-            payload: Payload::Heat(h),
+            payload: Payload::Heat(Box::new(h)),
         };
         prop_assert_eq!(cjt188::parse(&cjt188::encode(&frame)).unwrap(), frame);
     }
