@@ -140,10 +140,10 @@ mod tests {
 
     #[test]
     fn izar_payload_round_trips_through_the_scrambler() {
-        // L C M(SAP) A(id 20896212, ver BC, type 01) CI A2, header 71 2F 03 13, then
+        // L C M(SAP) A(id 20896212, ver BC, type 01) CI A2, header 73 2A 03 13, then
         // check byte, total 1248.146 m³, last period 1200.000 m³ (litres, LE).
         let mut frame = vec![
-            0x1C, 0x44, 0x30, 0x4C, 0x12, 0x62, 0x89, 0x20, 0xBC, 0x01, 0xA2, 0x71, 0x2F, 0x03,
+            0x1C, 0x44, 0x30, 0x4C, 0x12, 0x62, 0x89, 0x20, 0xBC, 0x01, 0xA2, 0x73, 0x2A, 0x03,
             0x13,
         ];
         let mut plain = vec![PRIOS_CHECK];
@@ -170,8 +170,8 @@ mod tests {
             [
                 "volume:1248.146",
                 "volume:1200.000",
-                "battery_remaining_years:7.5",
-                "transmit_period:8"
+                "battery_remaining_years:5.0",
+                "transmit_period:32"
             ]
         );
         // Scrambled for another header (so another seed): no default key gives the check byte.

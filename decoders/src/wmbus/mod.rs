@@ -32,6 +32,7 @@ pub mod encode;
 mod error;
 mod link;
 mod reader;
+mod techem;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -798,6 +799,14 @@ pub fn decode(
                 ci: telegram.tpl.ci,
             }
         })?,
+        PayloadKind::ManufacturerSpecific if techem::is_techem(telegram.meter, telegram.tpl.ci) => {
+            techem::records(telegram.meter, telegram.tpl.ci, &telegram.payload).ok_or_else(
+                || WmbusError::ManufacturerSpecific {
+                    meter: telegram.meter.meter_id(),
+                    ci: telegram.tpl.ci,
+                },
+            )?
+        }
         PayloadKind::ManufacturerSpecific => {
             return Err(WmbusError::ManufacturerSpecific {
                 meter: telegram.meter.meter_id(),
