@@ -1,5 +1,6 @@
 //! Techem proprietary payloads (manufacturer TCH, CI A0–A2): radio water meters (radio 3/4),
-//! heat cost allocators (FHKV data III) and heat meters (compact V, vario 4).
+//! heat cost allocators (FHKV data III), heat meters (compact V, vario 4) and the status byte of
+//! smoke detectors.
 //!
 //! Layout after the CI, as seen in the corpus: byte 0 status, bytes 1–2 the last due date,
 //! bytes 3–4 (heat meters: 3–5) the consumption of the previous period, bytes 5–6 the current
@@ -26,6 +27,8 @@ enum Model {
     HeatKwh,
     /// Vario 4 heat meters: energy in MJ.
     HeatMj,
+    /// Smoke detectors: a status byte (0 = OK, 1 = smoke) and dates only.
+    Smoke,
 }
 
 fn model(meter: Address) -> Option<Model> {
@@ -37,6 +40,7 @@ fn model(meter: Address) -> Option<Model> {
         (0x80, 0x69 | 0x94) => Model::Hca,
         (0x43, 0x39 | 0x45) => Model::HeatKwh,
         (0xC3, 0x27) => Model::HeatMj,
+        (0xF0, 0x76) => Model::Smoke,
         _ => return None,
     })
 }
@@ -70,8 +74,18 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
                 .fold(0i64, |acc, b| (acc << 8) | i64::from(*b)),
         )
     };
+    let model = model(meter)?;
+    if model == Model::Smoke {
+        let status = *payload.first()?;
+        return Some(vec![record(
+            "status_word",
+            Decimal::from(status),
+            Some(Unit::Dimensionless),
+            0,
+        )]);
+    }
     let current = le(7, 2)?;
-    Some(match model(meter)? {
+    Some(match model {
         Model::Water => {
             let previous = le(3, 2)?;
             let m3 = |tenths: i64| Decimal::new(tenths, 1);
@@ -138,6 +152,7 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
                 ),
             ]
         }
+        Model::Smoke => return None,
         Model::HeatMj => {
             let previous = le(3, 2)?;
             // MJ = GJ with three decimals.
@@ -220,6 +235,12 @@ mod tests {
         a2.insert(9, 0xEE);
         assert_eq!(records(techem(0x80, 0x94), 0xA2, &a2).unwrap(), r);
         assert!(records(techem(0x80, 0x69), 0xA0, &a0[..10]).is_none());
+    }
+
+    #[test]
+    fn smoke_detector_reports_its_status_byte() {
+        let r = records(techem(0xF0, 0x76), 0xA0, &[0x01, 0x11]).unwrap();
+        assert_eq!(numbers(&r), ["status_word/0:1"]);
     }
 
     #[test]
