@@ -713,9 +713,9 @@ fn parse_layers(
 struct TplCrypto<'a> {
     mode: u8,
     key: [u8; 16],
-    /// Identity (key lookup, cache key, mode-7 ID).
+    /// Identity (key lookup, cache key).
     meter: Address,
-    /// Same address in wire order (mode-5 IV).
+    /// Same address in wire order (mode-5 IV, mode-7 ID).
     meter_raw: Address,
     access_number: u8,
     afl: Option<&'a Afl>,
@@ -745,7 +745,7 @@ impl TplCrypto<'_> {
                 offset: self.tpl_ci_offset,
                 needed: 4,
             })?;
-            let id = self.meter.id.to_le_bytes();
+            let id = self.meter_raw.id.to_le_bytes();
             if let (Some(mac), Some(mcl)) = (self.afl_mac, self.afl.and_then(|a| a.mcl)) {
                 let kmac = crypto::mode7_key(&self.key, 0x01, mcr, id);
                 let full = crypto::cmac(&kmac, &[&[mcl], &mcr, self.tpl_start]);
