@@ -1103,6 +1103,91 @@ mod tests {
         assert_eq!(&t.payload[2..13], &RECORDS);
     }
 
+    /// `L C M A` of the test meter followed by `rest`, with L set.
+    fn frame_with(rest: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8, 0x44];
+        f.extend_from_slice(&meter().address().to_wire());
+        f.extend_from_slice(rest);
+        f[0] = u8::try_from(f.len() - 1).unwrap();
+        f
+    }
+
+    #[test]
+    fn ell_aes_ctr_decrypts_and_checks_the_payload_crc() {
+        let sn: u32 = 0x2000_1234; // bits 31..29 = 001: AES-128-CTR
+        let mut inner = vec![0x78];
+        inner.extend_from_slice(&RECORDS);
+        let mut enc = crc::crc16(&inner).to_le_bytes().to_vec();
+        enc.extend_from_slice(&inner);
+        let cc = 0x30u8;
+        let mut iv = [0u8; 16];
+        iv[..8].copy_from_slice(&meter().address().to_wire());
+        iv[8] = cc & !0x12;
+        iv[9..13].copy_from_slice(&sn.to_le_bytes());
+        crypto::ctr_apply(&crypto::cipher(&KEY), iv, &mut enc);
+        let mut rest = vec![0x8D, cc, 0x07];
+        rest.extend_from_slice(&sn.to_le_bytes());
+        rest.extend_from_slice(&enc);
+        let frame = frame_with(&rest);
+
+        let t = parse(&frame, &Some(KEY), &mut FormatCache::new()).unwrap();
+        assert!(t.ell.as_ref().unwrap().encrypted);
+        assert_eq!(t.protection, Protection::None);
+        assert_eq!(t.payload, RECORDS);
+        let mut wrong = KEY;
+        wrong[3] ^= 0x40;
+        assert!(matches!(
+            parse(&frame, &Some(wrong), &mut FormatCache::new()),
+            Err(WmbusError::WrongKey {
+                check: "ELL payload CRC",
+                mode: 128,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&frame, &None, &mut FormatCache::new()),
+            Err(WmbusError::MissingKey { mode: 128, .. })
+        ));
+    }
+
+    #[test]
+    fn mode7_with_afl_mac_decrypts_and_rejects_a_bad_mac() {
+        let mcr = [0x05, 0x00, 0x00, 0x00];
+        let id = meter().id.to_le_bytes();
+        let mut plain = vec![0x2F, 0x2F];
+        plain.extend_from_slice(&RECORDS);
+        plain.resize(32, 0x2F);
+        let kenc = crypto::mode7_key(&KEY, 0x00, mcr, id);
+        crypto::cbc_encrypt(&crypto::cipher(&kenc), [0u8; 16], &mut plain);
+        // TPL: CI 7A, ACC, ST, CW = mode 7 with 2 blocks, CFE.
+        let mut tpl = vec![0x7A, 0x09, 0x00, 0x20, 0x07, 0x10];
+        tpl.extend_from_slice(&plain);
+        let mcl = 0x25; // AES-CMAC, 8 bytes
+        let kmac = crypto::mode7_key(&KEY, 0x01, mcr, id);
+        let mac = crypto::cmac(&kmac, &[&[mcl], &mcr, &tpl]);
+        // AFL: CI 90, AFL.L 15, FCL 0x2C00 (MCL, MCR and MAC present), MCL, MCR, MAC.
+        let mut rest = vec![0x90, 0x0F, 0x00, 0x2C, mcl];
+        rest.extend_from_slice(&mcr);
+        rest.extend_from_slice(&mac[..8]);
+        rest.extend_from_slice(&tpl);
+        let frame = frame_with(&rest);
+
+        let t = parse(&frame, &Some(KEY), &mut FormatCache::new()).unwrap();
+        assert_eq!(t.tpl.security_mode(), 7);
+        assert_eq!(t.protection, Protection::Decrypted);
+        assert_eq!(&t.payload[2..13], &RECORDS);
+        let mut wrong = KEY;
+        wrong[0] ^= 0x01;
+        assert!(matches!(
+            parse(&frame, &Some(wrong), &mut FormatCache::new()),
+            Err(WmbusError::WrongKey {
+                check: "AFL MAC",
+                mode: 7,
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn plain_telegram_needs_no_key() {
         let frame = telegram(&meter(), &RECORDS, 7, None);
