@@ -869,9 +869,13 @@ fn fast_water(data: &[u8]) -> Option<Payload> {
 }
 
 fn parse_water(cur: &mut Cursor<'_>) -> Result<Payload, Cjt188Error> {
-    if let Some(payload) = fast_water(cur.rest) {
-        return Ok(payload);
+    match fast_water(cur.rest) {
+        Some(payload) => Ok(payload),
+        None => parse_water_detailed(cur),
     }
+}
+
+fn parse_water_detailed(cur: &mut Cursor<'_>) -> Result<Payload, Cjt188Error> {
     let (current_m3, unit) = volume_m3(cur, "current cumulative volume")?;
     let (settlement_m3, _) = volume_m3(cur, "settlement-date cumulative volume")?;
     let clock = clock(cur)?;
@@ -1349,5 +1353,52 @@ pub fn to_decoded_with(frame: &Cjt188Frame, bits: StatusBits) -> DecodedFrame {
             medium: Some(medium_name(frame.meter_type).to_owned()),
         },
         records: records_with(frame, bits),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn near_valid_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            8 => (0u8..10, 0u8..10).prop_map(|(h, l)| (h << 4) | l),
+            1 => Just(UNIT_M3),
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn to_bcd(v: u8) -> u8 {
+        ((v / 10) << 4) | (v % 10)
+    }
+
+    proptest! {
+        /// The fast path accepts only what the detailed parser accepts, with the same result.
+        #[test]
+        fn fast_path_agrees_with_detailed_parser(
+            volumes in proptest::collection::vec(near_valid_byte(), 8),
+            clock in (0u8..61, 0u8..61, 0u8..25, 0u8..32, 0u8..14, 0u8..100, 19u8..22),
+            status in any::<u16>(),
+            corrupt in proptest::option::of((0usize..19, any::<u8>())),
+            units in prop_oneof![3 => Just(UNIT_M3), 1 => any::<u8>()],
+        ) {
+            let (ss, mi, hh, dd, mo, yy, cc) = clock;
+            let mut data = volumes[..4].to_vec();
+            data.push(units);
+            data.extend_from_slice(&volumes[4..]);
+            data.push(UNIT_M3);
+            data.extend([ss, mi, hh, dd, mo, yy, cc].map(to_bcd));
+            data.extend_from_slice(&status.to_le_bytes());
+            if let Some((i, b)) = corrupt {
+                data[i] = b;
+            }
+            let detailed = parse_water_detailed(&mut Cursor::new(&data, 0));
+            match fast_water(&data) {
+                Some(fast) => prop_assert_eq!(detailed, Ok(fast)),
+                // When the fast path declines, only non-m3 units may still parse.
+                None => prop_assert!(detailed.is_err() || data[4] != UNIT_M3 || data[9] != UNIT_M3),
+            }
+        }
     }
 }
