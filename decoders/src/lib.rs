@@ -7,7 +7,24 @@
 //! API takes `&[u8]` and returns `Result<_, DecodeError>`.
 //!
 //! Every parser is `nom` combinators over `&[u8]`, checks every length prefix before taking
-//! bytes, never indexes slices directly, and is fuzzed (see `fuzz/`).
+//! bytes, never indexes slices directly, and has cargo-fuzz targets (see `fuzz/`) plus
+//! proptest no-panic properties. Conformance against public corpora: `CONFORMANCE.md`.
+//!
+//! The `meter-decode` binary prints the JSON form of a pasted frame:
+//! `meter-decode --protocol auto "68 15 15 68 08 01 72 ..."`.
+//!
+//! ```
+//! use decoders::{Protocol, RecordValue};
+//! // A CJ/T 188 read-data reply: 556677.00 m³, clock 2015-05-11 22:01:31, valve closed.
+//! let bytes = hex::decode(
+//!     "681044332211003378811 61F9000007766552C007766552C3101221105152021841316".replace(' ', ""),
+//! ).unwrap();
+//! assert_eq!(decoders::detect(&bytes), Some(Protocol::Cjt188));
+//! let frame = decoders::decode(Protocol::Cjt188, &bytes).unwrap().unwrap();
+//! assert_eq!(frame.meter.id, "78330011223344");
+//! assert_eq!(frame.records[0].value, RecordValue::Number(556677.into()));
+//! assert_eq!(frame.records[2].value, RecordValue::Date("2015-05-11T22:01:31".into()));
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![cfg_attr(
