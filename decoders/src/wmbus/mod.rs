@@ -331,6 +331,7 @@ fn parse_layers(
     let ci_offset = r.offset();
     let ci = r.u8("CI field")?;
     let mut ell = None;
+    let mut ell_protection = Protection::None;
     let ell_owned: Option<Vec<u8>>;
     let body_offset;
     match ci {
@@ -385,6 +386,9 @@ fn parse_layers(
                     mode: ELL_MODE,
                 });
             }
+            if encrypted {
+                ell_protection = Protection::AlreadyDecrypted;
+            }
             if let Some(key) = key {
                 let mut iv = [0u8; 16];
                 let sn_bytes = sn.to_le_bytes();
@@ -401,6 +405,7 @@ fn parse_layers(
                 crypto::ctr_apply(cache.cipher(owner, key), iv, &mut trial);
                 if ell_crc_ok(&trial) {
                     plain = trial;
+                    ell_protection = Protection::Decrypted;
                 } else if !replayed {
                     return Err(WmbusError::WrongKey {
                         meter: owner.meter_id(),
@@ -702,7 +707,11 @@ fn parse_layers(
         afl,
         tpl,
         meter,
-        protection,
+        // ELL session encryption counts when the transport layer itself was in clear.
+        protection: match protection {
+            Protection::None => ell_protection,
+            tpl_protection => tpl_protection,
+        },
         kind,
         payload,
         payload_offset,
@@ -1132,7 +1141,7 @@ mod tests {
 
         let t = parse(&frame, &Some(KEY), &mut FormatCache::new()).unwrap();
         assert!(t.ell.as_ref().unwrap().encrypted);
-        assert_eq!(t.protection, Protection::None);
+        assert_eq!(t.protection, Protection::Decrypted);
         assert_eq!(t.payload, RECORDS);
         let mut wrong = KEY;
         wrong[3] ^= 0x40;
