@@ -24,6 +24,7 @@
 //! assert_eq!(telegram.meter.meter_id(), "mbus:KAM12345678");
 //! ```
 
+mod apator;
 mod compact;
 mod crc;
 mod crypto;
@@ -797,11 +798,21 @@ pub fn decode(
     }
     let telegram = parse(raw, keys, cache)?;
     let records = match telegram.kind {
-        PayloadKind::Records | PayloadKind::Compact => application_records(&telegram.payload)
-            .map_err(|source| WmbusError::Application {
-                offset: telegram.payload_offset,
-                source,
-            })?,
+        PayloadKind::Records | PayloadKind::Compact => {
+            let mut records = application_records(&telegram.payload).map_err(|source| {
+                WmbusError::Application {
+                    offset: telegram.payload_offset,
+                    source,
+                }
+            })?;
+            // Apator 16-2 hides its volume in the manufacturer block: put it first.
+            if apator::is_apator162(telegram.meter)
+                && let Some(volume) = apator::records(&telegram.payload)
+            {
+                records.splice(0..0, volume);
+            }
+            records
+        }
         PayloadKind::DiehlPrios => diehl::izar_records(&telegram.payload).ok_or_else(|| {
             WmbusError::ManufacturerSpecific {
                 meter: telegram.meter.meter_id(),
