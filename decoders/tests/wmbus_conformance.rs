@@ -95,6 +95,10 @@ fn convert(value: f64, unit: Option<Unit>, suffix: &str) -> Option<f64> {
         ("h", U::Day) => value * 24.0,
         ("s", U::Hour) => value * 3600.0,
         ("s", U::Day) => value * 86400.0,
+        // Years (battery life) from days or hours, with the mean Gregorian year.
+        ("y", U::Day) => value / 365.2425,
+        ("y", U::Hour) => value / (365.2425 * 24.0),
+        ("y", U::Second) => value / (365.2425 * 86400.0),
         ("m3" | "l" | "m3h" | "kwh" | "gj" | "c" | "k" | "kw" | "w" | "v" | "bar", _) => {
             return None;
         }
@@ -300,8 +304,8 @@ fn wmbusmeters_simulations() {
 }
 
 /// Pass counts reached so far; lower means a regression.
-const MIN_DRIVER_PASS: usize = 291;
-const MIN_SIMULATION_PASS: usize = 94;
+const MIN_DRIVER_PASS: usize = 296;
+const MIN_SIMULATION_PASS: usize = 97;
 const MIN_OMS_PASS: usize = 17;
 
 /// Checks one OMS / jMBus / ioBroker vector; `Err` says why it failed.
