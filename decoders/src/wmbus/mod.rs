@@ -63,14 +63,22 @@ impl KeyLookup for Option<[u8; 16]> {
 /// Keys per meter id `mbus:<MAN><8 digits>` (e.g. `mbus:KAM12345678`).
 impl KeyLookup for HashMap<String, [u8; 16]> {
     fn key_for(&self, manufacturer: u16, id: u32) -> Option<[u8; 16]> {
-        let meter = Address {
-            manufacturer,
-            id,
-            version: 0,
-            device_type: 0,
+        // `mbus:` + 3 letters + 8 hex digits is exactly 16 bytes: build it on the stack, as
+        // this runs for every telegram.
+        let mut buf = *b"mbus:MMMdddddddd";
+        let letters = [
+            (manufacturer >> 10) & 0x1F,
+            (manufacturer >> 5) & 0x1F,
+            manufacturer & 0x1F,
+        ];
+        for (slot, l) in buf.iter_mut().skip(5).zip(letters) {
+            *slot = u8::try_from(l).unwrap_or(0).saturating_add(64);
         }
-        .meter_id();
-        self.get(&meter).copied()
+        for (slot, shift) in buf.iter_mut().skip(8).zip((0..8u32).rev()) {
+            let nibble = u8::try_from((id >> shift.saturating_mul(4)) & 0x0F).unwrap_or(0);
+            *slot = char::from_digit(u32::from(nibble), 16).map_or(b'0', |c| c as u8);
+        }
+        self.get(std::str::from_utf8(&buf).ok()?).copied()
     }
 }
 
@@ -982,6 +990,21 @@ mod tests {
         let mut keys = HashMap::new();
         keys.insert("mbus:KAM12345678".to_owned(), KEY);
         assert!(parse(&frame, &keys, &mut FormatCache::new()).is_ok());
+        // The stack-built id matches `Address::meter_id` for any manufacturer and id.
+        for (m, id) in [
+            (0x0421u16, 0xABCD_0042u32),
+            (0x7FFF, 0),
+            (0x2C2D, 0x9999_9999),
+        ] {
+            let meter = Address {
+                manufacturer: m,
+                id,
+                version: 0,
+                device_type: 0,
+            };
+            let keys: HashMap<String, [u8; 16]> = [(meter.meter_id(), KEY)].into();
+            assert_eq!(keys.key_for(m, id), Some(KEY), "{}", meter.meter_id());
+        }
     }
 
     #[test]
