@@ -1006,13 +1006,9 @@ impl<'a> RecordIter<'a> {
             };
             return Ok(Some(record));
         }
-        let dife = chain(
-            &mut cur,
-            dif,
-            MAX_DIFE,
-            "DIFE",
-            MbusError::TooManyDife { offset },
-        )?;
+        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
+            offset,
+        })?;
         let vif = cur.byte("VIF")?;
         let plain_text = if vif & 0x7F == 0x7C {
             // libmbus and the old ELV/Itron devices put the text right after the VIF.
@@ -1021,13 +1017,9 @@ impl<'a> RecordIter<'a> {
         } else {
             &[]
         };
-        let vife = chain(
-            &mut cur,
-            vif,
-            MAX_VIFE,
-            "VIFE",
-            MbusError::TooManyVife { offset },
-        )?;
+        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
+            offset,
+        })?;
         let (data, lvar) = match dif & 0x0F {
             0x0D => {
                 let lvar_offset = cur.offset;
@@ -1095,14 +1087,14 @@ fn chain<'a>(
     first: u8,
     max: usize,
     field: &'static str,
-    too_many: MbusError,
+    too_many: impl FnOnce() -> MbusError,
 ) -> Result<&'a [u8], MbusError> {
     let all = cur.rest;
     let mut n = 0usize;
     let mut ext = first & 0x80 != 0;
     while ext {
         if n >= max {
-            return Err(too_many);
+            return Err(too_many());
         }
         let b = cur.byte(field)?;
         ext = b & 0x80 != 0;
