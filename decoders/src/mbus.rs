@@ -176,6 +176,28 @@ pub enum MbusError {
     },
 }
 
+impl MbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::Empty => "empty",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadHeader { .. } => "bad_header",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadStop { .. } => "bad_stop",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::NotLongFrame { .. } => "not_long_frame",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::ApplicationError { .. } => "application_error",
+            Self::TooManyDife { .. } => "too_many_dife",
+            Self::TooManyVife { .. } => "too_many_vife",
+            Self::UnsupportedLvar { .. } => "unsupported_lvar",
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cursor
 

@@ -195,8 +195,15 @@ fn mbus_malformed_frames_have_typed_errors() {
         ),
     ];
     for (hex, want) in cases {
-        assert_eq!(mbus::decode(&common::hex(hex)).unwrap_err(), *want, "{hex}");
+        let got = mbus::decode(&common::hex(hex)).unwrap_err();
+        assert_eq!(got, *want, "{hex}");
+        assert!(
+            got.code()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+        );
     }
+    assert_eq!(E::TooManyVife { offset: 0 }.code(), "too_many_vife");
 }
 
 #[test]
