@@ -189,6 +189,25 @@ pub enum Cjt188Error {
     },
 }
 
+impl Cjt188Error {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadEnd { .. } => "bad_end",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::BadBcd { .. } => "bad_bcd",
+            Self::BadUnit { .. } => "bad_unit",
+            Self::BadClock { .. } => "bad_clock",
+            Self::BadDataLength { .. } => "bad_data_length",
+            Self::BadValveCommand { .. } => "bad_valve_command",
+        }
+    }
+}
+
 /// Byte order of the data identifier on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DiOrder {

@@ -50,13 +50,20 @@ pub use frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue
 
 /// Guesses the protocol of a raw frame from its framing bytes.
 ///
-/// M-Bus: `E5`, a short frame `10 .. 16`, or `68 L L 68`. CJ/T 188: `FE` wake-up bytes or `68 T A0..`.
-/// Returns `None` for anything else (wM-Bus telegrams have no distinctive start byte).
+/// M-Bus: `E5`, a short frame `10 C A CS 16`, or `68 L L 68` whose length matches. CJ/T 188:
+/// `FE` wake-up bytes, or `68 T A0..A6 C L` whose length matches. Returns `None` otherwise
+/// (wM-Bus telegrams start with their L field, which may be any byte, even 0x68).
 pub fn detect(bytes: &[u8]) -> Option<Protocol> {
+    let total = |l: &u8, overhead: usize| usize::from(*l).checked_add(overhead);
     match bytes {
         [0xE5] | [0x10, _, _, _, 0x16] => Some(Protocol::Mbus),
-        [0x68, l1, l2, 0x68, ..] if l1 == l2 => Some(Protocol::Mbus),
-        [0xFE, ..] | [0x68, ..] => Some(Protocol::Cjt188),
+        [0x68, l1, l2, 0x68, ..] if l1 == l2 && total(l1, 6) == Some(bytes.len()) => {
+            Some(Protocol::Mbus)
+        }
+        [0xFE, ..] => Some(Protocol::Cjt188),
+        [0x68, _, _, _, _, _, _, _, _, _, l, ..] if total(l, 13) == Some(bytes.len()) => {
+            Some(Protocol::Cjt188)
+        }
         _ => None,
     }
 }

@@ -176,6 +176,28 @@ pub enum MbusError {
     },
 }
 
+impl MbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::Empty => "empty",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadHeader { .. } => "bad_header",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadStop { .. } => "bad_stop",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::NotLongFrame { .. } => "not_long_frame",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::ApplicationError { .. } => "application_error",
+            Self::TooManyDife { .. } => "too_many_dife",
+            Self::TooManyVife { .. } => "too_many_vife",
+            Self::UnsupportedLvar { .. } => "unsupported_lvar",
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cursor
 
@@ -1006,13 +1028,9 @@ impl<'a> RecordIter<'a> {
             };
             return Ok(Some(record));
         }
-        let dife = chain(
-            &mut cur,
-            dif,
-            MAX_DIFE,
-            "DIFE",
-            MbusError::TooManyDife { offset },
-        )?;
+        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
+            offset,
+        })?;
         let vif = cur.byte("VIF")?;
         let plain_text = if vif & 0x7F == 0x7C {
             // libmbus and the old ELV/Itron devices put the text right after the VIF.
@@ -1021,13 +1039,9 @@ impl<'a> RecordIter<'a> {
         } else {
             &[]
         };
-        let vife = chain(
-            &mut cur,
-            vif,
-            MAX_VIFE,
-            "VIFE",
-            MbusError::TooManyVife { offset },
-        )?;
+        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
+            offset,
+        })?;
         let (data, lvar) = match dif & 0x0F {
             0x0D => {
                 let lvar_offset = cur.offset;
@@ -1095,14 +1109,14 @@ fn chain<'a>(
     first: u8,
     max: usize,
     field: &'static str,
-    too_many: MbusError,
+    too_many: impl FnOnce() -> MbusError,
 ) -> Result<&'a [u8], MbusError> {
     let all = cur.rest;
     let mut n = 0usize;
     let mut ext = first & 0x80 != 0;
     while ext {
         if n >= max {
-            return Err(too_many);
+            return Err(too_many());
         }
         let b = cur.byte(field)?;
         ext = b & 0x80 != 0;
