@@ -127,3 +127,26 @@ pub enum WmbusError {
     #[error("wired long frame: {0}")]
     Wired(#[source] crate::mbus::MbusError),
 }
+
+impl WmbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`); the
+    /// same labels the gateway's wM-Bus source uses.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::LengthMismatch { .. } => "length",
+            Self::BadCrc { .. } => "crc",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::UnsupportedSecurityMode { .. } => "unsupported_security_mode",
+            Self::MissingKey { .. } => "missing_key",
+            Self::WrongKey { .. } => "wrong_key",
+            Self::BadEncryptedLength { .. } => "encrypted_length",
+            Self::UnknownCompactFormat { .. } => "unknown_compact_format",
+            Self::CompactMismatch { .. } => "compact_mismatch",
+            Self::Fragmented { .. } => "fragmented",
+            Self::ManufacturerSpecific { .. } => "manufacturer_specific",
+            Self::Application { .. } => "records",
+            Self::Wired(_) => "wired_frame",
+        }
+    }
+}

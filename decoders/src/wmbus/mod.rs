@@ -980,13 +980,15 @@ mod tests {
                 check: "2F2F check bytes"
             }
         );
+        let missing = parse(&frame, &None, &mut FormatCache::new()).unwrap_err();
         assert_eq!(
-            parse(&frame, &None, &mut FormatCache::new()).unwrap_err(),
+            missing,
             WmbusError::MissingKey {
                 meter: "mbus:KAM12345678".into(),
                 mode: 5
             }
         );
+        assert_eq!(missing.code(), "missing_key");
         let mut keys = HashMap::new();
         keys.insert("mbus:KAM12345678".to_owned(), KEY);
         assert!(parse(&frame, &keys, &mut FormatCache::new()).is_ok());
