@@ -733,3 +733,75 @@ impl Bus {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsp(records: &[u8]) -> Vec<u8> {
+        let mut data = vec![0x78, 0x56, 0x34, 0x12, 0x2D, 0x2C, 0x01, 0x07, 0, 0, 0, 0];
+        data.extend_from_slice(records);
+        decoders::mbus::encode::long(0x08, 1, 0x72, &data)
+    }
+
+    #[test]
+    fn more_records_follow_walks_records() {
+        // 0C 13 + 4 bytes, then 1F.
+        assert!(link::more_records_follow(&rsp(&[
+            0x0C, 0x13, 1, 2, 3, 4, 0x1F
+        ])));
+        assert!(!link::more_records_follow(&rsp(&[0x0C, 0x13, 1, 2, 3, 4])));
+        // A value byte 1F is data, not the marker.
+        assert!(!link::more_records_follow(&rsp(&[0x01, 0x13, 0x1F])));
+        // DIFE chain, VIFE chain, LVAR text, plain-text VIF, then 1F.
+        let records = [
+            0x8C, 0x10, 0x13, 1, 2, 3, 4, // DIF+DIFE
+            0x04, 0xFD, 0x17, 0, 0, 0, 0, // VIF FD + VIFE
+            0x0D, 0x78, 3, b'a', b'b', b'c', // LVAR 3 ASCII
+            0x02, 0x7C, 2, b'x', b'y', 9, 9, // plain-text VIF
+            0x2F, 0x1F,
+        ];
+        assert!(link::more_records_follow(&rsp(&records)));
+        assert_eq!(link::identification(&rsp(&[])).as_deref(), Some("12345678"));
+    }
+
+    #[test]
+    fn check_long_reports_what_is_wrong() {
+        let mut f = rsp(&[0x0C, 0x13, 1, 2, 3, 4]);
+        assert!(link::check_long(&f).is_ok());
+        let cs = f.len() - 2;
+        f[cs] ^= 1;
+        assert!(link::check_long(&f).unwrap_err().starts_with("checksum"));
+        assert_eq!(classify(vec![0xE5]), Reply::Ack);
+        assert!(matches!(classify(vec![0xE5, 0xE5]), Reply::Garbled(_)));
+    }
+
+    #[test]
+    fn select_mask_encodes_digits_little_endian_with_wildcards() {
+        let f = link::select_secondary([1, 2, 3, 4, 0xF, 0xF, 0xF, 0xF]);
+        assert_eq!(&f[7..15], &[0xFF, 0xFF, 0x34, 0x12, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for len in 0..2000usize {
+            let mut bytes = Vec::with_capacity(len % 300);
+            for _ in 0..len % 300 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push((seed >> 24) as u8);
+            }
+            if let Some(b) = bytes.first_mut() {
+                *b = if len % 2 == 0 { 0x68 } else { *b };
+            }
+            link::check_long(&bytes).ok();
+            let _ = link::more_records_follow(&bytes);
+            let _ = link::identification(&bytes);
+            let _ = classify(bytes.clone());
+            // Also as the records of a valid frame.
+            let _ = link::more_records_follow(&rsp(bytes.get(..200).unwrap_or(&bytes)));
+        }
+    }
+}
