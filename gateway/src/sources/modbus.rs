@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use decoders::modbus::{self as modbus_decoder, RegisterFunction, RegisterMap};
 use decoders::{DecodedFrame, MeterInfo, Protocol, Record};
-use edge_config::modbus::{ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity};
+use edge_config::modbus::{
+    ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve, Parity,
+};
 use model::{CommandAction, GatewayId, SourceKind};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -109,6 +111,8 @@ pub struct PolledDevice {
     pub poll_interval: Duration,
     /// Reads and decoding.
     pub decoder: Arc<dyn DeviceDecoder>,
+    /// Valve register, if the device has one.
+    pub valve: Option<ModbusValve>,
 }
 
 pub use super::{DeviceHealth, Health};
@@ -278,6 +282,7 @@ fn devices_of(
                     unit_id: d.unit_id,
                     poll_interval: d.poll_interval,
                     decoder: Arc::new(MapDecoder::new(map, timing.max_block, timing.max_gap)),
+                    valve: d.valve,
                 },
             ))
         })
@@ -575,8 +580,18 @@ impl Bus {
             )));
             return;
         };
-        let outcome = match command.action {
-            CommandAction::ModbusWrite { register, value } => {
+        let write = match (&command.action, device.valve) {
+            (CommandAction::ModbusWrite { register, value }, _) => Ok((*register, *value)),
+            (CommandAction::ValveOpen, Some(v)) => Ok((v.register, v.open)),
+            (CommandAction::ValveClose, Some(v)) => Ok((v.register, v.close)),
+            (CommandAction::ValveOpen | CommandAction::ValveClose, None) => Err(format!(
+                "device {} has no valve register configured",
+                command.device
+            )),
+            (other, _) => Err(format!("the modbus source cannot execute {other:?}")),
+        };
+        let outcome = match write {
+            Ok((register, value)) => {
                 match self
                     .request(device.unit_id, Op::WriteSingle(register, value))
                     .await
@@ -591,7 +606,7 @@ impl Bus {
                     }
                 }
             }
-            other => CommandOutcome::Failed(format!("the modbus source cannot execute {other:?}")),
+            Err(reason) => CommandOutcome::Failed(reason),
         };
         let _gone = reply.send(outcome);
     }
