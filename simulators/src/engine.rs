@@ -165,6 +165,22 @@ pub struct Emission {
 }
 
 impl Emission {
+    /// An all-zero emission of `meter` (for identity-only uses such as address matching).
+    pub fn idle(meter: u32) -> Self {
+        Self {
+            meter,
+            ts: 0,
+            meter_ts: 0,
+            register_ml: 0,
+            reverse_ml: 0,
+            settlement_ml: 0,
+            flow_lph: 0.0,
+            battery_pct: 100,
+            status: Status::default(),
+            delivery: Delivery::Normal,
+        }
+    }
+
     /// Returns the register as m³ with litre resolution (what the meter displays; truncated).
     pub fn register_m3(&self) -> Decimal {
         ml_to_m3(self.register_ml)
@@ -447,6 +463,29 @@ impl Engine {
     /// Returns the current register of a meter, millilitres.
     pub fn register_ml(&self, meter: u32) -> Option<u64> {
         self.state.get(meter as usize).map(|s| s.register_ml)
+    }
+
+    /// Returns the meter's state now as a no-flow reading (what a polled meter answers
+    /// before the first simulation step).
+    pub fn snapshot(&self, meter: u32) -> Option<Emission> {
+        let st = self.state.get(meter as usize)?;
+        Some(Emission {
+            meter,
+            ts: self.now,
+            meter_ts: self.now,
+            register_ml: st.register_ml,
+            reverse_ml: st.reverse_ml,
+            settlement_ml: st.settlement_ml,
+            flow_lph: 0.0,
+            battery_pct: st.battery_start.clamp(0.0, 100.0) as u8,
+            status: Status {
+                valve_closed: st.valve_closed,
+                battery_low: false,
+                tamper: st.tamper,
+                reverse_flow: false,
+            },
+            delivery: Delivery::Normal,
+        })
     }
 
     /// Opens or closes a meter's valve (a closed valve stops all flow through the meter).

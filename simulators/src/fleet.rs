@@ -30,8 +30,11 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use std::collections::HashMap;
+
 use crate::engine::{Delivery, MeterSpec};
 use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
+use crate::mbus_serial::{Latest, MbusBank, MbusBus};
 use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
@@ -98,6 +101,15 @@ pub struct WmbusConfig {
     pub encrypted: bool,
 }
 
+/// Wired M-Bus slaves on a socat pty pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbusConfig {
+    /// Number of M-Bus-addressed meters on the bus (primary addresses 1, 2, …; at most 250).
+    pub meters: u32,
+    /// Directory where the pty links `slave` and `master` are created.
+    pub dir: std::path::PathBuf,
+}
+
 /// What a fleet runs and where it sends.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -119,6 +131,8 @@ pub struct FleetConfig {
     pub http_push: Option<HttpPushConfig>,
     /// wM-Bus meters.
     pub wmbus: Option<WmbusConfig>,
+    /// Wired M-Bus slaves.
+    pub mbus: Option<MbusConfig>,
 }
 
 impl FleetConfig {
@@ -134,6 +148,7 @@ impl FleetConfig {
             coap: None,
             http_push: None,
             wmbus: None,
+            mbus: None,
         }
     }
 }
@@ -151,6 +166,8 @@ enum Route {
     Http,
     /// wM-Bus telegram over UDP.
     Wmbus,
+    /// Polled on the M-Bus serial line.
+    Mbus,
 }
 
 macro_rules! counts {
@@ -238,6 +255,7 @@ pub struct FleetHandle {
     mqtt_task: Option<JoinHandle<()>>,
     mqtt_stop: watch::Sender<bool>,
     mqtt_acked: Option<watch::Receiver<u64>>,
+    mbus_bus: Option<MbusBus>,
 }
 
 impl Fleet {
@@ -315,8 +333,39 @@ impl Fleet {
             None => None,
         };
         let population = Arc::new(engine.population().meters.clone());
+        let latest: Latest = Arc::new(Mutex::new(HashMap::new()));
+        let mut mbus_bus = None;
+        if let Some(m) = &config.mbus {
+            let meters: Vec<(u32, MeterSpec)> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == Route::Mbus)
+                .filter_map(|(i, _)| Some((i as u32, population.get(i)?.clone())))
+                .collect();
+            {
+                let mut l = lock(&latest);
+                for (i, _) in &meters {
+                    if let Some(e) = engine.snapshot(*i) {
+                        l.insert(*i, e);
+                    }
+                }
+            }
+            let bank = Arc::new(Mutex::new(MbusBank::new(
+                &meters,
+                Arc::clone(&latest),
+                config.scenario.utc_offset_hours,
+            )));
+            let c = Arc::clone(&counters);
+            let bus = MbusBus::start(&m.dir, bank, shutdown_rx.clone(), move |b: &MbusBank| {
+                c.mbus_replies.store(b.replies, Ordering::Relaxed);
+                c.mbus_rsp_ud.store(b.rsp_ud, Ordering::Relaxed);
+            })
+            .await?;
+            mbus_bus = Some(bus);
+        }
         let engine = Arc::new(Mutex::new(engine));
         let driver = Driver {
+            latest,
             population,
             wmbus_socket,
             message_id: Arc::new(AtomicU16::new(1)),
@@ -340,6 +389,7 @@ impl Fleet {
             mqtt_task,
             mqtt_stop,
             mqtt_acked,
+            mbus_bus,
         })
     }
 }
@@ -413,6 +463,19 @@ fn routes(config: &FleetConfig, engine: &Engine) -> anyhow::Result<Vec<Route>> {
             assign(i, Route::Wmbus);
         }
     }
+    if let Some(m) = &config.mbus {
+        let skip = config.wmbus.as_ref().map_or(0, |w| w.meters as usize);
+        if m.meters > 250 || skip + m.meters as usize > mbus.len() {
+            bail!(
+                "mbus.meters = {} (at most 250) but only {} M-Bus-addressed meters are left after wM-Bus",
+                m.meters,
+                mbus.len().saturating_sub(skip)
+            );
+        }
+        for &i in mbus.iter().skip(skip).take(m.meters as usize) {
+            assign(i, Route::Mbus);
+        }
+    }
     Ok(routes)
 }
 
@@ -425,6 +488,7 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    latest: Latest,
     wmbus_socket: Option<UdpSocket>,
     message_id: Arc<AtomicU16>,
 }
@@ -493,6 +557,15 @@ impl Driver {
                         }
                     }
                     Some(Route::Wmbus) => self.send_wmbus(e, step).await,
+                    Some(Route::Mbus) => {
+                        // Polled devices answer with their latest reading; a lost reading
+                        // (comm loss) leaves the previous one in place.
+                        if e.delivery == Delivery::Lost {
+                            add(&self.counters.lost, 1);
+                        } else {
+                            lock(&self.latest).insert(e.meter, *e);
+                        }
+                    }
                     Some(Route::Coap | Route::Http) => {}
                     Some(Route::None) | None => {}
                 }
@@ -819,6 +892,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl FleetHandle {
+    /// Returns the pty path the gateway's M-Bus master opens, when M-Bus slaves run.
+    pub fn mbus_master_path(&self) -> Option<&std::path::Path> {
+        self.mbus_bus.as_ref().map(|b| b.master_path.as_path())
+    }
+
     /// Returns the counts of frames sent so far.
     pub fn counts(&self) -> FrameCounts {
         self.counters.snapshot()
@@ -881,6 +959,9 @@ impl FleetHandle {
             }
         }
         self.mqtt_stop.send_replace(true);
+        if let Some(bus) = self.mbus_bus.take() {
+            bus.stop().await;
+        }
         result.map(|()| self.counters.snapshot())
     }
 }
