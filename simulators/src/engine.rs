@@ -215,6 +215,7 @@ struct MeterState {
 #[derive(Debug, Clone, Default)]
 struct DmaAcc {
     meters: u32,
+    last_step_ml: i64,
     consumption_ml: i64,
     losses_ml: i64,
     registered_ml: i64,
@@ -488,6 +489,17 @@ impl Engine {
         })
     }
 
+    /// Returns a DMA's cumulative inflow since the start (millilitres) and its mean inflow
+    /// during the last step (litres per hour): what the DMA inlet flow meter measures.
+    pub fn dma_inflow(&self, dma: u32) -> Option<(i64, f64)> {
+        let d = self.dmas.get(dma as usize)?;
+        let hours = self.step_s as f64 / 3600.0;
+        Some((
+            d.consumption_ml + d.losses_ml,
+            d.last_step_ml as f64 / 1000.0 / hours,
+        ))
+    }
+
     /// Opens or closes a meter's valve (a closed valve stops all flow through the meter).
     pub fn set_valve(&mut self, meter: u32, open: bool) {
         if let Some(s) = self.state.get_mut(meter as usize) {
@@ -536,6 +548,11 @@ impl Engine {
         let local_start = unix(step_start + offset);
         let settle = local_start.day() == 1 && local_start.hour() == 0 && local_start.minute() == 0;
 
+        let dma_before: Vec<i64> = self
+            .dmas
+            .iter()
+            .map(|d| d.consumption_ml + d.losses_ml)
+            .collect();
         for idx in 0..self.population.meters.len() {
             let Some(spec) = self.population.meters.get(idx) else {
                 continue;
@@ -779,6 +796,9 @@ impl Engine {
             {
                 d.losses_ml += (rate_lph * step_hours * 1000.0).round() as i64;
             }
+        }
+        for (d, b) in self.dmas.iter_mut().zip(&dma_before) {
+            d.last_step_ml = d.consumption_ml + d.losses_ml - b;
         }
         self.stats.steps += 1;
         self.now = step_end;

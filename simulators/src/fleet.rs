@@ -35,6 +35,7 @@ use std::collections::HashMap;
 use crate::engine::{Delivery, MeterSpec};
 use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
 use crate::mbus_serial::{Latest, MbusBank, MbusBus};
+use crate::modbus_tcp;
 use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
@@ -110,6 +111,13 @@ pub struct MbusConfig {
     pub dir: std::path::PathBuf,
 }
 
+/// Modbus TCP instruments (DMA inlet flow meters and pressure transmitters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusConfig {
+    /// Listen address (`127.0.0.1:0` picks a free port; see [`FleetHandle::modbus_addr`]).
+    pub bind: SocketAddr,
+}
+
 /// What a fleet runs and where it sends.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -133,6 +141,8 @@ pub struct FleetConfig {
     pub wmbus: Option<WmbusConfig>,
     /// Wired M-Bus slaves.
     pub mbus: Option<MbusConfig>,
+    /// Modbus TCP instruments, one pair per DMA.
+    pub modbus: Option<ModbusConfig>,
 }
 
 impl FleetConfig {
@@ -149,6 +159,7 @@ impl FleetConfig {
             http_push: None,
             wmbus: None,
             mbus: None,
+            modbus: None,
         }
     }
 }
@@ -256,6 +267,8 @@ pub struct FleetHandle {
     mqtt_stop: watch::Sender<bool>,
     mqtt_acked: Option<watch::Receiver<u64>>,
     mbus_bus: Option<MbusBus>,
+    modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
+    modbus_requests: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -363,8 +376,28 @@ impl Fleet {
             .await?;
             mbus_bus = Some(bus);
         }
+        let modbus_requests = Arc::new(AtomicU64::new(0));
+        let mut modbus = None;
+        if let Some(m) = &config.modbus {
+            let devices = modbus_tcp::devices(engine.population().dmas);
+            let maps = modbus_tcp::maps()?;
+            let images: modbus_tcp::Images = Arc::new(Mutex::new(HashMap::new()));
+            modbus_tcp::update(&images, &devices, &maps, |d| dma_measurement(&engine, d));
+            let (addr, task) =
+                modbus_tcp::serve(m.bind, Arc::clone(&images), Arc::clone(&modbus_requests))
+                    .await?;
+            tasks.push(task);
+            modbus = Some(ModbusState {
+                addr,
+                devices,
+                maps,
+                images,
+            });
+        }
+        let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
         let driver = Driver {
+            modbus,
             latest,
             population,
             wmbus_socket,
@@ -390,6 +423,8 @@ impl Fleet {
             mqtt_stop,
             mqtt_acked,
             mbus_bus,
+            modbus_info,
+            modbus_requests,
         })
     }
 }
@@ -489,8 +524,25 @@ struct Driver {
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
     latest: Latest,
+    modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
     message_id: Arc<AtomicU16>,
+}
+
+struct ModbusState {
+    addr: SocketAddr,
+    devices: Vec<modbus_tcp::ModbusDevice>,
+    maps: HashMap<String, decoders::modbus::RegisterMap>,
+    images: modbus_tcp::Images,
+}
+
+fn dma_measurement(engine: &Engine, dma: u32) -> Option<modbus_tcp::DmaMeasurement> {
+    engine
+        .dma_inflow(dma)
+        .map(|(inflow_ml, flow_lph)| modbus_tcp::DmaMeasurement {
+            inflow_ml,
+            flow_lph,
+        })
 }
 
 /// At most this many CoAP / HTTP exchanges run at once (one socket each).
@@ -571,6 +623,12 @@ impl Driver {
                 }
             }
             self.exchanges(&emissions, step).await;
+            if let Some(m) = &self.modbus {
+                let engine = lock(&self.engine);
+                modbus_tcp::update(&m.images, &m.devices, &m.maps, |d| {
+                    dma_measurement(&engine, d)
+                });
+            }
             if let Some(c) = &conc {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
@@ -897,9 +955,21 @@ impl FleetHandle {
         self.mbus_bus.as_ref().map(|b| b.master_path.as_path())
     }
 
+    /// Returns the address of the Modbus TCP listener, when instruments run.
+    pub fn modbus_addr(&self) -> Option<SocketAddr> {
+        self.modbus_info.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Returns the Modbus instruments (unit id, name, map model, DMA).
+    pub fn modbus_devices(&self) -> &[modbus_tcp::ModbusDevice] {
+        self.modbus_info.as_ref().map_or(&[], |(_, d)| d.as_slice())
+    }
+
     /// Returns the counts of frames sent so far.
     pub fn counts(&self) -> FrameCounts {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        c.modbus_requests = self.modbus_requests.load(Ordering::Relaxed);
+        c
     }
 
     /// Returns the ground truth recorded so far.
@@ -962,7 +1032,7 @@ impl FleetHandle {
         if let Some(bus) = self.mbus_bus.take() {
             bus.stop().await;
         }
-        result.map(|()| self.counters.snapshot())
+        result.map(|()| self.counts())
     }
 }
 
