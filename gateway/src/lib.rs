@@ -18,6 +18,7 @@ pub mod normalise;
 pub mod runtime;
 pub mod sink;
 pub mod source;
+pub mod sources;
 pub mod spool;
 pub mod uplink;
 

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod ingest;
 pub mod store;
 pub mod testing;
 

@@ -5,3 +5,10 @@
 //! `decoders`' encoders; the simulators reach the gateway only through its public interfaces.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod engine;
+pub mod fleet;
+pub mod mqtt;
+pub mod profile;
+pub mod scenario;
+pub mod truth;

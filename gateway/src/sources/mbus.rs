@@ -1,0 +1,735 @@
+//! Serial M-Bus master (EN 13757-2 link layer over tokio-serial, 8E1).
+//!
+//! Each cycle reads every meter: primary meters with SND_NKE then REQ_UD2, secondary meters
+//! by deselecting (SND_NKE to 253), selecting (SND_UD CI 52 to 253) and REQ_UD2 to 253. The
+//! FCB starts at 1 after SND_NKE and toggles per new request; a retry after a timeout or a
+//! garbled answer repeats the same FCB so the slave repeats its last telegram. Telegrams
+//! ending in DIF 1F ("more records follow") are followed by further REQ_UD2 up to a limit.
+//! A wildcard secondary search walks the standard digit tree (F = any digit): no answer →
+//! nobody there, one clean E5 → one meter (read it to learn its address), anything else →
+//! several answered at once (collision) → refine the next digit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use decoders::DecodedFrame;
+use edge_config::mbus::MbusSerialSourceConfig;
+use model::{CommandAction, GatewayId, SourceKind};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio_serial::{SerialPort as _, SerialStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::normalise::{FrameContext, meter_id, to_readings};
+use crate::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
+
+/// Why the M-Bus source stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The configuration is invalid.
+    #[error("invalid mbus source config: {0:?}")]
+    Config(Vec<edge_config::mbus::MbusConfigError>),
+    /// The serial port could not be opened.
+    #[error("open serial port {port}: {reason}")]
+    Serial {
+        /// Port path.
+        port: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why one exchange on the bus failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MasterError {
+    /// No answer within the timeout, after every retry.
+    #[error("no answer from {0} after retries")]
+    NoAnswer(String),
+    /// Answers were garbled (bad checksum, framing) after every retry.
+    #[error("garbled answer from {address}: {detail}")]
+    Garbled {
+        /// Address asked.
+        address: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A secondary address did not select exactly one meter.
+    #[error("secondary address {0} selected no single meter")]
+    NotSelected(String),
+    /// The serial port failed.
+    #[error("serial I/O: {0}")]
+    Io(String),
+}
+
+/// A meter address on the bus.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Address {
+    /// Primary address 0..=250.
+    Primary(u8),
+    /// Secondary address: identification number as 8 digits.
+    Secondary(String),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Primary(p) => write!(f, "primary {p}"),
+            Self::Secondary(s) => write!(f, "secondary {s}"),
+        }
+    }
+}
+
+/// Link-layer frames (EN 13757-2 / IEC 60870-5-2 FT1.2).
+pub mod link {
+    /// Single-character acknowledgement.
+    pub const ACK: u8 = 0xE5;
+    /// Address that talks to the selected meter.
+    pub const SELECTED: u8 = 0xFD;
+
+    use decoders::mbus::encode;
+
+    /// SND_NKE (link reset) to `a`.
+    pub fn snd_nke(a: u8) -> Vec<u8> {
+        encode::snd_nke(a)
+    }
+
+    /// REQ_UD2 to `a` with the frame count bit.
+    pub fn req_ud2(a: u8, fcb: bool) -> Vec<u8> {
+        encode::req_ud2(a, fcb)
+    }
+
+    /// SND_UD to `a` with CI and data (FCB 0: commands are not repeated by FCB logic).
+    pub fn snd_ud(a: u8, ci: u8, data: &[u8]) -> Vec<u8> {
+        encode::long(encode::C_SND_UD, a, ci, data)
+    }
+
+    /// Selection by secondary address: 8 digit nibbles, most significant first, 0xF = any.
+    /// Manufacturer, version and medium are wildcards.
+    pub fn select_secondary(digits: [u8; 8]) -> Vec<u8> {
+        let id = digits
+            .iter()
+            .fold(0u32, |acc, d| (acc << 4) | u32::from(d & 0x0F));
+        encode::select_secondary(id, None, None, None)
+    }
+
+    /// Checks a long frame's framing and checksum; returns the user data (C field on).
+    pub fn check_long(frame: &[u8]) -> Result<&[u8], String> {
+        let (&[start, l1, l2, start2], rest) =
+            frame.split_first_chunk::<4>().ok_or("short frame")?;
+        if start != 0x68 || start2 != 0x68 || l1 != l2 {
+            return Err(format!(
+                "bad long-frame header {start:02x} {l1:02x} {l2:02x} {start2:02x}"
+            ));
+        }
+        let l = usize::from(l1);
+        let body = rest.get(..l).ok_or("frame shorter than its L field")?;
+        let (cs, stop) = match rest.get(l..) {
+            Some(&[cs, stop]) => (cs, stop),
+            _ => return Err("frame length does not match its L field".into()),
+        };
+        if stop != 0x16 {
+            return Err(format!("stop byte {stop:02x} (expected 16)"));
+        }
+        let sum = body.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
+        if sum != cs {
+            return Err(format!("checksum {cs:02x} (computed {sum:02x})"));
+        }
+        Ok(body)
+    }
+
+    /// The identification number of an RSP_UD (CI 72) as 8 digits.
+    pub fn identification(frame: &[u8]) -> Option<String> {
+        let body = check_long(frame).ok()?;
+        let (&[_c, _a, ci, i0, i1, i2, i3], _) = body.split_first_chunk::<7>()?;
+        if ci != 0x72 {
+            return None;
+        }
+        let s = format!("{i3:02x}{i2:02x}{i1:02x}{i0:02x}");
+        s.bytes().all(|b| b.is_ascii_digit()).then_some(s)
+    }
+
+    /// Whether the telegram's last record is DIF 1F (more records follow in another telegram).
+    /// Walks the data records of a CI 72 / 7A / 78 telegram; unknown layouts answer `false`.
+    pub fn more_records_follow(frame: &[u8]) -> bool {
+        let Ok(body) = check_long(frame) else {
+            return false;
+        };
+        let header = match body.get(2) {
+            Some(0x72) => 12,
+            Some(0x7A) => 4,
+            Some(0x78) => 0,
+            _ => return false,
+        };
+        let Some(mut rest) = body.get(3 + header..) else {
+            return false;
+        };
+        loop {
+            let Some((&dif, after)) = rest.split_first() else {
+                return false;
+            };
+            rest = after;
+            match dif {
+                0x1F => return true,
+                0x0F => return false,
+                0x2F => continue,
+                _ => {}
+            }
+            let mut ext = dif;
+            while ext & 0x80 != 0 {
+                let Some((&dife, after)) = rest.split_first() else {
+                    return false;
+                };
+                ext = dife;
+                rest = after;
+            }
+            let Some((&vif, after)) = rest.split_first() else {
+                return false;
+            };
+            rest = after;
+            let mut ext = vif;
+            while ext & 0x80 != 0 {
+                let Some((&vife, after)) = rest.split_first() else {
+                    return false;
+                };
+                ext = vife;
+                rest = after;
+            }
+            if vif & 0x7F == 0x7C {
+                // Plain-text VIF: length byte and ASCII unit follow.
+                let Some((&n, after)) = rest.split_first() else {
+                    return false;
+                };
+                let Some(after) = after.get(usize::from(n)..) else {
+                    return false;
+                };
+                rest = after;
+            }
+            let len = match dif & 0x0F {
+                0x0 | 0x8 => 0,
+                0x1 | 0x9 => 1,
+                0x2 | 0xA => 2,
+                0x3 | 0xB => 3,
+                0x4 | 0x5 | 0xC => 4,
+                0x6 | 0xE => 6,
+                0x7 => 8,
+                0xD => {
+                    let Some((&lvar, after)) = rest.split_first() else {
+                        return false;
+                    };
+                    rest = after;
+                    match lvar {
+                        0x00..=0xBF => usize::from(lvar),
+                        0xC0..=0xEF => usize::from(lvar & 0x0F),
+                        _ => return false,
+                    }
+                }
+                _ => return false,
+            };
+            let Some(after) = rest.get(len..) else {
+                return false;
+            };
+            rest = after;
+        }
+    }
+}
+
+/// What came back after a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// Nothing within the timeout.
+    Nothing,
+    /// A single E5 and nothing after it.
+    Ack,
+    /// A valid long frame.
+    Long(Vec<u8>),
+    /// Anything else (collision, noise, bad checksum).
+    Garbled(String),
+}
+
+/// Result of a secondary-address selection probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// No meter matched.
+    None,
+    /// Exactly one meter matched and is now selected.
+    Single,
+    /// Several meters answered at once.
+    Collision,
+}
+
+/// The bus master: one request at a time on one serial line.
+#[derive(Debug)]
+pub struct Master {
+    port: SerialStream,
+    timeout: Duration,
+    /// Quiet time after which an answer is complete.
+    gap: Duration,
+    retries: u32,
+}
+
+impl Master {
+    /// Opens `port` at `baud` 8E1.
+    pub fn open(
+        port: &str,
+        baud: u32,
+        timeout: Duration,
+        retries: u32,
+    ) -> Result<Self, MasterError> {
+        let builder = tokio_serial::new(port, baud)
+            .parity(tokio_serial::Parity::Even)
+            .data_bits(tokio_serial::DataBits::Eight)
+            .stop_bits(tokio_serial::StopBits::One);
+        let port = SerialStream::open(&builder).map_err(|e| MasterError::Io(e.to_string()))?;
+        // 11 bits per character; an answer is over after ~20 silent character times (min 30 ms).
+        let char_time = Duration::from_secs_f64(11.0 / f64::from(baud.max(1)));
+        Ok(Self {
+            port,
+            timeout,
+            gap: (char_time * 20).max(Duration::from_millis(30)),
+            retries,
+        })
+    }
+
+    async fn send(&mut self, frame: &[u8]) -> Result<(), MasterError> {
+        // Stale bytes (a late answer to a timed-out request) must not be read as this answer.
+        self.port
+            .clear(tokio_serial::ClearBuffer::Input)
+            .map_err(|e| MasterError::Io(e.to_string()))?;
+        self.port
+            .write_all(frame)
+            .await
+            .map_err(|e| MasterError::Io(e.to_string()))?;
+        self.port
+            .flush()
+            .await
+            .map_err(|e| MasterError::Io(e.to_string()))
+    }
+
+    async fn read_byte(&mut self, wait: Duration) -> Result<Option<u8>, MasterError> {
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(wait, self.port.read(&mut b)).await {
+            Err(_) => Ok(None),
+            Ok(Ok(0)) => Err(MasterError::Io("serial port closed".into())),
+            Ok(Ok(_)) => Ok(Some(b[0])),
+            Ok(Err(e)) => Err(MasterError::Io(e.to_string())),
+        }
+    }
+
+    /// Reads bytes until the line is quiet, after the first byte arrived within `timeout`.
+    async fn read_reply(&mut self) -> Result<Reply, MasterError> {
+        let Some(first) = self.read_byte(self.timeout).await? else {
+            return Ok(Reply::Nothing);
+        };
+        let mut bytes = vec![first];
+        while let Some(b) = self.read_byte(self.gap).await? {
+            bytes.push(b);
+            if bytes.len() > 300 {
+                break;
+            }
+        }
+        Ok(classify(bytes))
+    }
+
+    /// Sends `frame` and reads the answer, retrying (same frame) on silence or garbage.
+    async fn exchange(&mut self, frame: &[u8], address: &str) -> Result<Reply, MasterError> {
+        let mut last = Reply::Nothing;
+        for _ in 0..=self.retries {
+            self.send(frame).await?;
+            let reply = self.read_reply().await?;
+            match reply {
+                Reply::Ack | Reply::Long(_) => return Ok(reply),
+                other => last = other,
+            }
+        }
+        match last {
+            Reply::Garbled(detail) => Err(MasterError::Garbled {
+                address: address.to_owned(),
+                detail,
+            }),
+            _ => Err(MasterError::NoAnswer(address.to_owned())),
+        }
+    }
+
+    async fn expect_ack(&mut self, frame: &[u8], address: &str) -> Result<(), MasterError> {
+        match self.exchange(frame, address).await? {
+            Reply::Ack => Ok(()),
+            _ => Err(MasterError::Garbled {
+                address: address.to_owned(),
+                detail: "expected E5, got a long frame".into(),
+            }),
+        }
+    }
+
+    /// Probes a secondary-address mask once (no retries: silence is an answer here).
+    pub async fn probe(&mut self, digits: [u8; 8]) -> Result<Probe, MasterError> {
+        self.send(&link::select_secondary(digits)).await?;
+        Ok(match self.read_reply().await? {
+            Reply::Nothing => Probe::None,
+            Reply::Ack => Probe::Single,
+            Reply::Long(_) | Reply::Garbled(_) => Probe::Collision,
+        })
+    }
+
+    async fn select(&mut self, id: &str) -> Result<(), MasterError> {
+        let mut digits = [0u8; 8];
+        for (slot, b) in digits.iter_mut().zip(id.bytes()) {
+            *slot = b.wrapping_sub(b'0');
+        }
+        // Deselect whatever was selected before.
+        self.send(&link::snd_nke(link::SELECTED)).await?;
+        let _ack = self.read_reply().await?;
+        for _ in 0..=self.retries {
+            match self.probe(digits).await? {
+                Probe::Single => return Ok(()),
+                Probe::None | Probe::Collision => {}
+            }
+        }
+        Err(MasterError::NotSelected(id.to_owned()))
+    }
+
+    /// Reads every telegram of one meter: SND_NKE, then REQ_UD2 with FCB 1, 0, 1... while the
+    /// telegram ends with DIF 1F, at most `max_telegrams`.
+    pub async fn read(
+        &mut self,
+        address: &Address,
+        max_telegrams: u8,
+    ) -> Result<Vec<Vec<u8>>, MasterError> {
+        let name = address.to_string();
+        let a = match address {
+            Address::Primary(p) => {
+                self.expect_ack(&link::snd_nke(*p), &name).await?;
+                *p
+            }
+            Address::Secondary(id) => {
+                self.select(id).await?;
+                link::SELECTED
+            }
+        };
+        let mut fcb = true;
+        let mut telegrams = Vec::new();
+        for _ in 0..max_telegrams {
+            match self.exchange(&link::req_ud2(a, fcb), &name).await? {
+                Reply::Long(frame) => {
+                    let more = link::more_records_follow(&frame);
+                    telegrams.push(frame);
+                    if !more {
+                        break;
+                    }
+                }
+                _ => {
+                    return Err(MasterError::Garbled {
+                        address: name,
+                        detail: "expected RSP_UD, got E5".into(),
+                    });
+                }
+            }
+            fcb = !fcb;
+        }
+        Ok(telegrams)
+    }
+
+    /// Sends SND_UD with `ci` and `data` to a meter and waits for its E5.
+    pub async fn snd_ud(
+        &mut self,
+        address: &Address,
+        ci: u8,
+        data: &[u8],
+    ) -> Result<(), MasterError> {
+        let name = address.to_string();
+        let a = match address {
+            Address::Primary(p) => *p,
+            Address::Secondary(id) => {
+                self.select(id).await?;
+                link::SELECTED
+            }
+        };
+        self.expect_ack(&link::snd_ud(a, ci, data), &name).await
+    }
+
+    /// Wildcard secondary search over the digit tree; returns the identification numbers found.
+    pub async fn search(&mut self) -> Result<Vec<String>, MasterError> {
+        let mut found = Vec::new();
+        // Depth-first over positions 0..8, most significant digit first; a stack avoids
+        // recursion in async code.
+        let mut stack: Vec<[u8; 8]> = vec![];
+        for d in (0..10u8).rev() {
+            let mut m = [0x0F; 8];
+            m[0] = d;
+            stack.push(m);
+        }
+        self.send(&link::snd_nke(link::SELECTED)).await?;
+        let _ack = self.read_reply().await?;
+        while let Some(mask) = stack.pop() {
+            match self.probe(mask).await? {
+                Probe::None => {}
+                Probe::Single => {
+                    // One meter matches: read it through 253 to learn its full number.
+                    let reply = self
+                        .exchange(&link::req_ud2(link::SELECTED, true), "selected")
+                        .await;
+                    if let Ok(Reply::Long(frame)) = reply
+                        && let Some(id) = link::identification(&frame)
+                        && !found.contains(&id)
+                    {
+                        found.push(id);
+                    }
+                }
+                Probe::Collision => {
+                    let Some(pos) = mask.iter().position(|d| *d == 0x0F) else {
+                        // All digits fixed and still several answers: same number twice on
+                        // the bus (only manufacturer/version could tell them apart).
+                        tracing::warn!(?mask, "secondary address collision on a full number");
+                        continue;
+                    };
+                    for d in (0..10u8).rev() {
+                        let mut m = mask;
+                        if let Some(slot) = m.get_mut(pos) {
+                            *slot = d;
+                        }
+                        stack.push(m);
+                    }
+                }
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+}
+
+fn classify(bytes: Vec<u8>) -> Reply {
+    match bytes.as_slice() {
+        [link::ACK] => Reply::Ack,
+        [0x68, ..] => match link::check_long(&bytes) {
+            Ok(_) => Reply::Long(bytes),
+            Err(e) => Reply::Garbled(e),
+        },
+        other => Reply::Garbled(format!(
+            "unexpected {} byte(s) starting {:02x?}",
+            other.len(),
+            other.iter().take(4).collect::<Vec<_>>()
+        )),
+    }
+}
+
+/// Decodes one RSP_UD long frame into records.
+pub type FrameDecoder = fn(&[u8]) -> Result<DecodedFrame, String>;
+
+/// The production decoder: `decoders::mbus::decode`; the error text starts with its kind
+/// (`checksum: ...`), which becomes the decode-error counter's label.
+pub fn default_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
+    use decoders::mbus::MbusError as E;
+    decoders::mbus::decode(frame).map_err(|e| {
+        let kind = match &e {
+            E::BadChecksum { .. } => "checksum",
+            E::Truncated { .. } | E::BadLength { .. } | E::TrailingBytes { .. } => "length",
+            E::BadStart { .. } | E::BadHeader { .. } | E::BadStop { .. } => "framing",
+            E::NotLongFrame { .. } => "not_long_frame",
+            E::UnsupportedCi { .. } => "unsupported_ci",
+            E::ApplicationError { .. } => "application_error",
+            _ => "record",
+        };
+        format!("{kind}: {e}")
+    })
+}
+
+/// Runs the master until shutdown with [`default_decoder`].
+pub async fn run(config: MbusSerialSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
+    run_with(config, ctx, default_decoder).await
+}
+
+/// Runs the master until shutdown with a given telegram decoder.
+pub async fn run_with(
+    config: MbusSerialSourceConfig,
+    ctx: SourceContext,
+    decoder: FrameDecoder,
+) -> Result<(), SourceError> {
+    config.validate().map_err(SourceError::Config)?;
+    let master = Master::open(
+        &config.port,
+        config.baud_rate,
+        config.timeout,
+        config.retries,
+    )
+    .map_err(|e| SourceError::Serial {
+        port: config.port.clone(),
+        reason: e.to_string(),
+    })?;
+    let SourceContext {
+        gateway,
+        source_id,
+        sink,
+        commands,
+        shutdown,
+    } = ctx;
+    let mut meters: Vec<Address> = config
+        .meters
+        .iter()
+        .filter_map(|m| match (m.primary, &m.secondary) {
+            (Some(p), _) => Some(Address::Primary(p)),
+            (None, Some(s)) => Some(Address::Secondary(s.clone())),
+            (None, None) => None,
+        })
+        .collect();
+    let mut bus = Bus {
+        master,
+        config,
+        gateway,
+        source_id,
+        sink,
+        decoder,
+        known: HashMap::new(),
+    };
+    if bus.config.search_secondary {
+        match bus.master.search().await {
+            Ok(found) => {
+                tracing::info!(source = %bus.source_id, ?found, "secondary search done");
+                for id in found {
+                    let a = Address::Secondary(id);
+                    if !meters.contains(&a) {
+                        meters.push(a);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(source = %bus.source_id, error = %e, "secondary search failed")
+            }
+        }
+    }
+    bus.cycle_loop(meters, commands, shutdown).await;
+    Ok(())
+}
+
+struct Bus {
+    master: Master,
+    config: MbusSerialSourceConfig,
+    gateway: GatewayId,
+    source_id: String,
+    sink: IngestSink,
+    decoder: FrameDecoder,
+    /// Meter id → bus address, learnt from reads (commands name meters by id).
+    known: HashMap<String, Address>,
+}
+
+impl Bus {
+    async fn cycle_loop(
+        &mut self,
+        meters: Vec<Address>,
+        mut commands: mpsc::Receiver<CommandRequest>,
+        shutdown: CancellationToken,
+    ) {
+        let mut failures: BTreeMap<Address, u32> = BTreeMap::new();
+        let mut next = tokio::time::Instant::now();
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                req = commands.recv(), if commands_open => match req {
+                    Some(req) => self.command(req).await,
+                    None => commands_open = false,
+                },
+                () = tokio::time::sleep_until(next) => {
+                    for a in &meters {
+                        if shutdown.is_cancelled() {
+                            return;
+                        }
+                        // Commands wait at most one meter read.
+                        while let Ok(req) = commands.try_recv() {
+                            self.command(req).await;
+                        }
+                        let ok = self.read_meter(a).await;
+                        let n = failures.entry(a.clone()).or_default();
+                        *n = if ok { 0 } else { n.saturating_add(1) };
+                    }
+                    next += self.config.poll_interval;
+                    let now = tokio::time::Instant::now();
+                    while next <= now {
+                        next += self.config.poll_interval;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read_meter(&mut self, address: &Address) -> bool {
+        let telegrams = match self.master.read(address, self.config.max_telegrams).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(source = %self.source_id, %address, error = %e, "m-bus read failed");
+                if let MasterError::Garbled { .. } = e {
+                    self.sink.decode_failed(&self.source_id, "garbled");
+                }
+                return false;
+            }
+        };
+        let received_at = OffsetDateTime::now_utc();
+        let mut readings = Vec::new();
+        for raw in &telegrams {
+            self.sink.frame_received(&self.source_id);
+            let frame = match (self.decoder)(raw) {
+                Ok(f) => f,
+                Err(e) => {
+                    let kind = e.split(':').next().unwrap_or("decode").trim().to_owned();
+                    tracing::warn!(source = %self.source_id, %address, error = %e, "m-bus telegram not decodable");
+                    self.sink.decode_failed(&self.source_id, &kind);
+                    continue;
+                }
+            };
+            let meter = match meter_id(&frame) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(source = %self.source_id, error = %e, "m-bus meter id invalid");
+                    self.sink.decode_failed(&self.source_id, "meter_id");
+                    continue;
+                }
+            };
+            self.known.insert(meter.to_string(), address.clone());
+            let fctx = FrameContext {
+                gateway: &self.gateway,
+                source: SourceKind::MbusSerial,
+                source_id: &self.source_id,
+                received_at,
+                raw,
+            };
+            readings.extend(to_readings(&frame, &meter, None, &fctx));
+        }
+        if let Err(e) = self.sink.submit(readings).await {
+            tracing::warn!(source = %self.source_id, error = %e, "spool refused m-bus readings");
+            return false;
+        }
+        true
+    }
+
+    async fn command(&mut self, req: CommandRequest) {
+        let CommandRequest { command, reply } = req;
+        let Some(address) = self.known.get(command.device.as_str()).cloned() else {
+            let _gone = reply.send(CommandOutcome::Failed(format!(
+                "meter {} has not been read on this bus yet",
+                command.device
+            )));
+            return;
+        };
+        let result = match command.action {
+            CommandAction::MbusApplicationReset => self.master.snd_ud(&address, 0x50, &[]).await,
+            CommandAction::SetTime => {
+                // The gateway's UTC time: the config has no per-meter time zone yet.
+                let frame = decoders::mbus::encode::set_time(0, OffsetDateTime::now_utc());
+                // From CI on, without CS and stop: reuse the encoder's record bytes.
+                let data = frame.get(7..frame.len().saturating_sub(2)).unwrap_or(&[]);
+                self.master.snd_ud(&address, 0x51, data).await
+            }
+            other => {
+                let _gone = reply.send(CommandOutcome::Failed(format!(
+                    "the m-bus master cannot execute {other:?}"
+                )));
+                return;
+            }
+        };
+        let _gone = reply.send(match result {
+            // E5 only confirms receipt at the link layer; M-Bus has no execution result.
+            Ok(()) => CommandOutcome::Sent,
+            Err(e) => CommandOutcome::Failed(e.to_string()),
+        });
+    }
+}

@@ -1,0 +1,463 @@
+//! MQTT devices: data concentrators (JSON batches, raw frames) and fire-hydrant controllers.
+//!
+//! Payloads follow `/work/wt/CONTRACTS.md` ("Concentrator MQTT", "Hydrants MQTT"). Topics are
+//! `{prefix}concentrator/{cid}/readings|frame` and `{prefix}hydrant/{hid}/up|cmd|ack`, where the
+//! prefix is empty in the field and unique per test.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::{mpsc, watch};
+
+use crate::engine::{Delivery, Emission, unix};
+use crate::profile::unit;
+
+/// Where the fleet's MQTT devices connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttConfig {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// Prefix put before every device topic (`""` in the field, unique in tests).
+    pub topic_prefix: String,
+    /// Client id of the fleet's connection.
+    pub client_id: String,
+}
+
+impl MqttConfig {
+    /// Parses `mqtt://host:port` (or `host:port`) into a config with the given prefix.
+    ///
+    /// # Errors
+    /// Returns a message when the URL has no valid port.
+    pub fn from_url(url: &str, topic_prefix: &str, client_id: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("mqtt://").unwrap_or(url);
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| format!("bad port {p:?} in MQTT URL {url:?}"))?,
+            ),
+            None => (rest, 1883),
+        };
+        if host.is_empty() {
+            return Err(format!("no host in MQTT URL {url:?}"));
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+            topic_prefix: normalise_prefix(topic_prefix),
+            client_id: client_id.to_owned(),
+        })
+    }
+
+    /// Returns `{prefix}{rest}`.
+    pub fn topic(&self, rest: &str) -> String {
+        format!("{}{rest}", self.topic_prefix)
+    }
+}
+
+/// Makes a prefix end with `/` unless it is empty.
+pub fn normalise_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with('/') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}/")
+    }
+}
+
+/// One meter reading in a concentrator batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcentratorReading {
+    /// Meter id (`cjt188:…`).
+    pub meter: String,
+    /// Meter timestamp, RFC 3339.
+    pub ts: String,
+    /// Register, m³, decimal string.
+    pub volume_m3: String,
+}
+
+/// The JSON a concentrator publishes on `concentrator/{cid}/readings`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConcentratorBatch {
+    /// Version, 1.
+    pub v: u16,
+    /// Concentrator id.
+    pub concentrator: String,
+    /// When the batch was sent (simulated clock), RFC 3339.
+    pub sent_at: String,
+    /// Readings.
+    pub readings: Vec<ConcentratorReading>,
+}
+
+/// Returns the batch entries for one emission, honouring its delivery fault: none when
+/// lost, two when duplicated, a garbled volume (not a number) when corrupted.
+pub fn concentrator_entries(meter_id: &str, e: &Emission) -> Vec<ConcentratorReading> {
+    let ts = unix(e.meter_ts).format(&Rfc3339).unwrap_or_default();
+    let volume = e.register_m3().to_string();
+    let entry = |volume_m3: String| ConcentratorReading {
+        meter: meter_id.to_owned(),
+        ts: ts.clone(),
+        volume_m3,
+    };
+    match e.delivery {
+        Delivery::Lost => Vec::new(),
+        Delivery::Normal => vec![entry(volume)],
+        Delivery::Duplicate => vec![entry(volume.clone()), entry(volume)],
+        Delivery::Corrupt => vec![entry(volume.replacen(|c: char| c.is_ascii_digit(), "x", 1))],
+    }
+}
+
+/// A hydrant command as received on `hydrant/{hid}/cmd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HydrantCommand {
+    /// Idempotency key.
+    pub command_id: String,
+    /// `unlock` or `lock`.
+    pub action: String,
+    /// Unlock duration, seconds.
+    #[serde(default)]
+    pub duration_s: Option<u32>,
+}
+
+/// A hydrant's acknowledgement on `hydrant/{hid}/ack`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HydrantAck {
+    /// The command acknowledged.
+    pub command_id: String,
+    /// `ok` or `refused`.
+    pub result: String,
+    /// Why it was refused.
+    pub reason: Option<String>,
+}
+
+/// A hydrant's periodic status on `hydrant/{hid}/up`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HydrantUp {
+    /// Version, 1.
+    pub v: u16,
+    /// Hydrant id.
+    pub hydrant: String,
+    /// Simulated time, RFC 3339.
+    pub ts: String,
+    /// Outlet pressure, bar, 2 decimals.
+    pub pressure_bar: String,
+    /// `open` or `closed`.
+    pub state: String,
+    /// Whether the outlet is locked against unauthorised use.
+    pub locked: bool,
+    /// Events since the last status (`tilt`, `illegal_use`, `open`, `close`).
+    pub events: Vec<String>,
+}
+
+/// One simulated hydrant controller.
+#[derive(Debug, Clone)]
+pub struct Hydrant {
+    /// Id (`hyd-0001`).
+    pub id: String,
+    index: u64,
+    locked: bool,
+    open: bool,
+    illegal_open: bool,
+    unlocked_until: Option<i64>,
+    events: Vec<String>,
+    acks: HashMap<String, HydrantAck>,
+    /// Commands executed (not counting repeated command ids).
+    pub executed: u64,
+}
+
+impl Hydrant {
+    /// Creates hydrant `index`, locked and closed.
+    pub fn new(index: u32) -> Self {
+        Self {
+            id: format!("hyd-{index:04}"),
+            index: u64::from(index),
+            locked: true,
+            open: false,
+            illegal_open: false,
+            unlocked_until: None,
+            events: Vec::new(),
+            acks: HashMap::new(),
+            executed: 0,
+        }
+    }
+
+    /// Returns (locked, open).
+    pub fn state(&self) -> (bool, bool) {
+        (self.locked, self.open)
+    }
+
+    /// Handles a command at simulated time `now`. A command id seen before is acknowledged
+    /// again with the first result and not executed again.
+    pub fn handle(&mut self, cmd: &HydrantCommand, now: i64) -> HydrantAck {
+        if let Some(ack) = self.acks.get(&cmd.command_id) {
+            return ack.clone();
+        }
+        let refuse = |reason: &str| HydrantAck {
+            command_id: cmd.command_id.clone(),
+            result: "refused".into(),
+            reason: Some(reason.into()),
+        };
+        let ack = match (cmd.action.as_str(), cmd.duration_s) {
+            ("unlock", Some(d)) if d > 0 => {
+                self.locked = false;
+                self.unlocked_until = Some(now + i64::from(d));
+                // Authorised use starts as soon as the outlet is unlocked.
+                if !self.open {
+                    self.open = true;
+                    self.events.push("open".into());
+                }
+                self.executed += 1;
+                None
+            }
+            ("unlock", _) => Some(refuse("unlock needs duration_s > 0")),
+            ("lock", _) => {
+                self.lock();
+                self.executed += 1;
+                None
+            }
+            (other, _) => Some(refuse(&format!("unknown action {other:?}"))),
+        }
+        .unwrap_or_else(|| HydrantAck {
+            command_id: cmd.command_id.clone(),
+            result: "ok".into(),
+            reason: None,
+        });
+        self.acks.insert(cmd.command_id.clone(), ack.clone());
+        ack
+    }
+
+    fn lock(&mut self) {
+        self.locked = true;
+        self.unlocked_until = None;
+        if self.open && !self.illegal_open {
+            self.open = false;
+            self.events.push("close".into());
+        }
+    }
+
+    /// Advances to simulated time `now` (step `step` of the run) and returns the status to
+    /// publish. Rare random events: a tilt (collision), or illegal use while locked.
+    pub fn tick(&mut self, now: i64, seed: u64, step: u64) -> HydrantUp {
+        if self.illegal_open {
+            self.illegal_open = false;
+            self.open = false;
+            self.events.push("close".into());
+        }
+        if self.unlocked_until.is_some_and(|t| now >= t) {
+            self.lock();
+        }
+        let u = unit(seed ^ 0x4879_6472, self.index, step);
+        if u < 0.002 {
+            self.events.push("tilt".into());
+        } else if u < 0.006 && self.locked && !self.open {
+            self.open = true;
+            self.illegal_open = true;
+            self.events.push("illegal_use".into());
+            self.events.push("open".into());
+        }
+        let noise = unit(seed ^ 0x7072_6573, self.index, step);
+        let base = if self.open { 2.10 } else { 3.20 };
+        let pressure = base + 0.3 * (noise - 0.5);
+        let centibar = (pressure * 100.0).round() as i64;
+        HydrantUp {
+            v: 1,
+            hydrant: self.id.clone(),
+            ts: unix(now).format(&Rfc3339).unwrap_or_default(),
+            pressure_bar: Decimal::new(centibar, 2).to_string(),
+            state: if self.open { "open" } else { "closed" }.into(),
+            locked: self.locked,
+            events: std::mem::take(&mut self.events),
+        }
+    }
+}
+
+/// A connection of the fleet to the broker.
+#[derive(Debug)]
+pub struct Connection {
+    /// Client to publish with.
+    pub client: AsyncClient,
+    /// Publishes received on the subscription.
+    pub incoming: mpsc::Receiver<rumqttc::Publish>,
+    /// Turns true once the subscription is acknowledged (at once without one).
+    pub ready: watch::Receiver<bool>,
+    /// QoS 1 publishes acknowledged by the broker so far.
+    pub acked: watch::Receiver<u64>,
+    /// The event-loop task.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Connects to the broker and subscribes to `subscribe`, if given. The event loop
+/// reconnects on its own until `shutdown` turns true or a DISCONNECT has been sent.
+pub fn connect(
+    config: &MqttConfig,
+    subscribe: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Connection {
+    let mut options = MqttOptions::new(&config.client_id, &config.host, config.port);
+    options.set_keep_alive(Duration::from_secs(15));
+    options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+    let (client, eventloop) = AsyncClient::new(options, 256);
+    let (tx, rx) = mpsc::channel(256);
+    let (ready_tx, ready) = watch::channel(false);
+    let (acked_tx, acked) = watch::channel(0u64);
+    let sub_client = client.clone();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            () = poll(eventloop, sub_client, subscribe, tx, ready_tx, acked_tx) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    });
+    Connection {
+        client,
+        incoming: rx,
+        ready,
+        acked,
+        task,
+    }
+}
+
+async fn poll(
+    mut eventloop: EventLoop,
+    client: AsyncClient,
+    subscribe: Option<String>,
+    tx: mpsc::Sender<rumqttc::Publish>,
+    ready: watch::Sender<bool>,
+    acked: watch::Sender<u64>,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => match &subscribe {
+                // Resubscribe on every (re)connect: the session is clean.
+                Some(topic) => {
+                    if let Err(e) = client.subscribe(topic.clone(), QoS::AtLeastOnce).await {
+                        tracing::warn!(error = %e, "mqtt subscribe request failed");
+                    }
+                }
+                None => {
+                    ready.send_replace(true);
+                }
+            },
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                ready.send_replace(true);
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                acked.send_modify(|n| *n += 1);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if tx.send(p).await.is_err() {
+                    return;
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
+            Ok(ev) => tracing::trace!(?ev, "mqtt event"),
+            Err(e) => {
+                tracing::warn!(error = %e, "mqtt connection error; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Status;
+
+    fn emission(delivery: Delivery) -> Emission {
+        Emission {
+            meter: 0,
+            ts: 1_780_000_000,
+            meter_ts: 1_780_000_000,
+            register_ml: 123_456_789,
+            reverse_ml: 0,
+            flow_lph: 0.0,
+            battery_pct: 90,
+            status: Status::default(),
+            delivery,
+        }
+    }
+
+    #[test]
+    fn concentrator_entries_follow_delivery_faults() {
+        let e = concentrator_entries("cjt188:1", &emission(Delivery::Normal));
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].volume_m3, "123.456");
+        assert_eq!(e[0].ts, "2026-05-28T20:26:40Z");
+        assert!(concentrator_entries("m", &emission(Delivery::Lost)).is_empty());
+        assert_eq!(
+            concentrator_entries("m", &emission(Delivery::Duplicate)).len(),
+            2
+        );
+        let bad = concentrator_entries("m", &emission(Delivery::Corrupt));
+        assert_eq!(bad[0].volume_m3, "x23.456");
+    }
+
+    #[test]
+    fn hydrant_obeys_unlock_and_lock_once_per_command_id() {
+        let mut h = Hydrant::new(1);
+        let unlock = HydrantCommand {
+            command_id: "c-1".into(),
+            action: "unlock".into(),
+            duration_s: Some(600),
+        };
+        let ack = h.handle(&unlock, 1000);
+        assert_eq!((ack.result.as_str(), ack.reason), ("ok", None));
+        assert_eq!(h.state(), (false, true));
+        // Lock, then the same unlock again: acked again, not re-executed.
+        h.handle(
+            &HydrantCommand {
+                command_id: "c-2".into(),
+                action: "lock".into(),
+                duration_s: None,
+            },
+            1100,
+        );
+        assert_eq!(h.state(), (true, false));
+        let again = h.handle(&unlock, 1200);
+        assert_eq!(again.result, "ok");
+        assert_eq!(h.state(), (true, false));
+        assert_eq!(h.executed, 2);
+        let bad = h.handle(
+            &HydrantCommand {
+                command_id: "c-3".into(),
+                action: "flood".into(),
+                duration_s: None,
+            },
+            1300,
+        );
+        assert_eq!(bad.result, "refused");
+    }
+
+    #[test]
+    fn unlock_expires_on_the_simulated_clock() {
+        let mut h = Hydrant::new(2);
+        h.handle(
+            &HydrantCommand {
+                command_id: "u".into(),
+                action: "unlock".into(),
+                duration_s: Some(600),
+            },
+            0,
+        );
+        let up = h.tick(300, 1, 1);
+        assert_eq!((up.state.as_str(), up.locked), ("open", false));
+        assert_eq!(up.events, vec!["open".to_owned()]);
+        let up = h.tick(600, 1, 2);
+        assert!(up.locked);
+        assert!(up.events.contains(&"close".to_owned()));
+    }
+
+    #[test]
+    fn parses_mqtt_urls() {
+        let c = MqttConfig::from_url("mqtt://127.0.0.1:1884", "test/x", "id").unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("127.0.0.1", 1884));
+        assert_eq!(c.topic("hydrant/h1/up"), "test/x/hydrant/h1/up");
+        assert!(MqttConfig::from_url("mqtt://h:abc", "", "id").is_err());
+    }
+}
