@@ -496,6 +496,27 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
             }
         }
     }
+    // Named register maps must load; a map error is a configuration error.
+    let at = text.find("[register_maps]").unwrap_or(0);
+    let errors: Vec<ConfigError> = config
+        .register_maps
+        .iter()
+        .filter_map(|(name, p)| {
+            register_map::load(p).err().map(|e| {
+                let (line, column, _) = locate(&text, at);
+                ConfigError {
+                    file: path.to_owned(),
+                    line,
+                    column,
+                    field: format!("register_maps.{name}"),
+                    message: format!("{}: {e}", p.display()),
+                }
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
     Ok(config)
 }
 
@@ -865,12 +886,13 @@ fn validate(
         }
         if let Some(map) = &dev.register_map
             && !config.register_maps.contains_key(map.get_ref())
+            && !register_map::builtin_names().contains(&map.get_ref().as_str())
         {
             err(
                 map.span().start,
                 "device.register_map",
                 format!(
-                    "device `{}`: unknown register map `{}` (define it under [register_maps])",
+                    "device `{}`: unknown register map `{}` (not built in; define it under [register_maps])",
                     dev.id,
                     map.get_ref()
                 ),

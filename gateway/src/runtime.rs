@@ -253,10 +253,18 @@ impl Gateway {
                 (task, route, None)
             }
             SourceConfig::ModbusTcp(c) => {
-                field_task(&id, sources::modbus::run(c.clone(), ctx), cmd_tx)
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                field_task(&id, sources::modbus::run(c, ctx), cmd_tx)
             }
             SourceConfig::ModbusRtu(c) => {
-                field_task(&id, sources::modbus::run_rtu(c.clone(), ctx), cmd_tx)
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                field_task(&id, sources::modbus::run_rtu(c, ctx), cmd_tx)
             }
             SourceConfig::MbusSerial(c) => {
                 field_task(&id, sources::mbus::run(c.clone(), ctx), cmd_tx)
@@ -279,6 +287,15 @@ impl Gateway {
             route,
             addr,
         })
+    }
+
+    /// A register map named under `[register_maps]` becomes its file path; built-in names
+    /// and paths pass through.
+    fn map_path(&self, map: &str) -> String {
+        self.config
+            .register_maps
+            .get(map)
+            .map_or_else(|| map.to_owned(), |p| p.display().to_string())
     }
 
     fn update_routes(&self) {
