@@ -356,6 +356,26 @@ impl Downlink {
         }
     }
 
+    /// Reports and drops queued NB-IoT commands whose TTL has passed.
+    pub fn expire_queued(&self) {
+        let now = OffsetDateTime::now_utc();
+        let expired: Vec<DeviceCommand> = {
+            let mut q = lock(&self.queue);
+            let mut out = Vec::new();
+            for cmds in q.values_mut() {
+                let (gone, keep): (VecDeque<_>, VecDeque<_>) =
+                    cmds.drain(..).partition(|c| c.is_expired(now));
+                *cmds = keep;
+                out.extend(gone);
+            }
+            q.retain(|_, c| !c.is_empty());
+            out
+        };
+        for cmd in expired {
+            self.transition(&cmd, CommandState::Expired, false);
+        }
+    }
+
     /// The command went out in a CoAP reply; the meter's confirmation is awaited.
     pub fn sent_to_meter(&self, cmd: &DeviceCommand) {
         self.transition(cmd, CommandState::Sent, false);
@@ -494,6 +514,19 @@ mod tests {
             ("v", CommandState::Acknowledged)
         );
         assert!(dl.next_for(&meter).is_none());
+        // A queued command whose TTL passes is expired by the sweep, without an uplink.
+        dl.handle(cmd("short", meter.as_str(), 1)).await;
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        dl.expire_queued();
+        assert_eq!(dl.queued(), 1);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        dl.expire_queued();
+        let ack = acks.recv().await.unwrap();
+        assert_eq!(
+            (ack.id.0.as_str(), ack.state),
+            ("short", CommandState::Expired)
+        );
+        assert_eq!(dl.queued(), 0);
         let mut text = String::new();
         dl.render_prometheus(&mut text);
         assert!(

@@ -148,6 +148,18 @@ impl Gateway {
             acks,
             shutdown.clone(),
         )));
+        // Queued NB-IoT commands expire on time even if the meter never calls in.
+        let sweeper = Arc::clone(&downlink);
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => sweeper.expire_queued(),
+                }
+            }
+        }));
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
@@ -270,7 +282,19 @@ impl Gateway {
                 field_task(&id, sources::mbus::run(c.clone(), ctx), cmd_tx)
             }
             SourceConfig::WmbusUdp(c) => {
-                let (task, _, addr) = field_task(&id, sources::wmbus::run(c.clone(), ctx), cmd_tx);
+                // Keys given on [[device]] entries of this source join the source's own.
+                let mut c = c.clone();
+                for d in &self.config.devices {
+                    let d = d.get_ref();
+                    if d.source.get_ref() == &id
+                        && let Some(key) = &d.key
+                    {
+                        c.keys
+                            .entry(d.id.as_str().to_owned())
+                            .or_insert_with(|| key.get_ref().clone());
+                    }
+                }
+                let (task, _, addr) = field_task(&id, sources::wmbus::run(c, ctx), cmd_tx);
                 let route =
                     Route::Unavailable(format!("source `{id}` (wM-Bus receiver) is receive-only"));
                 (task, route, addr)
