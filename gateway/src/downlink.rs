@@ -183,6 +183,13 @@ impl Downlink {
                 .or_default()
                 .push_back(c.clone());
         }
+        let awaiting: HashMap<MeterId, DeviceCommand> = log
+            .latest
+            .values()
+            .filter(|l| l.ack.state == CommandState::Sent)
+            .filter_map(|l| l.command.clone())
+            .map(|c| (c.device.clone(), c))
+            .collect();
         let (acks, rx) = mpsc::unbounded_channel();
         Ok((
             Arc::new(Self {
@@ -190,7 +197,7 @@ impl Downlink {
                 log: Mutex::new(log),
                 routes: RwLock::new(Routes::default()),
                 queue: Mutex::new(queue),
-                awaiting: Mutex::new(HashMap::new()),
+                awaiting: Mutex::new(awaiting),
                 acks,
                 states: Mutex::new(BTreeMap::new()),
             }),
@@ -378,7 +385,8 @@ impl Downlink {
 
     /// The command went out in a CoAP reply; the meter's confirmation is awaited.
     pub fn sent_to_meter(&self, cmd: &DeviceCommand) {
-        self.transition(cmd, CommandState::Sent, false);
+        // Kept with the command so a restart still matches the meter's reply to it.
+        self.transition(cmd, CommandState::Sent, true);
         lock(&self.awaiting).insert(cmd.device.clone(), cmd.clone());
     }
 
@@ -502,11 +510,15 @@ mod tests {
         drop(dl);
         // A restart keeps the NB-IoT queue.
         let (dl, mut acks) = Downlink::open(gw, dir.path()).unwrap();
-        dl.set_routes(routes(tx));
+        dl.set_routes(routes(tx.clone()));
         let next = dl.next_for(&meter).unwrap();
         assert_eq!(next.id.0, "v");
         dl.sent_to_meter(&next);
         assert_eq!(acks.recv().await.unwrap().state, CommandState::Sent);
+        drop(dl);
+        // A restart between sending and the meter's reply still completes the command.
+        let (dl, mut acks) = Downlink::open(GatewayId::new("gw-1").unwrap(), dir.path()).unwrap();
+        dl.set_routes(routes(tx.clone()));
         dl.meter_replied(&meter, Ok(()));
         let ack = acks.recv().await.unwrap();
         assert_eq!(
