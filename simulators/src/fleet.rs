@@ -17,15 +17,26 @@
 //! # Ok(()) }
 //! ```
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use decoders::envelope::{Envelope, Platform, encode_envelope};
 use rumqttc::{AsyncClient, QoS};
 use time::format_description::well_known::Rfc3339;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::net::UdpSocket;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use std::collections::HashMap;
+
+use crate::engine::{Delivery, MeterSpec};
+use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
+use crate::mbus_serial::{Latest, MbusBank, MbusBus};
+use crate::modbus_tcp;
+use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
 use crate::mqtt::{
@@ -56,6 +67,57 @@ pub struct ConcentratorConfig {
     pub upload: Upload,
 }
 
+/// NB-IoT CJ/T 188 meters posting CoAP uplinks to the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoapConfig {
+    /// Gateway CoAP address (`/up` is posted there).
+    pub gateway: SocketAddr,
+    /// Number of CJ/T 188 meters using CoAP.
+    pub meters: u32,
+}
+
+/// NB-IoT meters whose uplinks reach the gateway through an IoT platform's HTTP push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpPushConfig {
+    /// Gateway HTTP address.
+    pub gateway: SocketAddr,
+    /// Path, `/v1/push`.
+    pub path: String,
+    /// Shared HMAC secret.
+    pub secret: String,
+    /// Envelope format.
+    pub platform: Platform,
+    /// Number of CJ/T 188 meters using the platform.
+    pub meters: u32,
+}
+
+/// Wireless M-Bus meters whose telegrams go to the gateway's UDP receiver interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WmbusConfig {
+    /// Gateway wM-Bus UDP address.
+    pub gateway: SocketAddr,
+    /// Number of M-Bus-addressed meters sending telegrams.
+    pub meters: u32,
+    /// Encrypt with per-meter keys ([`crate::frames::wmbus_key`]), security mode 5.
+    pub encrypted: bool,
+}
+
+/// Wired M-Bus slaves on a socat pty pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbusConfig {
+    /// Number of M-Bus-addressed meters on the bus (primary addresses 1, 2, …; at most 250).
+    pub meters: u32,
+    /// Directory where the pty links `slave` and `master` are created.
+    pub dir: std::path::PathBuf,
+}
+
+/// Modbus TCP instruments (DMA inlet flow meters and pressure transmitters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusConfig {
+    /// Listen address (`127.0.0.1:0` picks a free port; see [`FleetHandle::modbus_addr`]).
+    pub bind: SocketAddr,
+}
+
 /// What a fleet runs and where it sends.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -71,6 +133,16 @@ pub struct FleetConfig {
     pub concentrators: Option<ConcentratorConfig>,
     /// Number of hydrant controllers (need `mqtt`).
     pub hydrants: u32,
+    /// NB-IoT CoAP meters.
+    pub coap: Option<CoapConfig>,
+    /// IoT-platform HTTP push.
+    pub http_push: Option<HttpPushConfig>,
+    /// wM-Bus meters.
+    pub wmbus: Option<WmbusConfig>,
+    /// Wired M-Bus slaves.
+    pub mbus: Option<MbusConfig>,
+    /// Modbus TCP instruments, one pair per DMA.
+    pub modbus: Option<ModbusConfig>,
 }
 
 impl FleetConfig {
@@ -83,6 +155,11 @@ impl FleetConfig {
             mqtt: None,
             concentrators: None,
             hydrants: 0,
+            coap: None,
+            http_push: None,
+            wmbus: None,
+            mbus: None,
+            modbus: None,
         }
     }
 }
@@ -94,51 +171,78 @@ enum Route {
     None,
     /// Through concentrator `n`.
     Concentrator(u32),
+    /// CoAP uplink.
+    Coap,
+    /// IoT-platform HTTP push.
+    Http,
+    /// wM-Bus telegram over UDP.
+    Wmbus,
+    /// Polled on the M-Bus serial line.
+    Mbus,
 }
 
-/// Counts of frames and messages sent, by kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FrameCounts {
-    /// Simulation steps run.
-    pub steps: u64,
-    /// Concentrator JSON batches published.
-    pub concentrator_batches: u64,
-    /// Readings inside those batches (duplicates counted twice).
-    pub concentrator_readings: u64,
-    /// Hydrant status messages published.
-    pub hydrant_ups: u64,
-    /// Hydrant acks published.
-    pub hydrant_acks: u64,
-    /// Hydrant commands executed (repeats of a command id not counted).
-    pub hydrant_commands_executed: u64,
-    /// Readings not sent because of communication-loss faults.
-    pub lost: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    steps: AtomicU64,
-    concentrator_batches: AtomicU64,
-    concentrator_readings: AtomicU64,
-    hydrant_ups: AtomicU64,
-    hydrant_acks: AtomicU64,
-    hydrant_commands_executed: AtomicU64,
-    lost: AtomicU64,
-}
-
-impl Counters {
-    fn snapshot(&self) -> FrameCounts {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        FrameCounts {
-            steps: g(&self.steps),
-            concentrator_batches: g(&self.concentrator_batches),
-            concentrator_readings: g(&self.concentrator_readings),
-            hydrant_ups: g(&self.hydrant_ups),
-            hydrant_acks: g(&self.hydrant_acks),
-            hydrant_commands_executed: g(&self.hydrant_commands_executed),
-            lost: g(&self.lost),
+macro_rules! counts {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Counts of frames and messages sent, by kind.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct FrameCounts {
+            $($(#[doc = $doc])* pub $name: u64,)*
         }
-    }
+
+        #[derive(Debug, Default)]
+        struct Counters {
+            $($name: AtomicU64,)*
+        }
+
+        impl Counters {
+            fn snapshot(&self) -> FrameCounts {
+                FrameCounts {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counts! {
+    /// Simulation steps run.
+    steps,
+    /// Concentrator JSON batches published.
+    concentrator_batches,
+    /// Readings inside those batches (duplicates counted twice).
+    concentrator_readings,
+    /// Hydrant status messages published.
+    hydrant_ups,
+    /// Hydrant acks published.
+    hydrant_acks,
+    /// Hydrant commands executed (repeats of a command id not counted).
+    hydrant_commands_executed,
+    /// CoAP uplinks (read-data replies) acknowledged by the gateway.
+    coap_uplinks,
+    /// Valve commands received in CoAP responses and executed.
+    coap_valve_commands,
+    /// Valve replies (C=84) acknowledged by the gateway.
+    coap_valve_replies,
+    /// HTTP pushes answered 202.
+    http_pushes,
+    /// HTTP pushes answered with another status.
+    http_rejected,
+    /// wM-Bus telegrams sent as UDP datagrams.
+    wmbus_telegrams,
+    /// M-Bus requests answered (E5 or RSP_UD) on the serial line.
+    mbus_replies,
+    /// RSP_UD frames among them.
+    mbus_rsp_ud,
+    /// Modbus requests answered.
+    modbus_requests,
+    /// Frames sent corrupted on purpose (fault injection).
+    corrupted,
+    /// Extra copies sent on purpose (duplicate-frame faults).
+    duplicated,
+    /// Readings not sent because of communication-loss faults.
+    lost,
+    /// Transport errors (timeouts, refused connections) while sending.
+    errors,
 }
 
 fn add(a: &AtomicU64, n: u64) {
@@ -162,6 +266,9 @@ pub struct FleetHandle {
     mqtt_task: Option<JoinHandle<()>>,
     mqtt_stop: watch::Sender<bool>,
     mqtt_acked: Option<watch::Receiver<u64>>,
+    mbus_bus: Option<MbusBus>,
+    modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
+    modbus_requests: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -230,8 +337,71 @@ impl Fleet {
             mqtt_client = Some(client);
         }
 
+        let wmbus_socket = match &config.wmbus {
+            Some(w) => Some(
+                UdpSocket::bind(unspecified(w.gateway))
+                    .await
+                    .context("binding the wM-Bus sender socket")?,
+            ),
+            None => None,
+        };
+        let population = Arc::new(engine.population().meters.clone());
+        let latest: Latest = Arc::new(Mutex::new(HashMap::new()));
+        let mut mbus_bus = None;
+        if let Some(m) = &config.mbus {
+            let meters: Vec<(u32, MeterSpec)> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == Route::Mbus)
+                .filter_map(|(i, _)| Some((i as u32, population.get(i)?.clone())))
+                .collect();
+            {
+                let mut l = lock(&latest);
+                for (i, _) in &meters {
+                    if let Some(e) = engine.snapshot(*i) {
+                        l.insert(*i, e);
+                    }
+                }
+            }
+            let bank = Arc::new(Mutex::new(MbusBank::new(
+                &meters,
+                Arc::clone(&latest),
+                config.scenario.utc_offset_hours,
+            )));
+            let c = Arc::clone(&counters);
+            let bus = MbusBus::start(&m.dir, bank, shutdown_rx.clone(), move |b: &MbusBank| {
+                c.mbus_replies.store(b.replies, Ordering::Relaxed);
+                c.mbus_rsp_ud.store(b.rsp_ud, Ordering::Relaxed);
+            })
+            .await?;
+            mbus_bus = Some(bus);
+        }
+        let modbus_requests = Arc::new(AtomicU64::new(0));
+        let mut modbus = None;
+        if let Some(m) = &config.modbus {
+            let devices = modbus_tcp::devices(engine.population().dmas);
+            let maps = modbus_tcp::maps()?;
+            let images: modbus_tcp::Images = Arc::new(Mutex::new(HashMap::new()));
+            modbus_tcp::update(&images, &devices, &maps, |d| dma_measurement(&engine, d));
+            let (addr, task) =
+                modbus_tcp::serve(m.bind, Arc::clone(&images), Arc::clone(&modbus_requests))
+                    .await?;
+            tasks.push(task);
+            modbus = Some(ModbusState {
+                addr,
+                devices,
+                maps,
+                images,
+            });
+        }
+        let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
         let driver = Driver {
+            modbus,
+            latest,
+            population,
+            wmbus_socket,
+            message_id: Arc::new(AtomicU16::new(1)),
             engine: Arc::clone(&engine),
             routes,
             config,
@@ -252,7 +422,18 @@ impl Fleet {
             mqtt_task,
             mqtt_stop,
             mqtt_acked,
+            mbus_bus,
+            modbus_info,
+            modbus_requests,
         })
+    }
+}
+
+/// Returns the any-address of the same family as `peer`, port 0.
+fn unspecified(peer: SocketAddr) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
     }
 }
 
@@ -265,22 +446,69 @@ fn routes(config: &FleetConfig, engine: &Engine) -> anyhow::Result<Vec<Route>> {
         .filter(|(_, m)| matches!(m.address, model::MeterAddress::Cjt188 { .. }))
         .map(|(i, _)| i)
         .collect();
+    let mbus: Vec<usize> = pop
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| matches!(m.address, model::MeterAddress::Mbus { .. }))
+        .map(|(i, _)| i)
+        .collect();
     let mut next = cjt.iter();
+    let mut take = |n: u32, what: &str| -> anyhow::Result<Vec<usize>> {
+        let picked: Vec<usize> = next.by_ref().take(n as usize).copied().collect();
+        if picked.len() < n as usize {
+            bail!(
+                "{what}.meters: not enough CJ/T 188 meters in the scenario ({} in all)",
+                cjt.len()
+            );
+        }
+        Ok(picked)
+    };
+    let mut assign = |idx: usize, route: Route| {
+        if let Some(r) = routes.get_mut(idx) {
+            *r = route;
+        }
+    };
+    if let Some(c) = &config.coap {
+        for i in take(c.meters, "coap")? {
+            assign(i, Route::Coap);
+        }
+    }
+    if let Some(h) = &config.http_push {
+        for i in take(h.meters, "http_push")? {
+            assign(i, Route::Http);
+        }
+    }
     if let Some(c) = &config.concentrators {
         if c.count == 0 {
             bail!("concentrators.count is 0");
         }
-        for k in 0..c.meters {
-            let Some(&i) = next.next() else {
-                bail!(
-                    "concentrators.meters = {} but the scenario has only {} CJ/T 188 meters",
-                    c.meters,
-                    cjt.len()
-                );
-            };
-            if let Some(r) = routes.get_mut(i) {
-                *r = Route::Concentrator(k % c.count);
-            }
+        for (k, i) in take(c.meters, "concentrators")?.into_iter().enumerate() {
+            assign(i, Route::Concentrator(k as u32 % c.count));
+        }
+    }
+    if let Some(w) = &config.wmbus {
+        if w.meters as usize > mbus.len() {
+            bail!(
+                "wmbus.meters = {} but the scenario has only {} M-Bus-addressed meters (fleet.mbus_meters)",
+                w.meters,
+                mbus.len()
+            );
+        }
+        for &i in mbus.iter().take(w.meters as usize) {
+            assign(i, Route::Wmbus);
+        }
+    }
+    if let Some(m) = &config.mbus {
+        let skip = config.wmbus.as_ref().map_or(0, |w| w.meters as usize);
+        if m.meters > 250 || skip + m.meters as usize > mbus.len() {
+            bail!(
+                "mbus.meters = {} (at most 250) but only {} M-Bus-addressed meters are left after wM-Bus",
+                m.meters,
+                mbus.len().saturating_sub(skip)
+            );
+        }
+        for &i in mbus.iter().skip(skip).take(m.meters as usize) {
+            assign(i, Route::Mbus);
         }
     }
     Ok(routes)
@@ -294,7 +522,31 @@ struct Driver {
     mqtt: Option<AsyncClient>,
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
+    population: Arc<Vec<MeterSpec>>,
+    latest: Latest,
+    modbus: Option<ModbusState>,
+    wmbus_socket: Option<UdpSocket>,
+    message_id: Arc<AtomicU16>,
 }
+
+struct ModbusState {
+    addr: SocketAddr,
+    devices: Vec<modbus_tcp::ModbusDevice>,
+    maps: HashMap<String, decoders::modbus::RegisterMap>,
+    images: modbus_tcp::Images,
+}
+
+fn dma_measurement(engine: &Engine, dma: u32) -> Option<modbus_tcp::DmaMeasurement> {
+    engine
+        .dma_inflow(dma)
+        .map(|(inflow_ml, flow_lph)| modbus_tcp::DmaMeasurement {
+            inflow_ml,
+            flow_lph,
+        })
+}
+
+/// At most this many CoAP / HTTP exchanges run at once (one socket each).
+const MAX_CONCURRENT_EXCHANGES: usize = 32;
 
 impl Driver {
     async fn run(
@@ -356,8 +608,26 @@ impl Driver {
                             buf.extend(concentrator_entries(id, e));
                         }
                     }
+                    Some(Route::Wmbus) => self.send_wmbus(e, step).await,
+                    Some(Route::Mbus) => {
+                        // Polled devices answer with their latest reading; a lost reading
+                        // (comm loss) leaves the previous one in place.
+                        if e.delivery == Delivery::Lost {
+                            add(&self.counters.lost, 1);
+                        } else {
+                            lock(&self.latest).insert(e.meter, *e);
+                        }
+                    }
+                    Some(Route::Coap | Route::Http) => {}
                     Some(Route::None) | None => {}
                 }
+            }
+            self.exchanges(&emissions, step).await;
+            if let Some(m) = &self.modbus {
+                let engine = lock(&self.engine);
+                modbus_tcp::update(&m.images, &m.devices, &m.maps, |d| {
+                    dma_measurement(&engine, d)
+                });
             }
             if let Some(c) = &conc {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
@@ -389,6 +659,138 @@ impl Driver {
         let now = lock(&self.engine).now().unix_timestamp();
         self.upload(&mut buffers, now).await?;
         Ok(())
+    }
+
+    /// Runs the step's CoAP and HTTP exchanges concurrently and waits for all of them, so a
+    /// meter's readings always leave in time order.
+    async fn exchanges(&self, emissions: &[Emission], step: u64) {
+        let semaphore = Arc::new(Semaphore::new(MAX_CONCURRENT_EXCHANGES));
+        let mut set = JoinSet::new();
+        let offset_h = self.config.scenario.utc_offset_hours;
+        for e in emissions {
+            let route = self.routes.get(e.meter as usize).copied();
+            if !matches!(route, Some(Route::Coap | Route::Http)) {
+                continue;
+            }
+            if e.delivery == Delivery::Lost {
+                add(&self.counters.lost, 1);
+                continue;
+            }
+            let Some(spec) = self.population.get(e.meter as usize).cloned() else {
+                continue;
+            };
+            let Some(mut frame) = cjt188_reply(&spec, e, (step & 0xFF) as u8, offset_h) else {
+                continue;
+            };
+            if e.delivery == Delivery::Corrupt {
+                corrupt_checksummed(&mut frame);
+                add(&self.counters.corrupted, 1);
+            }
+            let copies = if e.delivery == Delivery::Duplicate {
+                add(&self.counters.duplicated, 1);
+                2
+            } else {
+                1
+            };
+            let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
+                break;
+            };
+            let counters = Arc::clone(&self.counters);
+            let e = *e;
+            match route {
+                Some(Route::Coap) => {
+                    let Some(c) = &self.config.coap else { continue };
+                    let job = CoapJob {
+                        gateway: c.gateway,
+                        engine: Arc::clone(&self.engine),
+                        message_id: Arc::clone(&self.message_id),
+                        counters,
+                        spec,
+                        e,
+                        frame,
+                        copies,
+                        token: (crate::profile::mix(u64::from(e.meter) ^ (step << 32)) as u32)
+                            .to_be_bytes(),
+                    };
+                    set.spawn(async move {
+                        job.run().await;
+                        drop(permit);
+                    });
+                }
+                Some(Route::Http) => {
+                    let Some(h) = self.config.http_push.clone() else {
+                        continue;
+                    };
+                    let mut envelope =
+                        Envelope::new(h.platform, format!("nb-{:08}", e.meter), frame);
+                    envelope.imei = Some(format!("86{:013}", e.meter));
+                    envelope.received_at = Some(unix(e.ts));
+                    let body = encode_envelope(h.platform, &envelope);
+                    set.spawn(async move {
+                        for _ in 0..copies {
+                            match http_push(h.gateway, &h.path, h.secret.as_bytes(), &body).await {
+                                Ok(202) => add(&counters.http_pushes, 1),
+                                Ok(status) => {
+                                    tracing::warn!(status, "http push refused");
+                                    add(&counters.http_rejected, 1);
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "http push failed");
+                                    add(&counters.errors, 1);
+                                }
+                            }
+                        }
+                        drop(permit);
+                    });
+                }
+                _ => {}
+            }
+        }
+        while set.join_next().await.is_some() {}
+    }
+
+    async fn send_wmbus(&self, e: &Emission, step: u64) {
+        let (Some(socket), Some(w)) = (&self.wmbus_socket, &self.config.wmbus) else {
+            return;
+        };
+        if e.delivery == Delivery::Lost {
+            add(&self.counters.lost, 1);
+            return;
+        }
+        let Some(spec) = self.population.get(e.meter as usize) else {
+            return;
+        };
+        let key = w
+            .encrypted
+            .then(|| wmbus_key(self.config.scenario.seed, e.meter));
+        let Some(mut telegram) = crate::frames::wmbus_telegram(
+            spec,
+            (step & 0xFF) as u8,
+            key,
+            e,
+            self.config.scenario.utc_offset_hours,
+        ) else {
+            return;
+        };
+        if e.delivery == Delivery::Corrupt {
+            corrupt_wmbus(&mut telegram, w.encrypted);
+            add(&self.counters.corrupted, 1);
+        }
+        let copies = if e.delivery == Delivery::Duplicate {
+            add(&self.counters.duplicated, 1);
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            match socket.send_to(&telegram, w.gateway).await {
+                Ok(_) => add(&self.counters.wmbus_telegrams, 1),
+                Err(err) => {
+                    tracing::warn!(error = %err, "wm-bus datagram not sent");
+                    add(&self.counters.errors, 1);
+                }
+            }
+        }
     }
 
     async fn upload(
@@ -425,6 +827,68 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+/// One NB-IoT meter's uplink (and the valve command it may get back).
+struct CoapJob {
+    gateway: SocketAddr,
+    engine: Arc<Mutex<Engine>>,
+    message_id: Arc<AtomicU16>,
+    counters: Arc<Counters>,
+    spec: MeterSpec,
+    e: Emission,
+    frame: Vec<u8>,
+    copies: u32,
+    token: [u8; 4],
+}
+
+impl CoapJob {
+    async fn run(self) {
+        let socket = match UdpSocket::bind(unspecified(self.gateway)).await {
+            Ok(s) => s,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot bind a coap socket");
+                add(&self.counters.errors, 1);
+                return;
+            }
+        };
+        let model::MeterAddress::Cjt188 {
+            meter_type,
+            address,
+        } = self.spec.address
+        else {
+            return;
+        };
+        for _ in 0..self.copies {
+            let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
+            let response =
+                match coap_post(&socket, self.gateway, mid, self.token, self.frame.clone()).await {
+                    Ok(r) => r,
+                    Err(err) => {
+                        tracing::warn!(meter = %self.spec.id, error = %err, "coap uplink failed");
+                        add(&self.counters.errors, 1);
+                        continue;
+                    }
+                };
+            add(&self.counters.coap_uplinks, 1);
+            let Some(cmd) = downlink_valve(&response, &address) else {
+                continue;
+            };
+            lock(&self.engine).set_valve(self.e.meter, cmd.open);
+            add(&self.counters.coap_valve_commands, 1);
+            let mut after = self.e;
+            after.status.valve_closed = !cmd.open;
+            let reply = valve_reply(meter_type, address, cmd, cjt188_status(&after));
+            let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
+            match coap_post(&socket, self.gateway, mid, self.token, reply).await {
+                Ok(_) => add(&self.counters.coap_valve_replies, 1),
+                Err(err) => {
+                    tracing::warn!(meter = %self.spec.id, error = %err, "valve reply failed");
+                    add(&self.counters.errors, 1);
+                }
+            }
+        }
     }
 }
 
@@ -486,9 +950,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl FleetHandle {
+    /// Returns the pty path the gateway's M-Bus master opens, when M-Bus slaves run.
+    pub fn mbus_master_path(&self) -> Option<&std::path::Path> {
+        self.mbus_bus.as_ref().map(|b| b.master_path.as_path())
+    }
+
+    /// Returns the address of the Modbus TCP listener, when instruments run.
+    pub fn modbus_addr(&self) -> Option<SocketAddr> {
+        self.modbus_info.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Returns the Modbus instruments (unit id, name, map model, DMA).
+    pub fn modbus_devices(&self) -> &[modbus_tcp::ModbusDevice] {
+        self.modbus_info.as_ref().map_or(&[], |(_, d)| d.as_slice())
+    }
+
     /// Returns the counts of frames sent so far.
     pub fn counts(&self) -> FrameCounts {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        c.modbus_requests = self.modbus_requests.load(Ordering::Relaxed);
+        c
     }
 
     /// Returns the ground truth recorded so far.
@@ -506,7 +987,9 @@ impl FleetHandle {
         self.counts()
     }
 
-    /// Stops every device, disconnects cleanly and returns the final counts.
+    /// Stops every device (steps and exchanges still in flight are cancelled: call
+    /// [`FleetHandle::wait_finished`] first to let a bounded run complete), disconnects
+    /// cleanly and returns the final counts.
     ///
     /// # Errors
     /// Returns the driver's error if a transport failed during the run.
@@ -546,7 +1029,10 @@ impl FleetHandle {
             }
         }
         self.mqtt_stop.send_replace(true);
-        result.map(|()| self.counters.snapshot())
+        if let Some(bus) = self.mbus_bus.take() {
+            bus.stop().await;
+        }
+        result.map(|()| self.counts())
     }
 }
 

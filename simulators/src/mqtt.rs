@@ -376,6 +376,7 @@ mod tests {
             meter_ts: 1_780_000_000,
             register_ml: 123_456_789,
             reverse_ml: 0,
+            settlement_ml: 0,
             flow_lph: 0.0,
             battery_pct: 90,
             status: Status::default(),
