@@ -123,8 +123,9 @@ pub struct Routes {
     pub devices: HashMap<String, String>,
     /// Source id → route.
     pub sources: HashMap<String, Route>,
-    /// Source that takes `cjt188:` meters not listed as devices (a single CoAP source).
-    pub default_coap: Option<String>,
+    /// Meter-id prefix (`cjt188:`, `mbus:`, `hydrant:`) → the one source serving that kind,
+    /// for devices not listed explicitly.
+    pub by_prefix: HashMap<String, String>,
 }
 
 /// The downlink router; shared by the control connection and the CoAP source.
@@ -256,11 +257,11 @@ impl Downlink {
                     .get(cmd.device.as_str())
                     .cloned()
                     .or_else(|| {
-                        cmd.device
-                            .as_str()
-                            .starts_with("cjt188:")
-                            .then(|| routes.default_coap.clone())
-                            .flatten()
+                        routes
+                            .by_prefix
+                            .iter()
+                            .find(|(p, _)| cmd.device.as_str().starts_with(p.as_str()))
+                            .map(|(_, s)| s.clone())
                     });
                 source.map(|s| {
                     routes.sources.get(&s).cloned().unwrap_or_else(|| {
@@ -424,7 +425,7 @@ mod tests {
         r.devices.insert("modbus:v1".into(), "bus".into());
         r.sources.insert("bus".into(), Route::Channel(tx));
         r.sources.insert("nbiot".into(), Route::CoapQueue);
-        r.default_coap = Some("nbiot".into());
+        r.by_prefix.insert("cjt188:".into(), "nbiot".into());
         r
     }
 

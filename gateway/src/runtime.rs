@@ -18,7 +18,7 @@ use crate::mqtt::MqttEndpoint;
 use crate::source::SourceContext;
 use crate::spool::{Spool, SpoolConfig, SpoolError, spawn_writer};
 use crate::uplink::{self, UplinkOptions, UplinkStats};
-use crate::{IngestSink, coap, http_push, mqtt_source};
+use crate::{IngestSink, coap, http_push, mqtt_source, sources};
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +38,6 @@ pub enum RuntimeError {
         addr: SocketAddr,
         /// Underlying error.
         source: std::io::Error,
-    },
-    /// A source kind this build does not run.
-    #[error("source `{id}`: kind `{kind}` is not built yet in this gateway")]
-    NotBuilt {
-        /// Source id.
-        id: String,
-        /// Kind.
-        kind: &'static str,
     },
 }
 
@@ -91,6 +83,21 @@ fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
             .map(|name| (name, u.password.clone().unwrap_or_default())),
         keep_alive: Duration::from_secs(15),
     }
+}
+
+/// Spawns a field source; commands for its devices go to its channel.
+fn field_task<E: std::fmt::Display>(
+    id: &str,
+    run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    commands: mpsc::Sender<crate::CommandRequest>,
+) -> (JoinHandle<()>, Route, Option<SocketAddr>) {
+    let sid = id.to_owned();
+    let task = tokio::spawn(async move {
+        if let Err(e) = run.await {
+            tracing::error!(source = %sid, error = %e, "source stopped");
+        }
+    });
+    (task, Route::Channel(commands), None)
 }
 
 impl Gateway {
@@ -180,7 +187,7 @@ impl Gateway {
 
     async fn start_source(&self, cfg: &SourceConfig) -> Result<RunningSource, RuntimeError> {
         let token = self.shutdown.child_token();
-        let (_cmd_tx, commands) = mpsc::channel(16);
+        let (cmd_tx, commands) = mpsc::channel(16);
         let id = cfg.id().to_owned();
         let ctx = SourceContext {
             gateway: self.config.gateway_id.clone(),
@@ -245,11 +252,31 @@ impl Gateway {
                 ));
                 (task, route, None)
             }
-            other => {
-                return Err(RuntimeError::NotBuilt {
-                    id,
-                    kind: other.kind(),
-                });
+            SourceConfig::ModbusTcp(c) => {
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                field_task(&id, sources::modbus::run(c, ctx), cmd_tx)
+            }
+            SourceConfig::ModbusRtu(c) => {
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                field_task(&id, sources::modbus::run_rtu(c, ctx), cmd_tx)
+            }
+            SourceConfig::MbusSerial(c) => {
+                field_task(&id, sources::mbus::run(c.clone(), ctx), cmd_tx)
+            }
+            SourceConfig::WmbusUdp(c) => {
+                let (task, _, addr) = field_task(&id, sources::wmbus::run(c.clone(), ctx), cmd_tx);
+                let route =
+                    Route::Unavailable(format!("source `{id}` (wM-Bus receiver) is receive-only"));
+                (task, route, addr)
+            }
+            SourceConfig::HydrantMqtt(c) => {
+                field_task(&id, sources::hydrant::run(c.clone(), ctx), cmd_tx)
             }
         };
         tracing::info!(source = %cfg.id(), kind = cfg.kind(), ?addr, "source started");
@@ -262,22 +289,54 @@ impl Gateway {
         })
     }
 
+    /// A register map named under `[register_maps]` becomes its file path; built-in names
+    /// and paths pass through.
+    fn map_path(&self, map: &str) -> String {
+        self.config
+            .register_maps
+            .get(map)
+            .map_or_else(|| map.to_owned(), |p| p.display().to_string())
+    }
+
     fn update_routes(&self) {
         let mut routes = Routes::default();
+        // Devices a source lists itself, and meter-id prefixes served by exactly one source.
+        let mut by_prefix: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for (id, src) in &self.sources {
+            match &src.config {
+                SourceConfig::ModbusTcp(c) => {
+                    for d in &c.devices {
+                        routes
+                            .devices
+                            .insert(format!("modbus:{}", d.name), id.clone());
+                    }
+                }
+                SourceConfig::ModbusRtu(c) => {
+                    for d in &c.devices {
+                        routes
+                            .devices
+                            .insert(format!("modbus:{}", d.name), id.clone());
+                    }
+                }
+                SourceConfig::Coap(_) => by_prefix.entry("cjt188:").or_default().push(id),
+                SourceConfig::MbusSerial(_) => by_prefix.entry("mbus:").or_default().push(id),
+                SourceConfig::HydrantMqtt(_) => {
+                    by_prefix.entry("hydrant:").or_default().push(id);
+                }
+                _ => {}
+            }
+        }
+        for (prefix, ids) in by_prefix {
+            if let [only] = ids.as_slice() {
+                routes.by_prefix.insert(prefix.to_owned(), (*only).clone());
+            }
+        }
+        // Explicit [[device]] entries win over both.
         for d in &self.config.devices {
             let d = d.get_ref();
             routes
                 .devices
                 .insert(d.id.as_str().to_owned(), d.source.get_ref().clone());
-        }
-        let coap: Vec<&String> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| matches!(s.route, Route::CoapQueue))
-            .map(|(id, _)| id)
-            .collect();
-        if let [only] = coap.as_slice() {
-            routes.default_coap = Some((*only).clone());
         }
         for (id, s) in &self.sources {
             routes.sources.insert(id.clone(), s.route.clone());
