@@ -30,8 +30,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use std::collections::HashMap;
+
 use crate::engine::{Delivery, MeterSpec};
 use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
+use crate::mbus_serial::{Latest, MbusBank, MbusBus};
+use crate::modbus_tcp;
 use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
@@ -98,6 +102,22 @@ pub struct WmbusConfig {
     pub encrypted: bool,
 }
 
+/// Wired M-Bus slaves on a socat pty pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbusConfig {
+    /// Number of M-Bus-addressed meters on the bus (primary addresses 1, 2, …; at most 250).
+    pub meters: u32,
+    /// Directory where the pty links `slave` and `master` are created.
+    pub dir: std::path::PathBuf,
+}
+
+/// Modbus TCP instruments (DMA inlet flow meters and pressure transmitters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusConfig {
+    /// Listen address (`127.0.0.1:0` picks a free port; see [`FleetHandle::modbus_addr`]).
+    pub bind: SocketAddr,
+}
+
 /// What a fleet runs and where it sends.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -119,6 +139,10 @@ pub struct FleetConfig {
     pub http_push: Option<HttpPushConfig>,
     /// wM-Bus meters.
     pub wmbus: Option<WmbusConfig>,
+    /// Wired M-Bus slaves.
+    pub mbus: Option<MbusConfig>,
+    /// Modbus TCP instruments, one pair per DMA.
+    pub modbus: Option<ModbusConfig>,
 }
 
 impl FleetConfig {
@@ -134,6 +158,8 @@ impl FleetConfig {
             coap: None,
             http_push: None,
             wmbus: None,
+            mbus: None,
+            modbus: None,
         }
     }
 }
@@ -151,6 +177,8 @@ enum Route {
     Http,
     /// wM-Bus telegram over UDP.
     Wmbus,
+    /// Polled on the M-Bus serial line.
+    Mbus,
 }
 
 macro_rules! counts {
@@ -238,6 +266,9 @@ pub struct FleetHandle {
     mqtt_task: Option<JoinHandle<()>>,
     mqtt_stop: watch::Sender<bool>,
     mqtt_acked: Option<watch::Receiver<u64>>,
+    mbus_bus: Option<MbusBus>,
+    modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
+    modbus_requests: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -315,8 +346,59 @@ impl Fleet {
             None => None,
         };
         let population = Arc::new(engine.population().meters.clone());
+        let latest: Latest = Arc::new(Mutex::new(HashMap::new()));
+        let mut mbus_bus = None;
+        if let Some(m) = &config.mbus {
+            let meters: Vec<(u32, MeterSpec)> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == Route::Mbus)
+                .filter_map(|(i, _)| Some((i as u32, population.get(i)?.clone())))
+                .collect();
+            {
+                let mut l = lock(&latest);
+                for (i, _) in &meters {
+                    if let Some(e) = engine.snapshot(*i) {
+                        l.insert(*i, e);
+                    }
+                }
+            }
+            let bank = Arc::new(Mutex::new(MbusBank::new(
+                &meters,
+                Arc::clone(&latest),
+                config.scenario.utc_offset_hours,
+            )));
+            let c = Arc::clone(&counters);
+            let bus = MbusBus::start(&m.dir, bank, shutdown_rx.clone(), move |b: &MbusBank| {
+                c.mbus_replies.store(b.replies, Ordering::Relaxed);
+                c.mbus_rsp_ud.store(b.rsp_ud, Ordering::Relaxed);
+            })
+            .await?;
+            mbus_bus = Some(bus);
+        }
+        let modbus_requests = Arc::new(AtomicU64::new(0));
+        let mut modbus = None;
+        if let Some(m) = &config.modbus {
+            let devices = modbus_tcp::devices(engine.population().dmas);
+            let maps = modbus_tcp::maps()?;
+            let images: modbus_tcp::Images = Arc::new(Mutex::new(HashMap::new()));
+            modbus_tcp::update(&images, &devices, &maps, |d| dma_measurement(&engine, d));
+            let (addr, task) =
+                modbus_tcp::serve(m.bind, Arc::clone(&images), Arc::clone(&modbus_requests))
+                    .await?;
+            tasks.push(task);
+            modbus = Some(ModbusState {
+                addr,
+                devices,
+                maps,
+                images,
+            });
+        }
+        let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
         let driver = Driver {
+            modbus,
+            latest,
             population,
             wmbus_socket,
             message_id: Arc::new(AtomicU16::new(1)),
@@ -340,6 +422,9 @@ impl Fleet {
             mqtt_task,
             mqtt_stop,
             mqtt_acked,
+            mbus_bus,
+            modbus_info,
+            modbus_requests,
         })
     }
 }
@@ -413,6 +498,19 @@ fn routes(config: &FleetConfig, engine: &Engine) -> anyhow::Result<Vec<Route>> {
             assign(i, Route::Wmbus);
         }
     }
+    if let Some(m) = &config.mbus {
+        let skip = config.wmbus.as_ref().map_or(0, |w| w.meters as usize);
+        if m.meters > 250 || skip + m.meters as usize > mbus.len() {
+            bail!(
+                "mbus.meters = {} (at most 250) but only {} M-Bus-addressed meters are left after wM-Bus",
+                m.meters,
+                mbus.len().saturating_sub(skip)
+            );
+        }
+        for &i in mbus.iter().skip(skip).take(m.meters as usize) {
+            assign(i, Route::Mbus);
+        }
+    }
     Ok(routes)
 }
 
@@ -425,8 +523,26 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    latest: Latest,
+    modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
     message_id: Arc<AtomicU16>,
+}
+
+struct ModbusState {
+    addr: SocketAddr,
+    devices: Vec<modbus_tcp::ModbusDevice>,
+    maps: HashMap<String, decoders::modbus::RegisterMap>,
+    images: modbus_tcp::Images,
+}
+
+fn dma_measurement(engine: &Engine, dma: u32) -> Option<modbus_tcp::DmaMeasurement> {
+    engine
+        .dma_inflow(dma)
+        .map(|(inflow_ml, flow_lph)| modbus_tcp::DmaMeasurement {
+            inflow_ml,
+            flow_lph,
+        })
 }
 
 /// At most this many CoAP / HTTP exchanges run at once (one socket each).
@@ -493,11 +609,26 @@ impl Driver {
                         }
                     }
                     Some(Route::Wmbus) => self.send_wmbus(e, step).await,
+                    Some(Route::Mbus) => {
+                        // Polled devices answer with their latest reading; a lost reading
+                        // (comm loss) leaves the previous one in place.
+                        if e.delivery == Delivery::Lost {
+                            add(&self.counters.lost, 1);
+                        } else {
+                            lock(&self.latest).insert(e.meter, *e);
+                        }
+                    }
                     Some(Route::Coap | Route::Http) => {}
                     Some(Route::None) | None => {}
                 }
             }
             self.exchanges(&emissions, step).await;
+            if let Some(m) = &self.modbus {
+                let engine = lock(&self.engine);
+                modbus_tcp::update(&m.images, &m.devices, &m.maps, |d| {
+                    dma_measurement(&engine, d)
+                });
+            }
             if let Some(c) = &conc {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
@@ -819,9 +950,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl FleetHandle {
+    /// Returns the pty path the gateway's M-Bus master opens, when M-Bus slaves run.
+    pub fn mbus_master_path(&self) -> Option<&std::path::Path> {
+        self.mbus_bus.as_ref().map(|b| b.master_path.as_path())
+    }
+
+    /// Returns the address of the Modbus TCP listener, when instruments run.
+    pub fn modbus_addr(&self) -> Option<SocketAddr> {
+        self.modbus_info.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Returns the Modbus instruments (unit id, name, map model, DMA).
+    pub fn modbus_devices(&self) -> &[modbus_tcp::ModbusDevice] {
+        self.modbus_info.as_ref().map_or(&[], |(_, d)| d.as_slice())
+    }
+
     /// Returns the counts of frames sent so far.
     pub fn counts(&self) -> FrameCounts {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        c.modbus_requests = self.modbus_requests.load(Ordering::Relaxed);
+        c
     }
 
     /// Returns the ground truth recorded so far.
@@ -881,7 +1029,10 @@ impl FleetHandle {
             }
         }
         self.mqtt_stop.send_replace(true);
-        result.map(|()| self.counters.snapshot())
+        if let Some(bus) = self.mbus_bus.take() {
+            bus.stop().await;
+        }
+        result.map(|()| self.counts())
     }
 }
 
