@@ -18,7 +18,7 @@ use crate::mqtt::MqttEndpoint;
 use crate::source::SourceContext;
 use crate::spool::{Spool, SpoolConfig, SpoolError, spawn_writer};
 use crate::uplink::{self, UplinkOptions, UplinkStats};
-use crate::{IngestSink, coap, http_push, mqtt_source};
+use crate::{IngestSink, coap, http_push, mqtt_source, sources};
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -38,14 +38,6 @@ pub enum RuntimeError {
         addr: SocketAddr,
         /// Underlying error.
         source: std::io::Error,
-    },
-    /// A source kind this build does not run.
-    #[error("source `{id}`: kind `{kind}` is not built yet in this gateway")]
-    NotBuilt {
-        /// Source id.
-        id: String,
-        /// Kind.
-        kind: &'static str,
     },
 }
 
@@ -69,6 +61,7 @@ pub struct Gateway {
     tasks: Vec<JoinHandle<()>>,
     writer: Option<std::thread::JoinHandle<()>>,
     metrics_addr: SocketAddr,
+    health: crate::metrics::HealthRegistry,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -91,6 +84,21 @@ fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
             .map(|name| (name, u.password.clone().unwrap_or_default())),
         keep_alive: Duration::from_secs(15),
     }
+}
+
+/// Spawns a field source; commands for its devices go to its channel.
+fn field_task<E: std::fmt::Display>(
+    id: &str,
+    run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+    commands: mpsc::Sender<crate::CommandRequest>,
+) -> (JoinHandle<()>, Route, Option<SocketAddr>) {
+    let sid = id.to_owned();
+    let task = tokio::spawn(async move {
+        if let Err(e) = run.await {
+            tracing::error!(source = %sid, error = %e, "source stopped");
+        }
+    });
+    (task, Route::Channel(commands), None)
 }
 
 impl Gateway {
@@ -141,9 +149,23 @@ impl Gateway {
             acks,
             shutdown.clone(),
         )));
+        // Queued NB-IoT commands expire on time even if the meter never calls in.
+        let sweeper = Arc::clone(&downlink);
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => sweeper.expire_queued(),
+                }
+            }
+        }));
+        let health = crate::metrics::HealthRegistry::default();
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
+                health: Arc::clone(&health),
                 sources: Arc::clone(sink.counters()),
                 spool: spool.clone(),
                 uplink: Arc::clone(&uplink_stats),
@@ -169,6 +191,7 @@ impl Gateway {
             tasks,
             writer: Some(writer),
             metrics_addr,
+            health,
         };
         for entry in gw.config.sources.clone() {
             let running = gw.start_source(&entry.config).await?;
@@ -180,7 +203,7 @@ impl Gateway {
 
     async fn start_source(&self, cfg: &SourceConfig) -> Result<RunningSource, RuntimeError> {
         let token = self.shutdown.child_token();
-        let (_cmd_tx, commands) = mpsc::channel(16);
+        let (cmd_tx, commands) = mpsc::channel(16);
         let id = cfg.id().to_owned();
         let ctx = SourceContext {
             gateway: self.config.gateway_id.clone(),
@@ -245,11 +268,50 @@ impl Gateway {
                 ));
                 (task, route, None)
             }
-            other => {
-                return Err(RuntimeError::NotBuilt {
-                    id,
-                    kind: other.kind(),
-                });
+            SourceConfig::ModbusTcp(c) => {
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                let health = self.health_of(&id);
+                let run =
+                    sources::modbus::run_tcp_with(c, ctx, health, &sources::modbus::resolve_map);
+                field_task(&id, run, cmd_tx)
+            }
+            SourceConfig::ModbusRtu(c) => {
+                let mut c = c.clone();
+                for d in &mut c.devices {
+                    d.map = self.map_path(&d.map);
+                }
+                let health = self.health_of(&id);
+                let run =
+                    sources::modbus::run_rtu_with(c, ctx, health, &sources::modbus::resolve_map);
+                field_task(&id, run, cmd_tx)
+            }
+            SourceConfig::MbusSerial(c) => {
+                let health = self.health_of(&id);
+                field_task(&id, sources::mbus::run_with(c.clone(), ctx, health), cmd_tx)
+            }
+            SourceConfig::WmbusUdp(c) => {
+                // Keys given on [[device]] entries of this source join the source's own.
+                let mut c = c.clone();
+                for d in &self.config.devices {
+                    let d = d.get_ref();
+                    if d.source.get_ref() == &id
+                        && let Some(key) = &d.key
+                    {
+                        c.keys
+                            .entry(d.id.as_str().to_owned())
+                            .or_insert_with(|| key.get_ref().clone());
+                    }
+                }
+                let (task, _, addr) = field_task(&id, sources::wmbus::run(c, ctx), cmd_tx);
+                let route =
+                    Route::Unavailable(format!("source `{id}` (wM-Bus receiver) is receive-only"));
+                (task, route, addr)
+            }
+            SourceConfig::HydrantMqtt(c) => {
+                field_task(&id, sources::hydrant::run(c.clone(), ctx), cmd_tx)
             }
         };
         tracing::info!(source = %cfg.id(), kind = cfg.kind(), ?addr, "source started");
@@ -262,22 +324,64 @@ impl Gateway {
         })
     }
 
+    /// A fresh device-health registry for a polling source, shown by the metrics endpoint.
+    fn health_of(&self, id: &str) -> sources::Health {
+        let h = sources::Health::default();
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned(), h.clone());
+        h
+    }
+
+    /// A register map named under `[register_maps]` becomes its file path; built-in names
+    /// and paths pass through.
+    fn map_path(&self, map: &str) -> String {
+        self.config
+            .register_maps
+            .get(map)
+            .map_or_else(|| map.to_owned(), |p| p.display().to_string())
+    }
+
     fn update_routes(&self) {
         let mut routes = Routes::default();
+        // Devices a source lists itself, and meter-id prefixes served by exactly one source.
+        let mut by_prefix: BTreeMap<&str, Vec<&String>> = BTreeMap::new();
+        for (id, src) in &self.sources {
+            match &src.config {
+                SourceConfig::ModbusTcp(c) => {
+                    for d in &c.devices {
+                        routes
+                            .devices
+                            .insert(format!("modbus:{}", d.name), id.clone());
+                    }
+                }
+                SourceConfig::ModbusRtu(c) => {
+                    for d in &c.devices {
+                        routes
+                            .devices
+                            .insert(format!("modbus:{}", d.name), id.clone());
+                    }
+                }
+                SourceConfig::Coap(_) => by_prefix.entry("cjt188:").or_default().push(id),
+                SourceConfig::MbusSerial(_) => by_prefix.entry("mbus:").or_default().push(id),
+                SourceConfig::HydrantMqtt(_) => {
+                    by_prefix.entry("hydrant:").or_default().push(id);
+                }
+                _ => {}
+            }
+        }
+        for (prefix, ids) in by_prefix {
+            if let [only] = ids.as_slice() {
+                routes.by_prefix.insert(prefix.to_owned(), (*only).clone());
+            }
+        }
+        // Explicit [[device]] entries win over both.
         for d in &self.config.devices {
             let d = d.get_ref();
             routes
                 .devices
                 .insert(d.id.as_str().to_owned(), d.source.get_ref().clone());
-        }
-        let coap: Vec<&String> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| matches!(s.route, Route::CoapQueue))
-            .map(|(id, _)| id)
-            .collect();
-        if let [only] = coap.as_slice() {
-            routes.default_coap = Some((*only).clone());
         }
         for (id, s) in &self.sources {
             routes.sources.insert(id.clone(), s.route.clone());
@@ -311,6 +415,10 @@ impl Gateway {
             .collect();
         for id in stale {
             if let Some(s) = self.sources.remove(&id) {
+                self.health
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 tracing::info!(source = %id, "stopping source for reload");
                 s.token.cancel();
                 if tokio::time::timeout(Duration::from_secs(10), s.task)

@@ -28,6 +28,8 @@ struct Slave {
     selected: bool,
     /// Swallow this many REQ_UD2 (to force retries).
     drop_requests: u32,
+    /// Answer REQ_UD2 with a bad checksum.
+    corrupt: bool,
     /// FCBs of every REQ_UD2 seen.
     fcbs: Vec<bool>,
     /// (CI, data) of every SND_UD command seen.
@@ -160,6 +162,10 @@ async fn run_slaves(port: PathBuf, slaves: Slaves) {
                         }
                         sl.last_fcb = Some(fcb);
                         sl.last_reply = rsp_ud(sl, sl.next);
+                        if sl.corrupt {
+                            let cs = sl.last_reply.len() - 2;
+                            sl.last_reply[cs] ^= 0x01;
+                        }
                         sl.last_reply.clone()
                     }
                 }
@@ -343,7 +349,8 @@ async fn source_submits_readings_and_executes_commands() {
         commands,
         shutdown: shutdown.clone(),
     };
-    let task = tokio::spawn(mbus::run(config, ctx));
+    let health = gateway::sources::Health::default();
+    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
     let mut got = Vec::new();
     for _ in 0..2 {
         let req = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -366,6 +373,8 @@ async fn source_submits_readings_and_executes_commands() {
         ]
     );
     assert_eq!(sink.counters().frames("mbus1"), 3);
+    let h = health.get("secondary 87654321").unwrap();
+    assert_eq!((h.polls_ok, h.consecutive_failures), (1, 0));
 
     let send = |c: DeviceCommand| {
         let (reply, rx) = oneshot::channel();
@@ -404,6 +413,70 @@ async fn source_submits_readings_and_executes_commands() {
         // Type F: minute in byte 0, hour in byte 1 (UTC).
         assert_eq!(data[3] & 0x1F, now.hour());
     }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
+    let mut broken = slave(7, "99999999", &[1]);
+    broken.corrupt = true;
+    let slaves: Slaves = Arc::new(Mutex::new(vec![
+        slave(0, "11111111", &[11_000]),
+        slave(0, "11111112", &[12_000]),
+        broken,
+    ]));
+    let pty = pty_pair(Arc::clone(&slaves)).await;
+    let mut config = MbusSerialSourceConfig::new(pty.master_end.to_string_lossy());
+    config.timeout = Duration::from_millis(60);
+    config.retries = 1;
+    config.search_secondary = true;
+    config.meters = vec![MbusMeterConfig {
+        primary: Some(7),
+        secondary: None,
+    }];
+    let (sink, mut rx) = IngestSink::new(8);
+    let (_cmd_tx, commands) = mpsc::channel(4);
+    let shutdown = CancellationToken::new();
+    let ctx = SourceContext {
+        gateway: GatewayId::new("gw-1").unwrap(),
+        source_id: "mbus2".into(),
+        sink: sink.clone(),
+        commands,
+        shutdown: shutdown.clone(),
+    };
+    let health = gateway::sources::Health::default();
+    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let req = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.extend(
+            req.readings
+                .iter()
+                .map(|r| (r.meter.to_string(), r.value.to_string())),
+        );
+        req.done.send(Ok(())).unwrap();
+    }
+    assert_eq!(
+        got,
+        [
+            ("mbus:KAM11111111".to_string(), "11".to_string()),
+            ("mbus:KAM11111112".to_string(), "12".to_string()),
+        ]
+    );
+    let h = health.get("primary 7").unwrap();
+    assert_eq!(h.consecutive_failures, 1);
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("garbled answer from primary 7: checksum"),
+        "{h:?}"
+    );
+    assert_eq!(sink.counters().decode_errors("mbus2", "garbled"), 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

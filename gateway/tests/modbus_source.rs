@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use decoders::modbus::{DataType, RegisterFunction, RegisterMap, RegisterSpec};
 use edge_config::modbus::{
-    ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity,
+    ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve,
+    Parity,
 };
 use gateway::sources::modbus::{self, Health};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
@@ -130,6 +131,7 @@ fn device(name: &str, address: Option<String>, unit_id: u8, every_ms: u64) -> Mo
         unit_id,
         map: "test".into(),
         poll_interval: Duration::from_millis(every_ms),
+        valve: None,
     }
 }
 
@@ -225,10 +227,16 @@ async fn tcp_polls_two_units_and_writes() {
     // Two units behind one TCP endpoint (a Modbus TCP gateway): one slave answering unit 1.
     let s1 = slave(1, 123_456);
     tokio::spawn(serve_tcp(listener, s1.clone(), Arc::default()));
+    let mut dev = device("flow-1", Some(addr.clone()), 1, 300);
+    dev.valve = Some(ModbusValve {
+        register: 2,
+        open: 1,
+        close: 2,
+    });
     let mut run = start_tcp(ModbusTcpSourceConfig {
         id: "mb".into(),
         timing: timing(500),
-        devices: vec![device("flow-1", Some(addr.clone()), 1, 300)],
+        devices: vec![dev],
     });
     let req = next_submit(&mut run.rx).await;
     assert_eq!(
@@ -257,6 +265,11 @@ async fn tcp_polls_two_units_and_writes() {
     let req = next_submit(&mut run.rx).await;
     assert_eq!(values(&req)[1].2, "0");
     req.done.send(Ok(())).unwrap();
+    // Valve commands write the configured register.
+    let mut close = write("modbus:flow-1", 0, 0);
+    close.action = CommandAction::ValveClose;
+    assert_eq!(command(&run.cmd, close).await, CommandOutcome::Acknowledged);
+    assert_eq!(s1.regs.lock().unwrap().get(&2), Some(&2));
     // The slave refuses an address: the exception is reported, not retried.
     assert_eq!(
         command(&run.cmd, write("modbus:flow-1", 500, 1)).await,

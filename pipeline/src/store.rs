@@ -478,8 +478,8 @@ async fn write_rollups(
 struct ProfileJson {
     /// Reporting interval, seconds.
     i: u32,
-    /// Zero consumption since (unix seconds).
-    z: i64,
+    /// Seconds of zero consumption up to the last read.
+    z: u32,
     /// Validated reads seen.
     n: u16,
     /// Hourly profile, L/h.
@@ -507,12 +507,14 @@ async fn write_states(
         meter.push(m.as_ref());
         last_ts.push(OffsetDateTime::from_unix_timestamp(s.last_ts).ok());
         last_value.push(s.last_value);
-        received.push(OffsetDateTime::from_unix_timestamp(s.last_received).ok());
+        received.push(
+            OffsetDateTime::from_unix_timestamp(s.last_ts + i64::from(s.received_lag_s)).ok(),
+        );
         adu.push(Decimal::from_f32(s.adu).map(|d| d.round_dp(6)));
         profile.push(
             serde_json::to_string(&ProfileJson {
                 i: s.interval_s,
-                z: s.zero_since,
+                z: s.zero_s,
                 n: s.reads,
                 h: s.hour_profile,
             })
@@ -769,21 +771,24 @@ pub async fn load_vee_filtered(
         st.last_ts = last_ts.unix_timestamp();
         st.last_value = row.try_get(2).map_err(stage("reading meter state"))?;
         let received: Option<OffsetDateTime> = row.try_get(3).ok().flatten();
-        st.last_received = received.map_or(st.last_ts, OffsetDateTime::unix_timestamp);
+        st.received_lag_s = received.map_or(0, |r| {
+            i32::try_from(r.unix_timestamp() - st.last_ts).unwrap_or(0)
+        });
         let adu: Option<Decimal> = row.try_get(4).ok().flatten();
         st.adu = adu.and_then(|d| d.to_f32()).unwrap_or(0.0);
         let profile: String = row.try_get(5).map_err(stage("reading meter state"))?;
         if let Ok(p) = serde_json::from_str::<ProfileJson>(&profile) {
             st.interval_s = p.i;
-            st.zero_since = p.z;
+            st.zero_s = p.z;
             st.reads = p.n;
             st.hour_profile = p.h;
         } else {
-            st.zero_since = st.last_ts;
+            st.zero_s = 0;
             st.reads = 1;
         }
         vee.insert_state(&id, st);
     }
+    vee.shrink();
     Ok(vee)
 }
 

@@ -165,6 +165,22 @@ pub struct Emission {
 }
 
 impl Emission {
+    /// An all-zero emission of `meter` (for identity-only uses such as address matching).
+    pub fn idle(meter: u32) -> Self {
+        Self {
+            meter,
+            ts: 0,
+            meter_ts: 0,
+            register_ml: 0,
+            reverse_ml: 0,
+            settlement_ml: 0,
+            flow_lph: 0.0,
+            battery_pct: 100,
+            status: Status::default(),
+            delivery: Delivery::Normal,
+        }
+    }
+
     /// Returns the register as m³ with litre resolution (what the meter displays; truncated).
     pub fn register_m3(&self) -> Decimal {
         ml_to_m3(self.register_ml)
@@ -199,6 +215,7 @@ struct MeterState {
 #[derive(Debug, Clone, Default)]
 struct DmaAcc {
     meters: u32,
+    last_step_ml: i64,
     consumption_ml: i64,
     losses_ml: i64,
     registered_ml: i64,
@@ -449,6 +466,40 @@ impl Engine {
         self.state.get(meter as usize).map(|s| s.register_ml)
     }
 
+    /// Returns the meter's state now as a no-flow reading (what a polled meter answers
+    /// before the first simulation step).
+    pub fn snapshot(&self, meter: u32) -> Option<Emission> {
+        let st = self.state.get(meter as usize)?;
+        Some(Emission {
+            meter,
+            ts: self.now,
+            meter_ts: self.now,
+            register_ml: st.register_ml,
+            reverse_ml: st.reverse_ml,
+            settlement_ml: st.settlement_ml,
+            flow_lph: 0.0,
+            battery_pct: st.battery_start.clamp(0.0, 100.0) as u8,
+            status: Status {
+                valve_closed: st.valve_closed,
+                battery_low: false,
+                tamper: st.tamper,
+                reverse_flow: false,
+            },
+            delivery: Delivery::Normal,
+        })
+    }
+
+    /// Returns a DMA's cumulative inflow since the start (millilitres) and its mean inflow
+    /// during the last step (litres per hour): what the DMA inlet flow meter measures.
+    pub fn dma_inflow(&self, dma: u32) -> Option<(i64, f64)> {
+        let d = self.dmas.get(dma as usize)?;
+        let hours = self.step_s as f64 / 3600.0;
+        Some((
+            d.consumption_ml + d.losses_ml,
+            d.last_step_ml as f64 / 1000.0 / hours,
+        ))
+    }
+
     /// Opens or closes a meter's valve (a closed valve stops all flow through the meter).
     pub fn set_valve(&mut self, meter: u32, open: bool) {
         if let Some(s) = self.state.get_mut(meter as usize) {
@@ -497,6 +548,11 @@ impl Engine {
         let local_start = unix(step_start + offset);
         let settle = local_start.day() == 1 && local_start.hour() == 0 && local_start.minute() == 0;
 
+        let dma_before: Vec<i64> = self
+            .dmas
+            .iter()
+            .map(|d| d.consumption_ml + d.losses_ml)
+            .collect();
         for idx in 0..self.population.meters.len() {
             let Some(spec) = self.population.meters.get(idx) else {
                 continue;
@@ -715,7 +771,10 @@ impl Engine {
                     }
                 }
             } else {
-                if let Some(older) = self.held.remove(&id) {
+                // Checking emptiness first keeps the common path free of hashing.
+                if !self.held.is_empty()
+                    && let Some(older) = self.held.remove(&id)
+                {
                     sink(&older);
                 }
                 sink(&emission);
@@ -740,6 +799,9 @@ impl Engine {
             {
                 d.losses_ml += (rate_lph * step_hours * 1000.0).round() as i64;
             }
+        }
+        for (d, b) in self.dmas.iter_mut().zip(&dma_before) {
+            d.last_step_ml = d.consumption_ml + d.losses_ml - b;
         }
         self.stats.steps += 1;
         self.now = step_end;

@@ -9,7 +9,9 @@
 //! let scenario = Scenario::plain(100, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
 //! let mut config = FleetConfig::new(scenario);
 //! config.mqtt = Some(MqttConfig::from_url("mqtt://127.0.0.1:1883", "test/x", "fleet-1").unwrap());
-//! config.concentrators = Some(ConcentratorConfig { count: 2, meters: 100, upload: Default::default() });
+//! config.concentrators = Some(ConcentratorConfig {
+//!     format: Default::default(), count: 2, meters: 100, upload: Default::default(),
+//! });
 //! let mut fleet = Fleet::start(config).await?;
 //! let counts = fleet.wait_finished().await;
 //! println!("{} concentrator readings", counts.concentrator_readings);
@@ -30,8 +32,12 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use std::collections::HashMap;
+
 use crate::engine::{Delivery, MeterSpec};
 use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
+use crate::mbus_serial::{Latest, MbusBank, MbusBus};
+use crate::modbus_tcp;
 use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
@@ -52,9 +58,21 @@ pub enum Upload {
     EveryStep,
 }
 
-/// MQTT data concentrators (JSON batches on `concentrator/{cid}/readings`).
+/// What concentrators publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConcentratorFormat {
+    /// JSON batches on `concentrator/{cid}/readings`.
+    #[default]
+    Json,
+    /// One raw CJ/T 188 read-data reply per reading on `concentrator/{cid}/frame`.
+    Frames,
+}
+
+/// MQTT data concentrators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcentratorConfig {
+    /// JSON batches or raw frames.
+    pub format: ConcentratorFormat,
     /// Number of concentrators (`conc-000`…).
     pub count: u32,
     /// CJ/T 188 meters read through concentrators, spread round-robin.
@@ -98,6 +116,22 @@ pub struct WmbusConfig {
     pub encrypted: bool,
 }
 
+/// Wired M-Bus slaves on a socat pty pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MbusConfig {
+    /// Number of M-Bus-addressed meters on the bus (primary addresses 1, 2, …; at most 250).
+    pub meters: u32,
+    /// Directory where the pty links `slave` and `master` are created.
+    pub dir: std::path::PathBuf,
+}
+
+/// Modbus TCP instruments (DMA inlet flow meters and pressure transmitters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModbusConfig {
+    /// Listen address (`127.0.0.1:0` picks a free port; see [`FleetHandle::modbus_addr`]).
+    pub bind: SocketAddr,
+}
+
 /// What a fleet runs and where it sends.
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -119,6 +153,10 @@ pub struct FleetConfig {
     pub http_push: Option<HttpPushConfig>,
     /// wM-Bus meters.
     pub wmbus: Option<WmbusConfig>,
+    /// Wired M-Bus slaves.
+    pub mbus: Option<MbusConfig>,
+    /// Modbus TCP instruments, one pair per DMA.
+    pub modbus: Option<ModbusConfig>,
 }
 
 impl FleetConfig {
@@ -134,6 +172,8 @@ impl FleetConfig {
             coap: None,
             http_push: None,
             wmbus: None,
+            mbus: None,
+            modbus: None,
         }
     }
 }
@@ -151,6 +191,8 @@ enum Route {
     Http,
     /// wM-Bus telegram over UDP.
     Wmbus,
+    /// Polled on the M-Bus serial line.
+    Mbus,
 }
 
 macro_rules! counts {
@@ -183,6 +225,8 @@ counts! {
     concentrator_batches,
     /// Readings inside those batches (duplicates counted twice).
     concentrator_readings,
+    /// Raw frames published on `concentrator/{cid}/frame`.
+    concentrator_frames,
     /// Hydrant status messages published.
     hydrant_ups,
     /// Hydrant acks published.
@@ -238,6 +282,9 @@ pub struct FleetHandle {
     mqtt_task: Option<JoinHandle<()>>,
     mqtt_stop: watch::Sender<bool>,
     mqtt_acked: Option<watch::Receiver<u64>>,
+    mbus_bus: Option<MbusBus>,
+    modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
+    modbus_requests: Arc<AtomicU64>,
 }
 
 impl Fleet {
@@ -315,8 +362,59 @@ impl Fleet {
             None => None,
         };
         let population = Arc::new(engine.population().meters.clone());
+        let latest: Latest = Arc::new(Mutex::new(HashMap::new()));
+        let mut mbus_bus = None;
+        if let Some(m) = &config.mbus {
+            let meters: Vec<(u32, MeterSpec)> = routes
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| **r == Route::Mbus)
+                .filter_map(|(i, _)| Some((i as u32, population.get(i)?.clone())))
+                .collect();
+            {
+                let mut l = lock(&latest);
+                for (i, _) in &meters {
+                    if let Some(e) = engine.snapshot(*i) {
+                        l.insert(*i, e);
+                    }
+                }
+            }
+            let bank = Arc::new(Mutex::new(MbusBank::new(
+                &meters,
+                Arc::clone(&latest),
+                config.scenario.utc_offset_hours,
+            )));
+            let c = Arc::clone(&counters);
+            let bus = MbusBus::start(&m.dir, bank, shutdown_rx.clone(), move |b: &MbusBank| {
+                c.mbus_replies.store(b.replies, Ordering::Relaxed);
+                c.mbus_rsp_ud.store(b.rsp_ud, Ordering::Relaxed);
+            })
+            .await?;
+            mbus_bus = Some(bus);
+        }
+        let modbus_requests = Arc::new(AtomicU64::new(0));
+        let mut modbus = None;
+        if let Some(m) = &config.modbus {
+            let devices = modbus_tcp::devices(engine.population().dmas);
+            let maps = modbus_tcp::maps()?;
+            let images: modbus_tcp::Images = Arc::new(Mutex::new(HashMap::new()));
+            modbus_tcp::update(&images, &devices, &maps, |d| dma_measurement(&engine, d));
+            let (addr, task) =
+                modbus_tcp::serve(m.bind, Arc::clone(&images), Arc::clone(&modbus_requests))
+                    .await?;
+            tasks.push(task);
+            modbus = Some(ModbusState {
+                addr,
+                devices,
+                maps,
+                images,
+            });
+        }
+        let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
         let driver = Driver {
+            modbus,
+            latest,
             population,
             wmbus_socket,
             message_id: Arc::new(AtomicU16::new(1)),
@@ -340,6 +438,9 @@ impl Fleet {
             mqtt_task,
             mqtt_stop,
             mqtt_acked,
+            mbus_bus,
+            modbus_info,
+            modbus_requests,
         })
     }
 }
@@ -413,6 +514,19 @@ fn routes(config: &FleetConfig, engine: &Engine) -> anyhow::Result<Vec<Route>> {
             assign(i, Route::Wmbus);
         }
     }
+    if let Some(m) = &config.mbus {
+        let skip = config.wmbus.as_ref().map_or(0, |w| w.meters as usize);
+        if m.meters > 250 || skip + m.meters as usize > mbus.len() {
+            bail!(
+                "mbus.meters = {} (at most 250) but only {} M-Bus-addressed meters are left after wM-Bus",
+                m.meters,
+                mbus.len().saturating_sub(skip)
+            );
+        }
+        for &i in mbus.iter().skip(skip).take(m.meters as usize) {
+            assign(i, Route::Mbus);
+        }
+    }
     Ok(routes)
 }
 
@@ -425,8 +539,26 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    latest: Latest,
+    modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
     message_id: Arc<AtomicU16>,
+}
+
+struct ModbusState {
+    addr: SocketAddr,
+    devices: Vec<modbus_tcp::ModbusDevice>,
+    maps: HashMap<String, decoders::modbus::RegisterMap>,
+    images: modbus_tcp::Images,
+}
+
+fn dma_measurement(engine: &Engine, dma: u32) -> Option<modbus_tcp::DmaMeasurement> {
+    engine
+        .dma_inflow(dma)
+        .map(|(inflow_ml, flow_lph)| modbus_tcp::DmaMeasurement {
+            inflow_ml,
+            flow_lph,
+        })
 }
 
 /// At most this many CoAP / HTTP exchanges run at once (one socket each).
@@ -448,8 +580,12 @@ impl Driver {
 
     async fn steps(&self) -> anyhow::Result<()> {
         let conc = self.config.concentrators.clone();
-        let mut buffers: Vec<Vec<ConcentratorReading>> =
-            vec![Vec::new(); conc.as_ref().map_or(0, |c| c.count as usize)];
+        let n_conc = conc.as_ref().map_or(0, |c| c.count as usize);
+        let frames_format = conc
+            .as_ref()
+            .is_some_and(|c| c.format == ConcentratorFormat::Frames);
+        let mut buffers: Vec<Vec<ConcentratorReading>> = vec![Vec::new(); n_conc];
+        let mut frame_buffers: Vec<Vec<Vec<u8>>> = vec![Vec::new(); n_conc];
         let ids: Vec<String> = lock(&self.engine)
             .population()
             .meters
@@ -486,22 +622,42 @@ impl Driver {
                         if e.delivery == crate::engine::Delivery::Lost {
                             add(&self.counters.lost, 1);
                         }
-                        if let (Some(buf), Some(id)) =
+                        if frames_format {
+                            if let Some(buf) = frame_buffers.get_mut(*c as usize) {
+                                buf.extend(self.concentrator_frames(e, step));
+                            }
+                        } else if let (Some(buf), Some(id)) =
                             (buffers.get_mut(*c as usize), ids.get(e.meter as usize))
                         {
                             buf.extend(concentrator_entries(id, e));
                         }
                     }
                     Some(Route::Wmbus) => self.send_wmbus(e, step).await,
+                    Some(Route::Mbus) => {
+                        // Polled devices answer with their latest reading; a lost reading
+                        // (comm loss) leaves the previous one in place.
+                        if e.delivery == Delivery::Lost {
+                            add(&self.counters.lost, 1);
+                        } else {
+                            lock(&self.latest).insert(e.meter, *e);
+                        }
+                    }
                     Some(Route::Coap | Route::Http) => {}
                     Some(Route::None) | None => {}
                 }
             }
             self.exchanges(&emissions, step).await;
+            if let Some(m) = &self.modbus {
+                let engine = lock(&self.engine);
+                modbus_tcp::update(&m.images, &m.devices, &m.maps, |d| {
+                    dma_measurement(&engine, d)
+                });
+            }
             if let Some(c) = &conc {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
                     self.upload(&mut buffers, now).await?;
+                    self.upload_frames(&mut frame_buffers).await?;
                 }
             }
             if let Some(bank) = &self.hydrants {
@@ -527,6 +683,48 @@ impl Driver {
         }
         let now = lock(&self.engine).now().unix_timestamp();
         self.upload(&mut buffers, now).await?;
+        self.upload_frames(&mut frame_buffers).await?;
+        Ok(())
+    }
+
+    /// Returns the raw frames a concentrator forwards for one reading (delivery faults applied).
+    fn concentrator_frames(&self, e: &Emission, step: u64) -> Vec<Vec<u8>> {
+        let Some(spec) = self.population.get(e.meter as usize) else {
+            return Vec::new();
+        };
+        let offset_h = self.config.scenario.utc_offset_hours;
+        let Some(mut frame) = cjt188_reply(spec, e, (step & 0xFF) as u8, offset_h) else {
+            return Vec::new();
+        };
+        match e.delivery {
+            Delivery::Lost => Vec::new(),
+            Delivery::Normal => vec![frame],
+            Delivery::Duplicate => {
+                add(&self.counters.duplicated, 1);
+                vec![frame.clone(), frame]
+            }
+            Delivery::Corrupt => {
+                add(&self.counters.corrupted, 1);
+                corrupt_checksummed(&mut frame);
+                vec![frame]
+            }
+        }
+    }
+
+    async fn upload_frames(&self, buffers: &mut [Vec<Vec<u8>>]) -> anyhow::Result<()> {
+        let (Some(client), Some(mqtt)) = (&self.mqtt, &self.config.mqtt) else {
+            return Ok(());
+        };
+        for (k, buf) in buffers.iter_mut().enumerate() {
+            let topic = mqtt.topic(&format!("concentrator/conc-{k:03}/frame"));
+            for frame in std::mem::take(buf) {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, frame)
+                    .await
+                    .context("publishing concentrator frame")?;
+                add(&self.counters.concentrator_frames, 1);
+            }
+        }
         Ok(())
     }
 
@@ -819,9 +1017,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl FleetHandle {
+    /// Returns the pty path the gateway's M-Bus master opens, when M-Bus slaves run.
+    pub fn mbus_master_path(&self) -> Option<&std::path::Path> {
+        self.mbus_bus.as_ref().map(|b| b.master_path.as_path())
+    }
+
+    /// Returns the address of the Modbus TCP listener, when instruments run.
+    pub fn modbus_addr(&self) -> Option<SocketAddr> {
+        self.modbus_info.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Returns the Modbus instruments (unit id, name, map model, DMA).
+    pub fn modbus_devices(&self) -> &[modbus_tcp::ModbusDevice] {
+        self.modbus_info.as_ref().map_or(&[], |(_, d)| d.as_slice())
+    }
+
     /// Returns the counts of frames sent so far.
     pub fn counts(&self) -> FrameCounts {
-        self.counters.snapshot()
+        let mut c = self.counters.snapshot();
+        c.modbus_requests = self.modbus_requests.load(Ordering::Relaxed);
+        c
     }
 
     /// Returns the ground truth recorded so far.
@@ -858,7 +1073,8 @@ impl FleetHandle {
             // Wait for the broker to acknowledge every QoS 1 publish, so nothing queued in
             // the client or the socket is lost, then disconnect cleanly.
             let c = self.counters.snapshot();
-            let published = c.concentrator_batches + c.hydrant_ups + c.hydrant_acks;
+            let published =
+                c.concentrator_batches + c.concentrator_frames + c.hydrant_ups + c.hydrant_acks;
             if let Some(acked) = self.mqtt_acked.as_mut() {
                 let waited = tokio::time::timeout(
                     Duration::from_secs(10),
@@ -881,7 +1097,10 @@ impl FleetHandle {
             }
         }
         self.mqtt_stop.send_replace(true);
-        result.map(|()| self.counters.snapshot())
+        if let Some(bus) = self.mbus_bus.take() {
+            bus.stop().await;
+        }
+        result.map(|()| self.counts())
     }
 }
 

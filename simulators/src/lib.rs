@@ -9,6 +9,8 @@
 pub mod engine;
 pub mod fleet;
 pub mod frames;
+pub mod mbus_serial;
+pub mod modbus_tcp;
 pub mod mqtt;
 pub mod nbiot;
 pub mod profile;

@@ -33,6 +33,87 @@ enum Command {
         /// Scenario TOML file.
         scenario: PathBuf,
     },
+    /// Runs a fleet against a gateway over real sockets (CoAP, HTTP, MQTT, UDP, pty, TCP).
+    Demo(Box<DemoArgs>),
+    /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
+    /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
+    WmbusKeys {
+        /// Scenario TOML file.
+        scenario: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Scenario file (default: a plain fleet of --meters households and shops).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Meters of the plain fleet (without --scenario); the last fifth are M-Bus addressed.
+    #[arg(long, default_value_t = 200)]
+    meters: u32,
+    /// Real milliseconds per simulated step (one step = the scenario interval, 1 h by default).
+    #[arg(long, default_value_t = 1000)]
+    step_ms: u64,
+    /// Stop after this many steps (default: the whole scenario, or Ctrl-C).
+    #[arg(long)]
+    max_steps: Option<u64>,
+    /// Gateway CoAP address for NB-IoT meters (HOST:PORT).
+    #[arg(long)]
+    gateway_coap: Option<String>,
+    /// NB-IoT CoAP meters.
+    #[arg(long, default_value_t = 50)]
+    coap_meters: u32,
+    /// Gateway HTTP push address (HOST:PORT).
+    #[arg(long)]
+    gateway_http: Option<String>,
+    /// HTTP push path.
+    #[arg(long, default_value = "/v1/push")]
+    http_path: String,
+    /// HTTP push HMAC secret.
+    #[arg(long, env = "WM_PUSH_SECRET", default_value = "")]
+    http_secret: String,
+    /// Meters reporting through the IoT platform push.
+    #[arg(long, default_value_t = 20)]
+    http_meters: u32,
+    /// MQTT broker for concentrators and hydrants (mqtt://host:port).
+    #[arg(long, env = "MQTT_URL")]
+    mqtt: Option<String>,
+    /// Prefix before `concentrator/...` and `hydrant/...` topics.
+    #[arg(long, default_value = "")]
+    topic_prefix: String,
+    /// Concentrators.
+    #[arg(long, default_value_t = 2)]
+    concentrators: u32,
+    /// Meters read through concentrators.
+    #[arg(long, default_value_t = 80)]
+    concentrator_meters: u32,
+    /// Concentrators forward raw CJ/T 188 frames on `concentrator/{cid}/frame` instead of JSON.
+    #[arg(long)]
+    concentrator_frames: bool,
+    /// Concentrators upload after every step instead of at local midnight.
+    #[arg(long)]
+    upload_every_step: bool,
+    /// Hydrant controllers.
+    #[arg(long, default_value_t = 5)]
+    hydrants: u32,
+    /// Gateway wM-Bus UDP receiver address (HOST:PORT).
+    #[arg(long)]
+    gateway_wmbus: Option<String>,
+    /// wM-Bus meters.
+    #[arg(long, default_value_t = 20)]
+    wmbus_meters: u32,
+    /// Send wM-Bus telegrams unencrypted.
+    #[arg(long)]
+    wmbus_clear: bool,
+    /// Wired M-Bus slaves on a socat pty pair created in --mbus-dir.
+    #[arg(long, default_value_t = 0)]
+    mbus_meters: u32,
+    /// Directory for the pty links `slave` and `master`.
+    #[arg(long, default_value = "/tmp/wm-sim-mbus")]
+    mbus_dir: PathBuf,
+    /// Serve Modbus TCP instruments on this address (e.g. 127.0.0.1:5020).
+    #[arg(long)]
+    modbus_bind: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +155,23 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         None => backfill(&cli.backfill),
         Some(Command::Backfill(args)) => backfill(&args),
+        Some(Command::Demo(args)) => demo(*args),
+        Some(Command::WmbusKeys { scenario }) => {
+            let s = Scenario::load(&scenario)?;
+            let pop = simulators::engine::Population::new(&s);
+            let keys: serde_json::Map<String, serde_json::Value> = pop
+                .meters
+                .iter()
+                .enumerate()
+                .filter(|(_, m)| matches!(m.address, model::MeterAddress::Mbus { .. }))
+                .map(|(i, m)| {
+                    let key = simulators::frames::wmbus_key(s.seed, i as u32);
+                    (m.id.to_string(), hex::encode(key).into())
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&keys)?);
+            Ok(())
+        }
         Some(Command::GroundTruth { scenario }) => {
             let s = Scenario::load(&scenario)?;
             let truth = simulators::engine::ground_truth(&s);
@@ -81,6 +179,119 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn resolve(what: &str, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs as _;
+    addr.to_socket_addrs()
+        .with_context(|| format!("{what} {addr:?} is not HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{what} {addr:?} resolves to no address"))
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    use simulators::fleet::{
+        CoapConfig, ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, HttpPushConfig,
+        MbusConfig, ModbusConfig, Upload, WmbusConfig,
+    };
+    let scenario = match &args.scenario {
+        Some(p) => Scenario::load(p)?,
+        None => {
+            let start = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+            let mut s = Scenario::plain(args.meters, 365, 1, start);
+            s.fleet.mbus_meters = args.meters / 5;
+            s
+        }
+    };
+    let mut config = FleetConfig::new(scenario);
+    config.step_every = std::time::Duration::from_millis(args.step_ms);
+    config.max_steps = args.max_steps;
+    if let Some(a) = &args.gateway_coap {
+        config.coap = Some(CoapConfig {
+            gateway: resolve("--gateway-coap", a)?,
+            meters: args.coap_meters,
+        });
+    }
+    if let Some(a) = &args.gateway_http {
+        config.http_push = Some(HttpPushConfig {
+            gateway: resolve("--gateway-http", a)?,
+            path: args.http_path.clone(),
+            secret: args.http_secret.clone(),
+            platform: decoders::envelope::Platform::Generic,
+            meters: args.http_meters,
+        });
+    }
+    if let Some(url) = &args.mqtt {
+        let id = format!("wm-simulate-{}", std::process::id());
+        config.mqtt = Some(
+            simulators::mqtt::MqttConfig::from_url(url, &args.topic_prefix, &id)
+                .map_err(anyhow::Error::msg)?,
+        );
+        if args.concentrators > 0 && args.concentrator_meters > 0 {
+            config.concentrators = Some(ConcentratorConfig {
+                format: if args.concentrator_frames {
+                    ConcentratorFormat::Frames
+                } else {
+                    ConcentratorFormat::Json
+                },
+                count: args.concentrators,
+                meters: args.concentrator_meters,
+                upload: if args.upload_every_step {
+                    Upload::EveryStep
+                } else {
+                    Upload::Midnight
+                },
+            });
+        }
+        config.hydrants = args.hydrants;
+    }
+    if let Some(a) = &args.gateway_wmbus {
+        config.wmbus = Some(WmbusConfig {
+            gateway: resolve("--gateway-wmbus", a)?,
+            meters: args.wmbus_meters,
+            encrypted: !args.wmbus_clear,
+        });
+    }
+    if args.mbus_meters > 0 {
+        std::fs::create_dir_all(&args.mbus_dir)
+            .with_context(|| format!("cannot create {}", args.mbus_dir.display()))?;
+        config.mbus = Some(MbusConfig {
+            meters: args.mbus_meters,
+            dir: args.mbus_dir.clone(),
+        });
+    }
+    if let Some(a) = &args.modbus_bind {
+        config.modbus = Some(ModbusConfig {
+            bind: resolve("--modbus-bind", a)?,
+        });
+    }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut fleet = Fleet::start(config).await?;
+        if let Some(p) = fleet.mbus_master_path() {
+            println!("m-bus master pty  {}", p.display());
+        }
+        if let Some(a) = fleet.modbus_addr() {
+            println!("modbus tcp        {a}");
+            for d in fleet.modbus_devices() {
+                println!("  unit {:3}  {:<18} map {}", d.unit, d.name, d.model);
+            }
+        }
+        let mut ticker = tokio::time::interval(std::time::Duration::from_secs(10));
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = fleet.wait_finished() => break,
+                _ = tokio::signal::ctrl_c() => break,
+                _ = ticker.tick() => println!("{:?}", fleet.counts()),
+            }
+        }
+        let truth = fleet.ground_truth();
+        let counts = fleet.stop().await?;
+        println!("{counts:#?}");
+        println!("truth events so far: {}", truth.events.len());
+        anyhow::Ok(())
+    })
 }
 
 fn backfill(args: &BackfillArgs) -> anyhow::Result<()> {
