@@ -267,6 +267,10 @@ pub struct Master {
     /// Quiet time after which an answer is complete.
     gap: Duration,
     retries: u32,
+    /// Last FCB sent to each secondary-addressed meter. SND_NKE to 253 would deselect, so a
+    /// selected meter's FCB cannot be reset; continuing the alternation across cycles makes
+    /// each cycle's first REQ_UD2 a new request instead of a repeat of last cycle's answer.
+    last_fcb: HashMap<String, bool>,
 }
 
 impl Master {
@@ -289,6 +293,7 @@ impl Master {
             timeout,
             gap: (char_time * 20).max(Duration::from_millis(30)),
             retries,
+            last_fcb: HashMap::new(),
         })
     }
 
@@ -407,9 +412,16 @@ impl Master {
                 link::SELECTED
             }
         };
-        let mut fcb = true;
+        // After SND_NKE the slave takes either FCB as new; start with 1.
+        let mut fcb = match address {
+            Address::Primary(_) => true,
+            Address::Secondary(id) => !self.last_fcb.get(id).copied().unwrap_or(false),
+        };
         let mut telegrams = Vec::new();
         for _ in 0..max_telegrams {
+            if let Address::Secondary(id) = address {
+                self.last_fcb.insert(id.clone(), fcb);
+            }
             match self.exchange(&link::req_ud2(a, fcb), &name).await? {
                 Reply::Long(frame) => {
                     let more = link::more_records_follow(&frame);
@@ -473,6 +485,7 @@ impl Master {
                         && let Some(id) = link::identification(&frame)
                         && !found.contains(&id)
                     {
+                        self.last_fcb.insert(id.clone(), true);
                         found.push(id);
                     }
                 }
