@@ -1,7 +1,7 @@
 //! Serial M-Bus master (EN 13757-2 link layer over tokio-serial, 8E1).
 //!
 //! Each cycle reads every meter: primary meters with SND_NKE then REQ_UD2, secondary meters
-//! by deselecting (SND_NKE to 253), selecting (SND_UD CI 52 to 253) and REQ_UD2 to 253. The
+//! by selecting (SND_UD CI 52 to 253, which deselects every other slave) and REQ_UD2 to 253. The
 //! FCB starts at 1 after SND_NKE and toggles per new request; a retry after a timeout or a
 //! garbled answer repeats the same FCB so the slave repeats its last telegram. Telegrams
 //! ending in DIF 1F ("more records follow") are followed by further REQ_UD2 up to a limit.
@@ -382,9 +382,7 @@ impl Master {
         for (slot, b) in digits.iter_mut().zip(id.bytes()) {
             *slot = b.wrapping_sub(b'0');
         }
-        // Deselect whatever was selected before.
-        self.send(&link::snd_nke(link::SELECTED)).await?;
-        let _ack = self.read_reply().await?;
+        // No deselect first: a selection deselects every slave whose address does not match.
         for _ in 0..=self.retries {
             match self.probe(digits).await? {
                 Probe::Single => return Ok(()),
