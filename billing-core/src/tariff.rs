@@ -104,6 +104,8 @@ pub struct Tier {
 pub struct Class {
     /// Class id (`residential`, `non_residential`, `special`, ...).
     pub id: String,
+    /// Free description.
+    pub description: Option<String>,
     /// Household size the tier volumes are for.
     pub base_persons: Option<u32>,
     /// m3 per tier period added to every tier boundary per person above `base_persons`.
@@ -158,6 +160,8 @@ pub struct Tariff {
     pub status: TariffStatus,
     /// Where the prices come from.
     pub source: Option<String>,
+    /// Free notes of the file's author.
+    pub notes: Option<String>,
     /// `effective_from` + the first 12 hex digits of the file's SHA-256: stored on every bill.
     pub version: String,
     /// Classes by id, in file order.
@@ -395,7 +399,6 @@ impl Ctx<'_> {
     }
 
     fn validate(&self, raw: RawTariff, hash: String) -> Result<Tariff, TariffError> {
-        let _ = &raw.notes;
         if raw.name.get_ref().trim().is_empty() {
             return self.err(raw.name.span(), "name", "must not be empty");
         }
@@ -486,7 +489,6 @@ impl Ctx<'_> {
                     format!("class {id} defined twice"),
                 );
             }
-            let _ = &rc.description;
             let base_persons = match &rc.base_persons {
                 None => None,
                 Some(v) => match v.get_ref() {
@@ -596,6 +598,7 @@ impl Ctx<'_> {
             };
             classes.push(Class {
                 id,
+                description: rc.description.clone(),
                 base_persons,
                 extra_volume_per_person,
                 tiers,
@@ -611,6 +614,7 @@ impl Ctx<'_> {
             tier_period,
             status,
             source: raw.source,
+            notes: raw.notes,
             version: format!("{effective_from}+{hash}"),
             classes,
         })
