@@ -631,3 +631,60 @@ async fn arrears_from_the_revenue_system_feed_the_valve_policy() {
     );
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn next_cycle_continues_from_the_estimate_and_both_true_up() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let m = "cjt188:00000000000051";
+    meter(pool, m, "B9").await;
+    // Six persons in a township (Nan'an has no household or township rule: same prices).
+    sqlx::query("UPDATE meters SET persons = 6, township = true WHERE meter_id = $1")
+        .bind(m)
+        .execute(pool)
+        .await
+        .unwrap();
+    read(pool, m, datetime!(2025-09-30 22:00 +8), "1000", "validated").await;
+    read(pool, m, datetime!(2025-11-01 00:00 +8), "1030", "estimated").await;
+    read(pool, m, datetime!(2025-11-30 22:00 +8), "1050", "validated").await;
+    let bk = book("nanan-2025.toml");
+    let nov = Cycle {
+        meter_book: "B9".into(),
+        period_start: date!(2025 - 11 - 01),
+        period_end: date!(2025 - 12 - 01),
+    };
+    run_cycle(pool, &bk, &october("B9")).await.unwrap();
+    run_cycle(pool, &bk, &nov).await.unwrap();
+    let bills = bills_of(pool, m).await;
+    // October 30 m3 estimated (93.30); November starts at the estimate: 20 m3 = 56.00.
+    assert_eq!((bills[0].total, bills[0].estimated), (d("93.30"), true));
+    assert_eq!(
+        (bills[1].usage_m3, bills[1].total, bills[1].estimated),
+        (d("20"), d("56.00"), true)
+    );
+    assert_eq!(bills[1].inputs["request"]["persons"], 6);
+    assert_eq!(bills[1].inputs["request"]["township"], true);
+
+    // The actual October read arrives: both cycles are trued up, and the two cycles together
+    // bill exactly the 50 m3 the meter measured.
+    read(pool, m, datetime!(2025-10-31 23:10 +8), "1026", "validated").await;
+    assert_eq!(
+        run_cycle(pool, &bk, &october("B9"))
+            .await
+            .unwrap()
+            .adjusted
+            .len(),
+        1
+    );
+    assert_eq!(run_cycle(pool, &bk, &nov).await.unwrap().adjusted.len(), 1);
+    let bills = bills_of(pool, m).await;
+    assert_eq!(bills.len(), 4);
+    // October 26 m3 = 78.38; November 24 m3 = 56.00 + 4 × 3.73 = 70.92.
+    assert_eq!(bills[1].effective_total, Some(d("78.38")));
+    assert_eq!(bills[3].effective_total, Some(d("70.92")));
+    assert_eq!(bills[3].inputs["request"]["start"]["value"], "1026");
+    assert!(!bills[3].estimated);
+    let owed: Decimal = bills.iter().map(|b| b.total).sum();
+    assert_eq!(owed, d("149.30"));
+    db.drop_database().await;
+}
