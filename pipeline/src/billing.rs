@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub utc_offset: UtcOffset,
     /// How far before a cycle boundary a read may be and still count as the boundary read.
     pub read_window: Duration,
+    /// Billing gate (DOMAIN.md §1): a meter whose share of estimated or edited reads in the
+    /// cycle is above this (0..1) is held for review instead of billed. `None`: no gate.
+    pub max_estimated_share: Option<Decimal>,
 }
 
 impl Default for RunOptions {
@@ -83,6 +86,7 @@ impl Default for RunOptions {
             actor: "billing-run".to_owned(),
             utc_offset: UtcOffset::from_hms(8, 0, 0).unwrap_or(UtcOffset::UTC),
             read_window: Duration::days(7),
+            max_estimated_share: None,
         }
     }
 }
@@ -394,6 +398,25 @@ async fn bill_meter(
             "no billable read after {after} and at or before the cycle end {end_boundary}"
         )));
     };
+    if let Some(limit) = options.max_estimated_share {
+        let (total, doubtful): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE quality IN ('estimated', 'edited')) FROM readings
+             WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
+               AND ts > $2 AND ts <= $3 AND quality IN ('validated', 'estimated', 'edited')
+               AND NOT ('superseded' = ANY (flags))",
+        )
+        .bind(id)
+        .bind(start.ts)
+        .bind(end.ts)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("counting estimated reads"))?;
+        if total > 0 && Decimal::from(doubtful) > limit * Decimal::from(total) {
+            return Ok(Outcome::Skipped(format!(
+                "held for review: {doubtful} of {total} reads in the cycle are estimated or edited (limit {limit})"
+            )));
+        }
+    }
     let replacements: Vec<(OffsetDateTime, Decimal, Decimal)> = sqlx::query_as(
         "SELECT replaced_at, old_final_value, new_initial_value FROM meter_replacements
          WHERE meter_id = $1 AND replaced_at > $2 AND replaced_at <= $3 ORDER BY replaced_at",

@@ -688,3 +688,46 @@ async fn next_cycle_continues_from_the_estimate_and_both_true_up() {
     assert_eq!(owed, d("149.30"));
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn billing_gate_holds_meters_with_too_many_estimates() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let m = "cjt188:00000000000061";
+    meter(pool, m, "B10").await;
+    read(pool, m, datetime!(2025-09-30 22:00 +8), "1000", "validated").await;
+    read(pool, m, datetime!(2025-10-10 22:00 +8), "1005", "estimated").await;
+    read(pool, m, datetime!(2025-10-20 22:00 +8), "1010", "estimated").await;
+    read(pool, m, datetime!(2025-10-31 22:00 +8), "1020", "validated").await;
+    let bk = book("nanan-2025.toml");
+    let options = pipeline::billing::RunOptions {
+        max_estimated_share: Some(d("0.5")),
+        ..Default::default()
+    };
+    // 2 of 3 reads after the start read are estimated: above one half, held.
+    let held = pipeline::billing::run_cycle_with(pool, &bk, &october("B10"), &options)
+        .await
+        .unwrap();
+    assert!(held.created.is_empty());
+    assert!(
+        held.skipped[0]
+            .reason
+            .starts_with("held for review: 2 of 3"),
+        "{}",
+        held.skipped[0].reason
+    );
+    assert!(bills_of(pool, m).await.is_empty());
+    // A field visit confirms one read: now 1 of 3, billed.
+    sqlx::query("UPDATE readings SET quality = 'validated' WHERE meter_id = $1 AND value = 1005")
+        .bind(m)
+        .execute(pool)
+        .await
+        .unwrap();
+    let billed = pipeline::billing::run_cycle_with(pool, &bk, &october("B10"), &options)
+        .await
+        .unwrap();
+    assert_eq!(billed.created.len(), 1);
+    // 20 m3 = 56.00.
+    assert_eq!(bills_of(pool, m).await[0].total, d("56.00"));
+    db.drop_database().await;
+}
