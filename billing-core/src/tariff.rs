@@ -16,6 +16,8 @@ use toml::Spanned;
 
 /// Price precision accepted in tariff files (yuan per m3): `bill_lines.unit_price` is numeric(12,4).
 pub const PRICE_SCALE: u32 = 4;
+/// Largest price, bound or charge accepted in a tariff file.
+pub const MAX_VALUE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
 /// Volume precision accepted for tier bounds (m3).
 pub const VOLUME_SCALE: u32 = 3;
 
@@ -358,6 +360,10 @@ impl Ctx<'_> {
         };
         if d.is_sign_negative() {
             return self.err(v.span(), field, format!("{d} is negative"));
+        }
+        // Bounded so that no product in a bill can overflow `Decimal` (see quote::MAX_VOLUME).
+        if d > MAX_VALUE {
+            return self.err(v.span(), field, format!("{d} is above {MAX_VALUE}"));
         }
         if d.normalize().scale() > scale {
             return self.err(
