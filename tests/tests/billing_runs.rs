@@ -164,6 +164,17 @@ async fn running_a_cycle_twice_creates_one_bill() {
     );
     let sum: Decimal = lines.iter().map(|l| l.4).sum();
     assert_eq!(sum, d("144.45"));
+    // Reproducible: the stored inputs give the same bill and the stored fingerprint.
+    let request: billing_core::BillRequest =
+        serde_json::from_value(b.inputs["request"].clone()).unwrap();
+    let again = billing_core::compute_bill(&bk, &request).unwrap();
+    assert_eq!(again.total, b.total);
+    let hash: String = sqlx::query_scalar("SELECT inputs_hash FROM bills WHERE bill_id = $1")
+        .bind(b.bill_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(again.fingerprint(), hash);
 
     let second = run_cycle(pool, &bk, &october("B1")).await.unwrap();
     assert!(second.created.is_empty() && second.adjusted.is_empty());
