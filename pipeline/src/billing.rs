@@ -541,27 +541,40 @@ async fn bill_meter(
     .fetch_one(&mut *tx)
     .await
     .map_err(db("inserting the bill"))?;
-    for (no, l) in lines.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO bill_lines (bill_id, line_no, component, tier, volume_m3, unit_price, amount, kind,
-                 period_from, period_to, tariff_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(bill_id)
-        .bind(i32::try_from(no + 1).unwrap_or(i32::MAX))
-        .bind(&l.line.component)
-        .bind(i32::try_from(l.line.tier).unwrap_or(i32::MAX))
-        .bind(l.line.volume_m3)
-        .bind(l.line.unit_price)
-        .bind(l.line.amount)
-        .bind(l.kind.as_str())
-        .bind(l.from)
-        .bind(l.to)
-        .bind(&l.tariff_version)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("inserting bill lines"))?;
-    }
+    // All lines in one statement: a bill has 2–20 lines, a run thousands of bills.
+    let line_no: Vec<i32> = (1..).take(lines.len()).collect();
+    let component: Vec<&str> = lines.iter().map(|l| l.line.component.as_str()).collect();
+    let tier: Vec<i32> = lines
+        .iter()
+        .map(|l| i32::try_from(l.line.tier).unwrap_or(i32::MAX))
+        .collect();
+    let volume: Vec<Decimal> = lines.iter().map(|l| l.line.volume_m3).collect();
+    let unit_price: Vec<Decimal> = lines.iter().map(|l| l.line.unit_price).collect();
+    let amount: Vec<Decimal> = lines.iter().map(|l| l.line.amount).collect();
+    let line_kind: Vec<&str> = lines.iter().map(|l| l.kind.as_str()).collect();
+    let from: Vec<Date> = lines.iter().map(|l| l.from).collect();
+    let to: Vec<Date> = lines.iter().map(|l| l.to).collect();
+    let version: Vec<&str> = lines.iter().map(|l| l.tariff_version.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO bill_lines (bill_id, line_no, component, tier, volume_m3, unit_price, amount, kind,
+             period_from, period_to, tariff_version)
+         SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::int4[], $5::numeric[], $6::numeric[],
+             $7::numeric[], $8::text[], $9::date[], $10::date[], $11::text[])",
+    )
+    .bind(bill_id)
+    .bind(&line_no)
+    .bind(&component)
+    .bind(&tier)
+    .bind(&volume)
+    .bind(&unit_price)
+    .bind(&amount)
+    .bind(&line_kind)
+    .bind(&from)
+    .bind(&to)
+    .bind(&version)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("inserting bill lines"))?;
     let action = if adjusts.is_some() {
         "bill.adjust"
     } else {
