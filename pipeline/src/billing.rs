@@ -14,6 +14,7 @@ use billing_core::{
     BillLine, BillRequest, LineKind, RegisterRead, Replacement, TariffBook, adjustment_lines,
     bill_total, compute_bill,
 };
+use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -75,6 +76,11 @@ pub struct RunOptions {
     pub utc_offset: UtcOffset,
     /// How far before a cycle boundary a read may be and still count as the boundary read.
     pub read_window: Duration,
+    /// Billing gate (DOMAIN.md §1): a meter whose share of estimated or edited reads in the
+    /// cycle is above this (0..1) is held for review instead of billed. `None`: no gate.
+    pub max_estimated_share: Option<Decimal>,
+    /// Meters billed at once (each in its own transaction).
+    pub concurrency: usize,
 }
 
 impl Default for RunOptions {
@@ -83,6 +89,8 @@ impl Default for RunOptions {
             actor: "billing-run".to_owned(),
             utc_offset: UtcOffset::from_hms(8, 0, 0).unwrap_or(UtcOffset::UTC),
             read_window: Duration::days(7),
+            max_estimated_share: None,
+            concurrency: 4,
         }
     }
 }
@@ -195,24 +203,34 @@ pub async fn run_cycle_with(
         cycle_id,
         ..RunReport::default()
     };
-    for (meter_id, class, persons, township, capacity) in meters {
-        let meter = MeterRow {
-            meter_id,
-            class,
-            persons,
-            township,
-            capacity,
-        };
-        match bill_meter(pool, book, cycle, cycle_id, run_id, &meter, options).await? {
+    // Meters are independent (each its own transaction and lock), so a few run at once: the
+    // run is bound by database round trips, not CPU.
+    let outcomes: Vec<(String, Result<Outcome, BillingRunError>)> = futures::stream::iter(meters)
+        .map(
+            |(meter_id, class, persons, township, capacity)| async move {
+                let meter = MeterRow {
+                    meter_id,
+                    class,
+                    persons,
+                    township,
+                    capacity,
+                };
+                let outcome =
+                    bill_meter(pool, book, cycle, cycle_id, run_id, &meter, options).await;
+                (meter.meter_id, outcome)
+            },
+        )
+        .buffered(options.concurrency.max(1))
+        .collect()
+        .await;
+    for (meter_id, outcome) in outcomes {
+        match outcome? {
             Outcome::Created(id) => report.created.push(id),
             Outcome::Adjusted(id) => report.adjusted.push(id),
-            Outcome::Unchanged => report.unchanged.push(meter.meter_id),
+            Outcome::Unchanged => report.unchanged.push(meter_id),
             Outcome::Skipped(reason) => {
-                tracing::warn!(meter = %meter.meter_id, cycle_id, %reason, "meter not billed");
-                report.skipped.push(SkippedMeter {
-                    meter_id: meter.meter_id,
-                    reason,
-                });
+                tracing::warn!(meter = %meter_id, cycle_id, %reason, "meter not billed");
+                report.skipped.push(SkippedMeter { meter_id, reason });
             }
         }
     }
@@ -338,12 +356,14 @@ async fn bill_meter(
     options: &RunOptions,
 ) -> Result<Outcome, BillingRunError> {
     let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
-    // Serialises concurrent runs of the same cycle, so two runs never both add a revision.
-    sqlx::query("SELECT cycle_id FROM billing_cycles WHERE cycle_id = $1 FOR UPDATE")
-        .bind(cycle_id)
+    // Serialises concurrent runs of the same cycle and meter, so two runs never both add a
+    // revision (a hash collision only serialises two meters; the unique key is the backstop).
+    sqlx::query("SELECT pg_advisory_xact_lock($1::int4, hashtext($2))")
+        .bind(i32::try_from(cycle_id % i64::from(i32::MAX)).unwrap_or(0))
+        .bind(&meter.meter_id)
         .execute(&mut *tx)
         .await
-        .map_err(db("locking the cycle"))?;
+        .map_err(db("locking the meter's bill"))?;
     let id = meter.meter_id.as_str();
     let json_err = |source| BillingRunError::Json {
         meter: id.to_owned(),
@@ -394,6 +414,25 @@ async fn bill_meter(
             "no billable read after {after} and at or before the cycle end {end_boundary}"
         )));
     };
+    if let Some(limit) = options.max_estimated_share {
+        let (total, doubtful): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE quality IN ('estimated', 'edited')) FROM readings
+             WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
+               AND ts > $2 AND ts <= $3 AND quality IN ('validated', 'estimated', 'edited')
+               AND NOT ('superseded' = ANY (flags))",
+        )
+        .bind(id)
+        .bind(start.ts)
+        .bind(end.ts)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("counting estimated reads"))?;
+        if total > 0 && Decimal::from(doubtful) > limit * Decimal::from(total) {
+            return Ok(Outcome::Skipped(format!(
+                "held for review: {doubtful} of {total} reads in the cycle are estimated or edited (limit {limit})"
+            )));
+        }
+    }
     let replacements: Vec<(OffsetDateTime, Decimal, Decimal)> = sqlx::query_as(
         "SELECT replaced_at, old_final_value, new_initial_value FROM meter_replacements
          WHERE meter_id = $1 AND replaced_at > $2 AND replaced_at <= $3 ORDER BY replaced_at",
@@ -518,27 +557,40 @@ async fn bill_meter(
     .fetch_one(&mut *tx)
     .await
     .map_err(db("inserting the bill"))?;
-    for (no, l) in lines.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO bill_lines (bill_id, line_no, component, tier, volume_m3, unit_price, amount, kind,
-                 period_from, period_to, tariff_version)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-        )
-        .bind(bill_id)
-        .bind(i32::try_from(no + 1).unwrap_or(i32::MAX))
-        .bind(&l.line.component)
-        .bind(i32::try_from(l.line.tier).unwrap_or(i32::MAX))
-        .bind(l.line.volume_m3)
-        .bind(l.line.unit_price)
-        .bind(l.line.amount)
-        .bind(l.kind.as_str())
-        .bind(l.from)
-        .bind(l.to)
-        .bind(&l.tariff_version)
-        .execute(&mut *tx)
-        .await
-        .map_err(db("inserting bill lines"))?;
-    }
+    // All lines in one statement: a bill has 2–20 lines, a run thousands of bills.
+    let line_no: Vec<i32> = (1..).take(lines.len()).collect();
+    let component: Vec<&str> = lines.iter().map(|l| l.line.component.as_str()).collect();
+    let tier: Vec<i32> = lines
+        .iter()
+        .map(|l| i32::try_from(l.line.tier).unwrap_or(i32::MAX))
+        .collect();
+    let volume: Vec<Decimal> = lines.iter().map(|l| l.line.volume_m3).collect();
+    let unit_price: Vec<Decimal> = lines.iter().map(|l| l.line.unit_price).collect();
+    let amount: Vec<Decimal> = lines.iter().map(|l| l.line.amount).collect();
+    let line_kind: Vec<&str> = lines.iter().map(|l| l.kind.as_str()).collect();
+    let from: Vec<Date> = lines.iter().map(|l| l.from).collect();
+    let to: Vec<Date> = lines.iter().map(|l| l.to).collect();
+    let version: Vec<&str> = lines.iter().map(|l| l.tariff_version.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO bill_lines (bill_id, line_no, component, tier, volume_m3, unit_price, amount, kind,
+             period_from, period_to, tariff_version)
+         SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::int4[], $5::numeric[], $6::numeric[],
+             $7::numeric[], $8::text[], $9::date[], $10::date[], $11::text[])",
+    )
+    .bind(bill_id)
+    .bind(&line_no)
+    .bind(&component)
+    .bind(&tier)
+    .bind(&volume)
+    .bind(&unit_price)
+    .bind(&amount)
+    .bind(&line_kind)
+    .bind(&from)
+    .bind(&to)
+    .bind(&version)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("inserting bill lines"))?;
     let action = if adjusts.is_some() {
         "bill.adjust"
     } else {

@@ -164,6 +164,17 @@ async fn running_a_cycle_twice_creates_one_bill() {
     );
     let sum: Decimal = lines.iter().map(|l| l.4).sum();
     assert_eq!(sum, d("144.45"));
+    // Reproducible: the stored inputs give the same bill and the stored fingerprint.
+    let request: billing_core::BillRequest =
+        serde_json::from_value(b.inputs["request"].clone()).unwrap();
+    let again = billing_core::compute_bill(&bk, &request).unwrap();
+    assert_eq!(again.total, b.total);
+    let hash: String = sqlx::query_scalar("SELECT inputs_hash FROM bills WHERE bill_id = $1")
+        .bind(b.bill_id)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(again.fingerprint(), hash);
 
     let second = run_cycle(pool, &bk, &october("B1")).await.unwrap();
     assert!(second.created.is_empty() && second.adjusted.is_empty());
@@ -629,5 +640,105 @@ async fn arrears_from_the_revenue_system_feed_the_valve_policy() {
         .await,
         1
     );
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn next_cycle_continues_from_the_estimate_and_both_true_up() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let m = "cjt188:00000000000051";
+    meter(pool, m, "B9").await;
+    // Six persons in a township (Nan'an has no household or township rule: same prices).
+    sqlx::query("UPDATE meters SET persons = 6, township = true WHERE meter_id = $1")
+        .bind(m)
+        .execute(pool)
+        .await
+        .unwrap();
+    read(pool, m, datetime!(2025-09-30 22:00 +8), "1000", "validated").await;
+    read(pool, m, datetime!(2025-11-01 00:00 +8), "1030", "estimated").await;
+    read(pool, m, datetime!(2025-11-30 22:00 +8), "1050", "validated").await;
+    let bk = book("nanan-2025.toml");
+    let nov = Cycle {
+        meter_book: "B9".into(),
+        period_start: date!(2025 - 11 - 01),
+        period_end: date!(2025 - 12 - 01),
+    };
+    run_cycle(pool, &bk, &october("B9")).await.unwrap();
+    run_cycle(pool, &bk, &nov).await.unwrap();
+    let bills = bills_of(pool, m).await;
+    // October 30 m3 estimated (93.30); November starts at the estimate: 20 m3 = 56.00.
+    assert_eq!((bills[0].total, bills[0].estimated), (d("93.30"), true));
+    assert_eq!(
+        (bills[1].usage_m3, bills[1].total, bills[1].estimated),
+        (d("20"), d("56.00"), true)
+    );
+    assert_eq!(bills[1].inputs["request"]["persons"], 6);
+    assert_eq!(bills[1].inputs["request"]["township"], true);
+
+    // The actual October read arrives: both cycles are trued up, and the two cycles together
+    // bill exactly the 50 m3 the meter measured.
+    read(pool, m, datetime!(2025-10-31 23:10 +8), "1026", "validated").await;
+    assert_eq!(
+        run_cycle(pool, &bk, &october("B9"))
+            .await
+            .unwrap()
+            .adjusted
+            .len(),
+        1
+    );
+    assert_eq!(run_cycle(pool, &bk, &nov).await.unwrap().adjusted.len(), 1);
+    let bills = bills_of(pool, m).await;
+    assert_eq!(bills.len(), 4);
+    // October 26 m3 = 78.38; November 24 m3 = 56.00 + 4 × 3.73 = 70.92.
+    assert_eq!(bills[1].effective_total, Some(d("78.38")));
+    assert_eq!(bills[3].effective_total, Some(d("70.92")));
+    assert_eq!(bills[3].inputs["request"]["start"]["value"], "1026");
+    assert!(!bills[3].estimated);
+    let owed: Decimal = bills.iter().map(|b| b.total).sum();
+    assert_eq!(owed, d("149.30"));
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn billing_gate_holds_meters_with_too_many_estimates() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let m = "cjt188:00000000000061";
+    meter(pool, m, "B10").await;
+    read(pool, m, datetime!(2025-09-30 22:00 +8), "1000", "validated").await;
+    read(pool, m, datetime!(2025-10-10 22:00 +8), "1005", "estimated").await;
+    read(pool, m, datetime!(2025-10-20 22:00 +8), "1010", "estimated").await;
+    read(pool, m, datetime!(2025-10-31 22:00 +8), "1020", "validated").await;
+    let bk = book("nanan-2025.toml");
+    let options = pipeline::billing::RunOptions {
+        max_estimated_share: Some(d("0.5")),
+        ..Default::default()
+    };
+    // 2 of 3 reads after the start read are estimated: above one half, held.
+    let held = pipeline::billing::run_cycle_with(pool, &bk, &october("B10"), &options)
+        .await
+        .unwrap();
+    assert!(held.created.is_empty());
+    assert!(
+        held.skipped[0]
+            .reason
+            .starts_with("held for review: 2 of 3"),
+        "{}",
+        held.skipped[0].reason
+    );
+    assert!(bills_of(pool, m).await.is_empty());
+    // A field visit confirms one read: now 1 of 3, billed.
+    sqlx::query("UPDATE readings SET quality = 'validated' WHERE meter_id = $1 AND value = 1005")
+        .bind(m)
+        .execute(pool)
+        .await
+        .unwrap();
+    let billed = pipeline::billing::run_cycle_with(pool, &bk, &october("B10"), &options)
+        .await
+        .unwrap();
+    assert_eq!(billed.created.len(), 1);
+    // 20 m3 = 56.00.
+    assert_eq!(bills_of(pool, m).await[0].total, d("56.00"));
     db.drop_database().await;
 }
