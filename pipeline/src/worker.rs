@@ -351,6 +351,7 @@ impl Processor<'_> {
     }
 
     async fn process(&mut self, publishes: Vec<Publish>) -> WriteJob {
+        let started = Instant::now();
         IngestMetrics::add(&self.metrics.messages, publishes.len() as u64);
         let mut readings = Vec::new();
         let mut rejects = Vec::new();
@@ -425,6 +426,12 @@ impl Processor<'_> {
         ];
         self.vee.commit(out.states.clone());
         self.progress = progress;
+        tracing::debug!(
+            messages = publishes.len(),
+            readings = out.readings.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "batch validated"
+        );
         WriteJob {
             readings: out.readings,
             usage: out.usage,
@@ -455,4 +462,37 @@ impl Processor<'_> {
 /// be cut without decoding twice.
 fn estimate_readings(batch: &[Publish]) -> usize {
     batch.iter().map(|p| p.payload.len() / 330 + 1).sum()
+}
+
+/// Removes a worker's persistent session from the broker (connects once with
+/// `clean_session = true`): after a partition move, or after tests and benchmarks.
+///
+/// # Errors
+/// Returns [`WorkerError::Config`] for a bad URL and [`WorkerError::Mqtt`] when the broker
+/// cannot be reached within five seconds.
+pub async fn forget_session(broker_url: &str, client_id: &str) -> Result<(), WorkerError> {
+    let (host, port) = crate::config::parse_mqtt_url(broker_url)
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Err(()),
+            }
+        }
+    })
+    .await;
+    if !matches!(connected, Ok(Ok(()))) {
+        return Err(WorkerError::Mqtt("forgetting a session"));
+    }
+    client.disconnect().await.ok();
+    // Drive the disconnect out.
+    tokio::time::timeout(Duration::from_millis(500), eventloop.poll())
+        .await
+        .ok();
+    Ok(())
 }

@@ -236,6 +236,11 @@ async fn two_workers_store_every_reading_exactly_once() {
         w.stop.send(true).unwrap();
         w.task.await.unwrap().unwrap();
     }
+    for i in 0..2 {
+        worker::forget_session(&pipeline::config::mqtt_url(), &format!("{ids}-{i}"))
+            .await
+            .unwrap();
+    }
     db.drop_database().await;
 }
 
@@ -293,5 +298,8 @@ async fn killed_worker_resumes_from_its_persistent_session() {
     assert_eq!(states, 80);
     second.stop.send(true).unwrap();
     second.task.await.unwrap().unwrap();
+    worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
+        .await
+        .unwrap();
     db.drop_database().await;
 }
