@@ -368,7 +368,22 @@ impl Processor<'_> {
                     let (entries, dropped) = progress.filter(batch);
                     IngestMetrics::add(&self.metrics.seq_duplicates, dropped);
                     touched.insert(key);
-                    readings.extend(entries.into_iter().map(|e| e.reading));
+                    for e in entries {
+                        // A gateway configured with another partition count would send meters
+                        // this worker does not own; validating them here would fork their state.
+                        if self.config.owns(e.reading.meter.as_str()) {
+                            readings.push(e.reading);
+                        } else {
+                            IngestMetrics::add(&self.metrics.wrong_partition, 1);
+                            rejects.push(RejectRecord {
+                                kind: "wrong_partition",
+                                topic: Some(p.topic.clone()),
+                                meter: Some(e.reading.meter.as_str().to_owned()),
+                                ts: Some(e.reading.ts),
+                                detail: serde_json::to_value(&e.reading).unwrap_or_default(),
+                            });
+                        }
+                    }
                 }
                 Decoded::UnknownVersion { version } => {
                     IngestMetrics::add(&self.metrics.unknown_version, 1);
