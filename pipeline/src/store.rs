@@ -244,6 +244,7 @@ pub async fn write_batch(
 ) -> Result<WriteStats, StoreError> {
     let mut tx = conn.begin().await.map_err(stage("beginning"))?;
     let mut stats = WriteStats::default();
+    let t0 = std::time::Instant::now();
     if !set.readings.is_empty() {
         sqlx::query("SAVEPOINT wm_fast")
             .execute(&mut *tx)
@@ -264,16 +265,27 @@ pub async fn write_batch(
             Err(e) => return Err(stage("copying readings")(e)),
         }
     }
+    let t_readings = t0.elapsed();
     write_rollups(&mut tx, set.usage, options).await?;
+    let t_rollups = t0.elapsed();
     if let Some(states) = set.states {
         write_states(&mut tx, states).await?;
     }
+    let t_states = t0.elapsed();
     write_progress(&mut tx, set.progress).await?;
     write_rejects(&mut tx, set.rejects).await?;
     for (meter, ts) in set.out_of_order {
         resolve_out_of_order(&mut tx, meter.as_str(), *ts, options).await?;
     }
     tx.commit().await.map_err(stage("committing"))?;
+    tracing::debug!(
+        rows = set.readings.len(),
+        readings_ms = t_readings.as_millis() as u64,
+        rollups_ms = (t_rollups - t_readings).as_millis() as u64,
+        states_ms = (t_states - t_rollups).as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "ingest batch written"
+    );
     Ok(stats)
 }
 

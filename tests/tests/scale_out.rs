@@ -232,9 +232,55 @@ async fn two_workers_store_every_reading_exactly_once() {
         .await
         .unwrap();
     assert_eq!(consumption, "4.500000", "60 meters x 3 spans x 0.025 m3");
+    // A gateway with a wrong partition count puts a meter of worker 1 on partition 0: worker 0
+    // refuses it instead of forking that meter's state.
+    let foreign = (0..)
+        .map(|i| format!("cjt188:{:014}", 90_000 + i))
+        .find(|m| model::partition_of(m, PARTITIONS) % 2 == 1)
+        .unwrap();
+    let stray = ReadingBatch {
+        v: WIRE_VERSION,
+        gateway: GatewayId::new("gw-c").unwrap(),
+        partition: 0,
+        sent_at: OffsetDateTime::now_utc(),
+        entries: vec![BatchEntry {
+            seq: 1,
+            reading: reading(
+                &foreign,
+                "gw-c",
+                0,
+                OffsetDateTime::now_utc() - time::Duration::hours(1),
+            ),
+        }],
+    };
+    publish_all(&client, &root, &[(0, serde_json::to_vec(&stray).unwrap())]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let refused: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM ingest_rejects WHERE kind = 'wrong_partition'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if refused == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stray reading not refused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(IngestMetrics::get(&w0.metrics.wrong_partition), 1);
+    assert_eq!(counts(&db).await.0 as usize, distinct);
     for w in [w0, w1] {
         w.stop.send(true).unwrap();
         w.task.await.unwrap().unwrap();
+    }
+    for i in 0..2 {
+        worker::forget_session(&pipeline::config::mqtt_url(), &format!("{ids}-{i}"))
+            .await
+            .unwrap();
     }
     db.drop_database().await;
 }
@@ -293,5 +339,8 @@ async fn killed_worker_resumes_from_its_persistent_session() {
     assert_eq!(states, 80);
     second.stop.send(true).unwrap();
     second.task.await.unwrap().unwrap();
+    worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
+        .await
+        .unwrap();
     db.drop_database().await;
 }

@@ -324,6 +324,11 @@ async fn main() -> anyhow::Result<()> {
     for w in workers {
         w.await??;
     }
+    for w in 0..args.workers {
+        pipeline::worker::forget_session(&mqtt_url, &format!("bench-{}-w{w}", std::process::id()))
+            .await
+            .ok();
+    }
     let rss = rss_bytes();
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
         .fetch_one(&pool)
