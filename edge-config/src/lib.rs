@@ -227,6 +227,14 @@ pub struct UplinkConfig {
     /// Most batches awaiting PUBACK (default 16).
     #[serde(default = "default_window")]
     pub window: u16,
+    /// MQTT keep-alive in seconds (default 15); the broker publishes the `offline` last will
+    /// about 1.5 keep-alives after the gateway vanishes.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u16,
+}
+
+fn default_keep_alive_s() -> u16 {
+    15
 }
 
 fn default_topic_root() -> String {
@@ -718,6 +726,13 @@ fn validate(
             uplink_at,
             "uplink.batch_size",
             format!("{} is outside 1..=10000", u.batch_size),
+        );
+    }
+    if !(1..=3600).contains(&u.keep_alive_s) {
+        err(
+            uplink_at,
+            "uplink.keep_alive_s",
+            format!("{} is outside 1..=3600", u.keep_alive_s),
         );
     }
     if u.window == 0 || u.window > 1000 {
