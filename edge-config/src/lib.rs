@@ -192,7 +192,7 @@ pub enum MqttProtocol {
     #[default]
     #[serde(rename = "3.1.1")]
     V311,
-    /// MQTT 5 (not supported by this build; refused by validation).
+    /// MQTT 5.
     #[serde(rename = "5")]
     V5,
 }
@@ -799,13 +799,6 @@ fn validate(
         }
         match src {
             SourceConfig::Mqtt(m) => {
-                if m.protocol == MqttProtocol::V5 {
-                    err(
-                        at,
-                        "source.protocol",
-                        format!("source `{id}`: MQTT 5 is not supported yet; use \"3.1.1\""),
-                    );
-                }
                 if m.broker.tls || m.tls_ca.is_some() || m.tls_cert.is_some() {
                     err(
                         at,
