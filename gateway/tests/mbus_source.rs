@@ -303,6 +303,13 @@ async fn wildcard_search_resolves_collisions() {
         frame.records[0].value,
         RecordValue::Number(Decimal::new(2, 3))
     );
+    // The next read of that meter continues the FCB alternation (the search read it with 1),
+    // so the slave treats it as a new request, not a repeat of an old answer.
+    master
+        .read(&Address::Secondary("12345679".into()), 8)
+        .await
+        .unwrap();
+    assert_eq!(slaves.lock().unwrap()[1].fcbs, [true, false, true]);
 }
 
 fn command(id: &str, device: &str, action: CommandAction) -> DeviceCommand {

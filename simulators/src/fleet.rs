@@ -9,7 +9,9 @@
 //! let scenario = Scenario::plain(100, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
 //! let mut config = FleetConfig::new(scenario);
 //! config.mqtt = Some(MqttConfig::from_url("mqtt://127.0.0.1:1883", "test/x", "fleet-1").unwrap());
-//! config.concentrators = Some(ConcentratorConfig { count: 2, meters: 100, upload: Default::default() });
+//! config.concentrators = Some(ConcentratorConfig {
+//!     format: Default::default(), count: 2, meters: 100, upload: Default::default(),
+//! });
 //! let mut fleet = Fleet::start(config).await?;
 //! let counts = fleet.wait_finished().await;
 //! println!("{} concentrator readings", counts.concentrator_readings);
@@ -56,9 +58,21 @@ pub enum Upload {
     EveryStep,
 }
 
-/// MQTT data concentrators (JSON batches on `concentrator/{cid}/readings`).
+/// What concentrators publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConcentratorFormat {
+    /// JSON batches on `concentrator/{cid}/readings`.
+    #[default]
+    Json,
+    /// One raw CJ/T 188 read-data reply per reading on `concentrator/{cid}/frame`.
+    Frames,
+}
+
+/// MQTT data concentrators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcentratorConfig {
+    /// JSON batches or raw frames.
+    pub format: ConcentratorFormat,
     /// Number of concentrators (`conc-000`…).
     pub count: u32,
     /// CJ/T 188 meters read through concentrators, spread round-robin.
@@ -211,6 +225,8 @@ counts! {
     concentrator_batches,
     /// Readings inside those batches (duplicates counted twice).
     concentrator_readings,
+    /// Raw frames published on `concentrator/{cid}/frame`.
+    concentrator_frames,
     /// Hydrant status messages published.
     hydrant_ups,
     /// Hydrant acks published.
@@ -564,8 +580,12 @@ impl Driver {
 
     async fn steps(&self) -> anyhow::Result<()> {
         let conc = self.config.concentrators.clone();
-        let mut buffers: Vec<Vec<ConcentratorReading>> =
-            vec![Vec::new(); conc.as_ref().map_or(0, |c| c.count as usize)];
+        let n_conc = conc.as_ref().map_or(0, |c| c.count as usize);
+        let frames_format = conc
+            .as_ref()
+            .is_some_and(|c| c.format == ConcentratorFormat::Frames);
+        let mut buffers: Vec<Vec<ConcentratorReading>> = vec![Vec::new(); n_conc];
+        let mut frame_buffers: Vec<Vec<Vec<u8>>> = vec![Vec::new(); n_conc];
         let ids: Vec<String> = lock(&self.engine)
             .population()
             .meters
@@ -602,7 +622,11 @@ impl Driver {
                         if e.delivery == crate::engine::Delivery::Lost {
                             add(&self.counters.lost, 1);
                         }
-                        if let (Some(buf), Some(id)) =
+                        if frames_format {
+                            if let Some(buf) = frame_buffers.get_mut(*c as usize) {
+                                buf.extend(self.concentrator_frames(e, step));
+                            }
+                        } else if let (Some(buf), Some(id)) =
                             (buffers.get_mut(*c as usize), ids.get(e.meter as usize))
                         {
                             buf.extend(concentrator_entries(id, e));
@@ -633,6 +657,7 @@ impl Driver {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
                     self.upload(&mut buffers, now).await?;
+                    self.upload_frames(&mut frame_buffers).await?;
                 }
             }
             if let Some(bank) = &self.hydrants {
@@ -658,6 +683,48 @@ impl Driver {
         }
         let now = lock(&self.engine).now().unix_timestamp();
         self.upload(&mut buffers, now).await?;
+        self.upload_frames(&mut frame_buffers).await?;
+        Ok(())
+    }
+
+    /// Returns the raw frames a concentrator forwards for one reading (delivery faults applied).
+    fn concentrator_frames(&self, e: &Emission, step: u64) -> Vec<Vec<u8>> {
+        let Some(spec) = self.population.get(e.meter as usize) else {
+            return Vec::new();
+        };
+        let offset_h = self.config.scenario.utc_offset_hours;
+        let Some(mut frame) = cjt188_reply(spec, e, (step & 0xFF) as u8, offset_h) else {
+            return Vec::new();
+        };
+        match e.delivery {
+            Delivery::Lost => Vec::new(),
+            Delivery::Normal => vec![frame],
+            Delivery::Duplicate => {
+                add(&self.counters.duplicated, 1);
+                vec![frame.clone(), frame]
+            }
+            Delivery::Corrupt => {
+                add(&self.counters.corrupted, 1);
+                corrupt_checksummed(&mut frame);
+                vec![frame]
+            }
+        }
+    }
+
+    async fn upload_frames(&self, buffers: &mut [Vec<Vec<u8>>]) -> anyhow::Result<()> {
+        let (Some(client), Some(mqtt)) = (&self.mqtt, &self.config.mqtt) else {
+            return Ok(());
+        };
+        for (k, buf) in buffers.iter_mut().enumerate() {
+            let topic = mqtt.topic(&format!("concentrator/conc-{k:03}/frame"));
+            for frame in std::mem::take(buf) {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, frame)
+                    .await
+                    .context("publishing concentrator frame")?;
+                add(&self.counters.concentrator_frames, 1);
+            }
+        }
         Ok(())
     }
 
@@ -1006,7 +1073,8 @@ impl FleetHandle {
             // Wait for the broker to acknowledge every QoS 1 publish, so nothing queued in
             // the client or the socket is lost, then disconnect cleanly.
             let c = self.counters.snapshot();
-            let published = c.concentrator_batches + c.hydrant_ups + c.hydrant_acks;
+            let published =
+                c.concentrator_batches + c.concentrator_frames + c.hydrant_ups + c.hydrant_acks;
             if let Some(acked) = self.mqtt_acked.as_mut() {
                 let waited = tokio::time::timeout(
                     Duration::from_secs(10),

@@ -87,6 +87,9 @@ struct DemoArgs {
     /// Meters read through concentrators.
     #[arg(long, default_value_t = 80)]
     concentrator_meters: u32,
+    /// Concentrators forward raw CJ/T 188 frames on `concentrator/{cid}/frame` instead of JSON.
+    #[arg(long)]
+    concentrator_frames: bool,
     /// Concentrators upload after every step instead of at local midnight.
     #[arg(long)]
     upload_every_step: bool,
@@ -188,8 +191,8 @@ fn resolve(what: &str, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     use simulators::fleet::{
-        CoapConfig, ConcentratorConfig, Fleet, FleetConfig, HttpPushConfig, MbusConfig,
-        ModbusConfig, Upload, WmbusConfig,
+        CoapConfig, ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, HttpPushConfig,
+        MbusConfig, ModbusConfig, Upload, WmbusConfig,
     };
     let scenario = match &args.scenario {
         Some(p) => Scenario::load(p)?,
@@ -226,6 +229,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         if args.concentrators > 0 && args.concentrator_meters > 0 {
             config.concentrators = Some(ConcentratorConfig {
+                format: if args.concentrator_frames {
+                    ConcentratorFormat::Frames
+                } else {
+                    ConcentratorFormat::Json
+                },
                 count: args.concentrators,
                 meters: args.concentrator_meters,
                 upload: if args.upload_every_step {

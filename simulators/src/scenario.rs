@@ -381,7 +381,9 @@ impl Scenario {
                 households,
                 commercial: meters - households,
                 dmas: (meters / 2_000).max(1),
-                background_loss_lph: 300.0,
+                // About 2 L/h per service connection: roughly 10 % non-revenue water, the
+                // order of CJJ 92's grade-1 target.
+                background_loss_lph: 2.0 * f64::from(meters.min(2_000)),
                 register_capacity_m3: default_capacity(),
                 mbus_meters: 0,
             },

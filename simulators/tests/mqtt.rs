@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use simulators::engine::{Delivery, Engine, ml_to_m3};
-use simulators::fleet::{ConcentratorConfig, Fleet, FleetConfig, Upload};
+use simulators::fleet::{ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, Upload};
 use simulators::mqtt::{ConcentratorBatch, HydrantAck, HydrantUp, MqttConfig};
 use simulators::scenario::Scenario;
 use time::macros::datetime;
@@ -81,6 +81,7 @@ async fn concentrators_publish_every_reading_the_model_produced() {
         client_id: unique("fleet").replace('/', "-"),
     });
     config.concentrators = Some(ConcentratorConfig {
+        format: ConcentratorFormat::Json,
         count: 3,
         meters: 30,
         upload: Upload::Midnight,
@@ -228,4 +229,52 @@ async fn hydrant_status_reports_unlock_as_open() {
     assert_eq!(opened.state, "open");
     assert!(opened.events.contains(&"open".to_owned()));
     fleet.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concentrators_forward_raw_cjt188_frames() {
+    let prefix = unique("conc-frames");
+    let (_sub, mut el) = subscriber("frames-sub", &format!("{prefix}/concentrator/+/frame")).await;
+    let mut scenario = Scenario::plain(10, 1, 5, datetime!(2026-11-01 0:00 UTC));
+    scenario
+        .faults
+        .push(simulators::scenario::Fault::CorruptedFrames {
+            meter: 0,
+            from: datetime!(2026-11-01 00:00 UTC),
+            until: datetime!(2026-11-01 01:00 UTC),
+        });
+    let mut config = FleetConfig::new(scenario);
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(2);
+    let (host, port) = broker();
+    config.mqtt = Some(MqttConfig {
+        host,
+        port,
+        topic_prefix: format!("{prefix}/"),
+        client_id: unique("frames-fleet").replace('/', "-"),
+    });
+    config.concentrators = Some(ConcentratorConfig {
+        format: ConcentratorFormat::Frames,
+        count: 1,
+        meters: 4,
+        upload: Upload::EveryStep,
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    fleet.wait_finished().await;
+    let counts = fleet.stop().await.unwrap();
+    assert_eq!(counts.concentrator_frames, 8);
+    assert_eq!(counts.corrupted, 1);
+    let (mut ok, mut bad) = (0, 0);
+    for _ in 0..8 {
+        let p = next_publish(&mut el).await;
+        assert!(p.topic.ends_with("concentrator/conc-000/frame"));
+        match decoders::cjt188::decode(&p.payload) {
+            Ok(f) => {
+                assert!(f.meter.id.starts_with("7833"));
+                ok += 1;
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    assert_eq!((ok, bad), (7, 1));
 }
