@@ -82,7 +82,7 @@ fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
             .username
             .clone()
             .map(|name| (name, u.password.clone().unwrap_or_default())),
-        keep_alive: Duration::from_secs(15),
+        keep_alive: Duration::from_secs(u64::from(u.keep_alive_s)),
     }
 }
 

@@ -47,6 +47,7 @@ fn config(dir: &Path, root: &str, broker: &str, coap_port: u16) -> String {
         r#"gateway_id = "gw-proc"
 [uplink]
 broker = "{broker}"
+keep_alive_s = 1
 client_id = "{cid}"
 topic_root = "{root}"
 [spool]
@@ -198,6 +199,46 @@ async fn kill_9_loses_no_acknowledged_reading() {
         missing.len()
     );
     assert_eq!(acked.len(), 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_online_and_the_last_will_says_offline_after_kill_9() {
+    let root = common::unique_prefix("lwt");
+    let (_s, mut status) = common::subscribe("lwt-sub", &format!("{root}/gw-proc/status")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    let b = common::broker();
+    let port = free_udp_port();
+    std::fs::write(
+        &path,
+        config(
+            dir.path(),
+            &root,
+            &format!("mqtt://{}:{}", b.host, b.port),
+            port,
+        ),
+    )
+    .unwrap();
+    let mut gw = spawn(&path);
+    let state = |p: &[u8]| -> String {
+        let v: serde_json::Value = serde_json::from_slice(p).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["gateway"], "gw-proc");
+        v["state"].as_str().unwrap().to_owned()
+    };
+    let (_, p) = tokio::time::timeout(Duration::from_secs(15), status.recv())
+        .await
+        .expect("online")
+        .unwrap();
+    assert_eq!(state(&p), "online");
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    // keep_alive_s = 1: the broker gives up after about 1.5 s and publishes the will.
+    let (_, p) = tokio::time::timeout(Duration::from_secs(15), status.recv())
+        .await
+        .expect("last will")
+        .unwrap();
+    assert_eq!(state(&p), "offline");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
