@@ -46,7 +46,7 @@ use crate::mqtt::{
     concentrator_entries,
 };
 use crate::scenario::Scenario;
-use crate::truth::GroundTruth;
+use crate::truth::{GroundTruth, TruthEvent, TruthKind};
 
 /// When concentrators upload what they collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -285,6 +285,7 @@ pub struct FleetHandle {
     mbus_bus: Option<MbusBus>,
     modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
     modbus_requests: Arc<AtomicU64>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
 }
 
 impl Fleet {
@@ -412,7 +413,9 @@ impl Fleet {
         }
         let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
+        let hydrant_truth = Arc::new(Mutex::new(Vec::new()));
         let driver = Driver {
+            hydrant_truth: Arc::clone(&hydrant_truth),
             modbus,
             latest,
             population,
@@ -441,6 +444,7 @@ impl Fleet {
             mbus_bus,
             modbus_info,
             modbus_requests,
+            hydrant_truth,
         })
     }
 }
@@ -539,6 +543,7 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
     latest: Latest,
     modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
@@ -665,6 +670,19 @@ impl Driver {
                     .iter_mut()
                     .map(|h| h.tick(now, seed, step))
                     .collect();
+                {
+                    let mut truth = lock(&self.hydrant_truth);
+                    for up in &ups {
+                        for ev in &up.events {
+                            let kind = match ev.as_str() {
+                                "illegal_use" => TruthKind::HydrantIllegalUse,
+                                "tilt" => TruthKind::HydrantTilt,
+                                _ => continue,
+                            };
+                            truth.push(TruthEvent::new(kind, up.hydrant.as_str(), unix(now), None));
+                        }
+                    }
+                }
                 if let Some(client) = &self.mqtt
                     && let Some(mqtt) = &self.config.mqtt
                 {
@@ -1039,9 +1057,17 @@ impl FleetHandle {
         c
     }
 
-    /// Returns the ground truth recorded so far.
+    /// Returns the ground truth recorded so far. Hydrant events (illegal use, tilt) are
+    /// included with the hydrant id as `meter`.
     pub fn ground_truth(&self) -> GroundTruth {
-        lock(&self.engine).ground_truth()
+        let mut truth = lock(&self.engine).ground_truth();
+        truth
+            .events
+            .extend(lock(&self.hydrant_truth).iter().cloned());
+        truth
+            .events
+            .sort_by(|a, b| (a.from, &a.meter, a.kind).cmp(&(b.from, &b.meter, b.kind)));
+        truth
     }
 
     /// Waits until every simulation step has run and its frames were handed to the
