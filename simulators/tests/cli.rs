@@ -63,3 +63,34 @@ fn bad_scenario_is_reported_with_its_field() {
         "{err}"
     );
 }
+
+#[test]
+fn score_reads_truth_and_alarms() {
+    let dir = tempfile::tempdir().unwrap();
+    let scenarios = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let truth = scenarios.join("leak-detection.truth.json");
+    // One correct leak alarm (model::Alarm form), one false one (detection form).
+    let dets = serde_json::json!([
+        {"meter": "cjt188:78330000000010", "kind": "leak", "severity": "warning",
+         "raised_at": "2026-01-09T00:00:00Z", "detail": {}},
+        {"meter": "cjt188:78330000000011", "kind": "leak", "at": "2026-01-09T00:00:00Z"}
+    ]);
+    let path = dir.path().join("dets.json");
+    std::fs::write(&path, dets.to_string()).unwrap();
+    let out = simulate()
+        .args(["score", "--kinds", "leak", "--truth"])
+        .arg(&truth)
+        .arg("--detections")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let leak = text.lines().find(|l| l.starts_with("leak ")).unwrap();
+    let cols: Vec<&str> = leak.split_whitespace().collect();
+    assert_eq!(cols, ["leak", "12", "1", "2", "0.500", "0.083"], "{text}");
+}
