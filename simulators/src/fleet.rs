@@ -147,6 +147,9 @@ pub struct FleetConfig {
     pub concentrators: Option<ConcentratorConfig>,
     /// Number of hydrant controllers (need `mqtt`).
     pub hydrants: u32,
+    /// NB-IoT meters (CoAP and HTTP push) report every this many steps, each meter at its own
+    /// phase (hourly steps and 24: one uplink a day, spread over the day). 0 and 1: every step.
+    pub nbiot_report_every: u32,
     /// NB-IoT CoAP meters.
     pub coap: Option<CoapConfig>,
     /// IoT-platform HTTP push.
@@ -169,6 +172,7 @@ impl FleetConfig {
             mqtt: None,
             concentrators: None,
             hydrants: 0,
+            nbiot_report_every: 1,
             coap: None,
             http_push: None,
             wmbus: None,
@@ -755,6 +759,11 @@ impl Driver {
         for e in emissions {
             let route = self.routes.get(e.meter as usize).copied();
             if !matches!(route, Some(Route::Coap | Route::Http)) {
+                continue;
+            }
+            let every = u64::from(self.config.nbiot_report_every.max(1));
+            if !(step + u64::from(e.meter)).is_multiple_of(every) {
+                // Between uplinks the meter is asleep (PSM); the register keeps counting.
                 continue;
             }
             if e.delivery == Delivery::Lost {

@@ -75,6 +75,9 @@ struct DemoArgs {
     /// Gateway CoAP address for NB-IoT meters (HOST:PORT).
     #[arg(long)]
     gateway_coap: Option<String>,
+    /// NB-IoT meters (CoAP, HTTP push) report every N steps (24 with hourly steps: daily).
+    #[arg(long, default_value_t = 1)]
+    nbiot_report_every: u32,
     /// NB-IoT CoAP meters.
     #[arg(long, default_value_t = 50)]
     coap_meters: u32,
@@ -298,6 +301,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = FleetConfig::new(scenario);
     config.step_every = std::time::Duration::from_millis(args.step_ms);
     config.max_steps = args.max_steps;
+    config.nbiot_report_every = args.nbiot_report_every;
     if let Some(a) = &args.gateway_coap {
         config.coap = Some(CoapConfig {
             gateway: resolve("--gateway-coap", a)?,
