@@ -631,6 +631,9 @@ impl Driver {
                         if e.delivery == crate::engine::Delivery::Lost {
                             add(&self.counters.lost, 1);
                         }
+                        if e.delivery == Delivery::Corrupt && !frames_format {
+                            add(&self.counters.corrupted, 1);
+                        }
                         if frames_format {
                             if let Some(buf) = frame_buffers.get_mut(*c as usize) {
                                 buf.extend(self.concentrator_frames(e, step));
@@ -683,7 +686,9 @@ impl Driver {
                                 "tilt" => TruthKind::HydrantTilt,
                                 _ => continue,
                             };
-                            truth.push(TruthEvent::new(kind, up.hydrant.as_str(), unix(now), None));
+                            // The gateway names hydrant readings and alarms `hydrant:{id}`.
+                            let id = format!("hydrant:{}", up.hydrant);
+                            truth.push(TruthEvent::new(kind, id, unix(now), None));
                         }
                     }
                 }
@@ -1067,7 +1072,7 @@ impl FleetHandle {
     }
 
     /// Returns the ground truth recorded so far. Hydrant events (illegal use, tilt) are
-    /// included with the hydrant id as `meter`.
+    /// included with `hydrant:{id}` as `meter`, the gateway's id for hydrants.
     pub fn ground_truth(&self) -> GroundTruth {
         let mut truth = lock(&self.engine).ground_truth();
         truth

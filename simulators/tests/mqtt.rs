@@ -328,7 +328,8 @@ async fn hydrant_events_are_in_the_ground_truth() {
                 .from
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap();
-            (e.meter.clone(), ts, ev.to_owned())
+            let hid = e.meter.strip_prefix("hydrant:").unwrap().to_owned();
+            (hid, ts, ev.to_owned())
         })
         .collect();
     assert!(!seen.is_empty());
