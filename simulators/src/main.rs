@@ -55,6 +55,9 @@ enum Command {
     WmbusKeys {
         /// Scenario TOML file.
         scenario: PathBuf,
+        /// Print `"mbus:…" = "hex"` lines for the gateway's `keys` table instead of JSON.
+        #[arg(long)]
+        toml: bool,
     },
 }
 
@@ -180,7 +183,7 @@ fn main() -> anyhow::Result<()> {
             kinds,
             tolerance_hours,
         }) => score(&truth, &detections, &kinds, tolerance_hours),
-        Some(Command::WmbusKeys { scenario }) => {
+        Some(Command::WmbusKeys { scenario, toml }) => {
             let s = Scenario::load(&scenario)?;
             let pop = simulators::engine::Population::new(&s);
             let keys: serde_json::Map<String, serde_json::Value> = pop
@@ -193,7 +196,13 @@ fn main() -> anyhow::Result<()> {
                     (m.id.to_string(), hex::encode(key).into())
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&keys)?);
+            if toml {
+                for (id, key) in &keys {
+                    println!("\"{id}\" = {key}");
+                }
+            } else {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            }
             Ok(())
         }
         Some(Command::GroundTruth { scenario }) => {
