@@ -37,7 +37,7 @@ use serde_json::{Map, Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::{Function, Record, RecordValue};
+use crate::{DecodeError, DecodedFrame, Function, Record, RecordValue};
 
 /// Largest envelope accepted, in bytes (a CJ/T 188 frame is well under 300 bytes; platforms
 /// cap pushes far below this).
@@ -104,6 +104,17 @@ impl Envelope {
             payload,
             ..Self::default()
         }
+    }
+
+    /// Decodes the inner CJ/T 188 frame and appends the radio metadata records
+    /// ([`Envelope::signal_records`]) to its records.
+    ///
+    /// # Errors
+    /// [`DecodeError::Cjt188`] when the payload is not a valid CJ/T 188 frame.
+    pub fn decode_frame(&self) -> Result<DecodedFrame, DecodeError> {
+        let mut frame = crate::cjt188::decode(&self.payload)?;
+        frame.records.extend(self.signal_records());
+        Ok(frame)
     }
 
     /// Returns the radio metadata as records (`signal_rsrp` dBm, `signal_sinr` dB,

@@ -176,6 +176,28 @@ pub enum MbusError {
     },
 }
 
+impl MbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::Empty => "empty",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadHeader { .. } => "bad_header",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadStop { .. } => "bad_stop",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::NotLongFrame { .. } => "not_long_frame",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::ApplicationError { .. } => "application_error",
+            Self::TooManyDife { .. } => "too_many_dife",
+            Self::TooManyVife { .. } => "too_many_vife",
+            Self::UnsupportedLvar { .. } => "unsupported_lvar",
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cursor
 
@@ -791,6 +813,66 @@ fn fixed_unit(code: u8) -> VifInfo {
     }
 }
 
+/// A variable data response split without allocation: header plus a record iterator.
+#[derive(Debug, Clone)]
+pub struct RspUd<'a> {
+    /// Link-layer control field.
+    pub control: u8,
+    /// Primary address.
+    pub address: u8,
+    /// CI.
+    pub ci: u8,
+    /// Header.
+    pub header: AppHeader,
+    /// The data records, parsed lazily.
+    pub records: RecordIter<'a>,
+}
+
+/// Parses an RSP_UD long frame (CI 72, 76, 7A, 78) without allocating: the hot path.
+///
+/// Fixed-structure frames (CI 73/77) are refused with [`MbusError::UnsupportedCi`]; use
+/// [`decode`] for them.
+///
+/// # Errors
+/// [`MbusError`] for framing and header problems; record errors come from the iterator.
+pub fn parse(bytes: &[u8]) -> Result<RspUd<'_>, MbusError> {
+    let (control, address, ci, data, data_offset) = match parse_link(bytes)? {
+        LinkFrame::Long {
+            control,
+            address,
+            ci,
+            data,
+            data_offset,
+        } => (control, address, ci, data, data_offset),
+        LinkFrame::Control { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "control frame",
+            });
+        }
+        LinkFrame::Short { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "short frame",
+            });
+        }
+        LinkFrame::Ack => {
+            return Err(MbusError::NotLongFrame {
+                kind: "single character E5",
+            });
+        }
+    };
+    let ci_offset = data_offset.saturating_sub(1);
+    let mut cur = Cursor::new(data, data_offset);
+    let header = parse_header(ci, ci_offset, &mut cur)?;
+    let records = RecordIter::with_offset(cur.rest, cur.offset, ci == CI_RSP_LONG_MSB);
+    Ok(RspUd {
+        control,
+        address,
+        ci,
+        header,
+        records,
+    })
+}
+
 /// Decodes the data records of a payload (after any header), e.g. a decrypted wM-Bus payload.
 ///
 /// # Errors
@@ -946,13 +1028,9 @@ impl<'a> RecordIter<'a> {
             };
             return Ok(Some(record));
         }
-        let dife = chain(
-            &mut cur,
-            dif,
-            MAX_DIFE,
-            "DIFE",
-            MbusError::TooManyDife { offset },
-        )?;
+        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
+            offset,
+        })?;
         let vif = cur.byte("VIF")?;
         let plain_text = if vif & 0x7F == 0x7C {
             // libmbus and the old ELV/Itron devices put the text right after the VIF.
@@ -961,13 +1039,9 @@ impl<'a> RecordIter<'a> {
         } else {
             &[]
         };
-        let vife = chain(
-            &mut cur,
-            vif,
-            MAX_VIFE,
-            "VIFE",
-            MbusError::TooManyVife { offset },
-        )?;
+        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
+            offset,
+        })?;
         let (data, lvar) = match dif & 0x0F {
             0x0D => {
                 let lvar_offset = cur.offset;
@@ -1035,14 +1109,14 @@ fn chain<'a>(
     first: u8,
     max: usize,
     field: &'static str,
-    too_many: MbusError,
+    too_many: impl FnOnce() -> MbusError,
 ) -> Result<&'a [u8], MbusError> {
     let all = cur.rest;
     let mut n = 0usize;
     let mut ext = first & 0x80 != 0;
     while ext {
         if n >= max {
-            return Err(too_many);
+            return Err(too_many());
         }
         let b = cur.byte(field)?;
         ext = b & 0x80 != 0;
@@ -1075,6 +1149,8 @@ pub enum RawValue<'a> {
     Real(f32),
     /// Date type G: (year, month, day).
     Date(i32, u8, u8),
+    /// Time of day type J: (hour, minute, second).
+    Time(u8, u8, u8),
     /// Date-time type F (seconds `None`) or I.
     DateTime(i32, u8, u8, u8, u8, Option<u8>),
     /// Text (reversed on the wire; give the bytes as sent).
@@ -1380,14 +1456,18 @@ impl<'a> RawRecord<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
         }
-        let info_date = self.vif_info().date;
+        self.raw_value_with(self.vif_info().date)
+    }
+
+    fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
+        if self.is_manufacturer_data() {
+            return RawValue::Bytes(self.data);
+        }
         let mut buf = [0u8; 8];
         let data = if self.msb_first && self.data.len() <= 8 {
             let n = self.data.len();
-            if let Some(dst) = buf.get_mut(..n) {
-                for (d, s) in dst.iter_mut().zip(self.data.iter().rev()) {
-                    *d = *s;
-                }
+            for (d, s) in buf.iter_mut().zip(self.data.iter().rev()) {
+                *d = *s;
             }
             buf.get(..n).unwrap_or(&[])
         } else {
@@ -1398,6 +1478,11 @@ impl<'a> RawRecord<'a> {
             0x02 if info_date => date_g(data),
             0x04 if info_date => date_f(data).unwrap_or(RawValue::Bytes(self.data)),
             0x06 if info_date => date_i(data).unwrap_or(RawValue::Bytes(self.data)),
+            // Type J: ss mm hh (VIF 6D with 3 bytes).
+            0x03 if info_date => match data {
+                [s, m, h] => RawValue::Time(h & 0x1F, m & 0x3F, s & 0x3F),
+                _ => RawValue::Bytes(self.data),
+            },
             0x01..=0x04 | 0x06 | 0x07 => RawValue::Int(int_le(data)),
             0x05 => match <[u8; 4]>::try_from(data) {
                 Ok(b) => RawValue::Real(f32::from_le_bytes(b)),
@@ -1418,21 +1503,31 @@ impl<'a> RawRecord<'a> {
     }
 
     /// The value scaled to the record's unit, when it is a number (no allocation).
+    ///
+    /// The decimal is not normalized (`12.345000` and `12.345` compare equal).
     pub fn number(&self) -> Option<(Decimal, Option<Unit>)> {
-        let info = self.vif_info();
-        let raw = match self.raw_value() {
-            RawValue::Int(v) => Decimal::from(v),
-            RawValue::Real(f) => Decimal::try_from(f).ok()?,
+        self.number_with(&self.vif_info())
+    }
+
+    fn number_with(&self, info: &VifInfo) -> Option<(Decimal, Option<Unit>)> {
+        let mut value = match self.raw_value_with(info.date) {
+            // Scaling an integer down is only a change of scale: no multiplication needed.
+            RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
+                Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
+            }
+            RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
+            RawValue::Real(f) => Decimal::try_from(f)
+                .ok()?
+                .checked_mul(pow10(info.exponent))?,
             _ => return None,
         };
-        let mut value = raw.checked_mul(pow10(info.exponent))?;
         if info.factor != 1 {
             value = value.checked_mul(Decimal::from(info.factor))?;
         }
         if let Some(add) = self.additive() {
             value = value.checked_add(add)?;
         }
-        Some((value.normalize(), info.unit))
+        Some((value, info.unit))
     }
 
     /// Converts to the protocol-neutral record (allocates the strings).
@@ -1445,14 +1540,15 @@ impl<'a> RawRecord<'a> {
             plain_text = text(self.plain_text);
             plain_text.as_str()
         };
-        let (value, unit) = match self.number() {
-            Some((v, unit)) => (RecordValue::Number(v), unit),
+        let (value, unit) = match self.number_with(&info) {
+            Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
             None => (
-                match self.raw_value() {
+                match self.raw_value_with(info.date) {
                     RawValue::Date(y, m, d) => RecordValue::Date(format!("{y:04}-{m:02}-{d:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, None) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
                     }
+                    RawValue::Time(h, mi, s) => RecordValue::Date(format!("{h:02}:{mi:02}:{s:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, Some(s)) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}"))
                     }
@@ -1488,32 +1584,29 @@ fn text(bytes: &[u8]) -> String {
 }
 
 fn pow10(exp: i32) -> Decimal {
-    let e = exp.unsigned_abs().min(27);
-    let mut v = Decimal::ONE;
-    for _ in 0..e {
-        v = v.checked_mul(Decimal::TEN).unwrap_or(v);
-    }
-    if exp < 0 {
-        Decimal::ONE.checked_div(v).unwrap_or(Decimal::ZERO)
-    } else {
-        v
+    match exp {
+        // Decimal holds at most 28 fractional digits.
+        -28..=-1 => Decimal::new(1, exp.unsigned_abs()),
+        0..=18 => Decimal::from(10i64.pow(exp.unsigned_abs())),
+        _ if exp < 0 => Decimal::ZERO,
+        _ => Decimal::from(10i64.pow(18))
+            .checked_mul(pow10(exp.saturating_sub(18)))
+            .unwrap_or(Decimal::MAX),
     }
 }
 
 /// Little-endian two's-complement integer of 1..8 bytes.
 fn int_le(data: &[u8]) -> i64 {
-    let mut buf = [0u8; 8];
-    let n = data.len().min(8);
-    if let (Some(dst), Some(src)) = (buf.get_mut(..n), data.get(..n)) {
-        dst.copy_from_slice(src);
+    // Sign-extend from the most significant byte, then shift the rest in (no memcpy call).
+    let data = data.get(..data.len().min(8)).unwrap_or(&[]);
+    let mut value: i64 = match data.last() {
+        Some(top) if top & 0x80 != 0 => -1,
+        _ => 0,
+    };
+    for b in data.iter().rev() {
+        value = value.wrapping_shl(8) | i64::from(*b);
     }
-    let negative = data.get(n.saturating_sub(1)).is_some_and(|b| b & 0x80 != 0);
-    if negative {
-        for b in buf.iter_mut().skip(n) {
-            *b = 0xFF;
-        }
-    }
-    i64::from_le_bytes(buf)
+    value
 }
 
 /// BCD, low byte first; an F in the most significant digit means negative (EN 13757-3 annex).
@@ -1642,6 +1735,12 @@ impl DataRecord {
             vife: Vec::new(),
             data,
         }
+    }
+
+    /// Sets the VIFE chain (extension bits are set by the encoder).
+    pub fn vife_chain(mut self, vife: &[u8]) -> Self {
+        self.vife = vife.to_vec();
+        self
     }
 
     /// Sets the storage number (DIF bit 6 + DIFEs as needed).

@@ -348,6 +348,40 @@ fn encode_then_decode_every_platform() {
     }
 }
 
+#[test]
+fn inner_cjt188_frame_decodes_with_signal_records() {
+    use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
+    let address = cjt188::parse_address("12345678901234").unwrap();
+    let reading = Cjt188Reading {
+        current_m3: dec!(123.45),
+        settlement_m3: dec!(100.00),
+        unit: 0x2C,
+        clock: datetime!(2026-11-25 18:00:00),
+        status: 0,
+    };
+    let bytes = cjt188::encode(&Cjt188Frame::read_data_reply(0x10, address, 7, &reading));
+    let mut env = Envelope::new(Platform::CtWing, "d1", bytes);
+    env.signal.rsrp = Some(dec!(-95));
+    let pushed = encode_envelope(Platform::CtWing, &env);
+    let frame = decode_envelope(&pushed).unwrap().decode_frame().unwrap();
+    assert_eq!(frame.meter.id, "12345678901234");
+    let volume = frame
+        .records
+        .iter()
+        .find(|r| r.quantity == "volume")
+        .expect("volume record");
+    assert_eq!(volume.value, RecordValue::Number(dec!(123.45)));
+    let last = frame.records.last().unwrap();
+    assert_eq!(last.quantity, "signal_rsrp");
+    assert_eq!(last.value, RecordValue::Number(dec!(-95)));
+    // A payload that is not CJ/T 188 is a typed cjt188 error.
+    let junk = Envelope::new(Platform::Generic, "d", vec![0x01, 0x02]);
+    assert!(matches!(
+        junk.decode_frame(),
+        Err(decoders::DecodeError::Cjt188(_))
+    ));
+}
+
 proptest! {
     /// decode_envelope never panics on arbitrary bytes or arbitrary JSON-ish text.
     #[test]

@@ -65,6 +65,26 @@ fn f32_uses_shortest_decimal_repr() {
 }
 
 #[test]
+fn float_extremes() {
+    let f32_spec = || spec(DataType::F32, ByteOrder::Abcd);
+    // -0.0 is zero; a denormal (1e-40) rounds to zero at 28 places; 3e38 exceeds Decimal.
+    assert_eq!(one(f32_spec(), &[0x8000, 0x0000]).unwrap(), dec!(0));
+    assert!(
+        !one(f32_spec(), &[0x8000, 0x0000])
+            .unwrap()
+            .is_sign_negative()
+    );
+    assert_eq!(one(f32_spec(), &[0x0001, 0x16C2]).unwrap(), dec!(0));
+    assert_eq!(
+        one(f32_spec(), &[0x7F61, 0xB1E6]).unwrap_err(),
+        ModbusError::Overflow {
+            name: "v".into(),
+            address: 0
+        }
+    );
+}
+
+#[test]
 fn f64_in_abcd_and_dcba() {
     // 1.5 = 0x3FF8_0000_0000_0000; 1234.5678 = 0x40934A456D5CFAAD.
     assert_eq!(
@@ -171,6 +191,18 @@ fn bad_bcd_and_nan_are_typed_errors() {
             name: "v".into(),
             address: 0,
             word: 0x12A4
+        }
+    );
+    // Word-swapped BCD: the error names the register that holds the bad nibble.
+    let mut s = spec(DataType::Bcd { registers: 2 }, ByteOrder::Cdab);
+    s.address = 5;
+    let map = RegisterMap::new("t", vec![s]);
+    assert_eq!(
+        decode(&map, 5, &[0x1234, 0x00F0]).unwrap_err(),
+        ModbusError::BadBcd {
+            name: "v".into(),
+            address: 6,
+            word: 0x00F0
         }
     );
     // 0x7FC00000 is a quiet NaN; 0x7F800000 is +inf.

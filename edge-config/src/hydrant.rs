@@ -30,6 +30,10 @@ pub enum HydrantConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HydrantSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Broker host name or address.
     pub host: String,
     /// Broker port.
@@ -71,6 +75,7 @@ impl HydrantSourceConfig {
     /// A configuration with defaults for everything but broker and client id.
     pub fn new(host: impl Into<String>, port: u16, client_id: impl Into<String>) -> Self {
         Self {
+            id: String::new(),
             host: host.into(),
             port,
             client_id: client_id.into(),

@@ -23,11 +23,13 @@
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
 pub mod register_map;
 
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod wmbus;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -285,16 +287,16 @@ pub enum SourceConfig {
     Coap(CoapSourceConfig),
     /// IoT-platform HTTP push endpoint.
     HttpPush(HttpPushSourceConfig),
-    /// Modbus TCP poller (configuration owned by the field-sources work; not built yet).
-    ModbusTcp(toml::Table),
-    /// Modbus RTU poller (not built yet).
-    ModbusRtu(toml::Table),
-    /// Wired M-Bus master (not built yet).
-    MbusSerial(toml::Table),
-    /// Wireless M-Bus UDP receiver (not built yet).
-    WmbusUdp(toml::Table),
-    /// Hydrant MQTT bridge (not built yet).
-    HydrantMqtt(toml::Table),
+    /// Modbus TCP poller.
+    ModbusTcp(modbus::ModbusTcpSourceConfig),
+    /// Modbus RTU poller.
+    ModbusRtu(modbus::ModbusRtuSourceConfig),
+    /// Wired M-Bus master.
+    MbusSerial(mbus::MbusSerialSourceConfig),
+    /// Wireless M-Bus UDP receiver.
+    WmbusUdp(wmbus::WmbusUdpSourceConfig),
+    /// Hydrant MQTT bridge.
+    HydrantMqtt(hydrant::HydrantSourceConfig),
 }
 
 impl SourceConfig {
@@ -304,11 +306,11 @@ impl SourceConfig {
             Self::Mqtt(c) => &c.id,
             Self::Coap(c) => &c.id,
             Self::HttpPush(c) => &c.id,
-            Self::ModbusTcp(t)
-            | Self::ModbusRtu(t)
-            | Self::MbusSerial(t)
-            | Self::WmbusUdp(t)
-            | Self::HydrantMqtt(t) => t.get("id").and_then(|v| v.as_str()).unwrap_or(""),
+            Self::ModbusTcp(c) => &c.id,
+            Self::ModbusRtu(c) => &c.id,
+            Self::MbusSerial(c) => &c.id,
+            Self::WmbusUdp(c) => &c.id,
+            Self::HydrantMqtt(c) => &c.id,
         }
     }
 
@@ -386,6 +388,9 @@ pub struct CoapSourceConfig {
     pub id: String,
     /// UDP listen address (default port 5683).
     pub listen: SocketAddr,
+    /// UTC offset of the meters' clocks in minutes (e.g. 480 for China). Without it the
+    /// gateway's receive time is used as the reading time.
+    pub meter_utc_offset_minutes: Option<i16>,
 }
 
 /// `kind = "http_push"`.
@@ -490,6 +495,27 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                 *p = base.join(&*p);
             }
         }
+    }
+    // Named register maps must load; a map error is a configuration error.
+    let at = text.find("[register_maps]").unwrap_or(0);
+    let errors: Vec<ConfigError> = config
+        .register_maps
+        .iter()
+        .filter_map(|(name, p)| {
+            register_map::load(p).err().map(|e| {
+                let (line, column, _) = locate(&text, at);
+                ConfigError {
+                    file: path.to_owned(),
+                    line,
+                    column,
+                    field: format!("register_maps.{name}"),
+                    message: format!("{}: {e}", p.display()),
+                }
+            })
+        })
+        .collect();
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
     }
     Ok(config)
 }
@@ -620,11 +646,11 @@ fn source_config(
         "mqtt" => SourceConfig::Mqtt(toml::from_str(&body()).map_err(typed)?),
         "coap" => SourceConfig::Coap(toml::from_str(&body()).map_err(typed)?),
         "http_push" => SourceConfig::HttpPush(toml::from_str(&body()).map_err(typed)?),
-        "modbus_tcp" => SourceConfig::ModbusTcp(table.clone()),
-        "modbus_rtu" => SourceConfig::ModbusRtu(table.clone()),
-        "mbus_serial" => SourceConfig::MbusSerial(table.clone()),
-        "wmbus_udp" => SourceConfig::WmbusUdp(table.clone()),
-        "hydrant_mqtt" => SourceConfig::HydrantMqtt(table.clone()),
+        "modbus_tcp" => SourceConfig::ModbusTcp(toml::from_str(&body()).map_err(typed)?),
+        "modbus_rtu" => SourceConfig::ModbusRtu(toml::from_str(&body()).map_err(typed)?),
+        "mbus_serial" => SourceConfig::MbusSerial(toml::from_str(&body()).map_err(typed)?),
+        "wmbus_udp" => SourceConfig::WmbusUdp(toml::from_str(&body()).map_err(typed)?),
+        "hydrant_mqtt" => SourceConfig::HydrantMqtt(toml::from_str(&body()).map_err(typed)?),
         other => {
             return Err(SourceParseError::Kind(format!(
                 "unknown source kind `{other}` (expected one of mqtt, coap, http_push, \
@@ -651,6 +677,18 @@ fn locate(text: &str, offset: usize) -> (usize, usize, String) {
         line_text.split('=').next().unwrap_or("").trim().to_owned()
     };
     (line, column, field)
+}
+
+/// Reports the errors of a field source's own validation at the source's line.
+fn field_errors<E: fmt::Display>(
+    err: &mut impl FnMut(usize, &str, String),
+    at: usize,
+    id: &str,
+    result: Result<(), Vec<E>>,
+) {
+    for e in result.err().unwrap_or_default() {
+        err(at, "source", format!("source `{id}`: {e}"));
+    }
 }
 
 fn validate(
@@ -787,15 +825,11 @@ fn validate(
                     );
                 }
             }
-            other => err(
-                at,
-                "source.kind",
-                format!(
-                    "source `{id}`: kind `{}` is not built yet in this gateway (field-bus \
-                     sources come with the gateway-field work)",
-                    other.kind()
-                ),
-            ),
+            SourceConfig::ModbusTcp(c) => field_errors(&mut err, at, id, c.validate()),
+            SourceConfig::ModbusRtu(c) => field_errors(&mut err, at, id, c.validate()),
+            SourceConfig::MbusSerial(c) => field_errors(&mut err, at, id, c.validate()),
+            SourceConfig::WmbusUdp(c) => field_errors(&mut err, at, id, c.validate()),
+            SourceConfig::HydrantMqtt(c) => field_errors(&mut err, at, id, c.validate()),
         }
     }
 
@@ -852,12 +886,13 @@ fn validate(
         }
         if let Some(map) = &dev.register_map
             && !config.register_maps.contains_key(map.get_ref())
+            && !register_map::builtin_names().contains(&map.get_ref().as_str())
         {
             err(
                 map.span().start,
                 "device.register_map",
                 format!(
-                    "device `{}`: unknown register map `{}` (define it under [register_maps])",
+                    "device `{}`: unknown register map `{}` (not built in; define it under [register_maps])",
                     dev.id,
                     map.get_ref()
                 ),
@@ -949,11 +984,11 @@ source = "nbiot"
     #[test]
     fn semantic_errors_are_all_collected_with_lines() {
         let bad = format!(
-            "{GOOD}\n[[device]]\nid = \"mbus:KAM12345678\"\nprotocol = \"mbus\"\nsource = \"nope\"\nkey = \"abc\"\n\n[[source]]\nid = \"bus1\"\nkind = \"modbus_tcp\"\n"
+            "{GOOD}\n[[device]]\nid = \"mbus:KAM12345678\"\nprotocol = \"mbus\"\nsource = \"nope\"\nkey = \"abc\"\n\n[[source]]\nid = \"bus1\"\nkind = \"mbus_serial\"\nport = \"/dev/null\"\nbaud_rate = 7\n"
         );
         let e = parse(&bad, Path::new("gw.toml")).unwrap_err();
         let text = e.to_string();
-        assert_eq!(e.0.len(), 3, "{text}");
+        assert_eq!(e.0.len(), 4, "{text}");
         let by_field = |f: &str| e.0.iter().find(|x| x.field == f).unwrap().clone();
         assert_eq!(by_field("device.source").line, 29, "{text}");
         assert!(
@@ -962,7 +997,12 @@ source = "nbiot"
                 .contains("no source with id `nope`")
         );
         assert_eq!(by_field("device.key").line, 30, "{text}");
-        assert!(by_field("source.kind").message.contains("not built yet"));
+        assert!(
+            by_field("source").message.contains("source `bus1`"),
+            "{text}"
+        );
+        assert_eq!(by_field("source").line, 32, "{text}");
+        assert!(text.contains("baud_rate"), "{text}");
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct MbusMeterConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MbusSerialSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Serial device path.
     pub port: String,
     /// Baud rate (2400 or 9600 usually; 300..=38400).
@@ -93,6 +97,7 @@ impl MbusSerialSourceConfig {
     /// A config with defaults for everything but the port.
     pub fn new(port: impl Into<String>) -> Self {
         Self {
+            id: String::new(),
             port: port.into(),
             baud_rate: default_baud(),
             timeout: default_timeout(),

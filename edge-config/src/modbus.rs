@@ -108,6 +108,31 @@ pub struct ModbusDeviceConfig {
     /// How often to poll.
     #[serde(default = "default_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Valve control register, for `valve_open` / `valve_close` commands.
+    #[serde(default)]
+    pub valve: Option<ModbusValve>,
+}
+
+/// How a device's valve is driven: one holding register and the values that open and close it
+/// (for example the Xintai meter: register 0x001C, 1 = open, 2 = close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModbusValve {
+    /// Holding register address (0-based).
+    pub register: u16,
+    /// Value written to open.
+    #[serde(default = "default_valve_open")]
+    pub open: u16,
+    /// Value written to close.
+    #[serde(default = "default_valve_close")]
+    pub close: u16,
+}
+
+fn default_valve_open() -> u16 {
+    1
+}
+fn default_valve_close() -> u16 {
+    2
 }
 
 fn default_poll_interval() -> Duration {
@@ -118,6 +143,10 @@ fn default_poll_interval() -> Duration {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusTcpSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Timeouts, retries, backoff.
     #[serde(default)]
     pub timing: ModbusTiming,
@@ -141,6 +170,10 @@ pub enum Parity {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModbusRtuSourceConfig {
+    /// Source instance id (the `[[source]]` table's `id`; the runtime passes it to the source
+    /// as `SourceContext::source_id`).
+    #[serde(default)]
+    pub id: String,
     /// Serial device path (`/dev/ttyUSB0`).
     pub port: String,
     /// Baud rate.
@@ -264,6 +297,11 @@ fn validate_devices(
         if d.map.is_empty() {
             errors.push(ModbusConfigError::Empty { field: at("map") });
         }
+        if let Some(v) = d.valve
+            && v.open == v.close
+        {
+            errors.push(invalid(at("valve.close"), "must differ from valve.open"));
+        }
         if d.poll_interval < Duration::from_millis(100) {
             errors.push(invalid(at("poll_interval"), "must be at least 100 ms"));
         }
@@ -320,6 +358,7 @@ mod tests {
     fn tcp_config_parses_with_defaults() {
         let c: ModbusTcpSourceConfig = toml::from_str(
             r#"
+            id = "modbus-site"
             [timing]
             timeout = "500ms"
             [[devices]]
@@ -328,12 +367,22 @@ mod tests {
             unit_id = 1
             map = "generic-emf"
             poll_interval = "10s"
+            valve = { register = 28 }
             "#,
         )
         .unwrap();
+        assert_eq!(c.id, "modbus-site");
         assert_eq!(c.timing.timeout, Duration::from_millis(500));
         assert_eq!(c.timing.retries, 2);
         assert_eq!(c.devices[0].poll_interval, Duration::from_secs(10));
+        assert_eq!(
+            c.devices[0].valve,
+            Some(ModbusValve {
+                register: 28,
+                open: 1,
+                close: 2
+            })
+        );
         c.validate().unwrap();
     }
 
@@ -378,6 +427,7 @@ mod tests {
     #[test]
     fn tcp_device_needs_host_port() {
         let c = ModbusTcpSourceConfig {
+            id: "mb".into(),
             timing: ModbusTiming::default(),
             devices: vec![ModbusDeviceConfig {
                 name: "d".into(),
@@ -385,6 +435,7 @@ mod tests {
                 unit_id: 1,
                 map: "m".into(),
                 poll_interval: Duration::from_secs(1),
+                valve: None,
             }],
         };
         assert_eq!(

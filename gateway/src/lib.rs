@@ -7,9 +7,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod coap;
+pub mod control;
 pub mod downlink;
+pub mod http_push;
+pub mod metrics;
 pub mod mqtt;
+pub mod mqtt_source;
 pub mod normalise;
+pub mod runtime;
 pub mod sink;
 pub mod source;
 pub mod sources;

@@ -261,6 +261,8 @@ pub struct SpoolWriter {
     active_len: u64,
     active_count: u64,
     next_seq: u64,
+    /// Length of the active segment at the last successful sync (rollback point).
+    durable_len: u64,
     spool: Spool,
     buf: Vec<u8>,
 }
@@ -430,6 +432,7 @@ impl Spool {
             active_len,
             active_count,
             next_seq,
+            durable_len: active_len,
             spool: spool.clone(),
             buf: Vec::with_capacity(1024),
         };
@@ -615,14 +618,49 @@ impl SpoolWriter {
             index.evict(self.config.max_bytes);
             index.refresh_gauges();
         }
+        self.durable_len = self.active_len;
         if let Some((_, f)) = new_file {
             self.file = BufWriter::with_capacity(256 * 1024, f);
             self.active_first = self.next_seq;
             self.active_len = 0;
             self.active_count = 0;
+            self.durable_len = 0;
         }
         self.spool.notify.notify_waiters();
         self.spool.notify.notify_one();
+        Ok(())
+    }
+}
+
+impl SpoolWriter {
+    /// After a failed append or sync (disk full, I/O error): drops what was not made durable
+    /// and cuts the file back to its last durable length, so a half-written group can never
+    /// sit in front of later records (recovery would cut those off with it).
+    pub fn rollback(&mut self) -> Result<(), SpoolError> {
+        let path = segment_path(&self.config.dir, self.active_first);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // The old buffer is discarded with the old writer (not flushed).
+        let old = std::mem::replace(&mut self.file, BufWriter::with_capacity(256 * 1024, file));
+        let (_file, _unflushed) = old.into_parts();
+        self.file
+            .get_ref()
+            .set_len(self.durable_len)
+            .map_err(io_err(&path))?;
+        let lost = self.active_len.saturating_sub(self.durable_len);
+        let durable_count = {
+            let index = lock(&self.spool.index);
+            index
+                .segments
+                .get(&self.active_first)
+                .map_or(0, |s| s.count)
+        };
+        self.active_len = self.durable_len;
+        self.active_count = durable_count;
+        self.next_seq = self.active_first + durable_count;
+        tracing::warn!(path = %path.display(), bytes = lost, "rolled back an unsynced spool group");
         Ok(())
     }
 }
@@ -659,6 +697,9 @@ pub fn spawn_writer(
                     .and_then(|()| writer.sync());
                 let answer = result.map_err(|e| {
                     tracing::error!(error = %e, "spool write failed; submitters get an error");
+                    if let Err(e) = writer.rollback() {
+                        tracing::error!(error = %e, "spool rollback failed");
+                    }
                     SinkError::Spool(e.to_string())
                 });
                 for req in group {
@@ -786,6 +827,38 @@ mod tests {
         assert_eq!(got[7].0, 8);
         // Numbering continues after the last intact record.
         assert_eq!(w.append(&[reading("m:1", 77)]).unwrap(), 9);
+    }
+
+    #[test]
+    fn rollback_discards_an_unsynced_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig::new(dir.path(), 1 << 30);
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        w.append(&[reading("m:1", 1), reading("m:1", 2)]).unwrap();
+        w.sync().unwrap();
+        // A group that fails before its sync is cut back, even if partly flushed.
+        w.append(
+            &(0..2000)
+                .map(|i| reading("m:1", 100 + i))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.rollback().unwrap();
+        assert_eq!(w.append(&[reading("m:1", 3)]).unwrap(), 3);
+        w.sync().unwrap();
+        let got = values(&spool);
+        assert_eq!(
+            got,
+            vec![
+                (1, Decimal::new(1, 3)),
+                (2, Decimal::new(2, 3)),
+                (3, Decimal::new(3, 3))
+            ]
+        );
+        drop((spool, w));
+        let (spool, _w) = Spool::open(config).unwrap();
+        assert_eq!(values(&spool).len(), 3);
+        assert_eq!(spool.stats().truncated, 0);
     }
 
     #[test]

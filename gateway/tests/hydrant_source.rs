@@ -275,6 +275,36 @@ async fn unlock_is_acknowledged_once_and_resend_is_not_republished() {
         lock.await.unwrap(),
         CommandOutcome::Failed("refused by hydrant: outlet open".into())
     );
+
+    // The same id sent twice while the first is in flight: one publish, both answered.
+    let first = send(&h, command("c-3", "hydrant:h7", CommandAction::HydrantLock)).await;
+    let second = send(&h, command("c-3", "hydrant:h7", CommandAction::HydrantLock)).await;
+    let cmd = cmds.recv().await.unwrap();
+    assert_eq!(cmd["command_id"], "c-3");
+    // An ack for that id from another hydrant does not count.
+    sim.publish(
+        format!("{}/h8/ack", h.prefix),
+        QoS::AtLeastOnce,
+        false,
+        r#"{"command_id":"c-3","result":"ok"}"#,
+    )
+    .await
+    .unwrap();
+    sim.publish(
+        format!("{}/h7/ack", h.prefix),
+        QoS::AtLeastOnce,
+        false,
+        r#"{"command_id":"c-3","result":"ok"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(first.await.unwrap(), CommandOutcome::Acknowledged);
+    assert_eq!(second.await.unwrap(), CommandOutcome::Acknowledged);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), cmds.recv())
+            .await
+            .is_err()
+    );
     h.shutdown.cancel();
     h.task.await.unwrap().unwrap();
 }

@@ -4,11 +4,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use decoders::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+use decoders::RecordValue;
 use edge_config::mbus::{MbusMeterConfig, MbusSerialSourceConfig};
 use gateway::sources::mbus::{self, Address, Master};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
-use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity, Unit};
+use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +28,8 @@ struct Slave {
     selected: bool,
     /// Swallow this many REQ_UD2 (to force retries).
     drop_requests: u32,
+    /// Answer REQ_UD2 with a bad checksum.
+    corrupt: bool,
     /// FCBs of every REQ_UD2 seen.
     fcbs: Vec<bool>,
     /// (CI, data) of every SND_UD command seen.
@@ -160,6 +162,10 @@ async fn run_slaves(port: PathBuf, slaves: Slaves) {
                         }
                         sl.last_fcb = Some(fcb);
                         sl.last_reply = rsp_ud(sl, sl.next);
+                        if sl.corrupt {
+                            let cs = sl.last_reply.len() - 2;
+                            sl.last_reply[cs] ^= 0x01;
+                        }
                         sl.last_reply.clone()
                     }
                 }
@@ -188,40 +194,6 @@ async fn run_slaves(port: PathBuf, slaves: Slaves) {
             s.write_all(&reply).await.unwrap();
         }
     }
-}
-
-/// Minimal RSP_UD decoder for the simulated telegrams (stands in for `decoders::mbus`).
-fn test_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
-    let body = frame.get(7..frame.len() - 2).ok_or("short")?;
-    let id = format!(
-        "{:02x}{:02x}{:02x}{:02x}",
-        body[3], body[2], body[1], body[0]
-    );
-    let mut records = Vec::new();
-    let mut rest = &body[12..];
-    while let [dif @ (0x0C | 0x4C), 0x13, a, b, c, d, tail @ ..] = rest {
-        let digits = format!("{d:02x}{c:02x}{b:02x}{a:02x}");
-        records.push(Record {
-            quantity: "volume".into(),
-            value: RecordValue::Number(Decimal::new(digits.parse().unwrap(), 3)),
-            unit: Some(Unit::CubicMetre),
-            storage: u32::from(*dif == 0x4C),
-            tariff: 0,
-            subunit: 0,
-            function: Function::Instantaneous,
-        });
-        rest = tail;
-    }
-    Ok(DecodedFrame {
-        protocol: Protocol::Mbus,
-        meter: MeterInfo {
-            id,
-            manufacturer: Some("KAM".into()),
-            version: Some(1),
-            medium: Some("water".into()),
-        },
-        records,
-    })
 }
 
 struct Pty {
@@ -281,7 +253,7 @@ async fn multi_telegram_read_toggles_fcb_and_retry_repeats_it() {
     .unwrap();
     let telegrams = master.read(&Address::Primary(1), 8).await.unwrap();
     assert_eq!(telegrams.len(), 3);
-    let frame = test_decoder(&telegrams[1]).unwrap();
+    let frame = decoders::mbus::decode(&telegrams[1]).unwrap();
     assert_eq!(
         frame.records[0].value,
         RecordValue::Number(Decimal::new(100_000, 3))
@@ -325,7 +297,7 @@ async fn wildcard_search_resolves_collisions() {
         .read(&Address::Secondary("12345679".into()), 8)
         .await
         .unwrap();
-    let frame = test_decoder(&telegrams[0]).unwrap();
+    let frame = decoders::mbus::decode(&telegrams[0]).unwrap();
     assert_eq!(frame.meter.id, "12345679");
     assert_eq!(
         frame.records[0].value,
@@ -377,7 +349,8 @@ async fn source_submits_readings_and_executes_commands() {
         commands,
         shutdown: shutdown.clone(),
     };
-    let task = tokio::spawn(mbus::run_with(config, ctx, test_decoder));
+    let health = gateway::sources::Health::default();
+    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
     let mut got = Vec::new();
     for _ in 0..2 {
         let req = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -395,11 +368,13 @@ async fn source_submits_readings_and_executes_commands() {
         got,
         [
             ("mbus:KAM12345678".to_string(), 0, "123.456".to_string()),
-            ("mbus:KAM12345678".to_string(), 1, "100.000".to_string()),
+            ("mbus:KAM12345678".to_string(), 1, "100".to_string()),
             ("mbus:KAM87654321".to_string(), 0, "4.321".to_string()),
         ]
     );
     assert_eq!(sink.counters().frames("mbus1"), 3);
+    let h = health.get("secondary 87654321").unwrap();
+    assert_eq!((h.polls_ok, h.consecutive_failures), (1, 0));
 
     let send = |c: DeviceCommand| {
         let (reply, rx) = oneshot::channel();
@@ -438,6 +413,70 @@ async fn source_submits_readings_and_executes_commands() {
         // Type F: minute in byte 0, hour in byte 1 (UTC).
         assert_eq!(data[3] & 0x1F, now.hour());
     }
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
+    let mut broken = slave(7, "99999999", &[1]);
+    broken.corrupt = true;
+    let slaves: Slaves = Arc::new(Mutex::new(vec![
+        slave(0, "11111111", &[11_000]),
+        slave(0, "11111112", &[12_000]),
+        broken,
+    ]));
+    let pty = pty_pair(Arc::clone(&slaves)).await;
+    let mut config = MbusSerialSourceConfig::new(pty.master_end.to_string_lossy());
+    config.timeout = Duration::from_millis(60);
+    config.retries = 1;
+    config.search_secondary = true;
+    config.meters = vec![MbusMeterConfig {
+        primary: Some(7),
+        secondary: None,
+    }];
+    let (sink, mut rx) = IngestSink::new(8);
+    let (_cmd_tx, commands) = mpsc::channel(4);
+    let shutdown = CancellationToken::new();
+    let ctx = SourceContext {
+        gateway: GatewayId::new("gw-1").unwrap(),
+        source_id: "mbus2".into(),
+        sink: sink.clone(),
+        commands,
+        shutdown: shutdown.clone(),
+    };
+    let health = gateway::sources::Health::default();
+    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let req = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.extend(
+            req.readings
+                .iter()
+                .map(|r| (r.meter.to_string(), r.value.to_string())),
+        );
+        req.done.send(Ok(())).unwrap();
+    }
+    assert_eq!(
+        got,
+        [
+            ("mbus:KAM11111111".to_string(), "11".to_string()),
+            ("mbus:KAM11111112".to_string(), "12".to_string()),
+        ]
+    );
+    let h = health.get("primary 7").unwrap();
+    assert_eq!(h.consecutive_failures, 1);
+    assert!(
+        h.last_error
+            .as_deref()
+            .unwrap()
+            .starts_with("garbled answer from primary 7: checksum"),
+        "{h:?}"
+    );
+    assert_eq!(sink.counters().decode_errors("mbus2", "garbled"), 1);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use decoders::modbus::{DataType, RegisterFunction, RegisterMap, RegisterSpec};
 use edge_config::modbus::{
-    ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity,
+    ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve,
+    Parity,
 };
 use gateway::sources::modbus::{self, Health};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
@@ -130,6 +131,7 @@ fn device(name: &str, address: Option<String>, unit_id: u8, every_ms: u64) -> Mo
         unit_id,
         map: "test".into(),
         poll_interval: Duration::from_millis(every_ms),
+        valve: None,
     }
 }
 
@@ -225,9 +227,16 @@ async fn tcp_polls_two_units_and_writes() {
     // Two units behind one TCP endpoint (a Modbus TCP gateway): one slave answering unit 1.
     let s1 = slave(1, 123_456);
     tokio::spawn(serve_tcp(listener, s1.clone(), Arc::default()));
+    let mut dev = device("flow-1", Some(addr.clone()), 1, 300);
+    dev.valve = Some(ModbusValve {
+        register: 2,
+        open: 1,
+        close: 2,
+    });
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(500),
-        devices: vec![device("flow-1", Some(addr.clone()), 1, 300)],
+        devices: vec![dev],
     });
     let req = next_submit(&mut run.rx).await;
     assert_eq!(
@@ -256,6 +265,11 @@ async fn tcp_polls_two_units_and_writes() {
     let req = next_submit(&mut run.rx).await;
     assert_eq!(values(&req)[1].2, "0");
     req.done.send(Ok(())).unwrap();
+    // Valve commands write the configured register.
+    let mut close = write("modbus:flow-1", 0, 0);
+    close.action = CommandAction::ValveClose;
+    assert_eq!(command(&run.cmd, close).await, CommandOutcome::Acknowledged);
+    assert_eq!(s1.regs.lock().unwrap().get(&2), Some(&2));
     // The slave refuses an address: the exception is reported, not retried.
     assert_eq!(
         command(&run.cmd, write("modbus:flow-1", 500, 1)).await,
@@ -280,6 +294,7 @@ async fn silent_device_times_out_and_recovers_after_reconnect() {
     let connections = Arc::new(AtomicUsize::new(0));
     tokio::spawn(serve_tcp(listener, s.clone(), Arc::clone(&connections)));
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(200),
         devices: vec![device("flow-2", Some(addr), 1, 300)],
     });
@@ -322,6 +337,7 @@ async fn unreachable_endpoint_backs_off_without_a_storm() {
         l.local_addr().unwrap()
     };
     let mut run = start_tcp(ModbusTcpSourceConfig {
+        id: "mb".into(),
         timing: timing(200),
         // Polled every 100 ms: without backoff that is ≥ 20 connects in 1 s.
         devices: vec![device("flow-3", Some(addr.to_string()), 1, 100)],
@@ -372,6 +388,7 @@ async fn rtu_polls_over_a_socat_pty_pair() {
     tokio::spawn(async move { server.serve_forever(slave3).await.ok() });
 
     let config = ModbusRtuSourceConfig {
+        id: "rtu".into(),
         port: a.to_string_lossy().into_owned(),
         baud_rate: 9600,
         parity: Parity::None,
@@ -416,4 +433,79 @@ async fn rtu_polls_over_a_socat_pty_pair() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
     socat.kill().await.ok();
+}
+
+#[tokio::test]
+async fn builtin_map_through_the_public_run() {
+    use std::collections::HashMap;
+    let map = edge_config::register_map::builtin("generic-emf").unwrap();
+    let values: HashMap<String, Decimal> = [
+        ("forward_total", Decimal::new(1_234_567, 3)),
+        ("reverse_total", Decimal::new(5, 3)),
+        ("alarm", Decimal::from(8)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let words = decoders::modbus::encode(&map, &values).unwrap();
+    let (start, _) = map.register_span().unwrap();
+    let s = Slave {
+        unit: 1,
+        ..Slave::default()
+    };
+    {
+        let mut regs = s.regs.lock().unwrap();
+        for (i, w) in words.iter().enumerate() {
+            regs.insert(start + i as u16, *w);
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(serve_tcp(listener, s, Arc::default()));
+    let mut dev = device("emf-1", Some(addr), 1, 500);
+    dev.map = "generic-emf".into();
+    let (ctx, _sink, mut rx, _cmd, shutdown) = context("emf");
+    let config = ModbusTcpSourceConfig {
+        id: "emf".into(),
+        timing: timing(500),
+        devices: vec![dev],
+    };
+    let task = tokio::spawn(modbus::run(config, ctx));
+    let req = next_submit(&mut rx).await;
+    let got = values_of(&req);
+    req.done.send(Ok(())).unwrap();
+    assert!(
+        got.contains(&(Quantity::Volume, "1234.567".into())),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&(Quantity::VolumeReverse, "0.005".into())),
+        "{got:?}"
+    );
+    assert!(got.contains(&(Quantity::StatusWord, "8".into())), "{got:?}");
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+
+    // An unknown map name is a start-up error naming the device.
+    let (ctx, ..) = context("bad");
+    let config = ModbusTcpSourceConfig {
+        id: "bad".into(),
+        timing: timing(500),
+        devices: vec![ModbusDeviceConfig {
+            map: "no-such-map.toml".into(),
+            ..device("d1", Some("127.0.0.1:1".into()), 1, 500)
+        }],
+    };
+    let err = modbus::run(config, ctx).await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("device \"d1\": register map \"no-such-map.toml\""),
+        "{err}"
+    );
+}
+
+fn values_of(req: &SubmitRequest) -> Vec<(Quantity, String)> {
+    req.readings
+        .iter()
+        .map(|r| (r.quantity, r.value.normalize().to_string()))
+        .collect()
 }

@@ -5,7 +5,6 @@
 //! already committed ([`Progress`]), and counts what happened ([`IngestMetrics`], Prometheus text).
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use model::{BatchEntry, ReadingBatch, WIRE_VERSION};
@@ -202,7 +201,10 @@ impl IngestMetrics {
             (metric::COMMITS, &self.commits),
             (metric::COMMIT_FAILURES, &self.commit_failures),
         ] {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {}", Self::get(counter));
+            out.push_str(&format!(
+                "# TYPE {name} counter\n{name} {}\n",
+                Self::get(counter)
+            ));
         }
         out
     }

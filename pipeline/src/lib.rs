@@ -6,10 +6,15 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod billing;
 pub mod config;
+pub mod copy;
+pub mod edit;
 pub mod ingest;
 pub mod store;
 pub mod testing;
+pub mod vee;
+pub mod worker;
 
 /// The schema migrations in `pipeline/migrations`, embedded at build time.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

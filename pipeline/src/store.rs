@@ -1,7 +1,16 @@
-//! Writes to and reads from PostgreSQL.
+//! Writes to and reads from PostgreSQL: the ingest transaction (binary COPY of readings,
+//! rollups, meter state, spool progress), state rebuild, and partition maintenance.
 
-use model::Reading;
-use sqlx::PgPool;
+use std::collections::HashMap;
+
+use model::{MeterId, Reading};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::{FromPrimitive, ToPrimitive};
+use sqlx::{Connection, PgConnection, PgPool, Row};
+use time::{OffsetDateTime, UtcOffset};
+
+use crate::copy::{CopyBuffer, READING_COLUMNS};
+use crate::vee::{Conflict, MeterExtras, MeterState, Replacement, Usage, Vee, VeeConfig};
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +18,15 @@ pub enum StoreError {
     /// The database refused or could not be reached.
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    /// A statement of the ingest transaction failed.
+    #[error("database error while {stage}")]
+    Stage {
+        /// What was being done.
+        stage: &'static str,
+        /// The database error.
+        #[source]
+        source: sqlx::Error,
+    },
     /// A value could not be encoded for storage.
     #[error("cannot encode {field} for meter {meter}")]
     Encode {
@@ -100,4 +118,723 @@ pub async fn insert_readings(pool: &PgPool, readings: &[Reading]) -> Result<u64,
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
+}
+
+fn stage(stage: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Stage { stage, source }
+}
+
+/// Returns true for a unique-key violation (SQLSTATE 23505).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "23505")
+}
+
+/// A payload or read refused before storage, recorded in `ingest_rejects`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectRecord {
+    /// `unknown_version` | `malformed` | `duplicate_conflict`.
+    pub kind: &'static str,
+    /// MQTT topic, when it came from the broker.
+    pub topic: Option<String>,
+    /// Meter, when known.
+    pub meter: Option<String>,
+    /// Reading time, when known.
+    pub ts: Option<OffsetDateTime>,
+    /// Anything useful for review (the payload, values).
+    pub detail: serde_json::Value,
+}
+
+impl RejectRecord {
+    /// Builds the record of a VEE duplicate conflict.
+    pub fn conflict(c: &Conflict) -> Self {
+        Self {
+            kind: "duplicate_conflict",
+            topic: None,
+            meter: Some(c.reading.meter.as_str().to_owned()),
+            ts: Some(c.reading.ts),
+            detail: serde_json::json!({
+                "quantity": c.reading.quantity.as_str(),
+                "value": c.reading.value.to_string(),
+                "stored_value": c.stored_value.to_string(),
+                "gateway": c.reading.provenance.gateway.as_str(),
+            }),
+        }
+    }
+}
+
+/// Everything one ingest transaction writes.
+#[derive(Debug, Default)]
+pub struct WriteSet<'a> {
+    /// Readings after VEE (and estimates).
+    pub readings: &'a [Reading],
+    /// Consumption per billable read, for the rollups.
+    pub usage: &'a [Usage],
+    /// New meter states.
+    pub states: Option<&'a HashMap<Box<str>, MeterState>>,
+    /// Spool progress to record: (gateway, partition, max seq).
+    pub progress: &'a [(String, u16, i64)],
+    /// Refused payloads and reads.
+    pub rejects: &'a [RejectRecord],
+    /// Out-of-order reads: supersede estimates around them, recompute their rollups.
+    pub out_of_order: &'a [(MeterId, OffsetDateTime)],
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Rows added to `readings`.
+    pub inserted: u64,
+    /// Estimates replaced by an actual read at the same key.
+    pub superseded: u64,
+    /// True when the batch had to take the conflict-tolerant path.
+    pub slow_path: bool,
+}
+
+/// Storage options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Offset of the local day for daily rollups (Asia/Shanghai: +08:00, no DST).
+    pub day_offset: UtcOffset,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            day_offset: UtcOffset::from_hms(8, 0, 0).unwrap_or(UtcOffset::UTC),
+        }
+    }
+}
+
+/// Copies readings with binary COPY into `table`.
+///
+/// # Errors
+/// Returns the database error (a unique violation when a row already exists).
+pub async fn copy_readings(
+    conn: &mut PgConnection,
+    table: &str,
+    readings: &[Reading],
+) -> Result<u64, sqlx::Error> {
+    let mut buf = CopyBuffer::new();
+    for r in readings {
+        buf.encode_reading(r, None);
+    }
+    let bytes = buf.finish();
+    let mut copy = conn
+        .copy_in_raw(&format!(
+            "COPY {table} ({READING_COLUMNS}) FROM STDIN (FORMAT binary)"
+        ))
+        .await?;
+    copy.send(bytes).await?;
+    copy.finish().await
+}
+
+/// Writes one ingest batch in a single transaction: readings (binary COPY straight into
+/// `readings`; when a key already exists, COPY into a staging table and merge, replacing
+/// estimates by actual reads and recording conflicts), rollups, meter state, spool progress
+/// and rejects. Nothing is written when it fails.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] naming the statement that failed.
+pub async fn write_batch(
+    conn: &mut PgConnection,
+    set: &WriteSet<'_>,
+    options: StoreOptions,
+) -> Result<WriteStats, StoreError> {
+    let mut tx = conn.begin().await.map_err(stage("beginning"))?;
+    let mut stats = WriteStats::default();
+    if !set.readings.is_empty() {
+        sqlx::query("SAVEPOINT wm_fast")
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("setting a savepoint"))?;
+        match copy_readings(&mut tx, "readings", set.readings).await {
+            Ok(n) => stats.inserted = n,
+            Err(e) if is_unique_violation(&e) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT wm_fast")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(stage("rolling back to the savepoint"))?;
+                stats.slow_path = true;
+                let (inserted, superseded) = merge_readings(&mut tx, set.readings).await?;
+                stats.inserted = inserted;
+                stats.superseded = superseded;
+            }
+            Err(e) => return Err(stage("copying readings")(e)),
+        }
+    }
+    write_rollups(&mut tx, set.usage, options).await?;
+    if let Some(states) = set.states {
+        write_states(&mut tx, states).await?;
+    }
+    write_progress(&mut tx, set.progress).await?;
+    write_rejects(&mut tx, set.rejects).await?;
+    for (meter, ts) in set.out_of_order {
+        resolve_out_of_order(&mut tx, meter.as_str(), *ts, options).await?;
+    }
+    tx.commit().await.map_err(stage("committing"))?;
+    Ok(stats)
+}
+
+/// The conflict-tolerant path: staging table, conflicts recorded, estimates moved to
+/// `reading_history` and replaced by actual reads, everything else `ON CONFLICT DO NOTHING`.
+async fn merge_readings(
+    conn: &mut PgConnection,
+    readings: &[Reading],
+) -> Result<(u64, u64), StoreError> {
+    sqlx::query(
+        "CREATE TEMP TABLE IF NOT EXISTS wm_stage (LIKE readings INCLUDING DEFAULTS) \
+         ON COMMIT DELETE ROWS",
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("creating the staging table"))?;
+    sqlx::query("TRUNCATE wm_stage")
+        .execute(&mut *conn)
+        .await
+        .map_err(stage("clearing the staging table"))?;
+    // A batch may itself repeat a key (non-register quantities are not deduplicated by VEE).
+    copy_readings(conn, "wm_stage", readings)
+        .await
+        .map_err(stage("copying readings to the staging table"))?;
+    const KEY: &str = "r.meter_id = s.meter_id AND r.ts = s.ts AND r.quantity = s.quantity \
+                       AND r.tariff = s.tariff AND r.subunit = s.subunit";
+    sqlx::query(&format!(
+        "INSERT INTO ingest_rejects (kind, meter_id, ts, detail)
+         SELECT 'duplicate_conflict', s.meter_id, s.ts,
+                jsonb_build_object('quantity', s.quantity, 'value', s.value::text,
+                                   'stored_value', r.value::text, 'gateway', s.gateway_id)
+         FROM wm_stage s JOIN readings r ON {KEY}
+         WHERE r.value <> s.value AND r.quality <> 'estimated'"
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("recording conflicts"))?;
+    let superseded = sqlx::query(&format!(
+        "INSERT INTO reading_history (meter_id, ts, quantity, tariff, subunit, value, unit,
+             quality, quality_detail, flags, replaced_by, reason)
+         SELECT r.meter_id, r.ts, r.quantity, r.tariff, r.subunit, r.value, r.unit, r.quality,
+                r.quality_detail, r.flags, 'actual_read', 'superseded by an actual read'
+         FROM readings r JOIN wm_stage s ON {KEY}
+         WHERE r.quality = 'estimated' AND s.quality <> 'estimated'"
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("keeping superseded estimates"))?
+    .rows_affected();
+    let inserted = sqlx::query(&format!(
+        "INSERT INTO readings ({READING_COLUMNS})
+         SELECT DISTINCT ON (meter_id, ts, quantity, tariff, subunit) {READING_COLUMNS}
+         FROM wm_stage
+         ON CONFLICT (meter_id, ts, quantity, tariff, subunit) DO UPDATE SET
+             value = excluded.value, unit = excluded.unit, quality = excluded.quality,
+             quality_detail = excluded.quality_detail, flags = excluded.flags,
+             clock = excluded.clock, source = excluded.source, source_id = excluded.source_id,
+             gateway_id = excluded.gateway_id, spool_seq = excluded.spool_seq,
+             frame_hash = excluded.frame_hash, received_at = excluded.received_at
+         WHERE readings.quality = 'estimated' AND excluded.quality <> 'estimated'"
+    ))
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("merging readings"))?
+    .rows_affected();
+    Ok((inserted.saturating_sub(superseded), superseded))
+}
+
+/// One rollup row before the upsert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Bucket {
+    consumption: Decimal,
+    first_ts: OffsetDateTime,
+    first_value: Decimal,
+    last_ts: OffsetDateTime,
+    last_value: Decimal,
+    count: i32,
+    estimated: bool,
+}
+
+/// Sums usage per (meter, hour) and (meter, local day).
+#[allow(clippy::type_complexity)]
+fn aggregate(
+    usage: &[Usage],
+    options: StoreOptions,
+) -> (
+    HashMap<(&str, OffsetDateTime), Bucket>,
+    HashMap<(&str, time::Date), Bucket>,
+) {
+    let mut hourly: HashMap<(&str, OffsetDateTime), Bucket> = HashMap::new();
+    let mut daily: HashMap<(&str, time::Date), Bucket> = HashMap::new();
+    fn add(b: &mut Bucket, u: &Usage) {
+        b.consumption += u.delta;
+        b.count += 1;
+        b.estimated |= u.estimated;
+        if u.ts < b.first_ts {
+            b.first_ts = u.ts;
+            b.first_value = u.value;
+        }
+        if u.ts >= b.last_ts {
+            b.last_ts = u.ts;
+            b.last_value = u.value;
+        }
+    }
+    let new = |u: &Usage| Bucket {
+        consumption: Decimal::ZERO,
+        first_ts: u.ts,
+        first_value: u.value,
+        last_ts: u.ts,
+        last_value: u.value,
+        count: 0,
+        estimated: false,
+    };
+    for u in usage {
+        let hour =
+            u.ts.replace_minute(0)
+                .and_then(|t| t.replace_second(0))
+                .map(|t| t.replace_nanosecond(0).unwrap_or(t))
+                .unwrap_or(u.ts);
+        add(
+            hourly
+                .entry((u.meter.as_str(), hour))
+                .or_insert_with(|| new(u)),
+            u,
+        );
+        let day = u.ts.to_offset(options.day_offset).date();
+        add(
+            daily
+                .entry((u.meter.as_str(), day))
+                .or_insert_with(|| new(u)),
+            u,
+        );
+    }
+    (hourly, daily)
+}
+
+async fn write_rollups(
+    conn: &mut PgConnection,
+    usage: &[Usage],
+    options: StoreOptions,
+) -> Result<(), StoreError> {
+    if usage.is_empty() {
+        return Ok(());
+    }
+    let (hourly, daily) = aggregate(usage, options);
+    macro_rules! upsert {
+        ($map:expr, $table:literal, $bucket_ty:literal, $stage:literal) => {{
+            let n = $map.len();
+            let mut meter = Vec::with_capacity(n);
+            let mut bucket = Vec::with_capacity(n);
+            let mut consumption = Vec::with_capacity(n);
+            let mut first = Vec::with_capacity(n);
+            let mut last = Vec::with_capacity(n);
+            let mut count = Vec::with_capacity(n);
+            let mut estimated = Vec::with_capacity(n);
+            for ((m, b), v) in $map {
+                meter.push(m);
+                bucket.push(b);
+                consumption.push(v.consumption);
+                first.push(v.first_value);
+                last.push(v.last_value);
+                count.push(v.count);
+                estimated.push(v.estimated);
+            }
+            sqlx::query(concat!(
+                "INSERT INTO ",
+                $table,
+                " AS t (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
+                 SELECT * FROM UNNEST($1::text[], $2::",
+                $bucket_ty,
+                "[], $3::numeric[], $4::numeric[], $5::numeric[], $6::int4[], $7::bool[])
+                 ON CONFLICT (meter_id, bucket) DO UPDATE SET
+                     consumption = t.consumption + excluded.consumption,
+                     last_value = excluded.last_value,
+                     read_count = t.read_count + excluded.read_count,
+                     estimated = t.estimated OR excluded.estimated"
+            ))
+            .bind(meter)
+            .bind(bucket)
+            .bind(consumption)
+            .bind(first)
+            .bind(last)
+            .bind(count)
+            .bind(estimated)
+            .execute(&mut *conn)
+            .await
+            .map_err(stage($stage))?;
+        }};
+    }
+    upsert!(
+        hourly,
+        "rollup_hourly",
+        "timestamptz",
+        "updating hourly rollups"
+    );
+    upsert!(daily, "rollup_daily", "date", "updating daily rollups");
+    Ok(())
+}
+
+/// The persisted part of [`MeterState`] that has no column of its own (`meter_state.profile`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ProfileJson {
+    /// Reporting interval, seconds.
+    i: u32,
+    /// Seconds of zero consumption up to the last read.
+    z: u32,
+    /// Validated reads seen.
+    n: u16,
+    /// Hourly profile, L/h.
+    h: [u16; 24],
+}
+
+async fn write_states(
+    conn: &mut PgConnection,
+    states: &HashMap<Box<str>, MeterState>,
+) -> Result<(), StoreError> {
+    if states.is_empty() {
+        return Ok(());
+    }
+    let n = states.len();
+    let mut meter = Vec::with_capacity(n);
+    let mut last_ts = Vec::with_capacity(n);
+    let mut last_value = Vec::with_capacity(n);
+    let mut received = Vec::with_capacity(n);
+    let mut adu = Vec::with_capacity(n);
+    let mut profile = Vec::with_capacity(n);
+    for (m, s) in states {
+        if !s.has_read() {
+            continue;
+        }
+        meter.push(m.as_ref());
+        last_ts.push(OffsetDateTime::from_unix_timestamp(s.last_ts).ok());
+        last_value.push(s.last_value);
+        received.push(
+            OffsetDateTime::from_unix_timestamp(s.last_ts + i64::from(s.received_lag_s)).ok(),
+        );
+        adu.push(Decimal::from_f32(s.adu).map(|d| d.round_dp(6)));
+        profile.push(
+            serde_json::to_string(&ProfileJson {
+                i: s.interval_s,
+                z: s.zero_s,
+                n: s.reads,
+                h: s.hour_profile,
+            })
+            .unwrap_or_else(|_| "{}".into()),
+        );
+    }
+    sqlx::query(
+        "INSERT INTO meter_state AS t (meter_id, last_ts, last_value, last_received_at,
+             avg_daily_usage, profile, updated_at)
+         SELECT m, ts, v, r, a, p::jsonb, now()
+         FROM UNNEST($1::text[], $2::timestamptz[], $3::numeric[], $4::timestamptz[],
+                     $5::numeric[], $6::text[]) AS u(m, ts, v, r, a, p)
+         ON CONFLICT (meter_id) DO UPDATE SET
+             last_ts = excluded.last_ts, last_value = excluded.last_value,
+             last_received_at = excluded.last_received_at,
+             avg_daily_usage = excluded.avg_daily_usage, profile = excluded.profile,
+             updated_at = excluded.updated_at",
+    )
+    .bind(meter)
+    .bind(last_ts)
+    .bind(last_value)
+    .bind(received)
+    .bind(adu)
+    .bind(profile)
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("upserting meter state"))?;
+    Ok(())
+}
+
+async fn write_progress(
+    conn: &mut PgConnection,
+    progress: &[(String, u16, i64)],
+) -> Result<(), StoreError> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    let gateways: Vec<&str> = progress.iter().map(|p| p.0.as_str()).collect();
+    let partitions: Vec<i32> = progress.iter().map(|p| i32::from(p.1)).collect();
+    let seqs: Vec<i64> = progress.iter().map(|p| p.2).collect();
+    sqlx::query(
+        "INSERT INTO ingest_progress AS t (gateway_id, partition, max_seq, updated_at)
+         SELECT g, p, s, now() FROM UNNEST($1::text[], $2::int4[], $3::int8[]) AS u(g, p, s)
+         ON CONFLICT (gateway_id, partition) DO UPDATE
+             SET max_seq = greatest(t.max_seq, excluded.max_seq), updated_at = now()",
+    )
+    .bind(gateways)
+    .bind(partitions)
+    .bind(seqs)
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("recording spool progress"))?;
+    Ok(())
+}
+
+async fn write_rejects(
+    conn: &mut PgConnection,
+    rejects: &[RejectRecord],
+) -> Result<(), StoreError> {
+    for r in rejects {
+        sqlx::query(
+            "INSERT INTO ingest_rejects (kind, topic, meter_id, ts, detail) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(r.kind)
+        .bind(&r.topic)
+        .bind(&r.meter)
+        .bind(r.ts)
+        .bind(&r.detail)
+        .execute(&mut *conn)
+        .await
+        .map_err(stage("recording rejects"))?;
+    }
+    Ok(())
+}
+
+/// An actual read older than the last validated one: estimates between its validated
+/// neighbours are flagged `superseded`, and the rollups of that span are recomputed.
+async fn resolve_out_of_order(
+    conn: &mut PgConnection,
+    meter: &str,
+    ts: OffsetDateTime,
+    options: StoreOptions,
+) -> Result<(), StoreError> {
+    let row = sqlx::query(
+        "WITH bounds AS (
+             SELECT
+               (SELECT max(ts) FROM readings WHERE meter_id = $1 AND quantity = 'volume'
+                  AND tariff = 0 AND subunit = 0 AND storage = 0
+                  AND quality IN ('validated', 'edited') AND ts < $2) AS lo,
+               (SELECT min(ts) FROM readings WHERE meter_id = $1 AND quantity = 'volume'
+                  AND tariff = 0 AND subunit = 0 AND storage = 0
+                  AND quality IN ('validated', 'edited') AND ts > $2) AS hi)
+         , upd AS (
+             UPDATE readings r SET flags = array_append(r.flags, 'superseded')
+             FROM bounds b
+             WHERE r.meter_id = $1 AND r.quantity = 'volume' AND r.quality = 'estimated'
+               AND NOT ('superseded' = ANY (r.flags))
+               AND r.ts > coalesce(b.lo, '-infinity') AND r.ts < coalesce(b.hi, 'infinity')
+             RETURNING r.ts)
+         SELECT (SELECT count(*) FROM upd) AS n, lo, hi FROM bounds",
+    )
+    .bind(meter)
+    .bind(ts)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(stage("superseding estimates"))?;
+    let n: i64 = row.try_get("n").unwrap_or(0);
+    if n > 0 {
+        let lo: Option<OffsetDateTime> = row.try_get("lo").ok().flatten();
+        let hi: Option<OffsetDateTime> = row.try_get("hi").ok().flatten();
+        recompute_rollups(conn, meter, lo.unwrap_or(ts), hi.unwrap_or(ts), options).await?;
+    }
+    Ok(())
+}
+
+/// Rebuilds a meter's rollups over the local days covering `[from, to]` from its readings.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the database refuses.
+pub async fn recompute_rollups(
+    conn: &mut PgConnection,
+    meter: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+    options: StoreOptions,
+) -> Result<(), StoreError> {
+    let offset = format!("{} seconds", options.day_offset.whole_seconds());
+    sqlx::query("SELECT wm_recompute_rollups($1, $2, $3, $4::interval)")
+        .bind(meter)
+        .bind(from)
+        .bind(to)
+        .bind(offset)
+        .execute(&mut *conn)
+        .await
+        .map_err(stage("recomputing rollups"))?;
+    Ok(())
+}
+
+/// Loads the VEE state of the meters `owns` accepts: meter configuration (capacity, Q3,
+/// installation, retirement), replacements and persisted `meter_state`.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when a query fails.
+pub async fn load_vee(
+    pool: &PgPool,
+    config: VeeConfig,
+    owns: impl Fn(&str) -> bool,
+) -> Result<Vee, StoreError> {
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(stage("acquiring a connection"))?;
+    load_vee_filtered(&mut conn, config, None, owns).await
+}
+
+/// Like [`load_vee`] on one connection, optionally for one meter only (`FOR UPDATE` on its
+/// `meter_state` row, so concurrent manual reads of one meter serialise).
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when a query fails.
+pub async fn load_vee_filtered(
+    conn: &mut PgConnection,
+    config: VeeConfig,
+    only: Option<&str>,
+    owns: impl Fn(&str) -> bool,
+) -> Result<Vee, StoreError> {
+    let lock = if only.is_some() { " FOR UPDATE" } else { "" };
+    let mut vee = Vee::new(config);
+    let mut base: HashMap<String, (u32, u32)> = HashMap::new();
+    let meters = sqlx::query(
+        "SELECT meter_id, register_capacity, nominal_flow_q3, installed_at, retired_at FROM meters
+         WHERE $1::text IS NULL OR meter_id = $1",
+    )
+    .bind(only)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(stage("loading meters"))?;
+    for row in meters {
+        let id: String = row.try_get("meter_id").map_err(stage("reading meters"))?;
+        if !owns(&id) {
+            continue;
+        }
+        let cap: Decimal = row
+            .try_get("register_capacity")
+            .map_err(stage("reading meters"))?;
+        let q3: Decimal = row
+            .try_get("nominal_flow_q3")
+            .map_err(stage("reading meters"))?;
+        let installed: Option<OffsetDateTime> = row.try_get("installed_at").ok().flatten();
+        let retired: Option<OffsetDateTime> = row.try_get("retired_at").ok().flatten();
+        let cap = cap
+            .round()
+            .to_u32()
+            .unwrap_or(crate::vee::DEFAULT_CAPACITY_M3);
+        let q3 = (q3 * Decimal::from(1000))
+            .round()
+            .to_u32()
+            .unwrap_or(crate::vee::DEFAULT_Q3_LPH);
+        base.insert(id.clone(), (cap, q3));
+        vee.insert_state(&id, MeterState::new(cap, q3));
+        if installed.is_some() || retired.is_some() {
+            vee.insert_extras(
+                &id,
+                MeterExtras {
+                    installed_at: installed,
+                    retired_at: retired,
+                    replacements: Vec::new(),
+                },
+            );
+        }
+    }
+    let reps = sqlx::query(
+        "SELECT meter_id, replaced_at, old_final_value, new_initial_value FROM meter_replacements
+         WHERE $1::text IS NULL OR meter_id = $1",
+    )
+    .bind(only)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(stage("loading meter replacements"))?;
+    for row in reps {
+        let id: String = row.try_get(0).map_err(stage("reading replacements"))?;
+        if !owns(&id) {
+            continue;
+        }
+        vee.add_replacement(
+            &id,
+            Replacement {
+                replaced_at: row.try_get(1).map_err(stage("reading replacements"))?,
+                old_final_value: row.try_get(2).map_err(stage("reading replacements"))?,
+                new_initial_value: row.try_get(3).map_err(stage("reading replacements"))?,
+            },
+        );
+    }
+    let states = sqlx::query(&format!(
+        "SELECT meter_id, last_ts, last_value, last_received_at, avg_daily_usage, profile::text
+         FROM meter_state WHERE last_ts IS NOT NULL AND last_value IS NOT NULL
+           AND ($1::text IS NULL OR meter_id = $1){lock}"
+    ))
+    .bind(only)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(stage("loading meter state"))?;
+    for row in states {
+        let id: String = row.try_get(0).map_err(stage("reading meter state"))?;
+        if !owns(&id) {
+            continue;
+        }
+        let (cap, q3) = base
+            .get(&id)
+            .copied()
+            .unwrap_or((crate::vee::DEFAULT_CAPACITY_M3, crate::vee::DEFAULT_Q3_LPH));
+        let mut st = MeterState::new(cap, q3);
+        let last_ts: OffsetDateTime = row.try_get(1).map_err(stage("reading meter state"))?;
+        st.last_ts = last_ts.unix_timestamp();
+        st.last_value = row.try_get(2).map_err(stage("reading meter state"))?;
+        let received: Option<OffsetDateTime> = row.try_get(3).ok().flatten();
+        st.received_lag_s = received.map_or(0, |r| {
+            i32::try_from(r.unix_timestamp() - st.last_ts).unwrap_or(0)
+        });
+        let adu: Option<Decimal> = row.try_get(4).ok().flatten();
+        st.adu = adu.and_then(|d| d.to_f32()).unwrap_or(0.0);
+        let profile: String = row.try_get(5).map_err(stage("reading meter state"))?;
+        if let Ok(p) = serde_json::from_str::<ProfileJson>(&profile) {
+            st.interval_s = p.i;
+            st.zero_s = p.z;
+            st.reads = p.n;
+            st.hour_profile = p.h;
+        } else {
+            st.zero_s = 0;
+            st.reads = 1;
+        }
+        vee.insert_state(&id, st);
+    }
+    vee.shrink();
+    Ok(vee)
+}
+
+/// Loads the recorded replacements of some meters (after a register decrease).
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the query fails.
+pub async fn load_replacements(
+    pool: &PgPool,
+    meters: &[String],
+) -> Result<Vec<(String, Replacement)>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT meter_id, replaced_at, old_final_value, new_initial_value
+         FROM meter_replacements WHERE meter_id = ANY($1)",
+    )
+    .bind(meters)
+    .fetch_all(pool)
+    .await
+    .map_err(stage("loading meter replacements"))?;
+    rows.into_iter()
+        .map(|row| {
+            Ok((
+                row.try_get(0).map_err(stage("reading replacements"))?,
+                Replacement {
+                    replaced_at: row.try_get(1).map_err(stage("reading replacements"))?,
+                    old_final_value: row.try_get(2).map_err(stage("reading replacements"))?,
+                    new_initial_value: row.try_get(3).map_err(stage("reading replacements"))?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Creates monthly partitions of `readings` from last month to `months_ahead` months ahead
+/// (no-op under TimescaleDB). Returns how many it created.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the database refuses.
+pub async fn ensure_partitions(pool: &PgPool, months_ahead: i32) -> Result<i32, StoreError> {
+    let created: i32 = sqlx::query_scalar(
+        "SELECT wm_ensure_reading_partitions(
+             (date_trunc('month', now()) - interval '1 month')::date, $1 + 2)",
+    )
+    .bind(months_ahead)
+    .fetch_one(pool)
+    .await
+    .map_err(stage("creating reading partitions"))?;
+    Ok(created)
 }

@@ -2,7 +2,7 @@
 //! format signature (CRC-16/EN-13757 of the DIF/VIF bytes); a compact frame carries only the
 //! signature, a CRC of the full record bytes and the data bytes.
 
-use super::crc::crc16;
+use super::crc::{Crc16, crc16};
 
 /// How many data bytes follow a record header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,12 +62,12 @@ fn header_len(bytes: &[u8]) -> Option<usize> {
     Some(i)
 }
 
-/// Splits full-frame application data into its format (DIF/VIF bytes without fillers) and
-/// returns it with its signature. `None` when the records use variable or to-the-end data,
-/// which compact frames cannot express.
-pub(crate) fn format_of(records: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let mut format = Vec::with_capacity(32);
+/// Calls `f` with each record header (DIF/VIF bytes, fillers skipped) of full-frame
+/// application data. `None` when the records use variable or to-the-end data, which compact
+/// frames cannot express, or are malformed.
+fn for_each_header<'a>(records: &'a [u8], mut f: impl FnMut(&'a [u8])) -> Option<()> {
     let mut rest = records;
+    let mut any = false;
     while let Some(&dif) = rest.first() {
         if dif == 0x2F {
             rest = rest.get(1..)?;
@@ -81,12 +81,25 @@ pub(crate) fn format_of(records: &[u8]) -> Option<(u16, Vec<u8>)> {
             DataLen::Fixed(n) => n,
             DataLen::Variable | DataLen::ToEnd => return None,
         };
-        format.extend_from_slice(rest.get(..h)?);
+        f(rest.get(..h)?);
+        any = true;
         rest = rest.get(h.checked_add(n)?..)?;
     }
-    if format.is_empty() {
-        return None;
-    }
+    any.then_some(())
+}
+
+/// Format signature (CRC-16 of the DIF/VIF bytes) of full-frame application data, without
+/// allocating.
+pub(crate) fn signature_of(records: &[u8]) -> Option<u16> {
+    let mut crc = Crc16::default();
+    for_each_header(records, |h| crc.update(h))?;
+    Some(crc.finish())
+}
+
+/// The format (DIF/VIF bytes without fillers) of full-frame application data and its signature.
+pub(crate) fn format_of(records: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let mut format = Vec::with_capacity(32);
+    for_each_header(records, |h| format.extend_from_slice(h))?;
     Some((crc16(&format), format))
 }
 

@@ -28,13 +28,29 @@ const fn build_table() -> [u16; 256] {
 
 /// Returns the CRC-16/EN-13757 of `data`.
 pub(crate) fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        let idx = usize::from(((crc >> 8) as u8) ^ byte);
-        let entry = TABLE.get(idx).copied().unwrap_or(0);
-        crc = (crc << 8) ^ entry;
+    let mut crc = Crc16::default();
+    crc.update(data);
+    crc.finish()
+}
+
+/// Incremental CRC-16/EN-13757 over several slices.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Crc16(u16);
+
+impl Crc16 {
+    /// Feeds `data`.
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        for &byte in data {
+            let idx = usize::from(self.0.to_be_bytes()[0] ^ byte);
+            let entry = TABLE.get(idx).copied().unwrap_or(0);
+            self.0 = (self.0 << 8) ^ entry;
+        }
     }
-    !crc
+
+    /// The CRC of everything fed.
+    pub(crate) fn finish(self) -> u16 {
+        !self.0
+    }
 }
 
 #[cfg(test)]

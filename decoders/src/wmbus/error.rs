@@ -23,12 +23,13 @@ pub enum WmbusError {
         /// Bytes after L actually present.
         available: usize,
     },
-    /// A data-link-layer block CRC did not match (frame format A or B).
+    /// A block CRC did not match: data link layer frame format A or B, or (format `E`) the
+    /// payload CRC of an unencrypted ELL-II/IV.
     #[error(
         "bad {format} block CRC in block {block} at byte {offset} (expected {expected:#06x}, got {actual:#06x})"
     )]
     BadCrc {
-        /// `A` or `B`.
+        /// `A`, `B`, or `E` for the ELL payload CRC.
         format: char,
         /// Block number, 0-based.
         block: usize,

@@ -64,6 +64,12 @@ pub(crate) fn strip_crcs(raw: &[u8]) -> Result<(Cow<'_, [u8]>, FrameFormat), Wmb
     }
 }
 
+/// The first `L + 1` bytes of `raw`, read as a telegram whose CRCs are already stripped.
+pub(crate) fn as_stripped(raw: &[u8]) -> Option<&[u8]> {
+    let l = usize::from(*raw.first()?);
+    raw.get(..l.checked_add(1)?)
+}
+
 /// Format A: CRC after the first 10 bytes, then after every 16 data bytes (last block shorter).
 fn try_format_a(raw: &[u8], l: usize) -> Result<Option<Vec<u8>>, WmbusError> {
     if l < FIRST_BLOCK {

@@ -597,4 +597,24 @@ mod tests {
             assert_eq!(decode_up("h1", payload, prov()).unwrap_err().kind(), kind);
         }
     }
+
+    #[test]
+    fn random_payloads_never_panic() {
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let seeds: [&[u8]; 3] = [
+            br#"{"v":1,"hydrant":"h1","pressure_bar":"1"#,
+            br#"{"v":1,"hydrant":"h1","events":["#,
+            br#"{"v":1,"hydrant":"h1","ts":"2026-"#,
+        ];
+        for i in 0..3000usize {
+            let mut bytes = seeds[i % 3].to_vec();
+            for _ in 0..i % 40 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push((seed >> 32) as u8);
+            }
+            decode_up("h1", &bytes, prov()).ok();
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //! nobody there, one clean E5 → one meter (read it to learn its address), anything else →
 //! several answered at once (collision) → refine the next digit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use decoders::DecodedFrame;
@@ -22,6 +22,7 @@ use tokio_serial::{SerialPort as _, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::normalise::{FrameContext, meter_id, to_readings};
+use crate::sources::Health;
 use crate::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
 
 /// Why the M-Bus source stopped.
@@ -87,50 +88,30 @@ pub mod link {
     /// Address that talks to the selected meter.
     pub const SELECTED: u8 = 0xFD;
 
-    /// Short frame `10 C A CS 16`.
-    pub fn short(c: u8, a: u8) -> Vec<u8> {
-        vec![0x10, c, a, c.wrapping_add(a), 0x16]
-    }
-
-    /// Long frame `68 L L 68 C A CI data CS 16`.
-    pub fn long(c: u8, a: u8, ci: u8, data: &[u8]) -> Vec<u8> {
-        // Data longer than 252 bytes cannot be framed; callers build small frames only.
-        let l = u8::try_from(data.len() + 3).unwrap_or(u8::MAX);
-        let mut f = vec![0x68, l, l, 0x68, c, a, ci];
-        f.extend_from_slice(data);
-        let cs = f.iter().skip(4).fold(0u8, |acc, b| acc.wrapping_add(*b));
-        f.push(cs);
-        f.push(0x16);
-        f
-    }
+    use decoders::mbus::encode;
 
     /// SND_NKE (link reset) to `a`.
     pub fn snd_nke(a: u8) -> Vec<u8> {
-        short(0x40, a)
+        encode::snd_nke(a)
     }
 
     /// REQ_UD2 to `a` with the frame count bit.
     pub fn req_ud2(a: u8, fcb: bool) -> Vec<u8> {
-        short(if fcb { 0x7B } else { 0x5B }, a)
+        encode::req_ud2(a, fcb)
     }
 
     /// SND_UD to `a` with CI and data (FCB 0: commands are not repeated by FCB logic).
     pub fn snd_ud(a: u8, ci: u8, data: &[u8]) -> Vec<u8> {
-        long(0x53, a, ci, data)
+        encode::long(encode::C_SND_UD, a, ci, data)
     }
 
     /// Selection by secondary address: 8 digit nibbles, most significant first, 0xF = any.
     /// Manufacturer, version and medium are wildcards.
     pub fn select_secondary(digits: [u8; 8]) -> Vec<u8> {
-        let mut id = [0u8; 4];
-        for (i, pair) in digits.chunks(2).enumerate() {
-            if let (Some(hi), Some(lo), Some(slot)) = (pair.first(), pair.get(1), id.get_mut(3 - i))
-            {
-                *slot = (hi << 4) | (lo & 0x0F);
-            }
-        }
-        let data = [id[0], id[1], id[2], id[3], 0xFF, 0xFF, 0xFF, 0xFF];
-        snd_ud(SELECTED, 0x52, &data)
+        let id = digits
+            .iter()
+            .fold(0u32, |acc, d| (acc << 4) | u32::from(d & 0x0F));
+        encode::select_secondary(id, None, None, None)
     }
 
     /// Checks a long frame's framing and checksum; returns the user data (C field on).
@@ -251,17 +232,6 @@ pub mod link {
             };
             rest = after;
         }
-    }
-
-    /// A type F date-time (EN 13757-3), as set-time data.
-    pub fn type_f(t: time::PrimitiveDateTime) -> [u8; 4] {
-        let year = u8::try_from(t.year().rem_euclid(100)).unwrap_or(0);
-        [
-            t.minute() & 0x3F,
-            t.hour() & 0x1F,
-            (t.day() & 0x1F) | ((year & 0x07) << 5),
-            (u8::from(t.month()) & 0x0F) | ((year & 0x78) << 1),
-        ]
     }
 }
 
@@ -543,26 +513,35 @@ fn classify(bytes: Vec<u8>) -> Reply {
     }
 }
 
-/// Decodes one RSP_UD long frame into records.
-pub type FrameDecoder = fn(&[u8]) -> Result<DecodedFrame, String>;
-
-/// The production decoder: `decoders::mbus::decode` (branch `decoders-i`). Until that branch is
-/// merged this build has no M-Bus record decoder and every telegram is counted as a decode
-/// error of kind `decoder_missing`.
-pub fn default_decoder(_frame: &[u8]) -> Result<DecodedFrame, String> {
-    Err("decoder_missing: decoders::mbus::decode is not built into this gateway yet".into())
+/// The production decoder: `decoders::mbus::decode`; the error text starts with its kind
+/// (`checksum: ...`), which becomes the decode-error counter's label.
+pub fn default_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
+    use decoders::mbus::MbusError as E;
+    decoders::mbus::decode(frame).map_err(|e| {
+        let kind = match &e {
+            E::BadChecksum { .. } => "checksum",
+            E::Truncated { .. } | E::BadLength { .. } | E::TrailingBytes { .. } => "length",
+            E::BadStart { .. } | E::BadHeader { .. } | E::BadStop { .. } => "framing",
+            E::NotLongFrame { .. } => "not_long_frame",
+            E::UnsupportedCi { .. } => "unsupported_ci",
+            E::ApplicationError { .. } => "application_error",
+            _ => "record",
+        };
+        format!("{kind}: {e}")
+    })
 }
 
-/// Runs the master until shutdown with [`default_decoder`].
+/// Runs the master until shutdown.
 pub async fn run(config: MbusSerialSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
-    run_with(config, ctx, default_decoder).await
+    run_with(config, ctx, Health::default()).await
 }
 
-/// Runs the master until shutdown with a given telegram decoder.
+/// Runs the master until shutdown, keeping per-meter health (keyed `primary 5` /
+/// `secondary 12345678`) in `health`.
 pub async fn run_with(
     config: MbusSerialSourceConfig,
     ctx: SourceContext,
-    decoder: FrameDecoder,
+    health: Health,
 ) -> Result<(), SourceError> {
     config.validate().map_err(SourceError::Config)?;
     let master = Master::open(
@@ -597,7 +576,7 @@ pub async fn run_with(
         gateway,
         source_id,
         sink,
-        decoder,
+        health,
         known: HashMap::new(),
     };
     if bus.config.search_secondary {
@@ -626,7 +605,7 @@ struct Bus {
     gateway: GatewayId,
     source_id: String,
     sink: IngestSink,
-    decoder: FrameDecoder,
+    health: Health,
     /// Meter id → bus address, learnt from reads (commands name meters by id).
     known: HashMap<String, Address>,
 }
@@ -638,7 +617,6 @@ impl Bus {
         mut commands: mpsc::Receiver<CommandRequest>,
         shutdown: CancellationToken,
     ) {
-        let mut failures: BTreeMap<Address, u32> = BTreeMap::new();
         let mut next = tokio::time::Instant::now();
         let mut commands_open = true;
         loop {
@@ -658,9 +636,7 @@ impl Bus {
                         while let Ok(req) = commands.try_recv() {
                             self.command(req).await;
                         }
-                        let ok = self.read_meter(a).await;
-                        let n = failures.entry(a.clone()).or_default();
-                        *n = if ok { 0 } else { n.saturating_add(1) };
+                        self.read_meter(a).await;
                     }
                     next += self.config.poll_interval;
                     let now = tokio::time::Instant::now();
@@ -672,7 +648,7 @@ impl Bus {
         }
     }
 
-    async fn read_meter(&mut self, address: &Address) -> bool {
+    async fn read_meter(&mut self, address: &Address) {
         let telegrams = match self.master.read(address, self.config.max_telegrams).await {
             Ok(t) => t,
             Err(e) => {
@@ -680,14 +656,19 @@ impl Bus {
                 if let MasterError::Garbled { .. } = e {
                     self.sink.decode_failed(&self.source_id, "garbled");
                 }
-                return false;
+                self.health.update(&address.to_string(), |h| {
+                    h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+                    h.polls_failed += 1;
+                    h.last_error = Some(e.to_string());
+                });
+                return;
             }
         };
         let received_at = OffsetDateTime::now_utc();
         let mut readings = Vec::new();
         for raw in &telegrams {
             self.sink.frame_received(&self.source_id);
-            let frame = match (self.decoder)(raw) {
+            let frame = match default_decoder(raw) {
                 Ok(f) => f,
                 Err(e) => {
                     let kind = e.split(':').next().unwrap_or("decode").trim().to_owned();
@@ -714,11 +695,14 @@ impl Bus {
             };
             readings.extend(to_readings(&frame, &meter, None, &fctx));
         }
+        self.health.update(&address.to_string(), |h| {
+            h.consecutive_failures = 0;
+            h.polls_ok += 1;
+            h.last_ok = Some(received_at);
+        });
         if let Err(e) = self.sink.submit(readings).await {
             tracing::warn!(source = %self.source_id, error = %e, "spool refused m-bus readings");
-            return false;
         }
-        true
     }
 
     async fn command(&mut self, req: CommandRequest) {
@@ -733,10 +717,11 @@ impl Bus {
         let result = match command.action {
             CommandAction::MbusApplicationReset => self.master.snd_ud(&address, 0x50, &[]).await,
             CommandAction::SetTime => {
-                let now = OffsetDateTime::now_utc();
-                let t = link::type_f(time::PrimitiveDateTime::new(now.date(), now.time()));
-                let data = [0x04, 0x6D, t[0], t[1], t[2], t[3]];
-                self.master.snd_ud(&address, 0x51, &data).await
+                // The gateway's UTC time: the config has no per-meter time zone yet.
+                let frame = decoders::mbus::encode::set_time(0, OffsetDateTime::now_utc());
+                // From CI on, without CS and stop: reuse the encoder's record bytes.
+                let data = frame.get(7..frame.len().saturating_sub(2)).unwrap_or(&[]);
+                self.master.snd_ud(&address, 0x51, data).await
             }
             other => {
                 let _gone = reply.send(CommandOutcome::Failed(format!(
@@ -750,5 +735,77 @@ impl Bus {
             Ok(()) => CommandOutcome::Sent,
             Err(e) => CommandOutcome::Failed(e.to_string()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rsp(records: &[u8]) -> Vec<u8> {
+        let mut data = vec![0x78, 0x56, 0x34, 0x12, 0x2D, 0x2C, 0x01, 0x07, 0, 0, 0, 0];
+        data.extend_from_slice(records);
+        decoders::mbus::encode::long(0x08, 1, 0x72, &data)
+    }
+
+    #[test]
+    fn more_records_follow_walks_records() {
+        // 0C 13 + 4 bytes, then 1F.
+        assert!(link::more_records_follow(&rsp(&[
+            0x0C, 0x13, 1, 2, 3, 4, 0x1F
+        ])));
+        assert!(!link::more_records_follow(&rsp(&[0x0C, 0x13, 1, 2, 3, 4])));
+        // A value byte 1F is data, not the marker.
+        assert!(!link::more_records_follow(&rsp(&[0x01, 0x13, 0x1F])));
+        // DIFE chain, VIFE chain, LVAR text, plain-text VIF, then 1F.
+        let records = [
+            0x8C, 0x10, 0x13, 1, 2, 3, 4, // DIF+DIFE
+            0x04, 0xFD, 0x17, 0, 0, 0, 0, // VIF FD + VIFE
+            0x0D, 0x78, 3, b'a', b'b', b'c', // LVAR 3 ASCII
+            0x02, 0x7C, 2, b'x', b'y', 9, 9, // plain-text VIF
+            0x2F, 0x1F,
+        ];
+        assert!(link::more_records_follow(&rsp(&records)));
+        assert_eq!(link::identification(&rsp(&[])).as_deref(), Some("12345678"));
+    }
+
+    #[test]
+    fn check_long_reports_what_is_wrong() {
+        let mut f = rsp(&[0x0C, 0x13, 1, 2, 3, 4]);
+        assert!(link::check_long(&f).is_ok());
+        let cs = f.len() - 2;
+        f[cs] ^= 1;
+        assert!(link::check_long(&f).unwrap_err().starts_with("checksum"));
+        assert_eq!(classify(vec![0xE5]), Reply::Ack);
+        assert!(matches!(classify(vec![0xE5, 0xE5]), Reply::Garbled(_)));
+    }
+
+    #[test]
+    fn select_mask_encodes_digits_little_endian_with_wildcards() {
+        let f = link::select_secondary([1, 2, 3, 4, 0xF, 0xF, 0xF, 0xF]);
+        assert_eq!(&f[7..15], &[0xFF, 0xFF, 0x34, 0x12, 0xFF, 0xFF, 0xFF, 0xFF]);
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for len in 0..2000usize {
+            let mut bytes = Vec::with_capacity(len % 300);
+            for _ in 0..len % 300 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                bytes.push((seed >> 24) as u8);
+            }
+            if let Some(b) = bytes.first_mut() {
+                *b = if len % 2 == 0 { 0x68 } else { *b };
+            }
+            link::check_long(&bytes).ok();
+            let _ = link::more_records_follow(&bytes);
+            let _ = link::identification(&bytes);
+            let _ = classify(bytes.clone());
+            // Also as the records of a valid frame.
+            let _ = link::more_records_follow(&rsp(bytes.get(..200).unwrap_or(&bytes)));
+        }
     }
 }

@@ -1,11 +1,75 @@
 //! Field-bus sources: Modbus TCP/RTU poller, serial M-Bus master, wM-Bus UDP receiver and the
 //! hydrant MQTT bridge. Each exposes `run(config, SourceContext)`.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use time::OffsetDateTime;
 
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod wmbus;
+
+/// Health of one device, as the metrics endpoint shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceHealth {
+    /// Last poll that returned every block.
+    pub last_ok: Option<OffsetDateTime>,
+    /// Failed polls since the last good one.
+    pub consecutive_failures: u32,
+    /// Why the last failed poll failed.
+    pub last_error: Option<String>,
+    /// Good polls so far.
+    pub polls_ok: u64,
+    /// Failed polls so far.
+    pub polls_failed: u64,
+}
+
+/// Shared per-device health of a source; clone it before `run` to watch it.
+#[derive(Debug, Clone, Default)]
+pub struct Health(Arc<Mutex<BTreeMap<String, DeviceHealth>>>);
+
+impl Health {
+    /// Health of `device`, if it was polled at least once.
+    pub fn get(&self, device: &str) -> Option<DeviceHealth> {
+        self.lock().get(device).cloned()
+    }
+
+    /// Appends `wm_gateway_device_consecutive_failures` and `wm_gateway_device_last_ok_seconds`
+    /// gauges to `out`.
+    pub fn render_prometheus(&self, source: &str, out: &mut String) {
+        let map = self.lock();
+        out.push_str("# TYPE wm_gateway_device_consecutive_failures gauge\n");
+        for (d, h) in map.iter() {
+            out.push_str(&format!(
+                "wm_gateway_device_consecutive_failures{{source=\"{source}\",device=\"{d}\"}} {}\n",
+                h.consecutive_failures
+            ));
+        }
+        out.push_str("# TYPE wm_gateway_device_last_ok_seconds gauge\n");
+        for (d, h) in map.iter() {
+            if let Some(t) = h.last_ok {
+                out.push_str(&format!(
+                    "wm_gateway_device_last_ok_seconds{{source=\"{source}\",device=\"{d}\"}} {}\n",
+                    t.unix_timestamp()
+                ));
+            }
+        }
+    }
+
+    pub(crate) fn update(&self, device: &str, f: impl FnOnce(&mut DeviceHealth)) {
+        f(self.lock().entry(device.to_owned()).or_default());
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceHealth>> {
+        // Health stays meaningful even if a holder panicked.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// Exponential backoff with jitter, so many devices failing together do not retry in lockstep.
 #[derive(Debug, Clone)]

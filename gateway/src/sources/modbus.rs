@@ -9,12 +9,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use decoders::modbus::{self as modbus_decoder, RegisterFunction, RegisterMap};
 use decoders::{DecodedFrame, MeterInfo, Protocol, Record};
-use edge_config::modbus::{ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, Parity};
+use edge_config::modbus::{
+    ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve, Parity,
+};
 use model::{CommandAction, GatewayId, SourceKind};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -35,7 +37,7 @@ pub enum SourceError {
     #[error("invalid modbus source config: {0:?}")]
     Config(Vec<edge_config::modbus::ModbusConfigError>),
     /// A device's register map could not be loaded.
-    #[error("devices[{device}]: register map {map:?}: {reason}")]
+    #[error("device {device:?}: register map {map:?}: {reason}")]
     Map {
         /// Device name.
         device: String,
@@ -109,65 +111,11 @@ pub struct PolledDevice {
     pub poll_interval: Duration,
     /// Reads and decoding.
     pub decoder: Arc<dyn DeviceDecoder>,
+    /// Valve register, if the device has one.
+    pub valve: Option<ModbusValve>,
 }
 
-/// Health of one device, as the metrics endpoint shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceHealth {
-    /// Last poll that returned every block.
-    pub last_ok: Option<OffsetDateTime>,
-    /// Failed polls since the last good one.
-    pub consecutive_failures: u32,
-    /// Why the last failed poll failed.
-    pub last_error: Option<String>,
-    /// Good polls so far.
-    pub polls_ok: u64,
-    /// Failed polls so far.
-    pub polls_failed: u64,
-}
-
-/// Shared per-device health of a source; clone it before `run` to watch it.
-#[derive(Debug, Clone, Default)]
-pub struct Health(Arc<Mutex<BTreeMap<String, DeviceHealth>>>);
-
-impl Health {
-    /// Health of `device`, if it was polled at least once.
-    pub fn get(&self, device: &str) -> Option<DeviceHealth> {
-        self.lock().get(device).cloned()
-    }
-
-    /// Appends `wm_gateway_modbus_*` gauges and counters to `out`.
-    pub fn render_prometheus(&self, source: &str, out: &mut String) {
-        let map = self.lock();
-        out.push_str("# TYPE wm_gateway_modbus_consecutive_failures gauge\n");
-        for (d, h) in map.iter() {
-            out.push_str(&format!(
-                "wm_gateway_modbus_consecutive_failures{{source=\"{source}\",device=\"{d}\"}} {}\n",
-                h.consecutive_failures
-            ));
-        }
-        out.push_str("# TYPE wm_gateway_modbus_last_ok_seconds gauge\n");
-        for (d, h) in map.iter() {
-            if let Some(t) = h.last_ok {
-                out.push_str(&format!(
-                    "wm_gateway_modbus_last_ok_seconds{{source=\"{source}\",device=\"{d}\"}} {}\n",
-                    t.unix_timestamp()
-                ));
-            }
-        }
-    }
-
-    fn update(&self, device: &str, f: impl FnOnce(&mut DeviceHealth)) {
-        f(self.lock().entry(device.to_owned()).or_default());
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DeviceHealth>> {
-        // Health stays meaningful even if a holder panicked.
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+pub use super::{DeviceHealth, Health};
 
 /// How a bus is reached.
 #[derive(Debug, Clone)]
@@ -302,13 +250,16 @@ pub async fn run_rtu(config: ModbusRtuSourceConfig, ctx: SourceContext) -> Resul
     run_rtu_with(config, ctx, Health::default(), &resolve_map).await
 }
 
-/// Resolves a configured map name. Map files come from `edge_config::register_map`
-/// (branch `modbus-envelope`), which this build does not contain yet; until it is merged every
-/// map name is refused with this error, and [`run_tcp_with`] / [`run_rtu_with`] take a resolver.
+/// Resolves a configured map name: a shipped model (`edge_config::register_map::builtin_names`)
+/// or else a path to a map TOML.
 pub fn resolve_map(map: &str) -> Result<RegisterMap, String> {
-    Err(format!(
-        "register map {map:?}: register-map loading is not built into this gateway yet"
-    ))
+    use edge_config::register_map;
+    if register_map::builtin_names().contains(&map) {
+        register_map::builtin(map)
+    } else {
+        register_map::load(map)
+    }
+    .map_err(|e| e.to_string())
 }
 
 fn devices_of(
@@ -331,6 +282,7 @@ fn devices_of(
                     unit_id: d.unit_id,
                     poll_interval: d.poll_interval,
                     decoder: Arc::new(MapDecoder::new(map, timing.max_block, timing.max_gap)),
+                    valve: d.valve,
                 },
             ))
         })
@@ -628,8 +580,18 @@ impl Bus {
             )));
             return;
         };
-        let outcome = match command.action {
-            CommandAction::ModbusWrite { register, value } => {
+        let write = match (&command.action, device.valve) {
+            (CommandAction::ModbusWrite { register, value }, _) => Ok((*register, *value)),
+            (CommandAction::ValveOpen, Some(v)) => Ok((v.register, v.open)),
+            (CommandAction::ValveClose, Some(v)) => Ok((v.register, v.close)),
+            (CommandAction::ValveOpen | CommandAction::ValveClose, None) => Err(format!(
+                "device {} has no valve register configured",
+                command.device
+            )),
+            (other, _) => Err(format!("the modbus source cannot execute {other:?}")),
+        };
+        let outcome = match write {
+            Ok((register, value)) => {
                 match self
                     .request(device.unit_id, Op::WriteSingle(register, value))
                     .await
@@ -644,7 +606,7 @@ impl Bus {
                     }
                 }
             }
-            other => CommandOutcome::Failed(format!("the modbus source cannot execute {other:?}")),
+            Err(reason) => CommandOutcome::Failed(reason),
         };
         let _gone = reply.send(outcome);
     }

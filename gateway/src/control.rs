@@ -1,0 +1,133 @@
+//! The control connection to the central broker: retained status with a last will, the
+//! command subscription `{root}/{gateway}/cmd/#` and command acknowledgements on
+//! `{root}/{gateway}/cmd-ack`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use model::{CommandAck, DeviceCommand, GatewayId};
+use rumqttc::{Event, LastWill, Packet, QoS};
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::downlink::Downlink;
+use crate::mqtt::{self, MqttEndpoint};
+
+/// Control connection settings.
+#[derive(Debug, Clone)]
+pub struct ControlOptions {
+    /// Broker.
+    pub endpoint: MqttEndpoint,
+    /// MQTT client id.
+    pub client_id: String,
+    /// Topic root.
+    pub topic_root: String,
+    /// This gateway.
+    pub gateway: GatewayId,
+}
+
+fn status(gateway: &GatewayId, state: &str) -> Vec<u8> {
+    let at = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
+    json!({"v": model::WIRE_VERSION, "gateway": gateway, "state": state, "at": at, "version": env!("CARGO_PKG_VERSION")})
+        .to_string()
+        .into_bytes()
+}
+
+/// Runs the control connection until `shutdown`; then publishes `offline` and disconnects.
+pub async fn run(
+    opts: ControlOptions,
+    downlink: Arc<Downlink>,
+    mut acks: mpsc::UnboundedReceiver<CommandAck>,
+    shutdown: CancellationToken,
+) {
+    let status_topic = format!("{}/{}/status", opts.topic_root, opts.gateway);
+    let cmd_filter = format!("{}/{}/cmd/#", opts.topic_root, opts.gateway);
+    let ack_topic = format!("{}/{}/cmd-ack", opts.topic_root, opts.gateway);
+    // Commands are handled one at a time, in arrival order, so a duplicate id can never race
+    // its original past the idempotency check.
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<DeviceCommand>();
+    let router = Arc::clone(&downlink);
+    tokio::spawn(async move {
+        while let Some(cmd) = cmd_rx.recv().await {
+            router.handle(cmd).await;
+        }
+    });
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let will = LastWill::new(
+            &status_topic,
+            status(&opts.gateway, "offline"),
+            QoS::AtLeastOnce,
+            true,
+        );
+        let (client, mut events) =
+            mqtt::connect(opts.endpoint.options(&opts.client_id, Some(will)), 256);
+        let mut connected = false;
+        let failure = loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    if connected {
+                        // Retained offline on a clean stop (the will covers crashes).
+                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "offline")).await.ok();
+                        // Give the event loop a moment to write it before disconnecting.
+                        let deadline = tokio::time::sleep(Duration::from_millis(500));
+                        tokio::pin!(deadline);
+                        loop {
+                            tokio::select! {
+                                _ = &mut deadline => break,
+                                ev = events.recv() => match ev {
+                                    Some(Ok(Event::Incoming(Packet::PubAck(_)))) | None | Some(Err(_)) => break,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        client.disconnect().await.ok();
+                    }
+                    return;
+                }
+                ack = acks.recv(), if connected => {
+                    let Some(ack) = ack else { continue };
+                    match serde_json::to_vec(&ack) {
+                        Ok(body) => {
+                            if let Err(e) = client.publish(&ack_topic, QoS::AtLeastOnce, false, body).await {
+                                tracing::warn!(error = %e, "could not queue a command ack");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not serialise a command ack"),
+                    }
+                }
+                ev = events.recv() => match ev {
+                    None => break "event loop ended".to_owned(),
+                    Some(Err(e)) => break e.to_string(),
+                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                        connected = true;
+                        backoff = Duration::from_millis(200);
+                        tracing::info!(topic = %status_topic, "control connection up; status online");
+                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online")).await.ok();
+                        client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();
+                    }
+                    Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                        match serde_json::from_slice::<DeviceCommand>(&p.payload) {
+                            Ok(cmd) => {
+                                cmd_tx.send(cmd).ok();
+                            }
+                            Err(e) => tracing::warn!(topic = %p.topic, error = %e, "ignoring an unreadable command"),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                },
+            }
+        };
+        tracing::warn!(error = %failure, "control connection lost");
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,195 @@
+//! HTTP push (HMAC-signed envelopes) and the concentrator MQTT source, through the running
+//! gateway to reading batches on Mosquitto.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
+use decoders::envelope::{Envelope, Platform, encode_envelope};
+use gateway::runtime::Gateway;
+use hmac::{Hmac, Mac};
+use model::ReadingBatch;
+use rust_decimal::Decimal;
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+const SECRET: &str = "0123456789abcdef-secret";
+
+fn frame(address: [u8; 7], volume: Decimal) -> Vec<u8> {
+    let reading = Cjt188Reading {
+        current_m3: volume,
+        settlement_m3: Decimal::new(1, 0),
+        unit: cjt188::UNIT_M3,
+        clock: time::macros::datetime!(2026-11-24 18:00:00),
+        status: 0,
+    };
+    cjt188::encode(&Cjt188Frame::read_data_reply(0x10, address, 1, &reading))
+}
+
+async fn push(addr: SocketAddr, body: &[u8], ts: i64, secret: &str) -> u16 {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}\n").as_bytes());
+    mac.update(body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+async fn values_until(
+    rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
+    want: usize,
+) -> Vec<(String, Decimal, model::SourceKind)> {
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(15), async {
+        while got.len() < want {
+            let (_, p) = rx.recv().await.unwrap();
+            let b: ReadingBatch = serde_json::from_slice(&p).unwrap();
+            for e in b.entries {
+                if e.reading.quantity == model::Quantity::Volume {
+                    got.push((
+                        e.reading.meter.to_string(),
+                        e.reading.value,
+                        e.reading.provenance.source,
+                    ));
+                }
+            }
+        }
+    })
+    .await
+    .expect("readings arrive");
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_push_and_concentrator_mqtt_reach_the_uplink() {
+    let root = common::unique_prefix("sources");
+    let site = format!("{root}/site");
+    let (_s, mut batches) = common::subscribe("src-readings", &format!("{root}/readings/#")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = common::broker();
+    let toml = format!(
+        r#"gateway_id = "gw-src"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}"
+topic_root = "{root}"
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "platform"
+kind = "http_push"
+listen = "127.0.0.1:0"
+secret = "{SECRET}"
+[[source]]
+id = "conc"
+kind = "mqtt"
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}-conc"
+topics = [
+  {{ filter = "{site}/concentrator/+/readings", format = "json" }},
+  {{ filter = "{site}/concentrator/+/frame", format = "auto" }},
+]
+"#,
+        host = b.host,
+        port = b.port,
+        cid = root.replace('/', "-"),
+        spool = dir.path().display(),
+    );
+    let config = edge_config::parse(&toml, "t.toml".as_ref()).unwrap();
+    let gateway = Gateway::start(config).await.unwrap();
+    let http = gateway.source_addr("platform").unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+
+    // HTTP push: good signature → 202; bad signature, old timestamp → 401; garbage → 400.
+    let addr1 = [0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    let env = Envelope::new(
+        Platform::Generic,
+        "dev-1",
+        frame(addr1, Decimal::new(4242, 2)),
+    );
+    let body = encode_envelope(Platform::Generic, &env);
+    assert_eq!(push(http, &body, now, SECRET).await, 202);
+    assert_eq!(push(http, &body, now, "wrong-secret-wrong").await, 401);
+    assert_eq!(push(http, &body, now - 1000, SECRET).await, 401);
+    assert_eq!(push(http, b"{\"nonsense\":1}", now, SECRET).await, 400);
+
+    // Concentrator: one JSON list and one raw CJ/T 188 frame.
+    let (pubc, _rx) = common::subscribe("src-pub", &format!("{root}/unused")).await;
+    // Give the source time to subscribe.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let json = r#"{"v":1,"concentrator":"c1","sent_at":"2026-11-24T10:00:00Z","readings":[{"meter":"cjt188:00000000000002","ts":"2026-11-24T09:00:00Z","volume_m3":"7.125"}]}"#;
+    pubc.publish(
+        format!("{site}/concentrator/c1/readings"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        json,
+    )
+    .await
+    .unwrap();
+    let addr3 = [0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00];
+    pubc.publish(
+        format!("{site}/concentrator/c1/frame"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        frame(addr3, Decimal::new(333, 2)),
+    )
+    .await
+    .unwrap();
+    pubc.publish(
+        format!("{site}/concentrator/c1/frame"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        vec![0x68u8, 0x10, 0x01],
+    )
+    .await
+    .unwrap();
+
+    let got = values_until(&mut batches, 3).await;
+    use model::SourceKind::{HttpPush, Mqtt};
+    assert_eq!(
+        got,
+        vec![
+            (
+                "cjt188:00000000000001".into(),
+                Decimal::new(4242, 2),
+                HttpPush
+            ),
+            ("cjt188:00000000000002".into(), Decimal::new(7125, 3), Mqtt),
+            ("cjt188:00000000000003".into(), Decimal::new(333, 2), Mqtt),
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut s = tokio::net::TcpStream::connect(gateway.metrics_addr())
+        .await
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    assert!(
+        text.contains("wm_gateway_frames_total{source=\"conc\"} 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains("wm_gateway_decode_errors_total{source=\"conc\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("wm_gateway_decode_errors_total{source=\"platform\",kind=\"envelope_"),
+        "{text}"
+    );
+    gateway.shutdown().await;
+}

@@ -1,0 +1,185 @@
+//! wM-Bus UDP receiver: telegrams sent over real UDP sockets, as a USB receiver forwards them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use decoders::wmbus::encode::{WmbusMeter, telegram};
+use decoders::wmbus::manufacturer_from_code;
+use edge_config::wmbus::WmbusUdpSourceConfig;
+use gateway::sources::wmbus::{self, ReceiverStats};
+use gateway::{IngestSink, SourceContext, SubmitRequest};
+use model::{GatewayId, Quantity};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const KEY: [u8; 16] = [
+    0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F,
+];
+
+fn meter(id: u32) -> WmbusMeter {
+    WmbusMeter {
+        manufacturer: manufacturer_from_code("KAM").unwrap(),
+        id,
+        version: 1,
+        device_type: 0x07,
+    }
+}
+
+/// Volume record `0C 13` (8 BCD digits, litres).
+fn volume(litres: u32) -> Vec<u8> {
+    let s = format!("{litres:08}");
+    let d: Vec<u8> = s.bytes().map(|b| b - b'0').collect();
+    vec![
+        0x0C,
+        0x13,
+        (d[6] << 4) | d[7],
+        (d[4] << 4) | d[5],
+        (d[2] << 4) | d[3],
+        (d[0] << 4) | d[1],
+    ]
+}
+
+struct Rx {
+    addr: std::net::SocketAddr,
+    rx: mpsc::Receiver<SubmitRequest>,
+    sink: IngestSink,
+    stats: Arc<ReceiverStats>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), wmbus::SourceError>>,
+}
+
+async fn start(window: Duration) -> Rx {
+    // Pick a free port, then hand it to the receiver.
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = WmbusUdpSourceConfig::new(addr.to_string());
+    config.dedup_window = window;
+    config
+        .keys
+        .insert("mbus:KAM22222222".into(), hex::encode_upper(KEY));
+    let (sink, rx) = IngestSink::new(16);
+    let (_cmd, commands) = mpsc::channel(1);
+    let shutdown = CancellationToken::new();
+    let ctx = SourceContext {
+        gateway: GatewayId::new("gw-1").unwrap(),
+        source_id: "wm".into(),
+        sink: sink.clone(),
+        commands,
+        shutdown: shutdown.clone(),
+    };
+    let stats = Arc::new(ReceiverStats::default());
+    let task = tokio::spawn(wmbus::run_with_stats(config, ctx, Arc::clone(&stats)));
+    // Let the socket bind.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Rx {
+        addr,
+        rx,
+        sink,
+        stats,
+        shutdown,
+        task,
+    }
+}
+
+async fn next(rx: &mut mpsc::Receiver<SubmitRequest>) -> Vec<(String, Quantity, String)> {
+    let req = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("readings within 5 s")
+        .unwrap();
+    let v = req
+        .readings
+        .iter()
+        .map(|r| (r.meter.to_string(), r.quantity, r.value.to_string()))
+        .collect();
+    assert!(
+        req.readings
+            .iter()
+            .all(|r| r.provenance.source == model::SourceKind::Wmbus)
+    );
+    req.done.send(Ok(())).unwrap();
+    v
+}
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    for _ in 0..100 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not reached");
+}
+
+#[tokio::test]
+async fn plain_and_encrypted_telegrams_become_readings_and_repeats_are_dropped() {
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let repeater = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+    let plain = telegram(&meter(0x1111_1111), &volume(123_456), 1, None);
+    stick.send_to(&plain, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [(
+            "mbus:KAM11111111".into(),
+            Quantity::Volume,
+            "123.456".into()
+        )]
+    );
+
+    // Mode 5 with the configured key; the repeater forwards the same telegram twice more.
+    let secret = telegram(&meter(0x2222_2222), &volume(7_000), 2, Some(KEY));
+    stick.send_to(&secret, r.addr).await.unwrap();
+    repeater.send_to(&secret, r.addr).await.unwrap();
+    let mut repeated = secret.clone();
+    repeated[1] ^= 0x02; // a repeater may change the C field
+    repeater.send_to(&repeated, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [("mbus:KAM22222222".into(), Quantity::Volume, "7".into())]
+    );
+    wait_for(|| r.stats.duplicates.load(Ordering::Relaxed) == 2).await;
+    assert_eq!(r.sink.counters().frames("wm"), 4);
+    assert_eq!(r.stats.decoded.load(Ordering::Relaxed), 2);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn bad_telegrams_are_counted_by_kind() {
+    let mut r = start(Duration::from_millis(200)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Encrypted for a meter without a configured key.
+    let unknown = telegram(&meter(0x3333_3333), &volume(1), 3, Some(KEY));
+    stick.send_to(&unknown, r.addr).await.unwrap();
+    // Encrypted with another key than the configured one.
+    let wrong = telegram(&meter(0x2222_2222), &volume(1), 4, Some([0x55; 16]));
+    stick.send_to(&wrong, r.addr).await.unwrap();
+    // Noise: L field larger than the datagram.
+    stick.send_to(&[0x40, 0x44, 0x2D], r.addr).await.unwrap();
+    let sink = r.sink.clone();
+    wait_for(|| {
+        sink.counters().decode_errors("wm", "missing_key") == 1
+            && sink.counters().decode_errors("wm", "wrong_key") == 1
+            && sink.counters().frames("wm") == 3
+    })
+    .await;
+    let total: u64 = ["truncated", "length"]
+        .iter()
+        .map(|k| sink.counters().decode_errors("wm", k))
+        .sum();
+    assert_eq!(total, 1);
+    // After the window the same telegram is decoded again (a new transmission).
+    let plain = telegram(&meter(0x1111_1111), &volume(5), 9, None);
+    stick.send_to(&plain, r.addr).await.unwrap();
+    assert_eq!(next(&mut r.rx).await[0].2, "0.005");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stick.send_to(&plain, r.addr).await.unwrap();
+    assert_eq!(next(&mut r.rx).await[0].2, "0.005");
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}

@@ -1,0 +1,227 @@
+//! Editing and manual reads: the library calls behind the API's read-editing and manual-read
+//! endpoints (IF-REV-004, IF-METER-004). Both go through VEE's rules and the same storage path
+//! as MQTT ingest, and every edit is audited.
+
+use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgPool, Row};
+use time::OffsetDateTime;
+
+use crate::store::{self, StoreError, StoreOptions, WriteSet};
+use crate::vee::VeeConfig;
+
+/// Why an edit or manual read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    /// No stored reading at that key.
+    #[error("no reading of meter {meter} at {ts} for quantity {quantity}")]
+    NotFound {
+        /// Meter.
+        meter: String,
+        /// Time.
+        ts: OffsetDateTime,
+        /// Quantity.
+        quantity: &'static str,
+    },
+    /// User or reason is empty: an edit must say who and why.
+    #[error("an edit needs a user and a reason")]
+    Unattributed,
+    /// The manual read is not a manual or API read.
+    #[error("manual reads must come from source `api` (got {0:?})")]
+    NotManual(SourceKind),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn db(stage: &'static str) -> impl FnOnce(sqlx::Error) -> EditError {
+    move |source| EditError::Store(StoreError::Stage { stage, source })
+}
+
+/// What an edit replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EditOutcome {
+    /// The value before the edit.
+    pub old_value: Decimal,
+    /// Its quality status before the edit.
+    pub old_quality: String,
+}
+
+/// Replaces the value of a stored reading (tariff 0, subunit 0) with `new_value`, quality
+/// `edited` (by, reason). The old row goes to `reading_history`, the edit to `audit_log`, and
+/// the meter's rollups are recomputed around it. The ingest worker's in-memory state of the
+/// meter is not told: edit historic reads, not the latest one, while a worker runs.
+///
+/// # Errors
+/// [`EditError::NotFound`] when no reading exists at the key, [`EditError::Unattributed`]
+/// without user or reason, [`EditError::Store`] on database errors (nothing is written then).
+#[allow(clippy::too_many_arguments)]
+pub async fn edit_reading(
+    pool: &PgPool,
+    meter: &str,
+    ts: OffsetDateTime,
+    quantity: Quantity,
+    new_value: Decimal,
+    user: &str,
+    reason: &str,
+) -> Result<EditOutcome, EditError> {
+    if user.trim().is_empty() || reason.trim().is_empty() {
+        return Err(EditError::Unattributed);
+    }
+    let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
+    let mut tx = conn.begin().await.map_err(db("beginning"))?;
+    let row = sqlx::query(
+        "SELECT value, quality FROM readings
+         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0
+         FOR UPDATE",
+    )
+    .bind(meter)
+    .bind(ts)
+    .bind(quantity.as_str())
+    .fetch_optional(&mut *tx)
+    .await
+    .map_err(db("reading the reading to edit"))?
+    .ok_or_else(|| EditError::NotFound {
+        meter: meter.to_owned(),
+        ts,
+        quantity: quantity.as_str(),
+    })?;
+    let old_value: Decimal = row.try_get(0).map_err(db("reading the old value"))?;
+    let old_quality: String = row.try_get(1).map_err(db("reading the old quality"))?;
+    sqlx::query(
+        "INSERT INTO reading_history (meter_id, ts, quantity, tariff, subunit, value, unit,
+             quality, quality_detail, flags, replaced_by, reason)
+         SELECT meter_id, ts, quantity, tariff, subunit, value, unit, quality, quality_detail,
+                flags, 'edit:' || $4, $5
+         FROM readings
+         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
+    )
+    .bind(meter)
+    .bind(ts)
+    .bind(quantity.as_str())
+    .bind(user)
+    .bind(reason)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("keeping the edited reading's history"))?;
+    let detail = serde_json::to_value(Quality::Edited {
+        by: user.to_owned(),
+        reason: reason.to_owned(),
+    })
+    .unwrap_or_default();
+    sqlx::query(
+        "UPDATE readings SET value = $4, quality = 'edited', quality_detail = $5,
+             flags = array_remove(flags, 'superseded')
+         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
+    )
+    .bind(meter)
+    .bind(ts)
+    .bind(quantity.as_str())
+    .bind(new_value)
+    .bind(&detail)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("editing the reading"))?;
+    sqlx::query(
+        "INSERT INTO audit_log (actor, action, entity, entity_id, detail)
+         VALUES ($1, 'reading.edit', 'reading', $2, $3)",
+    )
+    .bind(user)
+    .bind(format!("{meter}@{ts}/{}", quantity.as_str()))
+    .bind(serde_json::json!({
+        "meter": meter,
+        "quantity": quantity.as_str(),
+        "old_value": old_value.to_string(),
+        "old_quality": old_quality,
+        "new_value": new_value.to_string(),
+        "reason": reason,
+    }))
+    .execute(&mut *tx)
+    .await
+    .map_err(db("auditing the edit"))?;
+    if quantity == Quantity::Volume {
+        let next: Option<OffsetDateTime> = sqlx::query_scalar(
+            "SELECT min(ts) FROM readings WHERE meter_id = $1 AND quantity = 'volume'
+               AND tariff = 0 AND subunit = 0 AND storage = 0 AND ts > $2
+               AND quality IN ('validated', 'edited', 'estimated')",
+        )
+        .bind(meter)
+        .bind(ts)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db("finding the next reading"))?;
+        store::recompute_rollups(
+            &mut tx,
+            meter,
+            ts,
+            next.unwrap_or(ts),
+            StoreOptions::default(),
+        )
+        .await?;
+        // Keep meter_state in step when the latest read was edited.
+        sqlx::query("UPDATE meter_state SET last_value = $3 WHERE meter_id = $1 AND last_ts = $2")
+            .bind(meter)
+            .bind(ts)
+            .bind(new_value)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("updating meter state"))?;
+    }
+    tx.commit().await.map_err(db("committing the edit"))?;
+    Ok(EditOutcome {
+        old_value,
+        old_quality,
+    })
+}
+
+/// Validates and stores a manual or API read (source `api`, clock `manual` or `platform`)
+/// through the same VEE rules and storage as MQTT ingest; returns the stored reading (with its
+/// quality and flags) and any estimates it created. `None` when it was an exact duplicate.
+///
+/// The meter's `meter_state` row is locked for the transaction. A running ingest worker keeps
+/// its own in-memory copy of the state; a manual read newer than the worker's state is seen by
+/// the worker as the previous read only after its restart (see docs/vee.md).
+///
+/// # Errors
+/// [`EditError::NotManual`] for a reading from another source, [`EditError::Store`] on
+/// database errors.
+pub async fn ingest_manual(
+    pool: &PgPool,
+    reading: Reading,
+    config: VeeConfig,
+) -> Result<Option<(Reading, Vec<Reading>)>, EditError> {
+    if reading.provenance.source != SourceKind::Api {
+        return Err(EditError::NotManual(reading.provenance.source));
+    }
+    let meter = reading.meter.as_str().to_owned();
+    let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
+    let mut tx = conn.begin().await.map_err(db("beginning"))?;
+    let vee = store::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
+    let out = vee.validate(vec![reading], OffsetDateTime::now_utc());
+    let rejects: Vec<store::RejectRecord> = out
+        .conflicts
+        .iter()
+        .map(store::RejectRecord::conflict)
+        .collect();
+    store::write_batch(
+        &mut tx,
+        &WriteSet {
+            readings: &out.readings,
+            usage: &out.usage,
+            states: Some(&out.states),
+            progress: &[],
+            rejects: &rejects,
+            out_of_order: &out.out_of_order,
+        },
+        StoreOptions::default(),
+    )
+    .await?;
+    tx.commit()
+        .await
+        .map_err(db("committing the manual read"))?;
+    let (estimates, actual): (Vec<Reading>, Vec<Reading>) = out
+        .readings
+        .into_iter()
+        .partition(|r| r.clock == ClockSource::Pipeline);
+    Ok(actual.into_iter().next().map(|r| (r, estimates)))
+}

@@ -1,0 +1,407 @@
+//! The ingest worker: MQTT (QoS 1, persistent session, manual acks) → VEE → PostgreSQL.
+//!
+//! Worker `i` of `W` subscribes `{root}/readings/{p}` for the partitions with `p % W == i`,
+//! with a stable client id and `clean_session = false`, so the broker keeps its subscriptions
+//! and unacknowledged messages while it is down. Messages are gathered into a batch (up to
+//! [`WorkerConfig::max_batch_readings`] or [`WorkerConfig::max_batch_delay`]), validated, written
+//! in one transaction, and acknowledged only after the commit: a crash before the commit means
+//! redelivery, and redelivery is harmless (spool-sequence progress and the row key dedupe).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, watch};
+
+use crate::ingest::{self, Decoded, IngestMetrics, Progress};
+use crate::store::{self, RejectRecord, StoreOptions, WriteSet};
+use crate::vee::{Vee, VeeConfig};
+
+/// Settings of one worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Broker host.
+    pub broker_host: String,
+    /// Broker port.
+    pub broker_port: u16,
+    /// MQTT client id: must be stable across restarts (the persistent session is keyed by it)
+    /// and unique per worker.
+    pub client_id: String,
+    /// Topic root (`wm/v1`).
+    pub topic_root: String,
+    /// This worker's index, `0..workers`.
+    pub worker: u16,
+    /// Number of workers.
+    pub workers: u16,
+    /// Number of partitions (gateways' `partitions` setting).
+    pub partitions: u16,
+    /// A batch is written once it holds this many readings...
+    pub max_batch_readings: usize,
+    /// ... or this long after its first message arrived.
+    pub max_batch_delay: Duration,
+    /// VEE thresholds.
+    pub vee: VeeConfig,
+    /// Storage options.
+    pub store: StoreOptions,
+}
+
+impl WorkerConfig {
+    /// Returns a configuration with defaults for everything but identity and partitioning.
+    pub fn new(
+        broker_url: &str,
+        topic_root: &str,
+        worker: u16,
+        workers: u16,
+        partitions: u16,
+    ) -> Result<Self, WorkerError> {
+        let (broker_host, broker_port) = crate::config::parse_mqtt_url(broker_url)
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
+        if workers == 0 || worker >= workers || partitions == 0 {
+            return Err(WorkerError::Config(format!(
+                "worker {worker} of {workers} over {partitions} partitions: need worker < workers and partitions > 0"
+            )));
+        }
+        Ok(Self {
+            broker_host,
+            broker_port,
+            client_id: format!("wm-pipeline-{worker}"),
+            topic_root: topic_root.to_owned(),
+            worker,
+            workers,
+            partitions,
+            max_batch_readings: 20_000,
+            max_batch_delay: Duration::from_millis(50),
+            vee: VeeConfig::default(),
+            store: StoreOptions::default(),
+        })
+    }
+
+    /// Returns true when this worker owns `meter`.
+    pub fn owns(&self, meter: &str) -> bool {
+        ingest::owns_meter(meter, self.worker, self.workers, self.partitions)
+    }
+}
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is unusable.
+    #[error("bad worker configuration: {0}")]
+    Config(String),
+    /// Loading state or maintaining partitions failed at start.
+    #[error("cannot start the worker")]
+    Start(#[source] store::StoreError),
+    /// The MQTT client's request channel closed (the event loop ended).
+    #[error("mqtt client closed while {0}")]
+    Mqtt(&'static str),
+}
+
+/// Runs a worker until `shutdown` becomes true. Returns after in-flight work is committed.
+///
+/// # Errors
+/// Returns [`WorkerError`] when it cannot start; database errors while running are retried.
+pub async fn run(
+    config: WorkerConfig,
+    pool: PgPool,
+    metrics: Arc<IngestMetrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), WorkerError> {
+    store::ensure_partitions(&pool, 3)
+        .await
+        .map_err(WorkerError::Start)?;
+    let started = Instant::now();
+    let vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
+        .await
+        .map_err(WorkerError::Start)?;
+    tracing::info!(
+        worker = config.worker,
+        workers = config.workers,
+        meters = vee.meters(),
+        state_bytes = vee.state_bytes(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "meter state rebuilt"
+    );
+    let progress = load_progress(&pool, &config)
+        .await
+        .map_err(WorkerError::Start)?;
+
+    let mut options = MqttOptions::new(
+        config.client_id.clone(),
+        config.broker_host.clone(),
+        config.broker_port,
+    );
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_max_packet_size(16 << 20, 16 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let topics: Vec<rumqttc::SubscribeFilter> =
+        ingest::owned_partitions(config.worker, config.workers, config.partitions)
+            .into_iter()
+            .map(|p| {
+                rumqttc::SubscribeFilter::new(
+                    ingest::readings_topic(&config.topic_root, p),
+                    QoS::AtLeastOnce,
+                )
+            })
+            .collect();
+    let (tx, rx) = mpsc::channel::<Publish>(4096);
+
+    // The event loop and the processor run in this one task (not spawned), so aborting the
+    // task stops both: exactly what a crash does.
+    let sub_client = client.clone();
+    let mut loop_shutdown = shutdown.clone();
+    let event_loop = async move {
+        loop {
+            tokio::select! {
+                _ = loop_shutdown.changed() => {
+                    if *loop_shutdown.borrow() { break; }
+                }
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        tracing::info!(session_present = ack.session_present, "mqtt connected");
+                        // Subscribing again on a present session is harmless and covers a
+                        // broker that lost it.
+                        if let Err(e) = sub_client.try_subscribe_many(topics.clone()) {
+                            tracing::warn!(error = %e, "mqtt subscribe failed");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send(p).await.is_err() { break; }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mqtt connection failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+    };
+    let processor = Processor {
+        config: &config,
+        pool: &pool,
+        client: &client,
+        metrics: &metrics,
+        vee,
+        progress,
+    };
+    let process = processor.run(rx, &mut shutdown);
+    tokio::select! {
+        () = event_loop => {}
+        r = process => r?,
+    }
+    client.disconnect().await.ok();
+    Ok(())
+}
+
+async fn load_progress(
+    pool: &PgPool,
+    config: &WorkerConfig,
+) -> Result<Progress, store::StoreError> {
+    let rows: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT gateway_id, partition, max_seq FROM ingest_progress")
+            .fetch_all(pool)
+            .await
+            .map_err(|source| store::StoreError::Stage {
+                stage: "loading spool progress",
+                source,
+            })?;
+    let mut progress = Progress::default();
+    for (g, p, s) in rows {
+        if let Ok(p) = u16::try_from(p)
+            && p % config.workers == config.worker
+        {
+            progress.set(&g, p, s);
+        }
+    }
+    Ok(progress)
+}
+
+struct Processor<'a> {
+    config: &'a WorkerConfig,
+    pool: &'a PgPool,
+    client: &'a AsyncClient,
+    metrics: &'a IngestMetrics,
+    vee: Vee,
+    progress: Progress,
+}
+
+impl Processor<'_> {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Publish>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), WorkerError> {
+        let mut maintenance = tokio::time::interval(Duration::from_secs(24 * 3600));
+        maintenance.tick().await;
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return Ok(()); }
+                    continue;
+                }
+                _ = maintenance.tick() => {
+                    if let Err(e) = store::ensure_partitions(self.pool, 3).await {
+                        tracing::error!(error = %e, "partition maintenance failed");
+                    }
+                    continue;
+                }
+                p = rx.recv() => match p {
+                    Some(p) => p,
+                    None => return Ok(()),
+                },
+            };
+            let deadline = tokio::time::Instant::now() + self.config.max_batch_delay;
+            let mut batch = vec![first];
+            let mut estimate = estimate_readings(&batch);
+            while estimate < self.config.max_batch_readings {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => {
+                        batch.push(p);
+                        estimate = estimate_readings(&batch);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.process(batch).await?;
+        }
+    }
+
+    async fn process(&mut self, publishes: Vec<Publish>) -> Result<(), WorkerError> {
+        IngestMetrics::add(&self.metrics.messages, publishes.len() as u64);
+        let mut readings = Vec::new();
+        let mut rejects = Vec::new();
+        let mut progress = self.progress.clone();
+        let mut touched: HashSet<(String, u16)> = HashSet::new();
+        for p in &publishes {
+            match ingest::decode_payload(&p.payload) {
+                Decoded::Batch(batch) => {
+                    let key = (batch.gateway.as_str().to_owned(), batch.partition);
+                    if !progress.knows(&key.0, key.1) {
+                        let seq = self.lookup_progress(&key.0, key.1).await;
+                        progress.set(&key.0, key.1, seq);
+                    }
+                    let (entries, dropped) = progress.filter(batch);
+                    IngestMetrics::add(&self.metrics.seq_duplicates, dropped);
+                    touched.insert(key);
+                    readings.extend(entries.into_iter().map(|e| e.reading));
+                }
+                Decoded::UnknownVersion { version } => {
+                    IngestMetrics::add(&self.metrics.unknown_version, 1);
+                    tracing::warn!(topic = %p.topic, version, "batch of unknown wire version refused");
+                    rejects.push(RejectRecord {
+                        kind: "unknown_version",
+                        topic: Some(p.topic.clone()),
+                        meter: None,
+                        ts: None,
+                        detail: serde_json::json!({
+                            "version": version,
+                            "payload": String::from_utf8_lossy(&p.payload),
+                        }),
+                    });
+                }
+                Decoded::Malformed { error } => {
+                    IngestMetrics::add(&self.metrics.malformed, 1);
+                    tracing::warn!(topic = %p.topic, %error, "malformed batch refused");
+                    rejects.push(RejectRecord {
+                        kind: "malformed",
+                        topic: Some(p.topic.clone()),
+                        meter: None,
+                        ts: None,
+                        detail: serde_json::json!({
+                            "error": error,
+                            "payload": String::from_utf8_lossy(&p.payload),
+                        }),
+                    });
+                }
+            }
+        }
+        let decreasing = self.vee.decreasing_meters(readings.iter());
+        if !decreasing.is_empty() {
+            match store::load_replacements(self.pool, &decreasing).await {
+                Ok(reps) => {
+                    for (m, r) in reps {
+                        self.vee.add_replacement(&m, r);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot load meter replacements"),
+            }
+        }
+        let out = self.vee.validate(readings, OffsetDateTime::now_utc());
+        rejects.extend(out.conflicts.iter().map(RejectRecord::conflict));
+        let progress_rows: Vec<(String, u16, i64)> = touched
+            .iter()
+            .filter_map(|(g, p)| progress.get(g, *p).map(|s| (g.clone(), *p, s)))
+            .filter(|(_, _, s)| *s >= 0)
+            .collect();
+        let set = WriteSet {
+            readings: &out.readings,
+            usage: &out.usage,
+            states: Some(&out.states),
+            progress: &progress_rows,
+            rejects: &rejects,
+            out_of_order: &out.out_of_order,
+        };
+        let mut attempt = 0u32;
+        loop {
+            let result = match self.pool.acquire().await {
+                Ok(mut conn) => store::write_batch(&mut conn, &set, self.config.store).await,
+                Err(source) => Err(store::StoreError::Stage {
+                    stage: "acquiring a connection",
+                    source,
+                }),
+            };
+            match result {
+                Ok(stats) => {
+                    IngestMetrics::add(&self.metrics.commits, 1);
+                    IngestMetrics::add(&self.metrics.stored, stats.inserted);
+                    break;
+                }
+                Err(e) => {
+                    IngestMetrics::add(&self.metrics.commit_failures, 1);
+                    attempt += 1;
+                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
+                        .await;
+                }
+            }
+        }
+        IngestMetrics::add(&self.metrics.duplicates, out.duplicates);
+        IngestMetrics::add(&self.metrics.conflicts, out.conflicts.len() as u64);
+        IngestMetrics::add(&self.metrics.estimated, out.estimated);
+        IngestMetrics::add(&self.metrics.rejected, out.rejected);
+        self.vee.commit(out.states);
+        self.progress = progress;
+        for p in &publishes {
+            self.client
+                .ack(p)
+                .await
+                .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
+        }
+        Ok(())
+    }
+
+    async fn lookup_progress(&self, gateway: &str, partition: u16) -> i64 {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT max_seq FROM ingest_progress WHERE gateway_id = $1 AND partition = $2",
+        )
+        .bind(gateway)
+        .bind(i32::from(partition))
+        .fetch_optional(self.pool)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(-1)
+    }
+}
+
+/// Rough reading count of pending payloads (about 330 bytes of JSON per entry), so a batch can
+/// be cut without decoding twice.
+fn estimate_readings(batch: &[Publish]) -> usize {
+    batch.iter().map(|p| p.payload.len() / 330 + 1).sum()
+}
