@@ -46,7 +46,7 @@ use crate::mqtt::{
     concentrator_entries,
 };
 use crate::scenario::Scenario;
-use crate::truth::GroundTruth;
+use crate::truth::{GroundTruth, TruthEvent, TruthKind};
 
 /// When concentrators upload what they collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -147,6 +147,9 @@ pub struct FleetConfig {
     pub concentrators: Option<ConcentratorConfig>,
     /// Number of hydrant controllers (need `mqtt`).
     pub hydrants: u32,
+    /// NB-IoT meters (CoAP and HTTP push) report every this many steps, each meter at its own
+    /// phase (hourly steps and 24: one uplink a day, spread over the day). 0 and 1: every step.
+    pub nbiot_report_every: u32,
     /// NB-IoT CoAP meters.
     pub coap: Option<CoapConfig>,
     /// IoT-platform HTTP push.
@@ -169,6 +172,7 @@ impl FleetConfig {
             mqtt: None,
             concentrators: None,
             hydrants: 0,
+            nbiot_report_every: 1,
             coap: None,
             http_push: None,
             wmbus: None,
@@ -285,6 +289,7 @@ pub struct FleetHandle {
     mbus_bus: Option<MbusBus>,
     modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
     modbus_requests: Arc<AtomicU64>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
 }
 
 impl Fleet {
@@ -412,7 +417,9 @@ impl Fleet {
         }
         let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
+        let hydrant_truth = Arc::new(Mutex::new(Vec::new()));
         let driver = Driver {
+            hydrant_truth: Arc::clone(&hydrant_truth),
             modbus,
             latest,
             population,
@@ -441,6 +448,7 @@ impl Fleet {
             mbus_bus,
             modbus_info,
             modbus_requests,
+            hydrant_truth,
         })
     }
 }
@@ -539,6 +547,7 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
     latest: Latest,
     modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
@@ -622,6 +631,9 @@ impl Driver {
                         if e.delivery == crate::engine::Delivery::Lost {
                             add(&self.counters.lost, 1);
                         }
+                        if e.delivery == Delivery::Corrupt && !frames_format {
+                            add(&self.counters.corrupted, 1);
+                        }
                         if frames_format {
                             if let Some(buf) = frame_buffers.get_mut(*c as usize) {
                                 buf.extend(self.concentrator_frames(e, step));
@@ -665,6 +677,21 @@ impl Driver {
                     .iter_mut()
                     .map(|h| h.tick(now, seed, step))
                     .collect();
+                {
+                    let mut truth = lock(&self.hydrant_truth);
+                    for up in &ups {
+                        for ev in &up.events {
+                            let kind = match ev.as_str() {
+                                "illegal_use" => TruthKind::HydrantIllegalUse,
+                                "tilt" => TruthKind::HydrantTilt,
+                                _ => continue,
+                            };
+                            // The gateway names hydrant readings and alarms `hydrant:{id}`.
+                            let id = format!("hydrant:{}", up.hydrant);
+                            truth.push(TruthEvent::new(kind, id, unix(now), None));
+                        }
+                    }
+                }
                 if let Some(client) = &self.mqtt
                     && let Some(mqtt) = &self.config.mqtt
                 {
@@ -737,6 +764,11 @@ impl Driver {
         for e in emissions {
             let route = self.routes.get(e.meter as usize).copied();
             if !matches!(route, Some(Route::Coap | Route::Http)) {
+                continue;
+            }
+            let every = u64::from(self.config.nbiot_report_every.max(1));
+            if !(step + u64::from(e.meter)).is_multiple_of(every) {
+                // Between uplinks the meter is asleep (PSM); the register keeps counting.
                 continue;
             }
             if e.delivery == Delivery::Lost {
@@ -1039,9 +1071,17 @@ impl FleetHandle {
         c
     }
 
-    /// Returns the ground truth recorded so far.
+    /// Returns the ground truth recorded so far. Hydrant events (illegal use, tilt) are
+    /// included with `hydrant:{id}` as `meter`, the gateway's id for hydrants.
     pub fn ground_truth(&self) -> GroundTruth {
-        lock(&self.engine).ground_truth()
+        let mut truth = lock(&self.engine).ground_truth();
+        truth
+            .events
+            .extend(lock(&self.hydrant_truth).iter().cloned());
+        truth
+            .events
+            .sort_by(|a, b| (a.from, &a.meter, a.kind).cmp(&(b.from, &b.meter, b.kind)));
+        truth
     }
 
     /// Waits until every simulation step has run and its frames were handed to the

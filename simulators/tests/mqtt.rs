@@ -278,3 +278,60 @@ async fn concentrators_forward_raw_cjt188_frames() {
     }
     assert_eq!((ok, bad), (7, 1));
 }
+
+#[tokio::test]
+async fn hydrant_events_are_in_the_ground_truth() {
+    let prefix = unique("hyd-truth");
+    let (_sub, mut el) = subscriber("hyd-truth-sub", &format!("{prefix}/hydrant/+/up")).await;
+    let scenario = Scenario::plain(5, 30, 3, datetime!(2026-11-01 0:00 UTC));
+    let mut config = FleetConfig::new(scenario);
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(200);
+    let (host, port) = broker();
+    config.mqtt = Some(MqttConfig {
+        host,
+        port,
+        topic_prefix: format!("{prefix}/"),
+        client_id: unique("hyd-truth-fleet").replace('/', "-"),
+    });
+    config.hydrants = 10;
+    // Read while the fleet runs: the broker queues only so many messages per client.
+    let collector = tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let up: HydrantUp =
+                serde_json::from_slice(&next_publish(&mut el).await.payload).unwrap();
+            for ev in &up.events {
+                if ev == "illegal_use" || ev == "tilt" {
+                    seen.insert((up.hydrant.clone(), up.ts.clone(), ev.clone()));
+                }
+            }
+        }
+        seen
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    fleet.wait_finished().await;
+    let truth = fleet.ground_truth();
+    let counts = fleet.stop().await.unwrap();
+    assert_eq!(counts.hydrant_ups, 2000);
+    let seen = collector.await.unwrap();
+    let from_truth: std::collections::BTreeSet<_> = truth
+        .events
+        .iter()
+        .map(|e| {
+            let ev = match e.kind {
+                simulators::truth::TruthKind::HydrantIllegalUse => "illegal_use",
+                simulators::truth::TruthKind::HydrantTilt => "tilt",
+                other => panic!("unexpected {other:?}"),
+            };
+            let ts = e
+                .from
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            let hid = e.meter.strip_prefix("hydrant:").unwrap().to_owned();
+            (hid, ts, ev.to_owned())
+        })
+        .collect();
+    assert!(!seen.is_empty());
+    assert_eq!(seen, from_truth);
+}
