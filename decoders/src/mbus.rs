@@ -1425,8 +1425,9 @@ impl<'a> RawRecord<'a> {
                 c @ 0x70..=0x77 => info.exponent = info.exponent.wrapping_add(exp(c, 7, -6)),
                 // Multiplicative correction 10^3.
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
-                // Accumulation only of negative contributions: the reverse register.
-                0x3D if info.quantity == "volume" => info.quantity = "volume_reverse",
+                // E011 1100: accumulation of abs value only if negative contributions (EN
+                // 13757-3 combinable VIFE; 0x3D is reserved): the reverse register.
+                0x3C if info.quantity == "volume" => info.quantity = "volume_reverse",
                 // A manufacturer-specific VIFE: what follows is vendor data, stop interpreting.
                 0x7F => break,
                 _ => {}
