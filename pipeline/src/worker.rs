@@ -151,11 +151,11 @@ pub async fn run(
             .collect();
     let (tx, rx) = mpsc::channel::<Publish>(4096);
 
-    // The event loop and the processor run in this one task (not spawned), so aborting the
-    // task stops both: exactly what a crash does.
+    // The event loop, the processor and the writer run in this one task (not spawned), so
+    // aborting the task stops all of them: exactly what a crash does. The event loop runs until
+    // the work is done (shutdown ends the processor, which lets the writer drain), so the last
+    // batch is committed before the connection drops.
     let sub_client = client.clone();
-    // The event loop runs until the work below is done (shutdown ends the processor, which
-    // lets the writer drain), so the last batch is committed before the connection drops.
     let event_loop = async move {
         loop {
             match eventloop.poll().await {
@@ -316,8 +316,10 @@ impl Processor<'_> {
         maintenance.tick().await;
         loop {
             let first = tokio::select! {
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { return Ok(()); }
+                changed = shutdown.changed() => {
+                    // A dropped sender can never ask for shutdown again: treat it as one
+                    // (instead of spinning on the closed channel).
+                    if changed.is_err() || *shutdown.borrow() { return Ok(()); }
                     continue;
                 }
                 _ = maintenance.tick() => {
