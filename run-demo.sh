@@ -9,7 +9,8 @@
 #
 # Environment overrides (defaults in brackets):
 #   DEMO_METERS [3000]  meters in the fleet        DEMO_SECONDS [90]  length of the run
-#   DEMO_STEP_MS [1000] real ms per simulated hour  DATABASE_URL, MQTT_URL, RUST_LOG
+#   DEMO_STEP_MS [1000] real ms per simulated hour  DEMO_DATABASE [wm_demo] (recreated on the
+#   server of DATABASE_URL)                          MQTT_URL, RUST_LOG
 set -euo pipefail
 cd "$(dirname "$0")"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
@@ -21,6 +22,7 @@ STEP_MS="${DEMO_STEP_MS:-1000}"
 TARGET="${CARGO_TARGET_DIR:-target}"
 BIN="$TARGET/release"
 RUN_DIR="target/demo"
+DEMO_DB="${DEMO_DATABASE:-wm_demo}"
 
 # --- services ---------------------------------------------------------------------------
 command -v pg_ctlcluster >/dev/null && command -v mosquitto >/dev/null || {
@@ -32,11 +34,17 @@ for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; d
 
 # --- build and schema -------------------------------------------------------------------
 cargo build -j 2 --release -p pipeline -p gateway -p simulators
+# The demo runs in its own database, recreated each time: a re-run within the same hour would
+# otherwise send the same (meter, time) readings again and store nothing new.
+psql "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 \
+    -c "DROP DATABASE IF EXISTS \"$DEMO_DB\" WITH (FORCE)" -c "CREATE DATABASE \"$DEMO_DB\""
+export DATABASE_URL="${DATABASE_URL%/*}/$DEMO_DB"
 "$BIN/pipeline" migrate
 "$BIN/gateway" check-config demo/gateway.toml
 
 # --- the stack in the background ----------------------------------------------------------
 mkdir -p "$RUN_DIR"
+rm -rf "$RUN_DIR/spool"   # demo/gateway.toml spools here; each run starts empty
 PIDS=()
 stop_all() {
     for pid in "${PIDS[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
