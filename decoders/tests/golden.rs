@@ -298,3 +298,33 @@ fn detect_needs_matching_lengths() {
     assert_eq!(detect(&wmbus), None);
     assert_eq!(detect(&cjt[..10]), None);
 }
+
+#[test]
+fn mbus_vif_extension_fb_humidity_frequency_and_reactive_energy() {
+    // 02 FB 1A 9A 01: relative humidity 410 × 0.1 % (FB 1A = 10^-1 %);
+    // 02 FB 2E F4 01: frequency 500 × 0.1 Hz (FB 2C-2F = 10^(nn-3) Hz);
+    // 04 FB 03 3F 00 00 00: reactive energy 63 × 10 kvarh (FB 02/03 = 10^n kvarh).
+    let app = common::hex("02 FB 1A 9A 01 02 FB 2E F4 01 04 FB 03 3F 00 00 00");
+    let got: Vec<(String, String, Option<model::Unit>)> = mbus::records(&app)
+        .map(|r| {
+            let rec = r.unwrap().to_record();
+            let value = match rec.value {
+                decoders::RecordValue::Number(d) => d.normalize().to_string(),
+                other => format!("{other:?}"),
+            };
+            (rec.quantity, value, rec.unit)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "relative_humidity".to_owned(),
+                "41".to_owned(),
+                Some(model::Unit::Percent)
+            ),
+            ("frequency_hz".to_owned(), "50".to_owned(), None),
+            ("reactive_energy_kvarh".to_owned(), "630".to_owned(), None),
+        ]
+    );
+}

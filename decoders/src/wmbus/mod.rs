@@ -302,17 +302,42 @@ pub fn parse(
     keys: &dyn KeyLookup,
     cache: &mut FormatCache,
 ) -> Result<Telegram, WmbusError> {
-    let (frame, format) = link::strip_crcs(raw)?;
-    match parse_layers(raw, &frame, format, keys, cache) {
-        // A CRC-stripped telegram whose last two bytes happen to equal a format-B CRC (one in
-        // 65 536) was cut short: if the layers fail, read it again as stripped.
-        Err(e) if format != FrameFormat::Stripped => match link::as_stripped(raw) {
-            Some(stripped) => {
-                parse_layers(raw, stripped, FrameFormat::Stripped, keys, cache).map_err(|_| e)
+    let link::Readings { frames, crc_error } = link::readings(raw)?;
+    // Several readings only when a single format-B CRC verified: a CRC-less telegram whose
+    // last two bytes match it by chance (one in 65 536) would lose them. Keep the first reading
+    // whose records decode cleanly, else the first that parses at all.
+    let mut parsed = None;
+    let mut first_error = None;
+    for (frame, format) in &frames {
+        match parse_layers(raw, frame, *format, keys, cache) {
+            Ok(t) if frames.len() == 1 || records_are_clean(&t) => return Ok(t),
+            Ok(t) => {
+                parsed.get_or_insert(t);
             }
-            None => Err(e),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(t) = parsed {
+        return Ok(t);
+    }
+    Err(match (crc_error, first_error) {
+        (Some(crc), _) => crc,
+        (None, Some(e)) => e,
+        (None, None) => WmbusError::LengthMismatch {
+            declared: raw.first().map_or(0, |&l| usize::from(l)),
+            available: raw.len().saturating_sub(1),
         },
-        other => other,
+    })
+}
+
+/// True unless the telegram carries data records of which one fails to decode (a reading cut
+/// two bytes short ends in a truncated record).
+fn records_are_clean(t: &Telegram) -> bool {
+    match t.kind {
+        PayloadKind::Records => crate::mbus::records(&t.payload).all(|r| r.is_ok()),
+        _ => true,
     }
 }
 
