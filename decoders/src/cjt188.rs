@@ -1041,9 +1041,24 @@ fn push_clock(out: &mut Vec<u8>, clock: Option<PrimitiveDateTime>) {
     }
 }
 
+/// Volume unit codes, smallest first.
+const VOLUME_UNITS: [u8; 6] = [0x29, 0x2A, 0x2B, 0x2C, 0x2D, 0x2E];
+
+/// Writes `m3` as XXXXXX.XX in `unit`, or, when it does not fit that unit exactly (a settlement
+/// volume a meter sent in another unit than its current volume: fuzz find, `cjt188_roundtrip`),
+/// in the first unit that holds it exactly, so no digit is silently dropped.
 fn push_volume(out: &mut Vec<u8>, m3: Decimal, unit: u8) {
-    let factor = volume_factor(unit).unwrap_or(Decimal::ONE);
-    let wire = m3.checked_div(factor).unwrap_or(m3);
+    let limit = Decimal::new(1_000_000, 0);
+    let fits = |u: u8| {
+        let wire = m3.checked_div(volume_factor(u)?)?;
+        (!wire.is_sign_negative() && wire.round_dp(2) == wire && wire < limit).then_some((wire, u))
+    };
+    let (wire, unit) = fits(unit)
+        .or_else(|| VOLUME_UNITS.iter().find_map(|&u| fits(u)))
+        .unwrap_or_else(|| {
+            let factor = volume_factor(unit).unwrap_or(Decimal::ONE);
+            (m3.checked_div(factor).unwrap_or(m3), unit)
+        });
     push_bcd(out, wire, 2, 4);
     out.push(unit);
 }

@@ -328,3 +328,22 @@ fn mbus_vif_extension_fb_humidity_frequency_and_reactive_energy() {
         ]
     );
 }
+
+/// Fuzz regression (cjt188_roundtrip, crash-df121122): current volume in m³ (2C) but the
+/// settlement volume in ×10 m³ (2D, 227730.00 → 2 277 300 m³). Re-encoding wrote the settlement
+/// in the current unit, where it needs 9 digits, and silently dropped the leading one.
+#[test]
+fn cjt188_settlement_in_another_unit_round_trips() {
+    let bytes = common::hex(
+        "FE FE FE 68 10 44 33 22 11 00 33 78 81 16 1F 90 00 00 77 66 55 2C 00 30 77 22 2D \
+         15 55 11 01 05 66 20 21 84 13 16",
+    );
+    let frame = cjt188::parse(&bytes).unwrap();
+    let cjt188::Payload::Reading(r) = &frame.payload else {
+        panic!("not a reading: {:?}", frame.payload);
+    };
+    assert_eq!(r.current_m3.to_string(), "556677.00");
+    assert_eq!(r.settlement_m3.normalize().to_string(), "2277300");
+    let again = cjt188::parse(&cjt188::encode(&frame)).unwrap();
+    assert_eq!(again, frame);
+}
