@@ -9,6 +9,9 @@ use time::{Date, Month, OffsetDateTime};
 use crate::quote::{BillingError, Line, MAX_VOLUME, QuoteRequest, price_class, total_of};
 use crate::tariff::{TariffBook, TierPeriod};
 
+// Dates as `YYYY-MM-DD` in stored bill inputs (the default serde form is a tuple).
+time::serde::format_description!(iso_date, Date, "[year]-[month]-[day]");
+
 /// Volume precision of prorated segment usage, m3 (one litre, the register resolution of
 /// household meters).
 pub const SEGMENT_VOLUME_SCALE: u32 = 3;
@@ -133,8 +136,10 @@ pub struct BillRequest {
     /// Township customer.
     pub township: bool,
     /// First day of the cycle.
+    #[serde(with = "iso_date")]
     pub period_start: Date,
     /// Day after the last day of the cycle (exclusive).
+    #[serde(with = "iso_date")]
     pub period_end: Date,
     /// Read at the start of the cycle.
     pub start: RegisterRead,
@@ -152,8 +157,10 @@ pub struct BillRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// First day.
+    #[serde(with = "iso_date")]
     pub from: Date,
     /// Day after the last day.
+    #[serde(with = "iso_date")]
     pub to: Date,
     /// Days in the segment.
     pub days: i64,
@@ -198,8 +205,10 @@ pub struct BillLine {
     /// Charge or reversal.
     pub kind: LineKind,
     /// First day of the segment.
+    #[serde(with = "iso_date")]
     pub from: Date,
     /// Day after the last day of the segment.
+    #[serde(with = "iso_date")]
     pub to: Date,
     /// Tariff version used.
     pub tariff_version: String,
@@ -226,6 +235,17 @@ impl Bill {
     /// Tariff versions used, comma-separated in segment order.
     pub fn tariff_version(&self) -> String {
         join_unique(self.segments.iter().map(|s| s.tariff_version.as_str()))
+    }
+
+    /// SHA-256 (hex) of everything the bill stands on: the request (reads, household, tier
+    /// position, replacement) and the tariff versions. Equal fingerprints mean a rerun would
+    /// produce the same bill.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        // Serialising plain structs with string map keys cannot fail.
+        let basis = serde_json::to_vec(&(&self.request, self.tariff_version())).unwrap_or_default();
+        let digest = Sha256::digest(&basis);
+        digest.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// Tariff names used, comma-separated in segment order.

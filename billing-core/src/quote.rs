@@ -4,7 +4,7 @@
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::Serialize;
 
-use crate::tariff::{Class, Component, TariffBook, TariffError, TariffStatus, TierPeriod};
+use crate::tariff::{Class, TariffBook, TariffError, TariffStatus, TierPeriod};
 
 /// Largest usage or cumulative usage accepted, m3: keeps every product far inside `Decimal`'s
 /// 28 digits, so the arithmetic below cannot overflow.
@@ -280,6 +280,3 @@ pub fn quote(
         lines,
     })
 }
-
-/// Components known to the engine, in bill order.
-pub const COMPONENTS: [Component; 3] = [Component::Water, Component::Sewage, Component::Resource];

@@ -16,6 +16,8 @@ use toml::Spanned;
 
 /// Price precision accepted in tariff files (yuan per m3): `bill_lines.unit_price` is numeric(12,4).
 pub const PRICE_SCALE: u32 = 4;
+/// Largest price, bound or charge accepted in a tariff file.
+pub const MAX_VALUE: Decimal = Decimal::from_parts(1_000_000_000, 0, 0, false, 0);
 /// Volume precision accepted for tier bounds (m3).
 pub const VOLUME_SCALE: u32 = 3;
 
@@ -104,6 +106,8 @@ pub struct Tier {
 pub struct Class {
     /// Class id (`residential`, `non_residential`, `special`, ...).
     pub id: String,
+    /// Free description.
+    pub description: Option<String>,
     /// Household size the tier volumes are for.
     pub base_persons: Option<u32>,
     /// m3 per tier period added to every tier boundary per person above `base_persons`.
@@ -158,6 +162,8 @@ pub struct Tariff {
     pub status: TariffStatus,
     /// Where the prices come from.
     pub source: Option<String>,
+    /// Free notes of the file's author.
+    pub notes: Option<String>,
     /// `effective_from` + the first 12 hex digits of the file's SHA-256: stored on every bill.
     pub version: String,
     /// Classes by id, in file order.
@@ -355,6 +361,10 @@ impl Ctx<'_> {
         if d.is_sign_negative() {
             return self.err(v.span(), field, format!("{d} is negative"));
         }
+        // Bounded so that no product in a bill can overflow `Decimal` (see quote::MAX_VOLUME).
+        if d > MAX_VALUE {
+            return self.err(v.span(), field, format!("{d} is above {MAX_VALUE}"));
+        }
         if d.normalize().scale() > scale {
             return self.err(
                 v.span(),
@@ -395,7 +405,6 @@ impl Ctx<'_> {
     }
 
     fn validate(&self, raw: RawTariff, hash: String) -> Result<Tariff, TariffError> {
-        let _ = &raw.notes;
         if raw.name.get_ref().trim().is_empty() {
             return self.err(raw.name.span(), "name", "must not be empty");
         }
@@ -486,7 +495,6 @@ impl Ctx<'_> {
                     format!("class {id} defined twice"),
                 );
             }
-            let _ = &rc.description;
             let base_persons = match &rc.base_persons {
                 None => None,
                 Some(v) => match v.get_ref() {
@@ -596,6 +604,7 @@ impl Ctx<'_> {
             };
             classes.push(Class {
                 id,
+                description: rc.description.clone(),
                 base_persons,
                 extra_volume_per_person,
                 tiers,
@@ -611,6 +620,7 @@ impl Ctx<'_> {
             tier_period,
             status,
             source: raw.source,
+            notes: raw.notes,
             version: format!("{effective_from}+{hash}"),
             classes,
         })

@@ -343,3 +343,44 @@ fn bad_periods_are_refused() {
         Err(BillingError::Tariff(_))
     ));
 }
+
+#[test]
+fn cli_recomputes_a_bill_from_stored_inputs() {
+    let bk = book(&["nanan-2025.toml"]);
+    let req = request(
+        date!(2025 - 10 - 01),
+        date!(2025 - 11 - 01),
+        dec!(99990),
+        dec!(15),
+    );
+    let bill = compute_bill(&bk, &req).unwrap();
+    // The shape of `bills.inputs`: the request under "request".
+    let stored = serde_json::json!({ "request": req, "segments": [] });
+    assert_eq!(stored["request"]["period_start"], "2025-10-01");
+    let dir = std::env::temp_dir().join(format!("billing-bill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("inputs.json");
+    std::fs::write(&path, stored.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_billing"))
+        .args(["bill", "--tariff"])
+        .arg(format!(
+            "{}/../tariffs/nanan-2025.toml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .arg("--inputs")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total"], "74.65");
+    assert_eq!(v["total"], bill.total.to_string());
+    assert_eq!(v["usage"]["rollover"], true);
+    assert_eq!(v["lines"][2]["kind"], "charge");
+    assert_eq!(v["lines"][2]["from"], "2025-10-01");
+    std::fs::remove_dir_all(&dir).ok();
+}

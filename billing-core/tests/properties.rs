@@ -140,3 +140,49 @@ proptest! {
             "whole {} vs {} + {}", whole.total, p1.total, p2.total);
     }
 }
+
+const DOMAIN_EXAMPLE: &str = r#"name = "Example residential tariff"
+currency = "CNY"
+effective_from = "2025-09-01"
+tier_period = "month"
+[[classes]]
+id = "residential"
+base_persons = 4
+extra_volume_per_person = "5"
+  [[classes.tiers]]
+  up_to = "20"
+  prices = { water = "1.85", sewage = "0.95" }
+  [[classes.tiers]]
+  prices = { water = "5.55", sewage = "0.95" }
+"#;
+
+proptest! {
+    /// Any text, and any single-byte corruption of a valid file, is refused with an error or
+    /// accepted, never a panic; accepted files price the largest inputs without overflow.
+    #[test]
+    fn tariff_parsing_never_panics(text in "\\PC{0,200}", pos in 0usize..400, byte in proptest::num::u8::ANY) {
+        if let Ok(t) = Tariff::parse("fuzz.toml", &text) {
+            prop_assert!(!t.classes.is_empty());
+        }
+        let mut bytes = DOMAIN_EXAMPLE.as_bytes().to_vec();
+        let i = pos % bytes.len();
+        bytes[i] = byte;
+        let parsed = String::from_utf8(bytes).ok().and_then(|s| Tariff::parse("fuzz.toml", &s).ok());
+        if let Some(t) = parsed {
+            let book = TariffBook::new([t]).unwrap();
+            for class in ["residential", "special"] {
+                let req = QuoteRequest::new(class, 1000, billing_core::quote::MAX_VOLUME, billing_core::quote::MAX_VOLUME);
+                if let Ok(q) = quote(&book, date!(2030 - 01 - 01), &req) {
+                    prop_assert_eq!(q.total, q.lines.iter().map(|l| l.amount).sum::<Decimal>());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn huge_values_in_tariffs_are_refused_not_overflowing(digits in 10usize..40) {
+        let big = "9".repeat(digits);
+        let text = DOMAIN_EXAMPLE.replace("\"5.55\"", &format!("\"{big}\""));
+        prop_assert!(Tariff::parse("big.toml", &text).is_err());
+    }
+}

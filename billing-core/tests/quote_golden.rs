@@ -239,3 +239,42 @@ fn cli_prints_json_with_total() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn tier_bounds_are_inclusive() {
+    let b = book("nanan-2025.toml");
+    // Exactly 20 m3: all in tier 1.
+    let q = quote(
+        &b,
+        date!(2025 - 10 - 01),
+        &QuoteRequest::new("residential", 4, dec!(0), dec!(20)),
+    )
+    .unwrap();
+    assert!(q.lines.iter().all(|l| l.tier == 1));
+    assert_eq!(q.total, dec!(56.00));
+    // One litre more: 0.001 m3 in tier 2 (0.00278 → 0.00, 0.00095 → 0.00).
+    let q = quote(
+        &b,
+        date!(2025 - 10 - 01),
+        &QuoteRequest::new("residential", 4, dec!(0), dec!(20.001)),
+    )
+    .unwrap();
+    assert_eq!(
+        q.lines
+            .iter()
+            .filter(|l| l.tier == 2)
+            .map(|l| l.volume_m3)
+            .collect::<Vec<_>>(),
+        vec![dec!(0.001), dec!(0.001)]
+    );
+    assert_eq!(q.total, dec!(56.00));
+    // Zero usage: no lines, total 0.00.
+    let q = quote(
+        &b,
+        date!(2025 - 10 - 01),
+        &QuoteRequest::new("residential", 4, dec!(0), dec!(0)),
+    )
+    .unwrap();
+    assert!(q.lines.is_empty());
+    assert_eq!(q.total.to_string(), "0.00");
+}

@@ -189,6 +189,25 @@ pub enum Cjt188Error {
     },
 }
 
+impl Cjt188Error {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadEnd { .. } => "bad_end",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::BadBcd { .. } => "bad_bcd",
+            Self::BadUnit { .. } => "bad_unit",
+            Self::BadClock { .. } => "bad_clock",
+            Self::BadDataLength { .. } => "bad_data_length",
+            Self::BadValveCommand { .. } => "bad_valve_command",
+        }
+    }
+}
+
 /// Byte order of the data identifier on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DiOrder {
@@ -268,8 +287,8 @@ pub enum Payload {
         /// Status word.
         status: u16,
     },
-    /// Heat meter 901F reply.
-    Heat(HeatReading),
+    /// Heat meter 901F reply (boxed: it is four times the size of the other variants).
+    Heat(Box<HeatReading>),
     /// Settlement history reply (DI D120..D12B): cumulative volume of that month, m³.
     History {
         /// Volume, m³.
@@ -664,7 +683,7 @@ fn parse_payload(
     match (reply, function, di) {
         (true, C_READ_DATA, DI_CURRENT) if is_heat(meter_type) => {
             expect_len(43)?;
-            parse_heat(&mut cur).map(Payload::Heat)
+            parse_heat(&mut cur).map(|h| Payload::Heat(Box::new(h)))
         }
         (true, C_READ_DATA, DI_CURRENT) => {
             expect_len(19)?;
@@ -711,9 +730,10 @@ fn bcd_le(bytes: &[u8], offset: usize, field: &'static str) -> Result<u64, Cjt18
                 byte: *b,
             });
         }
+        // At most 7 bytes (14 digits) are ever read, far below u64::MAX.
         value = value
-            .saturating_mul(100)
-            .saturating_add(u64::from(hi.wrapping_mul(10).wrapping_add(lo)));
+            .wrapping_mul(100)
+            .wrapping_add(u64::from(hi.wrapping_mul(10).wrapping_add(lo)));
     }
     Ok(value)
 }
@@ -749,6 +769,9 @@ fn volume_m3(cur: &mut Cursor<'_>, field: &'static str) -> Result<(Decimal, u8),
     let value = bcd_field(cur, 4, 2, field)?;
     let unit_offset = cur.offset;
     let unit = cur.byte("unit")?;
+    if unit == UNIT_M3 {
+        return Ok((value, unit));
+    }
     let factor = volume_factor(unit).ok_or(Cjt188Error::BadUnit {
         offset: unit_offset,
         code: unit,
@@ -759,7 +782,7 @@ fn volume_m3(cur: &mut Cursor<'_>, field: &'static str) -> Result<(Decimal, u8),
         code: unit,
         expected: "volume",
     })?;
-    Ok((m3.normalize(), unit))
+    Ok((m3, unit))
 }
 
 /// Reads the 7-byte clock `ss mm hh DD MM YYlo YYhi`; all zeros = not set.
@@ -771,7 +794,16 @@ fn clock(cur: &mut Cursor<'_>) -> Result<Option<PrimitiveDateTime>, Cjt188Error>
     }
     let mut digits = [0u8; 7];
     for ((d, b), i) in digits.iter_mut().zip(bytes).zip(0usize..) {
-        *d = u8::try_from(bcd_le(&[b], offset.saturating_add(i), "real-time clock")?).unwrap_or(0);
+        let (hi, lo) = (b >> 4, b & 0x0F);
+        if hi > 9 || lo > 9 {
+            let offset = offset.saturating_add(i);
+            return Err(Cjt188Error::BadBcd {
+                offset,
+                field: "real-time clock",
+                byte: b,
+            });
+        }
+        *d = hi.wrapping_mul(10).wrapping_add(lo);
     }
     let [ss, mi, hh, dd, mo, ylo, yhi] = digits;
     let year = i32::from(yhi)
@@ -788,7 +820,81 @@ fn status(cur: &mut Cursor<'_>) -> Result<u16, Cjt188Error> {
     Ok(u16::from_le_bytes(cur.array::<2>("status")?))
 }
 
+/// Two BCD digits, `None` if a nibble is above 9.
+fn bcd2(b: u8) -> Option<u8> {
+    let (hi, lo) = (b >> 4, b & 0x0F);
+    (hi <= 9 && lo <= 9).then(|| hi.wrapping_mul(10).wrapping_add(lo))
+}
+
+/// The common case in registers: m³ units, valid BCD and clock. `None` sends the frame to
+/// [`parse_water`], which finds and reports the exact problem.
+fn fast_water(data: &[u8]) -> Option<Payload> {
+    let [
+        c0,
+        c1,
+        c2,
+        c3,
+        cu,
+        s0,
+        s1,
+        s2,
+        s3,
+        su,
+        t0,
+        t1,
+        t2,
+        t3,
+        t4,
+        t5,
+        t6,
+        st0,
+        st1,
+    ] = <[u8; 19]>::try_from(data).ok()?;
+    if cu != UNIT_M3 || su != UNIT_M3 {
+        return None;
+    }
+    let volume = |b: [u8; 4]| -> Option<Decimal> {
+        let mut v: i64 = 0;
+        for x in b.iter().rev() {
+            v = v.wrapping_mul(100).wrapping_add(i64::from(bcd2(*x)?));
+        }
+        Some(Decimal::new(v, 2))
+    };
+    let current_m3 = volume([c0, c1, c2, c3])?;
+    let settlement_m3 = volume([s0, s1, s2, s3])?;
+    let status = u16::from_le_bytes([st0, st1]);
+    if [t0, t1, t2, t3, t4, t5, t6] == [0; 7] {
+        return Some(Payload::ReadingClockUnset {
+            current_m3,
+            settlement_m3,
+            unit: UNIT_M3,
+            status,
+        });
+    }
+    let year = i32::from(bcd2(t6)?)
+        .wrapping_mul(100)
+        .wrapping_add(i32::from(bcd2(t5)?));
+    let month = Month::try_from(bcd2(t4)?).ok()?;
+    let date = Date::from_calendar_date(year, month, bcd2(t3)?).ok()?;
+    let time = Time::from_hms(bcd2(t2)?, bcd2(t1)?, bcd2(t0)?).ok()?;
+    let clock = PrimitiveDateTime::new(date, time);
+    Some(Payload::Reading(Cjt188Reading {
+        current_m3,
+        settlement_m3,
+        unit: UNIT_M3,
+        clock,
+        status,
+    }))
+}
+
 fn parse_water(cur: &mut Cursor<'_>) -> Result<Payload, Cjt188Error> {
+    match fast_water(cur.rest) {
+        Some(payload) => Ok(payload),
+        None => parse_water_detailed(cur),
+    }
+}
+
+fn parse_water_detailed(cur: &mut Cursor<'_>) -> Result<Payload, Cjt188Error> {
     let (current_m3, unit) = volume_m3(cur, "current cumulative volume")?;
     let (settlement_m3, _) = volume_m3(cur, "settlement-date cumulative volume")?;
     let clock = clock(cur)?;
@@ -1266,5 +1372,52 @@ pub fn to_decoded_with(frame: &Cjt188Frame, bits: StatusBits) -> DecodedFrame {
             medium: Some(medium_name(frame.meter_type).to_owned()),
         },
         records: records_with(frame, bits),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn near_valid_byte() -> impl Strategy<Value = u8> {
+        prop_oneof![
+            8 => (0u8..10, 0u8..10).prop_map(|(h, l)| (h << 4) | l),
+            1 => Just(UNIT_M3),
+            1 => any::<u8>(),
+        ]
+    }
+
+    fn to_bcd(v: u8) -> u8 {
+        ((v / 10) << 4) | (v % 10)
+    }
+
+    proptest! {
+        /// The fast path accepts only what the detailed parser accepts, with the same result.
+        #[test]
+        fn fast_path_agrees_with_detailed_parser(
+            volumes in proptest::collection::vec(near_valid_byte(), 8),
+            clock in (0u8..61, 0u8..61, 0u8..25, 0u8..32, 0u8..14, 0u8..100, 19u8..22),
+            status in any::<u16>(),
+            corrupt in proptest::option::of((0usize..19, any::<u8>())),
+            units in prop_oneof![3 => Just(UNIT_M3), 1 => any::<u8>()],
+        ) {
+            let (ss, mi, hh, dd, mo, yy, cc) = clock;
+            let mut data = volumes[..4].to_vec();
+            data.push(units);
+            data.extend_from_slice(&volumes[4..]);
+            data.push(UNIT_M3);
+            data.extend([ss, mi, hh, dd, mo, yy, cc].map(to_bcd));
+            data.extend_from_slice(&status.to_le_bytes());
+            if let Some((i, b)) = corrupt {
+                data[i] = b;
+            }
+            let detailed = parse_water_detailed(&mut Cursor::new(&data, 0));
+            match fast_water(&data) {
+                Some(fast) => prop_assert_eq!(detailed, Ok(fast)),
+                // When the fast path declines, only non-m3 units may still parse.
+                None => prop_assert!(detailed.is_err() || data[4] != UNIT_M3 || data[9] != UNIT_M3),
+            }
+        }
     }
 }

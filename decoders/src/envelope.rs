@@ -710,10 +710,12 @@ pub fn encode_envelope(platform: Platform, envelope: &Envelope) -> Vec<u8> {
             Value::Object(m)
         }
         Platform::OneNet => {
-            let dev_id = envelope
-                .device_id
-                .parse::<u64>()
-                .map_or_else(|_| json!(envelope.device_id), |n| json!(n));
+            // A number only when it prints back the same (`+1`, `01` stay strings), so the id
+            // survives the round trip.
+            let dev_id = match envelope.device_id.parse::<u64>() {
+                Ok(n) if n.to_string() == envelope.device_id => json!(n),
+                _ => json!(envelope.device_id),
+            };
             let point = |ds_id: &str, value: Value| {
                 let mut m = Map::new();
                 if let Some(t) = envelope.received_at {

@@ -176,6 +176,28 @@ pub enum MbusError {
     },
 }
 
+impl MbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::Empty => "empty",
+            Self::BadStart { .. } => "bad_start",
+            Self::BadHeader { .. } => "bad_header",
+            Self::BadLength { .. } => "bad_length",
+            Self::BadChecksum { .. } => "bad_checksum",
+            Self::BadStop { .. } => "bad_stop",
+            Self::TrailingBytes { .. } => "trailing_bytes",
+            Self::NotLongFrame { .. } => "not_long_frame",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::ApplicationError { .. } => "application_error",
+            Self::TooManyDife { .. } => "too_many_dife",
+            Self::TooManyVife { .. } => "too_many_vife",
+            Self::UnsupportedLvar { .. } => "unsupported_lvar",
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Cursor
 
@@ -1006,13 +1028,9 @@ impl<'a> RecordIter<'a> {
             };
             return Ok(Some(record));
         }
-        let dife = chain(
-            &mut cur,
-            dif,
-            MAX_DIFE,
-            "DIFE",
-            MbusError::TooManyDife { offset },
-        )?;
+        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
+            offset,
+        })?;
         let vif = cur.byte("VIF")?;
         let plain_text = if vif & 0x7F == 0x7C {
             // libmbus and the old ELV/Itron devices put the text right after the VIF.
@@ -1021,13 +1039,9 @@ impl<'a> RecordIter<'a> {
         } else {
             &[]
         };
-        let vife = chain(
-            &mut cur,
-            vif,
-            MAX_VIFE,
-            "VIFE",
-            MbusError::TooManyVife { offset },
-        )?;
+        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
+            offset,
+        })?;
         let (data, lvar) = match dif & 0x0F {
             0x0D => {
                 let lvar_offset = cur.offset;
@@ -1095,14 +1109,14 @@ fn chain<'a>(
     first: u8,
     max: usize,
     field: &'static str,
-    too_many: MbusError,
+    too_many: impl FnOnce() -> MbusError,
 ) -> Result<&'a [u8], MbusError> {
     let all = cur.rest;
     let mut n = 0usize;
     let mut ext = first & 0x80 != 0;
     while ext {
         if n >= max {
-            return Err(too_many);
+            return Err(too_many());
         }
         let b = cur.byte(field)?;
         ext = b & 0x80 != 0;
@@ -1304,13 +1318,22 @@ fn fd_vif(code: u8) -> VifInfo {
         0x67 => vi("special_supplier_information", None, 0),
         0x68 => vi("duration_since_cumulation", Some(U::Hour), 0),
         0x69 => vi("duration_since_cumulation", Some(U::Day), 0),
+        0x6A => vi("duration_since_cumulation_months", None, 0),
+        0x6B => vi("duration_since_cumulation_years", None, 0),
         0x6C => vi("battery_operating_time", Some(U::Hour), 0),
         0x6D => vi("battery_operating_time", Some(U::Day), 0),
+        0x6E => vi("battery_operating_time_months", None, 0),
+        0x6F => vi("battery_operating_time_years", None, 0),
         0x70 => VifInfo {
             date: true,
             ..vi("battery_change_date", None, 0)
         },
+        0x71 => vi("rf_level", Some(U::Dbm), 0),
+        0x72 => vi("daylight_saving", None, 0),
+        0x73 => vi("listening_window", None, 0),
         0x74 => vi("remaining_battery", Some(U::Day), 0),
+        0x75 => vi("meter_stopped_count", None, 0),
+        0x76 => vi("manufacturer_container", None, 0),
         _ => vi("reserved", None, 0),
     }
 }
@@ -1321,10 +1344,26 @@ fn fb_vif(code: u8) -> VifInfo {
     match code {
         0x00..=0x01 => vi("energy", Some(U::MegawattHour), exp(code, 1, -1)),
         0x08..=0x09 => vi("energy", Some(U::Gigajoule), exp(code, 1, -1)),
+        // Units without a `model::Unit` keep the unit in the quantity name (as `mass_kg`).
+        0x02..=0x03 => vi("reactive_energy_kvarh", None, exp(code, 1, 0)),
+        0x04..=0x05 => vi("apparent_energy_kvah", None, exp(code, 1, 0)),
         0x10..=0x11 => vi("volume", Some(U::CubicMetre), exp(code, 1, 2)),
+        0x14..=0x17 => vi("reactive_power_kvar", None, exp(code, 3, -3)),
         0x18..=0x19 => vi("mass_kg", None, exp(code, 1, 5)),
+        0x1A..=0x1B => vi("relative_humidity", Some(U::Percent), exp(code, 1, -1)),
+        0x20 => vi("volume_ft3", None, 0),
+        0x21 => vi("volume_ft3", None, -1),
         0x28..=0x29 => vi("power", Some(U::Kilowatt), exp(code, 1, 2)),
+        0x2A => vi("phase_u_u", Some(U::Degree), -1),
+        0x2B => vi("phase_u_i", Some(U::Degree), -1),
+        0x2C..=0x2F => vi("frequency_hz", None, exp(code, 3, -3)),
         0x30..=0x31 => vi("power_gj_per_h", None, exp(code, 1, -1)),
+        0x34..=0x37 => vi("apparent_power_kva", None, exp(code, 3, -3)),
+        0x58..=0x5B => vi("flow_temperature_f", None, exp(code, 3, -3)),
+        0x5C..=0x5F => vi("return_temperature_f", None, exp(code, 3, -3)),
+        0x60..=0x63 => vi("temperature_difference_f", None, exp(code, 3, -3)),
+        0x64..=0x67 => vi("external_temperature_f", None, exp(code, 3, -3)),
+        0x70..=0x73 => vi("cold_warm_temperature_limit_f", None, exp(code, 3, -3)),
         0x74..=0x77 => vi(
             "cold_warm_temperature_limit",
             Some(U::DegreeCelsius),
@@ -1443,14 +1482,18 @@ impl<'a> RawRecord<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
         }
-        let info_date = self.vif_info().date;
+        self.raw_value_with(self.vif_info().date)
+    }
+
+    fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
+        if self.is_manufacturer_data() {
+            return RawValue::Bytes(self.data);
+        }
         let mut buf = [0u8; 8];
         let data = if self.msb_first && self.data.len() <= 8 {
             let n = self.data.len();
-            if let Some(dst) = buf.get_mut(..n) {
-                for (d, s) in dst.iter_mut().zip(self.data.iter().rev()) {
-                    *d = *s;
-                }
+            for (d, s) in buf.iter_mut().zip(self.data.iter().rev()) {
+                *d = *s;
             }
             buf.get(..n).unwrap_or(&[])
         } else {
@@ -1486,21 +1529,31 @@ impl<'a> RawRecord<'a> {
     }
 
     /// The value scaled to the record's unit, when it is a number (no allocation).
+    ///
+    /// The decimal is not normalized (`12.345000` and `12.345` compare equal).
     pub fn number(&self) -> Option<(Decimal, Option<Unit>)> {
-        let info = self.vif_info();
-        let raw = match self.raw_value() {
-            RawValue::Int(v) => Decimal::from(v),
-            RawValue::Real(f) => Decimal::try_from(f).ok()?,
+        self.number_with(&self.vif_info())
+    }
+
+    fn number_with(&self, info: &VifInfo) -> Option<(Decimal, Option<Unit>)> {
+        let mut value = match self.raw_value_with(info.date) {
+            // Scaling an integer down is only a change of scale: no multiplication needed.
+            RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
+                Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
+            }
+            RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
+            RawValue::Real(f) => Decimal::try_from(f)
+                .ok()?
+                .checked_mul(pow10(info.exponent))?,
             _ => return None,
         };
-        let mut value = raw.checked_mul(pow10(info.exponent))?;
         if info.factor != 1 {
             value = value.checked_mul(Decimal::from(info.factor))?;
         }
         if let Some(add) = self.additive() {
             value = value.checked_add(add)?;
         }
-        Some((value.normalize(), info.unit))
+        Some((value, info.unit))
     }
 
     /// Converts to the protocol-neutral record (allocates the strings).
@@ -1513,10 +1566,10 @@ impl<'a> RawRecord<'a> {
             plain_text = text(self.plain_text);
             plain_text.as_str()
         };
-        let (value, unit) = match self.number() {
-            Some((v, unit)) => (RecordValue::Number(v), unit),
+        let (value, unit) = match self.number_with(&info) {
+            Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
             None => (
-                match self.raw_value() {
+                match self.raw_value_with(info.date) {
                     RawValue::Date(y, m, d) => RecordValue::Date(format!("{y:04}-{m:02}-{d:02}")),
                     RawValue::DateTime(y, mo, d, h, mi, None) => {
                         RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
@@ -1570,18 +1623,16 @@ fn pow10(exp: i32) -> Decimal {
 
 /// Little-endian two's-complement integer of 1..8 bytes.
 fn int_le(data: &[u8]) -> i64 {
-    let mut buf = [0u8; 8];
-    let n = data.len().min(8);
-    if let (Some(dst), Some(src)) = (buf.get_mut(..n), data.get(..n)) {
-        dst.copy_from_slice(src);
+    // Sign-extend from the most significant byte, then shift the rest in (no memcpy call).
+    let data = data.get(..data.len().min(8)).unwrap_or(&[]);
+    let mut value: i64 = match data.last() {
+        Some(top) if top & 0x80 != 0 => -1,
+        _ => 0,
+    };
+    for b in data.iter().rev() {
+        value = value.wrapping_shl(8) | i64::from(*b);
     }
-    let negative = data.get(n.saturating_sub(1)).is_some_and(|b| b & 0x80 != 0);
-    if negative {
-        for b in buf.iter_mut().skip(n) {
-            *b = 0xFF;
-        }
-    }
-    i64::from_le_bytes(buf)
+    value
 }
 
 /// BCD, low byte first; an F in the most significant digit means negative (EN 13757-3 annex).

@@ -691,21 +691,21 @@ fn raw_value(spec: &RegisterSpec, words: &[u16]) -> Result<Decimal, ModbusError>
             float_to_decimal(&f.to_string()).ok_or_else(|| overflow(spec))?
         }
         DataType::Bcd { .. } => {
+            // Validate on the registers as read (reordering keeps nibble pairs), so the error
+            // names the register's own address and value.
+            for (address, &word) in (spec.address..=u16::MAX).zip(words) {
+                if [12u32, 8, 4, 0].iter().any(|s| (word >> s) & 0xF > 9) {
+                    return Err(ModbusError::BadBcd {
+                        name: spec.name.clone(),
+                        address,
+                        word,
+                    });
+                }
+            }
             let mut value: u64 = 0;
-            for (i, word) in bytes_to_words(&bytes).into_iter().enumerate() {
+            for word in bytes_to_words(&bytes) {
                 for shift in [12u32, 8, 4, 0] {
                     let digit = (word >> shift) & 0xF;
-                    if digit > 9 {
-                        let address = u16::try_from(i)
-                            .ok()
-                            .and_then(|i| spec.address.checked_add(i))
-                            .unwrap_or(spec.address);
-                        return Err(ModbusError::BadBcd {
-                            name: spec.name.clone(),
-                            address,
-                            word,
-                        });
-                    }
                     value = value
                         .checked_mul(10)
                         .and_then(|v| v.checked_add(u64::from(digit)))

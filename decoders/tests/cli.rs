@@ -102,6 +102,27 @@ fn wmbus_mode5_decodes_with_its_key() {
 }
 
 #[test]
+fn auto_tries_wmbus_when_a_telegram_looks_like_a_wired_frame() {
+    use decoders::wmbus::{encode, manufacturer_from_code};
+    let meter = encode::WmbusMeter {
+        manufacturer: manufacturer_from_code("ABC").unwrap(),
+        id: 0x0000_0001,
+        version: 1,
+        device_type: 0x07,
+    };
+    // 14 header bytes after L + 90 bytes of records = L 0x68, the CJ/T 188 start byte.
+    let mut records = vec![0x04, 0x13, 0x39, 0x30, 0x00, 0x00];
+    records.resize(90, 0x2F);
+    let frame = encode::telegram(&meter, &records, 1, None);
+    assert_eq!(frame[0], 0x68);
+    let (code, out, err) = meter_decode(&["--protocol", "auto", &hex::encode(&frame)]);
+    assert_eq!(code, 0, "stderr: {err}");
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["protocol"], "wmbus");
+    assert_eq!(json["records"][0]["value"], 12.345);
+}
+
+#[test]
 fn wmbus_wrong_or_missing_key_exits_non_zero() {
     let (frame, key) = wmbus_mode5();
     let (code, out, err) = meter_decode(&["--protocol", "wmbus", &frame]);

@@ -382,6 +382,32 @@ fn inner_cjt188_frame_decodes_with_signal_records() {
     ));
 }
 
+/// Fuzz regression (envelope_decode, crash-95379e12): a generic envelope with device id `+1`
+/// re-encoded for OneNET came back as `1`, because the encoder wrote every id that parses as
+/// a number as a JSON number. Ids that do not print back the same must stay strings.
+#[test]
+fn onenet_encoding_keeps_non_canonical_numeric_device_ids() {
+    let body = br#"{"v":1,"device_id":"+1","imei":"8675","ts":"1012-11-25T10:00:00Z","payload":"6810aa","rsrp":-95,"ecl":0}"#;
+    let env = decode_envelope(body).unwrap();
+    assert_eq!(env.device_id, "+1");
+    for id in [
+        "+1",
+        "01",
+        "007",
+        "1",
+        "18446744073709551615",
+        "18446744073709551616",
+    ] {
+        let mut e = env.clone();
+        e.device_id = id.to_owned();
+        for platform in [Platform::Generic, Platform::CtWing, Platform::OneNet] {
+            let back = decode_envelope(&encode_envelope(platform, &e)).unwrap();
+            assert_eq!(back.device_id, id, "{platform:?}");
+            assert_eq!(back.payload, vec![0x68, 0x10, 0xAA]);
+        }
+    }
+}
+
 proptest! {
     /// decode_envelope never panics on arbitrary bytes or arbitrary JSON-ish text.
     #[test]

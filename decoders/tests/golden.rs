@@ -195,8 +195,15 @@ fn mbus_malformed_frames_have_typed_errors() {
         ),
     ];
     for (hex, want) in cases {
-        assert_eq!(mbus::decode(&common::hex(hex)).unwrap_err(), *want, "{hex}");
+        let got = mbus::decode(&common::hex(hex)).unwrap_err();
+        assert_eq!(got, *want, "{hex}");
+        assert!(
+            got.code()
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '_')
+        );
     }
+    assert_eq!(E::TooManyVife { offset: 0 }.code(), "too_many_vife");
 }
 
 #[test]
@@ -269,5 +276,55 @@ fn cjt188_mirrored_status_bits() {
     assert_eq!(
         value("battery_low"),
         decoders::RecordValue::Number(1.into())
+    );
+}
+
+#[test]
+fn detect_needs_matching_lengths() {
+    use decoders::{Protocol, detect};
+    let cjt = common::hex("68 10 01 00 00 05 08 00 00 01 03 1F 90 00 39 16");
+    assert_eq!(detect(&cjt), Some(Protocol::Cjt188));
+    assert_eq!(
+        detect(&[&[0xFE, 0xFE][..], &cjt].concat()),
+        Some(Protocol::Cjt188)
+    );
+    let long = common::hex("68 03 03 68 53 01 50 A4 16");
+    assert_eq!(detect(&long), Some(Protocol::Mbus));
+    assert_eq!(detect(&[0xE5]), Some(Protocol::Mbus));
+    assert_eq!(detect(&common::hex("10 5B 01 5C 16")), Some(Protocol::Mbus));
+    // A wM-Bus telegram whose L field happens to be 0x68 is not taken for a wired frame.
+    let mut wmbus = vec![0x68, 0x44, 0x2D, 0x2C];
+    wmbus.resize(0x69, 0x00);
+    assert_eq!(detect(&wmbus), None);
+    assert_eq!(detect(&cjt[..10]), None);
+}
+
+#[test]
+fn mbus_vif_extension_fb_humidity_frequency_and_reactive_energy() {
+    // 02 FB 1A 9A 01: relative humidity 410 × 0.1 % (FB 1A = 10^-1 %);
+    // 02 FB 2E F4 01: frequency 500 × 0.1 Hz (FB 2C-2F = 10^(nn-3) Hz);
+    // 04 FB 03 3F 00 00 00: reactive energy 63 × 10 kvarh (FB 02/03 = 10^n kvarh).
+    let app = common::hex("02 FB 1A 9A 01 02 FB 2E F4 01 04 FB 03 3F 00 00 00");
+    let got: Vec<(String, String, Option<model::Unit>)> = mbus::records(&app)
+        .map(|r| {
+            let rec = r.unwrap().to_record();
+            let value = match rec.value {
+                decoders::RecordValue::Number(d) => d.normalize().to_string(),
+                other => format!("{other:?}"),
+            };
+            (rec.quantity, value, rec.unit)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "relative_humidity".to_owned(),
+                "41".to_owned(),
+                Some(model::Unit::Percent)
+            ),
+            ("frequency_hz".to_owned(), "50".to_owned(), None),
+            ("reactive_energy_kvarh".to_owned(), "630".to_owned(), None),
+        ]
     );
 }

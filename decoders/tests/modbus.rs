@@ -193,6 +193,18 @@ fn bad_bcd_and_nan_are_typed_errors() {
             word: 0x12A4
         }
     );
+    // Word-swapped BCD: the error names the register that holds the bad nibble.
+    let mut s = spec(DataType::Bcd { registers: 2 }, ByteOrder::Cdab);
+    s.address = 5;
+    let map = RegisterMap::new("t", vec![s]);
+    assert_eq!(
+        decode(&map, 5, &[0x1234, 0x00F0]).unwrap_err(),
+        ModbusError::BadBcd {
+            name: "v".into(),
+            address: 6,
+            word: 0x00F0
+        }
+    );
     // 0x7FC00000 is a quiet NaN; 0x7F800000 is +inf.
     for words in [[0x7FC0, 0], [0x7F80, 0]] {
         assert_eq!(

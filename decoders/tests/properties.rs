@@ -124,7 +124,7 @@ proptest! {
             di: cjt188::DI_CURRENT,
             di_order: DiOrder::HighFirst,
             ser,
-            payload: Payload::Heat(h),
+            payload: Payload::Heat(Box::new(h)),
         };
         prop_assert_eq!(cjt188::parse(&cjt188::encode(&frame)).unwrap(), frame);
     }
@@ -226,6 +226,31 @@ proptest! {
         let cs = c.iter().fold(0u8, |a, b| a.wrapping_add(*b));
         c.extend_from_slice(&[cs, 0x16]);
         let _r = cjt188::decode(&c);
+    }
+
+    #[test]
+    fn whatever_parses_re_encodes_to_the_same_frame(
+        meter_type in prop_oneof![Just(0x10u8), Just(0x20), Just(0x30), any::<u8>()],
+        control in prop_oneof![Just(0x81u8), Just(0x84), Just(0x04), Just(0xAA), Just(0xC1), any::<u8>()],
+        di in prop_oneof![
+            Just([0x90u8, 0x1F]), Just([0x1F, 0x90]), Just([0xA0, 0x17]), Just([0xD1, 0x21]),
+            any::<[u8; 2]>()
+        ],
+        data in proptest::collection::vec(any::<u8>(), 0..60),
+        ser in any::<u8>(),
+    ) {
+        let mut f = vec![0x68, meter_type, 1, 2, 3, 4, 5, 6, 7, control];
+        f.push(u8::try_from(data.len() + 3).unwrap());
+        f.extend_from_slice(&di);
+        f.push(ser);
+        f.extend_from_slice(&data);
+        let cs = f.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        f.extend_from_slice(&[cs, 0x16]);
+        if let Ok(frame) = cjt188::parse(&f) {
+            let again = cjt188::encode(&frame);
+            prop_assert_eq!(&again, &f);
+            prop_assert_eq!(cjt188::parse(&again).unwrap(), frame);
+        }
     }
 
     #[test]

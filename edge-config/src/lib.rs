@@ -192,7 +192,7 @@ pub enum MqttProtocol {
     #[default]
     #[serde(rename = "3.1.1")]
     V311,
-    /// MQTT 5 (not supported by this build; refused by validation).
+    /// MQTT 5.
     #[serde(rename = "5")]
     V5,
 }
@@ -227,6 +227,14 @@ pub struct UplinkConfig {
     /// Most batches awaiting PUBACK (default 16).
     #[serde(default = "default_window")]
     pub window: u16,
+    /// MQTT keep-alive in seconds (default 15); the broker publishes the `offline` last will
+    /// about 1.5 keep-alives after the gateway vanishes.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u16,
+}
+
+fn default_keep_alive_s() -> u16 {
+    15
 }
 
 fn default_topic_root() -> String {
@@ -720,6 +728,13 @@ fn validate(
             format!("{} is outside 1..=10000", u.batch_size),
         );
     }
+    if !(1..=3600).contains(&u.keep_alive_s) {
+        err(
+            uplink_at,
+            "uplink.keep_alive_s",
+            format!("{} is outside 1..=3600", u.keep_alive_s),
+        );
+    }
     if u.window == 0 || u.window > 1000 {
         err(
             uplink_at,
@@ -784,13 +799,6 @@ fn validate(
         }
         match src {
             SourceConfig::Mqtt(m) => {
-                if m.protocol == MqttProtocol::V5 {
-                    err(
-                        at,
-                        "source.protocol",
-                        format!("source `{id}`: MQTT 5 is not supported yet; use \"3.1.1\""),
-                    );
-                }
                 if m.broker.tls || m.tls_ca.is_some() || m.tls_cert.is_some() {
                     err(
                         at,

@@ -238,6 +238,61 @@ struct RawTable {
     columns: Vec<Spanned<RawRegister>>,
 }
 
+/// Checks that a quantity the pipeline stores has a unit of its dimension, so a map cannot
+/// send a flow as a volume or a volume without a unit. Returns what is wrong.
+fn unit_mismatch(quantity: &str, unit: Option<Unit>) -> Option<String> {
+    use model::Quantity as Q;
+    let record = decoders::Record {
+        quantity: quantity.to_owned(),
+        value: decoders::RecordValue::Number(Decimal::ZERO),
+        unit,
+        storage: 0,
+        tariff: 0,
+        subunit: 0,
+        function: decoders::Function::Instantaneous,
+    };
+    let q = record.reading_quantity()?;
+    let bases: &[Unit] = match q {
+        Q::Volume | Q::VolumeReverse | Q::VolumeNet | Q::VolumeSettlement => &[Unit::CubicMetre],
+        Q::Flow => &[Unit::CubicMetrePerHour],
+        Q::Pressure => &[Unit::Bar],
+        Q::Temperature | Q::ReturnTemperature => &[Unit::DegreeCelsius],
+        Q::Energy => &[Unit::KilowattHour, Unit::Joule],
+        Q::Power => &[Unit::Kilowatt],
+        Q::Level => &[Unit::Metre],
+        Q::BatteryVoltage => &[Unit::Volt],
+        Q::BatteryPercent => &[Unit::Percent],
+        Q::OperatingTime => &[Unit::Hour],
+        Q::SignalRsrp => &[Unit::Dbm],
+        Q::SignalSinr => &[Unit::Decibel],
+        Q::Tilt => &[Unit::Degree],
+        // Codes and states: no unit or the dimensionless one.
+        Q::SignalEcl | Q::ValveState | Q::StatusWord | Q::OutletState => {
+            return unit
+                .filter(|u| *u != Unit::Dimensionless)
+                .map(|u| format!("{quantity} is a code; it takes no unit (got {u})"));
+        }
+    };
+    let names = || {
+        bases
+            .iter()
+            .map(|b| b.symbol())
+            .collect::<Vec<_>>()
+            .join(" or ")
+    };
+    match unit {
+        None => Some(format!(
+            "{quantity} needs a unit convertible to {}",
+            names()
+        )),
+        Some(u) if !bases.contains(&u.base().0) => Some(format!(
+            "{u} is not a unit of {quantity} (expected one convertible to {})",
+            names()
+        )),
+        Some(_) => None,
+    }
+}
+
 struct Validator<'a> {
     text: &'a str,
     issues: Vec<MapIssue>,
@@ -529,6 +584,13 @@ impl Validator<'_> {
         else {
             return None;
         };
+        if let Some(message) = unit_mismatch(quantity, unit) {
+            match &raw.unit {
+                Some(u) => self.issue(u, format!("{path}.unit"), message),
+                None => self.issue(&raw.quantity, format!("{path}.unit"), message),
+            }
+            ok = false;
+        }
         let end = position.saturating_add(u32::from(data_type.width()));
         if end > limit {
             let what = if row.is_some() {

@@ -345,17 +345,17 @@ fn overlapping_and_duplicate_registers_are_rejected() {
         r#"model = "m"
 [[register]]
 name = "a"
-quantity = "volume"
+quantity = "x"
 address = 10
 type = "u32"
 [[register]]
 name = "a"
-quantity = "volume"
+quantity = "x"
 address = 11
 type = "u16"
 [[register]]
 name = "c"
-quantity = "volume"
+quantity = "x"
 function = "input"
 address = 11
 type = "u16"
@@ -365,6 +365,66 @@ type = "u16"
     assert_eq!(issues[0].0, 7);
     assert_eq!(issues[0].2, "duplicate name");
     assert_eq!(issues[1].2, "holding address 11 already used by a");
+}
+
+#[test]
+fn stored_quantities_need_a_unit_of_their_dimension() {
+    let issues = invalid(
+        r#"model = "m"
+[[register]]
+name = "a"
+quantity = "volume"
+address = 0
+type = "u32"
+unit = "m3/h"
+[[register]]
+name = "b"
+quantity = "volume_flow"
+address = 2
+type = "f32"
+[[register]]
+name = "c"
+quantity = "status_word"
+address = 4
+type = "u16"
+unit = "bar"
+[[register]]
+name = "d"
+quantity = "pressure"
+address = 5
+type = "u16"
+unit = "kPa"
+[[register]]
+name = "e"
+quantity = "velocity"
+address = 6
+type = "u16"
+"#,
+    );
+    let got: Vec<(usize, &str, &str)> = issues
+        .iter()
+        .map(|(l, f, m)| (*l, f.as_str(), m.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                7,
+                "register[0].unit",
+                "m3/h is not a unit of volume (expected one convertible to m3)"
+            ),
+            (
+                10,
+                "register[1].unit",
+                "volume_flow needs a unit convertible to m3/h"
+            ),
+            (
+                18,
+                "register[2].unit",
+                "status_word is a code; it takes no unit (got bar)"
+            ),
+        ]
+    );
 }
 
 #[test]
@@ -378,7 +438,7 @@ rows = 4
 stride = 2
 [[table.column]]
 name = "v"
-quantity = "volume"
+quantity = "x"
 address = 1
 type = "u32"
 "#,
@@ -418,7 +478,7 @@ fn syntax_and_unknown_fields_name_the_line() {
 fn float_scales_are_taken_by_their_decimal_text() {
     let map = register_map::parse(
         "f.toml",
-        "model = \"m\"\n[[register]]\nname = \"a\"\nquantity = \"volume\"\naddress = 0\ntype = \"u16\"\nscale = 0.001\noffset = -1\n",
+        "model = \"m\"\n[[register]]\nname = \"a\"\nquantity = \"volume\"\naddress = 0\ntype = \"u16\"\nscale = 0.001\noffset = -1\nunit = \"m3\"\n",
     )
     .unwrap();
     assert_eq!(map.registers[0].scale, d("0.001"));

@@ -183,6 +183,13 @@ impl Downlink {
                 .or_default()
                 .push_back(c.clone());
         }
+        let awaiting: HashMap<MeterId, DeviceCommand> = log
+            .latest
+            .values()
+            .filter(|l| l.ack.state == CommandState::Sent)
+            .filter_map(|l| l.command.clone())
+            .map(|c| (c.device.clone(), c))
+            .collect();
         let (acks, rx) = mpsc::unbounded_channel();
         Ok((
             Arc::new(Self {
@@ -190,7 +197,7 @@ impl Downlink {
                 log: Mutex::new(log),
                 routes: RwLock::new(Routes::default()),
                 queue: Mutex::new(queue),
-                awaiting: Mutex::new(HashMap::new()),
+                awaiting: Mutex::new(awaiting),
                 acks,
                 states: Mutex::new(BTreeMap::new()),
             }),
@@ -356,9 +363,30 @@ impl Downlink {
         }
     }
 
+    /// Reports and drops queued NB-IoT commands whose TTL has passed.
+    pub fn expire_queued(&self) {
+        let now = OffsetDateTime::now_utc();
+        let expired: Vec<DeviceCommand> = {
+            let mut q = lock(&self.queue);
+            let mut out = Vec::new();
+            for cmds in q.values_mut() {
+                let (gone, keep): (VecDeque<_>, VecDeque<_>) =
+                    cmds.drain(..).partition(|c| c.is_expired(now));
+                *cmds = keep;
+                out.extend(gone);
+            }
+            q.retain(|_, c| !c.is_empty());
+            out
+        };
+        for cmd in expired {
+            self.transition(&cmd, CommandState::Expired, false);
+        }
+    }
+
     /// The command went out in a CoAP reply; the meter's confirmation is awaited.
     pub fn sent_to_meter(&self, cmd: &DeviceCommand) {
-        self.transition(cmd, CommandState::Sent, false);
+        // Kept with the command so a restart still matches the meter's reply to it.
+        self.transition(cmd, CommandState::Sent, true);
         lock(&self.awaiting).insert(cmd.device.clone(), cmd.clone());
     }
 
@@ -482,11 +510,15 @@ mod tests {
         drop(dl);
         // A restart keeps the NB-IoT queue.
         let (dl, mut acks) = Downlink::open(gw, dir.path()).unwrap();
-        dl.set_routes(routes(tx));
+        dl.set_routes(routes(tx.clone()));
         let next = dl.next_for(&meter).unwrap();
         assert_eq!(next.id.0, "v");
         dl.sent_to_meter(&next);
         assert_eq!(acks.recv().await.unwrap().state, CommandState::Sent);
+        drop(dl);
+        // A restart between sending and the meter's reply still completes the command.
+        let (dl, mut acks) = Downlink::open(GatewayId::new("gw-1").unwrap(), dir.path()).unwrap();
+        dl.set_routes(routes(tx.clone()));
         dl.meter_replied(&meter, Ok(()));
         let ack = acks.recv().await.unwrap();
         assert_eq!(
@@ -494,6 +526,19 @@ mod tests {
             ("v", CommandState::Acknowledged)
         );
         assert!(dl.next_for(&meter).is_none());
+        // A queued command whose TTL passes is expired by the sweep, without an uplink.
+        dl.handle(cmd("short", meter.as_str(), 1)).await;
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        dl.expire_queued();
+        assert_eq!(dl.queued(), 1);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        dl.expire_queued();
+        let ack = acks.recv().await.unwrap();
+        assert_eq!(
+            (ack.id.0.as_str(), ack.state),
+            ("short", CommandState::Expired)
+        );
+        assert_eq!(dl.queued(), 0);
         let mut text = String::new();
         dl.render_prometheus(&mut text);
         assert!(

@@ -1,7 +1,8 @@
 //! Prometheus text endpoint: `GET /metrics` on the configured listener.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,8 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::downlink::Downlink;
 use crate::sink::SourceCounters;
+use crate::sources::Health;
 use crate::spool::Spool;
 use crate::uplink::UplinkStats;
+
+/// Device health of the polling sources (Modbus, M-Bus) by source id.
+pub type HealthRegistry = Arc<Mutex<BTreeMap<String, Health>>>;
 
 /// What the metrics endpoint reads.
 #[derive(Debug, Clone)]
@@ -26,6 +31,8 @@ pub struct Metrics {
     pub uplink: Arc<UplinkStats>,
     /// Command states.
     pub downlink: Arc<Downlink>,
+    /// Per-device health of polling sources.
+    pub health: HealthRegistry,
 }
 
 impl Metrics {
@@ -45,6 +52,32 @@ impl Metrics {
         ));
         self.uplink.render_prometheus(&mut out, s.depth);
         self.downlink.render_prometheus(&mut out);
+        // Each source renders whole families; merge them so every `# TYPE` appears once.
+        let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let registry = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        for (source, health) in registry.iter() {
+            let mut text = String::new();
+            health.render_prometheus(source, &mut text);
+            let mut family = String::new();
+            for line in text.lines() {
+                if let Some(rest) = line.strip_prefix("# TYPE ") {
+                    family = rest.to_owned();
+                    families.entry(family.clone()).or_default();
+                } else if !line.is_empty() {
+                    families
+                        .entry(family.clone())
+                        .or_default()
+                        .push(line.to_owned());
+                }
+            }
+        }
+        for (family, lines) in families {
+            out.push_str(&format!("# TYPE {family}\n"));
+            for l in lines {
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
         out
     }
 }
@@ -76,4 +109,44 @@ pub async fn serve(
         }
     });
     Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_of_several_sources_renders_one_family_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _w) = Spool::open(crate::spool::SpoolConfig::new(dir.path(), 1 << 20)).unwrap();
+        let (downlink, _acks) =
+            Downlink::open(model::GatewayId::new("gw-1").unwrap(), dir.path()).unwrap();
+        let health = HealthRegistry::default();
+        for (source, device) in [("bus-a", "fm-1"), ("bus-b", "pt-2")] {
+            let h = Health::default();
+            h.update(device, |d| d.consecutive_failures = 3);
+            health.lock().unwrap().insert(source.into(), h);
+        }
+        let m = Metrics {
+            sources: Arc::default(),
+            spool,
+            uplink: Arc::default(),
+            downlink,
+            health,
+        };
+        let text = m.render();
+        assert_eq!(
+            text.matches("# TYPE wm_gateway_device_consecutive_failures gauge")
+                .count(),
+            1,
+            "{text}"
+        );
+        assert!(text.contains(
+            "wm_gateway_device_consecutive_failures{source=\"bus-a\",device=\"fm-1\"} 3"
+        ));
+        assert!(text.contains(
+            "wm_gateway_device_consecutive_failures{source=\"bus-b\",device=\"pt-2\"} 3"
+        ));
+        assert!(text.contains("wm_gateway_spool_depth 0"));
+    }
 }

@@ -1,4 +1,4 @@
-//! MQTT subscriber source for concentrators (MQTT 3.1.1): JSON reading lists or raw binary
+//! MQTT subscriber source for concentrators (MQTT 3.1.1 or 5): JSON reading lists or raw binary
 //! frames, by topic → format mapping from the configuration.
 //!
 //! Messages are received with manual acknowledgement: the PUBACK goes to the site broker only
@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use decoders::{DecodedFrame, cjt188, mbus};
-use edge_config::{MqttSourceConfig, PayloadFormat, TopicMapping};
+use edge_config::{MqttProtocol, MqttSourceConfig, PayloadFormat, TopicMapping};
 use model::{ClockSource, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit};
 use rumqttc::{Event, Packet, QoS};
 use rust_decimal::Decimal;
@@ -132,8 +132,78 @@ pub fn readings_of(
     Ok(normalise::to_readings(&decoded, &meter, None, &fctx))
 }
 
+/// What to do with a message after handling it.
+enum Handled {
+    /// Stored (or counted as undecodable): acknowledge it.
+    Ack,
+    /// The spool refused it: leave it unacknowledged and reconnect, so the broker re-delivers.
+    Retry(String),
+}
+
+/// Decodes and spools one message.
+async fn on_message(
+    ctx: &SourceContext,
+    topics: &[TopicMapping],
+    topic: &str,
+    payload: &[u8],
+) -> Handled {
+    ctx.sink.frame_received(&ctx.source_id);
+    let Some(mapping) = topics.iter().find(|m| topic_matches(&m.filter, topic)) else {
+        ctx.sink.decode_failed(&ctx.source_id, "unmapped_topic");
+        tracing::warn!(source = %ctx.source_id, %topic, "message on a topic without a format mapping");
+        return Handled::Ack;
+    };
+    match readings_of(ctx, mapping.format, payload, OffsetDateTime::now_utc()) {
+        Ok(readings) => {
+            if let Err(e) = ctx.sink.submit(readings).await {
+                tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
+                return Handled::Retry(format!("spool: {e}"));
+            }
+        }
+        Err((kind, msg)) => {
+            ctx.sink.decode_failed(&ctx.source_id, &kind);
+            tracing::warn!(source = %ctx.source_id, %topic, kind = %kind, error = %msg, "undecodable concentrator message");
+        }
+    }
+    Handled::Ack
+}
+
+/// How long the site broker keeps the session (and unacknowledged messages) of an MQTT 5
+/// connection after a disconnect.
+const SESSION_EXPIRY_S: u32 = 3600;
+
 /// Runs the source until `ctx.shutdown`, reconnecting with backoff.
+///
+/// The session is persistent (MQTT 3.1.1 `clean_session = false`, MQTT 5 session expiry one
+/// hour) so messages not yet acknowledged are re-delivered after a reconnect.
 pub async fn run(config: MqttSourceConfig, ctx: SourceContext) {
+    let client_id = config
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", ctx.gateway, ctx.source_id));
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let failure = match config.protocol {
+            MqttProtocol::V311 => session_v311(&config, &ctx, &client_id, &mut backoff).await,
+            MqttProtocol::V5 => session_v5(&config, &ctx, &client_id, &mut backoff).await,
+        };
+        let Some(failure) = failure else { return };
+        tracing::warn!(source = %ctx.source_id, error = %failure, "concentrator broker connection lost");
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One MQTT 3.1.1 connection; `None` on shutdown, else why it ended.
+async fn session_v311(
+    config: &MqttSourceConfig,
+    ctx: &SourceContext,
+    client_id: &str,
+    backoff: &mut Duration,
+) -> Option<String> {
     let endpoint = MqttEndpoint {
         host: config.broker.host.clone(),
         port: config.broker.port,
@@ -143,69 +213,105 @@ pub async fn run(config: MqttSourceConfig, ctx: SourceContext) {
             .map(|u| (u, config.password.clone().unwrap_or_default())),
         keep_alive: Duration::from_secs(15),
     };
-    let client_id = config
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", ctx.gateway, ctx.source_id));
-    let mut backoff = Duration::from_millis(200);
+    let mut options = endpoint.options(client_id, None);
+    options.set_manual_acks(true);
+    options.set_clean_session(false);
+    let (client, mut events) = mqtt::connect(options, 64);
     loop {
-        let mut options = endpoint.options(&client_id, None);
-        options.set_manual_acks(true);
-        let (client, mut events) = mqtt::connect(options, 64);
-        let failure = loop {
-            let ev = tokio::select! {
-                _ = ctx.shutdown.cancelled() => {
-                    client.disconnect().await.ok();
-                    return;
-                }
-                ev = events.recv() => ev,
-            };
-            match ev {
-                None => break "event loop ended".to_owned(),
-                Some(Err(e)) => break e.to_string(),
-                Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
-                    backoff = Duration::from_millis(200);
-                    tracing::info!(source = %ctx.source_id, broker = %endpoint.host, "concentrator broker connected");
-                    for TopicMapping { filter, .. } in &config.topics {
-                        client.subscribe(filter, QoS::AtLeastOnce).await.ok();
-                    }
-                }
-                Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                    ctx.sink.frame_received(&ctx.source_id);
-                    let Some(mapping) = config
-                        .topics
-                        .iter()
-                        .find(|m| topic_matches(&m.filter, &p.topic))
-                    else {
-                        ctx.sink.decode_failed(&ctx.source_id, "unmapped_topic");
-                        tracing::warn!(source = %ctx.source_id, topic = %p.topic, "message on a topic without a format mapping");
-                        client.ack(&p).await.ok();
-                        continue;
-                    };
-                    match readings_of(&ctx, mapping.format, &p.payload, OffsetDateTime::now_utc()) {
-                        Ok(readings) => {
-                            if let Err(e) = ctx.sink.submit(readings).await {
-                                // Not acknowledged: the broker re-delivers after reconnect.
-                                tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
-                                break format!("spool: {e}");
-                            }
-                        }
-                        Err((kind, msg)) => {
-                            ctx.sink.decode_failed(&ctx.source_id, &kind);
-                            tracing::warn!(source = %ctx.source_id, topic = %p.topic, kind = %kind, error = %msg, "undecodable concentrator message");
-                        }
-                    }
-                    client.ack(&p).await.ok();
-                }
-                Some(Ok(_)) => {}
+        let ev = tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                client.disconnect().await.ok();
+                return None;
             }
+            ev = events.recv() => ev,
         };
-        tracing::warn!(source = %ctx.source_id, error = %failure, "concentrator broker connection lost");
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        match ev {
+            None => return Some("event loop ended".to_owned()),
+            Some(Err(e)) => return Some(e.to_string()),
+            Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                *backoff = Duration::from_millis(200);
+                tracing::info!(source = %ctx.source_id, broker = %endpoint.host, "concentrator broker connected (MQTT 3.1.1)");
+                for TopicMapping { filter, .. } in &config.topics {
+                    client.subscribe(filter, QoS::AtLeastOnce).await.ok();
+                }
+            }
+            Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                match on_message(ctx, &config.topics, &p.topic, &p.payload).await {
+                    Handled::Ack => {
+                        client.ack(&p).await.ok();
+                    }
+                    Handled::Retry(why) => return Some(why),
+                }
+            }
+            Some(Ok(_)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One MQTT 5 connection; `None` on shutdown, else why it ended.
+async fn session_v5(
+    config: &MqttSourceConfig,
+    ctx: &SourceContext,
+    client_id: &str,
+    backoff: &mut Duration,
+) -> Option<String> {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    use rumqttc::v5::{AsyncClient, Event as Event5, MqttOptions};
+
+    let mut options = MqttOptions::new(client_id, config.broker.host.clone(), config.broker.port);
+    options.set_keep_alive(Duration::from_secs(15));
+    options.set_manual_acks(true);
+    options.set_clean_start(false);
+    options.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
+    options.set_max_packet_size(Some(16 * 1024 * 1024));
+    if let Some(u) = &config.username {
+        options.set_credentials(u.clone(), config.password.clone().unwrap_or_default());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    // Polled on its own task: the event loop must not be cancelled mid-write.
+    let (tx, mut events) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        loop {
+            let ev = eventloop.poll().await;
+            let failed = ev.is_err();
+            if tx.send(ev).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    loop {
+        let ev = tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                client.disconnect().await.ok();
+                return None;
+            }
+            ev = events.recv() => ev,
+        };
+        match ev {
+            None => return Some("event loop ended".to_owned()),
+            Some(Err(e)) => return Some(e.to_string()),
+            Some(Ok(Event5::Incoming(Packet5::ConnAck(_)))) => {
+                *backoff = Duration::from_millis(200);
+                tracing::info!(source = %ctx.source_id, broker = %config.broker.host, "concentrator broker connected (MQTT 5)");
+                for TopicMapping { filter, .. } in &config.topics {
+                    client
+                        .subscribe(filter.clone(), QoS5::AtLeastOnce)
+                        .await
+                        .ok();
+                }
+            }
+            Some(Ok(Event5::Incoming(Packet5::Publish(p)))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                match on_message(ctx, &config.topics, &topic, &p.payload).await {
+                    Handled::Ack => {
+                        client.ack(&p).await.ok();
+                    }
+                    Handled::Retry(why) => return Some(why),
+                }
+            }
+            Some(Ok(_)) => {}
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub struct Gateway {
     tasks: Vec<JoinHandle<()>>,
     writer: Option<std::thread::JoinHandle<()>>,
     metrics_addr: SocketAddr,
+    health: crate::metrics::HealthRegistry,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -81,7 +82,7 @@ fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
             .username
             .clone()
             .map(|name| (name, u.password.clone().unwrap_or_default())),
-        keep_alive: Duration::from_secs(15),
+        keep_alive: Duration::from_secs(u64::from(u.keep_alive_s)),
     }
 }
 
@@ -148,9 +149,23 @@ impl Gateway {
             acks,
             shutdown.clone(),
         )));
+        // Queued NB-IoT commands expire on time even if the meter never calls in.
+        let sweeper = Arc::clone(&downlink);
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => sweeper.expire_queued(),
+                }
+            }
+        }));
+        let health = crate::metrics::HealthRegistry::default();
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
+                health: Arc::clone(&health),
                 sources: Arc::clone(sink.counters()),
                 spool: spool.clone(),
                 uplink: Arc::clone(&uplink_stats),
@@ -176,6 +191,7 @@ impl Gateway {
             tasks,
             writer: Some(writer),
             metrics_addr,
+            health,
         };
         for entry in gw.config.sources.clone() {
             let running = gw.start_source(&entry.config).await?;
@@ -257,20 +273,39 @@ impl Gateway {
                 for d in &mut c.devices {
                     d.map = self.map_path(&d.map);
                 }
-                field_task(&id, sources::modbus::run(c, ctx), cmd_tx)
+                let health = self.health_of(&id);
+                let run =
+                    sources::modbus::run_tcp_with(c, ctx, health, &sources::modbus::resolve_map);
+                field_task(&id, run, cmd_tx)
             }
             SourceConfig::ModbusRtu(c) => {
                 let mut c = c.clone();
                 for d in &mut c.devices {
                     d.map = self.map_path(&d.map);
                 }
-                field_task(&id, sources::modbus::run_rtu(c, ctx), cmd_tx)
+                let health = self.health_of(&id);
+                let run =
+                    sources::modbus::run_rtu_with(c, ctx, health, &sources::modbus::resolve_map);
+                field_task(&id, run, cmd_tx)
             }
             SourceConfig::MbusSerial(c) => {
-                field_task(&id, sources::mbus::run(c.clone(), ctx), cmd_tx)
+                let health = self.health_of(&id);
+                field_task(&id, sources::mbus::run_with(c.clone(), ctx, health), cmd_tx)
             }
             SourceConfig::WmbusUdp(c) => {
-                let (task, _, addr) = field_task(&id, sources::wmbus::run(c.clone(), ctx), cmd_tx);
+                // Keys given on [[device]] entries of this source join the source's own.
+                let mut c = c.clone();
+                for d in &self.config.devices {
+                    let d = d.get_ref();
+                    if d.source.get_ref() == &id
+                        && let Some(key) = &d.key
+                    {
+                        c.keys
+                            .entry(d.id.as_str().to_owned())
+                            .or_insert_with(|| key.get_ref().clone());
+                    }
+                }
+                let (task, _, addr) = field_task(&id, sources::wmbus::run(c, ctx), cmd_tx);
                 let route =
                     Route::Unavailable(format!("source `{id}` (wM-Bus receiver) is receive-only"));
                 (task, route, addr)
@@ -287,6 +322,16 @@ impl Gateway {
             route,
             addr,
         })
+    }
+
+    /// A fresh device-health registry for a polling source, shown by the metrics endpoint.
+    fn health_of(&self, id: &str) -> sources::Health {
+        let h = sources::Health::default();
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned(), h.clone());
+        h
     }
 
     /// A register map named under `[register_maps]` becomes its file path; built-in names
@@ -370,6 +415,10 @@ impl Gateway {
             .collect();
         for id in stale {
             if let Some(s) = self.sources.remove(&id) {
+                self.health
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 tracing::info!(source = %id, "stopping source for reload");
                 s.token.cancel();
                 if tokio::time::timeout(Duration::from_secs(10), s.task)

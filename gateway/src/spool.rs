@@ -178,9 +178,46 @@ struct Index {
     /// Segments by first sequence number; the last one is the writer's active segment.
     segments: BTreeMap<u64, Segment>,
     stats: SpoolStats,
+    /// Where the acknowledgement watermark is saved.
+    watermark_path: PathBuf,
+    watermark_saved: Option<std::time::Instant>,
 }
 
+/// File holding the acknowledgement watermark: every seq below it was PUBACKed.
+const WATERMARK_FILE: &str = "acked.watermark";
+
 impl Index {
+    /// The lowest durable sequence number not yet acknowledged (or the next to be written).
+    fn watermark(&self) -> u64 {
+        for seg in self.segments.values() {
+            if seg.acked_count == seg.count {
+                continue;
+            }
+            return (seg.first_seq..seg.first_seq + seg.count)
+                .find(|q| !seg.is_acked(*q))
+                .unwrap_or(seg.first_seq + seg.count);
+        }
+        self.stats.next_seq
+    }
+
+    /// Saves the watermark at most once a second (and whenever everything is acknowledged).
+    /// Not synced: a lost update only means a few batches are sent again after a restart.
+    fn save_watermark(&mut self) {
+        let due = self
+            .watermark_saved
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+        if !due && self.stats.depth != 0 {
+            return;
+        }
+        let tmp = self.watermark_path.with_extension("tmp");
+        let result = fs::write(&tmp, self.watermark().to_string())
+            .and_then(|()| fs::rename(&tmp, &self.watermark_path));
+        if let Err(e) = result {
+            tracing::warn!(path = %self.watermark_path.display(), error = %e, "could not save the spool ack watermark");
+        }
+        self.watermark_saved = Some(std::time::Instant::now());
+    }
+
     fn active_key(&self) -> Option<u64> {
         self.segments.keys().next_back().copied()
     }
@@ -261,6 +298,8 @@ pub struct SpoolWriter {
     active_len: u64,
     active_count: u64,
     next_seq: u64,
+    /// Length of the active segment at the last successful sync (rollback point).
+    durable_len: u64,
     spool: Spool,
     buf: Vec<u8>,
 }
@@ -372,7 +411,10 @@ impl Spool {
             }
         }
         firsts.sort_unstable();
-        let mut index = Index::default();
+        let mut index = Index {
+            watermark_path: config.dir.join(WATERMARK_FILE),
+            ..Index::default()
+        };
         let mut truncated = 0u64;
         for first in firsts {
             let path = segment_path(&config.dir, first);
@@ -413,6 +455,17 @@ impl Spool {
         let next_seq = active_first + active_count;
         index.stats.truncated = truncated;
         index.stats.next_seq = next_seq;
+        // Records below the saved watermark were PUBACKed before the restart: not sent again.
+        let watermark = fs::read_to_string(&index.watermark_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        for seg in index.segments.values_mut() {
+            for seq in seg.first_seq..(seg.first_seq + seg.count).min(watermark) {
+                seg.ack(seq);
+            }
+        }
+        index.delete_acked();
         index.refresh_gauges();
         let path = segment_path(&config.dir, active_first);
         let file = OpenOptions::new()
@@ -430,6 +483,7 @@ impl Spool {
             active_len,
             active_count,
             next_seq,
+            durable_len: active_len,
             spool: spool.clone(),
             buf: Vec::with_capacity(1024),
         };
@@ -529,6 +583,7 @@ impl Spool {
         index.stats.acked += n;
         index.delete_acked();
         index.refresh_gauges();
+        index.save_watermark();
     }
 }
 
@@ -615,14 +670,49 @@ impl SpoolWriter {
             index.evict(self.config.max_bytes);
             index.refresh_gauges();
         }
+        self.durable_len = self.active_len;
         if let Some((_, f)) = new_file {
             self.file = BufWriter::with_capacity(256 * 1024, f);
             self.active_first = self.next_seq;
             self.active_len = 0;
             self.active_count = 0;
+            self.durable_len = 0;
         }
         self.spool.notify.notify_waiters();
         self.spool.notify.notify_one();
+        Ok(())
+    }
+}
+
+impl SpoolWriter {
+    /// After a failed append or sync (disk full, I/O error): drops what was not made durable
+    /// and cuts the file back to its last durable length, so a half-written group can never
+    /// sit in front of later records (recovery would cut those off with it).
+    pub fn rollback(&mut self) -> Result<(), SpoolError> {
+        let path = segment_path(&self.config.dir, self.active_first);
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        // The old buffer is discarded with the old writer (not flushed).
+        let old = std::mem::replace(&mut self.file, BufWriter::with_capacity(256 * 1024, file));
+        let (_file, _unflushed) = old.into_parts();
+        self.file
+            .get_ref()
+            .set_len(self.durable_len)
+            .map_err(io_err(&path))?;
+        let lost = self.active_len.saturating_sub(self.durable_len);
+        let durable_count = {
+            let index = lock(&self.spool.index);
+            index
+                .segments
+                .get(&self.active_first)
+                .map_or(0, |s| s.count)
+        };
+        self.active_len = self.durable_len;
+        self.active_count = durable_count;
+        self.next_seq = self.active_first + durable_count;
+        tracing::warn!(path = %path.display(), bytes = lost, "rolled back an unsynced spool group");
         Ok(())
     }
 }
@@ -659,6 +749,9 @@ pub fn spawn_writer(
                     .and_then(|()| writer.sync());
                 let answer = result.map_err(|e| {
                     tracing::error!(error = %e, "spool write failed; submitters get an error");
+                    if let Err(e) = writer.rollback() {
+                        tracing::error!(error = %e, "spool rollback failed");
+                    }
                     SinkError::Spool(e.to_string())
                 });
                 for req in group {
@@ -743,12 +836,13 @@ mod tests {
         assert!(spool.stats().segments < stats.segments);
         assert_eq!(spool.stats().depth, 40);
         drop((spool, w));
-        // After a restart, the unacknowledged records are still there (plus the rest of a
-        // partly acknowledged segment) and numbering continues.
+        // After a restart exactly the unacknowledged records are there (the watermark
+        // remembers the acknowledged ones) and numbering continues.
         let (spool, mut w) = Spool::open(config).unwrap();
         let again = values(&spool);
-        assert!(again.len() >= 40);
-        assert_eq!(again.last().unwrap().0, 100);
+        assert_eq!(again.first().unwrap().0, 61);
+        assert_eq!(again.len(), 40);
+        assert_eq!(spool.stats().depth, 40);
         assert_eq!(w.append(&[reading("m:1", 1000)]).unwrap(), 101);
     }
 
@@ -786,6 +880,38 @@ mod tests {
         assert_eq!(got[7].0, 8);
         // Numbering continues after the last intact record.
         assert_eq!(w.append(&[reading("m:1", 77)]).unwrap(), 9);
+    }
+
+    #[test]
+    fn rollback_discards_an_unsynced_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig::new(dir.path(), 1 << 30);
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        w.append(&[reading("m:1", 1), reading("m:1", 2)]).unwrap();
+        w.sync().unwrap();
+        // A group that fails before its sync is cut back, even if partly flushed.
+        w.append(
+            &(0..2000)
+                .map(|i| reading("m:1", 100 + i))
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        w.rollback().unwrap();
+        assert_eq!(w.append(&[reading("m:1", 3)]).unwrap(), 3);
+        w.sync().unwrap();
+        let got = values(&spool);
+        assert_eq!(
+            got,
+            vec![
+                (1, Decimal::new(1, 3)),
+                (2, Decimal::new(2, 3)),
+                (3, Decimal::new(3, 3))
+            ]
+        );
+        drop((spool, w));
+        let (spool, _w) = Spool::open(config).unwrap();
+        assert_eq!(values(&spool).len(), 3);
+        assert_eq!(spool.stats().truncated, 0);
     }
 
     #[test]

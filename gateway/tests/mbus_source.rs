@@ -286,7 +286,7 @@ async fn wildcard_search_resolves_collisions() {
     let mut master = Master::open(
         pty.master_end.to_str().unwrap(),
         2400,
-        Duration::from_millis(100),
+        Duration::from_millis(150),
         1,
     )
     .unwrap();
@@ -303,6 +303,13 @@ async fn wildcard_search_resolves_collisions() {
         frame.records[0].value,
         RecordValue::Number(Decimal::new(2, 3))
     );
+    // The next read of that meter continues the FCB alternation (the search read it with 1),
+    // so the slave treats it as a new request, not a repeat of an old answer.
+    master
+        .read(&Address::Secondary("12345679".into()), 8)
+        .await
+        .unwrap();
+    assert_eq!(slaves.lock().unwrap()[1].fcbs, [true, false, true]);
 }
 
 fn command(id: &str, device: &str, action: CommandAction) -> DeviceCommand {
@@ -428,7 +435,7 @@ async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
     ]));
     let pty = pty_pair(Arc::clone(&slaves)).await;
     let mut config = MbusSerialSourceConfig::new(pty.master_end.to_string_lossy());
-    config.timeout = Duration::from_millis(60);
+    config.timeout = Duration::from_millis(120);
     config.retries = 1;
     config.search_secondary = true;
     config.meters = vec![MbusMeterConfig {

@@ -1,4 +1,4 @@
-//! HTTP push (HMAC-signed envelopes) and the concentrator MQTT source, through the running
+//! HTTP push (HMAC-signed envelopes) and the concentrator MQTT source (3.1.1 and 5), through the running
 //! gateway to reading batches on Mosquitto.
 
 mod common;
@@ -103,6 +103,13 @@ topics = [
   {{ filter = "{site}/concentrator/+/readings", format = "json" }},
   {{ filter = "{site}/concentrator/+/frame", format = "auto" }},
 ]
+[[source]]
+id = "conc5"
+kind = "mqtt"
+protocol = "5"
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}-conc5"
+topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
 "#,
         host = b.host,
         port = b.port,
@@ -158,7 +165,17 @@ topics = [
     .await
     .unwrap();
 
-    let got = values_until(&mut batches, 3).await;
+    let json5 = r#"{"v":1,"concentrator":"c5","sent_at":"2026-11-24T10:00:00Z","readings":[{"meter":"cjt188:00000000000004","ts":"2026-11-24T09:00:00Z","volume_m3":"4.5"}]}"#;
+    pubc.publish(
+        format!("{site}/c5/x/readings"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        json5,
+    )
+    .await
+    .unwrap();
+
+    let got = values_until(&mut batches, 4).await;
     use model::SourceKind::{HttpPush, Mqtt};
     assert_eq!(
         got,
@@ -170,6 +187,7 @@ topics = [
             ),
             ("cjt188:00000000000002".into(), Decimal::new(7125, 3), Mqtt),
             ("cjt188:00000000000003".into(), Decimal::new(333, 2), Mqtt),
+            ("cjt188:00000000000004".into(), Decimal::new(45, 1), Mqtt),
         ]
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -24,6 +24,8 @@ async fn collect(
             let batch: ReadingBatch = serde_json::from_slice(&payload).expect("batch json");
             assert_eq!(topic, format!("{root}/readings/{}", batch.partition));
             assert_eq!(batch.gateway.as_str(), "gw-test");
+            // Within a batch (one partition) entries keep spool order.
+            assert!(batch.entries.windows(2).all(|w| w[0].seq < w[1].seq));
             for e in batch.entries {
                 assert_eq!(partition_of(e.reading.meter.as_str(), 8), batch.partition);
                 // Value encodes the seq (see below), so a wrong splice would show.

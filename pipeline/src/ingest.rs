@@ -129,6 +129,8 @@ pub mod metric {
     pub const UNKNOWN_VERSION: &str = "pipeline_batches_unknown_version_total";
     /// Payloads that are not reading batches.
     pub const MALFORMED: &str = "pipeline_batches_malformed_total";
+    /// Readings of meters another worker owns (gateway partition count differs), refused.
+    pub const WRONG_PARTITION: &str = "pipeline_readings_wrong_partition_total";
     /// Entries dropped because their spool sequence was already committed.
     pub const SEQ_DUPLICATES: &str = "pipeline_entries_seq_duplicate_total";
     /// Readings dropped as exact duplicates by VEE.
@@ -156,6 +158,8 @@ pub struct IngestMetrics {
     pub unknown_version: AtomicU64,
     /// [`metric::MALFORMED`].
     pub malformed: AtomicU64,
+    /// [`metric::WRONG_PARTITION`].
+    pub wrong_partition: AtomicU64,
     /// [`metric::SEQ_DUPLICATES`].
     pub seq_duplicates: AtomicU64,
     /// [`metric::DUPLICATES`].
@@ -192,6 +196,7 @@ impl IngestMetrics {
             (metric::MESSAGES, &self.messages),
             (metric::UNKNOWN_VERSION, &self.unknown_version),
             (metric::MALFORMED, &self.malformed),
+            (metric::WRONG_PARTITION, &self.wrong_partition),
             (metric::SEQ_DUPLICATES, &self.seq_duplicates),
             (metric::DUPLICATES, &self.duplicates),
             (metric::CONFLICTS, &self.conflicts),

@@ -244,6 +244,7 @@ pub async fn write_batch(
 ) -> Result<WriteStats, StoreError> {
     let mut tx = conn.begin().await.map_err(stage("beginning"))?;
     let mut stats = WriteStats::default();
+    let t0 = std::time::Instant::now();
     if !set.readings.is_empty() {
         sqlx::query("SAVEPOINT wm_fast")
             .execute(&mut *tx)
@@ -264,16 +265,27 @@ pub async fn write_batch(
             Err(e) => return Err(stage("copying readings")(e)),
         }
     }
+    let t_readings = t0.elapsed();
     write_rollups(&mut tx, set.usage, options).await?;
+    let t_rollups = t0.elapsed();
     if let Some(states) = set.states {
         write_states(&mut tx, states).await?;
     }
+    let t_states = t0.elapsed();
     write_progress(&mut tx, set.progress).await?;
     write_rejects(&mut tx, set.rejects).await?;
     for (meter, ts) in set.out_of_order {
         resolve_out_of_order(&mut tx, meter.as_str(), *ts, options).await?;
     }
     tx.commit().await.map_err(stage("committing"))?;
+    tracing::debug!(
+        rows = set.readings.len(),
+        readings_ms = t_readings.as_millis() as u64,
+        rollups_ms = (t_rollups - t_readings).as_millis() as u64,
+        states_ms = (t_states - t_rollups).as_millis() as u64,
+        total_ms = t0.elapsed().as_millis() as u64,
+        "ingest batch written"
+    );
     Ok(stats)
 }
 
@@ -478,8 +490,8 @@ async fn write_rollups(
 struct ProfileJson {
     /// Reporting interval, seconds.
     i: u32,
-    /// Zero consumption since (unix seconds).
-    z: i64,
+    /// Seconds of zero consumption up to the last read.
+    z: u32,
     /// Validated reads seen.
     n: u16,
     /// Hourly profile, L/h.
@@ -507,12 +519,14 @@ async fn write_states(
         meter.push(m.as_ref());
         last_ts.push(OffsetDateTime::from_unix_timestamp(s.last_ts).ok());
         last_value.push(s.last_value);
-        received.push(OffsetDateTime::from_unix_timestamp(s.last_received).ok());
+        received.push(
+            OffsetDateTime::from_unix_timestamp(s.last_ts + i64::from(s.received_lag_s)).ok(),
+        );
         adu.push(Decimal::from_f32(s.adu).map(|d| d.round_dp(6)));
         profile.push(
             serde_json::to_string(&ProfileJson {
                 i: s.interval_s,
-                z: s.zero_since,
+                z: s.zero_s,
                 n: s.reads,
                 h: s.hour_profile,
             })
@@ -769,21 +783,24 @@ pub async fn load_vee_filtered(
         st.last_ts = last_ts.unix_timestamp();
         st.last_value = row.try_get(2).map_err(stage("reading meter state"))?;
         let received: Option<OffsetDateTime> = row.try_get(3).ok().flatten();
-        st.last_received = received.map_or(st.last_ts, OffsetDateTime::unix_timestamp);
+        st.received_lag_s = received.map_or(0, |r| {
+            i32::try_from(r.unix_timestamp() - st.last_ts).unwrap_or(0)
+        });
         let adu: Option<Decimal> = row.try_get(4).ok().flatten();
         st.adu = adu.and_then(|d| d.to_f32()).unwrap_or(0.0);
         let profile: String = row.try_get(5).map_err(stage("reading meter state"))?;
         if let Ok(p) = serde_json::from_str::<ProfileJson>(&profile) {
             st.interval_s = p.i;
-            st.zero_since = p.z;
+            st.zero_s = p.z;
             st.reads = p.n;
             st.hour_profile = p.h;
         } else {
-            st.zero_since = st.last_ts;
+            st.zero_s = 0;
             st.reads = 1;
         }
         vee.insert_state(&id, st);
     }
+    vee.shrink();
     Ok(vee)
 }
 

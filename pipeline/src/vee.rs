@@ -96,10 +96,10 @@ pub struct MeterState {
     pub last_ts: i64,
     /// Its register value, m³.
     pub last_value: Decimal,
-    /// Unix seconds the gateway received it.
-    pub last_received: i64,
-    /// Unix seconds since which the register has not moved.
-    pub zero_since: i64,
+    /// Receive time of that read minus its timestamp, seconds (clamped to `i32`).
+    pub received_lag_s: i32,
+    /// Seconds, up to `last_ts`, for which the register has not moved (saturating).
+    pub zero_s: u32,
     /// Average daily usage, m³/day (exponential average; analytics only, never billed).
     pub adu: f32,
     /// Usual reporting interval, seconds (0 = unknown).
@@ -120,8 +120,8 @@ impl MeterState {
         Self {
             last_ts: NO_TS,
             last_value: Decimal::ZERO,
-            last_received: NO_TS,
-            zero_since: NO_TS,
+            received_lag_s: 0,
+            zero_s: 0,
             adu: 0.0,
             interval_s: 0,
             capacity_m3,
@@ -278,6 +278,12 @@ impl Vee {
         }
     }
 
+    /// Releases spare hash-table capacity (after a rebuild).
+    pub fn shrink(&mut self) {
+        self.states.shrink_to_fit();
+        self.extras.shrink_to_fit();
+    }
+
     /// Drops the state of meters for which `keep` is false (partition lost).
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.states.retain(|k, _| keep(k));
@@ -294,6 +300,15 @@ impl Vee {
     /// plus the heap bytes of the keys (rounded up to the allocator's 16-byte granule) and of
     /// the extras.
     pub fn state_bytes(&self) -> usize {
+        // hashbrown keeps a power-of-two number of buckets, 7/8 of them usable, each with a
+        // slot and a control byte.
+        let buckets = |capacity: usize| {
+            if capacity == 0 {
+                0
+            } else {
+                (capacity * 8 / 7).next_power_of_two()
+            }
+        };
         let slot = std::mem::size_of::<(Box<str>, MeterState)>() + 1;
         let keys: usize = self.states.keys().map(|k| k.len().div_ceil(16) * 16).sum();
         let extra_slot = std::mem::size_of::<(Box<str>, MeterExtras)>() + 1;
@@ -305,7 +320,10 @@ impl Vee {
                     + e.replacements.capacity() * std::mem::size_of::<Replacement>()
             })
             .sum();
-        self.states.capacity() * slot + keys + self.extras.capacity() * extra_slot + extras
+        buckets(self.states.capacity()) * slot
+            + keys
+            + buckets(self.extras.capacity()) * extra_slot
+            + extras
     }
 
     /// Applies the states of a successfully stored batch.
@@ -398,8 +416,8 @@ impl Vee {
         if !st.has_read() {
             st.last_ts = ts;
             st.last_value = r.value;
-            st.last_received = unix(r.provenance.received_at);
-            st.zero_since = ts;
+            st.received_lag_s = lag(&r);
+            st.zero_s = 0;
             st.reads = 1;
             r.quality = Quality::Validated;
             out.usage.push(Usage {
@@ -479,13 +497,16 @@ impl Vee {
             r.flags.push(QualityFlag::Spike);
         }
         if consumption == Decimal::ZERO {
-            if ts - st.zero_since >= c.zero_span.whole_seconds()
+            st.zero_s = st
+                .zero_s
+                .saturating_add(u32::try_from(elapsed_s).unwrap_or(u32::MAX));
+            if i64::from(st.zero_s) >= c.zero_span.whole_seconds()
                 && f64::from(st.adu) >= c.zero_min_adu_m3
             {
                 r.flags.push(QualityFlag::ZeroConsumption);
             }
         } else {
-            st.zero_since = ts;
+            st.zero_s = 0;
         }
         r.quality = Quality::Validated;
         // Gap: estimates between the last read and this one.
@@ -546,11 +567,17 @@ impl Vee {
         }
         st.last_ts = ts;
         st.last_value = r.value;
-        st.last_received = unix(r.provenance.received_at);
+        st.received_lag_s = lag(&r);
         st.reads = st.reads.saturating_add(1);
         out.states.insert(r.meter.as_str().into(), st);
         out.readings.push(r);
     }
+}
+
+/// Receive time minus reading time, seconds, clamped.
+fn lag(r: &Reading) -> i32 {
+    let s = (r.provenance.received_at - r.ts).whole_seconds();
+    i32::try_from(s).unwrap_or(if s < 0 { i32::MIN } else { i32::MAX })
 }
 
 fn reject(mut r: Reading, reason: RejectReason, out: &mut VeeOutput) {
@@ -1022,7 +1049,7 @@ mod tests {
 
     #[test]
     fn state_is_compact() {
-        assert!(std::mem::size_of::<MeterState>() <= 120);
+        assert!(std::mem::size_of::<MeterState>() <= 104);
         let mut vee = Vee::new(VeeConfig::default());
         for i in 0..10_000 {
             vee.insert_state(&format!("cjt188:{i:014}"), MeterState::new(1, 1));

@@ -7,7 +7,7 @@
 //! in one transaction, and acknowledged only after the commit: a crash before the commit means
 //! redelivery, and redelivery is harmless (spool-sequence progress and the row key dedupe).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,33 +151,31 @@ pub async fn run(
             .collect();
     let (tx, rx) = mpsc::channel::<Publish>(4096);
 
-    // The event loop and the processor run in this one task (not spawned), so aborting the
-    // task stops both: exactly what a crash does.
+    // The event loop, the processor and the writer run in this one task (not spawned), so
+    // aborting the task stops all of them: exactly what a crash does. The event loop runs until
+    // the work is done (shutdown ends the processor, which lets the writer drain), so the last
+    // batch is committed before the connection drops.
     let sub_client = client.clone();
-    let mut loop_shutdown = shutdown.clone();
     let event_loop = async move {
         loop {
-            tokio::select! {
-                _ = loop_shutdown.changed() => {
-                    if *loop_shutdown.borrow() { break; }
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(session_present = ack.session_present, "mqtt connected");
+                    // Subscribing again on a present session is harmless and covers a broker
+                    // that lost it.
+                    if let Err(e) = sub_client.try_subscribe_many(topics.clone()) {
+                        tracing::warn!(error = %e, "mqtt subscribe failed");
+                    }
                 }
-                event = eventloop.poll() => match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        tracing::info!(session_present = ack.session_present, "mqtt connected");
-                        // Subscribing again on a present session is harmless and covers a
-                        // broker that lost it.
-                        if let Err(e) = sub_client.try_subscribe_many(topics.clone()) {
-                            tracing::warn!(error = %e, "mqtt subscribe failed");
-                        }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send(p).await.is_err() {
+                        break;
                     }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if tx.send(p).await.is_err() { break; }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "mqtt connection failed; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "mqtt connection failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
@@ -185,15 +183,24 @@ pub async fn run(
     let processor = Processor {
         config: &config,
         pool: &pool,
-        client: &client,
         metrics: &metrics,
         vee,
         progress,
     };
-    let process = processor.run(rx, &mut shutdown);
+    // One batch may be validated while the previous one is being written: the writer commits
+    // batches strictly in order and retries until each succeeds, so the processor may apply a
+    // batch's meter states as soon as it has validated it (they become durable in order, and
+    // nothing is acknowledged before its commit).
+    let (jobs_tx, jobs_rx) = mpsc::channel::<WriteJob>(1);
+    let process = processor.run(rx, jobs_tx, &mut shutdown);
+    let write = writer(&config, &pool, &client, &metrics, jobs_rx);
+    let work = async {
+        let (p, w) = tokio::join!(process, write);
+        p.and(w)
+    };
     tokio::select! {
         () = event_loop => {}
-        r = process => r?,
+        r = work => r?,
     }
     client.disconnect().await.ok();
     Ok(())
@@ -222,10 +229,77 @@ async fn load_progress(
     Ok(progress)
 }
 
+/// A validated batch waiting for its transaction, and the messages to acknowledge after it.
+struct WriteJob {
+    readings: Vec<model::Reading>,
+    usage: Vec<crate::vee::Usage>,
+    states: HashMap<Box<str>, crate::vee::MeterState>,
+    progress: Vec<(String, u16, i64)>,
+    rejects: Vec<RejectRecord>,
+    out_of_order: Vec<(model::MeterId, OffsetDateTime)>,
+    publishes: Vec<Publish>,
+    counts: [u64; 4],
+}
+
+/// Writes jobs in order, retrying each until it commits, then acknowledges its messages.
+async fn writer(
+    config: &WorkerConfig,
+    pool: &PgPool,
+    client: &AsyncClient,
+    metrics: &IngestMetrics,
+    mut jobs: mpsc::Receiver<WriteJob>,
+) -> Result<(), WorkerError> {
+    while let Some(job) = jobs.recv().await {
+        let set = WriteSet {
+            readings: &job.readings,
+            usage: &job.usage,
+            states: Some(&job.states),
+            progress: &job.progress,
+            rejects: &job.rejects,
+            out_of_order: &job.out_of_order,
+        };
+        let mut attempt = 0u32;
+        loop {
+            let result = match pool.acquire().await {
+                Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
+                Err(source) => Err(store::StoreError::Stage {
+                    stage: "acquiring a connection",
+                    source,
+                }),
+            };
+            match result {
+                Ok(stats) => {
+                    IngestMetrics::add(&metrics.commits, 1);
+                    IngestMetrics::add(&metrics.stored, stats.inserted);
+                    break;
+                }
+                Err(e) => {
+                    IngestMetrics::add(&metrics.commit_failures, 1);
+                    attempt += 1;
+                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
+                        .await;
+                }
+            }
+        }
+        let [duplicates, conflicts, estimated, rejected] = job.counts;
+        IngestMetrics::add(&metrics.duplicates, duplicates);
+        IngestMetrics::add(&metrics.conflicts, conflicts);
+        IngestMetrics::add(&metrics.estimated, estimated);
+        IngestMetrics::add(&metrics.rejected, rejected);
+        for p in &job.publishes {
+            client
+                .ack(p)
+                .await
+                .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
+        }
+    }
+    Ok(())
+}
+
 struct Processor<'a> {
     config: &'a WorkerConfig,
     pool: &'a PgPool,
-    client: &'a AsyncClient,
     metrics: &'a IngestMetrics,
     vee: Vee,
     progress: Progress,
@@ -235,14 +309,17 @@ impl Processor<'_> {
     async fn run(
         mut self,
         mut rx: mpsc::Receiver<Publish>,
+        jobs: mpsc::Sender<WriteJob>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<(), WorkerError> {
         let mut maintenance = tokio::time::interval(Duration::from_secs(24 * 3600));
         maintenance.tick().await;
         loop {
             let first = tokio::select! {
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() { return Ok(()); }
+                changed = shutdown.changed() => {
+                    // A dropped sender can never ask for shutdown again: treat it as one
+                    // (instead of spinning on the closed channel).
+                    if changed.is_err() || *shutdown.borrow() { return Ok(()); }
                     continue;
                 }
                 _ = maintenance.tick() => {
@@ -268,11 +345,15 @@ impl Processor<'_> {
                     Ok(None) | Err(_) => break,
                 }
             }
-            self.process(batch).await?;
+            let job = self.process(batch).await;
+            if jobs.send(job).await.is_err() {
+                return Err(WorkerError::Mqtt("handing a batch to the writer"));
+            }
         }
     }
 
-    async fn process(&mut self, publishes: Vec<Publish>) -> Result<(), WorkerError> {
+    async fn process(&mut self, publishes: Vec<Publish>) -> WriteJob {
+        let started = Instant::now();
         IngestMetrics::add(&self.metrics.messages, publishes.len() as u64);
         let mut readings = Vec::new();
         let mut rejects = Vec::new();
@@ -289,7 +370,22 @@ impl Processor<'_> {
                     let (entries, dropped) = progress.filter(batch);
                     IngestMetrics::add(&self.metrics.seq_duplicates, dropped);
                     touched.insert(key);
-                    readings.extend(entries.into_iter().map(|e| e.reading));
+                    for e in entries {
+                        // A gateway configured with another partition count would send meters
+                        // this worker does not own; validating them here would fork their state.
+                        if self.config.owns(e.reading.meter.as_str()) {
+                            readings.push(e.reading);
+                        } else {
+                            IngestMetrics::add(&self.metrics.wrong_partition, 1);
+                            rejects.push(RejectRecord {
+                                kind: "wrong_partition",
+                                topic: Some(p.topic.clone()),
+                                meter: Some(e.reading.meter.as_str().to_owned()),
+                                ts: Some(e.reading.ts),
+                                detail: serde_json::to_value(&e.reading).unwrap_or_default(),
+                            });
+                        }
+                    }
                 }
                 Decoded::UnknownVersion { version } => {
                     IngestMetrics::add(&self.metrics.unknown_version, 1);
@@ -339,51 +435,30 @@ impl Processor<'_> {
             .filter_map(|(g, p)| progress.get(g, *p).map(|s| (g.clone(), *p, s)))
             .filter(|(_, _, s)| *s >= 0)
             .collect();
-        let set = WriteSet {
-            readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
-            progress: &progress_rows,
-            rejects: &rejects,
-            out_of_order: &out.out_of_order,
-        };
-        let mut attempt = 0u32;
-        loop {
-            let result = match self.pool.acquire().await {
-                Ok(mut conn) => store::write_batch(&mut conn, &set, self.config.store).await,
-                Err(source) => Err(store::StoreError::Stage {
-                    stage: "acquiring a connection",
-                    source,
-                }),
-            };
-            match result {
-                Ok(stats) => {
-                    IngestMetrics::add(&self.metrics.commits, 1);
-                    IngestMetrics::add(&self.metrics.stored, stats.inserted);
-                    break;
-                }
-                Err(e) => {
-                    IngestMetrics::add(&self.metrics.commit_failures, 1);
-                    attempt += 1;
-                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
-                        .await;
-                }
-            }
-        }
-        IngestMetrics::add(&self.metrics.duplicates, out.duplicates);
-        IngestMetrics::add(&self.metrics.conflicts, out.conflicts.len() as u64);
-        IngestMetrics::add(&self.metrics.estimated, out.estimated);
-        IngestMetrics::add(&self.metrics.rejected, out.rejected);
-        self.vee.commit(out.states);
+        let counts = [
+            out.duplicates,
+            out.conflicts.len() as u64,
+            out.estimated,
+            out.rejected,
+        ];
+        self.vee.commit(out.states.clone());
         self.progress = progress;
-        for p in &publishes {
-            self.client
-                .ack(p)
-                .await
-                .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
+        tracing::debug!(
+            messages = publishes.len(),
+            readings = out.readings.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "batch validated"
+        );
+        WriteJob {
+            readings: out.readings,
+            usage: out.usage,
+            states: out.states,
+            progress: progress_rows,
+            rejects,
+            out_of_order: out.out_of_order,
+            publishes,
+            counts,
         }
-        Ok(())
     }
 
     async fn lookup_progress(&self, gateway: &str, partition: u16) -> i64 {
@@ -404,4 +479,37 @@ impl Processor<'_> {
 /// be cut without decoding twice.
 fn estimate_readings(batch: &[Publish]) -> usize {
     batch.iter().map(|p| p.payload.len() / 330 + 1).sum()
+}
+
+/// Removes a worker's persistent session from the broker (connects once with
+/// `clean_session = true`): after a partition move, or after tests and benchmarks.
+///
+/// # Errors
+/// Returns [`WorkerError::Config`] for a bad URL and [`WorkerError::Mqtt`] when the broker
+/// cannot be reached within five seconds.
+pub async fn forget_session(broker_url: &str, client_id: &str) -> Result<(), WorkerError> {
+    let (host, port) = crate::config::parse_mqtt_url(broker_url)
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let connected = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(_) => return Err(()),
+            }
+        }
+    })
+    .await;
+    if !matches!(connected, Ok(Ok(()))) {
+        return Err(WorkerError::Mqtt("forgetting a session"));
+    }
+    client.disconnect().await.ok();
+    // Drive the disconnect out.
+    tokio::time::timeout(Duration::from_millis(500), eventloop.poll())
+        .await
+        .ok();
+    Ok(())
 }

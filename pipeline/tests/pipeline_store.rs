@@ -240,7 +240,8 @@ async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
     let root = unique("worker");
     let url = pipeline::config::mqtt_url();
     let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, 4).unwrap();
-    config.client_id = format!("wk-{}", rand::random::<u32>());
+    let client_id = format!("wk-{}", rand::random::<u32>());
+    config.client_id = client_id.clone();
     let metrics = Arc::new(IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let worker = tokio::spawn(pipeline::worker::run(
@@ -357,6 +358,9 @@ async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
     assert_eq!(progress, seq as i64 - 1);
     stop.send(true).unwrap();
     worker.await.unwrap().unwrap();
+    pipeline::worker::forget_session(&url, &client_id)
+        .await
+        .unwrap();
     db.drop_database().await;
 }
 

@@ -771,7 +771,10 @@ impl Engine {
                     }
                 }
             } else {
-                if let Some(older) = self.held.remove(&id) {
+                // Checking emptiness first keeps the common path free of hashing.
+                if !self.held.is_empty()
+                    && let Some(older) = self.held.remove(&id)
+                {
                     sink(&older);
                 }
                 sink(&emission);

@@ -9,7 +9,9 @@
 //! let scenario = Scenario::plain(100, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
 //! let mut config = FleetConfig::new(scenario);
 //! config.mqtt = Some(MqttConfig::from_url("mqtt://127.0.0.1:1883", "test/x", "fleet-1").unwrap());
-//! config.concentrators = Some(ConcentratorConfig { count: 2, meters: 100, upload: Default::default() });
+//! config.concentrators = Some(ConcentratorConfig {
+//!     format: Default::default(), count: 2, meters: 100, upload: Default::default(),
+//! });
 //! let mut fleet = Fleet::start(config).await?;
 //! let counts = fleet.wait_finished().await;
 //! println!("{} concentrator readings", counts.concentrator_readings);
@@ -44,7 +46,7 @@ use crate::mqtt::{
     concentrator_entries,
 };
 use crate::scenario::Scenario;
-use crate::truth::GroundTruth;
+use crate::truth::{GroundTruth, TruthEvent, TruthKind};
 
 /// When concentrators upload what they collected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -56,9 +58,21 @@ pub enum Upload {
     EveryStep,
 }
 
-/// MQTT data concentrators (JSON batches on `concentrator/{cid}/readings`).
+/// What concentrators publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConcentratorFormat {
+    /// JSON batches on `concentrator/{cid}/readings`.
+    #[default]
+    Json,
+    /// One raw CJ/T 188 read-data reply per reading on `concentrator/{cid}/frame`.
+    Frames,
+}
+
+/// MQTT data concentrators.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConcentratorConfig {
+    /// JSON batches or raw frames.
+    pub format: ConcentratorFormat,
     /// Number of concentrators (`conc-000`…).
     pub count: u32,
     /// CJ/T 188 meters read through concentrators, spread round-robin.
@@ -133,6 +147,9 @@ pub struct FleetConfig {
     pub concentrators: Option<ConcentratorConfig>,
     /// Number of hydrant controllers (need `mqtt`).
     pub hydrants: u32,
+    /// NB-IoT meters (CoAP and HTTP push) report every this many steps, each meter at its own
+    /// phase (hourly steps and 24: one uplink a day, spread over the day). 0 and 1: every step.
+    pub nbiot_report_every: u32,
     /// NB-IoT CoAP meters.
     pub coap: Option<CoapConfig>,
     /// IoT-platform HTTP push.
@@ -155,6 +172,7 @@ impl FleetConfig {
             mqtt: None,
             concentrators: None,
             hydrants: 0,
+            nbiot_report_every: 1,
             coap: None,
             http_push: None,
             wmbus: None,
@@ -211,6 +229,8 @@ counts! {
     concentrator_batches,
     /// Readings inside those batches (duplicates counted twice).
     concentrator_readings,
+    /// Raw frames published on `concentrator/{cid}/frame`.
+    concentrator_frames,
     /// Hydrant status messages published.
     hydrant_ups,
     /// Hydrant acks published.
@@ -269,6 +289,7 @@ pub struct FleetHandle {
     mbus_bus: Option<MbusBus>,
     modbus_info: Option<(SocketAddr, Vec<modbus_tcp::ModbusDevice>)>,
     modbus_requests: Arc<AtomicU64>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
 }
 
 impl Fleet {
@@ -396,7 +417,9 @@ impl Fleet {
         }
         let modbus_info = modbus.as_ref().map(|m| (m.addr, m.devices.clone()));
         let engine = Arc::new(Mutex::new(engine));
+        let hydrant_truth = Arc::new(Mutex::new(Vec::new()));
         let driver = Driver {
+            hydrant_truth: Arc::clone(&hydrant_truth),
             modbus,
             latest,
             population,
@@ -425,6 +448,7 @@ impl Fleet {
             mbus_bus,
             modbus_info,
             modbus_requests,
+            hydrant_truth,
         })
     }
 }
@@ -523,6 +547,7 @@ struct Driver {
     hydrants: Option<Arc<Mutex<Vec<Hydrant>>>>,
     clock: Arc<AtomicI64>,
     population: Arc<Vec<MeterSpec>>,
+    hydrant_truth: Arc<Mutex<Vec<TruthEvent>>>,
     latest: Latest,
     modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
@@ -564,8 +589,12 @@ impl Driver {
 
     async fn steps(&self) -> anyhow::Result<()> {
         let conc = self.config.concentrators.clone();
-        let mut buffers: Vec<Vec<ConcentratorReading>> =
-            vec![Vec::new(); conc.as_ref().map_or(0, |c| c.count as usize)];
+        let n_conc = conc.as_ref().map_or(0, |c| c.count as usize);
+        let frames_format = conc
+            .as_ref()
+            .is_some_and(|c| c.format == ConcentratorFormat::Frames);
+        let mut buffers: Vec<Vec<ConcentratorReading>> = vec![Vec::new(); n_conc];
+        let mut frame_buffers: Vec<Vec<Vec<u8>>> = vec![Vec::new(); n_conc];
         let ids: Vec<String> = lock(&self.engine)
             .population()
             .meters
@@ -602,7 +631,14 @@ impl Driver {
                         if e.delivery == crate::engine::Delivery::Lost {
                             add(&self.counters.lost, 1);
                         }
-                        if let (Some(buf), Some(id)) =
+                        if e.delivery == Delivery::Corrupt && !frames_format {
+                            add(&self.counters.corrupted, 1);
+                        }
+                        if frames_format {
+                            if let Some(buf) = frame_buffers.get_mut(*c as usize) {
+                                buf.extend(self.concentrator_frames(e, step));
+                            }
+                        } else if let (Some(buf), Some(id)) =
                             (buffers.get_mut(*c as usize), ids.get(e.meter as usize))
                         {
                             buf.extend(concentrator_entries(id, e));
@@ -633,6 +669,7 @@ impl Driver {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
                     self.upload(&mut buffers, now).await?;
+                    self.upload_frames(&mut frame_buffers).await?;
                 }
             }
             if let Some(bank) = &self.hydrants {
@@ -640,6 +677,21 @@ impl Driver {
                     .iter_mut()
                     .map(|h| h.tick(now, seed, step))
                     .collect();
+                {
+                    let mut truth = lock(&self.hydrant_truth);
+                    for up in &ups {
+                        for ev in &up.events {
+                            let kind = match ev.as_str() {
+                                "illegal_use" => TruthKind::HydrantIllegalUse,
+                                "tilt" => TruthKind::HydrantTilt,
+                                _ => continue,
+                            };
+                            // The gateway names hydrant readings and alarms `hydrant:{id}`.
+                            let id = format!("hydrant:{}", up.hydrant);
+                            truth.push(TruthEvent::new(kind, id, unix(now), None));
+                        }
+                    }
+                }
                 if let Some(client) = &self.mqtt
                     && let Some(mqtt) = &self.config.mqtt
                 {
@@ -658,6 +710,48 @@ impl Driver {
         }
         let now = lock(&self.engine).now().unix_timestamp();
         self.upload(&mut buffers, now).await?;
+        self.upload_frames(&mut frame_buffers).await?;
+        Ok(())
+    }
+
+    /// Returns the raw frames a concentrator forwards for one reading (delivery faults applied).
+    fn concentrator_frames(&self, e: &Emission, step: u64) -> Vec<Vec<u8>> {
+        let Some(spec) = self.population.get(e.meter as usize) else {
+            return Vec::new();
+        };
+        let offset_h = self.config.scenario.utc_offset_hours;
+        let Some(mut frame) = cjt188_reply(spec, e, (step & 0xFF) as u8, offset_h) else {
+            return Vec::new();
+        };
+        match e.delivery {
+            Delivery::Lost => Vec::new(),
+            Delivery::Normal => vec![frame],
+            Delivery::Duplicate => {
+                add(&self.counters.duplicated, 1);
+                vec![frame.clone(), frame]
+            }
+            Delivery::Corrupt => {
+                add(&self.counters.corrupted, 1);
+                corrupt_checksummed(&mut frame);
+                vec![frame]
+            }
+        }
+    }
+
+    async fn upload_frames(&self, buffers: &mut [Vec<Vec<u8>>]) -> anyhow::Result<()> {
+        let (Some(client), Some(mqtt)) = (&self.mqtt, &self.config.mqtt) else {
+            return Ok(());
+        };
+        for (k, buf) in buffers.iter_mut().enumerate() {
+            let topic = mqtt.topic(&format!("concentrator/conc-{k:03}/frame"));
+            for frame in std::mem::take(buf) {
+                client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, frame)
+                    .await
+                    .context("publishing concentrator frame")?;
+                add(&self.counters.concentrator_frames, 1);
+            }
+        }
         Ok(())
     }
 
@@ -670,6 +764,11 @@ impl Driver {
         for e in emissions {
             let route = self.routes.get(e.meter as usize).copied();
             if !matches!(route, Some(Route::Coap | Route::Http)) {
+                continue;
+            }
+            let every = u64::from(self.config.nbiot_report_every.max(1));
+            if !(step + u64::from(e.meter)).is_multiple_of(every) {
+                // Between uplinks the meter is asleep (PSM); the register keeps counting.
                 continue;
             }
             if e.delivery == Delivery::Lost {
@@ -972,9 +1071,17 @@ impl FleetHandle {
         c
     }
 
-    /// Returns the ground truth recorded so far.
+    /// Returns the ground truth recorded so far. Hydrant events (illegal use, tilt) are
+    /// included with `hydrant:{id}` as `meter`, the gateway's id for hydrants.
     pub fn ground_truth(&self) -> GroundTruth {
-        lock(&self.engine).ground_truth()
+        let mut truth = lock(&self.engine).ground_truth();
+        truth
+            .events
+            .extend(lock(&self.hydrant_truth).iter().cloned());
+        truth
+            .events
+            .sort_by(|a, b| (a.from, &a.meter, a.kind).cmp(&(b.from, &b.meter, b.kind)));
+        truth
     }
 
     /// Waits until every simulation step has run and its frames were handed to the
@@ -1006,7 +1113,8 @@ impl FleetHandle {
             // Wait for the broker to acknowledge every QoS 1 publish, so nothing queued in
             // the client or the socket is lost, then disconnect cleanly.
             let c = self.counters.snapshot();
-            let published = c.concentrator_batches + c.hydrant_ups + c.hydrant_acks;
+            let published =
+                c.concentrator_batches + c.concentrator_frames + c.hydrant_ups + c.hydrant_acks;
             if let Some(acked) = self.mqtt_acked.as_mut() {
                 let waited = tokio::time::timeout(
                     Duration::from_secs(10),

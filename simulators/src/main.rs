@@ -35,11 +35,29 @@ enum Command {
     },
     /// Runs a fleet against a gateway over real sockets (CoAP, HTTP, MQTT, UDP, pty, TCP).
     Demo(Box<DemoArgs>),
+    /// Scores detector output against a scenario's ground truth (precision and recall per kind).
+    Score {
+        /// Ground truth JSON (from `simulate ground-truth`).
+        #[arg(long)]
+        truth: PathBuf,
+        /// Detections: a JSON array of alarms (`model::Alarm`) or of `{"meter","kind","at"}`.
+        #[arg(long)]
+        detections: PathBuf,
+        /// Kinds to score (snake_case, comma-separated); default: every kind in the truth.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Matching tolerance around each truth span, hours.
+        #[arg(long, default_value_t = 24)]
+        tolerance_hours: i64,
+    },
     /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
     /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
     WmbusKeys {
         /// Scenario TOML file.
         scenario: PathBuf,
+        /// Print `"mbus:…" = "hex"` lines for the gateway's `keys` table instead of JSON.
+        #[arg(long)]
+        toml: bool,
     },
 }
 
@@ -60,6 +78,9 @@ struct DemoArgs {
     /// Gateway CoAP address for NB-IoT meters (HOST:PORT).
     #[arg(long)]
     gateway_coap: Option<String>,
+    /// NB-IoT meters (CoAP, HTTP push) report every N steps (24 with hourly steps: daily).
+    #[arg(long, default_value_t = 1)]
+    nbiot_report_every: u32,
     /// NB-IoT CoAP meters.
     #[arg(long, default_value_t = 50)]
     coap_meters: u32,
@@ -87,6 +108,9 @@ struct DemoArgs {
     /// Meters read through concentrators.
     #[arg(long, default_value_t = 80)]
     concentrator_meters: u32,
+    /// Concentrators forward raw CJ/T 188 frames on `concentrator/{cid}/frame` instead of JSON.
+    #[arg(long)]
+    concentrator_frames: bool,
     /// Concentrators upload after every step instead of at local midnight.
     #[arg(long)]
     upload_every_step: bool,
@@ -153,7 +177,13 @@ fn main() -> anyhow::Result<()> {
         None => backfill(&cli.backfill),
         Some(Command::Backfill(args)) => backfill(&args),
         Some(Command::Demo(args)) => demo(*args),
-        Some(Command::WmbusKeys { scenario }) => {
+        Some(Command::Score {
+            truth,
+            detections,
+            kinds,
+            tolerance_hours,
+        }) => score(&truth, &detections, &kinds, tolerance_hours),
+        Some(Command::WmbusKeys { scenario, toml }) => {
             let s = Scenario::load(&scenario)?;
             let pop = simulators::engine::Population::new(&s);
             let keys: serde_json::Map<String, serde_json::Value> = pop
@@ -166,7 +196,13 @@ fn main() -> anyhow::Result<()> {
                     (m.id.to_string(), hex::encode(key).into())
                 })
                 .collect();
-            println!("{}", serde_json::to_string_pretty(&keys)?);
+            if toml {
+                for (id, key) in &keys {
+                    println!("\"{id}\" = {key}");
+                }
+            } else {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+            }
             Ok(())
         }
         Some(Command::GroundTruth { scenario }) => {
@@ -176,6 +212,77 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn score(
+    truth: &std::path::Path,
+    detections: &std::path::Path,
+    kinds: &[String],
+    tolerance_hours: i64,
+) -> anyhow::Result<()> {
+    use simulators::truth::{Detection, GroundTruth, TruthKind};
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let truth: GroundTruth = serde_json::from_str(&read(truth)?).context("truth JSON")?;
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&read(detections)?).context("detections: expected a JSON array")?;
+    let mut dets = Vec::with_capacity(raw.len());
+    for (i, v) in raw.into_iter().enumerate() {
+        if let Ok(d) = serde_json::from_value::<Detection>(v.clone()) {
+            dets.push(d);
+            continue;
+        }
+        let alarm: model::Alarm = serde_json::from_value(v)
+            .with_context(|| format!("detections[{i}] is neither a detection nor an alarm"))?;
+        dets.extend(Detection::from_alarm(&alarm));
+    }
+    let kinds: Vec<TruthKind> = if kinds.is_empty() {
+        let mut k: Vec<TruthKind> = truth.events.iter().map(|e| e.kind).collect();
+        k.sort();
+        k.dedup();
+        k
+    } else {
+        kinds
+            .iter()
+            .map(|k| {
+                serde_json::from_value(serde_json::Value::String(k.clone()))
+                    .with_context(|| format!("--kinds: unknown kind {k:?}"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let s = simulators::truth::score(
+        &truth,
+        &dets,
+        &kinds,
+        time::Duration::hours(tolerance_hours),
+    );
+    println!(
+        "{:<22} {:>6} {:>9} {:>10} {:>9} {:>7}",
+        "kind", "truth", "detected", "detections", "precision", "recall"
+    );
+    for (k, v) in &s.by_kind {
+        println!(
+            "{:<22} {:>6} {:>9} {:>10} {:>9.3} {:>7.3}",
+            serde_json::to_value(k)?.as_str().unwrap_or("?"),
+            v.truth,
+            v.detected,
+            v.detections,
+            v.precision(),
+            v.recall()
+        );
+    }
+    let o = s.overall;
+    println!(
+        "{:<22} {:>6} {:>9} {:>10} {:>9.3} {:>7.3}",
+        "overall",
+        o.truth,
+        o.detected,
+        o.detections,
+        o.precision(),
+        o.recall()
+    );
+    Ok(())
 }
 
 fn resolve(what: &str, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
@@ -188,8 +295,8 @@ fn resolve(what: &str, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     use simulators::fleet::{
-        CoapConfig, ConcentratorConfig, Fleet, FleetConfig, HttpPushConfig, MbusConfig,
-        ModbusConfig, Upload, WmbusConfig,
+        CoapConfig, ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, HttpPushConfig,
+        MbusConfig, ModbusConfig, Upload, WmbusConfig,
     };
     let scenario = match &args.scenario {
         Some(p) => Scenario::load(p)?,
@@ -203,6 +310,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = FleetConfig::new(scenario);
     config.step_every = std::time::Duration::from_millis(args.step_ms);
     config.max_steps = args.max_steps;
+    config.nbiot_report_every = args.nbiot_report_every;
     if let Some(a) = &args.gateway_coap {
         config.coap = Some(CoapConfig {
             gateway: resolve("--gateway-coap", a)?,
@@ -226,6 +334,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         );
         if args.concentrators > 0 && args.concentrator_meters > 0 {
             config.concentrators = Some(ConcentratorConfig {
+                format: if args.concentrator_frames {
+                    ConcentratorFormat::Frames
+                } else {
+                    ConcentratorFormat::Json
+                },
                 count: args.concentrators,
                 meters: args.concentrator_meters,
                 upload: if args.upload_every_step {

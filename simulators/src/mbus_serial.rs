@@ -250,6 +250,13 @@ impl MbusBus {
     }
 }
 
+impl Drop for MbusBus {
+    fn drop(&mut self) {
+        // socat itself is killed on drop (kill_on_drop); stop answering too.
+        self.task.abort();
+    }
+}
+
 async fn serve(
     mut port: tokio_serial::SerialStream,
     bank: Arc<Mutex<MbusBank>>,

@@ -96,7 +96,9 @@ pub struct ConcentratorBatch {
 }
 
 /// Returns the batch entries for one emission, honouring its delivery fault: none when
-/// lost, two when duplicated, a garbled volume (not a number) when corrupted.
+/// lost, two when duplicated, and none when corrupted (the concentrator's own checksum check
+/// rejects the meter's garbled frame, so the reading is missing from the batch; a garbled
+/// JSON value would make the gateway refuse the whole batch, which no concentrator does).
 pub fn concentrator_entries(meter_id: &str, e: &Emission) -> Vec<ConcentratorReading> {
     let ts = unix(e.meter_ts).format(&Rfc3339).unwrap_or_default();
     let volume = e.register_m3().to_string();
@@ -106,10 +108,9 @@ pub fn concentrator_entries(meter_id: &str, e: &Emission) -> Vec<ConcentratorRea
         volume_m3,
     };
     match e.delivery {
-        Delivery::Lost => Vec::new(),
+        Delivery::Lost | Delivery::Corrupt => Vec::new(),
         Delivery::Normal => vec![entry(volume)],
         Delivery::Duplicate => vec![entry(volume.clone()), entry(volume)],
-        Delivery::Corrupt => vec![entry(volume.replacen(|c: char| c.is_ascii_digit(), "x", 1))],
     }
 }
 
@@ -395,8 +396,7 @@ mod tests {
             concentrator_entries("m", &emission(Delivery::Duplicate)).len(),
             2
         );
-        let bad = concentrator_entries("m", &emission(Delivery::Corrupt));
-        assert_eq!(bad[0].volume_m3, "x23.456");
+        assert!(concentrator_entries("m", &emission(Delivery::Corrupt)).is_empty());
     }
 
     #[test]

@@ -381,7 +381,9 @@ impl Scenario {
                 households,
                 commercial: meters - households,
                 dmas: (meters / 2_000).max(1),
-                background_loss_lph: 300.0,
+                // About 2 L/h per service connection: 5-8 % non-revenue water depending on
+                // the season, below CJJ 92's grade-1 limit of 10 %.
+                background_loss_lph: 2.0 * f64::from(meters.min(2_000)),
                 register_capacity_m3: default_capacity(),
                 mbus_meters: 0,
             },

@@ -43,6 +43,10 @@ pub enum TruthKind {
     Rollover,
     /// Meter replaced; register restarted.
     MeterReplacement,
+    /// Hydrant opened while locked (the `meter` is the hydrant id).
+    HydrantIllegalUse,
+    /// Hydrant tilted (collision).
+    HydrantTilt,
 }
 
 impl TruthKind {
@@ -56,6 +60,8 @@ impl TruthKind {
             Self::StoppedMeter => AlarmKind::StoppedMeter,
             Self::LowBattery => AlarmKind::LowBattery,
             Self::CommunicationLoss => AlarmKind::CommunicationLoss,
+            Self::HydrantIllegalUse => AlarmKind::HydrantIllegalUse,
+            Self::HydrantTilt => AlarmKind::HydrantTilt,
             _ => return None,
         })
     }
@@ -82,6 +88,8 @@ impl TruthKind {
             AlarmKind::StoppedMeter => Self::StoppedMeter,
             AlarmKind::LowBattery => Self::LowBattery,
             AlarmKind::CommunicationLoss => Self::CommunicationLoss,
+            AlarmKind::HydrantIllegalUse => Self::HydrantIllegalUse,
+            AlarmKind::HydrantTilt => Self::HydrantTilt,
             _ => return None,
         })
     }

@@ -25,13 +25,19 @@ fn open_master(path: &std::path::Path) -> SerialStream {
 }
 
 /// Sends `request` and returns the bytes of the complete answer (a link frame or, on a
-/// collision, whatever arrives within 300 ms). `None` when nothing arrives.
+/// collision, whatever arrives until the line is quiet for 300 ms). `None` when nothing
+/// arrives within 2 s (generous: the machine running the tests may be loaded).
 async fn ask(port: &mut SerialStream, request: &[u8]) -> Option<Vec<u8>> {
     port.write_all(request).await.unwrap();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 256];
     loop {
-        match tokio::time::timeout(Duration::from_millis(300), port.read(&mut chunk)).await {
+        let wait = if buf.is_empty() {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_millis(300)
+        };
+        match tokio::time::timeout(wait, port.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => {
                 buf.extend_from_slice(&chunk[..n]);
                 if let Ok((_, used)) = mbus::parse_link_prefix(&buf)

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use simulators::engine::{Delivery, Engine, ml_to_m3};
-use simulators::fleet::{ConcentratorConfig, Fleet, FleetConfig, Upload};
+use simulators::fleet::{ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, Upload};
 use simulators::mqtt::{ConcentratorBatch, HydrantAck, HydrantUp, MqttConfig};
 use simulators::scenario::Scenario;
 use time::macros::datetime;
@@ -81,6 +81,7 @@ async fn concentrators_publish_every_reading_the_model_produced() {
         client_id: unique("fleet").replace('/', "-"),
     });
     config.concentrators = Some(ConcentratorConfig {
+        format: ConcentratorFormat::Json,
         count: 3,
         meters: 30,
         upload: Upload::Midnight,
@@ -228,4 +229,109 @@ async fn hydrant_status_reports_unlock_as_open() {
     assert_eq!(opened.state, "open");
     assert!(opened.events.contains(&"open".to_owned()));
     fleet.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn concentrators_forward_raw_cjt188_frames() {
+    let prefix = unique("conc-frames");
+    let (_sub, mut el) = subscriber("frames-sub", &format!("{prefix}/concentrator/+/frame")).await;
+    let mut scenario = Scenario::plain(10, 1, 5, datetime!(2026-11-01 0:00 UTC));
+    scenario
+        .faults
+        .push(simulators::scenario::Fault::CorruptedFrames {
+            meter: 0,
+            from: datetime!(2026-11-01 00:00 UTC),
+            until: datetime!(2026-11-01 01:00 UTC),
+        });
+    let mut config = FleetConfig::new(scenario);
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(2);
+    let (host, port) = broker();
+    config.mqtt = Some(MqttConfig {
+        host,
+        port,
+        topic_prefix: format!("{prefix}/"),
+        client_id: unique("frames-fleet").replace('/', "-"),
+    });
+    config.concentrators = Some(ConcentratorConfig {
+        format: ConcentratorFormat::Frames,
+        count: 1,
+        meters: 4,
+        upload: Upload::EveryStep,
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    fleet.wait_finished().await;
+    let counts = fleet.stop().await.unwrap();
+    assert_eq!(counts.concentrator_frames, 8);
+    assert_eq!(counts.corrupted, 1);
+    let (mut ok, mut bad) = (0, 0);
+    for _ in 0..8 {
+        let p = next_publish(&mut el).await;
+        assert!(p.topic.ends_with("concentrator/conc-000/frame"));
+        match decoders::cjt188::decode(&p.payload) {
+            Ok(f) => {
+                assert!(f.meter.id.starts_with("7833"));
+                ok += 1;
+            }
+            Err(_) => bad += 1,
+        }
+    }
+    assert_eq!((ok, bad), (7, 1));
+}
+
+#[tokio::test]
+async fn hydrant_events_are_in_the_ground_truth() {
+    let prefix = unique("hyd-truth");
+    let (_sub, mut el) = subscriber("hyd-truth-sub", &format!("{prefix}/hydrant/+/up")).await;
+    let scenario = Scenario::plain(5, 30, 3, datetime!(2026-11-01 0:00 UTC));
+    let mut config = FleetConfig::new(scenario);
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(200);
+    let (host, port) = broker();
+    config.mqtt = Some(MqttConfig {
+        host,
+        port,
+        topic_prefix: format!("{prefix}/"),
+        client_id: unique("hyd-truth-fleet").replace('/', "-"),
+    });
+    config.hydrants = 10;
+    // Read while the fleet runs: the broker queues only so many messages per client.
+    let collector = tokio::spawn(async move {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let up: HydrantUp =
+                serde_json::from_slice(&next_publish(&mut el).await.payload).unwrap();
+            for ev in &up.events {
+                if ev == "illegal_use" || ev == "tilt" {
+                    seen.insert((up.hydrant.clone(), up.ts.clone(), ev.clone()));
+                }
+            }
+        }
+        seen
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    fleet.wait_finished().await;
+    let truth = fleet.ground_truth();
+    let counts = fleet.stop().await.unwrap();
+    assert_eq!(counts.hydrant_ups, 2000);
+    let seen = collector.await.unwrap();
+    let from_truth: std::collections::BTreeSet<_> = truth
+        .events
+        .iter()
+        .map(|e| {
+            let ev = match e.kind {
+                simulators::truth::TruthKind::HydrantIllegalUse => "illegal_use",
+                simulators::truth::TruthKind::HydrantTilt => "tilt",
+                other => panic!("unexpected {other:?}"),
+            };
+            let ts = e
+                .from
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap();
+            let hid = e.meter.strip_prefix("hydrant:").unwrap().to_owned();
+            (hid, ts, ev.to_owned())
+        })
+        .collect();
+    assert!(!seen.is_empty());
+    assert_eq!(seen, from_truth);
 }

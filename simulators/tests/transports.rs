@@ -236,3 +236,43 @@ async fn wmbus_telegrams_arrive_as_udp_datagrams_and_decrypt() {
     assert_eq!(counts.wmbus_telegrams, 12);
     fleet.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn nbiot_meters_report_at_their_own_interval() {
+    let gw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut config = FleetConfig::new(scenario());
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(8);
+    config.nbiot_report_every = 4;
+    config.coap = Some(CoapConfig {
+        gateway: gw.local_addr().unwrap(),
+        meters: 3,
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    let responder = tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        let mut per_meter: HashMap<String, u32> = HashMap::new();
+        for _ in 0..6 {
+            let (n, from) = gw.recv_from(&mut buf).await.unwrap();
+            let req = Packet::from_bytes(&buf[..n]).unwrap();
+            let id = cjt188::decode(&req.payload).unwrap().meter.id;
+            *per_meter.entry(id).or_default() += 1;
+            let mut resp = Packet::new();
+            resp.header.set_type(MessageType::Acknowledgement);
+            resp.header.message_id = req.header.message_id;
+            resp.header.code = MessageClass::Response(ResponseType::Changed);
+            resp.set_token(req.get_token().to_vec());
+            gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
+        }
+        per_meter
+    });
+    let counts = tokio::time::timeout(Duration::from_secs(20), fleet.wait_finished())
+        .await
+        .unwrap();
+    // 8 steps, every 4th step per meter: 2 uplinks each.
+    assert_eq!(counts.coap_uplinks, 6);
+    let per_meter = responder.await.unwrap();
+    assert_eq!(per_meter.len(), 3);
+    assert!(per_meter.values().all(|n| *n == 2));
+    fleet.stop().await.unwrap();
+}

@@ -326,6 +326,7 @@ poll_interval = "1s"
     fleet_config.mqtt =
         Some(MqttConfig::from_url(&broker, &site, &format!("{client_base}-fleet")).expect("mqtt"));
     fleet_config.concentrators = Some(ConcentratorConfig {
+        format: simulators::fleet::ConcentratorFormat::Json,
         count: 2,
         meters: CONCENTRATOR_METERS,
         upload: Upload::EveryStep,

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use billing_core::{QuoteRequest, TariffBook, quote};
+use billing_core::{BillRequest, QuoteRequest, TariffBook, compute_bill, quote};
 use clap::{Parser, Subcommand};
 use rust_decimal::Decimal;
 use time::{Date, OffsetDateTime, UtcOffset};
@@ -48,6 +48,19 @@ enum Command {
         /// Township customer (township prices apply where the class has them).
         #[arg(long)]
         township: bool,
+        /// Pretty-print the JSON.
+        #[arg(long)]
+        pretty: bool,
+    },
+    /// Recomputes a bill from its inputs (a `BillRequest` JSON, or the `inputs` column of a
+    /// stored bill, which holds it under `request`); prints the bill as JSON.
+    Bill {
+        /// Tariff files (the versions the bill used).
+        #[arg(long = "tariff", required = true)]
+        tariffs: Vec<PathBuf>,
+        /// JSON file with the inputs.
+        #[arg(long)]
+        inputs: PathBuf,
         /// Pretty-print the JSON.
         #[arg(long)]
         pretty: bool,
@@ -105,6 +118,29 @@ fn main() -> Result<()> {
                 serde_json::to_string_pretty(&q)?
             } else {
                 serde_json::to_string(&q)?
+            };
+            println!("{out}");
+        }
+        Command::Bill {
+            tariffs,
+            inputs,
+            pretty,
+        } => {
+            let book = load(&tariffs)?;
+            let text = std::fs::read_to_string(&inputs)
+                .with_context(|| format!("cannot read {}", inputs.display()))?;
+            let mut value: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not JSON", inputs.display()))?;
+            if let Some(request) = value.get_mut("request") {
+                value = request.take();
+            }
+            let request: BillRequest = serde_json::from_value(value)
+                .with_context(|| format!("{} does not hold bill inputs", inputs.display()))?;
+            let bill = compute_bill(&book, &request)?;
+            let out = if pretty {
+                serde_json::to_string_pretty(&bill)?
+            } else {
+                serde_json::to_string(&bill)?
             };
             println!("{out}");
         }

@@ -71,14 +71,22 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Wireless telegrams start with their L field, which no wired framing byte claims.
         ProtocolArg::Auto => decoders::detect(&bytes).unwrap_or(Protocol::Wmbus),
     };
-    let frame = if protocol == Protocol::Wmbus {
+    let wmbus = |bytes: &[u8]| {
         let mut cache = decoders::wmbus::FormatCache::new();
-        decoders::wmbus::decode(&bytes, &key, &mut cache)
-            .map_err(|e| anyhow::anyhow!("wmbus: {e}"))?
+        decoders::wmbus::decode(bytes, &key, &mut cache)
+    };
+    let frame = if protocol == Protocol::Wmbus {
+        wmbus(&bytes).map_err(|e| anyhow::anyhow!("wmbus: {e}"))?
     } else {
         match decoders::decode(protocol, &bytes) {
-            // The error's Display already includes its cause; keep the message single.
-            Some(result) => result.map_err(|e| anyhow::anyhow!("{e}"))?,
+            Some(Ok(frame)) => frame,
+            // A wireless telegram whose L field is 0x68 looks like a wired frame: in auto mode
+            // try it as wM-Bus before reporting the first error.
+            Some(Err(e)) => match (args.protocol, wmbus(&bytes)) {
+                (ProtocolArg::Auto, Ok(frame)) => frame,
+                // The error's Display already includes its cause; keep the message single.
+                _ => bail!("{e}"),
+            },
             None => bail!("{protocol:?} frames cannot be decoded from bytes alone"),
         }
     };

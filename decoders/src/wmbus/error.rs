@@ -23,12 +23,13 @@ pub enum WmbusError {
         /// Bytes after L actually present.
         available: usize,
     },
-    /// A data-link-layer block CRC did not match (frame format A or B).
+    /// A block CRC did not match: data link layer frame format A or B, or (format `E`) the
+    /// payload CRC of an unencrypted ELL-II/IV.
     #[error(
         "bad {format} block CRC in block {block} at byte {offset} (expected {expected:#06x}, got {actual:#06x})"
     )]
     BadCrc {
-        /// `A` or `B`.
+        /// `A`, `B`, or `E` for the ELL payload CRC.
         format: char,
         /// Block number, 0-based.
         block: usize,
@@ -125,4 +126,27 @@ pub enum WmbusError {
     /// A wired M-Bus long frame handed to the wireless decoder failed to decode.
     #[error("wired long frame: {0}")]
     Wired(#[source] crate::mbus::MbusError),
+}
+
+impl WmbusError {
+    /// A stable snake_case code for metrics labels (`decoder_errors_total{error_code}`); the
+    /// same labels the gateway's wM-Bus source uses.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::LengthMismatch { .. } => "length",
+            Self::BadCrc { .. } => "crc",
+            Self::UnsupportedCi { .. } => "unsupported_ci",
+            Self::UnsupportedSecurityMode { .. } => "unsupported_security_mode",
+            Self::MissingKey { .. } => "missing_key",
+            Self::WrongKey { .. } => "wrong_key",
+            Self::BadEncryptedLength { .. } => "encrypted_length",
+            Self::UnknownCompactFormat { .. } => "unknown_compact_format",
+            Self::CompactMismatch { .. } => "compact_mismatch",
+            Self::Fragmented { .. } => "fragmented",
+            Self::ManufacturerSpecific { .. } => "manufacturer_specific",
+            Self::Application { .. } => "records",
+            Self::Wired(_) => "wired_frame",
+        }
+    }
 }

@@ -33,13 +33,31 @@ fn be_u16_at(raw: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(bytes))
 }
 
-/// Returns the telegram without CRCs (exactly `L + 1` bytes, `L` rewritten for format B) and the
-/// frame format it arrived in. Trailing bytes after the frame (receiver RSSI) are dropped.
+/// The readings of a received datagram worth trying, most likely first, and the CRC error to
+/// report if none of them parses.
+#[derive(Debug)]
+pub(crate) struct Readings<'a> {
+    /// CRC-free telegrams (exactly `L + 1` bytes, `L` rewritten for format B) with the format
+    /// each was read in; never empty.
+    pub(crate) frames: Vec<(Cow<'a, [u8]>, FrameFormat)>,
+    /// A format-B CRC that verified for the first block but not the last one.
+    pub(crate) crc_error: Option<WmbusError>,
+}
+
+/// Returns the ways `raw` can be read. Trailing bytes after the frame (receiver RSSI) are
+/// dropped.
 ///
-/// A frame whose first block CRC verifies is taken as format A; one whose single format-B CRC
-/// verifies as format B; anything else as already stripped. A format-A or format-B frame with a
-/// good first CRC but a bad later one is an error, never silently accepted.
-pub(crate) fn strip_crcs(raw: &[u8]) -> Result<(Cow<'_, [u8]>, FrameFormat), WmbusError> {
+/// Format A needs `L + 1` bytes plus two per block, and every block CRC must verify (a good first
+/// CRC with a bad later one is an error, never silently accepted): a CRC-less telegram is only
+/// mistaken for it if it carries trailing bytes *and* every CRC matches by chance.
+///
+/// Format B and CRC-less telegrams have the same length (`L` counts format B's CRCs), so the
+/// CRCs alone decide. A format-B frame with two CRCs (over 128 bytes) is only taken when both
+/// verify (one in 2^32 by chance); one with a good first and a bad last CRC is read as CRC-less,
+/// its CRC error kept for when that reading fails too. A short format-B frame has a single CRC,
+/// which a CRC-less telegram's last two bytes match once in 65 536: both readings are returned,
+/// format B first, and [`super::parse`] keeps the one whose records decode cleanly.
+pub(crate) fn readings(raw: &[u8]) -> Result<Readings<'_>, WmbusError> {
     let Some(&l) = raw.first() else {
         return Err(WmbusError::Truncated {
             field: "L field",
@@ -49,18 +67,44 @@ pub(crate) fn strip_crcs(raw: &[u8]) -> Result<(Cow<'_, [u8]>, FrameFormat), Wmb
     };
     let l = usize::from(l);
     if let Some(stripped) = try_format_a(raw, l)? {
-        return Ok((Cow::Owned(stripped), FrameFormat::A));
-    }
-    if let Some(stripped) = try_format_b(raw, l)? {
-        return Ok((Cow::Owned(stripped), FrameFormat::B));
+        return Ok(Readings {
+            frames: vec![(Cow::Owned(stripped), FrameFormat::A)],
+            crc_error: None,
+        });
     }
     let total = l.saturating_add(1);
-    match raw.get(..total) {
-        Some(frame) => Ok((Cow::Borrowed(frame), FrameFormat::Stripped)),
-        None => Err(WmbusError::LengthMismatch {
+    let Some(crc_less) = raw.get(..total) else {
+        return Err(WmbusError::LengthMismatch {
             declared: l,
             available: raw.len().saturating_sub(1),
-        }),
+        });
+    };
+    let mut frames = Vec::with_capacity(2);
+    let mut crc_error = None;
+    match try_format_b(raw, l) {
+        Ok(Some((stripped, crcs))) => {
+            frames.push((Cow::Owned(stripped), FrameFormat::B));
+            if crcs == 2 {
+                return Ok(Readings { frames, crc_error });
+            }
+        }
+        Ok(None) => {}
+        Err(e) => crc_error = Some(e),
+    }
+    frames.push((Cow::Borrowed(crc_less), FrameFormat::Stripped));
+    Ok(Readings { frames, crc_error })
+}
+
+/// Returns the most likely reading of `raw` (see [`readings`]) and its frame format.
+#[cfg(test)]
+pub(crate) fn strip_crcs(raw: &[u8]) -> Result<(Cow<'_, [u8]>, FrameFormat), WmbusError> {
+    let mut r = readings(raw)?;
+    match r.frames.drain(..).next() {
+        Some(first) => Ok(first),
+        None => Err(r.crc_error.unwrap_or(WmbusError::LengthMismatch {
+            declared: 0,
+            available: 0,
+        })),
     }
 }
 
@@ -112,8 +156,9 @@ fn try_format_a(raw: &[u8], l: usize) -> Result<Option<Vec<u8>>, WmbusError> {
 }
 
 /// Format B: `L` counts every byte after it including the CRCs; one CRC closes blocks 1+2
-/// (at most 126 bytes), an optional block 3 has its own CRC.
-fn try_format_b(raw: &[u8], l: usize) -> Result<Option<Vec<u8>>, WmbusError> {
+/// (at most 126 bytes), an optional block 3 has its own CRC. Returns the CRC-free telegram and
+/// how many CRCs verified (1 or 2).
+fn try_format_b(raw: &[u8], l: usize) -> Result<Option<(Vec<u8>, usize)>, WmbusError> {
     let wire_len = l.saturating_add(1);
     if l < FIRST_BLOCK.saturating_add(2) || raw.len() < wire_len {
         return Ok(None);
@@ -128,6 +173,7 @@ fn try_format_b(raw: &[u8], l: usize) -> Result<Option<Vec<u8>>, WmbusError> {
     let mut out = Vec::with_capacity(wire_len);
     out.extend_from_slice(first);
     let third_start = first_span.saturating_add(2);
+    let mut crcs = 1;
     if third_start < wire_len {
         let third_end = wire_len.saturating_sub(2);
         let (Some(third), Some(actual)) =
@@ -146,13 +192,14 @@ fn try_format_b(raw: &[u8], l: usize) -> Result<Option<Vec<u8>>, WmbusError> {
             });
         }
         out.extend_from_slice(third);
+        crcs = 2;
     }
     // Rewrite L to the CRC-free layout so the later layers see one convention.
     let new_l = u8::try_from(out.len().saturating_sub(1)).unwrap_or(u8::MAX);
     if let Some(first_byte) = out.first_mut() {
         *first_byte = new_l;
     }
-    Ok(Some(out))
+    Ok(Some((out, crcs)))
 }
 
 /// Manufacturer, identification number, version and device type of a meter (DLL A field,

@@ -1,7 +1,7 @@
 //! Serial M-Bus master (EN 13757-2 link layer over tokio-serial, 8E1).
 //!
 //! Each cycle reads every meter: primary meters with SND_NKE then REQ_UD2, secondary meters
-//! by deselecting (SND_NKE to 253), selecting (SND_UD CI 52 to 253) and REQ_UD2 to 253. The
+//! by selecting (SND_UD CI 52 to 253, which deselects every other slave) and REQ_UD2 to 253. The
 //! FCB starts at 1 after SND_NKE and toggles per new request; a retry after a timeout or a
 //! garbled answer repeats the same FCB so the slave repeats its last telegram. Telegrams
 //! ending in DIF 1F ("more records follow") are followed by further REQ_UD2 up to a limit.
@@ -267,6 +267,10 @@ pub struct Master {
     /// Quiet time after which an answer is complete.
     gap: Duration,
     retries: u32,
+    /// Last FCB sent to each secondary-addressed meter. SND_NKE to 253 would deselect, so a
+    /// selected meter's FCB cannot be reset; continuing the alternation across cycles makes
+    /// each cycle's first REQ_UD2 a new request instead of a repeat of last cycle's answer.
+    last_fcb: HashMap<String, bool>,
 }
 
 impl Master {
@@ -289,6 +293,7 @@ impl Master {
             timeout,
             gap: (char_time * 20).max(Duration::from_millis(30)),
             retries,
+            last_fcb: HashMap::new(),
         })
     }
 
@@ -377,9 +382,7 @@ impl Master {
         for (slot, b) in digits.iter_mut().zip(id.bytes()) {
             *slot = b.wrapping_sub(b'0');
         }
-        // Deselect whatever was selected before.
-        self.send(&link::snd_nke(link::SELECTED)).await?;
-        let _ack = self.read_reply().await?;
+        // No deselect first: a selection deselects every slave whose address does not match.
         for _ in 0..=self.retries {
             match self.probe(digits).await? {
                 Probe::Single => return Ok(()),
@@ -407,9 +410,16 @@ impl Master {
                 link::SELECTED
             }
         };
-        let mut fcb = true;
+        // After SND_NKE the slave takes either FCB as new; start with 1.
+        let mut fcb = match address {
+            Address::Primary(_) => true,
+            Address::Secondary(id) => !self.last_fcb.get(id).copied().unwrap_or(false),
+        };
         let mut telegrams = Vec::new();
         for _ in 0..max_telegrams {
+            if let Address::Secondary(id) = address {
+                self.last_fcb.insert(id.clone(), fcb);
+            }
             match self.exchange(&link::req_ud2(a, fcb), &name).await? {
                 Reply::Long(frame) => {
                     let more = link::more_records_follow(&frame);
@@ -473,6 +483,7 @@ impl Master {
                         && let Some(id) = link::identification(&frame)
                         && !found.contains(&id)
                     {
+                        self.last_fcb.insert(id.clone(), true);
                         found.push(id);
                     }
                 }

@@ -1,0 +1,117 @@
+//! A command for a field device goes from `{root}/{gw}/cmd/{device}` through the runtime's
+//! router to the hydrant bridge source and back as acks; re-sending the id does not reach the
+//! hydrant again.
+
+mod common;
+
+use std::time::Duration;
+
+use gateway::runtime::Gateway;
+use model::{CommandAck, CommandState};
+use rumqttc::QoS;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydrant_command_is_routed_executed_once_and_acknowledged() {
+    let root = common::unique_prefix("route");
+    let site = format!("{root}/hydrant");
+    let gw = "gw-route";
+    let (_a, mut acks) = common::subscribe("route-acks", &format!("{root}/{gw}/cmd-ack")).await;
+    // The simulated hydrant: answers every command on its cmd topic.
+    let (hydrant, mut cmds) = common::subscribe("route-hyd", &format!("{site}/h1/cmd")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = common::broker();
+    let toml = format!(
+        r#"gateway_id = "{gw}"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}"
+topic_root = "{root}"
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "hydrants"
+kind = "hydrant_mqtt"
+host = "{host}"
+port = {port}
+client_id = "{cid}-hyd"
+topic_prefix = "{site}"
+ack_timeout = "5s"
+"#,
+        host = b.host,
+        port = b.port,
+        cid = root.replace('/', "-"),
+        spool = dir.path().display(),
+    );
+    let config = edge_config::parse(&toml, "r.toml".as_ref()).unwrap();
+    let gateway = Gateway::start(config).await.unwrap();
+    // Let the control connection subscribe and the bridge connect.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = |t: time::OffsetDateTime| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let command = serde_json::json!({
+        "v": 1, "id": "h-1", "gateway": gw, "device": "hydrant:h1",
+        "action": {"type": "hydrant_unlock", "duration_s": 600},
+        "issued_by": "test", "issued_at": fmt(now), "expires_at": fmt(now + time::Duration::minutes(5))
+    })
+    .to_string();
+    let (client, _rx) = common::subscribe("route-pub", &format!("{root}/unused")).await;
+    let topic = format!("{root}/{gw}/cmd/hydrant:h1");
+    client
+        .publish(&topic, QoS::AtLeastOnce, false, command.clone())
+        .await
+        .unwrap();
+    // The hydrant receives it and acknowledges.
+    let (_, body) = tokio::time::timeout(Duration::from_secs(10), cmds.recv())
+        .await
+        .expect("hydrant gets the command")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["command_id"], "h-1");
+    assert_eq!(body["action"], "unlock");
+    hydrant
+        .publish(
+            format!("{site}/h1/ack"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"command_id":"h-1","result":"ok","reason":null}"#,
+        )
+        .await
+        .unwrap();
+    let mut states = Vec::new();
+    while states.last() != Some(&CommandState::Acknowledged) {
+        let (_, p) = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+            .await
+            .expect("acks")
+            .unwrap();
+        let ack: CommandAck = serde_json::from_slice(&p).unwrap();
+        assert_eq!(ack.id.0, "h-1");
+        states.push(ack.state);
+    }
+    assert_eq!(
+        states,
+        vec![CommandState::Queued, CommandState::Acknowledged]
+    );
+    // Same id again: the last state is re-published, the hydrant hears nothing.
+    client
+        .publish(&topic, QoS::AtLeastOnce, false, command)
+        .await
+        .unwrap();
+    let (_, p) = tokio::time::timeout(Duration::from_secs(10), acks.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let ack: CommandAck = serde_json::from_slice(&p).unwrap();
+    assert_eq!(ack.state, CommandState::Acknowledged);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(700), cmds.recv())
+            .await
+            .is_err(),
+        "the duplicate must not reach the hydrant"
+    );
+    gateway.shutdown().await;
+}

@@ -1,0 +1,368 @@
+//! `pipeline-bench --readings N --meters M`: the ingest benchmark of issue 7.
+//!
+//! Measures in one run, on two fresh databases of the server at `DATABASE_URL`:
+//! 1. the raw limit: binary COPY of the same rows into the same `readings` schema
+//!    (`copy_limit_rows_per_s`);
+//! 2. the full path: the same readings published as `ReadingBatch` JSON to the broker at
+//!    `MQTT_URL`, consumed by the ingest worker(s), validated, stored with rollups and meter
+//!    state (`pipeline_readings_per_s`);
+//!
+//! then prints the VEE state per meter (`state_bytes_per_meter`) and, last, `ratio` (2 over 1).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use model::{
+    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
+    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
+};
+use pipeline::ingest::IngestMetrics;
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+use time::OffsetDateTime;
+
+#[derive(Parser)]
+#[command(
+    about = "Ingest benchmark: raw binary COPY limit vs the full MQTT → VEE → PostgreSQL path"
+)]
+struct Args {
+    /// Readings in total.
+    #[arg(long, default_value_t = 2_000_000)]
+    readings: u64,
+    /// Distinct meters (readings are spread evenly, `readings / meters` per meter).
+    #[arg(long, default_value_t = 100_000)]
+    meters: u64,
+    /// Partitions.
+    #[arg(long, default_value_t = 16)]
+    partitions: u16,
+    /// Pipeline workers (in this process; worker i owns partitions p % workers == i).
+    #[arg(long, default_value_t = 1)]
+    workers: u16,
+    /// Readings per MQTT message (a gateway's batch).
+    #[arg(long, default_value_t = 500)]
+    batch: usize,
+    /// Minutes between two reads of one meter.
+    #[arg(long, default_value_t = 15)]
+    interval_min: i64,
+    /// Rows per COPY statement in the raw-limit phase.
+    #[arg(long, default_value_t = 100_000)]
+    copy_chunk: usize,
+    /// Most messages published but not yet consumed (Mosquitto's default queue is 1000).
+    #[arg(long, default_value_t = 400)]
+    window: u64,
+    /// Keep the two bench databases afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Generates the benchmark rows: round-major (every meter once per interval, as gateways
+/// report), so each MQTT batch holds many meters.
+struct Fleet {
+    meters: Vec<MeterId>,
+    gateway: Vec<GatewayId>,
+    start: OffsetDateTime,
+    interval: time::Duration,
+    rounds: u64,
+}
+
+impl Fleet {
+    fn new(meters: u64, readings: u64, interval_min: i64, partitions: u16) -> Self {
+        let rounds = readings.div_ceil(meters.max(1));
+        let interval = time::Duration::minutes(interval_min);
+        let now = OffsetDateTime::now_utc();
+        let span = interval * i32::try_from(rounds).unwrap_or(i32::MAX);
+        Self {
+            meters: (0..meters)
+                .map(|i| MeterId::new(format!("cjt188:{:014}", 10_000_000 + i)).expect("meter id"))
+                .collect(),
+            gateway: (0..partitions)
+                .map(|p| GatewayId::new(format!("bench-gw-{p}")).expect("gateway id"))
+                .collect(),
+            start: now - span - time::Duration::hours(1),
+            interval,
+            rounds,
+        }
+    }
+
+    fn reading(&self, meter: usize, round: u64, partition: u16) -> Reading {
+        let ts = self.start + self.interval * i32::try_from(round).unwrap_or(0);
+        // 1..10 L per interval depending on the meter; register starts at meter-specific value.
+        let per_round = Decimal::new(1 + (meter as i64 % 10), 3);
+        let value = Decimal::new(1000 + meter as i64 % 5000, 0) + per_round * Decimal::from(round);
+        Reading {
+            meter: self.meters[meter].clone(),
+            ts,
+            clock: ClockSource::Meter,
+            quantity: Quantity::Volume,
+            value,
+            unit: Unit::CubicMetre,
+            storage: 0,
+            tariff: 0,
+            subunit: 0,
+            quality: Quality::Actual,
+            flags: vec![],
+            provenance: Provenance {
+                gateway: self.gateway[usize::from(partition)].clone(),
+                source: SourceKind::Coap,
+                source_id: "nbiot".into(),
+                frame_hash: format!("{:064x}", meter as u64 * 1_000_003 + round),
+                received_at: ts + time::Duration::seconds(5),
+            },
+        }
+    }
+}
+
+async fn create_db(admin: &PgConnectOptions, name: &str) -> anyhow::Result<PgPool> {
+    let mut conn = admin
+        .connect()
+        .await
+        .context("connecting to DATABASE_URL")?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        .execute(&mut conn)
+        .await
+        .with_context(|| format!("creating {name}"))?;
+    conn.close().await.ok();
+    let pool = PgPoolOptions::new()
+        .max_connections(6)
+        .connect_with(admin.clone().database(name))
+        .await?;
+    pipeline::MIGRATOR.run(&pool).await.context("migrating")?;
+    Ok(pool)
+}
+
+async fn drop_db(admin: &PgConnectOptions, name: &str) {
+    if let Ok(mut conn) = admin.connect().await {
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut conn)
+            .await
+            .ok();
+    }
+}
+
+fn rss_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * 4096)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,sqlx=error".into()),
+        )
+        .init();
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.meters > 0 && args.readings >= args.meters,
+        "need readings >= meters > 0"
+    );
+    let admin: PgConnectOptions = pipeline::config::database_url().parse()?;
+    let mqtt_url = pipeline::config::mqtt_url();
+    let fleet = Fleet::new(
+        args.meters,
+        args.readings,
+        args.interval_min,
+        args.partitions,
+    );
+    let total = fleet.rounds * args.meters;
+    println!(
+        "readings={total} meters={} partitions={} workers={} batch={} nproc={}",
+        args.meters,
+        args.partitions,
+        args.workers,
+        args.batch,
+        std::thread::available_parallelism().map_or(0, usize::from)
+    );
+    let partition_of: Vec<u16> = fleet
+        .meters
+        .iter()
+        .map(|m| m.partition(args.partitions))
+        .collect();
+
+    // Phase 1: raw binary COPY of the same rows into the same schema.
+    let copy_db = format!("wm_bench_copy_{}", std::process::id());
+    let pool = create_db(&admin, &copy_db).await?;
+    let started = Instant::now();
+    {
+        let mut conn = pool.acquire().await?;
+        let mut chunk = Vec::with_capacity(args.copy_chunk);
+        for round in 0..fleet.rounds {
+            for (m, p) in partition_of.iter().enumerate() {
+                chunk.push(fleet.reading(m, round, *p));
+                if chunk.len() == args.copy_chunk {
+                    pipeline::store::copy_readings(&mut conn, "readings", &chunk).await?;
+                    chunk.clear();
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            pipeline::store::copy_readings(&mut conn, "readings", &chunk).await?;
+        }
+    }
+    let copy_secs = started.elapsed().as_secs_f64();
+    let copied: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(copied as u64 == total, "copied {copied} of {total}");
+    let copy_rate = total as f64 / copy_secs;
+    println!("copy_limit_seconds={copy_secs:.2}");
+    println!("copy_limit_rows_per_s={copy_rate:.0}");
+    pool.close().await;
+    if !args.keep {
+        drop_db(&admin, &copy_db).await;
+    }
+
+    // Phase 2: the full path.
+    let pipe_db = format!("wm_bench_pipe_{}", std::process::id());
+    let pool = create_db(&admin, &pipe_db).await?;
+    let root = format!("bench/{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let metrics = Arc::new(IngestMetrics::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for w in 0..args.workers {
+        let mut config = pipeline::worker::WorkerConfig::new(
+            &mqtt_url,
+            &root,
+            w,
+            args.workers,
+            args.partitions,
+        )?;
+        config.client_id = format!("bench-{}-w{w}", std::process::id());
+        workers.push(tokio::spawn(pipeline::worker::run(
+            config,
+            pool.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        )));
+    }
+    let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
+    let mut options = MqttOptions::new(format!("bench-pub-{}", std::process::id()), host, port);
+    options
+        .set_max_packet_size(16 << 20, 16 << 20)
+        .set_inflight(200)
+        .set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = eventloop.poll().await {
+                tracing::warn!(error = %e, "bench publisher connection");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    // Let the workers subscribe before timing starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let by_partition: Vec<Vec<usize>> = (0..args.partitions)
+        .map(|p| {
+            (0..fleet.meters.len())
+                .filter(|m| partition_of[*m] == p)
+                .collect()
+        })
+        .collect();
+    let mut seq = vec![1u64; usize::from(args.partitions)];
+    let mut published = 0u64;
+    let started = Instant::now();
+    for round in 0..fleet.rounds {
+        for p in 0..args.partitions {
+            for chunk in by_partition[usize::from(p)].chunks(args.batch) {
+                while published.saturating_sub(IngestMetrics::get(&metrics.messages)) > args.window
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                let s = &mut seq[usize::from(p)];
+                let entries: Vec<BatchEntry> = chunk
+                    .iter()
+                    .map(|m| {
+                        let e = BatchEntry {
+                            seq: *s,
+                            reading: fleet.reading(*m, round, p),
+                        };
+                        *s += 1;
+                        e
+                    })
+                    .collect();
+                let batch = ReadingBatch {
+                    v: WIRE_VERSION,
+                    gateway: fleet.gateway[usize::from(p)].clone(),
+                    partition: p,
+                    sent_at: OffsetDateTime::now_utc(),
+                    entries,
+                };
+                let payload = serde_json::to_vec(&batch)?;
+                client
+                    .publish(
+                        pipeline::ingest::readings_topic(&root, p),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await?;
+                published += 1;
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(3600);
+    while IngestMetrics::get(&metrics.stored) < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "pipeline did not finish within an hour"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pipe_secs = started.elapsed().as_secs_f64();
+    let pipe_rate = total as f64 / pipe_secs;
+    stop.send(true).ok();
+    for w in workers {
+        w.await??;
+    }
+    for w in 0..args.workers {
+        pipeline::worker::forget_session(&mqtt_url, &format!("bench-{}-w{w}", std::process::id()))
+            .await
+            .ok();
+    }
+    let rss = rss_bytes();
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(&pool)
+        .await?;
+    let validated: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM readings WHERE quality = 'validated'")
+            .fetch_one(&pool)
+            .await?;
+    let hourly: i64 = sqlx::query_scalar("SELECT count(*) FROM rollup_hourly")
+        .fetch_one(&pool)
+        .await?;
+    let states: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
+        .fetch_one(&pool)
+        .await?;
+    // The state a worker holds is what it rebuilds on restart: measure that.
+    let vee =
+        pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
+    let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
+    println!(
+        "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} meter_state_rows={states} messages={} commits={} slow_path_conflicts={}",
+        IngestMetrics::get(&metrics.messages),
+        IngestMetrics::get(&metrics.commits),
+        IngestMetrics::get(&metrics.conflicts),
+    );
+    if let Some(rss) = rss {
+        println!("process_rss_mb={:.0}", rss as f64 / 1e6);
+    }
+    println!("state_meters={}", vee.meters());
+    println!("state_bytes_per_meter={per_meter:.0}");
+    println!("pipeline_readings_per_s={pipe_rate:.0}");
+    pool.close().await;
+    if !args.keep {
+        drop_db(&admin, &pipe_db).await;
+    }
+    println!("ratio={:.3}", pipe_rate / copy_rate);
+    Ok(())
+}
