@@ -132,7 +132,11 @@ q -c "SELECT kind AS ingest_reject, count(*) FROM ingest_rejects WHERE at >= '$s
 echo "=== gateway metrics (excerpt) ==="
 metrics | grep -E '^wm_gateway_(frames_total|decode_errors_total|spool_depth|uplink|commands_total)' | head -n 40 || true
 stored=$(q -A -t -c "SELECT count(*) FROM readings WHERE $since AND quality <> 'estimated'")
+acked=$(metrics | awk '/^wm_gateway_uplink_acked_readings_total /{print $2}')
 echo "=== result ==="
+# Fewer stored than published: exact re-sends deduplicated by the row key, and messages the
+# broker dropped for a slow subscriber (Mosquitto's max_queued_messages, see its log).
+echo "readings published by the gateway (broker-acknowledged): ${acked:-?}"
 echo "readings stored: $stored in $(( sim_ms / 1000 )) s of fleet time ($(( stored * 1000 / (sim_ms + 1) )) readings/s)"
 echo "logs: $RUN_DIR/{pipeline,gateway,simulate}.log"
 [ "$stored" -gt 0 ] || { echo "no readings arrived" >&2; exit 1; }
