@@ -21,11 +21,9 @@
 //! ```
 
 use model::{Decimal, Unit};
-use nom::Parser;
-use nom::bytes::complete::take;
-use nom::number::complete::u8 as byte;
 use time::{Date, Month, PrimitiveDateTime, Time};
 
+use crate::cursor::checksum;
 use crate::frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
 
 /// Start byte of a frame.
@@ -476,65 +474,16 @@ impl Cjt188Frame {
 // ---------------------------------------------------------------------------------------------
 // Parsing
 
-/// A position-aware reader over the frame; offsets in errors count from the input start.
-struct Cursor<'a> {
-    rest: &'a [u8],
-    offset: usize,
-}
+type Cursor<'a> = crate::cursor::Cursor<'a, Cjt188Error>;
 
-impl<'a> Cursor<'a> {
-    fn new(input: &'a [u8], offset: usize) -> Self {
-        Self {
-            rest: input,
-            offset,
+impl From<crate::cursor::Truncated> for Cjt188Error {
+    fn from(t: crate::cursor::Truncated) -> Self {
+        Self::Truncated {
+            offset: t.offset,
+            field: t.field,
+            needed: t.needed,
         }
     }
-
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], Cjt188Error> {
-        let res: nom::IResult<&'a [u8], &'a [u8]> = take(n).parse(self.rest);
-        match res {
-            Ok((rest, taken)) => {
-                self.rest = rest;
-                self.offset = self.offset.saturating_add(n);
-                Ok(taken)
-            }
-            Err(_) => Err(Cjt188Error::Truncated {
-                offset: self.offset,
-                field,
-                needed: n.saturating_sub(self.rest.len()),
-            }),
-        }
-    }
-
-    fn byte(&mut self, field: &'static str) -> Result<u8, Cjt188Error> {
-        let res: nom::IResult<&'a [u8], u8> = byte.parse(self.rest);
-        match res {
-            Ok((rest, b)) => {
-                self.rest = rest;
-                self.offset = self.offset.saturating_add(1);
-                Ok(b)
-            }
-            Err(_) => Err(Cjt188Error::Truncated {
-                offset: self.offset,
-                field,
-                needed: 1,
-            }),
-        }
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], Cjt188Error> {
-        let offset = self.offset;
-        let bytes = self.take(N, field)?;
-        bytes.try_into().map_err(|_| Cjt188Error::Truncated {
-            offset,
-            field,
-            needed: N,
-        })
-    }
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
 }
 
 fn is_known_di(di: u16) -> bool {

@@ -38,6 +38,7 @@
 )]
 
 pub mod cjt188;
+mod cursor;
 pub mod envelope;
 mod error;
 mod frame;

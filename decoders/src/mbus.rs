@@ -21,10 +21,8 @@
 //! ```
 
 use model::{Decimal, Unit};
-use nom::Parser;
-use nom::bytes::complete::take;
-use nom::number::complete::u8 as byte;
 
+use crate::cursor::checksum;
 use crate::frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
 
 /// Single-character acknowledgement.
@@ -201,63 +199,16 @@ impl MbusError {
 // ---------------------------------------------------------------------------------------------
 // Cursor
 
-/// Position-aware reader; offsets in errors count from the first input byte.
-#[derive(Clone, Copy)]
-struct Cursor<'a> {
-    rest: &'a [u8],
-    offset: usize,
-}
+type Cursor<'a> = crate::cursor::Cursor<'a, MbusError>;
 
-impl<'a> Cursor<'a> {
-    fn new(rest: &'a [u8], offset: usize) -> Self {
-        Self { rest, offset }
-    }
-
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], MbusError> {
-        let res: nom::IResult<&'a [u8], &'a [u8]> = take(n).parse(self.rest);
-        match res {
-            Ok((rest, taken)) => {
-                self.rest = rest;
-                self.offset = self.offset.saturating_add(n);
-                Ok(taken)
-            }
-            Err(_) => Err(MbusError::Truncated {
-                offset: self.offset,
-                field,
-                needed: n.saturating_sub(self.rest.len()),
-            }),
+impl From<crate::cursor::Truncated> for MbusError {
+    fn from(t: crate::cursor::Truncated) -> Self {
+        Self::Truncated {
+            offset: t.offset,
+            field: t.field,
+            needed: t.needed,
         }
     }
-
-    fn byte(&mut self, field: &'static str) -> Result<u8, MbusError> {
-        let res: nom::IResult<&'a [u8], u8> = byte.parse(self.rest);
-        match res {
-            Ok((rest, b)) => {
-                self.rest = rest;
-                self.offset = self.offset.saturating_add(1);
-                Ok(b)
-            }
-            Err(_) => Err(MbusError::Truncated {
-                offset: self.offset,
-                field,
-                needed: 1,
-            }),
-        }
-    }
-
-    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], MbusError> {
-        let offset = self.offset;
-        let bytes = self.take(N, field)?;
-        bytes.try_into().map_err(|_| MbusError::Truncated {
-            offset,
-            field,
-            needed: N,
-        })
-    }
-}
-
-fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
 }
 
 // ---------------------------------------------------------------------------------------------
