@@ -25,8 +25,10 @@ RUN_DIR="target/demo"
 DEMO_DB="${DEMO_DATABASE:-wm_demo}"
 
 # --- services ---------------------------------------------------------------------------
-command -v pg_ctlcluster >/dev/null && command -v mosquitto >/dev/null || {
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql mosquitto socat >/dev/null
+command -v pg_ctlcluster >/dev/null && command -v mosquitto >/dev/null \
+    && command -v pkg-config >/dev/null && dpkg -s libssl-dev >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        postgresql mosquitto socat pkg-config libssl-dev >/dev/null
 }
 pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
 (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null || mosquitto -d -c /etc/mosquitto/mosquitto.conf

@@ -3,6 +3,7 @@
 //! Hydrant controllers publish `{topic_prefix}/{id}/up` on the site broker and take commands on
 //! `{topic_prefix}/{id}/cmd`, answering on `{topic_prefix}/{id}/ack` (CONTRACTS.md).
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -47,6 +48,18 @@ pub struct HydrantSourceConfig {
     /// Optional password (needs `username`).
     #[serde(default)]
     pub password: Option<String>,
+    /// Connect with TLS (default false).
+    #[serde(default)]
+    pub tls: bool,
+    /// CA certificate (PEM) to verify the broker; without it the system's roots.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PKCS#8 PEM) for mutual TLS.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
     /// Topic prefix in front of `{id}/up|cmd|ack`, without a trailing slash.
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
@@ -81,10 +94,19 @@ impl HydrantSourceConfig {
             client_id: client_id.into(),
             username: None,
             password: None,
+            tls: false,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             topic_prefix: default_prefix(),
             ack_timeout: default_ack_timeout(),
             keep_alive: default_keep_alive(),
         }
+    }
+
+    /// TLS settings, `None` when `tls = false`.
+    pub fn tls(&self) -> Option<crate::MqttTls> {
+        crate::MqttTls::from_fields(self.tls, &self.tls_ca, &self.tls_cert, &self.tls_key)
     }
 
     /// Checks every field; returns all problems found.
@@ -107,6 +129,15 @@ impl HydrantSourceConfig {
                 field: "password",
                 reason: "a password needs a username".into(),
             });
+        }
+        for (field, reason) in crate::tls::field_problems(
+            self.tls,
+            &self.tls_ca,
+            &self.tls_cert,
+            &self.tls_key,
+            "set tls = true",
+        ) {
+            errors.push(HydrantConfigError::Invalid { field, reason });
         }
         if self.topic_prefix.is_empty() {
             errors.push(HydrantConfigError::Empty {

@@ -29,7 +29,10 @@ pub mod register_map;
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod tls;
 pub mod wmbus;
+
+pub use tls::MqttTls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -233,6 +236,13 @@ pub struct UplinkConfig {
     pub keep_alive_s: u16,
 }
 
+impl UplinkConfig {
+    /// TLS settings, `None` for a plain `mqtt://` broker.
+    pub fn tls(&self) -> Option<MqttTls> {
+        MqttTls::from_fields(self.broker.tls, &self.tls_ca, &self.tls_cert, &self.tls_key)
+    }
+}
+
 fn default_keep_alive_s() -> u16 {
     15
 }
@@ -388,6 +398,13 @@ pub struct MqttSourceConfig {
     pub topics: Vec<TopicMapping>,
 }
 
+impl MqttSourceConfig {
+    /// TLS settings, `None` for a plain `mqtt://` broker.
+    pub fn tls(&self) -> Option<MqttTls> {
+        MqttTls::from_fields(self.broker.tls, &self.tls_ca, &self.tls_cert, &self.tls_key)
+    }
+}
+
 /// `kind = "coap"`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -503,6 +520,63 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                 *p = base.join(&*p);
             }
         }
+        let u = &mut config.uplink;
+        tls::resolve(base, [&mut u.tls_ca, &mut u.tls_cert, &mut u.tls_key]);
+        for s in &mut config.sources {
+            match &mut s.config {
+                SourceConfig::Mqtt(m) => {
+                    tls::resolve(base, [&mut m.tls_ca, &mut m.tls_cert, &mut m.tls_key]);
+                }
+                SourceConfig::HydrantMqtt(h) => {
+                    tls::resolve(base, [&mut h.tls_ca, &mut h.tls_cert, &mut h.tls_key]);
+                }
+                _ => {}
+            }
+        }
+    }
+    // TLS files must be readable PEM now, not at the first reconnect.
+    let mut tls_files = vec![(
+        text.find("[uplink]").unwrap_or(0),
+        "uplink".to_owned(),
+        [
+            &config.uplink.tls_ca,
+            &config.uplink.tls_cert,
+            &config.uplink.tls_key,
+        ],
+    )];
+    for s in &config.sources {
+        let at = text
+            .match_indices("[[source]]")
+            .map(|(i, _)| i)
+            .find(|&i| locate(&text, i).0 == s.line)
+            .unwrap_or(0);
+        match &s.config {
+            SourceConfig::Mqtt(m) => {
+                tls_files.push((at, "source".into(), [&m.tls_ca, &m.tls_cert, &m.tls_key]));
+            }
+            SourceConfig::HydrantMqtt(h) => {
+                tls_files.push((at, "source".into(), [&h.tls_ca, &h.tls_cert, &h.tls_key]));
+            }
+            _ => {}
+        }
+    }
+    let mut errors = Vec::new();
+    for (at, section, files) in tls_files {
+        for (name, p) in ["tls_ca", "tls_cert", "tls_key"].into_iter().zip(files) {
+            if let Some(message) = p.as_deref().and_then(|p| tls::check_pem(p).err()) {
+                let (line, column, _) = locate(&text, at);
+                errors.push(ConfigError {
+                    file: path.to_owned(),
+                    line,
+                    column,
+                    field: format!("{section}.{name}"),
+                    message,
+                });
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
     }
     // Named register maps must load; a map error is a configuration error.
     let at = text.find("[register_maps]").unwrap_or(0);
@@ -752,21 +826,14 @@ fn validate(
             ),
         );
     }
-    if u.broker.tls || u.tls_ca.is_some() || u.tls_cert.is_some() {
-        err(
-            uplink_at,
-            "uplink.broker",
-            "TLS is not supported by this gateway build (rumqttc without TLS); use mqtt:// \
-             behind a local TLS terminator"
-                .into(),
-        );
-    }
-    if u.tls_cert.is_some() != u.tls_key.is_some() {
-        err(
-            uplink_at,
-            "uplink.tls_key",
-            "tls_cert and tls_key must be given together".into(),
-        );
+    for (field, message) in tls::field_problems(
+        u.broker.tls,
+        &u.tls_ca,
+        &u.tls_cert,
+        &u.tls_key,
+        "use mqtts://",
+    ) {
+        err(uplink_at, &format!("uplink.{field}"), message);
     }
     if u.username.is_none() && u.password.is_some() {
         err(
@@ -799,11 +866,17 @@ fn validate(
         }
         match src {
             SourceConfig::Mqtt(m) => {
-                if m.broker.tls || m.tls_ca.is_some() || m.tls_cert.is_some() {
+                for (field, message) in tls::field_problems(
+                    m.broker.tls,
+                    &m.tls_ca,
+                    &m.tls_cert,
+                    &m.tls_key,
+                    "use mqtts://",
+                ) {
                     err(
                         at,
-                        "source.broker",
-                        format!("source `{id}`: TLS is not supported by this gateway build"),
+                        &format!("source.{field}"),
+                        format!("source `{id}`: {message}"),
                     );
                 }
                 if m.topics.is_empty() {

@@ -176,7 +176,11 @@ const SESSION_EXPIRY_S: u32 = 3600;
 ///
 /// The session is persistent (MQTT 3.1.1 `clean_session = false`, MQTT 5 session expiry one
 /// hour) so messages not yet acknowledged are re-delivered after a reconnect.
-pub async fn run(config: MqttSourceConfig, ctx: SourceContext) {
+pub async fn run(
+    config: MqttSourceConfig,
+    tls: Option<native_tls::TlsConnector>,
+    ctx: SourceContext,
+) {
     let client_id = config
         .client_id
         .clone()
@@ -184,8 +188,12 @@ pub async fn run(config: MqttSourceConfig, ctx: SourceContext) {
     let mut backoff = Duration::from_millis(200);
     loop {
         let failure = match config.protocol {
-            MqttProtocol::V311 => session_v311(&config, &ctx, &client_id, &mut backoff).await,
-            MqttProtocol::V5 => session_v5(&config, &ctx, &client_id, &mut backoff).await,
+            MqttProtocol::V311 => {
+                session_v311(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
+            }
+            MqttProtocol::V5 => {
+                session_v5(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
+            }
         };
         let Some(failure) = failure else { return };
         tracing::warn!(source = %ctx.source_id, error = %failure, "concentrator broker connection lost");
@@ -200,6 +208,7 @@ pub async fn run(config: MqttSourceConfig, ctx: SourceContext) {
 /// One MQTT 3.1.1 connection; `None` on shutdown, else why it ended.
 async fn session_v311(
     config: &MqttSourceConfig,
+    tls: Option<&native_tls::TlsConnector>,
     ctx: &SourceContext,
     client_id: &str,
     backoff: &mut Duration,
@@ -212,6 +221,7 @@ async fn session_v311(
             .clone()
             .map(|u| (u, config.password.clone().unwrap_or_default())),
         keep_alive: Duration::from_secs(15),
+        tls: tls.cloned(),
     };
     let mut options = endpoint.options(client_id, None);
     options.set_manual_acks(true);
@@ -251,6 +261,7 @@ async fn session_v311(
 /// One MQTT 5 connection; `None` on shutdown, else why it ended.
 async fn session_v5(
     config: &MqttSourceConfig,
+    tls: Option<&native_tls::TlsConnector>,
     ctx: &SourceContext,
     client_id: &str,
     backoff: &mut Duration,
@@ -265,6 +276,7 @@ async fn session_v5(
     options.set_clean_start(false);
     options.set_session_expiry_interval(Some(SESSION_EXPIRY_S));
     options.set_max_packet_size(Some(16 * 1024 * 1024));
+    options.set_transport(mqtt::transport(tls));
     if let Some(u) = &config.username {
         options.set_credentials(u.clone(), config.password.clone().unwrap_or_default());
     }

@@ -39,6 +39,28 @@ pub enum RuntimeError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// The TLS material of an MQTT connection is unusable.
+    #[error("{what}: {source}")]
+    Tls {
+        /// Which connection.
+        what: String,
+        /// What is wrong with it.
+        source: crate::mqtt::TlsSetupError,
+    },
+}
+
+/// The TLS connector of one MQTT connection (`None` for plain TCP), built once at start so a
+/// bad certificate stops the start instead of every reconnect.
+pub(crate) fn tls_for(
+    what: &str,
+    tls: Option<edge_config::MqttTls>,
+) -> Result<Option<native_tls::TlsConnector>, RuntimeError> {
+    tls.map(|t| crate::mqtt::tls_connector(&t))
+        .transpose()
+        .map_err(|source| RuntimeError::Tls {
+            what: what.to_owned(),
+            source,
+        })
 }
 
 struct RunningSource {
@@ -73,9 +95,9 @@ impl std::fmt::Debug for Gateway {
     }
 }
 
-fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
+fn endpoint(config: &GatewayConfig) -> Result<MqttEndpoint, RuntimeError> {
     let u = &config.uplink;
-    MqttEndpoint {
+    Ok(MqttEndpoint {
         host: u.broker.host.clone(),
         port: u.broker.port,
         credentials: u
@@ -83,7 +105,8 @@ fn endpoint(config: &GatewayConfig) -> MqttEndpoint {
             .clone()
             .map(|name| (name, u.password.clone().unwrap_or_default())),
         keep_alive: Duration::from_secs(u64::from(u.keep_alive_s)),
-    }
+        tls: tls_for("uplink broker", u.tls())?,
+    })
 }
 
 /// Spawns a field source; commands for its devices go to its channel.
@@ -105,6 +128,7 @@ impl Gateway {
     /// Opens the spool and starts every component.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, RuntimeError> {
         let shutdown = CancellationToken::new();
+        let uplink_endpoint = endpoint(&config)?;
         let (spool, writer) =
             Spool::open(SpoolConfig::new(&config.spool.dir, config.spool.max_bytes))?;
         let stats = spool.stats();
@@ -126,7 +150,7 @@ impl Gateway {
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(uplink::run(
             UplinkOptions {
-                endpoint: endpoint(&config),
+                endpoint: uplink_endpoint.clone(),
                 client_id: format!("{client_base}-up"),
                 topic_root: config.uplink.topic_root.clone(),
                 gateway: config.gateway_id.clone(),
@@ -140,7 +164,7 @@ impl Gateway {
         )));
         tasks.push(tokio::spawn(control::run(
             ControlOptions {
-                endpoint: endpoint(&config),
+                endpoint: uplink_endpoint,
                 client_id: format!("{client_base}-ctl"),
                 topic_root: config.uplink.topic_root.clone(),
                 gateway: config.gateway_id.clone(),
@@ -262,7 +286,8 @@ impl Gateway {
                 (task, route, Some(addr))
             }
             SourceConfig::Mqtt(c) => {
-                let task = tokio::spawn(mqtt_source::run(c.clone(), ctx));
+                let tls = tls_for(&format!("source `{id}`"), c.tls())?;
+                let task = tokio::spawn(mqtt_source::run(c.clone(), tls, ctx));
                 let route = Route::Unavailable(format!(
                     "source `{id}` (concentrator MQTT) takes no commands"
                 ));
@@ -311,7 +336,8 @@ impl Gateway {
                 (task, route, addr)
             }
             SourceConfig::HydrantMqtt(c) => {
-                field_task(&id, sources::hydrant::run(c.clone(), ctx), cmd_tx)
+                let tls = tls_for(&format!("source `{id}`"), c.tls())?;
+                field_task(&id, sources::hydrant::run(c.clone(), tls, ctx), cmd_tx)
             }
         };
         tracing::info!(source = %cfg.id(), kind = cfg.kind(), ?addr, "source started");

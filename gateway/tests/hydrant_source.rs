@@ -47,7 +47,7 @@ async fn start(name: &str, ack_timeout: Duration) -> Harness {
         commands,
         shutdown: shutdown.clone(),
     };
-    let task = tokio::spawn(hydrant::run(config, ctx));
+    let task = tokio::spawn(hydrant::run(config, None, ctx));
     Harness {
         prefix,
         sink_rx,

@@ -187,7 +187,7 @@ async fn hydrant_bridge_talks_to_simulated_hydrants() {
     hc.topic_prefix = format!("{prefix}/hydrant");
     hc.ack_timeout = Duration::from_secs(5);
     let (ctx, mut src) = context("hydrant-e2e");
-    let task = tokio::spawn(hydrant::run(hc, ctx));
+    let task = tokio::spawn(hydrant::run(hc, None, ctx));
     // Let the bridge subscribe before the hydrants report.
     tokio::time::sleep(Duration::from_millis(800)).await;
 

@@ -48,7 +48,11 @@ pub mod status_bits {
 const DONE_CAPACITY: usize = 4096;
 
 /// Runs the bridge until `ctx.shutdown` is cancelled.
-pub async fn run(config: HydrantSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
+pub async fn run(
+    config: HydrantSourceConfig,
+    tls: Option<native_tls::TlsConnector>,
+    ctx: SourceContext,
+) -> Result<(), SourceError> {
     config.validate().map_err(SourceError::Config)?;
     let SourceContext {
         gateway,
@@ -63,6 +67,7 @@ pub async fn run(config: HydrantSourceConfig, ctx: SourceContext) -> Result<(), 
     options.set_manual_acks(true);
     // A persistent session makes the broker keep and redeliver uplinks not yet PUBACKed.
     options.set_clean_session(false);
+    options.set_transport(crate::mqtt::transport(tls.as_ref()));
     if let Some(user) = &config.username {
         options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
     }
