@@ -332,13 +332,20 @@ async fn killed_worker_resumes_from_its_persistent_session() {
         "no loss, no duplicate after the crash"
     );
     assert_eq!(distinct_rows, n);
+    second.stop.send(true).unwrap();
+    second.task.await.unwrap().unwrap();
+    // Rollups and meter states commit with their readings: after the crash and the resends
+    // every span is counted once and every meter's state is kept.
     let states: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
         .fetch_one(&db.pool)
         .await
         .unwrap();
     assert_eq!(states, 80);
-    second.stop.send(true).unwrap();
-    second.task.await.unwrap().unwrap();
+    let consumption: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(consumption, "10.000000", "80 meters x 5 spans x 0.025 m3");
     worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
         .await
         .unwrap();

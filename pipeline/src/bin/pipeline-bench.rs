@@ -340,6 +340,20 @@ async fn main() -> anyhow::Result<()> {
     let hourly: i64 = sqlx::query_scalar("SELECT count(*) FROM rollup_hourly")
         .fetch_one(&pool)
         .await?;
+    // Every meter's register rises by its per-round step each round: the daily rollups must
+    // hold exactly that.
+    let daily: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
+        .fetch_one(&pool)
+        .await?;
+    let expected_daily: Decimal = (0..fleet.meters.len())
+        .map(|m| {
+            Decimal::new(1 + (m as i64 % 10), 3) * Decimal::from(fleet.rounds.saturating_sub(1))
+        })
+        .sum();
+    anyhow::ensure!(
+        daily.parse::<Decimal>().ok() == Some(expected_daily),
+        "daily rollups hold {daily} m3, expected {expected_daily}"
+    );
     let states: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
         .fetch_one(&pool)
         .await?;
@@ -348,7 +362,7 @@ async fn main() -> anyhow::Result<()> {
         pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
     let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
     println!(
-        "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} meter_state_rows={states} messages={} commits={} slow_path_conflicts={}",
+        "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} rollup_daily_consumption={daily} meter_state_rows={states} messages={} commits={} slow_path_conflicts={}",
         IngestMetrics::get(&metrics.messages),
         IngestMetrics::get(&metrics.commits),
         IngestMetrics::get(&metrics.conflicts),
