@@ -155,7 +155,7 @@ async fn push(
                 source: SourceKind::HttpPush,
                 source_id,
                 received_at: now,
-                raw: env.payload.get(range).unwrap_or(&env.payload),
+                raw: env.payload.get(range).unwrap_or(env.payload.as_slice()),
             };
             let mut rs = normalise::to_readings(&decoded, &meter, None, &ctx);
             for r in &mut rs {
