@@ -1,6 +1,6 @@
 //! A daily NB-IoT uplink carries 24 hourly CJ/T 188 901F replies back to back: over real UDP
 //! the gateway's CoAP source spools every one of them before its 2.04, and a payload with one
-//! bad frame is refused whole (4.00, counted) with nothing spooled.
+//! bad frame is refused whole (4.00, counted) with nothing spooled. The same over HTTP push.
 
 mod common;
 
@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
+use decoders::envelope::{Envelope, Platform, encode_envelope};
 use gateway::runtime::Gateway;
+use hmac::{Hmac, Mac};
 use model::{ClockSource, Quantity, ReadingBatch};
 use rust_decimal::Decimal;
+use sha2::Sha256;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -170,5 +173,102 @@ meter_utc_offset_minutes = 480
         text.contains(r#"wm_gateway_frames_total{source="nbiot"} 25"#),
         "one refused payload + 24 frames: {text}"
     );
+    gateway.shutdown().await;
+}
+
+async fn push(addr: SocketAddr, body: &[u8], secret: &str) -> u16 {
+    let ts = OffsetDateTime::now_utc().unix_timestamp();
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}\n").as_bytes());
+    mac.update(body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_frame_push_places_history_before_the_platform_time() {
+    const SECRET: &str = "0123456789abcdef-history";
+    let root = common::unique_prefix("push-history");
+    let (_s, mut batches) =
+        common::subscribe("phist-readings", &format!("{root}/readings/#")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let b = common::broker();
+    let toml = format!(
+        r#"gateway_id = "gw-push-history"
+[uplink]
+broker = "mqtt://{}:{}"
+client_id = "{}"
+topic_root = "{root}"
+[spool]
+dir = "{}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "platform"
+kind = "http_push"
+listen = "127.0.0.1:0"
+secret = "{SECRET}"
+"#,
+        b.host,
+        b.port,
+        root.replace('/', "-"),
+        dir.path().display()
+    );
+    let config = edge_config::parse(&toml, "p.toml".as_ref()).expect("config");
+    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let http = gateway.source_addr("platform").expect("bound");
+    let platform_time = time::macros::datetime!(2026-11-24 15:00:05 UTC);
+    let envelope = |payload: Vec<u8>| {
+        let mut env = Envelope::new(Platform::Generic, "nb-7", payload);
+        env.received_at = Some(platform_time);
+        encode_envelope(Platform::Generic, &env)
+    };
+
+    // One bad frame in the middle: 400, nothing spooled.
+    let seq_before = gateway.spool().stats().next_seq;
+    let mut bad = day_of_frames();
+    let frame_len = bad.len() / 24;
+    bad[6 * frame_len - 2] ^= 0x5A; // the 6th frame's checksum
+    assert_eq!(push(http, &envelope(bad), SECRET).await, 400);
+    assert_eq!(gateway.spool().stats().next_seq, seq_before);
+
+    // The day: 24 readings, the newest at the platform's time, the others an hour apart.
+    assert_eq!(push(http, &envelope(day_of_frames()), SECRET).await, 202);
+    let mut volumes: BTreeMap<OffsetDateTime, Decimal> = BTreeMap::new();
+    while volumes.len() < 24 {
+        let (_, payload) = tokio::time::timeout(Duration::from_secs(10), batches.recv())
+            .await
+            .expect("reading batches in time")
+            .unwrap();
+        let batch: ReadingBatch = serde_json::from_slice(&payload).unwrap();
+        for e in batch.entries {
+            let r = e.reading;
+            if r.quantity == Quantity::Volume {
+                assert_eq!(r.clock, ClockSource::Platform);
+                assert!(
+                    volumes.insert(r.ts, r.value).is_none(),
+                    "one reading per hour"
+                );
+            }
+        }
+    }
+    let expected: BTreeMap<OffsetDateTime, Decimal> = (0..24i64)
+        .map(|h| {
+            (
+                platform_time - time::Duration::hours(23 - h),
+                Decimal::new(10_000 + 25 * h, 2),
+            )
+        })
+        .collect();
+    assert_eq!(volumes, expected);
     gateway.shutdown().await;
 }
