@@ -180,7 +180,9 @@ pub async fn run(
         seen: HashMap::new(),
         ser: 0,
     };
-    let mut buf = vec![0u8; 2048];
+    // The largest UDP datagram: a meter that missed days sends a long history, and a shorter
+    // buffer would silently cut it.
+    let mut buf = vec![0u8; 65_535];
     loop {
         let (n, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
