@@ -526,6 +526,58 @@ pub fn parse(bytes: &[u8]) -> Result<Cjt188Frame, Cjt188Error> {
     Ok(frame)
 }
 
+/// Why a payload of concatenated frames was refused: the first frame that did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "frame {index} of the payload (from byte {start}; offsets below count from there): {source}"
+)]
+pub struct ConcatenatedError {
+    /// Position of the bad frame in the payload (0 = first).
+    pub index: usize,
+    /// Payload offset where the bad frame (its preamble, if any) starts.
+    pub start: usize,
+    /// What was wrong with it; its offsets count from `start`.
+    #[source]
+    pub source: Cjt188Error,
+}
+
+impl ConcatenatedError {
+    /// The stable code of the underlying frame error (metrics label).
+    pub fn code(&self) -> &'static str {
+        self.source.code()
+    }
+}
+
+/// Parses a payload made of one or more whole frames back to back, each with its own optional
+/// FE preamble, as NB-IoT meters send their history (one 901F reply per reading). Returns
+/// every frame with the byte range it occupies in `bytes` (preamble included).
+///
+/// All or nothing: an empty payload, a bad frame anywhere or bytes that do not form a whole
+/// frame at the end refuse the whole payload.
+///
+/// # Errors
+/// [`ConcatenatedError`] naming the first frame that did not parse.
+pub fn parse_concatenated(
+    bytes: &[u8],
+) -> Result<Vec<(Cjt188Frame, std::ops::Range<usize>)>, ConcatenatedError> {
+    let mut frames = Vec::new();
+    let mut start = 0usize;
+    loop {
+        let rest = bytes.get(start..).unwrap_or(&[]);
+        let (frame, used) = parse_prefix(rest).map_err(|source| ConcatenatedError {
+            index: frames.len(),
+            start,
+            source,
+        })?;
+        let end = start.saturating_add(used);
+        frames.push((frame, start..end));
+        start = end;
+        if start >= bytes.len() {
+            return Ok(frames);
+        }
+    }
+}
+
 /// Parses one frame at the start of `bytes` and returns it with the number of bytes used.
 ///
 /// # Errors
@@ -1343,6 +1395,49 @@ pub fn to_decoded_with(frame: &Cjt188Frame, bits: StatusBits) -> DecodedFrame {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn concatenated_frames_parse_all_or_nothing() {
+        let addr = [0x44, 0x33, 0x22, 0x11, 0x00, 0x33, 0x78];
+        let reply = |hour: u8, cents: i64| {
+            let r = Cjt188Reading {
+                current_m3: Decimal::new(cents, 2),
+                settlement_m3: Decimal::new(0, 2),
+                unit: UNIT_M3,
+                clock: PrimitiveDateTime::new(
+                    Date::from_calendar_date(2026, Month::November, 24).unwrap(),
+                    Time::from_hms(hour, 0, 0).unwrap(),
+                ),
+                status: 0,
+            };
+            encode(&Cjt188Frame::read_data_reply(0x10, addr, hour, &r))
+        };
+        let mut payload = reply(0, 100);
+        let first_len = payload.len();
+        payload.extend(encode_with_preamble(
+            &Cjt188Frame::read_data_request(0x10, addr),
+            2,
+        ));
+        payload.extend(reply(1, 105));
+        let frames = parse_concatenated(&payload).unwrap();
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0].1, 0..first_len);
+        assert_eq!(frames[2].1.end, payload.len());
+        assert_eq!(frames[2].0.ser, 1);
+        // One frame alone is a payload too.
+        assert_eq!(parse_concatenated(&reply(5, 1)).unwrap().len(), 1);
+        // A bad checksum in the last frame refuses the whole payload and names the frame.
+        let mut bad = payload.clone();
+        let cs = bad.len() - 2;
+        bad[cs] ^= 0xFF;
+        let e = parse_concatenated(&bad).unwrap_err();
+        assert_eq!((e.index, e.code()), (2, "bad_checksum"));
+        assert_eq!(e.start, frames[2].1.start);
+        // A partial frame at the end is refused, and so is an empty payload.
+        let e = parse_concatenated(&payload[..payload.len() - 3]).unwrap_err();
+        assert_eq!((e.index, e.code()), (2, "truncated"));
+        assert_eq!(parse_concatenated(&[]).unwrap_err().index, 0);
+    }
 
     fn near_valid_byte() -> impl Strategy<Value = u8> {
         prop_oneof![

@@ -1,10 +1,19 @@
-//! NB-IoT CoAP source: meters POST one CJ/T 188 frame to `/up`; the gateway spools the
-//! readings and answers 2.04 Changed whose payload is the meter's next pending downlink frame
-//! (valve control) or empty.
+//! NB-IoT CoAP source: meters POST CJ/T 188 frames to `/up`; the gateway spools the readings
+//! and answers 2.04 Changed whose payload is the meter's next pending downlink frame (valve
+//! control) or empty.
 //!
+//! - The payload is one or more whole frames back to back (an hourly meter sends its current
+//!   901F reply; a daily meter sends the hourly 901F replies since its last uplink, oldest
+//!   first, each with its own clock). Every reading of every frame is spooled in one submit
+//!   before the 2.04.
+//! - All or nothing: if any frame does not decode, or the frames are not all from one meter,
+//!   the whole payload is refused with 4.00 ([`UplinkError`], counted once in
+//!   `wm_gateway_decode_errors_total{kind}`) and nothing of it is spooled. Accepting the good
+//!   frames would answer 2.04 for a payload that was partly dropped, and the meter, which does
+//!   not retry a 2.xx, would lose those hours silently; a 4.00 at least shows up in the
+//!   meter's and the platform's logs and in the counter.
 //! - Confirmable retransmissions (same peer and message id within the exchange lifetime) get the
 //!   cached answer and are not processed again.
-//! - A frame that does not decode is counted by error kind, logged, and answered 4.00.
 //! - When the spool cannot take the readings the answer is 5.03, so the meter retries later.
 //! - A valve reply (control 0x84) completes the command sent in an earlier reply.
 
@@ -15,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use coap_lite::{CoapResponse, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use decoders::cjt188::{self, Cjt188Frame, Payload};
-use model::{CommandAction, MeterId, SourceKind};
+use model::{CommandAction, MeterId, MeterIdError, SourceKind};
 use time::{OffsetDateTime, UtcOffset};
 use tokio::net::UdpSocket;
 
@@ -34,6 +43,75 @@ pub enum CoapError {
         /// Underlying error.
         source: std::io::Error,
     },
+}
+
+/// Why an uplink payload (CoAP `/up` body, push envelope payload) was refused as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    /// A frame of the payload did not parse.
+    #[error(transparent)]
+    Frame(#[from] cjt188::ConcatenatedError),
+    /// The frames are not all from the same meter.
+    #[error("frame {index} is from meter {found}, the payload's first frame from {first}")]
+    MixedMeters {
+        /// Position of the odd frame.
+        index: usize,
+        /// Meter of the first frame (`A6..A0` digits).
+        first: String,
+        /// Meter of the odd frame.
+        found: String,
+    },
+    /// The address is not a usable meter id.
+    #[error("unusable meter address: {0}")]
+    MeterId(#[from] MeterIdError),
+}
+
+impl UplinkError {
+    /// A stable snake_case code, the `kind` label of `wm_gateway_decode_errors_total`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Frame(e) => e.code(),
+            Self::MixedMeters { .. } => "mixed_meters",
+            Self::MeterId(_) => "meter_id",
+        }
+    }
+}
+
+/// One frame of an uplink payload with the bytes it came in.
+pub type UplinkFrame = (Cjt188Frame, std::ops::Range<usize>);
+
+/// Splits an uplink payload into its frames and checks they are all from one meter, whose
+/// id is returned with them.
+///
+/// # Errors
+/// [`UplinkError`] for the first problem; the payload is then refused as a whole.
+pub fn parse_uplink(raw: &[u8]) -> Result<(MeterId, Vec<UplinkFrame>), UplinkError> {
+    let frames = cjt188::parse_concatenated(raw)?;
+    let Some((first, _)) = frames.first() else {
+        // parse_concatenated never returns an empty list; refuse rather than panic.
+        return Err(UplinkError::Frame(cjt188::ConcatenatedError {
+            index: 0,
+            start: 0,
+            source: cjt188::Cjt188Error::Truncated {
+                offset: 0,
+                field: "start byte",
+                needed: 1,
+            },
+        }));
+    };
+    if let Some((index, (odd, _))) = frames
+        .iter()
+        .enumerate()
+        .find(|(_, (f, _))| f.address != first.address)
+    {
+        return Err(UplinkError::MixedMeters {
+            index,
+            first: cjt188::address_digits(&first.address),
+            found: cjt188::address_digits(&odd.address),
+        });
+    }
+    let meter = normalise::meter_id(&cjt188::to_decoded(first))?;
+    Ok((meter, frames))
 }
 
 /// CoAP source settings (from `edge_config::CoapSourceConfig`).
@@ -102,7 +180,9 @@ pub async fn run(
         seen: HashMap::new(),
         ser: 0,
     };
-    let mut buf = vec![0u8; 2048];
+    // The largest UDP datagram: a meter that missed days sends a long history, and a shorter
+    // buffer would silently cut it.
+    let mut buf = vec![0u8; 65_535];
     loop {
         let (n, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -179,39 +259,46 @@ impl Server {
         Some(bytes)
     }
 
-    /// Handles one CJ/T 188 frame; returns the CoAP status and reply payload.
+    /// Handles one uplink payload (one or more CJ/T 188 frames of one meter); returns the CoAP
+    /// status and reply payload.
     async fn uplink(&mut self, raw: &[u8]) -> (ResponseType, Vec<u8>) {
         let source_id = self.ctx.source_id.clone();
-        self.ctx.sink.frame_received(&source_id);
-        let frame = match cjt188::parse(raw) {
-            Ok(f) => f,
+        let (meter, frames) = match parse_uplink(raw) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                self.ctx.sink.decode_failed(&source_id, &error_kind(&e));
-                tracing::warn!(source = %source_id, error = %e, frame = %hex::encode(raw), "undecodable CJ/T 188 frame");
+                self.ctx.sink.frame_received(&source_id);
+                self.ctx.sink.decode_failed(&source_id, e.code());
+                tracing::warn!(source = %source_id, error = %e, payload = %hex::encode(raw), "refused a CoAP uplink");
                 return (ResponseType::BadRequest, e.to_string().into_bytes());
             }
         };
-        let decoded = cjt188::to_decoded(&frame);
-        let meter = match normalise::meter_id(&decoded) {
-            Ok(m) => m,
-            Err(e) => {
-                self.ctx.sink.decode_failed(&source_id, "meter_id");
-                tracing::warn!(source = %source_id, error = %e, "CJ/T 188 frame with an unusable address");
-                return (ResponseType::BadRequest, e.to_string().into_bytes());
+        let received_at = OffsetDateTime::now_utc();
+        // Without a configured zone the meter clocks only order the frames (see
+        // `normalise::relative_timestamps`); with one they are the readings' time.
+        let clocks: Vec<_> = frames
+            .iter()
+            .map(|(f, _)| match &f.payload {
+                Payload::Reading(r) => Some(r.clock),
+                _ => None,
+            })
+            .collect();
+        let relative = normalise::relative_timestamps(&clocks, received_at);
+        let mut readings = Vec::new();
+        let mut valve_replies = Vec::new();
+        for ((frame, range), relative_ts) in frames.iter().zip(relative) {
+            self.ctx.sink.frame_received(&source_id);
+            if frame.di == cjt188::DI_VALVE && frame.is_reply() {
+                // The meter's answer to a valve command sent in an earlier reply; applied once
+                // the payload's readings are spooled.
+                valve_replies.push(match (&frame.payload, frame.is_abnormal()) {
+                    (_, true) => Err("meter answered the valve command abnormally".to_owned()),
+                    (Payload::Status(st), false) if st & cjt188::ST_VALVE_ABNORMAL != 0 => {
+                        Err(format!("valve abnormal (status {st:#06x})"))
+                    }
+                    _ => Ok(()),
+                });
+                continue;
             }
-        };
-        if frame.di == cjt188::DI_VALVE && frame.is_reply() {
-            // The meter's answer to a valve command sent in an earlier reply.
-            let result = match (&frame.payload, frame.is_abnormal()) {
-                (_, true) => Err("meter answered the valve command abnormally".to_owned()),
-                (Payload::Status(st), false) if st & cjt188::ST_VALVE_ABNORMAL != 0 => {
-                    Err(format!("valve abnormal (status {st:#06x})"))
-                }
-                _ => Ok(()),
-            };
-            self.downlink.meter_replied(&meter, result);
-        } else {
-            let received_at = OffsetDateTime::now_utc();
             let meter_ts = match (&frame.payload, self.opts.meter_utc_offset) {
                 (Payload::Reading(r), Some(offset)) => Some(r.clock.assume_offset(offset)),
                 _ => None,
@@ -221,15 +308,30 @@ impl Server {
                 source: SourceKind::Coap,
                 source_id: &source_id,
                 received_at,
-                raw,
+                raw: raw.get(range.clone()).unwrap_or(raw),
             };
-            let readings = normalise::to_readings(&decoded, &meter, meter_ts, &ctx);
-            if let Err(e) = self.ctx.sink.submit(readings).await {
-                tracing::error!(source = %source_id, error = %e, "could not spool readings; meter will retry");
-                return (ResponseType::ServiceUnavailable, Vec::new());
+            let mut rs = normalise::to_readings(&cjt188::to_decoded(frame), &meter, meter_ts, &ctx);
+            if meter_ts.is_none() {
+                for r in &mut rs {
+                    r.ts = relative_ts;
+                }
             }
+            readings.extend(rs);
         }
-        (ResponseType::Changed, self.pending_frame(&meter, &frame))
+        if !readings.is_empty()
+            && let Err(e) = self.ctx.sink.submit(readings).await
+        {
+            tracing::error!(source = %source_id, error = %e, "could not spool readings; meter will retry");
+            return (ResponseType::ServiceUnavailable, Vec::new());
+        }
+        for result in valve_replies {
+            self.downlink.meter_replied(&meter, result);
+        }
+        let reply = match frames.first() {
+            Some((first, _)) => self.pending_frame(&meter, first),
+            None => Vec::new(),
+        };
+        (ResponseType::Changed, reply)
     }
 
     /// The next queued command for this meter as a CJ/T 188 frame, or empty.

@@ -1,12 +1,26 @@
 //! The control connection to the central broker: retained status with a last will, the
 //! command subscription `{root}/{gateway}/cmd/#` and command acknowledgements on
 //! `{root}/{gateway}/cmd-ack`.
+//!
+//! The connection is a persistent MQTT session (`clean_session = false`, the stable client id
+//! `{base}-ctl`, subscription at QoS 1), so the broker queues the commands published while the
+//! gateway is offline or reconnecting and delivers them when it is back. (With a clean session
+//! the broker discarded them: a hydrant command sent during an outage was silently lost.)
+//!
+//! Commands are acknowledged to the broker by hand, *after* [`Downlink::handle`] has journaled
+//! them in `commands.jsonl` (fsync), not on receipt. Why: acking on receipt opens a window in
+//! which the broker has forgotten a command that the gateway has not yet written down, so a
+//! crash there loses it. Acking after the journal makes delivery at-least-once from the
+//! broker's side, and the journal turns every re-delivery of an id into a no-op that only
+//! re-publishes the command's last state, so each command is executed at most once: together,
+//! exactly once as long as the spool directory survives. A command that is not valid JSON is
+//! acked at once (it would otherwise be re-delivered forever).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use model::{CommandAck, DeviceCommand, GatewayId};
-use rumqttc::{Event, LastWill, Packet, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, Packet, Publish, QoS};
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -21,7 +35,7 @@ use crate::mqtt::{self, MqttEndpoint};
 pub struct ControlOptions {
     /// Broker.
     pub endpoint: MqttEndpoint,
-    /// MQTT client id.
+    /// MQTT client id; must be stable across restarts, the broker keeps the session under it.
     pub client_id: String,
     /// Topic root.
     pub topic_root: String,
@@ -49,12 +63,18 @@ pub async fn run(
     let cmd_filter = format!("{}/{}/cmd/#", opts.topic_root, opts.gateway);
     let ack_topic = format!("{}/{}/cmd-ack", opts.topic_root, opts.gateway);
     // Commands are handled one at a time, in arrival order, so a duplicate id can never race
-    // its original past the idempotency check.
-    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<DeviceCommand>();
+    // its original past the idempotency check. Each carries the PUBLISH and the client of the
+    // connection it came on, to be acked once the command is journaled.
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<(DeviceCommand, Publish, AsyncClient)>();
     let router = Arc::clone(&downlink);
     tokio::spawn(async move {
-        while let Some(cmd) = cmd_rx.recv().await {
+        while let Some((cmd, publish, client)) = cmd_rx.recv().await {
             router.handle(cmd).await;
+            // If that connection is gone the ack fails; the broker re-delivers the command on
+            // the next connection and the journal makes it a no-op.
+            if let Err(e) = client.ack(&publish).await {
+                tracing::debug!(error = %e, "command ack for a closed connection; it will be re-delivered");
+            }
         }
     });
     let mut backoff = Duration::from_millis(200);
@@ -65,8 +85,10 @@ pub async fn run(
             QoS::AtLeastOnce,
             true,
         );
-        let (client, mut events) =
-            mqtt::connect(opts.endpoint.options(&opts.client_id, Some(will)), 256);
+        let mut options = opts.endpoint.options(&opts.client_id, Some(will));
+        options.set_clean_session(false);
+        options.set_manual_acks(true);
+        let (client, mut events) = mqtt::connect(options, 256);
         let mut connected = false;
         let failure = loop {
             tokio::select! {
@@ -104,19 +126,24 @@ pub async fn run(
                 ev = events.recv() => match ev {
                     None => break "event loop ended".to_owned(),
                     Some(Err(e)) => break e.to_string(),
-                    Some(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                    Some(Ok(Event::Incoming(Packet::ConnAck(ack)))) => {
                         connected = true;
                         backoff = Duration::from_millis(200);
-                        tracing::info!(topic = %status_topic, "control connection up; status online");
+                        tracing::info!(topic = %status_topic, session_present = ack.session_present, "control connection up; status online");
                         client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online")).await.ok();
+                        // Already in a resumed session; subscribing again is harmless and creates
+                        // it the first time (or after the broker lost its sessions).
                         client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
                         match serde_json::from_slice::<DeviceCommand>(&p.payload) {
                             Ok(cmd) => {
-                                cmd_tx.send(cmd).ok();
+                                cmd_tx.send((cmd, p, client.clone())).ok();
                             }
-                            Err(e) => tracing::warn!(topic = %p.topic, error = %e, "ignoring an unreadable command"),
+                            Err(e) => {
+                                tracing::warn!(topic = %p.topic, error = %e, "ignoring an unreadable command");
+                                client.ack(&p).await.ok();
+                            }
                         }
                     }
                     Some(Ok(_)) => {}

@@ -3,7 +3,13 @@
 //!
 //! Replies 202 after the readings are spooled, 401 for a bad or missing signature or a
 //! timestamp outside the allowed skew, 400 for a body that is not a known envelope or whose
-//! frame does not decode, 503 when the spool cannot take the readings.
+//! frames do not decode, 503 when the spool cannot take the readings.
+//!
+//! An envelope's payload may hold several CJ/T 188 frames back to back (a daily meter's hourly
+//! history, oldest first); every frame's readings are spooled, all envelopes of a body in one
+//! submit, before the 202. As on CoAP it is all or nothing: one bad frame anywhere in the body
+//! refuses the whole body with 400 ([`crate::coap::UplinkError`], counted once), so a 202
+//! never hides a dropped reading.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,7 +25,7 @@ use model::{ClockSource, SourceKind};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-use crate::coap::error_kind;
+use crate::coap::{UplinkError, error_kind, parse_uplink};
 use crate::normalise::{self, FrameContext};
 use crate::source::SourceContext;
 
@@ -95,39 +101,69 @@ async fn push(
     };
     let mut readings = Vec::new();
     for env in &envelopes {
-        state.ctx.sink.frame_received(source_id);
-        let mut decoded = match cjt188::decode(&env.payload) {
-            Ok(d) => d,
+        // Parse (and split) the payload, then decode each frame, which also checks the
+        // address digits.
+        let parsed = parse_uplink(&env.payload).and_then(|(meter, frames)| {
+            frames
+                .into_iter()
+                .enumerate()
+                .map(|(index, (frame, range))| {
+                    let clock = match &frame.payload {
+                        cjt188::Payload::Reading(r) => Some(r.clock),
+                        _ => None,
+                    };
+                    let bytes = env.payload.get(range.clone()).unwrap_or(&[]);
+                    cjt188::decode(bytes)
+                        .map(|decoded| (decoded, range.clone(), clock))
+                        .map_err(|source| {
+                            UplinkError::Frame(cjt188::ConcatenatedError {
+                                index,
+                                start: range.start,
+                                source,
+                            })
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|frames| (meter, frames))
+        });
+        let (meter, frames) = match parsed {
+            Ok(p) => p,
             Err(e) => {
-                state.ctx.sink.decode_failed(source_id, &error_kind(&e));
-                tracing::warn!(source = source_id, device = %env.device_id, error = %e, "undecodable CJ/T 188 frame in push");
+                state.ctx.sink.frame_received(source_id);
+                state.ctx.sink.decode_failed(source_id, e.code());
+                tracing::warn!(source = source_id, device = %env.device_id, error = %e, "undecodable CJ/T 188 payload in push");
                 return (StatusCode::BAD_REQUEST, e.to_string());
             }
         };
-        decoded.records.extend(env.signal_records());
-        let meter = match normalise::meter_id(&decoded) {
-            Ok(m) => m,
-            Err(e) => {
-                state.ctx.sink.decode_failed(source_id, "meter_id");
-                return (StatusCode::BAD_REQUEST, e.to_string());
+        // The platform's receive time is closer to the measurement than ours; older frames of
+        // a history are placed before it by their clocks.
+        let (anchor, clock) = match env.received_at {
+            Some(at) => (at, ClockSource::Platform),
+            None => (now, ClockSource::Gateway),
+        };
+        let clocks: Vec<_> = frames.iter().map(|(_, _, clock)| *clock).collect();
+        let timestamps = normalise::relative_timestamps(&clocks, anchor);
+        let last = frames.len().saturating_sub(1);
+        for (i, ((mut decoded, range, _), ts)) in frames.into_iter().zip(timestamps).enumerate() {
+            state.ctx.sink.frame_received(source_id);
+            if i == last {
+                // Radio figures describe this uplink: they go with its newest (last) frame.
+                decoded.records.extend(env.signal_records());
             }
-        };
-        let ctx = FrameContext {
-            gateway: &state.ctx.gateway,
-            source: SourceKind::HttpPush,
-            source_id,
-            received_at: now,
-            raw: &env.payload,
-        };
-        let mut rs = normalise::to_readings(&decoded, &meter, None, &ctx);
-        if let Some(at) = env.received_at {
-            // The platform's receive time is closer to the measurement than ours.
+            let ctx = FrameContext {
+                gateway: &state.ctx.gateway,
+                source: SourceKind::HttpPush,
+                source_id,
+                received_at: now,
+                raw: env.payload.get(range).unwrap_or(env.payload.as_slice()),
+            };
+            let mut rs = normalise::to_readings(&decoded, &meter, None, &ctx);
             for r in &mut rs {
-                r.ts = at;
-                r.clock = ClockSource::Platform;
+                r.ts = ts;
+                r.clock = clock;
             }
+            readings.extend(rs);
         }
-        readings.extend(rs);
     }
     match state.ctx.sink.submit(readings).await {
         Ok(()) => (StatusCode::ACCEPTED, String::new()),

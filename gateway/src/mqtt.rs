@@ -173,6 +173,10 @@ impl MqttEndpoint {
     }
 
     /// rumqttc options for a client id, with large packets allowed (reading batches).
+    ///
+    /// The session is clean; connections that must not lose QoS 1 messages published while
+    /// they are away (control, concentrator and hydrant sources) switch to a persistent session
+    /// and manual acks themselves.
     pub fn options(&self, client_id: &str, last_will: Option<LastWill>) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
         o.set_keep_alive(self.keep_alive);

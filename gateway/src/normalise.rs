@@ -5,7 +5,7 @@ use model::{
     ClockSource, GatewayId, MeterId, MeterIdError, Provenance, Quality, Reading, SourceKind, Unit,
 };
 use sha2::{Digest, Sha256};
-use time::OffsetDateTime;
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// Where and when a frame was received.
 #[derive(Debug, Clone)]
@@ -92,6 +92,25 @@ pub fn to_readings(
         .collect()
 }
 
+/// Timestamps for the frames of one uplink when the meters' clocks cannot be converted to UTC
+/// (no zone configured): the newest clock gets `anchor` (the receive or platform time) and
+/// every older frame `anchor` minus how far its clock is behind the newest. Differences of
+/// local clock times are zone-free (this assumes no daylight-saving jump inside the history,
+/// true for China Standard Time). Frames without a clock, and a single frame, get `anchor`.
+pub fn relative_timestamps(
+    clocks: &[Option<PrimitiveDateTime>],
+    anchor: OffsetDateTime,
+) -> Vec<OffsetDateTime> {
+    let newest = clocks.iter().flatten().max().copied();
+    clocks
+        .iter()
+        .map(|c| match (c, newest) {
+            (Some(c), Some(newest)) => anchor.checked_sub(newest - *c).unwrap_or(anchor),
+            _ => anchor,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -115,6 +134,30 @@ mod tests {
             subunit: 0,
             function,
         }
+    }
+
+    #[test]
+    fn history_timestamps_are_relative_to_the_newest_clock() {
+        let anchor = datetime!(2026-11-24 16:00:07 UTC);
+        let ts = relative_timestamps(
+            &[
+                Some(datetime!(2026-11-24 22:00:00)),
+                None,
+                Some(datetime!(2026-11-24 23:59:30)),
+                Some(datetime!(2026-11-25 00:00:00)),
+            ],
+            anchor,
+        );
+        assert_eq!(
+            ts,
+            vec![
+                datetime!(2026-11-24 14:00:07 UTC),
+                anchor,
+                datetime!(2026-11-24 15:59:37 UTC),
+                anchor
+            ]
+        );
+        assert_eq!(relative_timestamps(&[None], anchor), vec![anchor]);
     }
 
     #[test]

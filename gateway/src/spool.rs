@@ -11,8 +11,12 @@
 //!   (a torn write after a crash) is cut off together with everything after it.
 //! - The uplink reads durable records through a [`Cursor`] and acknowledges sequence numbers
 //!   after the broker's PUBACK; a segment whose records are all acknowledged is deleted.
-//!   Acknowledgements are kept in memory only: after a restart the partly acknowledged
-//!   segments are sent again (at-least-once; the pipeline deduplicates by `seq`).
+//!   Acknowledgements are tracked per record in memory; the *watermark* (every seq below it
+//!   acknowledged) is persisted in `acked.watermark` (written at most once a second and when
+//!   everything is acknowledged, atomically by rename, not fsynced). On open the records below
+//!   it count as acknowledged, so after a restart only what was acknowledged out of order
+//!   above the watermark, or after its last save, is sent again (at-least-once; the pipeline
+//!   deduplicates by `seq`).
 //! - Past `max_bytes` the oldest segments are evicted even if unacknowledged, counted in
 //!   [`SpoolStats::evicted`] and logged as an error.
 

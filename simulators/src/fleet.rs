@@ -32,13 +32,13 @@ use tokio::net::UdpSocket;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::engine::{Delivery, MeterSpec};
 use crate::frames::{cjt188_reply, cjt188_status, corrupt_checksummed, corrupt_wmbus, wmbus_key};
 use crate::mbus_serial::{Latest, MbusBank, MbusBus};
 use crate::modbus_tcp;
-use crate::nbiot::{coap_post, downlink_valve, http_push, valve_reply};
+use crate::nbiot::{coap_post, downlink_valve, http_push, valve_refusal, valve_reply};
 
 use crate::engine::{Emission, Engine, unix};
 use crate::mqtt::{
@@ -79,6 +79,22 @@ pub struct ConcentratorConfig {
     pub meters: u32,
     /// Upload schedule.
     pub upload: Upload,
+}
+
+/// What an NB-IoT meter's uplink (CoAP or HTTP push) carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NbiotUplink {
+    /// One frame, the current reading, every [`FleetConfig::nbiot_report_every`] steps.
+    #[default]
+    Hourly,
+    /// Once a simulated day, at the meter's own hour: one 901F reply per hourly reading taken
+    /// since the previous uplink (24 a day; fewer on the first), oldest first, back to back,
+    /// each with its own clock and SER. A reading lost to a `comm_loss` fault is not in it; a
+    /// `corrupted_frames` fault corrupts its frame, so the gateway refuses the whole uplink; a
+    /// `duplicate_frames` fault sends the whole uplink twice. Needs 60-minute steps;
+    /// `nbiot_report_every` does not apply. Readings taken after a meter's last uplink of a
+    /// bounded run are not sent.
+    Daily,
 }
 
 /// NB-IoT CJ/T 188 meters posting CoAP uplinks to the gateway.
@@ -150,6 +166,12 @@ pub struct FleetConfig {
     /// NB-IoT meters (CoAP and HTTP push) report every this many steps, each meter at its own
     /// phase (hourly steps and 24: one uplink a day, spread over the day). 0 and 1: every step.
     pub nbiot_report_every: u32,
+    /// What NB-IoT uplinks carry: the current reading (hourly) or a day of hourly readings.
+    pub nbiot_uplink: NbiotUplink,
+    /// Indices of NB-IoT meters built without a valve: they answer a valve command with the
+    /// CJ/T 188 abnormal reply (C = 0xC4, status word) and do not change state. Every other
+    /// CoAP meter has a valve.
+    pub nbiot_without_valve: BTreeSet<u32>,
     /// NB-IoT CoAP meters.
     pub coap: Option<CoapConfig>,
     /// IoT-platform HTTP push.
@@ -173,6 +195,8 @@ impl FleetConfig {
             concentrators: None,
             hydrants: 0,
             nbiot_report_every: 1,
+            nbiot_uplink: NbiotUplink::Hourly,
+            nbiot_without_valve: BTreeSet::new(),
             coap: None,
             http_push: None,
             wmbus: None,
@@ -243,6 +267,10 @@ counts! {
     coap_valve_commands,
     /// Valve replies (C=84) acknowledged by the gateway.
     coap_valve_replies,
+    /// Valve commands refused by meters without a valve (abnormal reply C=C4 acknowledged).
+    coap_valve_refused,
+    /// Readings carried by NB-IoT uplinks (CoAP and HTTP push, one frame each).
+    nbiot_frames,
     /// HTTP pushes answered 202.
     http_pushes,
     /// HTTP pushes answered with another status.
@@ -304,6 +332,12 @@ impl Fleet {
             .scenario
             .validate()
             .context("invalid fleet scenario")?;
+        if config.nbiot_uplink == NbiotUplink::Daily && config.scenario.interval_minutes != 60 {
+            bail!(
+                "a daily NB-IoT uplink carries hourly readings: the scenario's interval_minutes must be 60, not {}",
+                config.scenario.interval_minutes
+            );
+        }
         let engine = Engine::new(config.scenario.clone());
         let routes = routes(&config, &engine)?;
         let counters = Arc::new(Counters::default());
@@ -425,6 +459,7 @@ impl Fleet {
             population,
             wmbus_socket,
             message_id: Arc::new(AtomicU16::new(1)),
+            nbiot_history: Mutex::new(HashMap::new()),
             engine: Arc::clone(&engine),
             routes,
             config,
@@ -552,6 +587,8 @@ struct Driver {
     modbus: Option<ModbusState>,
     wmbus_socket: Option<UdpSocket>,
     message_id: Arc<AtomicU16>,
+    /// Daily NB-IoT meters: readings (with the SER of their step) since the last uplink.
+    nbiot_history: Mutex<HashMap<u32, Vec<(Emission, u8)>>>,
 }
 
 struct ModbusState {
@@ -760,42 +797,21 @@ impl Driver {
     async fn exchanges(&self, emissions: &[Emission], step: u64) {
         let semaphore = Arc::new(Semaphore::new(MAX_CONCURRENT_EXCHANGES));
         let mut set = JoinSet::new();
-        let offset_h = self.config.scenario.utc_offset_hours;
         for e in emissions {
             let route = self.routes.get(e.meter as usize).copied();
             if !matches!(route, Some(Route::Coap | Route::Http)) {
                 continue;
             }
-            let every = u64::from(self.config.nbiot_report_every.max(1));
-            if !(step + u64::from(e.meter)).is_multiple_of(every) {
-                // Between uplinks the meter is asleep (PSM); the register keeps counting.
-                continue;
-            }
-            if e.delivery == Delivery::Lost {
-                add(&self.counters.lost, 1);
-                continue;
-            }
             let Some(spec) = self.population.get(e.meter as usize).cloned() else {
                 continue;
             };
-            let Some(mut frame) = cjt188_reply(&spec, e, (step & 0xFF) as u8, offset_h) else {
+            let Some((frame, copies, e)) = self.nbiot_uplink(&spec, e, step) else {
                 continue;
-            };
-            if e.delivery == Delivery::Corrupt {
-                corrupt_checksummed(&mut frame);
-                add(&self.counters.corrupted, 1);
-            }
-            let copies = if e.delivery == Delivery::Duplicate {
-                add(&self.counters.duplicated, 1);
-                2
-            } else {
-                1
             };
             let Ok(permit) = Arc::clone(&semaphore).acquire_owned().await else {
                 break;
             };
             let counters = Arc::clone(&self.counters);
-            let e = *e;
             match route {
                 Some(Route::Coap) => {
                     let Some(c) = &self.config.coap else { continue };
@@ -808,6 +824,7 @@ impl Driver {
                         e,
                         frame,
                         copies,
+                        valve: !self.config.nbiot_without_valve.contains(&e.meter),
                         token: (crate::profile::mix(u64::from(e.meter) ^ (step << 32)) as u32)
                             .to_be_bytes(),
                     };
@@ -846,6 +863,69 @@ impl Driver {
             }
         }
         while set.join_next().await.is_some() {}
+    }
+
+    /// Returns the payload an NB-IoT meter sends at this step (if it sends), how many times
+    /// (duplicate faults) and its newest reading; counts lost, corrupted and duplicated.
+    fn nbiot_uplink(
+        &self,
+        spec: &MeterSpec,
+        e: &Emission,
+        step: u64,
+    ) -> Option<(Vec<u8>, u32, Emission)> {
+        let offset_h = self.config.scenario.utc_offset_hours;
+        let ser = (step & 0xFF) as u8;
+        let readings = match self.config.nbiot_uplink {
+            NbiotUplink::Hourly => {
+                let every = u64::from(self.config.nbiot_report_every.max(1));
+                if !(step + u64::from(e.meter)).is_multiple_of(every) {
+                    // Between uplinks the meter is asleep (PSM); the register keeps counting.
+                    return None;
+                }
+                if e.delivery == Delivery::Lost {
+                    add(&self.counters.lost, 1);
+                    return None;
+                }
+                vec![(*e, ser)]
+            }
+            NbiotUplink::Daily => {
+                let mut history = lock(&self.nbiot_history);
+                let taken = history.entry(e.meter).or_default();
+                if e.delivery == Delivery::Lost {
+                    add(&self.counters.lost, 1);
+                } else {
+                    taken.push((*e, ser));
+                }
+                // 60-minute steps (checked at start): 24 steps a day.
+                if !(step + u64::from(e.meter)).is_multiple_of(24) {
+                    return None;
+                }
+                std::mem::take(taken)
+            }
+        };
+        let newest = readings.last()?.0;
+        let mut payload = Vec::new();
+        let mut copies = 1;
+        for (r, ser) in &readings {
+            let mut frame = cjt188_reply(spec, r, *ser, offset_h)?;
+            match r.delivery {
+                Delivery::Corrupt => {
+                    corrupt_checksummed(&mut frame);
+                    add(&self.counters.corrupted, 1);
+                }
+                Delivery::Duplicate => {
+                    add(&self.counters.duplicated, 1);
+                    copies = 2;
+                }
+                Delivery::Normal | Delivery::Lost => {}
+            }
+            payload.extend(frame);
+        }
+        add(
+            &self.counters.nbiot_frames,
+            readings.len() as u64 * u64::from(copies),
+        );
+        Some((payload, copies, newest))
     }
 
     async fn send_wmbus(&self, e: &Emission, step: u64) {
@@ -939,6 +1019,8 @@ struct CoapJob {
     e: Emission,
     frame: Vec<u8>,
     copies: u32,
+    /// The meter has a valve; without one it refuses valve commands.
+    valve: bool,
     token: [u8; 4],
 }
 
@@ -974,6 +1056,18 @@ impl CoapJob {
             let Some(cmd) = downlink_valve(&response, &address) else {
                 continue;
             };
+            if !self.valve {
+                let refusal = valve_refusal(meter_type, address, cmd, cjt188_status(&self.e));
+                let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
+                match coap_post(&socket, self.gateway, mid, self.token, refusal).await {
+                    Ok(_) => add(&self.counters.coap_valve_refused, 1),
+                    Err(err) => {
+                        tracing::warn!(meter = %self.spec.id, error = %err, "valve refusal failed");
+                        add(&self.counters.errors, 1);
+                    }
+                }
+                continue;
+            }
             lock(&self.engine).set_valve(self.e.meter, cmd.open);
             add(&self.counters.coap_valve_commands, 1);
             let mut after = self.e;

@@ -61,6 +61,15 @@ enum Command {
     },
 }
 
+/// `--nbiot-uplink` values ([`simulators::fleet::NbiotUplink`]).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum UplinkArg {
+    /// The current reading.
+    Hourly,
+    /// A day of hourly readings.
+    Daily,
+}
+
 #[derive(Debug, Args)]
 struct DemoArgs {
     /// Scenario file (default: a plain fleet of --meters households and shops).
@@ -78,9 +87,18 @@ struct DemoArgs {
     /// Gateway CoAP address for NB-IoT meters (HOST:PORT).
     #[arg(long)]
     gateway_coap: Option<String>,
-    /// NB-IoT meters (CoAP, HTTP push) report every N steps (24 with hourly steps: daily).
+    /// NB-IoT meters (CoAP, HTTP push) report every N steps (24 with hourly steps: daily),
+    /// with their current reading (`--nbiot-uplink hourly`).
     #[arg(long, default_value_t = 1)]
     nbiot_report_every: u32,
+    /// What NB-IoT uplinks carry: `hourly` (the current reading, every --nbiot-report-every
+    /// steps) or `daily` (once a day, the 24 hourly readings since the last uplink).
+    #[arg(long, value_enum, default_value_t = UplinkArg::Hourly)]
+    nbiot_uplink: UplinkArg,
+    /// Meter indices of CoAP meters without a valve (comma-separated); they refuse valve
+    /// commands with the CJ/T 188 abnormal reply.
+    #[arg(long, value_delimiter = ',')]
+    nbiot_no_valve: Vec<u32>,
     /// NB-IoT CoAP meters.
     #[arg(long, default_value_t = 50)]
     coap_meters: u32,
@@ -311,6 +329,11 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     config.step_every = std::time::Duration::from_millis(args.step_ms);
     config.max_steps = args.max_steps;
     config.nbiot_report_every = args.nbiot_report_every;
+    config.nbiot_uplink = match args.nbiot_uplink {
+        UplinkArg::Hourly => simulators::fleet::NbiotUplink::Hourly,
+        UplinkArg::Daily => simulators::fleet::NbiotUplink::Daily,
+    };
+    config.nbiot_without_valve = args.nbiot_no_valve.iter().copied().collect();
     if let Some(a) = &args.gateway_coap {
         config.coap = Some(CoapConfig {
             gateway: resolve("--gateway-coap", a)?,

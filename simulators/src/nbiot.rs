@@ -1,9 +1,11 @@
 //! NB-IoT meters: CoAP uplinks to the gateway, IoT-platform HTTP pushes, and wM-Bus radio
 //! telegrams injected into the gateway's UDP receiver interface.
 //!
-//! CoAP follows CONTRACTS.md: CON POST `/up` with one CJ/T 188 read-data reply; the 2.04
-//! response's payload is the next queued downlink (valve control) or empty; the meter executes
-//! a valve command and answers with the valve reply (C=84) as another POST.
+//! CoAP follows CONTRACTS.md: CON POST `/up` with CJ/T 188 read-data replies (one, or a day of
+//! hourly ones back to back, see [`crate::fleet::NbiotUplink`]); the 2.04 response's payload
+//! is the next queued downlink (valve control) or empty; the meter executes a valve command
+//! and answers with the valve reply (C=84) as another POST, or, without a valve, refuses it
+//! with the abnormal reply (C=C4).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -193,6 +195,14 @@ pub fn valve_reply(meter_type: u8, address: [u8; 7], cmd: ValveCommand, status: 
     cjt188::encode(&Cjt188Frame::valve_reply(
         meter_type, address, cmd.ser, status,
     ))
+}
+
+/// Builds the abnormal reply (C = 0xC4, DI A017, SER echoed, the meter's status word) a meter
+/// without a valve sends instead of executing `cmd` (CJ/T 188 §3.3: abnormal response to a
+/// write).
+pub fn valve_refusal(meter_type: u8, address: [u8; 7], cmd: ValveCommand, status: u16) -> Vec<u8> {
+    let request = Cjt188Frame::valve_control(meter_type, address, cmd.ser, cmd.open);
+    cjt188::encode(&Cjt188Frame::abnormal_reply(&request, status))
 }
 
 /// Returns `hex(HMAC-SHA256(secret, "<timestamp>\n<body>"))`, the push signature.

@@ -9,7 +9,7 @@ use decoders::cjt188::{self, Cjt188Frame, Payload};
 use decoders::{RecordValue, wmbus};
 use rust_decimal::Decimal;
 use simulators::engine::{Engine, Population};
-use simulators::fleet::{CoapConfig, Fleet, FleetConfig, HttpPushConfig, WmbusConfig};
+use simulators::fleet::{CoapConfig, Fleet, FleetConfig, HttpPushConfig, NbiotUplink, WmbusConfig};
 use simulators::frames::{m3_2dp, wmbus_key};
 use simulators::nbiot::push_signature;
 use simulators::scenario::Scenario;
@@ -275,4 +275,135 @@ async fn nbiot_meters_report_at_their_own_interval() {
     assert_eq!(per_meter.len(), 3);
     assert!(per_meter.values().all(|n| *n == 2));
     fleet.stop().await.unwrap();
+}
+
+/// Responds 2.04 (empty) to one CoAP request and returns its payload.
+async fn answer(gw: &UdpSocket, downlink: Vec<u8>) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let (n, from) = tokio::time::timeout(Duration::from_secs(10), gw.recv_from(&mut buf))
+        .await
+        .expect("a coap datagram within 10 s")
+        .unwrap();
+    let req = Packet::from_bytes(&buf[..n]).unwrap();
+    let mut resp = Packet::new();
+    resp.header.set_type(MessageType::Acknowledgement);
+    resp.header.message_id = req.header.message_id;
+    resp.header.code = MessageClass::Response(ResponseType::Changed);
+    resp.set_token(req.get_token().to_vec());
+    resp.payload = downlink;
+    gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
+    req.payload
+}
+
+#[tokio::test]
+async fn daily_meter_uplink_carries_24_hourly_readings() {
+    let gw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let s = scenario();
+    let mut config = FleetConfig::new(s.clone());
+    config.step_every = Duration::ZERO;
+    // Meter 0 sends its daily uplink at step 24: the readings of steps 1..=24.
+    config.max_steps = Some(24);
+    config.nbiot_uplink = NbiotUplink::Daily;
+    config.coap = Some(CoapConfig {
+        gateway: gw.local_addr().unwrap(),
+        meters: 1,
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    let payload = answer(&gw, Vec::new()).await;
+    let counts = tokio::time::timeout(Duration::from_secs(20), fleet.wait_finished())
+        .await
+        .unwrap();
+    fleet.stop().await.unwrap();
+    assert_eq!((counts.coap_uplinks, counts.nbiot_frames), (1, 24));
+
+    let frames = cjt188::parse_concatenated(&payload).unwrap();
+    assert_eq!(frames.len(), 24);
+    let mut clocks = Vec::new();
+    let mut volumes = Vec::new();
+    for (frame, range) in &frames {
+        let decoded = cjt188::decode(&payload[range.clone()]).unwrap();
+        assert_eq!(decoded.meter.id, "78330000000000");
+        let Payload::Reading(r) = &frame.payload else {
+            panic!("not a 901F reply: {frame:?}")
+        };
+        clocks.push(r.clock);
+        volumes.push(volume(&decoded));
+    }
+    for pair in clocks.windows(2) {
+        assert_eq!(pair[1] - pair[0], time::Duration::hours(1), "{clocks:?}");
+    }
+    assert!(volumes.windows(2).all(|p| p[0] <= p[1]), "{volumes:?}");
+    // The same registers as an independent engine run, hour by hour.
+    let want = expected(&s, 24);
+    let mut model: Vec<(i64, Decimal)> = want
+        .iter()
+        .filter(|((id, _), _)| id == "cjt188:78330000000000")
+        .map(|((_, ts), v)| (*ts, *v))
+        .collect();
+    model.sort();
+    assert_eq!(
+        model.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+        volumes
+    );
+}
+
+#[tokio::test]
+async fn meter_without_valve_refuses_a_valve_command_with_the_abnormal_reply() {
+    let gw = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut config = FleetConfig::new(scenario());
+    config.step_every = Duration::ZERO;
+    config.max_steps = Some(2);
+    config.nbiot_without_valve = [1].into();
+    config.coap = Some(CoapConfig {
+        gateway: gw.local_addr().unwrap(),
+        meters: 2,
+    });
+    let mut fleet = Fleet::start(config).await.unwrap();
+    let mut refusal = None;
+    let mut statuses: HashMap<[u8; 7], Vec<u16>> = HashMap::new();
+    let mut sent = false;
+    // 2 meters × 2 steps + 1 refusal.
+    for _ in 0..5 {
+        let mut buf = vec![0u8; 4096];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(10), gw.recv_from(&mut buf))
+            .await
+            .expect("a coap datagram within 10 s")
+            .unwrap();
+        let req = Packet::from_bytes(&buf[..n]).unwrap();
+        let frame = cjt188::parse(&req.payload).unwrap();
+        let mut resp = Packet::new();
+        resp.header.set_type(MessageType::Acknowledgement);
+        resp.header.message_id = req.header.message_id;
+        resp.header.code = MessageClass::Response(ResponseType::Changed);
+        resp.set_token(req.get_token().to_vec());
+        match &frame.payload {
+            Payload::Reading(r) => {
+                statuses.entry(frame.address).or_default().push(r.status);
+                if frame.address == simulators::engine::cjt188_address(1) && !sent {
+                    resp.payload =
+                        cjt188::encode(&Cjt188Frame::valve_control(0x10, frame.address, 7, false));
+                    sent = true;
+                }
+            }
+            _ => refusal = Some(frame),
+        }
+        gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
+    }
+    fleet.wait_finished().await;
+    let counts = fleet.stop().await.unwrap();
+    assert_eq!(
+        (counts.coap_valve_commands, counts.coap_valve_refused),
+        (0, 1)
+    );
+    let refusal = refusal.expect("the meter answered the command");
+    assert!(refusal.is_reply() && refusal.is_abnormal(), "{refusal:?}");
+    assert_eq!(
+        (refusal.control, refusal.di, refusal.ser),
+        (0xC4, cjt188::DI_VALVE, 7)
+    );
+    assert_eq!(refusal.payload, Payload::Status(0), "valve still open");
+    // The valve stayed open: no closed bit in the meter's next reading.
+    let st = &statuses[&simulators::engine::cjt188_address(1)];
+    assert_eq!(st.len(), 2);
+    assert!(st.iter().all(|s| s & 0x0001 == 0), "{st:?}");
 }
