@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: the whole stack with a simulated fleet, on defaults.
 #
-# Starts PostgreSQL and Mosquitto when they are not answering, builds the release binaries,
+# Installs what is missing and starts PostgreSQL and Mosquitto when they are not answering
+# (scripts/services.sh, shared with .ci/run), builds the release binaries,
 # applies the schema, runs `pipeline run` and `gateway run --config demo/gateway.toml` in the
 # background, drives a simulated fleet of a few thousand meters against the gateway for about
 # a minute and a half (`simulate demo`), then prints what reached the database. Exits 0 only
@@ -25,14 +26,12 @@ RUN_DIR="target/demo"
 DEMO_DB="${DEMO_DATABASE:-wm_demo}"
 
 # --- services ---------------------------------------------------------------------------
-command -v pg_ctlcluster >/dev/null && command -v mosquitto >/dev/null \
-    && command -v pkg-config >/dev/null && dpkg -s libssl-dev >/dev/null 2>&1 || {
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        postgresql mosquitto socat pkg-config libssl-dev >/dev/null
-}
-pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -n 1)" main start
-(exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null || mosquitto -d -c /etc/mosquitto/mosquitto.conf
-for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+# Installs what is missing (Debian packages, rustup components) and starts PostgreSQL and
+# Mosquitto when they are not answering; shared with .ci/run.
+# shellcheck source=scripts/services.sh
+. scripts/services.sh
+wm_install_tools
+wm_start_services
 
 # --- build and schema -------------------------------------------------------------------
 cargo build -j 2 --release -p pipeline -p gateway -p simulators

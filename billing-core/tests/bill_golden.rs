@@ -286,6 +286,48 @@ fn two_month_cycle_doubles_monthly_tiers_and_large_households_get_more() {
 }
 
 #[test]
+fn splitting_a_cycle_on_monthly_tiers_changes_the_price() {
+    // docs/billing.md "Limits": monthly allowances are per month of the cycle, so the split
+    // property of annual tiers does not hold. 50 m3 over Oct 1 → Dec 1 (bounds 40 / 70):
+    // 40 × 2.80 + 10 × 3.73 = 149.30. The same 50 m3 as two monthly cycles of 45 and 5 m3:
+    // (20 × 2.80 + 15 × 3.73 + 10 × 6.50) + 5 × 2.80 = 176.95 + 14.00 = 190.95.
+    let bk = book(&["nanan-2025.toml"]);
+    let whole = compute_bill(
+        &bk,
+        &request(
+            date!(2025 - 10 - 01),
+            date!(2025 - 12 - 01),
+            dec!(1000),
+            dec!(1050),
+        ),
+    )
+    .unwrap();
+    let october = compute_bill(
+        &bk,
+        &request(
+            date!(2025 - 10 - 01),
+            date!(2025 - 11 - 01),
+            dec!(1000),
+            dec!(1045),
+        ),
+    )
+    .unwrap();
+    let november = compute_bill(
+        &bk,
+        &request(
+            date!(2025 - 11 - 01),
+            date!(2025 - 12 - 01),
+            dec!(1045),
+            dec!(1050),
+        ),
+    )
+    .unwrap();
+    assert_eq!(whole.total, dec!(149.30));
+    assert_eq!((october.total, november.total), (dec!(176.95), dec!(14.00)));
+    assert_eq!(october.total + november.total, dec!(190.95));
+}
+
+#[test]
 fn estimated_bill_trued_up_by_the_actual_read() {
     let bk = book(&["nanan-2025.toml"]);
     // Estimated end read 1030: 30 m3 = 56.00 + 10 × 3.73 = 93.30, marked estimated.

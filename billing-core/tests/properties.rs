@@ -102,6 +102,9 @@ proptest! {
         len1 in 1i64..60,
         len2 in 1i64..60,
     ) {
+        // Annual tiers only: with monthly tiers a cycle's allowances are per month of the
+        // cycle, so a split prices differently (docs/billing.md "Limits";
+        // bill_golden.rs `splitting_a_cycle_on_monthly_tiers_changes_the_price`).
         let book = TariffBook::parse([("annual.toml", ANNUAL)]).unwrap();
         let s = date!(2024 - 01 - 01) + time::Duration::days(start_day);
         let m = s + time::Duration::days(len1);

@@ -23,6 +23,34 @@ const RECORDS: [u8; 24] = [
     0x2F, // filler
 ];
 
+/// Records [`RECORDS`] decodes to: volume, date-time, error flags, volume at the set date (the
+/// 0x2F filler is not a record).
+const EXPECTED_RECORDS: usize = 4;
+
+/// Checks once, before anything is timed, that the bench telegram parses (mode 5, decrypted)
+/// and decodes to [`EXPECTED_RECORDS`] records, so the bench cannot silently time an error path.
+fn assert_decodes(frame: &[u8], key: &Option<[u8; 16]>, cache: &mut FormatCache) {
+    let telegram = wmbus::parse(frame, key, cache)
+        .unwrap_or_else(|e| panic!("the bench telegram does not parse: {e}"));
+    // Mode 5 plaintext: the 2F 2F check bytes, the records, 2F padding to the AES block.
+    assert!(
+        telegram
+            .payload
+            .windows(RECORDS.len())
+            .any(|w| w == RECORDS.as_slice()),
+        "the bench telegram was not decrypted to its records: {:02X?}",
+        telegram.payload
+    );
+    let decoded = wmbus::decode(frame, key, cache)
+        .unwrap_or_else(|e| panic!("the bench telegram does not decode: {e}"));
+    assert_eq!(
+        decoded.records.len(),
+        EXPECTED_RECORDS,
+        "the bench telegram decodes to other records: {:?}",
+        decoded.records
+    );
+}
+
 fn telegram() -> Vec<u8> {
     let meter = encode::WmbusMeter {
         manufacturer: wmbus::manufacturer_from_code("KAM").unwrap_or(0),
@@ -69,6 +97,7 @@ fn bench(c: &mut Criterion) {
     let frame = telegram();
     let key = Some(KEY);
     let mut cache = FormatCache::new();
+    assert_decodes(&frame, &key, &mut cache);
     let mut group = c.benchmark_group("wmbus");
     group.throughput(Throughput::Elements(1));
     group.bench_function("parse_mode5_telegram", |b| {

@@ -148,6 +148,20 @@ pub async fn run_cycle(
     run_cycle_with(pool, book, cycle, &RunOptions::default()).await
 }
 
+/// Told how a run progresses (e.g. to draw a progress bar); `()` ignores it.
+pub trait RunProgress: Sync {
+    /// The run found `meters` meters to bill.
+    fn start(&self, meters: usize) {
+        let _ = meters;
+    }
+    /// One meter is done (billed, unchanged, skipped or failed).
+    fn meter_done(&self, meter_id: &str) {
+        let _ = meter_id;
+    }
+}
+
+impl RunProgress for () {}
+
 /// Runs `cycle`: bills every meter of the book installed during the cycle.
 ///
 /// # Errors
@@ -158,6 +172,20 @@ pub async fn run_cycle_with(
     book: &TariffBook,
     cycle: &Cycle,
     options: &RunOptions,
+) -> Result<RunReport, BillingRunError> {
+    run_cycle_observed(pool, book, cycle, options, &()).await
+}
+
+/// [`run_cycle_with`], telling `progress` how many meters there are and when each is done.
+///
+/// # Errors
+/// As [`run_cycle_with`].
+pub async fn run_cycle_observed(
+    pool: &PgPool,
+    book: &TariffBook,
+    cycle: &Cycle,
+    options: &RunOptions,
+    progress: &dyn RunProgress,
 ) -> Result<RunReport, BillingRunError> {
     let (cycle_id,): (i64,) = sqlx::query_as(
         "INSERT INTO billing_cycles (meter_book, period_start, period_end) VALUES ($1, $2, $3)
@@ -198,6 +226,7 @@ pub async fn run_cycle_with(
     .await
     .map_err(db("listing the meters of the book"))?;
 
+    progress.start(meters.len());
     let mut report = RunReport {
         run_id,
         cycle_id,
@@ -217,6 +246,7 @@ pub async fn run_cycle_with(
                 };
                 let outcome =
                     bill_meter(pool, book, cycle, cycle_id, run_id, &meter, options).await;
+                progress.meter_done(&meter.meter_id);
                 (meter.meter_id, outcome)
             },
         )

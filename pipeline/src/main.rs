@@ -1,8 +1,16 @@
 //! `pipeline`: the central service. `pipeline migrate` applies the schema; `pipeline run`
-//! runs one ingest worker (MQTT → VEE → PostgreSQL) until Ctrl-C or SIGTERM.
+//! runs one ingest worker (MQTT → VEE → PostgreSQL) until Ctrl-C or SIGTERM; `pipeline bill-run`
+//! runs one billing cycle of a meter book; `pipeline record-arrears` stores the arrears the
+//! revenue system reports for a meter (docs/billing.md).
 
-use anyhow::Context;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use billing_core::{Tariff, TariffBook};
 use clap::{Parser, Subcommand};
+use pipeline::billing::{Arrears, Cycle, RunOptions, RunProgress, RunReport};
+use rust_decimal::Decimal;
+use time::{Date, OffsetDateTime, UtcOffset};
 
 #[derive(Parser)]
 #[command(about = "Water-meter telemetry pipeline")]
@@ -20,6 +28,79 @@ enum Command {
     Migrate,
     /// Runs ingest worker `--worker` of `--workers` over `--partitions` partitions.
     Run(RunArgs),
+    /// Runs one billing cycle of a meter book: bills every meter of the book from its reads
+    /// (idempotent: a rerun on the same inputs creates no bill, corrected inputs an adjustment).
+    BillRun(BillRunArgs),
+    /// Records the arrears the revenue system reports for a meter (amount 0 clears them).
+    RecordArrears(ArrearsArgs),
+}
+
+#[derive(clap::Args)]
+struct BillRunArgs {
+    /// Meter book (`meters.meter_book`) to bill.
+    #[arg(long)]
+    book: String,
+    /// First day of the cycle (local date, YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    from: Date,
+    /// Day after the last day of the cycle (local date, YYYY-MM-DD; exclusive), e.g.
+    /// `--from 2025-10-01 --to 2025-11-01` for October.
+    #[arg(long, value_parser = parse_date)]
+    to: Date,
+    /// Tariff file; repeat to give several versions (the one in force on each day applies).
+    #[arg(long = "tariff", required = true)]
+    tariffs: Vec<PathBuf>,
+    /// Who runs it (audit log).
+    #[arg(long, default_value = "pipeline bill-run")]
+    actor: String,
+    /// UTC offset of the cycle's local dates.
+    #[arg(long, default_value = "+08:00", value_parser = parse_offset)]
+    utc_offset: UtcOffset,
+    /// Days before a cycle boundary a read may be and still count as the boundary read.
+    #[arg(long, default_value_t = 7)]
+    read_window_days: u16,
+    /// Billing gate: hold meters whose share of estimated or edited reads in the cycle is above
+    /// this (0..1) for review. Default: no gate.
+    #[arg(long)]
+    max_estimated_share: Option<Decimal>,
+    /// Meters billed at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Print the summary as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct ArrearsArgs {
+    /// The meter (must exist in `meters`).
+    #[arg(long)]
+    meter: String,
+    /// The customer account in the revenue system.
+    #[arg(long)]
+    account: String,
+    /// Yuan overdue, at most two decimals; 0 clears the record (paid).
+    #[arg(long)]
+    amount: Decimal,
+    /// First day of the oldest unpaid bill's overdue period (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    overdue_since: Date,
+    /// Who records it (audit log).
+    #[arg(long, default_value = "pipeline record-arrears")]
+    actor: String,
+}
+
+fn parse_date(s: &str) -> Result<Date, String> {
+    Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|e| format!("{s:?} is not a date YYYY-MM-DD: {e}"))
+}
+
+fn parse_offset(s: &str) -> Result<UtcOffset, String> {
+    UtcOffset::parse(
+        s,
+        time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]"),
+    )
+    .map_err(|e| format!("{s:?} is not a UTC offset like +08:00: {e}"))
 }
 
 #[derive(clap::Args)]
@@ -54,13 +135,26 @@ struct RunArgs {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    // Logs go to stderr, so stdout carries only results (e.g. `bill-run --json`).
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
+    match dispatch(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The message and its causes on one line, without a backtrace.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => {
             let pool = sqlx::PgPool::connect(&cli.database_url)
@@ -73,6 +167,180 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("migrations applied");
         }
         Command::Run(args) => run(&cli.database_url, args).await?,
+        Command::BillRun(args) => bill_run(&cli.database_url, args).await?,
+        Command::RecordArrears(args) => record_arrears(&cli.database_url, args).await?,
+    }
+    Ok(())
+}
+
+async fn connect(database_url: &str) -> anyhow::Result<sqlx::PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(database_url)
+        .await
+        .with_context(|| format!("connecting to {database_url}"))
+}
+
+fn load_tariffs(files: &[PathBuf]) -> anyhow::Result<TariffBook> {
+    let tariffs = files
+        .iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read tariff file {}", p.display()))?;
+            Tariff::parse(&p.display().to_string(), &text).map_err(anyhow::Error::from)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(TariffBook::new(tariffs)?)
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl RunProgress for Bar {
+    fn start(&self, meters: usize) {
+        self.0.set_length(u64::try_from(meters).unwrap_or(u64::MAX));
+    }
+    fn meter_done(&self, _meter_id: &str) {
+        self.0.inc(1);
+    }
+}
+
+async fn bill_run(database_url: &str, args: BillRunArgs) -> anyhow::Result<()> {
+    if args.to <= args.from {
+        bail!(
+            "the cycle is empty: --to {} must be after --from {} (--to is the day after the last day)",
+            args.to,
+            args.from
+        );
+    }
+    if let Some(share) = args.max_estimated_share
+        && !(Decimal::ZERO..=Decimal::ONE).contains(&share)
+    {
+        bail!("--max-estimated-share {share} must be between 0 and 1");
+    }
+    let book = load_tariffs(&args.tariffs)?;
+    let pool = connect(database_url).await?;
+    let meters: i64 = sqlx::query_scalar("SELECT count(*) FROM meters WHERE meter_book = $1")
+        .bind(&args.book)
+        .fetch_one(&pool)
+        .await
+        .context("counting the meters of the book (is the schema applied? `pipeline migrate`)")?;
+    if meters == 0 {
+        bail!("meter book {:?} has no meters", args.book);
+    }
+    let cycle = Cycle {
+        meter_book: args.book.clone(),
+        period_start: args.from,
+        period_end: args.to,
+    };
+    let options = RunOptions {
+        actor: args.actor,
+        utc_offset: args.utc_offset,
+        read_window: time::Duration::days(i64::from(args.read_window_days)),
+        max_estimated_share: args.max_estimated_share,
+        concurrency: args.concurrency.max(1),
+    };
+    let bar = Bar(indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} meters ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    ));
+    bar.0.set_message(format!("billing book {}", args.book));
+    let report = pipeline::billing::run_cycle_observed(&pool, &book, &cycle, &options, &bar)
+        .await
+        .with_context(|| {
+            format!(
+                "bill run of book {} for {}..{} failed",
+                args.book, args.from, args.to
+            )
+        })?;
+    bar.0.finish_and_clear();
+    let total = run_total(&pool, &report).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "run_id": report.run_id,
+                "cycle_id": report.cycle_id,
+                "meter_book": args.book,
+                "period_start": args.from.to_string(),
+                "period_end": args.to.to_string(),
+                "created": report.created.len(),
+                "adjusted": report.adjusted.len(),
+                "unchanged": report.unchanged.len(),
+                "skipped": report.skipped,
+                "created_bill_ids": report.created,
+                "adjustment_bill_ids": report.adjusted,
+                "total": total.to_string(),
+            })
+        );
+    } else {
+        for s in &report.skipped {
+            println!("skipped {}: {}", s.meter_id, s.reason);
+        }
+        println!(
+            "bill run {} of book {} {}..{} (cycle {}): bills created {}, adjustments {}, unchanged {}, skipped {}, total {} yuan",
+            report.run_id,
+            args.book,
+            args.from,
+            args.to,
+            report.cycle_id,
+            report.created.len(),
+            report.adjusted.len(),
+            report.unchanged.len(),
+            report.skipped.len(),
+            total
+        );
+    }
+    Ok(())
+}
+
+/// Sum of the totals of the bills this run wrote (adjustments count with their difference),
+/// in yuan with two decimals.
+async fn run_total(pool: &sqlx::PgPool, report: &RunReport) -> anyhow::Result<Decimal> {
+    let ids: Vec<i64> = report
+        .created
+        .iter()
+        .chain(&report.adjusted)
+        .copied()
+        .collect();
+    let total: Option<Decimal> =
+        sqlx::query_scalar("SELECT sum(total) FROM bills WHERE bill_id = ANY($1)")
+            .bind(&ids)
+            .fetch_one(pool)
+            .await
+            .context("summing the bills of the run")?;
+    let mut total = total.unwrap_or(Decimal::ZERO);
+    total.rescale(2);
+    Ok(total)
+}
+
+async fn record_arrears(database_url: &str, args: ArrearsArgs) -> anyhow::Result<()> {
+    let pool = connect(database_url).await?;
+    let known: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM meters WHERE meter_id = $1)")
+            .bind(&args.meter)
+            .fetch_one(&pool)
+            .await
+            .context("looking up the meter (is the schema applied? `pipeline migrate`)")?;
+    if !known {
+        bail!("unknown meter {:?}", args.meter);
+    }
+    let arrears = Arrears {
+        meter_id: args.meter.clone(),
+        account_id: args.account,
+        amount_overdue: args.amount,
+        overdue_since: args.overdue_since,
+        reported_at: OffsetDateTime::now_utc(),
+    };
+    pipeline::billing::record_arrears(&pool, &arrears, &args.actor).await?;
+    if args.amount.is_zero() {
+        println!("arrears of {} cleared", args.meter);
+    } else {
+        println!(
+            "arrears of {}: {} yuan overdue since {}",
+            args.meter, arrears.amount_overdue, args.overdue_since
+        );
     }
     Ok(())
 }

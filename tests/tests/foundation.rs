@@ -9,12 +9,21 @@ use model::{
 };
 use pipeline::testing::TestDatabase;
 use rumqttc::{Event, Packet, QoS};
-use time::macros::datetime;
+use time::macros::time;
+use time::{Duration as TimeDelta, OffsetDateTime};
 
-fn reading(value: &str) -> Reading {
+/// A time in the current month (the 15th, 12:00 UTC): always inside the monthly partitions the
+/// migration prepares around now (24 months back, 12 ahead), and far enough from the month's
+/// edges that the server's time zone cannot move it into a neighbouring partition.
+fn this_month_mid() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_day(15).unwrap().replace_time(time!(12:00))
+}
+
+fn reading(value: &str, ts: OffsetDateTime) -> Reading {
     Reading {
         meter: MeterId::new("cjt188:78330011223344").unwrap(),
-        ts: datetime!(2026-11-24 10:00 UTC),
+        ts,
         clock: ClockSource::Meter,
         quantity: Quantity::Volume,
         value: value.parse().unwrap(),
@@ -29,7 +38,7 @@ fn reading(value: &str) -> Reading {
             source: SourceKind::Coap,
             source_id: "nbiot".into(),
             frame_hash: "ab".repeat(32),
-            received_at: datetime!(2026-11-24 10:00:03 UTC),
+            received_at: ts + TimeDelta::seconds(3),
         },
     }
 }
@@ -65,6 +74,7 @@ async fn migrations_are_idempotent_and_create_partitions() {
 #[tokio::test]
 async fn reading_round_trips_through_mosquitto_into_postgres() {
     let db = TestDatabase::create().await;
+    let ts = this_month_mid();
     let prefix = wm_tests::unique_prefix("foundation");
     let topic = format!("{prefix}/wm/v1/readings/3");
 
@@ -92,16 +102,16 @@ async fn reading_round_trips_through_mosquitto_into_postgres() {
         v: WIRE_VERSION,
         gateway: GatewayId::new("gw-test").unwrap(),
         partition: 3,
-        sent_at: datetime!(2026-11-24 10:00:05 UTC),
+        sent_at: ts + TimeDelta::seconds(5),
         entries: vec![
             BatchEntry {
                 seq: 1,
-                reading: reading("556677.01"),
+                reading: reading("556677.01", ts),
             },
             // A redelivered duplicate must not create a second row.
             BatchEntry {
                 seq: 1,
-                reading: reading("556677.01"),
+                reading: reading("556677.01", ts),
             },
         ],
     };
@@ -158,9 +168,10 @@ async fn reading_round_trips_through_mosquitto_into_postgres() {
         .fetch_one(&db.pool)
         .await
         .unwrap();
+    let expected = format!("readings_{:04}{:02}", ts.year(), u8::from(ts.month()));
     assert_eq!(
-        partition, "readings_202611",
-        "the read lands in its monthly partition"
+        partition, expected,
+        "the read of {ts} lands in its monthly partition"
     );
     db.drop_database().await;
 }
