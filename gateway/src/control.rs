@@ -1,6 +1,7 @@
 //! The control connection to the central broker: retained status with a last will, the
-//! command subscription `{root}/{gateway}/cmd/#` and command acknowledgements on
-//! `{root}/{gateway}/cmd-ack`.
+//! command subscription `{root}/{gateway}/cmd/#`, command acknowledgements on
+//! `{root}/{gateway}/cmd-ack` and the gateway's own alarms (spool overflow) on
+//! `{root}/{gateway}/alarms`.
 //!
 //! The connection is a persistent MQTT session (`clean_session = false`, the stable client id
 //! `{base}-ctl`, subscription at QoS 1), so the broker queues the commands published while the
@@ -19,7 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use model::{CommandAck, DeviceCommand, GatewayId};
+use model::{Alarm, AlarmKind, AlarmSeverity, CommandAck, DeviceCommand, GatewayId, MeterId};
 use rumqttc::{AsyncClient, Event, LastWill, Packet, Publish, QoS};
 use serde_json::json;
 use time::OffsetDateTime;
@@ -52,16 +53,72 @@ fn status(gateway: &GatewayId, state: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// The alarm for readings the spool evicted since the last check (`evicted_total` grew from
+/// `previous`), or `None`. The alarm's device is `gateway:<gateway id>`.
+pub fn spool_overflow_alarm(
+    gateway: &GatewayId,
+    previous: u64,
+    evicted_total: u64,
+    spool_dir: &str,
+) -> Option<Alarm> {
+    let lost = evicted_total.checked_sub(previous).filter(|n| *n > 0)?;
+    let mut detail = serde_json::Map::new();
+    detail.insert("evicted".into(), lost.into());
+    detail.insert("evicted_total".into(), evicted_total.into());
+    detail.insert("spool_dir".into(), spool_dir.into());
+    Some(Alarm {
+        meter: MeterId::new(format!("gateway:{gateway}")).ok()?,
+        kind: AlarmKind::SpoolOverflow,
+        severity: AlarmSeverity::Critical,
+        raised_at: OffsetDateTime::now_utc(),
+        cleared_at: None,
+        detail,
+    })
+}
+
+/// Watches the spool's eviction counter once a second until `shutdown` and sends a
+/// [`spool_overflow_alarm`] for every increase. Counting starts from zero, so readings evicted
+/// before the watcher started are reported too.
+pub async fn watch_spool_overflow(
+    spool: crate::spool::Spool,
+    gateway: GatewayId,
+    spool_dir: String,
+    alarms: mpsc::UnboundedSender<Alarm>,
+    shutdown: CancellationToken,
+) {
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let evicted = spool.stats().evicted;
+                if let Some(alarm) = spool_overflow_alarm(&gateway, reported, evicted, &spool_dir) {
+                    tracing::error!(alarm = "spool_overflow", evicted = evicted.saturating_sub(reported), evicted_total = evicted, "raising a spool overflow alarm");
+                    if alarms.send(alarm).is_err() {
+                        return;
+                    }
+                }
+                reported = evicted;
+            }
+        }
+    }
+}
+
 /// Runs the control connection until `shutdown`; then publishes `offline` and disconnects.
+/// Acknowledgements and alarms that arrive while the broker is unreachable wait in their
+/// channels and go out after the reconnect.
 pub async fn run(
     opts: ControlOptions,
     downlink: Arc<Downlink>,
     mut acks: mpsc::UnboundedReceiver<CommandAck>,
+    mut alarms: mpsc::UnboundedReceiver<Alarm>,
     shutdown: CancellationToken,
 ) {
     let status_topic = format!("{}/{}/status", opts.topic_root, opts.gateway);
     let cmd_filter = format!("{}/{}/cmd/#", opts.topic_root, opts.gateway);
     let ack_topic = format!("{}/{}/cmd-ack", opts.topic_root, opts.gateway);
+    let alarm_topic = format!("{}/{}/alarms", opts.topic_root, opts.gateway);
     // Commands are handled one at a time, in arrival order, so a duplicate id can never race
     // its original past the idempotency check. Each carries the PUBLISH and the client of the
     // connection it came on, to be acked once the command is journaled.
@@ -121,6 +178,17 @@ pub async fn run(
                             }
                         }
                         Err(e) => tracing::error!(error = %e, "could not serialise a command ack"),
+                    }
+                }
+                alarm = alarms.recv(), if connected => {
+                    let Some(alarm) = alarm else { continue };
+                    match serde_json::to_vec(&alarm) {
+                        Ok(body) => {
+                            if let Err(e) = client.publish(&alarm_topic, QoS::AtLeastOnce, false, body).await {
+                                tracing::warn!(error = %e, "could not queue an alarm");
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "could not serialise an alarm"),
                     }
                 }
                 ev = events.recv() => match ev {

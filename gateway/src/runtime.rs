@@ -162,6 +162,15 @@ impl Gateway {
             Arc::clone(&uplink_stats),
             shutdown.clone(),
         )));
+        // Spool overflow raises an alarm to the centre, not only a log line and a counter.
+        let (alarm_tx, alarm_rx) = tokio::sync::mpsc::unbounded_channel();
+        tasks.push(tokio::spawn(control::watch_spool_overflow(
+            spool.clone(),
+            config.gateway_id.clone(),
+            config.spool.dir.display().to_string(),
+            alarm_tx,
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(control::run(
             ControlOptions {
                 endpoint: uplink_endpoint,
@@ -171,6 +180,7 @@ impl Gateway {
             },
             Arc::clone(&downlink),
             acks,
+            alarm_rx,
             shutdown.clone(),
         )));
         // Queued NB-IoT commands expire on time even if the meter never calls in.
