@@ -240,7 +240,7 @@ impl Server {
         } else if packet.header.code != MessageClass::Request(RequestType::Post) {
             (ResponseType::MethodNotAllowed, Vec::new())
         } else {
-            self.uplink(&packet.payload).await
+            self.uplink(&packet.payload, peer).await
         };
         response.set_status(status);
         response.message.payload = payload;
@@ -261,8 +261,9 @@ impl Server {
 
     /// Handles one uplink payload (one or more CJ/T 188 frames of one meter); returns the CoAP
     /// status and reply payload.
-    async fn uplink(&mut self, raw: &[u8]) -> (ResponseType, Vec<u8>) {
+    async fn uplink(&mut self, raw: &[u8], peer: SocketAddr) -> (ResponseType, Vec<u8>) {
         let source_id = self.ctx.source_id.clone();
+        let channel = peer.to_string();
         let (meter, frames) = match parse_uplink(raw) {
             Ok(parsed) => parsed,
             Err(e) => {
@@ -307,6 +308,7 @@ impl Server {
                 gateway: &self.ctx.gateway,
                 source: SourceKind::Coap,
                 source_id: &source_id,
+                channel: Some(&channel),
                 received_at,
                 raw: raw.get(range.clone()).unwrap_or(raw),
             };

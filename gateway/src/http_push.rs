@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use decoders::{cjt188, envelope};
@@ -78,6 +78,7 @@ pub fn verify(
 
 async fn push(
     State(state): State<Arc<PushState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
@@ -99,6 +100,7 @@ async fn push(
             return (StatusCode::BAD_REQUEST, e.to_string());
         }
     };
+    let channel = peer.to_string();
     let mut readings = Vec::new();
     for env in &envelopes {
         // Parse (and split) the payload, then decode each frame, which also checks the
@@ -154,6 +156,7 @@ async fn push(
                 gateway: &state.ctx.gateway,
                 source: SourceKind::HttpPush,
                 source_id,
+                channel: Some(&channel),
                 received_at: now,
                 raw: env.payload.get(range).unwrap_or(env.payload.as_slice()),
             };
@@ -191,9 +194,13 @@ pub async fn run(
     let app = Router::new()
         .route("/v1/push", post(push))
         .with_state(Arc::new(PushState { opts, ctx }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    // The peer address is each pushed reading's channel.
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.cancelled_owned())
+    .await
 }
 
 #[cfg(test)]

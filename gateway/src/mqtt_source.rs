@@ -79,10 +79,11 @@ fn decode_frame(format: PayloadFormat, raw: &[u8]) -> Result<DecodedFrame, Failu
     }
 }
 
-/// Turns one message into readings.
+/// Turns one message, received on `topic`, into readings (the topic is their channel).
 pub fn readings_of(
     ctx: &SourceContext,
     format: PayloadFormat,
+    topic: &str,
     payload: &[u8],
     received_at: OffsetDateTime,
 ) -> Result<Vec<Reading>, (String, String)> {
@@ -90,6 +91,7 @@ pub fn readings_of(
         gateway: &ctx.gateway,
         source: SourceKind::Mqtt,
         source_id: &ctx.source_id,
+        channel: Some(topic),
         received_at,
         raw: payload,
     };
@@ -105,6 +107,7 @@ pub fn readings_of(
             source_id: ctx.source_id.clone(),
             frame_hash: normalise::frame_hash(payload),
             received_at,
+            channel: Some(topic.to_owned()),
         };
         tracing::debug!(concentrator = %batch.concentrator, n = batch.readings.len(), "concentrator batch");
         return Ok(batch
@@ -153,7 +156,13 @@ async fn on_message(
         tracing::warn!(source = %ctx.source_id, %topic, "message on a topic without a format mapping");
         return Handled::Ack;
     };
-    match readings_of(ctx, mapping.format, payload, OffsetDateTime::now_utc()) {
+    match readings_of(
+        ctx,
+        mapping.format,
+        topic,
+        payload,
+        OffsetDateTime::now_utc(),
+    ) {
         Ok(readings) => {
             if let Err(e) = ctx.sink.submit(readings).await {
                 tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
@@ -357,16 +366,32 @@ mod tests {
             shutdown: tokio_util::sync::CancellationToken::new(),
         };
         let body = br#"{"v":1,"concentrator":"c1","sent_at":"2026-11-24T10:00:00Z","readings":[{"meter":"cjt188:78330011223344","ts":"2026-11-24T09:00:00Z","volume_m3":"123.456"}]}"#;
-        let rs = readings_of(&ctx, PayloadFormat::Json, body, OffsetDateTime::now_utc()).unwrap();
+        let topic = "concentrator/c1/readings";
+        let rs = readings_of(
+            &ctx,
+            PayloadFormat::Json,
+            topic,
+            body,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         assert_eq!(rs.len(), 1);
+        assert_eq!(rs[0].provenance.channel.as_deref(), Some(topic));
         assert_eq!(rs[0].value, Decimal::new(123_456, 3));
         assert_eq!(rs[0].meter.as_str(), "cjt188:78330011223344");
-        let e =
-            readings_of(&ctx, PayloadFormat::Json, b"{", OffsetDateTime::now_utc()).unwrap_err();
+        let e = readings_of(
+            &ctx,
+            PayloadFormat::Json,
+            topic,
+            b"{",
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap_err();
         assert_eq!(e.0, "json");
         let e = readings_of(
             &ctx,
             PayloadFormat::Cjt188,
+            topic,
             &[0x68, 1, 2],
             OffsetDateTime::now_utc(),
         )

@@ -16,6 +16,9 @@ pub struct FrameContext<'a> {
     pub source: SourceKind,
     /// Source instance id from the configuration.
     pub source_id: &'a str,
+    /// Where on the source the frame came from ([`Provenance::channel`]): topic, peer, bus
+    /// address.
+    pub channel: Option<&'a str>,
     /// Receive time (UTC).
     pub received_at: OffsetDateTime,
     /// The raw frame, hashed into the provenance so the reading can be traced back to it.
@@ -64,6 +67,7 @@ pub fn to_readings(
         source_id: ctx.source_id.to_owned(),
         frame_hash: frame_hash(ctx.raw),
         received_at: ctx.received_at,
+        channel: ctx.channel.map(str::to_owned),
     };
     frame
         .records
@@ -196,6 +200,7 @@ mod tests {
             gateway: &gateway,
             source: SourceKind::MbusSerial,
             source_id: "bus1",
+            channel: Some("/dev/ttyUSB0 primary 5"),
             received_at: datetime!(2026-11-24 10:43:05 UTC),
             raw: b"abc",
         };
@@ -211,6 +216,10 @@ mod tests {
         assert_eq!(
             r.provenance.frame_hash,
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            r.provenance.channel.as_deref(),
+            Some("/dev/ttyUSB0 primary 5")
         );
     }
 }

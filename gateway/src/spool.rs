@@ -793,6 +793,7 @@ mod tests {
                 source_id: "nbiot".into(),
                 frame_hash: "00".repeat(32),
                 received_at: datetime!(2026-11-24 10:43:05 UTC),
+                channel: None,
             },
         }
     }

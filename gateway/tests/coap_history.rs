@@ -151,6 +151,11 @@ meter_utc_offset_minutes = 480
             if r.quantity == Quantity::Volume && r.storage == 0 {
                 assert_eq!(r.meter.as_str(), METER);
                 assert_eq!(r.clock, ClockSource::Meter);
+                // The channel is the meter's CoAP peer address.
+                assert_eq!(
+                    r.provenance.channel,
+                    Some(meter.local_addr().unwrap().to_string())
+                );
                 assert!(
                     volumes.insert(r.ts, r.value).is_none(),
                     "one reading per hour"

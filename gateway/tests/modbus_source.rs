@@ -250,6 +250,10 @@ async fn tcp_polls_two_units_and_writes() {
         req.readings[0].provenance.source,
         model::SourceKind::ModbusTcp
     );
+    assert_eq!(
+        req.readings[0].provenance.channel,
+        Some(format!("{addr} unit 1"))
+    );
     req.done.send(Ok(())).unwrap();
     let health = run.health.get("flow-1").unwrap();
     assert_eq!(health.consecutive_failures, 0);

@@ -46,10 +46,11 @@ async fn push(addr: SocketAddr, body: &[u8], ts: i64, secret: &str) -> u16 {
     out.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
+/// (meter, value, source kind, provenance channel) of every volume reading.
 async fn values_until(
     rx: &mut UnboundedReceiver<(String, Vec<u8>)>,
     want: usize,
-) -> Vec<(String, Decimal, model::SourceKind)> {
+) -> Vec<(String, Decimal, model::SourceKind, Option<String>)> {
     let mut got = Vec::new();
     tokio::time::timeout(Duration::from_secs(15), async {
         while got.len() < want {
@@ -61,6 +62,7 @@ async fn values_until(
                         e.reading.meter.to_string(),
                         e.reading.value,
                         e.reading.provenance.source,
+                        e.reading.provenance.channel,
                     ));
                 }
             }
@@ -175,19 +177,43 @@ topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
     .await
     .unwrap();
 
-    let got = values_until(&mut batches, 4).await;
+    let mut got = values_until(&mut batches, 4).await;
+    // The push's channel is the HTTP peer: this test's ephemeral client port.
+    let push_channel = got[0].3.take().expect("push reading has a channel");
+    assert!(
+        push_channel.starts_with("127.0.0.1:") && push_channel != http.to_string(),
+        "{push_channel}"
+    );
     use model::SourceKind::{HttpPush, Mqtt};
+    // Concentrator readings carry the topic they arrived on.
+    let topic = |t: &str| Some(format!("{site}/{t}"));
     assert_eq!(
         got,
         vec![
             (
                 "cjt188:00000000000001".into(),
                 Decimal::new(4242, 2),
-                HttpPush
+                HttpPush,
+                None
             ),
-            ("cjt188:00000000000002".into(), Decimal::new(7125, 3), Mqtt),
-            ("cjt188:00000000000003".into(), Decimal::new(333, 2), Mqtt),
-            ("cjt188:00000000000004".into(), Decimal::new(45, 1), Mqtt),
+            (
+                "cjt188:00000000000002".into(),
+                Decimal::new(7125, 3),
+                Mqtt,
+                topic("concentrator/c1/readings")
+            ),
+            (
+                "cjt188:00000000000003".into(),
+                Decimal::new(333, 2),
+                Mqtt,
+                topic("concentrator/c1/frame")
+            ),
+            (
+                "cjt188:00000000000004".into(),
+                Decimal::new(45, 1),
+                Mqtt,
+                topic("c5/x/readings")
+            ),
         ]
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

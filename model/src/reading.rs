@@ -65,6 +65,13 @@ pub struct Provenance {
     /// When the gateway received the frame (UTC).
     #[serde(with = "time::serde::rfc3339")]
     pub received_at: OffsetDateTime,
+    /// Where on the source the frame came from; `None` if nowhere (estimates, older gateways).
+    ///
+    /// The MQTT topic (concentrator, hydrant), the peer `ip:port` (CoAP, wM-Bus UDP, HTTP
+    /// push), `<tty> primary <n>` / `<tty> secondary <8 digits>` (serial M-Bus),
+    /// `<host:port> unit <n>` / `<tty> unit <n>` (Modbus). Optional on the wire (v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
 }
 
 /// How an estimate was made.
@@ -262,6 +269,7 @@ mod tests {
                 source_id: "nbiot".into(),
                 frame_hash: "00".repeat(32),
                 received_at: datetime!(2026-11-24 10:43:05 UTC),
+                channel: None,
             },
         }
     }
@@ -274,10 +282,20 @@ mod tests {
             gateway: GatewayId::new("gw-1").unwrap(),
             partition: 3,
             sent_at: datetime!(2026-11-24 10:43:06 UTC),
-            entries: vec![BatchEntry {
-                seq: 42,
-                reading: sample(),
-            }],
+            entries: vec![
+                BatchEntry {
+                    seq: 42,
+                    reading: sample(),
+                },
+                BatchEntry {
+                    seq: 43,
+                    reading: {
+                        let mut r = sample();
+                        r.provenance.channel = Some("192.0.2.7:5683".into());
+                        r
+                    },
+                },
+            ],
         };
         let json = serde_json::to_value(&batch).unwrap();
         let expected = serde_json::json!({
@@ -288,11 +306,48 @@ mod tests {
                 "storage": 0, "tariff": 0, "subunit": 0, "quality": {"status": "actual"},
                 "provenance": {"gateway": "gw-1", "source": "coap", "source_id": "nbiot",
                     "frame_hash": "00".repeat(32), "received_at": "2026-11-24T10:43:05Z"}
+            }}, {"seq": 43, "reading": {
+                "meter": "cjt188:78330011223344", "ts": "2026-11-24T10:43:00Z", "clock": "meter",
+                "quantity": "volume", "value": "556677.00", "unit": "m3",
+                "storage": 0, "tariff": 0, "subunit": 0, "quality": {"status": "actual"},
+                "provenance": {"gateway": "gw-1", "source": "coap", "source_id": "nbiot",
+                    "frame_hash": "00".repeat(32), "received_at": "2026-11-24T10:43:05Z",
+                    "channel": "192.0.2.7:5683"}
             }}]
         });
         assert_eq!(json, expected);
         let back: ReadingBatch = serde_json::from_value(json).unwrap();
         assert_eq!(back, batch);
+    }
+
+    /// `channel` is optional in wire v1: omitted when `None`, and batches from gateways that
+    /// predate it (no key) still decode.
+    #[test]
+    fn provenance_channel_is_optional_on_the_wire() {
+        let mut with = sample();
+        with.provenance.channel = Some("wm/site-1/conc-7/up".into());
+        let json = serde_json::to_value(&with).unwrap();
+        assert_eq!(
+            json["provenance"]["channel"],
+            serde_json::json!("wm/site-1/conc-7/up")
+        );
+        assert_eq!(serde_json::from_value::<Reading>(json).unwrap(), with);
+
+        let without = sample();
+        let json = serde_json::to_value(&without).unwrap();
+        assert!(json["provenance"].get("channel").is_none());
+        assert_eq!(serde_json::from_value::<Reading>(json).unwrap(), without);
+
+        // An old gateway's reading, written by hand without the key.
+        let old = r#"{"meter": "cjt188:78330011223344", "ts": "2026-11-24T10:43:00Z",
+            "clock": "meter", "quantity": "volume", "value": "556677.00", "unit": "m3",
+            "storage": 0, "tariff": 0, "subunit": 0, "quality": {"status": "actual"},
+            "provenance": {"gateway": "gw-1", "source": "coap", "source_id": "nbiot",
+                "frame_hash": "0000000000000000000000000000000000000000000000000000000000000000",
+                "received_at": "2026-11-24T10:43:05Z"}}"#;
+        let back: Reading = serde_json::from_str(old).unwrap();
+        assert_eq!(back, without);
+        assert_eq!(back.provenance.channel, None);
     }
 
     #[test]

@@ -12,10 +12,10 @@ use time::OffsetDateTime;
 /// Column list matching [`encode_reading`], for the COPY statement.
 pub const READING_COLUMNS: &str = "meter_id, ts, quantity, tariff, subunit, storage, value, unit, \
      quality, quality_detail, flags, clock, source, source_id, gateway_id, spool_seq, \
-     frame_hash, received_at";
+     frame_hash, received_at, channel";
 
 /// Number of columns in [`READING_COLUMNS`].
-const FIELD_COUNT: i16 = 18;
+const FIELD_COUNT: i16 = 19;
 
 /// `PGCOPY\n\377\r\n\0`, flags, header extension length.
 const HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -147,6 +147,10 @@ impl CopyBuffer {
         }
         self.text(&r.provenance.frame_hash);
         self.timestamptz(r.provenance.received_at);
+        match &r.provenance.channel {
+            Some(channel) => self.text(channel),
+            None => self.null(),
+        }
         self.rows += 1;
     }
 }

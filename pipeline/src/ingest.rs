@@ -245,6 +245,7 @@ mod tests {
                     source_id: "s".into(),
                     frame_hash: String::new(),
                     received_at: datetime!(2026-11-24 10:00 UTC),
+                    channel: None,
                 },
             },
         }

@@ -61,6 +61,7 @@ pub async fn insert_readings(pool: &PgPool, readings: &[Reading]) -> Result<u64,
     let mut gateway = Vec::with_capacity(readings.len());
     let mut frame_hash = Vec::with_capacity(readings.len());
     let mut received_at = Vec::with_capacity(readings.len());
+    let mut channel = Vec::with_capacity(readings.len());
     for r in readings {
         let encode = |field| StoreError::Encode {
             field,
@@ -91,13 +92,14 @@ pub async fn insert_readings(pool: &PgPool, readings: &[Reading]) -> Result<u64,
         gateway.push(r.provenance.gateway.as_str().to_owned());
         frame_hash.push(r.provenance.frame_hash.clone());
         received_at.push(r.provenance.received_at);
+        channel.push(r.provenance.channel.clone());
     }
     let result = sqlx::query(
         "INSERT INTO readings (meter_id, ts, quantity, tariff, subunit, storage, value, unit,
-             quality, clock, source, source_id, gateway_id, frame_hash, received_at)
+             quality, clock, source, source_id, gateway_id, frame_hash, received_at, channel)
          SELECT * FROM UNNEST($1::text[], $2::timestamptz[], $3::text[], $4::int2[], $5::int2[],
              $6::int4[], $7::numeric[], $8::text[], $9::text[], $10::text[], $11::text[],
-             $12::text[], $13::text[], $14::text[], $15::timestamptz[])
+             $12::text[], $13::text[], $14::text[], $15::timestamptz[], $16::text[])
          ON CONFLICT DO NOTHING",
     )
     .bind(meter)
@@ -115,6 +117,7 @@ pub async fn insert_readings(pool: &PgPool, readings: &[Reading]) -> Result<u64,
     .bind(gateway)
     .bind(frame_hash)
     .bind(received_at)
+    .bind(channel)
     .execute(pool)
     .await?;
     Ok(result.rows_affected())
@@ -368,7 +371,8 @@ async fn merge_readings(
              quality_detail = excluded.quality_detail, flags = excluded.flags,
              clock = excluded.clock, source = excluded.source, source_id = excluded.source_id,
              gateway_id = excluded.gateway_id, spool_seq = excluded.spool_seq,
-             frame_hash = excluded.frame_hash, received_at = excluded.received_at
+             frame_hash = excluded.frame_hash, received_at = excluded.received_at,
+             channel = excluded.channel
          WHERE readings.quality = 'estimated' AND excluded.quality <> 'estimated'"
     ))
     .execute(&mut *conn)

@@ -656,6 +656,7 @@ fn estimates(st: &MeterState, r: &Reading, consumption: Decimal, c: &VeeConfig) 
                 source_id: "vee".into(),
                 frame_hash: r.provenance.frame_hash.clone(),
                 received_at: r.provenance.received_at,
+                channel: None,
             },
         });
     }
@@ -691,6 +692,7 @@ mod tests {
                 source_id: "nb".into(),
                 frame_hash: "ab".into(),
                 received_at: ts + Duration::seconds(5),
+                channel: None,
             },
         }
     }

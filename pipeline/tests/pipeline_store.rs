@@ -38,6 +38,7 @@ fn read(meter: &str, minutes: i64, value: Decimal) -> Reading {
             source_id: "nb".into(),
             frame_hash: "ab".repeat(32),
             received_at: ts + time::Duration::seconds(3),
+            channel: None,
         },
     }
 }
@@ -69,12 +70,14 @@ async fn binary_copy_round_trips_values_flags_and_quality() {
     let mut vee = Vee::new(VeeConfig::default());
     let mut litres = read("m-l", 0, dec!(123456.789));
     litres.unit = Unit::Litre;
+    let mut with_channel = read("m1", 60, dec!(556677.0125));
+    with_channel.provenance.channel = Some("198.51.100.4:5683".into());
     let stats = write(
         &db,
         &mut vee,
         vec![
             read("m1", 0, dec!(556677.01)),
-            read("m1", 60, dec!(556677.0125)),
+            with_channel,
             read("m2", 0, dec!(0.000123)),
             litres,
         ],
@@ -120,6 +123,21 @@ async fn binary_copy_round_trips_values_flags_and_quality() {
                 vec![],
                 "2026-11-20 00:00".into()
             ),
+        ]
+    );
+    // The provenance channel survives the binary COPY; a reading without one stores NULL.
+    let channels: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT meter_id, channel FROM readings ORDER BY meter_id, ts")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        channels,
+        vec![
+            ("m-l".into(), None),
+            ("m1".into(), None),
+            ("m1".into(), Some("198.51.100.4:5683".into())),
+            ("m2".into(), None),
         ]
     );
     let hourly: Vec<(String, String)> = sqlx::query_as(
@@ -168,11 +186,13 @@ async fn late_actual_read_supersedes_estimate_and_keeps_history() {
             .unwrap();
     assert_eq!(daily, "1.000000");
     // The gateway's spool delivers the missing 5 h read late.
-    let stats = write(&db, &mut vee, vec![read("m1", 5 * 60, dec!(10.55))]).await;
+    let mut late = read("m1", 5 * 60, dec!(10.55));
+    late.provenance.channel = Some("198.51.100.4:5683".into());
+    let stats = write(&db, &mut vee, vec![late]).await;
     assert!(stats.slow_path);
     assert_eq!(stats.superseded, 1);
-    let at5: (String, String, Vec<String>) =
-        sqlx::query_as("SELECT value::text, quality, flags FROM readings WHERE ts = $1")
+    let at5: (String, String, Vec<String>, Option<String>) =
+        sqlx::query_as("SELECT value::text, quality, flags, channel FROM readings WHERE ts = $1")
             .bind(T0 + time::Duration::hours(5))
             .fetch_one(&db.pool)
             .await
@@ -182,7 +202,8 @@ async fn late_actual_read_supersedes_estimate_and_keeps_history() {
         (
             "10.550000".into(),
             "actual".into(),
-            vec!["out_of_order".into()]
+            vec!["out_of_order".into()],
+            Some("198.51.100.4:5683".into())
         )
     );
     let history: Vec<(String, String)> =

@@ -39,6 +39,7 @@ fn reading(value: &str, ts: OffsetDateTime) -> Reading {
             source_id: "nbiot".into(),
             frame_hash: "ab".repeat(32),
             received_at: ts + TimeDelta::seconds(3),
+            channel: None,
         },
     }
 }
@@ -52,6 +53,23 @@ async fn migrations_are_idempotent_and_create_partitions() {
         .execute(&db.pool)
         .await
         .unwrap();
+    sqlx::raw_sql(include_str!(
+        "../../pipeline/migrations/0021_reading_channel.sql"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // The channel column reaches the parent and every partition.
+    let without_channel: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_inherits i WHERE i.inhparent = 'readings'::regclass
+           AND NOT EXISTS (SELECT 1 FROM information_schema.columns c
+                           WHERE c.table_name = i.inhrelid::regclass::text
+                             AND c.column_name = 'channel')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(without_channel, 0);
     let partitions: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'readings'::regclass",
     )

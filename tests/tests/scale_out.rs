@@ -104,6 +104,7 @@ fn reading(meter: &str, gateway: &str, hour: i64, start: OffsetDateTime) -> Read
             source_id: "nb".into(),
             frame_hash: "cd".repeat(32),
             received_at: ts + time::Duration::seconds(2),
+            channel: None,
         },
     }
 }

@@ -56,6 +56,7 @@ async fn main() -> anyhow::Result<()> {
                 source_id: "bench".into(),
                 frame_hash: "ab".repeat(32),
                 received_at: now,
+                channel: None,
             },
         });
         if group.len() == 8192 || i + 1 == n {

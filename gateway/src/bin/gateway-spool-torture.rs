@@ -33,6 +33,7 @@ fn reading(task: usize, n: i64) -> anyhow::Result<Reading> {
             source_id: "torture".into(),
             frame_hash: "00".repeat(32),
             received_at: OffsetDateTime::now_utc(),
+            channel: None,
         },
     })
 }

@@ -165,6 +165,7 @@ async fn ingest_worker(
             source_id: source_id.clone(),
             frame_hash: frame_hash(&publish.payload),
             received_at,
+            channel: Some(publish.topic.clone()),
         };
         let decoded = match hid {
             Some(hid) => decode_up(hid, &publish.payload, provenance),
@@ -553,6 +554,7 @@ mod tests {
             source_id: "hyd".into(),
             frame_hash: "00".into(),
             received_at: datetime!(2026-11-25 10:00:05 UTC),
+            channel: Some("hydrant/h1/up".into()),
         }
     }
 

@@ -676,6 +676,8 @@ impl Bus {
             }
         };
         let received_at = OffsetDateTime::now_utc();
+        // `/dev/ttyUSB0 primary 5`, `/dev/ttyUSB0 secondary 12345678`.
+        let channel = format!("{} {address}", self.config.port);
         let mut readings = Vec::new();
         for raw in &telegrams {
             self.sink.frame_received(&self.source_id);
@@ -701,6 +703,7 @@ impl Bus {
                 gateway: &self.gateway,
                 source: SourceKind::MbusSerial,
                 source_id: &self.source_id,
+                channel: Some(&channel),
                 received_at,
                 raw,
             };

@@ -138,6 +138,14 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// `host:port` of a TCP bus, the device path of a serial one.
+    pub fn endpoint(&self) -> &str {
+        match self {
+            Self::Tcp(address) => address,
+            Self::Rtu { port, .. } => port,
+        }
+    }
+
     async fn connect(&self, timeout: Duration) -> Result<Context, String> {
         match self {
             Self::Tcp(address) => {
@@ -553,10 +561,12 @@ impl Bus {
                 return;
             }
         };
+        let channel = format!("{} unit {}", self.transport.endpoint(), device.unit_id);
         let fctx = FrameContext {
             gateway: &self.gateway,
             source: self.kind,
             source_id: &self.source_id,
+            channel: Some(&channel),
             received_at,
             raw: &raw,
         };

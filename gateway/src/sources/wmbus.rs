@@ -173,10 +173,12 @@ pub async fn run_with_stats(
                 continue;
             }
         };
+        let channel = peer.to_string();
         let fctx = FrameContext {
             gateway: &gateway,
             source: SourceKind::Wmbus,
             source_id: &source_id,
+            channel: Some(&channel),
             received_at: OffsetDateTime::now_utc(),
             raw,
         };

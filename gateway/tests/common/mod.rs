@@ -50,6 +50,7 @@ pub fn reading(meter: &str, value: i64) -> Reading {
             source_id: "test".into(),
             frame_hash: "00".repeat(32),
             received_at: time::macros::datetime!(2026-11-24 10:43:05 UTC),
+            channel: None,
         },
     }
 }

@@ -111,6 +111,7 @@ impl Fleet {
                 source_id: "nbiot".into(),
                 frame_hash: format!("{:064x}", meter as u64 * 1_000_003 + round),
                 received_at: ts + time::Duration::seconds(5),
+                channel: None,
             },
         }
     }
