@@ -1325,6 +1325,55 @@ fn fb_vif(code: u8) -> VifInfo {
     }
 }
 
+/// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given; the same text as
+/// `format!("{y:04}-{m:02}-{d:02}T…")` without the formatting machinery (a third of a dated
+/// record's decode time went there).
+fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String {
+    let mut out = String::with_capacity(19);
+    match u32::try_from(y) {
+        Ok(y) if y < 10_000 => push_padded(&mut out, y, 4),
+        _ => out.push_str(&format!("{y:04}")),
+    }
+    out.push('-');
+    push_padded(&mut out, u32::from(m), 2);
+    out.push('-');
+    push_padded(&mut out, u32::from(d), 2);
+    if let Some((h, mi, s)) = time {
+        out.push('T');
+        push_time(&mut out, h, mi, s);
+    }
+    out
+}
+
+/// Appends `HH:MM[:SS]`.
+fn push_time(out: &mut String, h: u8, mi: u8, s: Option<u8>) {
+    push_padded(out, u32::from(h), 2);
+    out.push(':');
+    push_padded(out, u32::from(mi), 2);
+    if let Some(s) = s {
+        out.push(':');
+        push_padded(out, u32::from(s), 2);
+    }
+}
+
+/// Appends `value` in decimal, zero-padded to at least `width` digits (like `{:0width$}`).
+fn push_padded(out: &mut String, value: u32, width: u32) {
+    let digits = value.checked_ilog10().unwrap_or(0).saturating_add(1);
+    for _ in digits..width {
+        out.push('0');
+    }
+    let mut divisor = 10u32.saturating_pow(digits.saturating_sub(1));
+    while divisor > 0 {
+        let digit = value
+            .checked_div(divisor)
+            .unwrap_or(0)
+            .checked_rem(10)
+            .unwrap_or(0);
+        out.push(char::from_digit(digit, 10).unwrap_or('0'));
+        divisor = divisor.checked_div(10).unwrap_or(0);
+    }
+}
+
 impl<'a> RawRecord<'a> {
     /// Function field (DIF bits 5-4).
     pub fn function(&self) -> Function {
@@ -1521,13 +1570,14 @@ impl<'a> RawRecord<'a> {
             Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
             None => (
                 match self.raw_value_with(info.date) {
-                    RawValue::Date(y, m, d) => RecordValue::Date(format!("{y:04}-{m:02}-{d:02}")),
-                    RawValue::DateTime(y, mo, d, h, mi, None) => {
-                        RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}"))
+                    RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
+                    RawValue::DateTime(y, mo, d, h, mi, s) => {
+                        RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
                     }
-                    RawValue::Time(h, mi, s) => RecordValue::Date(format!("{h:02}:{mi:02}:{s:02}")),
-                    RawValue::DateTime(y, mo, d, h, mi, Some(s)) => {
-                        RecordValue::Date(format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}"))
+                    RawValue::Time(h, mi, s) => {
+                        let mut out = String::with_capacity(8);
+                        push_time(&mut out, h, mi, Some(s));
+                        RecordValue::Date(out)
                     }
                     RawValue::Text(t) => RecordValue::Text(text(t)),
                     RawValue::None => RecordValue::Raw(String::new()),
@@ -1928,5 +1978,32 @@ pub mod encode {
         }
         data.push(0x1F);
         long(C_RSP_UD, primary, CI_RSP_LONG, &data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_dates_match_the_format_macro() {
+        for y in [0, 7, 99, 1900, 1996, 2026, 2080, 9999, 12_345, -5] {
+            for (mo, d, h, mi, s) in [(1, 1, 0, 0, 0), (12, 31, 23, 59, 59), (2, 29, 9, 5, 7)] {
+                assert_eq!(iso_date(y, mo, d, None), format!("{y:04}-{mo:02}-{d:02}"));
+                assert_eq!(
+                    iso_date(y, mo, d, Some((h, mi, None))),
+                    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}")
+                );
+                assert_eq!(
+                    iso_date(y, mo, d, Some((h, mi, Some(s)))),
+                    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}")
+                );
+            }
+        }
+        for v in [0u32, 5, 10, 99, 100, 255, 4_294_967_295] {
+            let mut out = String::new();
+            push_padded(&mut out, v, 2);
+            assert_eq!(out, format!("{v:02}"));
+        }
     }
 }

@@ -94,9 +94,9 @@ const MAX_CACHE_ENTRIES: usize = 100_000;
 /// full-frame CRC, so a borrowed format cannot produce wrong values.
 #[derive(Default)]
 pub struct FormatCache {
-    formats: HashMap<(u16, u32, u16), Vec<u8>>,
-    models: HashMap<(u16, u8, u8, u16), Vec<u8>>,
-    ciphers: HashMap<(u16, u32), ([u8; 16], Aes128)>,
+    formats: HashMap<(u16, u32, u16), Vec<u8>, foldhash::fast::RandomState>,
+    models: HashMap<(u16, u8, u8, u16), Vec<u8>, foldhash::fast::RandomState>,
+    ciphers: HashMap<(u16, u32), ([u8; 16], Aes128), foldhash::fast::RandomState>,
 }
 
 impl fmt::Debug for FormatCache {
