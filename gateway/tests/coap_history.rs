@@ -8,14 +8,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use coap_lite::{MessageClass, ResponseType};
 use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
 use decoders::envelope::{Envelope, Platform, encode_envelope};
 use gateway::runtime::Gateway;
-use hmac::{Hmac, Mac};
 use model::{ClockSource, Quantity, ReadingBatch};
 use rust_decimal::Decimal;
-use sha2::Sha256;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
@@ -41,26 +39,6 @@ fn day_of_frames() -> Vec<u8> {
         )));
     }
     out
-}
-
-async fn post(sock: &UdpSocket, to: SocketAddr, mid: u16, payload: Vec<u8>) -> Packet {
-    let mut p = Packet::new();
-    p.header.set_version(1);
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Request(RequestType::Post);
-    p.header.message_id = mid;
-    p.set_token(vec![9, 9, 9, 9]);
-    p.add_option(CoapOption::UriPath, b"up".to_vec());
-    p.payload = payload;
-    sock.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
-    let mut buf = [0u8; 1500];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
-        .await
-        .expect("CoAP reply in time")
-        .unwrap();
-    let reply = Packet::from_bytes(&buf[..n]).unwrap();
-    assert_eq!(reply.header.message_id, mid);
-    reply
 }
 
 async fn metrics(addr: SocketAddr) -> String {
@@ -111,7 +89,7 @@ meter_utc_offset_minutes = 480
     let mut bad = day_of_frames();
     let frame_len = bad.len() / 24;
     bad[13 * frame_len - 2] ^= 0x5A;
-    let reply = post(&meter, coap, 1, bad).await;
+    let reply = common::coap_post(&meter, coap, 1, bad).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::BadRequest)
@@ -133,7 +111,7 @@ meter_utc_offset_minutes = 480
     );
 
     // The whole day: 2.04 only after all 24 hours are in the spool.
-    let reply = post(&meter, coap, 2, day_of_frames()).await;
+    let reply = common::coap_post(&meter, coap, 2, day_of_frames()).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::Changed)
@@ -181,24 +159,6 @@ meter_utc_offset_minutes = 480
     gateway.shutdown().await;
 }
 
-async fn push(addr: SocketAddr, body: &[u8], secret: &str) -> u16 {
-    let ts = OffsetDateTime::now_utc().unix_timestamp();
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{ts}\n").as_bytes());
-    mac.update(body);
-    let sig = hex::encode(mac.finalize().into_bytes());
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split(' ').nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_frame_push_places_history_before_the_platform_time() {
     const SECRET: &str = "0123456789abcdef-history";
@@ -243,11 +203,29 @@ secret = "{SECRET}"
     let mut bad = day_of_frames();
     let frame_len = bad.len() / 24;
     bad[6 * frame_len - 2] ^= 0x5A; // the 6th frame's checksum
-    assert_eq!(push(http, &envelope(bad), SECRET).await, 400);
+    assert_eq!(
+        common::signed_push(
+            http,
+            &envelope(bad),
+            OffsetDateTime::now_utc().unix_timestamp(),
+            SECRET
+        )
+        .await,
+        400
+    );
     assert_eq!(gateway.spool().stats().next_seq, seq_before);
 
     // The day: 24 readings, the newest at the platform's time, the others an hour apart.
-    assert_eq!(push(http, &envelope(day_of_frames()), SECRET).await, 202);
+    assert_eq!(
+        common::signed_push(
+            http,
+            &envelope(day_of_frames()),
+            OffsetDateTime::now_utc().unix_timestamp(),
+            SECRET
+        )
+        .await,
+        202
+    );
     let mut volumes: BTreeMap<OffsetDateTime, Decimal> = BTreeMap::new();
     while volumes.len() < 24 {
         let (_, payload) = tokio::time::timeout(Duration::from_secs(10), batches.recv())

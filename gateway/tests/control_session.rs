@@ -11,35 +11,6 @@ use model::{CommandAck, CommandState};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::mpsc::UnboundedReceiver;
 
-fn config(gw: &str, root: &str, site: &str, spool: &std::path::Path) -> edge_config::GatewayConfig {
-    let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "{gw}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}"
-topic_root = "{root}"
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
-id = "hydrants"
-kind = "hydrant_mqtt"
-host = "{host}"
-port = {port}
-client_id = "{cid}-hyd"
-topic_prefix = "{site}"
-ack_timeout = "5s"
-"#,
-        host = b.host,
-        port = b.port,
-        cid = root.replace('/', "-"),
-        spool = spool.display(),
-    );
-    edge_config::parse(&toml, "s.toml".as_ref()).unwrap()
-}
-
 fn command(gw: &str, id: &str, device: &str) -> String {
     let now = time::OffsetDateTime::now_utc();
     let fmt = |t: time::OffsetDateTime| {
@@ -121,7 +92,7 @@ async fn command_published_while_gateway_is_down_is_executed_once_after_restart(
     let dir = tempfile::tempdir().unwrap();
 
     // First run: the control connection creates its session (and subscription), then stops.
-    let gateway = Gateway::start(config(gw, &root, &site, dir.path()))
+    let gateway = Gateway::start(common::hydrant_gateway(gw, &root, &site, dir.path()))
         .await
         .unwrap();
     wait_until_subscribed(gw, &root, &mut acks).await;
@@ -138,7 +109,7 @@ async fn command_published_while_gateway_is_down_is_executed_once_after_restart(
     );
 
     // Restart: the broker delivers the queued command; the hydrant gets it and answers.
-    let gateway = Gateway::start(config(gw, &root, &site, dir.path()))
+    let gateway = Gateway::start(common::hydrant_gateway(gw, &root, &site, dir.path()))
         .await
         .unwrap();
     let (_, body) = tokio::time::timeout(Duration::from_secs(15), cmds.recv())
@@ -179,7 +150,7 @@ async fn command_published_while_gateway_is_down_is_executed_once_after_restart(
 
     // Another restart: the command was PUBACKed after it was journaled, so the broker does
     // not deliver it again (no re-published state) and the hydrant hears nothing.
-    let gateway = Gateway::start(config(gw, &root, &site, dir.path()))
+    let gateway = Gateway::start(common::hydrant_gateway(gw, &root, &site, dir.path()))
         .await
         .unwrap();
     wait_until_subscribed(gw, &root, &mut acks).await;

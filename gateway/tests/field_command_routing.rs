@@ -19,32 +19,7 @@ async fn hydrant_command_is_routed_executed_once_and_acknowledged() {
     // The simulated hydrant: answers every command on its cmd topic.
     let (hydrant, mut cmds) = common::subscribe("route-hyd", &format!("{site}/h1/cmd")).await;
     let dir = tempfile::tempdir().unwrap();
-    let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "{gw}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}"
-topic_root = "{root}"
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
-id = "hydrants"
-kind = "hydrant_mqtt"
-host = "{host}"
-port = {port}
-client_id = "{cid}-hyd"
-topic_prefix = "{site}"
-ack_timeout = "5s"
-"#,
-        host = b.host,
-        port = b.port,
-        cid = root.replace('/', "-"),
-        spool = dir.path().display(),
-    );
-    let config = edge_config::parse(&toml, "r.toml".as_ref()).unwrap();
+    let config = common::hydrant_gateway(gw, &root, &site, dir.path());
     let gateway = Gateway::start(config).await.unwrap();
     // Let the control connection subscribe and the bridge connect.
     tokio::time::sleep(Duration::from_millis(800)).await;

@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
+use coap_lite::{MessageClass, ResponseType};
 use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading, Payload};
 use gateway::runtime::Gateway;
 use model::{CommandAck, CommandState, ReadingBatch};
@@ -28,27 +28,6 @@ fn reading_frame(volume: Decimal, ser: u8) -> Vec<u8> {
         status: 0,
     };
     cjt188::encode(&Cjt188Frame::read_data_reply(0x10, ADDRESS, ser, &reading))
-}
-
-async fn post(sock: &UdpSocket, to: SocketAddr, mid: u16, payload: Vec<u8>) -> Packet {
-    let mut p = Packet::new();
-    p.header.set_version(1);
-    p.header.set_type(MessageType::Confirmable);
-    p.header.code = MessageClass::Request(RequestType::Post);
-    p.header.message_id = mid;
-    p.set_token(vec![1, 2, 3, 4]);
-    p.add_option(CoapOption::UriPath, b"up".to_vec());
-    p.payload = payload;
-    sock.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
-    let mut buf = [0u8; 1500];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
-        .await
-        .expect("CoAP reply in time")
-        .unwrap();
-    let reply = Packet::from_bytes(&buf[..n]).unwrap();
-    assert_eq!(reply.header.message_id, mid);
-    assert_eq!(reply.header.get_type(), MessageType::Acknowledgement);
-    reply
 }
 
 async fn next_ack(rx: &mut UnboundedReceiver<(String, Vec<u8>)>) -> CommandAck {
@@ -133,7 +112,8 @@ listen = "127.0.0.1:0"
 
     let meter = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // 1. Uplink: the reading is spooled, answered 2.04 (nothing pending) and published.
-    let reply = post(&meter, coap, 100, reading_frame(Decimal::new(123456, 2), 1)).await;
+    let reply =
+        common::coap_post(&meter, coap, 100, reading_frame(Decimal::new(123456, 2), 1)).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::Changed)
@@ -152,7 +132,8 @@ listen = "127.0.0.1:0"
     assert_eq!(batch.partition, model::partition_of(METER, 4));
     let spooled = gateway.spool().stats().next_seq;
     // A CON retransmission (same message id) gets the same answer and is not stored twice.
-    let again = post(&meter, coap, 100, reading_frame(Decimal::new(123456, 2), 1)).await;
+    let again =
+        common::coap_post(&meter, coap, 100, reading_frame(Decimal::new(123456, 2), 1)).await;
     assert_eq!(again.header.code, reply.header.code);
     assert_eq!(gateway.spool().stats().next_seq, spooled);
 
@@ -185,7 +166,8 @@ listen = "127.0.0.1:0"
         ("c-1", &CommandState::Queued)
     );
 
-    let reply = post(&meter, coap, 101, reading_frame(Decimal::new(123460, 2), 2)).await;
+    let reply =
+        common::coap_post(&meter, coap, 101, reading_frame(Decimal::new(123460, 2), 2)).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::Changed)
@@ -203,7 +185,7 @@ listen = "127.0.0.1:0"
         down.ser,
         cjt188::ST_VALVE_CLOSED,
     ));
-    let reply = post(&meter, coap, 102, valve_reply).await;
+    let reply = common::coap_post(&meter, coap, 102, valve_reply).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::Changed)
@@ -229,14 +211,15 @@ listen = "127.0.0.1:0"
         .unwrap();
     let a = next_ack(&mut acks).await;
     assert_eq!(a.state, CommandState::Acknowledged);
-    let reply = post(&meter, coap, 103, reading_frame(Decimal::new(123470, 2), 3)).await;
+    let reply =
+        common::coap_post(&meter, coap, 103, reading_frame(Decimal::new(123470, 2), 3)).await;
     assert!(
         reply.payload.is_empty(),
         "duplicate command must not be sent again"
     );
 
     // 3. A garbage frame is answered 4.00 and counted, never dropped silently.
-    let reply = post(&meter, coap, 104, vec![0x68, 0x10, 0x00]).await;
+    let reply = common::coap_post(&meter, coap, 104, vec![0x68, 0x10, 0x00]).await;
     assert_eq!(
         reply.header.code,
         MessageClass::Response(ResponseType::BadRequest)

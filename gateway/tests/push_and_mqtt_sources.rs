@@ -3,16 +3,13 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
 use decoders::envelope::{Envelope, Platform, encode_envelope};
 use gateway::runtime::Gateway;
-use hmac::{Hmac, Mac};
 use model::ReadingBatch;
 use rust_decimal::Decimal;
-use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -27,23 +24,6 @@ fn frame(address: [u8; 7], volume: Decimal) -> Vec<u8> {
         status: 0,
     };
     cjt188::encode(&Cjt188Frame::read_data_reply(0x10, address, 1, &reading))
-}
-
-async fn push(addr: SocketAddr, body: &[u8], ts: i64, secret: &str) -> u16 {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{ts}\n").as_bytes());
-    mac.update(body);
-    let sig = hex::encode(mac.finalize().into_bytes());
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out.split(' ').nth(1).unwrap().parse().unwrap()
 }
 
 /// (meter, value, source kind, provenance channel) of every volume reading.
@@ -131,10 +111,19 @@ topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
         frame(addr1, Decimal::new(4242, 2)),
     );
     let body = encode_envelope(Platform::Generic, &env);
-    assert_eq!(push(http, &body, now, SECRET).await, 202);
-    assert_eq!(push(http, &body, now, "wrong-secret-wrong").await, 401);
-    assert_eq!(push(http, &body, now - 1000, SECRET).await, 401);
-    assert_eq!(push(http, b"{\"nonsense\":1}", now, SECRET).await, 400);
+    assert_eq!(common::signed_push(http, &body, now, SECRET).await, 202);
+    assert_eq!(
+        common::signed_push(http, &body, now, "wrong-secret-wrong").await,
+        401
+    );
+    assert_eq!(
+        common::signed_push(http, &body, now - 1000, SECRET).await,
+        401
+    );
+    assert_eq!(
+        common::signed_push(http, b"{\"nonsense\":1}", now, SECRET).await,
+        400
+    );
 
     // Concentrator: one JSON list and one raw CJ/T 188 frame.
     let (pubc, _rx) = common::subscribe("src-pub", &format!("{root}/unused")).await;

@@ -149,3 +149,88 @@ impl Proxy {
         MqttEndpoint::parse(&format!("mqtt://127.0.0.1:{}", self.port)).unwrap()
     }
 }
+
+/// A gateway whose only source is a hydrant bridge on the test broker (`{site}/<hydrant>/…`).
+pub fn hydrant_gateway(
+    gw: &str,
+    root: &str,
+    site: &str,
+    spool: &std::path::Path,
+) -> edge_config::GatewayConfig {
+    let b = broker();
+    let toml = format!(
+        r#"gateway_id = "{gw}"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}"
+topic_root = "{root}"
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "hydrants"
+kind = "hydrant_mqtt"
+host = "{host}"
+port = {port}
+client_id = "{cid}-hyd"
+topic_prefix = "{site}"
+ack_timeout = "5s"
+"#,
+        host = b.host,
+        port = b.port,
+        cid = root.replace('/', "-"),
+        spool = spool.display(),
+    );
+    edge_config::parse(&toml, "s.toml".as_ref()).unwrap()
+}
+
+/// Sends a confirmable CoAP POST `/up` and returns the piggy-backed reply (asserted to be its ACK).
+pub async fn coap_post(
+    sock: &tokio::net::UdpSocket,
+    to: std::net::SocketAddr,
+    mid: u16,
+    payload: Vec<u8>,
+) -> coap_lite::Packet {
+    use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType};
+    let mut p = Packet::new();
+    p.header.set_version(1);
+    p.header.set_type(MessageType::Confirmable);
+    p.header.code = MessageClass::Request(RequestType::Post);
+    p.header.message_id = mid;
+    p.set_token(vec![1, 2, 3, 4]);
+    p.add_option(CoapOption::UriPath, b"up".to_vec());
+    p.payload = payload;
+    sock.send_to(&p.to_bytes().unwrap(), to).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(10), sock.recv_from(&mut buf))
+        .await
+        .expect("CoAP reply in time")
+        .unwrap();
+    let reply = Packet::from_bytes(&buf[..n]).unwrap();
+    assert_eq!(reply.header.message_id, mid);
+    assert_eq!(reply.header.get_type(), MessageType::Acknowledgement);
+    reply
+}
+
+/// POSTs `body` to the HTTP push endpoint signed with HMAC-SHA256 over `"{ts}\n" + body`;
+/// returns the HTTP status.
+pub async fn signed_push(addr: std::net::SocketAddr, body: &[u8], ts: i64, secret: &str) -> u16 {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{ts}\n").as_bytes());
+    mac.update(body);
+    let sig = hex::encode(mac.finalize().into_bytes());
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out.split(' ').nth(1).unwrap().parse().unwrap()
+}
