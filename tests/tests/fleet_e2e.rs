@@ -1,8 +1,9 @@
 //! The whole stack end to end: a simulated fleet → a real gateway → Mosquitto → a real pipeline
 //! worker → a fresh PostgreSQL database.
 //!
-//! NB-IoT CoAP meters, concentrators (MQTT JSON), wM-Bus meters (encrypted UDP telegrams) and a
-//! Modbus TCP DMA inlet flow meter report to a gateway started in-process from a generated TOML
+//! NB-IoT CoAP meters, NB-IoT meters behind an IoT platform (signed HTTP push envelopes),
+//! concentrators (MQTT JSON), wM-Bus meters (encrypted UDP telegrams) and a Modbus TCP DMA inlet
+//! flow meter report to a gateway started in-process from a generated TOML
 //! configuration. The test asserts that every reading the fleet sent is stored exactly once,
 //! that stored values equal the simulator's model values exactly, and that a valve command is
 //! queued, executed by the meter on its next uplink, acknowledged once and never re-executed
@@ -18,7 +19,8 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 use rust_decimal::Decimal;
 use simulators::engine::{Emission, Engine};
 use simulators::fleet::{
-    CoapConfig, ConcentratorConfig, Fleet, FleetConfig, ModbusConfig, Upload, WmbusConfig,
+    CoapConfig, ConcentratorConfig, Fleet, FleetConfig, HttpPushConfig, ModbusConfig, Upload,
+    WmbusConfig,
 };
 use simulators::mqtt::MqttConfig;
 use simulators::scenario::Scenario;
@@ -29,6 +31,8 @@ const GW: &str = "gw-fleet";
 const METERS: u32 = 60;
 const MBUS_METERS: u32 = 10;
 const COAP_METERS: u32 = 10;
+const PUSH_METERS: u32 = 5;
+const PUSH_SECRET: &str = "fleet-e2e-push-secret";
 const CONCENTRATOR_METERS: u32 = 20;
 const STEPS: u64 = 5;
 const SEED: u64 = 11;
@@ -171,22 +175,34 @@ async fn simulated_fleet_through_gateway_and_pipeline_into_postgres() {
         .iter()
         .map(|m| m.id.as_str().to_owned())
         .collect();
-    // Routes as the fleet assigns them: CJ/T 188 meters to CoAP first, then concentrators;
-    // M-Bus-addressed meters (the last ones) to wM-Bus.
+    // Routes as the fleet assigns them: CJ/T 188 meters to CoAP first, then the platform's
+    // HTTP push, then concentrators; M-Bus-addressed meters (the last ones) to wM-Bus.
     let coap_ids: Vec<&str> = ids
         .iter()
         .take(COAP_METERS as usize)
         .map(String::as_str)
         .collect();
-    let conc_ids: Vec<&str> = ids
+    let push_ids: Vec<&str> = ids
         .iter()
         .skip(COAP_METERS as usize)
+        .take(PUSH_METERS as usize)
+        .map(String::as_str)
+        .collect();
+    let first_conc = (COAP_METERS + PUSH_METERS) as usize;
+    let conc_ids: Vec<&str> = ids
+        .iter()
+        .skip(first_conc)
         .take(CONCENTRATOR_METERS as usize)
         .map(String::as_str)
         .collect();
     let first_mbus = (METERS - MBUS_METERS) as usize;
     let wmbus_ids: Vec<&str> = ids.iter().skip(first_mbus).map(String::as_str).collect();
-    assert!(coap_ids.iter().all(|m| m.starts_with("cjt188:")));
+    assert!(
+        coap_ids
+            .iter()
+            .chain(&push_ids)
+            .all(|m| m.starts_with("cjt188:"))
+    );
     assert!(wmbus_ids.iter().all(|m| m.starts_with("mbus:")));
 
     // The gateway, with every source the fleet speaks to on ephemeral ports.
@@ -225,6 +241,12 @@ listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
 
 [[source]]
+id = "platform"
+kind = "http_push"
+listen = "127.0.0.1:0"
+secret = "{PUSH_SECRET}"
+
+[[source]]
 id = "concentrators"
 kind = "mqtt"
 broker = "mqtt://{host}:{port}"
@@ -256,6 +278,7 @@ poll_interval = "1s"
     let (_acks_client, mut acks) = subscribe("fleet-acks", &format!("{root}/{GW}/cmd-ack")).await;
     let gateway = Gateway::start(config).await.expect("gateway starts");
     let coap = gateway.source_addr("nbiot").expect("CoAP bound");
+    let platform = gateway.source_addr("platform").expect("HTTP push bound");
 
     // The pipeline worker, on the same topic root and partitions.
     let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
@@ -322,6 +345,13 @@ poll_interval = "1s"
     fleet_config.coap = Some(CoapConfig {
         gateway: coap,
         meters: COAP_METERS,
+    });
+    fleet_config.http_push = Some(HttpPushConfig {
+        gateway: platform,
+        path: "/v1/push".into(),
+        secret: PUSH_SECRET.into(),
+        platform: decoders::envelope::Platform::CtWing,
+        meters: PUSH_METERS,
     });
     fleet_config.mqtt =
         Some(MqttConfig::from_url(&broker, &site, &format!("{client_base}-fleet")).expect("mqtt"));
@@ -416,6 +446,11 @@ poll_interval = "1s"
         "{counts:?}"
     );
     assert_eq!(
+        (counts.http_pushes, counts.http_rejected),
+        (u64::from(PUSH_METERS) * STEPS, 0),
+        "{counts:?}"
+    );
+    assert_eq!(
         counts.concentrator_readings,
         u64::from(CONCENTRATOR_METERS) * STEPS,
         "{counts:?}"
@@ -435,6 +470,7 @@ poll_interval = "1s"
     // Every reading the fleet sent is stored once.
     let expected: BTreeMap<String, i64> = [
         ("coap".to_owned(), counts.coap_uplinks as i64),
+        ("http_push".to_owned(), counts.http_pushes as i64),
         ("mqtt".to_owned(), counts.concentrator_readings as i64),
         ("wmbus".to_owned(), counts.wmbus_telegrams as i64),
     ]
@@ -460,7 +496,14 @@ poll_interval = "1s"
     };
     // CoAP (CJ/T 188, 2 decimals); meter 0 had its valve closed by the command after
     // its first uplink, so its register stays at the first reading.
-    for i in [1usize, 5, COAP_METERS as usize - 1] {
+    // The platform's meters (CJ/T 188 inside CTWing envelopes) likewise.
+    for i in [
+        1usize,
+        5,
+        COAP_METERS as usize - 1,
+        COAP_METERS as usize,
+        first_conc - 1,
+    ] {
         let got = volumes(&db, &ids[i]).await;
         assert_eq!(
             got,
@@ -480,18 +523,14 @@ poll_interval = "1s"
         "valve closed: {closed:?}"
     );
     // Concentrators and wM-Bus (litres).
-    for i in [
-        COAP_METERS as usize,
-        COAP_METERS as usize + 7,
-        first_mbus,
-        METERS as usize - 1,
-    ] {
+    for i in [first_conc, first_conc + 7, first_mbus, METERS as usize - 1] {
         let got = volumes(&db, &ids[i]).await;
         assert_eq!(got, per_step(i, Emission::register_m3), "{}", ids[i]);
         assert_eq!(got.len(), STEPS as usize);
     }
+    assert_eq!(conc_ids.first().copied(), Some(ids[first_conc].as_str()));
     assert_eq!(
-        conc_ids.first().copied(),
+        push_ids.first().copied(),
         Some(ids[COAP_METERS as usize].as_str())
     );
     stop_worker.send_replace(true);
