@@ -543,3 +543,109 @@ poll_interval = "1s"
     db.drop_database().await;
     eprintln!("fleet e2e took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+/// NB-IoT meters in daily mode: each uplink carries the hourly 901F frames since the previous
+/// one; the real gateway spools and publishes every one of them with its own meter time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_nbiot_uplinks_deliver_every_hourly_reading() {
+    const DAILY_METERS: u32 = 3;
+    const DAILY_STEPS: u64 = 24;
+    let root = wm_tests::unique_prefix("daily");
+    let broker = pipeline::config::mqtt_url();
+    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
+    let now = OffsetDateTime::now_utc();
+    let start = now
+        .replace_minute(0)
+        .and_then(|t| t.replace_second(0))
+        .and_then(|t| t.replace_nanosecond(0))
+        .expect("whole hour")
+        - time::Duration::hours(DAILY_STEPS as i64 + 1);
+    let scenario = Scenario::plain(DAILY_METERS, 2, SEED, start);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        r#"gateway_id = "gw-daily"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}-gw"
+topic_root = "{root}"
+partitions = 2
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "nbiot"
+kind = "coap"
+listen = "127.0.0.1:0"
+meter_utc_offset_minutes = 480
+"#,
+        cid = root.replace('/', "-"),
+        spool = dir.path().join("spool").display(),
+    );
+    let config = edge_config::parse(&toml, "daily.toml".as_ref()).expect("gateway config");
+    let (_sub, mut published) = subscribe("daily-readings", &format!("{root}/readings/+")).await;
+    let gateway = Gateway::start(config).await.expect("gateway starts");
+
+    let mut fleet_config = FleetConfig::new(scenario.clone());
+    fleet_config.step_every = Duration::from_millis(20);
+    fleet_config.max_steps = Some(DAILY_STEPS);
+    fleet_config.nbiot_uplink = simulators::fleet::NbiotUplink::Daily;
+    fleet_config.coap = Some(CoapConfig {
+        gateway: gateway.source_addr("nbiot").expect("CoAP bound"),
+        meters: DAILY_METERS,
+    });
+    let mut fleet = Fleet::start(fleet_config).await.expect("fleet starts");
+    let counts = fleet.wait_finished().await;
+    fleet
+        .stop()
+        .await
+        .expect("fleet ran without transport errors");
+    // One uplink per meter (each at its own hour), every hourly reading since the start in it.
+    assert_eq!(counts.coap_uplinks, u64::from(DAILY_METERS), "{counts:?}");
+    assert!(
+        counts.nbiot_frames > u64::from(DAILY_METERS) * 20,
+        "{counts:?}"
+    );
+
+    // Every frame's register reading leaves the gateway, at its own meter time.
+    let mut by_meter: BTreeMap<String, Vec<(OffsetDateTime, Decimal)>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while by_meter.values().map(Vec::len).sum::<usize>() < counts.nbiot_frames as usize {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, payload) = tokio::time::timeout(left, published.recv())
+            .await
+            .expect("all readings published in time")
+            .expect("subscriber alive");
+        let batch: model::ReadingBatch = serde_json::from_slice(&payload).expect("batch JSON");
+        for e in batch.entries {
+            let r = e.reading;
+            if r.quantity == model::Quantity::Volume && r.storage == 0 {
+                by_meter
+                    .entry(r.meter.as_str().to_owned())
+                    .or_default()
+                    .push((r.ts, r.value));
+            }
+        }
+    }
+    assert_eq!(by_meter.len(), DAILY_METERS as usize);
+    // The model, hour by hour, for the meter whose day was complete (meter 0: steps 1..=24).
+    let mut model: Vec<Vec<Emission>> = vec![Vec::new(); DAILY_METERS as usize];
+    let mut engine = Engine::new(scenario.clone());
+    for _ in 0..DAILY_STEPS {
+        engine.step(|e| model[e.meter as usize].push(*e));
+    }
+    let population = simulators::engine::Population::new(&scenario);
+    let first = population.meters[0].id.as_str().to_owned();
+    let got = &by_meter[&first];
+    assert_eq!(got.len(), DAILY_STEPS as usize, "{got:?}");
+    for pair in got.windows(2) {
+        assert_eq!(pair[1].0 - pair[0].0, time::Duration::hours(1), "{got:?}");
+    }
+    let values: Vec<Decimal> = got.iter().map(|(_, v)| *v).collect();
+    let want: Vec<Decimal> = model[0]
+        .iter()
+        .map(|e| simulators::frames::m3_2dp(e.register_ml))
+        .collect();
+    assert_eq!(values, want);
+    gateway.shutdown().await;
+}
