@@ -135,6 +135,10 @@ pub async fn run(
         }
     });
     let mut backoff = Duration::from_millis(200);
+    // Acks are re-published after every connect from the journal: after a start, those of the
+    // last day (a crash may have lost them in memory); after a lost connection, those of the
+    // minute before it (publishes not yet PUBACKed die with the old client).
+    let mut resend_since = OffsetDateTime::now_utc() - time::Duration::days(1);
     loop {
         let will = LastWill::new(
             &status_topic,
@@ -202,6 +206,14 @@ pub async fn run(
                         // Already in a resumed session; subscribing again is harmless and creates
                         // it the first time (or after the broker lost its sessions).
                         client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();
+                        for ack in downlink.recent_acks(resend_since) {
+                            match serde_json::to_vec(&ack) {
+                                Ok(body) => {
+                                    client.publish(&ack_topic, QoS::AtLeastOnce, false, body).await.ok();
+                                }
+                                Err(e) => tracing::error!(error = %e, "could not serialise a command ack"),
+                            }
+                        }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
                         match serde_json::from_slice::<DeviceCommand>(&p.payload) {
@@ -219,6 +231,9 @@ pub async fn run(
             }
         };
         tracing::warn!(error = %failure, "control connection lost");
+        if connected {
+            resend_since = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

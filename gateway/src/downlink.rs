@@ -6,7 +6,9 @@
 //! - Expired commands (`expires_at` passed) are not executed and reported `expired`.
 //! - Commands for NB-IoT (CoAP) meters wait in a queue until the meter's next uplink and go out
 //!   in the CoAP reply; other devices get a [`CommandRequest`] on their source's channel.
-//! - Every state change is published as a `model::CommandAck` on `{root}/{gateway}/cmd-ack`.
+//! - Every state change is published as a `model::CommandAck` on `{root}/{gateway}/cmd-ack`;
+//!   after each (re)connect the latest state of recently changed commands is published again
+//!   (at least once: consumers keep the latest state per command id).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -406,6 +408,20 @@ impl Downlink {
             Err(reason) => CommandState::Failed { reason },
         };
         self.transition(&cmd, state, false);
+    }
+
+    /// The latest state of every command that changed state at or after `since`, oldest
+    /// first: what the control connection re-publishes after a (re)connect, so an ack lost with
+    /// a dropped connection or a crash still reaches the centre (at least once).
+    pub fn recent_acks(&self, since: OffsetDateTime) -> Vec<CommandAck> {
+        let mut acks: Vec<CommandAck> = lock(&self.log)
+            .latest
+            .values()
+            .filter(|l| l.ack.at >= since)
+            .map(|l| l.ack.clone())
+            .collect();
+        acks.sort_by_key(|a| a.at);
+        acks
     }
 
     /// Commands waiting for NB-IoT uplinks.
