@@ -105,6 +105,23 @@ pub async fn watch_spool_overflow(
     }
 }
 
+/// Queues `message` as JSON on `topic` (QoS 1, not retained); `what` names it in the logs.
+async fn publish_json<T: serde::Serialize>(
+    client: &AsyncClient,
+    topic: &str,
+    message: &T,
+    what: &'static str,
+) {
+    match serde_json::to_vec(message) {
+        Ok(body) => {
+            if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
+                tracing::warn!(error = %e, "could not queue {what}");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "could not serialise {what}"),
+    }
+}
+
 /// Runs the control connection until `shutdown`; then publishes `offline` and disconnects.
 /// Acknowledgements and alarms that arrive while the broker is unreachable wait in their
 /// channels and go out after the reconnect.
@@ -175,25 +192,11 @@ pub async fn run(
                 }
                 ack = acks.recv(), if connected => {
                     let Some(ack) = ack else { continue };
-                    match serde_json::to_vec(&ack) {
-                        Ok(body) => {
-                            if let Err(e) = client.publish(&ack_topic, QoS::AtLeastOnce, false, body).await {
-                                tracing::warn!(error = %e, "could not queue a command ack");
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "could not serialise a command ack"),
-                    }
+                    publish_json(&client, &ack_topic, &ack, "a command ack").await;
                 }
                 alarm = alarms.recv(), if connected => {
                     let Some(alarm) = alarm else { continue };
-                    match serde_json::to_vec(&alarm) {
-                        Ok(body) => {
-                            if let Err(e) = client.publish(&alarm_topic, QoS::AtLeastOnce, false, body).await {
-                                tracing::warn!(error = %e, "could not queue an alarm");
-                            }
-                        }
-                        Err(e) => tracing::error!(error = %e, "could not serialise an alarm"),
-                    }
+                    publish_json(&client, &alarm_topic, &alarm, "an alarm").await;
                 }
                 ev = events.recv() => match ev {
                     None => break "event loop ended".to_owned(),
@@ -207,12 +210,7 @@ pub async fn run(
                         // it the first time (or after the broker lost its sessions).
                         client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();
                         for ack in downlink.recent_acks(resend_since) {
-                            match serde_json::to_vec(&ack) {
-                                Ok(body) => {
-                                    client.publish(&ack_topic, QoS::AtLeastOnce, false, body).await.ok();
-                                }
-                                Err(e) => tracing::error!(error = %e, "could not serialise a command ack"),
-                            }
+                            publish_json(&client, &ack_topic, &ack, "a command ack").await;
                         }
                     }
                     Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
