@@ -81,7 +81,7 @@ impl UplinkError {
 pub type UplinkFrame = (Cjt188Frame, std::ops::Range<usize>);
 
 /// Splits an uplink payload into its frames and checks they are all from one meter, whose
-/// id is returned with them.
+/// id (address checked as BCD, as [`cjt188::decode`] does) is returned with them.
 ///
 /// # Errors
 /// [`UplinkError`] for the first problem; the payload is then refused as a whole.
@@ -110,8 +110,26 @@ pub fn parse_uplink(raw: &[u8]) -> Result<(MeterId, Vec<UplinkFrame>), UplinkErr
             found: cjt188::address_digits(&odd.address),
         });
     }
-    let meter = normalise::meter_id(&cjt188::to_decoded(first))?;
+    // One address for all frames (checked above), so its digits are validated once.
+    let first_bytes = frames
+        .first()
+        .and_then(|(_, range)| raw.get(range.clone()))
+        .unwrap_or(raw);
+    let decoded = cjt188::decode(first_bytes).map_err(|source| cjt188::ConcatenatedError {
+        index: 0,
+        start: 0,
+        source,
+    })?;
+    let meter = normalise::meter_id(&decoded)?;
     Ok((meter, frames))
+}
+
+/// The meter clock of a 901F reading frame, `None` for other frames.
+pub(crate) fn frame_clock(frame: &Cjt188Frame) -> Option<time::PrimitiveDateTime> {
+    match &frame.payload {
+        Payload::Reading(r) => Some(r.clock),
+        _ => None,
+    }
 }
 
 /// CoAP source settings (from `edge_config::CoapSourceConfig`).
@@ -276,13 +294,7 @@ impl Server {
         let received_at = OffsetDateTime::now_utc();
         // Without a configured zone the meter clocks only order the frames (see
         // `normalise::relative_timestamps`); with one they are the readings' time.
-        let clocks: Vec<_> = frames
-            .iter()
-            .map(|(f, _)| match &f.payload {
-                Payload::Reading(r) => Some(r.clock),
-                _ => None,
-            })
-            .collect();
+        let clocks: Vec<_> = frames.iter().map(|(f, _)| frame_clock(f)).collect();
         let relative = normalise::relative_timestamps(&clocks, received_at);
         let mut readings = Vec::new();
         let mut valve_replies = Vec::new();

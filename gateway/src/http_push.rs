@@ -25,7 +25,7 @@ use model::{ClockSource, SourceKind};
 use sha2::Sha256;
 use time::OffsetDateTime;
 
-use crate::coap::{UplinkError, error_kind, parse_uplink};
+use crate::coap::{error_kind, frame_clock, parse_uplink};
 use crate::normalise::{self, FrameContext};
 use crate::source::SourceContext;
 
@@ -103,32 +103,7 @@ async fn push(
     let channel = peer.to_string();
     let mut readings = Vec::new();
     for env in &envelopes {
-        // Parse (and split) the payload, then decode each frame, which also checks the
-        // address digits.
-        let parsed = parse_uplink(&env.payload).and_then(|(meter, frames)| {
-            frames
-                .into_iter()
-                .enumerate()
-                .map(|(index, (frame, range))| {
-                    let clock = match &frame.payload {
-                        cjt188::Payload::Reading(r) => Some(r.clock),
-                        _ => None,
-                    };
-                    let bytes = env.payload.get(range.clone()).unwrap_or(&[]);
-                    cjt188::decode(bytes)
-                        .map(|decoded| (decoded, range.clone(), clock))
-                        .map_err(|source| {
-                            UplinkError::Frame(cjt188::ConcatenatedError {
-                                index,
-                                start: range.start,
-                                source,
-                            })
-                        })
-                })
-                .collect::<Result<Vec<_>, _>>()
-                .map(|frames| (meter, frames))
-        });
-        let (meter, frames) = match parsed {
+        let (meter, frames) = match parse_uplink(&env.payload) {
             Ok(p) => p,
             Err(e) => {
                 state.ctx.sink.frame_received(source_id);
@@ -143,11 +118,12 @@ async fn push(
             Some(at) => (at, ClockSource::Platform),
             None => (now, ClockSource::Gateway),
         };
-        let clocks: Vec<_> = frames.iter().map(|(_, _, clock)| *clock).collect();
+        let clocks: Vec<_> = frames.iter().map(|(f, _)| frame_clock(f)).collect();
         let timestamps = normalise::relative_timestamps(&clocks, anchor);
         let last = frames.len().saturating_sub(1);
-        for (i, ((mut decoded, range, _), ts)) in frames.into_iter().zip(timestamps).enumerate() {
+        for (i, ((frame, range), ts)) in frames.into_iter().zip(timestamps).enumerate() {
             state.ctx.sink.frame_received(source_id);
+            let mut decoded = cjt188::to_decoded(&frame);
             if i == last {
                 // Radio figures describe this uplink: they go with its newest (last) frame.
                 decoded.records.extend(env.signal_records());
