@@ -157,9 +157,7 @@ async fn main() -> std::process::ExitCode {
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Migrate => {
-            let pool = sqlx::PgPool::connect(&cli.database_url)
-                .await
-                .with_context(|| format!("connecting to {}", cli.database_url))?;
+            let pool = connect(&cli.database_url).await?;
             pipeline::MIGRATOR
                 .run(&pool)
                 .await
