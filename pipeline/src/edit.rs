@@ -70,6 +70,8 @@ pub async fn edit_reading(
     }
     let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
+    // Before any row lock: the rollup recompute must not race a worker's journal.
+    crate::journal::lock_out_ingest(&mut tx).await?;
     let row = sqlx::query(
         "SELECT value, quality FROM readings
          WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0
@@ -196,6 +198,8 @@ pub async fn ingest_manual(
     let meter = reading.meter.as_str().to_owned();
     let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
+    // Before any row lock: the rollup recompute must not race a worker's journal.
+    crate::journal::lock_out_ingest(&mut tx).await?;
     let vee = store::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
     let out = vee.validate(vec![reading], OffsetDateTime::now_utc());
     let rejects: Vec<store::RejectRecord> = out
@@ -212,6 +216,7 @@ pub async fn ingest_manual(
             progress: &[],
             rejects: &rejects,
             out_of_order: &out.out_of_order,
+            journal: None,
         },
         StoreOptions::default(),
     )

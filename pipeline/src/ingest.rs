@@ -147,6 +147,12 @@ pub mod metric {
     pub const COMMITS: &str = "pipeline_commits_total";
     /// Database transactions that failed and were retried.
     pub const COMMIT_FAILURES: &str = "pipeline_commit_failures_total";
+    /// Journal folds committed (rollups and meter state brought up to date).
+    pub const FLUSHES: &str = "pipeline_journal_flushes_total";
+    /// Journal folds that failed and were retried.
+    pub const FLUSH_FAILURES: &str = "pipeline_journal_flush_failures_total";
+    /// Consumption spans committed to the journal and not yet folded into the rollups (gauge).
+    pub const PENDING_SPANS: &str = "pipeline_journal_pending_spans";
 }
 
 /// Counters of one worker. Cheap to update from the hot path.
@@ -176,6 +182,12 @@ pub struct IngestMetrics {
     pub commits: AtomicU64,
     /// [`metric::COMMIT_FAILURES`].
     pub commit_failures: AtomicU64,
+    /// [`metric::FLUSHES`].
+    pub flushes: AtomicU64,
+    /// [`metric::FLUSH_FAILURES`].
+    pub flush_failures: AtomicU64,
+    /// [`metric::PENDING_SPANS`] (a gauge: workers sharing these metrics add and subtract).
+    pub pending_spans: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -205,12 +217,19 @@ impl IngestMetrics {
             (metric::REJECTED, &self.rejected),
             (metric::COMMITS, &self.commits),
             (metric::COMMIT_FAILURES, &self.commit_failures),
+            (metric::FLUSHES, &self.flushes),
+            (metric::FLUSH_FAILURES, &self.flush_failures),
         ] {
             out.push_str(&format!(
                 "# TYPE {name} counter\n{name} {}\n",
                 Self::get(counter)
             ));
         }
+        out.push_str(&format!(
+            "# TYPE {name} gauge\n{name} {}\n",
+            Self::get(&self.pending_spans),
+            name = metric::PENDING_SPANS
+        ));
         out
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod copy;
 pub mod edit;
 pub mod ingest;
+pub mod journal;
 pub mod store;
 pub mod testing;
 pub mod vee;

@@ -88,3 +88,26 @@ impl TestDatabase {
         }
     }
 }
+
+/// Waits until the workers reporting to `metrics` have folded their journal into the rollups
+/// and meter state (nothing pending), for at most `within`.
+///
+/// # Panics
+/// When something is still pending after `within`: the test has failed.
+pub async fn wait_folded(metrics: &[&crate::ingest::IngestMetrics], within: std::time::Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let pending: u64 = metrics
+            .iter()
+            .map(|m| crate::ingest::IngestMetrics::get(&m.pending_spans))
+            .sum();
+        if pending == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pending} consumption spans still wait in the journal after {within:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -7,7 +7,7 @@
 //! in one transaction, and acknowledged only after the commit: a crash before the commit means
 //! redelivery, and redelivery is harmless (spool-sequence progress and the row key dedupe).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
 use crate::ingest::{self, Decoded, IngestMetrics, Progress};
+use crate::journal::{self, JournalEntry, Pending};
 use crate::store::{self, RejectRecord, StoreOptions, WriteSet};
 use crate::vee::{Vee, VeeConfig};
 
@@ -42,6 +43,13 @@ pub struct WorkerConfig {
     pub max_batch_readings: usize,
     /// ... or this long after its first message arrived.
     pub max_batch_delay: Duration,
+    /// Rollups and meter states are folded from the journal at most this long after their
+    /// readings commit...
+    pub flush_interval: Duration,
+    /// ... or once no batch has arrived for this long ...
+    pub flush_idle: Duration,
+    /// ... or once this many consumption spans wait (bounds the memory they hold).
+    pub flush_max_spans: usize,
     /// VEE thresholds.
     pub vee: VeeConfig,
     /// Storage options.
@@ -74,6 +82,9 @@ impl WorkerConfig {
             partitions,
             max_batch_readings: 20_000,
             max_batch_delay: Duration::from_millis(50),
+            flush_interval: Duration::from_secs(5),
+            flush_idle: Duration::from_millis(250),
+            flush_max_spans: 500_000,
             vee: VeeConfig::default(),
             store: StoreOptions::default(),
         })
@@ -113,14 +124,33 @@ pub async fn run(
         .await
         .map_err(WorkerError::Start)?;
     let started = Instant::now();
-    let vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
+    let mut vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
         .await
         .map_err(WorkerError::Start)?;
+    // Journal records a stopped or crashed worker left on these partitions: their states are
+    // newer than `meter_state`, and the writer folds them before anything else.
+    let owned = ingest::owned_partitions(config.worker, config.workers, config.partitions);
+    let recovered = {
+        let mut conn = pool.acquire().await.map_err(|source| {
+            WorkerError::Start(store::StoreError::Stage {
+                stage: "acquiring a connection",
+                source,
+            })
+        })?;
+        journal::recover(&mut conn, &owned)
+            .await
+            .map_err(WorkerError::Start)?
+    };
+    for (m, s) in recovered.states() {
+        vee.insert_state(m, *s);
+    }
+    IngestMetrics::add(&metrics.pending_spans, recovered.spans() as u64);
     tracing::info!(
         worker = config.worker,
         workers = config.workers,
         meters = vee.meters(),
         state_bytes = vee.state_bytes(),
+        journal_spans = recovered.spans(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "meter state rebuilt"
     );
@@ -139,16 +169,15 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    let topics: Vec<rumqttc::SubscribeFilter> =
-        ingest::owned_partitions(config.worker, config.workers, config.partitions)
-            .into_iter()
-            .map(|p| {
-                rumqttc::SubscribeFilter::new(
-                    ingest::readings_topic(&config.topic_root, p),
-                    QoS::AtLeastOnce,
-                )
-            })
-            .collect();
+    let topics: Vec<rumqttc::SubscribeFilter> = owned
+        .into_iter()
+        .map(|p| {
+            rumqttc::SubscribeFilter::new(
+                ingest::readings_topic(&config.topic_root, p),
+                QoS::AtLeastOnce,
+            )
+        })
+        .collect();
     let (tx, rx) = mpsc::channel::<Publish>(4096);
 
     // The event loop, the processor and the writer run in this one task (not spawned), so
@@ -193,7 +222,7 @@ pub async fn run(
     // nothing is acknowledged before its commit).
     let (jobs_tx, jobs_rx) = mpsc::channel::<WriteJob>(1);
     let process = processor.run(rx, jobs_tx, &mut shutdown);
-    let write = writer(&config, &pool, &client, &metrics, jobs_rx);
+    let write = writer(&config, &pool, &client, &metrics, jobs_rx, recovered);
     let work = async {
         let (p, w) = tokio::join!(process, write);
         p.and(w)
@@ -232,8 +261,8 @@ async fn load_progress(
 /// A validated batch waiting for its transaction, and the messages to acknowledge after it.
 struct WriteJob {
     readings: Vec<model::Reading>,
-    usage: Vec<crate::vee::Usage>,
-    states: HashMap<Box<str>, crate::vee::MeterState>,
+    /// Consumption spans and meter states, by partition, for the journal.
+    entries: Vec<JournalEntry>,
     progress: Vec<(String, u16, i64)>,
     rejects: Vec<RejectRecord>,
     out_of_order: Vec<(model::MeterId, OffsetDateTime)>,
@@ -241,25 +270,43 @@ struct WriteJob {
     counts: [u64; 4],
 }
 
-/// Writes jobs in order, retrying each until it commits, then acknowledges its messages.
+/// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
+/// folds the journal into the rollups and meter state when due, when idle and at the end.
 async fn writer(
     config: &WorkerConfig,
     pool: &PgPool,
     client: &AsyncClient,
     metrics: &IngestMetrics,
     mut jobs: mpsc::Receiver<WriteJob>,
+    mut pending: Pending,
 ) -> Result<(), WorkerError> {
-    while let Some(job) = jobs.recv().await {
+    loop {
+        if !pending.is_empty() && pending.due(config.flush_interval, config.flush_max_spans) {
+            flush(config, pool, metrics, &mut pending, u32::MAX).await;
+        }
+        let job = if pending.is_empty() {
+            jobs.recv().await
+        } else {
+            match tokio::time::timeout(config.flush_idle, jobs.recv()).await {
+                Ok(job) => job,
+                Err(_) => {
+                    flush(config, pool, metrics, &mut pending, u32::MAX).await;
+                    continue;
+                }
+            }
+        };
+        let Some(job) = job else { break };
         let set = WriteSet {
             readings: &job.readings,
-            usage: &job.usage,
-            states: Some(&job.states),
+            usage: &[],
+            states: None,
             progress: &job.progress,
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
+            journal: Some(&job.entries),
         };
         let mut attempt = 0u32;
-        loop {
+        let stats = loop {
             let result = match pool.acquire().await {
                 Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
                 Err(source) => Err(store::StoreError::Stage {
@@ -268,11 +315,7 @@ async fn writer(
                 }),
             };
             match result {
-                Ok(stats) => {
-                    IngestMetrics::add(&metrics.commits, 1);
-                    IngestMetrics::add(&metrics.stored, stats.inserted);
-                    break;
-                }
+                Ok(stats) => break stats,
                 Err(e) => {
                     IngestMetrics::add(&metrics.commit_failures, 1);
                     attempt += 1;
@@ -281,7 +324,14 @@ async fn writer(
                         .await;
                 }
             }
-        }
+        };
+        // Pending before stored: whoever sees every reading stored and nothing pending knows
+        // the rollups are complete.
+        let spans: usize = job.entries.iter().map(|e| e.usage.len()).sum();
+        IngestMetrics::add(&metrics.pending_spans, spans as u64);
+        pending.add(stats.journal_ids.into_iter().zip(job.entries).collect());
+        IngestMetrics::add(&metrics.commits, 1);
+        IngestMetrics::add(&metrics.stored, stats.inserted);
         let [duplicates, conflicts, estimated, rejected] = job.counts;
         IngestMetrics::add(&metrics.duplicates, duplicates);
         IngestMetrics::add(&metrics.conflicts, conflicts);
@@ -294,7 +344,57 @@ async fn writer(
                 .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
         }
     }
+    // At shutdown: a few attempts; whatever is left stays in the journal for the next start.
+    flush(config, pool, metrics, &mut pending, 3).await;
     Ok(())
+}
+
+/// Folds `pending` into the rollups and meter state, retrying up to `attempts` times.
+async fn flush(
+    config: &WorkerConfig,
+    pool: &PgPool,
+    metrics: &IngestMetrics,
+    pending: &mut Pending,
+    attempts: u32,
+) {
+    if pending.is_empty() {
+        return;
+    }
+    let spans = pending.spans() as u64;
+    for attempt in 1..=attempts {
+        let started = Instant::now();
+        let result = match pool.acquire().await {
+            Ok(mut conn) => {
+                journal::flush(&mut conn, pending, config.store, |m| config.owns(m)).await
+            }
+            Err(source) => Err(store::StoreError::Stage {
+                stage: "acquiring a connection",
+                source,
+            }),
+        };
+        match result {
+            Ok(stats) => {
+                IngestMetrics::add(&metrics.flushes, 1);
+                metrics
+                    .pending_spans
+                    .fetch_sub(spans, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(
+                    records = stats.records,
+                    spans = stats.spans,
+                    skipped = stats.skipped,
+                    states = stats.states,
+                    ms = started.elapsed().as_millis() as u64,
+                    "journal folded"
+                );
+                return;
+            }
+            Err(e) => {
+                IngestMetrics::add(&metrics.flush_failures, 1);
+                tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
+            }
+        }
+    }
 }
 
 struct Processor<'a> {
@@ -451,8 +551,7 @@ impl Processor<'_> {
         );
         WriteJob {
             readings: out.readings,
-            usage: out.usage,
-            states: out.states,
+            entries: journal::split(out.usage, out.states, self.config.partitions),
             progress: progress_rows,
             rejects,
             out_of_order: out.out_of_order,

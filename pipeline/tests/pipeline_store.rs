@@ -55,6 +55,7 @@ async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> stor
             progress: &[],
             rejects: &[],
             out_of_order: &out.out_of_order,
+            journal: None,
         },
         StoreOptions::default(),
     )
@@ -367,6 +368,7 @@ async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
             .await
             .unwrap();
     assert!(rejects >= 1);
+    pipeline::testing::wait_folded(&[&metrics], Duration::from_secs(10)).await;
     let consumption: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
         .fetch_one(&db.pool)
         .await

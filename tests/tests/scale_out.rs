@@ -228,6 +228,7 @@ async fn two_workers_store_every_reading_exactly_once() {
         (IngestMetrics::get(&w0.metrics.stored) + IngestMetrics::get(&w1.metrics.stored)) as usize,
         distinct
     );
+    pipeline::testing::wait_folded(&[&w0.metrics, &w1.metrics], Duration::from_secs(10)).await;
     let consumption: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
         .fetch_one(&db.pool)
         .await

@@ -312,7 +312,10 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
-    while IngestMetrics::get(&metrics.stored) < total {
+    // Done when every reading is stored and its rollups and meter state are folded in.
+    while IngestMetrics::get(&metrics.stored) < total
+        || IngestMetrics::get(&metrics.pending_spans) > 0
+    {
         anyhow::ensure!(
             Instant::now() < deadline,
             "pipeline did not finish within an hour"
@@ -363,9 +366,10 @@ async fn main() -> anyhow::Result<()> {
         pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
     let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
     println!(
-        "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} rollup_daily_consumption={daily} meter_state_rows={states} messages={} commits={} slow_path_conflicts={}",
+        "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} rollup_daily_consumption={daily} meter_state_rows={states} messages={} commits={} journal_flushes={} slow_path_conflicts={}",
         IngestMetrics::get(&metrics.messages),
         IngestMetrics::get(&metrics.commits),
+        IngestMetrics::get(&metrics.flushes),
         IngestMetrics::get(&metrics.conflicts),
     );
     if let Some(rss) = rss {

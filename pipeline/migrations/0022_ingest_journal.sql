@@ -1,0 +1,29 @@
+-- Rollups and meter state written behind the ingest transaction (owner: pipeline; see
+-- pipeline/src/journal.rs). Idempotent like 0001.
+
+-- One compact binary record per partition per ingest transaction: the batch's consumption
+-- spans and new meter states, committed with its readings. The owning worker folds records
+-- into rollup_hourly, rollup_daily and meter_state and deletes them in one transaction; a
+-- worker starting on a partition folds what a stopped or crashed one left.
+CREATE TABLE IF NOT EXISTS ingest_journal (
+    journal_id  bigserial PRIMARY KEY,
+    partition   integer NOT NULL,
+    payload     bytea NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+-- The records are varint-packed already; compressing them would cost CPU in every ingest
+-- transaction for little gain.
+ALTER TABLE ingest_journal ALTER COLUMN payload SET STORAGE EXTERNAL;
+CREATE INDEX IF NOT EXISTS ingest_journal_partition_idx ON ingest_journal (partition);
+
+-- A rollup recomputed from readings (edit, out-of-order read) already counts every read
+-- committed so far, including those whose spans still wait in the journal: a flush skips the
+-- spans of this meter and these local days in records up to journal_upto.
+CREATE TABLE IF NOT EXISTS rollup_resets (
+    reset_id      bigserial PRIMARY KEY,
+    meter_id      text NOT NULL,
+    from_ts       timestamptz NOT NULL,
+    to_ts         timestamptz NOT NULL,
+    journal_upto  bigint NOT NULL,
+    created_at    timestamptz NOT NULL DEFAULT now()
+);

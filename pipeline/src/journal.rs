@@ -1,0 +1,714 @@
+//! The ingest journal: rollups and meter state written behind the ingest transaction.
+//!
+//! Upserting an hourly bucket, a daily bucket and a `meter_state` row for every reading in the
+//! ingest transaction cost three row updates per inserted row (the ingest benchmark spent 70 %
+//! of each transaction on them). Instead each ingest transaction appends one compact binary
+//! record per partition to `ingest_journal` (the batch's consumption spans and new meter
+//! states), in the same transaction as the readings, and the worker keeps them in memory
+//! ([`Pending`]). Every few seconds, when idle, and at shutdown the worker folds what it holds
+//! into `rollup_hourly`, `rollup_daily` and `meter_state` and deletes those journal records,
+//! all in one transaction ([`flush`]): a span is added to the rollups exactly once, whether the
+//! worker crashes before, during or after a flush. On start a worker reads the journal records
+//! of its partitions back ([`recover`]) and folds them before consuming.
+//!
+//! A rollup recomputed from `readings` (an edit, an out-of-order read) already contains every
+//! committed read, including those whose spans are still in the journal. The recompute
+//! records a reset (`rollup_resets`: meter, span, and the highest journal id it has seen), and
+//! a flush skips the journalled spans of that meter and those days up to that id. Writers that
+//! recompute outside an ingest transaction take [`lock_out_ingest`] first, so no ingest
+//! transaction can commit between the recompute and its reset.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use model::MeterId;
+use rust_decimal::Decimal;
+use sqlx::{Connection, PgConnection, Row};
+use time::{Date, OffsetDateTime};
+
+use crate::store::{self, StoreError, StoreOptions};
+use crate::vee::{MeterState, Usage};
+
+/// First byte of every journal record: the format version.
+const FORMAT_V1: u8 = 1;
+
+/// Why a journal record could not be read back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// The record ended inside a field.
+    #[error("journal record truncated at byte {offset} reading {field}")]
+    Truncated {
+        /// Byte offset where more bytes were expected.
+        offset: usize,
+        /// Field being read.
+        field: &'static str,
+    },
+    /// A field holds a value it cannot hold.
+    #[error("journal record has a bad {field} at byte {offset}")]
+    Invalid {
+        /// Byte offset of the field.
+        offset: usize,
+        /// Field name.
+        field: &'static str,
+    },
+    /// The first byte is not a known format version.
+    #[error("journal record format {0} is unknown (expected {FORMAT_V1})")]
+    Version(u8),
+}
+
+/// The part of one ingest batch that belongs to one partition.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JournalEntry {
+    /// Partition of every meter in it.
+    pub partition: u16,
+    /// Consumption spans for the rollups.
+    pub usage: Vec<Usage>,
+    /// Meter states after the batch.
+    pub states: Vec<(Box<str>, MeterState)>,
+}
+
+/// Splits a batch's spans and states by the partition of their meter.
+pub fn split(
+    usage: Vec<Usage>,
+    states: HashMap<Box<str>, MeterState>,
+    partitions: u16,
+) -> Vec<JournalEntry> {
+    let mut by_partition: HashMap<u16, JournalEntry> = HashMap::new();
+    for u in usage {
+        let p = model::partition_of(u.meter.as_str(), partitions);
+        by_partition
+            .entry(p)
+            .or_insert_with(|| JournalEntry {
+                partition: p,
+                ..JournalEntry::default()
+            })
+            .usage
+            .push(u);
+    }
+    for (m, s) in states {
+        let p = model::partition_of(&m, partitions);
+        by_partition
+            .entry(p)
+            .or_insert_with(|| JournalEntry {
+                partition: p,
+                ..JournalEntry::default()
+            })
+            .states
+            .push((m, s));
+    }
+    let mut out: Vec<JournalEntry> = by_partition.into_values().collect();
+    out.sort_unstable_by_key(|e| e.partition);
+    out
+}
+
+/// Encodes spans and states as one journal record (varints; about 60 bytes per span and 70
+/// per state for 20-character meter ids).
+pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + usage.len() * 64 + states.len() * 80);
+    out.push(FORMAT_V1);
+    put_uvarint(&mut out, states.len() as u128);
+    for (m, s) in states {
+        put_str(&mut out, m);
+        put_ivarint(&mut out, i128::from(s.last_ts));
+        put_decimal(&mut out, s.last_value);
+        put_ivarint(&mut out, i128::from(s.received_lag_s));
+        put_uvarint(&mut out, u128::from(s.zero_s));
+        out.extend_from_slice(&s.adu.to_bits().to_le_bytes());
+        put_uvarint(&mut out, u128::from(s.interval_s));
+        put_uvarint(&mut out, u128::from(s.capacity_m3));
+        put_uvarint(&mut out, u128::from(s.q3_lph));
+        for h in s.hour_profile {
+            put_uvarint(&mut out, u128::from(h));
+        }
+        put_uvarint(&mut out, u128::from(s.reads));
+    }
+    put_uvarint(&mut out, usage.len() as u128);
+    for u in usage {
+        put_str(&mut out, u.meter.as_str());
+        put_ivarint(&mut out, u.ts.unix_timestamp_nanos());
+        put_decimal(&mut out, u.value);
+        put_decimal(&mut out, u.delta);
+        out.push(u8::from(u.estimated));
+    }
+    out
+}
+
+/// Decodes a record written by [`encode`].
+///
+/// # Errors
+/// Returns [`JournalError`] with the byte offset of the first bad or missing field.
+pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
+    let mut r = Reader { bytes, at: 0 };
+    let version = r.byte("format version")?;
+    if version != FORMAT_V1 {
+        return Err(JournalError::Version(version));
+    }
+    let n_states = r.count("state count")?;
+    let mut states = Vec::with_capacity(n_states.min(1 << 16));
+    for _ in 0..n_states {
+        let meter: Box<str> = r.str("state meter")?.into();
+        let last_ts = r.int::<i64>("last_ts")?;
+        let last_value = r.decimal("last_value")?;
+        let received_lag_s = r.int::<i32>("received_lag_s")?;
+        let zero_s = r.uint::<u32>("zero_s")?;
+        let adu = f32::from_bits(u32::from_le_bytes(r.array::<4>("adu")?));
+        let interval_s = r.uint::<u32>("interval_s")?;
+        let capacity_m3 = r.uint::<u32>("capacity_m3")?;
+        let q3_lph = r.uint::<u32>("q3_lph")?;
+        let mut hour_profile = [0u16; 24];
+        for h in &mut hour_profile {
+            *h = r.uint::<u16>("hour_profile")?;
+        }
+        let reads = r.uint::<u16>("reads")?;
+        states.push((
+            meter,
+            MeterState {
+                last_ts,
+                last_value,
+                received_lag_s,
+                zero_s,
+                adu,
+                interval_s,
+                capacity_m3,
+                q3_lph,
+                hour_profile,
+                reads,
+            },
+        ));
+    }
+    let n_usage = r.count("span count")?;
+    let mut usage = Vec::with_capacity(n_usage.min(1 << 16));
+    for _ in 0..n_usage {
+        let at = r.at;
+        let meter = MeterId::new(r.str("span meter")?).map_err(|_| JournalError::Invalid {
+            offset: at,
+            field: "span meter",
+        })?;
+        let at = r.at;
+        let ts =
+            OffsetDateTime::from_unix_timestamp_nanos(r.int::<i128>("span ts")?).map_err(|_| {
+                JournalError::Invalid {
+                    offset: at,
+                    field: "span ts",
+                }
+            })?;
+        let value = r.decimal("span value")?;
+        let delta = r.decimal("span delta")?;
+        let estimated = match r.byte("span estimated")? {
+            0 => false,
+            1 => true,
+            _ => {
+                return Err(JournalError::Invalid {
+                    offset: r.at - 1,
+                    field: "span estimated",
+                });
+            }
+        };
+        usage.push(Usage {
+            meter,
+            ts,
+            value,
+            delta,
+            estimated,
+        });
+    }
+    if r.at != bytes.len() {
+        return Err(JournalError::Invalid {
+            offset: r.at,
+            field: "end of record",
+        });
+    }
+    Ok(JournalEntry {
+        partition: 0,
+        usage,
+        states,
+    })
+}
+
+fn put_uvarint(out: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_ivarint(out: &mut Vec<u8>, v: i128) {
+    put_uvarint(out, ((v << 1) ^ (v >> 127)) as u128);
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_uvarint(out, s.len() as u128);
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn put_decimal(out: &mut Vec<u8>, d: Decimal) {
+    // rust_decimal's scale is at most 28: one byte.
+    out.push(d.scale() as u8);
+    put_ivarint(out, d.mantissa());
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self, field: &'static str) -> Result<u8, JournalError> {
+        let b = *self.bytes.get(self.at).ok_or(JournalError::Truncated {
+            offset: self.at,
+            field,
+        })?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], JournalError> {
+        let slice = self
+            .bytes
+            .get(self.at..self.at + N)
+            .ok_or(JournalError::Truncated {
+                offset: self.at,
+                field,
+            })?;
+        self.at += N;
+        let mut out = [0u8; N];
+        out.copy_from_slice(slice);
+        Ok(out)
+    }
+
+    fn uvarint(&mut self, field: &'static str) -> Result<u128, JournalError> {
+        let start = self.at;
+        let mut v: u128 = 0;
+        for shift in (0..128).step_by(7) {
+            let b = self.byte(field)?;
+            v |= u128::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(JournalError::Invalid {
+            offset: start,
+            field,
+        })
+    }
+
+    fn ivarint(&mut self, field: &'static str) -> Result<i128, JournalError> {
+        let u = self.uvarint(field)?;
+        Ok(((u >> 1) as i128) ^ -((u & 1) as i128))
+    }
+
+    fn uint<T: TryFrom<u128>>(&mut self, field: &'static str) -> Result<T, JournalError> {
+        let offset = self.at;
+        T::try_from(self.uvarint(field)?).map_err(|_| JournalError::Invalid { offset, field })
+    }
+
+    fn int<T: TryFrom<i128>>(&mut self, field: &'static str) -> Result<T, JournalError> {
+        let offset = self.at;
+        T::try_from(self.ivarint(field)?).map_err(|_| JournalError::Invalid { offset, field })
+    }
+
+    fn count(&mut self, field: &'static str) -> Result<usize, JournalError> {
+        let offset = self.at;
+        let n = self.uint::<usize>(field)?;
+        // Every item takes at least one byte: a count beyond the rest is corrupt.
+        if n > self.bytes.len() - self.at {
+            return Err(JournalError::Invalid { offset, field });
+        }
+        Ok(n)
+    }
+
+    fn str(&mut self, field: &'static str) -> Result<&'a str, JournalError> {
+        let offset = self.at;
+        let len = self.count(field)?;
+        let slice = &self.bytes[self.at..self.at + len];
+        self.at += len;
+        std::str::from_utf8(slice).map_err(|_| JournalError::Invalid { offset, field })
+    }
+
+    fn decimal(&mut self, field: &'static str) -> Result<Decimal, JournalError> {
+        let offset = self.at;
+        let scale = u32::from(self.byte(field)?);
+        let mantissa = self.ivarint(field)?;
+        Decimal::try_from_i128_with_scale(mantissa, scale)
+            .map_err(|_| JournalError::Invalid { offset, field })
+    }
+}
+
+/// Journal records committed by this worker and not yet folded into the rollup tables.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Spans of each journal record, by journal id.
+    records: Vec<(i64, Vec<Usage>)>,
+    /// Latest state of every meter touched since the last flush.
+    states: HashMap<Box<str>, MeterState>,
+    spans: usize,
+    since: Option<Instant>,
+}
+
+impl Pending {
+    /// Takes in the entries of a committed batch with their journal ids.
+    pub fn add(&mut self, entries: Vec<(i64, JournalEntry)>) {
+        for (id, e) in entries {
+            self.spans += e.usage.len();
+            self.states.extend(e.states);
+            self.records.push((id, e.usage));
+        }
+        if self.since.is_none() && !self.records.is_empty() {
+            self.since = Some(Instant::now());
+        }
+    }
+
+    /// Returns true when nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The latest journalled state of every meter waiting to be flushed.
+    pub fn states(&self) -> impl Iterator<Item = (&str, &MeterState)> {
+        self.states.iter().map(|(m, s)| (&**m, s))
+    }
+
+    /// Spans waiting.
+    pub fn spans(&self) -> usize {
+        self.spans
+    }
+
+    /// Returns true when the oldest record has waited `interval` or more than `max_spans`
+    /// spans wait.
+    pub fn due(&self, interval: Duration, max_spans: usize) -> bool {
+        self.spans >= max_spans || self.since.is_some_and(|t| t.elapsed() >= interval)
+    }
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// Journal records folded and deleted.
+    pub records: usize,
+    /// Spans added to the rollups.
+    pub spans: usize,
+    /// Spans skipped because a recompute already counted them.
+    pub skipped: usize,
+    /// Meter states written.
+    pub states: usize,
+}
+
+/// Inserts a batch's journal entries (one record each); returns their journal ids in order.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the insert fails.
+pub async fn append(
+    conn: &mut PgConnection,
+    entries: &[JournalEntry],
+) -> Result<Vec<i64>, StoreError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    let partitions: Vec<i32> = entries.iter().map(|e| i32::from(e.partition)).collect();
+    let payloads: Vec<Vec<u8>> = entries
+        .iter()
+        .map(|e| encode(&e.usage, &e.states))
+        .collect();
+    let rows = sqlx::query(
+        "INSERT INTO ingest_journal (partition, payload)
+         SELECT p, b FROM UNNEST($1::int4[], $2::bytea[]) WITH ORDINALITY AS u(p, b, n)
+         ORDER BY n
+         RETURNING journal_id, partition",
+    )
+    .bind(&partitions)
+    .bind(payloads)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(stage("appending to the ingest journal"))?;
+    // Partitions are unique within a batch: map the returned ids back by partition.
+    let mut by_partition = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: i64 = row.try_get(0).map_err(stage("reading journal ids back"))?;
+        let p: i32 = row.try_get(1).map_err(stage("reading journal ids back"))?;
+        by_partition.insert(p, id);
+    }
+    Ok(partitions
+        .iter()
+        .map(|p| by_partition.get(p).copied().unwrap_or_default())
+        .collect())
+}
+
+fn stage(stage: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError::Stage { stage, source }
+}
+
+/// Blocks ingest transactions (and flushes) until the caller's transaction ends, so that a
+/// rollup recompute and its reset see the same journal. Call it first in the transaction,
+/// before any row is locked.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the lock cannot be taken.
+pub async fn lock_out_ingest(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("LOCK TABLE ingest_journal IN SHARE MODE")
+        .execute(&mut *conn)
+        .await
+        .map_err(stage("locking the ingest journal"))?;
+    Ok(())
+}
+
+/// Records that `meter`'s rollups over the local days covering `[from, to]` were recomputed
+/// from `readings`, so journalled spans up to now must not be added again.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the insert fails.
+pub async fn record_reset(
+    conn: &mut PgConnection,
+    meter: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rollup_resets (meter_id, from_ts, to_ts, journal_upto)
+         SELECT $1, $2, $3, coalesce(max(journal_id), 0) FROM ingest_journal",
+    )
+    .bind(meter)
+    .bind(from)
+    .bind(to)
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("recording a rollup reset"))?;
+    Ok(())
+}
+
+/// A recompute a flush must respect.
+struct Reset {
+    from_day: Date,
+    to_day: Date,
+    upto: i64,
+}
+
+/// Folds everything `pending` holds into the rollups and `meter_state`, deletes its journal
+/// records and the resets it applied, in one transaction. `pending` is emptied only when the
+/// transaction commits; on error it is kept for the next attempt.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] naming the statement that failed.
+pub async fn flush(
+    conn: &mut PgConnection,
+    pending: &mut Pending,
+    options: StoreOptions,
+    owns: impl Fn(&str) -> bool,
+) -> Result<FlushStats, StoreError> {
+    if pending.is_empty() {
+        return Ok(FlushStats::default());
+    }
+    let mut tx = conn.begin().await.map_err(stage("beginning a flush"))?;
+    // Waits for edits holding SHARE (see lock_out_ingest) before any rollup row is touched.
+    sqlx::query("LOCK TABLE ingest_journal IN ROW EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .map_err(stage("locking the ingest journal"))?;
+    let rows =
+        sqlx::query("SELECT reset_id, meter_id, from_ts, to_ts, journal_upto FROM rollup_resets")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(stage("loading rollup resets"))?;
+    let mut reset_ids = Vec::new();
+    let mut resets: HashMap<String, Vec<Reset>> = HashMap::new();
+    for row in rows {
+        let meter: String = row.try_get(1).map_err(stage("reading rollup resets"))?;
+        if !owns(&meter) {
+            continue;
+        }
+        reset_ids.push(
+            row.try_get::<i64, _>(0)
+                .map_err(stage("reading rollup resets"))?,
+        );
+        let from: OffsetDateTime = row.try_get(2).map_err(stage("reading rollup resets"))?;
+        let to: OffsetDateTime = row.try_get(3).map_err(stage("reading rollup resets"))?;
+        resets.entry(meter).or_default().push(Reset {
+            from_day: from.to_offset(options.day_offset).date(),
+            to_day: to.to_offset(options.day_offset).date(),
+            upto: row.try_get(4).map_err(stage("reading rollup resets"))?,
+        });
+    }
+    let mut stats = FlushStats {
+        records: pending.records.len(),
+        states: pending.states.len(),
+        ..FlushStats::default()
+    };
+    let counted: Vec<&Usage> = pending
+        .records
+        .iter()
+        .flat_map(|(id, usage)| {
+            let resets = &resets;
+            usage.iter().filter(move |u| {
+                resets.get(u.meter.as_str()).is_none_or(|rs| {
+                    let day = u.ts.to_offset(options.day_offset).date();
+                    !rs.iter()
+                        .any(|r| *id <= r.upto && r.from_day <= day && day <= r.to_day)
+                })
+            })
+        })
+        .collect();
+    let spans = store::write_rollups(&mut tx, &counted, options).await?;
+    stats.spans = spans;
+    stats.skipped = pending.spans - spans;
+    store::write_states(&mut tx, &pending.states).await?;
+    let ids: Vec<i64> = pending.records.iter().map(|(id, _)| *id).collect();
+    sqlx::query("DELETE FROM ingest_journal WHERE journal_id = ANY($1)")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(stage("deleting folded journal records"))?;
+    if !reset_ids.is_empty() {
+        sqlx::query("DELETE FROM rollup_resets WHERE reset_id = ANY($1)")
+            .bind(&reset_ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("deleting applied rollup resets"))?;
+    }
+    tx.commit().await.map_err(stage("committing a flush"))?;
+    *pending = Pending::default();
+    Ok(stats)
+}
+
+/// Reads back the journal records of `partitions` left by a stopped or crashed worker, in
+/// commit order, for [`flush`]; their meter states are returned too, to apply over the ones
+/// loaded from `meter_state`.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the query fails, [`StoreError::Journal`] for a record
+/// that cannot be decoded (it is left in place).
+pub async fn recover(conn: &mut PgConnection, partitions: &[u16]) -> Result<Pending, StoreError> {
+    let partitions: Vec<i32> = partitions.iter().map(|p| i32::from(*p)).collect();
+    let rows = sqlx::query(
+        "SELECT journal_id, partition, payload FROM ingest_journal
+         WHERE partition = ANY($1) ORDER BY journal_id",
+    )
+    .bind(&partitions)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(stage("reading the ingest journal"))?;
+    let mut pending = Pending::default();
+    for row in rows {
+        let id: i64 = row
+            .try_get(0)
+            .map_err(stage("reading the ingest journal"))?;
+        let partition: i32 = row
+            .try_get(1)
+            .map_err(stage("reading the ingest journal"))?;
+        let payload: Vec<u8> = row
+            .try_get(2)
+            .map_err(stage("reading the ingest journal"))?;
+        let mut entry = decode(&payload).map_err(|source| StoreError::Journal { id, source })?;
+        entry.partition = u16::try_from(partition).unwrap_or_default();
+        pending.add(vec![(id, entry)]);
+    }
+    Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_state(rng: &mut impl Rng) -> MeterState {
+        let mut s = MeterState::new(rng.random(), rng.random());
+        s.last_ts = rng.random();
+        s.last_value = Decimal::new(rng.random::<i64>(), rng.random_range(0..=28));
+        s.received_lag_s = rng.random();
+        s.zero_s = rng.random();
+        s.adu = rng.random::<f32>() * 10.0;
+        s.interval_s = rng.random();
+        for h in &mut s.hour_profile {
+            *h = rng.random();
+        }
+        s.reads = rng.random();
+        s
+    }
+
+    fn random_usage(rng: &mut impl Rng) -> Usage {
+        Usage {
+            meter: MeterId::new(format!("cjt188:{:014}", rng.random_range(0..1_000_000u64)))
+                .unwrap(),
+            ts: OffsetDateTime::from_unix_timestamp(rng.random_range(0..4_000_000_000i64))
+                .unwrap()
+                .replace_nanosecond(rng.random_range(0..1_000_000_000))
+                .unwrap(),
+            value: Decimal::new(rng.random_range(0..100_000_000_000i64), 6),
+            delta: Decimal::new(rng.random_range(-1_000_000i64..1_000_000_000), 6),
+            estimated: rng.random(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_exactly() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for n in [0usize, 1, 2, 17, 300] {
+            let usage: Vec<Usage> = (0..n).map(|_| random_usage(&mut rng)).collect();
+            let states: Vec<(Box<str>, MeterState)> = (0..n)
+                .map(|i| (format!("m{i}").into(), random_state(&mut rng)))
+                .collect();
+            let bytes = encode(&usage, &states);
+            let back = decode(&bytes).unwrap();
+            assert_eq!(back.usage, usage);
+            assert_eq!(back.states, states);
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_corruption_is_a_typed_error() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let usage: Vec<Usage> = (0..5).map(|_| random_usage(&mut rng)).collect();
+        let states = vec![("m1".into(), random_state(&mut rng))];
+        let bytes = encode(&usage, &states);
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(
+            decode(&longer),
+            Err(JournalError::Invalid {
+                offset: bytes.len(),
+                field: "end of record"
+            })
+        );
+        assert_eq!(decode(&[2]), Err(JournalError::Version(2)));
+        // Random bytes never panic.
+        for _ in 0..2000 {
+            let mut b = bytes.clone();
+            let i = rng.random_range(0..b.len());
+            b[i] = rng.random();
+            if let Ok(e) = decode(&b) {
+                assert!(e.usage.len() + e.states.len() <= b.len());
+            }
+        }
+    }
+
+    #[test]
+    fn split_groups_by_meter_partition() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let usage: Vec<Usage> = (0..200).map(|_| random_usage(&mut rng)).collect();
+        let states: HashMap<Box<str>, MeterState> = usage
+            .iter()
+            .map(|u| (u.meter.as_str().into(), MeterState::new(1, 1)))
+            .collect();
+        let entries = split(usage.clone(), states.clone(), 16);
+        let mut spans = 0;
+        let mut seen_states = 0;
+        for e in &entries {
+            spans += e.usage.len();
+            seen_states += e.states.len();
+            assert!(
+                e.usage
+                    .iter()
+                    .all(|u| model::partition_of(u.meter.as_str(), 16) == e.partition)
+            );
+            assert!(
+                e.states
+                    .iter()
+                    .all(|(m, _)| model::partition_of(m, 16) == e.partition)
+            );
+        }
+        assert_eq!(spans, usage.len());
+        assert_eq!(seen_states, states.len());
+    }
+}
