@@ -2,12 +2,14 @@
 -- pipeline/src/journal.rs). Idempotent like 0001.
 
 -- One compact binary record per partition per ingest transaction: the batch's consumption
--- spans and new meter states, committed with its readings. The owning worker folds records
--- into rollup_hourly, rollup_daily and meter_state and deletes them in one transaction; a
--- worker starting on a partition folds what a stopped or crashed one left.
+-- spans and new meter states, committed with its readings. The owning worker folds the spans
+-- into rollup_hourly and rollup_daily every few seconds (setting `folded`), and at a
+-- checkpoint writes the states to meter_state and deletes the records, each in one
+-- transaction; a worker starting on a partition takes over what a stopped or crashed one left.
 CREATE TABLE IF NOT EXISTS ingest_journal (
     journal_id  bigserial PRIMARY KEY,
     partition   integer NOT NULL,
+    folded      boolean NOT NULL DEFAULT false,
     payload     bytea NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now()
 );

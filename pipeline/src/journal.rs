@@ -70,7 +70,7 @@ pub struct JournalEntry {
 /// Splits a batch's spans and states by the partition of their meter.
 pub fn split(
     usage: Vec<Usage>,
-    states: HashMap<Box<str>, MeterState>,
+    states: crate::vee::StateMap,
     partitions: u16,
 ) -> Vec<JournalEntry> {
     let mut by_partition: HashMap<u16, JournalEntry> = HashMap::new();
@@ -335,15 +335,19 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Journal records committed by this worker and not yet folded into the rollup tables.
+/// Journal records committed by this worker and not yet folded, or folded into the rollups
+/// but still holding meter states that no checkpoint has written yet.
 #[derive(Debug, Default)]
 pub struct Pending {
-    /// Spans of each journal record, by journal id.
+    /// Spans of each record not yet folded into the rollups, by journal id.
     records: Vec<(i64, Vec<Usage>)>,
-    /// Latest state of every meter touched since the last flush.
-    states: HashMap<Box<str>, MeterState>,
+    /// Records whose spans are in the rollups, kept for their meter states.
+    folded: Vec<i64>,
+    /// Latest state of every meter touched since the last checkpoint.
+    states: crate::vee::StateMap,
     spans: usize,
     since: Option<Instant>,
+    states_since: Option<Instant>,
 }
 
 impl Pending {
@@ -354,43 +358,60 @@ impl Pending {
             self.states.extend(e.states);
             self.records.push((id, e.usage));
         }
-        if self.since.is_none() && !self.records.is_empty() {
-            self.since = Some(Instant::now());
+        let now = Instant::now();
+        if !self.records.is_empty() {
+            self.since.get_or_insert(now);
+        }
+        if !self.states.is_empty() {
+            self.states_since.get_or_insert(now);
         }
     }
 
-    /// Returns true when nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+    /// Takes in a record read back whose spans were already folded into the rollups.
+    fn add_folded(&mut self, id: i64, states: Vec<(Box<str>, MeterState)>) {
+        self.states.extend(states);
+        self.folded.push(id);
+        self.states_since.get_or_insert_with(Instant::now);
     }
 
-    /// The latest journalled state of every meter waiting to be flushed.
+    /// Returns true when nothing waits: no spans and no unwritten states.
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.folded.is_empty()
+    }
+
+    /// The latest journalled state of every meter waiting for a checkpoint.
     pub fn states(&self) -> impl Iterator<Item = (&str, &MeterState)> {
         self.states.iter().map(|(m, s)| (&**m, s))
     }
 
-    /// Spans waiting.
+    /// Spans waiting for the rollups.
     pub fn spans(&self) -> usize {
         self.spans
     }
 
-    /// Returns true when the oldest record has waited `interval` or more than `max_spans`
-    /// spans wait.
+    /// Returns true when spans have waited `interval`, or more than `max_spans` wait.
     pub fn due(&self, interval: Duration, max_spans: usize) -> bool {
         self.spans >= max_spans || self.since.is_some_and(|t| t.elapsed() >= interval)
+    }
+
+    /// Returns true when meter states have waited `interval` for a checkpoint.
+    pub fn states_due(&self, interval: Duration) -> bool {
+        self.states_since.is_some_and(|t| t.elapsed() >= interval)
     }
 }
 
 /// What a flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
-    /// Journal records folded and deleted.
+    /// Journal records whose spans were folded into the rollups.
     pub records: usize,
+    /// Journal records deleted (a checkpoint deletes every record it covers).
+    pub deleted: usize,
     /// Spans added to the rollups.
     pub spans: usize,
     /// Spans skipped because a recompute already counted them.
     pub skipped: usize,
-    /// Meter states written.
+    /// Meter states written (only by a checkpoint).
     pub states: usize,
 }
 
@@ -483,9 +504,11 @@ struct Reset {
     upto: i64,
 }
 
-/// Folds everything `pending` holds into the rollups and `meter_state`, deletes its journal
-/// records and the resets it applied, in one transaction. `pending` is emptied only when the
-/// transaction commits; on error it is kept for the next attempt.
+/// Folds the spans `pending` holds into the rollups and marks their records folded, in one
+/// transaction with the resets it applied; with `checkpoint`, also writes the meter states to
+/// `meter_state` and deletes every record they came from. Rollups are folded often (they are
+/// what dashboards read); states, one row per meter touched, only at checkpoints. `pending`
+/// changes only when the transaction commits; on error it is kept for the next attempt.
 ///
 /// # Errors
 /// Returns [`StoreError::Stage`] naming the statement that failed.
@@ -494,8 +517,10 @@ pub async fn flush(
     pending: &mut Pending,
     options: StoreOptions,
     owns: impl Fn(&str) -> bool,
+    checkpoint: bool,
 ) -> Result<FlushStats, StoreError> {
-    if pending.is_empty() {
+    let states_to_write = checkpoint && !pending.folded.is_empty();
+    if pending.records.is_empty() && !states_to_write {
         return Ok(FlushStats::default());
     }
     let mut tx = conn.begin().await.map_err(stage("beginning a flush"))?;
@@ -530,7 +555,6 @@ pub async fn flush(
     }
     let mut stats = FlushStats {
         records: pending.records.len(),
-        states: pending.states.len(),
         ..FlushStats::default()
     };
     let counted: Vec<&Usage> = pending
@@ -547,16 +571,30 @@ pub async fn flush(
             })
         })
         .collect();
+    let t0 = Instant::now();
     let spans = store::write_rollups(&mut tx, &counted, options).await?;
+    let t_rollups = t0.elapsed();
     stats.spans = spans;
     stats.skipped = pending.spans - spans;
-    store::write_states(&mut tx, &pending.states).await?;
     let ids: Vec<i64> = pending.records.iter().map(|(id, _)| *id).collect();
-    sqlx::query("DELETE FROM ingest_journal WHERE journal_id = ANY($1)")
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await
-        .map_err(stage("deleting folded journal records"))?;
+    if checkpoint {
+        store::write_states(&mut tx, &pending.states).await?;
+        stats.states = pending.states.len();
+        let all: Vec<i64> = ids.iter().chain(&pending.folded).copied().collect();
+        sqlx::query("DELETE FROM ingest_journal WHERE journal_id = ANY($1)")
+            .bind(&all)
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("deleting checkpointed journal records"))?;
+        stats.deleted = all.len();
+    } else {
+        sqlx::query("UPDATE ingest_journal SET folded = true WHERE journal_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("marking journal records folded"))?;
+    }
+    let t_states = t0.elapsed();
     if !reset_ids.is_empty() {
         sqlx::query("DELETE FROM rollup_resets WHERE reset_id = ANY($1)")
             .bind(&reset_ids)
@@ -565,7 +603,21 @@ pub async fn flush(
             .map_err(stage("deleting applied rollup resets"))?;
     }
     tx.commit().await.map_err(stage("committing a flush"))?;
-    *pending = Pending::default();
+    tracing::debug!(
+        checkpoint,
+        rollups_ms = t_rollups.as_millis() as u64,
+        states_ms = (t_states - t_rollups).as_millis() as u64,
+        rest_ms = (t0.elapsed() - t_states).as_millis() as u64,
+        "journal flush timings"
+    );
+    if checkpoint {
+        *pending = Pending::default();
+    } else {
+        pending.folded.extend(ids);
+        pending.records.clear();
+        pending.spans = 0;
+        pending.since = None;
+    }
     Ok(stats)
 }
 
@@ -579,7 +631,7 @@ pub async fn flush(
 pub async fn recover(conn: &mut PgConnection, partitions: &[u16]) -> Result<Pending, StoreError> {
     let partitions: Vec<i32> = partitions.iter().map(|p| i32::from(*p)).collect();
     let rows = sqlx::query(
-        "SELECT journal_id, partition, payload FROM ingest_journal
+        "SELECT journal_id, partition, folded, payload FROM ingest_journal
          WHERE partition = ANY($1) ORDER BY journal_id",
     )
     .bind(&partitions)
@@ -594,12 +646,19 @@ pub async fn recover(conn: &mut PgConnection, partitions: &[u16]) -> Result<Pend
         let partition: i32 = row
             .try_get(1)
             .map_err(stage("reading the ingest journal"))?;
-        let payload: Vec<u8> = row
+        let folded: bool = row
             .try_get(2)
+            .map_err(stage("reading the ingest journal"))?;
+        let payload: Vec<u8> = row
+            .try_get(3)
             .map_err(stage("reading the ingest journal"))?;
         let mut entry = decode(&payload).map_err(|source| StoreError::Journal { id, source })?;
         entry.partition = u16::try_from(partition).unwrap_or_default();
-        pending.add(vec![(id, entry)]);
+        if folded {
+            pending.add_folded(id, entry.states);
+        } else {
+            pending.add(vec![(id, entry)]);
+        }
     }
     Ok(pending)
 }
@@ -687,7 +746,7 @@ mod tests {
     fn split_groups_by_meter_partition() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         let usage: Vec<Usage> = (0..200).map(|_| random_usage(&mut rng)).collect();
-        let states: HashMap<Box<str>, MeterState> = usage
+        let states: crate::vee::StateMap = usage
             .iter()
             .map(|u| (u.meter.as_str().into(), MeterState::new(1, 1)))
             .collect();

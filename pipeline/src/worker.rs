@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     pub flush_idle: Duration,
     /// ... or once this many consumption spans wait (bounds the memory they hold).
     pub flush_max_spans: usize,
+    /// Meter states are checkpointed to `meter_state` (and their journal records deleted) at
+    /// most this long after their readings commit, and whenever the worker is idle.
+    pub state_checkpoint_interval: Duration,
     /// VEE thresholds.
     pub vee: VeeConfig,
     /// Storage options.
@@ -85,6 +88,7 @@ impl WorkerConfig {
             flush_interval: Duration::from_secs(5),
             flush_idle: Duration::from_millis(250),
             flush_max_spans: 500_000,
+            state_checkpoint_interval: Duration::from_secs(30),
             vee: VeeConfig::default(),
             store: StoreOptions::default(),
         })
@@ -281,8 +285,9 @@ async fn writer(
     mut pending: Pending,
 ) -> Result<(), WorkerError> {
     loop {
-        if !pending.is_empty() && pending.due(config.flush_interval, config.flush_max_spans) {
-            flush(config, pool, metrics, &mut pending, u32::MAX).await;
+        let checkpoint = pending.states_due(config.state_checkpoint_interval);
+        if checkpoint || pending.due(config.flush_interval, config.flush_max_spans) {
+            flush(config, pool, metrics, &mut pending, checkpoint, u32::MAX).await;
         }
         let job = if pending.is_empty() {
             jobs.recv().await
@@ -290,7 +295,8 @@ async fn writer(
             match tokio::time::timeout(config.flush_idle, jobs.recv()).await {
                 Ok(job) => job,
                 Err(_) => {
-                    flush(config, pool, metrics, &mut pending, u32::MAX).await;
+                    // Idle: bring everything up to date, states included.
+                    flush(config, pool, metrics, &mut pending, true, u32::MAX).await;
                     continue;
                 }
             }
@@ -345,16 +351,18 @@ async fn writer(
         }
     }
     // At shutdown: a few attempts; whatever is left stays in the journal for the next start.
-    flush(config, pool, metrics, &mut pending, 3).await;
+    flush(config, pool, metrics, &mut pending, true, 3).await;
     Ok(())
 }
 
-/// Folds `pending` into the rollups and meter state, retrying up to `attempts` times.
+/// Folds `pending` into the rollups (and with `checkpoint` the meter states), retrying up to
+/// `attempts` times.
 async fn flush(
     config: &WorkerConfig,
     pool: &PgPool,
     metrics: &IngestMetrics,
     pending: &mut Pending,
+    checkpoint: bool,
     attempts: u32,
 ) {
     if pending.is_empty() {
@@ -365,7 +373,14 @@ async fn flush(
         let started = Instant::now();
         let result = match pool.acquire().await {
             Ok(mut conn) => {
-                journal::flush(&mut conn, pending, config.store, |m| config.owns(m)).await
+                journal::flush(
+                    &mut conn,
+                    pending,
+                    config.store,
+                    |m| config.owns(m),
+                    checkpoint,
+                )
+                .await
             }
             Err(source) => Err(store::StoreError::Stage {
                 stage: "acquiring a connection",
@@ -380,6 +395,7 @@ async fn flush(
                     .fetch_sub(spans, std::sync::atomic::Ordering::Relaxed);
                 tracing::debug!(
                     records = stats.records,
+                    deleted = stats.deleted,
                     spans = stats.spans,
                     skipped = stats.skipped,
                     states = stats.states,
@@ -541,7 +557,7 @@ impl Processor<'_> {
             out.estimated,
             out.rejected,
         ];
-        self.vee.commit(out.states.clone());
+        self.vee.commit(&out.states);
         self.progress = progress;
         tracing::debug!(
             messages = publishes.len(),

@@ -155,7 +155,7 @@ async fn run_direct(db: &TestDatabase) {
                 )
                 .await
                 .unwrap();
-                vee.commit(out.states);
+                vee.commit(&out.states);
             }
             Step::Edit { meter, hour, value } => edit(db, meter, hour, value).await,
         }
@@ -166,7 +166,10 @@ async fn run_direct(db: &TestDatabase) {
 #[derive(Clone, Copy, PartialEq)]
 enum After {
     Nothing,
-    Fold,
+    /// Spans into the rollups; states stay in the journal.
+    FoldRollups,
+    /// Spans and states, journal records deleted.
+    Checkpoint,
     /// The worker dies: its in-memory pending is lost and a new one reads the journal back.
     Crash,
 }
@@ -199,14 +202,22 @@ async fn run_journal(db: &TestDatabase, plan: impl Fn(usize) -> After) {
                 .unwrap();
                 assert_eq!(stats.journal_ids.len(), entries.len());
                 pending.add(stats.journal_ids.into_iter().zip(entries).collect());
-                vee.commit(out.states);
+                vee.commit(&out.states);
             }
             Step::Edit { meter, hour, value } => edit(db, meter, hour, value).await,
         }
         match plan(i) {
             After::Nothing => {}
-            After::Fold => {
-                journal::flush(&mut conn, &mut pending, StoreOptions::default(), |_| true)
+            After::FoldRollups => {
+                let opts = StoreOptions::default();
+                journal::flush(&mut conn, &mut pending, opts, |_| true, false)
+                    .await
+                    .unwrap();
+                assert_eq!(pending.spans(), 0);
+            }
+            After::Checkpoint => {
+                let opts = StoreOptions::default();
+                journal::flush(&mut conn, &mut pending, opts, |_| true, true)
                     .await
                     .unwrap();
                 assert!(pending.is_empty());
@@ -227,9 +238,15 @@ async fn run_journal(db: &TestDatabase, plan: impl Fn(usize) -> After) {
             }
         }
     }
-    journal::flush(&mut conn, &mut pending, StoreOptions::default(), |_| true)
-        .await
-        .unwrap();
+    journal::flush(
+        &mut conn,
+        &mut pending,
+        StoreOptions::default(),
+        |_| true,
+        true,
+    )
+    .await
+    .unwrap();
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_journal")
         .fetch_one(&db.pool)
         .await
@@ -260,33 +277,35 @@ async fn journal_folds_equal_writing_in_the_ingest_transaction() {
 
     let steps = scenario().len();
     type Plan = Box<dyn Fn(usize) -> After>;
-    let plans: [(&str, Plan); 5] = [
+    let plans: [(&str, Plan); 6] = [
         ("fold only at the end", Box::new(|_| After::Nothing)),
-        ("fold after every step", Box::new(|_| After::Fold)),
         (
-            "fold after steps 1 and 3",
-            Box::new(|i| {
-                if i == 1 || i == 3 {
-                    After::Fold
-                } else {
-                    After::Nothing
-                }
+            "checkpoint after every step",
+            Box::new(|_| After::Checkpoint),
+        ),
+        ("rollups after every step", Box::new(|_| After::FoldRollups)),
+        (
+            "rollups after steps 1 and 3, checkpoint after 2",
+            Box::new(|i| match i {
+                1 | 3 => After::FoldRollups,
+                2 => After::Checkpoint,
+                _ => After::Nothing,
             }),
         ),
         (
-            "crash after steps 2 and 4",
-            Box::new(|i| {
-                if i == 2 || i == 4 {
-                    After::Crash
-                } else {
-                    After::Nothing
-                }
+            "rollups, crash, checkpoint in turn",
+            Box::new(|i| match i % 3 {
+                0 => After::FoldRollups,
+                1 => After::Crash,
+                _ => After::Checkpoint,
             }),
         ),
         (
-            "crash after every step",
+            "rollups then a crash after every step",
             Box::new(move |i| {
-                if i + 1 < steps {
+                if i % 2 == 0 {
+                    After::FoldRollups
+                } else if i + 1 < steps {
                     After::Crash
                 } else {
                     After::Nothing
@@ -326,11 +345,17 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
         .await
         .unwrap();
         pending.add(stats.journal_ids.into_iter().zip(entries).collect());
-        vee.commit(out.states);
+        vee.commit(&out.states);
         if i == 0 {
-            journal::flush(&mut conn, &mut pending, StoreOptions::default(), |_| true)
-                .await
-                .unwrap();
+            journal::flush(
+                &mut conn,
+                &mut pending,
+                StoreOptions::default(),
+                |_| true,
+                true,
+            )
+            .await
+            .unwrap();
         }
     }
     // 4..8 h are pending; the edit recomputes the whole local day from readings.
@@ -345,9 +370,15 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
         .unwrap()
     };
     assert_eq!(daily().await, ("0.175000".into(), 8), "7 spans of 0.025 m3");
-    let stats = journal::flush(&mut conn, &mut pending, StoreOptions::default(), |_| true)
-        .await
-        .unwrap();
+    let stats = journal::flush(
+        &mut conn,
+        &mut pending,
+        StoreOptions::default(),
+        |_| true,
+        true,
+    )
+    .await
+    .unwrap();
     assert_eq!((stats.spans, stats.skipped), (0, 4));
     assert_eq!(
         daily().await,

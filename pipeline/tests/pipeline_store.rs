@@ -61,7 +61,7 @@ async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> stor
     )
     .await
     .unwrap();
-    vee.commit(out.states);
+    vee.commit(&out.states);
     stats
 }
 
