@@ -305,9 +305,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let mut published = 0u64;
     let started = Instant::now();
-    for (p, payload) in payloads {
+    for (published, (p, payload)) in (0u64..).zip(payloads) {
         while published.saturating_sub(IngestMetrics::get(&metrics.messages)) > args.window {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
@@ -319,7 +318,6 @@ async fn main() -> anyhow::Result<()> {
                 payload,
             )
             .await?;
-        published += 1;
     }
     let deadline = Instant::now() + Duration::from_secs(3600);
     // Done when every reading is stored and its rollups and meter state are folded in.
