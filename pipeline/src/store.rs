@@ -421,10 +421,10 @@ struct Bucket {
 /// Rollup rows keyed by (meter, bucket), in key order.
 type Rows<'u, B> = Vec<((&'u str, B), Bucket)>;
 
-/// Sums usage per (meter, hour) and (meter, local day), both in key order. Sorting the spans
-/// by (meter, time) once and merging neighbours is cheaper than hashing every span twice and
-/// sorting both maps afterwards (the fold of a few hundred thousand spans spent most of its
-/// CPU there).
+/// Sums usage per (meter, hour) and (meter, local day), both in key order. Spans are grouped
+/// by meter with a hash map, the meters sorted once, and each meter's spans merged in time
+/// order: the fold of a few hundred thousand spans spent most of its CPU comparing meter ids
+/// when it sorted every span (or hashed every span twice and sorted both maps).
 fn aggregate<'u>(
     usage: &[&'u Usage],
     options: StoreOptions,
@@ -460,20 +460,31 @@ fn aggregate<'u>(
             }
         }
     }
-    let mut sorted = usage.to_vec();
-    // Stable: spans of one meter at one instant keep their arrival order (the last one wins).
-    sorted.sort_by(|a, b| (a.meter.as_str(), a.ts).cmp(&(b.meter.as_str(), b.ts)));
-    let mut hourly = Vec::with_capacity(sorted.len());
-    let mut daily = Vec::new();
-    for u in sorted {
-        let hour =
-            u.ts.replace_minute(0)
-                .and_then(|t| t.replace_second(0))
-                .map(|t| t.replace_nanosecond(0).unwrap_or(t))
-                .unwrap_or(u.ts);
-        merge(&mut hourly, (u.meter.as_str(), hour), u);
-        let day = u.ts.to_offset(options.day_offset).date();
-        merge(&mut daily, (u.meter.as_str(), day), u);
+    let mut by_meter: HashMap<&'u str, Vec<&'u Usage>, foldhash::fast::RandomState> =
+        HashMap::default();
+    for u in usage {
+        by_meter.entry(u.meter.as_str()).or_default().push(u);
+    }
+    let mut meters: Vec<(&'u str, Vec<&'u Usage>)> = by_meter.into_iter().collect();
+    meters.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut hourly = Vec::with_capacity(usage.len());
+    let mut daily = Vec::with_capacity(meters.len());
+    for (meter, mut spans) in meters {
+        // Stable: spans at one instant keep their arrival order (the last one wins).
+        spans.sort_by_key(|u| u.ts);
+        for u in spans {
+            let hour =
+                u.ts.replace_minute(0)
+                    .and_then(|t| t.replace_second(0))
+                    .map(|t| t.replace_nanosecond(0).unwrap_or(t))
+                    .unwrap_or(u.ts);
+            merge(&mut hourly, (meter, hour), u);
+            merge(
+                &mut daily,
+                (meter, u.ts.to_offset(options.day_offset).date()),
+                u,
+            );
+        }
     }
     (hourly, daily)
 }
