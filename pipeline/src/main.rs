@@ -124,11 +124,19 @@ struct RunArgs {
     #[arg(long)]
     client_id: Option<String>,
     /// Readings per database transaction (upper bound).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 40_000)]
     max_batch_readings: usize,
     /// Longest wait for more messages before writing a batch, milliseconds.
     #[arg(long, default_value_t = 50)]
     max_batch_delay_ms: u64,
+    /// Longest time consumption spans wait in the ingest journal before they are folded into
+    /// the hourly and daily rollups, milliseconds (they are folded sooner when idle).
+    #[arg(long, default_value_t = 5_000)]
+    rollup_interval_ms: u64,
+    /// Longest time meter states wait in the ingest journal before a checkpoint writes them
+    /// to `meter_state`, seconds (sooner when idle).
+    #[arg(long, default_value_t = 30)]
+    state_checkpoint_s: u64,
     /// Seconds between metric dumps in the log (Prometheus text).
     #[arg(long, default_value_t = 60)]
     metrics_interval_s: u64,
@@ -365,6 +373,8 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
     }
     config.max_batch_readings = args.max_batch_readings;
     config.max_batch_delay = std::time::Duration::from_millis(args.max_batch_delay_ms);
+    config.flush_interval = std::time::Duration::from_millis(args.rollup_interval_ms);
+    config.state_checkpoint_interval = std::time::Duration::from_secs(args.state_checkpoint_s);
     let metrics = std::sync::Arc::new(pipeline::ingest::IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let dump = std::sync::Arc::clone(&metrics);

@@ -83,7 +83,7 @@ impl WorkerConfig {
             worker,
             workers,
             partitions,
-            max_batch_readings: 20_000,
+            max_batch_readings: 40_000,
             max_batch_delay: Duration::from_millis(50),
             flush_interval: Duration::from_secs(5),
             flush_idle: Duration::from_millis(250),

@@ -54,6 +54,9 @@ struct Args {
     /// Most messages published but not yet consumed (Mosquitto's default queue is 1000).
     #[arg(long, default_value_t = 400)]
     window: u64,
+    /// Readings per ingest transaction (default: the worker's own).
+    #[arg(long)]
+    max_batch_readings: Option<usize>,
     /// Journal fold interval of the workers, milliseconds (default: the worker's own).
     #[arg(long)]
     flush_interval_ms: Option<u64>,
@@ -241,6 +244,9 @@ async fn main() -> anyhow::Result<()> {
             args.partitions,
         )?;
         config.client_id = format!("bench-{}-w{w}", std::process::id());
+        if let Some(n) = args.max_batch_readings {
+            config.max_batch_readings = n;
+        }
         if let Some(ms) = args.flush_interval_ms {
             config.flush_interval = Duration::from_millis(ms);
         }
