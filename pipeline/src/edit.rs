@@ -200,7 +200,11 @@ pub async fn ingest_manual(
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
     // Before any row lock: the rollup recompute must not race a worker's journal.
     crate::journal::lock_out_ingest(&mut tx).await?;
-    let vee = store::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
+    let mut vee = store::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
+    // A state still in the ingest journal is newer than its `meter_state` row.
+    if let Some(state) = crate::journal::latest_state(&mut tx, &meter).await? {
+        vee.insert_state(&meter, state);
+    }
     let out = vee.validate(vec![reading], OffsetDateTime::now_utc());
     let rejects: Vec<store::RejectRecord> = out
         .conflicts

@@ -133,12 +133,8 @@ pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
     out
 }
 
-/// Decodes a record written by [`encode`].
-///
-/// # Errors
-/// Returns [`JournalError`] with the byte offset of the first bad or missing field.
-pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
-    let mut r = Reader { bytes, at: 0 };
+/// Reads the version byte and the meter states at the start of a record.
+fn decode_states(r: &mut Reader<'_>) -> Result<Vec<(Box<str>, MeterState)>, JournalError> {
     let version = r.byte("format version")?;
     if version != FORMAT_V1 {
         return Err(JournalError::Version(version));
@@ -176,6 +172,16 @@ pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
             },
         ));
     }
+    Ok(states)
+}
+
+/// Decodes a record written by [`encode`].
+///
+/// # Errors
+/// Returns [`JournalError`] with the byte offset of the first bad or missing field.
+pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
+    let mut r = Reader { bytes, at: 0 };
+    let states = decode_states(&mut r)?;
     let n_usage = r.count("span count")?;
     let mut usage = Vec::with_capacity(n_usage.min(1 << 16));
     for _ in 0..n_usage {
@@ -619,6 +625,45 @@ pub async fn flush(
         pending.since = None;
     }
     Ok(stats)
+}
+
+/// The newest state of `meter` still in the journal (not yet checkpointed to `meter_state`),
+/// for writers outside the worker (manual reads). Call it after [`lock_out_ingest`] so no
+/// record commits meanwhile. Reads records newest first and stops at the first that has the
+/// meter; only their state sections are decoded.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the query fails, [`StoreError::Journal`] for a record
+/// that cannot be decoded.
+pub async fn latest_state(
+    conn: &mut PgConnection,
+    meter: &str,
+) -> Result<Option<MeterState>, StoreError> {
+    use futures::TryStreamExt;
+    let mut rows =
+        sqlx::query("SELECT journal_id, payload FROM ingest_journal ORDER BY journal_id DESC")
+            .fetch(&mut *conn);
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(stage("reading the ingest journal"))?
+    {
+        let id: i64 = row
+            .try_get(0)
+            .map_err(stage("reading the ingest journal"))?;
+        let payload: Vec<u8> = row
+            .try_get(1)
+            .map_err(stage("reading the ingest journal"))?;
+        let states = decode_states(&mut Reader {
+            bytes: &payload,
+            at: 0,
+        })
+        .map_err(|source| StoreError::Journal { id, source })?;
+        if let Some((_, s)) = states.into_iter().find(|(m, _)| &**m == meter) {
+            return Ok(Some(s));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads back the journal records of `partitions` left by a stopped or crashed worker, in

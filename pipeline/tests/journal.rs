@@ -395,3 +395,60 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
     );
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn a_manual_read_is_validated_against_the_journalled_state() {
+    let db = TestDatabase::create().await;
+    let mut vee = Vee::new(VeeConfig::default());
+    let mut pending = Pending::default();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let m = METERS[0];
+    let readings: Vec<Reading> = (0..4).map(|h| read(m, h, value(0, h))).collect();
+    let out = vee.validate(readings, now());
+    let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
+    let stats = store::write_batch(
+        &mut conn,
+        &WriteSet {
+            readings: &out.readings,
+            journal: Some(&entries),
+            ..WriteSet::default()
+        },
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    pending.add(stats.journal_ids.into_iter().zip(entries).collect());
+    let checkpointed: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(checkpointed, 0, "the state is only in the journal");
+    // The next read arrives through the API while the worker has not checkpointed yet: its
+    // span starts at the journalled 3 h value, not at nothing.
+    let mut manual = read(m, 4, value(0, 4));
+    manual.provenance.source = SourceKind::Api;
+    manual.clock = ClockSource::Manual;
+    let (stored, _) = pipeline::edit::ingest_manual(&db.pool, manual, VeeConfig::default())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.quality, Quality::Validated);
+    journal::flush(
+        &mut conn,
+        &mut pending,
+        StoreOptions::default(),
+        |_| true,
+        false,
+    )
+    .await
+    .unwrap();
+    let daily: (String, i32) = sqlx::query_as(
+        "SELECT consumption::text, read_count FROM rollup_daily WHERE meter_id = $1",
+    )
+    .bind(m)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(daily, ("0.100000".into(), 5), "4 spans of 0.025 m3");
+    db.drop_database().await;
+}
