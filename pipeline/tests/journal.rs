@@ -399,7 +399,7 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
 #[tokio::test]
 async fn a_manual_read_is_validated_against_the_journalled_state() {
     let db = TestDatabase::create().await;
-    let mut vee = Vee::new(VeeConfig::default());
+    let vee = Vee::new(VeeConfig::default());
     let mut pending = Pending::default();
     let mut conn = db.pool.acquire().await.unwrap();
     let m = METERS[0];
