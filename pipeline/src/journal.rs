@@ -101,7 +101,7 @@ pub fn split(
     out
 }
 
-/// Encodes spans and states as one journal record (varints; about 60 bytes per span and 70
+/// Encodes spans and states as one journal record (varints; about 20 bytes per span and 75
 /// per state for 20-character meter ids).
 pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + usage.len() * 64 + states.len() * 80);
@@ -122,10 +122,24 @@ pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
         }
         put_uvarint(&mut out, u128::from(s.reads));
     }
+    // A span's meter nearly always has its state in the same record: refer to it by index
+    // (1-based; 0 = the id follows inline) instead of repeating the id.
+    let index: HashMap<&str, usize, foldhash::fast::RandomState> = states
+        .iter()
+        .enumerate()
+        .map(|(i, (m, _))| (&**m, i + 1))
+        .collect();
     put_uvarint(&mut out, usage.len() as u128);
     for u in usage {
-        put_str(&mut out, u.meter.as_str());
-        put_ivarint(&mut out, u.ts.unix_timestamp_nanos());
+        match index.get(u.meter.as_str()) {
+            Some(i) => put_uvarint(&mut out, *i as u128),
+            None => {
+                put_uvarint(&mut out, 0);
+                put_str(&mut out, u.meter.as_str());
+            }
+        }
+        put_ivarint(&mut out, i128::from(u.ts.unix_timestamp()));
+        put_uvarint(&mut out, u128::from(u.ts.nanosecond()));
         put_decimal(&mut out, u.value);
         put_decimal(&mut out, u.delta);
         out.push(u8::from(u.estimated));
@@ -186,17 +200,29 @@ pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
     let mut usage = Vec::with_capacity(n_usage.min(1 << 16));
     for _ in 0..n_usage {
         let at = r.at;
-        let meter = MeterId::new(r.str("span meter")?).map_err(|_| JournalError::Invalid {
+        let meter = match r.uint::<usize>("span meter")? {
+            0 => r.str("span meter")?,
+            i => states
+                .get(i - 1)
+                .map(|(m, _)| &**m)
+                .ok_or(JournalError::Invalid {
+                    offset: at,
+                    field: "span meter",
+                })?,
+        };
+        let meter = MeterId::new(meter).map_err(|_| JournalError::Invalid {
             offset: at,
             field: "span meter",
         })?;
         let at = r.at;
-        let ts =
-            OffsetDateTime::from_unix_timestamp_nanos(r.int::<i128>("span ts")?).map_err(|_| {
-                JournalError::Invalid {
-                    offset: at,
-                    field: "span ts",
-                }
+        let secs = r.int::<i64>("span ts")?;
+        let nanos = r.uint::<u32>("span ts")?;
+        let ts = OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .and_then(|t| t.replace_nanosecond(nanos).ok())
+            .ok_or(JournalError::Invalid {
+                offset: at,
+                field: "span ts",
             })?;
         let value = r.decimal("span value")?;
         let delta = r.decimal("span delta")?;
@@ -747,9 +773,16 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for n in [0usize, 1, 2, 17, 300] {
             let usage: Vec<Usage> = (0..n).map(|_| random_usage(&mut rng)).collect();
-            let states: Vec<(Box<str>, MeterState)> = (0..n)
-                .map(|i| (format!("m{i}").into(), random_state(&mut rng)))
+            // Half the spans' meters have a state in the record (referenced by index), the
+            // others not (id inline), plus states without spans.
+            let mut states: Vec<(Box<str>, MeterState)> = usage
+                .iter()
+                .step_by(2)
+                .map(|u| (u.meter.as_str().into(), random_state(&mut rng)))
                 .collect();
+            states.sort_by(|a, b| a.0.cmp(&b.0));
+            states.dedup_by(|a, b| a.0 == b.0);
+            states.extend((0..n / 3).map(|i| (format!("m{i}").into(), random_state(&mut rng))));
             let bytes = encode(&usage, &states);
             let back = decode(&bytes).unwrap();
             assert_eq!(back.usage, usage);
