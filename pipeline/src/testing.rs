@@ -111,3 +111,39 @@ pub async fn wait_folded(metrics: &[&crate::ingest::IngestMetrics], within: std:
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// A meter-clock volume read (m³, register 0) as an NB-IoT meter sends it through gateway
+/// `gw-1`, received three seconds after `ts`.
+///
+/// # Panics
+/// When `meter` is not a valid meter id.
+pub fn volume_read(
+    meter: &str,
+    ts: time::OffsetDateTime,
+    value: rust_decimal::Decimal,
+) -> model::Reading {
+    use model::{
+        ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
+    };
+    Reading {
+        meter: MeterId::new(meter).expect("test meter id"),
+        ts,
+        clock: ClockSource::Meter,
+        quantity: Quantity::Volume,
+        value,
+        unit: Unit::CubicMetre,
+        storage: 0,
+        tariff: 0,
+        subunit: 0,
+        quality: Quality::Actual,
+        flags: vec![],
+        provenance: Provenance {
+            gateway: GatewayId::new("gw-1").expect("test gateway id"),
+            source: SourceKind::Coap,
+            source_id: "nb".into(),
+            frame_hash: "ab".repeat(32),
+            received_at: ts + time::Duration::seconds(3),
+            channel: None,
+        },
+    }
+}

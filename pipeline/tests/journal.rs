@@ -2,8 +2,7 @@
 //! ingest transaction end up exactly as if they had been written in it, wherever the folds
 //! happen, across crashes, edits and out-of-order reads.
 
-use model::Unit;
-use model::{ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind};
+use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
 use pipeline::journal::{self, Pending};
 use pipeline::store::{self, StoreOptions, WriteSet};
 use pipeline::testing::TestDatabase;
@@ -22,28 +21,7 @@ const METERS: [&str; 4] = [
 ];
 
 fn read(meter: &str, hour: i64, value: Decimal) -> Reading {
-    let ts = T0 + time::Duration::hours(hour);
-    Reading {
-        meter: MeterId::new(meter).unwrap(),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value,
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-1").unwrap(),
-            source: SourceKind::Coap,
-            source_id: "nb".into(),
-            frame_hash: "ab".repeat(32),
-            received_at: ts + time::Duration::seconds(3),
-            channel: None,
-        },
-    }
+    pipeline::testing::volume_read(meter, T0 + time::Duration::hours(hour), value)
 }
 
 /// Register value of meter `i` at `hour`: each meter uses its own steady flow.
@@ -162,6 +140,33 @@ async fn run_direct(db: &TestDatabase) {
     }
 }
 
+/// Validates `readings` and writes them as the worker does: readings and a journal record per
+/// partition in one transaction; the records go to `pending` once committed.
+async fn write_journalled(
+    conn: &mut sqlx::PgConnection,
+    vee: &mut Vee,
+    pending: &mut Pending,
+    readings: Vec<Reading>,
+) {
+    let out = vee.validate(readings, now());
+    let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
+    let stats = store::write_batch(
+        conn,
+        &WriteSet {
+            readings: &out.readings,
+            out_of_order: &out.out_of_order,
+            journal: Some(&entries),
+            ..WriteSet::default()
+        },
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(stats.journal_ids.len(), entries.len());
+    pending.add(stats.journal_ids.into_iter().zip(entries).collect());
+    vee.commit(&out.states);
+}
+
 /// What the journal run does after step `i`.
 #[derive(Clone, Copy, PartialEq)]
 enum After {
@@ -183,26 +188,7 @@ async fn run_journal(db: &TestDatabase, plan: impl Fn(usize) -> After) {
     for (i, step) in scenario().into_iter().enumerate() {
         match step {
             Step::Reads(readings) => {
-                let out = vee.validate(readings, now());
-                let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
-                let stats = store::write_batch(
-                    &mut conn,
-                    &WriteSet {
-                        readings: &out.readings,
-                        usage: &[],
-                        states: None,
-                        progress: &[],
-                        rejects: &[],
-                        out_of_order: &out.out_of_order,
-                        journal: Some(&entries),
-                    },
-                    StoreOptions::default(),
-                )
-                .await
-                .unwrap();
-                assert_eq!(stats.journal_ids.len(), entries.len());
-                pending.add(stats.journal_ids.into_iter().zip(entries).collect());
-                vee.commit(&out.states);
+                write_journalled(&mut conn, &mut vee, &mut pending, readings).await;
             }
             Step::Edit { meter, hour, value } => edit(db, meter, hour, value).await,
         }
@@ -330,22 +316,7 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
     let m = METERS[0];
     for (i, hours) in [0..4, 4..8].into_iter().enumerate() {
         let readings: Vec<Reading> = hours.map(|h| read(m, h, value(0, h))).collect();
-        let out = vee.validate(readings, now());
-        let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
-        let stats = store::write_batch(
-            &mut conn,
-            &WriteSet {
-                readings: &out.readings,
-                out_of_order: &out.out_of_order,
-                journal: Some(&entries),
-                ..WriteSet::default()
-            },
-            StoreOptions::default(),
-        )
-        .await
-        .unwrap();
-        pending.add(stats.journal_ids.into_iter().zip(entries).collect());
-        vee.commit(&out.states);
+        write_journalled(&mut conn, &mut vee, &mut pending, readings).await;
         if i == 0 {
             journal::flush(
                 &mut conn,
@@ -399,25 +370,12 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
 #[tokio::test]
 async fn a_manual_read_is_validated_against_the_journalled_state() {
     let db = TestDatabase::create().await;
-    let vee = Vee::new(VeeConfig::default());
+    let mut vee = Vee::new(VeeConfig::default());
     let mut pending = Pending::default();
     let mut conn = db.pool.acquire().await.unwrap();
     let m = METERS[0];
     let readings: Vec<Reading> = (0..4).map(|h| read(m, h, value(0, h))).collect();
-    let out = vee.validate(readings, now());
-    let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
-    let stats = store::write_batch(
-        &mut conn,
-        &WriteSet {
-            readings: &out.readings,
-            journal: Some(&entries),
-            ..WriteSet::default()
-        },
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    pending.add(stats.journal_ids.into_iter().zip(entries).collect());
+    write_journalled(&mut conn, &mut vee, &mut pending, readings).await;
     let checkpointed: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
         .fetch_one(&db.pool)
         .await

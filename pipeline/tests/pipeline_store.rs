@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use model::{
-    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
+    BatchEntry, ClockSource, GatewayId, Quality, Quantity, Reading, ReadingBatch, SourceKind, Unit,
+    WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
 use pipeline::store::{self, StoreOptions, WriteSet};
@@ -19,28 +19,7 @@ use time::{OffsetDateTime, macros::datetime};
 const T0: OffsetDateTime = datetime!(2026-11-20 00:00 UTC);
 
 fn read(meter: &str, minutes: i64, value: Decimal) -> Reading {
-    let ts = T0 + time::Duration::minutes(minutes);
-    Reading {
-        meter: MeterId::new(meter).unwrap(),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value,
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-1").unwrap(),
-            source: SourceKind::Coap,
-            source_id: "nb".into(),
-            frame_hash: "ab".repeat(32),
-            received_at: ts + time::Duration::seconds(3),
-            channel: None,
-        },
-    }
+    pipeline::testing::volume_read(meter, T0 + time::Duration::minutes(minutes), value)
 }
 
 async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> store::WriteStats {
