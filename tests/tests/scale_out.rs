@@ -31,18 +31,25 @@ fn start_worker(
     workers: u16,
     client_id: &str,
 ) -> RunningWorker {
+    start_worker_with(db.pool.clone(), root, w, workers, client_id, |_| {})
+}
+
+fn start_worker_with(
+    pool: sqlx::PgPool,
+    root: &str,
+    w: u16,
+    workers: u16,
+    client_id: &str,
+    configure: impl FnOnce(&mut WorkerConfig),
+) -> RunningWorker {
     let mut config =
         WorkerConfig::new(&pipeline::config::mqtt_url(), root, w, workers, PARTITIONS).unwrap();
     config.client_id = client_id.to_owned();
     config.max_batch_readings = 200;
+    configure(&mut config);
     let metrics = Arc::new(IngestMetrics::default());
     let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(worker::run(
-        config,
-        db.pool.clone(),
-        Arc::clone(&metrics),
-        shutdown,
-    ));
+    let task = tokio::spawn(worker::run(config, pool, Arc::clone(&metrics), shutdown));
     RunningWorker {
         task,
         metrics,
@@ -292,15 +299,29 @@ async fn killed_worker_resumes_from_its_persistent_session() {
     let db = TestDatabase::create().await;
     let root = wm_tests::unique_prefix("crash");
     let client_id = wm_tests::unique_prefix("crash-w").replace('/', "-");
-    let first = start_worker(&db, &root, 0, 1, &client_id);
+    // This worker never folds its journal before it dies: everything it committed is left for
+    // the next one to read back.
+    // Its own connections, as a process has: a task aborted mid-statement leaves its connection
+    // mid-protocol, and nobody else may use it afterwards.
+    let own_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let first = start_worker_with(own_pool.clone(), &root, 0, 1, &client_id, |c| {
+        c.max_batch_readings = 100;
+        c.flush_interval = Duration::from_secs(3600);
+        c.flush_idle = Duration::from_secs(3600);
+        c.state_checkpoint_interval = Duration::from_secs(3600);
+    });
     let client = publisher("crash-pub");
     wait_subscribed(&client, &root, 0, &first).await;
 
     let (msgs, distinct) = messages("gw-a", 80, 6);
     publish_all(&client, &root, &msgs).await;
-    // Kill the worker mid-stream: as soon as it has taken some messages, before it is done.
+    // Kill the worker mid-stream: as soon as it has stored a batch, before it is done.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while IngestMetrics::get(&first.metrics.messages) < 2 {
+    while IngestMetrics::get(&first.metrics.stored) == 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "worker never consumed"
@@ -309,11 +330,24 @@ async fn killed_worker_resumes_from_its_persistent_session() {
     }
     first.task.abort();
     assert!(first.task.await.unwrap_err().is_cancelled());
+    drop(own_pool);
     let (after_crash, _) = counts(&db).await;
     assert!(
-        (after_crash as usize) < distinct,
+        after_crash > 0 && (after_crash as usize) < distinct,
         "the crash happened mid-stream"
     );
+    let journal = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM ingest_journal")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    assert!(journal().await > 0, "committed batches wait in the journal");
+    let folded: i64 = sqlx::query_scalar("SELECT count(*) FROM rollup_daily")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(folded, 0, "nothing was folded before the crash");
     // While it is down, the broker queues for its session; a gateway also resends everything.
     publish_all(&client, &root, &msgs).await;
 
@@ -336,8 +370,8 @@ async fn killed_worker_resumes_from_its_persistent_session() {
     assert_eq!(distinct_rows, n);
     second.stop.send(true).unwrap();
     second.task.await.unwrap().unwrap();
-    // Rollups and meter states commit with their readings: after the crash and the resends
-    // every span is counted once and every meter's state is kept.
+    // Rollups and meter states are journalled with their readings: after the crash and the
+    // resends every span is counted once and every meter's state is kept.
     let states: i64 = sqlx::query_scalar("SELECT count(*) FROM meter_state")
         .fetch_one(&db.pool)
         .await
@@ -348,6 +382,11 @@ async fn killed_worker_resumes_from_its_persistent_session() {
         .await
         .unwrap();
     assert_eq!(consumption, "10.000000", "80 meters x 5 spans x 0.025 m3");
+    assert_eq!(
+        journal().await,
+        0,
+        "the restarted worker folded the dead one's journal"
+    );
     worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
         .await
         .unwrap();
