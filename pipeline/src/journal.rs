@@ -5,11 +5,13 @@
 //! of each transaction on them). Instead each ingest transaction appends one compact binary
 //! record per partition to `ingest_journal` (the batch's consumption spans and new meter
 //! states), in the same transaction as the readings, and the worker keeps them in memory
-//! ([`Pending`]). Every few seconds, when idle, and at shutdown the worker folds what it holds
-//! into `rollup_hourly`, `rollup_daily` and `meter_state` and deletes those journal records,
-//! all in one transaction ([`flush`]): a span is added to the rollups exactly once, whether the
-//! worker crashes before, during or after a flush. On start a worker reads the journal records
-//! of its partitions back ([`recover`]) and folds them before consuming.
+//! ([`Pending`]). Every few seconds the worker folds the spans it holds into `rollup_hourly`
+//! and `rollup_daily` and marks their records `folded`; every half minute, when idle and at
+//! shutdown it also checkpoints the meter states into `meter_state` and deletes the records.
+//! Each fold is one transaction ([`flush`]), so a span is added to the rollups exactly once
+//! whether the worker crashes before, during or after it. On start a worker reads the records
+//! of its partitions back ([`recover`]): their states replace the older `meter_state` rows in
+//! memory, and the spans not yet folded are folded before it consumes anything.
 //!
 //! A rollup recomputed from `readings` (an edit, an out-of-order read) already contains every
 //! committed read, including those whose spans are still in the journal. The recompute

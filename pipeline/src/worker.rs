@@ -43,8 +43,8 @@ pub struct WorkerConfig {
     pub max_batch_readings: usize,
     /// ... or this long after its first message arrived.
     pub max_batch_delay: Duration,
-    /// Rollups and meter states are folded from the journal at most this long after their
-    /// readings commit...
+    /// Consumption spans are folded from the journal into the rollups at most this long after
+    /// their readings commit...
     pub flush_interval: Duration,
     /// ... or once no batch has arrived for this long ...
     pub flush_idle: Duration,
@@ -284,6 +284,8 @@ async fn writer(
     mut jobs: mpsc::Receiver<WriteJob>,
     mut pending: Pending,
 ) -> Result<(), WorkerError> {
+    // What a stopped or crashed worker left: folded before the first new batch is written.
+    flush(config, pool, metrics, &mut pending, true, u32::MAX).await;
     loop {
         let checkpoint = pending.states_due(config.state_checkpoint_interval);
         if checkpoint || pending.due(config.flush_interval, config.flush_max_spans) {
