@@ -147,3 +147,34 @@ pub fn volume_read(
         },
     }
 }
+
+/// Validates `readings` against `vee` at `now` and writes them the way a manual read is
+/// written: rollups and meter state upserted in the same transaction (no journal). Commits the
+/// new states to `vee` once written.
+///
+/// # Panics
+/// When the write fails: the test has failed.
+pub async fn write_validated(
+    pool: &PgPool,
+    vee: &mut crate::vee::Vee,
+    readings: Vec<model::Reading>,
+    now: time::OffsetDateTime,
+) -> crate::store::WriteStats {
+    let out = vee.validate(readings, now);
+    let mut conn = pool.acquire().await.expect("a connection");
+    let stats = crate::store::write_batch(
+        &mut conn,
+        &crate::store::WriteSet {
+            readings: &out.readings,
+            usage: &out.usage,
+            states: Some(&out.states),
+            out_of_order: &out.out_of_order,
+            ..crate::store::WriteSet::default()
+        },
+        crate::store::StoreOptions::default(),
+    )
+    .await
+    .expect("writing the batch");
+    vee.commit(&out.states);
+    stats
+}

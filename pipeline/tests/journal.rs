@@ -116,24 +116,7 @@ async fn run_direct(db: &TestDatabase) {
     for step in scenario() {
         match step {
             Step::Reads(readings) => {
-                let out = vee.validate(readings, now());
-                let mut conn = db.pool.acquire().await.unwrap();
-                store::write_batch(
-                    &mut conn,
-                    &WriteSet {
-                        readings: &out.readings,
-                        usage: &out.usage,
-                        states: Some(&out.states),
-                        progress: &[],
-                        rejects: &[],
-                        out_of_order: &out.out_of_order,
-                        journal: None,
-                    },
-                    StoreOptions::default(),
-                )
-                .await
-                .unwrap();
-                vee.commit(&out.states);
+                pipeline::testing::write_validated(&db.pool, &mut vee, readings, now()).await;
             }
             Step::Edit { meter, hour, value } => edit(db, meter, hour, value).await,
         }
@@ -167,6 +150,17 @@ async fn write_journalled(
     vee.commit(&out.states);
 }
 
+/// Folds everything `pending` holds (with `checkpoint`, states too), as the worker does.
+async fn fold(
+    conn: &mut sqlx::PgConnection,
+    pending: &mut Pending,
+    checkpoint: bool,
+) -> journal::FlushStats {
+    journal::flush(conn, pending, StoreOptions::default(), |_| true, checkpoint)
+        .await
+        .unwrap()
+}
+
 /// What the journal run does after step `i`.
 #[derive(Clone, Copy, PartialEq)]
 enum After {
@@ -195,17 +189,11 @@ async fn run_journal(db: &TestDatabase, plan: impl Fn(usize) -> After) {
         match plan(i) {
             After::Nothing => {}
             After::FoldRollups => {
-                let opts = StoreOptions::default();
-                journal::flush(&mut conn, &mut pending, opts, |_| true, false)
-                    .await
-                    .unwrap();
+                fold(&mut conn, &mut pending, false).await;
                 assert_eq!(pending.spans(), 0);
             }
             After::Checkpoint => {
-                let opts = StoreOptions::default();
-                journal::flush(&mut conn, &mut pending, opts, |_| true, true)
-                    .await
-                    .unwrap();
+                fold(&mut conn, &mut pending, true).await;
                 assert!(pending.is_empty());
             }
             After::Crash => {
@@ -224,15 +212,7 @@ async fn run_journal(db: &TestDatabase, plan: impl Fn(usize) -> After) {
             }
         }
     }
-    journal::flush(
-        &mut conn,
-        &mut pending,
-        StoreOptions::default(),
-        |_| true,
-        true,
-    )
-    .await
-    .unwrap();
+    fold(&mut conn, &mut pending, true).await;
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM ingest_journal")
         .fetch_one(&db.pool)
         .await
@@ -318,15 +298,7 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
         let readings: Vec<Reading> = hours.map(|h| read(m, h, value(0, h))).collect();
         write_journalled(&mut conn, &mut vee, &mut pending, readings).await;
         if i == 0 {
-            journal::flush(
-                &mut conn,
-                &mut pending,
-                StoreOptions::default(),
-                |_| true,
-                true,
-            )
-            .await
-            .unwrap();
+            fold(&mut conn, &mut pending, true).await;
         }
     }
     // 4..8 h are pending; the edit recomputes the whole local day from readings.
@@ -341,15 +313,7 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
         .unwrap()
     };
     assert_eq!(daily().await, ("0.175000".into(), 8), "7 spans of 0.025 m3");
-    let stats = journal::flush(
-        &mut conn,
-        &mut pending,
-        StoreOptions::default(),
-        |_| true,
-        true,
-    )
-    .await
-    .unwrap();
+    let stats = fold(&mut conn, &mut pending, true).await;
     assert_eq!((stats.spans, stats.skipped), (0, 4));
     assert_eq!(
         daily().await,
@@ -391,15 +355,7 @@ async fn a_manual_read_is_validated_against_the_journalled_state() {
         .unwrap()
         .unwrap();
     assert_eq!(stored.quality, Quality::Validated);
-    journal::flush(
-        &mut conn,
-        &mut pending,
-        StoreOptions::default(),
-        |_| true,
-        false,
-    )
-    .await
-    .unwrap();
+    fold(&mut conn, &mut pending, false).await;
     let daily: (String, i32) = sqlx::query_as(
         "SELECT consumption::text, read_count FROM rollup_daily WHERE meter_id = $1",
     )

@@ -8,7 +8,7 @@ use model::{
     WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use pipeline::store::{self, StoreOptions, WriteSet};
+use pipeline::store;
 use pipeline::testing::TestDatabase;
 use pipeline::vee::{Vee, VeeConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
@@ -23,25 +23,7 @@ fn read(meter: &str, minutes: i64, value: Decimal) -> Reading {
 }
 
 async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> store::WriteStats {
-    let out = vee.validate(readings, T0 + time::Duration::days(3));
-    let mut conn = db.pool.acquire().await.unwrap();
-    let stats = store::write_batch(
-        &mut conn,
-        &WriteSet {
-            readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
-            progress: &[],
-            rejects: &[],
-            out_of_order: &out.out_of_order,
-            journal: None,
-        },
-        StoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    vee.commit(&out.states);
-    stats
+    pipeline::testing::write_validated(&db.pool, vee, readings, T0 + time::Duration::days(3)).await
 }
 
 #[tokio::test]
