@@ -85,11 +85,7 @@ async fn coap_meters_post_readings_and_execute_a_queued_valve_command() {
             b"up"
         );
         let frame = cjt188::parse(&req.payload).unwrap();
-        let mut resp = Packet::new();
-        resp.header.set_type(MessageType::Acknowledgement);
-        resp.header.message_id = req.header.message_id;
-        resp.header.code = MessageClass::Response(ResponseType::Changed);
-        resp.set_token(req.get_token().to_vec());
+        let mut resp = changed_ack(&req);
         if frame.control == 0x84 {
             valve_reply = Some(frame);
         } else {
@@ -257,11 +253,7 @@ async fn nbiot_meters_report_at_their_own_interval() {
             let req = Packet::from_bytes(&buf[..n]).unwrap();
             let id = cjt188::decode(&req.payload).unwrap().meter.id;
             *per_meter.entry(id).or_default() += 1;
-            let mut resp = Packet::new();
-            resp.header.set_type(MessageType::Acknowledgement);
-            resp.header.message_id = req.header.message_id;
-            resp.header.code = MessageClass::Response(ResponseType::Changed);
-            resp.set_token(req.get_token().to_vec());
+            let resp = changed_ack(&req);
             gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
         }
         per_meter
@@ -277,7 +269,17 @@ async fn nbiot_meters_report_at_their_own_interval() {
     fleet.stop().await.unwrap();
 }
 
-/// Responds 2.04 (empty) to one CoAP request and returns its payload.
+/// The gateway's piggy-backed 2.04 Changed ACK to a confirmable request (no payload yet).
+fn changed_ack(req: &Packet) -> Packet {
+    let mut resp = Packet::new();
+    resp.header.set_type(MessageType::Acknowledgement);
+    resp.header.message_id = req.header.message_id;
+    resp.header.code = MessageClass::Response(ResponseType::Changed);
+    resp.set_token(req.get_token().to_vec());
+    resp
+}
+
+/// Responds 2.04 to one CoAP request (with `downlink` as payload) and returns its payload.
 async fn answer(gw: &UdpSocket, downlink: Vec<u8>) -> Vec<u8> {
     let mut buf = vec![0u8; 4096];
     let (n, from) = tokio::time::timeout(Duration::from_secs(10), gw.recv_from(&mut buf))
@@ -285,11 +287,7 @@ async fn answer(gw: &UdpSocket, downlink: Vec<u8>) -> Vec<u8> {
         .expect("a coap datagram within 10 s")
         .unwrap();
     let req = Packet::from_bytes(&buf[..n]).unwrap();
-    let mut resp = Packet::new();
-    resp.header.set_type(MessageType::Acknowledgement);
-    resp.header.message_id = req.header.message_id;
-    resp.header.code = MessageClass::Response(ResponseType::Changed);
-    resp.set_token(req.get_token().to_vec());
+    let mut resp = changed_ack(&req);
     resp.payload = downlink;
     gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
     req.payload
@@ -371,11 +369,7 @@ async fn meter_without_valve_refuses_a_valve_command_with_the_abnormal_reply() {
             .unwrap();
         let req = Packet::from_bytes(&buf[..n]).unwrap();
         let frame = cjt188::parse(&req.payload).unwrap();
-        let mut resp = Packet::new();
-        resp.header.set_type(MessageType::Acknowledgement);
-        resp.header.message_id = req.header.message_id;
-        resp.header.code = MessageClass::Response(ResponseType::Changed);
-        resp.set_token(req.get_token().to_vec());
+        let mut resp = changed_ack(&req);
         match &frame.payload {
             Payload::Reading(r) => {
                 statuses.entry(frame.address).or_default().push(r.status);
