@@ -57,27 +57,17 @@ async fn multi_frame_coap_uplink_spools_every_reading_or_none() {
     let gw = "gw-history";
     let (_s, mut batches) = common::subscribe("hist-readings", &format!("{root}/readings/#")).await;
     let dir = tempfile::tempdir().unwrap();
-    let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "{gw}"
-[uplink]
-broker = "mqtt://{}:{}"
-client_id = "{}"
-topic_root = "{root}"
-[spool]
-dir = "{}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let toml = common::gateway_toml(
+        gw,
+        &root,
+        &dir.path().join("spool"),
+        "",
+        r#"[[source]]
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
 "#,
-        b.host,
-        b.port,
-        root.replace('/', "-"),
-        dir.path().join("spool").display()
     );
     let config = edge_config::parse(&toml, "h.toml".as_ref()).expect("config");
     let gateway = Gateway::start(config).await.expect("gateway starts");
@@ -166,27 +156,19 @@ async fn multi_frame_push_places_history_before_the_platform_time() {
     let (_s, mut batches) =
         common::subscribe("phist-readings", &format!("{root}/readings/#")).await;
     let dir = tempfile::tempdir().unwrap();
-    let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "gw-push-history"
-[uplink]
-broker = "mqtt://{}:{}"
-client_id = "{}"
-topic_root = "{root}"
-[spool]
-dir = "{}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let toml = common::gateway_toml(
+        "gw-push-history",
+        &root,
+        dir.path(),
+        "",
+        &format!(
+            r#"[[source]]
 id = "platform"
 kind = "http_push"
 listen = "127.0.0.1:0"
 secret = "{SECRET}"
-"#,
-        b.host,
-        b.port,
-        root.replace('/', "-"),
-        dir.path().display()
+"#
+        ),
     );
     let config = edge_config::parse(&toml, "p.toml".as_ref()).expect("config");
     let gateway = Gateway::start(config).await.expect("gateway starts");

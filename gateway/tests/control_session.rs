@@ -115,22 +115,14 @@ async fn command_published_while_gateway_is_down_is_executed_once_after_restart(
     let gateway = Gateway::start(common::hydrant_gateway(gw, &root, &site, dir.path()))
         .await
         .unwrap();
-    let (_, body) = tokio::time::timeout(Duration::from_secs(15), cmds.recv())
-        .await
-        .expect("the hydrant gets the command queued during the outage")
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["command_id"], "h-offline");
-    assert_eq!(body["action"], "unlock");
-    hydrant
-        .publish(
-            format!("{site}/h1/ack"),
-            QoS::AtLeastOnce,
-            false,
-            r#"{"command_id":"h-offline","result":"ok","reason":null}"#,
-        )
-        .await
-        .unwrap();
+    common::hydrant_unlocks(
+        &hydrant,
+        &mut cmds,
+        &site,
+        "h-offline",
+        Duration::from_secs(15),
+    )
+    .await;
     let mut states = Vec::new();
     while states.last() != Some(&CommandState::Acknowledged) {
         let ack = next_ack(&mut acks, Duration::from_secs(10))
@@ -190,7 +182,7 @@ async fn command_published_while_gateway_is_down_is_executed_once_after_restart(
     );
     gateway.shutdown().await;
     // Drop the session this test left on the broker.
-    let mut o = common::broker().options(&format!("{}-ctl", root.replace('/', "-")), None);
+    let mut o = common::broker().options(&format!("{}-ctl", common::client_id(&root)), None);
     o.set_clean_session(true);
     let (client, mut el) = AsyncClient::new(o, 8);
     tokio::time::timeout(Duration::from_secs(5), async {

@@ -41,22 +41,7 @@ async fn hydrant_command_is_routed_executed_once_and_acknowledged() {
         .await
         .unwrap();
     // The hydrant receives it and acknowledges.
-    let (_, body) = tokio::time::timeout(Duration::from_secs(10), cmds.recv())
-        .await
-        .expect("hydrant gets the command")
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["command_id"], "h-1");
-    assert_eq!(body["action"], "unlock");
-    hydrant
-        .publish(
-            format!("{site}/h1/ack"),
-            QoS::AtLeastOnce,
-            false,
-            r#"{"command_id":"h-1","result":"ok","reason":null}"#,
-        )
-        .await
-        .unwrap();
+    common::hydrant_unlocks(&hydrant, &mut cmds, &site, "h-1", Duration::from_secs(10)).await;
     let mut states = Vec::new();
     while states.last() != Some(&CommandState::Acknowledged) {
         let (_, p) = tokio::time::timeout(Duration::from_secs(10), acks.recv())

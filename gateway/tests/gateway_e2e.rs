@@ -79,27 +79,16 @@ async fn coap_uplink_downlink_status_and_metrics() {
     let (_s2, mut acks) = common::subscribe("e2e-acks", &format!("{root}/{gw}/cmd-ack")).await;
     let (_s3, mut status) = common::subscribe("e2e-status", &format!("{root}/{gw}/status")).await;
     let dir = tempfile::tempdir().unwrap();
-    let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "{gw}"
-[uplink]
-broker = "mqtt://{}:{}"
-client_id = "{}"
-topic_root = "{root}"
-partitions = 4
-[spool]
-dir = "{}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let toml = common::gateway_toml(
+        gw,
+        &root,
+        &dir.path().join("spool"),
+        "partitions = 4\n",
+        r#"[[source]]
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 "#,
-        b.host,
-        b.port,
-        root.replace('/', "-"),
-        dir.path().join("spool").display()
     );
     let config = edge_config::parse(&toml, "e2e.toml".as_ref()).expect("config");
     let gateway = Gateway::start(config).await.expect("gateway starts");

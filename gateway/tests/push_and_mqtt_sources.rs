@@ -61,17 +61,8 @@ async fn http_push_and_concentrator_mqtt_reach_the_uplink() {
     let (_s, mut batches) = common::subscribe("src-readings", &format!("{root}/readings/#")).await;
     let dir = tempfile::tempdir().unwrap();
     let b = common::broker();
-    let toml = format!(
-        r#"gateway_id = "gw-src"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}"
-topic_root = "{root}"
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "platform"
 kind = "http_push"
 listen = "127.0.0.1:0"
@@ -95,9 +86,9 @@ topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
 "#,
         host = b.host,
         port = b.port,
-        cid = root.replace('/', "-"),
-        spool = dir.path().display(),
+        cid = common::client_id(&root),
     );
+    let toml = common::gateway_toml("gw-src", &root, dir.path(), "", &sources);
     let config = edge_config::parse(&toml, "t.toml".as_ref()).unwrap();
     let gateway = Gateway::start(config).await.unwrap();
     let http = gateway.source_addr("platform").unwrap();

@@ -158,17 +158,8 @@ pub fn hydrant_gateway(
     spool: &std::path::Path,
 ) -> edge_config::GatewayConfig {
     let b = broker();
-    let toml = format!(
-        r#"gateway_id = "{gw}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}"
-topic_root = "{root}"
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "hydrants"
 kind = "hydrant_mqtt"
 host = "{host}"
@@ -179,10 +170,70 @@ ack_timeout = "5s"
 "#,
         host = b.host,
         port = b.port,
-        cid = root.replace('/', "-"),
-        spool = spool.display(),
+        cid = client_id(root),
     );
+    let toml = gateway_toml(gw, root, spool, "", &sources);
     edge_config::parse(&toml, "s.toml".as_ref()).unwrap()
+}
+
+/// The uplink client id of a test's gateway: its topic root without slashes.
+pub fn client_id(root: &str) -> String {
+    root.replace('/', "-")
+}
+
+/// A gateway TOML file: `gateway_id`, an `[uplink]` to the test broker on `root` (plus the
+/// lines of `uplink_extra`), the spool in `spool`, metrics on an ephemeral port, then `sources`.
+pub fn gateway_toml(
+    gw: &str,
+    root: &str,
+    spool: &std::path::Path,
+    uplink_extra: &str,
+    sources: &str,
+) -> String {
+    let b = broker();
+    format!(
+        r#"gateway_id = "{gw}"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}"
+topic_root = "{root}"
+{uplink_extra}[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+{sources}"#,
+        host = b.host,
+        port = b.port,
+        cid = client_id(root),
+        spool = spool.display(),
+    )
+}
+
+/// Plays the hydrant `h1` of `site` for one command: waits up to `within` for it on its cmd
+/// topic, checks it is the unlock `command_id`, and answers `ok` on its ack topic.
+pub async fn hydrant_unlocks(
+    hydrant: &AsyncClient,
+    cmds: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    site: &str,
+    command_id: &str,
+    within: Duration,
+) {
+    let (_, body) = tokio::time::timeout(within, cmds.recv())
+        .await
+        .unwrap_or_else(|_| panic!("the hydrant gets command {command_id}"))
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["command_id"], command_id);
+    assert_eq!(body["action"], "unlock");
+    hydrant
+        .publish(
+            format!("{site}/h1/ack"),
+            QoS::AtLeastOnce,
+            false,
+            format!(r#"{{"command_id":"{command_id}","result":"ok","reason":null}}"#),
+        )
+        .await
+        .unwrap();
 }
 
 /// Sends a confirmable CoAP POST `/up` and returns the piggy-backed reply (asserted to be its ACK).
