@@ -447,6 +447,10 @@ pub struct FlushStats {
     pub skipped: usize,
     /// Meter states written (only by a checkpoint).
     pub states: usize,
+    /// Milliseconds spent upserting the rollups.
+    pub rollups_ms: u64,
+    /// Milliseconds spent writing states and deleting or marking the records.
+    pub records_ms: u64,
 }
 
 /// Inserts a batch's journal entries (one record each); returns their journal ids in order.
@@ -605,9 +609,9 @@ pub async fn flush(
             })
         })
         .collect();
-    let t0 = Instant::now();
+    let started = Instant::now();
     let spans = store::write_rollups(&mut tx, &counted, options).await?;
-    let t_rollups = t0.elapsed();
+    stats.rollups_ms = started.elapsed().as_millis() as u64;
     stats.spans = spans;
     stats.skipped = pending.spans - spans;
     let ids: Vec<i64> = pending.records.iter().map(|(id, _)| *id).collect();
@@ -628,7 +632,7 @@ pub async fn flush(
             .await
             .map_err(stage("marking journal records folded"))?;
     }
-    let t_states = t0.elapsed();
+    stats.records_ms = (started.elapsed().as_millis() as u64).saturating_sub(stats.rollups_ms);
     if !reset_ids.is_empty() {
         sqlx::query("DELETE FROM rollup_resets WHERE reset_id = ANY($1)")
             .bind(&reset_ids)
@@ -637,13 +641,6 @@ pub async fn flush(
             .map_err(stage("deleting applied rollup resets"))?;
     }
     tx.commit().await.map_err(stage("committing a flush"))?;
-    tracing::debug!(
-        checkpoint,
-        rollups_ms = t_rollups.as_millis() as u64,
-        states_ms = (t_states - t_rollups).as_millis() as u64,
-        rest_ms = (t0.elapsed() - t_states).as_millis() as u64,
-        "journal flush timings"
-    );
     if checkpoint {
         *pending = Pending::default();
     } else {

@@ -401,6 +401,9 @@ async fn flush(
                     spans = stats.spans,
                     skipped = stats.skipped,
                     states = stats.states,
+                    checkpoint,
+                    rollups_ms = stats.rollups_ms,
+                    records_ms = stats.records_ms,
                     ms = started.elapsed().as_millis() as u64,
                     "journal folded"
                 );
