@@ -341,6 +341,11 @@ fn records_are_clean(t: &Telegram) -> bool {
     }
 }
 
+/// True when `payload` is a non-empty run of data records that all decode (no tail).
+fn reads_cleanly(payload: &[u8]) -> bool {
+    !payload.is_empty() && crate::mbus::records(payload).all(|r| r.is_ok())
+}
+
 /// Parses the layers of a CRC-free telegram `frame` (`raw` is the input as received).
 fn parse_layers(
     raw: &[u8],
@@ -356,10 +361,10 @@ fn parse_layers(
     let a = r.array::<6>("address")?;
     // `dll_raw` keeps the wire order for IVs; `dll` is the identity users know.
     let dll_raw = Address::from_wire(m, a);
-    let dll = match frame.get(10) {
-        Some(&ci) if diehl::has_prios_address(m, ci) => diehl::prios_address(m, a),
-        _ => dll_raw,
-    };
+    // Diehl-group meters put version and type first in some telegrams (decided per telegram
+    // by C field, CI and configuration word, never for a standard OMS telegram).
+    let diehl = diehl::Interpretation::of(frame);
+    let dll = diehl.address(m, a);
 
     // Extended link layer.
     let ci_offset = r.offset();
@@ -687,6 +692,33 @@ fn parse_layers(
                             });
                         }
                     }
+                }
+            }
+        }
+        // Diehl "real data": the configuration bit 0x1000 that marks it makes the mode field
+        // read 16-31 (vendor modes). Only directly after the short header (no ELL/AFL).
+        16..=31
+            if diehl == diehl::Interpretation::RealData
+                && payload_offset == diehl::REAL_DATA_FROM =>
+        {
+            let key = keys.key_for(meter.manufacturer, meter.id);
+            // The descrambling check is a masked byte sum (1 in 128 by chance), so the
+            // plaintext must also read as data records. A replayed log is already in clear:
+            // its bytes pass the same check as they are and read as records.
+            match diehl::descramble_real_data(frame, key) {
+                Some(plain) if reads_cleanly(&plain) => {
+                    payload = plain;
+                    Protection::Decrypted
+                }
+                _ if diehl::real_data_in_clear(frame) && reads_cleanly(&payload) => {
+                    Protection::AlreadyDecrypted
+                }
+                _ => {
+                    return Err(WmbusError::WrongKey {
+                        meter: meter.meter_id(),
+                        mode,
+                        check: "Diehl real-data checksum",
+                    });
                 }
             }
         }
