@@ -38,6 +38,16 @@ pub struct WmbusUdpSourceConfig {
     /// AES-128 keys by meter id `mbus:<MAN><8 digits>`, 32 hex digits each.
     #[serde(default)]
     pub keys: BTreeMap<String, String>,
+    /// UTC offset of the meters' clocks in minutes (e.g. 60 for CET). With it, a telegram's own
+    /// date-time record (type F/I) is the readings' time (clock source `meter`); without it,
+    /// or for a telegram without one, the receive time is used.
+    #[serde(default)]
+    pub meter_utc_offset_minutes: Option<i16>,
+    /// Kernel receive buffer of the UDP socket (`SO_RCVBUF`), bytes: holds the datagrams of a
+    /// burst (hundreds of meters at once) while the receiver decodes. The kernel caps it at
+    /// `net.core.rmem_max`; the gateway logs the size it got.
+    #[serde(default = "default_recv_buffer_bytes")]
+    pub recv_buffer_bytes: usize,
 }
 
 // Hand-written so keys never reach a log.
@@ -47,6 +57,8 @@ impl std::fmt::Debug for WmbusUdpSourceConfig {
             .field("id", &self.id)
             .field("listen", &self.listen)
             .field("dedup_window", &self.dedup_window)
+            .field("meter_utc_offset_minutes", &self.meter_utc_offset_minutes)
+            .field("recv_buffer_bytes", &self.recv_buffer_bytes)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -55,6 +67,16 @@ impl std::fmt::Debug for WmbusUdpSourceConfig {
 fn default_dedup_window() -> Duration {
     Duration::from_secs(10)
 }
+
+/// 4 MiB: about 4 000 queued telegrams (each datagram costs about 1 KiB of kernel memory).
+fn default_recv_buffer_bytes() -> usize {
+    4 * 1024 * 1024
+}
+
+/// Smallest accepted receive buffer (below it the kernel's own minimum applies anyway).
+const MIN_RECV_BUFFER: usize = 4096;
+/// Largest accepted receive buffer.
+const MAX_RECV_BUFFER: usize = 1 << 30;
 
 /// Whether `id` has the form `mbus:<3 upper-case letters><8 digits>`.
 fn is_mbus_meter_id(id: &str) -> bool {
@@ -73,6 +95,8 @@ impl WmbusUdpSourceConfig {
             listen: listen.into(),
             dedup_window: default_dedup_window(),
             keys: BTreeMap::new(),
+            meter_utc_offset_minutes: None,
+            recv_buffer_bytes: default_recv_buffer_bytes(),
         }
     }
 
@@ -89,6 +113,23 @@ impl WmbusUdpSourceConfig {
         }
         if self.dedup_window > Duration::from_secs(3600) {
             errors.push(invalid("dedup_window".into(), "must be at most 1 h".into()));
+        }
+        if let Some(m) = self.meter_utc_offset_minutes
+            && !(-18 * 60..=18 * 60).contains(&m)
+        {
+            errors.push(invalid(
+                "meter_utc_offset_minutes".into(),
+                format!("{m} is outside -1080..=1080 (±18 h)"),
+            ));
+        }
+        if !(MIN_RECV_BUFFER..=MAX_RECV_BUFFER).contains(&self.recv_buffer_bytes) {
+            errors.push(invalid(
+                "recv_buffer_bytes".into(),
+                format!(
+                    "{} is outside {MIN_RECV_BUFFER}..={MAX_RECV_BUFFER}",
+                    self.recv_buffer_bytes
+                ),
+            ));
         }
         for (meter, key) in &self.keys {
             let field = format!("keys.{meter:?}");
@@ -134,6 +175,8 @@ mod tests {
             r#"
             listen = "0.0.0.0:9011"
             dedup_window = "5s"
+            meter_utc_offset_minutes = 60
+            recv_buffer_bytes = 8388608
             [keys]
             "mbus:KAM12345678" = "000102030405060708090A0B0C0D0E0F"
             "#,
@@ -141,6 +184,11 @@ mod tests {
         .unwrap();
         c.validate().unwrap();
         assert_eq!(c.dedup_window, Duration::from_secs(5));
+        assert_eq!(c.meter_utc_offset_minutes, Some(60));
+        assert_eq!(c.recv_buffer_bytes, 8 << 20);
+        let defaults = WmbusUdpSourceConfig::new("0.0.0.0:1");
+        assert_eq!(defaults.recv_buffer_bytes, 4 << 20);
+        assert_eq!(defaults.meter_utc_offset_minutes, None);
         let keys = c.key_map();
         assert_eq!(keys["mbus:KAM12345678"][15], 0x0F);
         let debug = format!("{c:?}");
@@ -152,6 +200,8 @@ mod tests {
     fn errors_name_the_field_not_the_key() {
         let mut c = WmbusUdpSourceConfig::new("nowhere");
         c.keys.insert("kam1".into(), "secretsecret".into());
+        c.meter_utc_offset_minutes = Some(-1200);
+        c.recv_buffer_bytes = 10;
         let text: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -162,6 +212,8 @@ mod tests {
             text,
             [
                 "listen: \"nowhere\" is not host:port",
+                "meter_utc_offset_minutes: -1200 is outside -1080..=1080 (±18 h)",
+                "recv_buffer_bytes: 10 is outside 4096..=1073741824",
                 "keys.\"kam1\": meter id must be mbus:<MAN><8 digits>, e.g. mbus:KAM12345678",
                 "keys.\"kam1\": key must be 32 hex digits (got 12 characters)",
             ]

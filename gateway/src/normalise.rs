@@ -96,6 +96,53 @@ pub fn to_readings(
         .collect()
 }
 
+/// The meter's own clock in an M-Bus / wM-Bus frame: the current (storage 0, tariff 0, sub-unit
+/// 0, instantaneous) `date_time` record of type F or I (`YYYY-MM-DDTHH:MM[:SS]`, meter local
+/// time). A date without a time (type G), a clock the meter marked invalid (kept raw by the
+/// decoder) or an impossible date gives `None`.
+pub fn frame_clock(frame: &DecodedFrame) -> Option<PrimitiveDateTime> {
+    let record = frame.records.iter().find(|r| {
+        r.quantity == "date_time"
+            && r.storage == 0
+            && r.tariff == 0
+            && r.subunit == 0
+            && r.function == Function::Instantaneous
+    })?;
+    let RecordValue::Date(text) = &record.value else {
+        return None;
+    };
+    parse_local_date_time(text)
+}
+
+/// `YYYY-MM-DDTHH:MM` or `YYYY-MM-DDTHH:MM:SS` as a local date-time.
+fn parse_local_date_time(text: &str) -> Option<PrimitiveDateTime> {
+    let b = text.as_bytes();
+    let num = |from: usize, len: usize| -> Option<u16> {
+        let digits = b.get(from..from.checked_add(len)?)?;
+        digits.iter().try_fold(0u16, |acc, d| {
+            d.is_ascii_digit()
+                .then(|| acc.wrapping_mul(10).wrapping_add(u16::from(d - b'0')))
+        })
+    };
+    if !matches!(b.len(), 16 | 19) || b.get(10) != Some(&b'T') {
+        return None;
+    }
+    let second = if b.len() == 19 { num(17, 2)? } else { 0 };
+    let date = time::Date::from_calendar_date(
+        i32::from(num(0, 4)?),
+        time::Month::try_from(u8::try_from(num(5, 2)?).ok()?).ok()?,
+        u8::try_from(num(8, 2)?).ok()?,
+    )
+    .ok()?;
+    let t = time::Time::from_hms(
+        u8::try_from(num(11, 2)?).ok()?,
+        u8::try_from(num(14, 2)?).ok()?,
+        u8::try_from(second).ok()?,
+    )
+    .ok()?;
+    Some(PrimitiveDateTime::new(date, t))
+}
+
 /// Timestamps for the frames of one uplink when the meters' clocks cannot be converted to UTC
 /// (no zone configured): the newest clock gets `anchor` (the receive or platform time) and
 /// every older frame `anchor` minus how far its clock is behind the newest. Differences of
@@ -138,6 +185,60 @@ mod tests {
             subunit: 0,
             function,
         }
+    }
+
+    #[test]
+    fn the_current_date_time_record_is_the_frame_clock() {
+        let frame = |records: Vec<Record>| DecodedFrame {
+            protocol: Protocol::Wmbus,
+            meter: MeterInfo {
+                id: "12345678".into(),
+                manufacturer: Some("KAM".into()),
+                version: None,
+                medium: None,
+            },
+            records,
+        };
+        let clock = |text: &str| {
+            record(
+                "date_time",
+                RecordValue::Date(text.into()),
+                None,
+                Function::Instantaneous,
+            )
+        };
+        assert_eq!(
+            frame_clock(&frame(vec![clock("2026-11-24T10:43")])),
+            Some(datetime!(2026-11-24 10:43:00))
+        );
+        assert_eq!(
+            frame_clock(&frame(vec![clock("2026-11-24T10:43:59")])),
+            Some(datetime!(2026-11-24 10:43:59))
+        );
+        // A historic (storage 1) clock is not the frame's; the current one after it is.
+        let mut old = clock("2026-10-31T00:00");
+        old.storage = 1;
+        assert_eq!(
+            frame_clock(&frame(vec![old.clone(), clock("2026-11-24T10:43")])),
+            Some(datetime!(2026-11-24 10:43:00))
+        );
+        for bad in [
+            "2026-11-24",
+            "2026-02-30T10:43",
+            "2026-11-24T24:00",
+            "2026-11-24 10:43",
+            "x",
+        ] {
+            assert_eq!(frame_clock(&frame(vec![clock(bad)])), None, "{bad}");
+        }
+        assert_eq!(frame_clock(&frame(vec![old])), None);
+        let raw = record(
+            "date_time",
+            RecordValue::Raw("ffffffff".into()),
+            None,
+            Function::Instantaneous,
+        );
+        assert_eq!(frame_clock(&frame(vec![raw])), None);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct SubmitRequest {
 pub struct SourceCounters {
     frames: Mutex<BTreeMap<String, u64>>,
     decode_errors: Mutex<BTreeMap<(String, String), u64>>,
+    kernel_drops: Mutex<BTreeMap<String, u64>>,
 }
 
 impl SourceCounters {
@@ -52,7 +53,24 @@ impl SourceCounters {
             .unwrap_or(0)
     }
 
-    /// Appends `wm_gateway_frames_total` and `wm_gateway_decode_errors_total` to `out`.
+    /// Datagrams the kernel dropped for `source_id`'s socket (receive buffer full).
+    pub fn kernel_drops(&self, source_id: &str) -> u64 {
+        lock(&self.kernel_drops)
+            .get(source_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts `n` more datagrams the kernel dropped for `source_id`'s socket (the source
+    /// passes the growth of the socket's own drop counter, so a restart adds up).
+    pub fn add_kernel_drops(&self, source_id: &str, n: u64) {
+        *lock(&self.kernel_drops)
+            .entry(source_id.to_owned())
+            .or_default() += n;
+    }
+
+    /// Appends `wm_gateway_frames_total`, `wm_gateway_decode_errors_total` and
+    /// `wm_gateway_udp_kernel_drops_total` to `out`.
     pub fn render_prometheus(&self, out: &mut String) {
         out.push_str("# TYPE wm_gateway_frames_total counter\n");
         for (source, n) in lock(&self.frames).iter() {
@@ -64,6 +82,12 @@ impl SourceCounters {
         for ((source, kind), n) in lock(&self.decode_errors).iter() {
             out.push_str(&format!(
                 "wm_gateway_decode_errors_total{{source=\"{source}\",kind=\"{kind}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# TYPE wm_gateway_udp_kernel_drops_total counter\n");
+        for (source, n) in lock(&self.kernel_drops).iter() {
+            out.push_str(&format!(
+                "wm_gateway_udp_kernel_drops_total{{source=\"{source}\"}} {n}\n"
             ));
         }
     }

@@ -51,6 +51,10 @@ struct Rx {
 }
 
 async fn start(window: Duration) -> Rx {
+    start_with(window, |_| {}).await
+}
+
+async fn start_with(window: Duration, tune: impl FnOnce(&mut WmbusUdpSourceConfig)) -> Rx {
     // Pick a free port, then hand it to the receiver.
     let addr = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
@@ -58,6 +62,7 @@ async fn start(window: Duration) -> Rx {
         .unwrap();
     let mut config = WmbusUdpSourceConfig::new(addr.to_string());
     config.dedup_window = window;
+    tune(&mut config);
     config
         .keys
         .insert("mbus:KAM22222222".into(), hex::encode_upper(KEY));
@@ -181,5 +186,116 @@ async fn bad_telegrams_are_counted_by_kind() {
     stick.send_to(&plain, r.addr).await.unwrap();
     assert_eq!(next(&mut r.rx).await[0].2, "0.005");
     r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+/// Volume record plus the meter's date-time record `04 6D` (type F, local time).
+fn volume_at(litres: u32, at: time::PrimitiveDateTime) -> Vec<u8> {
+    let mut records = volume(litres);
+    let mut clock = Vec::new();
+    decoders::mbus::DataRecord::date_time(at).encode_into(&mut clock);
+    records.extend(clock);
+    records
+}
+
+#[tokio::test]
+async fn the_telegram_clock_is_the_reading_time_when_the_zone_is_configured() {
+    use time::macros::datetime;
+    let at = datetime!(2026-07-01 14:30);
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+    // Meters in CEST (UTC+2): 14:30 local is 12:30 UTC, clock source meter.
+    let mut r = start_with(Duration::from_secs(10), |c| {
+        c.meter_utc_offset_minutes = Some(120)
+    })
+    .await;
+    let t = telegram(&meter(0x1111_1111), &volume_at(42, at), 1, None);
+    stick.send_to(&t, r.addr).await.unwrap();
+    let req = tokio::time::timeout(Duration::from_secs(5), r.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(req.readings.len(), 1);
+    assert_eq!(req.readings[0].ts, datetime!(2026-07-01 12:30 UTC));
+    assert_eq!(req.readings[0].clock, model::ClockSource::Meter);
+    req.done.send(Ok(())).unwrap();
+    // A telegram without the record keeps the receive time.
+    let t = telegram(&meter(0x1111_1111), &volume(43), 2, None);
+    stick.send_to(&t, r.addr).await.unwrap();
+    let req = r.rx.recv().await.unwrap();
+    assert_eq!(req.readings[0].clock, model::ClockSource::Gateway);
+    assert!(
+        (req.readings[0].ts - time::OffsetDateTime::now_utc()).abs() < time::Duration::minutes(1)
+    );
+    req.done.send(Ok(())).unwrap();
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+
+    // Without a configured zone the record cannot be placed in UTC: receive time.
+    let mut r = start(Duration::from_secs(10)).await;
+    let t = telegram(&meter(0x1111_1111), &volume_at(44, at), 3, None);
+    stick.send_to(&t, r.addr).await.unwrap();
+    let req = r.rx.recv().await.unwrap();
+    assert_eq!(req.readings[0].clock, model::ClockSource::Gateway);
+    req.done.send(Ok(())).unwrap();
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_of_a_thousand_meters_is_received_whole_in_batches() {
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let n = 1000u32;
+    for i in 0..n {
+        let t = telegram(&meter(0x1000_0000 + i), &volume(i), 1, None);
+        stick.send_to(&t, r.addr).await.unwrap();
+    }
+    let mut meters = std::collections::BTreeSet::new();
+    let mut submits = 0;
+    while meters.len() < n as usize {
+        for (m, _, _) in next(&mut r.rx).await {
+            meters.insert(m);
+        }
+        submits += 1;
+    }
+    assert_eq!(r.stats.decoded.load(Ordering::Relaxed), u64::from(n));
+    // Batched: far fewer spool submits than telegrams.
+    assert!(submits < n / 4, "{submits} submits for {n} telegrams");
+    assert_eq!(r.sink.counters().kernel_drops("wm"), 0);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn datagrams_the_kernel_drops_are_counted() {
+    // A tiny buffer and a spool that does not answer: the socket overflows.
+    let r = start_with(Duration::from_secs(10), |c| c.recv_buffer_bytes = 4096).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..3000u32 {
+        let t = telegram(&meter(0x2000_0000 + i), &volume(i), 1, None);
+        stick.send_to(&t, r.addr).await.unwrap();
+    }
+    let sink = r.sink.clone();
+    for _ in 0..200 {
+        if sink.counters().kernel_drops("wm") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drops = sink.counters().kernel_drops("wm");
+    assert!(drops > 0, "no kernel drops counted");
+    let received = sink.counters().frames("wm");
+    assert!(received + drops <= 3000, "{received} + {drops}");
+    let mut text = String::new();
+    sink.counters().render_prometheus(&mut text);
+    assert!(
+        text.contains(&format!(
+            "wm_gateway_udp_kernel_drops_total{{source=\"wm\"}} {drops}"
+        )),
+        "{text}"
+    );
+    r.shutdown.cancel();
+    drop(r.rx);
     r.task.await.unwrap().unwrap();
 }

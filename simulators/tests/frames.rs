@@ -126,6 +126,25 @@ fn wmbus_telegrams_decrypt_with_the_per_meter_key() {
         let frame = wmbus::decode(&bytes, &keys, &mut cache).unwrap();
         let litres = Decimal::from(e.register_ml / 1000) / Decimal::from(1000);
         assert_eq!(number(&frame, "volume", 0), litres);
+        // Like real OMS meters, the telegram carries the meter's clock (type F, local time,
+        // to the minute): the gateway's reading time when the zone is configured.
+        let local = frames::meter_local_time(e, s.utc_offset_hours);
+        let clock = frame
+            .records
+            .iter()
+            .find(|r| r.quantity == "date_time" && r.storage == 0)
+            .expect("date_time record");
+        assert_eq!(
+            clock.value,
+            decoders::RecordValue::Date(format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}",
+                local.year(),
+                u8::from(local.month()),
+                local.day(),
+                local.hour(),
+                local.minute()
+            ))
+        );
         // A wrong key is refused, never garbage.
         let wrong: Option<[u8; 16]> = Some(wmbus_key(s.seed + 1, e.meter));
         assert!(wmbus::decode(&bytes, &wrong, &mut wmbus::FormatCache::default()).is_err());

@@ -1,6 +1,9 @@
 //! Wireless M-Bus receiver: raw telegrams (L field first, no CRCs) as UDP datagrams from a
 //! USB receiver, decoded with per-meter keys and a per-source format cache.
 //!
+//! The socket's kernel receive buffer is sized from the config (`recv_buffer_bytes`) and
+//! datagrams are read in batches; the kernel's drop counter of the socket is exported.
+//!
 //! The same telegram often arrives several times (the meter's own transmission and one or more
 //! repeaters); copies within `dedup_window` are dropped before decoding. Copies are recognised
 //! by the bytes after the L and C fields, since repeaters may change the C field.
@@ -14,12 +17,12 @@ use decoders::wmbus::{FormatCache, WmbusError};
 use edge_config::wmbus::WmbusUdpSourceConfig;
 use model::SourceKind;
 use sha2::{Digest, Sha256};
-use time::OffsetDateTime;
+use time::{OffsetDateTime, UtcOffset};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use crate::SourceContext;
-use crate::normalise::{FrameContext, meter_id, to_readings};
+use crate::normalise::{FrameContext, frame_clock, meter_id, to_readings};
 
 /// Why the receiver stopped.
 #[derive(Debug, thiserror::Error)]
@@ -104,27 +107,161 @@ impl Dedup {
     }
 }
 
+/// Most datagrams read before their readings go to the spool together (one group commit).
+const MAX_BATCH: usize = 256;
+/// How often the kernel's drop counter of the socket is read.
+const DROP_POLL: Duration = Duration::from_secs(1);
+
+/// Binds the UDP socket with the configured kernel receive buffer.
+fn bind(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
+    use std::net::ToSocketAddrs;
+    let addr = config
+        .listen
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("address resolves to nothing"))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Set before bind so the queue is large from the first datagram on. The kernel caps the
+    // size at net.core.rmem_max (and reports twice what it grants, for its bookkeeping).
+    if let Err(e) = socket.set_recv_buffer_size(config.recv_buffer_bytes) {
+        tracing::warn!(source = %config.id, error = %e, "could not size the wmbus receive buffer");
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    let granted = socket.recv_buffer_size().unwrap_or(0);
+    if granted < config.recv_buffer_bytes {
+        tracing::warn!(
+            source = %config.id,
+            requested = config.recv_buffer_bytes,
+            granted,
+            "wmbus receive buffer smaller than configured (raise net.core.rmem_max)"
+        );
+    } else {
+        tracing::info!(source = %config.id, granted, "wmbus receive buffer");
+    }
+    UdpSocket::from_std(socket.into())
+}
+
+/// The kernel's count of datagrams dropped for `socket` (receive buffer full, bad checksum):
+/// the `drops` column of its line in `/proc/net/udp` or `/proc/net/udp6`, found by inode.
+/// `None` where procfs is not available.
+fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", socket.as_raw_fd())).ok()?;
+    let inode = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_owned();
+    ["/proc/net/udp", "/proc/net/udp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            drops_of_inode(&text, &inode)
+        })
+}
+
+/// The `drops` column (the last) of the line of `inode` (the tenth column) in a
+/// `/proc/net/udp`-format table.
+fn drops_of_inode(table: &str, inode: &str) -> Option<u64> {
+    table.lines().skip(1).find_map(|line| {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        (cols.get(9) == Some(&inode))
+            .then(|| cols.last()?.parse().ok())
+            .flatten()
+    })
+}
+
 /// Runs the receiver until shutdown.
 pub async fn run(config: WmbusUdpSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
     run_with_stats(config, ctx, Arc::default()).await
 }
 
+/// What the receive loop keeps between datagrams.
+struct Receiver {
+    keys: std::collections::HashMap<String, [u8; 16]>,
+    cache: FormatCache,
+    dedup: Dedup,
+    meter_offset: Option<UtcOffset>,
+}
+
+impl Receiver {
+    /// Decodes one datagram into readings; counts duplicates and decode errors.
+    fn readings(
+        &mut self,
+        raw: &[u8],
+        peer: std::net::SocketAddr,
+        gateway: &model::GatewayId,
+        source_id: &str,
+        sink: &crate::IngestSink,
+        stats: &ReceiverStats,
+    ) -> Vec<model::Reading> {
+        sink.frame_received(source_id);
+        if !self.dedup.first_time(raw, Instant::now()) {
+            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return Vec::new();
+        }
+        let frame = match decoders::wmbus::decode(raw, &self.keys, &mut self.cache) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(source = %source_id, %peer, error = %e, "wmbus telegram not decodable");
+                sink.decode_failed(source_id, error_kind(&e));
+                return Vec::new();
+            }
+        };
+        let Ok(meter) = meter_id(&frame) else {
+            sink.decode_failed(source_id, "meter_id");
+            return Vec::new();
+        };
+        // The telegram's own date-time record is the reading time when the meters' zone is
+        // configured (clock source `meter`, checked against the receive time by VEE's skew
+        // rule); otherwise, or without the record, the receive time.
+        let meter_ts = self
+            .meter_offset
+            .and_then(|offset| Some(frame_clock(&frame)?.assume_offset(offset)));
+        let channel = peer.to_string();
+        let fctx = FrameContext {
+            gateway,
+            source: SourceKind::Wmbus,
+            source_id,
+            channel: Some(&channel),
+            received_at: OffsetDateTime::now_utc(),
+            raw,
+        };
+        stats.decoded.fetch_add(1, Ordering::Relaxed);
+        to_readings(&frame, &meter, meter_ts, &fctx)
+    }
+}
+
 /// Runs the receiver until shutdown, counting into `stats`.
+///
+/// Datagrams are read in batches: every datagram waiting in the socket (up to
+/// [`MAX_BATCH`]) is decoded and their readings go to the spool in one submit, so a burst of
+/// hundreds of meters costs a few group commits instead of one each, while the kernel buffer
+/// (`recv_buffer_bytes`) holds what arrives meanwhile. Datagrams the kernel still drops are
+/// counted as `wm_gateway_udp_kernel_drops_total`.
 pub async fn run_with_stats(
     config: WmbusUdpSourceConfig,
     ctx: SourceContext,
     stats: Arc<ReceiverStats>,
 ) -> Result<(), SourceError> {
     config.validate().map_err(SourceError::Config)?;
-    let socket = UdpSocket::bind(&config.listen)
-        .await
-        .map_err(|e| SourceError::Bind {
-            listen: config.listen.clone(),
-            reason: e.to_string(),
-        })?;
-    let keys = config.key_map();
-    let mut cache = FormatCache::new();
-    let mut dedup = Dedup::new(config.dedup_window);
+    let socket = bind(&config).map_err(|e| SourceError::Bind {
+        listen: config.listen.clone(),
+        reason: e.to_string(),
+    })?;
+    let mut rx = Receiver {
+        keys: config.key_map(),
+        cache: FormatCache::new(),
+        dedup: Dedup::new(config.dedup_window),
+        meter_offset: config
+            .meter_utc_offset_minutes
+            .and_then(|m| UtcOffset::from_whole_seconds(i32::from(m).saturating_mul(60)).ok()),
+    };
     let SourceContext {
         gateway,
         source_id,
@@ -140,55 +277,62 @@ pub async fn run_with_stats(
             ));
         }
     });
+    // The drop counter is read by its own task: it must keep counting while the receive loop
+    // waits for the spool, which is exactly when the kernel buffer overflows.
+    let socket = Arc::new(socket);
+    let drop_watch = {
+        let socket = Arc::clone(&socket);
+        let sink = sink.clone();
+        let source_id = source_id.clone();
+        tokio::spawn(async move {
+            let mut seen = kernel_drops(&socket).unwrap_or(0);
+            let mut poll = tokio::time::interval(DROP_POLL);
+            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                poll.tick().await;
+                let Some(total) = kernel_drops(&socket) else {
+                    continue;
+                };
+                let new = total.saturating_sub(seen);
+                if new > 0 {
+                    tracing::warn!(source = %source_id, dropped = new, "kernel dropped wmbus datagrams (receive buffer full)");
+                    sink.counters().add_kernel_drops(&source_id, new);
+                }
+                seen = total;
+            }
+        })
+    };
     let mut buf = vec![0u8; 1024];
     loop {
-        let (n, peer) = tokio::select! {
+        tokio::select! {
             () = shutdown.cancelled() => break,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(source = %source_id, error = %e, "wmbus receive failed");
+            r = socket.readable() => {
+                if let Err(e) = r {
+                    tracing::warn!(source = %source_id, error = %e, "wmbus socket not readable");
                     continue;
                 }
-            },
-        };
-        let raw = buf.get(..n).unwrap_or(&[]);
-        sink.frame_received(&source_id);
-        if !dedup.first_time(raw, Instant::now()) {
-            stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            continue;
+            }
         }
-        let frame = match decoders::wmbus::decode(raw, &keys, &mut cache) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(source = %source_id, %peer, error = %e, "wmbus telegram not decodable");
-                sink.decode_failed(&source_id, error_kind(&e));
-                continue;
+        let mut readings = Vec::new();
+        for _ in 0..MAX_BATCH {
+            match socket.try_recv_from(&mut buf) {
+                Ok((n, peer)) => {
+                    let raw = buf.get(..n).unwrap_or(&[]);
+                    readings.extend(rx.readings(raw, peer, &gateway, &source_id, &sink, &stats));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(source = %source_id, error = %e, "wmbus receive failed");
+                    break;
+                }
             }
-        };
-        let meter = match meter_id(&frame) {
-            Ok(m) => m,
-            Err(_) => {
-                sink.decode_failed(&source_id, "meter_id");
-                continue;
-            }
-        };
-        let channel = peer.to_string();
-        let fctx = FrameContext {
-            gateway: &gateway,
-            source: SourceKind::Wmbus,
-            source_id: &source_id,
-            channel: Some(&channel),
-            received_at: OffsetDateTime::now_utc(),
-            raw,
-        };
-        let readings = to_readings(&frame, &meter, None, &fctx);
-        stats.decoded.fetch_add(1, Ordering::Relaxed);
+        }
         if let Err(e) = sink.submit(readings).await {
             tracing::warn!(source = %source_id, error = %e, "spool refused wmbus readings");
         }
     }
     refuse.abort();
+    drop_watch.abort();
     Ok(())
 }
 
@@ -205,5 +349,22 @@ mod tests {
         assert!(d.first_time(&[5, 0x44, 1, 2, 3, 5], t0 + Duration::from_secs(1)));
         assert!(d.first_time(&[5, 0x44, 1, 2, 3, 4], t0 + Duration::from_secs(11)));
         assert_eq!(d.seen.len(), 1);
+    }
+
+    #[test]
+    fn drops_are_read_from_the_socket_line() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+ 1234: 0100007F:2333 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 55501 2 0000000000000000 0
+ 1235: 0100007F:2334 00000000:0000 07 00000000:00000000 00:00000000 00000000  1000        0 55502 2 0000000000000000 17
+";
+        assert_eq!(drops_of_inode(table, "55502"), Some(17));
+        assert_eq!(drops_of_inode(table, "55501"), Some(0));
+        assert_eq!(drops_of_inode(table, "5550"), None);
+    }
+
+    #[tokio::test]
+    async fn the_kernel_drop_counter_of_a_live_socket_is_found() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        assert_eq!(kernel_drops(&socket), Some(0));
     }
 }
