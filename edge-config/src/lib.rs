@@ -105,6 +105,23 @@ pub struct GatewayConfig {
     pub devices: Vec<Spanned<DeviceConfig>>,
     /// Modbus register maps by name: name → TOML file (relative to the config file).
     pub register_maps: BTreeMap<String, PathBuf>,
+    /// Device sets from the central registry (`[registry]`, optional).
+    pub registry: RegistrySettings,
+}
+
+/// The `[registry]` table: whether the gateway takes its `[[device]]` list from the central
+/// registry's retained device sets (`{root}/{gateway}/config/devices`), and where the keys
+/// those sets name live. Keys never travel on the topic: a set carries key references (names
+/// in `key_file`), so a broker without TLS never sees a key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Subscribe to and apply the registry's device sets.
+    #[serde(default)]
+    pub device_sets: bool,
+    /// TOML file with a `[keys]` table, reference name → 32 hex digits (relative to the
+    /// configuration file).
+    pub key_file: Option<PathBuf>,
 }
 
 /// A `[[source]]` table and the line it starts on.
@@ -132,6 +149,8 @@ struct RawConfig {
     device: Vec<Spanned<DeviceConfig>>,
     #[serde(default)]
     register_maps: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    registry: RegistrySettings,
 }
 
 /// An MQTT broker URL: `mqtt://host[:port]` (plain) or `mqtts://host[:port]` (TLS).
@@ -520,6 +539,11 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                 *p = base.join(&*p);
             }
         }
+        if let Some(p) = config.registry.key_file.as_mut()
+            && p.is_relative()
+        {
+            *p = base.join(&*p);
+        }
         let u = &mut config.uplink;
         tls::resolve(base, [&mut u.tls_ca, &mut u.tls_cert, &mut u.tls_key]);
         for s in &mut config.sources {
@@ -651,6 +675,7 @@ pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigErrors> {
         sources,
         devices: raw.device,
         register_maps: raw.register_maps,
+        registry: raw.registry,
     };
     if errors.is_empty() {
         errors = validate(&config, &raw.source, text, file);
@@ -914,8 +939,71 @@ fn validate(
         }
     }
 
+    check_devices(&config.devices, &ids, &config.register_maps, &mut err);
+    errors
+}
+
+/// Parses `[[device]]` tables sent by the registry (`text`, named `name` in errors) and checks
+/// them exactly as the configuration file's own `[[device]]` tables are checked, against the
+/// sources and register maps of `config`.
+///
+/// # Errors
+/// Every problem found, with its line in `text`.
+pub fn parse_device_set(
+    text: &str,
+    name: &Path,
+    config: &GatewayConfig,
+) -> Result<Vec<Spanned<DeviceConfig>>, ConfigErrors> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        #[serde(default)]
+        device: Vec<Spanned<DeviceConfig>>,
+    }
+    let raw: Raw = toml::from_str(text).map_err(|e| {
+        let (line, column, field) = locate(text, e.span().map_or(0, |s| s.start));
+        ConfigErrors(vec![ConfigError {
+            file: name.to_owned(),
+            line,
+            column,
+            field,
+            message: e.message().trim().to_owned(),
+        }])
+    })?;
+    let ids: BTreeMap<String, &'static str> = config
+        .source_configs()
+        .map(|s| (s.id().to_owned(), s.kind()))
+        .collect();
+    let mut errors = Vec::new();
+    let mut err = |offset: usize, field: &str, message: String| {
+        let (line, column, _) = locate(text, offset);
+        errors.push(ConfigError {
+            file: name.to_owned(),
+            line,
+            column,
+            field: field.to_owned(),
+            message,
+        });
+    };
+    check_devices(&raw.device, &ids, &config.register_maps, &mut err);
+    if errors.is_empty() {
+        Ok(raw.device)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// The `[[device]]` checks shared by the configuration file and the registry's device sets
+/// (`parse_device_set`): unique ids, a known source of a kind that can reach the protocol, a
+/// well-formed key, a known register map.
+fn check_devices(
+    devices: &[Spanned<DeviceConfig>],
+    ids: &BTreeMap<String, &'static str>,
+    register_maps: &BTreeMap<String, PathBuf>,
+    err: &mut impl FnMut(usize, &str, String),
+) {
     let mut device_ids = BTreeSet::new();
-    for d in &config.devices {
+    for d in devices {
         let at = d.span().start;
         let dev = d.get_ref();
         if !device_ids.insert(dev.id.as_str().to_owned()) {
@@ -966,7 +1054,7 @@ fn validate(
             );
         }
         if let Some(map) = &dev.register_map
-            && !config.register_maps.contains_key(map.get_ref())
+            && !register_maps.contains_key(map.get_ref())
             && !register_map::builtin_names().contains(&map.get_ref().as_str())
         {
             err(
@@ -980,7 +1068,6 @@ fn validate(
             );
         }
     }
-    errors
 }
 
 #[cfg(test)]

@@ -19,12 +19,14 @@
 
 mod alarm;
 mod command;
+mod device_set;
 mod meter;
 mod reading;
 mod unit;
 
 pub use alarm::{Alarm, AlarmKind, AlarmSeverity};
 pub use command::{CommandAck, CommandAction, CommandId, CommandState, DeviceCommand};
+pub use device_set::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet, DeviceSetReport};
 pub use meter::{GatewayId, MeterAddress, MeterId, MeterIdError, partition_of};
 pub use reading::{
     BatchEntry, ClockSource, EstimationMethod, Provenance, Quality, QualityFlag, Reading,

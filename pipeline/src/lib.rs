@@ -12,6 +12,7 @@ pub mod copy;
 pub mod edit;
 pub mod ingest;
 pub mod journal;
+pub mod registry;
 pub mod store;
 pub mod testing;
 pub mod vee;

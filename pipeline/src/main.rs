@@ -1,7 +1,10 @@
 //! `pipeline`: the central service. `pipeline migrate` applies the schema; `pipeline run`
 //! runs one ingest worker (MQTT → VEE → PostgreSQL) until Ctrl-C or SIGTERM; `pipeline bill-run`
 //! runs one billing cycle of a meter book; `pipeline record-arrears` stores the arrears the
-//! revenue system reports for a meter (docs/billing.md).
+//! revenue system reports for a meter (docs/billing.md); `pipeline registry …` manages the
+//! meter registry (docs/registry.md).
+
+mod registry_cli;
 
 use std::path::PathBuf;
 
@@ -33,6 +36,8 @@ enum Command {
     BillRun(BillRunArgs),
     /// Records the arrears the revenue system reports for a meter (amount 0 clears them).
     RecordArrears(ArrearsArgs),
+    /// The meter registry: import/export, lifecycle, books, models, gateway device sets.
+    Registry(registry_cli::RegistryArgs),
 }
 
 #[derive(clap::Args)]
@@ -175,6 +180,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run(&cli.database_url, args).await?,
         Command::BillRun(args) => bill_run(&cli.database_url, args).await?,
         Command::RecordArrears(args) => record_arrears(&cli.database_url, args).await?,
+        Command::Registry(args) => {
+            registry_cli::run(connect(&cli.database_url).await?, args).await?
+        }
     }
     Ok(())
 }

@@ -219,6 +219,8 @@ pub async fn run(
         metrics: &metrics,
         vee,
         progress,
+        registry: crate::registry::live::spawn_listener(pool.clone()),
+        frames: crate::registry::sync::FrameSink::spawn(pool.clone(), Duration::from_secs(5)),
     };
     // One batch may be validated while the previous one is being written: the writer commits
     // batches strictly in order and retries until each succeeds, so the processor may apply a
@@ -424,6 +426,10 @@ struct Processor<'a> {
     metrics: &'a IngestMetrics,
     vee: Vee,
     progress: Progress,
+    /// Registry changes (LISTEN wm_registry), applied between batches.
+    registry: mpsc::Receiver<crate::registry::live::Change>,
+    /// Last frame per meter, written behind to `meter_last_frame`.
+    frames: crate::registry::sync::FrameSink,
 }
 
 impl Processor<'_> {
@@ -441,6 +447,13 @@ impl Processor<'_> {
                     // A dropped sender can never ask for shutdown again: treat it as one
                     // (instead of spinning on the closed channel).
                     if changed.is_err() || *shutdown.borrow() { return Ok(()); }
+                    continue;
+                }
+                Some(change) = self.registry.recv() => {
+                    let owns = |m: &str| self.config.owns(m);
+                    if let Err(e) = crate::registry::live::refresh(self.pool, &mut self.vee, &change, owns).await {
+                        tracing::error!(error = %e, "applying a registry change failed");
+                    }
                     continue;
                 }
                 _ = maintenance.tick() => {
@@ -538,6 +551,7 @@ impl Processor<'_> {
                 }
             }
         }
+        self.frames.note(&readings);
         let decreasing = self.vee.decreasing_meters(readings.iter());
         if !decreasing.is_empty() {
             match store::load_replacements(self.pool, &decreasing).await {
