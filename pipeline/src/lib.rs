@@ -9,6 +9,7 @@
 pub mod billing;
 pub mod config;
 pub mod copy;
+pub mod detect;
 pub mod edit;
 pub mod ingest;
 pub mod journal;

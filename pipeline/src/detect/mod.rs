@@ -1,0 +1,1129 @@
+//! Anomaly detectors: pure, streaming per meter in event time (DOMAIN.md §2, `docs/detectors.md`).
+//!
+//! [`Detectors`] keeps one compact [`MeterDetect`] per meter and turns observations (validated
+//! readings, in any order, duplicates possible) into [`AlarmEvent`]s: an alarm is *raised* when
+//! its condition starts to hold, *seen* again while it holds and *cleared* when it stops (tamper
+//! never clears by itself). No I/O and no clock: the caller passes event times, and
+//! [`Detectors::sweep`] judges silence (communication loss) against a time the caller chooses —
+//! the wall clock in the live worker, the newest timestamp of the input in `detect-replay`.
+//!
+//! Hour-based detectors (leak, burst, night flow) work on hourly steps: the consumption of each
+//! clock hour in event time, summed from the register deltas that end in it. A step longer than
+//! 70 minutes (a missed read, a daily reporter) is *coarse*: it never counts as a burst hour or a
+//! flow hour, so single missing reads cannot raise anything. Reads at or before the newest one
+//! already seen are ignored for register detectors (duplicates, late out-of-order reads): they
+//! can neither raise nor clear; estimated reads are ignored altogether.
+
+pub mod config;
+pub mod replay;
+
+use std::collections::HashMap;
+
+use model::{AlarmKind, AlarmSeverity, Quality, Quantity, Reading, RejectReason};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
+
+pub use config::{DetectConfig, Thresholds};
+
+/// Role of a meter in the network (registry column `meters.role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Role {
+    /// A customer's revenue meter.
+    #[default]
+    Customer,
+    /// A DMA inlet (system input volume).
+    Inlet,
+    /// A DMA outlet (export to a neighbouring DMA).
+    Outlet,
+    /// A hydrant controller.
+    Hydrant,
+    /// A pressure logger.
+    Pressure,
+}
+
+impl Role {
+    /// Parses the registry spelling (`customer`, `inlet`, `outlet`, `hydrant`, `pressure`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.trim().to_ascii_lowercase().as_str() {
+            "customer" | "" => Self::Customer,
+            "inlet" => Self::Inlet,
+            "outlet" => Self::Outlet,
+            "hydrant" => Self::Hydrant,
+            "pressure" => Self::Pressure,
+            _ => return None,
+        })
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Customer => 0,
+            Self::Inlet => 1,
+            Self::Outlet => 2,
+            Self::Hydrant => 3,
+            Self::Pressure => 4,
+        }
+    }
+
+    fn from_code(c: u8) -> Self {
+        match c {
+            1 => Self::Inlet,
+            2 => Self::Outlet,
+            3 => Self::Hydrant,
+            4 => Self::Pressure,
+            _ => Self::Customer,
+        }
+    }
+}
+
+/// What the detectors need to know about a meter (from `meters` or `meters.csv`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeterProfile {
+    /// Meter class (`residential_dn15`, ...): selects the thresholds.
+    pub class: String,
+    /// Nominal flow Q3, m³/h.
+    pub q3_m3h: f64,
+    /// District metered area, if any.
+    pub dma: Option<String>,
+    /// Role in the network.
+    pub role: Role,
+    /// UTC offset of the meter's time zone, seconds east (for the local night window).
+    pub utc_offset_s: i32,
+}
+
+/// One observation handed to the detectors: a reading reduced to what they use.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation<'a> {
+    /// Meter id.
+    pub meter: &'a str,
+    /// Event time, unix seconds.
+    pub ts: i64,
+    /// Receive time, unix seconds (live; `None` in replay).
+    pub received: Option<i64>,
+    /// What was measured.
+    pub quantity: Quantity,
+    /// Value in the quantity's base unit (m³, bar, %, degrees, dimensionless).
+    pub value: Decimal,
+    /// Estimated reads never raise or clear an alarm.
+    pub estimated: bool,
+}
+
+/// How an alarm changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transition {
+    /// The condition started to hold.
+    Raised,
+    /// The condition still holds (refreshes `last_seen`, may raise the severity).
+    Seen,
+    /// The condition stopped holding (auto-close).
+    Cleared,
+}
+
+/// A change of one (meter, kind) alarm, in event time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlarmEvent {
+    /// Meter (or `dma:<name>`, `gateway:<id>`).
+    pub meter: String,
+    /// Alarm kind.
+    pub kind: AlarmKind,
+    /// What happened.
+    pub transition: Transition,
+    /// Severity now.
+    pub severity: AlarmSeverity,
+    /// When the condition began, unix seconds (for `Raised`; the episode's start otherwise).
+    pub first_seen: i64,
+    /// When this transition was observed, unix seconds.
+    pub at: i64,
+    /// Evidence (rule, rates, thresholds) for `Raised`.
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Which clock [`Detectors::sweep`] compares silence against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepClock {
+    /// Event time (`detect-replay`: the newest timestamp of the input).
+    Event,
+    /// Receive time (live: the wall clock), with the meter's uplink cadence learned from receive
+    /// times (a daily reporter sends 24 hourly reads at once).
+    Received,
+}
+
+const NO_TS: i64 = i64::MIN;
+const NO_HOUR: i32 = i32::MIN;
+const NO_REV: u32 = u32::MAX;
+/// Steps up to this long count as hourly (fine) steps.
+const FINE_STEP_S: i64 = 4_200;
+/// Bucket flag: part of the current hour's consumption went into a coarse step.
+const FLAG_PARTIAL: u8 = 1;
+/// The local 02:00 hour of the night being measured was the previous hour and had data.
+const FLAG_NIGHT: u8 = 2;
+
+/// Bit of each per-meter alarm kind in [`MeterDetect::active`].
+fn kind_bit(kind: AlarmKind) -> u16 {
+    let i = match kind {
+        AlarmKind::Leak => 0,
+        AlarmKind::Burst => 1,
+        AlarmKind::ReverseFlow => 2,
+        AlarmKind::Tamper => 3,
+        AlarmKind::LowBattery => 4,
+        AlarmKind::CommunicationLoss => 5,
+        AlarmKind::StoppedMeter => 6,
+        AlarmKind::EmptyPipe => 7,
+        AlarmKind::HydrantIllegalUse => 8,
+        AlarmKind::HydrantTilt => 9,
+        AlarmKind::HydrantPressure => 10,
+        AlarmKind::ValveFault => 11,
+        AlarmKind::ProlongedEstimation => 12,
+        AlarmKind::SpoolOverflow | AlarmKind::DmaImbalance | AlarmKind::GatewayOffline => {
+            return 0;
+        }
+    };
+    1 << i
+}
+
+/// Detector state of one meter (see `docs/detectors.md` for the measured size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterDetect {
+    /// Newest volume read: unix seconds ([`i64::MIN`] when none) and register in mL.
+    last_ts: i64,
+    last_ml: i64,
+    /// When the register last advanced (start of a zero-consumption period), unix seconds.
+    zero_since: i64,
+    /// Register (mL) at the start of the usage history, for the average daily use.
+    base_ml: i64,
+    /// Newest event time of any observation.
+    heard_ts: i64,
+    /// Hour index (unix hours) of `base_ml`.
+    base_h: i32,
+    /// Current hour bucket and its consumption (mL).
+    hour: i32,
+    hour_ml: u32,
+    /// Start hour of the current run of hours with flow, or [`NO_HOUR`].
+    run_start: i32,
+    /// Start hour of the current run of burst hours.
+    burst_start: i32,
+    /// Hour of the 02:00 hour of the last night counted in the streak.
+    night_last: i32,
+    /// Usual interval between event times, seconds (0 = unknown), and its confidence.
+    interval_s: u32,
+    /// Usual interval between receive times (uplink cadence), seconds.
+    rx_interval_s: u32,
+    /// Receive time of the newest observation minus its event time, seconds.
+    rx_lag_s: i32,
+    /// Hour of the last reverse-flow evidence.
+    rev_hour: i32,
+    /// Reverse register, litres ([`NO_REV`] when none seen).
+    rev_l: u32,
+    /// Q3, L/h.
+    q3_lph: u32,
+    /// Smallest hourly flow of the current run, L/h (saturating).
+    run_min_lph: u16,
+    /// The 02:00 hour's consumption of the night being measured, dL (saturating).
+    night_min_dl: u16,
+    /// UTC offset of the meter's zone, minutes.
+    offset_min: i16,
+    /// Active alarm kinds ([`kind_bit`]).
+    active: u16,
+    /// Consecutive zero hours, burst hours, counted nights (saturating).
+    zero_hours: u8,
+    burst_hours: u8,
+    nights: u8,
+    /// Confidence in `interval_s` and `rx_interval_s` (0..=7 each, packed).
+    confidence: u8,
+    /// [`FLAG_PARTIAL`], [`FLAG_NIGHT`].
+    flags: u8,
+    /// Class index into [`DetectConfig`], role code.
+    class: u8,
+    role: u8,
+}
+
+impl MeterDetect {
+    fn new(class: u8, role: Role, q3_m3h: f64, utc_offset_s: i32) -> Self {
+        Self {
+            last_ts: NO_TS,
+            last_ml: 0,
+            zero_since: NO_TS,
+            base_ml: 0,
+            heard_ts: NO_TS,
+            base_h: NO_HOUR,
+            hour: NO_HOUR,
+            hour_ml: 0,
+            run_start: NO_HOUR,
+            burst_start: NO_HOUR,
+            night_last: NO_HOUR,
+            interval_s: 0,
+            rx_interval_s: 0,
+            rx_lag_s: 0,
+            rev_hour: NO_HOUR,
+            rev_l: NO_REV,
+            q3_lph: q3_lph(q3_m3h),
+            run_min_lph: u16::MAX,
+            night_min_dl: 0,
+            offset_min: i16::try_from(utc_offset_s / 60).unwrap_or(0),
+            active: 0,
+            zero_hours: 0,
+            burst_hours: 0,
+            nights: 0,
+            confidence: 0,
+            flags: 0,
+            class,
+            role: role.code(),
+        }
+    }
+
+    /// Returns true when `kind` is active.
+    pub fn is_active(&self, kind: AlarmKind) -> bool {
+        let bit = kind_bit(kind);
+        bit != 0 && self.active & bit != 0
+    }
+
+    /// Returns the active kinds.
+    pub fn active_kinds(&self) -> Vec<AlarmKind> {
+        AlarmKind::ALL
+            .into_iter()
+            .filter(|k| self.is_active(*k))
+            .collect()
+    }
+
+    fn set_active(&mut self, kind: AlarmKind, on: bool) {
+        if on {
+            self.active |= kind_bit(kind);
+        } else {
+            self.active &= !kind_bit(kind);
+        }
+    }
+
+    /// Marks `kind` active without an event: for state rebuilt from open alarms at start.
+    pub fn restore_active(&mut self, kind: AlarmKind) {
+        self.set_active(kind, true);
+    }
+
+    fn is_hydrant(&self, meter: &str) -> bool {
+        Role::from_code(self.role) == Role::Hydrant || meter.starts_with("hydrant:")
+    }
+
+    fn local_hour(&self, hour: i32) -> i64 {
+        (i64::from(hour) * 3600 + i64::from(self.offset_min) * 60)
+            .div_euclid(3600)
+            .rem_euclid(24)
+    }
+}
+
+fn q3_lph(q3_m3h: f64) -> u32 {
+    if q3_m3h.is_finite() && q3_m3h > 0.0 {
+        (q3_m3h * 1000.0).round().min(f64::from(u32::MAX)) as u32
+    } else {
+        2_500
+    }
+}
+
+fn hour_of(ts: i64) -> i32 {
+    i32::try_from((ts - 1).div_euclid(3600)).unwrap_or(NO_HOUR)
+}
+
+/// Learns a usual interval: a new delta within ±25 % of the estimate strengthens it (and moves
+/// it by an eighth of the difference); any other delta weakens it, and replaces it once the
+/// confidence is gone. One gap or one extra read therefore never changes the interval.
+fn learn_interval(interval: &mut u32, confidence: u8, delta: i64) -> u8 {
+    let d = u32::try_from(delta.clamp(60, i64::from(u32::MAX))).unwrap_or(u32::MAX);
+    if *interval == 0 || confidence == 0 {
+        *interval = d;
+        return 1;
+    }
+    let c = i64::from(*interval);
+    if (i64::from(d) - c).abs() * 4 <= c {
+        *interval = u32::try_from(c + (i64::from(d) - c) / 8).unwrap_or(*interval);
+        (confidence + 1).min(7)
+    } else {
+        confidence - 1
+    }
+}
+
+/// All detectors of one worker (or one replay), with the state of every meter.
+#[derive(Debug, Clone)]
+pub struct Detectors {
+    config: DetectConfig,
+    states: HashMap<Box<str>, MeterDetect, foldhash::fast::RandomState>,
+}
+
+/// Converts an m³ decimal to whole millilitres.
+fn to_ml(m3: Decimal) -> Option<i64> {
+    (m3 * Decimal::from(1_000_000)).round().to_i64()
+}
+
+/// Output of one detector step: appends events for a meter.
+struct Out<'a> {
+    meter: &'a str,
+    events: &'a mut Vec<AlarmEvent>,
+}
+
+impl Out<'_> {
+    /// The condition holds: raise (if not active) or refresh.
+    #[allow(clippy::too_many_arguments)]
+    fn hold(
+        &mut self,
+        st: &mut MeterDetect,
+        kind: AlarmKind,
+        first_seen: i64,
+        at: i64,
+        severity: AlarmSeverity,
+        detail: &[(&str, serde_json::Value)],
+    ) {
+        let transition = if st.is_active(kind) {
+            Transition::Seen
+        } else {
+            st.set_active(kind, true);
+            Transition::Raised
+        };
+        self.events.push(AlarmEvent {
+            meter: self.meter.to_owned(),
+            kind,
+            transition,
+            severity,
+            first_seen,
+            at,
+            detail: if transition == Transition::Raised {
+                detail
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect()
+            } else {
+                serde_json::Map::new()
+            },
+        });
+    }
+
+    /// The condition no longer holds: clear it if active.
+    fn release(&mut self, st: &mut MeterDetect, kind: AlarmKind, at: i64) {
+        if kind == AlarmKind::Tamper || !st.is_active(kind) {
+            return;
+        }
+        st.set_active(kind, false);
+        self.events.push(AlarmEvent {
+            meter: self.meter.to_owned(),
+            kind,
+            transition: Transition::Cleared,
+            severity: AlarmSeverity::Info,
+            first_seen: at,
+            at,
+            detail: serde_json::Map::new(),
+        });
+    }
+}
+
+fn json(v: impl Into<serde_json::Value>) -> serde_json::Value {
+    v.into()
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+impl Detectors {
+    /// Creates detectors with no meter state.
+    pub fn new(config: DetectConfig) -> Self {
+        Self {
+            config,
+            states: HashMap::default(),
+        }
+    }
+
+    /// Returns the configuration.
+    pub fn config(&self) -> &DetectConfig {
+        &self.config
+    }
+
+    /// Sets (or updates) a meter's profile; its detector state is kept.
+    pub fn set_profile(&mut self, meter: &str, profile: &MeterProfile) {
+        let class = self.config.class_index(&profile.class);
+        let fresh = MeterDetect::new(class, profile.role, profile.q3_m3h, profile.utc_offset_s);
+        match self.states.get_mut(meter) {
+            Some(st) => {
+                st.class = fresh.class;
+                st.role = fresh.role;
+                st.q3_lph = fresh.q3_lph;
+                st.offset_min = fresh.offset_min;
+            }
+            None => {
+                self.states.insert(meter.into(), fresh);
+            }
+        }
+    }
+
+    /// Returns a meter's state, if it has one.
+    pub fn state(&self, meter: &str) -> Option<&MeterDetect> {
+        self.states.get(meter)
+    }
+
+    /// Returns a meter's state for restoring (creates a default one).
+    pub fn state_mut(&mut self, meter: &str) -> &mut MeterDetect {
+        let default_offset = self.config.default_utc_offset_s;
+        self.states
+            .entry(meter.into())
+            .or_insert_with(|| MeterDetect::new(0, Role::Customer, 2.5, default_offset))
+    }
+
+    /// Number of meters with state.
+    pub fn meters(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Bytes held for detector state: hash-table slots (key + state + control byte) plus the
+    /// keys' heap bytes, as [`crate::vee::Vee::state_bytes`] counts them.
+    pub fn state_bytes(&self) -> usize {
+        let cap = self.states.capacity();
+        let buckets = if cap == 0 {
+            0
+        } else {
+            (cap * 8 / 7).next_power_of_two()
+        };
+        let slot = std::mem::size_of::<(Box<str>, MeterDetect)>() + 1;
+        let keys: usize = self.states.keys().map(|k| k.len().div_ceil(16) * 16).sum();
+        buckets * slot + keys
+    }
+
+    /// Runs the detectors over validated readings (the live worker's batch, in any order):
+    /// rejected reads are skipped except register decreases (reverse-flow evidence), estimated
+    /// ones never raise or clear. Returns the alarm events in the order they happened.
+    pub fn observe_readings<'r>(
+        &mut self,
+        readings: impl IntoIterator<Item = &'r Reading>,
+    ) -> Vec<AlarmEvent> {
+        let mut obs: Vec<(Observation<'r>, u32)> = Vec::new();
+        for r in readings {
+            if r.storage != 0 || r.tariff != 0 || r.subunit != 0 {
+                continue;
+            }
+            let estimated = match &r.quality {
+                Quality::Estimated { .. } | Quality::Missing => true,
+                Quality::Rejected { reason } => {
+                    if *reason != RejectReason::RegisterDecrease {
+                        continue;
+                    }
+                    false
+                }
+                Quality::Actual | Quality::Validated | Quality::Edited { .. } => false,
+            };
+            let (_, value) = r.unit.to_base(r.value);
+            obs.push((
+                Observation {
+                    meter: r.meter.as_str(),
+                    ts: r.ts.unix_timestamp(),
+                    received: Some(r.provenance.received_at.unix_timestamp()),
+                    quantity: r.quantity,
+                    value,
+                    estimated,
+                },
+                0,
+            ));
+        }
+        // Event time order per meter, so a batch holding several hours of one meter (daily
+        // NB-IoT uplinks, a gateway's replay) is judged as it happened.
+        obs.sort_by(|a, b| (a.0.meter, a.0.ts).cmp(&(b.0.meter, b.0.ts)));
+        let mut events = Vec::new();
+        for (o, _) in &obs {
+            self.observe(o, &mut events);
+        }
+        events
+    }
+
+    /// Runs the detectors over one observation, appending alarm events to `events`.
+    pub fn observe(&mut self, obs: &Observation<'_>, events: &mut Vec<AlarmEvent>) {
+        if obs.estimated {
+            return;
+        }
+        let default_offset = self.config.default_utc_offset_s;
+        let st = self
+            .states
+            .entry(obs.meter.into())
+            .or_insert_with(|| MeterDetect::new(0, Role::Customer, 2.5, default_offset));
+        let t = self.config.thresholds(st.class).clone();
+        let mut out = Out {
+            meter: obs.meter,
+            events,
+        };
+        // Anything from the meter ends a communication loss: it reported again.
+        let newer_rx = obs
+            .received
+            .is_some_and(|r| st.heard_ts == NO_TS || r > st.heard_ts + i64::from(st.rx_lag_s));
+        if obs.ts > st.heard_ts || newer_rx {
+            out.release(st, AlarmKind::CommunicationLoss, obs.ts.max(st.heard_ts));
+        }
+        if obs.ts > st.heard_ts {
+            if st.heard_ts != NO_TS {
+                let c = st.confidence & 0x0f;
+                let c = learn_interval(&mut st.interval_s, c, obs.ts - st.heard_ts);
+                st.confidence = (st.confidence & 0xf0) | c;
+            }
+            if let Some(r) = obs.received {
+                let prev_rx = st.heard_ts.saturating_add(i64::from(st.rx_lag_s));
+                if st.heard_ts != NO_TS && r - prev_rx > 60 {
+                    let c = st.confidence >> 4;
+                    let c = learn_interval(&mut st.rx_interval_s, c, r - prev_rx);
+                    st.confidence = (st.confidence & 0x0f) | (c << 4);
+                }
+                st.rx_lag_s = i32::try_from((r - obs.ts).clamp(-(1 << 30), 1 << 30)).unwrap_or(0);
+            }
+            st.heard_ts = obs.ts;
+        }
+        let hydrant = st.is_hydrant(obs.meter);
+        let v = obs.value;
+        let f = v.to_f64().unwrap_or(0.0);
+        match obs.quantity {
+            Quantity::Volume => {
+                if let Some(ml) = to_ml(v) {
+                    volume(st, &t, obs.ts, ml, &mut out);
+                }
+            }
+            Quantity::VolumeReverse => {
+                let litres = (v * Decimal::from(1000)).round().to_u32().unwrap_or(NO_REV);
+                if st.rev_l != NO_REV
+                    && litres != NO_REV
+                    && f64::from(litres.saturating_sub(st.rev_l)) > t.reverse_min_m3 * 1000.0
+                {
+                    let from = if st.last_ts != NO_TS && st.last_ts < obs.ts {
+                        st.last_ts
+                    } else {
+                        obs.ts
+                    };
+                    st.rev_hour = hour_of(obs.ts);
+                    out.hold(
+                        st,
+                        AlarmKind::ReverseFlow,
+                        from,
+                        obs.ts,
+                        AlarmSeverity::Warning,
+                        &[
+                            ("rule", json("reverse_register")),
+                            ("reverse_m3", json(f64::from(litres - st.rev_l) / 1000.0)),
+                        ],
+                    );
+                }
+                if litres != NO_REV {
+                    st.rev_l = litres;
+                }
+            }
+            Quantity::StatusWord => {
+                let word = v.to_u32().unwrap_or(0);
+                if hydrant {
+                    let bits = self.config.hydrant_bits;
+                    if bits.tilt != 0 && word & bits.tilt != 0 {
+                        out.hold(
+                            st,
+                            AlarmKind::HydrantTilt,
+                            obs.ts,
+                            obs.ts,
+                            AlarmSeverity::Critical,
+                            &[("rule", json("status_bit")), ("status", json(word))],
+                        );
+                    }
+                    if bits.illegal_use != 0 && word & bits.illegal_use != 0 {
+                        out.hold(
+                            st,
+                            AlarmKind::HydrantIllegalUse,
+                            obs.ts,
+                            obs.ts,
+                            AlarmSeverity::Critical,
+                            &[("rule", json("status_bit")), ("status", json(word))],
+                        );
+                    }
+                } else {
+                    status_word(st, self.config.status_bits, word, obs.ts, &mut out);
+                }
+            }
+            Quantity::BatteryPercent => {
+                if f < t.low_battery_pct {
+                    out.hold(
+                        st,
+                        AlarmKind::LowBattery,
+                        obs.ts,
+                        obs.ts,
+                        AlarmSeverity::Warning,
+                        &[("battery_pct", json(f))],
+                    );
+                } else if f >= t.low_battery_pct + 5.0 {
+                    out.release(st, AlarmKind::LowBattery, obs.ts);
+                }
+            }
+            Quantity::ValveState => {
+                if v == Decimal::from(3) {
+                    out.hold(
+                        st,
+                        AlarmKind::ValveFault,
+                        obs.ts,
+                        obs.ts,
+                        AlarmSeverity::Warning,
+                        &[("valve_state", json(3))],
+                    );
+                } else {
+                    out.release(st, AlarmKind::ValveFault, obs.ts);
+                }
+            }
+            Quantity::Pressure if hydrant => {
+                if f < t.hydrant_pressure_min_bar || f > t.hydrant_pressure_max_bar {
+                    out.hold(
+                        st,
+                        AlarmKind::HydrantPressure,
+                        obs.ts,
+                        obs.ts,
+                        AlarmSeverity::Warning,
+                        &[
+                            ("pressure_bar", json(f)),
+                            ("min_bar", json(t.hydrant_pressure_min_bar)),
+                            ("max_bar", json(t.hydrant_pressure_max_bar)),
+                        ],
+                    );
+                } else {
+                    out.release(st, AlarmKind::HydrantPressure, obs.ts);
+                }
+            }
+            Quantity::Tilt => {
+                if f.abs() >= t.hydrant_tilt_deg {
+                    out.hold(
+                        st,
+                        AlarmKind::HydrantTilt,
+                        obs.ts,
+                        obs.ts,
+                        AlarmSeverity::Critical,
+                        &[("tilt_deg", json(f))],
+                    );
+                } else {
+                    out.release(st, AlarmKind::HydrantTilt, obs.ts);
+                }
+            }
+            Quantity::OutletState if v.is_zero() => {
+                out.release(st, AlarmKind::HydrantIllegalUse, obs.ts);
+            }
+            _ => {}
+        }
+    }
+
+    /// Judges silence: raises `communication_loss` for every meter silent for longer than
+    /// `comm_intervals` usual intervals before `now` (event time or receive time, see
+    /// [`SweepClock`]), and refreshes the ones already raised. `first_seen` is the event time of
+    /// the meter's last observation (when the silence began).
+    pub fn sweep(&mut self, now: i64, clock: SweepClock, events: &mut Vec<AlarmEvent>) {
+        for (meter, st) in &mut self.states {
+            if st.heard_ts == NO_TS {
+                continue;
+            }
+            let t = self.config.thresholds(st.class);
+            let default = (t.comm_default_interval_h * 3600.0) as i64;
+            let event_interval = if st.interval_s > 0 && st.confidence & 0x0f > 0 {
+                i64::from(st.interval_s)
+            } else {
+                default
+            };
+            let (last, interval) = match clock {
+                SweepClock::Event => (st.heard_ts, event_interval),
+                SweepClock::Received => (
+                    st.heard_ts.saturating_add(i64::from(st.rx_lag_s)),
+                    event_interval.max(i64::from(st.rx_interval_s)),
+                ),
+            };
+            let limit = (t.comm_intervals * interval as f64) as i64;
+            if now - last > limit {
+                let mut out = Out {
+                    meter,
+                    events: &mut *events,
+                };
+                out.hold(
+                    st,
+                    AlarmKind::CommunicationLoss,
+                    st.heard_ts,
+                    now,
+                    AlarmSeverity::Warning,
+                    &[
+                        ("silent_s", json(now - last)),
+                        ("usual_interval_s", json(interval)),
+                    ],
+                );
+            }
+        }
+    }
+}
+
+fn status_word(
+    st: &mut MeterDetect,
+    bits: config::StatusBits,
+    word: u32,
+    ts: i64,
+    out: &mut Out<'_>,
+) {
+    let rule = [("rule", json("status_bit")), ("status", json(word))];
+    if bits.tamper != 0 && word & bits.tamper != 0 {
+        out.hold(
+            st,
+            AlarmKind::Tamper,
+            ts,
+            ts,
+            AlarmSeverity::Critical,
+            &rule,
+        );
+    }
+    if bits.low_battery != 0 {
+        if word & bits.low_battery != 0 {
+            out.hold(
+                st,
+                AlarmKind::LowBattery,
+                ts,
+                ts,
+                AlarmSeverity::Warning,
+                &rule,
+            );
+        } else {
+            out.release(st, AlarmKind::LowBattery, ts);
+        }
+    }
+    if bits.empty_pipe != 0 {
+        if word & bits.empty_pipe != 0 {
+            out.hold(
+                st,
+                AlarmKind::EmptyPipe,
+                ts,
+                ts,
+                AlarmSeverity::Warning,
+                &rule,
+            );
+        } else {
+            out.release(st, AlarmKind::EmptyPipe, ts);
+        }
+    }
+    if bits.valve_fault != 0 {
+        if word & bits.valve_fault == bits.valve_fault {
+            out.hold(
+                st,
+                AlarmKind::ValveFault,
+                ts,
+                ts,
+                AlarmSeverity::Warning,
+                &rule,
+            );
+        } else {
+            out.release(st, AlarmKind::ValveFault, ts);
+        }
+    }
+    if bits.reverse_flow != 0 && word & bits.reverse_flow != 0 {
+        // The bit covers the step that ended at this read; the volume detector clears it.
+        let from = if st.last_ts != NO_TS && st.last_ts < ts {
+            st.last_ts
+        } else {
+            ts.saturating_sub(i64::from(st.interval_s.max(3600)))
+        };
+        st.rev_hour = hour_of(ts);
+        out.hold(
+            st,
+            AlarmKind::ReverseFlow,
+            from,
+            ts,
+            AlarmSeverity::Warning,
+            &rule,
+        );
+    }
+}
+
+/// Severity of a leak by its rate.
+fn leak_severity(t: &Thresholds, lph: f64) -> AlarmSeverity {
+    if lph >= t.leak_critical_lph {
+        AlarmSeverity::Critical
+    } else if lph >= t.leak_warning_lph {
+        AlarmSeverity::Warning
+    } else {
+        AlarmSeverity::Info
+    }
+}
+
+/// Handles one volume register read.
+fn volume(st: &mut MeterDetect, t: &Thresholds, ts: i64, ml: i64, out: &mut Out<'_>) {
+    if st.last_ts == NO_TS {
+        reset_history(st, ts, ml);
+        st.last_ts = ts;
+        st.last_ml = ml;
+        return;
+    }
+    if ts <= st.last_ts {
+        // A duplicate or a late read: the span is already judged.
+        return;
+    }
+    let dt = ts - st.last_ts;
+    let delta = ml - st.last_ml;
+    // Largest volume the meter can pass in dt (Q4 = 1.25 × Q3), plus 10 L of resolution.
+    let max_ml = (f64::from(st.q3_lph) * t.max_flow_factor * dt as f64 / 3.6) as i64 + 10_000;
+    let reverse_min_ml = (t.reverse_min_m3 * 1e6) as i64;
+    let h = hour_of(ts);
+    if delta < 0 {
+        let dec = -delta;
+        if dec > max_ml {
+            // A register reset (replacement, rollover, a swapped meter): not flow.
+            reset_history(st, ts, ml);
+        } else if dec > reverse_min_ml {
+            st.rev_hour = h;
+            out.hold(
+                st,
+                AlarmKind::ReverseFlow,
+                st.last_ts,
+                ts,
+                AlarmSeverity::Warning,
+                &[
+                    ("rule", json("register_decrease")),
+                    ("decrease_m3", json(dec as f64 / 1e6)),
+                ],
+            );
+            mark_unknown(st, h);
+        } else {
+            // Jitter below the threshold: keep the higher register as the baseline (so a slow
+            // reverse flow still adds up), count the step as no consumption.
+            st.last_ts = ts;
+            hour_step(st, t, ts, dt, 0, out);
+            return;
+        }
+        st.last_ts = ts;
+        st.last_ml = ml;
+        return;
+    }
+    if delta > max_ml {
+        // Impossible usage (a jump, a wrong register): start a new history.
+        reset_history(st, ts, ml);
+        st.last_ts = ts;
+        st.last_ml = ml;
+        return;
+    }
+    // Reverse flow ends once a step without evidence follows the last evidence.
+    if st.is_active(AlarmKind::ReverseFlow) && h > st.rev_hour.saturating_add(1) {
+        out.release(st, AlarmKind::ReverseFlow, st.last_ts);
+    }
+    // Stopped meter: zero consumption for stopped_days on a meter that used to consume.
+    if delta > 0 {
+        out.release(st, AlarmKind::StoppedMeter, ts);
+        st.zero_since = ts;
+    } else if st.zero_since != NO_TS {
+        let zero_s = ts - st.zero_since;
+        let history_s = st.zero_since - i64::from(st.base_h) * 3600;
+        if zero_s as f64 >= t.stopped_days * 86_400.0 && history_s >= 86_400 {
+            let adu_m3 = (ml - st.base_ml) as f64 / 1e6 / (history_s as f64 / 86_400.0);
+            if adu_m3 >= t.stopped_min_adu_m3 {
+                out.hold(
+                    st,
+                    AlarmKind::StoppedMeter,
+                    st.zero_since,
+                    ts,
+                    AlarmSeverity::Warning,
+                    &[
+                        ("zero_days", json(round1(zero_s as f64 / 86_400.0))),
+                        ("adu_m3", json((adu_m3 * 1000.0).round() / 1000.0)),
+                    ],
+                );
+            }
+        }
+    }
+    st.last_ts = ts;
+    st.last_ml = ml;
+    hour_step(st, t, ts, dt, delta, out);
+}
+
+/// Starts a new usage history at a read (first read, register reset, impossible jump).
+fn reset_history(st: &mut MeterDetect, ts: i64, ml: i64) {
+    st.base_h = hour_of(ts).saturating_add(1);
+    st.base_ml = ml;
+    st.zero_since = ts;
+    st.run_start = NO_HOUR;
+    st.run_min_lph = u16::MAX;
+    st.burst_hours = 0;
+    st.flags &= !FLAG_NIGHT;
+    st.hour = hour_of(ts);
+    st.hour_ml = 0;
+    st.flags |= FLAG_PARTIAL;
+}
+
+/// The current hour bucket cannot be judged (part of it is unknown).
+fn mark_unknown(st: &mut MeterDetect, h: i32) {
+    if h != st.hour {
+        st.hour = h;
+        st.hour_ml = 0;
+    }
+    st.flags |= FLAG_PARTIAL;
+}
+
+/// Accounts a non-negative step of `delta` mL over `dt` seconds ending at `ts`.
+fn hour_step(
+    st: &mut MeterDetect,
+    t: &Thresholds,
+    ts: i64,
+    dt: i64,
+    delta: i64,
+    out: &mut Out<'_>,
+) {
+    let h = hour_of(ts);
+    let delta_u = u32::try_from(delta).unwrap_or(u32::MAX);
+    if dt <= FINE_STEP_S {
+        if h == st.hour {
+            st.hour_ml = st.hour_ml.saturating_add(delta_u);
+            return;
+        }
+        if st.hour != NO_HOUR && h > st.hour {
+            let full = st.flags & FLAG_PARTIAL == 0;
+            finish_hour(st, t, st.hour, st.hour_ml, full, out);
+            // Hours with no read at all in between are unknown.
+            let mut missing = st.hour.saturating_add(1);
+            while missing < h {
+                finish_hour(st, t, missing, 0, false, out);
+                missing += 1;
+            }
+        }
+        st.hour = h;
+        st.hour_ml = delta_u;
+        st.flags &= !FLAG_PARTIAL;
+        return;
+    }
+    // A coarse step: close the current hour, then judge what a multi-hour step can tell.
+    if st.hour != NO_HOUR && h > st.hour {
+        let full = st.flags & FLAG_PARTIAL == 0;
+        finish_hour(st, t, st.hour, st.hour_ml, full, out);
+    }
+    let hours = dt.div_euclid(3600) + i64::from(dt.rem_euclid(3600) != 0);
+    st.burst_hours = 0;
+    if hours >= 24 {
+        st.nights = 0;
+    }
+    st.flags &= !FLAG_NIGHT;
+    if delta == 0 {
+        st.run_start = NO_HOUR;
+        st.run_min_lph = u16::MAX;
+        st.zero_hours = st
+            .zero_hours
+            .saturating_add(u8::try_from(hours).unwrap_or(u8::MAX));
+        if u32::from(st.zero_hours) >= t.leak_clear_zero_hours && st.nights == 0 {
+            out.release(st, AlarmKind::Leak, ts);
+        }
+    } else if hours > 3 {
+        // Flow over a long gap proves nothing about every hour in it.
+        st.run_start = NO_HOUR;
+        st.run_min_lph = u16::MAX;
+    }
+    st.hour = h;
+    st.hour_ml = 0;
+    st.flags |= FLAG_PARTIAL;
+}
+
+/// Judges one closed hour: continuous flow, burst and night flow.
+fn finish_hour(
+    st: &mut MeterDetect,
+    t: &Thresholds,
+    h: i32,
+    ml: u32,
+    full: bool,
+    out: &mut Out<'_>,
+) {
+    let local = st.local_hour(h);
+    let night_measured = st.flags & FLAG_NIGHT != 0;
+    st.flags &= !FLAG_NIGHT;
+    if !full {
+        st.burst_hours = 0;
+        return;
+    }
+    let end = (i64::from(h) + 1) * 3600;
+    let litres = f64::from(ml) / 1000.0;
+    // Continuous flow.
+    if ml > 0 {
+        st.zero_hours = 0;
+        if st.run_start == NO_HOUR {
+            st.run_start = h;
+            st.run_min_lph = u16::MAX;
+        }
+        st.run_min_lph = st
+            .run_min_lph
+            .min(u16::try_from(ml / 1000).unwrap_or(u16::MAX));
+        let hours = i64::from(h) + 1 - i64::from(st.run_start);
+        if hours >= i64::from(t.leak_hours) {
+            let lph = f64::from(st.run_min_lph);
+            out.hold(
+                st,
+                AlarmKind::Leak,
+                i64::from(st.run_start) * 3600,
+                end,
+                leak_severity(t, lph),
+                &[
+                    ("rule", json("continuous_flow")),
+                    ("hours", json(hours)),
+                    ("min_lph", json(lph)),
+                ],
+            );
+        }
+    } else {
+        st.run_start = NO_HOUR;
+        st.run_min_lph = u16::MAX;
+        st.zero_hours = st.zero_hours.saturating_add(1);
+        // A leak raised on night flow stays until a night is quiet again.
+        if u32::from(st.zero_hours) >= t.leak_clear_zero_hours && st.nights == 0 {
+            out.release(st, AlarmKind::Leak, end);
+        }
+    }
+    // Burst: hourly consumption at least a share of Q3 for consecutive hours.
+    if litres >= t.burst_q3_share * f64::from(st.q3_lph) {
+        if st.burst_hours == 0 {
+            st.burst_start = h;
+        }
+        st.burst_hours = st.burst_hours.saturating_add(1);
+        if u32::from(st.burst_hours) >= t.burst_hours {
+            let severity = if litres >= f64::from(st.q3_lph) {
+                AlarmSeverity::Critical
+            } else {
+                AlarmSeverity::Warning
+            };
+            out.hold(
+                st,
+                AlarmKind::Burst,
+                i64::from(st.burst_start) * 3600,
+                end,
+                severity,
+                &[
+                    ("rule", json("hourly_share_of_q3")),
+                    ("lph", json(litres)),
+                    ("q3_lph", json(st.q3_lph)),
+                ],
+            );
+        }
+    } else {
+        st.burst_hours = 0;
+        out.release(st, AlarmKind::Burst, i64::from(h) * 3600);
+    }
+    // Minimum night flow: the smaller of the local 02:00 and 03:00 hours.
+    if local == 2 {
+        st.flags |= FLAG_NIGHT;
+        st.night_min_dl = u16::try_from(ml / 100).unwrap_or(u16::MAX);
+    } else if local == 3 && night_measured {
+        let min_lph = (f64::from(ml) / 1000.0).min(f64::from(st.night_min_dl) / 10.0);
+        if min_lph > t.night_flow_lph {
+            let night = h - 1;
+            if st.nights > 0 && st.night_last == night - 24 {
+                st.nights = st.nights.saturating_add(1);
+            } else {
+                st.nights = 1;
+            }
+            st.night_last = night;
+            if u32::from(st.nights) >= t.night_nights {
+                let first_night = i64::from(night) - 24 * (i64::from(st.nights) - 1);
+                let first = match st.run_start {
+                    NO_HOUR => first_night,
+                    r => i64::from(r).min(first_night),
+                };
+                out.hold(
+                    st,
+                    AlarmKind::Leak,
+                    first * 3600,
+                    end,
+                    leak_severity(t, min_lph),
+                    &[
+                        ("rule", json("night_flow")),
+                        ("nights", json(st.nights)),
+                        ("min_night_lph", json(min_lph)),
+                    ],
+                );
+            }
+        } else {
+            st.nights = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
