@@ -1,0 +1,189 @@
+//! Frames per CPU-second on the public corpora, side by side in one process: the paths the
+//! gateway runs (`mbus::decode`, `cjt188::decode`, `wmbus::decode`) and, for wired M-Bus, the
+//! `m-bus-parser` crate (0.5.3) on the frames both accept.
+//!
+//! `cargo bench -p decoders --bench mbus_corpus` (reads `conformance/` like the conformance
+//! tests: `WM_SHARED_DIR`, `<workspace>/../shared`, `/work/shared`). CPU time comes from
+//! `/proc/thread-self/schedstat`, so other processes on a shared machine do not count; the
+//! figures are per core (one thread).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::hint::black_box;
+use std::path::PathBuf;
+
+use decoders::{cjt188, mbus, wmbus};
+use m_bus_parser::WiredFrame;
+use m_bus_parser::mbus_data::MbusData;
+
+fn shared_dir() -> PathBuf {
+    let mut candidates = Vec::new();
+    if let Ok(dir) = std::env::var("WM_SHARED_DIR") {
+        candidates.push(PathBuf::from(dir));
+    }
+    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    candidates.push(PathBuf::from("/work/shared"));
+    candidates
+        .into_iter()
+        .find(|c| c.join("conformance").is_dir())
+        .expect("conformance corpus (set WM_SHARED_DIR)")
+}
+
+fn lines(path: PathBuf) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Space-separated tokens (libmbus writes some bytes with one digit) or contiguous hex.
+fn hex(s: &str) -> Vec<u8> {
+    if s.contains(char::is_whitespace) {
+        s.split_whitespace()
+            .filter_map(|t| u8::from_str_radix(t, 16).ok())
+            .collect()
+    } else {
+        hex::decode(s).unwrap()
+    }
+}
+
+/// Nanoseconds this thread has spent on a CPU.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .expect("/proc/thread-self/schedstat (Linux only)")
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat format")
+}
+
+/// Runs `pass` (one pass over `frames` frames) for 2 CPU-seconds; returns frames/s per core.
+fn measure(name: &str, frames: usize, mut pass: impl FnMut() -> usize) -> f64 {
+    for _ in 0..200 {
+        black_box(pass());
+    }
+    let start = thread_cpu_ns();
+    let mut n = 0u64;
+    while thread_cpu_ns() - start < 2_000_000_000 {
+        for _ in 0..100 {
+            black_box(pass());
+        }
+        n += 100 * frames as u64;
+    }
+    let per_s = n as f64 / ((thread_cpu_ns() - start) as f64 / 1e9);
+    println!(
+        "{name}: {:.0} ns/frame, {:.2} M frames/s per core",
+        1e9 / per_s,
+        per_s / 1e6
+    );
+    per_s
+}
+
+/// m-bus-parser's full decode: link frame, application header, every record with its value.
+fn m_bus_parser_decode(frame: &[u8]) -> Option<usize> {
+    let parsed = MbusData::<WiredFrame<'_>>::try_from(frame).ok()?;
+    if parsed.application_error.is_some() {
+        return None;
+    }
+    let mut records = 0;
+    for record in parsed.data_records? {
+        black_box(record.ok()?);
+        records += 1;
+    }
+    Some(records)
+}
+
+fn main() {
+    let dir = shared_dir().join("conformance");
+
+    // Wired M-Bus: every libmbus frame both decoders accept completely.
+    let cases = lines(dir.join("mbus/libmbus_cases.jsonl"));
+    let all: Vec<Vec<u8>> = cases
+        .iter()
+        .map(|c| hex(c["frame_hex"].as_str().unwrap()))
+        .collect();
+    let both: Vec<&Vec<u8>> = all
+        .iter()
+        .filter(|f| mbus::decode(f).is_ok() && m_bus_parser_decode(f).is_some())
+        .collect();
+    let ours_ok = all.iter().filter(|f| mbus::decode(f).is_ok()).count();
+    println!(
+        "libmbus corpus: {} frames, {ours_ok} decoded by mbus::decode, {} by both",
+        all.len(),
+        both.len()
+    );
+    let decode = measure(
+        "mbus::decode -> DecodedFrame (public API)",
+        both.len(),
+        || {
+            both.iter()
+                .map(|f| mbus::decode(black_box(f)).unwrap().records.len())
+                .sum()
+        },
+    );
+    let parse = measure(
+        "mbus::parse + scaled values (allocation-free)",
+        both.len(),
+        || {
+            both.iter()
+                .map(|f| {
+                    let rsp = mbus::parse(black_box(f)).unwrap();
+                    rsp.records
+                        .filter_map(|r| r.ok().and_then(|r| r.number()))
+                        .count()
+                })
+                .sum()
+        },
+    );
+    let theirs = measure("m-bus-parser 0.5.3 (records iterated)", both.len(), || {
+        both.iter()
+            .map(|f| m_bus_parser_decode(black_box(f)).unwrap())
+            .sum()
+    });
+    println!(
+        "ratio mbus::decode / m-bus-parser: {:.2}x; allocation-free / m-bus-parser: {:.2}x",
+        decode / theirs,
+        parse / theirs
+    );
+
+    // CJ/T 188: the framed examples, as the CoAP / HTTP / MQTT sources decode them.
+    let cjt: Vec<Vec<u8>> = lines(dir.join("cjt188/cjt188_examples.jsonl"))
+        .iter()
+        .filter_map(|c| Some(hex(c["frame_hex"].as_str()?)))
+        .filter(|f| cjt188::decode(f).is_ok())
+        .collect();
+    measure(
+        &format!("cjt188::decode ({} corpus frames)", cjt.len()),
+        cjt.len(),
+        || {
+            cjt.iter()
+                .map(|f| cjt188::decode(black_box(f)).unwrap().records.len())
+                .sum()
+        },
+    );
+
+    // wM-Bus: last telegram of each single-telegram wmbusmeters driver test that decodes
+    // without a key, through one FormatCache as the wmbus_udp source keeps it.
+    let wm: Vec<Vec<u8>> = lines(dir.join("wmbus/wmbusmeters_driver_tests.jsonl"))
+        .iter()
+        .filter(|c| c["telegrams"].as_array().is_some_and(|t| t.len() == 1))
+        .map(|c| hex(c["telegrams"][0].as_str().unwrap()))
+        .filter(|t| wmbus::decode(t, &None, &mut wmbus::FormatCache::new()).is_ok())
+        .collect();
+    let mut cache = wmbus::FormatCache::new();
+    measure(
+        &format!("wmbus::decode ({} corpus telegrams, no key)", wm.len()),
+        wm.len(),
+        || {
+            wm.iter()
+                .map(|t| {
+                    wmbus::decode(black_box(t), &None, &mut cache)
+                        .unwrap()
+                        .records
+                        .len()
+                })
+                .sum()
+        },
+    );
+}
