@@ -401,6 +401,8 @@ impl Engine {
                     }
                     None
                 }
+                // Traps carry no truth: nothing should be reported for them.
+                Fault::ExtraUse { .. } | Fault::Absence { .. } | Fault::DroppedRead { .. } => None,
                 // Frame-level faults and dynamic events are recorded while running.
                 Fault::BatteryDecline { .. }
                 | Fault::DuplicateFrames { .. }
@@ -583,6 +585,7 @@ impl Engine {
             let mut battery = st.battery_start;
             let mut battery_fault = None;
             let mut replacement = None;
+            let mut absent = false;
             let faults = self.faults_by_meter.get(idx).map_or(&[][..], |v| &v[..]);
             for &fi in faults {
                 let Some(fault) = self.scenario.faults.get(fi as usize) else {
@@ -631,6 +634,16 @@ impl Engine {
                     Fault::CommLoss { from, until, .. } if active(from, Some(until)) => {
                         delivery = Delivery::Lost;
                     }
+                    Fault::ExtraUse {
+                        from,
+                        until,
+                        rate_lph,
+                        ..
+                    } if active(from, Some(until)) => litres += rate_lph * step_hours,
+                    Fault::Absence { from, until, .. } if active(from, Some(until)) => {
+                        absent = true;
+                    }
+                    Fault::DroppedRead { at, .. } if *at == t_start => delivery = Delivery::Lost,
                     Fault::ClockSkew {
                         from,
                         until,
@@ -671,6 +684,9 @@ impl Engine {
             if st.valve_closed {
                 litres = 0.0;
                 reverse_litres = 0.0;
+            }
+            if absent {
+                litres = 0.0;
             }
             let true_ml = (litres * 1000.0).round() as u64;
             let reverse_ml = (reverse_litres * 1000.0).round() as u64;

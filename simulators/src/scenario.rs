@@ -266,6 +266,41 @@ pub enum Fault {
         /// Headroom below capacity at the start of the run, m³.
         headroom_m3: f64,
     },
+    /// Legitimate extra use (garden watering, a busy day): extra flow through the meter that no
+    /// detector should report (no truth event; a false-positive trap).
+    ExtraUse {
+        /// Meter index.
+        meter: u32,
+        /// Start.
+        #[serde(with = "time::serde::rfc3339")]
+        from: OffsetDateTime,
+        /// End.
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+        /// Extra flow, litres per hour.
+        rate_lph: f64,
+    },
+    /// The occupants are away (a vacation): no use at all, no truth event (a trap for the
+    /// stopped-meter detector).
+    Absence {
+        /// Meter index.
+        meter: u32,
+        /// Start.
+        #[serde(with = "time::serde::rfc3339")]
+        from: OffsetDateTime,
+        /// End.
+        #[serde(with = "time::serde::rfc3339")]
+        until: OffsetDateTime,
+    },
+    /// One reading is lost on the link (the frame of the step starting at `at`); no truth
+    /// event (a trap for the communication-loss detector).
+    DroppedRead {
+        /// Meter index.
+        meter: u32,
+        /// Start of the step whose frame is lost.
+        #[serde(with = "time::serde::rfc3339")]
+        at: OffsetDateTime,
+    },
     /// The meter is replaced: the register restarts at `new_register_m3`.
     MeterReplacement {
         /// Meter index.
@@ -299,6 +334,9 @@ impl Fault {
             | Self::OutOfOrder { meter, .. }
             | Self::CorruptedFrames { meter, .. }
             | Self::RegisterRollover { meter, .. }
+            | Self::ExtraUse { meter, .. }
+            | Self::Absence { meter, .. }
+            | Self::DroppedRead { meter, .. }
             | Self::MeterReplacement { meter, .. } => Some(*meter),
             Self::MainsBurst { .. } => None,
         }
@@ -321,6 +359,9 @@ impl Fault {
             Self::CorruptedFrames { .. } => "corrupted_frames",
             Self::RegisterRollover { .. } => "register_rollover",
             Self::MeterReplacement { .. } => "meter_replacement",
+            Self::ExtraUse { .. } => "extra_use",
+            Self::Absence { .. } => "absence",
+            Self::DroppedRead { .. } => "dropped_read",
         }
     }
 }
@@ -465,7 +506,8 @@ impl Scenario {
                 Fault::Leak { rate_lph, .. }
                 | Fault::Burst { rate_lph, .. }
                 | Fault::MainsBurst { rate_lph, .. }
-                | Fault::ReverseFlow { rate_lph, .. } => Some(*rate_lph),
+                | Fault::ReverseFlow { rate_lph, .. }
+                | Fault::ExtraUse { rate_lph, .. } => Some(*rate_lph),
                 _ => None,
             };
             if let Some(rate) = rate
@@ -539,7 +581,10 @@ pub fn fault_span(fault: &Fault) -> (Option<OffsetDateTime>, Option<OffsetDateTi
         | Fault::CommLoss { from, until, .. }
         | Fault::DuplicateFrames { from, until, .. }
         | Fault::OutOfOrder { from, until, .. }
-        | Fault::CorruptedFrames { from, until, .. } => (Some(*from), Some(*until)),
+        | Fault::CorruptedFrames { from, until, .. }
+        | Fault::ExtraUse { from, until, .. }
+        | Fault::Absence { from, until, .. } => (Some(*from), Some(*until)),
+        Fault::DroppedRead { at, .. } => (Some(*at), None),
         Fault::MagneticTamper { from, .. }
         | Fault::MeterStopped { from, .. }
         | Fault::BatteryDecline { from, .. } => (Some(*from), None),

@@ -855,7 +855,7 @@ fn volume(st: &mut MeterDetect, t: &Thresholds, ts: i64, ml: i64, out: &mut Out<
         if dec > max_ml {
             // A register reset (replacement, rollover, a swapped meter): not flow.
             reset_history(st, ts, ml);
-        } else if dec > reverse_min_ml {
+        } else if dec > reverse_min_ml && !off_grid(st, dt) {
             st.rev_hour = h;
             out.hold(
                 st,
@@ -918,6 +918,13 @@ fn volume(st: &mut MeterDetect, t: &Thresholds, ts: i64, ml: i64, out: &mut Out<
     st.last_ts = ts;
     st.last_ml = ml;
     hour_step(st, t, ts, dt, delta, out);
+}
+
+/// True when a step is shorter than three quarters of the meter's usual interval: a read off its grid, as a
+/// meter clock that jumped back produces (its reads sort before older, higher registers). A
+/// decrease over such a step is misordering, not flow.
+fn off_grid(st: &MeterDetect, dt: i64) -> bool {
+    st.interval_s > 0 && st.confidence & 0x0f >= 3 && dt * 4 < 3 * i64::from(st.interval_s)
 }
 
 /// Starts a new usage history at a read (first read, register reset, impossible jump).

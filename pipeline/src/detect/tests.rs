@@ -499,3 +499,22 @@ fn state_is_within_budget() {
         std::mem::size_of::<MeterDetect>()
     );
 }
+
+#[test]
+fn clock_jump_back_is_not_reverse_flow() {
+    // Hourly reads; from 10:00 the meter clock is 90 min behind, so the read taken at 11:00
+    // carries 09:30 and sorts before the higher 10:00 read... as replay orders them by time.
+    let mut det = Detectors::new(DetectConfig::default());
+    let mut ev = Vec::new();
+    let reg = |h: i64| Decimal::new(1000 + 30 * h, 3);
+    let mut reads: Vec<(i64, Decimal)> = (0..=10).map(|h| (T0 + h * 3600, reg(h))).collect();
+    reads.extend((11..20).map(|h| (T0 + h * 3600 - 5400, reg(h))));
+    reads.sort();
+    for (ts, v) in reads {
+        obs(&mut det, ts, Quantity::Volume, v, &mut ev);
+    }
+    assert!(
+        !raised(&ev).iter().any(|(k, _)| *k == K::ReverseFlow),
+        "{ev:?}"
+    );
+}
