@@ -26,6 +26,8 @@
 
 pub mod register_map;
 
+pub mod device_set;
+
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
@@ -33,6 +35,8 @@ pub mod tls;
 pub mod wmbus;
 
 pub use tls::MqttTls;
+/// Values with their position in the TOML text (re-exported for `GatewayConfig::devices`).
+pub use toml::Spanned;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -41,7 +45,6 @@ use std::path::{Path, PathBuf};
 
 use model::{GatewayId, MeterId};
 use serde::Deserialize;
-use toml::Spanned;
 
 /// One problem in a configuration file: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 
 pub mod coap;
 pub mod control;
+pub mod device_set;
 pub mod downlink;
 pub mod http_push;
 pub mod metrics;

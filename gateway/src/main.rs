@@ -84,6 +84,8 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
     let mut gateway = Gateway::start(config)
         .await
         .context("starting the gateway")?;
+    // Device sets from the registry ([registry] device_sets = true), applied in this loop.
+    let mut device_sets = gateway.take_device_set_updates();
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -103,6 +105,10 @@ async fn run(path: PathBuf) -> anyhow::Result<()> {
                         }
                     }
                 }
+            }
+            Some(update) = async { match device_sets.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                let outcome = gateway.apply_device_set(&update.set).await;
+                update.reply.send(outcome).ok();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -84,6 +84,10 @@ pub struct Gateway {
     writer: Option<std::thread::JoinHandle<()>>,
     metrics_addr: SocketAddr,
     health: crate::metrics::HealthRegistry,
+    /// Version of the registry device set in force (0: the TOML's `[[device]]` tables).
+    device_set_version: u64,
+    /// Device sets received from the registry, until taken by the caller's loop.
+    device_set_updates: Option<mpsc::Receiver<crate::device_set::DeviceSetUpdate>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -129,6 +133,7 @@ impl Gateway {
     pub async fn start(config: GatewayConfig) -> Result<Gateway, RuntimeError> {
         let shutdown = CancellationToken::new();
         let uplink_endpoint = endpoint(&config)?;
+        let device_set_endpoint = uplink_endpoint.clone();
         let (spool, writer) =
             Spool::open(SpoolConfig::new(&config.spool.dir, config.spool.max_bytes))?;
         let stats = spool.stats();
@@ -226,13 +231,125 @@ impl Gateway {
             writer: Some(writer),
             metrics_addr,
             health,
+            device_set_version: 0,
+            device_set_updates: None,
         };
+        if gw.config.registry.device_sets {
+            gw.start_device_sets(device_set_endpoint, &client_base);
+        }
         for entry in gw.config.sources.clone() {
             let running = gw.start_source(&entry.config).await?;
             gw.sources.insert(entry.config.id().to_owned(), running);
         }
         gw.update_routes();
         Ok(gw)
+    }
+
+    /// Starts with the device set kept on disk (if it still passes the checks) and spawns the
+    /// registry's device-set connection (docs/registry.md).
+    fn start_device_sets(&mut self, endpoint: MqttEndpoint, client_base: &str) {
+        let state_file = crate::device_set::state_file(&self.config.spool.dir);
+        if let Some(set) = crate::device_set::load_state(&state_file) {
+            match edge_config::device_set::devices_of_set(&set, &self.config) {
+                Ok(devices) => {
+                    tracing::info!(
+                        version = set.version,
+                        devices = devices.len(),
+                        "starting with the kept device set"
+                    );
+                    self.config.devices = devices;
+                    self.device_set_version = set.version;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the kept device set no longer passes the checks; using the TOML's devices")
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        self.device_set_updates = Some(rx);
+        self.tasks.push(tokio::spawn(crate::device_set::run(
+            crate::device_set::DeviceSetOptions {
+                endpoint,
+                client_id: format!("{client_base}-cfg"),
+                topic_root: self.config.uplink.topic_root.clone(),
+                gateway: self.config.gateway_id.clone(),
+                state_file,
+            },
+            self.device_set_version,
+            self.config.devices.len(),
+            tx,
+            self.shutdown.clone(),
+        )));
+    }
+
+    /// The registry's device sets as they arrive (once; `None` after the first call or when
+    /// `[registry] device_sets` is off). The caller's loop passes each to
+    /// [`Gateway::apply_device_set`] and answers on its `reply`.
+    pub fn take_device_set_updates(
+        &mut self,
+    ) -> Option<mpsc::Receiver<crate::device_set::DeviceSetUpdate>> {
+        self.device_set_updates.take()
+    }
+
+    /// Checks a registry device set like the TOML's `[[device]]` tables (key references
+    /// resolved in the key file) and applies it without a restart: devices re-routed, wM-Bus
+    /// sources whose keys changed restarted. On error nothing changes. Returns the number of
+    /// devices in force.
+    pub async fn apply_device_set(&mut self, set: &model::DeviceSet) -> Result<usize, String> {
+        let devices = edge_config::device_set::devices_of_set(set, &self.config)
+            .map_err(|e| e.to_string())?;
+        // wM-Bus receivers take their devices' keys when they start.
+        let keys_of = |devices: &[edge_config::Spanned<edge_config::DeviceConfig>],
+                       source: &str| {
+            devices
+                .iter()
+                .map(edge_config::Spanned::get_ref)
+                .filter(|d| d.source.get_ref() == source)
+                .map(|d| {
+                    (
+                        d.id.to_string(),
+                        d.key.as_ref().map(|k| k.get_ref().clone()),
+                    )
+                })
+                .collect::<BTreeMap<_, _>>()
+        };
+        let restart: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(id, s)| {
+                matches!(s.config, SourceConfig::WmbusUdp(_))
+                    && keys_of(&self.config.devices, id) != keys_of(&devices, id)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in restart {
+            if let Some(s) = self.sources.remove(&id) {
+                tracing::info!(source = %id, "restarting for new device keys");
+                s.token.cancel();
+                tokio::time::timeout(Duration::from_secs(10), s.task)
+                    .await
+                    .ok();
+            }
+        }
+        let mut new = self.config.clone();
+        new.devices = devices;
+        let n = new.devices.len();
+        self.device_set_version = set.version;
+        self.reload_inner(new).await.map_err(|e| e.to_string())?;
+        Ok(n)
+    }
+
+    /// The devices in force (the TOML's, or the registry's device set).
+    pub fn devices(&self) -> impl Iterator<Item = &edge_config::DeviceConfig> {
+        self.config
+            .devices
+            .iter()
+            .map(edge_config::Spanned::get_ref)
+    }
+
+    /// Version of the registry device set in force (0: none, the TOML's devices).
+    pub fn device_set_version(&self) -> u64 {
+        self.device_set_version
     }
 
     async fn start_source(&self, cfg: &SourceConfig) -> Result<RunningSource, RuntimeError> {
@@ -428,7 +545,15 @@ impl Gateway {
     /// Applies a new configuration: sources that changed or disappeared are stopped (their
     /// in-flight submits finish first), new and changed ones started, devices re-routed.
     /// Uplink, spool and metrics settings need a restart; a change there is logged.
-    pub async fn reload(&mut self, new: GatewayConfig) -> Result<(), RuntimeError> {
+    pub async fn reload(&mut self, mut new: GatewayConfig) -> Result<(), RuntimeError> {
+        // A registry device set in force outlives a reload of the file.
+        if self.device_set_version > 0 {
+            new.devices = self.config.devices.clone();
+        }
+        self.reload_inner(new).await
+    }
+
+    async fn reload_inner(&mut self, new: GatewayConfig) -> Result<(), RuntimeError> {
         if new.gateway_id != self.config.gateway_id
             || new.uplink != self.config.uplink
             || new.spool != self.config.spool
