@@ -11,6 +11,7 @@ pub mod coap;
 pub mod control;
 pub mod downlink;
 pub mod http_push;
+pub mod listener;
 pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_source;

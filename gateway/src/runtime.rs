@@ -39,6 +39,14 @@ pub enum RuntimeError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A source's key file could not be loaded (the message names no key).
+    #[error("source `{source_id}`: {message}")]
+    Keys {
+        /// The source.
+        source_id: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The TLS material of an MQTT connection is unusable.
     #[error("{what}: {source}")]
     Tls {
@@ -84,6 +92,7 @@ pub struct Gateway {
     writer: Option<std::thread::JoinHandle<()>>,
     metrics_addr: SocketAddr,
     health: crate::metrics::HealthRegistry,
+    listeners: crate::listener::ListenerRegistry,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -196,6 +205,7 @@ impl Gateway {
             }
         }));
         let health = crate::metrics::HealthRegistry::default();
+        let listeners = crate::listener::ListenerRegistry::default();
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
@@ -204,6 +214,7 @@ impl Gateway {
                 spool: spool.clone(),
                 uplink: Arc::clone(&uplink_stats),
                 downlink: Arc::clone(&downlink),
+                listeners: listeners.clone(),
             },
             shutdown.clone(),
         )
@@ -226,6 +237,7 @@ impl Gateway {
             writer: Some(writer),
             metrics_addr,
             health,
+            listeners,
         };
         for entry in gw.config.sources.clone() {
             let running = gw.start_source(&entry.config).await?;
@@ -254,14 +266,19 @@ impl Gateway {
                         addr,
                         source,
                     },
+                    other => RuntimeError::Keys {
+                        source_id: id.clone(),
+                        message: other.to_string(),
+                    },
                 })?;
                 let addr = socket.local_addr().ok();
-                let opts = coap::CoapOptions {
-                    listen: c.listen,
-                    meter_utc_offset: c
-                        .meter_utc_offset_minutes
-                        .and_then(|m| time::UtcOffset::from_whole_seconds(i32::from(m) * 60).ok()),
-                };
+                let mut opts =
+                    coap::CoapOptions::from_config(c, Some(self.config.spool.dir.clone()))
+                        .map_err(|e| RuntimeError::Keys {
+                            source_id: id.clone(),
+                            message: e.to_string(),
+                        })?;
+                opts.stats = self.listeners.register(&id);
                 let dl = Arc::clone(&self.downlink);
                 let sid = id.clone();
                 let task = tokio::spawn(async move {
@@ -280,10 +297,8 @@ impl Gateway {
                             addr: c.listen,
                             source,
                         })?;
-                let opts = http_push::HttpPushOptions {
-                    secret: c.secret.clone(),
-                    max_skew_s: c.max_skew_s,
-                };
+                let mut opts = http_push::HttpPushOptions::from_config(c);
+                opts.stats = self.listeners.register(&id);
                 let sid = id.clone();
                 let task = tokio::spawn(async move {
                     if let Err(e) = http_push::run(listener, opts, ctx).await {

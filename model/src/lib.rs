@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod alarm;
+pub mod auth;
 mod command;
 mod meter;
 mod reading;
