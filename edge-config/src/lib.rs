@@ -16,6 +16,7 @@
 //! id = "nbiot"
 //! kind = "coap"
 //! listen = "0.0.0.0:5683"
+//! key_file = "nbiot-keys.toml"
 //! "#;
 //! let config = edge_config::parse(text, "gateway.toml".as_ref()).unwrap();
 //! assert_eq!(config.uplink.topic_root, "wm/v1");
@@ -31,6 +32,7 @@ pub mod device_set;
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
+pub mod nbiot_keys;
 pub mod tls;
 pub mod wmbus;
 
@@ -438,6 +440,46 @@ pub struct CoapSourceConfig {
     /// UTC offset of the meters' clocks in minutes (e.g. 480 for China). Without it the
     /// gateway's receive time is used as the reading time.
     pub meter_utc_offset_minutes: Option<i16>,
+    /// How uplinks are authenticated (default `frame_mac`: every payload carries a counter and
+    /// a MAC under the meter's key from `key_file`; `none` accepts anyone who reaches the port).
+    #[serde(default)]
+    pub auth: CoapAuth,
+    /// The meters' keys (`nbiot_keys`), relative to the configuration file; needed by
+    /// `frame_mac`.
+    pub key_file: Option<PathBuf>,
+    /// Operator address ranges uplinks may come from (`10.64.0.0/10`, one address...); empty
+    /// accepts any address.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Most entries of the retransmission cache (default 10000).
+    #[serde(default = "default_exchange_cache_entries")]
+    pub exchange_cache_entries: usize,
+    /// How long a message id is remembered, seconds (default 247, RFC 7252 EXCHANGE_LIFETIME).
+    #[serde(default = "default_exchange_lifetime_s")]
+    pub exchange_lifetime_s: u64,
+    /// Fingerprint of the key file's content when loaded, so a changed key file makes SIGHUP
+    /// restart the source (the keys themselves are read by the source, never kept here).
+    #[serde(skip)]
+    pub key_file_fingerprint: u64,
+}
+
+/// How a CoAP source authenticates uplinks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CoapAuth {
+    /// Counter and truncated HMAC-SHA256 trailer under the meter's key (`model::auth`).
+    #[default]
+    FrameMac,
+    /// No authentication (test benches, or a network where nothing else can reach the port).
+    None,
+}
+
+fn default_exchange_cache_entries() -> usize {
+    10_000
+}
+
+fn default_exchange_lifetime_s() -> u64 {
+    247
 }
 
 /// `kind = "http_push"`.
@@ -453,10 +495,43 @@ pub struct HttpPushSourceConfig {
     /// Largest accepted clock difference of `X-Timestamp`, seconds (default 300).
     #[serde(default = "default_max_skew")]
     pub max_skew_s: u64,
+    /// Connections served at once (default 256; all push listeners together also stay within
+    /// the descriptor limit).
+    #[serde(default = "default_push_connections")]
+    pub max_connections: usize,
+    /// Time allowed for a request's headers, seconds (default 10).
+    #[serde(default = "default_push_timeout_s")]
+    pub header_timeout_s: u64,
+    /// Time allowed for a request's body, seconds (default 10).
+    #[serde(default = "default_push_timeout_s")]
+    pub body_timeout_s: u64,
+    /// Largest accepted body, bytes (default 1 MiB).
+    #[serde(default = "default_push_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Most nonces remembered within the replay window (default 100000); when full, pushes
+    /// are refused (503) rather than a nonce forgotten.
+    #[serde(default = "default_nonce_window")]
+    pub nonce_window: usize,
 }
 
 fn default_max_skew() -> u64 {
     300
+}
+
+fn default_push_connections() -> usize {
+    256
+}
+
+fn default_push_timeout_s() -> u64 {
+    10
+}
+
+fn default_push_body_bytes() -> usize {
+    1 << 20
+}
+
+fn default_nonce_window() -> usize {
+    100_000
 }
 
 /// The protocol a device speaks.
@@ -557,9 +632,42 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                 SourceConfig::HydrantMqtt(h) => {
                     tls::resolve(base, [&mut h.tls_ca, &mut h.tls_cert, &mut h.tls_key]);
                 }
+                SourceConfig::Coap(c) => {
+                    if let Some(p) = &mut c.key_file
+                        && p.is_relative()
+                    {
+                        *p = base.join(&*p);
+                    }
+                }
                 _ => {}
             }
         }
+    }
+    // Key files must load now; the error names the line, never a key.
+    let mut key_errors = Vec::new();
+    for s in &mut config.sources {
+        if let SourceConfig::Coap(c) = &mut s.config
+            && let Some(p) = &c.key_file
+        {
+            match nbiot_keys::load(p) {
+                Ok(keys) => {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    keys.to_toml().hash(&mut h);
+                    c.key_file_fingerprint = h.finish();
+                }
+                Err(e) => key_errors.push(ConfigError {
+                    file: path.to_owned(),
+                    line: s.line,
+                    column: 1,
+                    field: "source.key_file".into(),
+                    message: format!("{}: {e}", p.display()),
+                }),
+            }
+        }
+    }
+    if !key_errors.is_empty() {
+        return Err(ConfigErrors(key_errors));
     }
     // TLS files must be readable PEM now, not at the first reconnect.
     let mut tls_files = vec![(
@@ -924,7 +1032,47 @@ fn validate(
                     }
                 }
             }
-            SourceConfig::Coap(_) => {}
+            SourceConfig::Coap(c) => {
+                if c.auth == CoapAuth::FrameMac && c.key_file.is_none() {
+                    err(
+                        at,
+                        "source.key_file",
+                        format!(
+                            "source `{id}`: auth = \"frame_mac\" (the default) needs key_file, \
+                             the meters' keys; set auth = \"none\" to accept unauthenticated uplinks"
+                        ),
+                    );
+                }
+                for a in &c.allow {
+                    if nbiot_keys::IpRange::parse(a).is_none() {
+                        err(
+                            at,
+                            "source.allow",
+                            format!("source `{id}`: `{a}` is not an address or address/prefix"),
+                        );
+                    }
+                }
+                if !(1..=1_000_000).contains(&c.exchange_cache_entries) {
+                    err(
+                        at,
+                        "source.exchange_cache_entries",
+                        format!(
+                            "source `{id}`: {} is outside 1..=1000000",
+                            c.exchange_cache_entries
+                        ),
+                    );
+                }
+                if !(1..=3600).contains(&c.exchange_lifetime_s) {
+                    err(
+                        at,
+                        "source.exchange_lifetime_s",
+                        format!(
+                            "source `{id}`: {} is outside 1..=3600",
+                            c.exchange_lifetime_s
+                        ),
+                    );
+                }
+            }
             SourceConfig::HttpPush(h) => {
                 if h.secret.len() < 16 {
                     err(
@@ -932,6 +1080,25 @@ fn validate(
                         "source.secret",
                         format!("source `{id}`: the HMAC secret must be at least 16 bytes"),
                     );
+                }
+                for (field, value, range) in [
+                    ("max_connections", h.max_connections as u64, 1..=100_000),
+                    ("header_timeout_s", h.header_timeout_s, 1..=300),
+                    ("body_timeout_s", h.body_timeout_s, 1..=300),
+                    ("max_body_bytes", h.max_body_bytes as u64, 1..=(64 << 20)),
+                    ("nonce_window", h.nonce_window as u64, 1..=10_000_000),
+                ] {
+                    if !range.contains(&value) {
+                        err(
+                            at,
+                            &format!("source.{field}"),
+                            format!(
+                                "source `{id}`: {value} is outside {}..={}",
+                                range.start(),
+                                range.end()
+                            ),
+                        );
+                    }
                 }
             }
             SourceConfig::ModbusTcp(c) => field_errors(&mut err, at, id, c.validate()),
@@ -1090,7 +1257,7 @@ dir = "spool"
 id = "nbiot"
 kind = "coap"
 listen = "0.0.0.0:5683"
-
+auth = "none"
 [[source]]
 id = "conc"
 kind = "mqtt"
@@ -1102,6 +1269,52 @@ id = "cjt188:78330011223344"
 protocol = "cjt188"
 source = "nbiot"
 "#;
+
+    #[test]
+    fn coap_frame_mac_needs_a_loadable_key_file_and_push_limits_are_checked() {
+        let no_keys = GOOD.replace("auth = \"none\"", "allow = [\"10.64.0.0/10\", \"bogus\"]");
+        let e = parse(&no_keys, Path::new("gw.toml")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("source.key_file") && text.contains("auth = \"none\""),
+            "{text}"
+        );
+        assert!(text.contains("`bogus` is not an address"), "{text}");
+        let dir = std::env::temp_dir().join(format!("wm-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = "000102030405060708090a0b0c0d0e0f";
+        std::fs::write(
+            dir.join("keys.toml"),
+            format!("\"cjt188:78330011223344\" = \"{key}\"\n"),
+        )
+        .unwrap();
+        let with_keys = GOOD.replace("auth = \"none\"", "key_file = \"keys.toml\"");
+        std::fs::write(dir.join("gw.toml"), &with_keys).unwrap();
+        let c = load(&dir.join("gw.toml")).unwrap();
+        let SourceConfig::Coap(coap) = &c.sources[0].config else {
+            panic!("coap first")
+        };
+        assert_eq!(coap.auth, CoapAuth::FrameMac);
+        assert_eq!(
+            coap.key_file.as_deref(),
+            Some(dir.join("keys.toml").as_path())
+        );
+        assert_ne!(coap.key_file_fingerprint, 0);
+        assert!(!format!("{c:?}").contains(key));
+        std::fs::write(
+            dir.join("keys.toml"),
+            "\"cjt188:78330011223344\" = \"00zz\"\n",
+        )
+        .unwrap();
+        let e = load(&dir.join("gw.toml")).unwrap_err().to_string();
+        assert!(e.contains("source.key_file") && !e.contains("00zz"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+        let push = format!(
+            "{GOOD}\n[[source]]\nid = \"p\"\nkind = \"http_push\"\nlisten = \"127.0.0.1:0\"\nsecret = \"0123456789abcdef\"\nbody_timeout_s = 0\n"
+        );
+        let e = parse(&push, Path::new("gw.toml")).unwrap_err().to_string();
+        assert!(e.contains("source.body_timeout_s"), "{e}");
+    }
 
     #[test]
     fn good_config_loads_with_defaults() {

@@ -15,11 +15,28 @@
 //! - Confirmable retransmissions (same peer and message id within the exchange lifetime) get the
 //!   cached answer and are not processed again.
 //! - When the spool cannot take the readings the answer is 5.03, so the meter retries later.
-//! - A valve reply (control 0x84) completes the command sent in an earlier reply.
+//! - A valve reply (control 0x84) completes the command sent in an earlier reply, if it echoes
+//!   that command's SER.
+//!
+//! Security (`docs/reliability.md`, "Security"):
+//! - `auth = "frame_mac"` (the default): the payload is the frames followed by the trailer of
+//!   [`model::auth::seal_uplink`] (8-byte counter, 8-byte truncated HMAC-SHA256 under the
+//!   meter's key from the key file). The meter is the one named by the frames' address, and
+//!   its key must verify the trailer; the counter must grow (a repeat of the last counter gets
+//!   the last answer again, an older one is refused), and the last counters are kept in
+//!   `nbiot-counters.json` in the spool directory across restarts. Anything else is answered
+//!   4.01 and counted (`wm_gateway_security_refused_total{reason}`). Only then are readings
+//!   spooled, a queued command released (sealed under the same key, direction downlink, with
+//!   the uplink's counter) and a valve reply applied: a command reaches and is acknowledged by
+//!   only the meter that holds the key.
+//! - `allow`: datagrams from addresses outside the operator ranges are dropped unanswered.
+//! - The retransmission cache is bounded by count (oldest dropped first) and age.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapResponse, MessageClass, MessageType, Packet, RequestType, ResponseType};
@@ -29,8 +46,11 @@ use time::{OffsetDateTime, UtcOffset};
 use tokio::net::UdpSocket;
 
 use crate::downlink::Downlink;
+use crate::listener::ListenerStats;
 use crate::normalise::{self, FrameContext};
 use crate::source::SourceContext;
+use edge_config::nbiot_keys::{IpRange, NbiotKeys};
+use model::auth::{self, Direction};
 
 /// Why the CoAP source stopped.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +63,9 @@ pub enum CoapError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// The key file could not be loaded (the message names no key).
+    #[error("CoAP key file: {0}")]
+    Keys(String),
 }
 
 /// Why an uplink payload (CoAP `/up` body, push envelope payload) was refused as a whole.
@@ -132,6 +155,15 @@ pub(crate) fn frame_clock(frame: &Cjt188Frame) -> Option<time::PrimitiveDateTime
     }
 }
 
+/// How a CoAP source authenticates uplinks.
+#[derive(Debug, Clone)]
+pub enum CoapAuthMode {
+    /// Nobody is authenticated (commands are then bound only to the frame's address).
+    None,
+    /// Counter + MAC trailer under each meter's key.
+    FrameMac(Arc<NbiotKeys>),
+}
+
 /// CoAP source settings (from `edge_config::CoapSourceConfig`).
 #[derive(Debug, Clone)]
 pub struct CoapOptions {
@@ -139,10 +171,196 @@ pub struct CoapOptions {
     pub listen: SocketAddr,
     /// UTC offset of the meters' clocks; `None` = use the receive time.
     pub meter_utc_offset: Option<UtcOffset>,
+    /// Uplink authentication.
+    pub auth: CoapAuthMode,
+    /// Operator address ranges (empty: any).
+    pub allow: Vec<IpRange>,
+    /// Most entries of the retransmission cache.
+    pub cache_entries: usize,
+    /// How long a message id is remembered.
+    pub exchange_lifetime: Duration,
+    /// Where the meters' last counters are kept (`nbiot-counters.json`); `None`: memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Counters shown on `/metrics`.
+    pub stats: Arc<ListenerStats>,
+}
+
+impl CoapOptions {
+    /// Unauthenticated options with default limits (tests, benches).
+    pub fn open(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            meter_utc_offset: None,
+            auth: CoapAuthMode::None,
+            allow: Vec::new(),
+            cache_entries: 10_000,
+            exchange_lifetime: EXCHANGE_LIFETIME,
+            state_dir: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Options of a configured source; reads its key file.
+    ///
+    /// # Errors
+    /// [`CoapError::Keys`] if the key file cannot be read.
+    pub fn from_config(
+        c: &edge_config::CoapSourceConfig,
+        state_dir: Option<PathBuf>,
+    ) -> Result<Self, CoapError> {
+        let auth = match (c.auth, &c.key_file) {
+            (edge_config::CoapAuth::None, _) => CoapAuthMode::None,
+            (edge_config::CoapAuth::FrameMac, Some(p)) => CoapAuthMode::FrameMac(Arc::new(
+                edge_config::nbiot_keys::load(p).map_err(|e| CoapError::Keys(e.to_string()))?,
+            )),
+            (edge_config::CoapAuth::FrameMac, None) => {
+                return Err(CoapError::Keys("frame_mac needs key_file".into()));
+            }
+        };
+        Ok(Self {
+            listen: c.listen,
+            meter_utc_offset: c
+                .meter_utc_offset_minutes
+                .and_then(|m| UtcOffset::from_whole_seconds(i32::from(m) * 60).ok()),
+            auth,
+            allow: c.allow.iter().filter_map(|a| IpRange::parse(a)).collect(),
+            cache_entries: c.exchange_cache_entries,
+            exchange_lifetime: Duration::from_secs(c.exchange_lifetime_s),
+            state_dir,
+            stats: Arc::default(),
+        })
+    }
 }
 
 /// RFC 7252 EXCHANGE_LIFETIME: how long a message id is remembered for deduplication.
 const EXCHANGE_LIFETIME: Duration = Duration::from_secs(247);
+
+type ExchangeKey = (SocketAddr, u16);
+
+/// Replies by (peer, message id), bounded by count and age. A flood of distinct message ids
+/// pushes the oldest entries out instead of growing memory (it was a `HashMap` pruned only of
+/// expired entries: 60,000 requests doubled the gateway's memory).
+#[derive(Debug)]
+pub struct ExchangeCache {
+    map: HashMap<ExchangeKey, (Instant, Vec<u8>)>,
+    /// Insertion order; an entry whose key was re-inserted later is skipped when popped.
+    order: VecDeque<(Instant, ExchangeKey)>,
+    max_entries: usize,
+    lifetime: Duration,
+}
+
+impl ExchangeCache {
+    /// A cache of at most `max_entries` replies, each kept for `lifetime`.
+    pub fn new(max_entries: usize, lifetime: Duration) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            max_entries: max_entries.max(1),
+            lifetime,
+        }
+    }
+
+    /// The cached reply of an exchange still within its lifetime.
+    pub fn get(&self, key: &ExchangeKey, now: Instant) -> Option<&[u8]> {
+        self.map
+            .get(key)
+            .filter(|(at, _)| now.duration_since(*at) < self.lifetime)
+            .map(|(_, r)| r.as_slice())
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((at, key)) = self.order.pop_front()
+            && self.map.get(&key).is_some_and(|(t, _)| *t == at)
+        {
+            self.map.remove(&key);
+        }
+    }
+
+    /// Remembers a reply; returns how many live entries were dropped to make room.
+    pub fn insert(&mut self, key: ExchangeKey, now: Instant, reply: Vec<u8>) -> u64 {
+        while self
+            .order
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= self.lifetime)
+        {
+            self.pop_front();
+        }
+        let mut evicted = 0;
+        while self.map.len() >= self.max_entries && !self.order.is_empty() {
+            let before = self.map.len();
+            self.pop_front();
+            evicted += u64::from(self.map.len() < before);
+        }
+        self.map.insert(key, (now, reply));
+        self.order.push_back((now, key));
+        evicted
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+/// The last accepted counter of each authenticated meter and the answer it got.
+#[derive(Debug, Default)]
+struct MeterCounters {
+    last: HashMap<MeterId, (u64, ResponseType, Vec<u8>)>,
+    path: Option<PathBuf>,
+    dirty: bool,
+}
+
+impl MeterCounters {
+    fn load(dir: Option<PathBuf>) -> Self {
+        let path = dir.map(|d| d.join("nbiot-counters.json"));
+        let mut last = HashMap::new();
+        if let Some(p) = &path
+            && let Ok(text) = std::fs::read_to_string(p)
+        {
+            match serde_json::from_str::<HashMap<MeterId, u64>>(&text) {
+                Ok(m) => {
+                    last = m
+                        .into_iter()
+                        .map(|(k, c)| (k, (c, ResponseType::Changed, Vec::new())))
+                        .collect();
+                }
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "unreadable NB-IoT counters; starting afresh")
+                }
+            }
+        }
+        Self {
+            last,
+            path,
+            dirty: false,
+        }
+    }
+
+    /// Writes the counters (atomically) if they changed.
+    fn flush(&mut self) {
+        let Some(path) = &self.path else { return };
+        if !self.dirty {
+            return;
+        }
+        let map: HashMap<&MeterId, u64> = self.last.iter().map(|(k, v)| (k, v.0)).collect();
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec(&map)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        match result {
+            Ok(()) => self.dirty = false,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "could not save NB-IoT counters")
+            }
+        }
+    }
+}
 
 /// Returns a short, stable error kind (`bad_checksum`...) from an error's variant name.
 pub fn error_kind(e: &impl std::fmt::Debug) -> String {
@@ -169,8 +387,18 @@ struct Server {
     ctx: SourceContext,
     opts: CoapOptions,
     downlink: Arc<Downlink>,
-    seen: HashMap<(SocketAddr, u16), (Instant, Vec<u8>)>,
+    seen: ExchangeCache,
+    counters: MeterCounters,
     ser: u8,
+}
+
+/// An uplink that passed authentication: its meter, frames, the frames' bytes and, under
+/// `frame_mac`, the key and counter that sealed it.
+struct Authenticated<'a> {
+    meter: MeterId,
+    frames: Vec<UplinkFrame>,
+    body: &'a [u8],
+    seal: Option<([u8; 16], u64)>,
 }
 
 /// Binds the UDP socket (so errors surface at start) and returns the bound address.
@@ -191,19 +419,29 @@ pub async fn run(
     downlink: Arc<Downlink>,
 ) -> Result<(), CoapError> {
     let shutdown = ctx.shutdown.clone();
+    let counters = MeterCounters::load(opts.state_dir.clone());
     let mut server = Server {
+        seen: ExchangeCache::new(opts.cache_entries, opts.exchange_lifetime),
         ctx,
         opts,
         downlink,
-        seen: HashMap::new(),
+        counters,
         ser: 0,
     };
     // The largest UDP datagram: a meter that missed days sends a long history, and a shorter
     // buffer would silently cut it.
     let mut buf = vec![0u8; 65_535];
+    let mut flush = tokio::time::interval(Duration::from_secs(5));
     loop {
         let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                server.counters.flush();
+                return Ok(());
+            }
+            _ = flush.tick() => {
+                server.counters.flush();
+                continue;
+            }
             r = socket.recv_from(&mut buf) => r.map_err(|source| CoapError::Socket { addr: server.opts.listen, source })?,
         };
         let Some(datagram) = buf.get(..n) else {
@@ -220,6 +458,12 @@ pub async fn run(
 impl Server {
     async fn handle(&mut self, datagram: &[u8], peer: SocketAddr) -> Option<Vec<u8>> {
         let source_id = self.ctx.source_id.clone();
+        if !self.opts.allow.is_empty() && !self.opts.allow.iter().any(|r| r.contains(peer.ip())) {
+            // Dropped unanswered: no reply traffic towards spoofed or foreign addresses.
+            self.opts.stats.refuse("address_not_allowed");
+            tracing::debug!(source = %source_id, %peer, "CoAP datagram from outside the operator ranges");
+            return None;
+        }
         let packet = match Packet::from_bytes(datagram) {
             Ok(p) => p,
             Err(e) => {
@@ -238,11 +482,9 @@ impl Server {
         }
         let key = (peer, packet.header.message_id);
         let now = Instant::now();
-        if let Some((at, reply)) = self.seen.get(&key)
-            && now.duration_since(*at) < EXCHANGE_LIFETIME
-        {
+        if let Some(reply) = self.seen.get(&key, now) {
             tracing::debug!(%peer, mid = key.1, "CoAP retransmission; resending the cached reply");
-            return Some(reply.clone());
+            return Some(reply.to_vec());
         }
         let mut response = CoapResponse::new(&packet)?;
         let path: Vec<String> = packet
@@ -269,27 +511,94 @@ impl Server {
                 return None;
             }
         };
-        if self.seen.len() > 10_000 {
-            self.seen
-                .retain(|_, (at, _)| now.duration_since(*at) < EXCHANGE_LIFETIME);
-        }
-        self.seen.insert(key, (now, bytes.clone()));
+        let evicted = self.seen.insert(key, now, bytes.clone());
+        let stats = &self.opts.stats;
+        stats.cache_evicted.fetch_add(evicted, Ordering::Relaxed);
+        stats
+            .cache_entries
+            .store(self.seen.len() as u64, Ordering::Relaxed);
         Some(bytes)
     }
 
     /// Handles one uplink payload (one or more CJ/T 188 frames of one meter); returns the CoAP
     /// status and reply payload.
+    /// Checks an uplink under `frame_mac`: the frames' meter, its key, the trailer and the
+    /// counter. `Err` is the answer to send (a repeat of the last counter gets the last
+    /// answer; anything else 4.01, counted by reason).
+    fn authenticate<'a>(
+        &mut self,
+        raw: &'a [u8],
+        keys: &NbiotKeys,
+        peer: SocketAddr,
+    ) -> Result<Authenticated<'a>, (ResponseType, Vec<u8>)> {
+        let refuse = |stats: &ListenerStats, reason: &'static str, meter: Option<&MeterId>| {
+            stats.refuse(reason);
+            tracing::warn!(%peer, reason, meter = ?meter.map(MeterId::as_str), "refused an unauthenticated CoAP uplink");
+            Err((ResponseType::Unauthorized, Vec::new()))
+        };
+        let stats = Arc::clone(&self.opts.stats);
+        let Some((body, _, _)) = auth::split_sealed(raw) else {
+            return refuse(&stats, "no_trailer", None);
+        };
+        let Ok((meter, frames)) = parse_uplink(body) else {
+            return refuse(&stats, "unparsable", None);
+        };
+        let Some(key) = keys.get(&meter).copied() else {
+            return refuse(&stats, "unknown_meter", Some(&meter));
+        };
+        let Ok((body, counter)) = auth::open_uplink(&key, Direction::Uplink, meter.as_str(), raw)
+        else {
+            return refuse(&stats, "bad_mac", Some(&meter));
+        };
+        if let Some((last, status, reply)) = self.counters.last.get(&meter) {
+            if counter == *last {
+                // The meter repeats its last uplink (its retransmission outlived the exchange
+                // cache): the same answer again, nothing processed twice.
+                return Err((*status, reply.clone()));
+            }
+            if counter <= *last {
+                return refuse(&stats, "stale_counter", Some(&meter));
+            }
+        }
+        Ok(Authenticated {
+            meter,
+            frames,
+            body,
+            seal: Some((key, counter)),
+        })
+    }
+
     async fn uplink(&mut self, raw: &[u8], peer: SocketAddr) -> (ResponseType, Vec<u8>) {
         let source_id = self.ctx.source_id.clone();
         let channel = peer.to_string();
-        let (meter, frames) = match parse_uplink(raw) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                self.ctx.sink.frame_received(&source_id);
-                self.ctx.sink.decode_failed(&source_id, e.code());
-                tracing::warn!(source = %source_id, error = %e, payload = %hex::encode(raw), "refused a CoAP uplink");
-                return (ResponseType::BadRequest, e.to_string().into_bytes());
+        let authenticated = match &self.opts.auth {
+            CoapAuthMode::FrameMac(keys) => {
+                let keys = Arc::clone(keys);
+                self.authenticate(raw, &keys, peer)
             }
+            CoapAuthMode::None => match parse_uplink(raw) {
+                Ok((meter, frames)) => Ok(Authenticated {
+                    meter,
+                    frames,
+                    body: raw,
+                    seal: None,
+                }),
+                Err(e) => {
+                    self.ctx.sink.frame_received(&source_id);
+                    self.ctx.sink.decode_failed(&source_id, e.code());
+                    tracing::warn!(source = %source_id, error = %e, payload = %hex::encode(raw), "refused a CoAP uplink");
+                    Err((ResponseType::BadRequest, e.to_string().into_bytes()))
+                }
+            },
+        };
+        let Authenticated {
+            meter,
+            frames,
+            body: raw,
+            seal,
+        } = match authenticated {
+            Ok(a) => a,
+            Err(answer) => return answer,
         };
         let received_at = OffsetDateTime::now_utc();
         // Without a configured zone the meter clocks only order the frames (see
@@ -303,13 +612,16 @@ impl Server {
             if frame.di == cjt188::DI_VALVE && frame.is_reply() {
                 // The meter's answer to a valve command sent in an earlier reply; applied once
                 // the payload's readings are spooled.
-                valve_replies.push(match (&frame.payload, frame.is_abnormal()) {
-                    (_, true) => Err("meter answered the valve command abnormally".to_owned()),
-                    (Payload::Status(st), false) if st & cjt188::ST_VALVE_ABNORMAL != 0 => {
-                        Err(format!("valve abnormal (status {st:#06x})"))
-                    }
-                    _ => Ok(()),
-                });
+                valve_replies.push((
+                    frame.ser,
+                    match (&frame.payload, frame.is_abnormal()) {
+                        (_, true) => Err("meter answered the valve command abnormally".to_owned()),
+                        (Payload::Status(st), false) if st & cjt188::ST_VALVE_ABNORMAL != 0 => {
+                            Err(format!("valve abnormal (status {st:#06x})"))
+                        }
+                        _ => Ok(()),
+                    },
+                ));
                 continue;
             }
             let meter_ts = match (&frame.payload, self.opts.meter_utc_offset) {
@@ -338,13 +650,24 @@ impl Server {
             tracing::error!(source = %source_id, error = %e, "could not spool readings; meter will retry");
             return (ResponseType::ServiceUnavailable, Vec::new());
         }
-        for result in valve_replies {
-            self.downlink.meter_replied(&meter, result);
+        for (ser, result) in valve_replies {
+            self.downlink.meter_replied(&meter, Some(ser), result);
         }
-        let reply = match frames.first() {
+        let mut reply = match frames.first() {
             Some((first, _)) => self.pending_frame(&meter, first),
             None => Vec::new(),
         };
+        if let Some((key, counter)) = seal {
+            if !reply.is_empty() {
+                // Only the meter holding the key can check (and act on) the command.
+                reply =
+                    auth::seal_uplink(&key, Direction::Downlink, meter.as_str(), counter, &reply);
+            }
+            self.counters
+                .last
+                .insert(meter, (counter, ResponseType::Changed, reply.clone()));
+            self.counters.dirty = true;
+        }
         (ResponseType::Changed, reply)
     }
 
@@ -365,7 +688,7 @@ impl Server {
             self.ser = self.ser.wrapping_add(1);
             let frame =
                 Cjt188Frame::valve_control(uplink.meter_type, uplink.address, self.ser, open);
-            self.downlink.sent_to_meter(&cmd);
+            self.downlink.sent_to_meter(&cmd, Some(self.ser));
             return cjt188::encode(&frame);
         }
         Vec::new()
@@ -390,5 +713,27 @@ mod tests {
             BadChecksum { _x: u8 },
         }
         assert_eq!(error_kind(&E::BadChecksum { _x: 1 }), "bad_checksum");
+    }
+
+    #[test]
+    fn exchange_cache_is_bounded_by_count_and_age() {
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let mut cache = ExchangeCache::new(3, Duration::from_secs(10));
+        let t0 = Instant::now();
+        let mut evicted = 0;
+        for mid in 0..5u16 {
+            evicted += cache.insert((peer, mid), t0, vec![mid as u8]);
+        }
+        assert_eq!((cache.len(), evicted), (3, 2));
+        assert_eq!(cache.get(&(peer, 0), t0), None);
+        assert_eq!(cache.get(&(peer, 4), t0), Some(&[4u8][..]));
+        // Past the lifetime nothing is returned, and the next insert drops the expired ones.
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(cache.get(&(peer, 4), later), None);
+        assert_eq!(cache.insert((peer, 9), later, vec![9]), 0);
+        assert_eq!(cache.len(), 1);
+        // Re-inserting a key keeps one entry for it.
+        cache.insert((peer, 9), later + Duration::from_secs(11), vec![10]);
+        assert_eq!(cache.len(), 1);
     }
 }

@@ -44,6 +44,10 @@ struct LogLine {
     /// The command itself while it waits in the NB-IoT queue (so a restart re-queues it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     command: Option<DeviceCommand>,
+    /// The CJ/T 188 SER the command went out with (NB-IoT `sent`): only a reply echoing it
+    /// completes the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ser: Option<u8>,
 }
 
 /// Persistent last state per command id.
@@ -137,8 +141,9 @@ pub struct Downlink {
     log: Mutex<CommandLog>,
     routes: RwLock<Routes>,
     queue: Mutex<HashMap<MeterId, VecDeque<DeviceCommand>>>,
-    /// Commands sent in a CoAP reply, waiting for the meter's confirmation.
-    awaiting: Mutex<HashMap<MeterId, DeviceCommand>>,
+    /// Commands sent in a CoAP reply, waiting for the meter's confirmation, with the SER
+    /// they went out with.
+    awaiting: Mutex<HashMap<MeterId, (DeviceCommand, Option<u8>)>>,
     acks: mpsc::UnboundedSender<CommandAck>,
     states: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -185,12 +190,12 @@ impl Downlink {
                 .or_default()
                 .push_back(c.clone());
         }
-        let awaiting: HashMap<MeterId, DeviceCommand> = log
+        let awaiting: HashMap<MeterId, (DeviceCommand, Option<u8>)> = log
             .latest
             .values()
             .filter(|l| l.ack.state == CommandState::Sent)
-            .filter_map(|l| l.command.clone())
-            .map(|c| (c.device.clone(), c))
+            .filter_map(|l| l.command.clone().map(|c| (c, l.ser)))
+            .map(|(c, ser)| (c.device.clone(), (c, ser)))
             .collect();
         let (acks, rx) = mpsc::unbounded_channel();
         Ok((
@@ -213,6 +218,16 @@ impl Downlink {
     }
 
     fn transition(&self, cmd: &DeviceCommand, state: CommandState, keep_command: bool) {
+        self.transition_ser(cmd, state, keep_command, None);
+    }
+
+    fn transition_ser(
+        &self,
+        cmd: &DeviceCommand,
+        state: CommandState,
+        keep_command: bool,
+        ser: Option<u8>,
+    ) {
         let ack = CommandAck {
             v: model::WIRE_VERSION,
             id: cmd.id.clone(),
@@ -228,6 +243,7 @@ impl Downlink {
         lock(&self.log).record(LogLine {
             ack: ack.clone(),
             command: keep_command.then(|| cmd.clone()),
+            ser,
         });
         // The control connection may be gone at shutdown; the state is in the log anyway.
         self.acks.send(ack).ok();
@@ -365,7 +381,8 @@ impl Downlink {
         }
     }
 
-    /// Reports and drops queued NB-IoT commands whose TTL has passed.
+    /// Reports and drops NB-IoT commands whose TTL has passed: queued ones, and sent ones the
+    /// meter never confirmed (so a command cannot sit in `sent` forever).
     pub fn expire_queued(&self) {
         let now = OffsetDateTime::now_utc();
         let expired: Vec<DeviceCommand> = {
@@ -378,6 +395,17 @@ impl Downlink {
                 out.extend(gone);
             }
             q.retain(|_, c| !c.is_empty());
+            let mut awaiting = lock(&self.awaiting);
+            let gone: Vec<MeterId> = awaiting
+                .iter()
+                .filter(|(_, (c, _))| c.is_expired(now))
+                .map(|(m, _)| m.clone())
+                .collect();
+            out.extend(
+                gone.iter()
+                    .filter_map(|m| awaiting.remove(m))
+                    .map(|(c, _)| c),
+            );
             out
         };
         for cmd in expired {
@@ -385,11 +413,12 @@ impl Downlink {
         }
     }
 
-    /// The command went out in a CoAP reply; the meter's confirmation is awaited.
-    pub fn sent_to_meter(&self, cmd: &DeviceCommand) {
+    /// The command went out in a CoAP reply with CJ/T 188 SER `ser`; the meter's confirmation
+    /// is awaited until the command's TTL.
+    pub fn sent_to_meter(&self, cmd: &DeviceCommand, ser: Option<u8>) {
         // Kept with the command so a restart still matches the meter's reply to it.
-        self.transition(cmd, CommandState::Sent, true);
-        lock(&self.awaiting).insert(cmd.device.clone(), cmd.clone());
+        self.transition_ser(cmd, CommandState::Sent, true, ser);
+        lock(&self.awaiting).insert(cmd.device.clone(), (cmd.clone(), ser));
     }
 
     /// The command could not be encoded or sent; it is reported failed.
@@ -397,17 +426,34 @@ impl Downlink {
         self.transition(cmd, CommandState::Failed { reason }, false);
     }
 
-    /// The meter answered the command sent to it (valve reply): acknowledged or failed.
-    pub fn meter_replied(&self, meter: &MeterId, ok: Result<(), String>) {
-        let Some(cmd) = lock(&self.awaiting).remove(meter) else {
-            tracing::debug!(%meter, "command reply without a command awaiting it");
-            return;
+    /// The meter answered the command sent to it (valve reply with SER `ser`): acknowledged or
+    /// failed. A reply whose SER is not the one the command went out with completes nothing
+    /// (a stale or forged reply); returns whether a command was completed.
+    pub fn meter_replied(&self, meter: &MeterId, ser: Option<u8>, ok: Result<(), String>) -> bool {
+        let cmd = {
+            let mut awaiting = lock(&self.awaiting);
+            match awaiting.get(meter) {
+                None => {
+                    tracing::debug!(%meter, "command reply without a command awaiting it");
+                    return false;
+                }
+                Some((_, Some(sent))) if ser.is_some_and(|s| s != *sent) => {
+                    tracing::warn!(%meter, ?ser, sent, "command reply with another SER; ignored");
+                    return false;
+                }
+                Some(_) => {}
+            }
+            match awaiting.remove(meter) {
+                Some((cmd, _)) => cmd,
+                None => return false,
+            }
         };
         let state = match ok {
             Ok(()) => CommandState::Acknowledged,
             Err(reason) => CommandState::Failed { reason },
         };
         self.transition(&cmd, state, false);
+        true
     }
 
     /// The latest state of every command that changed state at or after `since`, oldest
@@ -529,13 +575,15 @@ mod tests {
         dl.set_routes(routes(tx.clone()));
         let next = dl.next_for(&meter).unwrap();
         assert_eq!(next.id.0, "v");
-        dl.sent_to_meter(&next);
+        dl.sent_to_meter(&next, Some(7));
         assert_eq!(acks.recv().await.unwrap().state, CommandState::Sent);
         drop(dl);
         // A restart between sending and the meter's reply still completes the command.
         let (dl, mut acks) = Downlink::open(GatewayId::new("gw-1").unwrap(), dir.path()).unwrap();
         dl.set_routes(routes(tx.clone()));
-        dl.meter_replied(&meter, Ok(()));
+        // A reply with another SER (stale or forged) completes nothing.
+        assert!(!dl.meter_replied(&meter, Some(8), Ok(())));
+        assert!(dl.meter_replied(&meter, Some(7), Ok(())));
         let ack = acks.recv().await.unwrap();
         assert_eq!(
             (ack.id.0.as_str(), ack.state),
@@ -555,6 +603,22 @@ mod tests {
             ("short", CommandState::Expired)
         );
         assert_eq!(dl.queued(), 0);
+        // A sent command the meter never confirms expires by its TTL too.
+        dl.handle(cmd("silent", meter.as_str(), 1)).await;
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        let sent = dl.next_for(&meter).unwrap();
+        dl.sent_to_meter(&sent, Some(1));
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Sent);
+        dl.expire_queued();
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        dl.expire_queued();
+        let ack = acks.recv().await.unwrap();
+        assert_eq!(
+            (ack.id.0.as_str(), ack.state),
+            ("silent", CommandState::Expired)
+        );
+        // Its late reply no longer acknowledges anything.
+        assert!(!dl.meter_replied(&meter, Some(1), Ok(())));
         let mut text = String::new();
         dl.render_prometheus(&mut text);
         assert!(

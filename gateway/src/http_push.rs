@@ -1,31 +1,42 @@
 //! IoT-platform HTTP push source: `POST /v1/push` with an envelope JSON body, signed with
-//! `X-Timestamp` and `X-Signature: hex(HMAC-SHA256(secret, "<timestamp>\n<body>"))`.
+//! `X-Timestamp`, `X-Nonce` and `X-Signature: hex(HMAC-SHA256(secret, canonical))` where the
+//! canonical string ([`model::auth::canonical_request`], the one the API uses for IF-METER-004)
+//! covers method, path, timestamp, nonce and the body's SHA-256.
 //!
-//! Replies 202 after the readings are spooled, 401 for a bad or missing signature or a
-//! timestamp outside the allowed skew, 400 for a body that is not a known envelope or whose
-//! frames do not decode, 503 when the spool cannot take the readings.
+//! Replies 202 after the readings are spooled, 401 for a bad or missing signature, a
+//! timestamp outside the allowed skew, or a nonce already used within the replay window
+//! (`model::auth::NonceWindow`), 400 for a body that is not a known envelope or whose frames
+//! do not decode, 503 when the spool cannot take the readings or the replay window is full.
+//!
+//! Replays: the nonce window refuses a replay while its timestamp is accepted, the skew check
+//! afterwards. If the platform gives no receive time, the readings are placed at the signed
+//! `X-Timestamp`, never at our receive time, so even a replay the window cannot see (after a
+//! restart) produces the same reading keys and the pipeline deduplicates it.
 //!
 //! An envelope's payload may hold several CJ/T 188 frames back to back (a daily meter's hourly
 //! history, oldest first); every frame's readings are spooled, all envelopes of a body in one
 //! submit, before the 202. As on CoAP it is all or nothing: one bad frame anywhere in the body
 //! refuses the whole body with 400 ([`crate::coap::UplinkError`], counted once), so a 202
 //! never hides a dropped reading.
+//!
+//! Connection limits, header and body timeouts and the bounded shutdown are
+//! [`crate::listener`]'s.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::routing::post;
 use decoders::{cjt188, envelope};
-use hmac::{Hmac, Mac};
+use model::auth::{NonceWindow, RequestAuthError, SignedHeaders};
 use model::{ClockSource, SourceKind};
-use sha2::Sha256;
 use time::OffsetDateTime;
 
 use crate::coap::{error_kind, frame_clock, parse_uplink};
+use crate::listener::{HttpLimits, ListenerStats};
 use crate::normalise::{self, FrameContext};
 use crate::source::SourceContext;
 
@@ -36,58 +47,111 @@ pub struct HttpPushOptions {
     pub secret: String,
     /// Largest accepted |now − X-Timestamp|, seconds.
     pub max_skew_s: u64,
+    /// Most nonces held in the replay window.
+    pub nonce_window: usize,
+    /// Connection limits and timeouts.
+    pub limits: HttpLimits,
+    /// Counters shown on `/metrics`.
+    pub stats: Arc<ListenerStats>,
+}
+
+impl HttpPushOptions {
+    /// Options from a source's configuration, with fresh counters.
+    pub fn from_config(c: &edge_config::HttpPushSourceConfig) -> Self {
+        use std::time::Duration;
+        Self {
+            secret: c.secret.clone(),
+            max_skew_s: c.max_skew_s,
+            nonce_window: c.nonce_window,
+            limits: HttpLimits {
+                max_connections: c.max_connections,
+                header_timeout: Duration::from_secs(c.header_timeout_s),
+                body_timeout: Duration::from_secs(c.body_timeout_s),
+                max_body_bytes: c.max_body_bytes,
+                ..HttpLimits::push_defaults()
+            },
+            stats: Arc::default(),
+        }
+    }
 }
 
 struct PushState {
     opts: HttpPushOptions,
     ctx: SourceContext,
+    nonces: Mutex<NonceWindow>,
 }
 
-/// Checks the signature headers of a push.
+/// Checks the signature headers of a push to `method path` and, if they verify, records the
+/// nonce in `nonces`; returns the signed timestamp.
+///
+/// # Errors
+/// [`RequestAuthError`] for the first problem (replays included).
 pub fn verify(
+    method: &str,
+    path: &str,
     headers: &HeaderMap,
     body: &[u8],
     opts: &HttpPushOptions,
+    nonces: &Mutex<NonceWindow>,
     now: i64,
-) -> Result<(), String> {
-    let ts = headers
-        .get("x-timestamp")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("missing X-Timestamp")?;
-    let ts_num: i64 = ts.parse().map_err(|_| "X-Timestamp is not unix seconds")?;
-    if now.abs_diff(ts_num) > opts.max_skew_s {
-        return Err(format!(
-            "X-Timestamp {ts_num} is more than {} s from now",
-            opts.max_skew_s
-        ));
-    }
-    let sig = headers
-        .get("x-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or("missing X-Signature")?;
-    let sig = hex::decode(sig.trim()).map_err(|_| "X-Signature is not hex")?;
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(opts.secret.as_bytes()).map_err(|_| "unusable secret")?;
-    mac.update(ts.as_bytes());
-    mac.update(b"\n");
-    mac.update(body);
-    // Constant-time comparison.
-    mac.verify_slice(&sig)
-        .map_err(|_| "signature mismatch".to_owned())
+) -> Result<i64, RequestAuthError> {
+    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let signed = SignedHeaders {
+        timestamp: get("x-timestamp"),
+        nonce: get("x-nonce"),
+        signature: get("x-signature"),
+    };
+    let ts = model::auth::verify_request(
+        opts.secret.as_bytes(),
+        method,
+        path,
+        signed,
+        body,
+        now,
+        opts.max_skew_s,
+    )?;
+    // Only a verified request may take a place in the window (else anyone could fill it).
+    let nonce = signed.nonce.unwrap_or_default();
+    nonces
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .check_and_insert(nonce, ts, now)?;
+    Ok(ts)
 }
 
 async fn push(
     State(state): State<Arc<PushState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> (StatusCode, String) {
     let source_id = state.ctx.source_id.as_str();
     let now = OffsetDateTime::now_utc();
-    if let Err(why) = verify(&headers, &body, &state.opts, now.unix_timestamp()) {
-        tracing::warn!(source = source_id, reason = %why, "refused unauthenticated push");
-        return (StatusCode::UNAUTHORIZED, why);
-    }
+    let signed_at = match verify(
+        method.as_str(),
+        uri.path(),
+        &headers,
+        &body,
+        &state.opts,
+        &state.nonces,
+        now.unix_timestamp(),
+    ) {
+        Ok(ts) => ts,
+        Err(why) => {
+            state.opts.stats.refuse(why.code());
+            tracing::warn!(source = source_id, %peer, reason = %why, "refused a push");
+            let status = if why == RequestAuthError::WindowFull {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            return (status, why.to_string());
+        }
+    };
+    // The signed timestamp, checked within the skew: a replay carries the same one.
+    let signed_at = OffsetDateTime::from_unix_timestamp(signed_at).unwrap_or(now);
     let envelopes = match envelope::decode_envelopes(&body) {
         Ok(e) => e,
         Err(e) => {
@@ -114,9 +178,11 @@ async fn push(
         };
         // The platform's receive time is closer to the measurement than ours; older frames of
         // a history are placed before it by their clocks.
+        // Without one, the signed X-Timestamp (the platform's send time) anchors the frames,
+        // not our receive time, so a replayed push yields the same reading keys.
         let (anchor, clock) = match env.received_at {
             Some(at) => (at, ClockSource::Platform),
-            None => (now, ClockSource::Gateway),
+            None => (signed_at, ClockSource::Platform),
         };
         let clocks: Vec<_> = frames.iter().map(|(f, _)| frame_clock(f)).collect();
         let timestamps = normalise::relative_timestamps(&clocks, anchor);
@@ -160,23 +226,29 @@ pub async fn bind(listen: SocketAddr) -> std::io::Result<(tokio::net::TcpListene
     Ok((l, addr))
 }
 
-/// Serves pushes until `ctx.shutdown`.
+/// Serves pushes until `ctx.shutdown`; returns within the shutdown grace whatever the
+/// clients do.
 pub async fn run(
     listener: tokio::net::TcpListener,
     opts: HttpPushOptions,
     ctx: SourceContext,
 ) -> std::io::Result<()> {
     let shutdown = ctx.shutdown.clone();
+    let (limits, stats) = (opts.limits.clone(), Arc::clone(&opts.stats));
+    let nonces = Mutex::new(NonceWindow::new(opts.nonce_window, opts.max_skew_s));
     let app = Router::new()
         .route("/v1/push", post(push))
-        .with_state(Arc::new(PushState { opts, ctx }));
-    // The peer address is each pushed reading's channel.
-    axum::serve(
+        .with_state(Arc::new(PushState { opts, ctx, nonces }));
+    crate::listener::serve_http(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app,
+        limits,
+        crate::listener::tcp_budget(),
+        stats,
+        shutdown,
     )
-    .with_graceful_shutdown(shutdown.cancelled_owned())
-    .await
+    .await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -184,26 +256,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hmac_signature_and_skew() {
-        let opts = HttpPushOptions {
+    fn signed_push_verifies_once() {
+        let mut opts = HttpPushOptions::from_config(&edge_config::HttpPushSourceConfig {
+            id: "p".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
             secret: "0123456789abcdef".into(),
             max_skew_s: 300,
-        };
+            max_connections: 4,
+            header_timeout_s: 1,
+            body_timeout_s: 1,
+            max_body_bytes: 1024,
+            nonce_window: 10,
+        });
+        opts.max_skew_s = 300;
+        let nonces = Mutex::new(NonceWindow::new(10, 300));
         let body = br#"{"device_id":"d","payload":"00"}"#;
-        let mut mac = Hmac::<Sha256>::new_from_slice(b"0123456789abcdef").unwrap();
-        mac.update(b"1000\n");
-        mac.update(body);
-        let sig = hex::encode(mac.finalize().into_bytes());
+        let nonce = "0123456789abcdef-n1";
+        let sig =
+            model::auth::sign_request(b"0123456789abcdef", "POST", "/v1/push", 1000, nonce, body);
         let mut h = HeaderMap::new();
         h.insert("x-timestamp", "1000".parse().unwrap());
+        h.insert("x-nonce", nonce.parse().unwrap());
         h.insert("x-signature", sig.parse().unwrap());
-        assert_eq!(verify(&h, body, &opts, 1100), Ok(()));
-        assert!(verify(&h, body, &opts, 1400).unwrap_err().contains("300"));
-        assert!(verify(&h, b"tampered", &opts, 1100).is_err());
+        let check = |h: &HeaderMap, body: &[u8], now| {
+            verify("POST", "/v1/push", h, body, &opts, &nonces, now)
+        };
+        assert_eq!(check(&h, body, 1100), Ok(1000));
+        assert_eq!(check(&h, body, 1101), Err(RequestAuthError::Replay));
+        assert_eq!(
+            check(&h, body, 1400).map_err(|e| e.code()),
+            Err("clock_skew")
+        );
+        assert_eq!(
+            check(&h, b"tampered", 1100),
+            Err(RequestAuthError::Mismatch)
+        );
         h.remove("x-signature");
         assert_eq!(
-            verify(&h, body, &opts, 1100),
-            Err("missing X-Signature".into())
+            check(&h, body, 1100),
+            Err(RequestAuthError::Missing("X-Signature"))
         );
     }
 }

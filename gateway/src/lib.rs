@@ -12,6 +12,7 @@ pub mod control;
 pub mod device_set;
 pub mod downlink;
 pub mod http_push;
+pub mod listener;
 pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_source;

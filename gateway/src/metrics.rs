@@ -1,4 +1,8 @@
 //! Prometheus text endpoint: `GET /metrics` on the configured listener.
+//!
+//! Served by [`crate::listener::serve_http`] on its own listener with its own small connection
+//! limit and short timeouts, outside the push listeners' budget, so misbehaving push clients
+//! cannot make it unreachable.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +37,8 @@ pub struct Metrics {
     pub downlink: Arc<Downlink>,
     /// Per-device health of polling sources.
     pub health: HealthRegistry,
+    /// Listener counters (connections, timeouts, CoAP cache, security refusals).
+    pub listeners: crate::listener::ListenerRegistry,
 }
 
 impl Metrics {
@@ -52,6 +58,7 @@ impl Metrics {
         ));
         self.uplink.render_prometheus(&mut out, s.depth);
         self.downlink.render_prometheus(&mut out);
+        self.listeners.render_prometheus(&mut out);
         // Each source renders whole families; merge them so every `# TYPE` appears once.
         let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let registry = self.health.lock().unwrap_or_else(PoisonError::into_inner);
@@ -97,17 +104,16 @@ pub async fn serve(
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let limits = crate::listener::HttpLimits::metrics_defaults();
+    let stats = metrics.listeners.register("metrics");
+    // Its own permit pool: the push listeners' budget never starves it.
+    let budget = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let app = Router::new()
         .route("/metrics", get(handler))
         .with_state(metrics);
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
+    tokio::spawn(crate::listener::serve_http(
+        listener, app, limits, budget, stats, shutdown,
+    ));
     Ok(addr)
 }
 
@@ -133,6 +139,7 @@ mod tests {
             uplink: Arc::default(),
             downlink,
             health,
+            listeners: Default::default(),
         };
         let text = m.render();
         assert_eq!(

@@ -39,6 +39,14 @@ pub enum RuntimeError {
         /// Underlying error.
         source: std::io::Error,
     },
+    /// A source's key file could not be loaded (the message names no key).
+    #[error("source `{source_id}`: {message}")]
+    Keys {
+        /// The source.
+        source_id: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The TLS material of an MQTT connection is unusable.
     #[error("{what}: {source}")]
     Tls {
@@ -88,6 +96,7 @@ pub struct Gateway {
     device_set_version: u64,
     /// Device sets received from the registry, until taken by the caller's loop.
     device_set_updates: Option<mpsc::Receiver<crate::device_set::DeviceSetUpdate>>,
+    listeners: crate::listener::ListenerRegistry,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -201,6 +210,7 @@ impl Gateway {
             }
         }));
         let health = crate::metrics::HealthRegistry::default();
+        let listeners = crate::listener::ListenerRegistry::default();
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
@@ -209,6 +219,7 @@ impl Gateway {
                 spool: spool.clone(),
                 uplink: Arc::clone(&uplink_stats),
                 downlink: Arc::clone(&downlink),
+                listeners: listeners.clone(),
             },
             shutdown.clone(),
         )
@@ -233,6 +244,7 @@ impl Gateway {
             health,
             device_set_version: 0,
             device_set_updates: None,
+            listeners,
         };
         if gw.config.registry.device_sets {
             gw.start_device_sets(device_set_endpoint, &client_base);
@@ -371,14 +383,19 @@ impl Gateway {
                         addr,
                         source,
                     },
+                    other => RuntimeError::Keys {
+                        source_id: id.clone(),
+                        message: other.to_string(),
+                    },
                 })?;
                 let addr = socket.local_addr().ok();
-                let opts = coap::CoapOptions {
-                    listen: c.listen,
-                    meter_utc_offset: c
-                        .meter_utc_offset_minutes
-                        .and_then(|m| time::UtcOffset::from_whole_seconds(i32::from(m) * 60).ok()),
-                };
+                let mut opts =
+                    coap::CoapOptions::from_config(c, Some(self.config.spool.dir.clone()))
+                        .map_err(|e| RuntimeError::Keys {
+                            source_id: id.clone(),
+                            message: e.to_string(),
+                        })?;
+                opts.stats = self.listeners.register(&id);
                 let dl = Arc::clone(&self.downlink);
                 let sid = id.clone();
                 let task = tokio::spawn(async move {
@@ -397,10 +414,8 @@ impl Gateway {
                             addr: c.listen,
                             source,
                         })?;
-                let opts = http_push::HttpPushOptions {
-                    secret: c.secret.clone(),
-                    max_skew_s: c.max_skew_s,
-                };
+                let mut opts = http_push::HttpPushOptions::from_config(c);
+                opts.stats = self.listeners.register(&id);
                 let sid = id.clone();
                 let task = tokio::spawn(async move {
                     if let Err(e) = http_push::run(listener, opts, ctx).await {

@@ -47,7 +47,7 @@ dir = "spool"
 id = "nbiot"
 kind = "coap"
 listen = "0.0.0.0:5683"
-
+auth = "none"
 [[device]]
 id = "cjt188:78330011223344"
 protocol = "cjt188"

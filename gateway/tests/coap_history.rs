@@ -67,6 +67,7 @@ id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
+auth = "none"
 "#,
     );
     let config = edge_config::parse(&toml, "h.toml".as_ref()).expect("config");

@@ -88,6 +88,7 @@ async fn coap_uplink_downlink_status_and_metrics() {
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
+auth = "none"
 "#,
     );
     let config = edge_config::parse(&toml, "e2e.toml".as_ref()).expect("config");

@@ -58,6 +58,7 @@ listen = "127.0.0.1:0"
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:{coap_port}"
+auth = "none"
 "#,
         cid = root.replace('/', "-"),
         spool = dir.join("spool").display()

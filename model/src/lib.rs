@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod alarm;
+pub mod auth;
 mod command;
 mod device_set;
 mod meter;

@@ -174,6 +174,9 @@ pub struct FleetConfig {
     pub nbiot_without_valve: BTreeSet<u32>,
     /// NB-IoT CoAP meters.
     pub coap: Option<CoapConfig>,
+    /// Seed of the CoAP meters' keys ([`crate::nbiot::meter_key`]): with one, they seal every
+    /// uplink and check every downlink (the gateway's `auth = "frame_mac"`); without, plain.
+    pub nbiot_key_seed: Option<String>,
     /// IoT-platform HTTP push.
     pub http_push: Option<HttpPushConfig>,
     /// wM-Bus meters.
@@ -198,6 +201,7 @@ impl FleetConfig {
             nbiot_uplink: NbiotUplink::Hourly,
             nbiot_without_valve: BTreeSet::new(),
             coap: None,
+            nbiot_key_seed: None,
             http_push: None,
             wmbus: None,
             mbus: None,
@@ -815,6 +819,11 @@ impl Driver {
             match route {
                 Some(Route::Coap) => {
                     let Some(c) = &self.config.coap else { continue };
+                    let key = self
+                        .config
+                        .nbiot_key_seed
+                        .as_deref()
+                        .map(|seed| crate::nbiot::meter_key(seed, spec.id.as_str()));
                     let job = CoapJob {
                         gateway: c.gateway,
                         engine: Arc::clone(&self.engine),
@@ -825,6 +834,7 @@ impl Driver {
                         frame,
                         copies,
                         valve: !self.config.nbiot_without_valve.contains(&e.meter),
+                        key,
                         token: (crate::profile::mix(u64::from(e.meter) ^ (step << 32)) as u32)
                             .to_be_bytes(),
                     };
@@ -1021,10 +1031,24 @@ struct CoapJob {
     copies: u32,
     /// The meter has a valve; without one it refuses valve commands.
     valve: bool,
+    /// The meter's key: uplinks sealed, downlinks checked.
+    key: Option<[u8; 16]>,
     token: [u8; 4],
 }
 
 impl CoapJob {
+    /// The payload as sent: sealed with a fresh counter when the meter has a key.
+    fn seal(&self, payload: &[u8]) -> (Vec<u8>, Option<u64>) {
+        match &self.key {
+            Some(key) => {
+                let (sealed, counter) =
+                    crate::nbiot::seal_uplink(key, self.spec.id.as_str(), payload);
+                (sealed, Some(counter))
+            }
+            None => (payload.to_vec(), None),
+        }
+    }
+
     async fn run(self) {
         let socket = match UdpSocket::bind(unspecified(self.gateway)).await {
             Ok(s) => s,
@@ -1043,21 +1067,39 @@ impl CoapJob {
         };
         for _ in 0..self.copies {
             let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
-            let response =
-                match coap_post(&socket, self.gateway, mid, self.token, self.frame.clone()).await {
-                    Ok(r) => r,
-                    Err(err) => {
-                        tracing::warn!(meter = %self.spec.id, error = %err, "coap uplink failed");
-                        add(&self.counters.errors, 1);
-                        continue;
-                    }
-                };
+            let (payload, counter) = self.seal(&self.frame);
+            let response = match coap_post(&socket, self.gateway, mid, self.token, payload).await {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!(meter = %self.spec.id, error = %err, "coap uplink failed");
+                    add(&self.counters.errors, 1);
+                    continue;
+                }
+            };
             add(&self.counters.coap_uplinks, 1);
+            let response = match (&self.key, counter) {
+                (Some(key), Some(counter)) => {
+                    match crate::nbiot::open_downlink(
+                        key,
+                        self.spec.id.as_str(),
+                        counter,
+                        &response,
+                    ) {
+                        Some(body) => body,
+                        None => {
+                            add(&self.counters.errors, 1);
+                            continue;
+                        }
+                    }
+                }
+                _ => response,
+            };
             let Some(cmd) = downlink_valve(&response, &address) else {
                 continue;
             };
             if !self.valve {
                 let refusal = valve_refusal(meter_type, address, cmd, cjt188_status(&self.e));
+                let (refusal, _) = self.seal(&refusal);
                 let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
                 match coap_post(&socket, self.gateway, mid, self.token, refusal).await {
                     Ok(_) => add(&self.counters.coap_valve_refused, 1),
@@ -1073,6 +1115,7 @@ impl CoapJob {
             let mut after = self.e;
             after.status.valve_closed = !cmd.open;
             let reply = valve_reply(meter_type, address, cmd, cjt188_status(&after));
+            let (reply, _) = self.seal(&reply);
             let mid = self.message_id.fetch_add(1, Ordering::Relaxed);
             match coap_post(&socket, self.gateway, mid, self.token, reply).await {
                 Ok(_) => add(&self.counters.coap_valve_replies, 1),

@@ -50,6 +50,19 @@ enum Command {
         #[arg(long, default_value_t = 24)]
         tolerance_hours: i64,
     },
+    /// Prints the gateway's NB-IoT key file (`"cjt188:…" = "hex"`) for the CJ/T 188 meters of a
+    /// fleet whose CoAP meters run with `--coap-key-seed SEED`.
+    NbiotKeys {
+        /// Scenario file (default: the plain fleet of `demo --meters`).
+        #[arg(long)]
+        scenario: Option<PathBuf>,
+        /// Meters of the plain fleet (without --scenario).
+        #[arg(long, default_value_t = 200)]
+        meters: u32,
+        /// The seed given to `demo --coap-key-seed`.
+        #[arg(long, env = "WM_NBIOT_KEY_SEED")]
+        key_seed: String,
+    },
     /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
     /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
     WmbusKeys {
@@ -102,6 +115,10 @@ struct DemoArgs {
     /// NB-IoT CoAP meters.
     #[arg(long, default_value_t = 50)]
     coap_meters: u32,
+    /// Seed of the CoAP meters' keys: they then seal uplinks for the gateway's
+    /// `auth = "frame_mac"` (key file: `simulate nbiot-keys`).
+    #[arg(long, env = "WM_NBIOT_KEY_SEED")]
+    coap_key_seed: Option<String>,
     /// Gateway HTTP push address (HOST:PORT).
     #[arg(long)]
     gateway_http: Option<String>,
@@ -223,6 +240,28 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Some(Command::NbiotKeys {
+            scenario,
+            meters,
+            key_seed,
+        }) => {
+            let s = match &scenario {
+                Some(p) => Scenario::load(p)?,
+                None => demo_scenario(meters),
+            };
+            let pop = simulators::engine::Population::new(&s);
+            let keys = edge_config::nbiot_keys::NbiotKeys::from_pairs(
+                pop.meters
+                    .iter()
+                    .filter(|m| matches!(m.address, model::MeterAddress::Cjt188 { .. }))
+                    .map(|m| {
+                        let key = simulators::nbiot::meter_key(&key_seed, m.id.as_str());
+                        (m.id.clone(), key)
+                    }),
+            );
+            print!("{}", keys.to_toml());
+            Ok(())
+        }
         Some(Command::GroundTruth { scenario }) => {
             let s = Scenario::load(&scenario)?;
             let truth = simulators::engine::ground_truth(&s);
@@ -311,6 +350,14 @@ fn resolve(what: &str, addr: &str) -> anyhow::Result<std::net::SocketAddr> {
         .with_context(|| format!("{what} {addr:?} resolves to no address"))
 }
 
+/// The plain fleet of `demo --meters N` (also what `nbiot-keys` writes keys for).
+fn demo_scenario(meters: u32) -> Scenario {
+    let start = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    let mut s = Scenario::plain(meters, 365, 1, start);
+    s.fleet.mbus_meters = meters / 5;
+    s
+}
+
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     use simulators::fleet::{
         CoapConfig, ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, HttpPushConfig,
@@ -318,12 +365,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let scenario = match &args.scenario {
         Some(p) => Scenario::load(p)?,
-        None => {
-            let start = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
-            let mut s = Scenario::plain(args.meters, 365, 1, start);
-            s.fleet.mbus_meters = args.meters / 5;
-            s
-        }
+        None => demo_scenario(args.meters),
     };
     let mut config = FleetConfig::new(scenario);
     config.step_every = std::time::Duration::from_millis(args.step_ms);
@@ -339,6 +381,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             gateway: resolve("--gateway-coap", a)?,
             meters: args.coap_meters,
         });
+        config.nbiot_key_seed = args.coap_key_seed.clone();
     }
     if let Some(a) = &args.gateway_http {
         config.http_push = Some(HttpPushConfig {

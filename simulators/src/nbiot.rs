@@ -6,6 +6,11 @@
 //! is the next queued downlink (valve control) or empty; the meter executes a valve command
 //! and answers with the valve reply (C=84) as another POST, or, without a valve, refuses it
 //! with the abnormal reply (C=C4).
+//!
+//! With a key ([`meter_key`], from the fleet's `nbiot_key_seed`) a meter speaks the gateway's
+//! `frame_mac` scheme (`model::auth`): every uplink is sealed with a fresh counter
+//! ([`next_counter`]) and a MAC, and a downlink is executed only if it is sealed under the
+//! meter's key for the counter of the uplink it answers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +18,9 @@ use std::time::Duration;
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use decoders::cjt188::{self, Cjt188Frame, Payload};
 use hmac::{Hmac, Mac};
+use model::auth::{self, Direction};
 use sha2::Sha256;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
@@ -205,17 +212,83 @@ pub fn valve_refusal(meter_type: u8, address: [u8; 7], cmd: ValveCommand, status
     cjt188::encode(&Cjt188Frame::abnormal_reply(&request, status))
 }
 
-/// Returns `hex(HMAC-SHA256(secret, "<timestamp>\n<body>"))`, the push signature.
-pub fn push_signature(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+/// The NB-IoT key of `meter` derived from the fleet's key seed:
+/// `HMAC-SHA256(seed, "wm-sim-nbiot-key" ‖ meter id)[..16]`. Simulation only: real meters get
+/// random keys at provisioning.
+pub fn meter_key(seed: &str, meter: &str) -> [u8; 16] {
+    let mut key = [0u8; 16];
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => return String::new(),
-    };
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b"\n");
-    mac.update(body);
-    hex::encode(mac.finalize().into_bytes())
+    if let Ok(mut mac) = <Hmac<Sha256> as Mac>::new_from_slice(seed.as_bytes()) {
+        mac.update(b"wm-sim-nbiot-key");
+        mac.update(meter.as_bytes());
+        for (k, b) in key.iter_mut().zip(mac.finalize().into_bytes()) {
+            *k = b;
+        }
+    }
+    key
+}
+
+/// The next uplink counter. One process-wide sequence started at the wall clock in
+/// microseconds, so every meter's counters grow, also across simulator restarts.
+pub fn next_counter() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut current = NEXT.load(Ordering::Relaxed);
+    loop {
+        let next = current.saturating_add(1).max(now);
+        match NEXT.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => current = seen,
+        }
+    }
+}
+
+/// Seals an uplink payload of `meter` with `key` and a fresh counter; returns it with the
+/// counter (the gateway's reply to it is sealed for that counter).
+pub fn seal_uplink(key: &[u8; 16], meter: &str, payload: &[u8]) -> (Vec<u8>, u64) {
+    let counter = next_counter();
+    (
+        auth::seal_uplink(key, Direction::Uplink, meter, counter, payload),
+        counter,
+    )
+}
+
+/// The body of a sealed downlink for `meter` answering the uplink with `counter`; `None` (and
+/// a warning) if it is not sealed under the meter's key for that counter: the meter ignores it.
+pub fn open_downlink(key: &[u8; 16], meter: &str, counter: u64, payload: &[u8]) -> Option<Vec<u8>> {
+    if payload.is_empty() {
+        return Some(Vec::new());
+    }
+    match auth::open_uplink(key, Direction::Downlink, meter, payload) {
+        Ok((body, c)) if c == counter => Some(body.to_vec()),
+        Ok(_) => {
+            tracing::warn!(meter, "downlink sealed for another uplink; ignored");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(meter, error = %e, "unauthenticated downlink; ignored");
+            None
+        }
+    }
+}
+
+/// A nonce no other push of this process uses.
+fn push_nonce() -> String {
+    format!("sim-{}-{}", std::process::id(), next_counter())
+}
+
+/// Returns the push signature over the canonical request (`model::auth::sign_request`).
+pub fn push_signature(
+    secret: &[u8],
+    path: &str,
+    timestamp: i64,
+    nonce: &str,
+    body: &[u8],
+) -> String {
+    auth::sign_request(secret, "POST", path, timestamp, nonce, body)
 }
 
 /// POSTs `body` to `http://{addr}{path}` with the push headers (timestamp = wall clock now)
@@ -231,13 +304,14 @@ pub async fn http_push(
     body: &[u8],
 ) -> Result<u16, DeviceError> {
     let ts = time::OffsetDateTime::now_utc().unix_timestamp();
-    let sig = push_signature(secret, ts, body);
+    let nonce = push_nonce();
+    let sig = push_signature(secret, path, ts, &nonce, body);
     let mut stream = TcpStream::connect(addr)
         .await
         .map_err(io("connecting to the push endpoint"))?;
     let head = format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
+         Content-Length: {}\r\nX-Timestamp: {ts}\r\nX-Nonce: {nonce}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream
@@ -281,11 +355,62 @@ mod tests {
     use super::*;
 
     #[test]
-    fn signature_is_hmac_of_timestamp_newline_body() {
-        // Reference computed with: printf '1700000000\n{}' | openssl dgst -sha256 -hmac secret
+    fn signature_is_the_canonical_request_hmac() {
+        // The reference pinned in model::auth's tests (computed with openssl).
         assert_eq!(
-            push_signature(b"secret", 1_700_000_000, b"{}"),
-            "346a8f68fec04c9eee008b1bb9797f79920c7c67fdc75c2c67108852e95a3505"
+            push_signature(
+                b"secret",
+                "/v1/push",
+                1_700_000_000,
+                "n-0123456789abcdef",
+                b"{}"
+            ),
+            "30a14b2f8db96ad37995955e1350a6bfd5feacf1b29c13da236591e1d3301294"
+        );
+        let (a, b) = (push_nonce(), push_nonce());
+        assert_ne!(a, b);
+        assert!((16..=64).contains(&a.len()), "{a}");
+    }
+
+    #[test]
+    fn sealed_exchange_round_trip() {
+        let key = meter_key("seed", "cjt188:78330000000042");
+        assert_ne!(key, meter_key("seed", "cjt188:78330000000043"));
+        let (sealed, counter) = seal_uplink(&key, "cjt188:78330000000042", b"frame");
+        let (_, next) = seal_uplink(&key, "cjt188:78330000000042", b"frame");
+        assert!(next > counter);
+        assert_eq!(
+            auth::open_uplink(&key, Direction::Uplink, "cjt188:78330000000042", &sealed),
+            Ok((&b"frame"[..], counter))
+        );
+        let down = auth::seal_uplink(
+            &key,
+            Direction::Downlink,
+            "cjt188:78330000000042",
+            counter,
+            b"cmd",
+        );
+        assert_eq!(
+            open_downlink(&key, "cjt188:78330000000042", counter, &down),
+            Some(b"cmd".to_vec())
+        );
+        // Sealed for another uplink, or not sealed at all: ignored.
+        assert_eq!(
+            open_downlink(&key, "cjt188:78330000000042", next, &down),
+            None
+        );
+        assert_eq!(
+            open_downlink(
+                &key,
+                "cjt188:78330000000042",
+                counter,
+                b"cmd-plain-long-enough"
+            ),
+            None
+        );
+        assert_eq!(
+            open_downlink(&key, "cjt188:78330000000042", counter, b""),
+            Some(vec![])
         );
     }
 

@@ -165,7 +165,11 @@ async fn http_pushes_are_signed_envelopes_around_cjt188_frames() {
                 .to_owned()
         };
         let ts: i64 = header("X-Timestamp").parse().unwrap();
-        assert_eq!(header("X-Signature"), push_signature(b"s3cret", ts, &body));
+        let nonce = header("X-Nonce");
+        assert_eq!(
+            header("X-Signature"),
+            push_signature(b"s3cret", "/v1/push", ts, &nonce, &body)
+        );
         let env = decoders::envelope::decode_envelope(&body).unwrap();
         let decoded = cjt188::decode(&env.payload).unwrap();
         let id = format!("cjt188:{}", decoded.meter.id);

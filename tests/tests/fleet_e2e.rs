@@ -33,6 +33,7 @@ const MBUS_METERS: u32 = 10;
 const COAP_METERS: u32 = 10;
 const PUSH_METERS: u32 = 5;
 const PUSH_SECRET: &str = "fleet-e2e-push-secret";
+const NBIOT_KEY_SEED: &str = "fleet-e2e-nbiot-keys";
 const CONCENTRATOR_METERS: u32 = 20;
 const STEPS: u64 = 5;
 const SEED: u64 = 11;
@@ -218,6 +219,19 @@ async fn simulated_fleet_through_gateway_and_pipeline_into_postgres() {
             )
         })
         .collect();
+    // The CoAP meters authenticate (auth = "frame_mac"): their keys in the gateway's key file.
+    let nbiot_keys = dir.path().join("nbiot-keys.toml");
+    std::fs::write(
+        &nbiot_keys,
+        coap_ids
+            .iter()
+            .map(|m| {
+                let key = simulators::nbiot::meter_key(NBIOT_KEY_SEED, m);
+                format!("\"{m}\" = \"{}\"\n", hex::encode(key))
+            })
+            .collect::<String>(),
+    )
+    .expect("key file");
     let client_base = root.replace('/', "-");
     let toml = format!(
         r#"gateway_id = "{GW}"
@@ -239,6 +253,7 @@ id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
+key_file = "{nbiot_keys}"
 
 [[source]]
 id = "platform"
@@ -273,6 +288,7 @@ map = "generic-emf"
 poll_interval = "1s"
 "#,
         spool = dir.path().join("spool").display(),
+        nbiot_keys = nbiot_keys.display(),
     );
     let config = edge_config::parse(&toml, "fleet-e2e.toml".as_ref()).expect("gateway config");
     let (_acks_client, mut acks) = subscribe("fleet-acks", &format!("{root}/{GW}/cmd-ack")).await;
@@ -346,6 +362,7 @@ poll_interval = "1s"
         gateway: coap,
         meters: COAP_METERS,
     });
+    fleet_config.nbiot_key_seed = Some(NBIOT_KEY_SEED.into());
     fleet_config.http_push = Some(HttpPushConfig {
         gateway: platform,
         path: "/v1/push".into(),
@@ -578,6 +595,7 @@ id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
+auth = "none"
 "#,
         cid = root.replace('/', "-"),
         spool = dir.path().join("spool").display(),

@@ -264,19 +264,36 @@ pub async fn coap_post(
     reply
 }
 
-/// POSTs `body` to the HTTP push endpoint signed with HMAC-SHA256 over `"{ts}\n" + body`;
-/// returns the HTTP status.
+/// A nonce no other push of this process uses.
+pub fn fresh_nonce() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("t-{}-{n}-{nanos}", std::process::id())
+}
+
+/// POSTs `body` to the HTTP push endpoint signed over the canonical request
+/// (`model::auth::sign_request`) with a fresh nonce; returns the HTTP status.
 pub async fn signed_push(addr: std::net::SocketAddr, body: &[u8], ts: i64, secret: &str) -> u16 {
-    use hmac::{Hmac, Mac};
-    use sha2::Sha256;
+    signed_push_with_nonce(addr, body, ts, secret, &fresh_nonce()).await
+}
+
+/// [`signed_push`] with a given nonce (replay tests).
+pub async fn signed_push_with_nonce(
+    addr: std::net::SocketAddr,
+    body: &[u8],
+    ts: i64,
+    secret: &str,
+    nonce: &str,
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{ts}\n").as_bytes());
-    mac.update(body);
-    let sig = hex::encode(mac.finalize().into_bytes());
+    let sig = model::auth::sign_request(secret.as_bytes(), "POST", "/v1/push", ts, nonce, body);
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let head = format!(
-        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
+        "POST /v1/push HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: {}\r\nX-Timestamp: {ts}\r\nX-Nonce: {nonce}\r\nX-Signature: {sig}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();
