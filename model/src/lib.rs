@@ -27,8 +27,8 @@ pub use alarm::{Alarm, AlarmKind, AlarmSeverity};
 pub use command::{CommandAck, CommandAction, CommandId, CommandState, DeviceCommand};
 pub use meter::{GatewayId, MeterAddress, MeterId, MeterIdError, partition_of};
 pub use reading::{
-    BatchEntry, ClockSource, EstimationMethod, Provenance, Quality, QualityFlag, Reading,
-    ReadingBatch, RejectReason, SourceKind, WIRE_VERSION,
+    BatchEntry, ClockSource, EstimationMethod, IngestAck, Provenance, Quality, QualityFlag,
+    Reading, ReadingBatch, RejectReason, SourceKind, WIRE_VERSION,
 };
 pub use rust_decimal::Decimal;
 pub use unit::{Quantity, Unit, UnitError};
