@@ -681,6 +681,10 @@ impl Processor<'_> {
             }
             let job = self.process(batch).await;
             if jobs.send(job).await.is_err() {
+                // The writer stops early only when asked to (mid-retry): not an error then.
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
                 return Err(WorkerError::Mqtt("handing a batch to the writer"));
             }
         }

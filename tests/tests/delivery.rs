@@ -53,7 +53,7 @@ struct Broker {
 }
 
 impl Broker {
-    fn start(max_queued: u32, persistence: bool) -> Self {
+    async fn start(max_queued: u32, persistence: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = format!(
@@ -67,11 +67,11 @@ impl Broker {
             dir,
             child: None,
         };
-        b.spawn();
+        b.spawn().await;
         b
     }
 
-    fn spawn(&mut self) {
+    async fn spawn(&mut self) {
         let child = Command::new("mosquitto")
             .arg("-c")
             .arg(self.dir.path().join("mosquitto.conf"))
@@ -81,9 +81,9 @@ impl Broker {
             .expect("mosquitto installed (scripts/services.sh)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
             assert!(Instant::now() < deadline, "own mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -437,7 +437,7 @@ async fn every_spooled_reading_is_stored_once_through_broker_and_database_faults
         .connect(&proxied_url)
         .await
         .unwrap();
-    let mut broker = Broker::start(10, false);
+    let mut broker = Broker::start(10, false).await;
     let root = wm_tests::unique_prefix("faults");
     let worker_id = format!("{}-w", root.replace('/', "-"));
 
@@ -495,7 +495,7 @@ async fn every_spooled_reading_is_stored_once_through_broker_and_database_faults
     broker.kill();
     spool_readings(&mut writer, gw, 3 * quarter, total - 3 * quarter);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    broker.spawn();
+    broker.spawn().await;
     let recovery = Instant::now();
     let limit = if soak() {
         Duration::from_secs(900)
