@@ -258,6 +258,11 @@ pub struct UplinkConfig {
     /// about 1.5 keep-alives after the gateway vanishes.
     #[serde(default = "default_keep_alive_s")]
     pub keep_alive_s: u16,
+    /// Seconds sent readings wait for the pipeline's end-to-end acknowledgement before they
+    /// are sent again (default 30; doubles while nothing is acknowledged). 0: the broker's
+    /// PUBACK acknowledges instead, for a pipeline that publishes no `ingest-ack`.
+    #[serde(default = "default_ack_timeout_s")]
+    pub ack_timeout_s: u32,
 }
 
 impl UplinkConfig {
@@ -269,6 +274,10 @@ impl UplinkConfig {
 
 fn default_keep_alive_s() -> u16 {
     15
+}
+
+fn default_ack_timeout_s() -> u32 {
+    30
 }
 
 fn default_topic_root() -> String {

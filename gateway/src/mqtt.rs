@@ -195,13 +195,22 @@ impl MqttEndpoint {
 
 /// Polls `eventloop` on its own task until the connection fails; events arrive on the channel,
 /// the last message is the error. Dropping the receiver stops the task at the next event.
-pub fn drive(mut eventloop: EventLoop) -> mpsc::Receiver<Result<Event, ConnectionError>> {
-    let (tx, rx) = mpsc::channel(1024);
+///
+/// The channel is unbounded on purpose. With a bounded one, a burst fills it, the task waits
+/// to send and stops polling; a handler that meanwhile waits in `client.ack()` or `publish()`
+/// for room in the client's request channel, which only this task drains, never returns:
+/// both wait on each other, no PINGREQ goes out and the broker drops the connection, and the
+/// handler never sees the error (issue 25). Unbounded, the task never waits, so requests and
+/// pings always flow. What can pile up is bounded by what the broker sends without a PUBACK:
+/// the manual-ack sources and the control session acknowledge only after their work is done,
+/// and the broker stops at its in-flight window.
+pub fn drive(mut eventloop: EventLoop) -> mpsc::UnboundedReceiver<Result<Event, ConnectionError>> {
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let ev = eventloop.poll().await;
             let failed = ev.is_err();
-            if tx.send(ev).await.is_err() || failed {
+            if tx.send(ev).is_err() || failed {
                 break;
             }
         }
@@ -213,7 +222,10 @@ pub fn drive(mut eventloop: EventLoop) -> mpsc::Receiver<Result<Event, Connectio
 pub fn connect(
     options: MqttOptions,
     capacity: usize,
-) -> (AsyncClient, mpsc::Receiver<Result<Event, ConnectionError>>) {
+) -> (
+    AsyncClient,
+    mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+) {
     let (client, eventloop) = AsyncClient::new(options, capacity);
     (client, drive(eventloop))
 }

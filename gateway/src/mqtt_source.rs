@@ -291,12 +291,14 @@ async fn session_v5(
     }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     // Polled on its own task: the event loop must not be cancelled mid-write.
-    let (tx, mut events) = tokio::sync::mpsc::channel(256);
+    // Unbounded for the reason given at `mqtt::drive`: a bounded channel deadlocks with the
+    // handler's `ack()` under a burst.
+    let (tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let ev = eventloop.poll().await;
             let failed = ev.is_err();
-            if tx.send(ev).await.is_err() || failed {
+            if tx.send(ev).is_err() || failed {
                 break;
             }
         }

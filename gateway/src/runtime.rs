@@ -171,6 +171,13 @@ impl Gateway {
                 partitions: config.uplink.partitions,
                 batch_size: config.uplink.batch_size,
                 window: config.uplink.window,
+                ack_timeout: (config.uplink.ack_timeout_s > 0)
+                    .then(|| Duration::from_secs(u64::from(config.uplink.ack_timeout_s))),
+                max_unacked: config
+                    .uplink
+                    .batch_size
+                    .saturating_mul(usize::from(config.uplink.window))
+                    .saturating_mul(8),
             },
             spool.clone(),
             Arc::clone(&uplink_stats),

@@ -19,6 +19,14 @@
 //!   deduplicates by `seq`).
 //! - Past `max_bytes` the oldest segments are evicted even if unacknowledged, counted in
 //!   [`SpoolStats::evicted`] and logged as an error.
+//! - Identity (issue 25): sequence numbers are unique per *incarnation*, a random id kept in
+//!   `incarnation` and created with a fresh spool directory (or replaced by
+//!   [`Spool::rotate_incarnation`]). Numbers handed out are reserved ahead in `seq.reserve`
+//!   (fsynced before use), so when recovery had to drop records (a torn or corrupt tail)
+//!   numbering resumes above every number ever issued instead of reusing the dropped ones,
+//!   which the pipeline may already have committed. A corrupt record in the middle of a
+//!   segment costs only itself: recovery resynchronises on the next intact record, rewrites
+//!   the segment without the bad bytes and counts the gap as acknowledged.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -105,6 +113,8 @@ pub struct SpoolStats {
     pub next_seq: u64,
     /// Records acknowledged by the uplink since start.
     pub acked: u64,
+    /// Intact records found after a corrupt one (and kept) when the spool was opened.
+    pub resynced: u64,
 }
 
 /// One durable record as the uplink reads it.
@@ -185,6 +195,42 @@ struct Index {
     /// Where the acknowledgement watermark is saved.
     watermark_path: PathBuf,
     watermark_saved: Option<std::time::Instant>,
+    /// The spool's incarnation id (file [`INCARNATION_FILE`]).
+    incarnation: String,
+    /// Directory of the spool (for rotating the incarnation).
+    dir: PathBuf,
+}
+
+/// File holding the spool's incarnation id.
+const INCARNATION_FILE: &str = "incarnation";
+/// File holding the sequence reservation: every number below it may have been handed out.
+const RESERVE_FILE: &str = "seq.reserve";
+/// Numbers reserved at a time (one small fsynced write per million readings).
+const RESERVE_STEP: u64 = 1_000_000;
+
+/// A new random incarnation id: 16 hex digits from the process's random hasher keys, the
+/// clock and the process id (no RNG dependency needed for an id that only has to differ).
+fn new_incarnation() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
+/// Writes `text` to `path` durably (temporary file, fsync, rename, directory fsync).
+fn write_durable(dir: &Path, path: &Path, text: &str) -> Result<(), SpoolError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_dir(dir)
 }
 
 /// File holding the acknowledgement watermark: every seq below it was PUBACKed.
@@ -306,6 +352,8 @@ pub struct SpoolWriter {
     durable_len: u64,
     spool: Spool,
     buf: Vec<u8>,
+    /// Numbers below this are reserved in [`RESERVE_FILE`].
+    reserved: u64,
 }
 
 #[derive(Serialize)]
@@ -357,39 +405,101 @@ fn parse_record(buf: &[u8]) -> Option<Parsed<'_>> {
     })
 }
 
-/// Scans a segment file, truncating a torn or corrupt tail. Returns (count, len, truncated).
-fn recover_segment(path: &Path, first_seq: u64) -> Result<(u64, u64, bool), SpoolError> {
+/// Most records a corrupt region may hide before resynchronisation gives up on a candidate.
+const RESYNC_SEQ_WINDOW: u64 = 1 << 24;
+
+/// True when `buf` could start a record numbered in `next..next + RESYNC_SEQ_WINDOW` that fits.
+fn plausible(buf: &[u8], next: u64) -> bool {
+    let (Some(len), Some(seq)) = (buf.get(0..4), buf.get(8..16)) else {
+        return false;
+    };
+    let len = u32::from_le_bytes(len.try_into().unwrap_or_default());
+    let seq = u64::from_le_bytes(seq.try_into().unwrap_or_default());
+    len <= MAX_PAYLOAD
+        && len as usize >= PAYLOAD_PREFIX
+        && HEADER + len as usize <= buf.len()
+        && seq >= next
+        && seq - next < RESYNC_SEQ_WINDOW
+}
+
+/// What recovery found in one segment file.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Recovered {
+    /// Sequence span: last intact seq + 1 - first seq (0 when empty).
+    span: u64,
+    /// Bytes of intact records kept.
+    len: u64,
+    /// Sequence numbers inside the span whose records were lost (counted as acknowledged).
+    holes: Vec<u64>,
+    /// True when bytes were dropped (torn tail or corrupt records).
+    cut: bool,
+    /// Intact records kept after a corrupt one.
+    resynced: u64,
+}
+
+/// Scans a segment file. A torn or corrupt tail is cut; a corrupt record followed by intact
+/// ones is skipped by resynchronising on the next position where a record checks (length,
+/// CRC and a sequence number above the last one), and the file is rewritten without it.
+fn recover_segment(path: &Path, first_seq: u64) -> Result<Recovered, SpoolError> {
     let data = fs::read(path).map_err(io_err(path))?;
     let mut pos = 0usize;
-    let mut count = 0u64;
-    while let Some(rest) = data.get(pos..) {
-        if rest.is_empty() {
-            break;
+    let mut next = first_seq;
+    let mut out = Recovered::default();
+    // Byte ranges of intact records, to rewrite the file when something in between is bad.
+    let mut keep: Vec<(usize, usize)> = Vec::new();
+    let mut corrupt_at: Option<usize> = None;
+    let mut after_bad = false;
+    while pos < data.len() {
+        let rest = data.get(pos..).unwrap_or_default();
+        // While resynchronising, only positions whose length and sequence number are
+        // plausible are CRC-checked, so a large corrupt region costs linear time.
+        if corrupt_at.is_some() && !plausible(rest, next) {
+            pos += 1;
+            continue;
         }
         match parse_record(rest) {
-            Some(rec) if rec.seq == first_seq + count => {
+            Some(rec) if rec.seq >= next && (corrupt_at.is_some() || rec.seq == next) => {
+                if corrupt_at.take().is_some() {
+                    out.holes.extend(next..rec.seq);
+                }
+                if after_bad {
+                    out.resynced += 1;
+                }
+                keep.push((pos, pos + rec.size));
                 pos += rec.size;
-                count += 1;
+                next = rec.seq + 1;
             }
-            _ => break,
+            _ => {
+                // Not a record here: from now on, look for the next one byte by byte.
+                corrupt_at.get_or_insert(pos);
+                after_bad = true;
+                pos += 1;
+            }
         }
     }
-    let truncated = pos < data.len();
-    if truncated {
+    out.span = next - first_seq;
+    out.len = keep.iter().map(|(a, b)| (b - a) as u64).sum();
+    out.cut = out.len < data.len() as u64;
+    if out.cut {
         tracing::warn!(
             path = %path.display(),
-            valid_bytes = pos,
-            cut_bytes = data.len() - pos,
-            "spool segment has a torn or corrupt tail; truncating it"
+            kept_bytes = out.len,
+            dropped_bytes = data.len() as u64 - out.len,
+            lost_records = out.holes.len(),
+            resynced_records = out.resynced,
+            "spool segment has torn or corrupt records; keeping every intact one"
         );
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        f.set_len(pos as u64).map_err(io_err(path))?;
-        f.sync_all().map_err(io_err(path))?;
+        let mut clean = Vec::with_capacity(usize::try_from(out.len).unwrap_or(0));
+        for (a, b) in &keep {
+            clean.extend_from_slice(data.get(*a..*b).unwrap_or_default());
+        }
+        let tmp = path.with_extension("recover");
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(&clean).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
     }
-    Ok((count, pos as u64, truncated))
+    Ok(out)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
@@ -415,57 +525,112 @@ impl Spool {
             }
         }
         firsts.sort_unstable();
+        let incarnation_path = config.dir.join(INCARNATION_FILE);
+        let reserve_path = config.dir.join(RESERVE_FILE);
+        let stored_incarnation = fs::read_to_string(&incarnation_path)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| {
+                !t.is_empty() && t.len() <= 64 && t.bytes().all(|b| b.is_ascii_alphanumeric())
+            });
+        let reserved = fs::read_to_string(&reserve_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
         let mut index = Index {
             watermark_path: config.dir.join(WATERMARK_FILE),
+            dir: config.dir.clone(),
             ..Index::default()
         };
         let mut truncated = 0u64;
+        let mut resynced = 0u64;
+        let mut holes: Vec<u64> = Vec::new();
         for first in firsts {
             let path = segment_path(&config.dir, first);
-            let (count, len, cut) = recover_segment(&path, first)?;
-            truncated += u64::from(cut);
+            let rec = recover_segment(&path, first)?;
+            truncated += u64::from(rec.cut);
+            resynced += rec.resynced;
+            holes.extend(&rec.holes);
             index.segments.insert(
                 first,
                 Segment {
                     path,
                     first_seq: first,
-                    count,
-                    len,
+                    count: rec.span,
+                    len: rec.len,
                     acked: Vec::new(),
                     acked_count: 0,
                 },
             );
         }
-        let (active_first, active_count, active_len) = match index.segments.values().next_back() {
-            Some(s) => (s.first_seq, s.count, s.len),
-            None => {
-                let path = segment_path(&config.dir, 1);
-                File::create(&path).map_err(io_err(&path))?;
-                sync_dir(&config.dir)?;
-                index.segments.insert(
-                    1,
-                    Segment {
-                        path,
-                        first_seq: 1,
-                        count: 0,
-                        len: 0,
-                        acked: Vec::new(),
-                        acked_count: 0,
-                    },
-                );
-                (1, 0, 0)
+        let recovered_next = index
+            .segments
+            .values()
+            .next_back()
+            .map_or(1, |s| s.first_seq + s.count);
+        // Where numbering resumes. After a clean stop the next number follows the last
+        // record. When recovery dropped records, numbers up to the reservation may have
+        // been sent already, so numbering resumes above it; without a trustworthy
+        // reservation (or identity) the spool starts a new incarnation instead.
+        let (incarnation, next_seq) = match (stored_incarnation, reserved) {
+            (Some(inc), Some(_)) if truncated == 0 => (inc, recovered_next.max(1)),
+            (Some(inc), Some(r)) => (inc, recovered_next.max(r)),
+            (Some(inc), None) if truncated == 0 && index.segments.is_empty() => (inc, 1),
+            (prev, _) => {
+                let inc = new_incarnation();
+                if prev.is_some() || !index.segments.is_empty() {
+                    tracing::warn!(incarnation = %inc, "spool identity cannot be trusted (no reservation or identity file); numbering under a new incarnation");
+                }
+                write_durable(&config.dir, &incarnation_path, &inc)?;
+                (inc, recovered_next)
             }
         };
-        let next_seq = active_first + active_count;
+        index.incarnation = incarnation;
+        let reserve_to = next_seq + RESERVE_STEP;
+        write_durable(&config.dir, &reserve_path, &reserve_to.to_string())?;
+        // The writer appends to the last segment only when numbering continues it; after a
+        // jump it starts a new one (segments hold consecutive numbers).
+        let continues = index
+            .segments
+            .values()
+            .next_back()
+            .is_some_and(|s| s.first_seq + s.count == next_seq);
+        if !continues {
+            let path = segment_path(&config.dir, next_seq);
+            File::create(&path).map_err(io_err(&path))?;
+            sync_dir(&config.dir)?;
+            index.segments.insert(
+                next_seq,
+                Segment {
+                    path,
+                    first_seq: next_seq,
+                    count: 0,
+                    len: 0,
+                    acked: Vec::new(),
+                    acked_count: 0,
+                },
+            );
+        }
+        let (active_first, active_count, active_len) = index
+            .segments
+            .values()
+            .next_back()
+            .map_or((next_seq, 0, 0), |s| (s.first_seq, s.count, s.len));
         index.stats.truncated = truncated;
+        index.stats.resynced = resynced;
         index.stats.next_seq = next_seq;
-        // Records below the saved watermark were PUBACKed before the restart: not sent again.
+        // Records below the saved watermark were acknowledged before the restart: not sent
+        // again. Lost records (holes) count as acknowledged: there is nothing to send.
         let watermark = fs::read_to_string(&index.watermark_path)
             .ok()
             .and_then(|t| t.trim().parse::<u64>().ok())
             .unwrap_or(0);
         for seg in index.segments.values_mut() {
             for seq in seg.first_seq..(seg.first_seq + seg.count).min(watermark) {
+                seg.ack(seq);
+            }
+        }
+        for seq in holes {
+            if let Some((_, seg)) = index.segments.range_mut(..=seq).next_back() {
                 seg.ack(seq);
             }
         }
@@ -481,6 +646,7 @@ impl Spool {
             notify: Arc::new(Notify::new()),
         };
         let writer = SpoolWriter {
+            reserved: reserve_to,
             config,
             file: BufWriter::with_capacity(256 * 1024, file),
             active_first,
@@ -492,6 +658,27 @@ impl Spool {
             buf: Vec::with_capacity(1024),
         };
         Ok((spool, writer))
+    }
+
+    /// The incarnation id the uplink sends with every batch.
+    pub fn incarnation(&self) -> String {
+        lock(&self.index).incarnation.clone()
+    }
+
+    /// Starts a new incarnation: everything still in the spool is sent again under it. Used
+    /// when the pipeline acknowledges a number this spool never issued (its progress record
+    /// is corrupt or forged), which would otherwise make it discard new readings as old.
+    ///
+    /// # Errors
+    /// The id file cannot be written.
+    pub fn rotate_incarnation(&self) -> Result<String, SpoolError> {
+        let mut index = lock(&self.index);
+        let inc = new_incarnation();
+        let dir = index.dir.clone();
+        write_durable(&dir, &dir.join(INCARNATION_FILE), &inc)?;
+        tracing::warn!(old = %index.incarnation, new = %inc, "spool incarnation rotated");
+        index.incarnation = inc.clone();
+        Ok(inc)
     }
 
     /// Current statistics.
@@ -600,6 +787,13 @@ impl SpoolWriter {
     /// Appends readings (not yet durable; call [`SpoolWriter::sync`]). Returns the first seq.
     pub fn append(&mut self, readings: &[Reading]) -> Result<u64, SpoolError> {
         let first = self.next_seq;
+        let last = self.next_seq + readings.len() as u64;
+        if last >= self.reserved {
+            let reserve_to = last + RESERVE_STEP;
+            let dir = self.config.dir.clone();
+            write_durable(&dir, &dir.join(RESERVE_FILE), &reserve_to.to_string())?;
+            self.reserved = reserve_to;
+        }
         for reading in readings {
             let meter = reading.meter.as_str().as_bytes();
             let mlen =
@@ -883,8 +1077,106 @@ mod tests {
         let got = values(&spool);
         assert_eq!(got.len(), 8);
         assert_eq!(got[7].0, 8);
-        // Numbering continues after the last intact record.
-        assert_eq!(w.append(&[reading("m:1", 77)]).unwrap(), 9);
+        // Numbering never reuses a number that was handed out (9 and 10 may have reached the
+        // pipeline before they were damaged): it resumes above the reservation.
+        let next = w.append(&[reading("m:1", 77)]).unwrap();
+        assert!(next > 10, "{next}");
+        w.sync().unwrap();
+        assert_eq!(values(&spool).last().unwrap().0, next);
+    }
+
+    /// Flips a byte inside record `index` (0-based) of a segment file.
+    fn corrupt_record(path: &Path, index: usize) {
+        let mut data = fs::read(path).unwrap();
+        let mut pos = 0usize;
+        for _ in 0..index {
+            let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap()) as usize;
+            pos += HEADER + len;
+        }
+        data[pos + HEADER + 20] ^= 0x55;
+        fs::write(path, &data).unwrap();
+    }
+
+    #[test]
+    fn intact_records_after_a_corrupt_one_are_kept_in_closed_and_active_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = SpoolConfig {
+            dir: dir.path().into(),
+            max_bytes: 1 << 30,
+            segment_bytes: 40_000,
+        };
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        for i in 1..=200 {
+            w.append(&[reading("m:1", i)]).unwrap();
+            w.sync().unwrap();
+        }
+        let before = spool.stats();
+        assert!(before.segments >= 2, "{before:?}");
+        drop((spool, w));
+        // One bad record in the middle of the first (closed) segment and one in the active.
+        let mut segs: Vec<PathBuf> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segs.sort();
+        corrupt_record(&segs[0], 10);
+        corrupt_record(segs.last().unwrap(), 3);
+        let active_first: u64 = segs
+            .last()
+            .unwrap()
+            .file_stem()
+            .unwrap()
+            .to_string_lossy()
+            .parse()
+            .unwrap();
+        let (spool, mut w) = Spool::open(config.clone()).unwrap();
+        let got: Vec<u64> = values(&spool).into_iter().map(|v| v.0).collect();
+        let lost = [11, active_first + 3];
+        let want: Vec<u64> = (1..=200).filter(|s| !lost.contains(s)).collect();
+        assert_eq!(got, want);
+        let stats = spool.stats();
+        assert_eq!(stats.depth, 198);
+        assert_eq!(stats.truncated, 2);
+        assert!(stats.resynced >= 197 - active_first, "{stats:?}");
+        // The damage cut records, so numbering jumps past everything ever issued.
+        let next = w.append(&[reading("m:1", 999)]).unwrap();
+        assert!(next > 200, "{next}");
+        w.sync().unwrap();
+        // Acknowledging everything empties the spool even with the holes.
+        let mut all = want.clone();
+        all.push(next);
+        spool.ack(&all);
+        assert_eq!(spool.stats().depth, 0);
+        drop((spool, w));
+        // A second open finds clean files: nothing more is cut.
+        let (spool, _w) = Spool::open(config).unwrap();
+        assert_eq!(spool.stats().truncated, 0);
+        assert_eq!(spool.stats().depth, 0);
+    }
+
+    #[test]
+    fn a_new_directory_is_a_new_incarnation_and_rotation_persists() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let (sa, _wa) = Spool::open(SpoolConfig::new(a.path(), 1 << 30)).unwrap();
+        let (sb, _wb) = Spool::open(SpoolConfig::new(b.path(), 1 << 30)).unwrap();
+        let inc_a = sa.incarnation();
+        assert_eq!(inc_a.len(), 16);
+        assert_ne!(inc_a, sb.incarnation());
+        drop((sa, _wa));
+        let (sa, _wa) = Spool::open(SpoolConfig::new(a.path(), 1 << 30)).unwrap();
+        assert_eq!(sa.incarnation(), inc_a, "a restart keeps the identity");
+        let rotated = sa.rotate_incarnation().unwrap();
+        assert_ne!(rotated, inc_a);
+        drop((sa, _wa));
+        let (sa, _wa) = Spool::open(SpoolConfig::new(a.path(), 1 << 30)).unwrap();
+        assert_eq!(sa.incarnation(), rotated);
+        // A lost reservation file cannot be trusted: new incarnation.
+        drop((sa, _wa));
+        fs::remove_file(a.path().join(RESERVE_FILE)).unwrap();
+        let (sa, _wa) = Spool::open(SpoolConfig::new(a.path(), 1 << 30)).unwrap();
+        assert_ne!(sa.incarnation(), rotated);
     }
 
     #[test]

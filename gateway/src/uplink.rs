@@ -1,6 +1,18 @@
 //! Uplink: publishes spooled readings as `model::ReadingBatch` JSON on
 //! `{topic_root}/readings/{partition}` with QoS 1, and acknowledges them in the spool only after
-//! the broker's PUBACK.
+//! the pipeline has committed them (end-to-end, the default) or, with `ack_timeout = None`,
+//! after the broker's PUBACK.
+//!
+//! End to end (issue 25, `docs/reliability.md`): the uplink subscribes
+//! `{topic_root}/{gateway}/ingest-ack`, where the pipeline publishes per partition the highest
+//! sequence it committed ([`model::IngestAck`]). A broker's PUBACK only frees the window; the
+//! readings stay spooled until that acknowledgement covers them. Each batch names the
+//! sequence sent before it in its partition (`prev`) so the pipeline never acknowledges past
+//! a batch that a broker dropped. When no acknowledgement makes progress for `ack_timeout`,
+//! everything unacknowledged is sent again from the oldest record, with the timeout doubling
+//! up to [`MAX_ACK_TIMEOUT`] while nothing moves. An acknowledgement above any number the
+//! spool issued (a corrupt or forged progress record in the pipeline) starts a new spool
+//! incarnation so new readings are not discarded as old.
 //!
 //! Each connection starts reading the spool from its oldest record, so everything not
 //! acknowledged before a disconnect is sent again (at-least-once). At most `window` batches are
@@ -39,7 +51,17 @@ pub struct UplinkOptions {
     pub batch_size: usize,
     /// Most batches awaiting PUBACK.
     pub window: u16,
+    /// End-to-end: how long sent readings may wait for the pipeline's acknowledgement before
+    /// they are sent again. `None`: the broker's PUBACK acknowledges (a pipeline that does not
+    /// publish ingest acknowledgements).
+    pub ack_timeout: Option<Duration>,
+    /// End-to-end: most readings sent and not yet acknowledged by the pipeline; the uplink
+    /// waits (or re-sends after the timeout) beyond it.
+    pub max_unacked: usize,
 }
+
+/// Upper bound of the re-send timeout's backoff.
+pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Uplink counters for metrics and tests.
 #[derive(Debug, Default)]
@@ -52,8 +74,14 @@ pub struct UplinkStats {
     pub readings_acked: AtomicU64,
     /// Connections established.
     pub connects: AtomicU64,
-    /// Unix time of the last PUBACK (0 = never).
+    /// Unix time of the last acknowledgement (0 = never).
     pub last_ack_unix: AtomicI64,
+    /// End-to-end acknowledgements received from the pipeline.
+    pub ingest_acks: AtomicU64,
+    /// Times unacknowledged readings were sent again after the timeout.
+    pub resends: AtomicU64,
+    /// Incarnations started because the pipeline acknowledged a number never issued.
+    pub incarnation_rotations: AtomicU64,
 }
 
 impl UplinkStats {
@@ -72,12 +100,18 @@ impl UplinkStats {
              # TYPE wm_gateway_uplink_batches_total counter\nwm_gateway_uplink_batches_total {}\n\
              # TYPE wm_gateway_uplink_acked_readings_total counter\nwm_gateway_uplink_acked_readings_total {}\n\
              # TYPE wm_gateway_uplink_connects_total counter\nwm_gateway_uplink_connects_total {}\n\
-             # TYPE wm_gateway_uplink_lag_seconds gauge\nwm_gateway_uplink_lag_seconds {}\n",
+             # TYPE wm_gateway_uplink_lag_seconds gauge\nwm_gateway_uplink_lag_seconds {}\n\
+             # TYPE wm_gateway_uplink_ingest_acks_total counter\nwm_gateway_uplink_ingest_acks_total {}\n\
+             # TYPE wm_gateway_uplink_resends_total counter\nwm_gateway_uplink_resends_total {}\n\
+             # TYPE wm_gateway_spool_incarnation_rotations_total counter\nwm_gateway_spool_incarnation_rotations_total {}\n",
             u8::from(self.connected.load(Ordering::Relaxed)),
             self.batches_sent.load(Ordering::Relaxed),
             self.readings_acked.load(Ordering::Relaxed),
             self.connects.load(Ordering::Relaxed),
-            lag
+            lag,
+            self.ingest_acks.load(Ordering::Relaxed),
+            self.resends.load(Ordering::Relaxed),
+            self.incarnation_rotations.load(Ordering::Relaxed),
         ));
     }
 }
@@ -86,13 +120,18 @@ impl UplinkStats {
 struct Staged {
     topic: String,
     payload: Vec<u8>,
+    partition: u16,
     seqs: Vec<u64>,
 }
 
-/// Splices spooled entries (already `BatchEntry` JSON) into `ReadingBatch` payloads.
+/// Splices spooled entries (already `BatchEntry` JSON) into `ReadingBatch` payloads. With an
+/// `incarnation` (end-to-end mode) each batch carries it and its `prev`, the last sequence
+/// staged before it in its partition (`last`, updated here; absent at a pass's start).
 fn stage(
     opts: &UplinkOptions,
     gateway_json: &str,
+    incarnation: Option<&str>,
+    last: &mut HashMap<u16, u64>,
     entries: Vec<SpooledEntry>,
     out: &mut VecDeque<Staged>,
 ) {
@@ -109,10 +148,21 @@ fn stage(
     for (partition, entries) in by_partition {
         for chunk in entries.chunks(opts.batch_size.max(1)) {
             let size: usize = chunk.iter().map(|e| e.json.len() + 1).sum();
-            let mut payload = Vec::with_capacity(size + 128);
+            let mut payload = Vec::with_capacity(size + 160);
+            let mut identity = String::new();
+            if let Some(inc) = incarnation {
+                // The id is hex (the spool makes it), so it needs no JSON escaping.
+                identity.push_str(&format!(r#""incarnation":"{inc}","#));
+                if let Some(prev) = last.get(&partition) {
+                    identity.push_str(&format!(r#""prev":{prev},"#));
+                }
+                if let Some(e) = chunk.last() {
+                    last.insert(partition, e.seq);
+                }
+            }
             payload.extend_from_slice(
                 format!(
-                    r#"{{"v":{},"gateway":{gateway_json},"partition":{partition},"sent_at":"{sent_at}","entries":["#,
+                    r#"{{"v":{},"gateway":{gateway_json},"partition":{partition},"sent_at":"{sent_at}",{identity}"entries":["#,
                     model::WIRE_VERSION
                 )
                 .as_bytes(),
@@ -127,6 +177,7 @@ fn stage(
             out.push_back(Staged {
                 topic: format!("{}/readings/{partition}", opts.topic_root),
                 payload,
+                partition,
                 seqs: chunk.iter().map(|e| e.seq).collect(),
             });
         }
@@ -157,6 +208,66 @@ pub async fn run(
     }
 }
 
+/// End-to-end bookkeeping of one connection: what was sent and awaits the pipeline.
+struct Pending {
+    /// Per partition, sequences sent in order and not yet acknowledged by the pipeline.
+    sent: HashMap<u16, VecDeque<u64>>,
+    /// Total of `sent`.
+    count: usize,
+    /// Per partition, the last sequence staged in this pass (the next batch's `prev`).
+    last: HashMap<u16, u64>,
+    /// When an acknowledgement last made progress (or the pass started).
+    progress_at: tokio::time::Instant,
+    /// Current re-send timeout (doubles while nothing moves).
+    timeout: Duration,
+}
+
+impl Pending {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            sent: HashMap::new(),
+            count: 0,
+            last: HashMap::new(),
+            progress_at: tokio::time::Instant::now(),
+            timeout,
+        }
+    }
+
+    /// Starts a new pass from the oldest unacknowledged record.
+    fn restart(&mut self) {
+        self.sent.clear();
+        self.count = 0;
+        self.last.clear();
+        self.progress_at = tokio::time::Instant::now();
+    }
+
+    fn record(&mut self, partition: u16, seqs: &[u64]) {
+        if self.count == 0 {
+            // The timeout runs from the first unacknowledged send, not from idle time.
+            self.progress_at = tokio::time::Instant::now();
+        }
+        self.sent
+            .entry(partition)
+            .or_default()
+            .extend(seqs.iter().copied());
+        self.count += seqs.len();
+    }
+
+    /// Removes and returns the sequences of `partition` up to `seq`.
+    fn acknowledge(&mut self, partition: u16, seq: u64) -> Vec<u64> {
+        let mut done = Vec::new();
+        if let Some(q) = self.sent.get_mut(&partition) {
+            while q.front().is_some_and(|s| *s <= seq) {
+                if let Some(s) = q.pop_front() {
+                    done.push(s);
+                }
+            }
+        }
+        self.count -= done.len();
+        done
+    }
+}
+
 /// One connection: returns `Ok` on shutdown, `Err` when the connection failed.
 async fn session(
     opts: &UplinkOptions,
@@ -171,6 +282,12 @@ async fn session(
     let (client, mut events) = mqtt::connect(options, window + 8);
     let gateway_json = serde_json::to_string(&opts.gateway).map_err(|e| e.to_string())?;
     let read_chunk = (opts.batch_size.max(1) * usize::from(opts.partitions.max(1))).min(50_000);
+    let end_to_end = opts.ack_timeout.is_some();
+    let base_timeout = opts.ack_timeout.unwrap_or(MAX_ACK_TIMEOUT);
+    let ack_topic = format!("{}/{}/ingest-ack", opts.topic_root, opts.gateway);
+    let max_unacked = opts.max_unacked.max(opts.batch_size.max(1));
+    let mut incarnation = spool.incarnation();
+    let mut pending = Pending::new(base_timeout);
     let mut cursor = Cursor::start();
     let mut staged: VecDeque<Staged> = VecDeque::new();
     // Published in order, waiting for their `Outgoing::Publish(pkid)` event.
@@ -180,7 +297,9 @@ async fn session(
     let mut connected = false;
     loop {
         if connected {
-            while requested.len() + inflight.len() + usize::from(collided.is_some()) < window {
+            while requested.len() + inflight.len() + usize::from(collided.is_some()) < window
+                && (!end_to_end || pending.count < max_unacked)
+            {
                 if staged.is_empty() {
                     let entries = spool
                         .read(&mut cursor, read_chunk)
@@ -188,7 +307,15 @@ async fn session(
                     if entries.is_empty() {
                         break;
                     }
-                    stage(opts, &gateway_json, entries, &mut staged);
+                    let inc = end_to_end.then_some(incarnation.as_str());
+                    stage(
+                        opts,
+                        &gateway_json,
+                        inc,
+                        &mut pending.last,
+                        entries,
+                        &mut staged,
+                    );
                 }
                 let Some(batch) = staged.pop_front() else {
                     break;
@@ -196,16 +323,34 @@ async fn session(
                 client
                     .try_publish(batch.topic, QoS::AtLeastOnce, false, batch.payload)
                     .map_err(|e| format!("queueing a publish: {e}"))?;
+                if end_to_end {
+                    pending.record(batch.partition, &batch.seqs);
+                }
                 requested.push_back(batch.seqs);
                 stats.batches_sent.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let idle = staged.is_empty() && requested.len() + inflight.len() < window;
+        let idle = staged.is_empty()
+            && requested.len() + inflight.len() < window
+            && (!end_to_end || pending.count < max_unacked);
+        let resend_at = pending.progress_at + pending.timeout;
         tokio::select! {
             _ = shutdown.cancelled() => {
                 // Best effort: unacknowledged batches stay in the spool for the next start.
                 let _unused = client.try_disconnect();
                 return Ok(());
+            }
+            () = tokio::time::sleep_until(resend_at), if connected && end_to_end && pending.count > 0 => {
+                stats.resends.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    unacknowledged = pending.count,
+                    timeout_s = pending.timeout.as_secs(),
+                    "no ingest acknowledgement in time; sending every unacknowledged reading again"
+                );
+                pending.timeout = (pending.timeout * 2).min(MAX_ACK_TIMEOUT.max(base_timeout));
+                pending.restart();
+                cursor = Cursor::start();
+                staged.clear();
             }
             ev = events.recv() => match ev {
                 None => return Err("event loop ended".into()),
@@ -214,7 +359,55 @@ async fn session(
                     connected = true;
                     stats.connected.store(true, Ordering::Relaxed);
                     stats.connects.fetch_add(1, Ordering::Relaxed);
+                    if end_to_end {
+                        client
+                            .try_subscribe(ack_topic.clone(), QoS::AtLeastOnce)
+                            .map_err(|e| format!("subscribing to acknowledgements: {e}"))?;
+                    }
                     tracing::info!(host = %opts.endpoint.host, port = opts.endpoint.port, "uplink connected");
+                }
+                Some(Ok(Event::Incoming(Packet::Publish(p)))) if end_to_end && p.topic == ack_topic => {
+                    let ack = match serde_json::from_slice::<model::IngestAck>(&p.payload) {
+                        Ok(a) if a.v == model::WIRE_VERSION => a,
+                        Ok(a) => {
+                            tracing::warn!(version = a.v, "ingest acknowledgement of unknown version ignored");
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "malformed ingest acknowledgement ignored");
+                            continue;
+                        }
+                    };
+                    if ack.incarnation != incarnation {
+                        // For a former incarnation: what it covered is sent again anyway.
+                        continue;
+                    }
+                    stats.ingest_acks.fetch_add(1, Ordering::Relaxed);
+                    if ack.seq >= spool.stats().next_seq {
+                        // The pipeline claims a number this spool never issued: its progress
+                        // record is corrupt or forged and would discard every new reading.
+                        tracing::error!(
+                            alarm = "ingest_progress_ahead",
+                            partition = ack.partition,
+                            acknowledged = ack.seq,
+                            issued_below = spool.stats().next_seq,
+                            "pipeline acknowledged a sequence this spool never issued; starting a new incarnation"
+                        );
+                        incarnation = spool.rotate_incarnation().map_err(|e| e.to_string())?;
+                        stats.incarnation_rotations.fetch_add(1, Ordering::Relaxed);
+                        pending.restart();
+                        cursor = Cursor::start();
+                        staged.clear();
+                        continue;
+                    }
+                    let done = pending.acknowledge(ack.partition, ack.seq);
+                    if !done.is_empty() {
+                        spool.ack(&done);
+                        stats.readings_acked.fetch_add(done.len() as u64, Ordering::Relaxed);
+                        stats.last_ack_unix.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
+                        pending.progress_at = tokio::time::Instant::now();
+                        pending.timeout = base_timeout;
+                    }
                 }
                 Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
                     let seqs = match collided.take() {
@@ -229,7 +422,9 @@ async fn session(
                     collided = requested.pop_front();
                 }
                 Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => {
-                    if let Some(seqs) = inflight.remove(&ack.pkid) {
+                    if let Some(seqs) = inflight.remove(&ack.pkid)
+                        && !end_to_end
+                    {
                         spool.ack(&seqs);
                         stats.readings_acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
                         stats.last_ack_unix.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
@@ -256,6 +451,8 @@ mod tests {
             partitions: 4,
             batch_size: 2,
             window: 4,
+            ack_timeout: None,
+            max_unacked: 100,
         };
         let reading = |meter: &str, seq: u64| {
             let r: model::Reading = serde_json::from_value(serde_json::json!({
@@ -277,7 +474,15 @@ mod tests {
             reading("m:b", 4),
         ];
         let mut out = VecDeque::new();
-        stage(&opts, "\"gw-1\"", entries, &mut out);
+        let mut last = HashMap::new();
+        stage(
+            &opts,
+            "\"gw-1\"",
+            Some("ab12"),
+            &mut last,
+            entries,
+            &mut out,
+        );
         let mut seen = Vec::new();
         for s in &out {
             let batch: model::ReadingBatch = serde_json::from_slice(&s.payload).unwrap();
@@ -290,7 +495,17 @@ mod tests {
                 batch.entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
                 s.seqs
             );
+            assert_eq!(batch.incarnation.as_deref(), Some("ab12"));
             seen.extend(s.seqs.iter().copied());
+        }
+        // `prev` chains the batches of a partition: the first has none, the next names the
+        // last sequence of the one before.
+        let mut prev_of: HashMap<u16, Option<u64>> = HashMap::new();
+        for s in &out {
+            let batch: model::ReadingBatch = serde_json::from_slice(&s.payload).unwrap();
+            let expected = prev_of.get(&batch.partition).copied().flatten();
+            assert_eq!(batch.prev, expected);
+            prev_of.insert(batch.partition, s.seqs.last().copied());
         }
         seen.sort_unstable();
         assert_eq!(seen, vec![1, 2, 3, 4]);

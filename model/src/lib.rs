@@ -30,8 +30,8 @@ pub use command::{CommandAck, CommandAction, CommandId, CommandState, DeviceComm
 pub use device_set::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet, DeviceSetReport};
 pub use meter::{GatewayId, MeterAddress, MeterId, MeterIdError, partition_of};
 pub use reading::{
-    BatchEntry, ClockSource, EstimationMethod, Provenance, Quality, QualityFlag, Reading,
-    ReadingBatch, RejectReason, SourceKind, WIRE_VERSION,
+    BatchEntry, ClockSource, EstimationMethod, IngestAck, Provenance, Quality, QualityFlag,
+    Reading, ReadingBatch, RejectReason, SourceKind, WIRE_VERSION,
 };
 pub use rust_decimal::Decimal;
 pub use unit::{Quantity, Unit, UnitError};

@@ -242,6 +242,33 @@ pub struct ReadingBatch {
     pub sent_at: OffsetDateTime,
     /// Entries in spool order.
     pub entries: Vec<BatchEntry>,
+    /// Identity of the gateway spool that numbered the entries (a fresh spool directory, a
+    /// cut tail or a refused acknowledgement start a new one). Sequence numbers are unique per
+    /// (gateway, incarnation); absent from gateways that predate end-to-end acknowledgements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incarnation: Option<String>,
+    /// Sequence number of the entry of this partition the gateway sent just before this
+    /// batch's first entry; absent when the batch starts the gateway's unacknowledged window
+    /// (everything older in this partition was acknowledged). The pipeline stores a batch
+    /// only when `prev` is at or below what it has committed, so a batch lost between
+    /// gateway and pipeline (a broker queue limit) can never be skipped over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<u64>,
+}
+
+/// The pipeline's end-to-end acknowledgement on `{root}/{gateway}/ingest-ack` (QoS 1): every
+/// entry of `partition` from spool `incarnation` with a sequence number up to `seq` is
+/// committed to the database (or refused for good and recorded in `ingest_rejects`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestAck {
+    /// Wire version, [`WIRE_VERSION`].
+    pub v: u16,
+    /// The spool incarnation the batches carried.
+    pub incarnation: String,
+    /// The partition.
+    pub partition: u16,
+    /// Highest sequence committed in this partition, with no batch skipped before it.
+    pub seq: u64,
 }
 
 #[cfg(test)]
@@ -296,6 +323,8 @@ mod tests {
                     },
                 },
             ],
+            incarnation: None,
+            prev: None,
         };
         let json = serde_json::to_value(&batch).unwrap();
         let expected = serde_json::json!({

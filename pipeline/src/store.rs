@@ -146,7 +146,8 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 /// A payload or read refused before storage, recorded in `ingest_rejects`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RejectRecord {
-    /// `unknown_version` | `malformed` | `duplicate_conflict`.
+    /// `unknown_version` | `malformed` | `duplicate_conflict` | `wrong_partition` | an
+    /// [`crate::ingest::Unstorable::code`] | `database_refused` (isolated by splitting).
     pub kind: &'static str,
     /// MQTT topic, when it came from the broker.
     pub topic: Option<String>,
@@ -185,8 +186,8 @@ pub struct WriteSet<'a> {
     pub usage: &'a [Usage],
     /// New meter states.
     pub states: Option<&'a crate::vee::StateMap>,
-    /// Spool progress to record: (gateway, partition, max seq).
-    pub progress: &'a [(String, u16, i64)],
+    /// Spool progress to record: (gateway, spool incarnation, partition, max seq).
+    pub progress: &'a [(String, String, u16, i64)],
     /// Refused payloads and reads.
     pub rejects: &'a [RejectRecord],
     /// Out-of-order reads: supersede estimates around them, recompute their rollups.
@@ -635,21 +636,24 @@ pub(crate) async fn write_states(
 
 async fn write_progress(
     conn: &mut PgConnection,
-    progress: &[(String, u16, i64)],
+    progress: &[(String, String, u16, i64)],
 ) -> Result<(), StoreError> {
     if progress.is_empty() {
         return Ok(());
     }
     let gateways: Vec<&str> = progress.iter().map(|p| p.0.as_str()).collect();
-    let partitions: Vec<i32> = progress.iter().map(|p| i32::from(p.1)).collect();
-    let seqs: Vec<i64> = progress.iter().map(|p| p.2).collect();
+    let incarnations: Vec<&str> = progress.iter().map(|p| p.1.as_str()).collect();
+    let partitions: Vec<i32> = progress.iter().map(|p| i32::from(p.2)).collect();
+    let seqs: Vec<i64> = progress.iter().map(|p| p.3).collect();
     sqlx::query(
-        "INSERT INTO ingest_progress AS t (gateway_id, partition, max_seq, updated_at)
-         SELECT g, p, s, now() FROM UNNEST($1::text[], $2::int4[], $3::int8[]) AS u(g, p, s)
-         ON CONFLICT (gateway_id, partition) DO UPDATE
+        "INSERT INTO ingest_progress AS t (gateway_id, incarnation, partition, max_seq, updated_at)
+         SELECT g, i, p, s, now()
+           FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::int8[]) AS u(g, i, p, s)
+         ON CONFLICT (gateway_id, incarnation, partition) DO UPDATE
              SET max_seq = greatest(t.max_seq, excluded.max_seq), updated_at = now()",
     )
     .bind(gateways)
+    .bind(incarnations)
     .bind(partitions)
     .bind(seqs)
     .execute(&mut *conn)
@@ -663,6 +667,9 @@ async fn write_rejects(
     rejects: &[RejectRecord],
 ) -> Result<(), StoreError> {
     for r in rejects {
+        // A reject about a NUL byte carries that byte in its detail; jsonb cannot hold it.
+        let mut detail = r.detail.clone();
+        crate::ingest::strip_nul(&mut detail);
         sqlx::query(
             "INSERT INTO ingest_rejects (kind, topic, meter_id, ts, detail) VALUES ($1, $2, $3, $4, $5)",
         )
@@ -670,7 +677,7 @@ async fn write_rejects(
         .bind(&r.topic)
         .bind(&r.meter)
         .bind(r.ts)
-        .bind(&r.detail)
+        .bind(&detail)
         .execute(&mut *conn)
         .await
         .map_err(stage("recording rejects"))?;
@@ -910,6 +917,72 @@ pub async fn load_replacements(
             ))
         })
         .collect()
+}
+
+/// True when `e` is the database refusing the data itself (SQLSTATE classes 22 data
+/// exception, 23 integrity violation, 54 program limit exceeded), which retrying cannot cure
+/// and splitting the batch can isolate; false for connection loss, shutdowns, deadlocks and
+/// the like, which a retry does cure.
+pub fn is_data_error(e: &StoreError) -> bool {
+    let source = match e {
+        StoreError::Database(s) | StoreError::Stage { source: s, .. } => s,
+        StoreError::Journal { .. } | StoreError::Encode { .. } => return false,
+    };
+    source
+        .as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
+}
+
+/// Finds the readings the database refuses to store, by bisection: each probe COPYs a slice
+/// into a temporary copy of `readings` (no keys, so only the values are judged) inside a
+/// savepoint that is rolled back. Nothing is written. Returns (index, database message) of
+/// each refused reading; about 2·log2(n) probes per refused one.
+///
+/// # Errors
+/// [`StoreError::Stage`] when the probing itself fails (connection lost).
+pub async fn find_refused(
+    conn: &mut PgConnection,
+    readings: &[Reading],
+) -> Result<Vec<(usize, String)>, StoreError> {
+    let mut tx = conn.begin().await.map_err(stage("beginning a probe"))?;
+    sqlx::query("CREATE TEMP TABLE wm_probe (LIKE readings INCLUDING DEFAULTS) ON COMMIT DROP")
+        .execute(&mut *tx)
+        .await
+        .map_err(stage("creating the probe table"))?;
+    let mut refused = Vec::new();
+    let mut todo = vec![(0usize, readings.len())];
+    while let Some((from, to)) = todo.pop() {
+        if from >= to {
+            continue;
+        }
+        sqlx::query("SAVEPOINT wm_probe_sp")
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("setting a probe savepoint"))?;
+        let slice = readings.get(from..to).unwrap_or_default();
+        let result = copy_rows(&mut tx, "wm_probe", slice.iter()).await;
+        sqlx::query("ROLLBACK TO SAVEPOINT wm_probe_sp")
+            .execute(&mut *tx)
+            .await
+            .map_err(stage("rolling back a probe"))?;
+        match result {
+            Ok(_) => {}
+            Err(e) if e.as_database_error().is_some() => {
+                if to - from == 1 {
+                    refused.push((from, e.to_string()));
+                } else {
+                    let mid = from + (to - from) / 2;
+                    todo.push((mid, to));
+                    todo.push((from, mid));
+                }
+            }
+            Err(e) => return Err(stage("probing readings")(e)),
+        }
+    }
+    tx.rollback().await.map_err(stage("ending a probe"))?;
+    refused.sort_unstable_by_key(|r| r.0);
+    Ok(refused)
 }
 
 /// Creates monthly partitions of `readings` from last month to `months_ahead` months ahead

@@ -16,7 +16,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
-use crate::ingest::{self, Decoded, IngestMetrics, Progress};
+use crate::ingest::{self, Decoded, IngestMetrics, Progress, ProgressKey};
 use crate::journal::{self, JournalEntry, Pending};
 use crate::store::{self, RejectRecord, StoreOptions, WriteSet};
 use crate::vee::{Vee, VeeConfig};
@@ -124,9 +124,11 @@ pub async fn run(
     metrics: Arc<IngestMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
-    store::ensure_partitions(&pool, 3)
-        .await
-        .map_err(WorkerError::Start)?;
+    // Not fatal: the default partition stores whatever falls outside the prepared months, and
+    // a worker that cannot start stores nothing at all.
+    if let Err(e) = store::ensure_partitions(&pool, 3).await {
+        tracing::error!(alarm = "partition_maintenance", error = %e, source = ?std::error::Error::source(&e), "cannot prepare reading partitions; starting anyway");
+    }
     let started = Instant::now();
     let mut vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
         .await
@@ -183,6 +185,29 @@ pub async fn run(
         })
         .collect();
     let (tx, rx) = mpsc::channel::<Publish>(4096);
+    // Acknowledgements (MQTT PUBACKs and end-to-end ingest acks) leave through their own
+    // unbounded queue and task: the writer must never wait on the client's request channel,
+    // because the event loop that drains that channel may itself be waiting for the
+    // processor (full `tx`), which waits for the writer. The queue is bounded in practice by
+    // the broker's in-flight window (unacknowledged messages are all it can hold).
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outbound>();
+    let out_client = client.clone();
+    let outbound = async move {
+        while let Some(o) = out_rx.recv().await {
+            let sent = match o {
+                Outbound::Ack(p) => out_client.ack(&p).await,
+                Outbound::Publish { topic, payload } => {
+                    out_client
+                        .publish(topic, QoS::AtLeastOnce, false, payload)
+                        .await
+                }
+            };
+            if sent.is_err() {
+                // The event loop is gone: nothing more can leave.
+                break;
+            }
+        }
+    };
 
     // The event loop, the processor and the writer run in this one task (not spawned), so
     // aborting the task stops all of them: exactly what a crash does. The event loop runs until
@@ -227,10 +252,19 @@ pub async fn run(
     // batch's meter states as soon as it has validated it (they become durable in order, and
     // nothing is acknowledged before its commit).
     let (jobs_tx, jobs_rx) = mpsc::channel::<WriteJob>(1);
+    let shutdown_for_writer = shutdown.clone();
     let process = processor.run(rx, jobs_tx, &mut shutdown);
-    let write = writer(&config, &pool, &client, &metrics, jobs_rx, recovered);
+    let write = writer(
+        &config,
+        &pool,
+        out_tx,
+        &metrics,
+        jobs_rx,
+        recovered,
+        shutdown_for_writer,
+    );
     let work = async {
-        let (p, w) = tokio::join!(process, write);
+        let (p, w, ()) = tokio::join!(process, write, outbound);
         p.and(w)
     };
     tokio::select! {
@@ -245,8 +279,8 @@ async fn load_progress(
     pool: &PgPool,
     config: &WorkerConfig,
 ) -> Result<Progress, store::StoreError> {
-    let rows: Vec<(String, i32, i64)> =
-        sqlx::query_as("SELECT gateway_id, partition, max_seq FROM ingest_progress")
+    let rows: Vec<(String, String, i32, i64)> =
+        sqlx::query_as("SELECT gateway_id, incarnation, partition, max_seq FROM ingest_progress")
             .fetch_all(pool)
             .await
             .map_err(|source| store::StoreError::Stage {
@@ -254,14 +288,46 @@ async fn load_progress(
                 source,
             })?;
     let mut progress = Progress::default();
-    for (g, p, s) in rows {
-        if let Ok(p) = u16::try_from(p)
-            && p % config.workers == config.worker
+    for (gateway, incarnation, p, s) in rows {
+        if let Ok(partition) = u16::try_from(p)
+            && partition % config.workers == config.worker
         {
-            progress.set(&g, p, s);
+            progress.set(
+                ProgressKey {
+                    gateway,
+                    incarnation,
+                    partition,
+                },
+                s,
+            );
         }
     }
     Ok(progress)
+}
+
+/// Something to send to the broker once a transaction is committed.
+enum Outbound {
+    /// The PUBACK of a consumed message.
+    Ack(Publish),
+    /// An end-to-end acknowledgement (`{root}/{gateway}/ingest-ack`).
+    Publish {
+        /// Topic.
+        topic: String,
+        /// [`model::IngestAck`] JSON.
+        payload: Vec<u8>,
+    },
+}
+
+/// Resolves once shutdown is asked for (or can no longer be asked for).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A validated batch waiting for its transaction, and the messages to acknowledge after it.
@@ -269,7 +335,9 @@ struct WriteJob {
     readings: Vec<model::Reading>,
     /// Consumption spans and meter states, by partition, for the journal.
     entries: Vec<JournalEntry>,
-    progress: Vec<(String, u16, i64)>,
+    progress: Vec<(String, String, u16, i64)>,
+    /// End-to-end acknowledgements to publish after the commit: (key, committed seq).
+    acks: Vec<(ProgressKey, i64)>,
     rejects: Vec<RejectRecord>,
     out_of_order: Vec<(model::MeterId, OffsetDateTime)>,
     publishes: Vec<Publish>,
@@ -281,17 +349,36 @@ struct WriteJob {
 async fn writer(
     config: &WorkerConfig,
     pool: &PgPool,
-    client: &AsyncClient,
+    out: mpsc::UnboundedSender<Outbound>,
     metrics: &IngestMetrics,
     mut jobs: mpsc::Receiver<WriteJob>,
     mut pending: Pending,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     // What a stopped or crashed worker left: folded before the first new batch is written.
-    flush(config, pool, metrics, &mut pending, true, u32::MAX).await;
+    flush(
+        config,
+        pool,
+        metrics,
+        &mut pending,
+        true,
+        u32::MAX,
+        &shutdown,
+    )
+    .await;
     loop {
         let checkpoint = pending.states_due(config.state_checkpoint_interval);
         if checkpoint || pending.due(config.flush_interval, config.flush_max_spans) {
-            flush(config, pool, metrics, &mut pending, checkpoint, u32::MAX).await;
+            flush(
+                config,
+                pool,
+                metrics,
+                &mut pending,
+                checkpoint,
+                u32::MAX,
+                &shutdown,
+            )
+            .await;
         }
         let job = if pending.is_empty() {
             jobs.recv().await
@@ -300,40 +387,29 @@ async fn writer(
                 Ok(job) => job,
                 Err(_) => {
                     // Idle: bring everything up to date, states included.
-                    flush(config, pool, metrics, &mut pending, true, u32::MAX).await;
+                    flush(
+                        config,
+                        pool,
+                        metrics,
+                        &mut pending,
+                        true,
+                        u32::MAX,
+                        &shutdown,
+                    )
+                    .await;
                     continue;
                 }
             }
         };
-        let Some(job) = job else { break };
-        let set = WriteSet {
-            readings: &job.readings,
-            usage: &[],
-            states: None,
-            progress: &job.progress,
-            rejects: &job.rejects,
-            out_of_order: &job.out_of_order,
-            journal: Some(&job.entries),
-        };
-        let mut attempt = 0u32;
-        let stats = loop {
-            let result = match pool.acquire().await {
-                Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
-                Err(source) => Err(store::StoreError::Stage {
-                    stage: "acquiring a connection",
-                    source,
-                }),
-            };
-            match result {
-                Ok(stats) => break stats,
-                Err(e) => {
-                    IngestMetrics::add(&metrics.commit_failures, 1);
-                    attempt += 1;
-                    tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))))
-                        .await;
-                }
-            }
+        let Some(mut job) = job else { break };
+        let Some(stats) = commit(config, pool, metrics, &mut job, &mut shutdown).await else {
+            // Shutdown while the database refuses: nothing of this job is acknowledged, so
+            // the broker (and the gateways' spools) still hold it for the next start.
+            tracing::warn!(
+                messages = job.publishes.len(),
+                "stopping with an uncommitted batch; it will be delivered again"
+            );
+            return Ok(());
         };
         // Pending before stored: whoever sees every reading stored and nothing pending knows
         // the rollups are complete.
@@ -347,17 +423,148 @@ async fn writer(
         IngestMetrics::add(&metrics.conflicts, conflicts);
         IngestMetrics::add(&metrics.estimated, estimated);
         IngestMetrics::add(&metrics.rejected, rejected);
-        for p in &job.publishes {
-            client
-                .ack(p)
-                .await
+        for p in job.publishes {
+            out.send(Outbound::Ack(p))
                 .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
+        }
+        for (key, seq) in job.acks {
+            let Ok(seq) = u64::try_from(seq) else {
+                continue;
+            };
+            let ack = model::IngestAck {
+                v: model::WIRE_VERSION,
+                incarnation: key.incarnation,
+                partition: key.partition,
+                seq,
+            };
+            let payload = serde_json::to_vec(&ack).unwrap_or_default();
+            out.send(Outbound::Publish {
+                topic: ingest::ack_topic(&config.topic_root, &key.gateway),
+                payload,
+            })
+            .map_err(|_| WorkerError::Mqtt("publishing an ingest acknowledgement"))?;
+            IngestMetrics::add(&metrics.acks_published, 1);
         }
     }
     // At shutdown: a few attempts; whatever is left stays in the journal for the next start.
-    flush(config, pool, metrics, &mut pending, true, 3).await;
+    flush(config, pool, metrics, &mut pending, true, 3, &shutdown).await;
     Ok(())
 }
+
+/// Commits one job, retrying until it succeeds; `None` when shutdown came first.
+///
+/// A transaction the database refuses for its data (see [`store::is_data_error`]) is split:
+/// the refused readings are found by bisection, moved to `ingest_rejects`
+/// (`database_refused`) and the rest is committed, so one poison reading never blocks its
+/// partition. Any other failure (database down) is retried with backoff; after a few attempts
+/// the worker reports itself stuck (metric [`ingest::metric::STUCK`], an error log with
+/// `alarm = "ingest_stuck"`) until a commit succeeds.
+async fn commit(
+    config: &WorkerConfig,
+    pool: &PgPool,
+    metrics: &IngestMetrics,
+    job: &mut WriteJob,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<store::WriteStats> {
+    let mut attempt = 0u32;
+    let mut isolated = false;
+    loop {
+        let set = WriteSet {
+            readings: &job.readings,
+            usage: &[],
+            states: None,
+            progress: &job.progress,
+            rejects: &job.rejects,
+            out_of_order: &job.out_of_order,
+            journal: Some(&job.entries),
+        };
+        let attempt_write = async {
+            match pool.acquire().await {
+                Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
+                Err(source) => Err(store::StoreError::Stage {
+                    stage: "acquiring a connection",
+                    source,
+                }),
+            }
+        };
+        let result = tokio::select! {
+            r = attempt_write => r,
+            () = stopped(shutdown) => return None,
+        };
+        let e = match result {
+            Ok(stats) => {
+                if attempt >= STUCK_AFTER {
+                    tracing::info!(
+                        attempt,
+                        "ingest transaction committed again; no longer stuck"
+                    );
+                }
+                metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
+                return Some(stats);
+            }
+            Err(e) => e,
+        };
+        IngestMetrics::add(&metrics.commit_failures, 1);
+        if !isolated && store::is_data_error(&e) {
+            isolated = true;
+            tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database refused a batch's data; isolating the readings it refuses");
+            let refused = match pool.acquire().await {
+                Ok(mut conn) => store::find_refused(&mut conn, &job.readings).await,
+                Err(source) => Err(store::StoreError::Stage {
+                    stage: "acquiring a connection",
+                    source,
+                }),
+            };
+            match refused {
+                Ok(refused) if !refused.is_empty() => {
+                    let mut drop = vec![false; job.readings.len()];
+                    for (i, message) in &refused {
+                        if let (Some(flag), Some(r)) = (drop.get_mut(*i), job.readings.get(*i)) {
+                            *flag = true;
+                            job.rejects.push(RejectRecord {
+                                kind: "database_refused",
+                                topic: None,
+                                meter: Some(r.meter.as_str().to_owned()),
+                                ts: Some(r.ts),
+                                detail: serde_json::json!({
+                                    "error": message,
+                                    "reading": serde_json::to_value(r).unwrap_or_default(),
+                                }),
+                            });
+                        }
+                    }
+                    let mut flags = drop.into_iter();
+                    job.readings.retain(|_| !flags.next().unwrap_or(false));
+                    IngestMetrics::add(&metrics.isolated, refused.len() as u64);
+                    tracing::error!(
+                        refused = refused.len(),
+                        "readings refused by the database moved to ingest_rejects; committing the rest"
+                    );
+                    continue;
+                }
+                Ok(_) => {
+                    tracing::error!(error = %e, "the database refuses the batch but no single reading: not a poison reading, retrying");
+                }
+                Err(pe) => tracing::warn!(error = %pe, "could not probe the refused batch"),
+            }
+        }
+        attempt += 1;
+        if attempt == STUCK_AFTER {
+            metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot commit; nothing is acknowledged until it can");
+        } else {
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
+        }
+        let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = stopped(shutdown) => return None,
+        }
+    }
+}
+
+/// Failed attempts after which a worker reports itself stuck (about 9 s of retrying).
+const STUCK_AFTER: u32 = 8;
 
 /// Folds `pending` into the rollups (and with `checkpoint` the meter states), retrying up to
 /// `attempts` times.
@@ -368,7 +575,9 @@ async fn flush(
     pending: &mut Pending,
     checkpoint: bool,
     attempts: u32,
+    shutdown: &watch::Receiver<bool>,
 ) {
+    let mut shutdown = shutdown.clone();
     if pending.is_empty() {
         return;
     }
@@ -414,7 +623,11 @@ async fn flush(
             Err(e) => {
                 IngestMetrics::add(&metrics.flush_failures, 1);
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))).await;
+                // The journal keeps what is not folded: a stop between attempts loses nothing.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))) => {}
+                    () = stopped(&mut shutdown) => return,
+                }
             }
         }
     }
@@ -481,6 +694,10 @@ impl Processor<'_> {
             }
             let job = self.process(batch).await;
             if jobs.send(job).await.is_err() {
+                // The writer stops early only when asked to (mid-retry): not an error then.
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
                 return Err(WorkerError::Mqtt("handing a batch to the writer"));
             }
         }
@@ -492,19 +709,43 @@ impl Processor<'_> {
         let mut readings = Vec::new();
         let mut rejects = Vec::new();
         let mut progress = self.progress.clone();
-        let mut touched: HashSet<(String, u16)> = HashSet::new();
+        let mut touched: HashSet<ProgressKey> = HashSet::new();
+        let now = OffsetDateTime::now_utc();
         for p in &publishes {
             match ingest::decode_payload(&p.payload) {
                 Decoded::Batch(batch) => {
-                    let key = (batch.gateway.as_str().to_owned(), batch.partition);
-                    if !progress.knows(&key.0, key.1) {
-                        let seq = self.lookup_progress(&key.0, key.1).await;
-                        progress.set(&key.0, key.1, seq);
+                    let key = ProgressKey::of(&batch);
+                    if !progress.knows(&key) {
+                        let seq = self.lookup_progress(&key).await;
+                        progress.set(key.clone(), seq);
                     }
-                    let (entries, dropped) = progress.filter(batch);
-                    IngestMetrics::add(&self.metrics.seq_duplicates, dropped);
+                    let filtered = progress.filter(batch);
+                    if filtered.gap {
+                        IngestMetrics::add(&self.metrics.gaps, 1);
+                        tracing::debug!(gateway = %key.gateway, partition = key.partition, "batch after a missing one held back");
+                    } else {
+                        IngestMetrics::add(&self.metrics.seq_duplicates, filtered.dropped);
+                    }
                     touched.insert(key);
-                    for e in entries {
+                    for e in filtered.entries {
+                        // Anything the database would refuse is refused here, alone, instead
+                        // of failing the whole COPY (and with it the partition).
+                        if let Err(why) = ingest::check_storable(&e.reading, now) {
+                            IngestMetrics::add(&self.metrics.unstorable, 1);
+                            tracing::warn!(meter = %e.reading.meter.as_str(), seq = e.seq, reason = why.code(), error = %why, "reading refused before storage");
+                            rejects.push(RejectRecord {
+                                kind: why.code(),
+                                topic: Some(p.topic.clone()),
+                                meter: Some(e.reading.meter.as_str().to_owned()),
+                                ts: Some(e.reading.ts),
+                                detail: serde_json::json!({
+                                    "error": why.to_string(),
+                                    "seq": e.seq,
+                                    "reading": serde_json::to_value(&e.reading).unwrap_or_default(),
+                                }),
+                            });
+                            continue;
+                        }
                         // A gateway configured with another partition count would send meters
                         // this worker does not own; validating them here would fork their state.
                         if self.config.owns(e.reading.meter.as_str()) {
@@ -565,10 +806,20 @@ impl Processor<'_> {
         }
         let out = self.vee.validate(readings, OffsetDateTime::now_utc());
         rejects.extend(out.conflicts.iter().map(RejectRecord::conflict));
-        let progress_rows: Vec<(String, u16, i64)> = touched
+        let progress_rows: Vec<(String, String, u16, i64)> = touched
             .iter()
-            .filter_map(|(g, p)| progress.get(g, *p).map(|s| (g.clone(), *p, s)))
-            .filter(|(_, _, s)| *s >= 0)
+            .filter_map(|k| {
+                progress
+                    .get(k)
+                    .map(|s| (k.gateway.clone(), k.incarnation.clone(), k.partition, s))
+            })
+            .filter(|(_, _, _, s)| *s >= 0)
+            .collect();
+        // Gateways that send an incarnation wait for these before dropping spooled readings.
+        let acks: Vec<(ProgressKey, i64)> = touched
+            .into_iter()
+            .filter(|k| !k.incarnation.is_empty())
+            .filter_map(|k| progress.get(&k).filter(|s| *s >= 0).map(|s| (k, s)))
             .collect();
         let counts = [
             out.duplicates,
@@ -588,6 +839,7 @@ impl Processor<'_> {
             readings: out.readings,
             entries: journal::split(out.usage, out.states, self.config.partitions),
             progress: progress_rows,
+            acks,
             rejects,
             out_of_order: out.out_of_order,
             publishes,
@@ -595,12 +847,14 @@ impl Processor<'_> {
         }
     }
 
-    async fn lookup_progress(&self, gateway: &str, partition: u16) -> i64 {
+    async fn lookup_progress(&self, key: &ProgressKey) -> i64 {
         sqlx::query_scalar::<_, i64>(
-            "SELECT max_seq FROM ingest_progress WHERE gateway_id = $1 AND partition = $2",
+            "SELECT max_seq FROM ingest_progress
+              WHERE gateway_id = $1 AND incarnation = $2 AND partition = $3",
         )
-        .bind(gateway)
-        .bind(i32::from(partition))
+        .bind(&key.gateway)
+        .bind(&key.incarnation)
+        .bind(i32::from(key.partition))
         .fetch_optional(self.pool)
         .await
         .ok()

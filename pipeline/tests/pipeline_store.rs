@@ -198,6 +198,8 @@ fn batch(gateway: &str, partition: u16, first_seq: u64, readings: Vec<Reading>) 
         gateway: GatewayId::new(gateway).unwrap(),
         partition,
         sent_at: T0,
+        incarnation: None,
+        prev: None,
         entries: readings
             .into_iter()
             .enumerate()

@@ -121,6 +121,8 @@ async fn reading_round_trips_through_mosquitto_into_postgres() {
         gateway: GatewayId::new("gw-test").unwrap(),
         partition: 3,
         sent_at: ts + TimeDelta::seconds(5),
+        incarnation: None,
+        prev: None,
         entries: vec![
             BatchEntry {
                 seq: 1,

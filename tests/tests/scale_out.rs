@@ -149,6 +149,8 @@ fn messages(gateway: &str, meters: usize, rounds: i64) -> (Vec<(u16, Vec<u8>)>, 
                 gateway: GatewayId::new(gateway).unwrap(),
                 partition: p,
                 sent_at: OffsetDateTime::now_utc(),
+                incarnation: None,
+                prev: None,
                 entries,
             };
             out.push((p, serde_json::to_vec(&batch).unwrap()));
@@ -252,6 +254,8 @@ async fn two_workers_store_every_reading_exactly_once() {
         gateway: GatewayId::new("gw-c").unwrap(),
         partition: 0,
         sent_at: OffsetDateTime::now_utc(),
+        incarnation: None,
+        prev: None,
         entries: vec![BatchEntry {
             seq: 1,
             reading: reading(

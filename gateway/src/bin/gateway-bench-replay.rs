@@ -85,6 +85,9 @@ async fn main() -> anyhow::Result<()> {
         partitions: 16,
         batch_size: 1000,
         window: 32,
+        // Measures the broker path alone: no pipeline acknowledges here.
+        ack_timeout: None,
+        max_unacked: 0,
     };
     let t1 = Instant::now();
     let task = tokio::spawn(uplink::run(

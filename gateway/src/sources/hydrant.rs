@@ -74,8 +74,12 @@ pub async fn run(
     let (client, mut eventloop) = AsyncClient::new(options, 256);
 
     let prefix = config.topic_prefix.clone();
-    let (up_tx, up_rx) = mpsc::channel::<Publish>(1024);
-    let (ack_tx, ack_rx) = mpsc::channel::<(String, Vec<u8>)>(256);
+    // Unbounded: the event loop below must never wait on its workers, since the ingest worker
+    // waits in `client.ack()` on the request channel that only this loop drains (a burst
+    // deadlocked both, issue 25). The broker's in-flight window bounds what can pile up, as
+    // nothing is PUBACKed before it is spooled.
+    let (up_tx, up_rx) = mpsc::unbounded_channel::<Publish>();
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
 
     let ingest = tokio::spawn(ingest_worker(
         up_rx,
@@ -118,10 +122,10 @@ pub async fn run(
                     if let Err(e) = client.try_ack(&publish) {
                         tracing::warn!(source = %source_id, error = %e, "puback failed");
                     }
-                    if ack_tx.send((topic, payload)).await.is_err() {
+                    if ack_tx.send((topic, payload)).is_err() {
                         break;
                     }
-                } else if up_tx.send(publish).await.is_err() {
+                } else if up_tx.send(publish).is_err() {
                     break;
                 }
             }
@@ -148,7 +152,7 @@ pub async fn run(
 }
 
 async fn ingest_worker(
-    mut rx: mpsc::Receiver<Publish>,
+    mut rx: mpsc::UnboundedReceiver<Publish>,
     client: AsyncClient,
     sink: IngestSink,
     gateway: model::GatewayId,
@@ -387,7 +391,7 @@ struct Commands {
 
 async fn command_worker(
     mut commands: mpsc::Receiver<CommandRequest>,
-    mut acks: mpsc::Receiver<(String, Vec<u8>)>,
+    mut acks: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     client: AsyncClient,
     prefix: String,
     ack_timeout: Duration,

@@ -183,6 +183,7 @@ pub fn client_id(root: &str) -> String {
 
 /// A gateway TOML file: `gateway_id`, an `[uplink]` to the test broker on `root` (plus the
 /// lines of `uplink_extra`), the spool in `spool`, metrics on an ephemeral port, then `sources`.
+/// No pipeline runs in these tests, so the broker's PUBACK acknowledges (`ack_timeout_s = 0`).
 pub fn gateway_toml(
     gw: &str,
     root: &str,
@@ -197,6 +198,7 @@ pub fn gateway_toml(
 broker = "mqtt://{host}:{port}"
 client_id = "{cid}"
 topic_root = "{root}"
+ack_timeout_s = 0
 {uplink_extra}[spool]
 dir = "{spool}"
 [metrics]

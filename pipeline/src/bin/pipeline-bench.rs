@@ -305,6 +305,8 @@ async fn main() -> anyhow::Result<()> {
                     gateway: fleet.gateway[usize::from(p)].clone(),
                     partition: p,
                     sent_at: OffsetDateTime::now_utc(),
+                    incarnation: None,
+                    prev: None,
                     entries,
                 };
                 payloads.push((p, serde_json::to_vec(&batch)?));

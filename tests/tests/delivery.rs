@@ -1,0 +1,538 @@
+//! Issue 25, "nothing accepted is ever lost": poison readings, the default partition, and the
+//! end-to-end delivery guarantee through faults (a broker queue limit of 10, a PostgreSQL
+//! outage, a worker stopped while it cannot commit, a broker killed with kill -9), each
+//! counting readings spooled against readings stored, exactly.
+//!
+//! The broker faults use a Mosquitto started by the test on a free port (never the shared
+//! one); the PostgreSQL outage is a TCP proxy in front of the shared server that the test
+//! cuts (the server itself is never stopped). Short forms run in CI; `WM_SOAK=1` runs the
+//! long ones (2-minute outages, 200,000 readings).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use gateway::mqtt::MqttEndpoint;
+use gateway::spool::{Spool, SpoolConfig, SpoolWriter};
+use gateway::uplink::{self, UplinkOptions, UplinkStats};
+use model::{
+    BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
+    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
+};
+use pipeline::ingest::IngestMetrics;
+use pipeline::testing::TestDatabase;
+use pipeline::worker::{self, WorkerConfig};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: u16 = 4;
+
+fn soak() -> bool {
+    std::env::var("WM_SOAK").is_ok_and(|v| v == "1")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A Mosquitto of the test's own, on a free port, that can be killed and restarted.
+struct Broker {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Broker {
+    async fn start(max_queued: u32, persistence: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages {max_queued}\n\
+             persistence {persistence}\npersistence_location {}/\nautosave_interval 1800\n",
+            dir.path().display()
+        );
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut b = Self {
+            port,
+            dir,
+            child: None,
+        };
+        b.spawn().await;
+        b
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto installed (scripts/services.sh)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
+            assert!(Instant::now() < deadline, "own mosquitto did not start");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// kill -9, as a crash.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy in front of PostgreSQL: `cut` drops every connection and refuses new ones.
+struct PgProxy {
+    addr: SocketAddr,
+    open: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+}
+
+impl PgProxy {
+    async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicBool::new(true));
+        let (generation, _) = watch::channel(0u64);
+        let gen_tx = generation.clone();
+        let is_open = Arc::clone(&open);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let mut cut = gen_tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            generation,
+        }
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+struct RunningWorker {
+    task: JoinHandle<Result<(), worker::WorkerError>>,
+    metrics: Arc<IngestMetrics>,
+    stop: watch::Sender<bool>,
+}
+
+fn start_worker(
+    pool: sqlx::PgPool,
+    broker_url: &str,
+    root: &str,
+    client_id: &str,
+) -> RunningWorker {
+    let mut config = WorkerConfig::new(broker_url, root, 0, 1, PARTITIONS).unwrap();
+    config.client_id = client_id.to_owned();
+    config.max_batch_readings = 2_000;
+    let metrics = Arc::new(IngestMetrics::default());
+    let (stop, shutdown) = watch::channel(false);
+    let task = tokio::spawn(worker::run(config, pool, Arc::clone(&metrics), shutdown));
+    RunningWorker {
+        task,
+        metrics,
+        stop,
+    }
+}
+
+fn reading(meter: &str, gateway: &str, i: i64) -> Reading {
+    let ts = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(20)
+        + time::Duration::minutes(i);
+    Reading {
+        meter: MeterId::new(meter).unwrap(),
+        ts,
+        clock: ClockSource::Meter,
+        quantity: Quantity::Volume,
+        value: Decimal::new(1_000 + i, 3),
+        unit: Unit::CubicMetre,
+        storage: 0,
+        tariff: 0,
+        subunit: 0,
+        quality: Quality::Actual,
+        flags: vec![],
+        provenance: Provenance {
+            gateway: GatewayId::new(gateway).unwrap(),
+            source: SourceKind::Coap,
+            source_id: "nb".into(),
+            frame_hash: "ab".repeat(32),
+            received_at: ts + time::Duration::seconds(2),
+            channel: None,
+        },
+    }
+}
+
+/// A plain MQTT client on `url`, its events forwarded (publishes only).
+fn client(url: &str, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    let (host, port) = pipeline::config::parse_mqtt_url(url).unwrap();
+    let mut o = MqttOptions::new(
+        format!("{name}-{}", wm_tests::unique_prefix("c").replace('/', "-")),
+        host,
+        port,
+    );
+    o.set_max_packet_size(16 << 20, 16 << 20);
+    let (c, mut el) = AsyncClient::new(o, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    (c, rx)
+}
+
+async fn wait_until<F: Fn() -> bool>(what: &str, limit: Duration, f: F) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn stored(pool: &sqlx::PgPool, gateway: &str) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(*), count(DISTINCT (meter_id, ts, quantity, tariff, subunit))
+           FROM readings WHERE gateway_id = $1",
+    )
+    .bind(gateway)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// One reading whose value overflows `numeric(20, 6)`, one with a NUL byte and one dated far
+/// in the future sit in a batch of 500: the other 497 are stored, the three are refused with
+/// typed reasons in `ingest_rejects`, and the batch is acknowledged end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_readings_are_refused_alone_and_the_batch_is_acknowledged() {
+    let db = TestDatabase::create().await;
+    let root = wm_tests::unique_prefix("poison");
+    let url = pipeline::config::mqtt_url();
+    let (publisher, mut acks) = client(&url, "poison-pub");
+    publisher
+        .subscribe(format!("{root}/gw-poison/ingest-ack"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let w = start_worker(
+        db.pool.clone(),
+        &url,
+        &root,
+        &format!("{}-w", root.replace('/', "-")),
+    );
+    let meter = (0..)
+        .map(|i| format!("cjt188:{:014}", 9_000 + i))
+        .find(|m| model::partition_of(m, PARTITIONS) == 1)
+        .unwrap();
+    let mut entries: Vec<BatchEntry> = (1..=500)
+        .map(|i| BatchEntry {
+            seq: i as u64,
+            reading: reading(&meter, "gw-poison", i),
+        })
+        .collect();
+    entries[99].reading.value = Decimal::from(100_000_000_000_000i64);
+    entries[199].reading.provenance.source_id = "bad\0id".into();
+    entries[299].reading.ts = OffsetDateTime::now_utc() + time::Duration::days(3650);
+    let batch = ReadingBatch {
+        v: WIRE_VERSION,
+        gateway: GatewayId::new("gw-poison").unwrap(),
+        partition: 1,
+        sent_at: OffsetDateTime::now_utc(),
+        incarnation: Some("00c0ffee00c0ffee".into()),
+        prev: None,
+        entries,
+    };
+    let payload = serde_json::to_vec(&batch).unwrap();
+    // The worker may still be subscribing: publish until the acknowledgement arrives.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ack = loop {
+        publisher
+            .publish(
+                format!("{root}/readings/1"),
+                QoS::AtLeastOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+        if let Ok(Some((_, p))) = tokio::time::timeout(Duration::from_secs(2), acks.recv()).await {
+            break serde_json::from_slice::<model::IngestAck>(&p).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no ingest acknowledgement");
+    };
+    assert_eq!(
+        ack,
+        model::IngestAck {
+            v: WIRE_VERSION,
+            incarnation: "00c0ffee00c0ffee".into(),
+            partition: 1,
+            seq: 500
+        }
+    );
+    assert_eq!(stored(&db.pool, "gw-poison").await, (497, 497));
+    let kinds: Vec<(String, i64)> =
+        sqlx::query_as("SELECT kind, count(*) FROM ingest_rejects GROUP BY kind ORDER BY kind")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    let kinds: BTreeMap<String, i64> = kinds
+        .into_iter()
+        .filter(|(k, _)| k != "unknown_version")
+        .collect();
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("nul_byte".to_owned(), 1),
+            ("timestamp_out_of_range".to_owned(), 1),
+            ("value_out_of_range".to_owned(), 1),
+        ])
+    );
+    assert_eq!(IngestMetrics::get(&w.metrics.unstorable), 3);
+    w.stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), w.task)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+    db.drop_database().await;
+}
+
+/// A reading already sitting in `readings_default` for a month that has no partition yet (as
+/// stored before ingest refused such reads) no longer stops a worker from starting: the month
+/// is created around it and the row moves into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_in_the_default_partition_does_not_stop_a_worker() {
+    let db = TestDatabase::create().await;
+    let month: String = sqlx::query_scalar(
+        "SELECT to_char(date_trunc('month', now()) + interval '2 months', 'YYYYMM')",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!("DROP TABLE readings_{month}"))
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let mut future = reading("cjt188:00000000000042", "gw-default", 0);
+    future.ts = OffsetDateTime::now_utc() + time::Duration::days(62);
+    pipeline::store::insert_readings(&db.pool, &[future])
+        .await
+        .unwrap();
+    let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_default")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(in_default, 1);
+    // What used to fail: "updated partition constraint for default partition would be violated".
+    let created = pipeline::store::ensure_partitions(&db.pool, 3)
+        .await
+        .unwrap();
+    assert!(created >= 1);
+    let (in_default, in_month): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM readings_default), (SELECT count(*) FROM readings_{month})"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((in_default, in_month), (0, 1));
+    db.drop_database().await;
+}
+
+/// Writes `n` readings into the spool as a gateway's sources would, spread over meters.
+fn spool_readings(writer: &mut SpoolWriter, gateway: &str, from: i64, n: i64) {
+    for i in from..from + n {
+        writer
+            .append(&[reading(&format!("cjt188:{:014}", 100 + i % 50), gateway, i)])
+            .unwrap();
+        if i % 500 == 0 {
+            writer.sync().unwrap();
+        }
+    }
+    writer.sync().unwrap();
+}
+
+/// The guarantee end to end: a gateway uplink and a worker on a broker whose queue holds only
+/// 10 messages per client, PostgreSQL cut for a while (the worker reports itself stuck and
+/// still stops within seconds when asked), the worker restarted, the broker killed with
+/// kill -9 (no persistence) and restarted; afterwards every spooled reading is stored exactly
+/// once and the spool is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_spooled_reading_is_stored_once_through_broker_and_database_faults() {
+    let outage = if soak() {
+        Duration::from_secs(120)
+    } else {
+        Duration::from_secs(12)
+    };
+    let total: i64 = if soak() { 200_000 } else { 12_000 };
+    let gw = "gw-faults";
+    let started = Instant::now();
+    let db = TestDatabase::create().await;
+    let host_port = db
+        .url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("DATABASE_URL of the form postgres://user@host:port/db")
+        .to_owned();
+    let pg: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&host_port)
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = PgProxy::start(pg).await;
+    let proxied_url = db.url.replace(&host_port, &proxy.addr.to_string());
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&proxied_url)
+        .await
+        .unwrap();
+    let mut broker = Broker::start(10, false).await;
+    let root = wm_tests::unique_prefix("faults");
+    let worker_id = format!("{}-w", root.replace('/', "-"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let (spool, mut writer) = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+    let stats = Arc::new(UplinkStats::default());
+    let shutdown = CancellationToken::new();
+    let opts = UplinkOptions {
+        endpoint: MqttEndpoint::parse(&broker.url()).unwrap(),
+        client_id: format!("{}-up", root.replace('/', "-")),
+        topic_root: root.clone(),
+        gateway: GatewayId::new(gw).unwrap(),
+        partitions: PARTITIONS,
+        batch_size: 200,
+        window: 8,
+        ack_timeout: Some(Duration::from_secs(2)),
+        max_unacked: 200 * 8 * 8,
+    };
+    let up = tokio::spawn(uplink::run(
+        opts,
+        spool.clone(),
+        Arc::clone(&stats),
+        shutdown.clone(),
+    ));
+    let mut w = start_worker(pool.clone(), &broker.url(), &root, &worker_id);
+
+    // Phase 1: steady traffic.
+    let quarter = total / 4;
+    spool_readings(&mut writer, gw, 0, quarter);
+    // Phase 2: PostgreSQL unreachable while readings keep coming; the broker's queue of 10
+    // overflows and drops, which end-to-end acknowledgement must make up for.
+    proxy.cut();
+    spool_readings(&mut writer, gw, quarter, quarter);
+    let m = Arc::clone(&w.metrics);
+    wait_until(
+        "worker reports itself stuck",
+        outage.max(Duration::from_secs(20)),
+        || IngestMetrics::get(&m.stuck) == 1,
+    )
+    .await;
+    tokio::time::sleep(outage.saturating_sub(Duration::from_secs(10))).await;
+    // SIGTERM while it cannot commit: it stops within seconds, committing nothing half.
+    let asked = Instant::now();
+    w.stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), &mut w.task)
+        .await
+        .expect("a stuck worker honours shutdown within seconds")
+        .unwrap()
+        .unwrap();
+    let stop_time = asked.elapsed();
+    proxy.restore();
+    w = start_worker(pool.clone(), &broker.url(), &root, &worker_id);
+    // Phase 3: the broker crashes (kill -9, no persistence) and comes back.
+    spool_readings(&mut writer, gw, 2 * quarter, quarter);
+    broker.kill();
+    spool_readings(&mut writer, gw, 3 * quarter, total - 3 * quarter);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    broker.spawn().await;
+    let recovery = Instant::now();
+    let limit = if soak() {
+        Duration::from_secs(900)
+    } else {
+        Duration::from_secs(150)
+    };
+    let s = spool.clone();
+    wait_until("spool emptied by ingest acknowledgements", limit, || {
+        s.stats().depth == 0
+    })
+    .await;
+    let recovery = recovery.elapsed();
+    let (rows, distinct) = stored(&pool, gw).await;
+    assert_eq!(
+        (rows, distinct),
+        (total, total),
+        "every spooled reading stored exactly once"
+    );
+    assert_eq!(spool.stats().evicted, 0);
+    eprintln!(
+        "delivery: in {total}, stored {rows}, lost {}, duplicated {}, stuck-worker stop {:?}, \
+         recovery after the broker restart {:?}, resends {}, total {:?}",
+        total - distinct,
+        rows - distinct,
+        stop_time,
+        recovery,
+        stats.resends.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+    w.stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), w.task)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
+    shutdown.cancel();
+    up.await.unwrap();
+    pool.close().await;
+    db.drop_database().await;
+}
