@@ -1184,9 +1184,13 @@ pub fn medium_name(meter_type: u8) -> &'static str {
     }
 }
 
-fn record(quantity: &str, value: RecordValue, unit: Option<Unit>) -> Record {
+fn record(
+    quantity: impl Into<std::borrow::Cow<'static, str>>,
+    value: RecordValue,
+    unit: Option<Unit>,
+) -> Record {
     Record {
-        quantity: quantity.to_owned(),
+        quantity: quantity.into(),
         value,
         unit,
         storage: 0,
@@ -1196,7 +1200,7 @@ fn record(quantity: &str, value: RecordValue, unit: Option<Unit>) -> Record {
     }
 }
 
-fn number(quantity: &str, value: Decimal, unit: Option<Unit>) -> Record {
+fn number(quantity: &'static str, value: Decimal, unit: Option<Unit>) -> Record {
     record(quantity, RecordValue::Number(value), unit)
 }
 
@@ -1256,7 +1260,7 @@ fn status_records(records: &mut Vec<Record>, st: u16, bits: StatusBits) {
     records.push(number("status_word", Decimal::from(st), None));
 }
 
-fn unit_record(quantity: &str, v: &UnitValue) -> Option<Record> {
+fn unit_record(quantity: &'static str, v: &UnitValue) -> Option<Record> {
     let (unit, factor) = unit_of(v.unit)?;
     let value = v.value.checked_mul(factor)?.normalize();
     Some(number(quantity, value, Some(unit)))
@@ -1270,7 +1274,7 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
 /// Returns the records of a parsed frame, reading ST with the vendor's bit layout.
 pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
     let mut out = Vec::new();
-    let volume = |q: &str, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
+    let volume = |q: &'static str, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
     match &frame.payload {
         Payload::Reading(r) => {
             out.push(volume("volume", r.current_m3));
@@ -1340,7 +1344,7 @@ pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
         Payload::Status(st) => status_records(&mut out, *st, bits),
         Payload::Raw(bytes) => {
             out.push(record(
-                &format!("di_{:04x}", frame.di),
+                format!("di_{:04x}", frame.di),
                 RecordValue::Raw(hex::encode(bytes)),
                 None,
             ));

@@ -120,8 +120,8 @@ impl Envelope {
     /// Returns the radio metadata as records (`signal_rsrp` dBm, `signal_sinr` dB,
     /// `signal_ecl`), for the dashboard's signal-quality view.
     pub fn signal_records(&self) -> Vec<Record> {
-        let rec = |quantity: &str, value: Decimal, unit: Unit| Record {
-            quantity: quantity.to_owned(),
+        let rec = |quantity: &'static str, value: Decimal, unit: Unit| Record {
+            quantity: quantity.into(),
             value: RecordValue::Number(value),
             unit: Some(unit),
             storage: 0,

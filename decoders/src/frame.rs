@@ -1,5 +1,7 @@
 //! The protocol-neutral result of decoding one frame; its serde form is `meter-decode`'s JSON.
 
+use std::borrow::Cow;
+
 use model::{Decimal, Unit};
 use serde::Serialize;
 
@@ -67,8 +69,10 @@ pub enum RecordValue {
 pub struct Record {
     /// What it measures, snake_case (`volume`, `volume_flow`, `flow_temperature`,
     /// `error_flags`, `date_time`...). Protocol vocabulary; [`Record::reading_quantity`]
-    /// maps it to the pipeline's [`model::Quantity`].
-    pub quantity: String,
+    /// maps it to the pipeline's [`model::Quantity`]. Borrowed from the decoders' static
+    /// tables (no allocation per record); owned only for names built at run time (plain-text
+    /// VIFs, register maps).
+    pub quantity: Cow<'static, str>,
     /// The value.
     pub value: RecordValue,
     /// Unit of a number; `None` for plain numbers, dates and text.
@@ -88,7 +92,7 @@ impl Record {
     /// Maps the record's quantity to the pipeline's vocabulary, if the pipeline stores it.
     pub fn reading_quantity(&self) -> Option<model::Quantity> {
         use model::Quantity as Q;
-        Some(match self.quantity.as_str() {
+        Some(match self.quantity.as_ref() {
             "volume" => Q::Volume,
             "volume_reverse" => Q::VolumeReverse,
             "volume_net" => Q::VolumeNet,

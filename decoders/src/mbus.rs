@@ -408,7 +408,14 @@ pub struct RspUdHeader {
 impl RspUdHeader {
     /// The identification as the 8 digits printed on the meter.
     pub fn id_digits(&self) -> String {
-        format!("{:08X}", self.id)
+        // Built directly (no formatter): this runs for every decoded frame.
+        (0..8u32)
+            .rev()
+            .map(|i| {
+                let nibble = (self.id >> i.saturating_mul(4)) & 0x0F;
+                char::from_digit(nibble, 16).map_or('0', |c| c.to_ascii_uppercase())
+            })
+            .collect()
     }
 
     fn to_wire(self) -> [u8; 12] {
@@ -673,7 +680,9 @@ fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusE
     }
     let header = parse_header(ci, base, &mut cur)?;
     let msb_first = ci == CI_RSP_LONG_MSB;
-    let mut records_out = Vec::new();
+    // A record takes at least 2 bytes and usually 4 to 7: sized once for the usual case
+    // instead of growing (and moving every record) four or five times.
+    let mut records_out = Vec::with_capacity((cur.rest.len() / 4).saturating_add(1));
     let mut more = false;
     for rec in RecordIter::with_offset(cur.rest, cur.offset, msb_first) {
         let rec = rec?;
@@ -723,7 +732,7 @@ fn parse_fixed(ci: u8, cur: &mut Cursor<'_>) -> Result<Application, MbusError> {
             None
         };
         records.push(Record {
-            quantity: info.quantity.to_owned(),
+            quantity: info.quantity.into(),
             value,
             unit,
             storage: u32::from(status & 0x40 != 0),
@@ -1556,15 +1565,14 @@ impl<'a> RawRecord<'a> {
         Some((value, info.unit))
     }
 
-    /// Converts to the protocol-neutral record (allocates the strings).
+    /// Converts to the protocol-neutral record. The quantity name is borrowed from the VIF
+    /// table; only plain-text VIFs, dates, text and raw bytes allocate.
     pub fn to_record(&self) -> Record {
         let info = self.vif_info();
-        let plain_text: String;
-        let quantity = if self.plain_text.is_empty() {
-            info.quantity
+        let quantity: std::borrow::Cow<'static, str> = if self.plain_text.is_empty() {
+            info.quantity.into()
         } else {
-            plain_text = text(self.plain_text);
-            plain_text.as_str()
+            text(self.plain_text).into()
         };
         let (value, unit) = match self.number_with(&info) {
             Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
@@ -1583,7 +1591,13 @@ impl<'a> RawRecord<'a> {
                     RawValue::None => RecordValue::Raw(String::new()),
                     // Variable-length binary numbers are little-endian: print them MSB first.
                     RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
-                        RecordValue::Raw(b.iter().rev().map(|x| format!("{x:02x}")).collect())
+                        let mut out = String::with_capacity(b.len().saturating_mul(2));
+                        for x in b.iter().rev() {
+                            for nibble in [x >> 4, x & 0x0F] {
+                                out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+                            }
+                        }
+                        RecordValue::Raw(out)
                     }
                     RawValue::Bytes(b) => RecordValue::Raw(hex::encode(b)),
                     RawValue::Int(_) | RawValue::Real(_) => {
@@ -1594,7 +1608,7 @@ impl<'a> RawRecord<'a> {
             ),
         };
         Record {
-            quantity: quantity.to_owned(),
+            quantity,
             value,
             unit,
             storage: u32::try_from(self.storage()).unwrap_or(u32::MAX),

@@ -608,7 +608,7 @@ fn row_is_empty(
 
 fn record(spec: &RegisterSpec, value: Decimal) -> Record {
     Record {
-        quantity: spec.quantity.clone(),
+        quantity: spec.quantity.clone().into(),
         value: RecordValue::Number(value),
         unit: spec.unit,
         storage: 0,

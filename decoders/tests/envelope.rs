@@ -132,7 +132,7 @@ fn onenet_batch_merges_signal_points_into_the_uplink() {
     let records = env.signal_records();
     let got: Vec<(&str, RecordValue, Option<Unit>)> = records
         .iter()
-        .map(|r| (r.quantity.as_str(), r.value.clone(), r.unit))
+        .map(|r| (r.quantity.as_ref(), r.value.clone(), r.unit))
         .collect();
     assert_eq!(
         got,

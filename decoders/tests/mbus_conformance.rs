@@ -39,7 +39,7 @@ fn libmbus_unit(unit: Unit) -> (&'static str, f64) {
 }
 
 fn function_name(r: &Record, fixed: bool) -> &'static str {
-    match (r.quantity.as_str(), r.function) {
+    match (r.quantity.as_ref(), r.function) {
         ("manufacturer_specific", _) if matches!(r.value, RecordValue::Raw(_)) => {
             "Manufacturer specific"
         }

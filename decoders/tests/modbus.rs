@@ -316,7 +316,7 @@ fn table_rows_become_subunits_and_empty_rows_are_skipped() {
     let records = decode(&map, 100, &words).unwrap();
     let got: Vec<(u32, &str, RecordValue)> = records
         .iter()
-        .map(|r| (r.subunit, r.quantity.as_str(), r.value.clone()))
+        .map(|r| (r.subunit, r.quantity.as_ref(), r.value.clone()))
         .collect();
     assert_eq!(
         got,

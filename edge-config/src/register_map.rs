@@ -243,7 +243,7 @@ struct RawTable {
 fn unit_mismatch(quantity: &str, unit: Option<Unit>) -> Option<String> {
     use model::Quantity as Q;
     let record = decoders::Record {
-        quantity: quantity.to_owned(),
+        quantity: quantity.to_owned().into(),
         value: decoders::RecordValue::Number(Decimal::ZERO),
         unit,
         storage: 0,

@@ -177,7 +177,7 @@ mod tests {
         function: Function,
     ) -> Record {
         Record {
-            quantity: quantity.into(),
+            quantity: quantity.to_owned().into(),
             value,
             unit,
             storage: 0,

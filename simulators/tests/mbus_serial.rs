@@ -56,7 +56,7 @@ fn volume(frame: &[u8]) -> Decimal {
     decoded
         .records
         .iter()
-        .find_map(|r| match (&r.value, r.quantity.as_str()) {
+        .find_map(|r| match (&r.value, r.quantity.as_ref()) {
             (RecordValue::Number(n), "volume") => Some(*n),
             _ => None,
         })

@@ -14,7 +14,7 @@ use tokio_modbus::slave::{Slave, SlaveContext};
 fn number(records: &[decoders::Record], quantity: &str) -> Decimal {
     records
         .iter()
-        .find_map(|r| match (&r.value, r.quantity.as_str()) {
+        .find_map(|r| match (&r.value, r.quantity.as_ref()) {
             (RecordValue::Number(n), q) if q == quantity => Some(*n),
             _ => None,
         })

@@ -45,7 +45,7 @@ fn volume(frame: &decoders::DecodedFrame) -> Decimal {
     frame
         .records
         .iter()
-        .find_map(|r| match (&r.value, r.quantity.as_str(), r.storage) {
+        .find_map(|r| match (&r.value, r.quantity.as_ref(), r.storage) {
             (RecordValue::Number(n), "volume", 0) => Some(*n),
             _ => None,
         })

@@ -181,9 +181,9 @@ fn masked_sum(data: &[u8]) -> u8 {
     data.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)) & 0xEF
 }
 
-fn record(quantity: &str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
+fn record(quantity: &'static str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
     Record {
-        quantity: quantity.to_owned(),
+        quantity: quantity.into(),
         value: RecordValue::Number(value),
         unit,
         storage,

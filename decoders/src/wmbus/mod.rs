@@ -952,7 +952,7 @@ fn application_records(payload: &[u8]) -> Result<Vec<Record>, crate::mbus::MbusE
             Err(_) => {
                 let tail = payload.get(end..).unwrap_or_default();
                 out.push(Record {
-                    quantity: "undecoded_tail".to_owned(),
+                    quantity: "undecoded_tail".into(),
                     value: crate::frame::RecordValue::Raw(hex::encode(tail)),
                     unit: None,
                     storage: 0,

@@ -50,9 +50,9 @@ pub(crate) fn is_techem(meter: Address, ci: u8) -> bool {
     (0xA0..=0xA2).contains(&ci) && model(meter).is_some()
 }
 
-fn record(quantity: &str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
+fn record(quantity: &'static str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
     Record {
-        quantity: quantity.to_owned(),
+        quantity: quantity.into(),
         value: RecordValue::Number(value),
         unit,
         storage,
