@@ -57,6 +57,10 @@ pub struct WorkerConfig {
     pub vee: VeeConfig,
     /// Storage options.
     pub store: StoreOptions,
+    /// Detector thresholds (`docs/detectors.md`).
+    pub detect: crate::detect::DetectConfig,
+    /// How often the communication-loss sweep runs.
+    pub sweep_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -91,6 +95,8 @@ impl WorkerConfig {
             state_checkpoint_interval: Duration::from_secs(30),
             vee: VeeConfig::default(),
             store: StoreOptions::default(),
+            detect: crate::detect::DetectConfig::default(),
+            sweep_interval: Duration::from_secs(60),
         })
     }
 
@@ -158,6 +164,14 @@ pub async fn run(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "meter state rebuilt"
     );
+    let detectors = crate::detect::store::load(&pool, config.detect.clone(), |m| config.owns(m))
+        .await
+        .map_err(WorkerError::Start)?;
+    tracing::info!(
+        meters = detectors.meters(),
+        state_bytes = detectors.state_bytes(),
+        "detector state rebuilt"
+    );
     let progress = load_progress(&pool, &config)
         .await
         .map_err(WorkerError::Start)?;
@@ -218,6 +232,7 @@ pub async fn run(
         pool: &pool,
         metrics: &metrics,
         vee,
+        detectors,
         progress,
     };
     // One batch may be validated while the previous one is being written: the writer commits
@@ -272,6 +287,8 @@ struct WriteJob {
     out_of_order: Vec<(model::MeterId, OffsetDateTime)>,
     publishes: Vec<Publish>,
     counts: [u64; 4],
+    /// Alarm events and detector states, written in the same transaction.
+    alarms: crate::detect::store::AlarmWrite,
 }
 
 /// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
@@ -312,6 +329,7 @@ async fn writer(
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
             journal: Some(&job.entries),
+            alarms: Some(&job.alarms),
         };
         let mut attempt = 0u32;
         let stats = loop {
@@ -345,6 +363,7 @@ async fn writer(
         IngestMetrics::add(&metrics.conflicts, conflicts);
         IngestMetrics::add(&metrics.estimated, estimated);
         IngestMetrics::add(&metrics.rejected, rejected);
+        crate::detect::publish(client, &config.topic_root, &job.alarms.events).await;
         for p in &job.publishes {
             client
                 .ack(p)
@@ -423,6 +442,7 @@ struct Processor<'a> {
     pool: &'a PgPool,
     metrics: &'a IngestMetrics,
     vee: Vee,
+    detectors: crate::detect::Detectors,
     progress: Progress,
 }
 
@@ -435,12 +455,22 @@ impl Processor<'_> {
     ) -> Result<(), WorkerError> {
         let mut maintenance = tokio::time::interval(Duration::from_secs(24 * 3600));
         maintenance.tick().await;
+        let mut sweep = tokio::time::interval(self.config.sweep_interval);
+        sweep.tick().await;
         loop {
             let first = tokio::select! {
                 changed = shutdown.changed() => {
                     // A dropped sender can never ask for shutdown again: treat it as one
                     // (instead of spinning on the closed channel).
                     if changed.is_err() || *shutdown.borrow() { return Ok(()); }
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    // Silence has no reading to trigger on: judged against the wall clock.
+                    let alarms = crate::detect::sweep_write(&mut self.detectors);
+                    if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms)).await.is_err() {
+                        return Err(WorkerError::Mqtt("handing a batch to the writer"));
+                    }
                     continue;
                 }
                 _ = maintenance.tick() => {
@@ -563,6 +593,7 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
+        let alarms = crate::detect::batch_write(&mut self.detectors, &out.readings);
         self.progress = progress;
         tracing::debug!(
             messages = publishes.len(),
@@ -578,6 +609,7 @@ impl Processor<'_> {
             out_of_order: out.out_of_order,
             publishes,
             counts,
+            alarms,
         }
     }
 
@@ -592,6 +624,22 @@ impl Processor<'_> {
         .ok()
         .flatten()
         .unwrap_or(-1)
+    }
+}
+
+impl WriteJob {
+    /// A job that only writes alarms (the communication-loss sweep).
+    fn alarms_only(alarms: crate::detect::store::AlarmWrite) -> Self {
+        Self {
+            readings: Vec::new(),
+            entries: Vec::new(),
+            progress: Vec::new(),
+            rejects: Vec::new(),
+            out_of_order: Vec::new(),
+            publishes: Vec::new(),
+            counts: [0; 4],
+            alarms,
+        }
     }
 }
 
