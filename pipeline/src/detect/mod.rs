@@ -15,6 +15,7 @@
 //! can neither raise nor clear; estimated reads are ignored altogether.
 
 pub mod config;
+pub mod gateway;
 pub mod replay;
 pub mod store;
 
