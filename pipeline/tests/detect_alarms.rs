@@ -214,3 +214,104 @@ async fn sweep_raises_communication_loss_and_a_report_clears_it() {
     );
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn gateway_offline_and_spool_overflow_reach_the_alarms_table() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let db = TestDatabase::create().await;
+    let url = pipeline::config::mqtt_url();
+    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let root = format!("wm-test-gwalarm-{}", rand::random::<u32>());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let consumer = tokio::spawn(detect::gateway::run(
+        db.pool.clone(),
+        host.clone(),
+        port,
+        format!("gwa-{}", rand::random::<u32>()),
+        root.clone(),
+        shutdown,
+    ));
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new(format!("gwp-{}", rand::random::<u32>()), host, port),
+        16,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let status = |state: &str| {
+        serde_json::json!({"v": 1, "gateway": "gw-7", "state": state, "at": "2026-03-02T11:00:00Z"})
+            .to_string()
+    };
+    // Retained, as the gateway's last will is: the consumer reads it even if it connects later.
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            status("offline"),
+        )
+        .await
+        .unwrap();
+    let overflow = serde_json::json!({"meter": "gateway:gw-7", "kind": "spool_overflow",
+        "severity": "critical", "raised_at": "2026-03-02T10:00:00Z", "detail": {"evicted": 5}});
+    let wait_for = |sql: &'static str, want: i64| {
+        let pool = db.pool.clone();
+        async move {
+            for _ in 0..100 {
+                let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                if n == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("{sql} never reached {want}");
+        }
+    };
+    wait_for(
+        "SELECT count(*) FROM alarms WHERE kind = 'gateway_offline' AND cleared_at IS NULL",
+        1,
+    )
+    .await;
+    for _ in 0..2 {
+        client
+            .publish(
+                format!("{root}/gw-7/alarms"),
+                QoS::AtLeastOnce,
+                false,
+                overflow.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    // Two reports of the open alarm: one row, two occurrences.
+    wait_for(
+        "SELECT coalesce(sum(occurrences), 0)::bigint FROM alarms WHERE kind = 'spool_overflow'",
+        2,
+    )
+    .await;
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            status("online"),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "SELECT count(*) FROM alarms WHERE kind = 'gateway_offline' AND state = 'closed'",
+        1,
+    )
+    .await;
+    // Clear the retained message for other runs.
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            Vec::<u8>::new(),
+        )
+        .await
+        .unwrap();
+    stop.send(true).ok();
+    consumer.await.unwrap();
+    db.drop_database().await;
+}
