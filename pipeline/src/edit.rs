@@ -221,6 +221,7 @@ pub async fn ingest_manual(
             rejects: &rejects,
             out_of_order: &out.out_of_order,
             journal: None,
+            alarms: None,
         },
         StoreOptions::default(),
     )

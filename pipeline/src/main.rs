@@ -145,6 +145,9 @@ struct RunArgs {
     /// Seconds between metric dumps in the log (Prometheus text).
     #[arg(long, default_value_t = 60)]
     metrics_interval_s: u64,
+    /// Detector thresholds per meter class (TOML, docs/detectors.md); defaults without it.
+    #[arg(long)]
+    detectors: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -383,6 +386,12 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
     config.max_batch_delay = std::time::Duration::from_millis(args.max_batch_delay_ms);
     config.flush_interval = std::time::Duration::from_millis(args.rollup_interval_ms);
     config.state_checkpoint_interval = std::time::Duration::from_secs(args.state_checkpoint_s);
+    if let Some(path) = &args.detectors {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        config.detect =
+            pipeline::detect::DetectConfig::from_toml(&text, &path.display().to_string())?;
+    }
     let metrics = std::sync::Arc::new(pipeline::ingest::IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let dump = std::sync::Arc::clone(&metrics);
@@ -404,6 +413,17 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down after the current batch");
         stop.send(true).ok();
     });
+    if config.worker == 0 {
+        // One consumer of the gateways' alarms and status for the whole pipeline.
+        tokio::spawn(pipeline::detect::gateway::run(
+            pool.clone(),
+            config.broker_host.clone(),
+            config.broker_port,
+            format!("{}-gw-alarms", config.client_id),
+            config.topic_root.clone(),
+            shutdown.clone(),
+        ));
+    }
     pipeline::worker::run(config, pool, metrics, shutdown).await?;
     Ok(())
 }

@@ -196,6 +196,8 @@ pub struct WriteSet<'a> {
     /// worker folds them later, see [`crate::journal`]) and `usage` and `states` are ignored;
     /// otherwise they are upserted in this transaction.
     pub journal: Option<&'a [crate::journal::JournalEntry]>,
+    /// Alarm events and detector states of this batch (`crate::detect::store`).
+    pub alarms: Option<&'a crate::detect::store::AlarmWrite>,
 }
 
 /// What a write did.
@@ -316,6 +318,9 @@ pub async fn write_batch(
     write_rejects(&mut tx, set.rejects).await?;
     for (meter, ts) in set.out_of_order {
         resolve_out_of_order(&mut tx, meter.as_str(), *ts, options).await?;
+    }
+    if let Some(alarms) = set.alarms.filter(|a| !a.is_empty()) {
+        crate::detect::store::write(&mut tx, alarms).await?;
     }
     tx.commit().await.map_err(stage("committing"))?;
     tracing::debug!(

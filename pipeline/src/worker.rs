@@ -57,6 +57,10 @@ pub struct WorkerConfig {
     pub vee: VeeConfig,
     /// Storage options.
     pub store: StoreOptions,
+    /// Detector thresholds (`docs/detectors.md`).
+    pub detect: crate::detect::DetectConfig,
+    /// How often the communication-loss sweep runs.
+    pub sweep_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -91,6 +95,8 @@ impl WorkerConfig {
             state_checkpoint_interval: Duration::from_secs(30),
             vee: VeeConfig::default(),
             store: StoreOptions::default(),
+            detect: crate::detect::DetectConfig::default(),
+            sweep_interval: Duration::from_secs(60),
         })
     }
 
@@ -159,6 +165,14 @@ pub async fn run(
         journal_spans = recovered.spans(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "meter state rebuilt"
+    );
+    let detectors = crate::detect::store::load(&pool, config.detect.clone(), |m| config.owns(m))
+        .await
+        .map_err(WorkerError::Start)?;
+    tracing::info!(
+        meters = detectors.meters(),
+        state_bytes = detectors.state_bytes(),
+        "detector state rebuilt"
     );
     let progress = load_progress(&pool, &config)
         .await
@@ -243,6 +257,7 @@ pub async fn run(
         pool: &pool,
         metrics: &metrics,
         vee,
+        detectors,
         progress,
         registry: crate::registry::live::spawn_listener(pool.clone()),
         frames: crate::registry::sync::FrameSink::spawn(pool.clone(), Duration::from_secs(5)),
@@ -342,6 +357,8 @@ struct WriteJob {
     out_of_order: Vec<(model::MeterId, OffsetDateTime)>,
     publishes: Vec<Publish>,
     counts: [u64; 4],
+    /// Alarm events and detector states, written in the same transaction.
+    alarms: crate::detect::store::AlarmWrite,
 }
 
 /// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
@@ -423,6 +440,13 @@ async fn writer(
         IngestMetrics::add(&metrics.conflicts, conflicts);
         IngestMetrics::add(&metrics.estimated, estimated);
         IngestMetrics::add(&metrics.rejected, rejected);
+        for payload in crate::detect::alarm_messages(&job.alarms.events) {
+            out.send(Outbound::Publish {
+                topic: crate::detect::alarms_topic(&config.topic_root),
+                payload,
+            })
+            .map_err(|_| WorkerError::Mqtt("publishing an alarm"))?;
+        }
         for p in job.publishes {
             out.send(Outbound::Ack(p))
                 .map_err(|_| WorkerError::Mqtt("acknowledging"))?;
@@ -477,6 +501,7 @@ async fn commit(
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
             journal: Some(&job.entries),
+            alarms: Some(&job.alarms),
         };
         let attempt_write = async {
             match pool.acquire().await {
@@ -638,6 +663,7 @@ struct Processor<'a> {
     pool: &'a PgPool,
     metrics: &'a IngestMetrics,
     vee: Vee,
+    detectors: crate::detect::Detectors,
     progress: Progress,
     /// Registry changes (LISTEN wm_registry), applied between batches.
     registry: mpsc::Receiver<crate::registry::live::Change>,
@@ -654,6 +680,8 @@ impl Processor<'_> {
     ) -> Result<(), WorkerError> {
         let mut maintenance = tokio::time::interval(Duration::from_secs(24 * 3600));
         maintenance.tick().await;
+        let mut sweep = tokio::time::interval(self.config.sweep_interval);
+        sweep.tick().await;
         loop {
             let first = tokio::select! {
                 changed = shutdown.changed() => {
@@ -666,6 +694,14 @@ impl Processor<'_> {
                     let owns = |m: &str| self.config.owns(m);
                     if let Err(e) = crate::registry::live::refresh(self.pool, &mut self.vee, &change, owns).await {
                         tracing::error!(error = %e, "applying a registry change failed");
+                    }
+                    continue;
+                }
+                _ = sweep.tick() => {
+                    // Silence has no reading to trigger on: judged against the wall clock.
+                    let alarms = crate::detect::sweep_write(&mut self.detectors);
+                    if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms)).await.is_err() {
+                        return Err(WorkerError::Mqtt("handing a batch to the writer"));
                     }
                     continue;
                 }
@@ -828,6 +864,7 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
+        let alarms = crate::detect::batch_write(&mut self.detectors, &out.readings);
         self.progress = progress;
         tracing::debug!(
             messages = publishes.len(),
@@ -844,6 +881,7 @@ impl Processor<'_> {
             out_of_order: out.out_of_order,
             publishes,
             counts,
+            alarms,
         }
     }
 
@@ -860,6 +898,23 @@ impl Processor<'_> {
         .ok()
         .flatten()
         .unwrap_or(-1)
+    }
+}
+
+impl WriteJob {
+    /// A job that only writes alarms (the communication-loss sweep).
+    fn alarms_only(alarms: crate::detect::store::AlarmWrite) -> Self {
+        Self {
+            readings: Vec::new(),
+            entries: Vec::new(),
+            progress: Vec::new(),
+            rejects: Vec::new(),
+            out_of_order: Vec::new(),
+            publishes: Vec::new(),
+            acks: Vec::new(),
+            counts: [0; 4],
+            alarms,
+        }
     }
 }
 

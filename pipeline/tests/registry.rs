@@ -480,6 +480,8 @@ fn batch(gateway: &str, partition: u16, seq: u64, readings: Vec<Reading>) -> Vec
                 reading,
             })
             .collect(),
+        incarnation: None,
+        prev: None,
     })
     .unwrap()
 }

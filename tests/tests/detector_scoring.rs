@@ -101,7 +101,14 @@ fn run(name: &str) -> Score {
         }
     });
     let truth = engine.ground_truth();
-    let (alarms, _) = replay::run(DetectConfig::default(), &meters, rows);
+    let (alarms, stats) = replay::run(DetectConfig::default(), &meters, rows);
+    println!(
+        "{name}: detector state {} bytes for {} meters ({} per meter; struct {} bytes)",
+        stats.state_bytes,
+        stats.meters,
+        stats.state_bytes / stats.meters.max(1),
+        std::mem::size_of::<pipeline::detect::MeterDetect>()
+    );
     let detections: Vec<Detection> = alarms
         .iter()
         .filter_map(|a| {

@@ -15,7 +15,9 @@
 //! can neither raise nor clear; estimated reads are ignored altogether.
 
 pub mod config;
+pub mod gateway;
 pub mod replay;
+pub mod store;
 
 use std::collections::HashMap;
 
@@ -156,6 +158,8 @@ const FINE_STEP_S: i64 = 4_200;
 const FLAG_PARTIAL: u8 = 1;
 /// The local 02:00 hour of the night being measured was the previous hour and had data.
 const FLAG_NIGHT: u8 = 2;
+/// The current hour bucket has had no step yet (the previous read closed the hour before).
+const FLAG_EMPTY: u8 = 4;
 
 /// Bit of each per-meter alarm kind in [`MeterDetect::active`].
 fn kind_bit(kind: AlarmKind) -> u16 {
@@ -305,6 +309,114 @@ impl MeterDetect {
         (i64::from(hour) * 3600 + i64::from(self.offset_min) * 60)
             .div_euclid(3600)
             .rem_euclid(24)
+    }
+}
+
+/// Version byte of [`MeterDetect::to_bytes`].
+const STATE_VERSION: u8 = 1;
+
+impl MeterDetect {
+    /// Serialises the state (little endian, fixed layout, versioned) for `detector_state`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(112);
+        b.push(STATE_VERSION);
+        for v in [
+            self.last_ts,
+            self.last_ml,
+            self.zero_since,
+            self.base_ml,
+            self.heard_ts,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [
+            self.base_h,
+            self.hour,
+            self.run_start,
+            self.burst_start,
+            self.night_last,
+            self.rx_lag_s,
+            self.rev_hour,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [
+            self.hour_ml,
+            self.interval_s,
+            self.rx_interval_s,
+            self.rev_l,
+            self.q3_lph,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        for v in [self.run_min_lph, self.night_min_dl, self.active] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&self.offset_min.to_le_bytes());
+        b.extend_from_slice(&[
+            self.zero_hours,
+            self.burst_hours,
+            self.nights,
+            self.confidence,
+            self.flags,
+            self.class,
+            self.role,
+        ]);
+        b
+    }
+
+    /// Reads a state written by [`MeterDetect::to_bytes`]; `None` for another version or a
+    /// truncated record (the meter then starts afresh).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader(bytes);
+        if r.take::<1>()? != [STATE_VERSION] {
+            return None;
+        }
+        let i64v = |r: &mut Reader<'_>| r.take::<8>().map(i64::from_le_bytes);
+        let i32v = |r: &mut Reader<'_>| r.take::<4>().map(i32::from_le_bytes);
+        let u32v = |r: &mut Reader<'_>| r.take::<4>().map(u32::from_le_bytes);
+        let u16v = |r: &mut Reader<'_>| r.take::<2>().map(u16::from_le_bytes);
+        let st = Self {
+            last_ts: i64v(&mut r)?,
+            last_ml: i64v(&mut r)?,
+            zero_since: i64v(&mut r)?,
+            base_ml: i64v(&mut r)?,
+            heard_ts: i64v(&mut r)?,
+            base_h: i32v(&mut r)?,
+            hour: i32v(&mut r)?,
+            run_start: i32v(&mut r)?,
+            burst_start: i32v(&mut r)?,
+            night_last: i32v(&mut r)?,
+            rx_lag_s: i32v(&mut r)?,
+            rev_hour: i32v(&mut r)?,
+            hour_ml: u32v(&mut r)?,
+            interval_s: u32v(&mut r)?,
+            rx_interval_s: u32v(&mut r)?,
+            rev_l: u32v(&mut r)?,
+            q3_lph: u32v(&mut r)?,
+            run_min_lph: u16v(&mut r)?,
+            night_min_dl: u16v(&mut r)?,
+            active: u16v(&mut r)?,
+            offset_min: r.take::<2>().map(i16::from_le_bytes)?,
+            zero_hours: r.take::<1>()?[0],
+            burst_hours: r.take::<1>()?[0],
+            nights: r.take::<1>()?[0],
+            confidence: r.take::<1>()?[0],
+            flags: r.take::<1>()?[0],
+            class: r.take::<1>()?[0],
+            role: r.take::<1>()?[0],
+        };
+        Some(st)
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let (head, rest) = self.0.split_first_chunk::<N>()?;
+        self.0 = rest;
+        Some(*head)
     }
 }
 
@@ -460,6 +572,25 @@ impl Detectors {
         self.states
             .entry(meter.into())
             .or_insert_with(|| MeterDetect::new(0, Role::Customer, 2.5, default_offset))
+    }
+
+    /// Inserts a state restored from `detector_state`, keeping the profile fields of a state
+    /// already set by [`Detectors::set_profile`].
+    pub fn restore(&mut self, meter: &str, mut state: MeterDetect) {
+        if let Some(cur) = self.states.get(meter) {
+            state.class = cur.class;
+            state.role = cur.role;
+            state.q3_lph = cur.q3_lph;
+            state.offset_min = cur.offset_min;
+        }
+        self.states.insert(meter.into(), state);
+    }
+
+    /// Clears an active kind without an event (a person closed the alarm: it may raise again).
+    pub fn forget_active(&mut self, meter: &str, kind: AlarmKind) {
+        if let Some(st) = self.states.get_mut(meter) {
+            st.set_active(kind, false);
+        }
     }
 
     /// Number of meters with state.
@@ -939,6 +1070,7 @@ fn reset_history(st: &mut MeterDetect, ts: i64, ml: i64) {
     st.hour = hour_of(ts);
     st.hour_ml = 0;
     st.flags |= FLAG_PARTIAL;
+    st.flags &= !FLAG_EMPTY;
 }
 
 /// The current hour bucket cannot be judged (part of it is unknown).
@@ -948,6 +1080,7 @@ fn mark_unknown(st: &mut MeterDetect, h: i32) {
         st.hour_ml = 0;
     }
     st.flags |= FLAG_PARTIAL;
+    st.flags &= !FLAG_EMPTY;
 }
 
 /// Accounts a non-negative step of `delta` mL over `dt` seconds ending at `ts`.
@@ -964,10 +1097,12 @@ fn hour_step(
     if dt <= FINE_STEP_S {
         if h == st.hour {
             st.hour_ml = st.hour_ml.saturating_add(delta_u);
+            st.flags &= !FLAG_EMPTY;
+            close_on_boundary(st, t, ts, out);
             return;
         }
         if st.hour != NO_HOUR && h > st.hour {
-            let full = st.flags & FLAG_PARTIAL == 0;
+            let full = st.flags & (FLAG_PARTIAL | FLAG_EMPTY) == 0;
             finish_hour(st, t, st.hour, st.hour_ml, full, out);
             // Hours with no read at all in between are unknown.
             let mut missing = st.hour.saturating_add(1);
@@ -978,11 +1113,13 @@ fn hour_step(
         }
         st.hour = h;
         st.hour_ml = delta_u;
-        st.flags &= !FLAG_PARTIAL;
+        st.flags &= !(FLAG_PARTIAL | FLAG_EMPTY);
+        close_on_boundary(st, t, ts, out);
         return;
     }
-    // A coarse step: close the current hour, then judge what a multi-hour step can tell.
-    if st.hour != NO_HOUR && h > st.hour {
+    // A coarse step: close the current hour (unless no step reached it yet: the coarse step
+    // covers it), then judge what a multi-hour step can tell.
+    if st.hour != NO_HOUR && h > st.hour && st.flags & FLAG_EMPTY == 0 {
         let full = st.flags & FLAG_PARTIAL == 0;
         finish_hour(st, t, st.hour, st.hour_ml, full, out);
     }
@@ -1009,6 +1146,25 @@ fn hour_step(
     st.hour = h;
     st.hour_ml = 0;
     st.flags |= FLAG_PARTIAL;
+    st.flags &= !FLAG_EMPTY;
+    if ts.rem_euclid(3600) == 0 {
+        // The coarse step covered this hour to its end: the next one starts clean.
+        st.hour = h.saturating_add(1);
+        st.flags &= !FLAG_PARTIAL;
+        st.flags |= FLAG_EMPTY;
+    }
+}
+
+/// A read exactly at the end of the current hour completes it: judge it now rather than at the
+/// next read (an hourly meter's burst is raised with the read that shows it).
+fn close_on_boundary(st: &mut MeterDetect, t: &Thresholds, ts: i64, out: &mut Out<'_>) {
+    if ts.rem_euclid(3600) != 0 || st.flags & FLAG_PARTIAL != 0 {
+        return;
+    }
+    finish_hour(st, t, st.hour, st.hour_ml, true, out);
+    st.hour = st.hour.saturating_add(1);
+    st.hour_ml = 0;
+    st.flags |= FLAG_EMPTY;
 }
 
 /// Judges one closed hour: continuous flow, burst and night flow.
@@ -1130,6 +1286,69 @@ fn finish_hour(
             st.nights = 0;
         }
     }
+}
+
+/// The topic alarms are published on for consumers (`docs/detectors.md`): `{root}/alarms`,
+/// QoS 1, one `model::Alarm` JSON per raise and per auto-close, after the commit.
+pub fn alarms_topic(root: &str) -> String {
+    format!("{root}/alarms")
+}
+
+/// Runs the detectors over a validated batch and returns what its transaction must write: the
+/// events and the states of the meters the batch touched.
+pub fn batch_write(det: &mut Detectors, readings: &[Reading]) -> store::AlarmWrite {
+    let events = det.observe_readings(readings);
+    let mut touched: Vec<&str> = readings.iter().map(|r| r.meter.as_str()).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    let states = touched
+        .into_iter()
+        .filter_map(|m| det.state(m).map(|s| (m.to_owned(), s.to_bytes())))
+        .collect();
+    store::AlarmWrite { events, states }
+}
+
+/// Runs the communication-loss sweep against the wall clock; returns what to write.
+pub fn sweep_write(det: &mut Detectors) -> store::AlarmWrite {
+    let mut events = Vec::new();
+    det.sweep(
+        time::OffsetDateTime::now_utc().unix_timestamp(),
+        SweepClock::Received,
+        &mut events,
+    );
+    let mut meters: Vec<String> = events.iter().map(|e| e.meter.clone()).collect();
+    meters.sort_unstable();
+    meters.dedup();
+    let states = meters
+        .into_iter()
+        .filter_map(|m| det.state(&m).map(|s| (m.clone(), s.to_bytes())))
+        .collect();
+    store::AlarmWrite { events, states }
+}
+
+/// The messages announcing raises and clears (not refreshes) on [`alarms_topic`], to publish
+/// after their commit. Best effort: the `alarms` table is the record; a consumer that missed a
+/// message reads it there.
+pub fn alarm_messages(events: &[AlarmEvent]) -> Vec<Vec<u8>> {
+    let at = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    events
+        .iter()
+        .filter(|e| e.transition != Transition::Seen)
+        .filter_map(|e| {
+            let meter = model::MeterId::new(e.meter.clone()).ok()?;
+            let alarm = model::Alarm {
+                meter,
+                kind: e.kind,
+                severity: e.severity,
+                raised_at: at(e.first_seen),
+                cleared_at: (e.transition == Transition::Cleared).then(|| at(e.at)),
+                detail: e.detail.clone(),
+            };
+            serde_json::to_vec(&alarm).ok()
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -518,3 +518,22 @@ fn clock_jump_back_is_not_reverse_flow() {
         "{ev:?}"
     );
 }
+
+#[test]
+fn state_round_trips_through_bytes() {
+    let mut det = Detectors::new(DetectConfig::default());
+    let mut ev = Vec::new();
+    for (i, l) in days(2, |_, l| l + 9.0).iter().enumerate() {
+        obs(
+            &mut det,
+            T0 + i as i64 * 3600,
+            Quantity::Volume,
+            Decimal::try_from(*l).unwrap(),
+            &mut ev,
+        );
+    }
+    let st = *det.state("m").unwrap();
+    assert_eq!(MeterDetect::from_bytes(&st.to_bytes()), Some(st));
+    assert_eq!(MeterDetect::from_bytes(&st.to_bytes()[..40]), None);
+    assert_eq!(MeterDetect::from_bytes(&[9; 120]), None);
+}

@@ -1036,6 +1036,7 @@ async fn revalidate_held(
             rejects: &rejects,
             out_of_order: &out.out_of_order,
             journal: None,
+            alarms: None,
         },
         crate::store::StoreOptions::default(),
     )

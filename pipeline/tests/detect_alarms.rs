@@ -1,0 +1,317 @@
+//! Alarm lifecycle in PostgreSQL: alarms written in the ingest transaction with the readings
+//! that raised them, detector state rebuilt after a restart so a redelivered batch neither
+//! repeats nor loses an alarm, auto-close, acknowledge and close by a person, and the
+//! communication-loss sweep raising and clearing.
+
+use model::Reading;
+use pipeline::detect::{self, DetectConfig, Detectors, store};
+use pipeline::store::{StoreOptions, WriteSet, write_batch};
+use pipeline::testing::{TestDatabase, volume_read};
+use rust_decimal::Decimal;
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+const METER: &str = "cjt188:00000000000042";
+
+/// Hourly reads with the given hourly consumption (litres) from 2026-03-02 00:00 UTC.
+fn reads(from_hour: i64, litres: &[i64], start_m3: i64) -> Vec<Reading> {
+    let t0 = datetime!(2026-03-02 0:00 UTC);
+    let mut reg = Decimal::from(start_m3);
+    let mut out = Vec::new();
+    for (i, l) in litres.iter().enumerate() {
+        reg += Decimal::new(*l, 3);
+        out.push(volume_read(
+            METER,
+            t0 + Duration::hours(from_hour + i as i64),
+            reg,
+        ));
+    }
+    out
+}
+
+/// Writes a batch the way the worker does: readings and alarms in one transaction.
+async fn ingest(pool: &sqlx::PgPool, det: &mut Detectors, readings: &[Reading]) -> usize {
+    let alarms = detect::batch_write(det, readings);
+    let mut conn = pool.acquire().await.unwrap();
+    write_batch(
+        &mut conn,
+        &WriteSet {
+            readings,
+            alarms: Some(&alarms),
+            ..WriteSet::default()
+        },
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    alarms.events.len()
+}
+
+async fn alarms(
+    pool: &sqlx::PgPool,
+) -> Vec<(String, String, i32, Option<OffsetDateTime>, Option<String>)> {
+    sqlx::query_as(
+        "SELECT kind, state, occurrences, cleared_at, closed_by FROM alarms ORDER BY alarm_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn burst_is_written_once_across_a_restart_and_auto_closes() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    sqlx::query("INSERT INTO meters (meter_id, protocol, nominal_flow_q3, role) VALUES ($1, 'cjt188', 2.5, 'customer')")
+        .bind(METER)
+        .execute(pool)
+        .await
+        .unwrap();
+    let config = DetectConfig::default();
+    let mut det = store::load(pool, config.clone(), |_| true).await.unwrap();
+    // Two hours of 1.2 m³ (≥ 0.4 × Q3): a burst from 09:00 (read at 10:00 and 11:00).
+    let series = reads(8, &[10, 20, 1200, 1200, 1300, 15, 0], 100);
+    let (batch1, batch2) = series.split_at(4);
+    assert_eq!(ingest(pool, &mut det, batch1).await, 1);
+    let rows = alarms(pool).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str(), rows[0].2),
+        ("burst", "open", 1)
+    );
+    let first_seen: OffsetDateTime = sqlx::query_scalar("SELECT first_seen FROM alarms")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(first_seen, datetime!(2026-03-02 9:00 UTC));
+
+    // A crash and a restart: the state comes back from the database, and the broker redelivers
+    // the batch: nothing is raised twice.
+    drop(det);
+    let mut det = store::load(pool, config.clone(), |_| true).await.unwrap();
+    ingest(pool, &mut det, batch1).await;
+    assert_eq!(alarms(pool).await.len(), 1);
+
+    // The next batch: the burst goes on, then stops: auto-close.
+    ingest(pool, &mut det, batch2).await;
+    let rows = alarms(pool).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "closed");
+    assert_eq!(rows[0].3, Some(datetime!(2026-03-02 12:00 UTC)));
+    assert_eq!(rows[0].4.as_deref(), Some("auto"));
+    let last_seen: OffsetDateTime = sqlx::query_scalar("SELECT last_seen FROM alarms")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(last_seen, datetime!(2026-03-02 12:00 UTC));
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn tamper_stays_until_a_person_closes_it() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    sqlx::query("INSERT INTO meters (meter_id, protocol) VALUES ($1, 'cjt188')")
+        .bind(METER)
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut det = store::load(pool, DetectConfig::default(), |_| true)
+        .await
+        .unwrap();
+    let status = |h: i64, word: i64| {
+        let mut r = volume_read(
+            METER,
+            datetime!(2026-03-02 0:00 UTC) + Duration::hours(h),
+            Decimal::from(word),
+        );
+        r.quantity = model::Quantity::StatusWord;
+        r.unit = model::Unit::Dimensionless;
+        r
+    };
+    ingest(pool, &mut det, &[status(1, 0x20)]).await;
+    ingest(pool, &mut det, &[status(2, 0x00), status(3, 0x20)]).await;
+    let rows = alarms(pool).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].0.as_str(), rows[0].2), ("tamper", 1));
+    let tampered: Option<OffsetDateTime> = sqlx::query_scalar("SELECT tampered_at FROM meters")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(tampered, Some(datetime!(2026-03-02 1:00 UTC)));
+    let id: i64 = sqlx::query_scalar("SELECT alarm_id FROM alarms")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    assert!(store::acknowledge(&mut conn, id, "li.wei").await.unwrap());
+    assert!(!store::acknowledge(&mut conn, id, "li.wei").await.unwrap());
+    assert!(store::close(&mut conn, id, "li.wei").await.unwrap());
+    let (state, by, ack_by): (String, String, String) =
+        sqlx::query_as("SELECT state, closed_by, acknowledged_by FROM alarms")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (state.as_str(), by.as_str(), ack_by.as_str()),
+        ("closed", "li.wei", "li.wei")
+    );
+    let tampered: Option<OffsetDateTime> = sqlx::query_scalar("SELECT tampered_at FROM meters")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(tampered, None);
+    // After a restart the closed kind may be raised again.
+    let mut det = store::load(pool, DetectConfig::default(), |_| true)
+        .await
+        .unwrap();
+    ingest(pool, &mut det, &[status(4, 0x20)]).await;
+    assert_eq!(alarms(pool).await.len(), 2);
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn sweep_raises_communication_loss_and_a_report_clears_it() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let mut det = Detectors::new(DetectConfig::default());
+    // Hourly reads received until five hours ago, then silence.
+    let now = OffsetDateTime::now_utc();
+    let t0 = now - Duration::hours(15);
+    let batch: Vec<Reading> = (0..10)
+        .map(|h| volume_read(METER, t0 + Duration::hours(h), Decimal::new(1000 + h, 3)))
+        .collect();
+    ingest(pool, &mut det, &batch).await;
+    let sweep = detect::sweep_write(&mut det);
+    assert_eq!(sweep.events.len(), 1);
+    let mut conn = pool.acquire().await.unwrap();
+    write_batch(
+        &mut conn,
+        &WriteSet {
+            alarms: Some(&sweep),
+            ..WriteSet::default()
+        },
+        StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let rows = alarms(pool).await;
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("communication_loss", "open")
+    );
+    // Reporting again clears it.
+    ingest(
+        pool,
+        &mut det,
+        &[volume_read(METER, now, Decimal::new(1011, 3))],
+    )
+    .await;
+    let rows = alarms(pool).await;
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].4.as_deref()),
+        ("closed", Some("auto"))
+    );
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn gateway_offline_and_spool_overflow_reach_the_alarms_table() {
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    let db = TestDatabase::create().await;
+    let url = pipeline::config::mqtt_url();
+    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let root = format!("wm-test-gwalarm-{}", rand::random::<u32>());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let consumer = tokio::spawn(detect::gateway::run(
+        db.pool.clone(),
+        host.clone(),
+        port,
+        format!("gwa-{}", rand::random::<u32>()),
+        root.clone(),
+        shutdown,
+    ));
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new(format!("gwp-{}", rand::random::<u32>()), host, port),
+        16,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    let status = |state: &str| {
+        serde_json::json!({"v": 1, "gateway": "gw-7", "state": state, "at": "2026-03-02T11:00:00Z"})
+            .to_string()
+    };
+    // Retained, as the gateway's last will is: the consumer reads it even if it connects later.
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            status("offline"),
+        )
+        .await
+        .unwrap();
+    let overflow = serde_json::json!({"meter": "gateway:gw-7", "kind": "spool_overflow",
+        "severity": "critical", "raised_at": "2026-03-02T10:00:00Z", "detail": {"evicted": 5}});
+    let wait_for = |sql: &'static str, want: i64| {
+        let pool = db.pool.clone();
+        async move {
+            for _ in 0..100 {
+                let n: i64 = sqlx::query_scalar(sql).fetch_one(&pool).await.unwrap();
+                if n == want {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("{sql} never reached {want}");
+        }
+    };
+    wait_for(
+        "SELECT count(*) FROM alarms WHERE kind = 'gateway_offline' AND cleared_at IS NULL",
+        1,
+    )
+    .await;
+    for _ in 0..2 {
+        client
+            .publish(
+                format!("{root}/gw-7/alarms"),
+                QoS::AtLeastOnce,
+                false,
+                overflow.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    // Two reports of the open alarm: one row, two occurrences.
+    wait_for(
+        "SELECT coalesce(sum(occurrences), 0)::bigint FROM alarms WHERE kind = 'spool_overflow'",
+        2,
+    )
+    .await;
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            status("online"),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "SELECT count(*) FROM alarms WHERE kind = 'gateway_offline' AND state = 'closed'",
+        1,
+    )
+    .await;
+    // Clear the retained message for other runs.
+    client
+        .publish(
+            format!("{root}/gw-7/status"),
+            QoS::AtLeastOnce,
+            true,
+            Vec::<u8>::new(),
+        )
+        .await
+        .unwrap();
+    stop.send(true).ok();
+    consumer.await.unwrap();
+    db.drop_database().await;
+}
