@@ -93,6 +93,22 @@ dmas = 2
 background_loss_lph = 300.0
 mbus_meters = $wmbus
 EOF
+# --- the registry: the simulated fleet imported as a utility's ledger (docs/registry.md) ---
+# Books first (one per DMA), then the fleet's CSV written by the simulator from the same
+# scenario and transport split it runs; `registry sync` publishes the gateway's device set and
+# records its status while the demo runs.
+for d in 0 1; do
+    "$BIN/pipeline" registry --actor run-demo.sh book --code "BOOK-$d" --name "DMA $d readers" \
+        --reader "reader-$d" --cycle monthly >/dev/null
+done
+"$BIN/simulate" registry-csv "$RUN_DIR/scenario.toml" --gateway gw-demo \
+    --coap-meters "$coap" --http-meters "$http" --concentrator-meters "$conc" \
+    --wmbus-meters "$wmbus" >"$RUN_DIR/registry.csv"
+"$BIN/pipeline" registry --actor run-demo.sh import --dry-run "$RUN_DIR/registry.csv"
+"$BIN/pipeline" registry --actor run-demo.sh import "$RUN_DIR/registry.csv"
+"$BIN/pipeline" registry sync --republish-s 10 >"$RUN_DIR/registry-sync.log" 2>&1 &
+PIDS+=($!)
+
 echo "fleet: $METERS meters ($coap CoAP, $http HTTP push, $conc via 4 concentrators, $wmbus wM-Bus)," \
      "5 hydrants, 4 Modbus instruments; $steps steps of ${STEP_MS} ms"
 sim_started=$(date +%s%N)
@@ -130,6 +146,12 @@ q -c "SELECT source, count(DISTINCT meter_id) AS meters_seen, count(*) AS readin
 q -c "SELECT quality_detail->>'reason' AS reject_reason, count(*) FROM readings
       WHERE $since AND quality = 'rejected' GROUP BY 1 ORDER BY 2 DESC"
 q -c "SELECT kind AS ingest_reject, count(*) FROM ingest_rejects WHERE at >= '$started_at' GROUP BY 1"
+echo "=== registry ==="
+q -c "SELECT role, status, count(*) AS meters, count(*) FILTER (WHERE has_valve) AS valves,
+             count(*) FILTER (WHERE auto_close_on_burst) AS auto_close,
+             count(*) FILTER (WHERE protected_customer) AS protected
+      FROM meters GROUP BY 1, 2 ORDER BY 1, 2"
+"$BIN/pipeline" registry gateways || true
 echo "=== gateway metrics (excerpt) ==="
 metrics | grep -E '^wm_gateway_(frames_total|decode_errors_total|spool_depth|uplink|commands_total)' | head -n 40 || true
 stored=$(q -A -t -c "SELECT count(*) FROM readings WHERE $since AND quality <> 'estimated'")

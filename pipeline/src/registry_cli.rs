@@ -10,6 +10,17 @@ use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+/// A `gateways` row: id, online, firmware, last seen, published, applied, last refusal.
+type GatewayRow = (
+    String,
+    Option<bool>,
+    Option<String>,
+    Option<OffsetDateTime>,
+    i64,
+    Option<i64>,
+    Option<String>,
+);
+
 #[derive(clap::Args)]
 pub(crate) struct RegistryArgs {
     /// Who makes the change (audit log).
@@ -443,15 +454,7 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: RegistryArgs) -> anyhow::Resul
             .await?;
         }
         RegistryCommand::Gateways => {
-            let rows: Vec<(
-                String,
-                Option<bool>,
-                Option<String>,
-                Option<OffsetDateTime>,
-                i64,
-                Option<i64>,
-                Option<String>,
-            )> = sqlx::query_as(
+            let rows: Vec<GatewayRow> = sqlx::query_as(
                 "SELECT gateway_id, online, firmware, last_seen, device_set_version,
                             device_set_applied, device_set_error
                      FROM gateways ORDER BY gateway_id",

@@ -289,7 +289,6 @@ async fn an_import_with_a_bad_row_applies_nothing() {
     book(pool, "B1").await;
     // Line 3 names an unknown book, line 4 is malformed: nothing is applied, both reported.
     let bad = GOOD_CSV
-        .replacen("C-2,false", "C-2,false", 1)
         .replace(
             "A-002,cjt188:00000000000102,active,B1",
             "A-002,cjt188:00000000000102,active,B9",

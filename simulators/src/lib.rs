@@ -46,5 +46,6 @@ pub mod modbus_tcp;
 pub mod mqtt;
 pub mod nbiot;
 pub mod profile;
+pub mod registry;
 pub mod scenario;
 pub mod truth;

@@ -63,6 +63,34 @@ enum Command {
         #[arg(long, env = "WM_NBIOT_KEY_SEED")]
         key_seed: String,
     },
+    /// Prints the registry CSV of a scenario's fleet as `demo` runs it (for `pipeline registry
+    /// import`): meter numbers, DMAs with inlet meters and pressure points, books, customers,
+    /// NB-IoT valve meters with policies, and the gateway source of each meter.
+    RegistryCsv {
+        /// Scenario TOML file.
+        scenario: PathBuf,
+        /// Gateway id serving the fleet.
+        #[arg(long, default_value = "gw-demo")]
+        gateway: String,
+        /// As `demo --coap-meters`.
+        #[arg(long, default_value_t = 0)]
+        coap_meters: u32,
+        /// As `demo --http-meters`.
+        #[arg(long, default_value_t = 0)]
+        http_meters: u32,
+        /// As `demo --concentrator-meters`.
+        #[arg(long, default_value_t = 0)]
+        concentrator_meters: u32,
+        /// As `demo --wmbus-meters`.
+        #[arg(long, default_value_t = 0)]
+        wmbus_meters: u32,
+        /// Every n-th valve meter may be closed automatically on a burst.
+        #[arg(long, default_value_t = 20)]
+        auto_close_every: u32,
+        /// Every n-th valve meter is a protected customer.
+        #[arg(long, default_value_t = 25)]
+        protected_every: u32,
+    },
     /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
     /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
     WmbusKeys {
@@ -260,6 +288,29 @@ fn main() -> anyhow::Result<()> {
                     }),
             );
             print!("{}", keys.to_toml());
+            Ok(())
+        }
+        Some(Command::RegistryCsv {
+            scenario,
+            gateway,
+            coap_meters,
+            http_meters,
+            concentrator_meters,
+            wmbus_meters,
+            auto_close_every,
+            protected_every,
+        }) => {
+            let s = Scenario::load(&scenario)?;
+            let layout = simulators::registry::Layout {
+                gateway,
+                coap_meters,
+                http_meters,
+                concentrator_meters,
+                wmbus_meters,
+                auto_close_every,
+                protected_every,
+            };
+            print!("{}", simulators::registry::registry_csv(&s, &layout));
             Ok(())
         }
         Some(Command::GroundTruth { scenario }) => {

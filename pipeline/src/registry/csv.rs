@@ -5,7 +5,6 @@
 //! required, unknown columns are refused.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 
 use rust_decimal::Decimal;
 use sqlx::{PgPool, Row};
@@ -571,14 +570,14 @@ pub async fn export(pool: &PgPool) -> Result<String, RegistryError> {
     let mut out = COLUMNS.join(",");
     out.push('\n');
     for r in rows {
-        for i in 0..COLUMNS.len() - 1 {
+        for (i, column) in COLUMNS.iter().enumerate().take(COLUMNS.len() - 1) {
             if i > 0 {
                 out.push(',');
             }
             let v: Option<String> = r.try_get(i).map_err(db("reading the registry"))?;
             let v = v.unwrap_or_default();
             // Decimals come back with the column's scale (2.5000): trim for readability.
-            let v = match COLUMNS[i] {
+            let v = match *column {
                 "q3" | "register_capacity" | "latitude" | "longitude" => v
                     .parse::<Decimal>()
                     .map(|d| d.normalize().to_string())
@@ -590,11 +589,8 @@ pub async fn export(pool: &PgPool) -> Result<String, RegistryError> {
         let at: Option<OffsetDateTime> = r
             .try_get(COLUMNS.len() - 1)
             .map_err(db("reading the registry"))?;
-        let _ = write!(
-            out,
-            ",{}",
-            at.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default()
-        );
+        out.push(',');
+        out.push_str(&at.and_then(|t| t.format(&Rfc3339).ok()).unwrap_or_default());
         out.push('\n');
     }
     Ok(out)

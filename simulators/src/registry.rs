@@ -1,0 +1,162 @@
+//! The registry CSV of a simulated fleet (`simulate registry-csv`), for `pipeline registry
+//! import` (docs/registry.md): the same meters, in the same transport order as
+//! `simulate demo` assigns them, with meter numbers, DMAs and their inlet meters and pressure
+//! points, one book per DMA, customer accounts, and NB-IoT valve meters with a few policies.
+
+use crate::engine::Population;
+use crate::profile::Profile;
+use crate::scenario::Scenario;
+
+/// How `simulate demo` spreads the fleet over the gateway's sources (its `--…-meters`
+/// options) and which gateway serves it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Gateway id (`gateway_id` of its TOML).
+    pub gateway: String,
+    /// CJ/T 188 meters over CoAP (source `nbiot`), first.
+    pub coap_meters: u32,
+    /// Then over HTTP push (source `platform`).
+    pub http_meters: u32,
+    /// Then through concentrators (source `concentrators`).
+    pub concentrator_meters: u32,
+    /// M-Bus-addressed meters over wireless M-Bus (source `wmbus`).
+    pub wmbus_meters: u32,
+    /// Every n-th valve meter may be closed automatically on a burst.
+    pub auto_close_every: u32,
+    /// Every n-th valve meter is a protected customer (never closed).
+    pub protected_every: u32,
+}
+
+/// The header of the CSV this module writes (a subset of the registry's columns).
+pub const HEADER: &str = "meter_no,meter_id,protocol,status,role,dma,meter_book,customer_account,customer_class,has_valve,auto_close_on_burst,protected_customer,gateway_id,gateway_source,register_map,q3,installed_at";
+
+/// The book of DMA `d`.
+pub fn book_of(dma: u32) -> String {
+    format!("BOOK-{dma}")
+}
+
+/// Writes the registry CSV of `scenario` as `simulate demo` runs it with `layout`.
+pub fn registry_csv(scenario: &Scenario, layout: &Layout) -> String {
+    let pop = Population::new(scenario);
+    let installed = scenario
+        .start
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let mut out = String::from(HEADER);
+    out.push('\n');
+    let mut cjt_seen = 0u32;
+    let mut mbus_seen = 0u32;
+    let mut valves = 0u32;
+    for (i, m) in pop.meters.iter().enumerate() {
+        let (protocol, source) = match m.address {
+            model::MeterAddress::Cjt188 { .. } => {
+                cjt_seen += 1;
+                let k = cjt_seen;
+                let source = if k <= layout.coap_meters {
+                    Some("nbiot")
+                } else if k <= layout.coap_meters + layout.http_meters {
+                    Some("platform")
+                } else if k <= layout.coap_meters + layout.http_meters + layout.concentrator_meters
+                {
+                    Some("concentrators")
+                } else {
+                    None
+                };
+                ("cjt188", source)
+            }
+            model::MeterAddress::Mbus { .. } => {
+                mbus_seen += 1;
+                (
+                    "wmbus",
+                    (mbus_seen <= layout.wmbus_meters).then_some("wmbus"),
+                )
+            }
+            _ => ("named", None),
+        };
+        // NB-IoT meters over CoAP carry a valve (the simulator answers valve commands).
+        let valve = source == Some("nbiot");
+        let (auto_close, protected) = if valve {
+            valves += 1;
+            let protected =
+                layout.protected_every > 0 && valves.is_multiple_of(layout.protected_every);
+            let auto = !protected
+                && layout.auto_close_every > 0
+                && valves.is_multiple_of(layout.auto_close_every);
+            (auto, protected)
+        } else {
+            (false, false)
+        };
+        let class = match m.profile {
+            Profile::Household => "residential",
+            Profile::Commercial => "non_residential",
+        };
+        out.push_str(&format!(
+            "WM{i:07},{},{protocol},active,customer,DMA-{dma},{book},C{i:07},{class},{valve},{auto_close},{protected},{gw},{src},,,{installed}\n",
+            m.id,
+            dma = m.dma,
+            book = book_of(m.dma),
+            gw = source.map_or("", |_| layout.gateway.as_str()),
+            src = source.unwrap_or(""),
+        ));
+    }
+    // Each DMA's inlet flow meter and pressure point (the demo's Modbus instruments).
+    for d in 0..pop.dmas {
+        for (kind, role, map, q3) in [
+            ("inlet", "inlet", "generic-emf", "63"),
+            ("pressure", "pressure", "pressure-transmitter", ""),
+        ] {
+            out.push_str(&format!(
+                "DMA{d}-{kind},modbus:dma-{d}-{kind},modbus,active,{role},DMA-{d},,,,false,false,false,{gw},dma,{map},{q3},{installed}\n",
+                gw = layout.gateway,
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_follow_the_demo_order() {
+        let mut s = Scenario::plain(10, 0, 2, time::macros::datetime!(2026-11-01 0:00 UTC));
+        s.fleet.mbus_meters = 2;
+        s.fleet.dmas = 2;
+        let csv = registry_csv(
+            &s,
+            &Layout {
+                gateway: "gw-demo".into(),
+                coap_meters: 3,
+                http_meters: 2,
+                concentrator_meters: 3,
+                wmbus_meters: 1,
+                auto_close_every: 2,
+                protected_every: 3,
+            },
+        );
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 1 + 10 + 4, "{csv}");
+        let source = |l: &str| l.split(',').nth(13).unwrap_or("").to_owned();
+        let sources: Vec<String> = lines[1..11].iter().map(|l| source(l)).collect();
+        assert_eq!(
+            sources,
+            [
+                "nbiot",
+                "nbiot",
+                "nbiot",
+                "platform",
+                "platform",
+                "concentrators",
+                "concentrators",
+                "concentrators",
+                "wmbus",
+                ""
+            ]
+        );
+        // Valve policies: 2nd valve meter auto-closes, 3rd is protected.
+        assert!(lines[2].contains(",true,true,false,"), "{}", lines[2]);
+        assert!(lines[3].contains(",true,false,true,"), "{}", lines[3]);
+        assert!(lines[11].starts_with("DMA0-inlet,modbus:dma-0-inlet,modbus,active,inlet,DMA-0"));
+    }
+}
