@@ -427,3 +427,78 @@ async fn coap_flood_of_60000_requests_keeps_the_cache_bounded_and_the_meter_serv
     );
     gateway.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wmbus_plaintext_or_fake_encrypted_telegrams_of_a_keyed_meter_are_refused() {
+    use decoders::wmbus::encode::{WmbusMeter, telegram};
+    use edge_config::wmbus::WmbusUdpSourceConfig;
+    use gateway::{IngestSink, SourceContext};
+    const WM_KEY: [u8; 16] = *b"wmbus-key-000001";
+    let meter = |id| WmbusMeter {
+        manufacturer: decoders::wmbus::manufacturer_from_code("KAM").unwrap(),
+        id,
+        version: 1,
+        device_type: 0x07,
+    };
+    let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = WmbusUdpSourceConfig::new(addr.to_string());
+    config
+        .keys
+        .insert("mbus:KAM22222222".into(), hex::encode(WM_KEY));
+    let (sink, mut rx) = IngestSink::new(16);
+    let (_cmd, commands) = tokio::sync::mpsc::channel(1);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let ctx = SourceContext {
+        gateway: model::GatewayId::new("gw-1").unwrap(),
+        source_id: "wm".into(),
+        sink: sink.clone(),
+        commands,
+        shutdown: shutdown.clone(),
+    };
+    let task = tokio::spawn(gateway::sources::wmbus::run(config, ctx));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let radio = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let records = [0x0C, 0x13, 0x00, 0x70, 0x00, 0x00];
+    let keyed = meter(0x2222_2222);
+    let encrypted = telegram(&keyed, &records, 2, Some(WM_KEY));
+    // Plaintext (mode 0) and a mode-5 header over plaintext, both for the keyed meter.
+    let plain = telegram(&keyed, &records, 3, None);
+    let mut fake = encrypted[..15].to_vec();
+    let mut body = vec![0x2F, 0x2F];
+    body.extend_from_slice(&records);
+    body.resize(16, 0x2F);
+    fake[11] = 4; // another access number, so the receiver's dedup does not hide it
+    fake.extend_from_slice(&body);
+    for t in [&plain, &fake] {
+        radio.send_to(t, addr).await.unwrap();
+    }
+    // The meter's real telegram, and a plaintext one of a meter without a key, go through.
+    radio.send_to(&encrypted, addr).await.unwrap();
+    radio
+        .send_to(&telegram(&meter(0x3333_3333), &records, 5, None), addr)
+        .await
+        .unwrap();
+    let mut meters = Vec::new();
+    while meters.len() < 2 {
+        let req = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("accepted telegrams in time")
+            .unwrap();
+        meters.push(req.readings[0].meter.to_string());
+        req.done.send(Ok(())).ok();
+    }
+    assert_eq!(meters, ["mbus:KAM22222222", "mbus:KAM33333333"]);
+    let mut text = String::new();
+    sink.counters().render_prometheus(&mut text);
+    assert!(
+        text.contains(
+            "wm_gateway_decode_errors_total{source=\"wm\",kind=\"security_downgrade\"} 2"
+        ),
+        "{text}"
+    );
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
