@@ -41,10 +41,38 @@ psql "$DATABASE_URL" -X -q -v ON_ERROR_STOP=1 \
     -c "DROP DATABASE IF EXISTS \"$DEMO_DB\" WITH (FORCE)" -c "CREATE DATABASE \"$DEMO_DB\""
 export DATABASE_URL="${DATABASE_URL%/*}/$DEMO_DB"
 "$BIN/pipeline" migrate
+mkdir -p "$RUN_DIR"
+# --- the fleet --------------------------------------------------------------------------
+# One step = one simulated hour. Readings end at the current hour, so none lies in the
+# future for the pipeline's validation.
+steps=$(( SECONDS_RUN * 1000 / STEP_MS ))
+start_epoch=$(( $(date -u +%s) / 3600 * 3600 - steps * 3600 ))
+wmbus=$(( METERS / 10 ))
+coap=$(( METERS * 25 / 100 ))
+http=$(( METERS * 10 / 100 ))
+conc=$(( METERS - wmbus - coap - http ))
+cat >"$RUN_DIR/scenario.toml" <<EOF
+name = "run-demo"
+description = "run-demo.sh: $METERS meters, $steps hourly steps ending now"
+seed = 1
+start = "$(date -u -d "@$start_epoch" +%Y-%m-%dT%H:%M:%SZ)"
+days = $(( steps / 24 + 1 ))
+
+[fleet]
+households = $(( METERS - METERS / 10 ))
+commercial = $(( METERS / 10 ))
+dmas = 2
+background_loss_lph = 300.0
+mbus_meters = $wmbus
+EOF
+# The CoAP meters authenticate (demo/gateway.toml: auth = "frame_mac"): each has its own key,
+# derived here from a seed the simulator shares; the gateway reads them from the key file.
+NBIOT_KEY_SEED="${DEMO_NBIOT_KEY_SEED:-demo-nbiot-key-seed-2026}"
+( umask 077; "$BIN/simulate" nbiot-keys --scenario "$RUN_DIR/scenario.toml" \
+    --key-seed "$NBIOT_KEY_SEED" >"$RUN_DIR/nbiot-keys.toml" )
 "$BIN/gateway" check-config demo/gateway.toml
 
 # --- the stack in the background ----------------------------------------------------------
-mkdir -p "$RUN_DIR"
 rm -rf "$RUN_DIR/spool"   # demo/gateway.toml spools here; each run starts empty
 PIDS=()
 stop_all() {
@@ -70,29 +98,6 @@ metrics() (
 for _ in $(seq 1 50); do metrics >/dev/null && break; sleep 0.2; done
 metrics >/dev/null || { echo "gateway did not start; see $RUN_DIR/gateway.log" >&2; tail -n 20 "$RUN_DIR/gateway.log" >&2; exit 1; }
 
-# --- the fleet --------------------------------------------------------------------------
-# One step = one simulated hour. Readings end at the current hour, so none lies in the
-# future for the pipeline's validation.
-steps=$(( SECONDS_RUN * 1000 / STEP_MS ))
-start_epoch=$(( $(date -u +%s) / 3600 * 3600 - steps * 3600 ))
-wmbus=$(( METERS / 10 ))
-coap=$(( METERS * 25 / 100 ))
-http=$(( METERS * 10 / 100 ))
-conc=$(( METERS - wmbus - coap - http ))
-cat >"$RUN_DIR/scenario.toml" <<EOF
-name = "run-demo"
-description = "run-demo.sh: $METERS meters, $steps hourly steps ending now"
-seed = 1
-start = "$(date -u -d "@$start_epoch" +%Y-%m-%dT%H:%M:%SZ)"
-days = $(( steps / 24 + 1 ))
-
-[fleet]
-households = $(( METERS - METERS / 10 ))
-commercial = $(( METERS / 10 ))
-dmas = 2
-background_loss_lph = 300.0
-mbus_meters = $wmbus
-EOF
 # --- the registry: the simulated fleet imported as a utility's ledger (docs/registry.md) ---
 # Books first (one per DMA), then the fleet's CSV written by the simulator from the same
 # scenario and transport split it runs; `registry sync` publishes the gateway's device set and
@@ -114,7 +119,7 @@ echo "fleet: $METERS meters ($coap CoAP, $http HTTP push, $conc via 4 concentrat
 sim_started=$(date +%s%N)
 timeout --signal=INT "$(( SECONDS_RUN + 120 ))" "$BIN/simulate" demo \
     --scenario "$RUN_DIR/scenario.toml" --step-ms "$STEP_MS" --max-steps "$steps" \
-    --gateway-coap 127.0.0.1:5683 --coap-meters "$coap" \
+    --gateway-coap 127.0.0.1:5683 --coap-meters "$coap" --coap-key-seed "$NBIOT_KEY_SEED" \
     --gateway-http 127.0.0.1:8088 --http-secret demo-push-secret-2026 --http-meters "$http" \
     --mqtt "$MQTT_URL" --concentrators 4 --concentrator-meters "$conc" --upload-every-step \
     --hydrants 5 \

@@ -533,7 +533,9 @@ impl Server {
     ) -> Result<Authenticated<'a>, (ResponseType, Vec<u8>)> {
         let refuse = |stats: &ListenerStats, reason: &'static str, meter: Option<&MeterId>| {
             stats.refuse(reason);
-            tracing::warn!(%peer, reason, meter = ?meter.map(MeterId::as_str), "refused an unauthenticated CoAP uplink");
+            // Debug, not warn: a flood of junk must not flood the log too; the counter
+            // `wm_gateway_security_refused_total{reason}` is what alerts.
+            tracing::debug!(%peer, reason, meter = ?meter.map(MeterId::as_str), "refused an unauthenticated CoAP uplink");
             Err((ResponseType::Unauthorized, Vec::new()))
         };
         let stats = Arc::clone(&self.opts.stats);

@@ -29,6 +29,7 @@ mod compact;
 mod crc;
 mod crypto;
 mod diehl;
+pub mod downgrade;
 pub mod encode;
 mod error;
 mod link;

@@ -217,6 +217,14 @@ impl Receiver {
             sink.decode_failed(source_id, "meter_id");
             return Vec::new();
         };
+        // No downgrade: a meter with a key accepts only telegrams encrypted under it.
+        if self.keys.contains_key(meter.as_str())
+            && let Err(e) = keyed_protection(raw, &self.keys, &mut self.cache)
+        {
+            tracing::warn!(source = %source_id, %peer, %meter, error = %e, "refused a wM-Bus downgrade");
+            sink.decode_failed(source_id, "security_downgrade");
+            return Vec::new();
+        }
         // The telegram's own date-time record is the reading time when the meters' zone is
         // configured (clock source `meter`, checked against the receive time by VEE's skew
         // rule); otherwise, or without the record, the receive time.
@@ -334,6 +342,20 @@ pub async fn run_with_stats(
     refuse.abort();
     drop_watch.abort();
     Ok(())
+}
+
+/// The no-downgrade check of a telegram of a meter with a key (issue 16): parsed again for its
+/// protection (only keyed meters pay for it), which must be decryption under the key. A
+/// telegram that decodes but does not parse as wireless (a wired frame) is plaintext too.
+fn keyed_protection(
+    raw: &[u8],
+    keys: &std::collections::HashMap<String, [u8; 16]>,
+    cache: &mut FormatCache,
+) -> Result<(), String> {
+    match decoders::wmbus::parse(raw, keys, cache) {
+        Ok(t) => decoders::wmbus::downgrade::check_keyed(&t).map_err(|e| e.to_string()),
+        Err(_) => Err("not a wireless telegram".into()),
+    }
 }
 
 #[cfg(test)]
