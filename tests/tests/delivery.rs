@@ -693,7 +693,7 @@ async fn ten_gateway_crashes_lose_and_duplicate_nothing() {
         // Crash at a different point of each run: mid-send, mid-acknowledgement.
         tokio::time::sleep(Duration::from_millis(150 + 97 * crash as u64)).await;
         up.abort();
-        let _ = up.await;
+        assert!(up.await.unwrap_err().is_cancelled());
         drop((spool, writer));
     }
     // After the last restart the gateway runs until its spool is empty.
