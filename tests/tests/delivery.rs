@@ -54,11 +54,15 @@ struct Broker {
 
 impl Broker {
     async fn start(max_queued: u32, persistence: bool) -> Self {
+        Self::start_with(max_queued, persistence, "").await
+    }
+
+    async fn start_with(max_queued: u32, persistence: bool, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let conf = format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages {max_queued}\n\
-             persistence {persistence}\npersistence_location {}/\nautosave_interval 1800\n",
+             persistence {persistence}\npersistence_location {}/\nautosave_interval 1800\n{extra}",
             dir.path().display()
         );
         std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
@@ -534,5 +538,198 @@ async fn every_spooled_reading_is_stored_once_through_broker_and_database_faults
     shutdown.cancel();
     up.await.unwrap();
     pool.close().await;
+    db.drop_database().await;
+}
+
+/// A backlog of concentrator messages (100,000 with `WM_SOAK=1`, 4,000 in CI) queued for the
+/// gateway's concentrator source while it was stopped, on a site broker without in-flight limit,
+/// floods in at once when it starts. Before, the source deadlocked after a few hundred
+/// messages (event loop waiting on a full event channel, handler waiting in `ack()`); now every
+/// message is spooled and published, and the source stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_backlog_floods_in_without_deadlock() {
+    // Each message is one spool group commit (the handler awaits its fsync before the PUBACK),
+    // so the pace is the disk's: the CI form is smaller.
+    let n: usize = std::env::var("WM_BACKLOG_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if soak() { 100_000 } else { 4_000 });
+    let site = Broker::start_with(0, false, "max_inflight_messages 0\n").await;
+    let root = wm_tests::unique_prefix("backlog");
+    let cid = root.replace('/', "-");
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        r#"gateway_id = "gw-backlog"
+[uplink]
+broker = "{url}"
+client_id = "{cid}-gw"
+topic_root = "{root}"
+ack_timeout_s = 0
+batch_size = 1000
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "conc"
+kind = "mqtt"
+broker = "{url}"
+client_id = "{cid}-conc"
+topics = [{{ filter = "site/+/readings", format = "json" }}]
+"#,
+        url = site.url(),
+        spool = dir.path().display(),
+    );
+    let config = edge_config::parse(&toml, "t.toml".as_ref()).unwrap();
+    // First start: the source's persistent session and subscription exist from then on.
+    let gateway = gateway::runtime::Gateway::start(config.clone())
+        .await
+        .unwrap();
+    let (publisher, _rx) = client(&site.url(), "backlog-pub");
+    let probe = r#"{"v":1,"readings":[{"meter":"cjt188:00000000000001","ts":"2026-11-24T09:00:00Z","volume_m3":"1"}]}"#;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut probes = 0u64;
+    while gateway.spool().stats().next_seq <= 1 {
+        assert!(Instant::now() < deadline, "source never subscribed");
+        publisher
+            .publish("site/c0/readings", QoS::AtLeastOnce, false, probe)
+            .await
+            .unwrap();
+        probes += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gateway.shutdown().await;
+    // Every probe is spooled once, before or after the restart (persistent session).
+    let before = 1 + probes;
+    // The backlog: n messages of one reading each, queued by the broker for the source.
+    for i in 0..n {
+        let body = format!(
+            r#"{{"v":1,"readings":[{{"meter":"cjt188:{:014}","ts":"2026-11-24T10:00:00Z","volume_m3":"{}.5"}}]}}"#,
+            10_000 + i % 1000,
+            i
+        );
+        publisher
+            .publish(
+                format!("site/c{}/readings", i % 7),
+                QoS::AtLeastOnce,
+                false,
+                body,
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = Instant::now();
+    let gateway = gateway::runtime::Gateway::start(config).await.unwrap();
+    let spool = gateway.spool().clone();
+    let limit = Duration::from_secs(if soak() { 1800 } else { 150 });
+    let deadline = Instant::now() + limit;
+    while spool.stats().next_seq < before + n as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "backlog not spooled in {limit:?}: {} of {n} (the source is deadlocked or slow)",
+            spool.stats().next_seq.saturating_sub(before)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "backlog: {n} messages spooled in {elapsed:?} ({:.0} messages/s)",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    // Still connected and working: one more message goes through.
+    let after = spool.stats().next_seq;
+    publisher
+        .publish("site/c0/readings", QoS::AtLeastOnce, false, probe)
+        .await
+        .unwrap();
+    wait_until(
+        "a message after the backlog",
+        Duration::from_secs(20),
+        || spool.stats().next_seq > after,
+    )
+    .await;
+    assert_eq!(spool.stats().next_seq, before + n as u64 + 1);
+    gateway.shutdown().await;
+}
+
+/// Ten gateway crashes during a run (the uplink task aborted mid-flight and the spool reopened
+/// from disk, as after kill -9; 200,000 readings with `WM_SOAK=1`): every reading spooled is
+/// stored exactly once, re-sends included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_gateway_crashes_lose_and_duplicate_nothing() {
+    let total: i64 = if soak() { 200_000 } else { 10_000 };
+    let gw = "gw-crashes";
+    let db = TestDatabase::create().await;
+    let url = pipeline::config::mqtt_url();
+    let root = wm_tests::unique_prefix("crashes");
+    let cid = root.replace('/', "-");
+    let w = start_worker(db.pool.clone(), &url, &root, &format!("{cid}-w"));
+    let dir = tempfile::tempdir().unwrap();
+    let opts = UplinkOptions {
+        endpoint: MqttEndpoint::parse(&url).unwrap(),
+        client_id: format!("{cid}-up"),
+        topic_root: root.clone(),
+        gateway: GatewayId::new(gw).unwrap(),
+        partitions: PARTITIONS,
+        batch_size: 200,
+        window: 8,
+        ack_timeout: Some(Duration::from_secs(2)),
+        max_unacked: 200 * 8 * 8,
+    };
+    let per_run = total / 10;
+    let mut incarnations = std::collections::BTreeSet::new();
+    for crash in 0..10 {
+        let (spool, mut writer) = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+        incarnations.insert(spool.incarnation());
+        let stats = Arc::new(UplinkStats::default());
+        let up = tokio::spawn(uplink::run(
+            opts.clone(),
+            spool.clone(),
+            stats,
+            CancellationToken::new(),
+        ));
+        spool_readings(&mut writer, gw, crash * per_run, per_run);
+        // Crash at a different point of each run: mid-send, mid-acknowledgement.
+        tokio::time::sleep(Duration::from_millis(150 + 97 * crash as u64)).await;
+        up.abort();
+        assert!(up.await.unwrap_err().is_cancelled());
+        drop((spool, writer));
+    }
+    // After the last restart the gateway runs until its spool is empty.
+    let (spool, _writer) = Spool::open(SpoolConfig::new(dir.path(), 1 << 30)).unwrap();
+    let shutdown = CancellationToken::new();
+    let up = tokio::spawn(uplink::run(
+        opts,
+        spool.clone(),
+        Arc::new(UplinkStats::default()),
+        shutdown.clone(),
+    ));
+    let s = spool.clone();
+    wait_until("spool emptied", Duration::from_secs(120), || {
+        s.stats().depth == 0
+    })
+    .await;
+    let (rows, distinct) = stored(&db.pool, gw).await;
+    eprintln!(
+        "crashes: in {total}, stored {rows}, lost {}, duplicated {}, seq duplicates dropped {}",
+        total - distinct,
+        rows - distinct,
+        IngestMetrics::get(&w.metrics.seq_duplicates)
+    );
+    assert_eq!((rows, distinct), (total, total));
+    assert_eq!(
+        incarnations.len(),
+        1,
+        "a clean reopen keeps the incarnation"
+    );
+    shutdown.cancel();
+    up.await.unwrap();
+    w.stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), w.task)
+        .await
+        .expect("worker stops")
+        .unwrap()
+        .unwrap();
     db.drop_database().await;
 }
