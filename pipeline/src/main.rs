@@ -424,6 +424,7 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    pipeline::worker::run(config, pool, metrics, shutdown).await?;
+    // Boxed: the worker future is large (clippy::large_futures).
+    Box::pin(pipeline::worker::run(config, pool, metrics, shutdown)).await?;
     Ok(())
 }
