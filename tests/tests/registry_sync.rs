@@ -65,6 +65,7 @@ listen = "127.0.0.1:0"
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
+auth = "none"
 "#,
         spool = dir.path().join("spool").display(),
         keys = keys.display(),
