@@ -207,6 +207,36 @@ fn data_lines<'a>(text: &'a str, cols: &Columns) -> impl Iterator<Item = (usize,
         .filter(|(_, l)| !l.trim().is_empty())
 }
 
+/// The row loop both CSV files share: header columns, data lines, CSV fields and a valid
+/// `meter_id` (column 0); `row` parses the rest of a row. A bad row becomes a [`RowError`] with
+/// its line number and the run goes on.
+fn parse_rows<T>(
+    text: &str,
+    file: &str,
+    names: &[&str],
+    mut row: impl FnMut(usize, &str, &[String], &Columns) -> Result<T, String>,
+) -> (Vec<T>, Vec<RowError>) {
+    let cols = columns(text.lines().next().unwrap_or(""), names);
+    let mut parsed = Vec::new();
+    let mut errors = Vec::new();
+    for (line, l) in data_lines(text, &cols) {
+        let result = split_csv(l).and_then(|fields| {
+            let id = field(&fields, &cols, 0);
+            model::MeterId::new(id).map_err(|e| format!("meter_id {id:?}: {e}"))?;
+            row(line, id, &fields, &cols)
+        });
+        match result {
+            Ok(t) => parsed.push(t),
+            Err(message) => errors.push(RowError {
+                file: file.into(),
+                line,
+                message,
+            }),
+        }
+    }
+    (parsed, errors)
+}
+
 /// Parses `meters.csv`. Meters missing from it get the default class, DN15 Q3 and zone.
 pub fn parse_meters(
     text: &str,
@@ -220,75 +250,45 @@ pub fn parse_meters(
         "role",
         "time_zone",
     ];
-    let cols = columns(text.lines().next().unwrap_or(""), &NAMES);
-    let mut meters = Vec::new();
-    let mut errors = Vec::new();
-    for (line, l) in data_lines(text, &cols) {
-        let err = |message: String| RowError {
-            file: "meters.csv".into(),
-            line,
-            message,
-        };
-        let fields = match split_csv(l) {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(err(e));
-                continue;
-            }
-        };
-        let id = field(&fields, &cols, 0);
-        if let Err(e) = model::MeterId::new(id) {
-            errors.push(err(format!("meter_id {id:?}: {e}")));
-            continue;
-        }
-        let q3_text = field(&fields, &cols, 2);
+    parse_rows(text, "meters.csv", &NAMES, |_line, id, fields, cols| {
+        let q3_text = field(fields, cols, 2);
         let q3_m3h = if q3_text.is_empty() {
             2.5
         } else {
             match q3_text.parse::<f64>() {
                 Ok(v) if v.is_finite() && v > 0.0 => v,
                 _ => {
-                    errors.push(err(format!(
+                    return Err(format!(
                         "nominal_flow_q3_m3h {q3_text:?} is not a positive number"
-                    )));
-                    continue;
+                    ));
                 }
             }
         };
-        let role_text = field(&fields, &cols, 4);
+        let role_text = field(fields, cols, 4);
         let Some(role) = Role::parse(role_text) else {
-            errors.push(err(format!(
+            return Err(format!(
                 "role {role_text:?} (expected customer, inlet, outlet, hydrant or pressure)"
-            )));
-            continue;
+            ));
         };
-        let tz = field(&fields, &cols, 5);
+        let tz = field(fields, cols, 5);
         let utc_offset_s = if tz.is_empty() {
             config.default_utc_offset_s
         } else {
-            match parse_utc_offset(tz) {
-                Some(o) => o,
-                None => {
-                    errors.push(err(format!(
-                        "time_zone {tz:?} is not a UTC offset like +08:00"
-                    )));
-                    continue;
-                }
-            }
+            parse_utc_offset(tz)
+                .ok_or_else(|| format!("time_zone {tz:?} is not a UTC offset like +08:00"))?
         };
-        let dma = field(&fields, &cols, 3);
-        meters.push((
+        let dma = field(fields, cols, 3);
+        Ok((
             id.to_owned(),
             MeterProfile {
-                class: field(&fields, &cols, 1).to_owned(),
+                class: field(fields, cols, 1).to_owned(),
                 q3_m3h,
                 dma: (!dma.is_empty()).then(|| dma.to_owned()),
                 role,
                 utc_offset_s,
             },
-        ));
-    }
-    (meters, errors)
+        ))
+    })
 }
 
 /// Parses a unit symbol, with the spellings people type (`l`, `m³`, `litre`).
@@ -311,66 +311,26 @@ fn parse_unit(s: &str) -> Option<Unit> {
 /// Parses `readings.csv`.
 pub fn parse_readings(text: &str) -> (Vec<Row>, Vec<RowError>) {
     const NAMES: [&str; 5] = ["meter_id", "ts", "quantity", "value", "unit"];
-    let cols = columns(text.lines().next().unwrap_or(""), &NAMES);
-    let mut rows = Vec::new();
-    let mut errors = Vec::new();
-    for (line, l) in data_lines(text, &cols) {
-        let err = |message: String| RowError {
-            file: "readings.csv".into(),
-            line,
-            message,
-        };
-        let fields = match split_csv(l) {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(err(e));
-                continue;
-            }
-        };
-        let id = field(&fields, &cols, 0);
-        if let Err(e) = model::MeterId::new(id) {
-            errors.push(err(format!("meter_id {id:?}: {e}")));
-            continue;
-        }
-        let ts_text = field(&fields, &cols, 1);
-        let ts = match OffsetDateTime::parse(ts_text, &Rfc3339) {
-            Ok(t) => t.unix_timestamp(),
-            Err(_) => {
-                errors.push(err(format!("ts {ts_text:?} is not RFC 3339")));
-                continue;
-            }
-        };
-        let q_text = field(&fields, &cols, 2);
+    parse_rows(text, "readings.csv", &NAMES, |line, id, fields, cols| {
+        let ts_text = field(fields, cols, 1);
+        let ts = OffsetDateTime::parse(ts_text, &Rfc3339)
+            .map_err(|_| format!("ts {ts_text:?} is not RFC 3339"))?
+            .unix_timestamp();
+        let q_text = field(fields, cols, 2);
         let quantity = if q_text.is_empty() {
             Quantity::Volume
         } else {
-            match Quantity::from_str(&q_text.to_ascii_lowercase()) {
-                Ok(q) => q,
-                Err(e) => {
-                    errors.push(err(e.to_string()));
-                    continue;
-                }
-            }
+            Quantity::from_str(&q_text.to_ascii_lowercase()).map_err(|e| e.to_string())?
         };
-        let v_text = field(&fields, &cols, 3);
-        let value = match Decimal::from_str(v_text).or_else(|_| Decimal::from_scientific(v_text)) {
-            Ok(v) => v,
-            Err(_) => {
-                errors.push(err(format!("value {v_text:?} is not a number")));
-                continue;
-            }
-        };
-        let u_text = field(&fields, &cols, 4);
+        let v_text = field(fields, cols, 3);
+        let value = Decimal::from_str(v_text)
+            .or_else(|_| Decimal::from_scientific(v_text))
+            .map_err(|_| format!("value {v_text:?} is not a number"))?;
+        let u_text = field(fields, cols, 4);
         let unit = match parse_unit(u_text) {
-            Some(u) if u_text.is_empty() && quantity != Quantity::Volume => {
-                let _ = u;
-                Unit::Dimensionless
-            }
+            Some(_) if u_text.is_empty() && quantity != Quantity::Volume => Unit::Dimensionless,
             Some(u) => u,
-            None => {
-                errors.push(err(format!("unit {u_text:?} is unknown")));
-                continue;
-            }
+            None => return Err(format!("unit {u_text:?} is unknown")),
         };
         let (base, value) = unit.to_base(value);
         let cumulative_volume = matches!(
@@ -378,20 +338,18 @@ pub fn parse_readings(text: &str) -> (Vec<Row>, Vec<RowError>) {
             Quantity::Volume | Quantity::VolumeReverse | Quantity::VolumeNet
         );
         if cumulative_volume && base != Unit::CubicMetre {
-            errors.push(err(format!(
+            return Err(format!(
                 "unit {u_text:?} is not a volume (expected m3 or L)"
-            )));
-            continue;
+            ));
         }
-        rows.push(Row {
+        Ok(Row {
             meter: id.to_owned(),
             ts,
             quantity,
             value,
             line,
-        });
-    }
-    (rows, errors)
+        })
+    })
 }
 
 /// What a replay did besides raising alarms.
