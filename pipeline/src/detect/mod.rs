@@ -891,46 +891,33 @@ fn status_word(
             &rule,
         );
     }
-    if bits.low_battery != 0 {
-        if word & bits.low_battery != 0 {
-            out.hold(
-                st,
-                AlarmKind::LowBattery,
-                ts,
-                ts,
-                AlarmSeverity::Warning,
-                &rule,
-            );
-        } else {
-            out.release(st, AlarmKind::LowBattery, ts);
+    // Each configured bit holds its alarm while set and releases it once clear (a bit mask of
+    // 0 means the model has no such bit). The valve fault is the two-bit pattern itself.
+    let flags = [
+        (
+            bits.low_battery,
+            word & bits.low_battery != 0,
+            AlarmKind::LowBattery,
+        ),
+        (
+            bits.empty_pipe,
+            word & bits.empty_pipe != 0,
+            AlarmKind::EmptyPipe,
+        ),
+        (
+            bits.valve_fault,
+            word & bits.valve_fault == bits.valve_fault,
+            AlarmKind::ValveFault,
+        ),
+    ];
+    for (mask, set, kind) in flags {
+        if mask == 0 {
+            continue;
         }
-    }
-    if bits.empty_pipe != 0 {
-        if word & bits.empty_pipe != 0 {
-            out.hold(
-                st,
-                AlarmKind::EmptyPipe,
-                ts,
-                ts,
-                AlarmSeverity::Warning,
-                &rule,
-            );
+        if set {
+            out.hold(st, kind, ts, ts, AlarmSeverity::Warning, &rule);
         } else {
-            out.release(st, AlarmKind::EmptyPipe, ts);
-        }
-    }
-    if bits.valve_fault != 0 {
-        if word & bits.valve_fault == bits.valve_fault {
-            out.hold(
-                st,
-                AlarmKind::ValveFault,
-                ts,
-                ts,
-                AlarmSeverity::Warning,
-                &rule,
-            );
-        } else {
-            out.release(st, AlarmKind::ValveFault, ts);
+            out.release(st, kind, ts);
         }
     }
     if bits.reverse_flow != 0 && word & bits.reverse_flow != 0 {
