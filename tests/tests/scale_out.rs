@@ -119,8 +119,21 @@ fn reading(meter: &str, gateway: &str, hour: i64, start: OffsetDateTime) -> Read
 /// Builds one message per (round, partition): `meters` meters, `rounds` hourly reads each.
 /// Returns (partition, payload) in publish order and the number of distinct readings.
 fn messages(gateway: &str, meters: usize, rounds: i64) -> (Vec<(u16, Vec<u8>)>, usize) {
-    let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap()
-        - time::Duration::hours(rounds + 1);
+    messages_from(gateway, meters, rounds, hours_ago(rounds + 1))
+}
+
+/// Whole seconds, so two gateways built from the same start hear the very same reads.
+fn hours_ago(hours: i64) -> OffsetDateTime {
+    OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::hours(hours)
+}
+
+/// Like [`messages`], from an explicit first read time.
+fn messages_from(
+    gateway: &str,
+    meters: usize,
+    rounds: i64,
+    start: OffsetDateTime,
+) -> (Vec<(u16, Vec<u8>)>, usize) {
     let ids: Vec<String> = (0..meters)
         .map(|i| format!("cjt188:{:014}", 5_000 + i))
         .collect();
@@ -208,12 +221,14 @@ async fn two_workers_store_every_reading_exactly_once() {
     wait_subscribed(&client, &root, 0, &w0).await;
     wait_subscribed(&client, &root, 1, &w1).await;
 
-    let (msgs, distinct) = messages("gw-a", 60, 4);
+    // One start for both gateways: built a second apart, they would be different reads.
+    let start = hours_ago(5);
+    let (msgs, distinct) = messages_from("gw-a", 60, 4, start);
     // Every message, then every message again (lost PUBACKs), then the same reads heard by a
     // second gateway with its own spool sequence (a meter in range of two gateways).
     publish_all(&client, &root, &msgs).await;
     publish_all(&client, &root, &msgs).await;
-    let (msgs_b, _) = messages("gw-b", 60, 4);
+    let (msgs_b, _) = messages_from("gw-b", 60, 4, start);
     publish_all(&client, &root, &msgs_b).await;
     wait_for_rows(&db, distinct, "two workers").await;
     // Let the duplicates drain too, then check nothing extra appeared.
