@@ -13,6 +13,7 @@ pub mod detect;
 pub mod edit;
 pub mod ingest;
 pub mod journal;
+pub mod ledger;
 pub mod registry;
 pub mod store;
 pub mod testing;

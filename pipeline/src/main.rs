@@ -4,6 +4,7 @@
 //! revenue system reports for a meter (docs/billing.md); `pipeline registry …` manages the
 //! meter registry (docs/registry.md).
 
+mod ledger_cli;
 mod registry_cli;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ enum Command {
     RecordArrears(ArrearsArgs),
     /// The meter registry: import/export, lifecycle, books, models, gateway device sets.
     Registry(registry_cli::RegistryArgs),
+    /// The read completeness ledger: expected vs received reads per book and cycle, arrivals
+    /// and lag per gateway and source.
+    Ledger(ledger_cli::LedgerArgs),
 }
 
 #[derive(clap::Args)]
@@ -186,6 +190,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Registry(args) => {
             registry_cli::run(connect(&cli.database_url).await?, args).await?
         }
+        Command::Ledger(args) => ledger_cli::run(connect(&cli.database_url).await?, args).await?,
     }
     Ok(())
 }
