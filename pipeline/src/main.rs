@@ -6,6 +6,7 @@
 
 mod ledger_cli;
 mod registry_cli;
+mod scheduler_cli;
 
 use std::path::PathBuf;
 
@@ -42,6 +43,9 @@ enum Command {
     /// The read completeness ledger: expected vs received reads per book and cycle, arrivals
     /// and lag per gateway and source.
     Ledger(ledger_cli::LedgerArgs),
+    /// Scheduled jobs (bill runs once reads are complete, partition upkeep), once per due
+    /// time across every node; and their execution log.
+    Scheduler(scheduler_cli::SchedulerArgs),
 }
 
 #[derive(clap::Args)]
@@ -191,6 +195,9 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             registry_cli::run(connect(&cli.database_url).await?, args).await?
         }
         Command::Ledger(args) => ledger_cli::run(connect(&cli.database_url).await?, args).await?,
+        Command::Scheduler(args) => {
+            scheduler_cli::run(connect(&cli.database_url).await?, args).await?
+        }
     }
     Ok(())
 }
@@ -213,6 +220,15 @@ fn load_tariffs(files: &[PathBuf]) -> anyhow::Result<TariffBook> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(TariffBook::new(tariffs)?)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
 }
 
 /// A progress bar on stderr (drawn only when stderr is a terminal).
@@ -409,12 +425,7 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
+        shutdown_signal().await;
         tracing::info!("shutting down after the current batch");
         stop.send(true).ok();
     });
