@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod journal;
 pub mod ledger;
 pub mod registry;
+pub mod review;
 pub mod scheduler;
 pub mod store;
 pub mod testing;

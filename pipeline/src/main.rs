@@ -6,6 +6,7 @@
 
 mod ledger_cli;
 mod registry_cli;
+mod review_cli;
 mod scheduler_cli;
 
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Command {
     /// Scheduled jobs (bill runs once reads are complete, partition upkeep), once per due
     /// time across every node; and their execution log.
     Scheduler(scheduler_cli::SchedulerArgs),
+    /// The review queue: collect, list, assign and resolve what needs a person.
+    Review(review_cli::ReviewArgs),
 }
 
 #[derive(clap::Args)]
@@ -195,6 +198,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             registry_cli::run(connect(&cli.database_url).await?, args).await?
         }
         Command::Ledger(args) => ledger_cli::run(connect(&cli.database_url).await?, args).await?,
+        Command::Review(args) => review_cli::run(connect(&cli.database_url).await?, args).await?,
         Command::Scheduler(args) => {
             scheduler_cli::run(connect(&cli.database_url).await?, args).await?
         }
