@@ -442,6 +442,23 @@ pub fn partitions_job(schedule: Schedule) -> Job {
     }
 }
 
+/// Review-queue upkeep: gathers new items (`review::collect`).
+pub fn review_collect_job(schedule: Schedule) -> Job {
+    Job {
+        name: "review-collect".into(),
+        schedule,
+        catch_up: CatchUp::Latest,
+        run: Arc::new(|pool, _| {
+            Box::pin(async move {
+                let added = crate::review::collect(&pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::to_value(added).map_err(|e| e.to_string())
+            })
+        }),
+    }
+}
+
 /// Settings of the bill-run job.
 #[derive(Clone)]
 pub struct BillRunJob {

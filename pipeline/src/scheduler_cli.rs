@@ -39,6 +39,9 @@ enum SchedulerCommand {
         /// Reading-partition upkeep schedule (`every <n>s|m|h`, `daily HH:MM`, `monthly D HH:MM`).
         #[arg(long, default_value = "daily 01:00")]
         partitions: String,
+        /// Review-queue collect schedule.
+        #[arg(long, default_value = "every 10m")]
+        review_collect: String,
         /// Bill-run schedule: each run bills the closed cycles whose reads are complete.
         #[arg(long, default_value = "daily 06:00")]
         bill_runs: String,
@@ -80,6 +83,7 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             once,
             utc_offset,
             partitions,
+            review_collect,
             bill_runs,
             tariffs,
             max_missing_share,
@@ -91,6 +95,9 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
                 .context("running migrations")?;
             let mut s = Scheduler::new(pool, &node, utc_offset);
             s.register(scheduler::partitions_job(Schedule::parse(&partitions)?));
+            s.register(scheduler::review_collect_job(Schedule::parse(
+                &review_collect,
+            )?));
             if tariffs.is_empty() {
                 tracing::warn!("no --tariff given: bill runs are not scheduled");
             } else {
