@@ -18,6 +18,7 @@ pub mod registry;
 pub mod review;
 pub mod scheduler;
 pub mod store;
+pub mod takeover;
 pub mod testing;
 pub mod vee;
 pub mod worker;

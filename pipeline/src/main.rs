@@ -428,11 +428,29 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
             tracing::info!(metrics = %dump.render(), "ingest counters");
         }
     });
+    let lock_lost = stop.clone();
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down after the current batch");
         stop.send(true).ok();
     });
+    // Hot standby: one process per assignment consumes; another started with the same
+    // assignment waits here and takes over when the first dies (docs/operations.md).
+    let key = pipeline::takeover::assignment_key(
+        &config.topic_root,
+        config.worker,
+        config.workers,
+        config.partitions,
+    );
+    let lock = pipeline::takeover::acquire(database_url, &key, shutdown.clone(), || {
+        tracing::info!(assignment = %key, "another process holds this assignment: standing by");
+    })
+    .await?;
+    let Some(lock) = lock else {
+        return Ok(());
+    };
+    tracing::info!(assignment = %lock.key(), "assignment lock taken: consuming");
+    tokio::spawn(lock.guard(lock_lost, shutdown.clone()));
     if config.worker == 0 {
         // One consumer of the gateways' alarms and status for the whole pipeline.
         tokio::spawn(pipeline::detect::gateway::run(
