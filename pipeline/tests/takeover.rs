@@ -251,9 +251,11 @@ async fn a_standby_takes_over_a_killed_worker_without_loss_or_duplicates() {
     let log = std::fs::read_to_string(&standby_log).unwrap();
     assert!(log.contains("assignment lock taken: consuming"), "{log}");
 
-    let _ = std::process::Command::new("kill")
+    let term = std::process::Command::new("kill")
         .args(["-TERM", &standby.id().unwrap().to_string()])
-        .status();
+        .status()
+        .unwrap();
+    assert!(term.success());
     let status = tokio::time::timeout(Duration::from_secs(30), standby.wait())
         .await
         .unwrap()
