@@ -14,6 +14,7 @@ pub mod edit;
 pub mod ingest;
 pub mod journal;
 pub mod ledger;
+pub mod notify;
 pub mod registry;
 pub mod review;
 pub mod scheduler;

@@ -5,6 +5,7 @@
 //! meter registry (docs/registry.md).
 
 mod ledger_cli;
+mod notify_cli;
 mod registry_cli;
 mod review_cli;
 mod scheduler_cli;
@@ -47,6 +48,9 @@ enum Command {
     /// Scheduled jobs (bill runs once reads are complete, partition upkeep), once per due
     /// time across every node; and their execution log.
     Scheduler(scheduler_cli::SchedulerArgs),
+    /// Notifications: queues alarm notices by route and delivers the outbox (webhook, SMTP, SMS)
+    /// with retries, until Ctrl-C/SIGTERM.
+    Notify(notify_cli::NotifyArgs),
     /// The review queue: collect, list, assign and resolve what needs a person.
     Review(review_cli::ReviewArgs),
 }
@@ -198,6 +202,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             registry_cli::run(connect(&cli.database_url).await?, args).await?
         }
         Command::Ledger(args) => ledger_cli::run(connect(&cli.database_url).await?, args).await?,
+        Command::Notify(args) => notify_cli::run(connect(&cli.database_url).await?, args).await?,
         Command::Review(args) => review_cli::run(connect(&cli.database_url).await?, args).await?,
         Command::Scheduler(args) => {
             scheduler_cli::run(connect(&cli.database_url).await?, args).await?
