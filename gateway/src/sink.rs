@@ -31,6 +31,25 @@ pub struct SubmitRequest {
     pub done: oneshot::Sender<Result<(), SinkError>>,
 }
 
+/// Readings handed to the spool by [`IngestSink::enqueue`], not yet known to be durable.
+#[derive(Debug)]
+pub struct Durable(Option<oneshot::Receiver<Result<(), SinkError>>>);
+
+impl Durable {
+    /// Nothing to wait for (no readings, or nothing to store).
+    pub fn ready() -> Self {
+        Self(None)
+    }
+
+    /// Waits until the readings are durable, or the spool says why they are not.
+    pub async fn wait(self) -> Result<(), SinkError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| SinkError::Closed)?,
+        }
+    }
+}
+
 /// Per-source counters, rendered in Prometheus text format by the gateway's metrics endpoint.
 #[derive(Debug, Default)]
 pub struct SourceCounters {
@@ -118,15 +137,23 @@ impl IngestSink {
 
     /// Hands readings to the spool and waits until they are durable.
     pub async fn submit(&self, readings: Vec<Reading>) -> Result<(), SinkError> {
+        self.enqueue(readings).await?.wait().await
+    }
+
+    /// Hands readings to the spool without waiting for their group commit: the spool appends
+    /// them in the order of `enqueue` calls, and [`Durable::wait`] says when they are on disk.
+    /// A source with many messages in flight (the concentrator MQTT source) keeps decoding
+    /// while earlier ones are being synced, so they share one `fsync`.
+    pub async fn enqueue(&self, readings: Vec<Reading>) -> Result<Durable, SinkError> {
         if readings.is_empty() {
-            return Ok(());
+            return Ok(Durable(None));
         }
         let (done, wait) = oneshot::channel();
         self.tx
             .send(SubmitRequest { readings, done })
             .await
             .map_err(|_| SinkError::Closed)?;
-        wait.await.map_err(|_| SinkError::Closed)?
+        Ok(Durable(Some(wait)))
     }
 
     /// Counts one frame received by `source_id`.

@@ -115,6 +115,9 @@ pub struct SpoolStats {
     pub acked: u64,
     /// Intact records found after a corrupt one (and kept) when the spool was opened.
     pub resynced: u64,
+    /// Group commits that failed (disk full, I/O error) since start; their submitters were
+    /// refused, so their devices keep the readings and send them again.
+    pub write_errors: u64,
 }
 
 /// One durable record as the uplink reads it.
@@ -946,7 +949,8 @@ pub fn spawn_writer(
                     .try_for_each(|req| writer.append(&req.readings).map(|_| ()))
                     .and_then(|()| writer.sync());
                 let answer = result.map_err(|e| {
-                    tracing::error!(error = %e, "spool write failed; submitters get an error");
+                    lock(&writer.spool.index).stats.write_errors += 1;
+                    tracing::error!(alarm = "spool_write_failed", error = %e, "spool write failed; submitters get an error");
                     if let Err(e) = writer.rollback() {
                         tracing::error!(error = %e, "spool rollback failed");
                     }
