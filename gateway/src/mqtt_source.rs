@@ -192,10 +192,17 @@ const MAX_IN_FLIGHT: usize = 512;
 
 /// A message waiting for its readings to become durable; resolves to the message and the
 /// spool's answer.
-async fn settle<P>(message: P, durable: Durable) -> (P, Result<(), crate::SinkError>) {
-    let result = durable.wait().await;
-    (message, result)
+fn settle<P: Send + 'static>(message: P, durable: Durable) -> Settling<P> {
+    Box::pin(async move {
+        let result = durable.wait().await;
+        (message, result)
+    })
 }
+
+/// [`settle`]'s future, named so the in-flight queue has a type before its first push.
+type Settling<P> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (P, Result<(), crate::SinkError>)> + Send>,
+>;
 
 /// How long the site broker keeps the session (and unacknowledged messages) of an MQTT 5
 /// connection after a disconnect.
@@ -256,7 +263,7 @@ async fn session_v311(
     options.set_manual_acks(true);
     options.set_clean_session(false);
     let (client, mut events) = mqtt::connect(options, 64);
-    let mut in_flight = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<Settling<rumqttc::Publish>> = FuturesOrdered::new();
     loop {
         let ev = tokio::select! {
             biased;
@@ -342,7 +349,8 @@ async fn session_v5(
             }
         }
     });
-    let mut in_flight = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<Settling<rumqttc::v5::mqttbytes::v5::Publish>> =
+        FuturesOrdered::new();
     loop {
         let ev = tokio::select! {
             biased;
