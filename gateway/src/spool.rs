@@ -944,6 +944,12 @@ pub fn spawn_writer(
                         Err(_) => break,
                     }
                 }
+                // A submitter that has gone (its connection or session ended) will not
+                // acknowledge its device, which sends the readings again: not written now.
+                group.retain(|req| !req.done.is_closed());
+                if group.is_empty() {
+                    continue;
+                }
                 let result = group
                     .iter()
                     .try_for_each(|req| writer.append(&req.readings).map(|_| ()))
@@ -956,9 +962,18 @@ pub fn spawn_writer(
                     }
                     SinkError::Spool(e.to_string())
                 });
+                let failed = answer.is_err();
                 for req in group {
                     // A submitter that gave up waiting is not an error of the spool.
                     let _unused = req.done.send(answer.clone());
+                }
+                if failed {
+                    // What was queued behind a failed group fails with it: written now, it
+                    // could land before the re-sent readings of the failed group and put a
+                    // meter's reads out of order.
+                    while let Ok(req) = rx.try_recv() {
+                        let _unused = req.done.send(answer.clone());
+                    }
                 }
             }
         })
