@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use decoders::{DecodedFrame, cjt188, mbus};
 use edge_config::{MqttProtocol, MqttSourceConfig, PayloadFormat, TopicMapping};
-use model::{ClockSource, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use model::{ClockSource, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit};
 use rumqttc::{Event, Packet, QoS};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -200,9 +200,8 @@ fn settle<P: Send + 'static>(message: P, durable: Durable) -> Settling<P> {
 }
 
 /// [`settle`]'s future, named so the in-flight queue has a type before its first push.
-type Settling<P> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (P, Result<(), crate::SinkError>)> + Send>,
->;
+type Settling<P> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (P, Result<(), crate::SinkError>)> + Send>>;
 
 /// How long the site broker keeps the session (and unacknowledged messages) of an MQTT 5
 /// connection after a disconnect.

@@ -617,7 +617,11 @@ struct RefusedSpans {
 impl RefusedSpans {
     /// Takes the spans closed by the `refused` reads out of `entries`, then settles what
     /// they owe against later spans of `entries`.
-    fn remove(&mut self, entries: &mut [JournalEntry], refused: &[(model::MeterId, OffsetDateTime)]) {
+    fn remove(
+        &mut self,
+        entries: &mut [JournalEntry],
+        refused: &[(model::MeterId, OffsetDateTime)],
+    ) {
         let refused: HashSet<(&model::MeterId, OffsetDateTime)> =
             refused.iter().map(|(m, ts)| (m, *ts)).collect();
         for e in entries.iter_mut() {
@@ -645,7 +649,12 @@ impl RefusedSpans {
             return;
         }
         for e in entries.iter_mut() {
-            for meter in e.usage.iter().map(|u| u.meter.clone()).collect::<HashSet<_>>() {
+            for meter in e
+                .usage
+                .iter()
+                .map(|u| u.meter.clone())
+                .collect::<HashSet<_>>()
+            {
                 let Some(&(delta, after)) = self.owed.get(&meter) else {
                     continue;
                 };
@@ -1042,7 +1051,9 @@ mod tests {
     fn span(meter: &str, minute: u8, value: i64, delta: i64) -> Usage {
         Usage {
             meter: model::MeterId::new(meter).unwrap(),
-            ts: datetime!(2026-11-24 10:00 UTC).replace_minute(minute).unwrap(),
+            ts: datetime!(2026-11-24 10:00 UTC)
+                .replace_minute(minute)
+                .unwrap(),
             value: Decimal::new(value, 0),
             delta: Decimal::new(delta, 0),
             estimated: false,

@@ -476,7 +476,10 @@ async fn a_reading_the_database_refuses_is_isolated_and_leaves_no_span() {
             .fetch_all(&db.pool)
             .await
             .unwrap();
-    assert_eq!(refused, vec![("database_refused".to_owned(), meter.clone())]);
+    assert_eq!(
+        refused,
+        vec![("database_refused".to_owned(), meter.clone())]
+    );
     // Stopping folds and checkpoints the journal.
     w.stop.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(10), w.task)
@@ -910,7 +913,11 @@ fn gateway_binary() -> std::path::PathBuf {
             "cargo build -p gateway --bin gateway failed ({status})"
         );
         let bin = profile_dir.join("gateway");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
+        assert!(
+            bin.try_exists().unwrap_or(false),
+            "{} missing after the build",
+            bin.display()
+        );
         bin
     })
     .clone()
@@ -1131,14 +1138,10 @@ async fn gateway_process_killed_ten_times_loses_and_duplicates_nothing() {
         // Let the restarted gateway make progress end to end before the next crash.
         let seen = IngestMetrics::get(&w.metrics.stored);
         let m = Arc::clone(&w.metrics);
-        wait_until(
-            "progress after a restart",
-            Duration::from_secs(90),
-            || {
-                let now = IngestMetrics::get(&m.stored);
-                now > seen || now as i64 >= total
-            },
-        )
+        wait_until("progress after a restart", Duration::from_secs(90), || {
+            let now = IngestMetrics::get(&m.stored);
+            now > seen || now as i64 >= total
+        })
         .await;
         tokio::time::sleep(Duration::from_millis(150 + u64::from(kills * 137 % 500))).await;
         gateway.kill9();
@@ -1264,7 +1267,10 @@ async fn spool_on_a_full_disk_refuses_and_recovers_without_loss() {
     // The disk fills: about 1,000 readings fit.
     let deadline = Instant::now() + Duration::from_secs(90);
     while gateway_metric(metrics, "wm_gateway_spool_write_errors_total").await == 0 {
-        assert!(Instant::now() < deadline, "the spool never hit the full disk");
+        assert!(
+            Instant::now() < deadline,
+            "the spool never hit the full disk"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let full_bytes = gateway_metric(metrics, "wm_gateway_spool_bytes").await;
@@ -1330,12 +1336,16 @@ fn junk_message(j: usize) -> (String, Vec<u8>) {
         ),
         2 => (
             format!("site/j{site}/readings"),
-            format!(r#"{{"v":1,"readings":[{{"meter":"no meter {j}","ts":"x","volume_m3":"1"}}]}}"#)
-                .into_bytes(),
+            format!(
+                r#"{{"v":1,"readings":[{{"meter":"no meter {j}","ts":"x","volume_m3":"1"}}]}}"#
+            )
+            .into_bytes(),
         ),
         3 => (
             format!("site/j{site}/frame"),
-            vec![0x68, 0x10, 0x44, 0x33, 0x22, 0x11, 0x00, 0x33, 0x78, 0x81, 0x16],
+            vec![
+                0x68, 0x10, 0x44, 0x33, 0x22, 0x11, 0x00, 0x33, 0x78, 0x81, 0x16,
+            ],
         ),
         _ => (
             format!("site/j{site}/frame"),
@@ -1375,11 +1385,10 @@ async fn a_flood_of_malformed_input_is_refused_counted_and_normal_traffic_stored
         metrics_port,
         5,
     );
-    let gateway = gateway::runtime::Gateway::start(
-        edge_config::parse(&toml, "junk.toml".as_ref()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let gateway =
+        gateway::runtime::Gateway::start(edge_config::parse(&toml, "junk.toml".as_ref()).unwrap())
+            .await
+            .unwrap();
     let metrics = gateway.metrics_addr();
     let w = start_worker(db.pool.clone(), &broker.url(), &root, &format!("{cid}-w"));
     let (publisher, _) = counting_publisher(&broker.url(), "junk-normal");
@@ -1416,13 +1425,11 @@ async fn a_flood_of_malformed_input_is_refused_counted_and_normal_traffic_stored
         }
     };
     let alone = steady(0).await;
-    let errors_before: u64 = gateway_metric_sum(
-        metrics,
-        r#"wm_gateway_decode_errors_total{source="conc""#,
-    )
-    .await
-    .values()
-    .sum();
+    let errors_before: u64 =
+        gateway_metric_sum(metrics, r#"wm_gateway_decode_errors_total{source="conc""#)
+            .await
+            .values()
+            .sum();
     let (flooder, flooder_acks) = counting_publisher(&broker.url(), "junk-flood");
     let flood_started = Instant::now();
     let root_for_batches = root.clone();
@@ -1434,10 +1441,14 @@ async fn a_flood_of_malformed_input_is_refused_counted_and_normal_traffic_stored
                 .await
                 .unwrap();
             // The pipeline's share: malformed reading batches.
-            if j % (junk / bad_batches).max(1) == 0 && j / (junk / bad_batches).max(1) < bad_batches {
+            if j % (junk / bad_batches).max(1) == 0 && j / (junk / bad_batches).max(1) < bad_batches
+            {
                 flooder
                     .publish(
-                        format!("{root_for_batches}/readings/{}", j % usize::from(PARTITIONS)),
+                        format!(
+                            "{root_for_batches}/readings/{}",
+                            j % usize::from(PARTITIONS)
+                        ),
                         QoS::AtLeastOnce,
                         false,
                         format!(r#"{{"v":1,"gateway":"gw-junk","partition":0,"entries":[{j}"#),
@@ -1451,8 +1462,8 @@ async fn a_flood_of_malformed_input_is_refused_counted_and_normal_traffic_stored
     flood.await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     let errors = loop {
-        let kinds = gateway_metric_sum(metrics, r#"wm_gateway_decode_errors_total{source="conc""#)
-            .await;
+        let kinds =
+            gateway_metric_sum(metrics, r#"wm_gateway_decode_errors_total{source="conc""#).await;
         let total: u64 = kinds.values().sum();
         if total >= errors_before + junk as u64 {
             break kinds;
@@ -1499,7 +1510,10 @@ async fn a_flood_of_malformed_input_is_refused_counted_and_normal_traffic_stored
         rows - distinct,
         flooder_acks.load(Ordering::SeqCst),
     );
-    assert_eq!(counted, junk as u64, "every junk message refused and counted once");
+    assert_eq!(
+        counted, junk as u64,
+        "every junk message refused and counted once"
+    );
     assert_eq!(refused_batches, bad_batches as i64);
     assert_eq!(IngestMetrics::get(&w.metrics.malformed), bad_batches as u64);
     assert_eq!((rows, distinct), (total, total));
