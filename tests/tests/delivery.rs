@@ -1134,6 +1134,7 @@ async fn gateway_process_killed_ten_times_loses_and_duplicates_nothing() {
     let started = Instant::now();
     let mut kills = 0u32;
     let mut last_restart = Instant::now();
+    let mut slowest_comeback = Duration::ZERO;
     while kills < 10 || !publishing.is_finished() {
         // Let the restarted gateway make progress end to end before the next crash.
         let seen = IngestMetrics::get(&w.metrics.stored);
@@ -1143,6 +1144,9 @@ async fn gateway_process_killed_ten_times_loses_and_duplicates_nothing() {
             now > seen || now as i64 >= total
         })
         .await;
+        if kills > 0 {
+            slowest_comeback = slowest_comeback.max(last_restart.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(150 + u64::from(kills * 137 % 500))).await;
         gateway.kill9();
         kills += 1;
@@ -1174,7 +1178,8 @@ async fn gateway_process_killed_ten_times_loses_and_duplicates_nothing() {
     eprintln!(
         "kill -9 of the gateway process: kills {kills}, in {total}, stored {rows}, lost {}, \
          duplicated {}, re-deliveries dropped by the pipeline {} (sequence) + {} (row key), \
-         all stored {recovery:?} after the last restart, run {:?}",
+         slowest restart to new readings stored {slowest_comeback:?}, all stored \
+         {recovery:?} after the last restart, run {:?}",
         total - distinct,
         rows - distinct,
         IngestMetrics::get(&w.metrics.seq_duplicates),
