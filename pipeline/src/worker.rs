@@ -711,6 +711,10 @@ async fn flush(
         };
         match result {
             Ok(stats) => {
+                if attempt > STUCK_AFTER {
+                    tracing::info!(attempt, "journal folded again; no longer stuck");
+                    metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 IngestMetrics::add(&metrics.flushes, 1);
                 metrics
                     .pending_spans
@@ -731,6 +735,12 @@ async fn flush(
             }
             Err(e) => {
                 IngestMetrics::add(&metrics.flush_failures, 1);
+                // A fold that keeps failing blocks the writer as much as a commit that does
+                // (nothing is committed or acknowledged meanwhile): reported the same way.
+                if attempt == STUCK_AFTER {
+                    metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot fold its journal; nothing is committed or acknowledged until it can");
+                }
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
                 // The journal keeps what is not folded: a stop between attempts loses nothing.
                 tokio::select! {

@@ -195,9 +195,12 @@ fn start_worker(
     }
 }
 
+/// Reading `i` of a run: ten seconds apart from 30 days ago, so even the soak's 200,000 stay
+/// in the past (one minute apart, readings past 73,440 were dated more than 31 days ahead and
+/// refused as `timestamp_out_of_range`, which looked like loss in the soak runs).
 fn reading(meter: &str, gateway: &str, i: i64) -> Reading {
-    let ts = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(20)
-        + time::Duration::minutes(i);
+    let ts = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(30)
+        + time::Duration::seconds(10 * i);
     Reading {
         meter: MeterId::new(meter).unwrap(),
         ts,
@@ -1257,7 +1260,8 @@ async fn spool_on_a_full_disk_refuses_and_recovers_without_loss() {
     let (publisher, accepted) = counting_publisher(&broker.url(), "fulldisk-pub");
     wait_subscribed(&publisher, metrics).await;
     proxy.cut();
-    let base = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(20);
+    // 60,000 readings a minute apart (soak) must all lie in the past.
+    let base = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(60);
     for g in 0..messages {
         publisher
             .publish(
