@@ -151,6 +151,7 @@ enum Handled {
 /// Decodes one message and hands its readings to the spool (without waiting for the sync).
 async fn on_message(
     ctx: &SourceContext,
+    epoch: &crate::sink::Epoch,
     topics: &[TopicMapping],
     topic: &str,
     payload: &[u8],
@@ -168,7 +169,7 @@ async fn on_message(
         payload,
         OffsetDateTime::now_utc(),
     ) {
-        Ok(readings) => match ctx.sink.enqueue(readings).await {
+        Ok(readings) => match ctx.sink.enqueue_in(epoch, readings).await {
             Ok(durable) => Handled::Spooling(durable),
             Err(e) => {
                 tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
@@ -262,6 +263,8 @@ async fn session_v311(
     options.set_manual_acks(true);
     options.set_clean_session(false);
     let (client, mut events) = mqtt::connect(options, 64);
+    // After a failed spool write the rest of this session is refused (see `Epoch`).
+    let epoch = ctx.sink.epoch();
     let mut in_flight: FuturesOrdered<Settling<rumqttc::Publish>> = FuturesOrdered::new();
     loop {
         let ev = tokio::select! {
@@ -302,7 +305,7 @@ async fn session_v311(
                 }
             }
             Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
-                match on_message(ctx, &config.topics, &p.topic, &p.payload).await {
+                match on_message(ctx, &epoch, &config.topics, &p.topic, &p.payload).await {
                     Handled::Spooling(durable) => in_flight.push_back(settle(p, durable)),
                     Handled::Retry(why) => return Some(why),
                 }
@@ -348,6 +351,7 @@ async fn session_v5(
             }
         }
     });
+    let epoch = ctx.sink.epoch();
     let mut in_flight: FuturesOrdered<Settling<rumqttc::v5::mqttbytes::v5::Publish>> =
         FuturesOrdered::new();
     loop {
@@ -388,7 +392,7 @@ async fn session_v5(
             }
             Some(Ok(Event5::Incoming(Packet5::Publish(p)))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                match on_message(ctx, &config.topics, &topic, &p.payload).await {
+                match on_message(ctx, &epoch, &config.topics, &topic, &p.payload).await {
                     Handled::Spooling(durable) => in_flight.push_back(settle(p, durable)),
                     Handled::Retry(why) => return Some(why),
                 }

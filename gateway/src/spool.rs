@@ -946,6 +946,16 @@ pub fn spawn_writer(
                 }
                 // A submitter that has gone (its connection or session ended) will not
                 // acknowledge its device, which sends the readings again: not written now.
+                // Nor is the rest of a session in which a write failed (see `Epoch`).
+                let (stale, mut group): (Vec<_>, Vec<_>) = group
+                    .into_iter()
+                    .partition(|req| req.epoch.as_ref().is_some_and(|e| e.is_stale()));
+                for req in stale {
+                    let _unused = req.done.send(Err(SinkError::Spool(
+                        "an earlier write of this session failed; not written, to keep the order"
+                            .into(),
+                    )));
+                }
                 group.retain(|req| !req.done.is_closed());
                 if group.is_empty() {
                     continue;
@@ -962,18 +972,21 @@ pub fn spawn_writer(
                     }
                     SinkError::Spool(e.to_string())
                 });
-                let failed = answer.is_err();
+                if answer.is_err() {
+                    // What was queued behind a failed group fails with it: written now, it
+                    // could land before the re-sent readings of the failed group and put a
+                    // meter's reads out of order. Pipelining sessions learn of it through
+                    // their epoch, before they notice the error themselves.
+                    while let Ok(req) = rx.try_recv() {
+                        group.push(req);
+                    }
+                    if let Some(epoch) = group.iter().find_map(|req| req.epoch.as_ref()) {
+                        epoch.count_failure();
+                    }
+                }
                 for req in group {
                     // A submitter that gave up waiting is not an error of the spool.
                     let _unused = req.done.send(answer.clone());
-                }
-                if failed {
-                    // What was queued behind a failed group fails with it: written now, it
-                    // could land before the re-sent readings of the failed group and put a
-                    // meter's reads out of order.
-                    while let Ok(req) = rx.try_recv() {
-                        let _unused = req.done.send(answer.clone());
-                    }
                 }
             }
         })
