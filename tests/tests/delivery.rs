@@ -886,10 +886,31 @@ async fn ten_gateway_crashes_lose_and_duplicate_nothing() {
 // The gateway as a process, a full disk, a flood of malformed input, a persistent broker.
 // ---------------------------------------------------------------------------------------------
 
-/// The `gateway` binary of this workspace. nextest builds only this package's targets, so it
-/// is built here (a no-op when fresh). `WM_GATEWAY_BIN` overrides the path (for `cargo test`,
-/// which may hold the build lock while tests run: build it first with
-/// `cargo build -p gateway --bin gateway`).
+/// Newest modification time of `path`, or of the files under it (recursively).
+fn newest_file(path: &std::path::Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(newest);
+    };
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        let t = if meta.is_dir() {
+            newest_file(&entry.path())
+        } else {
+            meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// The `gateway` binary of this workspace. `cargo nextest run --workspace` (CI) builds it
+/// beside the tests; run for this package alone, nextest does not, so a binary missing or
+/// older than the sources of the gateway and its crates is built here first.
+/// `WM_GATEWAY_BIN` overrides the path (for `cargo test`, which may hold the build lock while
+/// tests run: build it first with `cargo build -p gateway --bin gateway`).
 fn gateway_binary() -> std::path::PathBuf {
     static BIN: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
@@ -903,10 +924,25 @@ fn gateway_binary() -> std::path::PathBuf {
             .and_then(|deps| deps.parent())
             .expect("test executable under target/<profile>/deps")
             .to_owned();
+        let bin = profile_dir.join("gateway");
+        let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ inside the workspace")
+            .to_owned();
+        let sources = ["gateway", "model", "decoders", "edge-config"]
+            .iter()
+            .map(|c| newest_file(&workspace.join(c).join("src")))
+            .chain([newest_file(&workspace.join("Cargo.lock"))])
+            .max()
+            .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| b >= sources) {
+            return bin;
+        }
         let mut build = Command::new(env!("CARGO"));
         build
             .args(["build", "--quiet", "-p", "gateway", "--bin", "gateway"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+            .current_dir(&workspace);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
@@ -915,7 +951,6 @@ fn gateway_binary() -> std::path::PathBuf {
             status.success(),
             "cargo build -p gateway --bin gateway failed ({status})"
         );
-        let bin = profile_dir.join("gateway");
         assert!(
             bin.try_exists().unwrap_or(false),
             "{} missing after the build",
