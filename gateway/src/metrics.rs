@@ -53,8 +53,9 @@ impl Metrics {
              # TYPE wm_gateway_spool_segments gauge\nwm_gateway_spool_segments {}\n\
              # TYPE wm_gateway_spool_evicted_total counter\nwm_gateway_spool_evicted_total {}\n\
              # TYPE wm_gateway_spool_truncated_total counter\nwm_gateway_spool_truncated_total {}\n\
-             # TYPE wm_gateway_spool_next_seq gauge\nwm_gateway_spool_next_seq {}\n",
-            s.depth, s.bytes, s.segments, s.evicted, s.truncated, s.next_seq
+             # TYPE wm_gateway_spool_next_seq gauge\nwm_gateway_spool_next_seq {}\n\
+             # TYPE wm_gateway_spool_write_errors_total counter\nwm_gateway_spool_write_errors_total {}\n",
+            s.depth, s.bytes, s.segments, s.evicted, s.truncated, s.next_seq, s.write_errors
         ));
         self.uplink.render_prometheus(&mut out, s.depth);
         self.downlink.render_prometheus(&mut out);

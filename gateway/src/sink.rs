@@ -6,6 +6,7 @@
 //! group commit.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use model::Reading;
@@ -29,6 +30,48 @@ pub struct SubmitRequest {
     pub readings: Vec<Reading>,
     /// Answered once the readings are durable (or could not be made so).
     pub done: oneshot::Sender<Result<(), SinkError>>,
+    /// For a pipelining submitter ([`IngestSink::enqueue_in`]): the write failures it had seen
+    /// when its session began. Once a write has failed since, the writer refuses the request
+    /// unwritten, so nothing of that session lands after the failed readings.
+    pub epoch: Option<Epoch>,
+}
+
+/// The spool's failed writes as a submitter saw them when its session began.
+#[derive(Debug, Clone)]
+pub struct Epoch {
+    seen: u64,
+    failures: Arc<AtomicU64>,
+}
+
+impl Epoch {
+    /// True when a write has failed since this epoch began.
+    pub fn is_stale(&self) -> bool {
+        self.failures.load(Ordering::SeqCst) > self.seen
+    }
+
+    /// Records a failed write (by the spool writer).
+    pub fn count_failure(&self) {
+        self.failures.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Readings handed to the spool by [`IngestSink::enqueue`], not yet known to be durable.
+#[derive(Debug)]
+pub struct Durable(Option<oneshot::Receiver<Result<(), SinkError>>>);
+
+impl Durable {
+    /// Nothing to wait for (no readings, or nothing to store).
+    pub fn ready() -> Self {
+        Self(None)
+    }
+
+    /// Waits until the readings are durable, or the spool says why they are not.
+    pub async fn wait(self) -> Result<(), SinkError> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.await.map_err(|_| SinkError::Closed)?,
+        }
+    }
 }
 
 /// Per-source counters, rendered in Prometheus text format by the gateway's metrics endpoint.
@@ -103,6 +146,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct IngestSink {
     tx: mpsc::Sender<SubmitRequest>,
     counters: Arc<SourceCounters>,
+    failures: Arc<AtomicU64>,
 }
 
 impl IngestSink {
@@ -112,21 +156,61 @@ impl IngestSink {
         let sink = IngestSink {
             tx,
             counters: Arc::new(SourceCounters::default()),
+            failures: Arc::new(AtomicU64::new(0)),
         };
         (sink, rx)
     }
 
     /// Hands readings to the spool and waits until they are durable.
     pub async fn submit(&self, readings: Vec<Reading>) -> Result<(), SinkError> {
+        self.enqueue(readings).await?.wait().await
+    }
+
+    /// Hands readings to the spool without waiting for their group commit: the spool appends
+    /// them in the order of `enqueue` calls, and [`Durable::wait`] says when they are on disk.
+    /// A source with many messages in flight (the concentrator MQTT source) keeps decoding
+    /// while earlier ones are being synced, so they share one `fsync`.
+    pub async fn enqueue(&self, readings: Vec<Reading>) -> Result<Durable, SinkError> {
+        self.send(readings, None).await
+    }
+
+    /// The current epoch, for a session of [`IngestSink::enqueue_in`] calls.
+    pub fn epoch(&self) -> Epoch {
+        Epoch {
+            seen: self.failures.load(Ordering::SeqCst),
+            failures: Arc::clone(&self.failures),
+        }
+    }
+
+    /// [`IngestSink::enqueue`] within a session that began at `epoch`: after any failed write
+    /// the rest of the session is refused, not written, so the messages re-delivered after the
+    /// failure keep their order.
+    pub async fn enqueue_in(
+        &self,
+        epoch: &Epoch,
+        readings: Vec<Reading>,
+    ) -> Result<Durable, SinkError> {
+        self.send(readings, Some(epoch.clone())).await
+    }
+
+    async fn send(
+        &self,
+        readings: Vec<Reading>,
+        epoch: Option<Epoch>,
+    ) -> Result<Durable, SinkError> {
         if readings.is_empty() {
-            return Ok(());
+            return Ok(Durable(None));
         }
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(SubmitRequest { readings, done })
+            .send(SubmitRequest {
+                readings,
+                done,
+                epoch,
+            })
             .await
             .map_err(|_| SinkError::Closed)?;
-        wait.await.map_err(|_| SinkError::Closed)?
+        Ok(Durable(Some(wait)))
     }
 
     /// Counts one frame received by `source_id`.

@@ -115,6 +115,9 @@ pub struct SpoolStats {
     pub acked: u64,
     /// Intact records found after a corrupt one (and kept) when the spool was opened.
     pub resynced: u64,
+    /// Group commits that failed (disk full, I/O error) since start; their submitters were
+    /// refused, so their devices keep the readings and send them again.
+    pub write_errors: u64,
 }
 
 /// One durable record as the uplink reads it.
@@ -941,17 +944,46 @@ pub fn spawn_writer(
                         Err(_) => break,
                     }
                 }
+                // A submitter that has gone (its connection or session ended) will not
+                // acknowledge its device, which sends the readings again: not written now.
+                // Nor is the rest of a session in which a write failed (see `Epoch`).
+                let (stale, mut group): (Vec<_>, Vec<_>) = group
+                    .into_iter()
+                    .partition(|req| req.epoch.as_ref().is_some_and(|e| e.is_stale()));
+                for req in stale {
+                    let _unused = req.done.send(Err(SinkError::Spool(
+                        "an earlier write of this session failed; not written, to keep the order"
+                            .into(),
+                    )));
+                }
+                group.retain(|req| !req.done.is_closed());
+                if group.is_empty() {
+                    continue;
+                }
                 let result = group
                     .iter()
                     .try_for_each(|req| writer.append(&req.readings).map(|_| ()))
                     .and_then(|()| writer.sync());
                 let answer = result.map_err(|e| {
-                    tracing::error!(error = %e, "spool write failed; submitters get an error");
+                    lock(&writer.spool.index).stats.write_errors += 1;
+                    tracing::error!(alarm = "spool_write_failed", error = %e, "spool write failed; submitters get an error");
                     if let Err(e) = writer.rollback() {
                         tracing::error!(error = %e, "spool rollback failed");
                     }
                     SinkError::Spool(e.to_string())
                 });
+                if answer.is_err() {
+                    // What was queued behind a failed group fails with it: written now, it
+                    // could land before the re-sent readings of the failed group and put a
+                    // meter's reads out of order. Pipelining sessions learn of it through
+                    // their epoch, before they notice the error themselves.
+                    while let Ok(req) = rx.try_recv() {
+                        group.push(req);
+                    }
+                    if let Some(epoch) = group.iter().find_map(|req| req.epoch.as_ref()) {
+                        epoch.count_failure();
+                    }
+                }
                 for req in group {
                     // A submitter that gave up waiting is not an error of the spool.
                     let _unused = req.done.send(answer.clone());

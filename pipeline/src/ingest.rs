@@ -364,7 +364,7 @@ pub mod metric {
     pub const GAPS: &str = "pipeline_batches_gap_total";
     /// End-to-end acknowledgements published to gateways.
     pub const ACKS_PUBLISHED: &str = "pipeline_ingest_acks_published_total";
-    /// 1 while the worker cannot commit (retrying a failing transaction), else 0 (gauge).
+    /// 1 while the worker cannot commit or fold its journal (retrying), else 0 (gauge).
     pub const STUCK: &str = "pipeline_worker_stuck";
 }
 

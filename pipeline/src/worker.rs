@@ -383,6 +383,7 @@ async fn writer(
         &shutdown,
     )
     .await;
+    let mut owed = RefusedSpans::default();
     loop {
         let checkpoint = pending.states_due(config.state_checkpoint_interval);
         if checkpoint || pending.due(config.flush_interval, config.flush_max_spans) {
@@ -419,7 +420,8 @@ async fn writer(
             }
         };
         let Some(mut job) = job else { break };
-        let Some(stats) = commit(config, pool, metrics, &mut job, &mut shutdown).await else {
+        let Some(stats) = commit(config, pool, metrics, &mut job, &mut owed, &mut shutdown).await
+        else {
             // Shutdown while the database refuses: nothing of this job is acknowledged, so
             // the broker (and the gateways' spools) still hold it for the next start.
             tracing::warn!(
@@ -488,10 +490,12 @@ async fn commit(
     pool: &PgPool,
     metrics: &IngestMetrics,
     job: &mut WriteJob,
+    owed: &mut RefusedSpans,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<store::WriteStats> {
     let mut attempt = 0u32;
     let mut isolated = false;
+    owed.settle(&mut job.entries);
     loop {
         let set = WriteSet {
             readings: &job.readings,
@@ -558,6 +562,14 @@ async fn commit(
                             });
                         }
                     }
+                    let gone: Vec<(model::MeterId, OffsetDateTime)> = job
+                        .readings
+                        .iter()
+                        .zip(&drop)
+                        .filter(|(_, d)| **d)
+                        .map(|(r, _)| (r.meter.clone(), r.ts))
+                        .collect();
+                    owed.remove(&mut job.entries, &gone);
                     let mut flags = drop.into_iter();
                     job.readings.retain(|_| !flags.next().unwrap_or(false));
                     IngestMetrics::add(&metrics.isolated, refused.len() as u64);
@@ -584,6 +596,78 @@ async fn commit(
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(shutdown) => return None,
+        }
+    }
+}
+
+/// Consumption of reads the database refused (isolated by bisection), owed to the next span
+/// of their meter.
+///
+/// VEE measured each span from the read before it, so a refused read closes one span and
+/// opens the next. Its span must not reach the journal (the rollups would count a read that
+/// is not stored), but its consumption belongs to the meter: it is added to the meter's next
+/// span, in this batch or a later one, so the rollups still sum to the stored reads (the
+/// deltas telescope). What is owed lives in memory: a worker restart in between forgets it.
+#[derive(Debug, Default)]
+struct RefusedSpans {
+    /// Per meter: consumption owed and the time of the refused read it ends at.
+    owed: std::collections::HashMap<model::MeterId, (rust_decimal::Decimal, OffsetDateTime)>,
+}
+
+impl RefusedSpans {
+    /// Takes the spans closed by the `refused` reads out of `entries`, then settles what
+    /// they owe against later spans of `entries`.
+    fn remove(
+        &mut self,
+        entries: &mut [JournalEntry],
+        refused: &[(model::MeterId, OffsetDateTime)],
+    ) {
+        let refused: HashSet<(&model::MeterId, OffsetDateTime)> =
+            refused.iter().map(|(m, ts)| (m, *ts)).collect();
+        for e in entries.iter_mut() {
+            let mut kept = Vec::with_capacity(e.usage.len());
+            for u in std::mem::take(&mut e.usage) {
+                if refused.contains(&(&u.meter, u.ts)) {
+                    let slot = self
+                        .owed
+                        .entry(u.meter.clone())
+                        .or_insert((rust_decimal::Decimal::ZERO, u.ts));
+                    slot.0 += u.delta;
+                    slot.1 = slot.1.max(u.ts);
+                } else {
+                    kept.push(u);
+                }
+            }
+            e.usage = kept;
+        }
+        self.settle(entries);
+    }
+
+    /// Adds what each meter owes to its earliest span in `entries` after the refused read.
+    fn settle(&mut self, entries: &mut [JournalEntry]) {
+        if self.owed.is_empty() {
+            return;
+        }
+        for e in entries.iter_mut() {
+            for meter in e
+                .usage
+                .iter()
+                .map(|u| u.meter.clone())
+                .collect::<HashSet<_>>()
+            {
+                let Some(&(delta, after)) = self.owed.get(&meter) else {
+                    continue;
+                };
+                let next = e
+                    .usage
+                    .iter_mut()
+                    .filter(|u| u.meter == meter && u.ts > after)
+                    .min_by_key(|u| u.ts);
+                if let Some(u) = next {
+                    u.delta += delta;
+                    self.owed.remove(&meter);
+                }
+            }
         }
     }
 }
@@ -627,6 +711,10 @@ async fn flush(
         };
         match result {
             Ok(stats) => {
+                if attempt > STUCK_AFTER {
+                    tracing::info!(attempt, "journal folded again; no longer stuck");
+                    metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
                 IngestMetrics::add(&metrics.flushes, 1);
                 metrics
                     .pending_spans
@@ -647,6 +735,12 @@ async fn flush(
             }
             Err(e) => {
                 IngestMetrics::add(&metrics.flush_failures, 1);
+                // A fold that keeps failing blocks the writer as much as a commit that does
+                // (nothing is committed or acknowledged meanwhile): reported the same way.
+                if attempt == STUCK_AFTER {
+                    metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot fold its journal; nothing is committed or acknowledged until it can");
+                }
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
                 // The journal keeps what is not folded: a stop between attempts loses nothing.
                 tokio::select! {
@@ -955,4 +1049,78 @@ pub async fn forget_session(broker_url: &str, client_id: &str) -> Result<(), Wor
         .await
         .ok();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vee::Usage;
+    use rust_decimal::Decimal;
+    use time::macros::datetime;
+
+    fn span(meter: &str, minute: u8, value: i64, delta: i64) -> Usage {
+        Usage {
+            meter: model::MeterId::new(meter).unwrap(),
+            ts: datetime!(2026-11-24 10:00 UTC)
+                .replace_minute(minute)
+                .unwrap(),
+            value: Decimal::new(value, 0),
+            delta: Decimal::new(delta, 0),
+            estimated: false,
+        }
+    }
+
+    fn entry(usage: Vec<Usage>) -> Vec<JournalEntry> {
+        vec![JournalEntry {
+            partition: 0,
+            usage,
+            states: Vec::new(),
+        }]
+    }
+
+    #[test]
+    fn a_refused_reads_span_moves_to_the_next_span_of_its_meter() {
+        let mut owed = RefusedSpans::default();
+        // Reads 10, 999 (refused), 12: spans +999-10 and 12-999 become one span of +2.
+        let mut entries = entry(vec![
+            span("m-a", 1, 10, 0),
+            span("m-b", 2, 5, 1),
+            span("m-a", 3, 999, 989),
+            span("m-a", 5, 12, -987),
+        ]);
+        let refused = [(model::MeterId::new("m-a").unwrap(), entries[0].usage[2].ts)];
+        owed.remove(&mut entries, &refused);
+        let spans: Vec<(&str, u8, i64)> = entries[0]
+            .usage
+            .iter()
+            .map(|u| {
+                (
+                    u.meter.as_str(),
+                    u.ts.minute(),
+                    i64::try_from(u.delta).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(spans, vec![("m-a", 1, 0), ("m-b", 2, 1), ("m-a", 5, 2)]);
+        assert!(owed.owed.is_empty());
+    }
+
+    #[test]
+    fn a_refused_last_read_is_owed_to_the_next_batch() {
+        let mut owed = RefusedSpans::default();
+        let mut first = entry(vec![span("m-a", 1, 10, 0), span("m-a", 3, 999, 989)]);
+        let refused = [(model::MeterId::new("m-a").unwrap(), first[0].usage[1].ts)];
+        owed.remove(&mut first, &refused);
+        assert_eq!(first[0].usage.len(), 1);
+        // An earlier span of the meter (an out-of-order read) does not settle it.
+        let mut next = entry(vec![span("m-a", 2, 11, 1), span("m-a", 7, 15, -984)]);
+        owed.settle(&mut next);
+        let deltas: Vec<i64> = next[0]
+            .usage
+            .iter()
+            .map(|u| i64::try_from(u.delta).unwrap())
+            .collect();
+        assert_eq!(deltas, vec![1, 5]);
+        assert!(owed.owed.is_empty());
+    }
 }
