@@ -122,6 +122,22 @@ enum Command {
     },
     /// Print the OpenAPI document.
     Openapi,
+    /// Print signed IF-METER-004 requests for a load run (`scripts/api-load.sh`): one line
+    /// per request, `nonce TAB timestamp TAB signature TAB body`.
+    LoadRequests {
+        /// Requests.
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Reads per request.
+        #[arg(long, default_value_t = 500)]
+        reads: usize,
+        /// Signing client id.
+        #[arg(long)]
+        client: String,
+        /// Its secret.
+        #[arg(long, env = "API_CLIENT_SECRET")]
+        secret: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +310,44 @@ async fn main() -> anyhow::Result<()> {
             println!("client {id} registered");
         }
         Command::Openapi => println!("{}", api::openapi_json()),
+        Command::LoadRequests {
+            count,
+            reads,
+            client,
+            secret,
+        } => {
+            use std::io::Write as _;
+            let _ = &client;
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let base = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for i in 0..count {
+                let items: Vec<serde_json::Value> = (0..reads)
+                    .map(|j| {
+                        let n = i * reads + j;
+                        serde_json::json!({
+                            "meter": format!("cjt188:{:014}", n % 100_000),
+                            "ts": (base + time::Duration::seconds(i64::try_from(n / 100_000).unwrap_or(0)))
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .unwrap_or_default(),
+                            "value": format!("{}.{:03}", n % 99_999, n % 1000),
+                            "unit": "m3",
+                        })
+                    })
+                    .collect();
+                let body = serde_json::to_string(&serde_json::json!({ "reads": items }))?;
+                let nonce = format!("load-{i:08}-{:016x}", rand::random::<u64>());
+                let sig = model::auth::sign_request(
+                    secret.as_bytes(),
+                    "POST",
+                    "/api/v1/push",
+                    now,
+                    &nonce,
+                    body.as_bytes(),
+                );
+                writeln!(out, "{nonce}\t{now}\t{sig}\t{body}")?;
+            }
+        }
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::auth::{Action, Claims, JwtConfig, JwtVerifier, Role};
+use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
 use api::publish::{Publisher, PublisherConfig};
 use api::{ApiConfig, AppState, rbac};
 use model::ReadingBatch;
@@ -419,7 +419,7 @@ async fn signed_push_is_durable_deduplicated_and_replay_proof() {
     let first = all.iter().find(|e| e.reading.meter.as_str() == "cjt188:78330011223344" && e.reading.value == rust_decimal::Decimal::new(125, 1)).unwrap();
     assert_eq!(first.reading.provenance.source, model::SourceKind::HttpPush);
     assert_eq!(first.reading.provenance.source_id, CLIENT);
-    let framed = all.iter().find(|e| e.reading.clock == model::ClockSource::Platform && e.reading.ts.unix_timestamp() == 1_795_860_300).unwrap();
+    let framed = all.iter().find(|e| e.reading.clock == model::ClockSource::Platform && e.reading.ts.unix_timestamp() == 1_795_514_700).unwrap();
     assert_eq!(framed.reading.meter.as_str(), "cjt188:78330011223344");
     // Sequence numbers are unique and increasing per partition.
     let mut seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();

@@ -21,11 +21,10 @@ pub(crate) fn scope_sql(org: usize, areas: usize) -> String {
     format!("(${org}::text IS NULL OR m.org = ${org}) AND (${areas}::text[] IS NULL OR m.area = ANY(${areas}))")
 }
 
-/// A meter as addressed in a path: its id and number.
+/// A meter as addressed in a path, by its id.
 #[derive(Debug, Clone)]
 pub(crate) struct MeterRef {
     pub meter_id: String,
-    pub meter_no: Option<String>,
 }
 
 /// Finds a meter by number or id within `scope`; a meter outside the scope is "not found" so
@@ -35,8 +34,8 @@ pub(crate) async fn meter_in_scope(
     scope: &Scope,
     key: &str,
 ) -> Result<MeterRef, ApiError> {
-    let row: Option<(String, Option<String>)> = sqlx::query_as(&format!(
-        "SELECT meter_id, meter_no FROM meters m WHERE (m.meter_no = $1 OR m.meter_id = $1) AND {}
+    let row: Option<(String,)> = sqlx::query_as(&format!(
+        "SELECT meter_id FROM meters m WHERE (m.meter_no = $1 OR m.meter_id = $1) AND {}
          ORDER BY (m.meter_no = $1) DESC LIMIT 1",
         scope_sql(2, 3)
     ))
@@ -46,7 +45,7 @@ pub(crate) async fn meter_in_scope(
     .fetch_optional(pool)
     .await
     .map_err(ApiError::db("looking up a meter"))?;
-    row.map(|(meter_id, meter_no)| MeterRef { meter_id, meter_no })
+    row.map(|(meter_id,)| MeterRef { meter_id })
         .ok_or_else(|| ApiError::NotFound(format!("no meter {key:?} in your scope")))
 }
 

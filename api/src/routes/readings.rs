@@ -303,7 +303,7 @@ async fn edit_reading(
         other => ApiError::Internal(format!("edit: {other:?}")),
     })?;
     Ok(axum::Json(ReadEdited {
-        old_value: out.old_value,
+        old_value: out.old_value.normalize(),
         old_quality: out.old_quality,
     }))
 }
