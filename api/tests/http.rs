@@ -52,6 +52,10 @@ struct Harness {
     root: String,
 }
 
+fn broker() -> (String, u16) {
+    pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap()
+}
+
 fn unique(name: &str) -> String {
     format!(
         "test/api-{name}/{}-{:08x}",
@@ -63,9 +67,10 @@ fn unique(name: &str) -> String {
 async fn start(name: &str) -> Harness {
     let db = TestDatabase::create().await;
     let root = unique(name);
+    let (host, port) = broker();
     let publisher = Publisher::start(PublisherConfig {
-        host: "127.0.0.1".into(),
-        port: 1883,
+        host,
+        port,
         client_id: format!("api-test-{:08x}", rand::random::<u32>()),
         topic_root: root.clone(),
         partitions: 4,
@@ -174,7 +179,8 @@ impl Harness {
     }
 
     async fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<ReadingBatch> {
-        let mut opts = MqttOptions::new(format!("api-sub-{:08x}", rand::random::<u32>()), "127.0.0.1", 1883);
+        let (host, port) = broker();
+        let mut opts = MqttOptions::new(format!("api-sub-{:08x}", rand::random::<u32>()), host, port);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
         let (client, mut events) = AsyncClient::new(opts, 100);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -841,4 +847,64 @@ async fn audit_chain_detects_changed_deleted_and_inserted_rows() {
     h.db.drop_database().await;
     db2.db.drop_database().await;
     db3.db.drop_database().await;
+}
+
+/// The whole path: a signed push and a manual read are accepted, carried by the broker to a
+/// real pipeline worker, validated there and stored.
+#[tokio::test]
+async fn pushed_and_manual_reads_are_stored_by_the_worker() {
+    use pipeline::ingest::IngestMetrics;
+    use pipeline::worker::{self, WorkerConfig};
+    let h = start("e2e").await;
+    register(&h, "E-1", "cjt188:00000000000091", "org-a", None).await;
+    let op = token(&[Role::MeterOperator]);
+    h.call(Method::POST, "/api/v1/meters/E-1/install", Some(&op), Some(json!({"at": "2026-01-01T00:00:00Z"}))).await;
+    h.call(Method::POST, "/api/v1/meters/E-1/activate", Some(&op), None).await;
+    let mut config = WorkerConfig::new(&pipeline::config::mqtt_url(), &h.root, 0, 1, 4).unwrap();
+    let client_id = format!("api-e2e-worker-{:08x}", rand::random::<u32>());
+    config.client_id = client_id.clone();
+    let metrics = Arc::new(IngestMetrics::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(worker::run(config, h.db.pool.clone(), metrics, shutdown));
+
+    let t = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::hours(2);
+    let ts = t.format(&time::format_description::well_known::Rfc3339).unwrap();
+    let ts2 = (t + time::Duration::hours(1)).format(&time::format_description::well_known::Rfc3339).unwrap();
+    let push = serde_json::to_vec(&json!({"reads": [
+        {"meter": "cjt188:00000000000091", "ts": ts, "value": "10.5", "unit": "m3"}]})).unwrap();
+    let reader = token(&[Role::MeterReader]);
+    let manual = json!({"reads": [{"meter": "E-1", "ts": ts2, "value": "11", "photo_ref": "p-1"}]});
+    // Until the worker has subscribed a publish may find no session: re-send (the worker
+    // deduplicates) until both rows are stored.
+    let t0 = Instant::now();
+    let rows = loop {
+        assert_eq!(h.push(&push, &nonce(), now(), None).await.status(), StatusCode::ACCEPTED);
+        let (st, _) = h.call(Method::POST, "/api/v1/manual-reads", Some(&reader), Some(manual.clone())).await;
+        assert_eq!(st, StatusCode::ACCEPTED);
+        let wait = Instant::now();
+        let mut rows: Vec<(String, String, String, String, Option<String>, Option<String>)> = Vec::new();
+        while wait.elapsed() < Duration::from_secs(3) {
+            rows = sqlx::query_as(
+                "SELECT value::text, clock, source, source_id, gateway_id, channel FROM readings
+                 WHERE meter_id = 'cjt188:00000000000091' ORDER BY ts")
+                .fetch_all(&h.db.pool).await.unwrap();
+            if rows.len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if rows.len() == 2 {
+            break rows;
+        }
+        assert!(t0.elapsed() < DEADLINE, "stored: {rows:?}");
+    };
+    assert_eq!(rows[0].0, "10.500000");
+    assert_eq!((rows[0].1.as_str(), rows[0].2.as_str(), rows[0].3.as_str()), ("platform", "http_push", CLIENT));
+    assert_eq!(rows[0].4.as_deref(), Some("api-test"));
+    assert_eq!((rows[1].1.as_str(), rows[1].2.as_str()), ("manual", "api"));
+    assert_eq!(rows[1].5.as_deref(), Some("photo:p-1"));
+    stop.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    worker::forget_session(&pipeline::config::mqtt_url(), &client_id).await.unwrap();
+    h.db.drop_database().await;
 }
