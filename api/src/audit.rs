@@ -87,7 +87,11 @@ pub async fn verify(pool: &PgPool) -> Result<Report, sqlx::Error> {
                 findings.push(finding(
                     Some(seq),
                     Some(id),
-                    if seq > expected_seq { "deleted" } else { "inserted" },
+                    if seq > expected_seq {
+                        "deleted"
+                    } else {
+                        "inserted"
+                    },
                     "previous-hash link does not match the row before it".into(),
                 ));
             }

@@ -184,11 +184,7 @@ impl Principal {
     ///
     /// # Errors
     /// [`ApiError::SecondFactorRequired`].
-    pub fn require_second_factor(
-        &self,
-        action: Action,
-        policy: &[Action],
-    ) -> Result<(), ApiError> {
+    pub fn require_second_factor(&self, action: Action, policy: &[Action]) -> Result<(), ApiError> {
         if policy.contains(&action) && !self.second_factor {
             return Err(ApiError::SecondFactorRequired {
                 action: action.as_str(),
@@ -311,11 +307,12 @@ impl JwtVerifier {
         if let Some(k) = self.jwks.read().await.keys.get(kid) {
             return Ok(Arc::clone(k));
         }
-        let url = self
-            .config
-            .jwks_url
-            .as_deref()
-            .ok_or_else(|| unauth("bad_token", "RS256 tokens are not accepted here (no JWKS URL)"))?;
+        let url = self.config.jwks_url.as_deref().ok_or_else(|| {
+            unauth(
+                "bad_token",
+                "RS256 tokens are not accepted here (no JWKS URL)",
+            )
+        })?;
         let mut cache = self.jwks.write().await;
         if let Some(k) = cache.keys.get(kid) {
             return Ok(Arc::clone(k));

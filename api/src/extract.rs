@@ -137,7 +137,9 @@ impl FromRequestParts<AppState> for Auth {
             Err(e) => {
                 let code = e.error_code();
                 if matches!(e, ApiError::Unauthenticated { .. } | ApiError::Forbidden(_)) {
-                    let subject = token.and_then(unverified_subject).unwrap_or_else(|| "-".into());
+                    let subject = token
+                        .and_then(unverified_subject)
+                        .unwrap_or_else(|| "-".into());
                     state.metrics.auth_failure(&subject, &peer(parts), code);
                 }
                 Err(e)

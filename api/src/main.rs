@@ -41,7 +41,11 @@ enum Command {
         #[arg(long, env = "API_LISTEN", default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/wm")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/wm"
+        )]
         database_url: String,
         /// MQTT broker host.
         #[arg(long, env = "MQTT_HOST", default_value = "127.0.0.1")]
@@ -67,8 +71,12 @@ enum Command {
         #[arg(long = "tariff", env = "API_TARIFFS", value_delimiter = ',')]
         tariffs: Vec<PathBuf>,
         /// High-risk actions that need a second factor (comma-separated; `none` for none).
-        #[arg(long, env = "API_SECOND_FACTOR", value_delimiter = ',',
-              default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear")]
+        #[arg(
+            long,
+            env = "API_SECOND_FACTOR",
+            value_delimiter = ',',
+            default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear"
+        )]
         second_factor: Vec<String>,
         /// Largest request body, bytes.
         #[arg(long, env = "API_MAX_BODY", default_value_t = 8 * 1024 * 1024)]
@@ -117,7 +125,11 @@ enum Command {
         #[arg(long)]
         org: Option<String>,
         /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/wm")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/wm"
+        )]
         database_url: String,
     },
     /// Print the OpenAPI document.
@@ -145,7 +157,11 @@ enum AuditCommand {
     /// Verify the hash chain; exit status 1 when a row was changed, deleted or inserted.
     Verify {
         /// PostgreSQL URL.
-        #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/wm")]
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/wm"
+        )]
         database_url: String,
     },
 }
@@ -154,8 +170,7 @@ enum AuditCommand {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     match Cli::parse().command {
@@ -183,7 +198,9 @@ async fn main() -> anyhow::Result<()> {
                 pipeline::MIGRATOR.run(&pool).await.context("migrating")?;
             }
             if token.jwt_secret.is_none() && jwks_url.is_none() {
-                bail!("no way to verify tokens: set API_JWT_SECRET (HS256) or API_JWKS_URL (RS256)");
+                bail!(
+                    "no way to verify tokens: set API_JWT_SECRET (HS256) or API_JWKS_URL (RS256)"
+                );
             }
             let mut actions = Vec::new();
             for a in second_factor.iter().filter(|a| a.as_str() != "none") {
@@ -198,7 +215,10 @@ async fn main() -> anyhow::Result<()> {
                 for p in &tariffs {
                     let text = std::fs::read_to_string(p)
                         .with_context(|| format!("cannot read tariff file {}", p.display()))?;
-                    list.push(billing_core::Tariff::parse(&p.display().to_string(), &text)?);
+                    list.push(billing_core::Tariff::parse(
+                        &p.display().to_string(),
+                        &text,
+                    )?);
                 }
                 Some(Arc::new(billing_core::TariffBook::new(list)?))
             };
@@ -257,7 +277,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             for r in &roles {
                 if Role::parse(r).is_none() {
-                    bail!("unknown role {r:?}: one of meter_operator, meter_admin, meter_reader, billing, auditor, integration");
+                    bail!(
+                        "unknown role {r:?}: one of meter_operator, meter_admin, meter_reader, billing, auditor, integration"
+                    );
                 }
             }
             let secret = token

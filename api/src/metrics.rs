@@ -80,8 +80,7 @@ impl Metrics {
             return;
         };
         let key = (client.to_owned(), address.to_owned(), reason);
-        let key = if m.auth_failures.contains_key(&key) || m.auth_failures.len() < MAX_AUTH_SERIES
-        {
+        let key = if m.auth_failures.contains_key(&key) || m.auth_failures.len() < MAX_AUTH_SERIES {
             key
         } else {
             ("other".to_owned(), "other".to_owned(), reason)
@@ -106,21 +105,23 @@ impl Metrics {
         let mut reqs: Vec<_> = m.requests.iter().collect();
         reqs.sort();
         for ((route, method, status), n) in reqs {
-            let _ = writeln!(
+            writeln!(
                 out,
                 "api_requests_total{{route=\"{}\",method=\"{method}\",status=\"{status}\"}} {n}",
                 esc(route)
-            );
+            )
+            .unwrap_or_default();
         }
         out.push_str("# TYPE api_request_errors_total counter\n");
         let mut errs: Vec<_> = m.errors.iter().collect();
         errs.sort();
         for ((route, code), n) in errs {
-            let _ = writeln!(
+            writeln!(
                 out,
                 "api_request_errors_total{{route=\"{}\",code=\"{code}\"}} {n}",
                 esc(route)
-            );
+            )
+            .unwrap_or_default();
         }
         out.push_str("# TYPE api_request_duration_seconds histogram\n");
         let mut lat: Vec<_> = m.latency.iter().collect();
@@ -128,39 +129,54 @@ impl Metrics {
         for (route, h) in lat {
             let r = esc(route);
             for (b, c) in BUCKETS.iter().zip(h.buckets.iter()) {
-                let _ = writeln!(
+                writeln!(
                     out,
                     "api_request_duration_seconds_bucket{{route=\"{r}\",le=\"{b}\"}} {c}"
-                );
+                )
+                .unwrap_or_default();
             }
-            let _ = writeln!(
+            writeln!(
                 out,
                 "api_request_duration_seconds_bucket{{route=\"{r}\",le=\"+Inf\"}} {}",
                 h.count
-            );
-            let _ = writeln!(out, "api_request_duration_seconds_sum{{route=\"{r}\"}} {}", h.sum);
-            let _ = writeln!(out, "api_request_duration_seconds_count{{route=\"{r}\"}} {}", h.count);
+            )
+            .unwrap_or_default();
+            writeln!(
+                out,
+                "api_request_duration_seconds_sum{{route=\"{r}\"}} {}",
+                h.sum
+            )
+            .unwrap_or_default();
+            writeln!(
+                out,
+                "api_request_duration_seconds_count{{route=\"{r}\"}} {}",
+                h.count
+            )
+            .unwrap_or_default();
         }
         out.push_str("# TYPE api_auth_failures_total counter\n");
         let mut af: Vec<_> = m.auth_failures.iter().collect();
         af.sort();
         for ((client, addr, reason), n) in af {
-            let _ = writeln!(
+            writeln!(
                 out,
                 "api_auth_failures_total{{client=\"{}\",address=\"{}\",reason=\"{reason}\"}} {n}",
                 esc(client),
                 esc(addr)
-            );
+            )
+            .unwrap_or_default();
         }
         let mut cs: Vec<_> = m.counters.iter().collect();
         cs.sort();
         for (name, n) in cs {
-            let _ = writeln!(out, "# TYPE {name} counter\n{name} {n}");
+            writeln!(out, "# TYPE {name} counter\n{name} {n}").unwrap_or_default();
         }
         out
     }
 }
 
 fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

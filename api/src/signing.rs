@@ -65,10 +65,18 @@ pub async fn verify(
                 error: ApiError::Internal(format!("reading api_clients: {e}")),
             })?;
     let Some((secret, org, enabled)) = row else {
-        return Err(refuse(&client, "unknown_client", format!("unknown client {client:?}")));
+        return Err(refuse(
+            &client,
+            "unknown_client",
+            format!("unknown client {client:?}"),
+        ));
     };
     if !enabled {
-        return Err(refuse(&client, "unknown_client", format!("client {client:?} is disabled")));
+        return Err(refuse(
+            &client,
+            "unknown_client",
+            format!("client {client:?} is disabled"),
+        ));
     }
     let signed = SignedHeaders {
         timestamp: header(headers, "x-timestamp"),
@@ -108,7 +116,11 @@ pub async fn verify(
     })?;
     if inserted.rows_affected() == 0 {
         let e = RequestAuthError::Replay;
-        return Err(refuse(&client, e.code(), "nonce already used: replayed request refused"));
+        return Err(refuse(
+            &client,
+            e.code(),
+            "nonce already used: replayed request refused",
+        ));
     }
     Ok(Principal {
         subject: client,
@@ -129,10 +141,12 @@ pub async fn verify(
 /// # Errors
 /// Database errors.
 pub async fn purge_nonces(pool: &PgPool) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query("DELETE FROM api_nonces WHERE expires_at < now() - interval '1 minute'")
-        .execute(pool)
-        .await?
-        .rows_affected())
+    Ok(
+        sqlx::query("DELETE FROM api_nonces WHERE expires_at < now() - interval '1 minute'")
+            .execute(pool)
+            .await?
+            .rows_affected(),
+    )
 }
 
 /// Registers (or replaces the secret of) a signing client.

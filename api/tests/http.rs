@@ -79,7 +79,10 @@ async fn start(name: &str) -> Harness {
     });
     let t0 = Instant::now();
     while !publisher.connected() {
-        assert!(t0.elapsed() < DEADLINE, "publisher never connected to Mosquitto on 1883");
+        assert!(
+            t0.elapsed() < DEADLINE,
+            "publisher never connected to Mosquitto on 1883"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tariff = billing_core::Tariff::parse("test.toml", TARIFF).unwrap();
@@ -146,7 +149,13 @@ fn token(roles: &[Role]) -> String {
 }
 
 impl Harness {
-    async fn call(&self, method: Method, path: &str, tok: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        tok: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = tok {
             rb = rb.bearer_auth(t);
@@ -161,8 +170,21 @@ impl Harness {
         (status, v)
     }
 
-    async fn push(&self, body: &[u8], nonce: &str, ts: i64, key: Option<&str>) -> reqwest::Response {
-        let sig = model::auth::sign_request(CLIENT_SECRET.as_bytes(), "POST", "/api/v1/push", ts, nonce, body);
+    async fn push(
+        &self,
+        body: &[u8],
+        nonce: &str,
+        ts: i64,
+        key: Option<&str>,
+    ) -> reqwest::Response {
+        let sig = model::auth::sign_request(
+            CLIENT_SECRET.as_bytes(),
+            "POST",
+            "/api/v1/push",
+            ts,
+            nonce,
+            body,
+        );
         let mut rb = self
             .http
             .post(format!("{}/api/v1/push", self.base))
@@ -180,7 +202,8 @@ impl Harness {
 
     async fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<ReadingBatch> {
         let (host, port) = broker();
-        let mut opts = MqttOptions::new(format!("api-sub-{:08x}", rand::random::<u32>()), host, port);
+        let mut opts =
+            MqttOptions::new(format!("api-sub-{:08x}", rand::random::<u32>()), host, port);
         opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
         let (client, mut events) = AsyncClient::new(opts, 100);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -191,11 +214,14 @@ impl Harness {
             loop {
                 match events.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        client.subscribe(topic.clone(), QoS::AtLeastOnce).await.unwrap();
+                        client
+                            .subscribe(topic.clone(), QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         if let Some(t) = ready_tx.take() {
-                            let _ = t.send(());
+                            t.send(()).unwrap_or_default();
                         }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -209,16 +235,25 @@ impl Harness {
                 }
             }
         });
-        tokio::time::timeout(DEADLINE, ready_rx).await.unwrap().unwrap();
+        tokio::time::timeout(DEADLINE, ready_rx)
+            .await
+            .unwrap()
+            .unwrap();
         rx
     }
 }
 
-async fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<ReadingBatch>, readings: usize) -> Vec<ReadingBatch> {
+async fn collect(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<ReadingBatch>,
+    readings: usize,
+) -> Vec<ReadingBatch> {
     let mut out = Vec::new();
     let mut n = 0;
     while n < readings {
-        let b = tokio::time::timeout(DEADLINE, rx.recv()).await.expect("batches in time").unwrap();
+        let b = tokio::time::timeout(DEADLINE, rx.recv())
+            .await
+            .expect("batches in time")
+            .unwrap();
         n += b.entries.len();
         out.push(b);
     }
@@ -231,7 +266,11 @@ fn now() -> i64 {
 }
 
 fn nonce() -> String {
-    format!("n-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "n-{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 async fn register(h: &Harness, no: &str, id: &str, org: &str, book: Option<&str>) {
@@ -240,9 +279,11 @@ async fn register(h: &Harness, no: &str, id: &str, org: &str, book: Option<&str>
             Method::POST,
             "/api/v1/meters",
             Some(&token(&[Role::MeterOperator])),
-            Some(json!({"meter_no": no, "meter_id": id, "org": org, "area": "north",
+            Some(
+                json!({"meter_no": no, "meter_id": id, "org": org, "area": "north",
                         "address": "1 River Road", "dma": "dma-1", "meter_book": book,
-                        "customer_account": format!("acct-{no}"), "customer_class": "flat"})),
+                        "customer_account": format!("acct-{no}"), "customer_class": "flat"}),
+            ),
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -255,7 +296,9 @@ async fn health_metrics_openapi_and_problem_json() {
     assert_eq!((st, v), (StatusCode::OK, Value::String("ok".into())));
     let (st, _) = h.call(Method::GET, "/readyz", None, None).await;
     assert_eq!(st, StatusCode::OK);
-    let (st, doc) = h.call(Method::GET, "/api/v1/openapi.json", None, None).await;
+    let (st, doc) = h
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(doc["openapi"].as_str().map(|s| &s[..2]), Some("3."));
     let tags: Vec<String> = doc["paths"]
@@ -265,14 +308,31 @@ async fn health_metrics_openapi_and_problem_json() {
         .flat_map(|item| item.as_object().unwrap().values())
         .filter_map(|op| op["tags"][0].as_str().map(str::to_owned))
         .collect();
-    for tag in ["IF-METER-004", "IF-REV-004", "IF-METER-001", "IF-METER-002", "EXT-601", "IF-REV-005"] {
+    for tag in [
+        "IF-METER-004",
+        "IF-REV-004",
+        "IF-METER-001",
+        "IF-METER-002",
+        "EXT-601",
+        "IF-REV-005",
+    ] {
         assert!(tags.iter().any(|t| t == tag), "no operation tagged {tag}");
     }
-    let ui = h.http.get(format!("{}/api/v1/docs/", h.base)).send().await.unwrap();
+    let ui = h
+        .http
+        .get(format!("{}/api/v1/docs/", h.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ui.status(), StatusCode::OK);
     assert!(ui.text().await.unwrap().contains("swagger"));
     // Unknown route and bad JSON: problem+json, never a 500.
-    let resp = h.http.get(format!("{}/api/v1/nope", h.base)).send().await.unwrap();
+    let resp = h
+        .http
+        .get(format!("{}/api/v1/nope", h.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
     let resp = h
@@ -288,14 +348,38 @@ async fn health_metrics_openapi_and_problem_json() {
     let p: Value = resp.json().await.unwrap();
     assert_eq!(p["code"], "bad_request");
     let (st, p) = h
-        .call(Method::POST, "/api/v1/meters", Some(&token(&[Role::MeterAdmin])), Some(json!({"meter_no": 5})))
+        .call(
+            Method::POST,
+            "/api/v1/meters",
+            Some(&token(&[Role::MeterAdmin])),
+            Some(json!({"meter_no": 5})),
+        )
         .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
     assert!(p["detail"].as_str().unwrap().contains("meter_no"), "{p}");
-    let metrics = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"} 1"), "{metrics}");
-    assert!(metrics.contains("api_request_duration_seconds_bucket{route=\"/readyz\""), "{metrics}");
-    assert!(metrics.contains("api_request_errors_total{route=\"/api/v1/meters\",code=\"invalid_field\"} 1"), "{metrics}");
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("api_request_duration_seconds_bucket{route=\"/readyz\""),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "api_request_errors_total{route=\"/api/v1/meters\",code=\"invalid_field\"} 1"
+        ),
+        "{metrics}"
+    );
     h.db.drop_database().await;
 }
 
@@ -304,10 +388,16 @@ async fn bearer_tokens_are_checked_and_failures_counted() {
     let h = start("auth").await;
     let path = "/api/v1/meters";
     let (st, p) = h.call(Method::GET, path, None, None).await;
-    assert_eq!((st, p["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("missing_token")));
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("missing_token"))
+    );
     let expired = token_with(&[Role::MeterAdmin], "*", false, -3600, AUD);
     let (st, p) = h.call(Method::GET, path, Some(&expired), None).await;
-    assert_eq!((st, p["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("expired_token")));
+    assert_eq!(
+        (st, p["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("expired_token"))
+    );
     let wrong_aud = token_with(&[Role::MeterAdmin], "*", false, 3600, "other");
     let (st, p) = h.call(Method::GET, path, Some(&wrong_aud), None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
@@ -319,14 +409,26 @@ async fn bearer_tokens_are_checked_and_failures_counted() {
     assert_eq!(st, StatusCode::UNAUTHORIZED);
     let (st, _) = h.call(Method::GET, path, Some("not-a-jwt"), None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
-    let (st, _) = h.call(Method::GET, path, Some(&token(&[Role::MeterAdmin])), None).await;
+    let (st, _) = h
+        .call(Method::GET, path, Some(&token(&[Role::MeterAdmin])), None)
+        .await;
     assert_eq!(st, StatusCode::OK);
-    let metrics = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(
         metrics.contains("api_auth_failures_total{client=\"tester\",address=\"127.0.0.1\",reason=\"expired_token\"} 1"),
         "{metrics}"
     );
-    assert!(metrics.contains("api_auth_failures_total{client=\"-\",address=\"127.0.0.1\",reason=\"missing_token\"} 1"));
+    assert!(metrics.contains(
+        "api_auth_failures_total{client=\"-\",address=\"127.0.0.1\",reason=\"missing_token\"} 1"
+    ));
     h.db.drop_database().await;
 }
 
@@ -339,33 +441,125 @@ async fn rbac_route_by_route() {
     let routes: Vec<(Method, &str, Option<Value>, &[Role])> = vec![
         (Method::GET, "/api/v1/meters", None, rbac::METERS_READ),
         (Method::GET, "/api/v1/meters/R-1", None, rbac::METERS_READ),
-        (Method::POST, "/api/v1/meters", Some(json!({"meter_no": "", "meter_id": "x"})), rbac::METERS_WRITE),
-        (Method::POST, "/api/v1/meters/R-404/install", Some(json!({})), rbac::METERS_WRITE),
-        (Method::POST, "/api/v1/meters/R-404/activate", None, rbac::METERS_WRITE),
-        (Method::POST, "/api/v1/meters/R-404/faulty", Some(json!({"reason": "x"})), rbac::METERS_WRITE),
-        (Method::POST, "/api/v1/meters/R-404/retire", Some(json!({})), rbac::METERS_RETIRE),
-        (Method::POST, "/api/v1/meters/R-404/replace", Some(json!({"old_final": "1", "new_initial": "0"})), rbac::METERS_WRITE),
-        (Method::PUT, "/api/v1/meters/R-404/customer", Some(json!({"account": "a"})), rbac::METERS_WRITE),
-        (Method::DELETE, "/api/v1/meters/R-404/customer", None, rbac::METERS_WRITE),
-        (Method::PUT, "/api/v1/meters/R-404/book", Some(json!({"book": "b"})), rbac::METERS_WRITE),
-        (Method::POST, "/api/v1/manual-reads", Some(json!({"reads": []})), rbac::MANUAL_READS),
-        (Method::GET, "/api/v1/meters/R-1/readings", None, rbac::READINGS_READ),
-        (Method::POST, "/api/v1/meters/R-404/readings/edit", Some(json!({"ts": "2026-01-01T00:00:00Z", "value": "1", "reason": "r"})), rbac::READINGS_EDIT),
+        (
+            Method::POST,
+            "/api/v1/meters",
+            Some(json!({"meter_no": "", "meter_id": "x"})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/install",
+            Some(json!({})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/activate",
+            None,
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/faulty",
+            Some(json!({"reason": "x"})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/retire",
+            Some(json!({})),
+            rbac::METERS_RETIRE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/replace",
+            Some(json!({"old_final": "1", "new_initial": "0"})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/meters/R-404/customer",
+            Some(json!({"account": "a"})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/meters/R-404/customer",
+            None,
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/meters/R-404/book",
+            Some(json!({"book": "b"})),
+            rbac::METERS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/manual-reads",
+            Some(json!({"reads": []})),
+            rbac::MANUAL_READS,
+        ),
+        (
+            Method::GET,
+            "/api/v1/meters/R-1/readings",
+            None,
+            rbac::READINGS_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/readings/edit",
+            Some(json!({"ts": "2026-01-01T00:00:00Z", "value": "1", "reason": "r"})),
+            rbac::READINGS_EDIT,
+        ),
         (Method::GET, "/api/v1/alarms", None, rbac::ALARMS_READ),
-        (Method::POST, "/api/v1/alarms/999/ack", Some(json!({})), rbac::ALARMS_WRITE),
-        (Method::POST, "/api/v1/alarms/999/close", Some(json!({})), rbac::ALARMS_WRITE),
-        (Method::POST, "/api/v1/bill-runs", Some(json!({"book": "nope", "period_start": "2026-01-01", "period_end": "2026-02-01"})), rbac::BILL_RUN),
+        (
+            Method::POST,
+            "/api/v1/alarms/999/ack",
+            Some(json!({})),
+            rbac::ALARMS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/alarms/999/close",
+            Some(json!({})),
+            rbac::ALARMS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/bill-runs",
+            Some(json!({"book": "nope", "period_start": "2026-01-01", "period_end": "2026-02-01"})),
+            rbac::BILL_RUN,
+        ),
         (Method::GET, "/api/v1/jobs/999", None, rbac::BILLS_READ),
         (Method::GET, "/api/v1/bills", None, rbac::BILLS_READ),
         (Method::GET, "/api/v1/bills/999", None, rbac::BILLS_READ),
-        (Method::POST, "/api/v1/arrears", Some(json!({"records": []})), rbac::ARREARS_WRITE),
-        (Method::POST, "/api/v1/payments", Some(json!({"meter": "R-404", "account_id": "a"})), rbac::ARREARS_WRITE),
-        (Method::POST, "/api/v1/tariffs/quote", Some(json!({"class": "flat", "usage": "1"})), rbac::QUOTE),
+        (
+            Method::POST,
+            "/api/v1/arrears",
+            Some(json!({"records": []})),
+            rbac::ARREARS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/payments",
+            Some(json!({"meter": "R-404", "account_id": "a"})),
+            rbac::ARREARS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(json!({"class": "flat", "usage": "1"})),
+            rbac::QUOTE,
+        ),
         (Method::GET, "/api/v1/audit", None, rbac::AUDIT_READ),
         (Method::GET, "/api/v1/audit/verify", None, rbac::AUDIT_READ),
     ];
     // Every documented bearer route is in the table.
-    let (_, doc) = h.call(Method::GET, "/api/v1/openapi.json", None, None).await;
+    let (_, doc) = h
+        .call(Method::GET, "/api/v1/openapi.json", None, None)
+        .await;
     let documented: usize = doc["paths"]
         .as_object()
         .unwrap()
@@ -373,7 +567,11 @@ async fn rbac_route_by_route() {
         .filter(|(p, _)| p.starts_with("/api/v1/") && p.as_str() != "/api/v1/push")
         .map(|(_, item)| item.as_object().unwrap().len())
         .sum();
-    assert_eq!(documented, routes.len(), "RBAC table and documented routes differ");
+    assert_eq!(
+        documented,
+        routes.len(),
+        "RBAC table and documented routes differ"
+    );
     for (method, path, body, allowed) in &routes {
         for role in Role::ALL {
             // A second factor so high-risk routes show their role rule, not the factor rule.
@@ -381,12 +579,19 @@ async fn rbac_route_by_route() {
             let (st, v) = h.call(method.clone(), path, Some(&tok), body.clone()).await;
             if allowed.contains(&role) {
                 assert!(
-                    st != StatusCode::FORBIDDEN && st != StatusCode::UNAUTHORIZED && st.as_u16() < 500,
+                    st != StatusCode::FORBIDDEN
+                        && st != StatusCode::UNAUTHORIZED
+                        && st.as_u16() < 500,
                     "{method} {path} as {}: {st} {v}",
                     role.as_str()
                 );
             } else {
-                assert_eq!(st, StatusCode::FORBIDDEN, "{method} {path} as {}: {v}", role.as_str());
+                assert_eq!(
+                    st,
+                    StatusCode::FORBIDDEN,
+                    "{method} {path} as {}: {v}",
+                    role.as_str()
+                );
                 assert_eq!(v["code"], "forbidden");
             }
         }
@@ -416,16 +621,32 @@ async fn signed_push_is_durable_deduplicated_and_replay_proof() {
     assert!(readings >= 4, "{a}");
     let batches = collect(&mut rx, readings).await;
     let all: Vec<_> = batches.iter().flat_map(|b| b.entries.iter()).collect();
-    assert!(batches.iter().all(|b| b.gateway.as_str() == "api-test" && b.incarnation.is_some()));
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.gateway.as_str() == "api-test" && b.incarnation.is_some())
+    );
     for b in &batches {
         for e in &b.entries {
             assert_eq!(e.reading.meter.partition(4), b.partition);
         }
     }
-    let first = all.iter().find(|e| e.reading.meter.as_str() == "cjt188:78330011223344" && e.reading.value == rust_decimal::Decimal::new(125, 1)).unwrap();
+    let first = all
+        .iter()
+        .find(|e| {
+            e.reading.meter.as_str() == "cjt188:78330011223344"
+                && e.reading.value == rust_decimal::Decimal::new(125, 1)
+        })
+        .unwrap();
     assert_eq!(first.reading.provenance.source, model::SourceKind::HttpPush);
     assert_eq!(first.reading.provenance.source_id, CLIENT);
-    let framed = all.iter().find(|e| e.reading.clock == model::ClockSource::Platform && e.reading.ts.unix_timestamp() == 1_795_514_700).unwrap();
+    let framed = all
+        .iter()
+        .find(|e| {
+            e.reading.clock == model::ClockSource::Platform
+                && e.reading.ts.unix_timestamp() == 1_795_514_700
+        })
+        .unwrap();
     assert_eq!(framed.reading.meter.as_str(), "cjt188:78330011223344");
     // Sequence numbers are unique and increasing per partition.
     let mut seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
@@ -450,33 +671,84 @@ async fn signed_push_is_durable_deduplicated_and_replay_proof() {
     // Stale timestamp, bad signature, unknown client.
     let resp = h.push(other, &nonce(), now() - 301, None).await;
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "clock_skew");
-    let sig = model::auth::sign_request(b"wrong-secret-0123456789", "POST", "/api/v1/push", now(), "n-aaaaaaaaaaaaaaaa", other);
-    let resp = h.http.post(format!("{}/api/v1/push", h.base)).header("x-client-id", CLIENT)
-        .header("x-timestamp", now().to_string()).header("x-nonce", "n-aaaaaaaaaaaaaaaa")
-        .header("x-signature", sig).body(other.to_vec()).send().await.unwrap();
+    let sig = model::auth::sign_request(
+        b"wrong-secret-0123456789",
+        "POST",
+        "/api/v1/push",
+        now(),
+        "n-aaaaaaaaaaaaaaaa",
+        other,
+    );
+    let resp = h
+        .http
+        .post(format!("{}/api/v1/push", h.base))
+        .header("x-client-id", CLIENT)
+        .header("x-timestamp", now().to_string())
+        .header("x-nonce", "n-aaaaaaaaaaaaaaaa")
+        .header("x-signature", sig)
+        .body(other.to_vec())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(resp.json::<Value>().await.unwrap()["code"], "bad_signature");
-    let resp = h.http.post(format!("{}/api/v1/push", h.base)).header("x-client-id", "nobody")
-        .body(other.to_vec()).send().await.unwrap();
-    assert_eq!(resp.json::<Value>().await.unwrap()["code"], "unknown_client");
+    let resp = h
+        .http
+        .post(format!("{}/api/v1/push", h.base))
+        .header("x-client-id", "nobody")
+        .body(other.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["code"],
+        "unknown_client"
+    );
     // Invalid content names the field; a batch over 5000 is refused as too large.
     let bad = br#"{"reads": [{"meter": "cjt188:1", "ts": "2026-11-24T11:00:00Z", "value": "1", "unit": "m3"},
                              {"meter": "bad meter", "ts": "2026-11-24T11:00:00Z", "value": "1", "unit": "m3"}]}"#;
     let resp = h.push(bad, &nonce(), now(), None).await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(resp.json::<Value>().await.unwrap()["field"], "reads[1].meter");
-    let resp = h.push(br#"{"frames": [{"hex": "68 zz"}]}"#, &nonce(), now(), None).await;
-    assert_eq!(resp.json::<Value>().await.unwrap()["field"], "frames[0].hex");
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["field"],
+        "reads[1].meter"
+    );
+    let resp = h
+        .push(br#"{"frames": [{"hex": "68 zz"}]}"#, &nonce(), now(), None)
+        .await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["field"],
+        "frames[0].hex"
+    );
     let resp = h.push(br#"{"reads": [{"meter": "m1", "ts": "2026-11-24T11:00:00Z", "value": "x", "unit": "m3"}]}"#, &nonce(), now(), None).await;
     assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let big: Vec<Value> = (0..5001).map(|i| json!({"meter": format!("m{i}"), "ts": "2026-11-24T11:00:00Z", "value": "1", "unit": "m3"})).collect();
-    let resp = h.push(&serde_json::to_vec(&json!({"reads": big})).unwrap(), &nonce(), now(), None).await;
+    let resp = h
+        .push(
+            &serde_json::to_vec(&json!({"reads": big})).unwrap(),
+            &nonce(),
+            now(),
+            None,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // The nonce store is in PostgreSQL, shared by every node.
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_nonces WHERE client_id = $1").bind(CLIENT).fetch_one(&h.db.pool).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_nonces WHERE client_id = $1")
+        .bind(CLIENT)
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
     assert!(n >= 5, "{n}");
     // Failures are counted per client and address.
-    let metrics = h.http.get(format!("{}/metrics", h.base)).send().await.unwrap().text().await.unwrap();
+    let metrics = h
+        .http
+        .get(format!("{}/metrics", h.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(metrics.contains("api_auth_failures_total{client=\"platform-a\",address=\"127.0.0.1\",reason=\"replay\"} 1"), "{metrics}");
     // The six-field call log (written behind).
     let t0 = Instant::now();
@@ -515,17 +787,47 @@ async fn manual_reads_go_to_the_meters_partition() {
     assert_eq!(r.clock, model::ClockSource::Manual);
     assert_eq!(r.provenance.source, model::SourceKind::Api);
     assert_eq!(r.provenance.source_id, "reader:tester@pda-7");
-    assert_eq!(r.provenance.channel.as_deref(), Some("photo:s3://photos/1.jpg"));
+    assert_eq!(
+        r.provenance.channel.as_deref(),
+        Some("photo:s3://photos/1.jpg")
+    );
     // A meter outside the reader's organisation, an empty batch, a negative value.
     let other = token_with(&[Role::MeterReader], "org-b", false, 3600, AUD);
-    let (st, v) = h.call(Method::POST, "/api/v1/manual-reads", Some(&other), Some(json!({
-        "reads": [{"meter": "M-1", "ts": "2026-11-01T08:00:00Z", "value": "1"}]}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("reads[0].meter")));
-    let (st, _) = h.call(Method::POST, "/api/v1/manual-reads", Some(&reader), Some(json!({"reads": []}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/manual-reads",
+            Some(&other),
+            Some(json!({
+        "reads": [{"meter": "M-1", "ts": "2026-11-01T08:00:00Z", "value": "1"}]})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("reads[0].meter"))
+    );
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/manual-reads",
+            Some(&reader),
+            Some(json!({"reads": []})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-    let (st, v) = h.call(Method::POST, "/api/v1/manual-reads", Some(&reader), Some(json!({
-        "reads": [{"meter": "M-1", "ts": "2026-11-01T08:00:00Z", "value": "-1"}]}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("reads[0].value")));
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/manual-reads",
+            Some(&reader),
+            Some(json!({
+        "reads": [{"meter": "M-1", "ts": "2026-11-01T08:00:00Z", "value": "-1"}]})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("reads[0].value"))
+    );
     h.db.drop_database().await;
 }
 
@@ -534,7 +836,12 @@ async fn registry_query_lifecycle_and_scope() {
     let h = start("registry").await;
     pipeline::registry::save_book(
         &h.db.pool,
-        &pipeline::registry::Book { code: "B-2".into(), name: "book 2".into(), reader: None, cycle: pipeline::registry::Cycle::Monthly },
+        &pipeline::registry::Book {
+            code: "B-2".into(),
+            name: "book 2".into(),
+            reader: None,
+            cycle: pipeline::registry::Cycle::Monthly,
+        },
         "test",
     )
     .await
@@ -544,70 +851,245 @@ async fn registry_query_lifecycle_and_scope() {
     let op = token(&[Role::MeterOperator]);
     let a_only = token_with(&[Role::MeterOperator], "org-a", false, 3600, AUD);
     // IF-METER-001 filters and scope.
-    let (st, v) = h.call(Method::GET, "/api/v1/meters?address=river&limit=10", Some(&op), None).await;
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters?address=river&limit=10",
+            Some(&op),
+            None,
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
-    let (_, v) = h.call(Method::GET, "/api/v1/meters", Some(&a_only), None).await;
-    let nos: Vec<&str> = v["items"].as_array().unwrap().iter().map(|m| m["meter_no"].as_str().unwrap()).collect();
+    let (_, v) = h
+        .call(Method::GET, "/api/v1/meters", Some(&a_only), None)
+        .await;
+    let nos: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["meter_no"].as_str().unwrap())
+        .collect();
     assert_eq!(nos, ["A-1"]);
-    let (_, v) = h.call(Method::GET, "/api/v1/meters?customer=acct-B-1", Some(&op), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters?customer=acct-B-1",
+            Some(&op),
+            None,
+        )
+        .await;
     assert_eq!(v["items"][0]["meter_id"], "cjt188:00000000000022");
-    let (_, v) = h.call(Method::GET, "/api/v1/meters?status=in_stock&dma=dma-1&limit=1", Some(&op), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters?status=in_stock&dma=dma-1&limit=1",
+            Some(&op),
+            None,
+        )
+        .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     assert_eq!(v["next_offset"], 1);
-    let (st, v) = h.call(Method::GET, "/api/v1/meters?status=broken", Some(&op), None).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("status")));
-    let (st, _) = h.call(Method::GET, "/api/v1/meters?limit=0", Some(&op), None).await;
+    let (st, v) = h
+        .call(Method::GET, "/api/v1/meters?status=broken", Some(&op), None)
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("status"))
+    );
+    let (st, _) = h
+        .call(Method::GET, "/api/v1/meters?limit=0", Some(&op), None)
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-    let (st, _) = h.call(Method::GET, "/api/v1/meters?bogus=1", Some(&op), None).await;
+    let (st, _) = h
+        .call(Method::GET, "/api/v1/meters?bogus=1", Some(&op), None)
+        .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    let (st, v) = h.call(Method::GET, "/api/v1/meters/B-1", Some(&a_only), None).await;
+    let (st, v) = h
+        .call(Method::GET, "/api/v1/meters/B-1", Some(&a_only), None)
+        .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
-    let (st, v) = h.call(Method::GET, "/api/v1/meters/cjt188:00000000000021", Some(&a_only), None).await;
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters/cjt188:00000000000021",
+            Some(&a_only),
+            None,
+        )
+        .await;
     assert_eq!((st, v["meter_no"].as_str()), (StatusCode::OK, Some("A-1")));
     // A scoped operator registers only in its organisation.
-    let (st, _) = h.call(Method::POST, "/api/v1/meters", Some(&a_only), Some(json!({"meter_no": "X", "meter_id": "cjt188:00000000000099", "org": "org-b"}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters",
+            Some(&a_only),
+            Some(json!({"meter_no": "X", "meter_id": "cjt188:00000000000099", "org": "org-b"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
     // Duplicates and bad fields.
-    let (st, _) = h.call(Method::POST, "/api/v1/meters", Some(&op), Some(json!({"meter_no": "A-1", "meter_id": "cjt188:00000000000098"}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters",
+            Some(&op),
+            Some(json!({"meter_no": "A-1", "meter_id": "cjt188:00000000000098"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::CONFLICT);
-    let (st, v) = h.call(Method::POST, "/api/v1/meters", Some(&op), Some(json!({"meter_no": "Z 1", "meter_id": "cjt188:00000000000097"}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("meter_no")));
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters",
+            Some(&op),
+            Some(json!({"meter_no": "Z 1", "meter_id": "cjt188:00000000000097"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("meter_no"))
+    );
     // IF-METER-002 lifecycle.
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/A-1/activate", Some(&op), None).await;
-    assert_eq!(st, StatusCode::CONFLICT, "in stock cannot be activated: {v}");
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/A-1/install", Some(&op), Some(json!({"at": "2026-01-01T00:00:00Z"}))).await;
-    assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("installed")));
-    let (_, v) = h.call(Method::POST, "/api/v1/meters/A-1/activate", Some(&op), None).await;
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/meters/A-1/activate", Some(&op), None)
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::CONFLICT,
+        "in stock cannot be activated: {v}"
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/A-1/install",
+            Some(&op),
+            Some(json!({"at": "2026-01-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("installed"))
+    );
+    let (_, v) = h
+        .call(Method::POST, "/api/v1/meters/A-1/activate", Some(&op), None)
+        .await;
     assert_eq!(v["status"], "active");
-    let (st, _) = h.call(Method::POST, "/api/v1/meters/A-1/faulty", Some(&op), Some(json!({"reason": " "}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/A-1/faulty",
+            Some(&op),
+            Some(json!({"reason": " "})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-    let (_, v) = h.call(Method::POST, "/api/v1/meters/A-1/faulty", Some(&op), Some(json!({"reason": "display dead"}))).await;
+    let (_, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/A-1/faulty",
+            Some(&op),
+            Some(json!({"reason": "display dead"})),
+        )
+        .await;
     assert_eq!(v["status"], "faulty");
-    let (_, v) = h.call(Method::PUT, "/api/v1/meters/A-1/customer", Some(&op), Some(json!({"account": "acct-new"}))).await;
+    let (_, v) = h
+        .call(
+            Method::PUT,
+            "/api/v1/meters/A-1/customer",
+            Some(&op),
+            Some(json!({"account": "acct-new"})),
+        )
+        .await;
     assert_eq!(v["changed"], true);
-    let (_, v) = h.call(Method::DELETE, "/api/v1/meters/A-1/customer", Some(&op), None).await;
+    let (_, v) = h
+        .call(
+            Method::DELETE,
+            "/api/v1/meters/A-1/customer",
+            Some(&op),
+            None,
+        )
+        .await;
     assert_eq!(v["changed"], true);
-    let (_, v) = h.call(Method::DELETE, "/api/v1/meters/A-1/customer", Some(&op), None).await;
+    let (_, v) = h
+        .call(
+            Method::DELETE,
+            "/api/v1/meters/A-1/customer",
+            Some(&op),
+            None,
+        )
+        .await;
     assert_eq!(v["changed"], false);
-    let (st, _) = h.call(Method::PUT, "/api/v1/meters/A-1/book", Some(&op), Some(json!({"book": "B-404"}))).await;
+    let (st, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/meters/A-1/book",
+            Some(&op),
+            Some(json!({"book": "B-404"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-    let (st, _) = h.call(Method::PUT, "/api/v1/meters/A-1/book", Some(&op), Some(json!({"book": "B-2"}))).await;
+    let (st, _) = h
+        .call(
+            Method::PUT,
+            "/api/v1/meters/A-1/book",
+            Some(&op),
+            Some(json!({"book": "B-2"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::OK);
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/A-1/replace", Some(&op), Some(json!({"at": "2026-03-01T00:00:00Z", "old_final": "10", "new_initial": "0"}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/A-1/replace",
+            Some(&op),
+            Some(json!({"at": "2026-03-01T00:00:00Z", "old_final": "10", "new_initial": "0"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     // Retire: admin only, with a second factor.
     let admin = token(&[Role::MeterAdmin]);
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/B-1/retire", Some(&admin), Some(json!({}))).await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/B-1/retire",
+            Some(&admin),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
     let admin_mfa = token_with(&[Role::MeterAdmin], "*", true, 3600, AUD);
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/B-1/retire", Some(&admin_mfa), Some(json!({}))).await;
-    assert_eq!((st, v["status"].as_str()), (StatusCode::OK, Some("retired")));
-    let (st, _) = h.call(Method::POST, "/api/v1/meters/B-1/retire", Some(&admin_mfa), Some(json!({}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/B-1/retire",
+            Some(&admin_mfa),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["status"].as_str()),
+        (StatusCode::OK, Some("retired"))
+    );
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/B-1/retire",
+            Some(&admin_mfa),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(st, StatusCode::CONFLICT);
     // Every change is in the audit log under the caller.
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log WHERE actor = 'api:tester' AND entity = 'meter'")
-        .fetch_one(&h.db.pool).await.unwrap();
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM audit_log WHERE actor = 'api:tester' AND entity = 'meter'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
     assert!(n >= 9, "{n}");
     h.db.drop_database().await;
 }
@@ -619,11 +1101,17 @@ async fn readings_raw_rollups_csv_and_edit() {
     let t0 = time::macros::datetime!(2026-10-01 00:00 UTC);
     let mut reads = Vec::new();
     for i in 0..5i64 {
-        let mut r = pipeline::testing::volume_read("cjt188:00000000000031", t0 + time::Duration::hours(i), rust_decimal::Decimal::new(1000 + i * 10, 1));
+        let mut r = pipeline::testing::volume_read(
+            "cjt188:00000000000031",
+            t0 + time::Duration::hours(i),
+            rust_decimal::Decimal::new(1000 + i * 10, 1),
+        );
         r.quality = model::Quality::Validated;
         reads.push(r);
     }
-    pipeline::store::insert_readings(&h.db.pool, &reads).await.unwrap();
+    pipeline::store::insert_readings(&h.db.pool, &reads)
+        .await
+        .unwrap();
     sqlx::query("INSERT INTO rollup_hourly (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
                  VALUES ('cjt188:00000000000031', '2026-10-01T00:00:00Z', 1.5, 100, 101.5, 2, false),
                         ('cjt188:00000000000031', '2026-10-01T01:00:00Z', 0.5, 101.5, 102, 1, true)")
@@ -633,44 +1121,127 @@ async fn readings_raw_rollups_csv_and_edit() {
         .execute(&h.db.pool).await.unwrap();
     let tok = token(&[Role::Billing]);
     let q = "from=2026-10-01T00:00:00Z&to=2026-10-02T00:00:00Z";
-    let (st, v) = h.call(Method::GET, &format!("/api/v1/meters/R-1/readings?{q}&limit=2"), Some(&tok), None).await;
+    let (st, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/meters/R-1/readings?{q}&limit=2"),
+            Some(&tok),
+            None,
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     assert_eq!(v["items"][1]["value"], "101");
     assert_eq!(v["items"][0]["quality"], "validated");
     assert_eq!(v["next_offset"], 2);
-    let (_, v) = h.call(Method::GET, &format!("/api/v1/meters/R-1/readings?{q}&limit=2&offset=4"), Some(&tok), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/meters/R-1/readings?{q}&limit=2&offset=4"),
+            Some(&tok),
+            None,
+        )
+        .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     assert!(v.get("next_offset").is_none());
-    let (_, v) = h.call(Method::GET, &format!("/api/v1/meters/R-1/readings?{q}&resolution=hourly"), Some(&tok), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/meters/R-1/readings?{q}&resolution=hourly"),
+            Some(&tok),
+            None,
+        )
+        .await;
     assert_eq!(v["items"][1]["quality"], "estimated");
     assert_eq!(v["items"][0]["value"], "1.5");
-    let (_, v) = h.call(Method::GET, &format!("/api/v1/meters/R-1/readings?{q}&resolution=daily"), Some(&tok), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/meters/R-1/readings?{q}&resolution=daily"),
+            Some(&tok),
+            None,
+        )
+        .await;
     assert_eq!(v["items"][0]["value"], "2");
     assert_eq!(v["items"][0]["ts"], "2026-10-01T00:00:00Z");
-    let resp = h.http.get(format!("{}/api/v1/meters/R-1/readings?{q}&format=csv", h.base)).bearer_auth(&tok).send().await.unwrap();
+    let resp = h
+        .http
+        .get(format!(
+            "{}/api/v1/meters/R-1/readings?{q}&format=csv",
+            h.base
+        ))
+        .bearer_auth(&tok)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["content-type"], "text/csv; charset=utf-8");
     let csv = resp.text().await.unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines.len(), 6);
-    assert_eq!(lines[1], "cjt188:00000000000031,2026-10-01T00:00:00Z,volume,100,m3,validated,,0");
-    for bad in ["resolution=weekly", "from=yesterday", "from=2026-10-02T00:00:00Z&to=2026-10-01T00:00:00Z", "resolution=hourly&quantity=volume"] {
-        let (st, v) = h.call(Method::GET, &format!("/api/v1/meters/R-1/readings?{bad}"), Some(&tok), None).await;
-        assert!(st == StatusCode::BAD_REQUEST || st == StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {st} {v}");
+    assert_eq!(
+        lines[1],
+        "cjt188:00000000000031,2026-10-01T00:00:00Z,volume,100,m3,validated,,0"
+    );
+    for bad in [
+        "resolution=weekly",
+        "from=yesterday",
+        "from=2026-10-02T00:00:00Z&to=2026-10-01T00:00:00Z",
+        "resolution=hourly&quantity=volume",
+    ] {
+        let (st, v) = h
+            .call(
+                Method::GET,
+                &format!("/api/v1/meters/R-1/readings?{bad}"),
+                Some(&tok),
+                None,
+            )
+            .await;
+        assert!(
+            st == StatusCode::BAD_REQUEST || st == StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {st} {v}"
+        );
     }
-    let (st, _) = h.call(Method::GET, "/api/v1/meters/nope/readings", Some(&tok), None).await;
+    let (st, _) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters/nope/readings",
+            Some(&tok),
+            None,
+        )
+        .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     // Edit: admin with a second factor; audited; the old value answered.
     let admin = token_with(&[Role::MeterAdmin], "*", true, 3600, AUD);
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/R-1/readings/edit", Some(&token(&[Role::MeterAdmin])),
-        Some(json!({"ts": "2026-10-01T01:00:00Z", "value": "101.2", "reason": "misread"}))).await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
-    let (st, v) = h.call(Method::POST, "/api/v1/meters/R-1/readings/edit", Some(&admin),
-        Some(json!({"ts": "2026-10-01T01:00:00Z", "value": "101.2", "reason": "misread"}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/R-1/readings/edit",
+            Some(&token(&[Role::MeterAdmin])),
+            Some(json!({"ts": "2026-10-01T01:00:00Z", "value": "101.2", "reason": "misread"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/R-1/readings/edit",
+            Some(&admin),
+            Some(json!({"ts": "2026-10-01T01:00:00Z", "value": "101.2", "reason": "misread"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["old_value"], "101");
-    let (st, _) = h.call(Method::POST, "/api/v1/meters/R-1/readings/edit", Some(&admin),
-        Some(json!({"ts": "2026-10-09T01:00:00Z", "value": "1", "reason": "x"}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/R-1/readings/edit",
+            Some(&admin),
+            Some(json!({"ts": "2026-10-09T01:00:00Z", "value": "1", "reason": "x"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     h.db.drop_database().await;
 }
@@ -689,24 +1260,75 @@ async fn alarms_list_acknowledge_close() {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     let scoped = token_with(&[Role::MeterOperator], "org-a", false, 3600, AUD);
-    let (_, v) = h.call(Method::GET, "/api/v1/alarms?state=open&kind=leak", Some(&scoped), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/alarms?state=open&kind=leak",
+            Some(&scoped),
+            None,
+        )
+        .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 1);
     assert_eq!(v["items"][0]["alarm_id"], id);
-    let (st, _) = h.call(Method::GET, "/api/v1/alarms?state=weird", Some(&op), None).await;
+    let (st, _) = h
+        .call(Method::GET, "/api/v1/alarms?state=weird", Some(&op), None)
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     let other = token_with(&[Role::MeterOperator], "org-b", false, 3600, AUD);
-    let (st, _) = h.call(Method::POST, &format!("/api/v1/alarms/{id}/ack"), Some(&other), Some(json!({}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/alarms/{id}/ack"),
+            Some(&other),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
-    let (st, v) = h.call(Method::POST, &format!("/api/v1/alarms/{id}/ack"), Some(&scoped), Some(json!({"note": "crew sent"}))).await;
-    assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("acknowledged")));
-    let (st, _) = h.call(Method::POST, &format!("/api/v1/alarms/{id}/ack"), Some(&scoped), Some(json!({}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/alarms/{id}/ack"),
+            Some(&scoped),
+            Some(json!({"note": "crew sent"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["state"].as_str()),
+        (StatusCode::OK, Some("acknowledged"))
+    );
+    let (st, _) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/alarms/{id}/ack"),
+            Some(&scoped),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(st, StatusCode::CONFLICT);
-    let (st, v) = h.call(Method::POST, &format!("/api/v1/alarms/{id}/close"), Some(&scoped), Some(json!({}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            &format!("/api/v1/alarms/{id}/close"),
+            Some(&scoped),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("closed")));
-    let (st, _) = h.call(Method::POST, "/api/v1/alarms/abc/close", Some(&scoped), Some(json!({}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/alarms/abc/close",
+            Some(&scoped),
+            Some(json!({})),
+        )
+        .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_log WHERE entity = 'alarm' AND entity_id = $1")
-        .bind(id.to_string()).fetch_one(&h.db.pool).await.unwrap();
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM audit_log WHERE entity = 'alarm' AND entity_id = $1")
+            .bind(id.to_string())
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
     assert_eq!(n, 2);
     h.db.drop_database().await;
 }
@@ -716,40 +1338,130 @@ async fn billing_quote_run_bills_arrears() {
     let h = start("billing").await;
     let billing = token(&[Role::Billing]);
     // Quote: a class without a per-person allowance needs no persons.
-    let (st, v) = h.call(Method::POST, "/api/v1/tariffs/quote", Some(&billing), Some(json!({"class": "flat", "usage": "10", "date": "2026-01-15"}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(&billing),
+            Some(json!({"class": "flat", "usage": "10", "date": "2026-01-15"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["total"], "20.00");
-    let (st, v) = h.call(Method::POST, "/api/v1/tariffs/quote", Some(&billing), Some(json!({"class": "household", "usage": "30"}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("persons")));
-    let (st, v) = h.call(Method::POST, "/api/v1/tariffs/quote", Some(&billing), Some(json!({"class": "household", "usage": "30", "persons": 6}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(&billing),
+            Some(json!({"class": "household", "usage": "30"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("persons"))
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(&billing),
+            Some(json!({"class": "household", "usage": "30", "persons": 6})),
+        )
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     // Six persons lift the first bound from 20 to 30 m3: all 30 m3 at 1.00.
     assert_eq!(v["total"], "30.00", "{v}");
-    let (st, v) = h.call(Method::POST, "/api/v1/tariffs/quote", Some(&billing), Some(json!({"class": "nope", "usage": "1"}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("class")));
-    let (st, v) = h.call(Method::POST, "/api/v1/tariffs/quote", Some(&billing), Some(json!({"class": "flat", "usage": "-1"}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("usage")));
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(&billing),
+            Some(json!({"class": "nope", "usage": "1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("class"))
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/tariffs/quote",
+            Some(&billing),
+            Some(json!({"class": "flat", "usage": "-1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("usage"))
+    );
 
     // A bill run as a job.
-    pipeline::registry::save_book(&h.db.pool, &pipeline::registry::Book { code: "BK".into(), name: "bk".into(), reader: None, cycle: pipeline::registry::Cycle::Monthly }, "test").await.unwrap();
+    pipeline::registry::save_book(
+        &h.db.pool,
+        &pipeline::registry::Book {
+            code: "BK".into(),
+            name: "bk".into(),
+            reader: None,
+            cycle: pipeline::registry::Cycle::Monthly,
+        },
+        "test",
+    )
+    .await
+    .unwrap();
     register(&h, "BL-1", "cjt188:00000000000051", "org-a", Some("BK")).await;
     let op = token(&[Role::MeterOperator]);
-    h.call(Method::POST, "/api/v1/meters/BL-1/install", Some(&op), Some(json!({"at": "2026-01-01T00:00:00Z"}))).await;
-    h.call(Method::POST, "/api/v1/meters/BL-1/activate", Some(&op), None).await;
+    h.call(
+        Method::POST,
+        "/api/v1/meters/BL-1/install",
+        Some(&op),
+        Some(json!({"at": "2026-01-01T00:00:00Z"})),
+    )
+    .await;
+    h.call(
+        Method::POST,
+        "/api/v1/meters/BL-1/activate",
+        Some(&op),
+        None,
+    )
+    .await;
     let mut reads = Vec::new();
-    for (ts, v) in [(time::macros::datetime!(2026-02-28 15:00 UTC), 100i64), (time::macros::datetime!(2026-03-31 15:00 UTC), 112)] {
-        let mut r = pipeline::testing::volume_read("cjt188:00000000000051", ts, rust_decimal::Decimal::from(v));
+    for (ts, v) in [
+        (time::macros::datetime!(2026-02-28 15:00 UTC), 100i64),
+        (time::macros::datetime!(2026-03-31 15:00 UTC), 112),
+    ] {
+        let mut r = pipeline::testing::volume_read(
+            "cjt188:00000000000051",
+            ts,
+            rust_decimal::Decimal::from(v),
+        );
         r.quality = model::Quality::Validated;
         reads.push(r);
     }
-    pipeline::store::insert_readings(&h.db.pool, &reads).await.unwrap();
+    pipeline::store::insert_readings(&h.db.pool, &reads)
+        .await
+        .unwrap();
     let run = json!({"book": "BK", "period_start": "2026-03-01", "period_end": "2026-04-01"});
-    let (st, v) = h.call(Method::POST, "/api/v1/bill-runs", Some(&billing), Some(run.clone())).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/bill-runs",
+            Some(&billing),
+            Some(run.clone()),
+        )
+        .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{v}");
     let job = v["job_id"].as_i64().unwrap();
     let t0 = Instant::now();
     let done = loop {
-        let (_, j) = h.call(Method::GET, &format!("/api/v1/jobs/{job}"), Some(&billing), None).await;
+        let (_, j) = h
+            .call(
+                Method::GET,
+                &format!("/api/v1/jobs/{job}"),
+                Some(&billing),
+                None,
+            )
+            .await;
         if j["state"] != "running" {
             break j;
         }
@@ -757,42 +1469,127 @@ async fn billing_quote_run_bills_arrears() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(done["state"], "done", "{done}");
-    assert_eq!(done["result"]["created"].as_array().unwrap().len(), 1, "{done}");
+    assert_eq!(
+        done["result"]["created"].as_array().unwrap().len(),
+        1,
+        "{done}"
+    );
     assert_eq!(done["done"], 1);
-    let (_, bills) = h.call(Method::GET, "/api/v1/bills?meter=BL-1", Some(&billing), None).await;
+    let (_, bills) = h
+        .call(
+            Method::GET,
+            "/api/v1/bills?meter=BL-1",
+            Some(&billing),
+            None,
+        )
+        .await;
     let bill_id = bills["items"][0]["bill_id"].as_i64().unwrap();
     assert_eq!(bills["items"][0]["usage_m3"], "12.000000");
-    let (st, b) = h.call(Method::GET, &format!("/api/v1/bills/{bill_id}"), Some(&billing), None).await;
+    let (st, b) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/bills/{bill_id}"),
+            Some(&billing),
+            None,
+        )
+        .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(b["total"], "24.00");
     assert_eq!(b["lines"][0]["component"], "water");
-    let (st, _) = h.call(Method::GET, "/api/v1/bills/999999", Some(&billing), None).await;
+    let (st, _) = h
+        .call(Method::GET, "/api/v1/bills/999999", Some(&billing), None)
+        .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     // Rerun of the same cycle: second factor.
-    let (st, v) = h.call(Method::POST, "/api/v1/bill-runs", Some(&billing), Some(run.clone())).await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
-    let (st, _) = h.call(Method::POST, "/api/v1/bill-runs", Some(&billing), Some(json!({"book": "BK", "period_start": "2026-03-01", "period_end": "2026-03-01"}))).await;
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/bill-runs",
+            Some(&billing),
+            Some(run.clone()),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/bill-runs",
+            Some(&billing),
+            Some(json!({"book": "BK", "period_start": "2026-03-01", "period_end": "2026-03-01"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
-    let (st, _) = h.call(Method::POST, "/api/v1/bill-runs", Some(&billing), Some(json!({"book": "BK", "period_start": "March", "period_end": "2026-03-01"}))).await;
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/bill-runs",
+            Some(&billing),
+            Some(json!({"book": "BK", "period_start": "March", "period_end": "2026-03-01"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     // Arrears and payment; clearing two at once needs a second factor.
     register(&h, "BL-2", "cjt188:00000000000052", "org-a", Some("BK")).await;
     let (st, v) = h.call(Method::POST, "/api/v1/arrears", Some(&billing), Some(json!({"records": [
         {"meter": "BL-1", "account_id": "acct-BL-1", "amount_overdue": "88.50", "overdue_since": "2026-02-01"},
         {"meter": "BL-2", "account_id": "acct-BL-2", "amount_overdue": "10", "overdue_since": "2026-02-01"}]}))).await;
-    assert_eq!((st, v["recorded"].as_u64()), (StatusCode::OK, Some(2)), "{v}");
+    assert_eq!(
+        (st, v["recorded"].as_u64()),
+        (StatusCode::OK, Some(2)),
+        "{v}"
+    );
     let (st, v) = h.call(Method::POST, "/api/v1/arrears", Some(&billing), Some(json!({"records": [
         {"meter": "BL-1", "account_id": "a", "amount_overdue": "1.001", "overdue_since": "2026-02-01"}]}))).await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("records[0].amount_overdue")));
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("records[0].amount_overdue")
+        )
+    );
     let (st, v) = h.call(Method::POST, "/api/v1/arrears", Some(&billing), Some(json!({"records": [
         {"meter": "BL-1", "account_id": "acct-BL-1", "amount_overdue": "0", "overdue_since": "2026-02-01"},
         {"meter": "BL-2", "account_id": "acct-BL-2", "amount_overdue": "0", "overdue_since": "2026-02-01"}]}))).await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
-    let (st, v) = h.call(Method::POST, "/api/v1/payments", Some(&billing), Some(json!({"meter": "BL-1", "account_id": "acct-BL-1"}))).await;
-    assert_eq!((st, v["cleared"].as_u64()), (StatusCode::OK, Some(1)), "{v}");
-    assert!(pipeline::billing::arrears_of(&h.db.pool, "cjt188:00000000000051").await.unwrap().is_none());
-    assert!(pipeline::billing::arrears_of(&h.db.pool, "cjt188:00000000000052").await.unwrap().is_some());
-    let (st, _) = h.call(Method::POST, "/api/v1/payments", Some(&billing), Some(json!({"meter": "BL-404", "account_id": "x"}))).await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/payments",
+            Some(&billing),
+            Some(json!({"meter": "BL-1", "account_id": "acct-BL-1"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["cleared"].as_u64()),
+        (StatusCode::OK, Some(1)),
+        "{v}"
+    );
+    assert!(
+        pipeline::billing::arrears_of(&h.db.pool, "cjt188:00000000000051")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        pipeline::billing::arrears_of(&h.db.pool, "cjt188:00000000000052")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/payments",
+            Some(&billing),
+            Some(json!({"meter": "BL-404", "account_id": "x"})),
+        )
+        .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY);
     h.db.drop_database().await;
 }
@@ -801,36 +1598,70 @@ async fn billing_quote_run_bills_arrears() {
 async fn audit_chain_detects_changed_deleted_and_inserted_rows() {
     let h = start("audit").await;
     for i in 0..4 {
-        register(&h, &format!("AU-{i}"), &format!("cjt188:0000000000006{i}"), "org-a", None).await;
+        register(
+            &h,
+            &format!("AU-{i}"),
+            &format!("cjt188:0000000000006{i}"),
+            "org-a",
+            None,
+        )
+        .await;
     }
     let auditor = token(&[Role::Auditor]);
-    let (st, v) = h.call(Method::GET, "/api/v1/audit/verify", Some(&auditor), None).await;
+    let (st, v) = h
+        .call(Method::GET, "/api/v1/audit/verify", Some(&auditor), None)
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["intact"], true, "{v}");
     assert_eq!(v["rows"], 4);
-    let (_, v) = h.call(Method::GET, "/api/v1/audit?entity=meter&limit=2", Some(&auditor), None).await;
+    let (_, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/audit?entity=meter&limit=2",
+            Some(&auditor),
+            None,
+        )
+        .await;
     assert_eq!(v["items"].as_array().unwrap().len(), 2);
     assert_eq!(v["items"][0]["chain_seq"], 4);
     // Append-only for ordinary sessions.
-    let refused = sqlx::query("UPDATE audit_log SET actor = 'x' WHERE chain_seq = 2").execute(&h.db.pool).await;
+    let refused = sqlx::query("UPDATE audit_log SET actor = 'x' WHERE chain_seq = 2")
+        .execute(&h.db.pool)
+        .await;
     assert!(refused.unwrap_err().to_string().contains("append-only"));
-    let refused = sqlx::query("DELETE FROM audit_log WHERE chain_seq = 2").execute(&h.db.pool).await;
+    let refused = sqlx::query("DELETE FROM audit_log WHERE chain_seq = 2")
+        .execute(&h.db.pool)
+        .await;
     assert!(refused.is_err());
     // A superuser bypassing the triggers: each tampering is found.
     async fn tamper(pool: &sqlx::PgPool, sql: &str) {
         let mut conn = pool.acquire().await.unwrap();
-        sqlx::query("SET session_replication_role = replica").execute(&mut *conn).await.unwrap();
+        sqlx::query("SET session_replication_role = replica")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
         sqlx::query(sql).execute(&mut *conn).await.unwrap();
-        sqlx::query("SET session_replication_role = origin").execute(&mut *conn).await.unwrap();
+        sqlx::query("SET session_replication_role = origin")
+            .execute(&mut *conn)
+            .await
+            .unwrap();
     }
     async fn kinds(pool: &sqlx::PgPool) -> Vec<String> {
         let r = api::audit::verify(pool).await.unwrap();
         assert!(!r.intact);
         r.findings.into_iter().map(|f| f.kind).collect()
     }
-    tamper(&h.db.pool, "UPDATE audit_log SET actor = 'mallory' WHERE chain_seq = 2").await;
+    tamper(
+        &h.db.pool,
+        "UPDATE audit_log SET actor = 'mallory' WHERE chain_seq = 2",
+    )
+    .await;
     assert_eq!(kinds(&h.db.pool).await, ["changed"]);
-    tamper(&h.db.pool, "UPDATE audit_log SET actor = 'api:tester' WHERE chain_seq = 2").await;
+    tamper(
+        &h.db.pool,
+        "UPDATE audit_log SET actor = 'api:tester' WHERE chain_seq = 2",
+    )
+    .await;
     assert!(api::audit::verify(&h.db.pool).await.unwrap().intact);
     tamper(&h.db.pool, "DELETE FROM audit_log WHERE chain_seq = 3").await;
     assert!(kinds(&h.db.pool).await.contains(&"deleted".to_owned()));
@@ -849,6 +1680,15 @@ async fn audit_chain_detects_changed_deleted_and_inserted_rows() {
     db3.db.drop_database().await;
 }
 
+type StoredRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
 /// The whole path: a signed push and a manual read are accepted, carried by the broker to a
 /// real pipeline worker, validated there and stored.
 #[tokio::test]
@@ -858,8 +1698,15 @@ async fn pushed_and_manual_reads_are_stored_by_the_worker() {
     let h = start("e2e").await;
     register(&h, "E-1", "cjt188:00000000000091", "org-a", None).await;
     let op = token(&[Role::MeterOperator]);
-    h.call(Method::POST, "/api/v1/meters/E-1/install", Some(&op), Some(json!({"at": "2026-01-01T00:00:00Z"}))).await;
-    h.call(Method::POST, "/api/v1/meters/E-1/activate", Some(&op), None).await;
+    h.call(
+        Method::POST,
+        "/api/v1/meters/E-1/install",
+        Some(&op),
+        Some(json!({"at": "2026-01-01T00:00:00Z"})),
+    )
+    .await;
+    h.call(Method::POST, "/api/v1/meters/E-1/activate", Some(&op), None)
+        .await;
     let mut config = WorkerConfig::new(&pipeline::config::mqtt_url(), &h.root, 0, 1, 4).unwrap();
     let client_id = format!("api-e2e-worker-{:08x}", rand::random::<u32>());
     config.client_id = client_id.clone();
@@ -867,44 +1714,68 @@ async fn pushed_and_manual_reads_are_stored_by_the_worker() {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(worker::run(config, h.db.pool.clone(), metrics, shutdown));
 
-    let t = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::hours(2);
-    let ts = t.format(&time::format_description::well_known::Rfc3339).unwrap();
-    let ts2 = (t + time::Duration::hours(1)).format(&time::format_description::well_known::Rfc3339).unwrap();
+    let t = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        - time::Duration::hours(2);
+    let ts = t
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let ts2 = (t + time::Duration::hours(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let push = serde_json::to_vec(&json!({"reads": [
-        {"meter": "cjt188:00000000000091", "ts": ts, "value": "10.5", "unit": "m3"}]})).unwrap();
+        {"meter": "cjt188:00000000000091", "ts": ts, "value": "10.5", "unit": "m3"}]}))
+    .unwrap();
     let reader = token(&[Role::MeterReader]);
     let manual = json!({"reads": [{"meter": "E-1", "ts": ts2, "value": "11", "photo_ref": "p-1"}]});
     // Until the worker has subscribed a publish may find no session: re-send (the worker
     // deduplicates) until both rows are stored.
     let t0 = Instant::now();
-    let rows = loop {
-        assert_eq!(h.push(&push, &nonce(), now(), None).await.status(), StatusCode::ACCEPTED);
-        let (st, _) = h.call(Method::POST, "/api/v1/manual-reads", Some(&reader), Some(manual.clone())).await;
-        assert_eq!(st, StatusCode::ACCEPTED);
-        let wait = Instant::now();
-        let mut rows: Vec<(String, String, String, String, Option<String>, Option<String>)> = Vec::new();
-        while wait.elapsed() < Duration::from_secs(3) {
-            rows = sqlx::query_as(
+    let rows =
+        loop {
+            assert_eq!(
+                h.push(&push, &nonce(), now(), None).await.status(),
+                StatusCode::ACCEPTED
+            );
+            let (st, _) = h
+                .call(
+                    Method::POST,
+                    "/api/v1/manual-reads",
+                    Some(&reader),
+                    Some(manual.clone()),
+                )
+                .await;
+            assert_eq!(st, StatusCode::ACCEPTED);
+            let wait = Instant::now();
+            let mut rows: Vec<StoredRow> = Vec::new();
+            while wait.elapsed() < Duration::from_secs(3) {
+                rows = sqlx::query_as(
                 "SELECT value::text, clock, source, source_id, gateway_id, channel FROM readings
                  WHERE meter_id = 'cjt188:00000000000091' ORDER BY ts")
                 .fetch_all(&h.db.pool).await.unwrap();
-            if rows.len() == 2 {
-                break;
+                if rows.len() == 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if rows.len() == 2 {
-            break rows;
-        }
-        assert!(t0.elapsed() < DEADLINE, "stored: {rows:?}");
-    };
+            if rows.len() == 2 {
+                break rows;
+            }
+            assert!(t0.elapsed() < DEADLINE, "stored: {rows:?}");
+        };
     assert_eq!(rows[0].0, "10.500000");
-    assert_eq!((rows[0].1.as_str(), rows[0].2.as_str(), rows[0].3.as_str()), ("platform", "http_push", CLIENT));
+    assert_eq!(
+        (rows[0].1.as_str(), rows[0].2.as_str(), rows[0].3.as_str()),
+        ("platform", "http_push", CLIENT)
+    );
     assert_eq!(rows[0].4.as_deref(), Some("api-test"));
     assert_eq!((rows[1].1.as_str(), rows[1].2.as_str()), ("manual", "api"));
     assert_eq!(rows[1].5.as_deref(), Some("photo:p-1"));
     stop.send(true).unwrap();
     task.await.unwrap().unwrap();
-    worker::forget_session(&pipeline::config::mqtt_url(), &client_id).await.unwrap();
+    worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
+        .await
+        .unwrap();
     h.db.drop_database().await;
 }

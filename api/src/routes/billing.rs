@@ -112,7 +112,10 @@ async fn start_bill_run(
         .clone()
         .ok_or_else(|| ApiError::Unavailable("no tariff is configured on this node".into()))?;
     if r.period_end <= r.period_start || r.period_end - r.period_start > time::Duration::days(93) {
-        return Err(ApiError::field("period_end", "must be after period_start, within 93 days"));
+        return Err(ApiError::field(
+            "period_end",
+            "must be after period_start, within 93 days",
+        ));
     }
     let (book_known, outside): (bool, i64) = sqlx::query_as(&format!(
         "SELECT EXISTS (SELECT 1 FROM meter_books WHERE book_code = $3),
@@ -126,7 +129,10 @@ async fn start_bill_run(
     .await
     .map_err(ApiError::db("checking the book"))?;
     if !book_known {
-        return Err(ApiError::field("book", format!("unknown meter book {:?}", r.book)));
+        return Err(ApiError::field(
+            "book",
+            format!("unknown meter book {:?}", r.book),
+        ));
     }
     if outside > 0 {
         return Err(ApiError::Forbidden(format!(
@@ -187,7 +193,8 @@ async fn run_job(
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
-                let total = i32::try_from(progress.total.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
+                let total =
+                    i32::try_from(progress.total.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
                 let done = i32::try_from(progress.done.load(Ordering::Relaxed)).unwrap_or(i32::MAX);
                 let _ignored = sqlx::query(
                     "UPDATE api_jobs SET total = $2, done = $3, updated_at = now()
@@ -336,7 +343,8 @@ pub struct BillQuery {
     pub offset: Option<i64>,
 }
 
-const BILL_COLUMNS: &str = "b.bill_id, b.meter_id, c.meter_book, c.period_start::text AS period_start,
+const BILL_COLUMNS: &str =
+    "b.bill_id, b.meter_id, c.meter_book, c.period_start::text AS period_start,
     c.period_end::text AS period_end, b.revision, b.customer_class, b.tariff_version, b.usage_m3,
     b.estimated, b.total";
 
@@ -460,7 +468,10 @@ async fn store_arrears(
             ));
         }
         if r.account_id.is_empty() || r.account_id.len() > 64 {
-            return Err(ApiError::field(format!("records[{i}].account_id"), "1..64 characters"));
+            return Err(ApiError::field(
+                format!("records[{i}].account_id"),
+                "1..64 characters",
+            ));
         }
         let m = meter_in_scope(&s.pool, &p.scope, &r.meter)
             .await
@@ -476,7 +487,10 @@ async fn store_arrears(
             reported_at: OffsetDateTime::now_utc(),
         });
     }
-    let cleared = resolved.iter().filter(|a| a.amount_overdue.is_zero()).count();
+    let cleared = resolved
+        .iter()
+        .filter(|a| a.amount_overdue.is_zero())
+        .count();
     if cleared > 1 {
         p.require_second_factor(Action::ArrearsBulkClear, &s.config.second_factor_actions)?;
     }
@@ -505,7 +519,10 @@ async fn record_arrears(
         return Err(ApiError::field("records", "no records"));
     }
     if b.records.len() > s.config.max_batch {
-        return Err(ApiError::TooLarge(format!("at most {} records", s.config.max_batch)));
+        return Err(ApiError::TooLarge(format!(
+            "at most {} records",
+            s.config.max_batch
+        )));
     }
     Ok(axum::Json(store_arrears(&s, &p, b.records).await?))
 }
@@ -589,7 +606,10 @@ async fn quote(
         None if per_person => {
             return Err(ApiError::field(
                 "persons",
-                format!("class {:?} has a per-person allowance: give persons", q.class),
+                format!(
+                    "class {:?} has a per-person allowance: give persons",
+                    q.class
+                ),
             ));
         }
         // Tier bounds do not depend on the household: any size gives the same price.
@@ -603,7 +623,9 @@ async fn quote(
     );
     req.township = q.township;
     let quote = billing_core::quote(&tariffs, date, &req).map_err(|e| match e {
-        billing_core::BillingError::OutOfRange { field, .. } => ApiError::field(field, e.to_string()),
+        billing_core::BillingError::OutOfRange { field, .. } => {
+            ApiError::field(field, e.to_string())
+        }
         other => ApiError::field("class", other.to_string()),
     })?;
     Ok(axum::Json(quote))

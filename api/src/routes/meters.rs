@@ -130,10 +130,18 @@ async fn list_meters(
     if let Some(st) = &q.status
         && Status::parse(st).is_none()
     {
-        return Err(ApiError::field("status", format!("{st:?} is not a lifecycle status")));
+        return Err(ApiError::field(
+            "status",
+            format!("{st:?} is not a lifecycle status"),
+        ));
     }
     let address = q.address.as_ref().map(|a| {
-        format!("%{}%", a.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"))
+        format!(
+            "%{}%",
+            a.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
     });
     let sql = format!(
         "SELECT {METER_COLUMNS} FROM {METER_FROM} WHERE {}
@@ -245,13 +253,19 @@ async fn register_meter(
     p.require(rbac::METERS_WRITE)?;
     if let Some(org) = &p.scope.org {
         if n.org.as_ref() != Some(org) {
-            return Err(ApiError::Forbidden(format!("org must be {org:?}, your organisation")));
+            return Err(ApiError::Forbidden(format!(
+                "org must be {org:?}, your organisation"
+            )));
         }
-        if !p.scope.areas.is_empty() && !n.area.as_ref().is_some_and(|a| p.scope.areas.contains(a)) {
+        if !p.scope.areas.is_empty() && !n.area.as_ref().is_some_and(|a| p.scope.areas.contains(a))
+        {
             return Err(ApiError::Forbidden("area must be one of your areas".into()));
         }
     }
-    let protocol = n.protocol.clone().unwrap_or_else(|| registry::protocol_of(&n.meter_id).to_owned());
+    let protocol = n
+        .protocol
+        .clone()
+        .unwrap_or_else(|| registry::protocol_of(&n.meter_id).to_owned());
     let input = MeterInput {
         meter_no: n.meter_no,
         meter_id: n.meter_id.clone(),

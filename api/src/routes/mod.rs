@@ -18,7 +18,9 @@ use crate::error::ApiError;
 /// The data-scope condition on a `meters m` row, with the organisation bound to `$org` and
 /// the areas to `$areas` (placeholders given by the caller).
 pub(crate) fn scope_sql(org: usize, areas: usize) -> String {
-    format!("(${org}::text IS NULL OR m.org = ${org}) AND (${areas}::text[] IS NULL OR m.area = ANY(${areas}))")
+    format!(
+        "(${org}::text IS NULL OR m.org = ${org}) AND (${areas}::text[] IS NULL OR m.area = ANY(${areas}))"
+    )
 }
 
 /// A meter as addressed in a path, by its id.

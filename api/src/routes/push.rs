@@ -133,8 +133,12 @@ async fn push(
     let (parts, body) = req.into_parts();
     let body: Bytes = axum::body::to_bytes(body, s.config.max_body_bytes)
         .await
-        .map_err(|_| ApiError::TooLarge(format!(
-            "request body is larger than {} bytes", s.config.max_body_bytes)))?;
+        .map_err(|_| {
+            ApiError::TooLarge(format!(
+                "request body is larger than {} bytes",
+                s.config.max_body_bytes
+            ))
+        })?;
     ctx.set_body(&parts.method, &parts.uri, &body);
     let principal = match crate::signing::verify(
         &s.pool,
@@ -149,8 +153,11 @@ async fn push(
         Ok(p) => p,
         Err(f) => {
             ctx.set_caller(&f.client);
-            let addr = peer.as_deref().map_or("-", |p| p.rsplit_once(':').map_or(p, |x| x.0));
-            s.metrics.auth_failure(&f.client, addr, f.error.error_code());
+            let addr = peer
+                .as_deref()
+                .map_or("-", |p| p.rsplit_once(':').map_or(p, |x| x.0));
+            s.metrics
+                .auth_failure(&f.client, addr, f.error.error_code());
             return Err(f.error);
         }
     };
@@ -162,8 +169,11 @@ async fn push(
                 .to_str()
                 .ok()
                 .filter(|k| (1..=128).contains(&k.len()))
-                .ok_or_else(|| ApiError::bad_request(
-                    "Idempotency-Key must be 1..128 printable ASCII characters"))?;
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "Idempotency-Key must be 1..128 printable ASCII characters",
+                    )
+                })?;
             Some(k.to_owned())
         }
     };
@@ -202,7 +212,10 @@ async fn accept_push(
     })?;
     let items = request.reads.len() + request.frames.len();
     if items == 0 {
-        return Err(ApiError::field("reads", "nothing to push: give reads or frames"));
+        return Err(ApiError::field(
+            "reads",
+            "nothing to push: give reads or frames",
+        ));
     }
     if items > s.config.max_batch {
         return Err(ApiError::TooLarge(format!(
@@ -217,12 +230,21 @@ async fn accept_push(
         let meter = MeterId::new(r.meter.clone())
             .map_err(|e| ApiError::field(format!("reads[{i}].meter"), e.to_string()))?;
         if r.ts > now + time::Duration::minutes(10) {
-            return Err(ApiError::field(format!("reads[{i}].ts"), "is in the future"));
+            return Err(ApiError::field(
+                format!("reads[{i}].ts"),
+                "is in the future",
+            ));
         }
         let mut h = Sha256::new();
         h.update(format!(
             "{}|{}|{}|{}|{}|{}|{}",
-            r.meter, r.ts.unix_timestamp_nanos(), r.value, r.unit.symbol(), r.tariff, r.subunit, r.storage
+            r.meter,
+            r.ts.unix_timestamp_nanos(),
+            r.value,
+            r.unit.symbol(),
+            r.tariff,
+            r.subunit,
+            r.storage
         ));
         readings.push(Reading {
             meter,
@@ -257,7 +279,11 @@ async fn accept_push(
         };
         let before = readings.len();
         let (meter, frame, raw) = decoded;
-        for record in frame.records.iter().filter(|r| r.function == decoders::Function::Instantaneous) {
+        for record in frame
+            .records
+            .iter()
+            .filter(|r| r.function == decoders::Function::Instantaneous)
+        {
             let (Some(quantity), decoders::RecordValue::Number(value)) =
                 (record.reading_quantity(), &record.value)
             else {
@@ -286,12 +312,24 @@ async fn accept_push(
             });
         }
         if readings.len() == before {
-            return Err(ApiError::field(field, "the frame decodes but carries no reading"));
+            return Err(ApiError::field(
+                field,
+                "the frame decodes but carries no reading",
+            ));
         }
     }
-    check_scope(s, &principal.scope, readings.iter().map(|r| r.meter.as_str()), "reads").await?;
+    check_scope(
+        s,
+        &principal.scope,
+        readings.iter().map(|r| r.meter.as_str()),
+        "reads",
+    )
+    .await?;
     let published = s.publisher.publish(readings).await?;
-    s.metrics.add("api_push_readings_accepted_total", published.readings as u64);
+    s.metrics.add(
+        "api_push_readings_accepted_total",
+        published.readings as u64,
+    );
     Ok(PushAccepted {
         items,
         readings: published.readings,
@@ -308,7 +346,10 @@ fn decode_frame(
         .map_err(|e| ApiError::field(format!("{field}.hex"), format!("not hex: {e}")))?;
     let protocol = match f.protocol.as_deref() {
         None => decoders::detect(&raw).ok_or_else(|| {
-            ApiError::field(format!("{field}.hex"), "neither a CJ/T 188 nor an M-Bus frame")
+            ApiError::field(
+                format!("{field}.hex"),
+                "neither a CJ/T 188 nor an M-Bus frame",
+            )
         })?,
         Some("cjt188") => decoders::Protocol::Cjt188,
         Some("mbus") => decoders::Protocol::Mbus,
@@ -322,7 +363,10 @@ fn decode_frame(
     let frame = match decoders::decode(protocol, &raw) {
         Some(Ok(frame)) => frame,
         Some(Err(e)) => {
-            return Err(ApiError::field(format!("{field}.hex"), format!("cannot decode: {e}")));
+            return Err(ApiError::field(
+                format!("{field}.hex"),
+                format!("cannot decode: {e}"),
+            ));
         }
         None => {
             return Err(ApiError::field(
@@ -371,7 +415,11 @@ async fn check_scope<'a>(
         return Ok(());
     }
     let inside: std::collections::HashSet<String> = inside.into_iter().map(|r| r.0).collect();
-    let outside = ids.iter().find(|m| !inside.contains(**m)).copied().unwrap_or("");
+    let outside = ids
+        .iter()
+        .find(|m| !inside.contains(**m))
+        .copied()
+        .unwrap_or("");
     Err(ApiError::Forbidden(format!(
         "{what}: meter {outside:?} is not registered in your organisation"
     )))
@@ -413,8 +461,10 @@ async fn claim_key(
             let status = StatusCode::from_u16(u16::try_from(status).unwrap_or(500))
                 .unwrap_or(StatusCode::ACCEPTED);
             let mut r = (status, axum::Json(body)).into_response();
-            r.headers_mut()
-                .insert("idempotent-replay", axum::http::HeaderValue::from_static("true"));
+            r.headers_mut().insert(
+                "idempotent-replay",
+                axum::http::HeaderValue::from_static("true"),
+            );
             Ok(Some(r))
         }
         Some(_) => Err(ApiError::Conflict(
@@ -544,23 +594,39 @@ async fn manual_reads(
     let mut readings = Vec::with_capacity(req.reads.len());
     for (i, r) in req.reads.iter().enumerate() {
         let id = ids.get(&r.meter).ok_or_else(|| {
-            ApiError::field(format!("reads[{i}].meter"), format!("no meter {:?} in your scope", r.meter))
+            ApiError::field(
+                format!("reads[{i}].meter"),
+                format!("no meter {:?} in your scope", r.meter),
+            )
         })?;
         let meter = MeterId::new(id.clone())
             .map_err(|e| ApiError::field(format!("reads[{i}].meter"), e.to_string()))?;
         if r.ts > now + time::Duration::minutes(10) {
-            return Err(ApiError::field(format!("reads[{i}].ts"), "is in the future"));
+            return Err(ApiError::field(
+                format!("reads[{i}].ts"),
+                "is in the future",
+            ));
         }
         if r.value.is_sign_negative() {
-            return Err(ApiError::field(format!("reads[{i}].value"), "must not be negative"));
+            return Err(ApiError::field(
+                format!("reads[{i}].value"),
+                "must not be negative",
+            ));
         }
         if let Some(photo) = &r.photo_ref
             && (photo.is_empty() || photo.len() > 256 || photo.chars().any(char::is_control))
         {
-            return Err(ApiError::field(format!("reads[{i}].photo_ref"), "1..256 printable characters"));
+            return Err(ApiError::field(
+                format!("reads[{i}].photo_ref"),
+                "1..256 printable characters",
+            ));
         }
         let mut h = Sha256::new();
-        h.update(format!("manual|{id}|{}|{}|{reader}", r.ts.unix_timestamp_nanos(), r.value));
+        h.update(format!(
+            "manual|{id}|{}|{}|{reader}",
+            r.ts.unix_timestamp_nanos(),
+            r.value
+        ));
         readings.push(Reading {
             meter,
             ts: r.ts,

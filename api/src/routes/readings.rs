@@ -132,7 +132,15 @@ async fn readings(
     let m = meter_in_scope(&s.pool, &p.scope, &meter).await?;
     let rows = match resolution {
         Resolution::Raw => {
-            type Raw = (OffsetDateTime, String, Decimal, String, String, Vec<String>, i16);
+            type Raw = (
+                OffsetDateTime,
+                String,
+                Decimal,
+                String,
+                String,
+                Vec<String>,
+                i16,
+            );
             let rows: Vec<Raw> = sqlx::query_as(
                 "SELECT ts, quantity, value, unit, quality, flags, tariff FROM readings
                  WHERE meter_id = $1 AND ts >= $2 AND ts < $3 AND ($4::text IS NULL OR quantity = $4)
@@ -148,15 +156,17 @@ async fn readings(
             .await
             .map_err(ApiError::db("reading raw reads"))?;
             rows.into_iter()
-                .map(|(ts, quantity, value, unit, quality, flags, tariff)| ReadingRow {
-                    ts,
-                    quantity,
-                    value: value.normalize(),
-                    unit,
-                    quality,
-                    flags,
-                    count_or_tariff: i32::from(tariff),
-                })
+                .map(
+                    |(ts, quantity, value, unit, quality, flags, tariff)| ReadingRow {
+                        ts,
+                        quantity,
+                        value: value.normalize(),
+                        unit,
+                        quality,
+                        flags,
+                        count_or_tariff: i32::from(tariff),
+                    },
+                )
                 .collect::<Vec<_>>()
         }
         Resolution::Hourly | Resolution::Daily => {
@@ -201,7 +211,8 @@ async fn readings(
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|a| a.contains("text/csv")));
     if wants_csv {
-        let mut out = String::from("meter_id,ts,quantity,value,unit,quality,flags,count_or_tariff\n");
+        let mut out =
+            String::from("meter_id,ts,quantity,value,unit,quality,flags,count_or_tariff\n");
         for r in &rows {
             out.push_str(&format!(
                 "{},{},{},{},{},{},{},{}\n",
