@@ -65,6 +65,10 @@ fn unique(name: &str) -> String {
 }
 
 async fn start(name: &str) -> Harness {
+    start_with(name, None).await
+}
+
+async fn start_with(name: &str, jwks_url: Option<String>) -> Harness {
     let db = TestDatabase::create().await;
     let root = unique(name);
     let (host, port) = broker();
@@ -92,7 +96,7 @@ async fn start(name: &str) -> Harness {
             issuer: ISS.into(),
             audience: AUD.into(),
             hs256_secret: Some(SECRET.to_vec()),
-            jwks_url: None,
+            jwks_url,
             jwks_min_refresh: Duration::from_secs(60),
         })),
         publisher,
@@ -1777,5 +1781,96 @@ async fn pushed_and_manual_reads_are_stored_by_the_worker() {
     worker::forget_session(&pipeline::config::mqtt_url(), &client_id)
         .await
         .unwrap();
+    h.db.drop_database().await;
+}
+
+fn rs256_token(der: &[u8], kid: &str, roles: &[Role]) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid.into());
+    let claims = Claims {
+        sub: "rs-user".into(),
+        iss: ISS.into(),
+        aud: AUD.into(),
+        exp: now + 600,
+        iat: now,
+        roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
+        org: Some("*".into()),
+        areas: Vec::new(),
+        amr: Vec::new(),
+    };
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_der(der),
+    )
+    .unwrap()
+}
+
+/// RS256 tokens verified with keys fetched from a JWKS URL (an identity provider's), by kid.
+#[tokio::test]
+async fn rs256_tokens_with_keys_from_a_jwks_url() {
+    let n = include_str!("fixtures/rs256-test-n.txt").trim().to_owned();
+    let jwks = json!({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig", "n": n, "e": "AQAB"}]});
+    let idp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp_addr = idp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let app = axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let jwks = jwks.clone();
+                async move { axum::Json(jwks) }
+            }),
+        );
+        axum::serve(idp, app).await.unwrap();
+    });
+    let h = start_with("rs256", Some(format!("http://{idp_addr}/jwks.json"))).await;
+    let key = include_bytes!("fixtures/rs256-test-key.der");
+    let other = include_bytes!("fixtures/rs256-other-key.der");
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters",
+            Some(&rs256_token(key, "k1", &[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters",
+            Some(&rs256_token(other, "k1", &[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_token")),
+        "{v}"
+    );
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters",
+            Some(&rs256_token(key, "k9", &[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("unknown_key")),
+        "{v}"
+    );
+    // RBAC applies to RS256 callers alike.
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/meters/X/activate",
+            Some(&rs256_token(key, "k1", &[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
     h.db.drop_database().await;
 }

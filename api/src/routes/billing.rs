@@ -107,10 +107,6 @@ async fn start_bill_run(
     ApiJson(r): ApiJson<BillRunRequest>,
 ) -> Result<(StatusCode, axum::Json<JobStarted>), ApiError> {
     p.require(rbac::BILL_RUN)?;
-    let tariffs = s
-        .tariffs
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("no tariff is configured on this node".into()))?;
     if r.period_end <= r.period_start || r.period_end - r.period_start > time::Duration::days(93) {
         return Err(ApiError::field(
             "period_end",
@@ -140,6 +136,10 @@ async fn start_bill_run(
             r.book
         )));
     }
+    let tariffs = s
+        .tariffs
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("no tariff is configured on this node".into()))?;
     let (ran,): (bool,) = sqlx::query_as(
         "SELECT EXISTS (SELECT 1 FROM billing_cycles
                         WHERE meter_book = $1 AND period_start = $2 AND period_end = $3)",
