@@ -1875,3 +1875,41 @@ async fn rs256_tokens_with_keys_from_a_jwks_url() {
     assert_eq!(st, StatusCode::FORBIDDEN);
     h.db.drop_database().await;
 }
+
+/// A signing client bound to an organisation pushes only for that organisation's meters.
+#[tokio::test]
+async fn a_scoped_client_pushes_only_its_organisations_meters() {
+    let h = start("push-scope").await;
+    register(&h, "S-1", "cjt188:00000000000101", "org-a", None).await;
+    register(&h, "S-2", "cjt188:00000000000102", "org-b", None).await;
+    let secret = "scoped-client-secret-01";
+    api::signing::upsert_client(&h.db.pool, "scoped", secret, Some("org-a"))
+        .await
+        .unwrap();
+    let send = |meter: &'static str| {
+        let body = serde_json::to_vec(&json!({"reads": [
+            {"meter": meter, "ts": "2026-11-24T10:00:00Z", "value": "1", "unit": "m3"}]}))
+        .unwrap();
+        let n = nonce();
+        let ts = now();
+        let sig =
+            model::auth::sign_request(secret.as_bytes(), "POST", "/api/v1/push", ts, &n, &body);
+        h.http
+            .post(format!("{}/api/v1/push", h.base))
+            .header("x-client-id", "scoped")
+            .header("x-timestamp", ts.to_string())
+            .header("x-nonce", n)
+            .header("x-signature", sig)
+            .body(body)
+            .send()
+    };
+    assert_eq!(
+        send("cjt188:00000000000101").await.unwrap().status(),
+        StatusCode::ACCEPTED
+    );
+    for other in ["cjt188:00000000000102", "cjt188:00000000000199"] {
+        let resp = send(other).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{other}");
+    }
+    h.db.drop_database().await;
+}
