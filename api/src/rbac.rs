@@ -1,0 +1,45 @@
+//! Who may call what: one role set per group of operations, used by the handlers and by the
+//! route-by-route RBAC test (`api/tests/rbac.rs`), so the table and the code cannot drift.
+
+use crate::auth::Role::{self, *};
+
+/// IF-METER-001: meter queries.
+pub const METERS_READ: &[Role] = &[
+    MeterOperator,
+    MeterAdmin,
+    MeterReader,
+    Billing,
+    Auditor,
+    Integration,
+];
+/// IF-METER-002: registry changes (register, install, activate, faulty, replace, bind, book).
+pub const METERS_WRITE: &[Role] = &[MeterOperator, MeterAdmin];
+/// Retiring a meter (high-risk; second factor).
+pub const METERS_RETIRE: &[Role] = &[MeterAdmin];
+/// IF-REV-004: manual reads.
+pub const MANUAL_READS: &[Role] = &[MeterReader, MeterOperator, MeterAdmin];
+/// EXT-601: readings of a meter.
+pub const READINGS_READ: &[Role] = &[
+    MeterOperator,
+    MeterAdmin,
+    MeterReader,
+    Billing,
+    Auditor,
+    Integration,
+];
+/// Editing a stored read (high-risk; second factor).
+pub const READINGS_EDIT: &[Role] = &[MeterAdmin];
+/// Alarm list.
+pub const ALARMS_READ: &[Role] = &[MeterOperator, MeterAdmin, Auditor];
+/// Alarm acknowledge and close.
+pub const ALARMS_WRITE: &[Role] = &[MeterOperator, MeterAdmin];
+/// IF-REV-005: bill runs and jobs.
+pub const BILL_RUN: &[Role] = &[Billing];
+/// Bills and jobs (read).
+pub const BILLS_READ: &[Role] = &[Billing, Auditor];
+/// Arrears and payments.
+pub const ARREARS_WRITE: &[Role] = &[Billing];
+/// Tariff quotes.
+pub const QUOTE: &[Role] = &[Billing, MeterOperator, MeterAdmin, MeterReader];
+/// Audit log and its verification.
+pub const AUDIT_READ: &[Role] = &[Auditor, MeterAdmin];
