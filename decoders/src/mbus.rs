@@ -408,14 +408,13 @@ pub struct RspUdHeader {
 impl RspUdHeader {
     /// The identification as the 8 digits printed on the meter.
     pub fn id_digits(&self) -> String {
-        // Built directly (no formatter): this runs for every decoded frame.
-        (0..8u32)
-            .rev()
-            .map(|i| {
-                let nibble = (self.id >> i.saturating_mul(4)) & 0x0F;
-                char::from_digit(nibble, 16).map_or('0', |c| c.to_ascii_uppercase())
-            })
-            .collect()
+        // Built on the stack and copied once (no formatter): this runs for every frame.
+        let mut digits = [0u8; 8];
+        for (slot, shift) in digits.iter_mut().zip((0..8u32).rev()) {
+            let nibble = (self.id >> shift.wrapping_mul(4)) & 0x0F;
+            *slot = HEX_UPPER.get(nibble as usize).copied().unwrap_or(b'0');
+        }
+        ascii_string(&digits)
     }
 
     fn to_wire(self) -> [u8; 12] {
@@ -479,13 +478,21 @@ impl SecondaryAddress {
 
 /// Returns the three-letter code of a packed manufacturer id (`0x2C2D` = "KAM").
 pub fn manufacturer_code(man: u16) -> String {
-    [10u16, 5, 0]
-        .iter()
-        .map(|shift| {
-            let v = ((man >> shift) & 0x1F) as u8;
-            char::from(v.wrapping_add(64))
-        })
-        .collect()
+    let mut letters = [0u8; 3];
+    for (slot, shift) in letters.iter_mut().zip([10u16, 5, 0]) {
+        // 5 bits, so at most 0x1F + 64: always ASCII.
+        *slot = (((man >> shift) & 0x1F) as u8).wrapping_add(64);
+    }
+    ascii_string(&letters)
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+
+/// A `String` of ASCII bytes, allocated once at its exact size.
+fn ascii_string(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    out.extend(bytes.iter().map(|b| char::from(*b)));
+    out
 }
 
 /// Packs a three-letter manufacturer code (`"KAM"` = 0x2C2D); `None` unless 3 letters A-Z.
@@ -1155,7 +1162,7 @@ const fn vf(quantity: &'static str, unit: Option<Unit>, exponent: i32, factor: u
 }
 
 /// Duration codes nn: 0 s, 1 min, 2 h, 3 d.
-fn duration(quantity: &'static str, nn: u8) -> VifInfo {
+const fn duration(quantity: &'static str, nn: u8) -> VifInfo {
     match nn & 3 {
         0 => vi(quantity, Some(Unit::Second), 0),
         1 => vf(quantity, Some(Unit::Second), 0, 60),
@@ -1164,12 +1171,13 @@ fn duration(quantity: &'static str, nn: u8) -> VifInfo {
     }
 }
 
-fn exp(vif: u8, mask: u8, offset: i32) -> i32 {
-    i32::from(vif & mask).wrapping_add(offset)
+const fn exp(vif: u8, mask: u8, offset: i32) -> i32 {
+    // `as` because `From` is not const; a u8 always fits an i32.
+    ((vif & mask) as i32).wrapping_add(offset)
 }
 
 /// Primary VIF table (EN 13757-3 table 10), VIF without the extension bit.
-fn primary_vif(vif: u8) -> VifInfo {
+const fn primary_vif(vif: u8) -> VifInfo {
     use Unit as U;
     match vif {
         0x00..=0x07 => vi("energy", Some(U::KilowattHour), exp(vif, 7, -6)),
@@ -1223,7 +1231,7 @@ fn primary_vif(vif: u8) -> VifInfo {
 }
 
 /// First extension table, after VIF FD (EN 13757-3 table 14).
-fn fd_vif(code: u8) -> VifInfo {
+const fn fd_vif(code: u8) -> VifInfo {
     use Unit as U;
     match code {
         0x00..=0x03 => vi("credit", None, exp(code, 3, -3)),
@@ -1299,7 +1307,7 @@ fn fd_vif(code: u8) -> VifInfo {
 }
 
 /// Second extension table, after VIF FB (EN 13757-3 table 12).
-fn fb_vif(code: u8) -> VifInfo {
+const fn fb_vif(code: u8) -> VifInfo {
     use Unit as U;
     match code {
         0x00..=0x01 => vi("energy", Some(U::MegawattHour), exp(code, 1, -1)),
@@ -1332,6 +1340,43 @@ fn fb_vif(code: u8) -> VifInfo {
         0x78..=0x7F => vi("cumulative_max_power", Some(U::Watt), exp(code, 7, -3)),
         _ => vi("reserved", None, 0),
     }
+}
+
+/// The three VIF tables indexed by code (VIF or extension code without the extension bit),
+/// computed at build time: a record costs one indexed load instead of a chain of range tests.
+static PRIMARY_VIF: [VifInfo; 128] = vif_table(VifTable::Primary);
+static FD_VIF: [VifInfo; 128] = vif_table(VifTable::Fd);
+static FB_VIF: [VifInfo; 128] = vif_table(VifTable::Fb);
+
+#[derive(Clone, Copy)]
+enum VifTable {
+    Primary,
+    Fd,
+    Fb,
+}
+
+// Only evaluated at compile time (the statics above): an index out of range or an overflow
+// would fail the build, not panic at run time.
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+const fn vif_table(which: VifTable) -> [VifInfo; 128] {
+    let mut table = [vi("reserved", None, 0); 128];
+    let mut code = 0u8;
+    while code < 128 {
+        table[code as usize] = match which {
+            VifTable::Primary => primary_vif(code),
+            VifTable::Fd => fd_vif(code),
+            VifTable::Fb => fb_vif(code),
+        };
+        code += 1;
+    }
+    table
+}
+
+fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
+    table
+        .get(usize::from(code & 0x7F))
+        .copied()
+        .unwrap_or(vi("reserved", None, 0))
 }
 
 /// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given; the same text as
@@ -1428,35 +1473,37 @@ impl<'a> RawRecord<'a> {
         self.dif == 0x0F || self.dif == 0x1F
     }
 
-    /// The VIFEs that change the meaning of the value (after the extension-table code).
-    fn combinable_vife(&self) -> &'a [u8] {
-        match self.vif {
-            0xFB | 0xFD => self.vife.get(1..).unwrap_or(&[]),
-            _ => self.vife,
-        }
-    }
-
     /// Meaning of the VIF (and its extension-table VIFE).
     pub fn vif_info(&self) -> VifInfo {
+        self.meaning().0
+    }
+
+    /// The VIF's meaning with the combinable VIFEs applied, and the exponent of the additive
+    /// correction (VIFE 78..7B: 10^(nn-3) units), in one pass over the chain.
+    fn meaning(&self) -> (VifInfo, Option<i32>) {
         if self.is_manufacturer_data() {
             let q = if self.dif == 0x1F {
                 "more_records_follow"
             } else {
                 "manufacturer_specific"
             };
-            return vi(q, None, 0);
+            return (vi(q, None, 0), None);
         }
-        let first = self.vife.first().map(|v| v & 0x7F);
-        let mut info = match (self.vif, first) {
-            (0xFD, Some(code)) => fd_vif(code),
-            (0xFB, Some(code)) => fb_vif(code),
-            (0x7C | 0xFC, _) => vi("plain_text", None, 0),
-            (v, _) => primary_vif(v & 0x7F),
+        let (mut info, combinable) = match (self.vif, self.vife.split_first()) {
+            (0xFD, Some((code, rest))) => (lookup(&FD_VIF, *code), rest),
+            (0xFB, Some((code, rest))) => (lookup(&FB_VIF, *code), rest),
+            (0x7C | 0xFC, _) => (vi("plain_text", None, 0), self.vife),
+            (v, _) => (lookup(&PRIMARY_VIF, v), self.vife),
         };
-        for v in self.combinable_vife() {
+        let mut additive = None;
+        for v in combinable {
             match v & 0x7F {
                 // Multiplicative correction 10^(nnn-6).
                 c @ 0x70..=0x77 => info.exponent = info.exponent.wrapping_add(exp(c, 7, -6)),
+                // Additive correction constant 10^(nn-3); the first one counts.
+                c @ 0x78..=0x7B => {
+                    additive.get_or_insert(exp(c, 3, -3));
+                }
                 // Multiplicative correction 10^3.
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
@@ -1466,24 +1513,8 @@ impl<'a> RawRecord<'a> {
                 0x7F => break,
                 _ => {}
             }
-            if v & 0x7F == 0x7F {
-                break;
-            }
         }
-        info
-    }
-
-    /// Additive correction constant (VIFE 78..7B): 10^(nn-3) units of the VIF, if present.
-    fn additive(&self) -> Option<Decimal> {
-        self.combinable_vife()
-            .iter()
-            .take_while(|v| **v & 0x7F != 0x7F)
-            .find(|v| (0x78..=0x7B).contains(&(**v & 0x7F)))
-            .map(|v| {
-                Decimal::new(1, 0)
-                    .checked_mul(pow10(exp(*v, 3, -3)))
-                    .unwrap_or_default()
-            })
+        (info, additive)
     }
 
     /// Decodes the data field without VIF scaling (no allocation).
@@ -1541,82 +1572,131 @@ impl<'a> RawRecord<'a> {
     ///
     /// The decimal is not normalized (`12.345000` and `12.345` compare equal).
     pub fn number(&self) -> Option<(Decimal, Option<Unit>)> {
-        self.number_with(&self.vif_info())
-    }
-
-    fn number_with(&self, info: &VifInfo) -> Option<(Decimal, Option<Unit>)> {
-        let mut value = match self.raw_value_with(info.date) {
-            // Scaling an integer down is only a change of scale: no multiplication needed.
-            RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
-                Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
-            }
-            RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
-            RawValue::Real(f) => Decimal::try_from(f)
-                .ok()?
-                .checked_mul(pow10(info.exponent))?,
-            _ => return None,
-        };
-        if info.factor != 1 {
-            value = value.checked_mul(Decimal::from(info.factor))?;
-        }
-        if let Some(add) = self.additive() {
-            value = value.checked_add(add)?;
-        }
-        Some((value, info.unit))
+        let (info, additive) = self.meaning();
+        let raw = self.raw_value_with(info.date);
+        scaled(raw, &info, additive).map(|v| (v, info.unit))
     }
 
     /// Converts to the protocol-neutral record. The quantity name is borrowed from the VIF
     /// table; only plain-text VIFs, dates, text and raw bytes allocate.
     pub fn to_record(&self) -> Record {
-        let info = self.vif_info();
+        let (info, additive) = self.meaning();
         let quantity: std::borrow::Cow<'static, str> = if self.plain_text.is_empty() {
             info.quantity.into()
         } else {
             text(self.plain_text).into()
         };
-        let (value, unit) = match self.number_with(&info) {
-            Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
-            None => (
-                match self.raw_value_with(info.date) {
-                    RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
-                    RawValue::DateTime(y, mo, d, h, mi, s) => {
-                        RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
-                    }
-                    RawValue::Time(h, mi, s) => {
-                        let mut out = String::with_capacity(8);
-                        push_time(&mut out, h, mi, Some(s));
-                        RecordValue::Date(out)
-                    }
-                    RawValue::Text(t) => RecordValue::Text(text(t)),
-                    RawValue::None => RecordValue::Raw(String::new()),
-                    // Variable-length binary numbers are little-endian: print them MSB first.
-                    RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
-                        let mut out = String::with_capacity(b.len().saturating_mul(2));
-                        for x in b.iter().rev() {
-                            for nibble in [x >> 4, x & 0x0F] {
-                                out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
-                            }
-                        }
-                        RecordValue::Raw(out)
-                    }
-                    RawValue::Bytes(b) => RecordValue::Raw(hex::encode(b)),
-                    RawValue::Int(_) | RawValue::Real(_) => {
-                        RecordValue::Raw(hex::encode(self.data))
-                    }
-                },
-                None,
-            ),
+        let raw = self.raw_value_with(info.date);
+        let number = match raw {
+            // The common case, an integer scaled down by a power of ten, built directly in
+            // normal form (no trailing fractional zeros) instead of `Decimal::normalize`.
+            RawValue::Int(v) if info.factor == 1 && additive.is_none() => {
+                normal_decimal(v, info.exponent)
+                    .or_else(|| scaled(raw, &info, additive).map(|d| d.normalize()))
+            }
+            _ => scaled(raw, &info, additive).map(|d| d.normalize()),
         };
+        let (value, unit) = match number {
+            Some(v) => (RecordValue::Number(v), info.unit),
+            None => (self.non_number(raw), None),
+        };
+        let (storage, tariff, subunit) = self.dife_fields();
         Record {
             quantity,
             value,
             unit,
-            storage: u32::try_from(self.storage()).unwrap_or(u32::MAX),
-            tariff: self.tariff(),
-            subunit: self.subunit(),
+            storage: u32::try_from(storage).unwrap_or(u32::MAX),
+            tariff,
+            subunit,
             function: self.function(),
         }
     }
+
+    /// Storage number, tariff and subunit from DIF and DIFEs in one pass.
+    fn dife_fields(&self) -> (u64, u32, u32) {
+        let mut storage = u64::from((self.dif >> 6) & 1);
+        let (mut tariff, mut subunit) = (0u32, 0u32);
+        // At most 10 DIFEs (the parser refuses more), so the shifts stay below 64 and 32.
+        for (i, d) in (0u32..).zip(self.dife) {
+            storage |= u64::from(d & 0x0F)
+                .checked_shl(i.wrapping_mul(4).wrapping_add(1))
+                .unwrap_or(0);
+            tariff |= u32::from((d >> 4) & 3)
+                .checked_shl(i.wrapping_mul(2))
+                .unwrap_or(0);
+            subunit |= u32::from((d >> 6) & 1).checked_shl(i).unwrap_or(0);
+        }
+        (storage, tariff, subunit)
+    }
+
+    /// The value of a record that is not a number: dates as ISO text, text, raw hex.
+    fn non_number(&self, raw: RawValue<'_>) -> RecordValue {
+        match raw {
+            RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
+            RawValue::DateTime(y, mo, d, h, mi, s) => {
+                RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
+            }
+            RawValue::Time(h, mi, s) => {
+                let mut out = String::with_capacity(8);
+                push_time(&mut out, h, mi, Some(s));
+                RecordValue::Date(out)
+            }
+            RawValue::Text(t) => RecordValue::Text(text(t)),
+            RawValue::None => RecordValue::Raw(String::new()),
+            // Variable-length binary numbers are little-endian: print them MSB first.
+            RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
+                let mut out = String::with_capacity(b.len().saturating_mul(2));
+                for x in b.iter().rev() {
+                    for nibble in [x >> 4, x & 0x0F] {
+                        out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+                    }
+                }
+                RecordValue::Raw(out)
+            }
+            RawValue::Bytes(b) => RecordValue::Raw(hex::encode(b)),
+            RawValue::Int(_) | RawValue::Real(_) => RecordValue::Raw(hex::encode(self.data)),
+        }
+    }
+}
+
+/// `raw` scaled by the VIF's exponent and factor plus the additive correction; `None` when it
+/// is not a number or does not fit a `Decimal`.
+fn scaled(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -> Option<Decimal> {
+    let mut value = match raw {
+        // Scaling an integer down is only a change of scale: no multiplication needed.
+        RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
+            Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
+        }
+        RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
+        RawValue::Real(f) => Decimal::try_from(f)
+            .ok()?
+            .checked_mul(pow10(info.exponent))?,
+        _ => return None,
+    };
+    if info.factor != 1 {
+        value = value.checked_mul(Decimal::from(info.factor))?;
+    }
+    if let Some(add) = additive {
+        value = value.checked_add(Decimal::ONE.checked_mul(pow10(add)).unwrap_or_default())?;
+    }
+    Some(value)
+}
+
+/// `v × 10^exponent` for exponents -28..=0, with the trailing fractional zeros removed on the
+/// integer (what `Decimal::normalize` gives, without its 96-bit divisions); `None` otherwise.
+fn normal_decimal(mut v: i64, exponent: i32) -> Option<Decimal> {
+    if !(-28..=0).contains(&exponent) {
+        return None;
+    }
+    if v == 0 {
+        return Some(Decimal::ZERO);
+    }
+    let mut scale = exponent.unsigned_abs();
+    while scale > 0 && v.checked_rem(10) == Some(0) {
+        v = v.checked_div(10)?;
+        scale = scale.saturating_sub(1);
+    }
+    Decimal::try_new(v, scale).ok()
 }
 
 /// Text fields are sent last character first.
