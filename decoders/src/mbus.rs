@@ -968,21 +968,24 @@ impl<'a> RecordIter<'a> {
     }
 
     fn next_record(&mut self) -> Result<Option<RawRecord<'a>>, MbusError> {
-        let mut cur = Cursor::new(self.rest, self.offset);
-        // Skip idle fillers.
-        while cur.rest.first() == Some(&0x2F) {
-            cur.byte("idle filler")?;
-        }
-        if cur.rest.is_empty() {
+        // Idle fillers (2F) are skipped.
+        let fillers = self.rest.iter().take_while(|b| **b == 0x2F).count();
+        let mut r = RecordReader {
+            bytes: self.rest,
+            pos: fillers,
+            base: self.offset,
+        };
+        let offset = r.offset();
+        let Some(&dif) = self.rest.get(fillers) else {
             return Ok(None);
-        }
-        let offset = cur.offset;
-        let dif = cur.byte("DIF")?;
-        if dif == 0x0F || dif == 0x1F {
-            let data = cur.take(cur.rest.len(), "manufacturer data")?;
-            self.rest = cur.rest;
-            self.offset = cur.offset;
-            let record = RawRecord {
+        };
+        r.pos = r.pos.saturating_add(1);
+        let msb_first = self.msb_first;
+        let record = if dif == 0x0F || dif == 0x1F {
+            // Manufacturer data: the rest of the payload.
+            let data = r.rest();
+            r.pos = r.bytes.len();
+            RawRecord {
                 offset,
                 dif,
                 dife: &[],
@@ -991,61 +994,133 @@ impl<'a> RecordIter<'a> {
                 vife: &[],
                 data,
                 lvar: None,
-                msb_first: self.msb_first,
-            };
-            return Ok(Some(record));
-        }
-        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
-            offset,
-        })?;
-        let vif = cur.byte("VIF")?;
-        let plain_text = if vif & 0x7F == 0x7C {
-            // libmbus and the old ELV/Itron devices put the text right after the VIF.
-            let len = cur.byte("plain-text VIF length")?;
-            cur.take(usize::from(len), "plain-text VIF")?
-        } else {
-            &[]
-        };
-        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
-            offset,
-        })?;
-        let (data, lvar) = match dif & 0x0F {
-            0x0D => {
-                let lvar_offset = cur.offset;
-                let lvar = cur.byte("LVAR")?;
-                let len = match lvar {
-                    0x00..=0xBF => usize::from(lvar),
-                    0xC0..=0xCF => usize::from(lvar.wrapping_sub(0xC0)),
-                    0xD0..=0xDF => usize::from(lvar.wrapping_sub(0xD0)),
-                    0xE0..=0xEF => usize::from(lvar.wrapping_sub(0xE0)),
-                    // Binary numbers of 4 * (LVAR - EC) bytes, then 48 and 64 bytes.
-                    0xF0..=0xF4 => usize::from(lvar.wrapping_sub(0xEC)).wrapping_mul(4),
-                    0xF5 => 48,
-                    0xF6 => 64,
-                    _ => {
-                        return Err(MbusError::UnsupportedLvar {
-                            offset: lvar_offset,
-                            lvar,
-                        });
-                    }
-                };
-                (cur.take(len, "variable-length data")?, Some(lvar))
+                msb_first,
             }
-            coding => (cur.take(data_len(coding), "data")?, None),
+        } else {
+            let dife = r.chain(dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife { offset })?;
+            let vif = r.byte("VIF")?;
+            let plain_text = if vif & 0x7F == 0x7C {
+                // libmbus and the old ELV/Itron devices put the text right after the VIF.
+                let len = r.byte("plain-text VIF length")?;
+                r.take(usize::from(len), "plain-text VIF")?
+            } else {
+                &[]
+            };
+            let vife = r.chain(vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife { offset })?;
+            let (data, lvar) = match dif & 0x0F {
+                0x0D => {
+                    let lvar_offset = r.offset();
+                    let lvar = r.byte("LVAR")?;
+                    let len = lvar_len(lvar).ok_or(MbusError::UnsupportedLvar {
+                        offset: lvar_offset,
+                        lvar,
+                    })?;
+                    (r.take(len, "variable-length data")?, Some(lvar))
+                }
+                coding => (r.take(data_len(coding), "data")?, None),
+            };
+            RawRecord {
+                offset,
+                dif,
+                dife,
+                vif,
+                plain_text,
+                vife,
+                data,
+                lvar,
+                msb_first,
+            }
         };
-        self.rest = cur.rest;
-        self.offset = cur.offset;
-        Ok(Some(RawRecord {
-            offset,
-            dif,
-            dife,
-            vif,
-            plain_text,
-            vife,
-            data,
-            lvar,
-            msb_first: self.msb_first,
-        }))
+        self.rest = r.rest();
+        self.offset = r.offset();
+        Ok(Some(record))
+    }
+}
+
+/// Length of variable-length data from its LVAR byte (EN 13757-3 §6.3.3); `None` if reserved.
+fn lvar_len(lvar: u8) -> Option<usize> {
+    Some(match lvar {
+        0x00..=0xBF => usize::from(lvar),
+        0xC0..=0xCF => usize::from(lvar.wrapping_sub(0xC0)),
+        0xD0..=0xDF => usize::from(lvar.wrapping_sub(0xD0)),
+        0xE0..=0xEF => usize::from(lvar.wrapping_sub(0xE0)),
+        // Binary numbers of 4 * (LVAR - EC) bytes, then 48 and 64 bytes.
+        0xF0..=0xF4 => usize::from(lvar.wrapping_sub(0xEC)).wrapping_mul(4),
+        0xF5 => 48,
+        0xF6 => 64,
+        _ => return None,
+    })
+}
+
+/// The record parser's reader: an index into the payload instead of a re-sliced cursor, as
+/// this runs for every byte of every record. Errors name the field and its offset exactly as
+/// [`Cursor`] does.
+struct RecordReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    /// Offset of `bytes[0]` in the input.
+    base: usize,
+}
+
+impl<'a> RecordReader<'a> {
+    fn offset(&self) -> usize {
+        self.base.saturating_add(self.pos)
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.pos..).unwrap_or(&[])
+    }
+
+    #[inline]
+    fn byte(&mut self, field: &'static str) -> Result<u8, MbusError> {
+        match self.bytes.get(self.pos) {
+            Some(b) => {
+                self.pos = self.pos.saturating_add(1);
+                Ok(*b)
+            }
+            None => Err(MbusError::Truncated {
+                offset: self.offset(),
+                field,
+                needed: 1,
+            }),
+        }
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], MbusError> {
+        let end = self.pos.saturating_add(n);
+        match self.bytes.get(self.pos..end) {
+            Some(taken) => {
+                self.pos = end;
+                Ok(taken)
+            }
+            None => Err(MbusError::Truncated {
+                offset: self.offset(),
+                field,
+                needed: n.saturating_sub(self.bytes.len().saturating_sub(self.pos)),
+            }),
+        }
+    }
+
+    /// An extension chain (DIFEs or VIFEs) after `first`, while the extension bit is set; at
+    /// most `max` bytes, else `too_many`.
+    #[inline]
+    fn chain(
+        &mut self,
+        first: u8,
+        max: usize,
+        field: &'static str,
+        too_many: impl FnOnce() -> MbusError,
+    ) -> Result<&'a [u8], MbusError> {
+        let start = self.pos;
+        let mut ext = first & 0x80 != 0;
+        while ext {
+            if self.pos.saturating_sub(start) >= max {
+                return Err(too_many());
+            }
+            ext = self.byte(field)? & 0x80 != 0;
+        }
+        Ok(self.bytes.get(start..self.pos).unwrap_or(&[]))
     }
 }
 
@@ -1068,28 +1143,6 @@ impl<'a> Iterator for RecordIter<'a> {
             }
         }
     }
-}
-
-/// Reads an extension chain (DIFEs or VIFEs) after `first` while the extension bit is set.
-fn chain<'a>(
-    cur: &mut Cursor<'a>,
-    first: u8,
-    max: usize,
-    field: &'static str,
-    too_many: impl FnOnce() -> MbusError,
-) -> Result<&'a [u8], MbusError> {
-    let all = cur.rest;
-    let mut n = 0usize;
-    let mut ext = first & 0x80 != 0;
-    while ext {
-        if n >= max {
-            return Err(too_many());
-        }
-        let b = cur.byte(field)?;
-        ext = b & 0x80 != 0;
-        n = n.saturating_add(1);
-    }
-    Ok(all.get(..n).unwrap_or(&[]))
 }
 
 /// Data length for DIF data-field codings other than LVAR (EN 13757-3 table 5).
@@ -1385,13 +1438,16 @@ fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
 fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String {
     let mut out = String::with_capacity(19);
     match u32::try_from(y) {
-        Ok(y) if y < 10_000 => push_padded(&mut out, y, 4),
+        Ok(y) if y < 10_000 => {
+            push2(&mut out, u8::try_from(y.wrapping_div(100)).unwrap_or(0));
+            push2(&mut out, u8::try_from(y.wrapping_rem(100)).unwrap_or(0));
+        }
         _ => out.push_str(&format!("{y:04}")),
     }
     out.push('-');
-    push_padded(&mut out, u32::from(m), 2);
+    push2(&mut out, m);
     out.push('-');
-    push_padded(&mut out, u32::from(d), 2);
+    push2(&mut out, d);
     if let Some((h, mi, s)) = time {
         out.push('T');
         push_time(&mut out, h, mi, s);
@@ -1401,12 +1457,23 @@ fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String 
 
 /// Appends `HH:MM[:SS]`.
 fn push_time(out: &mut String, h: u8, mi: u8, s: Option<u8>) {
-    push_padded(out, u32::from(h), 2);
+    push2(out, h);
     out.push(':');
-    push_padded(out, u32::from(mi), 2);
+    push2(out, mi);
     if let Some(s) = s {
         out.push(':');
-        push_padded(out, u32::from(s), 2);
+        push2(out, s);
+    }
+}
+
+/// Appends `value` as at least two digits (`{:02}`); the clock fields of every date type are
+/// masked below 100, so the general path is only a fallback.
+fn push2(out: &mut String, value: u8) {
+    if value < 100 {
+        out.push(char::from(b'0'.wrapping_add(value.wrapping_div(10))));
+        out.push(char::from(b'0'.wrapping_add(value.wrapping_rem(10))));
+    } else {
+        push_padded(out, u32::from(value), 2);
     }
 }
 
@@ -1701,6 +1768,13 @@ fn normal_decimal(mut v: i64, exponent: i32) -> Option<Decimal> {
 
 /// Text fields are sent last character first.
 fn text(bytes: &[u8]) -> String {
+    if bytes.is_ascii() {
+        // One exact allocation; ASCII is always valid UTF-8.
+        let reversed: Vec<u8> = bytes.iter().rev().copied().collect();
+        if let Ok(s) = String::from_utf8(reversed) {
+            return s;
+        }
+    }
     bytes.iter().rev().map(|b| char::from(*b)).collect()
 }
 
