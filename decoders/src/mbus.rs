@@ -691,11 +691,11 @@ fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusE
     // instead of growing (and moving every record) four or five times.
     let mut records_out = Vec::with_capacity((cur.rest.len() / 4).saturating_add(1));
     let mut more = false;
-    for rec in RecordIter::with_offset(cur.rest, cur.offset, msb_first) {
-        let rec = rec?;
-        if rec.dif == 0x1F {
-            more = true;
-        }
+    let mut iter = RecordIter::with_offset(cur.rest, cur.offset, msb_first);
+    // `next_record` rather than the iterator: its `Option<Result<..>>` is one more copy of
+    // every record.
+    while let Some(rec) = iter.next_record()? {
+        more |= rec.dif == 0x1F;
         records_out.push(rec.to_record());
     }
     Ok(Application {
@@ -967,6 +967,7 @@ impl<'a> RecordIter<'a> {
         }
     }
 
+    #[inline(always)]
     fn next_record(&mut self) -> Result<Option<RawRecord<'a>>, MbusError> {
         // Idle fillers (2F) are skipped.
         let fillers = self.rest.iter().take_while(|b| **b == 0x2F).count();
@@ -1127,6 +1128,9 @@ impl<'a> RecordReader<'a> {
 impl<'a> Iterator for RecordIter<'a> {
     type Item = Result<RawRecord<'a>, MbusError>;
 
+    // Inlined so that the record is built in the caller's frame: returned by value through
+    // `Option<Result<..>>` it was copied twice and the copy stalled on store forwarding.
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -1547,6 +1551,7 @@ impl<'a> RawRecord<'a> {
 
     /// The VIF's meaning with the combinable VIFEs applied, and the exponent of the additive
     /// correction (VIFE 78..7B: 10^(nn-3) units), in one pass over the chain.
+    #[inline(always)]
     fn meaning(&self) -> (VifInfo, Option<i32>) {
         if self.is_manufacturer_data() {
             let q = if self.dif == 0x1F {
@@ -1592,6 +1597,7 @@ impl<'a> RawRecord<'a> {
         self.raw_value_with(self.vif_info().date)
     }
 
+    #[inline(always)]
     fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
@@ -1646,6 +1652,7 @@ impl<'a> RawRecord<'a> {
 
     /// Converts to the protocol-neutral record. The quantity name is borrowed from the VIF
     /// table; only plain-text VIFs, dates, text and raw bytes allocate.
+    #[inline(always)]
     pub fn to_record(&self) -> Record {
         let (info, additive) = self.meaning();
         let quantity: std::borrow::Cow<'static, str> = if self.plain_text.is_empty() {
