@@ -1868,42 +1868,46 @@ fn write_int_number(
     out: &mut RecordValue,
 ) -> bool {
     // The common case, an integer scaled down by a power of ten, is built directly in normal
-    // form (no trailing fractional zeros) instead of through `Decimal::normalize`.
-    let fast = if factor == 1 && additive.is_none() {
-        normal_decimal(v, exponent)
-    } else {
-        None
-    };
+    // form (no trailing fractional zeros) instead of through `Decimal::normalize`, and
+    // without an `Option`/`Result` around it (those live on the stack).
+    if factor == 1 && additive.is_none() && (-28..=0).contains(&exponent) {
+        // The old value is dropped first (a possible call that would otherwise force the new
+        // `Decimal` onto the stack), then the number is stored straight from registers.
+        *out = RecordValue::Number(Decimal::ZERO);
+        if let RecordValue::Number(slot) = out {
+            let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
+            // `scale` <= 28 here, the only case in which `Decimal::new` would panic.
+            *slot = Decimal::new(mantissa, scale);
+        }
+        return true;
+    }
     let info = VifInfo {
         exponent,
         factor,
         ..vi("", None, 0)
     };
-    match fast.or_else(|| scaled(RawValue::Int(v), &info, additive).map(|d| d.normalize())) {
+    match scaled(RawValue::Int(v), &info, additive) {
         Some(d) => {
-            *out = RecordValue::Number(d);
+            *out = RecordValue::Number(d.normalize());
             true
         }
         None => false,
     }
 }
 
-/// `v × 10^exponent` for exponents -28..=0, with the trailing fractional zeros removed on the
-/// integer (what `Decimal::normalize` gives, without its 96-bit divisions); `None` otherwise.
-fn normal_decimal(mut v: i64, exponent: i32) -> Option<Decimal> {
-    if !(-28..=0).contains(&exponent) {
-        return None;
-    }
+/// `(v, scale)` with the trailing zeros of `v` moved out of the scale, as far as it goes:
+/// `(1200, 3)` is `(12, 1)`; zero is `(0, 0)`.
+fn strip_trailing_zeros(mut v: i64, mut scale: u32) -> (i64, u32) {
     if v == 0 {
-        return Some(Decimal::ZERO);
+        return (0, 0);
     }
-    let mut scale = exponent.unsigned_abs();
-    while scale > 0 && v.checked_rem(10) == Some(0) {
-        v = v.checked_div(10)?;
+    while scale > 0 && v.wrapping_rem(10) == 0 {
+        v = v.wrapping_div(10);
         scale = scale.saturating_sub(1);
     }
-    Decimal::try_new(v, scale).ok()
+    (v, scale)
 }
+
 
 /// A placeholder that [`RawRecord::write_record`] overwrites; nothing in it allocates.
 fn empty_record() -> Record {
