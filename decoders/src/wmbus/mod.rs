@@ -98,6 +98,23 @@ pub struct FormatCache {
     formats: HashMap<(u16, u32, u16), Vec<u8>, foldhash::fast::RandomState>,
     models: HashMap<(u16, u8, u8, u16), Vec<u8>, foldhash::fast::RandomState>,
     ciphers: HashMap<(u16, u32), ([u8; 16], Aes128), foldhash::fast::RandomState>,
+    /// AFL fragments received so far, per sender (DLL manufacturer and id).
+    fragments: HashMap<(u16, u32), PartialMessage, foldhash::fast::RandomState>,
+}
+
+/// The fragments of one AFL message received so far (EN 13757-7 §6: fragment ids 1, 2, ...,
+/// "more fragments" on all but the last; the first fragment carries the message control,
+/// key information, counter and total length, the transport layer starts in it).
+#[derive(Debug, Default)]
+struct PartialMessage {
+    /// Fragment id expected next.
+    next: u8,
+    mcl: Option<u8>,
+    key_info: Option<u16>,
+    mcr: Option<[u8; 4]>,
+    message_length: Option<u16>,
+    /// The message bytes so far (from the TPL CI on).
+    bytes: Vec<u8>,
 }
 
 impl fmt::Debug for FormatCache {
@@ -106,6 +123,7 @@ impl fmt::Debug for FormatCache {
         f.debug_struct("FormatCache")
             .field("formats", &self.formats.len())
             .field("ciphers", &self.ciphers.len())
+            .field("fragments", &self.fragments.len())
             .finish()
     }
 }
@@ -492,28 +510,24 @@ fn parse_layers(
     // Authentication and fragmentation layer.
     let mut afl = None;
     let mut afl_mac: Option<&[u8]> = None;
+    let assembled: Vec<u8>;
     if body.first() == Some(&0x90) {
         let _ci = r.u8("AFL CI")?;
         let afl_len = usize::from(r.u8("AFL length")?);
         let afl_start = r.offset();
         let mut ar = Reader::new(r.bytes(afl_len, "AFL fields")?, afl_start);
         let fcl = ar.le_u16("AFL fragmentation control")?;
-        if fcl & 0x4000 != 0 {
-            return Err(WmbusError::Fragmented {
-                fragment: u8::try_from(fcl & 0xFF).unwrap_or(0),
-            });
-        }
-        let mcl = if fcl & 0x2000 != 0 {
+        let mut mcl = if fcl & 0x2000 != 0 {
             Some(ar.u8("AFL message control")?)
         } else {
             None
         };
-        let key_info = if fcl & 0x0200 != 0 {
+        let mut key_info = if fcl & 0x0200 != 0 {
             Some(ar.le_u16("AFL key information")?)
         } else {
             None
         };
-        let mcr = if fcl & 0x0800 != 0 {
+        let mut mcr = if fcl & 0x0800 != 0 {
             Some(ar.array::<4>("AFL message counter")?)
         } else {
             None
@@ -529,11 +543,63 @@ fn parse_layers(
             };
             afl_mac = Some(ar.bytes(mac_len, "AFL MAC")?);
         }
-        let message_length = if fcl & 0x1000 != 0 {
+        let mut message_length = if fcl & 0x1000 != 0 {
             Some(ar.le_u16("AFL message length")?)
         } else {
             None
         };
+        let fragment = u8::try_from(fcl & 0xFF).unwrap_or(0);
+        let more = fcl & 0x4000 != 0;
+        if fragment != 0 || more {
+            // One fragment of a long message: kept until the last one arrives, then the whole
+            // message is parsed as if it had come unfragmented.
+            let sender = (dll.manufacturer, dll.id);
+            let piece = r.rest();
+            let partial = if fragment == 1 {
+                if cache.fragments.len() >= MAX_CACHE_ENTRIES {
+                    cache.fragments.clear();
+                }
+                let entry = cache.fragments.entry(sender).or_default();
+                *entry = PartialMessage {
+                    next: 1,
+                    mcl,
+                    key_info,
+                    mcr,
+                    message_length,
+                    bytes: Vec::new(),
+                };
+                entry
+            } else {
+                match cache.fragments.get_mut(&sender) {
+                    Some(p) if p.next == fragment => p,
+                    // Out of sequence (a fragment lost or repeated): the message is dropped.
+                    _ => {
+                        cache.fragments.remove(&sender);
+                        return Err(WmbusError::Fragmented { fragment });
+                    }
+                }
+            };
+            partial.bytes.extend_from_slice(piece);
+            partial.next = fragment.wrapping_add(1);
+            if more {
+                return Err(WmbusError::Fragmented { fragment });
+            }
+            let whole = cache.fragments.remove(&sender).unwrap_or_default();
+            if let Some(declared) = whole.message_length
+                && usize::from(declared) != whole.bytes.len()
+            {
+                return Err(WmbusError::LengthMismatch {
+                    declared: usize::from(declared),
+                    available: whole.bytes.len(),
+                });
+            }
+            mcl = whole.mcl;
+            key_info = whole.key_info;
+            mcr = whole.mcr;
+            message_length = whole.message_length;
+            assembled = whole.bytes;
+            r = Reader::new(&assembled, r.offset());
+        }
         afl = Some(Afl {
             fcl,
             mcl,
@@ -1094,6 +1160,61 @@ mod tests {
             version: 0x1B,
             device_type: 0x07,
         }
+    }
+
+    #[test]
+    fn afl_fragments_are_reassembled_in_order() {
+        // A mode-5 telegram in three fragments decodes, once the last arrives, exactly like
+        // the unfragmented telegram.
+        let whole = telegram(&meter(), &RECORDS, 0x42, Some(KEY));
+        let expected = decode(&whole, &Some(KEY), &mut FormatCache::new()).unwrap();
+        let parts = encode::fragments(&whole, 8);
+        assert_eq!(parts.len(), 3);
+        let mut cache = FormatCache::new();
+        for (i, part) in parts.iter().enumerate().take(2) {
+            assert_eq!(
+                decode(part, &Some(KEY), &mut cache).unwrap_err(),
+                WmbusError::Fragmented {
+                    fragment: u8::try_from(i + 1).unwrap()
+                }
+            );
+        }
+        let t = parse(&parts[2], &Some(KEY), &mut FormatCache::new());
+        assert!(t.is_err(), "a last fragment alone is not a message");
+        let got = decode(&parts[2], &Some(KEY), &mut cache).unwrap();
+        assert_eq!(got, expected);
+
+        // Out of sequence (fragment 2 lost): the message is dropped, nothing is decoded.
+        let mut cache = FormatCache::new();
+        assert!(decode(&parts[0], &Some(KEY), &mut cache).is_err());
+        assert_eq!(
+            decode(&parts[2], &Some(KEY), &mut cache).unwrap_err(),
+            WmbusError::Fragmented { fragment: 3 }
+        );
+        assert_eq!(
+            decode(&parts[1], &Some(KEY), &mut cache).unwrap_err(),
+            WmbusError::Fragmented { fragment: 2 }
+        );
+
+        // A message length that does not match the reassembled bytes is refused.
+        let mut bad = parts.clone();
+        bad[0][14] ^= 0x01; // low byte of AFL.ML
+        let mut cache = FormatCache::new();
+        for part in &bad[..2] {
+            assert!(decode(part, &Some(KEY), &mut cache).is_err());
+        }
+        assert!(matches!(
+            decode(&bad[2], &Some(KEY), &mut cache).unwrap_err(),
+            WmbusError::LengthMismatch { .. }
+        ));
+
+        // One fragment of one is a whole message too.
+        let single = encode::fragments(&whole, 255);
+        assert_eq!(single.len(), 1);
+        assert_eq!(
+            decode(&single[0], &Some(KEY), &mut FormatCache::new()).unwrap(),
+            expected
+        );
     }
 
     /// TPL mode 10 (AES-CCM, OMS security profile D): the public telegram and key of
