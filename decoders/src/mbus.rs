@@ -495,7 +495,12 @@ fn hex_lower(bytes: &[u8]) -> String {
     let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
     for b in bytes {
         out.push(HEX_LOWER.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
-        out.push(HEX_LOWER.get(usize::from(b & 0x0F)).copied().unwrap_or(b'0'));
+        out.push(
+            HEX_LOWER
+                .get(usize::from(b & 0x0F))
+                .copied()
+                .unwrap_or(b'0'),
+        );
     }
     String::from_utf8(out).unwrap_or_default()
 }
@@ -1907,7 +1912,6 @@ fn strip_trailing_zeros(mut v: i64, mut scale: u32) -> (i64, u32) {
     }
     (v, scale)
 }
-
 
 /// A placeholder that [`RawRecord::write_record`] overwrites; nothing in it allocates.
 fn empty_record() -> Record {

@@ -98,7 +98,6 @@ fn heat() -> impl Strategy<Value = HeatReading> {
         )
 }
 
-
 /// One well-formed M-Bus data record: any data coding with the right data length, DIFEs,
 /// primary or FD/FB extension VIFs and combinable VIFEs (scale, additive, reverse, 7F escape).
 fn any_data_record() -> impl Strategy<Value = DataRecord> {
@@ -114,7 +113,11 @@ fn any_data_record() -> impl Strategy<Value = DataRecord> {
         Just(0xFB),
     ];
     let vife = proptest::collection::vec(
-        prop_oneof![0x70u8..=0x7F, Just(0x3C), any::<u8>().prop_map(|v| v & 0x7F)],
+        prop_oneof![
+            0x70u8..=0x7F,
+            Just(0x3C),
+            any::<u8>().prop_map(|v| v & 0x7F)
+        ],
         0..3,
     );
     (
@@ -127,33 +130,41 @@ fn any_data_record() -> impl Strategy<Value = DataRecord> {
         proptest::collection::vec(any::<u8>(), 64),
         prop_oneof![0u8..12, 0xC0u8..0xC5, 0xD0u8..0xD5, 0xE0u8..0xE5],
     )
-        .prop_map(|(coding, dif_bits, dife, vif, code, mut vife, bytes, lvar)| {
-            let dif = coding | (dif_bits & 0x70);
-            if vif == 0xFD || vif == 0xFB {
-                vife.insert(0, code & 0x7F);
-            }
-            let len = match coding {
-                0x01 | 0x09 => 1,
-                0x02 | 0x0A => 2,
-                0x03 | 0x0B => 3,
-                0x04 | 0x05 | 0x0C => 4,
-                0x06 | 0x0E => 6,
-                0x07 => 8,
-                0x0D => match lvar {
-                    0xE0..=0xEF => usize::from(lvar - 0xE0),
-                    0xD0..=0xDF => usize::from(lvar - 0xD0),
-                    0xC0..=0xCF => usize::from(lvar - 0xC0),
-                    _ => usize::from(lvar),
-                },
-                _ => 0,
-            };
-            let mut data = Vec::new();
-            if coding == 0x0D {
-                data.push(lvar);
-            }
-            data.extend_from_slice(&bytes[..len]);
-            DataRecord { dif, dife, vif, vife, data }
-        })
+        .prop_map(
+            |(coding, dif_bits, dife, vif, code, mut vife, bytes, lvar)| {
+                let dif = coding | (dif_bits & 0x70);
+                if vif == 0xFD || vif == 0xFB {
+                    vife.insert(0, code & 0x7F);
+                }
+                let len = match coding {
+                    0x01 | 0x09 => 1,
+                    0x02 | 0x0A => 2,
+                    0x03 | 0x0B => 3,
+                    0x04 | 0x05 | 0x0C => 4,
+                    0x06 | 0x0E => 6,
+                    0x07 => 8,
+                    0x0D => match lvar {
+                        0xE0..=0xEF => usize::from(lvar - 0xE0),
+                        0xD0..=0xDF => usize::from(lvar - 0xD0),
+                        0xC0..=0xCF => usize::from(lvar - 0xC0),
+                        _ => usize::from(lvar),
+                    },
+                    _ => 0,
+                };
+                let mut data = Vec::new();
+                if coding == 0x0D {
+                    data.push(lvar);
+                }
+                data.extend_from_slice(&bytes[..len]);
+                DataRecord {
+                    dif,
+                    dife,
+                    vif,
+                    vife,
+                    data,
+                }
+            },
+        )
 }
 
 proptest! {
@@ -293,6 +304,38 @@ proptest! {
             (Err(e), Err(expected)) => prop_assert_eq!(e, expected),
             (got, expected) => prop_assert!(false, "decode {got:?} but iterator {expected:?}"),
         }
+    }
+
+    #[test]
+    fn afl_fragments_reassemble_to_the_whole_telegram(
+        records in proptest::collection::vec(any_data_record(), 1..12),
+        piece in 1usize..40,
+        key in proptest::option::of(any::<[u8; 16]>()),
+        access in any::<u8>(),
+    ) {
+        use decoders::wmbus::{self, FormatCache, encode};
+        let meter = encode::WmbusMeter {
+            manufacturer: wmbus::manufacturer_from_code("KAM").unwrap(),
+            id: 0x1234_5678,
+            version: 1,
+            device_type: 7,
+        };
+        let mut payload = Vec::new();
+        for r in &records {
+            r.encode_into(&mut payload);
+        }
+        let whole = encode::telegram(&meter, &payload, access, key);
+        let expected = wmbus::decode(&whole, &key, &mut FormatCache::new());
+        let parts = encode::fragments(&whole, piece);
+        let mut cache = FormatCache::new();
+        let (last, first) = parts.split_last().unwrap();
+        for (i, part) in first.iter().enumerate() {
+            prop_assert_eq!(
+                wmbus::decode(part, &key, &mut cache).unwrap_err(),
+                wmbus::WmbusError::Fragmented { fragment: u8::try_from(i + 1).unwrap() }
+            );
+        }
+        prop_assert_eq!(wmbus::decode(last, &key, &mut cache), expected);
     }
 
     #[test]

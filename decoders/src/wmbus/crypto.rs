@@ -79,7 +79,6 @@ pub(crate) fn mode7_key(key: &[u8; 16], dc: u8, mcr: [u8; 4], id: [u8; 4]) -> [u
     cmac(key, &[&input])
 }
 
-
 /// Nonce length of TPL mode 10: M(2) ‖ ID(4) ‖ version ‖ type ‖ 00 ‖ message counter (4),
 /// which leaves a 2-byte block counter (CCM L = 2).
 pub(crate) const CCM_NONCE: usize = 13;
@@ -103,7 +102,7 @@ pub(crate) fn ccm_decrypt(
     ) else {
         return false;
     };
-    if !(4..=16).contains(&tag_len) || tag_len % 2 != 0 || aad_len >= 0xFF00 {
+    if !(4..=16).contains(&tag_len) || !tag_len.is_multiple_of(2) || aad_len >= 0xFF00 {
         return false;
     }
     let counter_block = |i: u16| {

@@ -5,10 +5,12 @@
 //!   already stripped by the receiver (the usual `L C M A CI ...` hex log), trailing RSSI ignored;
 //! - extended link layer ELL I–IV (CI 8C–8F), including AES-128-CTR session encryption, whose
 //!   payload CRC tells a right key from a wrong one;
-//! - authentication and fragmentation layer AFL (CI 90): message counter and CMAC;
+//! - authentication and fragmentation layer AFL (CI 90): message counter and CMAC, fragments
+//!   reassembled per sender in the [`FormatCache`];
 //! - transport layer: no header (CI 78, compact 79), short (7A) or long (72) header, with
-//!   security mode 0, 5 (AES-128-CBC, IV = M‖A‖ACC×8) or 7 (AES-128-CBC, IV 0, keys derived per
-//!   message by AES-CMAC); a decrypted part must start with the `2F2F` check bytes.
+//!   security mode 0, 5 (AES-128-CBC, IV = M‖A‖ACC×8), 7 (AES-128-CBC, IV 0, keys derived per
+//!   message by AES-CMAC) or 10 (AES-CCM under the mode-7 derived key); a mode 5/7 plaintext
+//!   must start with the `2F2F` check bytes, a mode-10 one must match its CCM tag.
 //!
 //! Telegrams replayed already decrypted (`2F2F` first, or a matching ELL payload CRC) decode
 //! without a key. A missing or wrong key is a typed [`WmbusError`], never garbage values. Keys
