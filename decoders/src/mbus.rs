@@ -1881,8 +1881,16 @@ fn write_int_number(
         *out = RecordValue::Number(Decimal::ZERO);
         if let RecordValue::Number(slot) = out {
             let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
-            // `scale` <= 28 here, the only case in which `Decimal::new` would panic.
-            *slot = Decimal::new(mantissa, scale);
+            // `Decimal::new(mantissa, scale)` by its parts: `new` is not inlined across
+            // crates and returns through memory (the same stall again); `from_parts` is.
+            let magnitude = mantissa.unsigned_abs();
+            *slot = Decimal::from_parts(
+                (magnitude & 0xFFFF_FFFF) as u32,
+                (magnitude >> 32) as u32,
+                0,
+                mantissa < 0,
+                scale,
+            );
         }
         return true;
     }
