@@ -6,8 +6,9 @@
 //! knowledge only: no sockets, files, clocks, async or logging. `nom` stays private; the public
 //! API takes `&[u8]` and returns `Result<_, DecodeError>`.
 //!
-//! Every parser is `nom` combinators over `&[u8]`, checks every length prefix before taking
-//! bytes, never indexes slices directly, and has cargo-fuzz targets (see `fuzz/`) plus
+//! Every parser is `nom` combinators over `&[u8]` (the M-Bus record parser, the hot path,
+//! reads by checked index instead), checks every length prefix before taking bytes, never
+//! indexes slices directly, and has cargo-fuzz targets (see `fuzz/`) plus
 //! proptest no-panic properties. Conformance against public corpora: `CONFORMANCE.md`.
 //!
 //! The `meter-decode` binary prints the JSON form of a pasted frame:

@@ -408,14 +408,13 @@ pub struct RspUdHeader {
 impl RspUdHeader {
     /// The identification as the 8 digits printed on the meter.
     pub fn id_digits(&self) -> String {
-        // Built directly (no formatter): this runs for every decoded frame.
-        (0..8u32)
-            .rev()
-            .map(|i| {
-                let nibble = (self.id >> i.saturating_mul(4)) & 0x0F;
-                char::from_digit(nibble, 16).map_or('0', |c| c.to_ascii_uppercase())
-            })
-            .collect()
+        // Built on the stack and copied once (no formatter): this runs for every frame.
+        let mut digits = [0u8; 8];
+        for (slot, shift) in digits.iter_mut().zip((0..8u32).rev()) {
+            let nibble = (self.id >> shift.wrapping_mul(4)) & 0x0F;
+            *slot = HEX_UPPER.get(nibble as usize).copied().unwrap_or(b'0');
+        }
+        ascii_string(&digits)
     }
 
     fn to_wire(self) -> [u8; 12] {
@@ -479,13 +478,38 @@ impl SecondaryAddress {
 
 /// Returns the three-letter code of a packed manufacturer id (`0x2C2D` = "KAM").
 pub fn manufacturer_code(man: u16) -> String {
-    [10u16, 5, 0]
-        .iter()
-        .map(|shift| {
-            let v = ((man >> shift) & 0x1F) as u8;
-            char::from(v.wrapping_add(64))
-        })
-        .collect()
+    let mut letters = [0u8; 3];
+    for (slot, shift) in letters.iter_mut().zip([10u16, 5, 0]) {
+        // 5 bits, so at most 0x1F + 64: always ASCII.
+        *slot = (((man >> shift) & 0x1F) as u8).wrapping_add(64);
+    }
+    ascii_string(&letters)
+}
+
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` (what `hex::encode` gives), allocated once at its exact size
+/// instead of collected a character at a time.
+fn hex_lower(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
+    for b in bytes {
+        out.push(HEX_LOWER.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
+        out.push(
+            HEX_LOWER
+                .get(usize::from(b & 0x0F))
+                .copied()
+                .unwrap_or(b'0'),
+        );
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// A `String` of ASCII bytes, allocated once at its exact size.
+fn ascii_string(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    out.extend(bytes.iter().map(|b| char::from(*b)));
+    out
 }
 
 /// Packs a three-letter manufacturer code (`"KAM"` = 0x2C2D); `None` unless 3 letters A-Z.
@@ -680,17 +704,33 @@ fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusE
     }
     let header = parse_header(ci, base, &mut cur)?;
     let msb_first = ci == CI_RSP_LONG_MSB;
-    // A record takes at least 2 bytes and usually 4 to 7: sized once for the usual case
-    // instead of growing (and moving every record) four or five times.
-    let mut records_out = Vec::with_capacity((cur.rest.len() / 4).saturating_add(1));
+    // The vector is filled with placeholders first (a tight loop of constant stores) and each
+    // record is then written into its slot: a record built aside and moved into the vector
+    // is read back right after its fields were written, which stalls on store forwarding.
+    let count = count_records(cur.rest);
+    let mut records_out: Vec<Record> = Vec::with_capacity(count);
+    records_out.extend(std::iter::repeat_with(empty_record).take(count));
     let mut more = false;
-    for rec in RecordIter::with_offset(cur.rest, cur.offset, msb_first) {
-        let rec = rec?;
-        if rec.dif == 0x1F {
-            more = true;
+    let mut iter = RecordIter::with_offset(cur.rest, cur.offset, msb_first);
+    let mut slots = records_out.iter_mut();
+    let mut filled = 0usize;
+    // `next_record` rather than the iterator: its `Option<Result<..>>` is one more copy of
+    // every record.
+    while let Some(rec) = iter.next_record()? {
+        more |= rec.dif == 0x1F;
+        match slots.next() {
+            Some(slot) => rec.write_record(slot),
+            // Only if the counting pass and the parser disagreed; kept correct regardless.
+            None => {
+                let mut record = empty_record();
+                rec.write_record(&mut record);
+                records_out.push(record);
+                slots = [].iter_mut();
+            }
         }
-        records_out.push(rec.to_record());
+        filled = filled.saturating_add(1);
     }
+    records_out.truncate(filled);
     Ok(Application {
         ci,
         header,
@@ -960,22 +1000,26 @@ impl<'a> RecordIter<'a> {
         }
     }
 
+    #[inline(always)]
     fn next_record(&mut self) -> Result<Option<RawRecord<'a>>, MbusError> {
-        let mut cur = Cursor::new(self.rest, self.offset);
-        // Skip idle fillers.
-        while cur.rest.first() == Some(&0x2F) {
-            cur.byte("idle filler")?;
-        }
-        if cur.rest.is_empty() {
+        // Idle fillers (2F) are skipped.
+        let fillers = self.rest.iter().take_while(|b| **b == 0x2F).count();
+        let mut r = RecordReader {
+            bytes: self.rest,
+            pos: fillers,
+            base: self.offset,
+        };
+        let offset = r.offset();
+        let Some(&dif) = self.rest.get(fillers) else {
             return Ok(None);
-        }
-        let offset = cur.offset;
-        let dif = cur.byte("DIF")?;
-        if dif == 0x0F || dif == 0x1F {
-            let data = cur.take(cur.rest.len(), "manufacturer data")?;
-            self.rest = cur.rest;
-            self.offset = cur.offset;
-            let record = RawRecord {
+        };
+        r.pos = r.pos.saturating_add(1);
+        let msb_first = self.msb_first;
+        let record = if dif == 0x0F || dif == 0x1F {
+            // Manufacturer data: the rest of the payload.
+            let data = r.rest();
+            r.pos = r.bytes.len();
+            RawRecord {
                 offset,
                 dif,
                 dife: &[],
@@ -984,67 +1028,201 @@ impl<'a> RecordIter<'a> {
                 vife: &[],
                 data,
                 lvar: None,
-                msb_first: self.msb_first,
-            };
-            return Ok(Some(record));
-        }
-        let dife = chain(&mut cur, dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife {
-            offset,
-        })?;
-        let vif = cur.byte("VIF")?;
-        let plain_text = if vif & 0x7F == 0x7C {
-            // libmbus and the old ELV/Itron devices put the text right after the VIF.
-            let len = cur.byte("plain-text VIF length")?;
-            cur.take(usize::from(len), "plain-text VIF")?
-        } else {
-            &[]
-        };
-        let vife = chain(&mut cur, vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife {
-            offset,
-        })?;
-        let (data, lvar) = match dif & 0x0F {
-            0x0D => {
-                let lvar_offset = cur.offset;
-                let lvar = cur.byte("LVAR")?;
-                let len = match lvar {
-                    0x00..=0xBF => usize::from(lvar),
-                    0xC0..=0xCF => usize::from(lvar.wrapping_sub(0xC0)),
-                    0xD0..=0xDF => usize::from(lvar.wrapping_sub(0xD0)),
-                    0xE0..=0xEF => usize::from(lvar.wrapping_sub(0xE0)),
-                    // Binary numbers of 4 * (LVAR - EC) bytes, then 48 and 64 bytes.
-                    0xF0..=0xF4 => usize::from(lvar.wrapping_sub(0xEC)).wrapping_mul(4),
-                    0xF5 => 48,
-                    0xF6 => 64,
-                    _ => {
-                        return Err(MbusError::UnsupportedLvar {
-                            offset: lvar_offset,
-                            lvar,
-                        });
-                    }
-                };
-                (cur.take(len, "variable-length data")?, Some(lvar))
+                msb_first,
             }
-            coding => (cur.take(data_len(coding), "data")?, None),
+        } else {
+            let dife = r.chain(dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife { offset })?;
+            let vif = r.byte("VIF")?;
+            let plain_text = if vif & 0x7F == 0x7C {
+                // libmbus and the old ELV/Itron devices put the text right after the VIF.
+                let len = r.byte("plain-text VIF length")?;
+                r.take(usize::from(len), "plain-text VIF")?
+            } else {
+                &[]
+            };
+            let vife = r.chain(vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife { offset })?;
+            let (data, lvar) = match dif & 0x0F {
+                0x0D => {
+                    let lvar_offset = r.offset();
+                    let lvar = r.byte("LVAR")?;
+                    let len = lvar_len(lvar).ok_or(MbusError::UnsupportedLvar {
+                        offset: lvar_offset,
+                        lvar,
+                    })?;
+                    (r.take(len, "variable-length data")?, Some(lvar))
+                }
+                coding => (r.take(data_len(coding), "data")?, None),
+            };
+            RawRecord {
+                offset,
+                dif,
+                dife,
+                vif,
+                plain_text,
+                vife,
+                data,
+                lvar,
+                msb_first,
+            }
         };
-        self.rest = cur.rest;
-        self.offset = cur.offset;
-        Ok(Some(RawRecord {
-            offset,
-            dif,
-            dife,
-            vif,
-            plain_text,
-            vife,
-            data,
-            lvar,
-            msb_first: self.msb_first,
-        }))
+        self.rest = r.rest();
+        self.offset = r.offset();
+        Ok(Some(record))
+    }
+}
+
+/// Number of records in `payload` by structure alone (the lengths, no values): sizes the
+/// record vector exactly. Stops at the first malformed record, which the parser reports.
+fn count_records(payload: &[u8]) -> usize {
+    let mut count = 0usize;
+    let mut pos = 0usize;
+    let at = |i: usize| payload.get(i).copied();
+    // Skips an extension chain starting after `first`; `None` when it runs off the end.
+    let skip_chain = |mut i: usize, first: u8| -> Option<usize> {
+        let mut ext = first & 0x80 != 0;
+        while ext {
+            ext = at(i)? & 0x80 != 0;
+            i = i.saturating_add(1);
+        }
+        Some(i)
+    };
+    loop {
+        while at(pos) == Some(0x2F) {
+            pos = pos.saturating_add(1);
+        }
+        let Some(dif) = at(pos) else {
+            return count;
+        };
+        count = count.saturating_add(1);
+        if dif == 0x0F || dif == 0x1F {
+            return count;
+        }
+        let Some(after_dife) = skip_chain(pos.saturating_add(1), dif) else {
+            return count;
+        };
+        let Some(vif) = at(after_dife) else {
+            return count;
+        };
+        let mut i = after_dife.saturating_add(1);
+        if vif & 0x7F == 0x7C {
+            let Some(len) = at(i) else {
+                return count;
+            };
+            i = i.saturating_add(1).saturating_add(usize::from(len));
+        }
+        let Some(after_vife) = skip_chain(i, vif) else {
+            return count;
+        };
+        i = after_vife;
+        let len = if dif & 0x0F == 0x0D {
+            let Some(len) = at(i).and_then(lvar_len) else {
+                return count;
+            };
+            i = i.saturating_add(1);
+            len
+        } else {
+            data_len(dif & 0x0F)
+        };
+        pos = i.saturating_add(len);
+        if pos > payload.len() {
+            return count;
+        }
+    }
+}
+
+/// Length of variable-length data from its LVAR byte (EN 13757-3 §6.3.3); `None` if reserved.
+fn lvar_len(lvar: u8) -> Option<usize> {
+    Some(match lvar {
+        0x00..=0xBF => usize::from(lvar),
+        0xC0..=0xCF => usize::from(lvar.wrapping_sub(0xC0)),
+        0xD0..=0xDF => usize::from(lvar.wrapping_sub(0xD0)),
+        0xE0..=0xEF => usize::from(lvar.wrapping_sub(0xE0)),
+        // Binary numbers of 4 * (LVAR - EC) bytes, then 48 and 64 bytes.
+        0xF0..=0xF4 => usize::from(lvar.wrapping_sub(0xEC)).wrapping_mul(4),
+        0xF5 => 48,
+        0xF6 => 64,
+        _ => return None,
+    })
+}
+
+/// The record parser's reader: an index into the payload instead of a re-sliced cursor, as
+/// this runs for every byte of every record. Errors name the field and its offset exactly as
+/// [`Cursor`] does.
+struct RecordReader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    /// Offset of `bytes[0]` in the input.
+    base: usize,
+}
+
+impl<'a> RecordReader<'a> {
+    fn offset(&self) -> usize {
+        self.base.saturating_add(self.pos)
+    }
+
+    fn rest(&self) -> &'a [u8] {
+        self.bytes.get(self.pos..).unwrap_or(&[])
+    }
+
+    #[inline]
+    fn byte(&mut self, field: &'static str) -> Result<u8, MbusError> {
+        match self.bytes.get(self.pos) {
+            Some(b) => {
+                self.pos = self.pos.saturating_add(1);
+                Ok(*b)
+            }
+            None => Err(MbusError::Truncated {
+                offset: self.offset(),
+                field,
+                needed: 1,
+            }),
+        }
+    }
+
+    #[inline]
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], MbusError> {
+        let end = self.pos.saturating_add(n);
+        match self.bytes.get(self.pos..end) {
+            Some(taken) => {
+                self.pos = end;
+                Ok(taken)
+            }
+            None => Err(MbusError::Truncated {
+                offset: self.offset(),
+                field,
+                needed: n.saturating_sub(self.bytes.len().saturating_sub(self.pos)),
+            }),
+        }
+    }
+
+    /// An extension chain (DIFEs or VIFEs) after `first`, while the extension bit is set; at
+    /// most `max` bytes, else `too_many`.
+    #[inline]
+    fn chain(
+        &mut self,
+        first: u8,
+        max: usize,
+        field: &'static str,
+        too_many: impl FnOnce() -> MbusError,
+    ) -> Result<&'a [u8], MbusError> {
+        let start = self.pos;
+        let mut ext = first & 0x80 != 0;
+        while ext {
+            if self.pos.saturating_sub(start) >= max {
+                return Err(too_many());
+            }
+            ext = self.byte(field)? & 0x80 != 0;
+        }
+        Ok(self.bytes.get(start..self.pos).unwrap_or(&[]))
     }
 }
 
 impl<'a> Iterator for RecordIter<'a> {
     type Item = Result<RawRecord<'a>, MbusError>;
 
+    // Inlined so that the record is built in the caller's frame: returned by value through
+    // `Option<Result<..>>` it was copied twice and the copy stalled on store forwarding.
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
         if self.done {
             return None;
@@ -1061,28 +1239,6 @@ impl<'a> Iterator for RecordIter<'a> {
             }
         }
     }
-}
-
-/// Reads an extension chain (DIFEs or VIFEs) after `first` while the extension bit is set.
-fn chain<'a>(
-    cur: &mut Cursor<'a>,
-    first: u8,
-    max: usize,
-    field: &'static str,
-    too_many: impl FnOnce() -> MbusError,
-) -> Result<&'a [u8], MbusError> {
-    let all = cur.rest;
-    let mut n = 0usize;
-    let mut ext = first & 0x80 != 0;
-    while ext {
-        if n >= max {
-            return Err(too_many());
-        }
-        let b = cur.byte(field)?;
-        ext = b & 0x80 != 0;
-        n = n.saturating_add(1);
-    }
-    Ok(all.get(..n).unwrap_or(&[]))
 }
 
 /// Data length for DIF data-field codings other than LVAR (EN 13757-3 table 5).
@@ -1155,7 +1311,7 @@ const fn vf(quantity: &'static str, unit: Option<Unit>, exponent: i32, factor: u
 }
 
 /// Duration codes nn: 0 s, 1 min, 2 h, 3 d.
-fn duration(quantity: &'static str, nn: u8) -> VifInfo {
+const fn duration(quantity: &'static str, nn: u8) -> VifInfo {
     match nn & 3 {
         0 => vi(quantity, Some(Unit::Second), 0),
         1 => vf(quantity, Some(Unit::Second), 0, 60),
@@ -1164,12 +1320,13 @@ fn duration(quantity: &'static str, nn: u8) -> VifInfo {
     }
 }
 
-fn exp(vif: u8, mask: u8, offset: i32) -> i32 {
-    i32::from(vif & mask).wrapping_add(offset)
+const fn exp(vif: u8, mask: u8, offset: i32) -> i32 {
+    // `as` because `From` is not const; a u8 always fits an i32.
+    ((vif & mask) as i32).wrapping_add(offset)
 }
 
 /// Primary VIF table (EN 13757-3 table 10), VIF without the extension bit.
-fn primary_vif(vif: u8) -> VifInfo {
+const fn primary_vif(vif: u8) -> VifInfo {
     use Unit as U;
     match vif {
         0x00..=0x07 => vi("energy", Some(U::KilowattHour), exp(vif, 7, -6)),
@@ -1223,7 +1380,7 @@ fn primary_vif(vif: u8) -> VifInfo {
 }
 
 /// First extension table, after VIF FD (EN 13757-3 table 14).
-fn fd_vif(code: u8) -> VifInfo {
+const fn fd_vif(code: u8) -> VifInfo {
     use Unit as U;
     match code {
         0x00..=0x03 => vi("credit", None, exp(code, 3, -3)),
@@ -1299,7 +1456,7 @@ fn fd_vif(code: u8) -> VifInfo {
 }
 
 /// Second extension table, after VIF FB (EN 13757-3 table 12).
-fn fb_vif(code: u8) -> VifInfo {
+const fn fb_vif(code: u8) -> VifInfo {
     use Unit as U;
     match code {
         0x00..=0x01 => vi("energy", Some(U::MegawattHour), exp(code, 1, -1)),
@@ -1334,19 +1491,59 @@ fn fb_vif(code: u8) -> VifInfo {
     }
 }
 
+/// The three VIF tables indexed by code (VIF or extension code without the extension bit),
+/// computed at build time: a record costs one indexed load instead of a chain of range tests.
+static PRIMARY_VIF: [VifInfo; 128] = vif_table(VifTable::Primary);
+static FD_VIF: [VifInfo; 128] = vif_table(VifTable::Fd);
+static FB_VIF: [VifInfo; 128] = vif_table(VifTable::Fb);
+
+#[derive(Clone, Copy)]
+enum VifTable {
+    Primary,
+    Fd,
+    Fb,
+}
+
+// Only evaluated at compile time (the statics above): an index out of range or an overflow
+// would fail the build, not panic at run time.
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+const fn vif_table(which: VifTable) -> [VifInfo; 128] {
+    let mut table = [vi("reserved", None, 0); 128];
+    let mut code = 0u8;
+    while code < 128 {
+        table[code as usize] = match which {
+            VifTable::Primary => primary_vif(code),
+            VifTable::Fd => fd_vif(code),
+            VifTable::Fb => fb_vif(code),
+        };
+        code += 1;
+    }
+    table
+}
+
+fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
+    table
+        .get(usize::from(code & 0x7F))
+        .copied()
+        .unwrap_or(vi("reserved", None, 0))
+}
+
 /// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given; the same text as
 /// `format!("{y:04}-{m:02}-{d:02}T…")` without the formatting machinery (a third of a dated
 /// record's decode time went there).
 fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String {
     let mut out = String::with_capacity(19);
     match u32::try_from(y) {
-        Ok(y) if y < 10_000 => push_padded(&mut out, y, 4),
+        Ok(y) if y < 10_000 => {
+            push2(&mut out, u8::try_from(y.wrapping_div(100)).unwrap_or(0));
+            push2(&mut out, u8::try_from(y.wrapping_rem(100)).unwrap_or(0));
+        }
         _ => out.push_str(&format!("{y:04}")),
     }
     out.push('-');
-    push_padded(&mut out, u32::from(m), 2);
+    push2(&mut out, m);
     out.push('-');
-    push_padded(&mut out, u32::from(d), 2);
+    push2(&mut out, d);
     if let Some((h, mi, s)) = time {
         out.push('T');
         push_time(&mut out, h, mi, s);
@@ -1356,12 +1553,23 @@ fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String 
 
 /// Appends `HH:MM[:SS]`.
 fn push_time(out: &mut String, h: u8, mi: u8, s: Option<u8>) {
-    push_padded(out, u32::from(h), 2);
+    push2(out, h);
     out.push(':');
-    push_padded(out, u32::from(mi), 2);
+    push2(out, mi);
     if let Some(s) = s {
         out.push(':');
-        push_padded(out, u32::from(s), 2);
+        push2(out, s);
+    }
+}
+
+/// Appends `value` as at least two digits (`{:02}`); the clock fields of every date type are
+/// masked below 100, so the general path is only a fallback.
+fn push2(out: &mut String, value: u8) {
+    if value < 100 {
+        out.push(char::from(b'0'.wrapping_add(value.wrapping_div(10))));
+        out.push(char::from(b'0'.wrapping_add(value.wrapping_rem(10))));
+    } else {
+        push_padded(out, u32::from(value), 2);
     }
 }
 
@@ -1428,35 +1636,38 @@ impl<'a> RawRecord<'a> {
         self.dif == 0x0F || self.dif == 0x1F
     }
 
-    /// The VIFEs that change the meaning of the value (after the extension-table code).
-    fn combinable_vife(&self) -> &'a [u8] {
-        match self.vif {
-            0xFB | 0xFD => self.vife.get(1..).unwrap_or(&[]),
-            _ => self.vife,
-        }
-    }
-
     /// Meaning of the VIF (and its extension-table VIFE).
     pub fn vif_info(&self) -> VifInfo {
+        self.meaning().0
+    }
+
+    /// The VIF's meaning with the combinable VIFEs applied, and the exponent of the additive
+    /// correction (VIFE 78..7B: 10^(nn-3) units), in one pass over the chain.
+    #[inline(always)]
+    fn meaning(&self) -> (VifInfo, Option<i32>) {
         if self.is_manufacturer_data() {
             let q = if self.dif == 0x1F {
                 "more_records_follow"
             } else {
                 "manufacturer_specific"
             };
-            return vi(q, None, 0);
+            return (vi(q, None, 0), None);
         }
-        let first = self.vife.first().map(|v| v & 0x7F);
-        let mut info = match (self.vif, first) {
-            (0xFD, Some(code)) => fd_vif(code),
-            (0xFB, Some(code)) => fb_vif(code),
-            (0x7C | 0xFC, _) => vi("plain_text", None, 0),
-            (v, _) => primary_vif(v & 0x7F),
+        let (mut info, combinable) = match (self.vif, self.vife.split_first()) {
+            (0xFD, Some((code, rest))) => (lookup(&FD_VIF, *code), rest),
+            (0xFB, Some((code, rest))) => (lookup(&FB_VIF, *code), rest),
+            (0x7C | 0xFC, _) => (vi("plain_text", None, 0), self.vife),
+            (v, _) => (lookup(&PRIMARY_VIF, v), self.vife),
         };
-        for v in self.combinable_vife() {
+        let mut additive = None;
+        for v in combinable {
             match v & 0x7F {
                 // Multiplicative correction 10^(nnn-6).
                 c @ 0x70..=0x77 => info.exponent = info.exponent.wrapping_add(exp(c, 7, -6)),
+                // Additive correction constant 10^(nn-3); the first one counts.
+                c @ 0x78..=0x7B => {
+                    additive.get_or_insert(exp(c, 3, -3));
+                }
                 // Multiplicative correction 10^3.
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
@@ -1466,24 +1677,8 @@ impl<'a> RawRecord<'a> {
                 0x7F => break,
                 _ => {}
             }
-            if v & 0x7F == 0x7F {
-                break;
-            }
         }
-        info
-    }
-
-    /// Additive correction constant (VIFE 78..7B): 10^(nn-3) units of the VIF, if present.
-    fn additive(&self) -> Option<Decimal> {
-        self.combinable_vife()
-            .iter()
-            .take_while(|v| **v & 0x7F != 0x7F)
-            .find(|v| (0x78..=0x7B).contains(&(**v & 0x7F)))
-            .map(|v| {
-                Decimal::new(1, 0)
-                    .checked_mul(pow10(exp(*v, 3, -3)))
-                    .unwrap_or_default()
-            })
+        (info, additive)
     }
 
     /// Decodes the data field without VIF scaling (no allocation).
@@ -1494,6 +1689,7 @@ impl<'a> RawRecord<'a> {
         self.raw_value_with(self.vif_info().date)
     }
 
+    #[inline(always)]
     fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
@@ -1541,86 +1737,212 @@ impl<'a> RawRecord<'a> {
     ///
     /// The decimal is not normalized (`12.345000` and `12.345` compare equal).
     pub fn number(&self) -> Option<(Decimal, Option<Unit>)> {
-        self.number_with(&self.vif_info())
-    }
-
-    fn number_with(&self, info: &VifInfo) -> Option<(Decimal, Option<Unit>)> {
-        let mut value = match self.raw_value_with(info.date) {
-            // Scaling an integer down is only a change of scale: no multiplication needed.
-            RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
-                Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
-            }
-            RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
-            RawValue::Real(f) => Decimal::try_from(f)
-                .ok()?
-                .checked_mul(pow10(info.exponent))?,
-            _ => return None,
-        };
-        if info.factor != 1 {
-            value = value.checked_mul(Decimal::from(info.factor))?;
-        }
-        if let Some(add) = self.additive() {
-            value = value.checked_add(add)?;
-        }
-        Some((value, info.unit))
+        let (info, additive) = self.meaning();
+        let raw = self.raw_value_with(info.date);
+        scaled(raw, &info, additive).map(|v| (v, info.unit))
     }
 
     /// Converts to the protocol-neutral record. The quantity name is borrowed from the VIF
     /// table; only plain-text VIFs, dates, text and raw bytes allocate.
     pub fn to_record(&self) -> Record {
-        let info = self.vif_info();
-        let quantity: std::borrow::Cow<'static, str> = if self.plain_text.is_empty() {
+        let mut record = empty_record();
+        self.write_record(&mut record);
+        record
+    }
+
+    /// Fills `out` (every field) with this record. `decode` writes into the slot of its
+    /// vector: a record built aside and then moved was read back right after its fields were
+    /// written, which stalls on store forwarding (a quarter of the decode time).
+    #[inline(always)]
+    fn write_record(&self, out: &mut Record) {
+        let (info, additive) = self.meaning();
+        out.quantity = if self.plain_text.is_empty() {
             info.quantity.into()
         } else {
             text(self.plain_text).into()
         };
-        let (value, unit) = match self.number_with(&info) {
-            Some((v, unit)) => (RecordValue::Number(v.normalize()), unit),
-            None => (
-                match self.raw_value_with(info.date) {
-                    RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
-                    RawValue::DateTime(y, mo, d, h, mi, s) => {
-                        RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
-                    }
-                    RawValue::Time(h, mi, s) => {
-                        let mut out = String::with_capacity(8);
-                        push_time(&mut out, h, mi, Some(s));
-                        RecordValue::Date(out)
-                    }
-                    RawValue::Text(t) => RecordValue::Text(text(t)),
-                    RawValue::None => RecordValue::Raw(String::new()),
-                    // Variable-length binary numbers are little-endian: print them MSB first.
-                    RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
-                        let mut out = String::with_capacity(b.len().saturating_mul(2));
-                        for x in b.iter().rev() {
-                            for nibble in [x >> 4, x & 0x0F] {
-                                out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
-                            }
-                        }
-                        RecordValue::Raw(out)
-                    }
-                    RawValue::Bytes(b) => RecordValue::Raw(hex::encode(b)),
-                    RawValue::Int(_) | RawValue::Real(_) => {
-                        RecordValue::Raw(hex::encode(self.data))
-                    }
-                },
-                None,
-            ),
+        let raw = self.raw_value_with(info.date);
+        let is_number = match raw {
+            RawValue::Int(v) => {
+                write_int_number(v, info.exponent, info.factor, additive, &mut out.value)
+            }
+            RawValue::Real(_) => match scaled(raw, &info, additive) {
+                Some(d) => {
+                    out.value = RecordValue::Number(d.normalize());
+                    true
+                }
+                None => false,
+            },
+            _ => false,
         };
-        Record {
-            quantity,
-            value,
-            unit,
-            storage: u32::try_from(self.storage()).unwrap_or(u32::MAX),
-            tariff: self.tariff(),
-            subunit: self.subunit(),
-            function: self.function(),
+        if is_number {
+            out.unit = info.unit;
+        } else {
+            out.value = self.non_number(raw);
+            out.unit = None;
         }
+        let (storage, tariff, subunit) = self.dife_fields();
+        out.storage = u32::try_from(storage).unwrap_or(u32::MAX);
+        out.tariff = tariff;
+        out.subunit = subunit;
+        out.function = self.function();
+    }
+
+    /// Storage number, tariff and subunit from DIF and DIFEs in one pass.
+    fn dife_fields(&self) -> (u64, u32, u32) {
+        let mut storage = u64::from((self.dif >> 6) & 1);
+        let (mut tariff, mut subunit) = (0u32, 0u32);
+        // At most 10 DIFEs (the parser refuses more), so the shifts stay below 64 and 32.
+        for (i, d) in (0u32..).zip(self.dife) {
+            storage |= u64::from(d & 0x0F)
+                .checked_shl(i.wrapping_mul(4).wrapping_add(1))
+                .unwrap_or(0);
+            tariff |= u32::from((d >> 4) & 3)
+                .checked_shl(i.wrapping_mul(2))
+                .unwrap_or(0);
+            subunit |= u32::from((d >> 6) & 1).checked_shl(i).unwrap_or(0);
+        }
+        (storage, tariff, subunit)
+    }
+
+    /// The value of a record that is not a number: dates as ISO text, text, raw hex.
+    fn non_number(&self, raw: RawValue<'_>) -> RecordValue {
+        match raw {
+            RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
+            RawValue::DateTime(y, mo, d, h, mi, s) => {
+                RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
+            }
+            RawValue::Time(h, mi, s) => {
+                let mut out = String::with_capacity(8);
+                push_time(&mut out, h, mi, Some(s));
+                RecordValue::Date(out)
+            }
+            RawValue::Text(t) => RecordValue::Text(text(t)),
+            RawValue::None => RecordValue::Raw(String::new()),
+            // Variable-length binary numbers are little-endian: print them MSB first.
+            RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
+                let mut out = String::with_capacity(b.len().saturating_mul(2));
+                for x in b.iter().rev() {
+                    for nibble in [x >> 4, x & 0x0F] {
+                        out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+                    }
+                }
+                RecordValue::Raw(out)
+            }
+            RawValue::Bytes(b) => RecordValue::Raw(hex_lower(b)),
+            RawValue::Int(_) | RawValue::Real(_) => RecordValue::Raw(hex_lower(self.data)),
+        }
+    }
+}
+
+/// `raw` scaled by the VIF's exponent and factor plus the additive correction; `None` when it
+/// is not a number or does not fit a `Decimal`.
+fn scaled(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -> Option<Decimal> {
+    let mut value = match raw {
+        // Scaling an integer down is only a change of scale: no multiplication needed.
+        RawValue::Int(v) if (-28..0).contains(&info.exponent) => {
+            Decimal::try_new(v, info.exponent.unsigned_abs()).ok()?
+        }
+        RawValue::Int(v) => Decimal::from(v).checked_mul(pow10(info.exponent))?,
+        RawValue::Real(f) => Decimal::try_from(f)
+            .ok()?
+            .checked_mul(pow10(info.exponent))?,
+        _ => return None,
+    };
+    if info.factor != 1 {
+        value = value.checked_mul(Decimal::from(info.factor))?;
+    }
+    if let Some(add) = additive {
+        value = value.checked_add(Decimal::ONE.checked_mul(pow10(add)).unwrap_or_default())?;
+    }
+    Some(value)
+}
+
+/// Writes an integer record's value, in normal form, into `out`; false (and `out` untouched)
+/// when it does not fit a `Decimal`.
+///
+/// Not inlined, and writing through `out`, on purpose: the `Decimal` is stored once, straight
+/// into the record. Inlined, it went through the stack and was read back as 16 bytes right
+/// after being written as four words, a store-forwarding stall per record.
+#[inline(never)]
+fn write_int_number(
+    v: i64,
+    exponent: i32,
+    factor: u32,
+    additive: Option<i32>,
+    out: &mut RecordValue,
+) -> bool {
+    // The common case, an integer scaled down by a power of ten, is built directly in normal
+    // form (no trailing fractional zeros) instead of through `Decimal::normalize`, and
+    // without an `Option`/`Result` around it (those live on the stack).
+    if factor == 1 && additive.is_none() && (-28..=0).contains(&exponent) {
+        // The old value is dropped first (a possible call that would otherwise force the new
+        // `Decimal` onto the stack), then the number is stored straight from registers.
+        *out = RecordValue::Number(Decimal::ZERO);
+        if let RecordValue::Number(slot) = out {
+            let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
+            // `Decimal::new(mantissa, scale)` by its parts: `new` is not inlined across
+            // crates and returns through memory (the same stall again); `from_parts` is.
+            let magnitude = mantissa.unsigned_abs();
+            *slot = Decimal::from_parts(
+                (magnitude & 0xFFFF_FFFF) as u32,
+                (magnitude >> 32) as u32,
+                0,
+                mantissa < 0,
+                scale,
+            );
+        }
+        return true;
+    }
+    let info = VifInfo {
+        exponent,
+        factor,
+        ..vi("", None, 0)
+    };
+    match scaled(RawValue::Int(v), &info, additive) {
+        Some(d) => {
+            *out = RecordValue::Number(d.normalize());
+            true
+        }
+        None => false,
+    }
+}
+
+/// `(v, scale)` with the trailing zeros of `v` moved out of the scale, as far as it goes:
+/// `(1200, 3)` is `(12, 1)`; zero is `(0, 0)`.
+fn strip_trailing_zeros(mut v: i64, mut scale: u32) -> (i64, u32) {
+    if v == 0 {
+        return (0, 0);
+    }
+    while scale > 0 && v.wrapping_rem(10) == 0 {
+        v = v.wrapping_div(10);
+        scale = scale.saturating_sub(1);
+    }
+    (v, scale)
+}
+
+/// A placeholder that [`RawRecord::write_record`] overwrites; nothing in it allocates.
+fn empty_record() -> Record {
+    Record {
+        quantity: std::borrow::Cow::Borrowed(""),
+        value: RecordValue::Raw(String::new()),
+        unit: None,
+        storage: 0,
+        tariff: 0,
+        subunit: 0,
+        function: Function::Instantaneous,
     }
 }
 
 /// Text fields are sent last character first.
 fn text(bytes: &[u8]) -> String {
+    if bytes.is_ascii() {
+        // One exact allocation; ASCII is always valid UTF-8.
+        let reversed: Vec<u8> = bytes.iter().rev().copied().collect();
+        if let Ok(s) = String::from_utf8(reversed) {
+            return s;
+        }
+    }
     bytes.iter().rev().map(|b| char::from(*b)).collect()
 }
 

@@ -1,5 +1,5 @@
-//! AES primitives of OMS security: CBC (TPL modes 5 and 7), CTR (ELL session encryption) and the
-//! mode-7 CMAC key derivation. CBC/CTR are written over the block cipher directly so one expanded
+//! AES primitives of OMS security: CBC (TPL modes 5 and 7), CTR (ELL session encryption), CCM
+//! (TPL mode 10) and the mode-7/10 CMAC key derivation. CBC/CTR are written over the block cipher directly so one expanded
 //! key can be reused for many telegrams.
 
 use aes::Aes128;
@@ -79,9 +79,109 @@ pub(crate) fn mode7_key(key: &[u8; 16], dc: u8, mcr: [u8; 4], id: [u8; 4]) -> [u
     cmac(key, &[&input])
 }
 
+/// Nonce length of TPL mode 10: M(2) ‖ ID(4) ‖ version ‖ type ‖ 00 ‖ message counter (4),
+/// which leaves a 2-byte block counter (CCM L = 2).
+pub(crate) const CCM_NONCE: usize = 13;
+
+/// AES-CCM (NIST SP 800-38C, RFC 3610) with a 13-byte nonce: decrypts `data` in place and
+/// returns whether `tag` (4 to 16 bytes, even) authenticates `aad` and the plaintext. On a
+/// wrong tag `data` holds garbage and must not be used.
+pub(crate) fn ccm_decrypt(
+    cipher: &Aes128,
+    nonce: &[u8; CCM_NONCE],
+    aad: &[u8],
+    data: &mut [u8],
+    tag: &[u8],
+) -> bool {
+    let tag_len = tag.len();
+    // Lengths CCM defines; the message length must fit the 2-byte length field (L = 2).
+    let (Ok(tag_code), Ok(msg_len), Ok(aad_len)) = (
+        u8::try_from(tag_len.saturating_sub(2) / 2),
+        u16::try_from(data.len()),
+        u16::try_from(aad.len()),
+    ) else {
+        return false;
+    };
+    if !(4..=16).contains(&tag_len) || !tag_len.is_multiple_of(2) || aad_len >= 0xFF00 {
+        return false;
+    }
+    let counter_block = |i: u16| {
+        let mut a = [0u8; BLOCK];
+        let (flags, rest) = a.split_at_mut(1);
+        let (n, ctr) = rest.split_at_mut(CCM_NONCE);
+        flags.copy_from_slice(&[0x01]); // L - 1
+        n.copy_from_slice(nonce);
+        ctr.copy_from_slice(&i.to_be_bytes());
+        a
+    };
+    let encrypt = |block: [u8; BLOCK]| {
+        let mut b = GenericArray::from(block);
+        cipher.encrypt_block(&mut b);
+        <[u8; BLOCK]>::from(b)
+    };
+    // Decrypt: keystream blocks A_1, A_2, ...
+    for (i, chunk) in (1u16..).zip(data.chunks_mut(BLOCK)) {
+        let keystream = encrypt(counter_block(i));
+        for (b, k) in chunk.iter_mut().zip(keystream.iter()) {
+            *b ^= k;
+        }
+    }
+    // CBC-MAC over B_0, the length-prefixed AAD (zero padded) and the plaintext (zero padded).
+    let mut b0 = counter_block(msg_len);
+    if let Some(flags) = b0.first_mut() {
+        *flags = (u8::from(!aad.is_empty()) << 6) | (tag_code << 3) | 0x01;
+    }
+    let mut mac = encrypt(b0);
+    let mut absorb = |bytes: &[u8]| {
+        for chunk in bytes.chunks(BLOCK) {
+            for (m, b) in mac.iter_mut().zip(chunk) {
+                *m ^= b;
+            }
+            mac = encrypt(mac);
+        }
+    };
+    if !aad.is_empty() {
+        let mut prefixed = Vec::with_capacity(aad.len().saturating_add(2));
+        prefixed.extend_from_slice(&aad_len.to_be_bytes());
+        prefixed.extend_from_slice(aad);
+        absorb(&prefixed);
+    }
+    absorb(data);
+    let s0 = encrypt(counter_block(0));
+    mac.iter()
+        .zip(s0.iter())
+        .map(|(m, s)| m ^ s)
+        .zip(tag)
+        .fold(0u8, |diff, (expected, got)| diff | (expected ^ got))
+        == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 3610 packet vector #1: 13-byte nonce, 8-byte AAD, 23-byte payload, 8-byte tag.
+    #[test]
+    fn ccm_matches_rfc3610_packet_vector_1() {
+        let key = hex::decode("C0C1C2C3C4C5C6C7C8C9CACBCCCDCECF").unwrap();
+        let c = cipher(&key.try_into().unwrap());
+        let nonce: [u8; CCM_NONCE] = hex::decode("00000003020100A0A1A2A3A4A5")
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let aad = hex::decode("0001020304050607").unwrap();
+        let mut data = hex::decode("588C979A61C663D2F066D0C2C0F989806D5F6B61DAC384").unwrap();
+        let tag = hex::decode("17E8D12CFDF926E0").unwrap();
+        assert!(ccm_decrypt(&c, &nonce, &aad, &mut data, &tag));
+        assert_eq!(
+            hex::encode_upper(&data),
+            "08090A0B0C0D0E0F101112131415161718191A1B1C1D1E"
+        );
+        let mut again = hex::decode("588C979A61C663D2F066D0C2C0F989806D5F6B61DAC384").unwrap();
+        let mut bad = tag.clone();
+        bad[0] ^= 1;
+        assert!(!ccm_decrypt(&c, &nonce, &aad, &mut again, &bad));
+    }
 
     #[test]
     fn cbc_round_trip() {

@@ -93,3 +93,44 @@ pub fn telegram(
     out.extend_from_slice(&payload);
     out
 }
+
+/// Splits an unfragmented CRC-free telegram (`L C M A` then the transport layer, no ELL or
+/// AFL) into AFL fragments (EN 13757-7 §6) of at most `piece` message bytes each: fragment ids
+/// 1, 2, ..., "more fragments" on all but the last, the message length (from the TPL CI to the
+/// end) in the first. A message that fits one piece still goes out as fragment 1 of 1.
+pub fn fragments(telegram: &[u8], piece: usize) -> Vec<Vec<u8>> {
+    let (Some(header), Some(message)) = (telegram.get(1..10), telegram.get(10..)) else {
+        return Vec::new();
+    };
+    let total = u16::try_from(message.len()).unwrap_or(u16::MAX);
+    let pieces: Vec<&[u8]> = message.chunks(piece.max(1)).collect();
+    let last = pieces.len();
+    let mut out = Vec::with_capacity(last);
+    for (id, chunk) in (1u16..).zip(pieces) {
+        let more = usize::from(id) < last;
+        let mut fcl = id & 0xFF;
+        if more {
+            fcl |= 0x4000;
+        }
+        let mut afl = Vec::with_capacity(4);
+        if id == 1 {
+            fcl |= 0x1000;
+            afl.extend_from_slice(&fcl.to_le_bytes());
+            afl.extend_from_slice(&total.to_le_bytes());
+        } else {
+            afl.extend_from_slice(&fcl.to_le_bytes());
+        }
+        let mut frame = vec![0u8];
+        frame.extend_from_slice(header);
+        frame.push(0x90);
+        frame.push(u8::try_from(afl.len()).unwrap_or(0));
+        frame.extend_from_slice(&afl);
+        frame.extend_from_slice(chunk);
+        let l = u8::try_from(frame.len().saturating_sub(1)).unwrap_or(u8::MAX);
+        if let Some(first) = frame.first_mut() {
+            *first = l;
+        }
+        out.push(frame);
+    }
+    out
+}

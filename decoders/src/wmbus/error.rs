@@ -100,8 +100,10 @@ pub enum WmbusError {
         /// What did not fit.
         reason: &'static str,
     },
-    /// A fragmented message (AFL "more fragments"); reassembly is not supported.
-    #[error("fragmented message (AFL fragment {fragment}) is not supported")]
+    /// An AFL fragment of a long message: kept in the [`super::FormatCache`] until the last
+    /// fragment arrives, which decodes the whole message. Also returned for a fragment out of
+    /// sequence (one lost or repeated), which drops the message.
+    #[error("AFL fragment {fragment} of a long message: waiting for the rest (or out of sequence)")]
     Fragmented {
         /// Fragment id.
         fragment: u8,
