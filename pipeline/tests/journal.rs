@@ -132,7 +132,7 @@ async fn write_journalled(
     readings: Vec<Reading>,
 ) {
     let out = vee.validate(readings, now());
-    let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
+    let entries = journal::split(out.usage, out.states.clone(), Vec::new(), PARTITIONS);
     let stats = store::write_batch(
         conn,
         &WriteSet {

@@ -14,6 +14,7 @@ fn profile(q3: f64, role: Role) -> MeterProfile {
         dma: None,
         role,
         utc_offset_s: 8 * 3600,
+        model: None,
     }
 }
 
