@@ -393,6 +393,18 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("state_meters={}", vee.meters());
     println!("state_bytes_per_meter={per_meter:.0}");
+    // The detectors' state beside it, rebuilt the same way (checkpointed `detector_state`).
+    let det = pipeline::detect::store::load(
+        &pool,
+        pipeline::detect::DetectConfig::default(),
+        |_| true,
+    )
+    .await?;
+    println!(
+        "detector_state_rows={} detector_bytes_per_meter={:.0}",
+        det.meters(),
+        det.state_bytes() as f64 / det.meters().max(1) as f64
+    );
     println!("pipeline_readings_per_s={pipe_rate:.0}");
     pool.close().await;
     if !args.keep {
