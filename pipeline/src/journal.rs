@@ -28,8 +28,8 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, Row};
 use time::{Date, OffsetDateTime};
 
-use crate::store::{self, StoreError, StoreOptions};
 use crate::detect::MeterDetect;
+use crate::store::{self, StoreError, StoreOptions};
 use crate::vee::{MeterState, Usage};
 
 /// First byte of every journal record: the format version. Version 1 holds meter states and
@@ -129,7 +129,11 @@ pub fn encode(
     detect: &[(Box<str>, MeterDetect)],
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + usage.len() * 64 + states.len() * 80 + detect.len() * 64);
-    out.push(if detect.is_empty() { FORMAT_V1 } else { FORMAT_V2 });
+    out.push(if detect.is_empty() {
+        FORMAT_V1
+    } else {
+        FORMAT_V2
+    });
     put_uvarint(&mut out, states.len() as u128);
     for (m, s) in states {
         put_str(&mut out, m);

@@ -929,12 +929,7 @@ impl Processor<'_> {
         );
         WriteJob {
             readings: out.readings,
-            entries: journal::split(
-                out.usage,
-                out.states,
-                detect_states,
-                self.config.partitions,
-            ),
+            entries: journal::split(out.usage, out.states, detect_states, self.config.partitions),
             progress: progress_rows,
             acks,
             rejects,

@@ -417,12 +417,11 @@ async fn dma_balance_raises_once_and_clears_when_the_loss_falls() {
     detect::dma::run(pool, &t, utc, datetime!(2026-03-05 12:00 UTC))
         .await
         .unwrap();
-    let (state, closed_by): (String, String) = sqlx::query_as(
-        "SELECT state, closed_by FROM alarms WHERE kind = 'dma_imbalance'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let (state, closed_by): (String, String) =
+        sqlx::query_as("SELECT state, closed_by FROM alarms WHERE kind = 'dma_imbalance'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!((state.as_str(), closed_by.as_str()), ("closed", "auto"));
     db.drop_database().await;
 }
@@ -451,7 +450,11 @@ async fn status_bits_follow_the_registry_model_live() {
         r
     };
     // Default map: 0x08 means nothing, 0x20 is tamper.
-    assert!(detect::batch_write(&mut det, &[status(1, 0x08)]).events.is_empty());
+    assert!(
+        detect::batch_write(&mut det, &[status(1, 0x08)])
+            .events
+            .is_empty()
+    );
     let mut changes = spawn_listener(pool.clone());
     // The listener is connected once a change made now reaches it.
     pipeline::registry::save_model(
@@ -471,7 +474,10 @@ async fn status_bits_follow_the_registry_model_live() {
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
     let mut seen_meter = false;
     while !seen_meter {
-        assert!(tokio::time::Instant::now() < deadline, "no registry notification");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no registry notification"
+        );
         exec(
             pool,
             &format!("UPDATE meters SET model_code = 'acme-x1' WHERE meter_id = '{METER}'"),
@@ -493,7 +499,10 @@ async fn status_bits_follow_the_registry_model_live() {
         }
     }
     let bits = det.status_bits_of(METER);
-    assert_eq!((bits.tamper, bits.low_battery, bits.valve_fault), (0x08, 0x200, 0));
+    assert_eq!(
+        (bits.tamper, bits.low_battery, bits.valve_fault),
+        (0x08, 0x200, 0)
+    );
     let events = detect::batch_write(&mut det, &[status(2, 0x208)]).events;
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(kinds, ["tamper", "low_battery"]);

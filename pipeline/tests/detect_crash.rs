@@ -182,8 +182,7 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
         "the scenario raises bursts and leaks: {expected:?}"
     );
 
-    let mut config =
-        pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, PARTITIONS).unwrap();
+    let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, PARTITIONS).unwrap();
     config.client_id = format!("wk-crash-{}", rand::random::<u32>());
     // One message per transaction: many commits, so the kill lands between and inside them.
     config.max_batch_readings = 1;
@@ -211,7 +210,10 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     let (worker, metrics, _stop) = start(&db, &config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while IngestMetrics::get(&metrics.commits) == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "worker never consumed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker never consumed"
+        );
         client
             .publish(
                 format!("{root}/readings/0"),
@@ -235,11 +237,17 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     .await;
     worker.abort();
     let _ = worker.await;
-    assert!(stored < total, "the kill came before the end ({stored} of {total})");
+    assert!(
+        stored < total,
+        "the kill came before the end ({stored} of {total})"
+    );
     let raised = count(&db, "SELECT count(*) FROM alarms").await;
     let journalled = count(&db, "SELECT count(*) FROM ingest_journal").await;
     let checkpointed = count(&db, "SELECT count(*) FROM detector_state").await;
-    assert!(journalled > 0 && checkpointed == 0, "state only in the journal");
+    assert!(
+        journalled > 0 && checkpointed == 0,
+        "state only in the journal"
+    );
 
     // Restart (the broker redelivers what was not acknowledged) and replay everything again
     // (a gateway re-sending its spool after reconnecting).
@@ -255,7 +263,10 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     // Every re-sent message counted (so nothing of the replay is still to be judged).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while (IngestMetrics::get(&metrics.seq_duplicates) as i64) < stored {
-        assert!(tokio::time::Instant::now() < deadline, "replay not consumed");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replay not consumed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.send(true).unwrap();
@@ -264,14 +275,13 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
         .await
         .unwrap();
 
-    let rows: Vec<(String, String, i32, OffsetDateTime, Option<OffsetDateTime>)> =
-        sqlx::query_as(
-            "SELECT meter_id, kind, occurrences, first_seen, cleared_at FROM alarms
+    let rows: Vec<(String, String, i32, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT meter_id, kind, occurrences, first_seen, cleared_at FROM alarms
              ORDER BY meter_id, kind",
-        )
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
     let mut got: BTreeMap<(String, String), (OffsetDateTime, bool)> = BTreeMap::new();
     for (m, k, occurrences, first_seen, cleared) in rows {
         assert_eq!(occurrences, 1, "{m} {k} raised more than once");

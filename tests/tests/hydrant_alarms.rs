@@ -137,7 +137,11 @@ topic_prefix = "{prefix}/hydrant"
     let mut fleet = Fleet::start(fleet_config).await.expect("fleet starts");
     let counts = fleet.wait_finished().await;
     let truth = fleet.ground_truth();
-    assert_eq!(counts.hydrant_ups, u64::from(HYDRANTS) * STEPS, "{counts:?}");
+    assert_eq!(
+        counts.hydrant_ups,
+        u64::from(HYDRANTS) * STEPS,
+        "{counts:?}"
+    );
 
     let mut want: BTreeMap<String, Vec<OffsetDateTime>> = BTreeMap::new();
     for e in &truth.events {
@@ -170,7 +174,10 @@ topic_prefix = "{prefix}/hydrant"
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Stopped only now: its last QoS 1 publishes may still be queued in its client until then.
-    fleet.stop().await.expect("fleet ran without transport errors");
+    fleet
+        .stop()
+        .await
+        .expect("fleet ran without transport errors");
     let rows: Vec<(String, OffsetDateTime, Option<OffsetDateTime>, i32)> = sqlx::query_as(
         "SELECT meter_id, first_seen, cleared_at, occurrences FROM alarms
          WHERE kind = 'hydrant_illegal_use' ORDER BY meter_id, first_seen",

@@ -143,8 +143,14 @@ pub fn event(
                 ("loss_share", serde_json::json!(round3(*share))),
                 ("threshold", serde_json::json!(t.loss_share)),
                 ("inflow_m3", serde_json::json!(round3(latest.inflow_m3))),
-                ("customers_m3", serde_json::json!(round3(latest.customers_m3))),
-                ("estimated_m3", serde_json::json!(round3(latest.estimated_m3))),
+                (
+                    "customers_m3",
+                    serde_json::json!(round3(latest.customers_m3)),
+                ),
+                (
+                    "estimated_m3",
+                    serde_json::json!(round3(latest.estimated_m3)),
+                ),
                 (
                     "customers_reporting",
                     serde_json::json!(latest.customers_reporting),
@@ -166,10 +172,7 @@ pub fn event(
                 detail: if open {
                     serde_json::Map::new()
                 } else {
-                    detail
-                        .into_iter()
-                        .map(|(k, v)| (k.to_owned(), v))
-                        .collect()
+                    detail.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
                 },
             })
         }
@@ -233,19 +236,21 @@ pub async fn load_days(
     .map_err(stage("loading the DMA balance"))?;
     Ok(rows
         .into_iter()
-        .map(|(dma, day, inflow, customers, estimated, reporting, total)| {
-            (
-                dma,
-                DmaDay {
-                    day,
-                    inflow_m3: inflow.to_f64().unwrap_or(0.0),
-                    customers_m3: customers.to_f64().unwrap_or(0.0),
-                    estimated_m3: estimated.to_f64().unwrap_or(0.0),
-                    customers_reporting: u32::try_from(reporting).unwrap_or(0),
-                    customers_total: u32::try_from(total).unwrap_or(0),
-                },
-            )
-        })
+        .map(
+            |(dma, day, inflow, customers, estimated, reporting, total)| {
+                (
+                    dma,
+                    DmaDay {
+                        day,
+                        inflow_m3: inflow.to_f64().unwrap_or(0.0),
+                        customers_m3: customers.to_f64().unwrap_or(0.0),
+                        estimated_m3: estimated.to_f64().unwrap_or(0.0),
+                        customers_reporting: u32::try_from(reporting).unwrap_or(0),
+                        customers_total: u32::try_from(total).unwrap_or(0),
+                    },
+                )
+            },
+        )
         .collect())
 }
 
@@ -262,7 +267,10 @@ pub async fn run(
 ) -> Result<Vec<AlarmEvent>, StoreError> {
     let today = now.to_offset(day_offset).date();
     let from = today - time::Duration::days(LOOKBACK_DAYS);
-    let mut conn = pool.acquire().await.map_err(stage("acquiring a connection"))?;
+    let mut conn = pool
+        .acquire()
+        .await
+        .map_err(stage("acquiring a connection"))?;
     let mut tx = conn.begin().await.map_err(stage("beginning"))?;
     // One judge at a time: two runs (a restarted worker 0 beside the old one) would otherwise
     // both raise. Released at commit.

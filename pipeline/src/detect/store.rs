@@ -40,77 +40,152 @@ const SEVERITY_RANK: &str = "array_position(ARRAY['info','warning','critical']";
 
 /// Applies alarm events and detector states inside `tx`.
 ///
+/// Set-based: an alarm storm (a gateway outage makes the sweep raise, and its return clear,
+/// `communication_loss` for every meter behind it) is a few statements, not one per alarm. The
+/// events are cut into rounds holding at most one event per (meter, kind) (the first event of
+/// every alarm, then the second, ...), so within a round the statements touch distinct alarms
+/// and their order does not matter, while the rounds keep each alarm's own order.
+///
 /// # Errors
 /// [`StoreError::Stage`] when a statement fails (the caller's transaction then rolls back).
 pub async fn write(tx: &mut Transaction<'_, Postgres>, w: &AlarmWrite) -> Result<(), StoreError> {
+    let mut rounds: Vec<Vec<&AlarmEvent>> = Vec::new();
+    let mut next: std::collections::HashMap<(&str, model::AlarmKind), usize> =
+        std::collections::HashMap::new();
     for e in coalesce(&w.events) {
-        let detail = serde_json::Value::Object(e.detail.clone());
-        match e.transition {
-            Transition::Raised => {
-                sqlx::query(&format!(
-                    "INSERT INTO alarms (meter_id, kind, severity, raised_at, first_seen, last_seen, \
-                        occurrences, state, detail) \
-                     VALUES ($1, $2, $3, $4, $4, $5, 1, 'open', $6) \
-                     ON CONFLICT (meter_id, kind) WHERE cleared_at IS NULL DO UPDATE SET \
-                        occurrences = alarms.occurrences + 1, \
-                        last_seen = GREATEST(alarms.last_seen, EXCLUDED.last_seen), \
-                        severity = CASE WHEN {SEVERITY_RANK}, EXCLUDED.severity) > \
-                            {SEVERITY_RANK}, alarms.severity) THEN EXCLUDED.severity \
-                            ELSE alarms.severity END, \
-                        updated_at = now()"
-                ))
-                .bind(&e.meter)
-                .bind(e.kind.as_str())
-                .bind(e.severity.as_str())
-                .bind(ts(e.first_seen))
-                .bind(ts(e.at))
-                .bind(detail)
-                .execute(&mut **tx)
-                .await
-                .map_err(stage("raising an alarm"))?;
-                if e.kind == model::AlarmKind::Tamper {
-                    sqlx::query(
-                        "UPDATE meters SET tampered_at = COALESCE(tampered_at, $2) WHERE meter_id = $1",
-                    )
-                    .bind(&e.meter)
-                    .bind(ts(e.first_seen))
-                    .execute(&mut **tx)
-                    .await
-                    .map_err(stage("flagging a tampered meter"))?;
-                }
-            }
-            Transition::Seen => {
-                sqlx::query(&format!(
-                    "UPDATE alarms SET last_seen = GREATEST(last_seen, $3), \
-                        severity = CASE WHEN {SEVERITY_RANK}, $4) > {SEVERITY_RANK}, severity) \
-                            THEN $4 ELSE severity END, updated_at = now() \
-                     WHERE meter_id = $1 AND kind = $2 AND cleared_at IS NULL"
-                ))
-                .bind(&e.meter)
-                .bind(e.kind.as_str())
-                .bind(ts(e.at))
-                .bind(e.severity.as_str())
-                .execute(&mut **tx)
-                .await
-                .map_err(stage("refreshing an alarm"))?;
-            }
-            Transition::Cleared => {
-                sqlx::query(
-                    "UPDATE alarms SET cleared_at = $3, state = 'closed', closed_by = 'auto', \
-                        updated_at = now() \
-                     WHERE meter_id = $1 AND kind = $2 AND cleared_at IS NULL AND kind <> 'tamper'",
-                )
-                .bind(&e.meter)
-                .bind(e.kind.as_str())
-                .bind(ts(e.at))
-                .execute(&mut **tx)
-                .await
-                .map_err(stage("closing an alarm"))?;
-            }
+        let k = next.entry((e.meter.as_str(), e.kind)).or_insert(0);
+        if rounds.len() <= *k {
+            rounds.push(Vec::new());
         }
+        if let Some(round) = rounds.get_mut(*k) {
+            round.push(e);
+        }
+        *k += 1;
+    }
+    for mut round in rounds {
+        // Key order: concurrent writers (two workers, the DMA judge) lock rows alike.
+        round.sort_by(|a, b| (&a.meter, a.kind.as_str()).cmp(&(&b.meter, b.kind.as_str())));
+        write_round(tx, &round).await?;
     }
     if !w.states.is_empty() {
         write_states(&mut **tx, w.states.iter().map(|(m, s)| (&**m, s))).await?;
+    }
+    Ok(())
+}
+
+/// Columns of one kind of transition, for UNNEST.
+#[derive(Default)]
+struct Columns<'a> {
+    meter: Vec<&'a str>,
+    kind: Vec<&'a str>,
+    severity: Vec<&'a str>,
+    first: Vec<OffsetDateTime>,
+    at: Vec<OffsetDateTime>,
+    detail: Vec<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(&mut self, e: &'a AlarmEvent, with_detail: bool) {
+        self.meter.push(&e.meter);
+        self.kind.push(e.kind.as_str());
+        self.severity.push(e.severity.as_str());
+        self.first.push(ts(e.first_seen));
+        self.at.push(ts(e.at));
+        if with_detail {
+            self.detail
+                .push(serde_json::Value::Object(e.detail.clone()).to_string());
+        }
+    }
+}
+
+/// Writes events of distinct alarms (see [`write`]).
+async fn write_round(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[&AlarmEvent],
+) -> Result<(), StoreError> {
+    let mut raised = Columns::default();
+    let mut seen = Columns::default();
+    let mut cleared = Columns::default();
+    let mut tampered: Vec<(&str, OffsetDateTime)> = Vec::new();
+    for e in events {
+        match e.transition {
+            Transition::Raised => {
+                raised.push(e, true);
+                if e.kind == model::AlarmKind::Tamper {
+                    tampered.push((&e.meter, ts(e.first_seen)));
+                }
+            }
+            Transition::Seen => seen.push(e, false),
+            Transition::Cleared => cleared.push(e, false),
+        }
+    }
+    if !raised.meter.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO alarms (meter_id, kind, severity, raised_at, first_seen, last_seen, \
+                occurrences, state, detail) \
+             SELECT u.m, u.k, u.s, u.f, u.f, u.l, 1, 'open', u.d::jsonb \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
+                         $5::timestamptz[], $6::text[]) AS u(m, k, s, f, l, d) \
+             ON CONFLICT (meter_id, kind) WHERE cleared_at IS NULL DO UPDATE SET \
+                occurrences = alarms.occurrences + 1, \
+                last_seen = GREATEST(alarms.last_seen, EXCLUDED.last_seen), \
+                severity = CASE WHEN {SEVERITY_RANK}, EXCLUDED.severity) > \
+                    {SEVERITY_RANK}, alarms.severity) THEN EXCLUDED.severity \
+                    ELSE alarms.severity END, \
+                updated_at = now()"
+        ))
+        .bind(&raised.meter)
+        .bind(&raised.kind)
+        .bind(&raised.severity)
+        .bind(&raised.first)
+        .bind(&raised.at)
+        .bind(&raised.detail)
+        .execute(&mut **tx)
+        .await
+        .map_err(stage("raising alarms"))?;
+    }
+    if !tampered.is_empty() {
+        let (meters, at): (Vec<&str>, Vec<OffsetDateTime>) = tampered.into_iter().unzip();
+        sqlx::query(
+            "UPDATE meters SET tampered_at = COALESCE(meters.tampered_at, u.f) \
+             FROM unnest($1::text[], $2::timestamptz[]) AS u(m, f) WHERE meters.meter_id = u.m",
+        )
+        .bind(&meters)
+        .bind(&at)
+        .execute(&mut **tx)
+        .await
+        .map_err(stage("flagging tampered meters"))?;
+    }
+    if !seen.meter.is_empty() {
+        sqlx::query(&format!(
+            "UPDATE alarms a SET last_seen = GREATEST(a.last_seen, u.l), \
+                severity = CASE WHEN {SEVERITY_RANK}, u.s) > {SEVERITY_RANK}, a.severity) \
+                    THEN u.s ELSE a.severity END, updated_at = now() \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[]) AS u(m, k, l, s) \
+             WHERE a.meter_id = u.m AND a.kind = u.k AND a.cleared_at IS NULL"
+        ))
+        .bind(&seen.meter)
+        .bind(&seen.kind)
+        .bind(&seen.at)
+        .bind(&seen.severity)
+        .execute(&mut **tx)
+        .await
+        .map_err(stage("refreshing alarms"))?;
+    }
+    if !cleared.meter.is_empty() {
+        sqlx::query(
+            "UPDATE alarms a SET cleared_at = u.c, state = 'closed', closed_by = 'auto', \
+                updated_at = now() \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS u(m, k, c) \
+             WHERE a.meter_id = u.m AND a.kind = u.k AND a.cleared_at IS NULL \
+               AND a.kind <> 'tamper'",
+        )
+        .bind(&cleared.meter)
+        .bind(&cleared.kind)
+        .bind(&cleared.at)
+        .execute(&mut **tx)
+        .await
+        .map_err(stage("closing alarms"))?;
     }
     Ok(())
 }
@@ -229,7 +304,10 @@ pub async fn load_models(pool: &PgPool, det: &mut Detectors) -> Result<usize, St
     let n = by_model.len();
     for (model, bits) in by_model {
         if !det.set_model_bits(&model, status_bits_of_model(&bits)) {
-            tracing::warn!(model, "too many meter models; this one uses the default status bits");
+            tracing::warn!(
+                model,
+                "too many meter models; this one uses the default status bits"
+            );
         }
     }
     Ok(n)
