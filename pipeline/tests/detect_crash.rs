@@ -143,10 +143,12 @@ async fn wait_count(db: &TestDatabase, sql: &str, want: i64, within: Duration) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay() {
-    let _ = tracing_subscriber::fmt()
+    // Another test of this binary may have installed one already.
+    tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_test_writer()
-        .try_init();
+        .try_init()
+        .ok();
     let db = TestDatabase::create().await;
     let url = pipeline::config::mqtt_url();
     let root = format!(
@@ -236,7 +238,10 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     )
     .await;
     worker.abort();
-    let _ = worker.await;
+    assert!(
+        worker.await.is_err_and(|e| e.is_cancelled()),
+        "the worker was still running when killed"
+    );
     assert!(
         stored < total,
         "the kill came before the end ({stored} of {total})"

@@ -68,7 +68,7 @@ pub async fn write(tx: &mut Transaction<'_, Postgres>, w: &AlarmWrite) -> Result
         write_round(tx, &round).await?;
     }
     if !w.states.is_empty() {
-        write_states(&mut **tx, w.states.iter().map(|(m, s)| (&**m, s))).await?;
+        write_states(tx, w.states.iter().map(|(m, s)| (&**m, s))).await?;
     }
     Ok(())
 }
