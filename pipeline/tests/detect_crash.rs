@@ -317,3 +317,125 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     }
     db.drop_database().await;
 }
+
+/// A running worker picks up a meter's new device model (`NOTIFY wm_registry`) between batches:
+/// a status bit that meant nothing under the default map raises `tamper` once the model says
+/// so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_reads_status_words_with_the_model_the_registry_assigns() {
+    let db = TestDatabase::create().await;
+    let url = pipeline::config::mqtt_url();
+    let root = format!(
+        "test/detect-model/{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let m = meter(0);
+    sqlx::query("INSERT INTO meters (meter_id, protocol) VALUES ($1, 'cjt188')")
+        .bind(&m)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    pipeline::registry::save_model(
+        &db.pool,
+        &pipeline::registry::MeterModel {
+            code: "acme-x2".into(),
+            manufacturer: "Acme".into(),
+            description: String::new(),
+            status_bits: vec![(3, "magnetic_tamper".into())],
+        },
+        "ops:test",
+    )
+    .await
+    .unwrap();
+    let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, PARTITIONS).unwrap();
+    config.client_id = format!("wk-model-{}", rand::random::<u32>());
+    config.sweep_interval = Duration::from_secs(24 * 3600);
+    let (worker, _metrics, stop) = start(&db, &config);
+    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new(format!("pub-{}", rand::random::<u32>()), host, port),
+        64,
+    );
+    tokio::spawn(async move {
+        loop {
+            if el.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let t0 = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let p = model::partition_of(&m, PARTITIONS);
+    let mut seq = 1u64;
+    // One status word with bit 3 set, as a message of its own.
+    let publish = async |seq: u64| {
+        let mut r = volume_read(
+            &m,
+            t0 + time::Duration::seconds(seq as i64),
+            Decimal::from(8),
+        );
+        r.quantity = model::Quantity::StatusWord;
+        r.unit = model::Unit::Dimensionless;
+        let batch = ReadingBatch {
+            v: WIRE_VERSION,
+            gateway: GatewayId::new("gw-model").unwrap(),
+            partition: p,
+            sent_at: r.ts,
+            incarnation: None,
+            prev: None,
+            entries: vec![BatchEntry { seq, reading: r }],
+        };
+        client
+            .publish(
+                format!("{root}/readings/{p}"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&batch).unwrap(),
+            )
+            .await
+            .unwrap();
+    };
+    let tamper = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM alarms WHERE kind = 'tamper'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap()
+    };
+    // Under the default map (no model yet) the worker stores such words and raises nothing.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while count(&db, "SELECT count(*) FROM readings").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker never consumed"
+        );
+        publish(seq).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(tamper().await, 0, "0x08 means nothing without the model");
+    // The registry assigns the model while the worker runs.
+    sqlx::query("UPDATE meters SET model_code = 'acme-x2' WHERE meter_id = $1")
+        .bind(&m)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // A new word every 300 ms until one is judged with the model (the change is applied
+    // between batches, as soon as the notification reaches the worker).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while tamper().await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no tamper alarm from the model's bit"
+        );
+        publish(seq).await;
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(tamper().await, 1);
+    stop.send(true).unwrap();
+    worker.await.unwrap().unwrap();
+    pipeline::worker::forget_session(&url, &config.client_id)
+        .await
+        .unwrap();
+    db.drop_database().await;
+}
