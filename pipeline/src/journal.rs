@@ -28,11 +28,14 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, Row};
 use time::{Date, OffsetDateTime};
 
+use crate::detect::MeterDetect;
 use crate::store::{self, StoreError, StoreOptions};
 use crate::vee::{MeterState, Usage};
 
-/// First byte of every journal record: the format version.
+/// First byte of every journal record: the format version. Version 1 holds meter states and
+/// spans; version 2 adds the detectors' states after the spans.
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
 
 /// Why a journal record could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,7 +57,7 @@ pub enum JournalError {
         field: &'static str,
     },
     /// The first byte is not a known format version.
-    #[error("journal record format {0} is unknown (expected {FORMAT_V1})")]
+    #[error("journal record format {0} is unknown (expected {FORMAT_V1} or {FORMAT_V2})")]
     Version(u8),
 }
 
@@ -67,12 +70,15 @@ pub struct JournalEntry {
     pub usage: Vec<Usage>,
     /// Meter states after the batch.
     pub states: Vec<(Box<str>, MeterState)>,
+    /// Detector states after the batch (`crate::detect`), checkpointed to `detector_state`.
+    pub detect: Vec<(Box<str>, MeterDetect)>,
 }
 
-/// Splits a batch's spans and states by the partition of their meter.
+/// Splits a batch's spans, meter states and detector states by the partition of their meter.
 pub fn split(
     usage: Vec<Usage>,
     states: crate::vee::StateMap,
+    detect: Vec<(Box<str>, MeterDetect)>,
     partitions: u16,
 ) -> Vec<JournalEntry> {
     let mut by_partition: HashMap<u16, JournalEntry> = HashMap::new();
@@ -98,16 +104,36 @@ pub fn split(
             .states
             .push((m, s));
     }
+    for (m, s) in detect {
+        let p = model::partition_of(&m, partitions);
+        by_partition
+            .entry(p)
+            .or_insert_with(|| JournalEntry {
+                partition: p,
+                ..JournalEntry::default()
+            })
+            .detect
+            .push((m, s));
+    }
     let mut out: Vec<JournalEntry> = by_partition.into_values().collect();
     out.sort_unstable_by_key(|e| e.partition);
     out
 }
 
 /// Encodes spans and states as one journal record (varints; about 20 bytes per span and 75
-/// per state for 20-character meter ids).
-pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + usage.len() * 64 + states.len() * 80);
-    out.push(FORMAT_V1);
+/// per state for 20-character meter ids, plus about 60 per detector state). A record without
+/// detector states is written in format 1, which older workers read.
+pub fn encode(
+    usage: &[Usage],
+    states: &[(Box<str>, MeterState)],
+    detect: &[(Box<str>, MeterDetect)],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + usage.len() * 64 + states.len() * 80 + detect.len() * 64);
+    out.push(if detect.is_empty() {
+        FORMAT_V1
+    } else {
+        FORMAT_V2
+    });
     put_uvarint(&mut out, states.len() as u128);
     for (m, s) in states {
         put_str(&mut out, m);
@@ -146,13 +172,28 @@ pub fn encode(usage: &[Usage], states: &[(Box<str>, MeterState)]) -> Vec<u8> {
         put_decimal(&mut out, u.delta);
         out.push(u8::from(u.estimated));
     }
+    if !detect.is_empty() {
+        put_uvarint(&mut out, detect.len() as u128);
+        for (m, d) in detect {
+            match index.get(&**m) {
+                Some(i) => put_uvarint(&mut out, *i as u128),
+                None => {
+                    put_uvarint(&mut out, 0);
+                    put_str(&mut out, m);
+                }
+            }
+            for v in d.words() {
+                put_ivarint(&mut out, v);
+            }
+        }
+    }
     out
 }
 
 /// Reads the version byte and the meter states at the start of a record.
 fn decode_states(r: &mut Reader<'_>) -> Result<Vec<(Box<str>, MeterState)>, JournalError> {
     let version = r.byte("format version")?;
-    if version != FORMAT_V1 {
+    if version != FORMAT_V1 && version != FORMAT_V2 {
         return Err(JournalError::Version(version));
     }
     let n_states = r.count("state count")?;
@@ -246,6 +287,34 @@ pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
             estimated,
         });
     }
+    let mut detect = Vec::new();
+    if bytes.first() == Some(&FORMAT_V2) {
+        let n = r.count("detector state count")?;
+        detect.reserve(n.min(1 << 16));
+        for _ in 0..n {
+            let at = r.at;
+            let meter: Box<str> = match r.uint::<usize>("detector meter")? {
+                0 => r.str("detector meter")?.into(),
+                i => states
+                    .get(i - 1)
+                    .map(|(m, _)| m.clone())
+                    .ok_or(JournalError::Invalid {
+                        offset: at,
+                        field: "detector meter",
+                    })?,
+            };
+            let at = r.at;
+            let mut words = [0i128; MeterDetect::WORDS];
+            for w in &mut words {
+                *w = r.ivarint("detector state")?;
+            }
+            let d = MeterDetect::from_words(&words).ok_or(JournalError::Invalid {
+                offset: at,
+                field: "detector state",
+            })?;
+            detect.push((meter, d));
+        }
+    }
     if r.at != bytes.len() {
         return Err(JournalError::Invalid {
             offset: r.at,
@@ -256,6 +325,7 @@ pub fn decode(bytes: &[u8]) -> Result<JournalEntry, JournalError> {
         partition: 0,
         usage,
         states,
+        detect,
     })
 }
 
@@ -379,6 +449,8 @@ pub struct Pending {
     folded: Vec<i64>,
     /// Latest state of every meter touched since the last checkpoint.
     states: crate::vee::StateMap,
+    /// Latest detector state of every meter touched since the last checkpoint.
+    detect: HashMap<Box<str>, MeterDetect, foldhash::fast::RandomState>,
     spans: usize,
     since: Option<Instant>,
     states_since: Option<Instant>,
@@ -390,20 +462,27 @@ impl Pending {
         for (id, e) in entries {
             self.spans += e.usage.len();
             self.states.extend(e.states);
+            self.detect.extend(e.detect);
             self.records.push((id, e.usage));
         }
         let now = Instant::now();
         if !self.records.is_empty() {
             self.since.get_or_insert(now);
         }
-        if !self.states.is_empty() {
+        if !self.states.is_empty() || !self.detect.is_empty() {
             self.states_since.get_or_insert(now);
         }
     }
 
     /// Takes in a record read back whose spans were already folded into the rollups.
-    fn add_folded(&mut self, id: i64, states: Vec<(Box<str>, MeterState)>) {
+    fn add_folded(
+        &mut self,
+        id: i64,
+        states: Vec<(Box<str>, MeterState)>,
+        detect: Vec<(Box<str>, MeterDetect)>,
+    ) {
         self.states.extend(states);
+        self.detect.extend(detect);
         self.folded.push(id);
         self.states_since.get_or_insert_with(Instant::now);
     }
@@ -416,6 +495,11 @@ impl Pending {
     /// The latest journalled state of every meter waiting for a checkpoint.
     pub fn states(&self) -> impl Iterator<Item = (&str, &MeterState)> {
         self.states.iter().map(|(m, s)| (&**m, s))
+    }
+
+    /// The latest journalled detector state of every meter waiting for a checkpoint.
+    pub fn detector_states(&self) -> impl Iterator<Item = (&str, &MeterDetect)> {
+        self.detect.iter().map(|(m, s)| (&**m, s))
     }
 
     /// Spans waiting for the rollups.
@@ -447,6 +531,8 @@ pub struct FlushStats {
     pub skipped: usize,
     /// Meter states written (only by a checkpoint).
     pub states: usize,
+    /// Detector states written (only by a checkpoint).
+    pub detector_states: usize,
     /// Milliseconds spent upserting the rollups.
     pub rollups_ms: u64,
     /// Milliseconds spent writing states and deleting or marking the records.
@@ -467,7 +553,7 @@ pub async fn append(
     let partitions: Vec<i32> = entries.iter().map(|e| i32::from(e.partition)).collect();
     let payloads: Vec<Vec<u8>> = entries
         .iter()
-        .map(|e| encode(&e.usage, &e.states))
+        .map(|e| encode(&e.usage, &e.states, &e.detect))
         .collect();
     let rows = sqlx::query(
         "INSERT INTO ingest_journal (partition, payload)
@@ -618,6 +704,8 @@ pub async fn flush(
     if checkpoint {
         store::write_states(&mut tx, &pending.states).await?;
         stats.states = pending.states.len();
+        stats.detector_states =
+            crate::detect::store::write_states(&mut tx, pending.detector_states()).await?;
         let all: Vec<i64> = ids.iter().chain(&pending.folded).copied().collect();
         sqlx::query("DELETE FROM ingest_journal WHERE journal_id = ANY($1)")
             .bind(&all)
@@ -725,7 +813,7 @@ pub async fn recover(conn: &mut PgConnection, partitions: &[u16]) -> Result<Pend
         let mut entry = decode(&payload).map_err(|source| StoreError::Journal { id, source })?;
         entry.partition = u16::try_from(partition).unwrap_or_default();
         if folded {
-            pending.add_folded(id, entry.states);
+            pending.add_folded(id, entry.states, entry.detect);
         } else {
             pending.add(vec![(id, entry)]);
         }
@@ -782,10 +870,23 @@ mod tests {
             states.sort_by(|a, b| a.0.cmp(&b.0));
             states.dedup_by(|a, b| a.0 == b.0);
             states.extend((0..n / 3).map(|i| (format!("m{i}").into(), random_state(&mut rng))));
-            let bytes = encode(&usage, &states);
+            let bytes = encode(&usage, &states, &[]);
+            assert_eq!(bytes[0], FORMAT_V1, "no detector states: the older format");
             let back = decode(&bytes).unwrap();
             assert_eq!(back.usage, usage);
             assert_eq!(back.states, states);
+            // With detector states: of meters with a state (by index) and without (inline).
+            let detect: Vec<(Box<str>, MeterDetect)> = states
+                .iter()
+                .map(|(m, _)| m.clone())
+                .chain((0..n / 4).map(|i| format!("d{i}").into()))
+                .map(|m| (m, MeterDetect::random(&mut rng)))
+                .collect();
+            let bytes = encode(&usage, &states, &detect);
+            let back = decode(&bytes).unwrap();
+            assert_eq!(back.usage, usage);
+            assert_eq!(back.states, states);
+            assert_eq!(back.detect, detect);
         }
     }
 
@@ -794,7 +895,11 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let usage: Vec<Usage> = (0..5).map(|_| random_usage(&mut rng)).collect();
         let states = vec![("m1".into(), random_state(&mut rng))];
-        let bytes = encode(&usage, &states);
+        let detect = vec![
+            ("m1".into(), MeterDetect::random(&mut rng)),
+            ("m2".into(), MeterDetect::random(&mut rng)),
+        ];
+        let bytes = encode(&usage, &states, &detect);
         for cut in 0..bytes.len() {
             assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
@@ -807,7 +912,7 @@ mod tests {
                 field: "end of record"
             })
         );
-        assert_eq!(decode(&[2]), Err(JournalError::Version(2)));
+        assert_eq!(decode(&[3]), Err(JournalError::Version(3)));
         // Random bytes never panic.
         for _ in 0..2000 {
             let mut b = bytes.clone();
@@ -827,10 +932,21 @@ mod tests {
             .iter()
             .map(|u| (u.meter.as_str().into(), MeterState::new(1, 1)))
             .collect();
-        let entries = split(usage.clone(), states.clone(), 16);
+        let detect: Vec<(Box<str>, MeterDetect)> = states
+            .keys()
+            .map(|m| (m.clone(), MeterDetect::random(&mut rng)))
+            .collect();
+        let entries = split(usage.clone(), states.clone(), detect.clone(), 16);
         let mut spans = 0;
         let mut seen_states = 0;
+        let mut seen_detect = 0;
         for e in &entries {
+            seen_detect += e.detect.len();
+            assert!(
+                e.detect
+                    .iter()
+                    .all(|(m, _)| model::partition_of(m, 16) == e.partition)
+            );
             spans += e.usage.len();
             seen_states += e.states.len();
             assert!(
@@ -846,5 +962,6 @@ mod tests {
         }
         assert_eq!(spans, usage.len());
         assert_eq!(seen_states, states.len());
+        assert_eq!(seen_detect, detect.len());
     }
 }

@@ -74,8 +74,23 @@ impl TestDatabase {
     }
 
     /// Closes the pool and drops the database.
+    ///
+    /// Never waits on connections a test still holds: sqlx's `Pool::close` waits for every
+    /// checked-out connection, and whether it notices one held by the caller depended on a race
+    /// in its permit accounting (an idle connection closed meanwhile released a spare permit).
+    /// Under load the race went the other way and tests that kept a `PoolConnection` alive
+    /// across this call hung until nextest killed them (issue 20). The close is bounded and the
+    /// `DROP DATABASE … WITH (FORCE)` ends whatever is still connected.
     pub async fn drop_database(self) {
-        self.pool.close().await;
+        if tokio::time::timeout(std::time::Duration::from_secs(5), self.pool.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                database = %self.name,
+                "a connection was still checked out when the test database was dropped"
+            );
+        }
         if let Ok(mut conn) = self.admin.connect().await {
             sqlx::query(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",

@@ -61,6 +61,8 @@ pub struct WorkerConfig {
     pub detect: crate::detect::DetectConfig,
     /// How often the communication-loss sweep runs.
     pub sweep_interval: Duration,
+    /// How often worker 0 judges the DMA water balance (`detect::dma`).
+    pub dma_interval: Duration,
 }
 
 impl WorkerConfig {
@@ -97,6 +99,7 @@ impl WorkerConfig {
             store: StoreOptions::default(),
             detect: crate::detect::DetectConfig::default(),
             sweep_interval: Duration::from_secs(60),
+            dma_interval: Duration::from_secs(3600),
         })
     }
 
@@ -166,9 +169,15 @@ pub async fn run(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "meter state rebuilt"
     );
-    let detectors = crate::detect::store::load(&pool, config.detect.clone(), |m| config.owns(m))
-        .await
-        .map_err(WorkerError::Start)?;
+    // Detector states still in the journal are newer than `detector_state`.
+    let detectors = crate::detect::store::load_with(
+        &pool,
+        config.detect.clone(),
+        |m| config.owns(m),
+        recovered.detector_states(),
+    )
+    .await
+    .map_err(WorkerError::Start)?;
     tracing::info!(
         meters = detectors.meters(),
         state_bytes = detectors.state_bytes(),
@@ -359,6 +368,8 @@ struct WriteJob {
     counts: [u64; 4],
     /// Alarm events and detector states, written in the same transaction.
     alarms: crate::detect::store::AlarmWrite,
+    /// Alarm events committed elsewhere (the DMA balance), only to publish after this job.
+    announce: Vec<crate::detect::AlarmEvent>,
 }
 
 /// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
@@ -428,7 +439,8 @@ async fn writer(
                 messages = job.publishes.len(),
                 "stopping with an uncommitted batch; it will be delivered again"
             );
-            return Ok(());
+            // What is committed is still checkpointed below.
+            break;
         };
         // Pending before stored: whoever sees every reading stored and nothing pending knows
         // the rollups are complete.
@@ -442,7 +454,10 @@ async fn writer(
         IngestMetrics::add(&metrics.conflicts, conflicts);
         IngestMetrics::add(&metrics.estimated, estimated);
         IngestMetrics::add(&metrics.rejected, rejected);
-        for payload in crate::detect::alarm_messages(&job.alarms.events) {
+        for payload in crate::detect::alarm_messages(&job.alarms.events)
+            .into_iter()
+            .chain(crate::detect::alarm_messages(&job.announce))
+        {
             out.send(Outbound::Publish {
                 topic: crate::detect::alarms_topic(&config.topic_root),
                 payload,
@@ -516,9 +531,16 @@ async fn commit(
                 }),
             }
         };
-        let result = tokio::select! {
-            r = attempt_write => r,
-            () = stopped(shutdown) => return None,
+        // The first attempt runs to its end even when a stop is asked for meanwhile (a
+        // batch handed over just before the stop is committed, not dropped); only the
+        // retries of a refusing database give way to the stop.
+        let result = if attempt == 0 {
+            attempt_write.await
+        } else {
+            tokio::select! {
+                r = attempt_write => r,
+                () = stopped(shutdown) => return None,
+            }
         };
         let e = match result {
             Ok(stats) => {
@@ -776,6 +798,9 @@ impl Processor<'_> {
         maintenance.tick().await;
         let mut sweep = tokio::time::interval(self.config.sweep_interval);
         sweep.tick().await;
+        // The first tick is immediate: a restarted worker 0 judges the balance at once.
+        let mut dma = tokio::time::interval(self.config.dma_interval);
+        dma.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 changed = shutdown.changed() => {
@@ -789,13 +814,40 @@ impl Processor<'_> {
                     if let Err(e) = crate::registry::live::refresh(self.pool, &mut self.vee, &change, owns).await {
                         tracing::error!(error = %e, "applying a registry change failed");
                     }
+                    // The detectors' profiles (class, Q3, role, zone, status-bit model) too.
+                    let ids: Option<Vec<String>> = match &change {
+                        crate::registry::live::Change::Meters(ids) if !ids.contains("*") => {
+                            Some(ids.iter().filter(|m| owns(m)).cloned().collect())
+                        }
+                        _ => None,
+                    };
+                    if ids.as_ref().is_none_or(|i| !i.is_empty())
+                        && let Err(e) = crate::detect::store::refresh_profiles(self.pool, &mut self.detectors, ids.as_deref(), owns).await
+                    {
+                        tracing::error!(error = %e, "reloading detector profiles failed");
+                    }
                     continue;
                 }
                 _ = sweep.tick() => {
                     // Silence has no reading to trigger on: judged against the wall clock.
                     let alarms = crate::detect::sweep_write(&mut self.detectors);
-                    if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms)).await.is_err() {
+                    if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms, self.config.partitions)).await.is_err() {
                         return Err(WorkerError::Mqtt("handing a batch to the writer"));
+                    }
+                    continue;
+                }
+                _ = dma.tick(), if self.config.worker == 0 => {
+                    match crate::detect::dma::run(self.pool, &self.config.detect.dma, self.config.store.day_offset, OffsetDateTime::now_utc()).await {
+                        Ok(events) if !events.is_empty() => {
+                            // Already committed; the writer only announces them, in order.
+                            let mut job = WriteJob::alarms_only(Default::default(), self.config.partitions);
+                            job.announce = events;
+                            if jobs.send(job).await.is_err() {
+                                return Err(WorkerError::Mqtt("handing a batch to the writer"));
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(error = %e, source = ?std::error::Error::source(&e), "judging the DMA balance failed"),
                     }
                     continue;
                 }
@@ -958,7 +1010,10 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
-        let alarms = crate::detect::batch_write(&mut self.detectors, &out.readings);
+        let mut alarms = crate::detect::batch_write(&mut self.detectors, &out.readings);
+        // Detector states go behind with the meter states (journal, checkpoint); the events
+        // stay in the ingest transaction.
+        let detect_states = std::mem::take(&mut alarms.states);
         self.progress = progress;
         tracing::debug!(
             messages = publishes.len(),
@@ -968,7 +1023,7 @@ impl Processor<'_> {
         );
         WriteJob {
             readings: out.readings,
-            entries: journal::split(out.usage, out.states, self.config.partitions),
+            entries: journal::split(out.usage, out.states, detect_states, self.config.partitions),
             progress: progress_rows,
             acks,
             rejects,
@@ -976,6 +1031,7 @@ impl Processor<'_> {
             publishes,
             counts,
             alarms,
+            announce: Vec::new(),
         }
     }
 
@@ -996,11 +1052,13 @@ impl Processor<'_> {
 }
 
 impl WriteJob {
-    /// A job that only writes alarms (the communication-loss sweep).
-    fn alarms_only(alarms: crate::detect::store::AlarmWrite) -> Self {
+    /// A job that only writes alarms (the communication-loss sweep), with the detector states
+    /// they changed journalled like a batch's.
+    fn alarms_only(mut alarms: crate::detect::store::AlarmWrite, partitions: u16) -> Self {
+        let states = std::mem::take(&mut alarms.states);
         Self {
             readings: Vec::new(),
-            entries: Vec::new(),
+            entries: journal::split(Vec::new(), Default::default(), states, partitions),
             progress: Vec::new(),
             rejects: Vec::new(),
             out_of_order: Vec::new(),
@@ -1008,6 +1066,7 @@ impl WriteJob {
             acks: Vec::new(),
             counts: [0; 4],
             alarms,
+            announce: Vec::new(),
         }
     }
 }

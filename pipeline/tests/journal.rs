@@ -132,7 +132,7 @@ async fn write_journalled(
     readings: Vec<Reading>,
 ) {
     let out = vee.validate(readings, now());
-    let entries = journal::split(out.usage, out.states.clone(), PARTITIONS);
+    let entries = journal::split(out.usage, out.states.clone(), Vec::new(), PARTITIONS);
     let stats = store::write_batch(
         conn,
         &WriteSet {
@@ -328,6 +328,7 @@ async fn an_edit_while_spans_are_pending_does_not_count_them_twice() {
         resets, 0,
         "an applied reset is deleted with the records it covered"
     );
+    drop(conn);
     db.drop_database().await;
 }
 

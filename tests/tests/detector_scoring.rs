@@ -52,6 +52,7 @@ fn run(name: &str) -> Score {
                     dma: Some(format!("dma-{}", m.dma)),
                     role: Role::Customer,
                     utc_offset_s: offset_s,
+                    model: None,
                 },
             )
         })

@@ -250,6 +250,11 @@ async fn main() -> anyhow::Result<()> {
         if let Some(ms) = args.flush_interval_ms {
             config.flush_interval = Duration::from_millis(ms);
         }
+        // The fleet's reads are back-dated (receive times hours old), so a communication-loss
+        // sweep during the run would judge every meter silent and write 100 000 raises and
+        // clears: a periodic job, not the ingest path this measures. It used never to fire only
+        // because runs were shorter than its first tick (60 s).
+        config.sweep_interval = Duration::from_secs(24 * 3600);
         workers.push(tokio::spawn(pipeline::worker::run(
             config,
             pool.clone(),
@@ -393,6 +398,15 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("state_meters={}", vee.meters());
     println!("state_bytes_per_meter={per_meter:.0}");
+    // The detectors' state beside it, rebuilt the same way (checkpointed `detector_state`).
+    let det =
+        pipeline::detect::store::load(&pool, pipeline::detect::DetectConfig::default(), |_| true)
+            .await?;
+    println!(
+        "detector_state_rows={} detector_bytes_per_meter={:.0}",
+        det.meters(),
+        det.state_bytes() as f64 / det.meters().max(1) as f64
+    );
     println!("pipeline_readings_per_s={pipe_rate:.0}");
     pool.close().await;
     if !args.keep {

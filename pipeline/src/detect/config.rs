@@ -69,6 +69,9 @@ pub struct Thresholds {
     pub hydrant_pressure_max_bar: f64,
     /// `hydrant_tilt` at or beyond this angle, degrees.
     pub hydrant_tilt_deg: f64,
+    /// `prolonged_estimation`: estimated register reads reaching this many days past the
+    /// meter's last actual read.
+    pub prolonged_estimation_days: f64,
 }
 
 impl Default for Thresholds {
@@ -93,6 +96,7 @@ impl Default for Thresholds {
             hydrant_pressure_min_bar: 1.5,
             hydrant_pressure_max_bar: 10.0,
             hydrant_tilt_deg: 10.0,
+            prolonged_estimation_days: 7.0,
         }
     }
 }
@@ -154,6 +158,9 @@ pub struct DmaThresholds {
     pub loss_share: f64,
     /// ... on this many consecutive days raises `dma_imbalance`.
     pub days: u32,
+    /// A day is judged only when at least this share of the DMA's customer meters have a
+    /// daily rollup (otherwise a silent meter would look like a loss).
+    pub min_coverage: f64,
 }
 
 impl Default for DmaThresholds {
@@ -162,6 +169,7 @@ impl Default for DmaThresholds {
         Self {
             loss_share: 0.12,
             days: 2,
+            min_coverage: 0.95,
         }
     }
 }
@@ -188,6 +196,7 @@ struct ThresholdOverrides {
     hydrant_pressure_min_bar: Option<f64>,
     hydrant_pressure_max_bar: Option<f64>,
     hydrant_tilt_deg: Option<f64>,
+    prolonged_estimation_days: Option<f64>,
 }
 
 impl ThresholdOverrides {
@@ -213,7 +222,8 @@ impl ThresholdOverrides {
             low_battery_pct,
             hydrant_pressure_min_bar,
             hydrant_pressure_max_bar,
-            hydrant_tilt_deg
+            hydrant_tilt_deg,
+            prolonged_estimation_days
         );
     }
 }
@@ -354,6 +364,7 @@ fn validate(t: &Thresholds) -> Option<(&'static str, String)> {
         ("stopped_days", t.stopped_days),
         ("comm_intervals", t.comm_intervals),
         ("comm_default_interval_h", t.comm_default_interval_h),
+        ("prolonged_estimation_days", t.prolonged_estimation_days),
     ];
     for (f, v) in positive {
         if !(v.is_finite() && v > 0.0) {

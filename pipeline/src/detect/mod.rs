@@ -15,6 +15,7 @@
 //! can neither raise nor clear; estimated reads are ignored altogether.
 
 pub mod config;
+pub mod dma;
 pub mod gateway;
 pub mod replay;
 pub mod store;
@@ -90,6 +91,9 @@ pub struct MeterProfile {
     pub role: Role,
     /// UTC offset of the meter's time zone, seconds east (for the local night window).
     pub utc_offset_s: i32,
+    /// Device model (registry `meters.model_code`): selects the status-bit map set with
+    /// [`Detectors::set_model_bits`]; `None` or an unknown model uses `[status_bits]`.
+    pub model: Option<String>,
 }
 
 /// One observation handed to the detectors: a reading reduced to what they use.
@@ -238,6 +242,9 @@ pub struct MeterDetect {
     /// Class index into [`DetectConfig`], role code.
     class: u8,
     role: u8,
+    /// Status-bit map index ([`Detectors::set_model_bits`]; 0 = the configured default). A
+    /// profile field like `class`: set from the registry, not persisted.
+    model: u8,
 }
 
 impl MeterDetect {
@@ -271,6 +278,7 @@ impl MeterDetect {
             flags: 0,
             class,
             role: role.code(),
+            model: 0,
         }
     }
 
@@ -405,8 +413,153 @@ impl MeterDetect {
             flags: r.take::<1>()?[0],
             class: r.take::<1>()?[0],
             role: r.take::<1>()?[0],
+            model: 0,
         };
         Some(st)
+    }
+}
+
+impl MeterDetect {
+    /// Number of integers [`MeterDetect::words`] returns.
+    pub const WORDS: usize = 27;
+
+    /// The persisted fields as integers, in a fixed order, for the ingest journal's varint
+    /// encoding (about 60 bytes instead of [`MeterDetect::to_bytes`]'s 104). Profile fields
+    /// (class, role, model, Q3, offset) are reloaded from the registry, but `q3_lph` and
+    /// `offset_min` are kept so a state read back equals the one written.
+    pub fn words(&self) -> [i128; Self::WORDS] {
+        [
+            i128::from(self.last_ts),
+            i128::from(self.last_ml),
+            i128::from(self.zero_since),
+            i128::from(self.base_ml),
+            i128::from(self.heard_ts),
+            i128::from(self.base_h),
+            i128::from(self.hour),
+            i128::from(self.run_start),
+            i128::from(self.burst_start),
+            i128::from(self.night_last),
+            i128::from(self.rx_lag_s),
+            i128::from(self.rev_hour),
+            i128::from(self.hour_ml),
+            i128::from(self.interval_s),
+            i128::from(self.rx_interval_s),
+            i128::from(self.rev_l),
+            i128::from(self.q3_lph),
+            i128::from(self.run_min_lph),
+            i128::from(self.night_min_dl),
+            i128::from(self.active),
+            i128::from(self.offset_min),
+            i128::from(self.zero_hours),
+            i128::from(self.burst_hours),
+            i128::from(self.nights),
+            i128::from(self.confidence),
+            i128::from(self.flags),
+            i128::from(self.class) | (i128::from(self.role) << 8),
+        ]
+    }
+
+    /// The inverse of [`MeterDetect::words`]; `None` when a value is out of its field's range.
+    pub fn from_words(w: &[i128; Self::WORDS]) -> Option<Self> {
+        fn f<T: TryFrom<i128>>(v: i128) -> Option<T> {
+            T::try_from(v).ok()
+        }
+        let [
+            last_ts,
+            last_ml,
+            zero_since,
+            base_ml,
+            heard_ts,
+            base_h,
+            hour,
+            run_start,
+            burst_start,
+            night_last,
+            rx_lag_s,
+            rev_hour,
+            hour_ml,
+            interval_s,
+            rx_interval_s,
+            rev_l,
+            q3_lph,
+            run_min_lph,
+            night_min_dl,
+            active,
+            offset_min,
+            zero_hours,
+            burst_hours,
+            nights,
+            confidence,
+            flags,
+            class_role,
+        ] = *w;
+        Some(Self {
+            last_ts: f(last_ts)?,
+            last_ml: f(last_ml)?,
+            zero_since: f(zero_since)?,
+            base_ml: f(base_ml)?,
+            heard_ts: f(heard_ts)?,
+            base_h: f(base_h)?,
+            hour: f(hour)?,
+            run_start: f(run_start)?,
+            burst_start: f(burst_start)?,
+            night_last: f(night_last)?,
+            rx_lag_s: f(rx_lag_s)?,
+            rev_hour: f(rev_hour)?,
+            hour_ml: f(hour_ml)?,
+            interval_s: f(interval_s)?,
+            rx_interval_s: f(rx_interval_s)?,
+            rev_l: f(rev_l)?,
+            q3_lph: f(q3_lph)?,
+            run_min_lph: f(run_min_lph)?,
+            night_min_dl: f(night_min_dl)?,
+            active: f(active)?,
+            offset_min: f(offset_min)?,
+            zero_hours: f(zero_hours)?,
+            burst_hours: f(burst_hours)?,
+            nights: f(nights)?,
+            confidence: f(confidence)?,
+            flags: f(flags)?,
+            class: f(class_role & 0xff)?,
+            role: f(class_role >> 8)?,
+            model: 0,
+        })
+    }
+
+    /// A state with every persisted field random (round-trip tests).
+    #[cfg(test)]
+    pub(crate) fn random(rng: &mut impl rand::Rng) -> Self {
+        Self {
+            last_ts: rng.random(),
+            last_ml: rng.random(),
+            zero_since: rng.random(),
+            base_ml: rng.random(),
+            heard_ts: rng.random(),
+            base_h: rng.random(),
+            hour: rng.random(),
+            run_start: rng.random(),
+            burst_start: rng.random(),
+            night_last: rng.random(),
+            rx_lag_s: rng.random(),
+            rev_hour: rng.random(),
+            hour_ml: rng.random(),
+            interval_s: rng.random(),
+            rx_interval_s: rng.random(),
+            rev_l: rng.random(),
+            q3_lph: rng.random(),
+            run_min_lph: rng.random(),
+            night_min_dl: rng.random(),
+            active: rng.random(),
+            offset_min: rng.random(),
+            zero_hours: rng.random(),
+            burst_hours: rng.random(),
+            nights: rng.random(),
+            confidence: rng.random(),
+            flags: rng.random(),
+            class: rng.random(),
+            role: rng.random(),
+            model: 0,
+        }
     }
 }
 
@@ -455,6 +608,8 @@ fn learn_interval(interval: &mut u32, confidence: u8, delta: i64) -> u8 {
 pub struct Detectors {
     config: DetectConfig,
     states: HashMap<Box<str>, MeterDetect, foldhash::fast::RandomState>,
+    /// Status-bit maps by model; index 0 (name `""`) is the configuration's `[status_bits]`.
+    models: Vec<(String, config::StatusBits)>,
 }
 
 /// Converts an m³ decimal to whole millilitres.
@@ -533,10 +688,46 @@ fn round1(v: f64) -> f64 {
 impl Detectors {
     /// Creates detectors with no meter state.
     pub fn new(config: DetectConfig) -> Self {
+        let default_bits = config.status_bits;
         Self {
             config,
             states: HashMap::default(),
+            models: vec![(String::new(), default_bits)],
         }
+    }
+
+    /// Sets the status-bit map of a device model (from the registry's
+    /// `meter_model_status_bits`); meters whose profile names it use it from their next status
+    /// word. Returns false when the table of models is full (255): the model then keeps the
+    /// default map.
+    pub fn set_model_bits(&mut self, model: &str, bits: config::StatusBits) -> bool {
+        if model.is_empty() {
+            return false;
+        }
+        if let Some(slot) = self.models.iter_mut().find(|(m, _)| m == model) {
+            slot.1 = bits;
+            return true;
+        }
+        if self.models.len() > usize::from(u8::MAX) {
+            return false;
+        }
+        self.models.push((model.to_owned(), bits));
+        true
+    }
+
+    fn model_index(&self, model: Option<&str>) -> u8 {
+        model
+            .and_then(|m| self.models.iter().position(|(name, _)| name == m))
+            .and_then(|i| u8::try_from(i).ok())
+            .unwrap_or(0)
+    }
+
+    /// The status-bit map a meter's status words are read with.
+    pub fn status_bits_of(&self, meter: &str) -> config::StatusBits {
+        let i = self.states.get(meter).map_or(0, |s| usize::from(s.model));
+        self.models
+            .get(i)
+            .map_or(self.config.status_bits, |(_, b)| *b)
     }
 
     /// Returns the configuration.
@@ -547,13 +738,15 @@ impl Detectors {
     /// Sets (or updates) a meter's profile; its detector state is kept.
     pub fn set_profile(&mut self, meter: &str, profile: &MeterProfile) {
         let class = self.config.class_index(&profile.class);
-        let fresh = MeterDetect::new(class, profile.role, profile.q3_m3h, profile.utc_offset_s);
+        let mut fresh = MeterDetect::new(class, profile.role, profile.q3_m3h, profile.utc_offset_s);
+        fresh.model = self.model_index(profile.model.as_deref());
         match self.states.get_mut(meter) {
             Some(st) => {
                 st.class = fresh.class;
                 st.role = fresh.role;
                 st.q3_lph = fresh.q3_lph;
                 st.offset_min = fresh.offset_min;
+                st.model = fresh.model;
             }
             None => {
                 self.states.insert(meter.into(), fresh);
@@ -582,6 +775,7 @@ impl Detectors {
             state.role = cur.role;
             state.q3_lph = cur.q3_lph;
             state.offset_min = cur.offset_min;
+            state.model = cur.model;
         }
         self.states.insert(meter.into(), state);
     }
@@ -625,7 +819,9 @@ impl Detectors {
                 continue;
             }
             let estimated = match &r.quality {
-                Quality::Estimated { .. } | Quality::Missing => true,
+                Quality::Estimated { .. } => true,
+                // A placeholder for an expected read: no value to judge, nothing billed on it.
+                Quality::Missing => continue,
                 Quality::Rejected { reason } => {
                     if *reason != RejectReason::RegisterDecrease {
                         continue;
@@ -650,9 +846,28 @@ impl Detectors {
         // Event time order per meter, so a batch holding several hours of one meter (daily
         // NB-IoT uplinks, a gateway's replay) is judged as it happened.
         obs.sort_by(|a, b| (a.0.meter, a.0.ts).cmp(&(b.0.meter, b.0.ts)));
+        // Estimates that an actual read of the same batch follows fill a gap that is already
+        // closed: nothing is billed on them beyond this batch, so they cannot be a prolonged
+        // estimation. Walking backwards, remember whether an actual volume read comes later.
+        let mut actual_after: Option<&str> = None;
+        for (o, skip) in obs.iter_mut().rev() {
+            if o.quantity != Quantity::Volume {
+                continue;
+            }
+            if actual_after != Some(o.meter) {
+                actual_after = None;
+            }
+            if o.estimated {
+                *skip = u32::from(actual_after.is_some());
+            } else {
+                actual_after = Some(o.meter);
+            }
+        }
         let mut events = Vec::new();
-        for (o, _) in &obs {
-            self.observe(o, &mut events);
+        for (o, skip) in &obs {
+            if *skip == 0 {
+                self.observe(o, &mut events);
+            }
         }
         events
     }
@@ -660,13 +875,22 @@ impl Detectors {
     /// Runs the detectors over one observation, appending alarm events to `events`.
     pub fn observe(&mut self, obs: &Observation<'_>, events: &mut Vec<AlarmEvent>) {
         if obs.estimated {
+            if obs.quantity == Quantity::Volume {
+                self.estimated_volume(obs, events);
+            }
             return;
         }
         let default_offset = self.config.default_utc_offset_s;
-        let st = self
-            .states
-            .entry(obs.meter.into())
-            .or_insert_with(|| MeterDetect::new(0, Role::Customer, 2.5, default_offset));
+        // Look up before inserting: `entry` would allocate the key for every observation.
+        if !self.states.contains_key(obs.meter) {
+            self.states.insert(
+                obs.meter.into(),
+                MeterDetect::new(0, Role::Customer, 2.5, default_offset),
+            );
+        }
+        let Some(st) = self.states.get_mut(obs.meter) else {
+            return;
+        };
         let t = self.config.thresholds(st.class).clone();
         let mut out = Out {
             meter: obs.meter,
@@ -702,6 +926,9 @@ impl Detectors {
         match obs.quantity {
             Quantity::Volume => {
                 if let Some(ml) = to_ml(v) {
+                    if obs.ts > st.last_ts {
+                        out.release(st, AlarmKind::ProlongedEstimation, obs.ts);
+                    }
                     volume(st, &t, obs.ts, ml, &mut out);
                 }
             }
@@ -758,7 +985,11 @@ impl Detectors {
                         );
                     }
                 } else {
-                    status_word(st, self.config.status_bits, word, obs.ts, &mut out);
+                    let bits = self
+                        .models
+                        .get(usize::from(st.model))
+                        .map_or(self.config.status_bits, |(_, b)| *b);
+                    status_word(st, bits, word, obs.ts, &mut out);
                 }
             }
             Quantity::BatteryPercent => {
@@ -825,6 +1056,37 @@ impl Detectors {
                 out.release(st, AlarmKind::HydrantIllegalUse, obs.ts);
             }
             _ => {}
+        }
+    }
+
+    /// An estimated register read: the only thing it may raise is `prolonged_estimation`, when
+    /// it reaches `prolonged_estimation_days` past the meter's last actual read (an actual read
+    /// clears it). It changes no other detector's state.
+    fn estimated_volume(&mut self, obs: &Observation<'_>, events: &mut Vec<AlarmEvent>) {
+        let Some(st) = self.states.get_mut(obs.meter) else {
+            return;
+        };
+        if st.last_ts == NO_TS || obs.ts <= st.last_ts {
+            return;
+        }
+        let t = self.config.thresholds(st.class);
+        let days = (obs.ts - st.last_ts) as f64 / 86_400.0;
+        if days >= t.prolonged_estimation_days {
+            let mut out = Out {
+                meter: obs.meter,
+                events,
+            };
+            out.hold(
+                st,
+                AlarmKind::ProlongedEstimation,
+                st.last_ts,
+                obs.ts,
+                AlarmSeverity::Warning,
+                &[
+                    ("rule", json("estimated_beyond_last_actual")),
+                    ("estimated_days", json(round1(days))),
+                ],
+            );
         }
     }
 
@@ -1290,7 +1552,7 @@ pub fn batch_write(det: &mut Detectors, readings: &[Reading]) -> store::AlarmWri
     touched.dedup();
     let states = touched
         .into_iter()
-        .filter_map(|m| det.state(m).map(|s| (m.to_owned(), s.to_bytes())))
+        .filter_map(|m| det.state(m).map(|s| (Box::<str>::from(m), *s)))
         .collect();
     store::AlarmWrite { events, states }
 }
@@ -1303,12 +1565,12 @@ pub fn sweep_write(det: &mut Detectors) -> store::AlarmWrite {
         SweepClock::Received,
         &mut events,
     );
-    let mut meters: Vec<String> = events.iter().map(|e| e.meter.clone()).collect();
+    let mut meters: Vec<&str> = events.iter().map(|e| e.meter.as_str()).collect();
     meters.sort_unstable();
     meters.dedup();
     let states = meters
         .into_iter()
-        .filter_map(|m| det.state(&m).map(|s| (m.clone(), s.to_bytes())))
+        .filter_map(|m| det.state(m).map(|s| (Box::<str>::from(m), *s)))
         .collect();
     store::AlarmWrite { events, states }
 }

@@ -286,6 +286,7 @@ pub fn parse_meters(
                 dma: (!dma.is_empty()).then(|| dma.to_owned()),
                 role,
                 utc_offset_s,
+                model: None,
             },
         ))
     })

@@ -14,6 +14,7 @@ fn profile(q3: f64, role: Role) -> MeterProfile {
         dma: None,
         role,
         utc_offset_s: 8 * 3600,
+        model: None,
     }
 }
 
@@ -536,4 +537,86 @@ fn state_round_trips_through_bytes() {
     assert_eq!(MeterDetect::from_bytes(&st.to_bytes()), Some(st));
     assert_eq!(MeterDetect::from_bytes(&st.to_bytes()[..40]), None);
     assert_eq!(MeterDetect::from_bytes(&[9; 120]), None);
+}
+
+/// A volume read of meter `m` at `T0 + hours`, actual or estimated, as the worker hands it over.
+fn volume_reading(hours: i64, m3: i64, estimated: bool) -> Reading {
+    let mut r = crate::testing::volume_read(
+        "cjt188:00000000000001",
+        time::OffsetDateTime::from_unix_timestamp(T0 + hours * 3600).unwrap(),
+        Decimal::from(m3),
+    );
+    if estimated {
+        r.quality = Quality::Estimated {
+            method: model::EstimationMethod::Linear,
+        };
+    }
+    r
+}
+
+#[test]
+fn prolonged_estimation_table() {
+    // (name, batches of (hour, m³, estimated), kinds and transitions raised)
+    type Batch = Vec<(i64, i64, bool)>;
+    let cases: Vec<(&str, Vec<Batch>, Vec<(K, Transition)>)> = vec![
+        (
+            "estimates for 6 days are not prolonged",
+            vec![vec![(0, 100, false)], vec![(144, 101, true)]],
+            vec![],
+        ),
+        (
+            "estimates reaching 7 days past the last actual read raise",
+            vec![
+                vec![(0, 100, false)],
+                vec![(24 * 7, 101, true), (24 * 8, 102, true)],
+            ],
+            vec![
+                (K::ProlongedEstimation, Transition::Raised),
+                (K::ProlongedEstimation, Transition::Seen),
+            ],
+        ),
+        (
+            "the next actual read clears it",
+            vec![
+                vec![(0, 100, false)],
+                vec![(24 * 8, 102, true)],
+                vec![(24 * 9, 103, false)],
+            ],
+            vec![
+                (K::ProlongedEstimation, Transition::Raised),
+                (K::ProlongedEstimation, Transition::Cleared),
+            ],
+        ),
+        (
+            "a gap filled by estimates that an actual read of the same batch closes is not one",
+            vec![
+                vec![(0, 100, false)],
+                vec![(24 * 8, 102, true), (24 * 9, 103, false)],
+            ],
+            vec![],
+        ),
+    ];
+    for (name, batches, want) in cases {
+        let mut det = Detectors::new(DetectConfig::default());
+        let mut got = Vec::new();
+        for batch in batches {
+            let readings: Vec<Reading> = batch
+                .into_iter()
+                .map(|(h, v, e)| volume_reading(h, v, e))
+                .collect();
+            got.extend(
+                det.observe_readings(&readings)
+                    .into_iter()
+                    .filter(|e| e.kind == K::ProlongedEstimation)
+                    .map(|e| (e.kind, e.transition)),
+            );
+        }
+        assert_eq!(got, want, "{name}");
+    }
+    // first_seen is the last actual read.
+    let mut det = Detectors::new(DetectConfig::default());
+    det.observe_readings(&[volume_reading(0, 100, false)]);
+    let ev = det.observe_readings(&[volume_reading(24 * 7, 101, true)]);
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].first_seen, T0);
 }
