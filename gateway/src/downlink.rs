@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use model::{CommandAck, CommandId, CommandState, DeviceCommand, GatewayId, MeterId};
+use model::{
+    CommandAck, CommandAction, CommandId, CommandState, DeviceCommand, GatewayId, MeterId,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -110,6 +112,10 @@ impl CommandLog {
         self.latest.insert(line.ack.id.clone(), line);
     }
 }
+
+/// Most commands one NB-IoT meter may have waiting at the gateway, as carrier platforms allow
+/// (DOMAIN.md §3); a further one is refused, not queued.
+pub const MAX_QUEUED_PER_DEVICE: usize = 20;
 
 /// Where commands for one source go.
 #[derive(Debug, Clone)]
@@ -274,6 +280,10 @@ impl Downlink {
             self.transition(&cmd, CommandState::Expired, false);
             return;
         }
+        if let CommandAction::Cancel { command } = &cmd.action {
+            self.cancel(&cmd, command);
+            return;
+        }
         let route =
             {
                 let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
@@ -306,6 +316,39 @@ impl Downlink {
                 self.transition(&cmd, CommandState::Failed { reason }, false);
             }
             Some(Route::CoapQueue) => {
+                // A newer valve command makes an older queued one meaningless (the meter would
+                // toggle twice); the older is reported cancelled, both stay in the journal.
+                let superseded: Vec<DeviceCommand> = if cmd.action.is_valve() {
+                    let mut q = lock(&self.queue);
+                    q.get_mut(&cmd.device)
+                        .map(|entry| {
+                            let (old, keep): (VecDeque<_>, VecDeque<_>) =
+                                entry.drain(..).partition(|c| c.action.is_valve());
+                            *entry = keep;
+                            old.into_iter().collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                for old in &superseded {
+                    tracing::info!(command = %old.id, by = %cmd.id, "queued valve command superseded");
+                    self.transition(old, CommandState::Cancelled, false);
+                }
+                let waiting = lock(&self.queue).get(&cmd.device).map_or(0, VecDeque::len);
+                if waiting >= MAX_QUEUED_PER_DEVICE {
+                    self.transition(
+                        &cmd,
+                        CommandState::Failed {
+                            reason: format!(
+                                "device `{}` already has {waiting} commands queued (at most {MAX_QUEUED_PER_DEVICE})",
+                                cmd.device
+                            ),
+                        },
+                        false,
+                    );
+                    return;
+                }
                 // Logged with the command before queueing, so a restart re-queues it.
                 self.transition(&cmd, CommandState::Queued, true);
                 lock(&self.queue)
@@ -354,6 +397,43 @@ impl Downlink {
                     };
                     this.transition(&cmd, state, false);
                 });
+            }
+        }
+    }
+
+    /// Cancels `target` if it still waits in the NB-IoT queue of `cancel.device`.
+    fn cancel(&self, cancel: &DeviceCommand, target: &CommandId) {
+        let removed = {
+            let mut q = lock(&self.queue);
+            let removed = q.get_mut(&cancel.device).and_then(|entry| {
+                let pos = entry.iter().position(|c| &c.id == target)?;
+                entry.remove(pos)
+            });
+            if q.get(&cancel.device).is_some_and(VecDeque::is_empty) {
+                q.remove(&cancel.device);
+            }
+            removed
+        };
+        match removed {
+            Some(old) => {
+                self.transition(&old, CommandState::Cancelled, false);
+                self.transition(cancel, CommandState::Acknowledged, false);
+            }
+            None => {
+                let state = lock(&self.log)
+                    .latest
+                    .get(target)
+                    .map_or("unknown here", |l| state_name(&l.ack.state));
+                self.transition(
+                    cancel,
+                    CommandState::Failed {
+                        reason: format!(
+                            "command `{target}` is not queued for `{}` at this gateway (state: {state})",
+                            cancel.device
+                        ),
+                    },
+                    false,
+                );
             }
         }
     }
