@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc3339;
 
 /// Arguments of `pipeline control`.
 #[derive(Args)]
-pub struct ControlArgs {
+pub(crate) struct ControlArgs {
     #[command(subcommand)]
     command: ControlCommand,
 }
@@ -94,7 +94,7 @@ struct ServeArgs {
 
 /// The arrears policy's settings.
 #[derive(Args, Clone)]
-pub struct PolicyArgs {
+pub(crate) struct PolicyArgs {
     /// Working-day calendar (TOML; default: the shipped `calendars/cn.toml`).
     #[arg(long)]
     calendar: Option<PathBuf>,
@@ -108,7 +108,7 @@ pub struct PolicyArgs {
 
 impl PolicyArgs {
     /// The policy.
-    pub fn policy(&self) -> anyhow::Result<ArrearsPolicy> {
+    pub(crate) fn policy(&self) -> anyhow::Result<ArrearsPolicy> {
         let calendar = match &self.calendar {
             Some(p) => Calendar::load(p)?,
             None => Calendar::builtin()?,
@@ -269,7 +269,7 @@ fn print_decision(d: &rules::Decision) {
 }
 
 /// Runs `pipeline control …`.
-pub async fn run(pool: sqlx::PgPool, args: ControlArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(pool: sqlx::PgPool, args: ControlArgs) -> anyhow::Result<()> {
     match args.command {
         ControlCommand::Serve(a) => {
             let mut config = service::ServiceConfig::new(&a.mqtt_url, &a.topic_root, &a.client_id)?;

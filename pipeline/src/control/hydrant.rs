@@ -9,7 +9,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use super::{ControlError, IssueRequest, Issued, PRIORITY_DEFAULT, PRIORITY_HIGHEST, db};
+use super::{
+    ControlError, IssueRequest, Issued, PRIORITY_DEFAULT, PRIORITY_HIGHEST, db, rfc3339,
+};
 
 /// A permit.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,8 +102,8 @@ pub async fn create_permit(pool: &PgPool, p: &Permit) -> Result<bool, ControlErr
     )
     .bind(&p.issued_by)
     .bind(&p.id)
-    .bind(json!({"hydrant": p.hydrant, "holder": p.holder, "valid_from": p.valid_from,
-                 "valid_to": p.valid_to, "volume_limit_m3": p.volume_limit_m3}))
+    .bind(json!({"hydrant": p.hydrant, "holder": p.holder, "valid_from": rfc3339(p.valid_from),
+                 "valid_to": rfc3339(p.valid_to), "volume_limit_m3": p.volume_limit_m3}))
     .execute(&mut *tx)
     .await
     .map_err(db("writing the audit log"))?;
@@ -145,7 +147,10 @@ pub async fn unlock(
             "unlock refused at {now}: outside permit {permit_id}'s window {from} .. {to}"
         )));
     }
-    let duration_s = u32::try_from((to - now).whole_seconds().max(1)).unwrap_or(u32::MAX);
+    // Rounded up: the unlock lasts to the end of the window, not a fraction short of it.
+    let left = to - now;
+    let secs = left.whole_seconds() + i64::from(left.subsec_nanoseconds() > 0);
+    let duration_s = u32::try_from(secs.max(1)).unwrap_or(u32::MAX);
     let device = MeterId::new(hydrant.clone())
         .map_err(|e| ControlError::Invalid(format!("hydrant `{hydrant}`: {e}")))?;
     let mut req = IssueRequest::new(
@@ -157,7 +162,7 @@ pub async fn unlock(
     );
     req.priority = PRIORITY_DEFAULT;
     req.cause = json!({"rule": "hydrant_permit", "permit": permit_id, "holder": holder,
-                       "valid_from": from, "valid_to": to});
+                       "valid_from": rfc3339(from), "valid_to": rfc3339(to)});
     req.ttl = to - now;
     let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
     let out = super::issue_in(&mut tx, &req, true).await?;
@@ -273,7 +278,7 @@ pub async fn detect_illegal_use(
             &mut tx,
             hydrant,
             "hydrant_illegal_use",
-            json!({"source": "control", "outlet_open_at": ts, "reason": "outlet open with no active permit"}),
+            json!({"source": "control", "outlet_open_at": rfc3339(*ts), "reason": "outlet open with no active permit"}),
         )
         .await?;
         tx.commit().await.map_err(db("committing an alarm"))?;

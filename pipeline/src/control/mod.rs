@@ -132,6 +132,12 @@ fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> ControlError {
     move |source| ControlError::Db { what, source }
 }
 
+/// An instant as RFC 3339 text, the form stored in decision inputs and causes.
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 /// The wire name of an action (`valve_close`, `hydrant_unlock`, …).
 pub fn action_name(action: &CommandAction) -> String {
     serde_json::to_value(action)

@@ -12,6 +12,7 @@ use time::{Date, OffsetDateTime};
 use super::calendar::Calendar;
 use super::{
     ControlError, IssueRequest, Issued, PRIORITY_ARREARS, PRIORITY_BURST, PRIORITY_HIGHEST, db,
+    rfc3339,
 };
 
 /// Rule name of the burst auto-close.
@@ -148,7 +149,7 @@ pub async fn burst_auto_close(
     .map_err(db("reading the meter's policy"))?;
     let (auto, has_valve, gateway) = policy.unwrap_or((false, false, None));
     let inputs = json!({
-        "alarm_id": alarm_id, "alarm_raised_at": raised_at, "alarm_detail": detail,
+        "alarm_id": alarm_id, "alarm_raised_at": rfc3339(raised_at), "alarm_detail": detail,
         "auto_close_on_burst": auto, "has_valve": has_valve, "gateway": gateway,
     });
     let refuse = |reason: &str| Decision {
@@ -284,7 +285,7 @@ pub async fn record_notice(
     )
     .bind(by)
     .bind(meter)
-    .bind(json!({"kind": kind.as_str(), "sent_at": sent_at}))
+    .bind(json!({"kind": kind.as_str(), "sent_at": rfc3339(sent_at)}))
     .execute(&mut *tx)
     .await
     .map_err(db("writing the audit log"))?;
@@ -523,9 +524,9 @@ pub async fn arrears_run(
         let inputs = json!({
             "account": facts.account, "amount_overdue": facts.amount_overdue,
             "overdue_since": facts.overdue_since.to_string(), "has_valve": has_valve,
-            "protected_customer": protected, "payment_demand_at": demand,
-            "advance_notice_at": notice,
-            "notice_period_s": policy.notice_period.whole_seconds(), "now": now,
+            "protected_customer": protected, "payment_demand_at": demand.map(rfc3339),
+            "advance_notice_at": notice.map(rfc3339),
+            "notice_period_s": policy.notice_period.whole_seconds(), "now": rfc3339(now),
             "local_time": now.to_offset(policy.calendar.offset()).to_string(),
             "approved_by": facts.approved_by,
         });

@@ -389,7 +389,7 @@ impl Service<'_> {
             self.publish_alarm(
                 &h,
                 AlarmKind::HydrantIllegalUse,
-                json!({"source": "control", "outlet_open_at": ts, "reason": "outlet open with no active permit"}),
+                json!({"source": "control", "outlet_open_at": super::rfc3339(ts), "reason": "outlet open with no active permit"}),
             );
         }
         self.flush_outbox().await
