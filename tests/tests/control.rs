@@ -227,6 +227,7 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     .await;
     assert_eq!(executed.load(Ordering::SeqCst), 1);
 
+    let (hyd, _hyd_rx) = subscribe("ctl-hyd-up", &format!("{root}/unused")).await;
     // 2. The same id again: no new command; re-published: the gateway only repeats its ack.
     assert!(!hydrant::unlock(&pool, "P-E2E", "user:holder", OffsetDateTime::now_utc())
         .await
@@ -247,15 +248,17 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         async move { (n >= 2).then_some(()) }
     })
     .await;
-    sqlx::query("UPDATE commands SET published_at = NULL WHERE command_id = $1")
-        .bind(&id)
-        .execute(&pool)
-        .await
-        .expect("unmark");
-    sqlx::query("SELECT pg_notify('wm_control', 'commands')")
-        .execute(&pool)
-        .await
-        .expect("notify");
+    // The command re-sent as published (a broker re-delivery, a second centre): same id.
+    let row = control::get(&pool, &id).await.expect("row");
+    let wire = serde_json::to_vec(&control::device_command(&row).expect("wire")).expect("json");
+    hyd.publish(
+        control::command_topic(&root, GW, &row.device),
+        QoS::AtLeastOnce,
+        false,
+        wire,
+    )
+    .await
+    .expect("re-send");
     let before = seen_acks;
     wait_for("the duplicate's repeated ack", Duration::from_secs(60), || {
         count_acks(&mut acks, &mut seen_acks);
@@ -266,7 +269,6 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     assert_eq!(executed.load(Ordering::SeqCst), 1, "a re-sent id is not executed again");
 
     // 3. Telemetry: the hydrant reports unlocked and open → confirmed by telemetry.
-    let (hyd, _hyd_rx) = subscribe("ctl-hyd-up", &format!("{root}/unused")).await;
     let confirmed = wait_for("confirmation by telemetry", Duration::from_secs(120), || {
         let (pool, hyd, site, id) = (pool.clone(), hyd.clone(), site.clone(), id.clone());
         async move {
