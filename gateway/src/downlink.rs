@@ -706,4 +706,67 @@ mod tests {
             "{text}"
         );
     }
+
+    #[tokio::test]
+    async fn nbiot_queue_supersedes_bounds_and_cancels() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewayId::new("gw-1").unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let (dl, mut acks) = Downlink::open(gw, dir.path()).unwrap();
+        dl.set_routes(routes(tx));
+        let meter = "cjt188:78330011223344";
+        let mut open = cmd("open-1", meter, 600);
+        open.action = CommandAction::ValveOpen;
+        dl.handle(open).await;
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        // A newer valve command supersedes the queued one: it is reported cancelled.
+        dl.handle(cmd("close-1", meter, 600)).await;
+        let a = acks.recv().await.unwrap();
+        assert_eq!((a.id.0.as_str(), a.state), ("open-1", CommandState::Cancelled));
+        let a = acks.recv().await.unwrap();
+        assert_eq!((a.id.0.as_str(), a.state), ("close-1", CommandState::Queued));
+        assert_eq!(dl.queued(), 1);
+        // Cancel of the queued one: target cancelled, the cancel acknowledged.
+        let mut cancel = cmd("close-1.cancel", meter, 600);
+        cancel.action = CommandAction::Cancel {
+            command: CommandId("close-1".into()),
+        };
+        dl.handle(cancel).await;
+        let a = acks.recv().await.unwrap();
+        assert_eq!((a.id.0.as_str(), a.state), ("close-1", CommandState::Cancelled));
+        let a = acks.recv().await.unwrap();
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1.cancel", CommandState::Acknowledged)
+        );
+        assert_eq!(dl.queued(), 0);
+        // Cancel of something not queued fails with the reason.
+        let mut late = cmd("late.cancel", meter, 600);
+        late.action = CommandAction::Cancel {
+            command: CommandId("close-1".into()),
+        };
+        dl.handle(late).await;
+        match acks.recv().await.unwrap().state {
+            CommandState::Failed { reason } => {
+                assert!(reason.contains("not queued"), "{reason}");
+                assert!(reason.contains("cancelled"), "{reason}");
+            }
+            other => panic!("expected failed, got {other:?}"),
+        }
+        // At most MAX_QUEUED_PER_DEVICE non-valve commands wait; the next is refused.
+        for i in 0..MAX_QUEUED_PER_DEVICE {
+            let mut c = cmd(&format!("t-{i}"), meter, 600);
+            c.action = CommandAction::SetTime;
+            dl.handle(c).await;
+            assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        }
+        let mut c = cmd("t-over", meter, 600);
+        c.action = CommandAction::SetTime;
+        dl.handle(c).await;
+        match acks.recv().await.unwrap().state {
+            CommandState::Failed { reason } => assert!(reason.contains("at most 20"), "{reason}"),
+            other => panic!("expected failed, got {other:?}"),
+        }
+        assert_eq!(dl.queued(), MAX_QUEUED_PER_DEVICE);
+    }
 }
