@@ -255,16 +255,26 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let history_n = history.len() as u64;
-    for (p, payload) in trial_seq.batch(history) {
-        client
-            .publish(pipeline::ingest::readings_topic(&root, p), QoS::AtLeastOnce, false, payload)
-            .await?;
-    }
+    let history = trial_seq.batch(history);
+    // Published again until stored: the workers may not have subscribed yet, and the same
+    // sequence numbers make a repeat harmless.
     let deadline = Instant::now() + Duration::from_secs(300);
-    while IngestMetrics::get(&metrics.stored) < history_n {
+    'stored: loop {
+        for (p, payload) in &history {
+            client
+                .publish(pipeline::ingest::readings_topic(&root, *p), QoS::AtLeastOnce, false, payload.clone())
+                .await?;
+        }
+        let round = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < round {
+            if IngestMetrics::get(&metrics.stored) >= history_n {
+                break 'stored;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         anyhow::ensure!(Instant::now() < deadline, "history not stored within 300 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    eprintln!("history stored");
 
     // Background load, paced per 100 ms slice.
     let load_client = client.clone();
