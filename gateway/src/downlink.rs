@@ -722,9 +722,15 @@ mod tests {
         // A newer valve command supersedes the queued one: it is reported cancelled.
         dl.handle(cmd("close-1", meter, 600)).await;
         let a = acks.recv().await.unwrap();
-        assert_eq!((a.id.0.as_str(), a.state), ("open-1", CommandState::Cancelled));
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("open-1", CommandState::Cancelled)
+        );
         let a = acks.recv().await.unwrap();
-        assert_eq!((a.id.0.as_str(), a.state), ("close-1", CommandState::Queued));
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1", CommandState::Queued)
+        );
         assert_eq!(dl.queued(), 1);
         // Cancel of the queued one: target cancelled, the cancel acknowledged.
         let mut cancel = cmd("close-1.cancel", meter, 600);
@@ -733,7 +739,10 @@ mod tests {
         };
         dl.handle(cancel).await;
         let a = acks.recv().await.unwrap();
-        assert_eq!((a.id.0.as_str(), a.state), ("close-1", CommandState::Cancelled));
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1", CommandState::Cancelled)
+        );
         let a = acks.recv().await.unwrap();
         assert_eq!(
             (a.id.0.as_str(), a.state),

@@ -409,9 +409,9 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: ControlArgs) -> anyhow::Result
                 .await?;
                 println!("{} permit {id}", if created { "created" } else { "exists" });
             }
-            PermitCommand::Unlock(a) => {
-                print_issued(&hydrant::unlock(&pool, &a.id, &a.by, OffsetDateTime::now_utc()).await?)
-            }
+            PermitCommand::Unlock(a) => print_issued(
+                &hydrant::unlock(&pool, &a.id, &a.by, OffsetDateTime::now_utc()).await?,
+            ),
             PermitCommand::Revoke(a) => {
                 hydrant::revoke(&pool, &a.id, &a.by, OffsetDateTime::now_utc()).await?;
                 println!("revoked {}; the control service locks the hydrant", a.id);

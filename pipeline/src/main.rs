@@ -198,9 +198,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Registry(args) => {
             registry_cli::run(connect(&cli.database_url).await?, args).await?
         }
-        Command::Control(args) => {
-            control_cli::run(connect(&cli.database_url).await?, args).await?
-        }
+        Command::Control(args) => control_cli::run(connect(&cli.database_url).await?, args).await?,
     }
     Ok(())
 }

@@ -125,12 +125,23 @@ async fn issue_is_idempotent_bounded_and_validated() {
     let mut r = close("t-20", mbus);
     r.action = CommandAction::SetTime;
     let e = control::issue(pool, &r).await.unwrap_err();
-    assert!(matches!(e, ControlError::TooManyPending { pending: 20, .. }), "{e}");
+    assert!(
+        matches!(e, ControlError::TooManyPending { pending: 20, .. }),
+        "{e}"
+    );
     assert!(e.to_string().contains("at most 20"), "{e}");
     // Once one is executed, there is room again.
-    control::apply_ack(pool, &ack("t-0", mbus, CommandState::Acknowledged, OffsetDateTime::now_utc()))
-        .await
-        .unwrap();
+    control::apply_ack(
+        pool,
+        &ack(
+            "t-0",
+            mbus,
+            CommandState::Acknowledged,
+            OffsetDateTime::now_utc(),
+        ),
+    )
+    .await
+    .unwrap();
     control::issue(pool, &r).await.unwrap();
     db.drop_database().await;
 }
@@ -156,7 +167,10 @@ async fn supersession_acks_expiry_cancel_and_retry() {
         .unwrap();
     let issued = control::issue(pool, &close("newer", m)).await.unwrap();
     assert_eq!(issued.superseded, vec!["new".to_owned()]);
-    assert_eq!(control::get(pool, "new").await.unwrap().state, CentralState::Queued);
+    assert_eq!(
+        control::get(pool, "new").await.unwrap().state,
+        CentralState::Queued
+    );
     let at = OffsetDateTime::now_utc();
     let out = control::apply_ack(pool, &ack("new", m, CommandState::Cancelled, at))
         .await
@@ -166,7 +180,12 @@ async fn supersession_acks_expiry_cancel_and_retry() {
     // Acks repeat (re-published after every reconnect): one event each.
     let t0 = OffsetDateTime::now_utc();
     let q = ack("newer", m, CommandState::Queued, t0);
-    let a = ack("newer", m, CommandState::Acknowledged, t0 + time::Duration::seconds(1));
+    let a = ack(
+        "newer",
+        m,
+        CommandState::Acknowledged,
+        t0 + time::Duration::seconds(1),
+    );
     assert_eq!(
         control::apply_ack(pool, &q).await.unwrap(),
         AckOutcome::Recorded
@@ -177,20 +196,36 @@ async fn supersession_acks_expiry_cancel_and_retry() {
     );
     let before = event_count(pool, "newer").await;
     for _ in 0..3 {
-        assert_eq!(control::apply_ack(pool, &a).await.unwrap(), AckOutcome::Duplicate);
-        assert_eq!(control::apply_ack(pool, &q).await.unwrap(), AckOutcome::Duplicate);
+        assert_eq!(
+            control::apply_ack(pool, &a).await.unwrap(),
+            AckOutcome::Duplicate
+        );
+        assert_eq!(
+            control::apply_ack(pool, &q).await.unwrap(),
+            AckOutcome::Duplicate
+        );
     }
     assert_eq!(event_count(pool, "newer").await, before);
     // A late `sent` does not move an acknowledged command back.
-    let s = ack("newer", m, CommandState::Sent, t0 + time::Duration::milliseconds(500));
-    assert_eq!(control::apply_ack(pool, &s).await.unwrap(), AckOutcome::Recorded);
+    let s = ack(
+        "newer",
+        m,
+        CommandState::Sent,
+        t0 + time::Duration::milliseconds(500),
+    );
+    assert_eq!(
+        control::apply_ack(pool, &s).await.unwrap(),
+        AckOutcome::Recorded
+    );
     assert_eq!(
         control::get(pool, "newer").await.unwrap().state,
         CentralState::Acknowledged
     );
     // An ack for a command the centre never issued is ignored.
     assert_eq!(
-        control::apply_ack(pool, &ack("foreign", m, CommandState::Sent, t0)).await.unwrap(),
+        control::apply_ack(pool, &ack("foreign", m, CommandState::Sent, t0))
+            .await
+            .unwrap(),
         AckOutcome::Unknown
     );
 
@@ -206,20 +241,55 @@ async fn supersession_acks_expiry_cancel_and_retry() {
     assert_eq!(r1.command.id, "short-r");
     assert_eq!(r1.command.parent.as_deref(), Some("short"));
     assert_eq!(r1.command.attempt, 1);
-    assert!(!control::retry(pool, "short", "user:bob").await.unwrap().created);
-    let e = control::retry(pool, "short-r", "user:bob").await.unwrap_err();
+    assert!(
+        !control::retry(pool, "short", "user:bob")
+            .await
+            .unwrap()
+            .created
+    );
+    let e = control::retry(pool, "short-r", "user:bob")
+        .await
+        .unwrap_err();
     assert!(matches!(e, ControlError::BadState { .. }), "{e}");
     for (id, next) in [("short-r", "short-r-r"), ("short-r-r", "short-r-r-r")] {
-        control::apply_ack(pool, &ack(id, m, CommandState::Failed { reason: "x".into() }, OffsetDateTime::now_utc()))
-            .await
-            .unwrap();
-        assert_eq!(control::retry(pool, id, "user:bob").await.unwrap().command.id, next);
-    }
-    control::apply_ack(pool, &ack("short-r-r-r", m, CommandState::Failed { reason: "x".into() }, OffsetDateTime::now_utc()))
+        control::apply_ack(
+            pool,
+            &ack(
+                id,
+                m,
+                CommandState::Failed { reason: "x".into() },
+                OffsetDateTime::now_utc(),
+            ),
+        )
         .await
         .unwrap();
-    let e = control::retry(pool, "short-r-r-r", "user:bob").await.unwrap_err();
-    assert!(matches!(e, ControlError::RetryLimit { attempt: 3, .. }), "{e}");
+        assert_eq!(
+            control::retry(pool, id, "user:bob")
+                .await
+                .unwrap()
+                .command
+                .id,
+            next
+        );
+    }
+    control::apply_ack(
+        pool,
+        &ack(
+            "short-r-r-r",
+            m,
+            CommandState::Failed { reason: "x".into() },
+            OffsetDateTime::now_utc(),
+        ),
+    )
+    .await
+    .unwrap();
+    let e = control::retry(pool, "short-r-r-r", "user:bob")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ControlError::RetryLimit { attempt: 3, .. }),
+        "{e}"
+    );
 
     // Cancel: unpublished → withdrawn; published → a cancel command to the gateway.
     let mut st = close("st-1", m);
@@ -257,24 +327,64 @@ async fn telemetry_confirms_or_raises_valve_fault() {
     );
     for m in [good, bad, stuck] {
         meter(pool, m, true, false, false).await;
-        control::issue(pool, &close(&format!("close-{m}"), m)).await.unwrap();
+        control::issue(pool, &close(&format!("close-{m}"), m))
+            .await
+            .unwrap();
     }
     let acked = OffsetDateTime::now_utc() - time::Duration::minutes(10);
     for m in [good, bad, stuck] {
         // A reading from before the ack does not count.
-        reading(pool, m, "valve_state", 0, acked - time::Duration::minutes(1)).await;
-        control::apply_ack(pool, &ack(&format!("close-{m}"), m, CommandState::Acknowledged, acked))
-            .await
-            .unwrap();
+        reading(
+            pool,
+            m,
+            "valve_state",
+            0,
+            acked - time::Duration::minutes(1),
+        )
+        .await;
+        control::apply_ack(
+            pool,
+            &ack(&format!("close-{m}"), m, CommandState::Acknowledged, acked),
+        )
+        .await
+        .unwrap();
     }
-    assert!(control::confirm_by_telemetry(pool).await.unwrap().is_empty());
-    reading(pool, good, "valve_state", 1, acked + time::Duration::minutes(1)).await;
-    reading(pool, bad, "valve_state", 0, acked + time::Duration::minutes(1)).await;
-    reading(pool, stuck, "valve_state", 3, acked + time::Duration::minutes(1)).await;
+    assert!(
+        control::confirm_by_telemetry(pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    reading(
+        pool,
+        good,
+        "valve_state",
+        1,
+        acked + time::Duration::minutes(1),
+    )
+    .await;
+    reading(
+        pool,
+        bad,
+        "valve_state",
+        0,
+        acked + time::Duration::minutes(1),
+    )
+    .await;
+    reading(
+        pool,
+        stuck,
+        "valve_state",
+        3,
+        acked + time::Duration::minutes(1),
+    )
+    .await;
     let mut verdicts = control::confirm_by_telemetry(pool).await.unwrap();
     verdicts.sort_by(|a, b| a.device.cmp(&b.device));
-    let states: Vec<(&str, CentralState)> =
-        verdicts.iter().map(|v| (v.device.as_str(), v.state)).collect();
+    let states: Vec<(&str, CentralState)> = verdicts
+        .iter()
+        .map(|v| (v.device.as_str(), v.state))
+        .collect();
     assert_eq!(
         states,
         vec![
@@ -283,8 +393,16 @@ async fn telemetry_confirms_or_raises_valve_fault() {
             (stuck, CentralState::Failed)
         ]
     );
-    assert!(verdicts[1].detail.contains("contradicts"), "{}", verdicts[1].detail);
-    assert!(verdicts[2].detail.contains("abnormal"), "{}", verdicts[2].detail);
+    assert!(
+        verdicts[1].detail.contains("contradicts"),
+        "{}",
+        verdicts[1].detail
+    );
+    assert!(
+        verdicts[2].detail.contains("abnormal"),
+        "{}",
+        verdicts[2].detail
+    );
     let faults: Vec<String> = sqlx::query_scalar(
         "SELECT meter_id FROM alarms WHERE kind = 'valve_fault' AND cleared_at IS NULL ORDER BY meter_id",
     )
@@ -293,8 +411,15 @@ async fn telemetry_confirms_or_raises_valve_fault() {
     .unwrap();
     assert_eq!(faults, vec![bad.to_owned(), stuck.to_owned()]);
     // Decided once.
-    assert!(control::confirm_by_telemetry(pool).await.unwrap().is_empty());
-    let events = control::events(pool, &format!("close-{good}")).await.unwrap();
+    assert!(
+        control::confirm_by_telemetry(pool)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let events = control::events(pool, &format!("close-{good}"))
+        .await
+        .unwrap();
     assert_eq!(events.last().unwrap().state, "confirmed_by_telemetry");
     db.drop_database().await;
 }
@@ -319,7 +444,11 @@ async fn arrears(pool: &PgPool, m: &str) {
 }
 
 async fn last_decision(pool: &PgPool, m: &str) -> rules::Decision {
-    rules::decisions(pool, m).await.unwrap().pop().expect("a decision")
+    rules::decisions(pool, m)
+        .await
+        .unwrap()
+        .pop()
+        .expect("a decision")
 }
 
 #[tokio::test]
@@ -363,7 +492,9 @@ async fn arrears_safeguards_defer_refuse_close_and_reopen_on_payment() {
     let p = policy(20);
 
     // Night (Tuesday 2026-12-08 22:00 Beijing): deferred, nothing sent.
-    let report = rules::arrears_run(pool, &p, datetime!(2026-12-08 14:00 UTC)).await.unwrap();
+    let report = rules::arrears_run(pool, &p, datetime!(2026-12-08 14:00 UTC))
+        .await
+        .unwrap();
     assert!(report.closed.is_empty());
     let d = last_decision(pool, plain).await;
     assert_eq!(d.outcome, "deferred");
@@ -381,21 +512,31 @@ async fn arrears_safeguards_defer_refuse_close_and_reopen_on_payment() {
     // Notice period running: deferred until it elapses.
     let d = last_decision(pool, fresh).await;
     assert_eq!(d.outcome, "deferred");
-    assert!(d.reason.contains("notice period not elapsed"), "{}", d.reason);
+    assert!(
+        d.reason.contains("notice period not elapsed"),
+        "{}",
+        d.reason
+    );
 
     // A Sunday: not a working day (holidays: `arrears_holiday_and_bulk_approval`).
-    rules::arrears_run(pool, &p, datetime!(2026-12-13 02:00 UTC)).await.unwrap();
+    rules::arrears_run(pool, &p, datetime!(2026-12-13 02:00 UTC))
+        .await
+        .unwrap();
     let d = last_decision(pool, plain).await;
     assert_eq!(d.outcome, "deferred");
     assert!(d.reason.contains("weekend"), "{}", d.reason);
 
     // A repeated run with the same verdict stores no new row.
     let before = rules::decisions(pool, plain).await.unwrap().len();
-    rules::arrears_run(pool, &p, datetime!(2026-12-13 03:00 UTC)).await.unwrap();
+    rules::arrears_run(pool, &p, datetime!(2026-12-13 03:00 UTC))
+        .await
+        .unwrap();
     assert_eq!(rules::decisions(pool, plain).await.unwrap().len(), before);
 
     // Working hours on a working day: closed, with the decision and its inputs.
-    let report = rules::arrears_run(pool, &p, datetime!(2026-12-14 02:00 UTC)).await.unwrap();
+    let report = rules::arrears_run(pool, &p, datetime!(2026-12-14 02:00 UTC))
+        .await
+        .unwrap();
     assert_eq!(report.closed.len(), 1, "{report:?}");
     let close_id = report.closed[0].clone();
     let cmd = control::get(pool, &close_id).await.unwrap();
@@ -404,15 +545,28 @@ async fn arrears_safeguards_defer_refuse_close_and_reopen_on_payment() {
     assert_eq!(cmd.priority, i16::from(control::PRIORITY_ARREARS));
     assert_eq!(cmd.cause["rule"], "arrears_close");
     let d = last_decision(pool, plain).await;
-    assert_eq!((d.outcome.as_str(), d.command.as_deref()), ("issued", Some(close_id.as_str())));
+    assert_eq!(
+        (d.outcome.as_str(), d.command.as_deref()),
+        ("issued", Some(close_id.as_str()))
+    );
     // Not closed twice.
-    let report = rules::arrears_run(pool, &p, datetime!(2026-12-14 03:00 UTC)).await.unwrap();
+    let report = rules::arrears_run(pool, &p, datetime!(2026-12-14 03:00 UTC))
+        .await
+        .unwrap();
     assert!(report.closed.is_empty());
 
     // Payment clears the arrears: reopened at once, highest priority, at any hour.
-    control::apply_ack(pool, &ack(&close_id, plain, CommandState::Acknowledged, OffsetDateTime::now_utc()))
-        .await
-        .unwrap();
+    control::apply_ack(
+        pool,
+        &ack(
+            &close_id,
+            plain,
+            CommandState::Acknowledged,
+            OffsetDateTime::now_utc(),
+        ),
+    )
+    .await
+    .unwrap();
     sqlx::query("DELETE FROM arrears WHERE meter_id = $1")
         .bind(plain)
         .execute(pool)
@@ -424,7 +578,13 @@ async fn arrears_safeguards_defer_refuse_close_and_reopen_on_payment() {
     assert_eq!(open.action, CommandAction::ValveOpen);
     assert_eq!(open.priority, 9);
     assert_eq!(open.cause["close_command"], close_id.as_str());
-    assert!(rules::arrears_reopen(pool).await.unwrap().reopened.is_empty());
+    assert!(
+        rules::arrears_reopen(pool)
+            .await
+            .unwrap()
+            .reopened
+            .is_empty()
+    );
     db.drop_database().await;
 }
 
@@ -436,30 +596,50 @@ async fn arrears_holiday_and_bulk_approval() {
     for m in &meters {
         meter(pool, m, true, false, false).await;
         arrears(pool, m).await;
-        rules::record_notice(pool, m, NoticeKind::PaymentDemand, datetime!(2026-09-02 02:00 UTC), "c")
-            .await
-            .unwrap();
-        rules::record_notice(pool, m, NoticeKind::AdvanceNotice, datetime!(2026-09-03 02:00 UTC), "c")
-            .await
-            .unwrap();
+        rules::record_notice(
+            pool,
+            m,
+            NoticeKind::PaymentDemand,
+            datetime!(2026-09-02 02:00 UTC),
+            "c",
+        )
+        .await
+        .unwrap();
+        rules::record_notice(
+            pool,
+            m,
+            NoticeKind::AdvanceNotice,
+            datetime!(2026-09-03 02:00 UTC),
+            "c",
+        )
+        .await
+        .unwrap();
     }
     let p = policy(2);
     // Thursday 2026-10-08 is a working day; Monday 2026-10-05 10:00 Beijing is a holiday.
-    rules::arrears_run(pool, &p, datetime!(2026-10-05 02:00 UTC)).await.unwrap();
+    rules::arrears_run(pool, &p, datetime!(2026-10-05 02:00 UTC))
+        .await
+        .unwrap();
     let d = last_decision(pool, &meters[0]).await;
     assert_eq!(d.outcome, "deferred");
     assert!(d.reason.contains("public holiday"), "{}", d.reason);
     // Saturday 2026-10-10 is a swapped working day: eligible, but 3 > threshold 2 → held.
-    let report = rules::arrears_run(pool, &p, datetime!(2026-10-10 02:00 UTC)).await.unwrap();
+    let report = rules::arrears_run(pool, &p, datetime!(2026-10-10 02:00 UTC))
+        .await
+        .unwrap();
     assert!(report.closed.is_empty());
     for m in &meters {
         let d = last_decision(pool, m).await;
         assert_eq!(d.outcome, "awaiting_approval", "{m}");
         assert_eq!(d.inputs["eligible_unapproved"], 3);
     }
-    let approved = rules::approve_arrears(pool, "user:director", None).await.unwrap();
+    let approved = rules::approve_arrears(pool, "user:director", None)
+        .await
+        .unwrap();
     assert_eq!(approved, meters);
-    let report = rules::arrears_run(pool, &p, datetime!(2026-10-10 03:00 UTC)).await.unwrap();
+    let report = rules::arrears_run(pool, &p, datetime!(2026-10-10 03:00 UTC))
+        .await
+        .unwrap();
     assert_eq!(report.closed.len(), 3);
     let cmd = control::get(pool, &report.closed[0]).await.unwrap();
     assert_eq!(cmd.approver.as_deref(), Some("user:director"));
@@ -492,7 +672,10 @@ async fn burst_auto_close_follows_registry_policy() {
     assert_eq!(cmd.action, CommandAction::ValveClose);
     assert_eq!(cmd.priority, i16::from(control::PRIORITY_BURST));
     assert!(cmd.cause["alarm_id"].is_i64());
-    let (d, issued) = rules::burst_auto_close(pool, manual).await.unwrap().unwrap();
+    let (d, issued) = rules::burst_auto_close(pool, manual)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(d.outcome, "refused");
     assert!(d.reason.contains("auto_close_on_burst"), "{}", d.reason);
     assert!(issued.is_none());
@@ -526,7 +709,9 @@ async fn hydrant_permits_bound_unlocks_locks_and_illegal_use() {
     assert!(hydrant::create_permit(pool, &permit).await.unwrap());
     assert!(!hydrant::create_permit(pool, &permit).await.unwrap());
     // Before the window: refused. A direct unlock without a permit: refused.
-    let e = hydrant::unlock(pool, "P-1", "user:x", now).await.unwrap_err();
+    let e = hydrant::unlock(pool, "P-1", "user:x", now)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("outside permit P-1"), "{e}");
     let direct = IssueRequest::new(
         "u-1",
@@ -541,16 +726,25 @@ async fn hydrant_permits_bound_unlocks_locks_and_illegal_use() {
     ));
     // Inside: unlocked for the rest of the window.
     let inside = now + time::Duration::hours(2);
-    let issued = hydrant::unlock(pool, "P-1", "user:x", inside).await.unwrap();
+    let issued = hydrant::unlock(pool, "P-1", "user:x", inside)
+        .await
+        .unwrap();
     assert_eq!(
         issued.command.action,
         CommandAction::HydrantUnlock { duration_s: 3600 }
     );
     // At the end: locked once.
     assert!(hydrant::lock_ended(pool, inside).await.unwrap().is_empty());
-    let locks = hydrant::lock_ended(pool, now + time::Duration::hours(3)).await.unwrap();
+    let locks = hydrant::lock_ended(pool, now + time::Duration::hours(3))
+        .await
+        .unwrap();
     assert_eq!(locks, vec!["permit:P-1:lock".to_owned()]);
-    assert!(hydrant::lock_ended(pool, now + time::Duration::hours(4)).await.unwrap().is_empty());
+    assert!(
+        hydrant::lock_ended(pool, now + time::Duration::hours(4))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Outlet open with no active permit (now, before the window): illegal use raised.
     let since = now - time::Duration::minutes(5);
     reading(pool, h, "outlet_state", 1, now).await;

@@ -27,9 +27,15 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 const GW: &str = "gw-ctl-e2e";
 
 /// Subscribes `filter` and forwards every publish (after the SUBACK).
-async fn subscribe(name: &str, filter: &str) -> (AsyncClient, UnboundedReceiver<(String, Vec<u8>)>) {
+async fn subscribe(
+    name: &str,
+    filter: &str,
+) -> (AsyncClient, UnboundedReceiver<(String, Vec<u8>)>) {
     let (client, mut events) = wm_tests::mqtt_client(name);
-    client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
     let (tx, rx) = unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -79,7 +85,10 @@ async fn state(pool: &PgPool, id: &str) -> Option<CentralState> {
 }
 
 async fn event_count(pool: &PgPool, id: &str) -> usize {
-    control::events(pool, id).await.map(|e| e.len()).unwrap_or(0)
+    control::events(pool, id)
+        .await
+        .map(|e| e.len())
+        .unwrap_or(0)
 }
 
 fn gateway_config(root: &str, site: &str, spool: &std::path::Path) -> edge_config::GatewayConfig {
@@ -128,7 +137,11 @@ async fn run_hydrant(site: &str) -> Arc<AtomicU64> {
             let ack = h.handle(&cmd, OffsetDateTime::now_utc().unix_timestamp());
             count.store(h.executed, Ordering::SeqCst);
             let body = serde_json::to_vec(&ack).expect("ack json");
-            if client.publish(&ack_topic, QoS::AtLeastOnce, false, body).await.is_err() {
+            if client
+                .publish(&ack_topic, QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -197,7 +210,8 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         Arc::new(pipeline::ingest::IngestMetrics::default()),
         shutdown.clone(),
     ));
-    let mut config = service::ServiceConfig::new(&broker, &root, &format!("{cid}-control")).expect("config");
+    let mut config =
+        service::ServiceConfig::new(&broker, &root, &format!("{cid}-control")).expect("config");
     config.sweep_interval = Duration::from_millis(500);
     let service_task = tokio::spawn(service::run(pool.clone(), config, shutdown));
 
@@ -221,18 +235,22 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         .await
         .expect("unlock inside the permit");
     let id = unlock.command.id.clone();
-    wait_for("the unlock acknowledged", Duration::from_secs(120), || async {
-        (state(&pool, &id).await == Some(CentralState::Acknowledged)).then_some(())
-    })
+    wait_for(
+        "the unlock acknowledged",
+        Duration::from_secs(120),
+        || async { (state(&pool, &id).await == Some(CentralState::Acknowledged)).then_some(()) },
+    )
     .await;
     assert_eq!(executed.load(Ordering::SeqCst), 1);
 
     let (hyd, _hyd_rx) = subscribe("ctl-hyd-up", &format!("{root}/unused")).await;
     // 2. The same id again: no new command; re-published: the gateway only repeats its ack.
-    assert!(!hydrant::unlock(&pool, "P-E2E", "user:holder", OffsetDateTime::now_utc())
-        .await
-        .expect("idempotent")
-        .created);
+    assert!(
+        !hydrant::unlock(&pool, "P-E2E", "user:holder", OffsetDateTime::now_utc())
+            .await
+            .expect("idempotent")
+            .created
+    );
     let mut seen_acks = 0;
     let count_acks = |acks: &mut UnboundedReceiver<(String, Vec<u8>)>, n: &mut usize| {
         while let Ok((_, p)) = acks.try_recv() {
@@ -260,26 +278,43 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     .await
     .expect("re-send");
     let before = seen_acks;
-    wait_for("the duplicate's repeated ack", Duration::from_secs(60), || {
-        count_acks(&mut acks, &mut seen_acks);
-        let n = seen_acks;
-        async move { (n > before).then_some(()) }
-    })
+    wait_for(
+        "the duplicate's repeated ack",
+        Duration::from_secs(60),
+        || {
+            count_acks(&mut acks, &mut seen_acks);
+            let n = seen_acks;
+            async move { (n > before).then_some(()) }
+        },
+    )
     .await;
-    assert_eq!(executed.load(Ordering::SeqCst), 1, "a re-sent id is not executed again");
+    assert_eq!(
+        executed.load(Ordering::SeqCst),
+        1,
+        "a re-sent id is not executed again"
+    );
 
     // 3. Telemetry: the hydrant reports unlocked and open → confirmed by telemetry.
-    let confirmed = wait_for("confirmation by telemetry", Duration::from_secs(120), || {
-        let (pool, hyd, site, id) = (pool.clone(), hyd.clone(), site.clone(), id.clone());
-        async move {
-            // Re-sent until stored: the bridge may still be subscribing on a slow machine.
-            hyd.publish(format!("{site}/hyd-0001/up"), QoS::AtLeastOnce, false, hydrant_up("hyd-0001", true, false))
+    let confirmed = wait_for(
+        "confirmation by telemetry",
+        Duration::from_secs(120),
+        || {
+            let (pool, hyd, site, id) = (pool.clone(), hyd.clone(), site.clone(), id.clone());
+            async move {
+                // Re-sent until stored: the bridge may still be subscribing on a slow machine.
+                hyd.publish(
+                    format!("{site}/hyd-0001/up"),
+                    QoS::AtLeastOnce,
+                    false,
+                    hydrant_up("hyd-0001", true, false),
+                )
                 .await
                 .ok();
-            tokio::time::sleep(Duration::from_millis(400)).await;
-            (state(&pool, &id).await == Some(CentralState::ConfirmedByTelemetry)).then_some(())
-        }
-    })
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                (state(&pool, &id).await == Some(CentralState::ConfirmedByTelemetry)).then_some(())
+            }
+        },
+    )
     .await;
     let _: () = confirmed;
 
@@ -287,9 +322,14 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     wait_for("hydrant_illegal_use", Duration::from_secs(120), || {
         let (pool, hyd, site) = (pool.clone(), hyd.clone(), site.clone());
         async move {
-            hyd.publish(format!("{site}/hyd-0002/up"), QoS::AtLeastOnce, false, hydrant_up("hyd-0002", true, true))
-                .await
-                .ok();
+            hyd.publish(
+                format!("{site}/hyd-0002/up"),
+                QoS::AtLeastOnce,
+                false,
+                hydrant_up("hyd-0002", true, true),
+            )
+            .await
+            .ok();
             tokio::time::sleep(Duration::from_millis(400)).await;
             let n: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM alarms WHERE meter_id = 'hydrant:hyd-0002' \
@@ -302,24 +342,34 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         }
     })
     .await;
-    wait_for("the illegal-use alarm on {root}/alarms", Duration::from_secs(30), || {
-        let mut found = false;
-        while let Ok((_, p)) = alarms.try_recv() {
-            if let Ok(a) = serde_json::from_slice::<Alarm>(&p) {
-                found |= a.kind == AlarmKind::HydrantIllegalUse && a.meter.as_str() == "hydrant:hyd-0002";
+    wait_for(
+        "the illegal-use alarm on {root}/alarms",
+        Duration::from_secs(30),
+        || {
+            let mut found = false;
+            while let Ok((_, p)) = alarms.try_recv() {
+                if let Ok(a) = serde_json::from_slice::<Alarm>(&p) {
+                    found |= a.kind == AlarmKind::HydrantIllegalUse
+                        && a.meter.as_str() == "hydrant:hyd-0002";
+                }
             }
-        }
-        async move { found.then_some(()) }
-    })
+            async move { found.then_some(()) }
+        },
+    )
     .await;
 
     // 5. Revoking the permit locks the hydrant (a second execution).
     hydrant::revoke(&pool, "P-E2E", "user:permits", OffsetDateTime::now_utc())
         .await
         .expect("revoke");
-    wait_for("the lock acknowledged", Duration::from_secs(120), || async {
-        (state(&pool, "permit:P-E2E:lock").await == Some(CentralState::Acknowledged)).then_some(())
-    })
+    wait_for(
+        "the lock acknowledged",
+        Duration::from_secs(120),
+        || async {
+            (state(&pool, "permit:P-E2E:lock").await == Some(CentralState::Acknowledged))
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(executed.load(Ordering::SeqCst), 2);
 
@@ -330,11 +380,15 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         .await
         .expect("gateway restarts");
     let before = seen_acks;
-    wait_for("acks re-published after the restart", Duration::from_secs(60), || {
-        count_acks(&mut acks, &mut seen_acks);
-        let n = seen_acks;
-        async move { (n > before).then_some(()) }
-    })
+    wait_for(
+        "acks re-published after the restart",
+        Duration::from_secs(60),
+        || {
+            count_acks(&mut acks, &mut seen_acks);
+            let n = seen_acks;
+            async move { (n > before).then_some(()) }
+        },
+    )
     .await;
 
     // 7. A burst alarm: the service closes the valve of an auto-close meter at once.
@@ -363,26 +417,34 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     )
     .await
     .expect("publish alarm");
-    let close: DeviceCommand = wait_for("the valve close for the gateway", Duration::from_secs(60), || {
-        let mut found = None;
-        while let Ok((topic, p)) = cmds.try_recv() {
-            if topic.ends_with(meter) {
-                found = serde_json::from_slice::<DeviceCommand>(&p).ok();
+    let close: DeviceCommand = wait_for(
+        "the valve close for the gateway",
+        Duration::from_secs(60),
+        || {
+            let mut found = None;
+            while let Ok((topic, p)) = cmds.try_recv() {
+                if topic.ends_with(meter) {
+                    found = serde_json::from_slice::<DeviceCommand>(&p).ok();
+                }
             }
-        }
-        async move { found }
-    })
+            async move { found }
+        },
+    )
     .await;
     assert_eq!(close.action, model::CommandAction::ValveClose);
     assert!(close.id.0.starts_with("burst-"), "{}", close.id);
-    let decision = pipeline::control::rules::decisions(&pool, meter).await.expect("decisions");
+    let decision = pipeline::control::rules::decisions(&pool, meter)
+        .await
+        .expect("decisions");
     assert_eq!(decision.last().map(|d| d.outcome.as_str()), Some("issued"));
 
     // The service handles messages in order: once the close's gateway ack (unknown device at
     // this gateway: failed) is applied, every repeated unlock ack before it was too.
-    wait_for("the close's gateway ack applied", Duration::from_secs(60), || async {
-        (state(&pool, &close.id.0).await == Some(CentralState::Failed)).then_some(())
-    })
+    wait_for(
+        "the close's gateway ack applied",
+        Duration::from_secs(60),
+        || async { (state(&pool, &close.id.0).await == Some(CentralState::Failed)).then_some(()) },
+    )
     .await;
     let events = control::events(&pool, &id).await.expect("events");
     let states: Vec<&str> = events.iter().map(|e| e.state.as_str()).collect();
@@ -398,6 +460,8 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     service_task.await.expect("service task").expect("service");
     worker_task.await.expect("worker task").expect("worker");
     gateway.shutdown().await;
-    pipeline::worker::forget_session(&broker, &worker_client).await.ok();
+    pipeline::worker::forget_session(&broker, &worker_client)
+        .await
+        .ok();
     db.drop_database().await;
 }

@@ -130,7 +130,11 @@ async fn main() -> anyhow::Result<()> {
     let mqtt_url = pipeline::config::mqtt_url();
     let db = pipeline::testing::TestDatabase::create().await;
     let pool = db.pool.clone();
-    let root = format!("bench/ctl-{}-{:08x}", std::process::id(), rand::random::<u32>());
+    let root = format!(
+        "bench/ctl-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
     println!(
         "trials={} load_rate={} load_meters={} partitions={} workers={} nproc={}",
         args.trials,
@@ -186,7 +190,11 @@ async fn main() -> anyhow::Result<()> {
 
     // The observer: when each close command reaches the broker's subscribers.
     let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
-    let mut options = MqttOptions::new(format!("ctl-bench-obs-{}", std::process::id()), host.clone(), port);
+    let mut options = MqttOptions::new(
+        format!("ctl-bench-obs-{}", std::process::id()),
+        host.clone(),
+        port,
+    );
     options.set_keep_alive(Duration::from_secs(30));
     let (obs, mut obs_loop) = AsyncClient::new(options, 64);
     obs.subscribe(format!("{root}/{GW}/cmd/#"), QoS::AtLeastOnce)
@@ -262,7 +270,12 @@ async fn main() -> anyhow::Result<()> {
     'stored: loop {
         for (p, payload) in &history {
             client
-                .publish(pipeline::ingest::readings_topic(&root, *p), QoS::AtLeastOnce, false, payload.clone())
+                .publish(
+                    pipeline::ingest::readings_topic(&root, *p),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload.clone(),
+                )
                 .await?;
         }
         let round = Instant::now() + Duration::from_secs(5);
@@ -323,7 +336,12 @@ async fn main() -> anyhow::Result<()> {
                     published += readings.len() as u64;
                     for (p, payload) in seq.batch(readings) {
                         if load_client
-                            .publish(pipeline::ingest::readings_topic(&root, p), QoS::AtLeastOnce, false, payload)
+                            .publish(
+                                pipeline::ingest::readings_topic(&root, p),
+                                QoS::AtLeastOnce,
+                                false,
+                                payload,
+                            )
                             .await
                             .is_err()
                         {
@@ -346,7 +364,12 @@ async fn main() -> anyhow::Result<()> {
         let sent = Instant::now();
         for (p, payload) in payloads {
             client
-                .publish(pipeline::ingest::readings_topic(&root, p), QoS::AtLeastOnce, false, payload)
+                .publish(
+                    pipeline::ingest::readings_topic(&root, p),
+                    QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
                 .await?;
         }
         let got = tokio::time::timeout(Duration::from_secs(30), async {
@@ -369,7 +392,10 @@ async fn main() -> anyhow::Result<()> {
     let load_published = load.await.unwrap_or(0);
     latencies.sort();
     if latencies.is_empty() {
-        bail!("no valve-close command seen for any of {} bursts", args.trials);
+        bail!(
+            "no valve-close command seen for any of {} bursts",
+            args.trials
+        );
     }
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!("bursts_measured={} missed={missed}", latencies.len());

@@ -71,7 +71,12 @@ impl Calendar {
             &f.utc_offset,
             time::macros::format_description!("[offset_hour sign:mandatory]:[offset_minute]"),
         )
-        .map_err(|e| bad(format!("utc_offset {:?}: expected like +08:00 ({e})", f.utc_offset)))?;
+        .map_err(|e| {
+            bad(format!(
+                "utc_offset {:?}: expected like +08:00 ({e})",
+                f.utc_offset
+            ))
+        })?;
         let hm = |field: &str, s: &str| {
             Time::parse(s, time::macros::format_description!("[hour]:[minute]"))
                 .map_err(|e| bad(format!("{field} {s:?}: expected HH:MM ({e})")))

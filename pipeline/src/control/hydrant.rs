@@ -9,9 +9,7 @@ use serde_json::json;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
-use super::{
-    ControlError, IssueRequest, Issued, PRIORITY_DEFAULT, PRIORITY_HIGHEST, db, rfc3339,
-};
+use super::{ControlError, IssueRequest, Issued, PRIORITY_DEFAULT, PRIORITY_HIGHEST, db, rfc3339};
 
 /// A permit.
 #[derive(Debug, Clone, PartialEq)]
@@ -102,8 +100,10 @@ pub async fn create_permit(pool: &PgPool, p: &Permit) -> Result<bool, ControlErr
     )
     .bind(&p.issued_by)
     .bind(&p.id)
-    .bind(json!({"hydrant": p.hydrant, "holder": p.holder, "valid_from": rfc3339(p.valid_from),
-                 "valid_to": rfc3339(p.valid_to), "volume_limit_m3": p.volume_limit_m3}))
+    .bind(
+        json!({"hydrant": p.hydrant, "holder": p.holder, "valid_from": rfc3339(p.valid_from),
+                 "valid_to": rfc3339(p.valid_to), "volume_limit_m3": p.volume_limit_m3}),
+    )
     .execute(&mut *tx)
     .await
     .map_err(db("writing the audit log"))?;
@@ -122,15 +122,20 @@ pub async fn unlock(
     by: &str,
     now: OffsetDateTime,
 ) -> Result<Issued, ControlError> {
-    let row: Option<(String, String, OffsetDateTime, OffsetDateTime, Option<OffsetDateTime>)> =
-        sqlx::query_as(
-            "SELECT hydrant_id, holder, valid_from, valid_to, revoked_at FROM hydrant_permits \
+    let row: Option<(
+        String,
+        String,
+        OffsetDateTime,
+        OffsetDateTime,
+        Option<OffsetDateTime>,
+    )> = sqlx::query_as(
+        "SELECT hydrant_id, holder, valid_from, valid_to, revoked_at FROM hydrant_permits \
              WHERE permit_id = $1",
-        )
-        .bind(permit_id)
-        .fetch_optional(pool)
-        .await
-        .map_err(db("reading a permit"))?;
+    )
+    .bind(permit_id)
+    .fetch_optional(pool)
+    .await
+    .map_err(db("reading a permit"))?;
     let (hydrant, holder, from, to, revoked) = row.ok_or_else(|| ControlError::Permit {
         hydrant: "?".into(),
         why: format!("permit {permit_id} does not exist"),

@@ -459,7 +459,9 @@ pub(crate) async fn issue_in(
             return Err(unsupported("the registry says it has no valve (has_valve)"));
         }
         CommandAction::HydrantUnlock { .. } | CommandAction::HydrantLock if !is_hydrant => {
-            return Err(unsupported("only hydrants (`hydrant:<id>`) have an outlet lock"));
+            return Err(unsupported(
+                "only hydrants (`hydrant:<id>`) have an outlet lock",
+            ));
         }
         CommandAction::ModbusWrite { .. } if !device.starts_with("modbus:") => {
             return Err(unsupported("only Modbus devices take register writes"));
@@ -792,7 +794,15 @@ pub async fn apply_ack(pool: &PgPool, ack: &CommandAck) -> Result<AckOutcome, Co
     if let CommandState::Failed { reason } = &ack.state {
         detail["reason"] = json!(reason);
     }
-    if !event(&mut tx, &ack.id.0, ack.at, reported.as_str(), detail.clone()).await? {
+    if !event(
+        &mut tx,
+        &ack.id.0,
+        ack.at,
+        reported.as_str(),
+        detail.clone(),
+    )
+    .await?
+    {
         return Ok(AckOutcome::Duplicate);
     }
     let out = match next_state(current, reported) {
@@ -918,7 +928,9 @@ pub async fn confirm_by_telemetry(pool: &PgPool) -> Result<Vec<TelemetryVerdict>
         } else {
             (
                 CentralState::Failed,
-                format!("telemetry contradicts the command: {quantity} = {value}, expected {expected}"),
+                format!(
+                    "telemetry contradicts the command: {quantity} = {value}, expected {expected}"
+                ),
             )
         };
         let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
@@ -1018,12 +1030,14 @@ pub async fn mark_published(
     ids: &[String],
     at: OffsetDateTime,
 ) -> Result<(), ControlError> {
-    sqlx::query("UPDATE commands SET published_at = $2 WHERE command_id = ANY($1) AND published_at IS NULL")
-        .bind(ids)
-        .bind(at)
-        .execute(pool)
-        .await
-        .map_err(db("marking commands published"))?;
+    sqlx::query(
+        "UPDATE commands SET published_at = $2 WHERE command_id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(ids)
+    .bind(at)
+    .execute(pool)
+    .await
+    .map_err(db("marking commands published"))?;
     Ok(())
 }
 

@@ -329,7 +329,11 @@ pub enum ArrearsVerdict {
 
 /// The arrears safeguards of DOMAIN.md §3, in order: valve, protected customer, payment
 /// demand, advance notice, notice period elapsed, working day, working hours.
-pub fn evaluate(facts: &ArrearsFacts, policy: &ArrearsPolicy, now: OffsetDateTime) -> ArrearsVerdict {
+pub fn evaluate(
+    facts: &ArrearsFacts,
+    policy: &ArrearsPolicy,
+    now: OffsetDateTime,
+) -> ArrearsVerdict {
     if !facts.has_valve {
         return ArrearsVerdict::Refused("the meter has no valve".into());
     }
@@ -634,7 +638,9 @@ pub async fn approve_arrears(
     meters: Option<&[String]>,
 ) -> Result<Vec<String>, ControlError> {
     if approver.trim().is_empty() {
-        return Err(ControlError::Invalid("an approval names its approver".into()));
+        return Err(ControlError::Invalid(
+            "an approval names its approver".into(),
+        ));
     }
     let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
     let held: Vec<String> = sqlx::query_scalar(

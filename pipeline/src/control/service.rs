@@ -160,12 +160,13 @@ pub async fn run(
             }
         }
     });
-    let mut listener = PgListener::connect_with(&pool)
-        .await
-        .map_err(|source| ControlError::Db {
-            what: "connecting the control listener",
-            source,
-        })?;
+    let mut listener =
+        PgListener::connect_with(&pool)
+            .await
+            .map_err(|source| ControlError::Db {
+                what: "connecting the control listener",
+                source,
+            })?;
     listener
         .listen(CHANNEL)
         .await

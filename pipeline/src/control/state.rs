@@ -100,9 +100,14 @@ pub fn next_state(current: CentralState, reported: CentralState) -> Option<Centr
         S::Acknowledged => {
             matches!(reported, S::ConfirmedByTelemetry | S::Failed).then_some(reported)
         }
-        S::Expired => matches!(reported, S::Sent | S::Delivered | S::Acknowledged | S::Failed)
-            .then_some(reported),
-        S::Queued | S::Sent | S::Delivered => (reported.rank() > current.rank()).then_some(reported),
+        S::Expired => matches!(
+            reported,
+            S::Sent | S::Delivered | S::Acknowledged | S::Failed
+        )
+        .then_some(reported),
+        S::Queued | S::Sent | S::Delivered => {
+            (reported.rank() > current.rank()).then_some(reported)
+        }
     }
 }
 
@@ -116,7 +121,10 @@ mod tests {
         assert_eq!(next_state(S::Queued, S::Sent), Some(S::Sent));
         assert_eq!(next_state(S::Sent, S::Queued), None);
         assert_eq!(next_state(S::Acknowledged, S::Sent), None);
-        assert_eq!(next_state(S::Queued, S::Acknowledged), Some(S::Acknowledged));
+        assert_eq!(
+            next_state(S::Queued, S::Acknowledged),
+            Some(S::Acknowledged)
+        );
         assert_eq!(
             next_state(S::Acknowledged, S::ConfirmedByTelemetry),
             Some(S::ConfirmedByTelemetry)
@@ -125,7 +133,10 @@ mod tests {
         assert_eq!(next_state(S::Acknowledged, S::Cancelled), None);
         assert_eq!(next_state(S::Cancelled, S::Acknowledged), None);
         assert_eq!(next_state(S::Failed, S::Acknowledged), None);
-        assert_eq!(next_state(S::Expired, S::Acknowledged), Some(S::Acknowledged));
+        assert_eq!(
+            next_state(S::Expired, S::Acknowledged),
+            Some(S::Acknowledged)
+        );
         assert_eq!(next_state(S::Expired, S::Queued), None);
         assert_eq!(next_state(S::Sent, S::Cancelled), Some(S::Cancelled));
         assert_eq!(next_state(S::Sent, S::Sent), None);
