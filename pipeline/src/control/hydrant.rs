@@ -256,7 +256,8 @@ pub async fn lock_ended(pool: &PgPool, now: OffsetDateTime) -> Result<Vec<String
 
 /// Raises `hydrant_illegal_use` for every hydrant whose outlet was reported open
 /// (`outlet_state` = 1) in a reading received after `since` at a time no active permit
-/// covers. Returns (hydrant, time of the open reading) of each raise.
+/// covers. Returns (hydrant, time of the open reading) of each alarm newly raised (a hydrant
+/// whose alarm is already open is counted again, not returned).
 ///
 /// # Errors
 /// Database errors.
@@ -277,16 +278,21 @@ pub async fn detect_illegal_use(
     .fetch_all(pool)
     .await
     .map_err(db("looking for unpermitted hydrant use"))?;
-    for (hydrant, ts) in &open {
+    let mut raised = Vec::new();
+    for (hydrant, ts) in open {
         let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
-        super::raise_alarm(
+        let new = super::raise_alarm(
             &mut tx,
-            hydrant,
+            &hydrant,
             "hydrant_illegal_use",
-            json!({"source": "control", "outlet_open_at": rfc3339(*ts), "reason": "outlet open with no active permit"}),
+            ts,
+            json!({"source": "control", "outlet_open_at": rfc3339(ts), "reason": "outlet open with no active permit"}),
         )
         .await?;
         tx.commit().await.map_err(db("committing an alarm"))?;
+        if new {
+            raised.push((hydrant, ts));
+        }
     }
-    Ok(open)
+    Ok(raised)
 }

@@ -959,6 +959,7 @@ pub async fn confirm_by_telemetry(pool: &PgPool) -> Result<Vec<TelemetryVerdict>
                     &mut tx,
                     &device,
                     "valve_fault",
+                    OffsetDateTime::now_utc(),
                     json!({"command": id, "reason": detail}),
                 )
                 .await?;
@@ -975,30 +976,34 @@ pub async fn confirm_by_telemetry(pool: &PgPool) -> Result<Vec<TelemetryVerdict>
     Ok(out)
 }
 
-/// Raises (or counts again) an open alarm of `kind` on `meter`, critical.
+/// Raises an open alarm of `kind` on `meter` (critical) observed at `at`, or counts it again on
+/// the open one when `at` is later than its last sighting (a sweep seeing the same reading twice
+/// counts it once). Returns true when the alarm is new (to be published).
 pub(crate) async fn raise_alarm(
     tx: &mut PgConnection,
     meter: &str,
     kind: &str,
+    at: OffsetDateTime,
     detail: Value,
-) -> Result<(), ControlError> {
-    let now = OffsetDateTime::now_utc();
-    sqlx::query(
+) -> Result<bool, ControlError> {
+    let inserted: Option<bool> = sqlx::query_scalar(
         "INSERT INTO alarms (meter_id, kind, severity, raised_at, first_seen, last_seen, \
              occurrences, state, detail) \
          VALUES ($1, $2, 'critical', $3, $3, $3, 1, 'open', $4) \
          ON CONFLICT (meter_id, kind) WHERE cleared_at IS NULL DO UPDATE SET \
              occurrences = alarms.occurrences + 1, last_seen = EXCLUDED.last_seen, \
-             detail = EXCLUDED.detail, updated_at = now()",
+             detail = EXCLUDED.detail, updated_at = now() \
+           WHERE alarms.last_seen IS NULL OR alarms.last_seen < EXCLUDED.last_seen \
+         RETURNING (xmax = 0)",
     )
     .bind(meter)
     .bind(kind)
-    .bind(now)
+    .bind(at)
     .bind(detail)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await
     .map_err(db("raising an alarm"))?;
-    Ok(())
+    Ok(inserted == Some(true))
 }
 
 /// Commands the service has to publish (queued, never published, not expired), most urgent
