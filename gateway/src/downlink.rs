@@ -17,7 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
-use model::{CommandAck, CommandId, CommandState, DeviceCommand, GatewayId, MeterId};
+use model::{
+    CommandAck, CommandAction, CommandId, CommandState, DeviceCommand, GatewayId, MeterId,
+};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -110,6 +112,10 @@ impl CommandLog {
         self.latest.insert(line.ack.id.clone(), line);
     }
 }
+
+/// Most commands one NB-IoT meter may have waiting at the gateway, as carrier platforms allow
+/// (DOMAIN.md §3); a further one is refused, not queued.
+pub const MAX_QUEUED_PER_DEVICE: usize = 20;
 
 /// Where commands for one source go.
 #[derive(Debug, Clone)]
@@ -274,6 +280,10 @@ impl Downlink {
             self.transition(&cmd, CommandState::Expired, false);
             return;
         }
+        if let CommandAction::Cancel { command } = &cmd.action {
+            self.cancel(&cmd, command);
+            return;
+        }
         let route =
             {
                 let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
@@ -306,6 +316,39 @@ impl Downlink {
                 self.transition(&cmd, CommandState::Failed { reason }, false);
             }
             Some(Route::CoapQueue) => {
+                // A newer valve command makes an older queued one meaningless (the meter would
+                // toggle twice); the older is reported cancelled, both stay in the journal.
+                let superseded: Vec<DeviceCommand> = if cmd.action.is_valve() {
+                    let mut q = lock(&self.queue);
+                    q.get_mut(&cmd.device)
+                        .map(|entry| {
+                            let (old, keep): (VecDeque<_>, VecDeque<_>) =
+                                entry.drain(..).partition(|c| c.action.is_valve());
+                            *entry = keep;
+                            old.into_iter().collect()
+                        })
+                        .unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                for old in &superseded {
+                    tracing::info!(command = %old.id, by = %cmd.id, "queued valve command superseded");
+                    self.transition(old, CommandState::Cancelled, false);
+                }
+                let waiting = lock(&self.queue).get(&cmd.device).map_or(0, VecDeque::len);
+                if waiting >= MAX_QUEUED_PER_DEVICE {
+                    self.transition(
+                        &cmd,
+                        CommandState::Failed {
+                            reason: format!(
+                                "device `{}` already has {waiting} commands queued (at most {MAX_QUEUED_PER_DEVICE})",
+                                cmd.device
+                            ),
+                        },
+                        false,
+                    );
+                    return;
+                }
                 // Logged with the command before queueing, so a restart re-queues it.
                 self.transition(&cmd, CommandState::Queued, true);
                 lock(&self.queue)
@@ -354,6 +397,43 @@ impl Downlink {
                     };
                     this.transition(&cmd, state, false);
                 });
+            }
+        }
+    }
+
+    /// Cancels `target` if it still waits in the NB-IoT queue of `cancel.device`.
+    fn cancel(&self, cancel: &DeviceCommand, target: &CommandId) {
+        let removed = {
+            let mut q = lock(&self.queue);
+            let removed = q.get_mut(&cancel.device).and_then(|entry| {
+                let pos = entry.iter().position(|c| &c.id == target)?;
+                entry.remove(pos)
+            });
+            if q.get(&cancel.device).is_some_and(VecDeque::is_empty) {
+                q.remove(&cancel.device);
+            }
+            removed
+        };
+        match removed {
+            Some(old) => {
+                self.transition(&old, CommandState::Cancelled, false);
+                self.transition(cancel, CommandState::Acknowledged, false);
+            }
+            None => {
+                let state = lock(&self.log)
+                    .latest
+                    .get(target)
+                    .map_or("unknown here", |l| state_name(&l.ack.state));
+                self.transition(
+                    cancel,
+                    CommandState::Failed {
+                        reason: format!(
+                            "command `{target}` is not queued for `{}` at this gateway (state: {state})",
+                            cancel.device
+                        ),
+                    },
+                    false,
+                );
             }
         }
     }
@@ -625,5 +705,77 @@ mod tests {
             text.contains("wm_gateway_commands_total{state=\"acknowledged\"} 1"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn nbiot_queue_supersedes_bounds_and_cancels() {
+        let dir = tempfile::tempdir().unwrap();
+        let gw = GatewayId::new("gw-1").unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let (dl, mut acks) = Downlink::open(gw, dir.path()).unwrap();
+        dl.set_routes(routes(tx));
+        let meter = "cjt188:78330011223344";
+        let mut open = cmd("open-1", meter, 600);
+        open.action = CommandAction::ValveOpen;
+        dl.handle(open).await;
+        assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        // A newer valve command supersedes the queued one: it is reported cancelled.
+        dl.handle(cmd("close-1", meter, 600)).await;
+        let a = acks.recv().await.unwrap();
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("open-1", CommandState::Cancelled)
+        );
+        let a = acks.recv().await.unwrap();
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1", CommandState::Queued)
+        );
+        assert_eq!(dl.queued(), 1);
+        // Cancel of the queued one: target cancelled, the cancel acknowledged.
+        let mut cancel = cmd("close-1.cancel", meter, 600);
+        cancel.action = CommandAction::Cancel {
+            command: CommandId("close-1".into()),
+        };
+        dl.handle(cancel).await;
+        let a = acks.recv().await.unwrap();
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1", CommandState::Cancelled)
+        );
+        let a = acks.recv().await.unwrap();
+        assert_eq!(
+            (a.id.0.as_str(), a.state),
+            ("close-1.cancel", CommandState::Acknowledged)
+        );
+        assert_eq!(dl.queued(), 0);
+        // Cancel of something not queued fails with the reason.
+        let mut late = cmd("late.cancel", meter, 600);
+        late.action = CommandAction::Cancel {
+            command: CommandId("close-1".into()),
+        };
+        dl.handle(late).await;
+        match acks.recv().await.unwrap().state {
+            CommandState::Failed { reason } => {
+                assert!(reason.contains("not queued"), "{reason}");
+                assert!(reason.contains("cancelled"), "{reason}");
+            }
+            other => panic!("expected failed, got {other:?}"),
+        }
+        // At most MAX_QUEUED_PER_DEVICE non-valve commands wait; the next is refused.
+        for i in 0..MAX_QUEUED_PER_DEVICE {
+            let mut c = cmd(&format!("t-{i}"), meter, 600);
+            c.action = CommandAction::SetTime;
+            dl.handle(c).await;
+            assert_eq!(acks.recv().await.unwrap().state, CommandState::Queued);
+        }
+        let mut c = cmd("t-over", meter, 600);
+        c.action = CommandAction::SetTime;
+        dl.handle(c).await;
+        match acks.recv().await.unwrap().state {
+            CommandState::Failed { reason } => assert!(reason.contains("at most 20"), "{reason}"),
+            other => panic!("expected failed, got {other:?}"),
+        }
+        assert_eq!(dl.queued(), MAX_QUEUED_PER_DEVICE);
     }
 }

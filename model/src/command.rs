@@ -42,6 +42,20 @@ pub enum CommandAction {
     MbusApplicationReset,
     /// Set the meter clock to the gateway's time.
     SetTime,
+    /// Cancel a command still waiting in the gateway's queue (NB-IoT: not yet sent to the
+    /// meter); the target is reported `cancelled`, this command `acknowledged`, or `failed`
+    /// when the target is no longer queued.
+    Cancel {
+        /// The command to cancel.
+        command: CommandId,
+    },
+}
+
+impl CommandAction {
+    /// Returns true for valve open/close, where a newer command supersedes a queued older one.
+    pub fn is_valve(&self) -> bool {
+        matches!(self, Self::ValveOpen | Self::ValveClose)
+    }
 }
 
 /// Where a command is in its life. Follows carrier IoT platforms' states plus telemetry

@@ -8,6 +8,7 @@
 
 pub mod billing;
 pub mod config;
+pub mod control;
 pub mod copy;
 pub mod detect;
 pub mod edit;

@@ -4,6 +4,7 @@
 //! revenue system reports for a meter (docs/billing.md); `pipeline registry …` manages the
 //! meter registry (docs/registry.md).
 
+mod control_cli;
 mod ledger_cli;
 mod notify_cli;
 mod registry_cli;
@@ -53,6 +54,8 @@ enum Command {
     Notify(notify_cli::NotifyArgs),
     /// The review queue: collect, list, assign and resolve what needs a person.
     Review(review_cli::ReviewArgs),
+    /// Commands to devices and control rules (docs/control.md).
+    Control(control_cli::ControlArgs),
 }
 
 #[derive(clap::Args)]
@@ -163,6 +166,15 @@ struct RunArgs {
     /// Detector thresholds per meter class (TOML, docs/detectors.md); defaults without it.
     #[arg(long)]
     detectors: Option<std::path::PathBuf>,
+    /// Also run the control service (command outbox, acks, rules) as a task of this process
+    /// (run it in one process only; docs/control.md).
+    #[arg(long)]
+    control: bool,
+    /// With --control: run the arrears rule too.
+    #[arg(long, requires = "control")]
+    control_arrears: bool,
+    #[command(flatten)]
+    control_policy: control_cli::PolicyArgs,
 }
 
 #[tokio::main]
@@ -207,6 +219,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Scheduler(args) => {
             scheduler_cli::run(connect(&cli.database_url).await?, args).await?
         }
+        Command::Control(args) => control_cli::run(connect(&cli.database_url).await?, args).await?,
     }
     Ok(())
 }
@@ -466,6 +479,22 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
             config.topic_root.clone(),
             shutdown.clone(),
         ));
+    }
+    if args.control {
+        let mut control = pipeline::control::service::ServiceConfig::new(
+            &args.mqtt_url,
+            &args.topic_root,
+            &format!("{}-control", config.client_id),
+        )?;
+        if args.control_arrears {
+            control.arrears = Some(args.control_policy.policy()?);
+        }
+        let (pool, shutdown) = (pool.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = pipeline::control::service::run(pool, control, shutdown).await {
+                tracing::error!(error = %e, "control service stopped");
+            }
+        });
     }
     // Boxed: the worker future is large (clippy::large_futures).
     Box::pin(pipeline::worker::run(config, pool, metrics, shutdown)).await?;
