@@ -19,6 +19,10 @@ use sha2::Sha256;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 
+/// Notice kinds that are steps of the arrears procedure: delivered, they are recorded in
+/// `arrears_notices` with their delivery time (DOMAIN.md §3 safeguards read it there).
+pub const ARREARS_NOTICE_KINDS: &[&str] = &["payment_demand", "advance_notice"];
+
 /// Attempts before a notice is left `failed`.
 pub const MAX_ATTEMPTS: i32 = 8;
 /// First retry delay; doubled per attempt, at most [`MAX_BACKOFF`].
@@ -330,6 +334,24 @@ pub async fn deliver_due(
         .execute(&mut *tx)
         .await
         .map_err(db("auditing a delivery attempt"))?;
+        if let (Some(at), Some(meter), true) = (
+            delivered_at,
+            &notice.meter_id,
+            ARREARS_NOTICE_KINDS.contains(&notice.kind.as_str()),
+        ) {
+            // The arrears-close safeguard counts a demand or notice from its delivery time.
+            sqlx::query(
+                "INSERT INTO arrears_notices (meter_id, kind, sent_at, recorded_by)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(meter)
+            .bind(&notice.kind)
+            .bind(at)
+            .bind(format!("notify:{}:{id}", notice.channel))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("recording a delivered arrears notice"))?;
+        }
         if let Some(at) = delivered_at {
             tracing::info!(notification = id, kind = %notice.kind, channel = %notice.channel, %at, "notice delivered");
         }

@@ -1134,6 +1134,7 @@ mod tests {
             partition: 0,
             usage,
             states: Vec::new(),
+            detect: Vec::new(),
         }]
     }
 

@@ -251,6 +251,44 @@ async fn alarm_notices_are_queued_once_delivered_on_every_channel_and_retried() 
         attempts,
         [("webhook".into(), 1, false), ("webhook".into(), 2, true)]
     );
+    // An advance notice of the arrears procedure: delivered, it is on record for the safeguard.
+    sqlx::query(
+        "INSERT INTO meters (meter_id, protocol) VALUES ('cjt188:00000000000904', 'cjt188')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let mut conn = db.pool.acquire().await.unwrap();
+    let notice = notify::Notice {
+        dedup_key: "arrears:904:advance".into(),
+        kind: "advance_notice".into(),
+        channel: "sms".into(),
+        recipient: "+8613900000000".into(),
+        subject: "停水预告".into(),
+        body: "Arrears of 88.50 yuan; the supply will be closed after 3 working days.".into(),
+        meter_id: Some("cjt188:00000000000904".into()),
+        payload: serde_json::json!({ "amount": "88.50" }),
+    };
+    assert!(notify::enqueue(&mut conn, &notice).await.unwrap().is_some());
+    assert!(
+        notify::enqueue(&mut conn, &notice).await.unwrap().is_none(),
+        "same key"
+    );
+    drop(conn);
+    let report = notify::deliver_due(&db.pool, &adapters, now + time::Duration::seconds(40), 100)
+        .await
+        .unwrap();
+    assert_eq!(report.delivered, 1);
+    let (kind, on_record): (String, bool) = sqlx::query_as(
+        "SELECT a.kind, a.sent_at = n.delivered_at FROM arrears_notices a
+         JOIN notifications n ON n.meter_id = a.meter_id AND n.kind = a.kind
+         WHERE a.meter_id = 'cjt188:00000000000904'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((kind.as_str(), on_record), ("advance_notice", true));
+
     let undelivered: i64 =
         sqlx::query_scalar("SELECT count(*) FROM notifications WHERE delivered_at IS NULL")
             .fetch_one(&db.pool)
