@@ -13,7 +13,7 @@ export API_JWT_SECRET="ci-fuzz-$RANDOM$RANDOM"
 export API_LISTEN="127.0.0.1:$port" API_BASE="http://127.0.0.1:$port" TOPIC_ROOT="ci-fuzz/$$"
 export API_TARIFFS="tariffs/nanan-2025.toml"
 [ -x target/debug/api ] || cargo build -q -p api --bin api
-target/debug/api serve >/tmp/wm-api-fuzz-$$.log 2>&1 &
+target/debug/api serve --migrate >/tmp/wm-api-fuzz-$$.log 2>&1 &
 api_pid=$!
 cleanup() {
     kill "$api_pid" 2>/dev/null || true
