@@ -29,6 +29,16 @@ pub enum EditError {
     /// The manual read is not a manual or API read.
     #[error("manual reads must come from source `api` (got {0:?})")]
     NotManual(SourceKind),
+    /// An estimate needs billable reads on both sides.
+    #[error(
+        "no billable volume read on both sides of {ts} for meter {meter}: nothing to interpolate"
+    )]
+    NoNeighbours {
+        /// Meter.
+        meter: String,
+        /// Time of the read to estimate.
+        ts: OffsetDateTime,
+    },
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -62,6 +72,87 @@ pub async fn edit_reading(
     ts: OffsetDateTime,
     quantity: Quantity,
     new_value: Decimal,
+    user: &str,
+    reason: &str,
+) -> Result<EditOutcome, EditError> {
+    let quality = Quality::Edited {
+        by: user.to_owned(),
+        reason: reason.to_owned(),
+    };
+    replace_reading(pool, meter, ts, quantity, new_value, &quality, user, reason).await
+}
+
+/// Replaces a stored volume reading (tariff 0, subunit 0) by the linear interpolation between
+/// the billable reads around it (quality `estimated`, method linear), with the same history,
+/// audit and rollup recompute as [`edit_reading`]; for a read a person judged wrong when no
+/// better value is known. Returns what it replaced and the estimate.
+///
+/// # Errors
+/// [`EditError::NoNeighbours`] without a billable read on both sides, else as [`edit_reading`].
+pub async fn estimate_reading(
+    pool: &PgPool,
+    meter: &str,
+    ts: OffsetDateTime,
+    user: &str,
+    reason: &str,
+) -> Result<(EditOutcome, Decimal), EditError> {
+    type Neighbour = Option<(OffsetDateTime, Decimal)>;
+    let side = |sql: &'static str| async move {
+        sqlx::query_as::<_, (OffsetDateTime, Decimal)>(sql)
+            .bind(meter)
+            .bind(ts)
+            .fetch_optional(pool)
+            .await
+            .map_err(db("finding the neighbouring reads"))
+    };
+    let before: Neighbour = side(
+        "SELECT ts, value FROM readings WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0
+           AND subunit = 0 AND ts < $2 AND quality IN ('validated', 'edited', 'estimated')
+           AND NOT ('superseded' = ANY (flags)) ORDER BY ts DESC LIMIT 1",
+    )
+    .await?;
+    let after: Neighbour = side(
+        "SELECT ts, value FROM readings WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0
+           AND subunit = 0 AND ts > $2 AND quality IN ('validated', 'edited', 'estimated')
+           AND NOT ('superseded' = ANY (flags)) ORDER BY ts LIMIT 1",
+    )
+    .await?;
+    let (Some((t0, v0)), Some((t1, v1))) = (before, after) else {
+        return Err(EditError::NoNeighbours {
+            meter: meter.to_owned(),
+            ts,
+        });
+    };
+    let span = Decimal::from((t1 - t0).whole_seconds());
+    let part = Decimal::from((ts - t0).whole_seconds());
+    let value = (v0 + (v1 - v0) * part / span).round_dp(6);
+    let quality = Quality::Estimated {
+        method: model::EstimationMethod::Linear,
+    };
+    let outcome = replace_reading(
+        pool,
+        meter,
+        ts,
+        Quantity::Volume,
+        value,
+        &quality,
+        user,
+        reason,
+    )
+    .await?;
+    Ok((outcome, value))
+}
+
+/// The one write path of [`edit_reading`] and [`estimate_reading`]: history, new value and
+/// quality, audit, rollups and meter state, in one transaction.
+#[allow(clippy::too_many_arguments)]
+async fn replace_reading(
+    pool: &PgPool,
+    meter: &str,
+    ts: OffsetDateTime,
+    quantity: Quantity,
+    new_value: Decimal,
+    quality: &Quality,
     user: &str,
     reason: &str,
 ) -> Result<EditOutcome, EditError> {
@@ -106,13 +197,9 @@ pub async fn edit_reading(
     .execute(&mut *tx)
     .await
     .map_err(db("keeping the edited reading's history"))?;
-    let detail = serde_json::to_value(Quality::Edited {
-        by: user.to_owned(),
-        reason: reason.to_owned(),
-    })
-    .unwrap_or_default();
+    let detail = serde_json::to_value(quality).unwrap_or_default();
     sqlx::query(
-        "UPDATE readings SET value = $4, quality = 'edited', quality_detail = $5,
+        "UPDATE readings SET value = $4, quality = $6, quality_detail = $5,
              flags = array_remove(flags, 'superseded')
          WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
     )
@@ -121,12 +208,13 @@ pub async fn edit_reading(
     .bind(quantity.as_str())
     .bind(new_value)
     .bind(&detail)
+    .bind(quality.status())
     .execute(&mut *tx)
     .await
     .map_err(db("editing the reading"))?;
     sqlx::query(
         "INSERT INTO audit_log (actor, action, entity, entity_id, detail)
-         VALUES ($1, 'reading.edit', 'reading', $2, $3)",
+         VALUES ($1, $4, 'reading', $2, $3)",
     )
     .bind(user)
     .bind(format!("{meter}@{ts}/{}", quantity.as_str()))
@@ -136,8 +224,14 @@ pub async fn edit_reading(
         "old_value": old_value.to_string(),
         "old_quality": old_quality,
         "new_value": new_value.to_string(),
+        "new_quality": quality.status(),
         "reason": reason,
     }))
+    .bind(if matches!(quality, Quality::Estimated { .. }) {
+        "reading.estimate"
+    } else {
+        "reading.edit"
+    })
     .execute(&mut *tx)
     .await
     .map_err(db("auditing the edit"))?;

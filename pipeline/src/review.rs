@@ -107,8 +107,8 @@ impl ItemKind {
 
     fn allowed(self) -> &'static str {
         match self {
-            ItemKind::OutOfOrderRead => "accept, edit, reject",
-            ItemKind::RejectedRead => "accept, edit, dismiss",
+            ItemKind::OutOfOrderRead => "accept, edit, estimate, reject",
+            ItemKind::RejectedRead => "accept, edit, estimate, dismiss",
             ItemKind::IngestReject | ItemKind::BillHeld | ItemKind::FieldVisit => "dismiss",
         }
     }
@@ -134,6 +134,9 @@ pub enum Decision {
     Edit(Decimal),
     /// The held read is wrong and stays out of billing (`rejected`).
     Reject,
+    /// The read is wrong and no better value is known: it is replaced by the linear
+    /// interpolation between the billable reads around it (`estimated`).
+    Estimate,
     /// Nothing to change in the data (handled elsewhere, e.g. billed by hand, visit done).
     Dismiss,
 }
@@ -144,6 +147,7 @@ impl Decision {
             Decision::Accept => "accept",
             Decision::Edit(_) => "edit",
             Decision::Reject => "reject",
+            Decision::Estimate => "estimate",
             Decision::Dismiss => "dismiss",
         }
     }
@@ -193,7 +197,8 @@ pub struct Collected {
     pub field_visits: u64,
 }
 
-/// Adds what arose since the last collect (everything not yet an item); idempotent.
+/// Adds what arose since the last collect (everything not yet an item), in the order it arose
+/// (reads by meter and time), so the queue's order is stable; idempotent.
 pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
     let run = |sql: &'static str, what: &'static str| async move {
         sqlx::query(sql)
@@ -212,6 +217,7 @@ pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
                         'subunit', subunit, 'value', value::text, 'received_at', received_at)
              FROM readings
              WHERE quality = 'actual' AND 'out_of_order' = ANY (flags)
+             ORDER BY meter_id, ts
              ON CONFLICT (kind, source_key) DO NOTHING",
             "collecting out-of-order reads",
         )
@@ -225,6 +231,7 @@ pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
                         'subunit', subunit, 'value', value::text, 'reason', quality_detail)
              FROM readings
              WHERE quality = 'rejected'
+             ORDER BY meter_id, ts
              ON CONFLICT (kind, source_key) DO NOTHING",
             "collecting rejected reads",
         )
@@ -235,6 +242,7 @@ pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
                     jsonb_build_object('kind', kind, 'at', at, 'ts', ts, 'topic', topic,
                         'detail', detail)
              FROM ingest_rejects
+             ORDER BY reject_id
              ON CONFLICT (kind, source_key) DO NOTHING",
             "collecting ingest rejects",
         )
@@ -249,6 +257,7 @@ pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
              JOIN billing_cycles c USING (cycle_id)
              CROSS JOIN LATERAL jsonb_array_elements(coalesce(r.detail->'skipped', '[]'::jsonb)) s
              WHERE s->>'reason' LIKE 'held for review%'
+             ORDER BY r.run_id
              ON CONFLICT (kind, source_key) DO NOTHING",
             "collecting meters held by bill runs",
         )
@@ -260,6 +269,7 @@ pub async fn collect(pool: &PgPool) -> Result<Collected, ReviewError> {
                         'raised_at', raised_at, 'detail', detail)
              FROM alarms
              WHERE cleared_at IS NULL AND kind = ANY ($1)
+             ORDER BY alarm_id
              ON CONFLICT (kind, source_key) DO NOTHING",
         )
         .bind(FIELD_VISIT_ALARMS)
@@ -427,6 +437,17 @@ pub async fn resolve(
         }
         (Decision::Edit(v), Some((meter, ts, quantity, _))) => {
             edit::edit_reading(pool, &meter, ts, quantity, *v, actor, &reason).await?;
+        }
+        (Decision::Estimate, Some((meter, ts, quantity, _))) => {
+            if quantity != Quantity::Volume {
+                return Err(ReviewError::NotApplicable {
+                    id,
+                    kind: kind.as_str(),
+                    action: "estimate (of a quantity other than volume)",
+                    allowed: "accept, edit",
+                });
+            }
+            edit::estimate_reading(pool, &meter, ts, actor, &reason).await?;
         }
         (Decision::Reject, Some((meter, ts, quantity, _))) => {
             // A held (actual, out-of-order) read is not in the rollups: marking it rejected

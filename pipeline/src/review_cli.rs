@@ -41,11 +41,11 @@ enum ReviewCommand {
         /// New owner.
         owner: String,
     },
-    /// Decides an item: accept, edit --value V, reject or dismiss, with a note saying why.
+    /// Decides an item: accept, edit --value V, estimate, reject or dismiss, with a note saying why.
     Resolve {
         /// Item id.
         id: i64,
-        /// accept | edit | reject | dismiss.
+        /// accept | edit | estimate | reject | dismiss.
         decision: String,
         /// New value (edit only).
         #[arg(long)]
@@ -113,11 +113,14 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: ReviewArgs) -> anyhow::Result<
                 ("edit", Some(v)) => Decision::Edit(v),
                 ("edit", None) => bail!("edit needs --value"),
                 ("reject", None) => Decision::Reject,
+                ("estimate", None) => Decision::Estimate,
                 ("dismiss", None) => Decision::Dismiss,
-                (d, Some(_)) if ["accept", "reject", "dismiss"].contains(&d) => {
+                (d, Some(_)) if ["accept", "reject", "estimate", "dismiss"].contains(&d) => {
                     bail!("--value applies to edit only")
                 }
-                (d, _) => bail!("unknown decision {d:?}: accept, edit, reject or dismiss"),
+                (d, _) => {
+                    bail!("unknown decision {d:?}: accept, edit, estimate, reject or dismiss")
+                }
             };
             let item = review::resolve(&pool, id, decision, &args.actor, &note).await?;
             println!(

@@ -25,7 +25,10 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
              ('{METER}', '2026-10-05 03:00+08', 'volume', 100.4, 'm3', 'validated', NULL, '{{}}', 'meter', 'coap', now()),
              ('{METER}', '2026-10-05 02:00+08', 'volume', 100.2, 'm3', 'actual', NULL, '{{out_of_order}}', 'meter', 'coap', now()),
              ('{METER}', '2026-10-05 04:00+08', 'volume', 90.0, 'm3', 'rejected',
-              '{{\"status\": \"rejected\", \"reason\": \"register_decrease\"}}', '{{}}', 'meter', 'coap', now())"
+              '{{\"status\": \"rejected\", \"reason\": \"register_decrease\"}}', '{{}}', 'meter', 'coap', now()),
+             ('{METER}', '2026-10-05 05:00+08', 'volume', 80.0, 'm3', 'rejected',
+              '{{\"status\": \"rejected\", \"reason\": \"register_decrease\"}}', '{{}}', 'meter', 'coap', now()),
+             ('{METER}', '2026-10-05 06:00+08', 'volume', 100.8, 'm3', 'validated', NULL, '{{}}', 'meter', 'coap', now())"
         ),
     )
     .await;
@@ -58,7 +61,7 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
             first.bills_held,
             first.field_visits
         ),
-        (1, 1, 1, 1, 1),
+        (1, 2, 1, 1, 1),
         "a leak is not a field visit; a meter skipped for a missing read is not held for review"
     );
     assert_eq!(
@@ -75,13 +78,19 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
     )
     .await
     .unwrap();
-    assert_eq!(open.len(), 5);
+    assert_eq!(open.len(), 6);
     let id_of = |kind: ItemKind| {
         open.iter()
             .find(|i| i.kind == kind.as_str())
             .unwrap()
             .item_id
     };
+    let second_rejected = open
+        .iter()
+        .filter(|i| i.kind == "rejected_read")
+        .nth(1)
+        .unwrap()
+        .item_id;
 
     let ooo = id_of(ItemKind::OutOfOrderRead);
     let assigned = review::assign(&db.pool, ooo, "li.wei", "supervisor")
@@ -157,6 +166,28 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
     .unwrap();
     assert_eq!((quality.as_str(), value), ("edited", Decimal::new(1006, 1)));
 
+    // The other refused read (05:00) has no better value: it is estimated between the edited
+    // 04:00 read (100.6) and the 06:00 read (100.8).
+    review::resolve(
+        &db.pool,
+        second_rejected,
+        Decision::Estimate,
+        "li.wei",
+        "meter head swapped, value lost",
+    )
+    .await
+    .unwrap();
+    let (quality, value): (String, Decimal) = sqlx::query_as(&format!(
+        "SELECT quality, value FROM readings WHERE meter_id = '{METER}' AND ts = '2026-10-05 05:00+08'"
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (quality.as_str(), value),
+        ("estimated", Decimal::new(1007, 1))
+    );
+
     // Without a note nothing happens; other kinds are dismissed with one.
     let visit = id_of(ItemKind::FieldVisit);
     assert!(matches!(
@@ -200,12 +231,18 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(audits, 4, "one assignment and three resolutions");
+    assert_eq!(audits, 5, "one assignment and four resolutions");
     let edits: i64 =
         sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'reading.edit'")
             .fetch_one(&db.pool)
             .await
             .unwrap();
     assert_eq!(edits, 2);
+    let estimates: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'reading.estimate'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(estimates, 1);
     db.drop_database().await;
 }
