@@ -146,7 +146,7 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
     assert_eq!(
         err.to_string(),
         format!(
-            "review item {rejected} is a rejected_read: reject does not apply (allowed: accept, edit, dismiss)"
+            "review item {rejected} is a rejected_read: reject does not apply (allowed: accept, edit, estimate, dismiss)"
         )
     );
     review::resolve(
