@@ -11,7 +11,7 @@ CREATE TABLE IF NOT EXISTS review_items (
     owner        text,
     assigned_at  timestamptz,
     status       text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'resolved')),
-    resolution   text CHECK (resolution IN ('accept', 'edit', 'estimate', 'reject', 'dismiss')),
+    resolution   text CHECK (resolution IN ('accept', 'edit', 'estimate', 'reject', 'dismiss', 'reprocess')),
     resolved_by  text,
     resolved_at  timestamptz,
     note         text,

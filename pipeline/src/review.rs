@@ -47,6 +47,22 @@ pub enum ReviewError {
     /// A resolution needs who and why.
     #[error("a review decision needs the person and a note saying why")]
     Unattributed,
+    /// The item kept nothing that could be sent again.
+    #[error("review item {id} cannot be reprocessed: {reason}")]
+    NothingToReprocess {
+        /// The item.
+        id: i64,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Publishing the payload again failed; the item stays open.
+    #[error("reprocessing review item {id} failed: {message}")]
+    Republish {
+        /// The item.
+        id: i64,
+        /// What the broker or connection said.
+        message: String,
+    },
     /// The read behind the item is gone or its edit failed.
     #[error("applying the decision to the read failed: {0}")]
     Edit(#[from] EditError),
@@ -109,7 +125,8 @@ impl ItemKind {
         match self {
             ItemKind::OutOfOrderRead => "accept, edit, estimate, reject",
             ItemKind::RejectedRead => "accept, edit, estimate, dismiss",
-            ItemKind::IngestReject | ItemKind::BillHeld | ItemKind::FieldVisit => "dismiss",
+            ItemKind::IngestReject => "reprocess, dismiss",
+            ItemKind::BillHeld | ItemKind::FieldVisit => "dismiss",
         }
     }
 }
@@ -501,5 +518,121 @@ pub async fn resolve(
     )
     .await?;
     tx.commit().await.map_err(db("committing the resolution"))?;
+    get(pool, id).await
+}
+
+/// Publishes a payload again onto the topic it first came on; `Ok` once the broker has it.
+pub trait Republish: Send + Sync {
+    /// Publishes `payload` on `topic` (QoS 1) and waits for the broker's acknowledgement.
+    fn republish<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<(), String>>;
+}
+
+/// A [`Republish`] over one short MQTT connection per call (a person's decision, not a stream).
+pub struct MqttRepublisher {
+    /// Broker host.
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+}
+
+impl Republish for MqttRepublisher {
+    fn republish<'a>(
+        &'a self,
+        topic: &'a str,
+        payload: &'a [u8],
+    ) -> futures::future::BoxFuture<'a, Result<(), String>> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        Box::pin(async move {
+            let id = format!("wm-review-{}-{}", std::process::id(), rand::random::<u32>());
+            let mut options = MqttOptions::new(id, self.host.clone(), self.port);
+            options.set_clean_session(true);
+            let (client, mut eventloop) = AsyncClient::new(options, 8);
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+                .await
+                .map_err(|e| e.to_string())?;
+            // This task drains the event loop itself: the publish above only queued the packet.
+            let acked = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) => return Err(format!("broker {}:{}: {e}", self.host, self.port)),
+                    }
+                }
+            })
+            .await
+            .map_err(|_| "no PUBACK within 10 s".to_owned())?;
+            let _ = client.disconnect().await;
+            acked
+        })
+    }
+}
+
+/// Sends an ingest reject's message again onto the topic it came on (after the cause was fixed:
+/// a worker upgraded to a new wire version, a registry correction), and closes the item with
+/// who, when and why. The workers judge it again like any message; only message-level rejects
+/// (`unknown_version`, `malformed`) kept their payload.
+pub async fn reprocess(
+    pool: &PgPool,
+    id: i64,
+    republisher: &dyn Republish,
+    actor: &str,
+    note: &str,
+) -> Result<ReviewItem, ReviewError> {
+    if actor.trim().is_empty() || note.trim().is_empty() {
+        return Err(ReviewError::Unattributed);
+    }
+    let item = get(pool, id).await?;
+    refuse_resolved(&item)?;
+    if item.kind != ItemKind::IngestReject.as_str() {
+        return Err(ReviewError::NotApplicable {
+            id,
+            kind: ItemKind::parse(&item.kind).map_or("item", ItemKind::as_str),
+            action: "reprocess",
+            allowed: ItemKind::parse(&item.kind).map_or("dismiss", ItemKind::allowed),
+        });
+    }
+    let topic = item.subject.get("topic").and_then(|t| t.as_str());
+    let payload = item
+        .subject
+        .get("detail")
+        .and_then(|d| d.get("payload"))
+        .and_then(|p| p.as_str());
+    let (Some(topic), Some(payload)) = (topic, payload) else {
+        return Err(ReviewError::NothingToReprocess {
+            id,
+            reason: "a reading-level refusal keeps no message to send again (dismiss it, or edit the read)",
+        });
+    };
+    republisher
+        .republish(topic, payload.as_bytes())
+        .await
+        .map_err(|message| ReviewError::Republish { id, message })?;
+    let mut tx = pool.begin().await.map_err(db("beginning"))?;
+    sqlx::query(
+        "UPDATE review_items SET status = 'resolved', resolution = 'reprocess', resolved_by = $2,
+             resolved_at = now(), note = $3
+         WHERE item_id = $1",
+    )
+    .bind(id)
+    .bind(actor)
+    .bind(note)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("resolving"))?;
+    audit(
+        &mut tx,
+        actor,
+        "review.reprocess",
+        id,
+        serde_json::json!({ "topic": topic, "bytes": payload.len(), "note": note }),
+    )
+    .await?;
+    tx.commit().await.map_err(db("committing the reprocess"))?;
     get(pool, id).await
 }

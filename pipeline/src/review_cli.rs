@@ -41,6 +41,17 @@ enum ReviewCommand {
         /// New owner.
         owner: String,
     },
+    /// Sends an ingest reject's message again onto its topic (MQTT_URL), once its cause is fixed.
+    Reprocess {
+        /// Item id.
+        id: i64,
+        /// Why (required).
+        #[arg(long)]
+        note: String,
+        /// MQTT broker URL.
+        #[arg(long, env = "MQTT_URL", default_value = pipeline::config::DEFAULT_MQTT_URL)]
+        mqtt_url: String,
+    },
     /// Decides an item: accept, edit --value V, estimate, reject or dismiss, with a note saying why.
     Resolve {
         /// Item id.
@@ -101,6 +112,12 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: ReviewArgs) -> anyhow::Result<
         ReviewCommand::Assign { id, owner } => {
             review::assign(&pool, id, &owner, &args.actor).await?;
             println!("item {id} assigned to {owner}");
+        }
+        ReviewCommand::Reprocess { id, note, mqtt_url } => {
+            let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
+            let republisher = review::MqttRepublisher { host, port };
+            review::reprocess(&pool, id, &republisher, &args.actor, &note).await?;
+            println!("item {id} reprocessed: its message was published again");
         }
         ReviewCommand::Resolve {
             id,

@@ -246,3 +246,89 @@ async fn items_are_collected_once_and_resolved_with_an_audited_decision() {
     assert_eq!(estimates, 1);
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn an_ingest_reject_is_reprocessed_onto_its_topic_through_the_broker() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let db = TestDatabase::create().await;
+    let topic = format!(
+        "test/review/{}-{}/readings/3",
+        std::process::id(),
+        time::OffsetDateTime::now_utc().unix_timestamp_nanos() % 1_000_000_007
+    );
+    // A message of a wire version the worker did not know yet, and a reading-level refusal.
+    sqlx::query(
+        "INSERT INTO ingest_rejects (kind, topic, detail) VALUES
+         ('unknown_version', $1, '{\"payload\": \"{\\\"v\\\":99}\"}'),
+         ('value_out_of_range', NULL, '{\"value\": \"1e30\"}')",
+    )
+    .bind(&topic)
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    review::collect(&db.pool).await.unwrap();
+    let items = review::list(
+        &db.pool,
+        &Filter {
+            open_only: true,
+            ..Filter::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (message, refusal) = (items[0].item_id, items[1].item_id);
+
+    let (host, port) = pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
+    let (sub, mut events) = AsyncClient::new(
+        MqttOptions::new(
+            format!("review-sub-{}", std::process::id()),
+            host.clone(),
+            port,
+        ),
+        16,
+    );
+    sub.subscribe(&topic, QoS::AtLeastOnce).await.unwrap();
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let received = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match events.poll().await.unwrap() {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) => return p.payload.to_vec(),
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(std::time::Duration::from_secs(10), subscribed)
+        .await
+        .unwrap()
+        .unwrap();
+    let republisher = review::MqttRepublisher { host, port };
+    let err = review::reprocess(&db.pool, refusal, &republisher, "li.wei", "x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ReviewError::NothingToReprocess { .. }),
+        "{err}"
+    );
+    let resolved = review::reprocess(
+        &db.pool,
+        message,
+        &republisher,
+        "li.wei",
+        "workers upgraded to wire v99",
+    )
+    .await
+    .unwrap();
+    let payload = tokio::time::timeout(std::time::Duration::from_secs(10), received)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(payload, br#"{"v":99}"#);
+    assert_eq!(resolved.resolution.as_deref(), Some("reprocess"));
+    db.drop_database().await;
+}
