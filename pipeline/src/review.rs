@@ -567,7 +567,10 @@ impl Republish for MqttRepublisher {
             })
             .await
             .map_err(|_| "no PUBACK within 10 s".to_owned())?;
-            let _ = client.disconnect().await;
+            if let Err(e) = client.disconnect().await {
+                // The message is acknowledged; a failed goodbye changes nothing.
+                tracing::debug!(error = %e, "disconnecting after a reprocess");
+            }
             acked
         })
     }
