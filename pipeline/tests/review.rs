@@ -295,7 +295,7 @@ async fn an_ingest_reject_is_reprocessed_onto_its_topic_through_the_broker() {
             match events.poll().await.unwrap() {
                 Event::Incoming(Packet::SubAck(_)) => {
                     if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
+                        tx.send(()).ok();
                     }
                 }
                 Event::Incoming(Packet::Publish(p)) => return p.payload.to_vec(),
