@@ -459,6 +459,33 @@ pub fn review_collect_job(schedule: Schedule) -> Job {
     }
 }
 
+/// The arrears rule (`control::rules::arrears_run`) evaluated at the time it runs: reopens after
+/// payment, closes where every safeguard allows. Its commands go to the command outbox, which
+/// the control service publishes. Use it instead of `pipeline run --control-arrears` when several
+/// nodes run: the scheduler evaluates each due time once.
+pub fn arrears_job(schedule: Schedule, policy: crate::control::rules::ArrearsPolicy) -> Job {
+    Job {
+        name: "arrears-rule".into(),
+        schedule,
+        catch_up: CatchUp::Latest,
+        run: Arc::new(move |pool, _| {
+            let policy = policy.clone();
+            Box::pin(async move {
+                // Evaluated now, not at a missed due time: working hours and notice periods
+                // are judged against the moment a command would go out.
+                let report =
+                    crate::control::rules::arrears_run(&pool, &policy, OffsetDateTime::now_utc())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                Ok(
+                    json!({ "closed": report.closed, "reopened": report.reopened,
+                    "decisions": report.decisions.len() }),
+                )
+            })
+        }),
+    }
+}
+
 /// Settings of the bill-run job.
 #[derive(Clone)]
 pub struct BillRunJob {

@@ -42,6 +42,12 @@ enum SchedulerCommand {
         /// Review-queue collect schedule.
         #[arg(long, default_value = "every 10m")]
         review_collect: String,
+        /// Evaluate the arrears rule (valve close/reopen with the safeguards) on this schedule;
+        /// off without it. Do not also run `pipeline run --control-arrears`.
+        #[arg(long)]
+        arrears: Option<String>,
+        #[command(flatten)]
+        arrears_policy: crate::control_cli::PolicyArgs,
         /// Bill-run schedule: each run bills the closed cycles whose reads are complete.
         #[arg(long, default_value = "daily 06:00")]
         bill_runs: String,
@@ -84,6 +90,8 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             utc_offset,
             partitions,
             review_collect,
+            arrears,
+            arrears_policy,
             bill_runs,
             tariffs,
             max_missing_share,
@@ -98,6 +106,12 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             s.register(scheduler::review_collect_job(Schedule::parse(
                 &review_collect,
             )?));
+            if let Some(schedule) = arrears {
+                s.register(scheduler::arrears_job(
+                    Schedule::parse(&schedule)?,
+                    arrears_policy.policy()?,
+                ));
+            }
             if tariffs.is_empty() {
                 tracing::warn!("no --tariff given: bill runs are not scheduled");
             } else {

@@ -269,3 +269,57 @@ async fn the_bill_run_job_waits_for_complete_reads_then_bills_once() {
     assert_eq!(bills, 1);
     db.drop_database().await;
 }
+
+#[tokio::test]
+async fn the_arrears_job_evaluates_the_rule_once_per_due_time_with_its_decision_recorded() {
+    let db = TestDatabase::create().await;
+    sqlx::query(
+        "INSERT INTO meters (meter_id, protocol, has_valve) VALUES ('cjt188:00000000000601', 'cjt188', true)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO arrears (meter_id, account_id, amount_overdue, overdue_since, reported_at)
+         VALUES ('cjt188:00000000000601', 'acct', 120.50, '2026-09-01', now())",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let policy = pipeline::control::rules::ArrearsPolicy {
+        notice_period: Duration::days(5),
+        bulk_threshold: 20,
+        calendar: pipeline::control::calendar::Calendar::builtin().unwrap(),
+    };
+    let node = |name: &str| {
+        let mut s = Scheduler::new(db.pool.clone(), name, offset!(+8));
+        s.register(scheduler::arrears_job(
+            Schedule::parse("every 1h").unwrap(),
+            policy.clone(),
+        ));
+        s
+    };
+    let (a, b) = (node("node-a"), node("node-b"));
+    a.tick(datetime!(2026-11-02 09:30 +8)).await.unwrap();
+    let t = datetime!(2026-11-02 10:00:01 +8);
+    let (ra, rb) = tokio::join!(a.tick(t), b.tick(t));
+    assert_eq!(
+        ra.unwrap().len() + rb.unwrap().len(),
+        1,
+        "one node evaluated the rule"
+    );
+    // No payment demand or advance notice on record: no close, and the refusal is a decision.
+    let detail: serde_json::Value =
+        sqlx::query_scalar("SELECT detail FROM job_runs WHERE job = 'arrears-rule'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(detail["closed"], json!([]), "{detail}");
+    assert_eq!(detail["decisions"], 1, "{detail}");
+    let commands: i64 = sqlx::query_scalar("SELECT count(*) FROM commands")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(commands, 0);
+    db.drop_database().await;
+}
