@@ -413,11 +413,7 @@ pub async fn resolve(
     actor: &str,
     note: &str,
 ) -> Result<ReviewItem, ReviewError> {
-    if actor.trim().is_empty() || note.trim().is_empty() {
-        return Err(ReviewError::Unattributed);
-    }
-    let item = get(pool, id).await?;
-    refuse_resolved(&item)?;
+    let item = open_item(pool, id, actor, note).await?;
     let kind = ItemKind::parse(&item.kind).unwrap_or(ItemKind::IngestReject);
     let applicable = match (kind, &decision) {
         (ItemKind::OutOfOrderRead, Decision::Dismiss) => false,
@@ -490,35 +486,69 @@ pub async fn resolve(
             });
         }
     }
-    let mut tx = pool.begin().await.map_err(db("beginning"))?;
     let value = match &decision {
         Decision::Edit(v) => Some(v.to_string()),
         _ => None,
     };
+    let detail = serde_json::json!({ "kind": item.kind, "source_key": item.source_key,
+        "decision": decision.name(), "new_value": value, "note": note });
+    close_item(
+        pool,
+        id,
+        decision.name(),
+        actor,
+        note,
+        value,
+        "review.resolve",
+        detail,
+    )
+    .await
+}
+
+/// Closes an item with its resolution and audits it, in one transaction.
+#[allow(clippy::too_many_arguments)]
+async fn close_item(
+    pool: &PgPool,
+    id: i64,
+    resolution: &str,
+    actor: &str,
+    note: &str,
+    new_value: Option<String>,
+    audit_action: &str,
+    audit_detail: serde_json::Value,
+) -> Result<ReviewItem, ReviewError> {
+    let mut tx = pool.begin().await.map_err(db("beginning"))?;
     sqlx::query(
         "UPDATE review_items SET status = 'resolved', resolution = $2, resolved_by = $3,
              resolved_at = now(), note = $4, new_value = $5
          WHERE item_id = $1",
     )
     .bind(id)
-    .bind(decision.name())
+    .bind(resolution)
     .bind(actor)
     .bind(note)
-    .bind(&value)
+    .bind(&new_value)
     .execute(&mut *tx)
     .await
     .map_err(db("resolving"))?;
-    audit(
-        &mut tx,
-        actor,
-        "review.resolve",
-        id,
-        serde_json::json!({ "kind": item.kind, "source_key": item.source_key,
-            "decision": decision.name(), "new_value": value, "note": note }),
-    )
-    .await?;
+    audit(&mut tx, actor, audit_action, id, audit_detail).await?;
     tx.commit().await.map_err(db("committing the resolution"))?;
     get(pool, id).await
+}
+
+/// The open item `id`, if the decision is attributed (who and why).
+async fn open_item(
+    pool: &PgPool,
+    id: i64,
+    actor: &str,
+    note: &str,
+) -> Result<ReviewItem, ReviewError> {
+    if actor.trim().is_empty() || note.trim().is_empty() {
+        return Err(ReviewError::Unattributed);
+    }
+    let item = get(pool, id).await?;
+    refuse_resolved(&item)?;
+    Ok(item)
 }
 
 /// Publishes a payload again onto the topic it first came on; `Ok` once the broker has it.
@@ -587,11 +617,7 @@ pub async fn reprocess(
     actor: &str,
     note: &str,
 ) -> Result<ReviewItem, ReviewError> {
-    if actor.trim().is_empty() || note.trim().is_empty() {
-        return Err(ReviewError::Unattributed);
-    }
-    let item = get(pool, id).await?;
-    refuse_resolved(&item)?;
+    let item = open_item(pool, id, actor, note).await?;
     if item.kind != ItemKind::IngestReject.as_str() {
         return Err(ReviewError::NotApplicable {
             id,
@@ -616,26 +642,16 @@ pub async fn reprocess(
         .republish(topic, payload.as_bytes())
         .await
         .map_err(|message| ReviewError::Republish { id, message })?;
-    let mut tx = pool.begin().await.map_err(db("beginning"))?;
-    sqlx::query(
-        "UPDATE review_items SET status = 'resolved', resolution = 'reprocess', resolved_by = $2,
-             resolved_at = now(), note = $3
-         WHERE item_id = $1",
-    )
-    .bind(id)
-    .bind(actor)
-    .bind(note)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("resolving"))?;
-    audit(
-        &mut tx,
-        actor,
-        "review.reprocess",
+    let detail = serde_json::json!({ "topic": topic, "bytes": payload.len(), "note": note });
+    close_item(
+        pool,
         id,
-        serde_json::json!({ "topic": topic, "bytes": payload.len(), "note": note }),
+        "reprocess",
+        actor,
+        note,
+        None,
+        "review.reprocess",
+        detail,
     )
-    .await?;
-    tx.commit().await.map_err(db("committing the reprocess"))?;
-    get(pool, id).await
+    .await
 }
