@@ -69,15 +69,24 @@ pub enum Action {
     ReadEdit,
     /// Clearing the arrears of more than one meter in one request.
     ArrearsBulkClear,
+    /// Closing a valve (cuts a customer's water).
+    ValveClose,
+    /// Opening a valve.
+    ValveOpen,
+    /// Unlocking a hydrant outlet.
+    HydrantUnlock,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 4] = [
+    pub const ALL: [Action; 7] = [
         Action::MeterRetire,
         Action::BillRerun,
         Action::ReadEdit,
         Action::ArrearsBulkClear,
+        Action::ValveClose,
+        Action::ValveOpen,
+        Action::HydrantUnlock,
     ];
 
     /// Configuration spelling.
@@ -87,6 +96,9 @@ impl Action {
             Action::BillRerun => "bill_rerun",
             Action::ReadEdit => "read_edit",
             Action::ArrearsBulkClear => "arrears_bulk_clear",
+            Action::ValveClose => "valve_close",
+            Action::ValveOpen => "valve_open",
+            Action::HydrantUnlock => "hydrant_unlock",
         }
     }
 

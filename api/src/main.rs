@@ -75,7 +75,7 @@ enum Command {
             long,
             env = "API_SECOND_FACTOR",
             value_delimiter = ',',
-            default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear"
+            default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear,valve_close,valve_open,hydrant_unlock"
         )]
         second_factor: Vec<String>,
         /// Largest request body, bytes.
