@@ -2135,6 +2135,31 @@ async fn commands_issue_idempotently_bound_cancel_retry_and_show_history() {
         .call(Method::POST, "/api/v1/commands/c-1/cancel", Some(&op), None)
         .await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    // A published command is cancelled by a cancel command to its gateway.
+    let mut open = close("c-2", "V-1");
+    open["action"] = json!("valve_open");
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands", Some(&op_mfa), Some(open))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    sqlx::query(
+        "UPDATE commands SET state = 'sent', published_at = now() WHERE command_id = 'c-2'",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands/c-2/cancel", Some(&op), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["outcome"].as_str(),
+            v["cancel_command"].as_str(),
+            v["state"].as_str()
+        ),
+        (Some("requested"), Some("c-2.cancel"), Some("sent"))
+    );
     // History: state and events, visible to the auditor.
     let (st, v) = h
         .call(
@@ -2168,7 +2193,7 @@ async fn commands_issue_idempotently_bound_cancel_retry_and_show_history() {
         .iter()
         .map(|c| c["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["c-1"]);
+    assert_eq!(ids, ["c-2.cancel", "c-2", "c-1"]);
     // Out of scope is not found.
     let other_org = token_with(&[Role::MeterOperator], "org-b", true, 3600, AUD);
     let (st, _) = h
@@ -2371,6 +2396,20 @@ async fn hydrant_permits_create_unlock_inside_window_refuse_outside_and_revoke()
         detail.contains("outside permit p-fut's window")
             && detail.contains(&tomorrow.date().to_string()),
         "{detail}"
+    );
+    // Only hydrants unlock.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/V-1/unlock",
+            Some(&op_mfa),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("hydrant")),
+        "{v}"
     );
     // Another hydrant's permit does not unlock this one.
     let (st, _) = h

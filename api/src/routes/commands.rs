@@ -611,6 +611,12 @@ async fn unlock_hydrant(
     p.require(rbac::COMMANDS_WRITE)?;
     p.require_second_factor(Action::HydrantUnlock, &s.config.second_factor_actions)?;
     let m = meter_in_scope(&s.pool, &p.scope, &hydrant_key).await?;
+    if !m.meter_id.starts_with("hydrant:") {
+        return Err(ApiError::field(
+            "hydrant",
+            format!("{:?} is not a hydrant (expected hydrant:<id>)", m.meter_id),
+        ));
+    }
     let now = OffsetDateTime::now_utc();
     let permit = match u.permit {
         Some(id) => {
