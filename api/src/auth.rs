@@ -415,3 +415,50 @@ pub fn sign_hs256(secret: &[u8], claims: &Claims) -> Result<String, jsonwebtoken
         &EncodingKey::from_secret(secret),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(second_factor: bool) -> Principal {
+        Principal {
+            subject: "t".into(),
+            roles: vec![Role::MeterOperator],
+            scope: Scope::all(),
+            second_factor,
+        }
+    }
+
+    #[test]
+    fn every_action_round_trips_its_configuration_spelling() {
+        for a in Action::ALL {
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(Action::parse("valve_close"), Some(Action::ValveClose));
+        assert_eq!(Action::parse("hydrant_unlock"), Some(Action::HydrantUnlock));
+    }
+
+    #[test]
+    fn the_second_factor_rule_follows_the_per_action_policy() {
+        let policy = [Action::ValveClose, Action::HydrantUnlock];
+        let err = caller(false)
+            .require_second_factor(Action::ValveClose, &policy)
+            .unwrap_err();
+        assert_eq!(err.error_code(), "second_factor_required");
+        assert!(
+            err.to_string()
+                .starts_with("valve_close is a high-risk action")
+        );
+        // Not in the policy: no second factor needed.
+        assert!(
+            caller(false)
+                .require_second_factor(Action::ValveOpen, &policy)
+                .is_ok()
+        );
+        assert!(
+            caller(true)
+                .require_second_factor(Action::HydrantUnlock, &policy)
+                .is_ok()
+        );
+    }
+}
