@@ -69,15 +69,24 @@ pub enum Action {
     ReadEdit,
     /// Clearing the arrears of more than one meter in one request.
     ArrearsBulkClear,
+    /// Closing a valve (cuts a customer's water).
+    ValveClose,
+    /// Opening a valve.
+    ValveOpen,
+    /// Unlocking a hydrant outlet.
+    HydrantUnlock,
 }
 
 impl Action {
     /// Every action.
-    pub const ALL: [Action; 4] = [
+    pub const ALL: [Action; 7] = [
         Action::MeterRetire,
         Action::BillRerun,
         Action::ReadEdit,
         Action::ArrearsBulkClear,
+        Action::ValveClose,
+        Action::ValveOpen,
+        Action::HydrantUnlock,
     ];
 
     /// Configuration spelling.
@@ -87,6 +96,9 @@ impl Action {
             Action::BillRerun => "bill_rerun",
             Action::ReadEdit => "read_edit",
             Action::ArrearsBulkClear => "arrears_bulk_clear",
+            Action::ValveClose => "valve_close",
+            Action::ValveOpen => "valve_open",
+            Action::HydrantUnlock => "hydrant_unlock",
         }
     }
 
@@ -402,4 +414,51 @@ pub fn sign_hs256(secret: &[u8], claims: &Claims) -> Result<String, jsonwebtoken
         claims,
         &EncodingKey::from_secret(secret),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caller(second_factor: bool) -> Principal {
+        Principal {
+            subject: "t".into(),
+            roles: vec![Role::MeterOperator],
+            scope: Scope::all(),
+            second_factor,
+        }
+    }
+
+    #[test]
+    fn every_action_round_trips_its_configuration_spelling() {
+        for a in Action::ALL {
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(Action::parse("valve_close"), Some(Action::ValveClose));
+        assert_eq!(Action::parse("hydrant_unlock"), Some(Action::HydrantUnlock));
+    }
+
+    #[test]
+    fn the_second_factor_rule_follows_the_per_action_policy() {
+        let policy = [Action::ValveClose, Action::HydrantUnlock];
+        let err = caller(false)
+            .require_second_factor(Action::ValveClose, &policy)
+            .unwrap_err();
+        assert_eq!(err.error_code(), "second_factor_required");
+        assert!(
+            err.to_string()
+                .starts_with("valve_close is a high-risk action")
+        );
+        // Not in the policy: no second factor needed.
+        assert!(
+            caller(false)
+                .require_second_factor(Action::ValveOpen, &policy)
+                .is_ok()
+        );
+        assert!(
+            caller(true)
+                .require_second_factor(Action::HydrantUnlock, &policy)
+                .is_ok()
+        );
+    }
 }

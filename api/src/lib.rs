@@ -1,5 +1,6 @@
 //! The HTTP API (axum): push (IF-METER-004), manual reads (IF-REV-004), the meter registry
-//! (IF-METER-001/002), readings (EXT-601), alarms, billing (IF-REV-005) and the audit log.
+//! (IF-METER-001/002), readings (EXT-601), alarms, commands and hydrant permits (EXT-1001),
+//! billing (IF-REV-005) and the audit log.
 //!
 //! `api` owns HTTP: routing, authentication (bearer JWTs, signed external clients), RBAC and
 //! data scope, request validation and error mapping (problem+json). It reads and writes through
@@ -149,6 +150,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::readings::router())
         .merge(routes::alarms::router())
         .merge(routes::billing::router())
+        .merge(routes::commands::router())
         .merge(routes::audit::router())
 }
 

@@ -75,7 +75,7 @@ enum Command {
             long,
             env = "API_SECOND_FACTOR",
             value_delimiter = ',',
-            default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear"
+            default_value = "meter_retire,bill_rerun,read_edit,arrears_bulk_clear,valve_close,valve_open,hydrant_unlock"
         )]
         second_factor: Vec<String>,
         /// Largest request body, bytes.
@@ -205,7 +205,7 @@ async fn main() -> anyhow::Result<()> {
             let mut actions = Vec::new();
             for a in second_factor.iter().filter(|a| a.as_str() != "none") {
                 actions.push(Action::parse(a).with_context(|| {
-                    format!("--second-factor: unknown action {a:?} (meter_retire, bill_rerun, read_edit, arrears_bulk_clear, none)")
+                    format!("--second-factor: unknown action {a:?} (meter_retire, bill_rerun, read_edit, arrears_bulk_clear, valve_close, valve_open, hydrant_unlock, none)")
                 })?);
             }
             let tariff_book = if tariffs.is_empty() {

@@ -43,3 +43,8 @@ pub const ARREARS_WRITE: &[Role] = &[Billing];
 pub const QUOTE: &[Role] = &[Billing, MeterOperator, MeterAdmin, MeterReader];
 /// Audit log and its verification.
 pub const AUDIT_READ: &[Role] = &[Auditor, MeterAdmin];
+/// EXT-1001 and valve control: command and permit state and history (read).
+pub const COMMANDS_READ: &[Role] = &[MeterOperator, MeterAdmin, Billing, Auditor];
+/// Issuing, cancelling and retrying commands; granting, revoking and using hydrant permits
+/// (valve open/close and hydrant unlock also need a second factor).
+pub const COMMANDS_WRITE: &[Role] = &[MeterOperator, MeterAdmin];

@@ -560,6 +560,55 @@ async fn rbac_route_by_route() {
         ),
         (Method::GET, "/api/v1/audit", None, rbac::AUDIT_READ),
         (Method::GET, "/api/v1/audit/verify", None, rbac::AUDIT_READ),
+        (
+            Method::POST,
+            "/api/v1/commands",
+            Some(json!({"id": "c", "device": "R-404", "action": "valve_close", "reason": "r"})),
+            rbac::COMMANDS_WRITE,
+        ),
+        (
+            Method::GET,
+            "/api/v1/commands/nope",
+            None,
+            rbac::COMMANDS_READ,
+        ),
+        (
+            Method::GET,
+            "/api/v1/meters/R-1/commands",
+            None,
+            rbac::COMMANDS_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/commands/nope/cancel",
+            None,
+            rbac::COMMANDS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/commands/nope/retry",
+            None,
+            rbac::COMMANDS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(json!({"id": "p", "hydrant": "H-404", "holder": "h",
+                        "valid_from": "2026-01-01T00:00:00Z", "valid_to": "2026-01-02T00:00:00Z"})),
+            rbac::COMMANDS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/hydrant-permits/nope/revoke",
+            None,
+            rbac::COMMANDS_WRITE,
+        ),
+        (
+            Method::POST,
+            "/api/v1/hydrants/H-404/unlock",
+            Some(json!({})),
+            rbac::COMMANDS_WRITE,
+        ),
     ];
     // Every documented bearer route is in the table.
     let (_, doc) = h
@@ -1911,5 +1960,513 @@ async fn a_scoped_client_pushes_only_its_organisations_meters() {
         let resp = send(other).await.unwrap();
         assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{other}");
     }
+    h.db.drop_database().await;
+}
+
+/// A registered device made ready for commands: active, with a serving gateway (and a valve).
+async fn commandable(h: &Harness, no: &str, id: &str, org: &str) {
+    register(h, no, id, org, None).await;
+    sqlx::query(
+        "UPDATE meters SET status = 'active', gateway_id = 'gw-1', has_valve = $2 WHERE meter_id = $1",
+    )
+    .bind(id)
+    .bind(!id.starts_with("hydrant:"))
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+}
+
+fn rfc(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn commands_issue_idempotently_bound_cancel_retry_and_show_history() {
+    let h = start("commands").await;
+    commandable(&h, "V-1", "cjt188:00000000000011", "org-a").await;
+    commandable(&h, "V-2", "cjt188:00000000000012", "org-a").await;
+    let op = token(&[Role::MeterOperator]);
+    let op_mfa = token_with(&[Role::MeterOperator], "*", true, 3600, AUD);
+    let close = |id: &str, dev: &str| json!({"id": id, "device": dev, "action": "valve_close", "reason": "leak at the stopcock"});
+    // Valve close is high-risk: no second factor, no command.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            Some(&op),
+            Some(close("c-1", "V-1")),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required")),
+        "{v}"
+    );
+    let (st, first) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            Some(&op_mfa),
+            Some(close("c-1", "V-1")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{first}");
+    assert_eq!(first["created"], true);
+    assert_eq!(first["command"]["state"], "queued");
+    assert_eq!(first["command"]["device"], "cjt188:00000000000011");
+    assert_eq!(first["command"]["action_type"], "valve_close");
+    assert_eq!(first["command"]["issued_by"], "api:tester");
+    // The same id again: the first command, nothing new.
+    let (st, again) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            Some(&op_mfa),
+            Some(close("c-1", "V-1")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{again}");
+    assert_eq!(again["created"], false);
+    assert_eq!(again["command"]["issued_at"], first["command"]["issued_at"]);
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM commands WHERE command_id = 'c-1'")
+        .fetch_one(&h.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    // The same id for another action is a conflict, not a second command.
+    let mut other = close("c-1", "V-1");
+    other["action"] = json!("valve_open");
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands", Some(&op_mfa), Some(other))
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    // Refusals name the field; none is a 500.
+    let bad: Vec<(Value, StatusCode, Option<&str>)> = vec![
+        (close("c-x", "NO-SUCH"), StatusCode::NOT_FOUND, None),
+        (
+            json!({"id": "c-x", "device": "V-1", "action": "explode", "reason": "r"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("action"),
+        ),
+        (
+            json!({"id": "c-x", "device": "V-1", "action": "hydrant_lock", "reason": "r"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("action"),
+        ),
+        (
+            json!({"id": "c-x", "device": "V-1", "action": {"type": "hydrant_unlock", "duration_s": 60}, "reason": "r"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("action"),
+        ),
+        (
+            json!({"id": "c-x", "device": "V-1", "action": "valve_open", "reason": "r", "priority": 12}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("priority"),
+        ),
+        (
+            json!({"id": "", "device": "V-1", "action": "valve_open", "reason": "r"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("id"),
+        ),
+        (
+            json!({"id": "c-x", "device": "V-1", "action": "valve_open", "reason": " "}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("reason"),
+        ),
+    ];
+    for (body, status, field) in bad {
+        let (st, v) = h
+            .call(
+                Method::POST,
+                "/api/v1/commands",
+                Some(&op_mfa),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!((st, v["field"].as_str()), (status, field), "{body}: {v}");
+    }
+    // The per-device bound: 20 pending (sent, so none supersedes another), the 21st refused.
+    for i in 0..20 {
+        let id = format!("b-{i}");
+        let mut body = close(&id, "V-2");
+        body["action"] = json!(if i % 2 == 0 {
+            "valve_close"
+        } else {
+            "valve_open"
+        });
+        let (st, v) = h
+            .call(Method::POST, "/api/v1/commands", Some(&op_mfa), Some(body))
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{id}: {v}");
+        sqlx::query(
+            "UPDATE commands SET state = 'sent', published_at = now() WHERE command_id = $1",
+        )
+        .bind(&id)
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    }
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            Some(&op_mfa),
+            Some(close("b-20", "V-2")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["code"], "conflict");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("20 pending") && detail.contains("b-20"),
+        "{detail}"
+    );
+    // Cancel: never published, so withdrawn at once; a second cancel is refused.
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands/c-1/cancel", Some(&op), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (v["outcome"].as_str(), v["state"].as_str()),
+        (Some("withdrawn"), Some("cancelled"))
+    );
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands/c-1/cancel", Some(&op), None)
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    // A published command is cancelled by a cancel command to its gateway.
+    let mut open = close("c-2", "V-1");
+    open["action"] = json!("valve_open");
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands", Some(&op_mfa), Some(open))
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    sqlx::query(
+        "UPDATE commands SET state = 'sent', published_at = now() WHERE command_id = 'c-2'",
+    )
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands/c-2/cancel", Some(&op), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        (
+            v["outcome"].as_str(),
+            v["cancel_command"].as_str(),
+            v["state"].as_str()
+        ),
+        (Some("requested"), Some("c-2.cancel"), Some("sent"))
+    );
+    // History: state and events, visible to the auditor.
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/commands/c-1",
+            Some(&token(&[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["state"], "cancelled");
+    let states: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["queued", "cancelled"]);
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters/V-1/commands",
+            Some(&token(&[Role::Billing])),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let ids: Vec<&str> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["c-2.cancel", "c-2", "c-1"]);
+    // Out of scope is not found.
+    let other_org = token_with(&[Role::MeterOperator], "org-b", true, 3600, AUD);
+    let (st, _) = h
+        .call(Method::GET, "/api/v1/commands/c-1", Some(&other_org), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            Some(&other_org),
+            Some(close("c-9", "V-1")),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // Retry: a cancelled command is not retried; a failed valve command is, as a new id, with
+    // a second factor.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands/c-1/retry",
+            Some(&op_mfa),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    sqlx::query("UPDATE commands SET state = 'failed' WHERE command_id = 'b-0'")
+        .execute(&h.db.pool)
+        .await
+        .unwrap();
+    let (st, v) = h
+        .call(Method::POST, "/api/v1/commands/b-0/retry", Some(&op), None)
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/commands/b-0/retry",
+            Some(&op_mfa),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["command"]["id"].as_str(), v["command"]["parent"].as_str()),
+        (Some("b-0-r"), Some("b-0"))
+    );
+    assert_eq!(v["command"]["attempt"], 1);
+    // The library audits under the API caller.
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM audit_log WHERE actor = 'api:tester' AND entity = 'command' \
+         AND action = 'command.cancel' AND entity_id = 'c-1'",
+    )
+    .fetch_one(&h.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    h.db.drop_database().await;
+}
+
+#[tokio::test]
+async fn hydrant_permits_create_unlock_inside_window_refuse_outside_and_revoke() {
+    let h = start("hydrants").await;
+    commandable(&h, "H-1", "hydrant:h1", "org-a").await;
+    commandable(&h, "H-2", "hydrant:h2", "org-a").await;
+    commandable(&h, "V-1", "cjt188:00000000000021", "org-a").await;
+    let op = token(&[Role::MeterOperator]);
+    let op_mfa = token_with(&[Role::MeterOperator], "*", true, 3600, AUD);
+    // Whole seconds: the permit is compared with its stored (microsecond) window.
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap();
+    let hour = time::Duration::hours(1);
+    let permit = |id: &str, hydrant: &str, from: time::OffsetDateTime, to: time::OffsetDateTime| {
+        json!({"id": id, "hydrant": hydrant, "holder": "Street Cleaning Co",
+               "valid_from": rfc(from), "valid_to": rfc(to), "volume_limit_m3": "12.5"})
+    };
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(&op),
+            Some(permit("p-now", "H-1", now - hour, now + 2 * hour)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["hydrant"], "hydrant:h1");
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(&op),
+            Some(permit("p-now", "H-1", now - hour, now + 2 * hour)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(&op),
+            Some(permit("p-now", "H-1", now, now + 3 * hour)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    let tomorrow = now + time::Duration::days(1);
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(&op),
+            Some(permit("p-fut", "H-2", tomorrow, tomorrow + hour)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    // Bad permits name the field.
+    for (body, field) in [
+        (permit("p-x", "H-1", now + hour, now), "valid_to"),
+        (permit("p-x", "V-1", now, now + hour), "hydrant"),
+    ] {
+        let (st, v) = h
+            .call(
+                Method::POST,
+                "/api/v1/hydrant-permits",
+                Some(&op),
+                Some(body),
+            )
+            .await;
+        assert_eq!(
+            (st, v["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some(field)),
+            "{v}"
+        );
+    }
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits",
+            Some(&op),
+            Some(permit("p-x", "H-404", now, now + hour)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    // Unlock is high-risk.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-1/unlock",
+            Some(&op),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
+    // Inside the active permit: an unlock command for the rest of the window; idempotent.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-1/unlock",
+            Some(&op_mfa),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["command"]["id"], "permit:p-now:unlock");
+    assert_eq!(v["command"]["action_type"], "hydrant_unlock");
+    assert_eq!(v["command"]["cause"]["permit"], "p-now");
+    let duration = v["command"]["action"]["duration_s"].as_u64().unwrap();
+    assert!((3600..=7200).contains(&duration), "{duration}");
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-1/unlock",
+            Some(&op_mfa),
+            Some(json!({"permit": "p-now"})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["created"].as_bool()),
+        (StatusCode::OK, Some(false)),
+        "{v}"
+    );
+    // Outside its permit's window: refused with the window in the detail.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-2/unlock",
+            Some(&op_mfa),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("outside permit p-fut's window")
+            && detail.contains(&tomorrow.date().to_string()),
+        "{detail}"
+    );
+    // Only hydrants unlock.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/V-1/unlock",
+            Some(&op_mfa),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("hydrant")),
+        "{v}"
+    );
+    // Another hydrant's permit does not unlock this one.
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-2/unlock",
+            Some(&op_mfa),
+            Some(json!({"permit": "p-now"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (n,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM commands WHERE device_id = 'hydrant:h2'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(n, 0);
+    // Revoke: once; an unlock under a revoked permit is refused.
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits/p-now/revoke",
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v["revoked_at"].is_string(), "{v}");
+    let (st, _) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrant-permits/p-now/revoke",
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, v) = h
+        .call(
+            Method::POST,
+            "/api/v1/hydrants/H-1/unlock",
+            Some(&op_mfa),
+            Some(json!({"permit": "p-now"})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CONFLICT, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("revoked"), "{v}");
+    // The command is visible in the hydrant's history.
+    let (st, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters/H-1/commands",
+            Some(&token(&[Role::Auditor])),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["items"][0]["id"], "permit:p-now:unlock");
     h.db.drop_database().await;
 }

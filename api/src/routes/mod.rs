@@ -3,6 +3,7 @@
 pub mod alarms;
 pub mod audit;
 pub mod billing;
+pub mod commands;
 pub mod health;
 pub mod meters;
 pub mod push;
