@@ -15,6 +15,7 @@ pub mod edit;
 pub mod ingest;
 pub mod journal;
 pub mod ledger;
+pub mod metrics_http;
 pub mod notify;
 pub mod registry;
 pub mod review;

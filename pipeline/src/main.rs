@@ -163,6 +163,10 @@ struct RunArgs {
     /// Seconds between metric dumps in the log (Prometheus text).
     #[arg(long, default_value_t = 60)]
     metrics_interval_s: u64,
+    /// Serve the counters as Prometheus text on `GET /metrics` at this address (e.g.
+    /// 127.0.0.1:9187); off without it.
+    #[arg(long, env = "PIPELINE_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Detector thresholds per meter class (TOML, docs/detectors.md); defaults without it.
     #[arg(long)]
     detectors: Option<std::path::PathBuf>,
@@ -438,6 +442,18 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(pipeline::ingest::IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let dump = std::sync::Arc::clone(&metrics);
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener on {addr}"))?;
+        tracing::info!(%addr, "serving /metrics");
+        let (metrics, shutdown) = (std::sync::Arc::clone(&metrics), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = pipeline::metrics_http::serve(listener, metrics, shutdown).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     let interval = std::time::Duration::from_secs(args.metrics_interval_s.max(1));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);

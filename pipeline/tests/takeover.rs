@@ -22,6 +22,7 @@ fn worker(
     root: &str,
     client_id: &str,
     log: &std::path::Path,
+    metrics_listen: Option<std::net::SocketAddr>,
 ) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_pipeline"))
         .args([
@@ -41,6 +42,7 @@ fn worker(
             "--metrics-interval-s",
             "3600",
         ])
+        .args(metrics_listen.map(|a| format!("--metrics-listen={a}")))
         .env("DATABASE_URL", &db.url)
         .env("MQTT_URL", pipeline::config::mqtt_url())
         .env("RUST_LOG", "info")
@@ -171,7 +173,13 @@ async fn a_standby_takes_over_a_killed_worker_without_loss_or_duplicates() {
     };
     let start = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(20);
 
-    let mut active = worker(&db, &root, &client_id, &logs.path().join("active.log"));
+    let mut active = worker(
+        &db,
+        &root,
+        &client_id,
+        &logs.path().join("active.log"),
+        None,
+    );
     // Round 0 until stored: the active worker is subscribed and its session exists.
     let per_round = METERS as i64;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -184,7 +192,12 @@ async fn a_standby_takes_over_a_killed_worker_without_loss_or_duplicates() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let standby_log = logs.path().join("standby.log");
-    let mut standby = worker(&db, &root, &client_id, &standby_log);
+    // The standby also serves its counters (`--metrics-listen`).
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut standby = worker(&db, &root, &client_id, &standby_log, Some(metrics_addr));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&standby_log)
         .unwrap_or_default()
@@ -250,6 +263,18 @@ async fn a_standby_takes_over_a_killed_worker_without_loss_or_duplicates() {
     );
     let log = std::fs::read_to_string(&standby_log).unwrap();
     assert!(log.contains("assignment lock taken: consuming"), "{log}");
+    let text = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let stored_by_standby: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pipeline_readings_stored_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stored counter in /metrics:\n{text}"));
+    assert!(stored_by_standby > 0, "{text}");
 
     let term = std::process::Command::new("kill")
         .args(["-TERM", &standby.id().unwrap().to_string()])
