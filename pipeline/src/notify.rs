@@ -107,6 +107,15 @@ pub trait Adapter: Send + Sync {
     fn send<'a>(&'a self, notice: &'a Notice) -> BoxFuture<'a, Result<String, String>>;
 }
 
+/// A 2xx answer is delivery (its status is the receipt); anything else a failure naming `what`.
+fn receipt(status: reqwest::StatusCode, what: &str) -> Result<String, String> {
+    if status.is_success() {
+        Ok(format!("HTTP {}", status.as_u16()))
+    } else {
+        Err(format!("{what}: HTTP {}", status.as_u16()))
+    }
+}
+
 /// POSTs the notice as JSON; `X-WM-Signature: sha256=<hex HMAC of the body>` lets the receiver
 /// check it came from us. `recipient` names an endpoint of `endpoints`.
 pub struct Webhook {
@@ -140,12 +149,7 @@ impl Adapter for Webhook {
                 .send()
                 .await
                 .map_err(|e| format!("POST {url}: {e}"))?;
-            let status = response.status();
-            if status.is_success() {
-                Ok(format!("HTTP {}", status.as_u16()))
-            } else {
-                Err(format!("POST {url}: HTTP {}", status.as_u16()))
-            }
+            receipt(response.status(), &format!("POST {url}"))
         })
     }
 }
@@ -181,12 +185,7 @@ impl Adapter for SmsGateway {
                 .send()
                 .await
                 .map_err(|e| format!("SMS gateway: {e}"))?;
-            let status = response.status();
-            if status.is_success() {
-                Ok(format!("HTTP {}", status.as_u16()))
-            } else {
-                Err(format!("SMS gateway: HTTP {}", status.as_u16()))
-            }
+            receipt(response.status(), "SMS gateway")
         })
     }
 }

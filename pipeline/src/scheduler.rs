@@ -280,7 +280,8 @@ impl Scheduler {
             // A job's history starts when a scheduler first saw it: no back-fill from the epoch.
             sqlx::query(
                 "INSERT INTO scheduled_jobs (job, schedule, first_seen) VALUES ($1, $2, $3)
-                 ON CONFLICT (job) DO UPDATE SET schedule = excluded.schedule",
+                 ON CONFLICT (job) DO UPDATE SET schedule = excluded.schedule
+                 WHERE scheduled_jobs.schedule IS DISTINCT FROM excluded.schedule",
             )
             .bind(&job.name)
             .bind(format!("{:?}", job.schedule))
@@ -307,9 +308,9 @@ impl Scheduler {
             .fetch_all(&self.pool)
             .await
             .map_err(db("finding unfinished runs"))?;
-            let after = last_due
-                .unwrap_or(first_seen)
-                .max(first_seen - Duration::seconds(1));
+            // `job_runs` refers to `scheduled_jobs`, so a job's runs are never older than its first
+            // sighting: history starts there.
+            let after = last_due.unwrap_or(first_seen);
             let fresh = match job.catch_up {
                 CatchUp::All => job
                     .schedule
