@@ -315,6 +315,21 @@ impl JwtVerifier {
         principal_of(claims)
     }
 
+    /// Signs a token for a person who logged in (`POST /api/v1/auth/login`): HS256 with the
+    /// configured secret, like `api dev-token`, with this verifier's issuer and audience.
+    ///
+    /// # Errors
+    /// [`ApiError::Unavailable`] when no HS256 secret is configured (RS256-only deployments take
+    /// their tokens from the identity provider).
+    pub fn issue(&self, mut claims: Claims) -> Result<String, ApiError> {
+        let secret = self.config.hs256_secret.as_deref().ok_or_else(|| {
+            ApiError::Unavailable("logins need API_JWT_SECRET (HS256) on this node".into())
+        })?;
+        claims.iss.clone_from(&self.config.issuer);
+        claims.aud.clone_from(&self.config.audience);
+        sign_hs256(secret, &claims).map_err(|e| ApiError::Internal(format!("signing: {e}")))
+    }
+
     async fn jwks_key(&self, kid: &str) -> Result<Arc<DecodingKey>, ApiError> {
         if let Some(k) = self.jwks.read().await.keys.get(kid) {
             return Ok(Arc::clone(k));

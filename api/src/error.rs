@@ -45,6 +45,9 @@ pub enum ApiError {
     /// The body or batch is larger than allowed (413).
     #[error("{0}")]
     TooLarge(String),
+    /// Too many failed attempts; try again later (429).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A dependency (database, broker, tariff) is not available (503).
     #[error("{0}")]
     Unavailable(String),
@@ -105,6 +108,7 @@ impl ApiError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -121,6 +125,7 @@ impl ApiError {
             Self::NotFound(_) => "not_found",
             Self::Conflict(_) => "conflict",
             Self::TooLarge(_) => "too_large",
+            Self::TooManyRequests(_) => "too_many_requests",
             Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }

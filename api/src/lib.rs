@@ -21,6 +21,8 @@ pub mod publish;
 pub mod rbac;
 pub mod routes;
 pub mod signing;
+pub mod ui;
+pub mod users;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -134,6 +136,7 @@ pub fn app(state: AppState) -> Router {
     let max_body = state.config.max_body_bytes;
     router
         .merge(SwaggerUi::new("/api/v1/docs").url("/api/v1/openapi.json", openapi))
+        .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -152,6 +155,7 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::billing::router())
         .merge(routes::commands::router())
         .merge(routes::audit::router())
+        .merge(routes::dashboard_routers())
 }
 
 /// The OpenAPI document as JSON.

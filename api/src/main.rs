@@ -132,6 +132,34 @@ enum Command {
         )]
         database_url: String,
     },
+    /// Create a dashboard user (or reset its password, role, scope and second factor).
+    UserAdd {
+        /// Login name.
+        #[arg(long)]
+        username: String,
+        /// Password (at least 8 characters; only its argon2id hash is stored).
+        #[arg(long, env = "API_USER_PASSWORD")]
+        password: String,
+        /// Role: meter_operator, meter_admin, meter_reader, billing, auditor, integration.
+        #[arg(long)]
+        role: String,
+        /// Organisation, or * for all.
+        #[arg(long, default_value = "*")]
+        org: String,
+        /// Areas (repeatable; none: every area of the organisation).
+        #[arg(long = "area")]
+        areas: Vec<String>,
+        /// RFC 6238 TOTP secret, base32: logins with its current code get amr [pwd, otp].
+        #[arg(long)]
+        totp_secret: Option<String>,
+        /// PostgreSQL URL.
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/wm"
+        )]
+        database_url: String,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Print signed IF-METER-004 requests for a load run (`scripts/api-load.sh`): one line
@@ -330,6 +358,37 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to {database_url}"))?;
             api::signing::upsert_client(&pool, &id, &secret, org.as_deref()).await?;
             println!("client {id} registered");
+        }
+        Command::UserAdd {
+            username,
+            password,
+            role,
+            org,
+            areas,
+            totp_secret,
+            database_url,
+        } => {
+            let role = Role::parse(&role).with_context(|| {
+                format!("unknown role {role:?}: one of meter_operator, meter_admin, meter_reader, billing, auditor, integration")
+            })?;
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&database_url)
+                .await
+                .with_context(|| format!("connecting to {database_url}"))?;
+            api::users::upsert_user(
+                &pool,
+                &api::users::NewUser {
+                    username: username.clone(),
+                    password,
+                    role,
+                    org,
+                    areas,
+                    totp_secret,
+                },
+            )
+            .await?;
+            println!("user {username} saved ({})", role.as_str());
         }
         Command::Openapi => println!("{}", api::openapi_json()),
         Command::LoadRequests {

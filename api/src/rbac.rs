@@ -48,3 +48,6 @@ pub const COMMANDS_READ: &[Role] = &[MeterOperator, MeterAdmin, Billing, Auditor
 /// Issuing, cancelling and retrying commands; granting, revoking and using hydrant permits
 /// (valve open/close and hydrant unlock also need a second factor).
 pub const COMMANDS_WRITE: &[Role] = &[MeterOperator, MeterAdmin];
+/// Dashboard reads (issue 23): fleet summary, gateways, DMA balance, the live event stream
+/// (which passes each kind of event only to the roles that may read it).
+pub const DASHBOARD_READ: &[Role] = &[MeterOperator, MeterAdmin, MeterReader, Billing, Auditor];

@@ -4,7 +4,10 @@ pub mod alarms;
 pub mod audit;
 pub mod billing;
 pub mod commands;
+pub mod dash;
+pub mod events;
 pub mod health;
+pub mod login;
 pub mod meters;
 pub mod push;
 pub mod readings;
@@ -15,6 +18,14 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::Scope;
 use crate::error::ApiError;
+
+/// The dashboard's routes (issue 23): login, its read endpoints and the live event stream.
+pub(crate) fn dashboard_routers() -> utoipa_axum::router::OpenApiRouter<crate::AppState> {
+    utoipa_axum::router::OpenApiRouter::new()
+        .merge(login::router())
+        .merge(dash::router())
+        .merge(events::router())
+}
 
 /// The data-scope condition on a `meters m` row, with the organisation bound to `$org` and
 /// the areas to `$areas` (placeholders given by the caller).

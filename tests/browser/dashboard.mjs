@@ -1,0 +1,175 @@
+// The dashboard in a real browser: Debian's headless Chromium driven by playwright-core,
+// against the stack that scripts/browser-test.sh started. Env: BASE (the API's URL), SHOTS
+// (screenshot folder), OP_PASS / AUDITOR_PASS / BILLING_PASS, METER (a meter with reads),
+// CHROMIUM (default /usr/bin/chromium). Ends with "N passed, N failed".
+import assert from 'node:assert/strict';
+import { mkdirSync } from 'node:fs';
+import { chromium } from 'playwright-core';
+
+const BASE = process.env.BASE;
+const SHOTS = process.env.SHOTS || 'docs/screenshots';
+const METER = process.env.METER;
+mkdirSync(SHOTS, { recursive: true });
+
+const results = [];
+async function check(name, fn) {
+  const t0 = Date.now();
+  try {
+    await fn();
+    results.push([name, true]);
+    console.log(`ok   ${name} (${Date.now() - t0} ms)`);
+  } catch (e) {
+    results.push([name, false]);
+    console.log(`FAIL ${name}: ${e && e.stack ? e.stack : e}`);
+  }
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'],
+});
+const context = await browser.newContext({ viewport: { width: 1360, height: 900 }, locale: 'zh-CN', timezoneId: 'Asia/Shanghai' });
+const page = await context.newPage();
+const consoleErrors = [];
+page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()); });
+page.on('pageerror', (e) => consoleErrors.push(String(e)));
+
+async function login(user, pass) {
+  await page.goto(`${BASE}/`);
+  if (await page.locator('#logout').isVisible()) await page.click('#logout');
+  await page.fill('#login input[name=username]', user);
+  await page.fill('#login input[name=password]', pass);
+  await page.click('#login button[type=submit]');
+  await page.waitForSelector('#nav:not([hidden])');
+}
+
+async function open(hash) {
+  await page.evaluate((h) => { location.hash = h; }, hash);
+  const name = hash.replace(/^#\/?/, '').split(/[/?]/)[0];
+  await page.waitForSelector(`#page[data-page="${name}"][data-ready="true"]`, { timeout: 20000 });
+  await page.waitForTimeout(300); // let uPlot finish its first draw
+}
+
+const shot = (name) => page.screenshot({ path: `${SHOTS}/${name}.png`, fullPage: true });
+
+await check('a wrong password is refused with a message', async () => {
+  await page.goto(`${BASE}/`);
+  await page.fill('#login input[name=username]', 'operator');
+  await page.fill('#login input[name=password]', 'wrong-password');
+  await page.click('#login button[type=submit]');
+  await page.waitForFunction(() => document.getElementById('login-error').textContent.length > 0);
+  await shot('login');
+});
+
+await check('the operator logs in and the fleet page shows non-zero counts', async () => {
+  await login('operator', process.env.OP_PASS);
+  await open('#/fleet');
+  const meters = Number(await page.getAttribute('#kpi-meters .v', 'data-value'));
+  assert.ok(meters > 0, `meters ${meters}`);
+  const heard = Number(await page.getAttribute('#kpi-ok .v', 'data-value'));
+  assert.ok(heard > 0, `meters heard ${heard}`);
+  const online = Number(await page.getAttribute('#kpi-gw-online .v', 'data-value'));
+  assert.ok(online > 0, `gateways online ${online}`);
+  const bars = await page.evaluate(() => window.wmCharts.lastSeen.data[1].reduce((a, b) => a + b, 0));
+  assert.equal(bars, meters, 'the last-seen chart counts every meter');
+  assert.equal(await page.textContent('header h1'), '水表管理平台', 'Chinese labels by default');
+  await page.waitForSelector('#live.on', { timeout: 10000 });
+  await shot('fleet');
+});
+
+await check('the meter chart has drawn data points, estimated and rejected reads marked', async () => {
+  await open(`#/meter/${encodeURIComponent(METER)}`);
+  const c = await page.evaluate(() => {
+    const u = window.wmCharts.consumption;
+    const r = window.wmCharts.register;
+    const n = (arr) => arr.filter((v) => v !== null && v !== undefined).length;
+    return { x: u.data[0].length, cons: n(u.data[1]), est: n(u.data[2]), reg: n(r.data[1]), regEst: n(r.data[2]), rej: n(r.data[3]), w: u.width };
+  });
+  assert.ok(c.cons >= 24, `consumption points ${JSON.stringify(c)}`);
+  assert.ok(c.reg >= 24, `register points ${JSON.stringify(c)}`);
+  assert.ok(c.w > 300, 'chart has a size');
+  console.log(`     meter ${METER}: ${c.cons} hourly buckets, ${c.est} estimated; ${c.reg} register reads, ${c.regEst} estimated, ${c.rej} rejected`);
+  await shot('meter');
+});
+
+await check('an alarm is acknowledged and its state changes', async () => {
+  await open('#/alarms?state=open');
+  const row = page.locator('tr[data-state="open"]').filter({ has: page.locator('button.ack') }).first();
+  const id = await row.getAttribute('data-alarm-id');
+  assert.ok(id, 'an open alarm is listed');
+  await row.locator('button.ack').click();
+  // The list is reloaded after the action and again on the live event.
+  await page.waitForSelector(`tr[data-alarm-id="${id}"][data-state="acknowledged"]`, { state: 'attached', timeout: 10000 }).catch(async () => {
+    await open('#/alarms');
+    await page.waitForSelector(`tr[data-alarm-id="${id}"][data-state="acknowledged"]`, { timeout: 10000 });
+  });
+  await open('#/alarms');
+  assert.equal(await page.getAttribute(`tr[data-alarm-id="${id}"]`, 'data-state'), 'acknowledged');
+  await shot('alarms');
+});
+
+await check('DMA balance charts have inflow and loss share', async () => {
+  await open('#/dma');
+  const d = await page.evaluate(() => Object.entries(window.wmCharts).filter(([k]) => k.startsWith('dma:'))
+    .map(([k, u]) => [k, u.data[1].filter((v) => v > 0).length, u.data[4].filter((v) => v !== null).length]));
+  assert.ok(d.length >= 1, 'a DMA chart');
+  assert.ok(d.every(([, inflow]) => inflow >= 1), JSON.stringify(d));
+  await shot('dma');
+});
+
+await check('hydrants: plan drawn, the operator has unlock buttons', async () => {
+  await open('#/hydrants');
+  const pts = await page.evaluate(() => window.wmCharts.plan.data[0].length);
+  assert.equal(pts, 5);
+  assert.ok((await page.locator('button.unlock').count()) > 0, 'unlock buttons for the operator');
+  await shot('hydrants');
+});
+
+await check('command history lists commands with their states', async () => {
+  await open('#/commands');
+  assert.ok((await page.locator('tr[data-command]').count()) > 0);
+  await shot('commands');
+});
+
+await check('English labels on switch', async () => {
+  await open('#/fleet');
+  await page.click('#lang');
+  await page.waitForFunction(() => document.querySelector('header h1').textContent === 'Water meter platform');
+  await open('#/fleet');
+  await shot('fleet-en');
+  await page.click('#lang');
+});
+
+await check('a read-only role sees no unlock or acknowledge button', async () => {
+  await login('auditor', process.env.AUDITOR_PASS);
+  await open('#/hydrants');
+  assert.ok((await page.locator('tr[data-hydrant]').count()) === 5, 'the auditor sees the hydrants');
+  assert.equal(await page.locator('button.unlock').count(), 0);
+  assert.equal(await page.locator('button.lock').count(), 0);
+  await open('#/alarms');
+  assert.ok((await page.locator('tr[data-alarm-id]').count()) > 0);
+  assert.equal(await page.locator('button.ack').count(), 0);
+  assert.equal(await page.locator('button.close').count(), 0);
+});
+
+await check('bill runs with progress (billing role)', async () => {
+  await login('billing', process.env.BILLING_PASS);
+  await open('#/bills');
+  assert.ok((await page.locator('tr[data-run]').count()) > 0);
+  const p = await page.getAttribute('tr[data-run] progress', 'value');
+  assert.ok(Number(p) > 0, `progress ${p}`);
+  assert.equal(await page.locator('#nav a[data-page="hydrants"]').isVisible(), true);
+  await shot('bills');
+});
+
+await check('no script errors in the console', async () => {
+  const real = consoleErrors.filter((e) => !/401|Unauthorized|Failed to load resource/.test(e));
+  assert.deepEqual(real, []);
+});
+
+await browser.close();
+const passed = results.filter((r) => r[1]).length;
+const failed = results.length - passed;
+console.log(`${passed} passed, ${failed} failed`);
+process.exit(failed ? 1 : 0);
