@@ -134,7 +134,7 @@ impl Harness {
     }
 
     async fn sql(&self, q: &str) {
-        sqlx::query(q)
+        sqlx::raw_sql(q)
             .execute(&self.db.pool)
             .await
             .unwrap_or_else(|e| panic!("{q}: {e}"));

@@ -99,7 +99,7 @@ async fn events(
         if !f.started {
             f.started = true;
             let ev = Event::default().event("ready").data("{}");
-            return Some((Ok(ev), f));
+            return Some((Ok::<Event, Infallible>(ev), f));
         }
         loop {
             let next = tokio::select! {
