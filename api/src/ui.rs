@@ -76,7 +76,10 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/", get(|| async { Redirect::to("/ui/") }))
         .route("/ui", get(|| async { Redirect::to("/ui/") }))
         .route("/ui/", get(|| async { serve("index.html") }))
-        .route("/ui/{*path}", get(|Path(p): Path<String>| async move { serve(&p) }))
+        .route(
+            "/ui/{*path}",
+            get(|Path(p): Path<String>| async move { serve(&p) }),
+        )
 }
 
 fn serve(name: &str) -> Response {
@@ -95,7 +98,10 @@ fn serve(name: &str) -> Response {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     // The files change only with the binary; revalidate so an upgrade is picked up.
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     r
@@ -109,7 +115,12 @@ mod tests {
     fn every_file_is_embedded_with_its_type() {
         assert!(file("index.html").unwrap().0.starts_with("text/html"));
         assert!(file("app.js").unwrap().0.starts_with("text/javascript"));
-        assert!(file("vendor/uPlot.min.css").unwrap().0.starts_with("text/css"));
+        assert!(
+            file("vendor/uPlot.min.css")
+                .unwrap()
+                .0
+                .starts_with("text/css")
+        );
         assert!(file("vendor/uPlot.iife.min.js").unwrap().1.len() > 10_000);
         assert!(file("../Cargo.toml").is_none());
     }

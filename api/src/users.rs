@@ -2,8 +2,8 @@
 //! hashes, an optional RFC 6238 TOTP second factor, and the failed-login bookkeeping that
 //! rate-limits guessing across API nodes.
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use hmac::{Hmac, Mac};
 use sqlx::PgPool;
 
@@ -170,8 +170,7 @@ pub fn totp_matches(secret: &[u8], code: &str, now: i64) -> bool {
 pub async fn upsert_user(pool: &PgPool, u: &NewUser) -> Result<(), UserError> {
     let name_ok = !u.username.is_empty()
         && u.username.len() <= 64
-        && u
-            .username
+        && u.username
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._@-".contains(&b));
     if !name_ok {

@@ -29,8 +29,7 @@ struct Harness {
 
 async fn start() -> Harness {
     let db = TestDatabase::create().await;
-    let (host, port) =
-        pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
+    let (host, port) = pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
     let publisher = Publisher::start(PublisherConfig {
         host,
         port,
@@ -404,7 +403,14 @@ async fn dashboard_reads_summarise_known_rows_within_the_callers_scope() {
     assert_eq!(g[0]["uplink_lag_s"], 1.5);
     assert_eq!(g[0]["meters"], 5);
     assert_eq!(g[1]["online"], false);
-    assert_eq!(h.get("/api/v1/gateways", &scoped).await.as_array().unwrap().len(), 1);
+    assert_eq!(
+        h.get("/api/v1/gateways", &scoped)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 
     let b = h.get("/api/v1/dma/balance?days=7", &op).await;
     assert_eq!(b[0]["dma"], "DMA-1");
@@ -413,14 +419,20 @@ async fn dashboard_reads_summarise_known_rows_within_the_callers_scope() {
     assert_eq!(day["inflow"], 10.0);
     assert_eq!(day["metered"], 6.0);
     assert_eq!(day["estimated"], 1.0);
-    assert!((day["loss_share"].as_f64().unwrap() - 0.3).abs() < 1e-9, "{day}");
+    assert!(
+        (day["loss_share"].as_f64().unwrap() - 0.3).abs() < 1e-9,
+        "{day}"
+    );
     assert_eq!(day["coverage"], 1.0);
     assert_eq!(b[1]["dma"], "DMA-2");
     assert_eq!(b[1]["days"], json!([]));
     let (st, v) = h
         .call(Method::GET, "/api/v1/dma/balance?days=0", Some(&op), None)
         .await;
-    assert_eq!((st, v["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("days")));
+    assert_eq!(
+        (st, v["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("days"))
+    );
 
     let hy = h.get("/api/v1/hydrants", &op).await;
     assert_eq!(hy.as_array().unwrap().len(), 1);
@@ -450,7 +462,10 @@ async fn dashboard_reads_summarise_known_rows_within_the_callers_scope() {
     let run = &r["items"][0];
     assert_eq!(run["book"], "B1");
     assert_eq!(run["book_meters"], 3);
-    assert!((run["progress"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9, "{run}");
+    assert!(
+        (run["progress"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9,
+        "{run}"
+    );
     assert_eq!(run["finished_at"], Value::Null);
     h.sql("UPDATE bill_runs SET finished_at = now()").await;
     let r = h.get("/api/v1/bill-runs", &token(Role::Billing, "*")).await;
@@ -544,11 +559,18 @@ async fn the_event_stream_carries_alarm_and_command_changes_to_the_roles_that_ma
 
     let got = sse_events(ops, 5, DEADLINE).await;
     let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["ready", "alarm", "alarm", "command", "gateway"], "{got:?}");
+    assert_eq!(
+        names,
+        ["ready", "alarm", "alarm", "command", "gateway"],
+        "{got:?}"
+    );
     assert_eq!(got[1].1["id"], id.to_string());
     assert_eq!(got[1].1["state"], "open");
     assert_eq!(got[2].1["state"], "acknowledged");
-    assert_eq!(got[3].1, json!({"kind": "command", "id": "c-3", "meter": "mbus:4", "state": "sent"}));
+    assert_eq!(
+        got[3].1,
+        json!({"kind": "command", "id": "c-3", "meter": "mbus:4", "state": "sent"})
+    );
     assert_eq!(got[4].1["id"], "gw-1");
     // Billing may not read alarms: it sees the command and the gateway only.
     let got = sse_events(billing, 3, DEADLINE).await;
@@ -570,7 +592,10 @@ async fn the_event_stream_carries_alarm_and_command_changes_to_the_roles_that_ma
     let (st, v) = h
         .call(Method::GET, "/api/v1/events?max_s=99999", Some(&op), None)
         .await;
-    assert_eq!((st, v["field"].clone()), (StatusCode::UNPROCESSABLE_ENTITY, json!("max_s")));
+    assert_eq!(
+        (st, v["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("max_s"))
+    );
     h.db.drop_database().await;
 }
 
@@ -581,20 +606,48 @@ async fn the_pages_are_served_with_their_types_and_a_content_security_policy() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(r.headers()["location"], "/ui/");
     for (path, ctype, needle) in [
-        ("/ui/", "text/html; charset=utf-8", "<script type=\"module\" src=\"/ui/app.js\">"),
-        ("/ui/app.js", "text/javascript; charset=utf-8", "followEvents"),
-        ("/ui/vendor/uPlot.iife.min.js", "text/javascript; charset=utf-8", "uPlot"),
-        ("/ui/vendor/uPlot.min.css", "text/css; charset=utf-8", ".uplot"),
+        (
+            "/ui/",
+            "text/html; charset=utf-8",
+            "<script type=\"module\" src=\"/ui/app.js\">",
+        ),
+        (
+            "/ui/app.js",
+            "text/javascript; charset=utf-8",
+            "followEvents",
+        ),
+        (
+            "/ui/vendor/uPlot.iife.min.js",
+            "text/javascript; charset=utf-8",
+            "uPlot",
+        ),
+        (
+            "/ui/vendor/uPlot.min.css",
+            "text/css; charset=utf-8",
+            ".uplot",
+        ),
     ] {
-        let r = h.http.get(format!("{}{path}", h.base)).send().await.unwrap();
+        let r = h
+            .http
+            .get(format!("{}{path}", h.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
         assert_eq!(r.headers()["content-type"], ctype, "{path}");
-        assert_eq!(r.headers()["content-security-policy"], api::ui::CSP, "{path}");
+        assert_eq!(
+            r.headers()["content-security-policy"],
+            api::ui::CSP,
+            "{path}"
+        );
         assert!(r.text().await.unwrap().contains(needle), "{path}");
     }
     let (st, v) = h.call(Method::GET, "/ui/../Cargo.toml", None, None).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
     let (st, v) = h.call(Method::GET, "/ui/nope.js", None, None).await;
-    assert_eq!((st, v["code"].clone()), (StatusCode::NOT_FOUND, json!("not_found")));
+    assert_eq!(
+        (st, v["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("not_found"))
+    );
     h.db.drop_database().await;
 }

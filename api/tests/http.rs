@@ -617,7 +617,12 @@ async fn rbac_route_by_route() {
             rbac::DASHBOARD_READ,
         ),
         (Method::GET, "/api/v1/gateways", None, rbac::DASHBOARD_READ),
-        (Method::GET, "/api/v1/dma/balance", None, rbac::DASHBOARD_READ),
+        (
+            Method::GET,
+            "/api/v1/dma/balance",
+            None,
+            rbac::DASHBOARD_READ,
+        ),
         (Method::GET, "/api/v1/hydrants", None, rbac::COMMANDS_READ),
         (Method::GET, "/api/v1/commands", None, rbac::COMMANDS_READ),
         (Method::GET, "/api/v1/bill-runs", None, rbac::BILLS_READ),
@@ -639,7 +644,9 @@ async fn rbac_route_by_route() {
         .unwrap()
         .iter()
         .filter(|(p, _)| {
-            p.starts_with("/api/v1/") && p.as_str() != "/api/v1/push" && p.as_str() != "/api/v1/auth/login"
+            p.starts_with("/api/v1/")
+                && p.as_str() != "/api/v1/push"
+                && p.as_str() != "/api/v1/auth/login"
         })
         .map(|(_, item)| item.as_object().unwrap().len())
         .sum();

@@ -29,7 +29,7 @@ const LABELS = {
     started_at: '开始', finished_at: '结束', live: '实时', disconnected: '未连接',
     forbidden: '无权限', done: '完成', failed: '失败', role: '角色', customer_meters: '用户水表',
     alarm: '告警', sent: '已发送', queued: '排队', delivered: '已送达', confirmed: '已确认执行',
-    expired: '已过期', cancelled: '已取消',
+    expired: '已过期', cancelled: '已取消', permit_active: '生效中',
   },
   en: {
     title: 'Water meter platform', login: 'Log in', logout: 'Log out', username: 'Username',
@@ -60,7 +60,7 @@ const LABELS = {
     finished_at: 'Finished', live: 'live', disconnected: 'offline', forbidden: 'not allowed for your role',
     done: 'done', failed: 'failed', role: 'Role', customer_meters: 'customer meters', alarm: 'Alarm',
     sent: 'sent', queued: 'queued', delivered: 'delivered', confirmed: 'confirmed', expired: 'expired',
-    cancelled: 'cancelled',
+    cancelled: 'cancelled', permit_active: 'in force',
   },
 };
 

@@ -25,7 +25,7 @@ export function h(tag, attrs = {}, ...kids) {
 }
 
 const card = (title, ...kids) => h('div', { class: 'card' }, h('h3', {}, title), ...kids);
-const badge = (s) => h('span', { class: `badge ${s}` }, t(s));
+const badge = (s, label) => h('span', { class: `badge ${s}` }, t(label || s));
 const fmtTime = (s) => (s ? new Date(s).toLocaleString() : '');
 const num = (v, d = 2) => (v === null || v === undefined ? '' : Number(v).toFixed(d));
 
@@ -188,6 +188,7 @@ async function meter(root, params, arg) {
   }, [xs, rows.map((r) => Number(r.value)), rows.map((r) => (r.quality === 'estimated' ? Number(r.value) : null))]);
   const reads = raw.items.slice().sort((a, b) => a.ts.localeCompare(b.ts));
   makeChart('register', regEl, {
+    axes: [{}, { size: 70 }],
     series: [{},
       { label: t('validated'), stroke: '#1e7a43', spanGaps: true, points: { show: true, size: 4 } },
       { label: t('estimated'), stroke: '#d97706', paths: () => null, points: { show: true, size: 8, fill: '#d97706' } },
@@ -218,7 +219,8 @@ async function dma(root) {
   for (const d of list) {
     const el = h('div', { class: 'chart' });
     root.append(card(`${d.dma} · ${d.customer_meters} ${t('customer_meters')}`, el));
-    const xs = d.days.map((x) => Date.parse(`${x.day}T00:00:00Z`) / 1000);
+    // A rollup day is a local day: place it at local midnight.
+    const xs = d.days.map((x) => { const [y, m, dd] = x.day.split('-').map(Number); return new Date(y, m - 1, dd).getTime() / 1000; });
     makeChart(`dma:${d.dma}`, el, {
       scales: { pct: { range: [0, 100] } },
       axes: [{}, { label: 'm³' }, { side: 1, scale: 'pct', label: '%', grid: { show: false } }],
@@ -274,11 +276,11 @@ async function hydrants(root) {
       { label: t('open_alarms'), num: true }, { label: t('permits') }, { label: '' }],
     list.map((x) => h('tr', { dataset: { hydrant: x.meter_id } },
       h('td', {}, x.meter_no || x.meter_id, h('div', { class: 'muted' }, x.address || '')),
-      h('td', {}, x.outlet ? badge(x.outlet === 'open' ? 'open' : 'closed') : '–'),
+      h('td', {}, x.outlet ? (x.outlet === 'open' ? badge('open', 'unlocked_state') : badge('closed', 'locked_state')) : '–'),
       h('td', { class: 'num' }, x.pressure_bar === null ? '–' : num(x.pressure_bar, 2)),
       h('td', {}, fmtTime(x.reported_at)),
       h('td', { class: 'num' }, x.open_alarms),
-      h('td', {}, x.permits.map((p) => h('div', {}, `${p.permit_id} · ${p.holder} · ${fmtTime(p.valid_from)}–${fmtTime(p.valid_to)} `, p.active ? badge('active') : ''))),
+      h('td', {}, x.permits.map((p) => h('div', {}, `${p.permit_id} · ${p.holder} · ${fmtTime(p.valid_from)}–${fmtTime(p.valid_to)} `, p.active ? badge('ok', 'permit_active') : ''))),
       h('td', {},
         writable ? h('button', { class: 'btn small unlock', disabled: !mfa, title: mfa ? undefined : t('needs_otp'), onclick: () => unlock(x) }, t('unlock')) : null,
         ' ',

@@ -44,10 +44,10 @@ export function meters() {
 }
 
 function registryCsv() {
-  const head = 'meter_no,meter_id,protocol,status,org,area,latitude,longitude,address,role,dma,meter_book,customer_class,gateway_id,installed_at';
+  const head = 'meter_no,meter_id,protocol,status,org,area,latitude,longitude,address,role,dma,meter_book,customer_class,gateway_id,q3,installed_at';
   const since = new Date(Date.now() - 30 * 86400e3).toISOString().replace(/\.\d+Z$/, 'Z');
   const rows = meters().map((m) => [m.meter_no, m.meter_id, m.protocol, 'active', 'nanan', m.area, m.lat, m.lon,
-    `"${m.address}"`, m.role, m.dma, m.book, m.role === 'customer' ? 'residential' : '', m.gw, since].join(','));
+    `"${m.address}"`, m.role, m.dma, m.book, m.role === 'customer' ? 'residential' : '', m.gw, m.role === 'inlet' ? '40' : '', since].join(','));
   return [head, ...rows].join('\n') + '\n';
 }
 
@@ -79,7 +79,7 @@ function reads() {
       if (i === 1 && hI >= 40 && hI < 46) continue; // a gap: VEE estimates it
       let value = v;
       if (i === 5 && hI === 60) value = v - 0.08; // a decrease: rejected, reverse flow
-      if (i === 9 && hI === 50) value = v + 40; // an impossible jump: rejected
+      if (i === 1 && hI === 56) value = v + 40; // an impossible jump: rejected
       list.push({ meter: m.meter_id, ts: new Date(ts).toISOString(), value: value.toFixed(3), unit: 'm3' });
     }
     if (m.protocol === 'cjt188') {

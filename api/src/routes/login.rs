@@ -114,9 +114,10 @@ async fn login(
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     // The password is checked even for an unknown name, against a hash nobody's password
     // matches, so both cost one argon2 verification.
-    let hash = user
-        .as_ref()
-        .map_or_else(|| users::dummy_hash().to_owned(), |u| u.password_hash.clone());
+    let hash = user.as_ref().map_or_else(
+        || users::dummy_hash().to_owned(),
+        |u| u.password_hash.clone(),
+    );
     let password = req.password.clone();
     let password_ok = tokio::task::spawn_blocking(move || users::verify_password(&password, &hash))
         .await
@@ -156,7 +157,14 @@ async fn login(
                 .execute(&mut *tx)
                 .await
                 .map_err(ApiError::db("recording a login"))?;
-            audit(&mut tx, &u.username, "auth.login", &addr, serde_json::json!(amr)).await?;
+            audit(
+                &mut tx,
+                &u.username,
+                "auth.login",
+                &addr,
+                serde_json::json!(amr),
+            )
+            .await?;
             tx.commit().await.map_err(ApiError::db("committing"))?;
             return Ok(axum::Json(LoginResponse {
                 token,
@@ -174,26 +182,26 @@ async fn login(
     };
     // The reason is kept for the audit row and the log, never sent to the caller.
     let mut tx = s.pool.begin().await.map_err(ApiError::db("beginning"))?;
-            sqlx::query("INSERT INTO login_failures (username, peer, reason) VALUES ($1, $2, $3)")
-                .bind(&req.username)
-                .bind(&addr)
-                .bind(reason)
-                .execute(&mut *tx)
-                .await
-                .map_err(ApiError::db("counting a failed login"))?;
-            audit(
-                &mut tx,
-                &req.username,
-                "auth.login_failed",
-                &addr,
-                serde_json::json!(reason),
-            )
-            .await?;
-            tx.commit().await.map_err(ApiError::db("committing"))?;
-            s.metrics
-                .auth_failure(&req.username, &addr, "bad_credentials");
-            tracing::info!(user = %req.username, peer = %addr, reason, "login refused");
-            Err(refused())
+    sqlx::query("INSERT INTO login_failures (username, peer, reason) VALUES ($1, $2, $3)")
+        .bind(&req.username)
+        .bind(&addr)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await
+        .map_err(ApiError::db("counting a failed login"))?;
+    audit(
+        &mut tx,
+        &req.username,
+        "auth.login_failed",
+        &addr,
+        serde_json::json!(reason),
+    )
+    .await?;
+    tx.commit().await.map_err(ApiError::db("committing"))?;
+    s.metrics
+        .auth_failure(&req.username, &addr, "bad_credentials");
+    tracing::info!(user = %req.username, peer = %addr, reason, "login refused");
+    Err(refused())
 }
 
 async fn audit(
@@ -203,7 +211,11 @@ async fn audit(
     peer: &str,
     what: serde_json::Value,
 ) -> Result<(), ApiError> {
-    let key = if action == "auth.login" { "amr" } else { "reason" };
+    let key = if action == "auth.login" {
+        "amr"
+    } else {
+        "reason"
+    };
     sqlx::query(
         "INSERT INTO audit_log (actor, action, entity, entity_id, detail) \
          VALUES ($1, $2, 'user', $3, $4)",
