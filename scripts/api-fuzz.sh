@@ -4,6 +4,8 @@
 # (CI form); pass a larger example count for a longer run.
 # Needs: API_JWT_SECRET (the server's), DATABASE_URL; `pip install schemathesis` (a venv
 # under /tmp is created when the command is missing).
+# The live event stream (GET /api/v1/events) is left out: it stays open for max_s seconds by
+# design (up to an hour), longer than the request timeout; api/tests/dashboard.rs tests it.
 # Usage: scripts/api-fuzz.sh [max_examples]
 set -euo pipefail
 examples=${1:-10}
@@ -22,4 +24,5 @@ token=$("$api" dev-token --sub fuzz --org '*' --mfa \
   --checks not_a_server_error \
   -H "Authorization: Bearer $token" \
   --max-examples "$examples" --workers 1 --request-timeout 30 \
-  --phases examples,fuzzing
+  --phases examples,fuzzing \
+  --exclude-path /api/v1/events

@@ -210,6 +210,12 @@ async fn login_issues_tokens_counts_failures_and_checks_the_second_factor() {
         assert_eq!(v["code"], "bad_credentials");
     }
     assert_eq!(wrong["detail"], unknown["detail"]);
+    // A name no user can have (NUL) is a field error, not a database error.
+    let (st, v) = h.login("op\u{0}", "pw-op-0123", None).await;
+    assert_eq!(
+        (st, v["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("username"))
+    );
 
     // TOTP: the current code gives amr otp, which passes the second-factor rule (the unlock of
     // an unknown hydrant then answers 404, not 403).
@@ -455,6 +461,13 @@ async fn dashboard_reads_summarise_known_rows_within_the_callers_scope() {
     assert_eq!(c["items"][0]["id"], "c-1");
     assert_eq!(c["items"][0]["action_type"], "valve_close");
     assert_eq!(c["items"].as_array().unwrap().len(), 1);
+    let (st, v) = h
+        .call(Method::GET, "/api/v1/commands?state=%00", Some(&op), None)
+        .await;
+    assert_eq!(
+        (st, v["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("state"))
+    );
     let c = h.get("/api/v1/commands?action=valve_open", &scoped).await;
     assert_eq!(c["items"], json!([]));
 

@@ -59,6 +59,16 @@ pub struct FleetSummary {
     pub gateways: Vec<Count>,
 }
 
+/// Refuses a filter value PostgreSQL text cannot hold (NUL) or that is absurdly long.
+fn filter(field: &'static str, v: Option<&String>) -> Result<(), ApiError> {
+    match v {
+        Some(v) if v.len() > 200 || v.contains('\0') => {
+            Err(ApiError::field(field, "at most 200 characters, no NUL"))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn counts(map: BTreeMap<String, i64>, order: &[&str]) -> Vec<Count> {
     let mut out: Vec<Count> = order
         .iter()
@@ -305,6 +315,7 @@ async fn dma_balance(
     ApiQuery(q): ApiQuery<BalanceQuery>,
 ) -> Result<axum::Json<Vec<DmaBalance>>, ApiError> {
     p.require(rbac::DASHBOARD_READ)?;
+    filter("dma", q.dma.as_ref())?;
     let days = q.days.unwrap_or(30);
     if !(1..=366).contains(&days) {
         return Err(ApiError::field("days", "must be 1..366"));
@@ -551,6 +562,9 @@ async fn list_commands(
     ApiQuery(q): ApiQuery<CommandFilter>,
 ) -> Result<axum::Json<Paged<CommandItem>>, ApiError> {
     p.require(rbac::COMMANDS_READ)?;
+    filter("state", q.state.as_ref())?;
+    filter("device", q.device.as_ref())?;
+    filter("action", q.action.as_ref())?;
     let (limit, offset) = Page {
         limit: q.limit,
         offset: q.offset,

@@ -80,8 +80,15 @@ async fn login(
     parts: Parts,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<axum::Json<LoginResponse>, ApiError> {
-    if req.username.is_empty() || req.username.len() > 64 {
-        return Err(ApiError::field("username", "1..64 characters"));
+    // Control characters (NUL above all, which PostgreSQL text refuses) are never in a name.
+    if req.username.is_empty()
+        || req.username.len() > 64
+        || req.username.chars().any(char::is_control)
+    {
+        return Err(ApiError::field(
+            "username",
+            "1..64 characters, no control characters",
+        ));
     }
     if req.password.len() > 1024 {
         return Err(ApiError::field("password", "at most 1024 bytes"));
