@@ -1012,7 +1012,8 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
-        let mut alarms = crate::detect::batch_write(self.detectors.on(&mut self.vee), &out.readings);
+        let mut alarms =
+            crate::detect::batch_write(self.detectors.on(&mut self.vee), &out.readings);
         // Detector states go behind with the meter states (journal, checkpoint); the events
         // stay in the ingest transaction.
         let detect_states = std::mem::take(&mut alarms.states);

@@ -777,7 +777,6 @@ fn round1(v: f64) -> f64 {
 }
 
 impl DetectorsOn<'_> {
-
     /// Sets the status-bit map of a device model (from the registry's
     /// `meter_model_status_bits`); meters whose profile names it use it from their next status
     /// word. Returns false when the table of models is full (255): the model then keeps the
@@ -811,7 +810,6 @@ impl DetectorsOn<'_> {
             .get(i)
             .map_or(self.config.status_bits, |(_, b)| *b)
     }
-
 
     /// Sets (or updates) a meter's profile; its detector state is kept.
     pub fn set_profile(&mut self, meter: &str, profile: &MeterProfile) {

@@ -546,7 +546,8 @@ fn detectors_through_vee_add_at_most_120_bytes_per_meter_and_behave_the_same() {
             vee.commit(&batch);
         }
     }
-    live.on(&mut vee).sweep(T0 + 200 * 3600, SweepClock::Event, &mut ev_live);
+    live.on(&mut vee)
+        .sweep(T0 + 200 * 3600, SweepClock::Event, &mut ev_live);
     own.sweep(T0 + 200 * 3600, SweepClock::Event, &mut ev_own);
     assert_eq!(live.meters(), N);
     assert_eq!(vee.meters(), N);
