@@ -226,6 +226,7 @@ fn decode_states(r: &mut Reader<'_>) -> Result<Vec<(Box<str>, MeterState)>, Jour
                 q3_lph,
                 hour_profile,
                 reads,
+                detect_slot: crate::vee::NO_SLOT,
             },
         ));
     }

@@ -93,8 +93,8 @@ impl Default for VeeConfig {
 /// SipHash: hashing meter ids was a visible share of the ingest path's CPU.
 pub type StateMap = HashMap<Box<str>, MeterState, foldhash::fast::RandomState>;
 
-/// Per-meter state kept in memory (about 100 bytes; see [`Vee::state_bytes`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Per-meter state kept in memory (104 bytes; see [`Vee::state_bytes`]).
+#[derive(Debug, Clone, Copy)]
 pub struct MeterState {
     /// Unix seconds of the last validated volume read ([`i64::MIN`] when none).
     pub last_ts: i64,
@@ -116,6 +116,30 @@ pub struct MeterState {
     pub hour_profile: [u16; 24],
     /// Validated reads seen (saturating).
     pub reads: u16,
+    /// Where the meter's detector state is in [`crate::detect::Detectors`] ([`NO_SLOT`] when
+    /// none). It lives in what were padding bytes (the struct stays 104 bytes), so the
+    /// detectors need no map of their own. Not VEE state: not persisted, not compared, and kept
+    /// by [`Vee::insert_state`] and [`Vee::commit`] when they replace a state.
+    pub detect_slot: u32,
+}
+
+/// [`MeterState::detect_slot`] of a meter without detector state.
+pub const NO_SLOT: u32 = u32::MAX;
+
+/// Equality of the VEE state: [`MeterState::detect_slot`] (an in-memory index) is not compared.
+impl PartialEq for MeterState {
+    fn eq(&self, other: &Self) -> bool {
+        self.last_ts == other.last_ts
+            && self.last_value == other.last_value
+            && self.received_lag_s == other.received_lag_s
+            && self.zero_s == other.zero_s
+            && self.adu == other.adu
+            && self.interval_s == other.interval_s
+            && self.capacity_m3 == other.capacity_m3
+            && self.q3_lph == other.q3_lph
+            && self.hour_profile == other.hour_profile
+            && self.reads == other.reads
+    }
 }
 
 impl MeterState {
@@ -132,6 +156,7 @@ impl MeterState {
             q3_lph,
             hour_profile: [0; 24],
             reads: 0,
+            detect_slot: NO_SLOT,
         }
     }
 
@@ -259,9 +284,50 @@ impl Vee {
         &self.config
     }
 
-    /// Sets (or replaces) the state of a meter, e.g. when rebuilding from `meter_state`.
-    pub fn insert_state(&mut self, meter: &str, state: MeterState) {
-        self.states.insert(meter.into(), state);
+    /// Sets (or replaces) the state of a meter, e.g. when rebuilding from `meter_state`. The
+    /// meter's detector slot is kept.
+    pub fn insert_state(&mut self, meter: &str, mut state: MeterState) {
+        match self.states.get_mut(meter) {
+            Some(s) => {
+                state.detect_slot = s.detect_slot;
+                *s = state;
+            }
+            None => {
+                state.detect_slot = NO_SLOT;
+                self.states.insert(meter.into(), state);
+            }
+        }
+    }
+
+    /// The meter's detector slot ([`MeterState::detect_slot`]), if it has one.
+    pub fn detect_slot(&self, meter: &str) -> Option<u32> {
+        self.states
+            .get(meter)
+            .map(|s| s.detect_slot)
+            .filter(|s| *s != NO_SLOT)
+    }
+
+    /// Records the meter's detector slot; a meter without VEE state gets the state VEE would
+    /// assume for it anyway (no read, the default capacity and Q3), so nothing VEE decides
+    /// changes.
+    pub fn set_detect_slot(&mut self, meter: &str, slot: u32) {
+        match self.states.get_mut(meter) {
+            Some(s) => s.detect_slot = slot,
+            None => {
+                let mut st = MeterState::new(self.defaults.0, self.defaults.1);
+                st.detect_slot = slot;
+                self.states.insert(meter.into(), st);
+            }
+        }
+    }
+
+    /// Calls `f` with every meter that has a detector slot, and the slot.
+    pub fn each_detect_slot(&self, f: &mut dyn FnMut(&str, u32)) {
+        for (meter, s) in &self.states {
+            if s.detect_slot != NO_SLOT {
+                f(meter, s.detect_slot);
+            }
+        }
     }
 
     /// Returns the state of a meter.
@@ -330,14 +396,20 @@ impl Vee {
             + extras
     }
 
-    /// Applies the states of a successfully stored batch.
+    /// Applies the states of a successfully stored batch (keeping the detector slots).
     pub fn commit(&mut self, states: &StateMap) {
         for (meter, state) in states {
             // Known meters are updated in place: no key allocation per reading.
             match self.states.get_mut(meter) {
-                Some(s) => *s = *state,
+                Some(s) => {
+                    let slot = s.detect_slot;
+                    *s = *state;
+                    s.detect_slot = slot;
+                }
                 None => {
-                    self.states.insert(meter.clone(), *state);
+                    let mut state = *state;
+                    state.detect_slot = NO_SLOT;
+                    self.states.insert(meter.clone(), state);
                 }
             }
         }
@@ -1070,5 +1142,37 @@ mod tests {
         }
         let per_meter = vee.state_bytes() / vee.meters();
         assert!(per_meter < 300, "{per_meter} bytes per meter");
+    }
+
+    #[test]
+    fn replacing_a_state_keeps_its_detector_slot() {
+        let mut vee = Vee::new(VeeConfig::default());
+        vee.insert_state("m1", MeterState::new(1000, DEFAULT_Q3_LPH));
+        assert_eq!(vee.detect_slot("m1"), None);
+        vee.set_detect_slot("m1", 7);
+        // A meter without VEE state gets the state VEE assumes anyway.
+        vee.set_detect_slot("m2", 8);
+        assert_eq!(
+            vee.state("m2"),
+            Some(&MeterState::new(DEFAULT_CAPACITY_M3, DEFAULT_Q3_LPH))
+        );
+        let mut fresh = MeterState::new(5, 5);
+        fresh.detect_slot = 99;
+        vee.insert_state("m1", fresh);
+        assert_eq!(vee.detect_slot("m1"), Some(7));
+        assert_eq!(vee.state("m1"), Some(&fresh), "the rest is replaced");
+        // A batch validated and committed: the slot of the committed state stays.
+        let mut states = run(&mut vee, &[], read("m1", 60, dec!(1))).states;
+        let Some(st) = states.get_mut("m1") else {
+            panic!("m1 validated without a new state");
+        };
+        st.detect_slot = 3;
+        vee.commit(&states);
+        assert_eq!(vee.state("m1").map(|s| s.last_value), Some(dec!(1)));
+        assert_eq!(vee.detect_slot("m1"), Some(7));
+        let mut slots = Vec::new();
+        vee.each_detect_slot(&mut |m, s| slots.push((m.to_owned(), s)));
+        slots.sort();
+        assert_eq!(slots, vec![("m1".to_owned(), 7), ("m2".to_owned(), 8)]);
     }
 }

@@ -170,11 +170,13 @@ pub async fn run(
         "meter state rebuilt"
     );
     // Detector states still in the journal are newer than `detector_state`.
-    let detectors = crate::detect::store::load_with(
+    // Their slots are kept in VEE's meter states (`Detectors::on`).
+    let detectors = crate::detect::store::load_on(
         &pool,
         config.detect.clone(),
         |m| config.owns(m),
         recovered.detector_states(),
+        &mut vee,
     )
     .await
     .map_err(WorkerError::Start)?;
@@ -822,7 +824,7 @@ impl Processor<'_> {
                         _ => None,
                     };
                     if ids.as_ref().is_none_or(|i| !i.is_empty())
-                        && let Err(e) = crate::detect::store::refresh_profiles(self.pool, &mut self.detectors, ids.as_deref(), owns).await
+                        && let Err(e) = crate::detect::store::refresh_profiles(self.pool, self.detectors.on(&mut self.vee), ids.as_deref(), owns).await
                     {
                         tracing::error!(error = %e, "reloading detector profiles failed");
                     }
@@ -830,7 +832,7 @@ impl Processor<'_> {
                 }
                 _ = sweep.tick() => {
                     // Silence has no reading to trigger on: judged against the wall clock.
-                    let alarms = crate::detect::sweep_write(&mut self.detectors);
+                    let alarms = crate::detect::sweep_write(self.detectors.on(&mut self.vee));
                     if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms, self.config.partitions)).await.is_err() {
                         return Err(WorkerError::Mqtt("handing a batch to the writer"));
                     }
@@ -1010,7 +1012,8 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
-        let mut alarms = crate::detect::batch_write(&mut self.detectors, &out.readings);
+        let mut alarms =
+            crate::detect::batch_write(self.detectors.on(&mut self.vee), &out.readings);
         // Detector states go behind with the meter states (journal, checkpoint); the events
         // stay in the ingest transaction.
         let detect_states = std::mem::take(&mut alarms.states);

@@ -104,11 +104,21 @@ fn run(name: &str) -> Score {
     let truth = engine.ground_truth();
     let (alarms, stats) = replay::run(DetectConfig::default(), &meters, rows);
     println!(
-        "{name}: detector state {} bytes for {} meters ({} per meter; struct {} bytes)",
+        "{name}: detector state {} bytes for {} meters ({} per meter; struct {} bytes); replay's own meter-id map {} bytes ({} per meter; the worker uses VEE's map)",
         stats.state_bytes,
         stats.meters,
         stats.state_bytes / stats.meters.max(1),
-        std::mem::size_of::<pipeline::detect::MeterDetect>()
+        std::mem::size_of::<pipeline::detect::MeterDetect>(),
+        stats.index_bytes,
+        stats.index_bytes / stats.meters.max(1),
+    );
+    // Issue 20's budget: the detectors add at most 120 bytes per meter on top of VEE's state.
+    assert!(stats.meters > 0, "{name}: no detector state");
+    assert!(
+        stats.state_bytes <= 120 * stats.meters,
+        "{name}: {} detector bytes for {} meters is over 120 per meter",
+        stats.state_bytes,
+        stats.meters
     );
     let detections: Vec<Detection> = alarms
         .iter()

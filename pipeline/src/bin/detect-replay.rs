@@ -57,7 +57,7 @@ fn main() -> anyhow::Result<()> {
     out.flush().context("writing alarms")?;
     writeln!(
         err,
-        "meters {} ({} bad rows), readings {read_rows} ({} bad rows, {} duplicates, {} conflicting duplicates), alarms {}, detector state {} bytes for {} meters",
+        "meters {} ({} bad rows), readings {read_rows} ({} bad rows, {} duplicates, {} conflicting duplicates), alarms {}, detector state {} bytes for {} meters (+ {} bytes of meter-id map)",
         meters.len(),
         meter_errors.len(),
         row_errors.len(),
@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         alarms.len(),
         stats.state_bytes,
         stats.meters,
+        stats.index_bytes,
     )
     .ok();
     Ok(())

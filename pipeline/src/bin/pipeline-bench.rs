@@ -383,7 +383,7 @@ async fn main() -> anyhow::Result<()> {
         .fetch_one(&pool)
         .await?;
     // The state a worker holds is what it rebuilds on restart: measure that.
-    let vee =
+    let mut vee =
         pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
     let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
     println!(
@@ -398,14 +398,22 @@ async fn main() -> anyhow::Result<()> {
     }
     println!("state_meters={}", vee.meters());
     println!("state_bytes_per_meter={per_meter:.0}");
-    // The detectors' state beside it, rebuilt the same way (checkpointed `detector_state`).
-    let det =
-        pipeline::detect::store::load(&pool, pipeline::detect::DetectConfig::default(), |_| true)
-            .await?;
+    // The detectors' state beside it, rebuilt the same way (checkpointed `detector_state`) and,
+    // as in the worker, indexed through VEE's meter states: VEE's bytes after it show that the
+    // index adds nothing there.
+    let det = pipeline::detect::store::load_on(
+        &pool,
+        pipeline::detect::DetectConfig::default(),
+        |_| true,
+        std::iter::empty(),
+        &mut vee,
+    )
+    .await?;
     println!(
-        "detector_state_rows={} detector_bytes_per_meter={:.0}",
+        "detector_state_rows={} detector_bytes_per_meter={:.0} state_bytes_per_meter_with_detectors={:.0}",
         det.meters(),
-        det.state_bytes() as f64 / det.meters().max(1) as f64
+        det.state_bytes() as f64 / det.meters().max(1) as f64,
+        vee.state_bytes() as f64 / vee.meters().max(1) as f64
     );
     println!("pipeline_readings_per_s={pipe_rate:.0}");
     pool.close().await;

@@ -604,12 +604,103 @@ fn learn_interval(interval: &mut u32, confidence: u8, delta: i64) -> u8 {
 }
 
 /// All detectors of one worker (or one replay), with the state of every meter.
+///
+/// The states are a dense array (grown by an eighth at a time: at most 1/8 spare, see
+/// [`Detectors::state_bytes`]); which slot is a meter's is kept by a [`MeterIndex`]. The live
+/// worker keeps it in VEE's meter state ([`crate::vee::MeterState::detect_slot`], former padding
+/// bytes) and works through [`Detectors::on`]; without VEE (`detect-replay`, tests) the
+/// methods of `Detectors` itself use a map of their own. Use one or the other for a given
+/// `Detectors`: states reached through one index are invisible through the other.
 #[derive(Debug, Clone)]
 pub struct Detectors {
     config: DetectConfig,
-    states: HashMap<Box<str>, MeterDetect, foldhash::fast::RandomState>,
+    states: Vec<MeterDetect>,
     /// Status-bit maps by model; index 0 (name `""`) is the configuration's `[status_bits]`.
     models: Vec<(String, config::StatusBits)>,
+    /// The slots of the meters when no other index is given.
+    own: OwnIndex,
+}
+
+/// Where the detectors find a meter's slot in their dense state array.
+pub trait MeterIndex: Send {
+    /// The meter's slot, if it has one.
+    fn slot(&self, meter: &str) -> Option<u32>;
+    /// Records the meter's slot.
+    fn set_slot(&mut self, meter: &str, slot: u32);
+    /// Calls `f` with every meter that has a slot, and the slot.
+    fn each_slot(&self, f: &mut dyn FnMut(&str, u32));
+}
+
+/// The live worker's index: the slot is a field of VEE's per-meter state (no extra byte).
+impl MeterIndex for crate::vee::Vee {
+    fn slot(&self, meter: &str) -> Option<u32> {
+        self.detect_slot(meter)
+    }
+
+    fn set_slot(&mut self, meter: &str, slot: u32) {
+        self.set_detect_slot(meter, slot);
+    }
+
+    fn each_slot(&self, f: &mut dyn FnMut(&str, u32)) {
+        self.each_detect_slot(f);
+    }
+}
+
+/// A map of its own from meter id to slot, for detectors without VEE (`detect-replay`).
+#[derive(Debug, Clone, Default)]
+pub struct OwnIndex(HashMap<Box<str>, u32, foldhash::fast::RandomState>);
+
+impl OwnIndex {
+    /// Bytes of the map, counted as [`crate::vee::Vee::state_bytes`] counts VEE's map (slots
+    /// of key + slot number and a control byte, the keys' heap bytes).
+    pub fn bytes(&self) -> usize {
+        let cap = self.0.capacity();
+        let buckets = if cap == 0 {
+            0
+        } else {
+            (cap * 8 / 7).next_power_of_two()
+        };
+        let slot = std::mem::size_of::<(Box<str>, u32)>() + 1;
+        let keys: usize = self.0.keys().map(|k| k.len().div_ceil(16) * 16).sum();
+        buckets * slot + keys
+    }
+}
+
+impl MeterIndex for OwnIndex {
+    fn slot(&self, meter: &str) -> Option<u32> {
+        self.0.get(meter).copied()
+    }
+
+    fn set_slot(&mut self, meter: &str, slot: u32) {
+        match self.0.get_mut(meter) {
+            Some(s) => *s = slot,
+            None => {
+                self.0.insert(meter.into(), slot);
+            }
+        }
+    }
+
+    fn each_slot(&self, f: &mut dyn FnMut(&str, u32)) {
+        for (meter, slot) in &self.0 {
+            f(meter, *slot);
+        }
+    }
+}
+
+/// The detectors through their own map of slots: what `&mut Detectors` means where a
+/// [`DetectorsOn`] is taken.
+impl<'a> From<&'a mut Detectors> for DetectorsOn<'a> {
+    fn from(det: &'a mut Detectors) -> Self {
+        det.view()
+    }
+}
+
+/// [`Detectors`] working through a given [`MeterIndex`] ([`Detectors::on`], [`Detectors::view`]).
+pub struct DetectorsOn<'a> {
+    config: &'a DetectConfig,
+    states: &'a mut Vec<MeterDetect>,
+    models: &'a mut Vec<(String, config::StatusBits)>,
+    index: &'a mut dyn MeterIndex,
 }
 
 /// Converts an m³ decimal to whole millilitres.
@@ -685,17 +776,7 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-impl Detectors {
-    /// Creates detectors with no meter state.
-    pub fn new(config: DetectConfig) -> Self {
-        let default_bits = config.status_bits;
-        Self {
-            config,
-            states: HashMap::default(),
-            models: vec![(String::new(), default_bits)],
-        }
-    }
-
+impl DetectorsOn<'_> {
     /// Sets the status-bit map of a device model (from the registry's
     /// `meter_model_status_bits`); meters whose profile names it use it from their next status
     /// word. Returns false when the table of models is full (255): the model then keeps the
@@ -724,15 +805,10 @@ impl Detectors {
 
     /// The status-bit map a meter's status words are read with.
     pub fn status_bits_of(&self, meter: &str) -> config::StatusBits {
-        let i = self.states.get(meter).map_or(0, |s| usize::from(s.model));
+        let i = self.state(meter).map_or(0, |s| usize::from(s.model));
         self.models
             .get(i)
             .map_or(self.config.status_bits, |(_, b)| *b)
-    }
-
-    /// Returns the configuration.
-    pub fn config(&self) -> &DetectConfig {
-        &self.config
     }
 
     /// Sets (or updates) a meter's profile; its detector state is kept.
@@ -740,49 +816,47 @@ impl Detectors {
         let class = self.config.class_index(&profile.class);
         let mut fresh = MeterDetect::new(class, profile.role, profile.q3_m3h, profile.utc_offset_s);
         fresh.model = self.model_index(profile.model.as_deref());
-        match self.states.get_mut(meter) {
-            Some(st) => {
-                st.class = fresh.class;
-                st.role = fresh.role;
-                st.q3_lph = fresh.q3_lph;
-                st.offset_min = fresh.offset_min;
-                st.model = fresh.model;
-            }
-            None => {
-                self.states.insert(meter.into(), fresh);
-            }
+        let i = self.slot_or_insert(meter, || fresh);
+        if let Some(st) = self.states.get_mut(i) {
+            st.class = fresh.class;
+            st.role = fresh.role;
+            st.q3_lph = fresh.q3_lph;
+            st.offset_min = fresh.offset_min;
+            st.model = fresh.model;
         }
     }
 
     /// Returns a meter's state, if it has one.
     pub fn state(&self, meter: &str) -> Option<&MeterDetect> {
-        self.states.get(meter)
+        self.slot(meter).and_then(|i| self.states.get(i))
     }
 
     /// Returns a meter's state for restoring (creates a default one).
     pub fn state_mut(&mut self, meter: &str) -> &mut MeterDetect {
         let default_offset = self.config.default_utc_offset_s;
-        self.states
-            .entry(meter.into())
-            .or_insert_with(|| MeterDetect::new(0, Role::Customer, 2.5, default_offset))
+        let i = self.slot_or_insert(meter, || {
+            MeterDetect::new(0, Role::Customer, 2.5, default_offset)
+        });
+        &mut self.states[i]
     }
 
     /// Inserts a state restored from `detector_state`, keeping the profile fields of a state
     /// already set by [`Detectors::set_profile`].
     pub fn restore(&mut self, meter: &str, mut state: MeterDetect) {
-        if let Some(cur) = self.states.get(meter) {
+        let i = self.slot_or_insert(meter, || state);
+        if let Some(cur) = self.states.get_mut(i) {
             state.class = cur.class;
             state.role = cur.role;
             state.q3_lph = cur.q3_lph;
             state.offset_min = cur.offset_min;
             state.model = cur.model;
+            *cur = state;
         }
-        self.states.insert(meter.into(), state);
     }
 
     /// Clears an active kind without an event (a person closed the alarm: it may raise again).
     pub fn forget_active(&mut self, meter: &str, kind: AlarmKind) {
-        if let Some(st) = self.states.get_mut(meter) {
+        if let Some(st) = self.slot(meter).and_then(|i| self.states.get_mut(i)) {
             st.set_active(kind, false);
         }
     }
@@ -792,18 +866,30 @@ impl Detectors {
         self.states.len()
     }
 
-    /// Bytes held for detector state: hash-table slots (key + state + control byte) plus the
-    /// keys' heap bytes, as [`crate::vee::Vee::state_bytes`] counts them.
-    pub fn state_bytes(&self) -> usize {
-        let cap = self.states.capacity();
-        let buckets = if cap == 0 {
-            0
-        } else {
-            (cap * 8 / 7).next_power_of_two()
-        };
-        let slot = std::mem::size_of::<(Box<str>, MeterDetect)>() + 1;
-        let keys: usize = self.states.keys().map(|k| k.len().div_ceil(16) * 16).sum();
-        buckets * slot + keys
+    /// The meter's slot in `states`, if it has a valid one.
+    fn slot(&self, meter: &str) -> Option<usize> {
+        self.index
+            .slot(meter)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|s| *s < self.states.len())
+    }
+
+    /// The meter's slot, creating its state with `fresh` when it has none. The array grows by
+    /// an eighth at a time (not doubled): at most 1/8 of it is ever spare.
+    fn slot_or_insert(&mut self, meter: &str, fresh: impl FnOnce() -> MeterDetect) -> usize {
+        if let Some(i) = self.slot(meter) {
+            return i;
+        }
+        if self.states.len() == self.states.capacity() {
+            self.states.reserve_exact(self.states.len() / 8 + 1);
+        }
+        let i = self.states.len();
+        self.states.push(fresh());
+        // More than u32::MAX meters cannot be indexed; such a state is used once and lost.
+        if let Ok(slot) = u32::try_from(i) {
+            self.index.set_slot(meter, slot);
+        }
+        i
     }
 
     /// Runs the detectors over validated readings (the live worker's batch, in any order):
@@ -881,14 +967,10 @@ impl Detectors {
             return;
         }
         let default_offset = self.config.default_utc_offset_s;
-        // Look up before inserting: `entry` would allocate the key for every observation.
-        if !self.states.contains_key(obs.meter) {
-            self.states.insert(
-                obs.meter.into(),
-                MeterDetect::new(0, Role::Customer, 2.5, default_offset),
-            );
-        }
-        let Some(st) = self.states.get_mut(obs.meter) else {
+        let i = self.slot_or_insert(obs.meter, || {
+            MeterDetect::new(0, Role::Customer, 2.5, default_offset)
+        });
+        let Some(st) = self.states.get_mut(i) else {
             return;
         };
         let t = self.config.thresholds(st.class).clone();
@@ -1063,7 +1145,7 @@ impl Detectors {
     /// it reaches `prolonged_estimation_days` past the meter's last actual read (an actual read
     /// clears it). It changes no other detector's state.
     fn estimated_volume(&mut self, obs: &Observation<'_>, events: &mut Vec<AlarmEvent>) {
-        let Some(st) = self.states.get_mut(obs.meter) else {
+        let Some(st) = self.slot(obs.meter).and_then(|i| self.states.get_mut(i)) else {
             return;
         };
         if st.last_ts == NO_TS || obs.ts <= st.last_ts {
@@ -1095,11 +1177,16 @@ impl Detectors {
     /// [`SweepClock`]), and refreshes the ones already raised. `first_seen` is the event time of
     /// the meter's last observation (when the silence began).
     pub fn sweep(&mut self, now: i64, clock: SweepClock, events: &mut Vec<AlarmEvent>) {
-        for (meter, st) in &mut self.states {
+        let config = self.config;
+        let states = &mut *self.states;
+        self.index.each_slot(&mut |meter, slot| {
+            let Some(st) = usize::try_from(slot).ok().and_then(|i| states.get_mut(i)) else {
+                return;
+            };
             if st.heard_ts == NO_TS {
-                continue;
+                return;
             }
-            let t = self.config.thresholds(st.class);
+            let t = config.thresholds(st.class);
             let default = (t.comm_default_interval_h * 3600.0) as i64;
             let event_interval = if st.interval_s > 0 && st.confidence & 0x0f > 0 {
                 i64::from(st.interval_s)
@@ -1131,7 +1218,126 @@ impl Detectors {
                     ],
                 );
             }
+        });
+    }
+}
+
+impl Detectors {
+    /// Creates detectors with no meter state.
+    pub fn new(config: DetectConfig) -> Self {
+        let default_bits = config.status_bits;
+        Self {
+            config,
+            states: Vec::new(),
+            models: vec![(String::new(), default_bits)],
+            own: OwnIndex::default(),
         }
+    }
+
+    /// The detectors working through `index` for the meters' slots (the live worker passes its
+    /// [`crate::vee::Vee`]).
+    pub fn on<'a>(&'a mut self, index: &'a mut dyn MeterIndex) -> DetectorsOn<'a> {
+        DetectorsOn {
+            config: &self.config,
+            states: &mut self.states,
+            models: &mut self.models,
+            index,
+        }
+    }
+
+    /// The detectors working through their own map of slots (no VEE).
+    pub fn view(&mut self) -> DetectorsOn<'_> {
+        DetectorsOn {
+            config: &self.config,
+            states: &mut self.states,
+            models: &mut self.models,
+            index: &mut self.own,
+        }
+    }
+
+    /// Returns the configuration.
+    pub fn config(&self) -> &DetectConfig {
+        &self.config
+    }
+
+    /// Number of meters with state.
+    pub fn meters(&self) -> usize {
+        self.states.len()
+    }
+
+    /// Bytes held for detector state: the dense array's capacity (grown by an eighth at a
+    /// time, so at most 1/8 more than its length, plus one). The index is not counted: in the
+    /// worker it is VEE's map (no byte added); without VEE see [`Detectors::own_index_bytes`].
+    pub fn state_bytes(&self) -> usize {
+        self.states.capacity() * std::mem::size_of::<MeterDetect>()
+    }
+
+    /// Bytes of the map of slots used without VEE (`detect-replay`; 0 in the worker).
+    pub fn own_index_bytes(&self) -> usize {
+        self.own.bytes()
+    }
+
+    /// Sets a device model's status-bit map: [`DetectorsOn::set_model_bits`].
+    pub fn set_model_bits(&mut self, model: &str, bits: config::StatusBits) -> bool {
+        self.view().set_model_bits(model, bits)
+    }
+
+    /// [`DetectorsOn::status_bits_of`] with the own map.
+    pub fn status_bits_of(&self, meter: &str) -> config::StatusBits {
+        let i = self.state(meter).map_or(0, |s| usize::from(s.model));
+        self.models
+            .get(i)
+            .map_or(self.config.status_bits, |(_, b)| *b)
+    }
+
+    /// [`DetectorsOn::set_profile`] with the own map.
+    pub fn set_profile(&mut self, meter: &str, profile: &MeterProfile) {
+        self.view().set_profile(meter, profile);
+    }
+
+    /// Returns a meter's state (own map), if it has one.
+    pub fn state(&self, meter: &str) -> Option<&MeterDetect> {
+        self.own
+            .slot(meter)
+            .and_then(|i| usize::try_from(i).ok())
+            .and_then(|i| self.states.get(i))
+    }
+
+    /// [`DetectorsOn::state_mut`] with the own map.
+    pub fn state_mut(&mut self, meter: &str) -> &mut MeterDetect {
+        let default_offset = self.config.default_utc_offset_s;
+        let i = self.view().slot_or_insert(meter, || {
+            MeterDetect::new(0, Role::Customer, 2.5, default_offset)
+        });
+        &mut self.states[i]
+    }
+
+    /// [`DetectorsOn::restore`] with the own map.
+    pub fn restore(&mut self, meter: &str, state: MeterDetect) {
+        self.view().restore(meter, state);
+    }
+
+    /// [`DetectorsOn::forget_active`] with the own map.
+    pub fn forget_active(&mut self, meter: &str, kind: AlarmKind) {
+        self.view().forget_active(meter, kind);
+    }
+
+    /// [`DetectorsOn::observe_readings`] with the own map.
+    pub fn observe_readings<'r>(
+        &mut self,
+        readings: impl IntoIterator<Item = &'r Reading>,
+    ) -> Vec<AlarmEvent> {
+        self.view().observe_readings(readings)
+    }
+
+    /// [`DetectorsOn::observe`] with the own map.
+    pub fn observe(&mut self, obs: &Observation<'_>, events: &mut Vec<AlarmEvent>) {
+        self.view().observe(obs, events);
+    }
+
+    /// [`DetectorsOn::sweep`] with the own map.
+    pub fn sweep(&mut self, now: i64, clock: SweepClock, events: &mut Vec<AlarmEvent>) {
+        self.view().sweep(now, clock, events);
     }
 }
 
@@ -1545,7 +1751,8 @@ pub fn alarms_topic(root: &str) -> String {
 
 /// Runs the detectors over a validated batch and returns what its transaction must write: the
 /// events and the states of the meters the batch touched.
-pub fn batch_write(det: &mut Detectors, readings: &[Reading]) -> store::AlarmWrite {
+pub fn batch_write<'d>(det: impl Into<DetectorsOn<'d>>, readings: &[Reading]) -> store::AlarmWrite {
+    let mut det = det.into();
     let events = det.observe_readings(readings);
     let mut touched: Vec<&str> = readings.iter().map(|r| r.meter.as_str()).collect();
     touched.sort_unstable();
@@ -1558,7 +1765,8 @@ pub fn batch_write(det: &mut Detectors, readings: &[Reading]) -> store::AlarmWri
 }
 
 /// Runs the communication-loss sweep against the wall clock; returns what to write.
-pub fn sweep_write(det: &mut Detectors) -> store::AlarmWrite {
+pub fn sweep_write<'d>(det: impl Into<DetectorsOn<'d>>) -> store::AlarmWrite {
+    let mut det = det.into();
     let mut events = Vec::new();
     det.sweep(
         time::OffsetDateTime::now_utc().unix_timestamp(),

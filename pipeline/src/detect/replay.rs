@@ -364,8 +364,11 @@ pub struct ReplayStats {
     pub conflicts: usize,
     /// Meters with detector state at the end.
     pub meters: usize,
-    /// Detector state bytes at the end.
+    /// Detector state bytes at the end ([`Detectors::state_bytes`]: what the detectors add in
+    /// the live worker, where the meter index is VEE's map).
     pub state_bytes: usize,
+    /// Bytes of the replay's own meter-id map (the worker has VEE's map instead).
+    pub index_bytes: usize,
 }
 
 /// Replays rows through the detectors and returns the alarms.
@@ -437,6 +440,7 @@ pub fn run(
     }
     stats.meters = det.meters();
     stats.state_bytes = det.state_bytes();
+    stats.index_bytes = det.own_index_bytes();
     (book.into_records(), stats)
 }
 

@@ -8,7 +8,10 @@
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use time::OffsetDateTime;
 
-use super::{AlarmEvent, DetectConfig, Detectors, MeterDetect, MeterProfile, Role, Transition};
+use super::{
+    AlarmEvent, DetectConfig, Detectors, DetectorsOn, MeterDetect, MeterIndex, MeterProfile, Role,
+    Transition,
+};
 use crate::store::StoreError;
 
 /// What one ingest transaction writes for the detectors.
@@ -289,7 +292,7 @@ pub fn status_bits_of_model(bits: &[(i16, String)]) -> super::config::StatusBits
 ///
 /// # Errors
 /// [`StoreError::Stage`] when the query fails.
-pub async fn load_models(pool: &PgPool, det: &mut Detectors) -> Result<usize, StoreError> {
+pub async fn load_models(pool: &PgPool, det: &mut DetectorsOn<'_>) -> Result<usize, StoreError> {
     let rows: Vec<(String, i16, String)> = sqlx::query_as(
         "SELECT model_code, bit, meaning FROM meter_model_status_bits ORDER BY model_code, bit",
     )
@@ -346,12 +349,13 @@ const PROFILE_SQL: &str =
 ///
 /// # Errors
 /// [`StoreError::Stage`] when a query fails (the detectors are then unchanged).
-pub async fn refresh_profiles(
+pub async fn refresh_profiles<'d>(
     pool: &PgPool,
-    det: &mut Detectors,
+    det: impl Into<DetectorsOn<'d>>,
     meters: Option<&[String]>,
     owns: impl Fn(&str) -> bool,
 ) -> Result<usize, StoreError> {
+    let det = &mut det.into();
     let rows: Vec<ProfileRow> = match meters {
         None => sqlx::query_as(PROFILE_SQL).fetch_all(pool).await,
         Some(ids) => {
@@ -363,7 +367,7 @@ pub async fn refresh_profiles(
     }
     .map_err(stage("reloading meter profiles"))?;
     load_models(pool, det).await?;
-    let default_offset = det.config().default_utc_offset_s;
+    let default_offset = det.config.default_utc_offset_s;
     let mut n = 0;
     for row in rows {
         if !owns(&row.0) {
@@ -387,13 +391,44 @@ pub async fn load_with<'a>(
     owns: impl Fn(&str) -> bool,
     journalled: impl Iterator<Item = (&'a str, &'a MeterDetect)>,
 ) -> Result<Detectors, StoreError> {
-    let default_offset = config.default_utc_offset_s;
     let mut det = Detectors::new(config);
-    load_models(pool, &mut det).await?;
+    fill(pool, &mut det.view(), owns, journalled).await?;
+    Ok(det)
+}
+
+/// [`load_with`] for the live worker: the meters' slots are kept by `index` (its
+/// [`crate::vee::Vee`], loaded first), so the returned detectors are used through
+/// [`Detectors::on`] with the same index.
+///
+/// # Errors
+/// [`StoreError::Stage`] when a query fails.
+pub async fn load_on<'a>(
+    pool: &PgPool,
+    config: DetectConfig,
+    owns: impl Fn(&str) -> bool,
+    journalled: impl Iterator<Item = (&'a str, &'a MeterDetect)>,
+    index: &mut dyn MeterIndex,
+) -> Result<Detectors, StoreError> {
+    let mut det = Detectors::new(config);
+    fill(pool, &mut det.on(index), owns, journalled).await?;
+    Ok(det)
+}
+
+/// Loads models, profiles, states and open alarms into fresh detectors.
+async fn fill<'a>(
+    pool: &PgPool,
+    det: &mut DetectorsOn<'_>,
+    owns: impl Fn(&str) -> bool,
+    journalled: impl Iterator<Item = (&'a str, &'a MeterDetect)>,
+) -> Result<(), StoreError> {
+    let default_offset = det.config.default_utc_offset_s;
+    load_models(pool, det).await?;
     let rows: Vec<ProfileRow> = sqlx::query_as(PROFILE_SQL)
         .fetch_all(pool)
         .await
         .map_err(stage("loading meter profiles"))?;
+    // The registered meters are (nearly) all the meters: no spare room from growing.
+    det.states.reserve_exact(rows.len());
     for row in rows {
         if !owns(&row.0) {
             continue;
@@ -428,19 +463,21 @@ pub async fn load_with<'a>(
             .map_err(stage("loading open alarms"))?;
     let open: std::collections::HashSet<(String, String)> = open.into_iter().collect();
     let mut closed = Vec::new();
-    for id in det.states.keys() {
-        if let Some(st) = det.states.get(id) {
-            for k in st.active_kinds() {
-                if !open.contains(&(id.to_string(), k.as_str().to_owned())) {
-                    closed.push((id.to_string(), k));
-                }
+    let states = &*det.states;
+    det.index.each_slot(&mut |id, slot| {
+        let Some(st) = usize::try_from(slot).ok().and_then(|i| states.get(i)) else {
+            return;
+        };
+        for k in st.active_kinds() {
+            if !open.contains(&(id.to_owned(), k.as_str().to_owned())) {
+                closed.push((id.to_owned(), k));
             }
         }
-    }
+    });
     for (id, k) in closed {
         det.forget_active(&id, k);
     }
-    Ok(det)
+    Ok(())
 }
 
 /// Acknowledges an open alarm (`who` has seen it). Returns false when it is not open.
