@@ -123,7 +123,10 @@ async fn four_eyes(State(held): State<Arc<Held>>, mut req: Request, next: Next) 
         .headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(|t| t.trim().to_owned());
     let resp = next
         .run(Request::from_parts(parts, Body::from(bytes.clone())))
@@ -388,8 +391,9 @@ fn refuse_decision(row: &ApprovalRow, decider: &Principal) -> Result<(), ApiErro
                 .into(),
         ));
     }
-    let action = Action::parse(&row.action)
-        .ok_or_else(|| ApiError::Internal(format!("approval with unknown action {:?}", row.action)))?;
+    let action = Action::parse(&row.action).ok_or_else(|| {
+        ApiError::Internal(format!("approval with unknown action {:?}", row.action))
+    })?;
     decider.require(crate::rbac::approvers(action))?;
     if !scope_covers(&decider.scope, &row.requester().scope) {
         return Err(ApiError::Forbidden(
@@ -522,7 +526,11 @@ pub async fn approve(
     let result: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_else(
         |_| serde_json::json!({"text": String::from_utf8_lossy(&bytes).chars().take(4000).collect::<String>()}),
     );
-    let state = if status.is_success() { "executed" } else { "failed" };
+    let state = if status.is_success() {
+        "executed"
+    } else {
+        "failed"
+    };
     sqlx::query(
         "UPDATE api_approvals SET state = $2, result_status = $3, result_body = $4 WHERE approval_id = $1",
     )
@@ -555,7 +563,9 @@ pub(crate) async fn visible(s: &AppState, p: &Principal, id: i64) -> Result<Appr
         Some(r) if scope_covers(&p.scope, &r.requester().scope) || r.requested_by == p.subject => {
             Ok(r)
         }
-        _ => Err(ApiError::NotFound(format!("no approval {id} in your scope"))),
+        _ => Err(ApiError::NotFound(format!(
+            "no approval {id} in your scope"
+        ))),
     }
 }
 
@@ -606,11 +616,26 @@ mod tests {
     #[test]
     fn an_approver_must_see_everything_the_requester_sees() {
         assert!(scope_covers(&scope(None, &[]), &scope(Some("a"), &["x"])));
-        assert!(scope_covers(&scope(Some("a"), &[]), &scope(Some("a"), &["x"])));
-        assert!(scope_covers(&scope(Some("a"), &["x", "y"]), &scope(Some("a"), &["x"])));
-        assert!(!scope_covers(&scope(Some("a"), &["x"]), &scope(Some("a"), &["x", "y"])));
-        assert!(!scope_covers(&scope(Some("a"), &["x"]), &scope(Some("a"), &[])));
-        assert!(!scope_covers(&scope(Some("a"), &[]), &scope(Some("b"), &[])));
+        assert!(scope_covers(
+            &scope(Some("a"), &[]),
+            &scope(Some("a"), &["x"])
+        ));
+        assert!(scope_covers(
+            &scope(Some("a"), &["x", "y"]),
+            &scope(Some("a"), &["x"])
+        ));
+        assert!(!scope_covers(
+            &scope(Some("a"), &["x"]),
+            &scope(Some("a"), &["x", "y"])
+        ));
+        assert!(!scope_covers(
+            &scope(Some("a"), &["x"]),
+            &scope(Some("a"), &[])
+        ));
+        assert!(!scope_covers(
+            &scope(Some("a"), &[]),
+            &scope(Some("b"), &[])
+        ));
         assert!(!scope_covers(&scope(Some("a"), &[]), &scope(None, &[])));
     }
 }

@@ -139,9 +139,11 @@ impl Harness {
                 Method::POST,
                 "/api/v1/meters",
                 &tok("registrar", &[Role::MeterOperator], "*", false),
-                Some(json!({"meter_no": no, "meter_id": id, "org": org, "area": "north",
+                Some(
+                    json!({"meter_no": no, "meter_id": id, "org": org, "area": "north",
                         "address": "1 River Road", "customer_account": format!("acct-{no}"),
-                        "customer_class": "flat"})),
+                        "customer_class": "flat"}),
+                ),
             )
             .await;
         assert_eq!(st, StatusCode::CREATED, "{v}");
@@ -185,9 +187,17 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
 
     // Without the header: refused as before.
     let (st, v) = h
-        .call(Method::POST, "/api/v1/commands", &alice, Some(close("c-1", "V-1")))
+        .call(
+            Method::POST,
+            "/api/v1/commands",
+            &alice,
+            Some(close("c-1", "V-1")),
+        )
         .await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
 
     // With it: held (202, Location), nothing issued.
     let (st, held, headers) = h
@@ -196,7 +206,10 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
             "/api/v1/commands",
             &alice,
             Some(close("c-1", "V-1")),
-            &[FOUR_EYES, ("x-approval-reason", "night crew has no OTP device")],
+            &[
+                FOUR_EYES,
+                ("x-approval-reason", "night crew has no OTP device"),
+            ],
         )
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{held}");
@@ -219,7 +232,13 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
 
     // A request that does not need a second factor is not held: the header changes nothing.
     let (st, v, _) = h
-        .send(Method::GET, "/api/v1/meters/V-1", &alice, None, &[FOUR_EYES])
+        .send(
+            Method::GET,
+            "/api/v1/meters/V-1",
+            &alice,
+            None,
+            &[FOUR_EYES],
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
 
@@ -230,10 +249,18 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
     assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("four eyes"), "{v}");
     let (st, v) = h.call(Method::POST, &path, &bob_operator, None).await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("forbidden")), "{v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden")),
+        "{v}"
+    );
     assert!(v["detail"].as_str().unwrap().contains("meter_admin"), "{v}");
     let (st, _) = h.call(Method::POST, &path, &carol_other_org, None).await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "another org's request does not exist for carol");
+    assert_eq!(
+        st,
+        StatusCode::NOT_FOUND,
+        "another org's request does not exist for carol"
+    );
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM commands")
         .fetch_one(&h.db.pool)
         .await
@@ -242,23 +269,46 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
 
     // The pending list shows it to the approver.
     let (st, list) = h
-        .call(Method::GET, "/api/v1/approvals?state=pending", &dave_admin, None)
+        .call(
+            Method::GET,
+            "/api/v1/approvals?state=pending",
+            &dave_admin,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{list}");
-    let ids: Vec<i64> = list["items"].as_array().unwrap().iter().map(|a| a["id"].as_i64().unwrap()).collect();
+    let ids: Vec<i64> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_i64().unwrap())
+        .collect();
     assert_eq!(ids, vec![id]);
     let (_, other) = h
         .call(Method::GET, "/api/v1/approvals", &carol_other_org, None)
         .await;
     assert_eq!(other["items"].as_array().unwrap().len(), 0);
     let (st, v) = h
-        .call(Method::GET, "/api/v1/approvals?state=maybe", &dave_admin, None)
+        .call(
+            Method::GET,
+            "/api/v1/approvals?state=maybe",
+            &dave_admin,
+            None,
+        )
         .await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("state")));
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("state"))
+    );
 
     // Dave approves: the command is issued once, as alice, naming dave as approver.
     let (st, done) = h
-        .call(Method::POST, &path, &dave_admin, Some(json!({"note": "checked with the crew"})))
+        .call(
+            Method::POST,
+            &path,
+            &dave_admin,
+            Some(json!({"note": "checked with the crew"})),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{done}");
     assert_eq!(done["state"], "executed", "{done}");
@@ -267,19 +317,21 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
     assert_eq!(done["result_status"], 201);
     assert_eq!(done["result"]["command"]["id"], "c-1");
     assert_eq!(done["result"]["command"]["issued_by"], "api:alice");
-    let (issued_by, approver, cause): (String, Option<String>, Value) = sqlx::query_as(
-        "SELECT issued_by, approver, cause FROM commands WHERE command_id = 'c-1'",
-    )
-    .fetch_one(&h.db.pool)
-    .await
-    .unwrap();
+    let (issued_by, approver, cause): (String, Option<String>, Value) =
+        sqlx::query_as("SELECT issued_by, approver, cause FROM commands WHERE command_id = 'c-1'")
+            .fetch_one(&h.db.pool)
+            .await
+            .unwrap();
     assert_eq!(issued_by, "api:alice");
     assert_eq!(approver.as_deref(), Some("api:dave"));
     assert_eq!(cause["approval"], id);
     // Decided once: a second approval is a conflict and issues nothing more.
     let (st, v) = h.call(Method::POST, &path, &dave_admin, None).await;
     assert_eq!(st, StatusCode::CONFLICT, "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("already executed"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("already executed"),
+        "{v}"
+    );
     assert_eq!(
         h.audit_actions(id).await,
         vec![
@@ -291,16 +343,36 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
 
     // Rejected: nothing happens.
     let (st, held2, _) = h
-        .send(Method::POST, "/api/v1/commands", &alice, Some(close("c-2", "V-2")), &[FOUR_EYES])
+        .send(
+            Method::POST,
+            "/api/v1/commands",
+            &alice,
+            Some(close("c-2", "V-2")),
+            &[FOUR_EYES],
+        )
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{held2}");
     let id2 = held2["id"].as_i64().unwrap();
     let (st, v) = h
-        .call(Method::POST, &format!("/api/v1/approvals/{id2}/reject"), &dave_admin, Some(json!({"note": "wrong meter"})))
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{id2}/reject"),
+            &dave_admin,
+            Some(json!({"note": "wrong meter"})),
+        )
         .await;
-    assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("rejected")), "{v}");
+    assert_eq!(
+        (st, v["state"].as_str()),
+        (StatusCode::OK, Some("rejected")),
+        "{v}"
+    );
     let (st, _) = h
-        .call(Method::POST, &format!("/api/v1/approvals/{id2}/approve"), &dave_admin, None)
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{id2}/approve"),
+            &dave_admin,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::CONFLICT);
     let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM commands WHERE command_id = 'c-2'")
@@ -311,20 +383,38 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
 
     // Expired: cannot be approved; retention marks it.
     let (_, held3, _) = h
-        .send(Method::POST, "/api/v1/commands", &alice, Some(close("c-3", "V-2")), &[FOUR_EYES])
+        .send(
+            Method::POST,
+            "/api/v1/commands",
+            &alice,
+            Some(close("c-3", "V-2")),
+            &[FOUR_EYES],
+        )
         .await;
     let id3 = held3["id"].as_i64().unwrap();
-    sqlx::query("UPDATE api_approvals SET expires_at = now() - interval '1 second' WHERE approval_id = $1")
-        .bind(id3)
-        .execute(&h.db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE api_approvals SET expires_at = now() - interval '1 second' WHERE approval_id = $1",
+    )
+    .bind(id3)
+    .execute(&h.db.pool)
+    .await
+    .unwrap();
     let (st, v) = h
-        .call(Method::GET, &format!("/api/v1/approvals/{id3}"), &dave_admin, None)
+        .call(
+            Method::GET,
+            &format!("/api/v1/approvals/{id3}"),
+            &dave_admin,
+            None,
+        )
         .await;
     assert_eq!((st, v["state"].as_str()), (StatusCode::OK, Some("expired")));
     let (st, v) = h
-        .call(Method::POST, &format!("/api/v1/approvals/{id3}/approve"), &dave_admin, None)
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{id3}/approve"),
+            &dave_admin,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::CONFLICT);
     assert!(v["detail"].as_str().unwrap().contains("expired"), "{v}");
@@ -332,7 +422,13 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
     // The route's checks run again at execution: a meter that lost its gateway meanwhile
     // makes the approved request fail, recorded with its answer.
     let (_, held4, _) = h
-        .send(Method::POST, "/api/v1/commands", &alice, Some(close("c-4", "V-2")), &[FOUR_EYES])
+        .send(
+            Method::POST,
+            "/api/v1/commands",
+            &alice,
+            Some(close("c-4", "V-2")),
+            &[FOUR_EYES],
+        )
         .await;
     let id4 = held4["id"].as_i64().unwrap();
     sqlx::query("UPDATE meters SET gateway_id = NULL WHERE meter_no = 'V-2'")
@@ -340,7 +436,12 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
         .await
         .unwrap();
     let (st, v) = h
-        .call(Method::POST, &format!("/api/v1/approvals/{id4}/approve"), &dave_admin, None)
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{id4}/approve"),
+            &dave_admin,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["state"], "failed");
@@ -357,9 +458,18 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
         .text()
         .await
         .unwrap();
-    assert!(text.contains("api_approvals_total{action=\"valve_close\",outcome=\"requested\"} 4"), "{text}");
-    assert!(text.contains("api_approvals_total{action=\"valve_close\",outcome=\"executed\"} 1"), "{text}");
-    assert!(text.contains("api_approvals_total{action=\"valve_close\",outcome=\"failed\"} 1"), "{text}");
+    assert!(
+        text.contains("api_approvals_total{action=\"valve_close\",outcome=\"requested\"} 4"),
+        "{text}"
+    );
+    assert!(
+        text.contains("api_approvals_total{action=\"valve_close\",outcome=\"executed\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("api_approvals_total{action=\"valve_close\",outcome=\"failed\"} 1"),
+        "{text}"
+    );
     h.db.drop_database().await;
 }
 
@@ -385,36 +495,88 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         .map(|(no, _)| json!({"meter": no, "account_id": format!("acct-{no}"), "amount_overdue": "150.00", "overdue_since": "2026-02-01"}))
         .collect();
     let (st, v) = h
-        .call(Method::POST, "/api/v1/arrears", &billing, Some(json!({"records": records})))
+        .call(
+            Method::POST,
+            "/api/v1/arrears",
+            &billing,
+            Some(json!({"records": records})),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
 
     // Notices: refused input names the field; an unknown or out-of-scope meter is 404.
     let notice = |kind: &str, at: &str| json!({"kind": kind, "sent_at": at});
     let cases = [
-        ("A-1", notice("reminder", "2026-02-10T02:00:00Z"), StatusCode::UNPROCESSABLE_ENTITY, Some("kind")),
-        ("A-1", notice("payment_demand", "yesterday"), StatusCode::UNPROCESSABLE_ENTITY, Some("sent_at")),
-        ("A-1", notice("payment_demand", "2099-01-01T00:00:00Z"), StatusCode::UNPROCESSABLE_ENTITY, Some("sent_at")),
-        ("NOPE", notice("payment_demand", "2026-02-10T02:00:00Z"), StatusCode::NOT_FOUND, None),
+        (
+            "A-1",
+            notice("reminder", "2026-02-10T02:00:00Z"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("kind"),
+        ),
+        (
+            "A-1",
+            notice("payment_demand", "yesterday"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("sent_at"),
+        ),
+        (
+            "A-1",
+            notice("payment_demand", "2099-01-01T00:00:00Z"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some("sent_at"),
+        ),
+        (
+            "NOPE",
+            notice("payment_demand", "2026-02-10T02:00:00Z"),
+            StatusCode::NOT_FOUND,
+            None,
+        ),
     ];
     for (m, body, status, field) in cases {
         let (st, v) = h
-            .call(Method::POST, &format!("/api/v1/meters/{m}/arrears-notices"), &billing, Some(body))
+            .call(
+                Method::POST,
+                &format!("/api/v1/meters/{m}/arrears-notices"),
+                &billing,
+                Some(body),
+            )
             .await;
         assert_eq!((st, v["field"].as_str()), (status, field), "{v}");
     }
     let (st, _) = h
-        .call(Method::POST, "/api/v1/meters/B-1/arrears-notices", &billing, Some(notice("payment_demand", "2026-02-10T02:00:00Z")))
+        .call(
+            Method::POST,
+            "/api/v1/meters/B-1/arrears-notices",
+            &billing,
+            Some(notice("payment_demand", "2026-02-10T02:00:00Z")),
+        )
         .await;
-    assert_eq!(st, StatusCode::NOT_FOUND, "org-b's meter is outside org-a's scope");
+    assert_eq!(
+        st,
+        StatusCode::NOT_FOUND,
+        "org-b's meter is outside org-a's scope"
+    );
     let (st, _) = h
-        .call(Method::POST, "/api/v1/meters/A-1/arrears-notices", &reader, Some(notice("payment_demand", "2026-02-10T02:00:00Z")))
+        .call(
+            Method::POST,
+            "/api/v1/meters/A-1/arrears-notices",
+            &reader,
+            Some(notice("payment_demand", "2026-02-10T02:00:00Z")),
+        )
         .await;
     assert_eq!(st, StatusCode::FORBIDDEN);
     for (no, _) in meters {
-        for (kind, at) in [("payment_demand", "2026-02-10T02:00:00Z"), ("advance_notice", "2026-02-20T02:00:00Z")] {
+        for (kind, at) in [
+            ("payment_demand", "2026-02-10T02:00:00Z"),
+            ("advance_notice", "2026-02-20T02:00:00Z"),
+        ] {
             let (st, v) = h
-                .call(Method::POST, &format!("/api/v1/meters/{no}/arrears-notices"), &billing, Some(notice(kind, at)))
+                .call(
+                    Method::POST,
+                    &format!("/api/v1/meters/{no}/arrears-notices"),
+                    &billing,
+                    Some(notice(kind, at)),
+                )
                 .await;
             assert_eq!(st, StatusCode::CREATED, "{v}");
             assert_eq!(v["kind"], kind);
@@ -422,19 +584,38 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         }
     }
     let (st, list) = h
-        .call(Method::GET, "/api/v1/arrears-notices?meter=A-2", &billing, None)
+        .call(
+            Method::GET,
+            "/api/v1/arrears-notices?meter=A-2",
+            &billing,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{list}");
-    let kinds: Vec<&str> = list["items"].as_array().unwrap().iter().map(|n| n["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds, vec!["advance_notice", "payment_demand"]);
     let (_, all) = h
-        .call(Method::GET, "/api/v1/arrears-notices?kind=advance_notice", &billing, None)
+        .call(
+            Method::GET,
+            "/api/v1/arrears-notices?kind=advance_notice",
+            &billing,
+            None,
+        )
         .await;
     assert_eq!(all["items"].as_array().unwrap().len(), 3);
     let (_, none) = h
         .call(Method::GET, "/api/v1/arrears-notices", &billing_b, None)
         .await;
-    assert_eq!(none["items"].as_array().unwrap().len(), 0, "org-b sees no org-a notices");
+    assert_eq!(
+        none["items"].as_array().unwrap().len(),
+        0,
+        "org-b sees no org-a notices"
+    );
 
     // One run on a working Wednesday at 10:00 local finds three closes above a threshold of
     // two: every one waits for a person.
@@ -449,39 +630,85 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         .call(Method::GET, "/api/v1/arrears-closures/held", &billing, None)
         .await;
     assert_eq!(st, StatusCode::OK, "{held}");
-    let held_ids: Vec<&str> = held.as_array().unwrap().iter().map(|c| c["meter"].as_str().unwrap()).collect();
+    let held_ids: Vec<&str> = held
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["meter"].as_str().unwrap())
+        .collect();
     assert_eq!(held_ids, meters.iter().map(|m| m.1).collect::<Vec<_>>());
-    assert!(held[0]["reason"].as_str().unwrap().contains("threshold 2"), "{held}");
+    assert!(
+        held[0]["reason"].as_str().unwrap().contains("threshold 2"),
+        "{held}"
+    );
     let (_, held_b) = h
-        .call(Method::GET, "/api/v1/arrears-closures/held", &billing_b, None)
+        .call(
+            Method::GET,
+            "/api/v1/arrears-closures/held",
+            &billing_b,
+            None,
+        )
         .await;
     assert_eq!(held_b.as_array().unwrap().len(), 0);
 
     // Approving closes valves: high-risk (second factor).
     let (st, v) = h
-        .call(Method::POST, "/api/v1/arrears-closures/approve", &billing, Some(json!({"meters": ["A-1"]})))
+        .call(
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            &billing,
+            Some(json!({"meters": ["A-1"]})),
+        )
         .await;
-    assert_eq!((st, v["code"].as_str()), (StatusCode::FORBIDDEN, Some("second_factor_required")));
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("second_factor_required"))
+    );
     let (st, v) = h
-        .call(Method::POST, "/api/v1/arrears-closures/approve", &billing_mfa, Some(json!({"meters": []})))
+        .call(
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            &billing_mfa,
+            Some(json!({"meters": []})),
+        )
         .await;
-    assert_eq!((st, v["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("meters")));
+    assert_eq!(
+        (st, v["field"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("meters"))
+    );
     let (st, v) = h
-        .call(Method::POST, "/api/v1/arrears-closures/approve", &billing_mfa, Some(json!({"meters": ["A-1", "A-2"]})))
+        .call(
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            &billing_mfa,
+            Some(json!({"meters": ["A-1", "A-2"]})),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["approved"], json!([meters[0].1, meters[1].1]));
     assert_eq!(v["not_held"], json!([]));
     // Already approved: not held any more.
     let (_, v) = h
-        .call(Method::POST, "/api/v1/arrears-closures/approve", &billing_mfa, Some(json!({"meters": ["A-1"]})))
+        .call(
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            &billing_mfa,
+            Some(json!({"meters": ["A-1"]})),
+        )
         .await;
-    assert_eq!((v["approved"].clone(), v["not_held"].clone()), (json!([]), json!([meters[0].1])));
+    assert_eq!(
+        (v["approved"].clone(), v["not_held"].clone()),
+        (json!([]), json!([meters[0].1]))
+    );
 
     // The next run closes the approved ones, naming the approver; A-3 still waits.
-    let report = pipeline::control::rules::arrears_run(&h.db.pool, &policy, wednesday + time::Duration::minutes(5))
-        .await
-        .unwrap();
+    let report = pipeline::control::rules::arrears_run(
+        &h.db.pool,
+        &policy,
+        wednesday + time::Duration::minutes(5),
+    )
+    .await
+    .unwrap();
     assert_eq!(report.closed.len(), 2, "{report:?}");
     let approvers: Vec<(String, Option<String>)> = sqlx::query_as(
         "SELECT device_id, approver FROM commands WHERE action->>'type' = 'valve_close' ORDER BY device_id",
@@ -497,22 +724,43 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         ]
     );
     let (st, decisions) = h
-        .call(Method::GET, "/api/v1/meters/A-1/control-decisions", &billing, None)
+        .call(
+            Method::GET,
+            "/api/v1/meters/A-1/control-decisions",
+            &billing,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{decisions}");
-    let outcomes: Vec<&str> = decisions.as_array().unwrap().iter().map(|d| d["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<&str> = decisions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, vec!["awaiting_approval", "approved", "issued"]);
     assert_eq!(decisions[2]["inputs"]["approved_by"], "api:bill");
 
     // A-3 through the second approver: billing without a second factor asks, a meter admin
     // approves; the decision names both.
     let (st, held, _) = h
-        .send(Method::POST, "/api/v1/arrears-closures/approve", &billing, Some(json!({})), &[FOUR_EYES])
+        .send(
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            &billing,
+            Some(json!({})),
+            &[FOUR_EYES],
+        )
         .await;
     assert_eq!(st, StatusCode::ACCEPTED, "{held}");
     assert_eq!(held["action"], "valve_close");
     let (st, done) = h
-        .call(Method::POST, &format!("/api/v1/approvals/{}/approve", held["id"]), &admin, None)
+        .call(
+            Method::POST,
+            &format!("/api/v1/approvals/{}/approve", held["id"]),
+            &admin,
+            None,
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{done}");
     assert_eq!(done["state"], "executed", "{done}");
@@ -536,7 +784,17 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+        ])
         .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
         .arg("-keyout")
         .arg(&key)
@@ -544,7 +802,11 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
         .arg(&cert)
         .output()
         .expect("the openssl command (package openssl) generates the test certificate");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     (cert, key)
 }
 
@@ -552,11 +814,16 @@ fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 async fn tls_serves_https_with_a_self_signed_certificate() {
     use axum::serve::ListenerExt as _;
     let db = TestDatabase::create().await;
-    let dir = std::env::temp_dir().join(format!("api-tls-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "api-tls-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = self_signed(&dir);
     // A key that is not PKCS#8 PEM is refused with a message saying what is expected.
-    let err = api::tls::acceptor_from_pem(&std::fs::read(&cert).unwrap(), b"not a key").unwrap_err();
+    let err =
+        api::tls::acceptor_from_pem(&std::fs::read(&cert).unwrap(), b"not a key").unwrap_err();
     assert!(err.to_string().contains("PKCS#8"), "{err}");
     let missing = api::tls::acceptor_from_files(&dir.join("nope.pem"), &key).unwrap_err();
     assert!(missing.to_string().contains("nope.pem"), "{missing}");
@@ -564,7 +831,9 @@ async fn tls_serves_https_with_a_self_signed_certificate() {
     let acceptor = api::tls::acceptor_from_files(&cert, &key).unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let listener = api::tls::TlsListener::new(tcp, acceptor).unwrap().tap_io(|_| ());
+    let listener = api::tls::TlsListener::new(tcp, acceptor)
+        .unwrap()
+        .tap_io(|_| ());
     let state = state(&db, "tls");
     tokio::spawn(async move {
         axum::serve(
@@ -640,7 +909,11 @@ async fn retention_deletes_by_age_and_dry_runs_count() {
         .await
         .unwrap();
     }
-    for (key, days, status) in [("new", 1, Some(202_i16)), ("old", 8, Some(202)), ("stuck", 8, None)] {
+    for (key, days, status) in [
+        ("new", 1, Some(202_i16)),
+        ("old", 8, Some(202)),
+        ("stuck", 8, None),
+    ] {
         sqlx::query(
             "INSERT INTO api_idempotency (client_id, key, request_hash, status, created_at)
              VALUES ('cl', $1, 'h', $2, $3)",
@@ -700,21 +973,35 @@ async fn retention_deletes_by_age_and_dry_runs_count() {
         n
     };
     assert_eq!(count("api_call_log").await, 4, "a dry run deletes nothing");
-    assert_eq!(run(pool, now, policy, false).await.unwrap(), expected(false));
+    assert_eq!(
+        run(pool, now, policy, false).await.unwrap(),
+        expected(false)
+    );
     assert_eq!(count("api_call_log").await, 2);
     let keys: Vec<String> = sqlx::query_scalar("SELECT key FROM api_idempotency ORDER BY key")
         .fetch_all(pool)
         .await
         .unwrap();
-    assert_eq!(keys, vec!["new", "stuck"], "a key still in progress is kept");
-    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM api_approvals ORDER BY approval_id")
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    assert_eq!(
+        keys,
+        vec!["new", "stuck"],
+        "a key still in progress is kept"
+    );
+    let states: Vec<String> =
+        sqlx::query_scalar("SELECT state FROM api_approvals ORDER BY approval_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
     assert_eq!(states, vec!["expired", "pending"]);
     let again = run(pool, now, policy, false).await.unwrap();
     assert_eq!(
-        (again.call_log, again.idempotency, again.nonces, again.approvals_expired, again.approvals),
+        (
+            again.call_log,
+            again.idempotency,
+            again.nonces,
+            again.approvals_expired,
+            again.approvals
+        ),
         (0, 0, 0, 0, 0)
     );
 
@@ -733,16 +1020,18 @@ async fn retention_deletes_by_age_and_dry_runs_count() {
         false,
     ));
     let t = OffsetDateTime::now_utc();
-    assert!(s.tick(t).await.unwrap().is_empty(), "nothing due at first sighting");
+    assert!(
+        s.tick(t).await.unwrap().is_empty(),
+        "nothing due at first sighting"
+    );
     let ran = s.tick(t + time::Duration::minutes(2)).await.unwrap();
     assert_eq!(ran.len(), 1);
     assert!(ran[0].succeeded);
-    let (detail,): (Value,) = sqlx::query_as(
-        "SELECT detail FROM job_runs WHERE job = 'api-retention'",
-    )
-    .fetch_one(pool)
-    .await
-    .unwrap();
+    let (detail,): (Value,) =
+        sqlx::query_as("SELECT detail FROM job_runs WHERE job = 'api-retention'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
     assert_eq!(detail["call_log"], 1, "{detail}");
     assert_eq!(detail["dry_run"], false);
     db.drop_database().await;

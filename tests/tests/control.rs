@@ -489,7 +489,11 @@ impl tokio_modbus::server::Service for ValveSlave {
             Request::ReadHoldingRegisters(start, count) => {
                 self.reads.fetch_add(1, Ordering::SeqCst);
                 (start..start.saturating_add(count))
-                    .map(|a| regs.get(&a).copied().ok_or(ExceptionCode::IllegalDataAddress))
+                    .map(|a| {
+                        regs.get(&a)
+                            .copied()
+                            .ok_or(ExceptionCode::IllegalDataAddress)
+                    })
                     .collect::<Result<Vec<_>, _>>()
                     .map(|w| Some(Response::ReadHoldingRegisters(w)))
             }
@@ -670,13 +674,17 @@ valve = {{ register = 2, open = 0, close = 1 }}
     .await
     .expect("issue");
     assert!(issued.created);
-    wait_for("the close acknowledged", Duration::from_secs(120), || async {
-        matches!(
-            state(&pool, "mb-close-1").await,
-            Some(CentralState::Acknowledged | CentralState::ConfirmedByTelemetry)
-        )
-        .then_some(())
-    })
+    wait_for(
+        "the close acknowledged",
+        Duration::from_secs(120),
+        || async {
+            matches!(
+                state(&pool, "mb-close-1").await,
+                Some(CentralState::Acknowledged | CentralState::ConfirmedByTelemetry)
+            )
+            .then_some(())
+        },
+    )
     .await;
     assert_eq!(
         slave.regs.lock().expect("regs").get(&2).copied(),
@@ -700,18 +708,26 @@ valve = {{ register = 2, open = 0, close = 1 }}
     )
     .await
     .expect("read-now issued");
-    wait_for("the read-now acknowledged", Duration::from_secs(120), || async {
-        (state(&pool, "mb-read-1").await == Some(CentralState::Acknowledged)).then_some(())
-    })
+    wait_for(
+        "the read-now acknowledged",
+        Duration::from_secs(120),
+        || async {
+            (state(&pool, "mb-read-1").await == Some(CentralState::Acknowledged)).then_some(())
+        },
+    )
     .await;
     assert!(
         slave.reads.load(Ordering::SeqCst) > reads_before,
         "read-now polled the slave"
     );
-    wait_for("the read-now reading stored", Duration::from_secs(120), || {
-        let pool = pool.clone();
-        async move { (valve_readings(pool).await > stored_before).then_some(()) }
-    })
+    wait_for(
+        "the read-now reading stored",
+        Duration::from_secs(120),
+        || {
+            let pool = pool.clone();
+            async move { (valve_readings(pool).await > stored_before).then_some(()) }
+        },
+    )
     .await;
     wait_for(
         "the close confirmed by telemetry",
@@ -729,7 +745,11 @@ valve = {{ register = 2, open = 0, close = 1 }}
         .map(|e| e.state)
         .collect();
     assert!(states.contains(&"acknowledged".to_owned()), "{states:?}");
-    assert_eq!(states.last().map(String::as_str), Some("confirmed_by_telemetry"), "{states:?}");
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("confirmed_by_telemetry"),
+        "{states:?}"
+    );
 
     stop.send(true).ok();
     service_task.await.expect("service task").expect("service");
@@ -757,7 +777,9 @@ fn nb_reading(litres: i64, ser: u8, status: u16) -> Vec<u8> {
         clock: time::PrimitiveDateTime::new(now.date(), now.time()),
         status,
     };
-    cjt188::encode(&Cjt188Frame::read_data_reply(0x10, NB_ADDRESS, ser, &reading))
+    cjt188::encode(&Cjt188Frame::read_data_reply(
+        0x10, NB_ADDRESS, ser, &reading,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -780,7 +802,11 @@ async fn nbiot_coap_valve_close_rides_the_reply_to_a_sealed_uplink() {
     .expect("register");
     let dir = tempfile::tempdir().expect("tempdir");
     let keys = dir.path().join("nbiot-keys.toml");
-    std::fs::write(&keys, format!("\"{NB_METER}\" = \"{}\"\n", hex::encode(NB_KEY))).expect("keys");
+    std::fs::write(
+        &keys,
+        format!("\"{NB_METER}\" = \"{}\"\n", hex::encode(NB_KEY)),
+    )
+    .expect("keys");
     let cid = root.replace('/', "-");
     let toml = format!(
         r#"gateway_id = "{GW_COAP}"
@@ -838,7 +864,9 @@ key_file = "{keys}"
 
     // 2. The meter wakes and sends sealed readings (valve open) until the command comes back
     //    in a 2.04 reply, sealed under its key for that uplink's counter.
-    let meter = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    let meter = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
     let mut counter = 100u64;
     let mut message_id = 1u16;
     let mut uplink = |body: Vec<u8>| {
@@ -877,8 +905,11 @@ key_file = "{keys}"
     assert_eq!(down.address, NB_ADDRESS);
     assert_eq!(down.payload, Payload::Valve { open: false });
     wait_for("sent", Duration::from_secs(60), || async {
-        matches!(state(&pool, "nb-close-1").await, Some(CentralState::Sent | CentralState::Delivered))
-            .then_some(())
+        matches!(
+            state(&pool, "nb-close-1").await,
+            Some(CentralState::Sent | CentralState::Delivered)
+        )
+        .then_some(())
     })
     .await;
 
@@ -903,22 +934,18 @@ key_file = "{keys}"
     .await;
 
     // 4. Its next sealed reading shows the valve closed: confirmed by telemetry.
-    wait_for(
-        "confirmed by telemetry",
-        Duration::from_secs(120),
-        || {
-            let (sealed, mid, token, _) = uplink(nb_reading(123_460, 2, cjt188::ST_VALVE_CLOSED));
-            let (meter, pool) = (&meter, pool.clone());
-            async move {
-                simulators::nbiot::coap_post(meter, coap, mid, token, sealed)
-                    .await
-                    .ok()?;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                (state(&pool, "nb-close-1").await == Some(CentralState::ConfirmedByTelemetry))
-                    .then_some(())
-            }
-        },
-    )
+    wait_for("confirmed by telemetry", Duration::from_secs(120), || {
+        let (sealed, mid, token, _) = uplink(nb_reading(123_460, 2, cjt188::ST_VALVE_CLOSED));
+        let (meter, pool) = (&meter, pool.clone());
+        async move {
+            simulators::nbiot::coap_post(meter, coap, mid, token, sealed)
+                .await
+                .ok()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (state(&pool, "nb-close-1").await == Some(CentralState::ConfirmedByTelemetry))
+                .then_some(())
+        }
+    })
     .await;
     let states: Vec<String> = control::events(&pool, "nb-close-1")
         .await

@@ -73,7 +73,10 @@ async fn list_approvals(
     if let Some(st) = q.state.as_deref()
         && !STATES.contains(&st)
     {
-        return Err(ApiError::field("state", format!("must be one of {}", STATES.join(", "))));
+        return Err(ApiError::field(
+            "state",
+            format!("must be one of {}", STATES.join(", ")),
+        ));
     }
     let (limit, offset) = Page {
         limit: q.limit,

@@ -87,11 +87,8 @@ async fn record_notice(
 ) -> Result<(StatusCode, axum::Json<NoticeView>), ApiError> {
     p.require(rbac::ARREARS_NOTICES_WRITE)?;
     let kind = parse_kind(&n.kind)?;
-    let sent_at = OffsetDateTime::parse(
-        &n.sent_at,
-        &time::format_description::well_known::Rfc3339,
-    )
-    .map_err(|e| ApiError::field("sent_at", format!("not RFC 3339: {e}")))?;
+    let sent_at = OffsetDateTime::parse(&n.sent_at, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| ApiError::field("sent_at", format!("not RFC 3339: {e}")))?;
     // A notice "sent" in the future would let the rule count a period that has not run.
     if sent_at > OffsetDateTime::now_utc() + time::Duration::minutes(5) {
         return Err(ApiError::field("sent_at", "is in the future"));
@@ -335,8 +332,14 @@ async fn approve_closures(
     ApiJson(a): ApiJson<ClosureApproval>,
 ) -> Result<axum::Json<ClosureApproved>, ApiError> {
     p.require(rbac::ARREARS_CLOSURES_APPROVE)?;
-    if a.meters.as_ref().is_some_and(|m| m.is_empty() || m.len() > 5000) {
-        return Err(ApiError::field("meters", "1..=5000 meters, or absent for all held"));
+    if a.meters
+        .as_ref()
+        .is_some_and(|m| m.is_empty() || m.len() > 5000)
+    {
+        return Err(ApiError::field(
+            "meters",
+            "1..=5000 meters, or absent for all held",
+        ));
     }
     p.require_second_factor(Action::ValveClose, &s.config.second_factor_actions)?;
     let held: Vec<String> = held_in_scope(&s, &p)
