@@ -617,10 +617,12 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         "org-b sees no org-a notices"
     );
 
-    // One run on a working Wednesday at 10:00 local finds three closes above a threshold of
+    // One run on a working Wednesday at 10:00 local finds three closes above a threshold of zero:
     // two: every one waits for a person.
     let mut policy = pipeline::control::rules::ArrearsPolicy::default_policy().unwrap();
-    policy.bulk_threshold = 2;
+    // Threshold 0: every unapproved close waits (the rule holds when unapproved > threshold,
+    // so with 2 the lone A-3 would close unapproved on the second run).
+    policy.bulk_threshold = 0;
     let wednesday = time::macros::datetime!(2026-03-04 02:00 UTC);
     let report = pipeline::control::rules::arrears_run(&h.db.pool, &policy, wednesday)
         .await
@@ -638,7 +640,7 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
         .collect();
     assert_eq!(held_ids, meters.iter().map(|m| m.1).collect::<Vec<_>>());
     assert!(
-        held[0]["reason"].as_str().unwrap().contains("threshold 2"),
+        held[0]["reason"].as_str().unwrap().contains("threshold 0"),
         "{held}"
     );
     let (_, held_b) = h
