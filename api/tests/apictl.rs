@@ -618,7 +618,7 @@ async fn arrears_notices_decisions_and_bulk_closure_approval() {
     );
 
     // One run on a working Wednesday at 10:00 local finds three closes above a threshold of zero:
-    // two: every one waits for a person.
+    // every one waits for a person.
     let mut policy = pipeline::control::rules::ArrearsPolicy::default_policy().unwrap();
     // Threshold 0: every unapproved close waits (the rule holds when unapproved > threshold,
     // so with 2 the lone A-3 would close unapproved on the second run).
