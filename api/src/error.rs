@@ -153,6 +153,11 @@ impl ApiError {
     }
 }
 
+/// On a `second_factor_required` answer: the action refused, so the four-eyes middleware
+/// ([`crate::approvals`]) can hold the request for a second approver instead.
+#[derive(Debug, Clone, Copy)]
+pub struct SecondFactorAction(pub crate::auth::Action);
+
 /// The error code of a response, carried to the call log and metrics middleware.
 #[derive(Debug, Clone)]
 pub struct ErrorCode(pub &'static str);
@@ -174,6 +179,11 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp.extensions_mut().insert(ErrorCode(self.error_code()));
+        if let Self::SecondFactorRequired { action } = &self
+            && let Some(a) = crate::auth::Action::parse(action)
+        {
+            resp.extensions_mut().insert(SecondFactorAction(a));
+        }
         resp
     }
 }

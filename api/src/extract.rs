@@ -111,6 +111,14 @@ impl FromRequestParts<AppState> for Auth {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let ctx = parts.extensions.get::<CallCtx>().cloned();
+        // A held request executed after its approval: the requester's identity comes from the
+        // approval (this extension is only ever set in-process, never from the wire).
+        if let Some(call) = parts.extensions.get::<crate::approvals::ApprovedCall>() {
+            if let Some(ctx) = &ctx {
+                ctx.set_caller(&call.principal.subject);
+            }
+            return Ok(Self(call.principal.clone()));
+        }
         let token = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod approvals;
 pub mod audit;
 pub mod auth;
 pub mod calllog;
@@ -23,6 +24,7 @@ pub mod routes;
 pub mod signing;
 pub mod ui;
 pub mod users;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +58,8 @@ pub struct ApiConfig {
     pub second_factor_actions: Vec<Action>,
     /// Most rows per page of list endpoints.
     pub max_page: i64,
+    /// How long a request held for a second approver stays pending.
+    pub approval_ttl: time::Duration,
 }
 
 impl Default for ApiConfig {
@@ -66,6 +70,7 @@ impl Default for ApiConfig {
             max_skew_s: 300,
             second_factor_actions: Action::ALL.to_vec(),
             max_page: 1000,
+            approval_ttl: time::Duration::hours(24),
         }
     }
 }
@@ -134,14 +139,21 @@ impl utoipa::Modify for SecurityAddon {
 pub fn app(state: AppState) -> Router {
     let (router, openapi) = api_router().split_for_parts();
     let max_body = state.config.max_body_bytes;
-    router
+    let inner = router
         .merge(SwaggerUi::new("/api/v1/docs").url("/api/v1/openapi.json", openapi))
         .merge(ui::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body))
-        .layer(middleware::from_fn_with_state(state.clone(), track))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body));
+    // An approved request runs through `core`: tracked like any call, never held again.
+    let core = tracked(inner.clone(), &state);
+    tracked(approvals::layer(inner, state.clone(), core), &state)
+}
+
+/// Adds the per-request bookkeeping (metrics, call log) and the state.
+fn tracked(r: Router<AppState>, state: &AppState) -> Router {
+    r.layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state.clone())
 }
 
 /// The documented routes (also used to print the OpenAPI document without a server).
@@ -154,6 +166,8 @@ pub fn api_router() -> OpenApiRouter<AppState> {
         .merge(routes::alarms::router())
         .merge(routes::billing::router())
         .merge(routes::commands::router())
+        .merge(routes::approvals::router())
+        .merge(routes::arrears::router())
         .merge(routes::audit::router())
         .merge(routes::dashboard_routers())
 }

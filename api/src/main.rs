@@ -84,6 +84,16 @@ enum Command {
         /// Apply the database migrations first.
         #[arg(long)]
         migrate: bool,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key); without both, plain
+        /// HTTP for running behind a TLS-terminating proxy.
+        #[arg(long, env = "API_TLS_CERT", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM PKCS#8 private key of --tls-cert.
+        #[arg(long, env = "API_TLS_KEY", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// How long a high-risk request held for a second approver stays pending, seconds.
+        #[arg(long, env = "API_APPROVAL_TTL", default_value_t = 86_400)]
+        approval_ttl_s: i64,
     },
     /// Print a signed HS256 token for the demo.
     DevToken {
@@ -160,6 +170,30 @@ enum Command {
         )]
         database_url: String,
     },
+    /// Delete old call-log rows, idempotency keys, expired nonces and decided approval
+    /// requests; expire approval requests past their deadline (cron; the scheduler's
+    /// `api-retention` job does the same). Prints what it deleted as JSON.
+    Retention {
+        /// Days of call log kept.
+        #[arg(long, default_value_t = 180)]
+        call_log_days: i64,
+        /// Days of push idempotency keys kept.
+        #[arg(long, default_value_t = 7)]
+        idempotency_days: i64,
+        /// Days decided approval requests are kept.
+        #[arg(long, default_value_t = 365)]
+        approvals_days: i64,
+        /// Count only; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// PostgreSQL URL.
+        #[arg(
+            long,
+            env = "DATABASE_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/wm"
+        )]
+        database_url: String,
+    },
     /// Print the OpenAPI document.
     Openapi,
     /// Print signed IF-METER-004 requests for a load run (`scripts/api-load.sh`): one line
@@ -216,7 +250,18 @@ async fn main() -> anyhow::Result<()> {
             second_factor,
             max_body_bytes,
             migrate,
+            tls_cert,
+            tls_key,
+            approval_ttl_s,
         } => {
+            if !(60..=30 * 86_400).contains(&approval_ttl_s) {
+                bail!("--approval-ttl-s must be 60..=2592000 (got {approval_ttl_s})");
+            }
+            // Read the certificate before anything else starts: a bad file fails at once.
+            let tls = match (&tls_cert, &tls_key) {
+                (Some(c), Some(k)) => Some(api::tls::acceptor_from_files(c, k)?),
+                _ => None,
+            };
             let pool = PgPoolOptions::new()
                 .max_connections(16)
                 .connect(&database_url)
@@ -275,6 +320,7 @@ async fn main() -> anyhow::Result<()> {
                 config: Arc::new(ApiConfig {
                     max_body_bytes,
                     second_factor_actions: actions,
+                    approval_ttl: time::Duration::seconds(approval_ttl_s),
                     ..ApiConfig::default()
                 }),
                 tariffs: tariff_book,
@@ -284,15 +330,24 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("binding {listen}"))?;
-            tracing::info!(%listen, "api listening; OpenAPI UI at /api/v1/docs");
-            axum::serve(
-                listener,
-                api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(async {
+            let app = api::app(state).into_make_service_with_connect_info::<SocketAddr>();
+            let shutdown = async {
                 let _ignored = tokio::signal::ctrl_c().await;
-            })
-            .await?;
+            };
+            if let Some(acceptor) = tls {
+                use axum::serve::ListenerExt as _;
+                tracing::info!(%listen, "api listening (HTTPS); OpenAPI UI at /api/v1/docs");
+                // tap_io: lets ConnectInfo<SocketAddr> (call log peer) work on the TLS listener.
+                let listener = api::tls::TlsListener::new(listener, acceptor)?.tap_io(|_| ());
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            } else {
+                tracing::info!(%listen, "api listening (plain HTTP); OpenAPI UI at /api/v1/docs");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await?;
+            }
         }
         Command::DevToken {
             roles,
@@ -389,6 +444,40 @@ async fn main() -> anyhow::Result<()> {
             )
             .await?;
             println!("user {username} saved ({})", role.as_str());
+        }
+        Command::Retention {
+            call_log_days,
+            idempotency_days,
+            approvals_days,
+            dry_run,
+            database_url,
+        } => {
+            for (flag, days) in [
+                ("--call-log-days", call_log_days),
+                ("--idempotency-days", idempotency_days),
+                ("--approvals-days", approvals_days),
+            ] {
+                if days < 1 {
+                    bail!("{flag} must be at least 1 (got {days})");
+                }
+            }
+            let pool = PgPoolOptions::new()
+                .max_connections(2)
+                .connect(&database_url)
+                .await
+                .with_context(|| format!("connecting to {database_url}"))?;
+            let report = pipeline::api_retention::run(
+                &pool,
+                time::OffsetDateTime::now_utc(),
+                pipeline::api_retention::RetentionPolicy {
+                    call_log: time::Duration::days(call_log_days),
+                    idempotency: time::Duration::days(idempotency_days),
+                    approvals: time::Duration::days(approvals_days),
+                },
+                dry_run,
+            )
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Openapi => println!("{}", api::openapi_json()),
         Command::LoadRequests {

@@ -28,6 +28,7 @@ struct Inner {
     errors: HashMap<(String, &'static str), u64>,
     auth_failures: HashMap<(String, String, &'static str), u64>,
     counters: HashMap<&'static str, u64>,
+    approvals: HashMap<(String, &'static str), u64>,
 }
 
 /// The API's metrics.
@@ -86,6 +87,14 @@ impl Metrics {
             ("other".to_owned(), "other".to_owned(), reason)
         };
         *m.auth_failures.entry(key).or_default() += 1;
+    }
+
+    /// Counts a second-approver event of `action` (`requested`, `approved`, `rejected`,
+    /// `executed`, `failed`).
+    pub fn approval(&self, action: &str, outcome: &'static str) {
+        if let Ok(mut m) = self.inner.lock() {
+            *m.approvals.entry((action.to_owned(), outcome)).or_default() += 1;
+        }
     }
 
     /// Adds `n` to a plain counter.
@@ -163,6 +172,17 @@ impl Metrics {
                 "api_auth_failures_total{{client=\"{}\",address=\"{}\",reason=\"{reason}\"}} {n}",
                 esc(client),
                 esc(addr)
+            )
+            .unwrap_or_default();
+        }
+        out.push_str("# TYPE api_approvals_total counter\n");
+        let mut ap: Vec<_> = m.approvals.iter().collect();
+        ap.sort();
+        for ((action, outcome), n) in ap {
+            writeln!(
+                out,
+                "api_approvals_total{{action=\"{}\",outcome=\"{outcome}\"}} {n}",
+                esc(action)
             )
             .unwrap_or_default();
         }

@@ -1,6 +1,7 @@
 //! Who may call what: one role set per group of operations, used by the handlers and by the
 //! route-by-route RBAC test (`api/tests/rbac.rs`), so the table and the code cannot drift.
 
+use crate::auth::Action;
 use crate::auth::Role::{self, *};
 
 /// IF-METER-001: meter queries.
@@ -51,3 +52,26 @@ pub const COMMANDS_WRITE: &[Role] = &[MeterOperator, MeterAdmin];
 /// Dashboard reads (issue 23): fleet summary, gateways, DMA balance, the live event stream
 /// (which passes each kind of event only to the roles that may read it).
 pub const DASHBOARD_READ: &[Role] = &[MeterOperator, MeterAdmin, MeterReader, Billing, Auditor];
+/// Second-approver requests: list and read (requesters and approvers alike).
+pub const APPROVALS_READ: &[Role] = &[MeterOperator, MeterAdmin, Billing, Auditor];
+
+/// Who may approve (or reject) a held high-risk `action` as the second person: the
+/// department's senior role — meter actions by a meter administrator, billing actions by
+/// billing. Never the requester (checked separately).
+pub fn approvers(action: Action) -> &'static [Role] {
+    match action {
+        Action::MeterRetire
+        | Action::ReadEdit
+        | Action::ValveClose
+        | Action::ValveOpen
+        | Action::HydrantUnlock => &[MeterAdmin],
+        Action::BillRerun | Action::ArrearsBulkClear => &[Billing],
+    }
+}
+
+/// Recording arrears notices (payment demand, advance notice).
+pub const ARREARS_NOTICES_WRITE: &[Role] = &[Billing, MeterOperator, MeterAdmin];
+/// Arrears notices, held closures and control-rule decisions (read).
+pub const ARREARS_RULE_READ: &[Role] = &[Billing, MeterOperator, MeterAdmin, Auditor];
+/// Approving held arrears closures (closes valves: second factor or second approver).
+pub const ARREARS_CLOSURES_APPROVE: &[Role] = &[Billing, MeterAdmin];

@@ -633,6 +633,55 @@ async fn rbac_route_by_route() {
             None,
             rbac::DASHBOARD_READ,
         ),
+        (Method::GET, "/api/v1/approvals", None, rbac::APPROVALS_READ),
+        (
+            Method::GET,
+            "/api/v1/approvals/999",
+            None,
+            rbac::APPROVALS_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/approvals/999/approve",
+            None,
+            rbac::APPROVALS_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/approvals/999/reject",
+            None,
+            rbac::APPROVALS_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/meters/R-404/arrears-notices",
+            Some(json!({"kind": "payment_demand", "sent_at": "2026-01-01T00:00:00Z"})),
+            rbac::ARREARS_NOTICES_WRITE,
+        ),
+        (
+            Method::GET,
+            "/api/v1/arrears-notices",
+            None,
+            rbac::ARREARS_RULE_READ,
+        ),
+        (
+            Method::GET,
+            "/api/v1/meters/R-1/control-decisions",
+            None,
+            rbac::ARREARS_RULE_READ,
+        ),
+        (
+            Method::GET,
+            "/api/v1/arrears-closures/held",
+            None,
+            rbac::ARREARS_RULE_READ,
+        ),
+        (
+            Method::POST,
+            "/api/v1/arrears-closures/approve",
+            Some(json!({"meters": ["R-404"]})),
+            rbac::ARREARS_CLOSURES_APPROVE,
+        ),
     ];
     // Every documented bearer route is in the table (the login is the one unauthenticated
     // route besides the signed push).

@@ -42,6 +42,11 @@ pub enum CommandAction {
     MbusApplicationReset,
     /// Set the meter clock to the gateway's time.
     SetTime,
+    /// Read the meter now: one extra poll, outside its schedule, by the gateway source that
+    /// owns it (Modbus and wired M-Bus, which the gateway polls; NB-IoT and wM-Bus meters only
+    /// speak when they wake, so the centre refuses it for them). The reading arrives on the
+    /// normal readings path; the ack says whether the poll succeeded.
+    ReadNow,
     /// Cancel a command still waiting in the gateway's queue (NB-IoT: not yet sent to the
     /// meter); the target is reported `cancelled`, this command `acknowledged`, or `failed`
     /// when the target is no longer queued.

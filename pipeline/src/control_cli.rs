@@ -132,6 +132,8 @@ enum ActionArg {
     SetTime,
     MbusReset,
     ModbusWrite,
+    /// An on-demand poll of a Modbus or wired M-Bus meter.
+    ReadNow,
 }
 
 #[derive(Args)]
@@ -292,6 +294,7 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: ControlArgs) -> anyhow::Result
                 ActionArg::HydrantLock => CommandAction::HydrantLock,
                 ActionArg::SetTime => CommandAction::SetTime,
                 ActionArg::MbusReset => CommandAction::MbusApplicationReset,
+                ActionArg::ReadNow => CommandAction::ReadNow,
                 ActionArg::ModbusWrite => match (a.register, a.value) {
                     (Some(register), Some(value)) => CommandAction::ModbusWrite { register, value },
                     _ => bail!("modbus-write needs --register and --value"),

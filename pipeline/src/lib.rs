@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod api_retention;
 pub mod billing;
 pub mod config;
 pub mod control;

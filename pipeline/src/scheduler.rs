@@ -460,6 +460,28 @@ pub fn review_collect_job(schedule: Schedule) -> Job {
     }
 }
 
+/// Retention of the API's call log, idempotency keys, nonces and decided approvals
+/// (`api_retention::run`); `dry_run` only counts (the counts go into `job_runs.detail`).
+pub fn api_retention_job(
+    schedule: Schedule,
+    policy: crate::api_retention::RetentionPolicy,
+    dry_run: bool,
+) -> Job {
+    Job {
+        name: "api-retention".into(),
+        schedule,
+        catch_up: CatchUp::Latest,
+        run: Arc::new(move |pool, due| {
+            Box::pin(async move {
+                let report = crate::api_retention::run(&pool, due, policy, dry_run)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                serde_json::to_value(report).map_err(|e| e.to_string())
+            })
+        }),
+    }
+}
+
 /// The arrears rule (`control::rules::arrears_run`) evaluated at the time it runs: reopens after
 /// payment, closes where every safeguard allows. Its commands go to the command outbox, which
 /// the control service publishes. Use it instead of `pipeline run --control-arrears` when several

@@ -48,6 +48,22 @@ enum SchedulerCommand {
         arrears: Option<String>,
         #[command(flatten)]
         arrears_policy: crate::control_cli::PolicyArgs,
+        /// API retention schedule (call log, idempotency keys, nonces, decided approvals);
+        /// `off` to leave it to `api retention`.
+        #[arg(long, default_value = "daily 03:30")]
+        api_retention: String,
+        /// Days of API call log kept.
+        #[arg(long, default_value_t = 180)]
+        call_log_days: i64,
+        /// Days of push idempotency keys kept.
+        #[arg(long, default_value_t = 7)]
+        idempotency_days: i64,
+        /// Days decided approval requests are kept.
+        #[arg(long, default_value_t = 365)]
+        approvals_days: i64,
+        /// The API retention job only counts what it would delete (into the run's detail).
+        #[arg(long)]
+        api_retention_dry_run: bool,
         /// Bill-run schedule: each run bills the closed cycles whose reads are complete.
         #[arg(long, default_value = "daily 06:00")]
         bill_runs: String,
@@ -92,6 +108,11 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             review_collect,
             arrears,
             arrears_policy,
+            api_retention,
+            call_log_days,
+            idempotency_days,
+            approvals_days,
+            api_retention_dry_run,
             bill_runs,
             tariffs,
             max_missing_share,
@@ -110,6 +131,21 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
                 s.register(scheduler::arrears_job(
                     Schedule::parse(&schedule)?,
                     arrears_policy.policy()?,
+                ));
+            }
+            if api_retention != "off" {
+                anyhow::ensure!(
+                    call_log_days >= 1 && idempotency_days >= 1 && approvals_days >= 1,
+                    "--call-log-days, --idempotency-days and --approvals-days must be at least 1"
+                );
+                s.register(scheduler::api_retention_job(
+                    Schedule::parse(&api_retention)?,
+                    pipeline::api_retention::RetentionPolicy {
+                        call_log: time::Duration::days(call_log_days),
+                        idempotency: time::Duration::days(idempotency_days),
+                        approvals: time::Duration::days(approvals_days),
+                    },
+                    api_retention_dry_run,
                 ));
             }
             if tariffs.is_empty() {

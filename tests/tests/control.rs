@@ -465,3 +465,504 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
         .ok();
     db.drop_database().await;
 }
+
+/// A Modbus TCP slave with a valve: holding 0..2 = volume in litres (u32), holding 2 = the
+/// valve state word (0 open, 1 closed), which a valve write sets; counts read requests.
+#[derive(Clone, Default)]
+struct ValveSlave {
+    regs: Arc<std::sync::Mutex<std::collections::BTreeMap<u16, u16>>>,
+    reads: Arc<AtomicU64>,
+}
+
+impl tokio_modbus::server::Service for ValveSlave {
+    type Request = tokio_modbus::SlaveRequest<'static>;
+    type Response = Option<tokio_modbus::Response>;
+    type Exception = tokio_modbus::ExceptionCode;
+    type Future = std::future::Ready<Result<Self::Response, Self::Exception>>;
+
+    fn call(&self, req: Self::Request) -> Self::Future {
+        use tokio_modbus::{ExceptionCode, Request, Response};
+        let Ok(mut regs) = self.regs.lock() else {
+            return std::future::ready(Err(ExceptionCode::ServerDeviceFailure));
+        };
+        let result = match req.request {
+            Request::ReadHoldingRegisters(start, count) => {
+                self.reads.fetch_add(1, Ordering::SeqCst);
+                (start..start.saturating_add(count))
+                    .map(|a| {
+                        regs.get(&a)
+                            .copied()
+                            .ok_or(ExceptionCode::IllegalDataAddress)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|w| Some(Response::ReadHoldingRegisters(w)))
+            }
+            Request::WriteSingleRegister(2, v) => {
+                regs.insert(2, v);
+                Ok(Some(Response::WriteSingleRegister(2, v)))
+            }
+            Request::WriteSingleRegister(..) => Err(ExceptionCode::IllegalDataAddress),
+            _ => Err(ExceptionCode::IllegalFunction),
+        };
+        std::future::ready(result)
+    }
+}
+
+const VALVE_MAP: &str = r#"model = "e2e-valve"
+description = "test valve: volume in litres, valve state word"
+[defaults]
+function = "holding"
+byte_order = "ABCD"
+[[register]]
+name = "volume"
+quantity = "volume"
+address = 0
+type = "u32"
+scale = "0.001"
+unit = "m3"
+[[register]]
+name = "valve"
+quantity = "valve_state"
+address = 2
+type = "u16"
+"#;
+
+const GW_MODBUS: &str = "gw-ctl-modbus";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_valve_close_and_read_now_round_trip() {
+    let root = wm_tests::unique_prefix("control-modbus");
+    let db = TestDatabase::create().await;
+    let pool = db.pool.clone();
+    let broker = pipeline::config::mqtt_url();
+    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
+    for (meter, protocol) in [
+        ("modbus:valve-1", "modbus"),
+        ("cjt188:00000000000888", "cjt188"),
+    ] {
+        sqlx::query(
+            "INSERT INTO meters (meter_id, protocol, gateway_id, has_valve, status) \
+             VALUES ($1, $2, $3, true, 'active')",
+        )
+        .bind(meter)
+        .bind(protocol)
+        .bind(GW_MODBUS)
+        .execute(&pool)
+        .await
+        .expect("register");
+    }
+    // NB-IoT meters cannot be read on demand: refused at the centre with a typed error.
+    let refused = control::issue(
+        &pool,
+        &control::IssueRequest::new(
+            "rn-nbiot",
+            MeterId::new("cjt188:00000000000888").expect("id"),
+            model::CommandAction::ReadNow,
+            "user:ops",
+            "read it now",
+        ),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(control::ControlError::Unsupported { .. })),
+        "{refused:?}"
+    );
+
+    // The slave, open, 1234 litres.
+    let slave = ValveSlave::default();
+    {
+        let mut r = slave.regs.lock().expect("regs");
+        r.insert(0, 0);
+        r.insert(1, 1234);
+        r.insert(2, 0);
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let serving = slave.clone();
+    tokio::spawn(async move {
+        let server = tokio_modbus::server::tcp::Server::new(listener);
+        let on_connected = move |stream, peer| {
+            let s = serving.clone();
+            async move {
+                tokio_modbus::server::tcp::accept_tcp_connection(stream, peer, move |_| {
+                    Ok(Some(s.clone()))
+                })
+            }
+        };
+        server.serve(&on_connected, |_e| {}).await.ok();
+    });
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map = dir.path().join("valve-map.toml");
+    std::fs::write(&map, VALVE_MAP).expect("map");
+    let cid = root.replace('/', "-");
+    // Polled once an hour: after the first poll, readings come from read-now commands only.
+    let toml = format!(
+        r#"gateway_id = "{GW_MODBUS}"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}-gw"
+topic_root = "{root}"
+partitions = 4
+batch_size = 50
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "valves"
+kind = "modbus_tcp"
+[source.timing]
+timeout = "1s"
+retries = 1
+[[source.devices]]
+name = "valve-1"
+address = "{addr}"
+unit_id = 1
+map = "{map}"
+poll_interval = "1h"
+valve = {{ register = 2, open = 0, close = 1 }}
+"#,
+        spool = dir.path().join("spool").display(),
+        map = map.display(),
+    );
+    let config = edge_config::parse(&toml, "modbus-e2e.toml".as_ref()).expect("gateway config");
+    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
+    worker.client_id = format!("{cid}-pipeline");
+    let worker_client = worker.client_id.clone();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(pipeline::worker::run(
+        worker,
+        pool.clone(),
+        Arc::new(pipeline::ingest::IngestMetrics::default()),
+        shutdown.clone(),
+    ));
+    let mut config =
+        service::ServiceConfig::new(&broker, &root, &format!("{cid}-control")).expect("config");
+    config.sweep_interval = Duration::from_millis(500);
+    let service_task = tokio::spawn(service::run(pool.clone(), config, shutdown));
+
+    let valve_readings = |pool: PgPool| async move {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM readings WHERE meter_id = 'modbus:valve-1' AND quantity = 'valve_state'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(0)
+    };
+    // The first (scheduled) poll's reading arrives.
+    wait_for("the first poll stored", Duration::from_secs(120), || {
+        let pool = pool.clone();
+        async move { (valve_readings(pool).await >= 1).then_some(()) }
+    })
+    .await;
+
+    // 1. Close, as `pipeline control issue` does: outbox → gateway → register write → ack.
+    let issued = control::issue(
+        &pool,
+        &control::IssueRequest::new(
+            "mb-close-1",
+            MeterId::new("modbus:valve-1").expect("id"),
+            model::CommandAction::ValveClose,
+            "user:ops",
+            "main burst downstream",
+        ),
+    )
+    .await
+    .expect("issue");
+    assert!(issued.created);
+    wait_for(
+        "the close acknowledged",
+        Duration::from_secs(120),
+        || async {
+            matches!(
+                state(&pool, "mb-close-1").await,
+                Some(CentralState::Acknowledged | CentralState::ConfirmedByTelemetry)
+            )
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        slave.regs.lock().expect("regs").get(&2).copied(),
+        Some(1),
+        "the valve register holds the close value"
+    );
+
+    // 2. Read now: one poll outside the schedule, acknowledged; its reading (valve closed)
+    //    confirms the close by telemetry.
+    let reads_before = slave.reads.load(Ordering::SeqCst);
+    let stored_before = valve_readings(pool.clone()).await;
+    control::issue(
+        &pool,
+        &control::IssueRequest::new(
+            "mb-read-1",
+            MeterId::new("modbus:valve-1").expect("id"),
+            model::CommandAction::ReadNow,
+            "user:ops",
+            "check the valve",
+        ),
+    )
+    .await
+    .expect("read-now issued");
+    wait_for(
+        "the read-now acknowledged",
+        Duration::from_secs(120),
+        || async {
+            (state(&pool, "mb-read-1").await == Some(CentralState::Acknowledged)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        slave.reads.load(Ordering::SeqCst) > reads_before,
+        "read-now polled the slave"
+    );
+    wait_for(
+        "the read-now reading stored",
+        Duration::from_secs(120),
+        || {
+            let pool = pool.clone();
+            async move { (valve_readings(pool).await > stored_before).then_some(()) }
+        },
+    )
+    .await;
+    wait_for(
+        "the close confirmed by telemetry",
+        Duration::from_secs(120),
+        || async {
+            (state(&pool, "mb-close-1").await == Some(CentralState::ConfirmedByTelemetry))
+                .then_some(())
+        },
+    )
+    .await;
+    let states: Vec<String> = control::events(&pool, "mb-close-1")
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    assert!(states.contains(&"acknowledged".to_owned()), "{states:?}");
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("confirmed_by_telemetry"),
+        "{states:?}"
+    );
+
+    stop.send(true).ok();
+    service_task.await.expect("service task").expect("service");
+    worker_task.await.expect("worker task").expect("worker");
+    gateway.shutdown().await;
+    pipeline::worker::forget_session(&broker, &worker_client)
+        .await
+        .ok();
+    db.drop_database().await;
+}
+
+const GW_COAP: &str = "gw-ctl-coap";
+const NB_METER: &str = "cjt188:78330011223355";
+const NB_ADDRESS: [u8; 7] = [0x55, 0x33, 0x22, 0x11, 0x00, 0x33, 0x78];
+const NB_KEY: [u8; 16] = *b"control-e2e-key!";
+
+/// A CJ/T 188 read-data reply with the valve bits of `status`, clocked now (UTC+8 local).
+fn nb_reading(litres: i64, ser: u8, status: u16) -> Vec<u8> {
+    use decoders::cjt188::{self, Cjt188Frame, Cjt188Reading};
+    let now = OffsetDateTime::now_utc().to_offset(time::macros::offset!(+8));
+    let reading = Cjt188Reading {
+        current_m3: rust_decimal::Decimal::new(litres, 3),
+        settlement_m3: rust_decimal::Decimal::new(100, 0),
+        unit: cjt188::UNIT_M3,
+        clock: time::PrimitiveDateTime::new(now.date(), now.time()),
+        status,
+    };
+    cjt188::encode(&Cjt188Frame::read_data_reply(
+        0x10, NB_ADDRESS, ser, &reading,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbiot_coap_valve_close_rides_the_reply_to_a_sealed_uplink() {
+    use decoders::cjt188::{self, Cjt188Frame, Payload};
+    use model::auth::{Direction, open_uplink, seal_uplink};
+    let root = wm_tests::unique_prefix("control-coap");
+    let db = TestDatabase::create().await;
+    let pool = db.pool.clone();
+    let broker = pipeline::config::mqtt_url();
+    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
+    sqlx::query(
+        "INSERT INTO meters (meter_id, protocol, gateway_id, has_valve, status) \
+         VALUES ($1, 'cjt188', $2, true, 'active')",
+    )
+    .bind(NB_METER)
+    .bind(GW_COAP)
+    .execute(&pool)
+    .await
+    .expect("register");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let keys = dir.path().join("nbiot-keys.toml");
+    std::fs::write(
+        &keys,
+        format!("\"{NB_METER}\" = \"{}\"\n", hex::encode(NB_KEY)),
+    )
+    .expect("keys");
+    let cid = root.replace('/', "-");
+    let toml = format!(
+        r#"gateway_id = "{GW_COAP}"
+[uplink]
+broker = "mqtt://{host}:{port}"
+client_id = "{cid}-gw"
+topic_root = "{root}"
+partitions = 4
+batch_size = 50
+[spool]
+dir = "{spool}"
+[metrics]
+listen = "127.0.0.1:0"
+[[source]]
+id = "nbiot"
+kind = "coap"
+listen = "127.0.0.1:0"
+key_file = "{keys}"
+"#,
+        spool = dir.path().join("spool").display(),
+        keys = keys.display(),
+    );
+    let config = edge_config::parse(&toml, "coap-e2e.toml".as_ref()).expect("gateway config");
+    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let coap = gateway.source_addr("nbiot").expect("coap bound");
+    let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
+    worker.client_id = format!("{cid}-pipeline");
+    let worker_client = worker.client_id.clone();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(pipeline::worker::run(
+        worker,
+        pool.clone(),
+        Arc::new(pipeline::ingest::IngestMetrics::default()),
+        shutdown.clone(),
+    ));
+    let mut config =
+        service::ServiceConfig::new(&broker, &root, &format!("{cid}-control")).expect("config");
+    config.sweep_interval = Duration::from_millis(500);
+    let service_task = tokio::spawn(service::run(pool.clone(), config, shutdown));
+
+    // 1. Issued at the centre (as `pipeline control issue`): published, queued at the gateway
+    //    for the sleeping meter.
+    control::issue(
+        &pool,
+        &control::IssueRequest::new(
+            "nb-close-1",
+            MeterId::new(NB_METER).expect("id"),
+            model::CommandAction::ValveClose,
+            "user:ops",
+            "arrears, notices given",
+        ),
+    )
+    .await
+    .expect("issue");
+
+    // 2. The meter wakes and sends sealed readings (valve open) until the command comes back
+    //    in a 2.04 reply, sealed under its key for that uplink's counter.
+    let meter = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    let mut counter = 100u64;
+    let mut message_id = 1u16;
+    let mut uplink = |body: Vec<u8>| {
+        counter += 1;
+        message_id += 1;
+        let token = (u32::from(message_id)).to_be_bytes();
+        (
+            seal_uplink(&NB_KEY, Direction::Uplink, NB_METER, counter, &body),
+            message_id,
+            token,
+            counter,
+        )
+    };
+    let down = wait_for(
+        "the valve command in a CoAP reply",
+        Duration::from_secs(120),
+        || {
+            let (sealed, mid, token, ctr) = uplink(nb_reading(123_456, 1, 0));
+            let meter = &meter;
+            async move {
+                let reply = simulators::nbiot::coap_post(meter, coap, mid, token, sealed)
+                    .await
+                    .ok()?;
+                if reply.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    return None;
+                }
+                let (body, for_counter) =
+                    open_uplink(&NB_KEY, Direction::Downlink, NB_METER, &reply).ok()?;
+                assert_eq!(for_counter, ctr, "sealed for the uplink it answers");
+                cjt188::parse(body).ok()
+            }
+        },
+    )
+    .await;
+    assert_eq!(down.address, NB_ADDRESS);
+    assert_eq!(down.payload, Payload::Valve { open: false });
+    wait_for("sent", Duration::from_secs(60), || async {
+        matches!(
+            state(&pool, "nb-close-1").await,
+            Some(CentralState::Sent | CentralState::Delivered)
+        )
+        .then_some(())
+    })
+    .await;
+
+    // 3. The meter executes it and answers with its sealed valve reply: acknowledged.
+    let reply = cjt188::encode(&Cjt188Frame::valve_reply(
+        0x10,
+        NB_ADDRESS,
+        down.ser,
+        cjt188::ST_VALVE_CLOSED,
+    ));
+    let (sealed, mid, token, _) = uplink(reply);
+    simulators::nbiot::coap_post(&meter, coap, mid, token, sealed)
+        .await
+        .expect("valve reply answered");
+    wait_for("acknowledged", Duration::from_secs(60), || async {
+        matches!(
+            state(&pool, "nb-close-1").await,
+            Some(CentralState::Acknowledged | CentralState::ConfirmedByTelemetry)
+        )
+        .then_some(())
+    })
+    .await;
+
+    // 4. Its next sealed reading shows the valve closed: confirmed by telemetry.
+    wait_for("confirmed by telemetry", Duration::from_secs(120), || {
+        let (sealed, mid, token, _) = uplink(nb_reading(123_460, 2, cjt188::ST_VALVE_CLOSED));
+        let (meter, pool) = (&meter, pool.clone());
+        async move {
+            simulators::nbiot::coap_post(meter, coap, mid, token, sealed)
+                .await
+                .ok()?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            (state(&pool, "nb-close-1").await == Some(CentralState::ConfirmedByTelemetry))
+                .then_some(())
+        }
+    })
+    .await;
+    let states: Vec<String> = control::events(&pool, "nb-close-1")
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    for s in ["queued", "sent", "acknowledged", "confirmed_by_telemetry"] {
+        assert!(states.iter().any(|x| x == s), "{s} missing: {states:?}");
+    }
+
+    stop.send(true).ok();
+    service_task.await.expect("service task").expect("service");
+    worker_task.await.expect("worker task").expect("worker");
+    gateway.shutdown().await;
+    pipeline::worker::forget_session(&broker, &worker_client)
+        .await
+        .ok();
+    db.drop_database().await;
+}

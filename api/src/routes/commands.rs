@@ -180,7 +180,8 @@ pub struct NewCommand {
     pub id: String,
     /// Target: meter number or meter id.
     pub device: String,
-    /// `valve_open`, `valve_close`, `hydrant_lock`, `set_time`, `mbus_application_reset`, or
+    /// `valve_open`, `valve_close`, `hydrant_lock`, `set_time`, `mbus_application_reset`,
+    /// `read_now` (Modbus and wired M-Bus devices: one poll now), or
     /// an object such as `{"type": "modbus_write", "register": 3, "value": 1}`. Hydrant
     /// unlocks go through `POST /api/v1/hydrants/{hydrant}/unlock`, cancels through
     /// `POST /api/v1/commands/{id}/cancel`.
@@ -238,6 +239,7 @@ fn require_action_factor(
         (status = 409, body = Problem), (status = 422, body = Problem)))]
 async fn issue_command(
     State(s): State<AppState>,
+    approved: Option<axum::Extension<crate::approvals::ApprovedCall>>,
     Auth(p): Auth,
     ApiJson(n): ApiJson<NewCommand>,
 ) -> Result<(StatusCode, axum::Json<IssuedView>), ApiError> {
@@ -259,9 +261,19 @@ async fn issue_command(
     require_action_factor(&s, &p, &action)?;
     let m = meter_in_scope(&s.pool, &p.scope, &n.device).await?;
     let device = MeterId::new(m.meter_id).map_err(|e| ApiError::field("device", e.to_string()))?;
+    let read_now = action == CommandAction::ReadNow;
     let mut req = control::IssueRequest::new(n.id, device, action, p.actor(), n.reason);
     req.priority = priority;
+    // A reading asked for now is worthless tomorrow: no 48 h TTL for it.
+    if read_now {
+        req.ttl = time::Duration::minutes(15);
+    }
     req.cause = serde_json::json!({"source": "api", "caller": p.subject});
+    // Issued after a second person's approval (four-eyes): the command names them.
+    if let Some(axum::Extension(call)) = approved {
+        req.approver = Some(format!("api:{}", call.approver));
+        req.cause["approval"] = serde_json::json!(call.approval_id);
+    }
     let out = control::issue(&s.pool, &req)
         .await
         .map_err(|e| control_error(e, "id"))?;

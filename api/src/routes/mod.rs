@@ -1,6 +1,8 @@
 //! The routes, one module per interface group.
 
 pub mod alarms;
+pub mod approvals;
+pub mod arrears;
 pub mod audit;
 pub mod billing;
 pub mod commands;

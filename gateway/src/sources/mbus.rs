@@ -728,6 +728,22 @@ impl Bus {
             )));
             return;
         };
+        // read-now hook (issue 21): one extra read through the normal read path (readings go
+        // to the spool as usual); acknowledged when that read succeeded.
+        if command.action == CommandAction::ReadNow {
+            let key = address.to_string();
+            let before = self.health.get(&key).map_or(0, |h| h.polls_ok);
+            self.read_meter(&address).await;
+            let _gone = reply.send(match self.health.get(&key) {
+                Some(h) if h.polls_ok > before => CommandOutcome::Acknowledged,
+                h => CommandOutcome::Failed(format!(
+                    "read-now failed: {}",
+                    h.and_then(|h| h.last_error)
+                        .unwrap_or_else(|| "no answer".into())
+                )),
+            });
+            return;
+        }
         let result = match command.action {
             CommandAction::MbusApplicationReset => self.master.snd_ud(&address, 0x50, &[]).await,
             CommandAction::SetTime => {

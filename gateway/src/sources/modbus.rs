@@ -590,6 +590,13 @@ impl Bus {
             )));
             return;
         };
+        // read-now hook (issue 21): one extra poll of this device through the normal poll path
+        // (readings go to the spool as usual); the ack says whether that poll succeeded.
+        if command.action == CommandAction::ReadNow {
+            let outcome = self.read_now(&device.name).await;
+            let _gone = reply.send(outcome);
+            return;
+        }
         let write = match (&command.action, device.valve) {
             (CommandAction::ModbusWrite { register, value }, _) => Ok((*register, *value)),
             (CommandAction::ValveOpen, Some(v)) => Ok((v.register, v.open)),
@@ -619,6 +626,23 @@ impl Bus {
             Err(reason) => CommandOutcome::Failed(reason),
         };
         let _gone = reply.send(outcome);
+    }
+
+    /// Polls one device now (a read-now command): acknowledged when the poll succeeded.
+    async fn read_now(&mut self, name: &str) -> CommandOutcome {
+        let Some(idx) = self.devices.iter().position(|d| d.name == name) else {
+            return CommandOutcome::Failed(format!("device {name} is not on this bus"));
+        };
+        let before = self.health.get(name).map_or(0, |h| h.polls_ok);
+        self.poll(idx).await;
+        match self.health.get(name) {
+            Some(h) if h.polls_ok > before => CommandOutcome::Acknowledged,
+            h => CommandOutcome::Failed(format!(
+                "read-now poll failed: {}",
+                h.and_then(|h| h.last_error)
+                    .unwrap_or_else(|| "no answer".into())
+            )),
+        }
     }
 
     /// One request with retries: transport errors and timeouts drop the connection (a late

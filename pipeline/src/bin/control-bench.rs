@@ -46,6 +46,10 @@ struct Args {
     /// Workers (in this process).
     #[arg(long, default_value_t = 1)]
     workers: u16,
+    /// The workers' batch delay, ms (`pipeline run --max-batch-delay-ms`; default 50): the
+    /// longest a lone message waits for company before its batch is processed.
+    #[arg(long, default_value_t = 50)]
+    max_batch_delay_ms: u64,
 }
 
 const GW: &str = "gw-bench";
@@ -170,6 +174,7 @@ async fn main() -> anyhow::Result<()> {
             args.partitions,
         )?;
         config.client_id = format!("ctl-bench-{}-w{w}", std::process::id());
+        config.max_batch_delay = Duration::from_millis(args.max_batch_delay_ms);
         tasks.push(tokio::spawn(pipeline::worker::run(
             config,
             pool.clone(),

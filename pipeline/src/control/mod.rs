@@ -473,6 +473,14 @@ pub(crate) async fn issue_in(
                 "only wired M-Bus meters take resets and clock setting",
             ));
         }
+        CommandAction::ReadNow
+            if !(device.starts_with("modbus:") || device.starts_with("mbus:")) =>
+        {
+            return Err(unsupported(
+                "only polled field-bus devices (modbus:, mbus:) can be read on demand; NB-IoT \
+                 and wM-Bus meters transmit only when they wake",
+            ));
+        }
         CommandAction::Cancel { .. } if req.parent.is_none() => {
             return Err(ControlError::Invalid(
                 "a cancel names its target as parent".into(),
