@@ -36,6 +36,7 @@ pub mod nbiot_keys;
 mod secret;
 mod spans;
 pub mod tls;
+mod valid;
 pub mod wmbus;
 
 pub use secret::Secret;
@@ -43,6 +44,7 @@ pub use spans::{FieldError, FieldPath, Spans};
 pub use tls::MqttTls;
 /// Values with their position in the TOML text (re-exported for `GatewayConfig::devices`).
 pub use toml::Spanned;
+pub use valid::{Valid, Validate};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -343,15 +345,15 @@ pub enum SourceConfig {
     /// IoT-platform HTTP push endpoint.
     HttpPush(HttpPushSourceConfig),
     /// Modbus TCP poller.
-    ModbusTcp(modbus::ModbusTcpSourceConfig),
+    ModbusTcp(Valid<modbus::ModbusTcpSourceConfig>),
     /// Modbus RTU poller.
-    ModbusRtu(modbus::ModbusRtuSourceConfig),
+    ModbusRtu(Valid<modbus::ModbusRtuSourceConfig>),
     /// Wired M-Bus master.
-    MbusSerial(mbus::MbusSerialSourceConfig),
+    MbusSerial(Valid<mbus::MbusSerialSourceConfig>),
     /// Wireless M-Bus UDP receiver.
-    WmbusUdp(wmbus::WmbusUdpSourceConfig),
+    WmbusUdp(Valid<wmbus::WmbusUdpSourceConfig>),
     /// Hydrant MQTT bridge.
-    HydrantMqtt(hydrant::HydrantSourceConfig),
+    HydrantMqtt(Valid<hydrant::HydrantSourceConfig>),
 }
 
 impl SourceConfig {
@@ -643,6 +645,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                     tls::resolve(base, [&mut m.tls_ca, &mut m.tls_cert, &mut m.tls_key]);
                 }
                 SourceConfig::HydrantMqtt(h) => {
+                    let h = h.paths_mut();
                     tls::resolve(base, [&mut h.tls_ca, &mut h.tls_cert, &mut h.tls_key]);
                 }
                 SourceConfig::Coap(c) => {
@@ -873,11 +876,22 @@ fn source_config(
         "mqtt" => SourceConfig::Mqtt(toml::from_str(&body()).map_err(typed)?),
         "coap" => SourceConfig::Coap(toml::from_str(&body()).map_err(typed)?),
         "http_push" => SourceConfig::HttpPush(toml::from_str(&body()).map_err(typed)?),
-        "modbus_tcp" => SourceConfig::ModbusTcp(toml::from_str(&body()).map_err(typed)?),
-        "modbus_rtu" => SourceConfig::ModbusRtu(toml::from_str(&body()).map_err(typed)?),
-        "mbus_serial" => SourceConfig::MbusSerial(toml::from_str(&body()).map_err(typed)?),
-        "wmbus_udp" => SourceConfig::WmbusUdp(toml::from_str(&body()).map_err(typed)?),
-        "hydrant_mqtt" => SourceConfig::HydrantMqtt(toml::from_str(&body()).map_err(typed)?),
+        // Checked by `validate` before `parse` returns anything (see `Valid`).
+        "modbus_tcp" => {
+            SourceConfig::ModbusTcp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "modbus_rtu" => {
+            SourceConfig::ModbusRtu(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "mbus_serial" => {
+            SourceConfig::MbusSerial(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "wmbus_udp" => {
+            SourceConfig::WmbusUdp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "hydrant_mqtt" => {
+            SourceConfig::HydrantMqtt(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
         other => {
             return Err(SourceParseError::Kind(format!(
                 "unknown source kind `{other}` (expected one of mqtt, coap, http_push, \

@@ -56,7 +56,11 @@ async fn main() -> anyhow::Result<()> {
         shutdown.clone(),
     );
     // Bound here: telegrams sent from now on wait in the socket for the receiver.
-    let source = WmbusSource::build(&config, &SourceEnv::new("wmbus")).await?;
+    let source = WmbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("wmbus"),
+    )
+    .await?;
     let stats = source.stats();
     let receiver = tokio::spawn(source.run(ctx));
     // The spool stand-in: acknowledge every hand-off at once.

@@ -471,7 +471,7 @@ async fn wmbus_plaintext_or_fake_encrypted_telegrams_of_a_keyed_meter_are_refuse
     use gateway::sources::Source as _;
     // Bound by `build`: what is sent from here on is queued for the receiver.
     let source = gateway::sources::wmbus::WmbusSource::build(
-        &config,
+        &edge_config::Valid::new(config).expect("valid config"),
         &gateway::sources::SourceEnv::new("wm"),
     )
     .await

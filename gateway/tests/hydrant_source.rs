@@ -50,9 +50,12 @@ async fn start(name: &str, ack_timeout: Duration) -> Harness {
         shutdown.clone(),
     );
     let readiness = ctx.readiness.clone();
-    let source = HydrantSource::build(&config, &SourceEnv::new("hydrants"))
-        .await
-        .unwrap();
+    let source = HydrantSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("hydrants"),
+    )
+    .await
+    .unwrap();
     let task = tokio::spawn(source.run(ctx));
     // Subscribed (both SUBACKs in) before the test publishes.
     tokio::time::timeout(Duration::from_secs(10), readiness.wait_ready())

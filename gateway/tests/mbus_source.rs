@@ -359,7 +359,12 @@ async fn source_submits_readings_and_executes_commands() {
         shutdown.clone(),
     );
     let env = SourceEnv::new("mbus1");
-    let source = MbusSource::build(&config, &env).await.unwrap();
+    let source = MbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
     let health = env.health();
     let task = tokio::spawn(source.run(ctx));
     let mut got = Vec::new();
@@ -458,7 +463,12 @@ async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
         shutdown.clone(),
     );
     let env = SourceEnv::new("mbus2");
-    let source = MbusSource::build(&config, &env).await.unwrap();
+    let source = MbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
     let health = env.health();
     let task = tokio::spawn(source.run(ctx));
     let mut got = Vec::new();

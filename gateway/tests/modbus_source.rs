@@ -177,7 +177,12 @@ fn env(source: &str) -> SourceEnv {
 async fn start_tcp(config: ModbusTcpSourceConfig) -> Running {
     let (ctx, sink, rx, cmd, shutdown) = context("mb", model::SourceKind::ModbusTcp);
     let env = env("mb");
-    let source = ModbusTcpSource::build(&config, &env).await.unwrap();
+    let source = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
     let health = env.health();
     let task = tokio::spawn(source.run(ctx));
     Running {
@@ -415,7 +420,12 @@ async fn rtu_polls_over_a_socat_pty_pair() {
     };
     let (ctx, _sink, mut rx, cmd, shutdown) = context("rtu", model::SourceKind::ModbusRtu);
     let env = env("rtu");
-    let source = ModbusRtuSource::build(&config, &env).await.unwrap();
+    let source = ModbusRtuSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
     let health = env.health();
     let task = tokio::spawn(source.run(ctx));
     let req = next_submit(&mut rx).await;
@@ -488,9 +498,12 @@ async fn builtin_map_through_the_public_run() {
         devices: vec![dev],
     };
     // The shipped maps: the default resolver.
-    let source = ModbusTcpSource::build(&config, &SourceEnv::new("emf"))
-        .await
-        .unwrap();
+    let source = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("emf"),
+    )
+    .await
+    .unwrap();
     let task = tokio::spawn(source.run(ctx));
     let req = next_submit(&mut rx).await;
     let got = values_of(&req);
@@ -516,10 +529,13 @@ async fn builtin_map_through_the_public_run() {
             ..device("d1", Some("127.0.0.1:1".into()), 1, 500)
         }],
     };
-    let err = ModbusTcpSource::build(&config, &SourceEnv::new("bad"))
-        .await
-        .unwrap_err()
-        .to_string();
+    let err = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("bad"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         err.starts_with("device \"d1\": register map \"no-such-map.toml\""),
         "{err}"

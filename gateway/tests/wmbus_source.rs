@@ -79,9 +79,12 @@ async fn start_with(window: Duration, tune: impl FnOnce(&mut WmbusUdpSourceConfi
         shutdown.clone(),
     );
     // The socket is bound by `build`: telegrams sent from here on are queued for the receiver.
-    let source = WmbusSource::build(&config, &SourceEnv::new("wm"))
-        .await
-        .unwrap();
+    let source = WmbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("wm"),
+    )
+    .await
+    .unwrap();
     let stats = source.stats();
     let task = tokio::spawn(source.run(ctx));
     Rx {

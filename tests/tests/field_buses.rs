@@ -107,7 +107,8 @@ async fn mbus_master_finds_and_reads_the_simulated_slaves() {
     mc.retries = 1;
     mc.search_secondary = true;
     mc.poll_interval = Duration::from_secs(600);
-    let (task, mut src) = start::<mbus::MbusSource>("mbus-e2e", &mc).await;
+    let (task, mut src) =
+        start::<mbus::MbusSource>("mbus-e2e", &edge_config::Valid::new(mc).unwrap()).await;
     let readings = collect(&mut src.rx, |r| {
         let meters: std::collections::BTreeSet<_> = r.iter().map(|r| r.meter.clone()).collect();
         meters.len() >= 3
@@ -169,7 +170,8 @@ async fn modbus_poller_reads_every_simulated_instrument() {
         timing: Default::default(),
         devices,
     };
-    let (task, mut src) = start::<modbus::ModbusTcpSource>("modbus-e2e", &mc).await;
+    let (task, mut src) =
+        start::<modbus::ModbusTcpSource>("modbus-e2e", &edge_config::Valid::new(mc).unwrap()).await;
     let readings = collect(&mut src.rx, |r| {
         names
             .iter()
@@ -202,7 +204,8 @@ async fn hydrant_bridge_talks_to_simulated_hydrants() {
     hc.topic_prefix = format!("{prefix}/hydrant");
     hc.ack_timeout = Duration::from_secs(5);
     // Subscribed before the hydrants report.
-    let (task, mut src) = start::<hydrant::HydrantSource>("hydrant-e2e", &hc).await;
+    let (task, mut src) =
+        start::<hydrant::HydrantSource>("hydrant-e2e", &edge_config::Valid::new(hc).unwrap()).await;
 
     let s = Scenario::plain(10, 1, 6, datetime!(2026-11-01 0:00 UTC));
     let mut config = FleetConfig::new(s);

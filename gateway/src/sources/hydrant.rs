@@ -47,19 +47,17 @@ pub struct HydrantSource {
 }
 
 impl Source for HydrantSource {
-    type Config = HydrantSourceConfig;
+    type Config = edge_config::Valid<HydrantSourceConfig>;
     const KIND: SourceKind = SourceKind::Mqtt;
 
-    async fn build(config: &HydrantSourceConfig, _env: &SourceEnv) -> Result<Self, SourceError> {
-        config
-            .validate()
-            .map_err(|e| SourceError::Config(format!("{e:?}")))?;
+    async fn build(config: &Self::Config, _env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
         let tls = config
             .tls()
             .map(|t| crate::mqtt::tls_connector(&t))
             .transpose()?;
         Ok(Self {
-            config: config.clone(),
+            config: (**config).clone(),
             tls,
         })
     }

@@ -452,13 +452,11 @@ pub struct MbusSource {
 }
 
 impl Source for MbusSource {
-    type Config = MbusSerialSourceConfig;
+    type Config = edge_config::Valid<MbusSerialSourceConfig>;
     const KIND: SourceKind = SourceKind::MbusSerial;
 
-    async fn build(config: &MbusSerialSourceConfig, env: &SourceEnv) -> Result<Self, SourceError> {
-        config
-            .validate()
-            .map_err(|e| SourceError::Config(format!("{e:?}")))?;
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
         let master = Master::open(
             &config.port,
             config.baud_rate,
@@ -471,7 +469,7 @@ impl Source for MbusSource {
         })?;
         Ok(Self {
             master,
-            config: config.clone(),
+            config: (**config).clone(),
             health: env.health(),
         })
     }

@@ -285,13 +285,11 @@ pub struct ModbusTcpSource {
 }
 
 impl Source for ModbusTcpSource {
-    type Config = ModbusTcpSourceConfig;
+    type Config = edge_config::Valid<ModbusTcpSourceConfig>;
     const KIND: SourceKind = SourceKind::ModbusTcp;
 
-    async fn build(config: &ModbusTcpSourceConfig, env: &SourceEnv) -> Result<Self, SourceError> {
-        config
-            .validate()
-            .map_err(|e| SourceError::Config(format!("{e:?}")))?;
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
         let mut buses: BTreeMap<String, Vec<PolledDevice>> = BTreeMap::new();
         for (address, device) in devices_of(&config.devices, &config.timing, env)? {
             buses
@@ -325,13 +323,11 @@ pub struct ModbusRtuSource {
 }
 
 impl Source for ModbusRtuSource {
-    type Config = ModbusRtuSourceConfig;
+    type Config = edge_config::Valid<ModbusRtuSourceConfig>;
     const KIND: SourceKind = SourceKind::ModbusRtu;
 
-    async fn build(config: &ModbusRtuSourceConfig, env: &SourceEnv) -> Result<Self, SourceError> {
-        config
-            .validate()
-            .map_err(|e| SourceError::Config(format!("{e:?}")))?;
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
         let devices = devices_of(&config.devices, &config.timing, env)?
             .into_iter()
             .map(|(_, d)| d)

@@ -221,13 +221,11 @@ impl Receiver {
 }
 
 impl Source for WmbusSource {
-    type Config = WmbusUdpSourceConfig;
+    type Config = edge_config::Valid<WmbusUdpSourceConfig>;
     const KIND: SourceKind = SourceKind::Wmbus;
 
-    async fn build(config: &WmbusUdpSourceConfig, env: &SourceEnv) -> Result<Self, SourceError> {
-        config
-            .validate()
-            .map_err(|e| SourceError::Config(format!("{e:?}")))?;
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
         let socket = bind(config).map_err(|source| SourceError::Socket {
             what: "wM-Bus UDP socket",
             addr: config.listen.clone(),
@@ -235,7 +233,7 @@ impl Source for WmbusSource {
         })?;
         // Keys given on [[device]] entries of this source join the source's own.
         let mut keys = config.key_map();
-        let mut extra = config.clone();
+        let mut extra = (**config).clone();
         extra.keys.clear();
         for d in env.devices() {
             if d.source.get_ref() == env.source_id()
