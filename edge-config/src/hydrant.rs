@@ -27,6 +27,14 @@ pub enum HydrantConfigError {
     },
 }
 
+impl crate::FieldPath for HydrantConfigError {
+    fn field_path(&self) -> &str {
+        match self {
+            Self::Empty { field, .. } | Self::Invalid { field, .. } => field,
+        }
+    }
+}
+
 /// The hydrant bridge: one MQTT client on the site broker.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,7 +55,7 @@ pub struct HydrantSourceConfig {
     pub username: Option<String>,
     /// Optional password (needs `username`).
     #[serde(default)]
-    pub password: Option<String>,
+    pub password: Option<crate::Secret>,
     /// Connect with TLS (default false).
     #[serde(default)]
     pub tls: bool,

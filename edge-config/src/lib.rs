@@ -33,12 +33,18 @@ pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
 pub mod nbiot_keys;
+mod secret;
+mod spans;
 pub mod tls;
+mod valid;
 pub mod wmbus;
 
+pub use secret::Secret;
+pub use spans::{FieldError, FieldPath, Spans};
 pub use tls::MqttTls;
 /// Values with their position in the TOML text (re-exported for `GatewayConfig::devices`).
 pub use toml::Spanned;
+pub use valid::{Valid, Validate};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -234,8 +240,8 @@ pub struct UplinkConfig {
     pub client_id: Option<String>,
     /// User name.
     pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
+    /// Password (`Debug` shows `***`).
+    pub password: Option<Secret>,
     /// CA certificate (PEM).
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM).
@@ -339,15 +345,15 @@ pub enum SourceConfig {
     /// IoT-platform HTTP push endpoint.
     HttpPush(HttpPushSourceConfig),
     /// Modbus TCP poller.
-    ModbusTcp(modbus::ModbusTcpSourceConfig),
+    ModbusTcp(Valid<modbus::ModbusTcpSourceConfig>),
     /// Modbus RTU poller.
-    ModbusRtu(modbus::ModbusRtuSourceConfig),
+    ModbusRtu(Valid<modbus::ModbusRtuSourceConfig>),
     /// Wired M-Bus master.
-    MbusSerial(mbus::MbusSerialSourceConfig),
+    MbusSerial(Valid<mbus::MbusSerialSourceConfig>),
     /// Wireless M-Bus UDP receiver.
-    WmbusUdp(wmbus::WmbusUdpSourceConfig),
+    WmbusUdp(Valid<wmbus::WmbusUdpSourceConfig>),
     /// Hydrant MQTT bridge.
-    HydrantMqtt(hydrant::HydrantSourceConfig),
+    HydrantMqtt(Valid<hydrant::HydrantSourceConfig>),
 }
 
 impl SourceConfig {
@@ -419,8 +425,8 @@ pub struct MqttSourceConfig {
     pub protocol: MqttProtocol,
     /// User name.
     pub username: Option<String>,
-    /// Password.
-    pub password: Option<String>,
+    /// Password (`Debug` shows `***`).
+    pub password: Option<Secret>,
     /// CA certificate (PEM) to verify the broker.
     pub tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS.
@@ -499,8 +505,8 @@ pub struct HttpPushSourceConfig {
     pub id: String,
     /// TCP listen address.
     pub listen: SocketAddr,
-    /// HMAC-SHA256 shared secret.
-    pub secret: String,
+    /// HMAC-SHA256 shared secret (`Debug` shows `***`).
+    pub secret: Secret,
     /// Largest accepted clock difference of `X-Timestamp`, seconds (default 300).
     #[serde(default = "default_max_skew")]
     pub max_skew_s: u64,
@@ -571,8 +577,8 @@ pub struct DeviceConfig {
     pub source: Spanned<String>,
     /// Protocol address (M-Bus primary/secondary, Modbus unit id, hydrant id...).
     pub address: Option<String>,
-    /// AES-128 key, 32 hex digits (wM-Bus, encrypted payloads).
-    pub key: Option<Spanned<String>>,
+    /// AES-128 key, 32 hex digits (wM-Bus, encrypted payloads; `Debug` shows `***`).
+    pub key: Option<Spanned<Secret>>,
     /// Register map name (Modbus).
     pub register_map: Option<Spanned<String>>,
 }
@@ -581,7 +587,7 @@ impl DeviceConfig {
     /// The decoded AES key, if any (validated on load).
     pub fn key_bytes(&self) -> Option<[u8; 16]> {
         let key = self.key.as_ref()?;
-        let v = hex::decode(key.get_ref()).ok()?;
+        let v = hex::decode(key.get_ref().expose()).ok()?;
         v.try_into().ok()
     }
 }
@@ -639,6 +645,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                     tls::resolve(base, [&mut m.tls_ca, &mut m.tls_cert, &mut m.tls_key]);
                 }
                 SourceConfig::HydrantMqtt(h) => {
+                    let h = h.paths_mut();
                     tls::resolve(base, [&mut h.tls_ca, &mut h.tls_cert, &mut h.tls_key]);
                 }
                 SourceConfig::Coap(c) => {
@@ -652,9 +659,10 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
             }
         }
     }
+    let spans = Spans::new(&text);
     // Key files must load now; the error names the line, never a key.
     let mut key_errors = Vec::new();
-    for s in &mut config.sources {
+    for (i, s) in config.sources.iter_mut().enumerate() {
         if let SourceConfig::Coap(c) = &mut s.config
             && let Some(p) = &c.key_file
         {
@@ -665,13 +673,14 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                     keys.to_toml().hash(&mut h);
                     c.key_file_fingerprint = h.finish();
                 }
-                Err(e) => key_errors.push(ConfigError {
-                    file: path.to_owned(),
-                    line: s.line,
-                    column: 1,
-                    field: "source.key_file".into(),
-                    message: format!("{}: {e}", p.display()),
-                }),
+                Err(e) => key_errors.push(config_error(
+                    &text,
+                    path,
+                    spans.error(
+                        format!("source[{i}].key_file"),
+                        format!("{}: {e}", p.display()),
+                    ),
+                )),
             }
         }
     }
@@ -680,7 +689,6 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
     }
     // TLS files must be readable PEM now, not at the first reconnect.
     let mut tls_files = vec![(
-        text.find("[uplink]").unwrap_or(0),
         "uplink".to_owned(),
         [
             &config.uplink.tls_ca,
@@ -688,34 +696,26 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
             &config.uplink.tls_key,
         ],
     )];
-    for s in &config.sources {
-        let at = text
-            .match_indices("[[source]]")
-            .map(|(i, _)| i)
-            .find(|&i| locate(&text, i).0 == s.line)
-            .unwrap_or(0);
+    for (i, s) in config.sources.iter().enumerate() {
         match &s.config {
             SourceConfig::Mqtt(m) => {
-                tls_files.push((at, "source".into(), [&m.tls_ca, &m.tls_cert, &m.tls_key]));
+                tls_files.push((format!("source[{i}]"), [&m.tls_ca, &m.tls_cert, &m.tls_key]));
             }
             SourceConfig::HydrantMqtt(h) => {
-                tls_files.push((at, "source".into(), [&h.tls_ca, &h.tls_cert, &h.tls_key]));
+                tls_files.push((format!("source[{i}]"), [&h.tls_ca, &h.tls_cert, &h.tls_key]));
             }
             _ => {}
         }
     }
     let mut errors = Vec::new();
-    for (at, section, files) in tls_files {
+    for (section, files) in tls_files {
         for (name, p) in ["tls_ca", "tls_cert", "tls_key"].into_iter().zip(files) {
             if let Some(message) = p.as_deref().and_then(|p| tls::check_pem(p).err()) {
-                let (line, column, _) = locate(&text, at);
-                errors.push(ConfigError {
-                    file: path.to_owned(),
-                    line,
-                    column,
-                    field: format!("{section}.{name}"),
-                    message,
-                });
+                errors.push(config_error(
+                    &text,
+                    path,
+                    spans.error(format!("{section}.{name}"), message),
+                ));
             }
         }
     }
@@ -723,20 +723,19 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     // Named register maps must load; a map error is a configuration error.
-    let at = text.find("[register_maps]").unwrap_or(0);
     let errors: Vec<ConfigError> = config
         .register_maps
         .iter()
         .filter_map(|(name, p)| {
             register_map::load(p).err().map(|e| {
-                let (line, column, _) = locate(&text, at);
-                ConfigError {
-                    file: path.to_owned(),
-                    line,
-                    column,
-                    field: format!("register_maps.{name}"),
-                    message: format!("{}: {e}", p.display()),
-                }
+                config_error(
+                    &text,
+                    path,
+                    spans.error(
+                        format!("register_maps.\"{name}\""),
+                        format!("{}: {e}", p.display()),
+                    ),
+                )
             })
         })
         .collect();
@@ -798,7 +797,11 @@ pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigErrors> {
         registry: raw.registry,
     };
     if errors.is_empty() {
-        errors = validate(&config, &raw.source, text, file);
+        let spans = Spans::new(text);
+        errors = validate(&config, &spans)
+            .into_iter()
+            .map(|e| config_error(text, file, e))
+            .collect();
     }
     if errors.is_empty() {
         Ok(config)
@@ -873,11 +876,22 @@ fn source_config(
         "mqtt" => SourceConfig::Mqtt(toml::from_str(&body()).map_err(typed)?),
         "coap" => SourceConfig::Coap(toml::from_str(&body()).map_err(typed)?),
         "http_push" => SourceConfig::HttpPush(toml::from_str(&body()).map_err(typed)?),
-        "modbus_tcp" => SourceConfig::ModbusTcp(toml::from_str(&body()).map_err(typed)?),
-        "modbus_rtu" => SourceConfig::ModbusRtu(toml::from_str(&body()).map_err(typed)?),
-        "mbus_serial" => SourceConfig::MbusSerial(toml::from_str(&body()).map_err(typed)?),
-        "wmbus_udp" => SourceConfig::WmbusUdp(toml::from_str(&body()).map_err(typed)?),
-        "hydrant_mqtt" => SourceConfig::HydrantMqtt(toml::from_str(&body()).map_err(typed)?),
+        // Checked by `validate` before `parse` returns anything (see `Valid`).
+        "modbus_tcp" => {
+            SourceConfig::ModbusTcp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "modbus_rtu" => {
+            SourceConfig::ModbusRtu(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "mbus_serial" => {
+            SourceConfig::MbusSerial(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "wmbus_udp" => {
+            SourceConfig::WmbusUdp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
+        "hydrant_mqtt" => {
+            SourceConfig::HydrantMqtt(Valid::pending(toml::from_str(&body()).map_err(typed)?))
+        }
         other => {
             return Err(SourceParseError::Kind(format!(
                 "unknown source kind `{other}` (expected one of mqtt, coap, http_push, \
@@ -885,6 +899,24 @@ fn source_config(
             )));
         }
     })
+}
+
+/// A [`FieldError`] of `text` as the file/line/column error people read.
+fn config_error(text: &str, file: &Path, e: FieldError) -> ConfigError {
+    let (line, column) = match &e.span {
+        Some(span) => {
+            let (line, column, _) = locate(text, span.start);
+            (line, column)
+        }
+        None => (0, 0),
+    };
+    ConfigError {
+        file: file.to_owned(),
+        line,
+        column,
+        field: e.field(),
+        message: e.message,
+    }
 }
 
 /// Line, column and the key or table named at byte `offset`.
@@ -906,65 +938,51 @@ fn locate(text: &str, offset: usize) -> (usize, usize, String) {
     (line, column, field)
 }
 
-/// Reports the errors of a field source's own validation at the source's line.
-fn field_errors<E: fmt::Display>(
-    err: &mut impl FnMut(usize, &str, String),
-    at: usize,
+/// Reports the errors of a field source's own validation, each at its own field of
+/// `source[index]`.
+fn field_errors<E: FieldPath>(
+    err: &mut impl FnMut(String, String),
+    index: usize,
     id: &str,
     result: Result<(), Vec<E>>,
 ) {
     for e in result.err().unwrap_or_default() {
-        err(at, "source", format!("source `{id}`: {e}"));
+        err(
+            format!("source[{index}].{}", e.field_path()),
+            format!("source `{id}`: {e}"),
+        );
     }
 }
 
-fn validate(
-    config: &GatewayConfig,
-    raw_sources: &[Spanned<toml::Table>],
-    text: &str,
-    file: &Path,
-) -> Vec<ConfigError> {
+/// Checks the parsed configuration; every problem is a [`FieldError`] at its own field.
+fn validate(config: &GatewayConfig, spans: &Spans<'_>) -> Vec<FieldError> {
     let mut errors = Vec::new();
-    let mut err = |offset: usize, field: &str, message: String| {
-        let (line, column, _) = locate(text, offset);
-        errors.push(ConfigError {
-            file: file.to_owned(),
-            line,
-            column,
-            field: field.to_owned(),
-            message,
-        });
-    };
+    let mut err = |path: String, message: String| errors.push(spans.error(path, message));
     let u = &config.uplink;
-    let uplink_at = text.find("[uplink]").unwrap_or(0);
     if u.partitions == 0 {
-        err(uplink_at, "uplink.partitions", "must be at least 1".into());
+        err("uplink.partitions".into(), "must be at least 1".into());
     }
     if !(1..=10_000).contains(&u.batch_size) {
         err(
-            uplink_at,
-            "uplink.batch_size",
+            "uplink.batch_size".into(),
             format!("{} is outside 1..=10000", u.batch_size),
         );
     }
     if !(1..=3600).contains(&u.keep_alive_s) {
         err(
-            uplink_at,
-            "uplink.keep_alive_s",
+            "uplink.keep_alive_s".into(),
             format!("{} is outside 1..=3600", u.keep_alive_s),
         );
     }
     if u.window == 0 || u.window > 1000 {
         err(
-            uplink_at,
-            "uplink.window",
+            "uplink.window".into(),
             format!("{} is outside 1..=1000", u.window),
         );
     }
     if u.topic_root.is_empty() || u.topic_root.contains(['+', '#']) || u.topic_root.ends_with('/') {
         err(
-            uplink_at,
-            "uplink.topic_root",
+            "uplink.topic_root".into(),
             format!(
                 "`{}` must be non-empty, without wildcards or a trailing /",
                 u.topic_root
@@ -978,36 +996,30 @@ fn validate(
         &u.tls_key,
         "use mqtts://",
     ) {
-        err(uplink_at, &format!("uplink.{field}"), message);
+        err(format!("uplink.{field}"), message);
     }
     if u.username.is_none() && u.password.is_some() {
         err(
-            uplink_at,
-            "uplink.password",
+            "uplink.password".into(),
             "a password needs a username".into(),
         );
     }
     if config.spool.max_bytes < 1 << 20 {
         err(
-            text.find("[spool]").unwrap_or(0),
-            "spool.max_bytes",
+            "spool.max_bytes".into(),
             format!("{} is below the 1 MiB minimum", config.spool.max_bytes),
         );
     }
 
     let mut ids = BTreeMap::new();
-    for (s, raw) in config.sources.iter().zip(raw_sources) {
-        let at = raw.span().start;
+    for (i, s) in config.sources.iter().enumerate() {
+        let at = |field: &str| format!("source[{i}].{field}");
         let src = &s.config;
         let id = src.id();
         if id.is_empty() {
-            err(
-                at,
-                "source.id",
-                "every source needs a non-empty `id`".into(),
-            );
+            err(at("id"), "every source needs a non-empty `id`".into());
         } else if ids.insert(id.to_owned(), src.kind()).is_some() {
-            err(at, "source.id", format!("duplicate source id `{id}`"));
+            err(at("id"), format!("duplicate source id `{id}`"));
         }
         match src {
             SourceConfig::Mqtt(m) => {
@@ -1018,24 +1030,18 @@ fn validate(
                     &m.tls_key,
                     "use mqtts://",
                 ) {
-                    err(
-                        at,
-                        &format!("source.{field}"),
-                        format!("source `{id}`: {message}"),
-                    );
+                    err(at(field), format!("source `{id}`: {message}"));
                 }
                 if m.topics.is_empty() {
                     err(
-                        at,
-                        "source.topics",
+                        at("topics"),
                         format!("source `{id}`: at least one topic mapping is needed"),
                     );
                 }
-                for t in &m.topics {
+                for (j, t) in m.topics.iter().enumerate() {
                     if t.filter.is_empty() {
                         err(
-                            at,
-                            "source.topics.filter",
+                            at(&format!("topics[{j}].filter")),
                             format!("source `{id}`: empty topic filter"),
                         );
                     }
@@ -1044,27 +1050,24 @@ fn validate(
             SourceConfig::Coap(c) => {
                 if c.auth == CoapAuth::FrameMac && c.key_file.is_none() {
                     err(
-                        at,
-                        "source.key_file",
+                        at("key_file"),
                         format!(
                             "source `{id}`: auth = \"frame_mac\" (the default) needs key_file, \
                              the meters' keys; set auth = \"none\" to accept unauthenticated uplinks"
                         ),
                     );
                 }
-                for a in &c.allow {
+                for (j, a) in c.allow.iter().enumerate() {
                     if nbiot_keys::IpRange::parse(a).is_none() {
                         err(
-                            at,
-                            "source.allow",
+                            at(&format!("allow[{j}]")),
                             format!("source `{id}`: `{a}` is not an address or address/prefix"),
                         );
                     }
                 }
                 if !(1..=1_000_000).contains(&c.exchange_cache_entries) {
                     err(
-                        at,
-                        "source.exchange_cache_entries",
+                        at("exchange_cache_entries"),
                         format!(
                             "source `{id}`: {} is outside 1..=1000000",
                             c.exchange_cache_entries
@@ -1073,8 +1076,7 @@ fn validate(
                 }
                 if !(1..=3600).contains(&c.exchange_lifetime_s) {
                     err(
-                        at,
-                        "source.exchange_lifetime_s",
+                        at("exchange_lifetime_s"),
                         format!(
                             "source `{id}`: {} is outside 1..=3600",
                             c.exchange_lifetime_s
@@ -1085,8 +1087,7 @@ fn validate(
             SourceConfig::HttpPush(h) => {
                 if h.secret.len() < 16 {
                     err(
-                        at,
-                        "source.secret",
+                        at("secret"),
                         format!("source `{id}`: the HMAC secret must be at least 16 bytes"),
                     );
                 }
@@ -1099,8 +1100,7 @@ fn validate(
                 ] {
                     if !range.contains(&value) {
                         err(
-                            at,
-                            &format!("source.{field}"),
+                            at(field),
                             format!(
                                 "source `{id}`: {value} is outside {}..={}",
                                 range.start(),
@@ -1110,15 +1110,27 @@ fn validate(
                     }
                 }
             }
-            SourceConfig::ModbusTcp(c) => field_errors(&mut err, at, id, c.validate()),
-            SourceConfig::ModbusRtu(c) => field_errors(&mut err, at, id, c.validate()),
-            SourceConfig::MbusSerial(c) => field_errors(&mut err, at, id, c.validate()),
-            SourceConfig::WmbusUdp(c) => field_errors(&mut err, at, id, c.validate()),
-            SourceConfig::HydrantMqtt(c) => field_errors(&mut err, at, id, c.validate()),
+            SourceConfig::ModbusTcp(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::ModbusRtu(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::MbusSerial(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::WmbusUdp(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::HydrantMqtt(c) => field_errors(&mut err, i, id, c.validate()),
         }
     }
 
-    check_devices(&config.devices, &ids, &config.register_maps, &mut err);
+    // Devices carry their own spans (they are also checked outside a file, for the registry).
+    check_devices(
+        &config.devices,
+        &ids,
+        &config.register_maps,
+        &mut |offset, field, message| {
+            errors.push(FieldError {
+                path: field.to_owned(),
+                span: Some(offset..offset),
+                message,
+            });
+        },
+    );
     errors
 }
 
@@ -1390,12 +1402,56 @@ source = "nbiot"
                 .contains("no source with id `nope`")
         );
         assert_eq!(by_field("device.key").line, 30, "{text}");
+        // A field source's own check points at the field's line, not the `[[source]]` header.
         assert!(
-            by_field("source").message.contains("source `bus1`"),
+            by_field("source.baud_rate")
+                .message
+                .contains("source `bus1`"),
             "{text}"
         );
-        assert_eq!(by_field("source").line, 32, "{text}");
+        assert_eq!(by_field("source.baud_rate").line, 36, "{text}");
         assert!(text.contains("baud_rate"), "{text}");
+    }
+
+    #[test]
+    fn field_errors_point_at_their_own_line_and_secrets_never_print() {
+        let text = format!(
+            "{GOOD}\n[[source]]\nid = \"p\"\nkind = \"http_push\"\nlisten = \"127.0.0.1:0\"\nsecret = \"short-secret\"\nnonce_window = 0\n"
+        )
+        .replace("partitions = 8", "partitions = 0");
+        let e = parse(&text, Path::new("gw.toml")).unwrap_err();
+        let by_field = |f: &str| e.0.iter().find(|x| x.field == f).unwrap().clone();
+        // Line 5 is `partitions = 0` (not the `[uplink]` header on line 3).
+        assert_eq!(
+            (
+                by_field("uplink.partitions").line,
+                by_field("uplink.partitions").column
+            ),
+            (5, 14),
+            "{e}"
+        );
+        // The `[[source]]` header is line 26; secret and nonce_window are lines 30 and 31.
+        assert_eq!(by_field("source.secret").line, 30, "{e}");
+        assert_eq!(by_field("source.nonce_window").line, 31, "{e}");
+        assert!(!e.to_string().contains("short-secret"), "{e}");
+
+        let good = format!(
+            "{GOOD}\n[[source]]\nid = \"p\"\nkind = \"http_push\"\nlisten = \"127.0.0.1:0\"\nsecret = \"0123456789abcdef-s3cr3t\"\n"
+        )
+        .replace(
+            "broker = \"mqtt://127.0.0.1:1883\"",
+            "broker = \"mqtt://127.0.0.1:1883\"\nusername = \"gw\"\npassword = \"pa55word-pa55word\"",
+        );
+        let c = parse(&good, Path::new("gw.toml")).unwrap();
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("pa55word"),
+            "{shown}"
+        );
+        assert_eq!(
+            c.uplink.password.as_ref().map(Secret::expose),
+            Some("pa55word-pa55word")
+        );
     }
 
     #[test]

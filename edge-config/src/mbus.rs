@@ -32,6 +32,16 @@ pub enum MbusConfigError {
     },
 }
 
+impl crate::FieldPath for MbusConfigError {
+    fn field_path(&self) -> &str {
+        match self {
+            Self::Empty { field, .. }
+            | Self::Invalid { field, .. }
+            | Self::Duplicate { field, .. } => field,
+        }
+    }
+}
+
 /// One meter on the bus: exactly one of `primary` or `secondary`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

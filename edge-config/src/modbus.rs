@@ -36,6 +36,16 @@ pub enum ModbusConfigError {
     },
 }
 
+impl crate::FieldPath for ModbusConfigError {
+    fn field_path(&self) -> &str {
+        match self {
+            Self::Empty { field, .. }
+            | Self::Invalid { field, .. }
+            | Self::Duplicate { field, .. } => field,
+        }
+    }
+}
+
 /// Timeouts, retries and backoff shared by both transports.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -21,6 +21,14 @@ pub enum WmbusConfigError {
     },
 }
 
+impl crate::FieldPath for WmbusConfigError {
+    fn field_path(&self) -> &str {
+        match self {
+            Self::Invalid { field, .. } => field,
+        }
+    }
+}
+
 /// The wM-Bus UDP receiver.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,7 +45,7 @@ pub struct WmbusUdpSourceConfig {
     pub dedup_window: Duration,
     /// AES-128 keys by meter id `mbus:<MAN><8 digits>`, 32 hex digits each.
     #[serde(default)]
-    pub keys: BTreeMap<String, String>,
+    pub keys: BTreeMap<String, crate::Secret>,
     /// UTC offset of the meters' clocks in minutes (e.g. 60 for CET). With it, a telegram's own
     /// date-time record (type F/I) is the readings' time (clock source `meter`); without it,
     /// or for a telegram without one, the receive time is used.
@@ -139,7 +147,7 @@ impl WmbusUdpSourceConfig {
                     "meter id must be mbus:<MAN><8 digits>, e.g. mbus:KAM12345678".into(),
                 ));
             }
-            if key.len() != 32 || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            if key.len() != 32 || !key.expose().bytes().all(|b| b.is_ascii_hexdigit()) {
                 errors.push(invalid(
                     field,
                     format!("key must be 32 hex digits (got {} characters)", key.len()),
@@ -158,7 +166,7 @@ impl WmbusUdpSourceConfig {
         self.keys
             .iter()
             .filter_map(|(meter, key)| {
-                let bytes = hex::decode(key).ok()?;
+                let bytes = hex::decode(key.expose()).ok()?;
                 Some((meter.clone(), <[u8; 16]>::try_from(bytes).ok()?))
             })
             .collect()

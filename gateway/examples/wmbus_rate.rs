@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use decoders::wmbus::encode::{WmbusMeter, telegram};
 use decoders::wmbus::manufacturer_from_code;
 use edge_config::wmbus::WmbusUdpSourceConfig;
-use gateway::sources::wmbus::{ReceiverStats, run_with_stats};
+use gateway::sources::wmbus::WmbusSource;
+use gateway::sources::{Source, SourceEnv};
 use gateway::{IngestSink, SourceContext};
 use model::GatewayId;
 use tokio::net::UdpSocket;
@@ -39,22 +40,29 @@ async fn main() -> anyhow::Result<()> {
         };
         let key = [m.to_le_bytes(), [1; 4], [2; 4], [3; 4]].concat();
         let key: [u8; 16] = key.try_into().map_err(|_| anyhow::anyhow!("key"))?;
-        keys.insert(meter.meter_id(), hex::encode(key));
+        keys.insert(meter.meter_id(), hex::encode(key).into());
         frames.push((meter, key));
     }
     config.keys = keys;
     let (sink, mut rx) = IngestSink::new(1024);
     let (_cmd, commands) = mpsc::channel(1);
     let shutdown = CancellationToken::new();
-    let stats = Arc::new(ReceiverStats::default());
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-bench")?,
-        source_id: "wmbus".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-bench")?,
+        "wmbus",
+        model::SourceKind::Wmbus,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let receiver = tokio::spawn(run_with_stats(config, ctx, Arc::clone(&stats)));
+        shutdown.clone(),
+    );
+    // Bound here: telegrams sent from now on wait in the socket for the receiver.
+    let source = WmbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("wmbus"),
+    )
+    .await?;
+    let stats = source.stats();
+    let receiver = tokio::spawn(source.run(ctx));
     // The spool stand-in: acknowledge every hand-off at once.
     let spool = tokio::spawn(async move {
         let mut readings = 0usize;
@@ -66,7 +74,6 @@ async fn main() -> anyhow::Result<()> {
         }
         readings
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Pre-build the telegrams (distinct access numbers, so none is a duplicate).
     let telegrams: Vec<Vec<u8>> = (0..total)

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::source::{CommandOutcome, CommandRequest};
+use crate::sources::{CommandOutcome, CommandRequest};
 
 /// Why the downlink could not start.
 #[derive(Debug, thiserror::Error)]

@@ -7,22 +7,18 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod coap;
 pub mod control;
 pub mod device_set;
 pub mod downlink;
-pub mod http_push;
 pub mod listener;
 pub mod metrics;
 pub mod mqtt;
-pub mod mqtt_source;
 pub mod normalise;
 pub mod runtime;
 pub mod sink;
-pub mod source;
 pub mod sources;
 pub mod spool;
 pub mod uplink;
 
 pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};
-pub use source::{CommandOutcome, CommandRequest, SourceContext};
+pub use sources::{CommandOutcome, CommandRequest, SourceContext};

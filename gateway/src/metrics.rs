@@ -24,6 +24,9 @@ use crate::uplink::UplinkStats;
 /// Device health of the polling sources (Modbus, M-Bus) by source id.
 pub type HealthRegistry = Arc<Mutex<BTreeMap<String, Health>>>;
 
+/// Readiness of every running source by source id.
+pub type ReadinessRegistry = Arc<Mutex<BTreeMap<String, crate::sources::Readiness>>>;
+
 /// What the metrics endpoint reads.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -37,6 +40,8 @@ pub struct Metrics {
     pub downlink: Arc<Downlink>,
     /// Per-device health of polling sources.
     pub health: HealthRegistry,
+    /// Readiness of the sources (`wm_gateway_source_ready`).
+    pub readiness: ReadinessRegistry,
     /// Listener counters (connections, timeouts, CoAP cache, security refusals).
     pub listeners: crate::listener::ListenerRegistry,
 }
@@ -60,6 +65,18 @@ impl Metrics {
         self.uplink.render_prometheus(&mut out, s.depth);
         self.downlink.render_prometheus(&mut out);
         self.listeners.render_prometheus(&mut out);
+        out.push_str("# TYPE wm_gateway_source_ready gauge\n");
+        for (source, r) in self
+            .readiness
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let ready = u8::from(r.state() == crate::sources::SourceState::Ready);
+            out.push_str(&format!(
+                "wm_gateway_source_ready{{source=\"{source}\"}} {ready}\n"
+            ));
+        }
         // Each source renders whole families; merge them so every `# TYPE` appears once.
         let mut families: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let registry = self.health.lock().unwrap_or_else(PoisonError::into_inner);
@@ -140,8 +157,19 @@ mod tests {
             uplink: Arc::default(),
             downlink,
             health,
+            readiness: Default::default(),
             listeners: Default::default(),
         };
+        let ready = crate::sources::Readiness::default();
+        m.readiness
+            .lock()
+            .unwrap()
+            .insert("bus-a".into(), ready.clone());
+        assert!(
+            m.render()
+                .contains("wm_gateway_source_ready{source=\"bus-a\"} 0")
+        );
+        ready.set_ready();
         let text = m.render();
         assert_eq!(
             text.matches("# TYPE wm_gateway_device_consecutive_failures gauge")
@@ -156,5 +184,9 @@ mod tests {
             "wm_gateway_device_consecutive_failures{source=\"bus-b\",device=\"pt-2\"} 3"
         ));
         assert!(text.contains("wm_gateway_spool_depth 0"));
+        assert!(
+            text.contains("wm_gateway_source_ready{source=\"bus-a\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -11,14 +11,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::IngestSink;
 use crate::control::{self, ControlOptions};
 use crate::downlink::{Downlink, DownlinkError, Route, Routes};
 use crate::metrics::{self, Metrics};
 use crate::mqtt::MqttEndpoint;
-use crate::source::SourceContext;
+use crate::sources::{Commands, Readiness, Source, SourceContext, SourceEnv, SourceState};
 use crate::spool::{Spool, SpoolConfig, SpoolError, spawn_writer};
 use crate::uplink::{self, UplinkOptions, UplinkStats};
-use crate::{IngestSink, coap, http_push, mqtt_source, sources};
 
 /// Why the gateway could not start or reload.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +39,13 @@ pub enum RuntimeError {
         /// Underlying error.
         source: std::io::Error,
     },
-    /// A source's key file could not be loaded (the message names no key).
-    #[error("source `{source_id}`: {message}")]
-    Keys {
+    /// A source could not be built (socket, serial port, register map, key file, TLS).
+    #[error("source `{source_id}`: {source}")]
+    Source {
         /// The source.
         source_id: String,
         /// What is wrong.
-        message: String,
+        source: crate::sources::SourceError,
     },
     /// The TLS material of an MQTT connection is unusable.
     #[error("{what}: {source}")]
@@ -77,6 +77,7 @@ struct RunningSource {
     task: JoinHandle<()>,
     route: Route,
     addr: Option<SocketAddr>,
+    readiness: Readiness,
 }
 
 /// A running gateway.
@@ -92,6 +93,7 @@ pub struct Gateway {
     writer: Option<std::thread::JoinHandle<()>>,
     metrics_addr: SocketAddr,
     health: crate::metrics::HealthRegistry,
+    readiness: crate::metrics::ReadinessRegistry,
     /// Version of the registry device set in force (0: the TOML's `[[device]]` tables).
     device_set_version: u64,
     /// Device sets received from the registry, until taken by the caller's loop.
@@ -113,28 +115,13 @@ fn endpoint(config: &GatewayConfig) -> Result<MqttEndpoint, RuntimeError> {
     Ok(MqttEndpoint {
         host: u.broker.host.clone(),
         port: u.broker.port,
-        credentials: u
-            .username
-            .clone()
-            .map(|name| (name, u.password.clone().unwrap_or_default())),
+        credentials: u.username.clone().map(|name| {
+            let password = u.password.as_ref().map(|p| p.expose().to_owned());
+            (name, password.unwrap_or_default())
+        }),
         keep_alive: Duration::from_secs(u64::from(u.keep_alive_s)),
         tls: tls_for("uplink broker", u.tls())?,
     })
-}
-
-/// Spawns a field source; commands for its devices go to its channel.
-fn field_task<E: std::fmt::Display>(
-    id: &str,
-    run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
-    commands: mpsc::Sender<crate::CommandRequest>,
-) -> (JoinHandle<()>, Route, Option<SocketAddr>) {
-    let sid = id.to_owned();
-    let task = tokio::spawn(async move {
-        if let Err(e) = run.await {
-            tracing::error!(source = %sid, error = %e, "source stopped");
-        }
-    });
-    (task, Route::Channel(commands), None)
 }
 
 impl Gateway {
@@ -217,11 +204,13 @@ impl Gateway {
             }
         }));
         let health = crate::metrics::HealthRegistry::default();
+        let readiness = crate::metrics::ReadinessRegistry::default();
         let listeners = crate::listener::ListenerRegistry::default();
         let metrics_addr = metrics::serve(
             config.metrics.listen,
             Metrics {
                 health: Arc::clone(&health),
+                readiness: Arc::clone(&readiness),
                 sources: Arc::clone(sink.counters()),
                 spool: spool.clone(),
                 uplink: Arc::clone(&uplink_stats),
@@ -249,6 +238,7 @@ impl Gateway {
             writer: Some(writer),
             metrics_addr,
             health,
+            readiness,
             device_set_version: 0,
             device_set_updates: None,
             listeners,
@@ -371,151 +361,81 @@ impl Gateway {
         self.device_set_version
     }
 
+    /// Builds and spawns the source of `cfg`: one line per kind, the rest is [`Source`].
     async fn start_source(&self, cfg: &SourceConfig) -> Result<RunningSource, RuntimeError> {
+        use crate::sources::{
+            coap::CoapSource, concentrator::ConcentratorSource, http_push::HttpPushSource,
+            hydrant::HydrantSource, mbus::MbusSource, modbus::ModbusRtuSource,
+            modbus::ModbusTcpSource, wmbus::WmbusSource,
+        };
+        match cfg {
+            SourceConfig::Coap(c) => self.launch::<CoapSource>(cfg, c).await,
+            SourceConfig::HttpPush(c) => self.launch::<HttpPushSource>(cfg, c).await,
+            SourceConfig::Mqtt(c) => self.launch::<ConcentratorSource>(cfg, c).await,
+            SourceConfig::ModbusTcp(c) => self.launch::<ModbusTcpSource>(cfg, c).await,
+            SourceConfig::ModbusRtu(c) => self.launch::<ModbusRtuSource>(cfg, c).await,
+            SourceConfig::MbusSerial(c) => self.launch::<MbusSource>(cfg, c).await,
+            SourceConfig::WmbusUdp(c) => self.launch::<WmbusSource>(cfg, c).await,
+            SourceConfig::HydrantMqtt(c) => self.launch::<HydrantSource>(cfg, c).await,
+        }
+    }
+
+    /// Builds source `S` (a failure stops the start or reload), then runs it as a task whose
+    /// commands, readiness and address the gateway keeps.
+    async fn launch<S: Source>(
+        &self,
+        cfg: &SourceConfig,
+        config: &S::Config,
+    ) -> Result<RunningSource, RuntimeError> {
+        let id = cfg.id().to_owned();
+        let env = SourceEnv::new(id.clone())
+            .with_state_dir(self.config.spool.dir.clone())
+            .with_register_maps(self.config.register_maps.clone())
+            .with_devices(self.devices().cloned().collect())
+            .with_registries(Arc::clone(&self.health), self.listeners.clone())
+            .with_downlink(Arc::clone(&self.downlink));
+        let source = S::build(config, &env)
+            .await
+            .map_err(|source| RuntimeError::Source {
+                source_id: id.clone(),
+                source,
+            })?;
         let token = self.shutdown.child_token();
         let (cmd_tx, commands) = mpsc::channel(16);
-        let id = cfg.id().to_owned();
-        let ctx = SourceContext {
-            gateway: self.config.gateway_id.clone(),
-            source_id: id.clone(),
-            sink: self.sink.clone(),
+        let ctx = SourceContext::new(
+            self.config.gateway_id.clone(),
+            id.clone(),
+            S::KIND,
+            self.sink.clone(),
             commands,
-            shutdown: token.clone(),
+            token.clone(),
+        );
+        let readiness = ctx.readiness.clone();
+        self.readiness
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.clone(), readiness.clone());
+        let addr = source.local_addr();
+        let route = match source.commands() {
+            Commands::Channel => Route::Channel(cmd_tx),
+            Commands::CoapQueue => Route::CoapQueue,
+            Commands::Unavailable(why) => Route::Unavailable(format!("source `{id}` {why}")),
         };
-        let (task, route, addr) = match cfg {
-            SourceConfig::Coap(c) => {
-                let socket = coap::bind(c.listen).await.map_err(|e| match e {
-                    coap::CoapError::Socket { addr, source } => RuntimeError::Bind {
-                        what: format!("CoAP source `{id}`"),
-                        addr,
-                        source,
-                    },
-                    other => RuntimeError::Keys {
-                        source_id: id.clone(),
-                        message: other.to_string(),
-                    },
-                })?;
-                let addr = socket.local_addr().ok();
-                let mut opts =
-                    coap::CoapOptions::from_config(c, Some(self.config.spool.dir.clone()))
-                        .map_err(|e| RuntimeError::Keys {
-                            source_id: id.clone(),
-                            message: e.to_string(),
-                        })?;
-                opts.stats = self.listeners.register(&id);
-                let dl = Arc::clone(&self.downlink);
-                let sid = id.clone();
-                let task = tokio::spawn(async move {
-                    if let Err(e) = coap::run(socket, opts, ctx, dl).await {
-                        tracing::error!(source = %sid, error = %e, "CoAP source stopped");
-                    }
-                });
-                (task, Route::CoapQueue, addr)
+        let sid = id.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = source.run(ctx).await {
+                tracing::error!(source = %sid, error = %e, "source stopped");
             }
-            SourceConfig::HttpPush(c) => {
-                let (listener, addr) =
-                    http_push::bind(c.listen)
-                        .await
-                        .map_err(|source| RuntimeError::Bind {
-                            what: format!("HTTP push source `{id}`"),
-                            addr: c.listen,
-                            source,
-                        })?;
-                let mut opts = http_push::HttpPushOptions::from_config(c);
-                opts.stats = self.listeners.register(&id);
-                let sid = id.clone();
-                let task = tokio::spawn(async move {
-                    if let Err(e) = http_push::run(listener, opts, ctx).await {
-                        tracing::error!(source = %sid, error = %e, "HTTP push source stopped");
-                    }
-                });
-                let route = Route::Unavailable(format!(
-                    "source `{id}` (HTTP push) has no downlink; send commands through the IoT platform"
-                ));
-                (task, route, Some(addr))
-            }
-            SourceConfig::Mqtt(c) => {
-                let tls = tls_for(&format!("source `{id}`"), c.tls())?;
-                let task = tokio::spawn(mqtt_source::run(c.clone(), tls, ctx));
-                let route = Route::Unavailable(format!(
-                    "source `{id}` (concentrator MQTT) takes no commands"
-                ));
-                (task, route, None)
-            }
-            SourceConfig::ModbusTcp(c) => {
-                let mut c = c.clone();
-                for d in &mut c.devices {
-                    d.map = self.map_path(&d.map);
-                }
-                let health = self.health_of(&id);
-                let run =
-                    sources::modbus::run_tcp_with(c, ctx, health, &sources::modbus::resolve_map);
-                field_task(&id, run, cmd_tx)
-            }
-            SourceConfig::ModbusRtu(c) => {
-                let mut c = c.clone();
-                for d in &mut c.devices {
-                    d.map = self.map_path(&d.map);
-                }
-                let health = self.health_of(&id);
-                let run =
-                    sources::modbus::run_rtu_with(c, ctx, health, &sources::modbus::resolve_map);
-                field_task(&id, run, cmd_tx)
-            }
-            SourceConfig::MbusSerial(c) => {
-                let health = self.health_of(&id);
-                field_task(&id, sources::mbus::run_with(c.clone(), ctx, health), cmd_tx)
-            }
-            SourceConfig::WmbusUdp(c) => {
-                // Keys given on [[device]] entries of this source join the source's own.
-                let mut c = c.clone();
-                for d in &self.config.devices {
-                    let d = d.get_ref();
-                    if d.source.get_ref() == &id
-                        && let Some(key) = &d.key
-                    {
-                        c.keys
-                            .entry(d.id.as_str().to_owned())
-                            .or_insert_with(|| key.get_ref().clone());
-                    }
-                }
-                let (task, _, addr) = field_task(&id, sources::wmbus::run(c, ctx), cmd_tx);
-                let route =
-                    Route::Unavailable(format!("source `{id}` (wM-Bus receiver) is receive-only"));
-                (task, route, addr)
-            }
-            SourceConfig::HydrantMqtt(c) => {
-                let tls = tls_for(&format!("source `{id}`"), c.tls())?;
-                field_task(&id, sources::hydrant::run(c.clone(), tls, ctx), cmd_tx)
-            }
-        };
-        tracing::info!(source = %cfg.id(), kind = cfg.kind(), ?addr, "source started");
+        });
+        tracing::info!(source = %id, kind = cfg.kind(), ?addr, "source started");
         Ok(RunningSource {
             config: cfg.clone(),
             token,
             task,
             route,
             addr,
+            readiness,
         })
-    }
-
-    /// A fresh device-health registry for a polling source, shown by the metrics endpoint.
-    fn health_of(&self, id: &str) -> sources::Health {
-        let h = sources::Health::default();
-        self.health
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(id.to_owned(), h.clone());
-        h
-    }
-
-    /// A register map named under `[register_maps]` becomes its file path; built-in names
-    /// and paths pass through.
-    fn map_path(&self, map: &str) -> String {
-        self.config
-            .register_maps
-            .get(map)
-            .map_or_else(|| map.to_owned(), |p| p.display().to_string())
     }
 
     fn update_routes(&self) {
@@ -602,6 +522,10 @@ impl Gateway {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&id);
+                self.readiness
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
                 tracing::info!(source = %id, "stopping source for reload");
                 s.token.cancel();
                 if tokio::time::timeout(Duration::from_secs(10), s.task)
@@ -628,6 +552,32 @@ impl Gateway {
     /// Bound address of a source's listener (CoAP, HTTP push), e.g. when configured with port 0.
     pub fn source_addr(&self, id: &str) -> Option<SocketAddr> {
         self.sources.get(id).and_then(|s| s.addr)
+    }
+
+    /// Whether source `id` receives yet (`None`: no such source).
+    pub fn source_state(&self, id: &str) -> Option<SourceState> {
+        self.sources.get(id).map(|s| s.readiness.state())
+    }
+
+    /// Waits until every running source is ready, or `timeout` passes; returns the ids of
+    /// those still connecting. Tests wait on this instead of sleeping.
+    pub async fn wait_ready(&self, timeout: Duration) -> Vec<String> {
+        let all = self
+            .sources
+            .values()
+            .map(|s| s.readiness.clone())
+            .collect::<Vec<_>>();
+        let _in_time = tokio::time::timeout(timeout, async {
+            for r in &all {
+                r.wait_ready().await;
+            }
+        })
+        .await;
+        self.sources
+            .iter()
+            .filter(|(_, s)| s.readiness.state() != SourceState::Ready)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// Bound address of the metrics listener.

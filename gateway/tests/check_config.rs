@@ -60,7 +60,7 @@ source = "nbiot-typo"
     let file = path.display().to_string();
     assert!(
         err.contains(&format!(
-            "{file}:3:1: `uplink.partitions`: must be at least 1"
+            "{file}:5:14: `uplink.partitions`: must be at least 1"
         )),
         "{err}"
     );

@@ -456,19 +456,27 @@ async fn wmbus_plaintext_or_fake_encrypted_telegrams_of_a_keyed_meter_are_refuse
     let mut config = WmbusUdpSourceConfig::new(addr.to_string());
     config
         .keys
-        .insert("mbus:KAM22222222".into(), hex::encode(WM_KEY));
+        .insert("mbus:KAM22222222".into(), hex::encode(WM_KEY).into());
     let (sink, mut rx) = IngestSink::new(16);
     let (_cmd, commands) = tokio::sync::mpsc::channel(1);
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: model::GatewayId::new("gw-1").unwrap(),
-        source_id: "wm".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        model::GatewayId::new("gw-1").unwrap(),
+        "wm",
+        model::SourceKind::Wmbus,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let task = tokio::spawn(gateway::sources::wmbus::run(config, ctx));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.clone(),
+    );
+    use gateway::sources::Source as _;
+    // Bound by `build`: what is sent from here on is queued for the receiver.
+    let source = gateway::sources::wmbus::WmbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &gateway::sources::SourceEnv::new("wm"),
+    )
+    .await
+    .unwrap();
+    let task = tokio::spawn(source.run(ctx));
     let radio = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let records = [0x0C, 0x13, 0x00, 0x70, 0x00, 0x00];
     let keyed = meter(0x2222_2222);

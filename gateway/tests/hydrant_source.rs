@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use edge_config::hydrant::HydrantSourceConfig;
-use gateway::sources::hydrant;
+use gateway::sources::hydrant::HydrantSource;
+use gateway::sources::{Source, SourceEnv, SourceError};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
 use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -25,7 +26,7 @@ struct Harness {
     cmd_tx: mpsc::Sender<CommandRequest>,
     sink: IngestSink,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), hydrant::SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), SourceError>>,
 }
 
 async fn start(name: &str, ack_timeout: Duration) -> Harness {
@@ -40,14 +41,26 @@ async fn start(name: &str, ack_timeout: Duration) -> Harness {
     let (sink, sink_rx) = IngestSink::new(16);
     let (cmd_tx, commands) = mpsc::channel(8);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-1").unwrap(),
-        source_id: "hydrants".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-1").unwrap(),
+        "hydrants",
+        model::SourceKind::Mqtt,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let task = tokio::spawn(hydrant::run(config, None, ctx));
+        shutdown.clone(),
+    );
+    let readiness = ctx.readiness.clone();
+    let source = HydrantSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("hydrants"),
+    )
+    .await
+    .unwrap();
+    let task = tokio::spawn(source.run(ctx));
+    // Subscribed (both SUBACKs in) before the test publishes.
+    tokio::time::timeout(Duration::from_secs(10), readiness.wait_ready())
+        .await
+        .expect("hydrant bridge ready within 10 s");
     Harness {
         prefix,
         sink_rx,

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use decoders::RecordValue;
 use edge_config::mbus::{MbusMeterConfig, MbusSerialSourceConfig};
-use gateway::sources::mbus::{self, Address, Master};
+use gateway::sources::mbus::{Address, Master, MbusSource};
+use gateway::sources::{Source, SourceEnv};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
 use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity};
 use rust_decimal::Decimal;
@@ -349,15 +350,23 @@ async fn source_submits_readings_and_executes_commands() {
     let (sink, mut rx) = IngestSink::new(8);
     let (cmd_tx, commands) = mpsc::channel(4);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-1").unwrap(),
-        source_id: "mbus1".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-1").unwrap(),
+        "mbus1",
+        model::SourceKind::MbusSerial,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let health = gateway::sources::Health::default();
-    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
+        shutdown.clone(),
+    );
+    let env = SourceEnv::new("mbus1");
+    let source = MbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
+    let health = env.health();
+    let task = tokio::spawn(source.run(ctx));
     let mut got = Vec::new();
     for _ in 0..2 {
         let req = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -445,15 +454,23 @@ async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
     let (sink, mut rx) = IngestSink::new(8);
     let (_cmd_tx, commands) = mpsc::channel(4);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-1").unwrap(),
-        source_id: "mbus2".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-1").unwrap(),
+        "mbus2",
+        model::SourceKind::MbusSerial,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let health = gateway::sources::Health::default();
-    let task = tokio::spawn(mbus::run_with(config, ctx, health.clone()));
+        shutdown.clone(),
+    );
+    let env = SourceEnv::new("mbus2");
+    let source = MbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
+    let health = env.health();
+    let task = tokio::spawn(source.run(ctx));
     let mut got = Vec::new();
     for _ in 0..2 {
         let req = tokio::time::timeout(Duration::from_secs(30), rx.recv())
@@ -480,7 +497,7 @@ async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
         h.last_error
             .as_deref()
             .unwrap()
-            .starts_with("garbled answer from primary 7: checksum"),
+            .starts_with("garbled answer from primary 7: bad checksum"),
         "{h:?}"
     );
     assert_eq!(sink.counters().decode_errors("mbus2", "garbled"), 1);

@@ -11,7 +11,8 @@ use edge_config::modbus::{
     ModbusDeviceConfig, ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve,
     Parity,
 };
-use gateway::sources::modbus::{self, Health};
+use gateway::sources::modbus::{Health, ModbusRtuSource, ModbusTcpSource};
+use gateway::sources::{Source, SourceEnv, SourceError};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
 use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity, Unit};
 use rust_decimal::Decimal;
@@ -141,11 +142,12 @@ struct Running {
     cmd: mpsc::Sender<CommandRequest>,
     health: Health,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), modbus::SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), SourceError>>,
 }
 
 fn context(
     source: &str,
+    kind: model::SourceKind,
 ) -> (
     SourceContext,
     IngestSink,
@@ -156,21 +158,33 @@ fn context(
     let (sink, rx) = IngestSink::new(16);
     let (cmd, commands) = mpsc::channel(4);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-1").unwrap(),
-        source_id: source.into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-1").unwrap(),
+        source,
+        kind,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
+        shutdown.clone(),
+    );
     (ctx, sink, rx, cmd, shutdown)
 }
 
-fn start_tcp(config: ModbusTcpSourceConfig) -> Running {
-    let (ctx, sink, rx, cmd, shutdown) = context("mb");
-    let health = Health::default();
-    let h = health.clone();
-    let task = tokio::spawn(async move { modbus::run_tcp_with(config, ctx, h, &resolver).await });
+/// The environment of a test source: its maps come from [`resolver`].
+fn env(source: &str) -> SourceEnv {
+    SourceEnv::new(source).with_map_resolver(Arc::new(resolver))
+}
+
+async fn start_tcp(config: ModbusTcpSourceConfig) -> Running {
+    let (ctx, sink, rx, cmd, shutdown) = context("mb", model::SourceKind::ModbusTcp);
+    let env = env("mb");
+    let source = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
+    let health = env.health();
+    let task = tokio::spawn(source.run(ctx));
     Running {
         sink,
         rx,
@@ -237,7 +251,8 @@ async fn tcp_polls_two_units_and_writes() {
         id: "mb".into(),
         timing: timing(500),
         devices: vec![dev],
-    });
+    })
+    .await;
     let req = next_submit(&mut run.rx).await;
     assert_eq!(
         values(&req),
@@ -301,7 +316,8 @@ async fn silent_device_times_out_and_recovers_after_reconnect() {
         id: "mb".into(),
         timing: timing(200),
         devices: vec![device("flow-2", Some(addr), 1, 300)],
-    });
+    })
+    .await;
     // Wait for two failed polls.
     let mut health = None;
     for _ in 0..100 {
@@ -345,7 +361,8 @@ async fn unreachable_endpoint_backs_off_without_a_storm() {
         timing: timing(200),
         // Polled every 100 ms: without backoff that is ≥ 20 connects in 1 s.
         devices: vec![device("flow-3", Some(addr.to_string()), 1, 100)],
-    });
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let h = run.health.get("flow-3").expect("polled");
     assert!(h.consecutive_failures >= 1);
@@ -401,10 +418,16 @@ async fn rtu_polls_over_a_socat_pty_pair() {
         timing: timing(500),
         devices: vec![device("rtu-3", None, 3, 200), device("rtu-9", None, 9, 200)],
     };
-    let (ctx, _sink, mut rx, cmd, shutdown) = context("rtu");
-    let health = Health::default();
-    let h = health.clone();
-    let task = tokio::spawn(async move { modbus::run_rtu_with(config, ctx, h, &resolver).await });
+    let (ctx, _sink, mut rx, cmd, shutdown) = context("rtu", model::SourceKind::ModbusRtu);
+    let env = env("rtu");
+    let source = ModbusRtuSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &env,
+    )
+    .await
+    .unwrap();
+    let health = env.health();
+    let task = tokio::spawn(source.run(ctx));
     let req = next_submit(&mut rx).await;
     assert_eq!(
         values(&req)[0],
@@ -468,13 +491,20 @@ async fn builtin_map_through_the_public_run() {
     tokio::spawn(serve_tcp(listener, s, Arc::default()));
     let mut dev = device("emf-1", Some(addr), 1, 500);
     dev.map = "generic-emf".into();
-    let (ctx, _sink, mut rx, _cmd, shutdown) = context("emf");
+    let (ctx, _sink, mut rx, _cmd, shutdown) = context("emf", model::SourceKind::ModbusTcp);
     let config = ModbusTcpSourceConfig {
         id: "emf".into(),
         timing: timing(500),
         devices: vec![dev],
     };
-    let task = tokio::spawn(modbus::run(config, ctx));
+    // The shipped maps: the default resolver.
+    let source = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("emf"),
+    )
+    .await
+    .unwrap();
+    let task = tokio::spawn(source.run(ctx));
     let req = next_submit(&mut rx).await;
     let got = values_of(&req);
     req.done.send(Ok(())).unwrap();
@@ -491,7 +521,6 @@ async fn builtin_map_through_the_public_run() {
     task.await.unwrap().unwrap();
 
     // An unknown map name is a start-up error naming the device.
-    let (ctx, ..) = context("bad");
     let config = ModbusTcpSourceConfig {
         id: "bad".into(),
         timing: timing(500),
@@ -500,7 +529,13 @@ async fn builtin_map_through_the_public_run() {
             ..device("d1", Some("127.0.0.1:1".into()), 1, 500)
         }],
     };
-    let err = modbus::run(config, ctx).await.unwrap_err().to_string();
+    let err = ModbusTcpSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("bad"),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(
         err.starts_with("device \"d1\": register map \"no-such-map.toml\""),
         "{err}"

@@ -118,8 +118,9 @@ topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
 
     // Concentrator: one JSON list and one raw CJ/T 188 frame.
     let (pubc, _rx) = common::subscribe("src-pub", &format!("{root}/unused")).await;
-    // Give the source time to subscribe.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The concentrator source is ready once its subscriptions are confirmed.
+    let waiting = gateway.wait_ready(Duration::from_secs(10)).await;
+    assert!(waiting.is_empty(), "sources not ready: {waiting:?}");
     let json = r#"{"v":1,"concentrator":"c1","sent_at":"2026-11-24T10:00:00Z","readings":[{"meter":"cjt188:00000000000002","ts":"2026-11-24T09:00:00Z","volume_m3":"7.125"}]}"#;
     pubc.publish(
         format!("{site}/concentrator/c1/readings"),
@@ -215,5 +216,11 @@ topics = [{{ filter = "{site}/c5/+/readings", format = "json" }}]
         text.contains("wm_gateway_decode_errors_total{source=\"platform\",kind=\"envelope_"),
         "{text}"
     );
+    for source in ["platform", "conc"] {
+        assert!(
+            text.contains(&format!("wm_gateway_source_ready{{source=\"{source}\"}} 1")),
+            "{text}"
+        );
+    }
     gateway.shutdown().await;
 }

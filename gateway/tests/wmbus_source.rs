@@ -7,7 +7,8 @@ use std::time::Duration;
 use decoders::wmbus::encode::{WmbusMeter, telegram};
 use decoders::wmbus::manufacturer_from_code;
 use edge_config::wmbus::WmbusUdpSourceConfig;
-use gateway::sources::wmbus::{self, ReceiverStats};
+use gateway::sources::wmbus::{ReceiverStats, WmbusSource};
+use gateway::sources::{Source, SourceEnv, SourceError};
 use gateway::{IngestSink, SourceContext, SubmitRequest};
 use model::{GatewayId, Quantity};
 use tokio::net::UdpSocket;
@@ -47,7 +48,7 @@ struct Rx {
     sink: IngestSink,
     stats: Arc<ReceiverStats>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), wmbus::SourceError>>,
+    task: tokio::task::JoinHandle<Result<(), SourceError>>,
 }
 
 async fn start(window: Duration) -> Rx {
@@ -65,21 +66,27 @@ async fn start_with(window: Duration, tune: impl FnOnce(&mut WmbusUdpSourceConfi
     tune(&mut config);
     config
         .keys
-        .insert("mbus:KAM22222222".into(), hex::encode_upper(KEY));
+        .insert("mbus:KAM22222222".into(), hex::encode_upper(KEY).into());
     let (sink, rx) = IngestSink::new(16);
     let (_cmd, commands) = mpsc::channel(1);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-1").unwrap(),
-        source_id: "wm".into(),
-        sink: sink.clone(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-1").unwrap(),
+        "wm",
+        model::SourceKind::Wmbus,
+        sink.clone(),
         commands,
-        shutdown: shutdown.clone(),
-    };
-    let stats = Arc::new(ReceiverStats::default());
-    let task = tokio::spawn(wmbus::run_with_stats(config, ctx, Arc::clone(&stats)));
-    // Let the socket bind.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+        shutdown.clone(),
+    );
+    // The socket is bound by `build`: telegrams sent from here on are queued for the receiver.
+    let source = WmbusSource::build(
+        &edge_config::Valid::new(config).expect("valid config"),
+        &SourceEnv::new("wm"),
+    )
+    .await
+    .unwrap();
+    let stats = source.stats();
+    let task = tokio::spawn(source.run(ctx));
     Rx {
         addr,
         rx,

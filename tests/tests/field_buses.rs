@@ -26,18 +26,35 @@ struct Source {
     shutdown: CancellationToken,
 }
 
-fn context(id: &str) -> (SourceContext, Source) {
+fn context(id: &str, kind: model::SourceKind) -> (SourceContext, Source) {
     let (sink, rx) = IngestSink::new(64);
     let (cmd, commands) = mpsc::channel(4);
     let shutdown = CancellationToken::new();
-    let ctx = SourceContext {
-        gateway: GatewayId::new("gw-e2e").unwrap(),
-        source_id: id.into(),
+    let ctx = SourceContext::new(
+        GatewayId::new("gw-e2e").unwrap(),
+        id,
+        kind,
         sink,
         commands,
-        shutdown: shutdown.clone(),
-    };
+        shutdown.clone(),
+    );
     (ctx, Source { rx, cmd, shutdown })
+}
+
+type Task = tokio::task::JoinHandle<Result<(), gateway::sources::SourceError>>;
+
+/// Builds source `S` and runs it on a test context; returns once it is ready.
+async fn start<S: gateway::sources::Source>(id: &str, config: &S::Config) -> (Task, Source) {
+    let (ctx, src) = context(id, S::KIND);
+    let readiness = ctx.readiness.clone();
+    let source = S::build(config, &gateway::sources::SourceEnv::new(id))
+        .await
+        .unwrap();
+    let task = tokio::spawn(source.run(ctx));
+    tokio::time::timeout(Duration::from_secs(60), readiness.wait_ready())
+        .await
+        .expect("source ready within 60 s");
+    (task, src)
 }
 
 /// Collects submitted readings until `done` says enough, or 60 s pass.
@@ -90,8 +107,8 @@ async fn mbus_master_finds_and_reads_the_simulated_slaves() {
     mc.retries = 1;
     mc.search_secondary = true;
     mc.poll_interval = Duration::from_secs(600);
-    let (ctx, mut src) = context("mbus-e2e");
-    let task = tokio::spawn(mbus::run(mc, ctx));
+    let (task, mut src) =
+        start::<mbus::MbusSource>("mbus-e2e", &edge_config::Valid::new(mc).unwrap()).await;
     let readings = collect(&mut src.rx, |r| {
         let meters: std::collections::BTreeSet<_> = r.iter().map(|r| r.meter.clone()).collect();
         meters.len() >= 3
@@ -153,8 +170,8 @@ async fn modbus_poller_reads_every_simulated_instrument() {
         timing: Default::default(),
         devices,
     };
-    let (ctx, mut src) = context("modbus-e2e");
-    let task = tokio::spawn(modbus::run(mc, ctx));
+    let (task, mut src) =
+        start::<modbus::ModbusTcpSource>("modbus-e2e", &edge_config::Valid::new(mc).unwrap()).await;
     let readings = collect(&mut src.rx, |r| {
         names
             .iter()
@@ -186,10 +203,9 @@ async fn hydrant_bridge_talks_to_simulated_hydrants() {
     );
     hc.topic_prefix = format!("{prefix}/hydrant");
     hc.ack_timeout = Duration::from_secs(5);
-    let (ctx, mut src) = context("hydrant-e2e");
-    let task = tokio::spawn(hydrant::run(hc, None, ctx));
-    // Let the bridge subscribe before the hydrants report.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Subscribed before the hydrants report.
+    let (task, mut src) =
+        start::<hydrant::HydrantSource>("hydrant-e2e", &edge_config::Valid::new(hc).unwrap()).await;
 
     let s = Scenario::plain(10, 1, 6, datetime!(2026-11-01 0:00 UTC));
     let mut config = FleetConfig::new(s);

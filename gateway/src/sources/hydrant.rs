@@ -18,17 +18,9 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::{Backoff, ErrorCode, IntakeError, Source, SourceContext, SourceEnv, SourceError};
 use crate::normalise::frame_hash;
-use crate::sources::Backoff;
-use crate::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
-
-/// Why the hydrant bridge stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The configuration is invalid.
-    #[error("invalid hydrant source config: {0:?}")]
-    Config(Vec<edge_config::hydrant::HydrantConfigError>),
-}
+use crate::{CommandOutcome, CommandRequest};
 
 /// Status-word bits of a hydrant reading (documented in docs/field-buses.md).
 pub mod status_bits {
@@ -47,20 +39,46 @@ pub mod status_bits {
 /// How many finished command ids are remembered for idempotency.
 const DONE_CAPACITY: usize = 4096;
 
-/// Runs the bridge until `ctx.shutdown` is cancelled.
-pub async fn run(
+/// The hydrant MQTT bridge: configuration checked and TLS built at build.
+#[derive(Debug)]
+pub struct HydrantSource {
     config: HydrantSourceConfig,
     tls: Option<native_tls::TlsConnector>,
-    ctx: SourceContext,
-) -> Result<(), SourceError> {
-    config.validate().map_err(SourceError::Config)?;
-    let SourceContext {
-        gateway,
-        source_id,
-        sink,
-        commands,
-        shutdown,
-    } = ctx;
+}
+
+impl Source for HydrantSource {
+    type Config = edge_config::Valid<HydrantSourceConfig>;
+    const KIND: SourceKind = SourceKind::Mqtt;
+
+    async fn build(config: &Self::Config, _env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
+        let tls = config
+            .tls()
+            .map(|t| crate::mqtt::tls_connector(&t))
+            .transpose()?;
+        Ok(Self {
+            config: (**config).clone(),
+            tls,
+        })
+    }
+
+    /// Runs the bridge until `ctx.shutdown` is cancelled; ready once both subscriptions are
+    /// confirmed.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        run(self.config, self.tls, ctx).await;
+        Ok(())
+    }
+}
+
+async fn run(
+    config: HydrantSourceConfig,
+    tls: Option<native_tls::TlsConnector>,
+    mut ctx: SourceContext,
+) {
+    let commands = std::mem::replace(&mut ctx.commands, mpsc::channel(1).1);
+    let ctx = std::sync::Arc::new(ctx);
+    let source_id = ctx.source_id.clone();
+    let shutdown = ctx.shutdown.clone();
 
     let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
     options.set_keep_alive(config.keep_alive);
@@ -69,7 +87,8 @@ pub async fn run(
     options.set_clean_session(false);
     options.set_transport(crate::mqtt::transport(tls.as_ref()));
     if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        let password = config.password.as_ref().map(|p| p.expose().to_owned());
+        options.set_credentials(user.clone(), password.unwrap_or_default());
     }
     let (client, mut eventloop) = AsyncClient::new(options, 256);
 
@@ -84,9 +103,7 @@ pub async fn run(
     let ingest = tokio::spawn(ingest_worker(
         up_rx,
         client.clone(),
-        sink,
-        gateway,
-        source_id.clone(),
+        std::sync::Arc::clone(&ctx),
         prefix.clone(),
     ));
     let cmd_task = tokio::spawn(command_worker(
@@ -99,6 +116,7 @@ pub async fn run(
     ));
 
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut awaiting_subacks = usize::MAX;
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -109,10 +127,17 @@ pub async fn run(
                 backoff.reset();
                 tracing::info!(source = %source_id, "hydrant bridge connected");
                 let subs = [format!("{prefix}/+/up"), format!("{prefix}/+/ack")];
+                awaiting_subacks = subs.len();
                 for topic in subs {
                     if let Err(e) = client.try_subscribe(topic, QoS::AtLeastOnce) {
                         tracing::warn!(source = %source_id, error = %e, "subscribe failed");
                     }
+                }
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                awaiting_subacks = awaiting_subacks.saturating_sub(1);
+                if awaiting_subacks == 0 {
+                    ctx.readiness.set_ready();
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
@@ -131,6 +156,7 @@ pub async fn run(
             }
             Ok(_) => {}
             Err(e) => {
+                ctx.readiness.set_connecting();
                 let delay = backoff.next_delay();
                 tracing::warn!(source = %source_id, error = %e, ?delay, "hydrant broker connection failed");
                 tokio::select! {
@@ -148,25 +174,33 @@ pub async fn run(
     }
     cmd_task.abort();
     ingest.abort();
-    Ok(())
+}
+
+/// An event name this bridge does not know (ignored, counted).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown hydrant event {0:?}")]
+struct UnknownEvent(String);
+
+impl ErrorCode for UnknownEvent {
+    fn code(&self) -> &'static str {
+        "unknown_event"
+    }
 }
 
 async fn ingest_worker(
     mut rx: mpsc::UnboundedReceiver<Publish>,
     client: AsyncClient,
-    sink: IngestSink,
-    gateway: model::GatewayId,
-    source_id: String,
+    ctx: std::sync::Arc<SourceContext>,
     prefix: String,
 ) {
+    let source_id = ctx.source_id.as_str();
     while let Some(publish) = rx.recv().await {
-        sink.frame_received(&source_id);
         let received_at = OffsetDateTime::now_utc();
         let hid = hydrant_of_topic(&prefix, &publish.topic, "up");
         let provenance = Provenance {
-            gateway: gateway.clone(),
+            gateway: ctx.gateway.clone(),
             source: SourceKind::Mqtt,
-            source_id: source_id.clone(),
+            source_id: source_id.to_owned(),
             frame_hash: frame_hash(&publish.payload),
             received_at,
             channel: Some(publish.topic.clone()),
@@ -175,21 +209,22 @@ async fn ingest_worker(
             Some(hid) => decode_up(hid, &publish.payload, provenance),
             None => Err(UpError::Topic),
         };
-        match decoded {
-            Ok(up) => {
-                for event in &up.unknown_events {
-                    tracing::debug!(source = %source_id, event, "unknown hydrant event ignored");
-                    sink.decode_failed(&source_id, "unknown_event");
-                }
-                if let Err(e) = sink.submit(up.readings).await {
-                    // Not acknowledged: the broker redelivers after reconnect.
-                    tracing::warn!(source = %source_id, error = %e, "spool refused hydrant readings");
-                    continue;
-                }
+        let readings = decoded.map(|up| {
+            for event in up.unknown_events {
+                tracing::debug!(source = %source_id, event, "unknown hydrant event ignored");
+                ctx.reject(&UnknownEvent(event));
             }
-            Err(e) => {
+            up.readings
+        });
+        match ctx.intake_readings(1, readings).await {
+            Ok(()) => {}
+            Err(IntakeError::Spool(e)) => {
+                // Not acknowledged: the broker redelivers after reconnect.
+                tracing::warn!(source = %source_id, error = %e, "spool refused hydrant readings");
+                continue;
+            }
+            Err(e @ IntakeError::Rejected { .. }) => {
                 tracing::warn!(source = %source_id, topic = %publish.topic, error = %e, "bad hydrant uplink");
-                sink.decode_failed(&source_id, e.kind());
             }
         }
         if let Err(e) = client.ack(&publish).await {
@@ -236,9 +271,8 @@ pub enum UpError {
     State(String),
 }
 
-impl UpError {
-    /// Decode-error kind for the metrics.
-    pub fn kind(&self) -> &'static str {
+impl ErrorCode for UpError {
+    fn code(&self) -> &'static str {
         match self {
             Self::Topic => "topic",
             Self::Json(_) => "json",
@@ -605,7 +639,7 @@ mod tests {
             (br#"{"v":1,"hydrant":"h1","state":"ajar"}"#, "state"),
         ];
         for (payload, kind) in cases {
-            assert_eq!(decode_up("h1", payload, prov()).unwrap_err().kind(), kind);
+            assert_eq!(decode_up("h1", payload, prov()).unwrap_err().code(), kind);
         }
     }
 

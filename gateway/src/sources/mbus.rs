@@ -12,34 +12,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use decoders::DecodedFrame;
+use decoders::mbus;
 use edge_config::mbus::MbusSerialSourceConfig;
-use model::{CommandAction, GatewayId, SourceKind};
+use model::{CommandAction, SourceKind};
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio_serial::{SerialPort as _, SerialStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::normalise::{FrameContext, meter_id, to_readings};
-use crate::sources::Health;
-use crate::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
-
-/// Why the M-Bus source stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The configuration is invalid.
-    #[error("invalid mbus source config: {0:?}")]
-    Config(Vec<edge_config::mbus::MbusConfigError>),
-    /// The serial port could not be opened.
-    #[error("open serial port {port}: {reason}")]
-    Serial {
-        /// Port path.
-        port: String,
-        /// Why.
-        reason: String,
-    },
-}
+use super::{ErrorCode, Health, Received, Source, SourceContext, SourceEnv, SourceError};
+use crate::{CommandOutcome, CommandRequest};
 
 /// Why one exchange on the bus failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -61,6 +44,17 @@ pub enum MasterError {
     /// The serial port failed.
     #[error("serial I/O: {0}")]
     Io(String),
+}
+
+impl ErrorCode for MasterError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::NoAnswer(_) => "no_answer",
+            Self::Garbled { .. } => "garbled",
+            Self::NotSelected(_) => "not_selected",
+            Self::Io(_) => "io",
+        }
+    }
 }
 
 /// A meter address on the bus.
@@ -88,7 +82,7 @@ pub mod link {
     /// Address that talks to the selected meter.
     pub const SELECTED: u8 = 0xFD;
 
-    use decoders::mbus::encode;
+    use decoders::mbus::{self, LinkFrame, MbusError, encode};
 
     /// SND_NKE (link reset) to `a`.
     pub fn snd_nke(a: u8) -> Vec<u8> {
@@ -114,124 +108,49 @@ pub mod link {
         encode::select_secondary(id, None, None, None)
     }
 
-    /// Checks a long frame's framing and checksum; returns the user data (C field on).
-    pub fn check_long(frame: &[u8]) -> Result<&[u8], String> {
-        let (&[start, l1, l2, start2], rest) =
-            frame.split_first_chunk::<4>().ok_or("short frame")?;
-        if start != 0x68 || start2 != 0x68 || l1 != l2 {
-            return Err(format!(
-                "bad long-frame header {start:02x} {l1:02x} {l2:02x} {start2:02x}"
-            ));
+    /// Checks a long frame's framing and checksum with `decoders::mbus`.
+    ///
+    /// # Errors
+    /// The decoder's [`MbusError`] (bad checksum, length, start or stop byte...), or
+    /// [`MbusError::NotLongFrame`] for a short frame or E5.
+    pub fn check_long(frame: &[u8]) -> Result<(), MbusError> {
+        match mbus::parse_link(frame)? {
+            LinkFrame::Long { .. } | LinkFrame::Control { .. } => Ok(()),
+            LinkFrame::Short { .. } => Err(MbusError::NotLongFrame {
+                kind: "short frame",
+            }),
+            LinkFrame::Ack => Err(MbusError::NotLongFrame {
+                kind: "single character E5",
+            }),
         }
-        let l = usize::from(l1);
-        let body = rest.get(..l).ok_or("frame shorter than its L field")?;
-        let (cs, stop) = match rest.get(l..) {
-            Some(&[cs, stop]) => (cs, stop),
-            _ => return Err("frame length does not match its L field".into()),
-        };
-        if stop != 0x16 {
-            return Err(format!("stop byte {stop:02x} (expected 16)"));
-        }
-        let sum = body.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
-        if sum != cs {
-            return Err(format!("checksum {cs:02x} (computed {sum:02x})"));
-        }
-        Ok(body)
     }
 
     /// The identification number of an RSP_UD (CI 72) as 8 digits.
     pub fn identification(frame: &[u8]) -> Option<String> {
-        let body = check_long(frame).ok()?;
-        let (&[_c, _a, ci, i0, i1, i2, i3], _) = body.split_first_chunk::<7>()?;
-        if ci != 0x72 {
-            return None;
+        let rsp = mbus::parse(frame).ok()?;
+        match rsp.header {
+            mbus::AppHeader::Long(h) if rsp.ci == 0x72 => {
+                let s = h.id_digits();
+                s.bytes().all(|b| b.is_ascii_digit()).then_some(s)
+            }
+            _ => None,
         }
-        let s = format!("{i3:02x}{i2:02x}{i1:02x}{i0:02x}");
-        s.bytes().all(|b| b.is_ascii_digit()).then_some(s)
     }
 
-    /// Whether the telegram's last record is DIF 1F (more records follow in another telegram).
-    /// Walks the data records of a CI 72 / 7A / 78 telegram; unknown layouts answer `false`.
+    /// Whether the telegram has a DIF 1F record (more records follow in another telegram),
+    /// by the decoder's record walk; a telegram that does not parse answers `false`.
     pub fn more_records_follow(frame: &[u8]) -> bool {
-        let Ok(body) = check_long(frame) else {
+        let Ok(rsp) = mbus::parse(frame) else {
             return false;
         };
-        let header = match body.get(2) {
-            Some(0x72) => 12,
-            Some(0x7A) => 4,
-            Some(0x78) => 0,
-            _ => return false,
-        };
-        let Some(mut rest) = body.get(3 + header..) else {
-            return false;
-        };
-        loop {
-            let Some((&dif, after)) = rest.split_first() else {
-                return false;
-            };
-            rest = after;
-            match dif {
-                0x1F => return true,
-                0x0F => return false,
-                0x2F => continue,
-                _ => {}
+        let mut more = false;
+        for record in rsp.records {
+            match record {
+                Ok(r) => more |= r.dif == 0x1F,
+                Err(_) => return false,
             }
-            let mut ext = dif;
-            while ext & 0x80 != 0 {
-                let Some((&dife, after)) = rest.split_first() else {
-                    return false;
-                };
-                ext = dife;
-                rest = after;
-            }
-            let Some((&vif, after)) = rest.split_first() else {
-                return false;
-            };
-            rest = after;
-            let mut ext = vif;
-            while ext & 0x80 != 0 {
-                let Some((&vife, after)) = rest.split_first() else {
-                    return false;
-                };
-                ext = vife;
-                rest = after;
-            }
-            if vif & 0x7F == 0x7C {
-                // Plain-text VIF: length byte and ASCII unit follow.
-                let Some((&n, after)) = rest.split_first() else {
-                    return false;
-                };
-                let Some(after) = after.get(usize::from(n)..) else {
-                    return false;
-                };
-                rest = after;
-            }
-            let len = match dif & 0x0F {
-                0x0 | 0x8 => 0,
-                0x1 | 0x9 => 1,
-                0x2 | 0xA => 2,
-                0x3 | 0xB => 3,
-                0x4 | 0x5 | 0xC => 4,
-                0x6 | 0xE => 6,
-                0x7 => 8,
-                0xD => {
-                    let Some((&lvar, after)) = rest.split_first() else {
-                        return false;
-                    };
-                    rest = after;
-                    match lvar {
-                        0x00..=0xBF => usize::from(lvar),
-                        0xC0..=0xEF => usize::from(lvar & 0x0F),
-                        _ => return false,
-                    }
-                }
-                _ => return false,
-            };
-            let Some(after) = rest.get(len..) else {
-                return false;
-            };
-            rest = after;
         }
+        more
     }
 }
 
@@ -513,8 +432,8 @@ fn classify(bytes: Vec<u8>) -> Reply {
     match bytes.as_slice() {
         [link::ACK] => Reply::Ack,
         [0x68, ..] => match link::check_long(&bytes) {
-            Ok(_) => Reply::Long(bytes),
-            Err(e) => Reply::Garbled(e),
+            Ok(()) => Reply::Long(bytes),
+            Err(e) => Reply::Garbled(e.to_string()),
         },
         other => Reply::Garbled(format!(
             "unexpected {} byte(s) starting {:02x?}",
@@ -524,98 +443,89 @@ fn classify(bytes: Vec<u8>) -> Reply {
     }
 }
 
-/// The production decoder: `decoders::mbus::decode`; the error text starts with its kind
-/// (`checksum: ...`), which becomes the decode-error counter's label.
-pub fn default_decoder(frame: &[u8]) -> Result<DecodedFrame, String> {
-    use decoders::mbus::MbusError as E;
-    decoders::mbus::decode(frame).map_err(|e| {
-        let kind = match &e {
-            E::BadChecksum { .. } => "checksum",
-            E::Truncated { .. } | E::BadLength { .. } | E::TrailingBytes { .. } => "length",
-            E::BadStart { .. } | E::BadHeader { .. } | E::BadStop { .. } => "framing",
-            E::NotLongFrame { .. } => "not_long_frame",
-            E::UnsupportedCi { .. } => "unsupported_ci",
-            E::ApplicationError { .. } => "application_error",
-            _ => "record",
-        };
-        format!("{kind}: {e}")
-    })
-}
-
-/// Runs the master until shutdown.
-pub async fn run(config: MbusSerialSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
-    run_with(config, ctx, Health::default()).await
-}
-
-/// Runs the master until shutdown, keeping per-meter health (keyed `primary 5` /
-/// `secondary 12345678`) in `health`.
-pub async fn run_with(
+/// The serial M-Bus master: the port is opened at build.
+#[derive(Debug)]
+pub struct MbusSource {
+    master: Master,
     config: MbusSerialSourceConfig,
-    ctx: SourceContext,
     health: Health,
-) -> Result<(), SourceError> {
-    config.validate().map_err(SourceError::Config)?;
-    let master = Master::open(
-        &config.port,
-        config.baud_rate,
-        config.timeout,
-        config.retries,
-    )
-    .map_err(|e| SourceError::Serial {
-        port: config.port.clone(),
-        reason: e.to_string(),
-    })?;
-    let SourceContext {
-        gateway,
-        source_id,
-        sink,
-        commands,
-        shutdown,
-    } = ctx;
-    let mut meters: Vec<Address> = config
-        .meters
-        .iter()
-        .filter_map(|m| match (m.primary, &m.secondary) {
-            (Some(p), _) => Some(Address::Primary(p)),
-            (None, Some(s)) => Some(Address::Secondary(s.clone())),
-            (None, None) => None,
+}
+
+impl Source for MbusSource {
+    type Config = edge_config::Valid<MbusSerialSourceConfig>;
+    const KIND: SourceKind = SourceKind::MbusSerial;
+
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
+        let master = Master::open(
+            &config.port,
+            config.baud_rate,
+            config.timeout,
+            config.retries,
+        )
+        .map_err(|e| SourceError::Serial {
+            port: config.port.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            master,
+            config: (**config).clone(),
+            health: env.health(),
         })
-        .collect();
-    let mut bus = Bus {
-        master,
-        config,
-        gateway,
-        source_id,
-        sink,
-        health,
-        known: HashMap::new(),
-    };
-    if bus.config.search_secondary {
-        match bus.master.search().await {
-            Ok(found) => {
-                tracing::info!(source = %bus.source_id, ?found, "secondary search done");
-                for id in found {
-                    let a = Address::Secondary(id);
-                    if !meters.contains(&a) {
-                        meters.push(a);
+    }
+
+    /// Runs the master until shutdown, keeping per-meter health (keyed `primary 5` /
+    /// `secondary 12345678`); ready once the secondary search (if any) is done.
+    async fn run(self, mut ctx: SourceContext) -> Result<(), SourceError> {
+        let Self {
+            master,
+            config,
+            health,
+        } = self;
+        let commands = std::mem::replace(&mut ctx.commands, mpsc::channel(1).1);
+        let shutdown = ctx.shutdown.clone();
+        let mut meters: Vec<Address> = config
+            .meters
+            .iter()
+            .filter_map(|m| match (m.primary, &m.secondary) {
+                (Some(p), _) => Some(Address::Primary(p)),
+                (None, Some(s)) => Some(Address::Secondary(s.clone())),
+                (None, None) => None,
+            })
+            .collect();
+        let mut bus = Bus {
+            master,
+            config,
+            ctx,
+            health,
+            known: HashMap::new(),
+        };
+        if bus.config.search_secondary {
+            match bus.master.search().await {
+                Ok(found) => {
+                    tracing::info!(source = %bus.ctx.source_id, ?found, "secondary search done");
+                    for id in found {
+                        let a = Address::Secondary(id);
+                        if !meters.contains(&a) {
+                            meters.push(a);
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(source = %bus.source_id, error = %e, "secondary search failed")
+                Err(e) => {
+                    tracing::warn!(source = %bus.ctx.source_id, error = %e, "secondary search failed")
+                }
             }
         }
+        bus.ctx.readiness.set_ready();
+        bus.cycle_loop(meters, commands, shutdown).await;
+        Ok(())
     }
-    bus.cycle_loop(meters, commands, shutdown).await;
-    Ok(())
 }
 
 struct Bus {
     master: Master,
     config: MbusSerialSourceConfig,
-    gateway: GatewayId,
-    source_id: String,
-    sink: IngestSink,
+    ctx: SourceContext,
     health: Health,
     /// Meter id → bus address, learnt from reads (commands name meters by id).
     known: HashMap<String, Address>,
@@ -660,12 +570,13 @@ impl Bus {
     }
 
     async fn read_meter(&mut self, address: &Address) {
+        let source_id = self.ctx.source_id.as_str();
         let telegrams = match self.master.read(address, self.config.max_telegrams).await {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(source = %self.source_id, %address, error = %e, "m-bus read failed");
+                tracing::warn!(source = %source_id, %address, error = %e, "m-bus read failed");
                 if let MasterError::Garbled { .. } = e {
-                    self.sink.decode_failed(&self.source_id, "garbled");
+                    self.ctx.reject(&e);
                 }
                 self.health.update(&address.to_string(), |h| {
                     h.consecutive_failures = h.consecutive_failures.saturating_add(1);
@@ -680,42 +591,30 @@ impl Bus {
         let channel = format!("{} {address}", self.config.port);
         let mut readings = Vec::new();
         for raw in &telegrams {
-            self.sink.frame_received(&self.source_id);
-            let frame = match default_decoder(raw) {
-                Ok(f) => f,
-                Err(e) => {
-                    let kind = e.split(':').next().unwrap_or("decode").trim().to_owned();
-                    tracing::warn!(source = %self.source_id, %address, error = %e, "m-bus telegram not decodable");
-                    self.sink.decode_failed(&self.source_id, &kind);
-                    continue;
-                }
-            };
-            let meter = match meter_id(&frame) {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(source = %self.source_id, error = %e, "m-bus meter id invalid");
-                    self.sink.decode_failed(&self.source_id, "meter_id");
-                    continue;
-                }
-            };
-            self.known.insert(meter.to_string(), address.clone());
-            let fctx = FrameContext {
-                gateway: &self.gateway,
-                source: SourceKind::MbusSerial,
-                source_id: &self.source_id,
+            let frame = Received {
+                raw,
                 channel: Some(&channel),
                 received_at,
-                raw,
             };
-            readings.extend(to_readings(&frame, &meter, None, &fctx));
+            match self.ctx.decode(&frame, mbus::decode, |_| None) {
+                Ok(decoded) => {
+                    self.known
+                        .insert(decoded.meter.to_string(), address.clone());
+                    readings.extend(decoded.readings);
+                }
+                Err(e) => {
+                    tracing::warn!(source = %source_id, %address, error = %e, "m-bus telegram not decodable");
+                }
+            }
         }
         self.health.update(&address.to_string(), |h| {
             h.consecutive_failures = 0;
             h.polls_ok += 1;
             h.last_ok = Some(received_at);
         });
-        if let Err(e) = self.sink.submit(readings).await {
-            tracing::warn!(source = %self.source_id, error = %e, "spool refused m-bus readings");
+        // M-Bus has no acknowledgement: the meter is read again next cycle.
+        if let Err(e) = self.ctx.submit(readings).await {
+            tracing::warn!(source = %source_id, error = %e, "spool refused m-bus readings");
         }
     }
 
@@ -805,7 +704,7 @@ mod tests {
         assert!(link::check_long(&f).is_ok());
         let cs = f.len() - 2;
         f[cs] ^= 1;
-        assert!(link::check_long(&f).unwrap_err().starts_with("checksum"));
+        assert_eq!(link::check_long(&f).unwrap_err().code(), "bad_checksum");
         assert_eq!(classify(vec![0xE5]), Reply::Ack);
         assert!(matches!(classify(vec![0xE5, 0xE5]), Reply::Garbled(_)));
     }

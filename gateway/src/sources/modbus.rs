@@ -17,7 +17,7 @@ use decoders::{DecodedFrame, MeterInfo, Protocol, Record};
 use edge_config::modbus::{
     ModbusRtuSourceConfig, ModbusTcpSourceConfig, ModbusTiming, ModbusValve, Parity,
 };
-use model::{CommandAction, GatewayId, SourceKind};
+use model::{CommandAction, SourceKind};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -26,27 +26,9 @@ use tokio_modbus::prelude::SlaveContext as _;
 use tokio_modbus::{ExceptionCode, Slave};
 use tokio_util::sync::CancellationToken;
 
-use crate::normalise::{FrameContext, meter_id, to_readings};
-use crate::sources::Backoff;
-use crate::{CommandOutcome, CommandRequest, IngestSink, SourceContext};
-
-/// Why a Modbus source could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The configuration is invalid.
-    #[error("invalid modbus source config: {0:?}")]
-    Config(Vec<edge_config::modbus::ModbusConfigError>),
-    /// A device's register map could not be loaded.
-    #[error("device {device:?}: register map {map:?}: {reason}")]
-    Map {
-        /// Device name.
-        device: String,
-        /// Map name or path.
-        map: String,
-        /// Why.
-        reason: String,
-    },
-}
+use super::{Backoff, ErrorCode, Received, Source, SourceContext, SourceEnv, SourceError};
+use crate::normalise;
+use crate::{CommandOutcome, CommandRequest};
 
 /// Which table a block is read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,8 +78,12 @@ impl BlockData {
 pub trait DeviceDecoder: Send + Sync + std::fmt::Debug {
     /// The reads one poll makes.
     fn plan(&self) -> Vec<Block>;
-    /// Decodes one block. The error text names the value and address.
-    fn decode(&self, block: Block, data: &BlockData) -> Result<Vec<Record>, String>;
+    /// Decodes one block. The error names the value and address.
+    fn decode(
+        &self,
+        block: Block,
+        data: &BlockData,
+    ) -> Result<Vec<Record>, modbus_decoder::ModbusError>;
 }
 
 /// A device ready to poll.
@@ -193,9 +179,6 @@ impl Transport {
     }
 }
 
-/// Finds the register map a device config names.
-pub type MapResolver = dyn Fn(&str) -> Result<RegisterMap, String> + Send + Sync;
-
 /// Polls and decodes a device with a register map (`decoders::modbus`).
 #[derive(Debug, Clone)]
 pub struct MapDecoder {
@@ -229,7 +212,11 @@ impl DeviceDecoder for MapDecoder {
         self.plan.clone()
     }
 
-    fn decode(&self, block: Block, data: &BlockData) -> Result<Vec<Record>, String> {
+    fn decode(
+        &self,
+        block: Block,
+        data: &BlockData,
+    ) -> Result<Vec<Record>, modbus_decoder::ModbusError> {
         let function = match block.table {
             Table::Coils => RegisterFunction::Coil,
             Table::DiscreteInputs => RegisterFunction::DiscreteInput,
@@ -244,18 +231,7 @@ impl DeviceDecoder for MapDecoder {
                 modbus_decoder::decode_bits(&self.map, function, block.start, bits)
             }
         }
-        .map_err(|e| e.to_string())
     }
-}
-
-/// Runs a Modbus TCP source until shutdown, resolving maps with [`resolve_map`].
-pub async fn run(config: ModbusTcpSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
-    run_tcp_with(config, ctx, Health::default(), &resolve_map).await
-}
-
-/// Runs a Modbus RTU source until shutdown, resolving maps with [`resolve_map`].
-pub async fn run_rtu(config: ModbusRtuSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
-    run_rtu_with(config, ctx, Health::default(), &resolve_map).await
 }
 
 /// Resolves a configured map name: a shipped model (`edge_config::register_map::builtin_names`)
@@ -273,16 +249,18 @@ pub fn resolve_map(map: &str) -> Result<RegisterMap, String> {
 fn devices_of(
     config: &[edge_config::modbus::ModbusDeviceConfig],
     timing: &ModbusTiming,
-    resolver: &MapResolver,
+    env: &SourceEnv,
 ) -> Result<Vec<(Option<String>, PolledDevice)>, SourceError> {
     config
         .iter()
         .map(|d| {
-            let map = resolver(&d.map).map_err(|reason| SourceError::Map {
-                device: d.name.clone(),
-                map: d.map.clone(),
-                reason,
-            })?;
+            let map = env
+                .register_map(&d.map)
+                .map_err(|reason| SourceError::Map {
+                    device: d.name.clone(),
+                    map: d.map.clone(),
+                    reason,
+                })?;
             Ok((
                 d.address.clone(),
                 PolledDevice {
@@ -297,73 +275,93 @@ fn devices_of(
         .collect()
 }
 
-/// Runs a Modbus TCP source with a given health registry and map resolver.
-pub async fn run_tcp_with(
-    config: ModbusTcpSourceConfig,
-    ctx: SourceContext,
+/// A Modbus TCP poller: maps resolved at build; connections are per bus, made (and remade
+/// with backoff) while polling, with their state in the device health.
+#[derive(Debug)]
+pub struct ModbusTcpSource {
+    buses: Vec<(Transport, Vec<PolledDevice>)>,
+    timing: ModbusTiming,
     health: Health,
-    resolver: &MapResolver,
-) -> Result<(), SourceError> {
-    config.validate().map_err(SourceError::Config)?;
-    let mut buses: BTreeMap<String, Vec<PolledDevice>> = BTreeMap::new();
-    for (address, device) in devices_of(&config.devices, &config.timing, resolver)? {
-        buses
-            .entry(address.unwrap_or_default())
-            .or_default()
-            .push(device);
-    }
-    let buses = buses
-        .into_iter()
-        .map(|(a, d)| (Transport::Tcp(a), d))
-        .collect();
-    run_buses(buses, config.timing, SourceKind::ModbusTcp, ctx, health).await;
-    Ok(())
 }
 
-/// Runs a Modbus RTU source with a given health registry and map resolver.
-pub async fn run_rtu_with(
-    config: ModbusRtuSourceConfig,
-    ctx: SourceContext,
+impl Source for ModbusTcpSource {
+    type Config = edge_config::Valid<ModbusTcpSourceConfig>;
+    const KIND: SourceKind = SourceKind::ModbusTcp;
+
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
+        let mut buses: BTreeMap<String, Vec<PolledDevice>> = BTreeMap::new();
+        for (address, device) in devices_of(&config.devices, &config.timing, env)? {
+            buses
+                .entry(address.unwrap_or_default())
+                .or_default()
+                .push(device);
+        }
+        Ok(Self {
+            buses: buses
+                .into_iter()
+                .map(|(a, d)| (Transport::Tcp(a), d))
+                .collect(),
+            timing: config.timing.clone(),
+            health: env.health(),
+        })
+    }
+
+    /// Polls until shutdown; ready once the bus tasks run.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        run_buses(self.buses, self.timing, ctx, self.health).await;
+        Ok(())
+    }
+}
+
+/// A Modbus RTU poller on one serial line: maps resolved at build.
+#[derive(Debug)]
+pub struct ModbusRtuSource {
+    bus: (Transport, Vec<PolledDevice>),
+    timing: ModbusTiming,
     health: Health,
-    resolver: &MapResolver,
-) -> Result<(), SourceError> {
-    config.validate().map_err(SourceError::Config)?;
-    let devices = devices_of(&config.devices, &config.timing, resolver)?
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect();
-    let transport = Transport::Rtu {
-        port: config.port.clone(),
-        baud_rate: config.baud_rate,
-        parity: config.parity,
-        data_bits: config.data_bits,
-        stop_bits: config.stop_bits,
-    };
-    run_buses(
-        vec![(transport, devices)],
-        config.timing,
-        SourceKind::ModbusRtu,
-        ctx,
-        health,
-    )
-    .await;
-    Ok(())
+}
+
+impl Source for ModbusRtuSource {
+    type Config = edge_config::Valid<ModbusRtuSourceConfig>;
+    const KIND: SourceKind = SourceKind::ModbusRtu;
+
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
+        let devices = devices_of(&config.devices, &config.timing, env)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect();
+        let transport = Transport::Rtu {
+            port: config.port.clone(),
+            baud_rate: config.baud_rate,
+            parity: config.parity,
+            data_bits: config.data_bits,
+            stop_bits: config.stop_bits,
+        };
+        Ok(Self {
+            bus: (transport, devices),
+            timing: config.timing.clone(),
+            health: env.health(),
+        })
+    }
+
+    /// Polls until shutdown; ready once the bus task runs.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        run_buses(vec![self.bus], self.timing, ctx, self.health).await;
+        Ok(())
+    }
 }
 
 async fn run_buses(
     buses: Vec<(Transport, Vec<PolledDevice>)>,
     timing: ModbusTiming,
-    kind: SourceKind,
-    ctx: SourceContext,
+    mut ctx: SourceContext,
     health: Health,
 ) {
-    let SourceContext {
-        gateway,
-        source_id,
-        sink,
-        mut commands,
-        shutdown,
-    } = ctx;
+    let mut commands = std::mem::replace(&mut ctx.commands, mpsc::channel(1).1);
+    let shutdown = ctx.shutdown.clone();
+    let ctx = Arc::new(ctx);
     let mut routes: HashMap<String, mpsc::Sender<CommandRequest>> = HashMap::new();
     let mut tasks = Vec::new();
     for (transport, devices) in buses {
@@ -375,10 +373,7 @@ async fn run_buses(
             transport,
             devices,
             timing: timing.clone(),
-            kind,
-            gateway: gateway.clone(),
-            source_id: source_id.clone(),
-            sink: sink.clone(),
+            ctx: Arc::clone(&ctx),
             health: health.clone(),
             shutdown: shutdown.clone(),
             context: None,
@@ -387,6 +382,7 @@ async fn run_buses(
         };
         tasks.push(tokio::spawn(bus.run(rx)));
     }
+    ctx.readiness.set_ready();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -412,7 +408,7 @@ async fn run_buses(
     }
     for t in tasks {
         if let Err(e) = t.await {
-            tracing::error!(source = %source_id, error = %e, "modbus bus task failed");
+            tracing::error!(source = %ctx.source_id, error = %e, "modbus bus task failed");
         }
     }
 }
@@ -426,6 +422,16 @@ enum RequestError {
     Transport(String),
     /// Shutdown while waiting.
     Shutdown,
+}
+
+impl ErrorCode for RequestError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Exception(_) => "exception",
+            Self::Transport(_) => "transport",
+            Self::Shutdown => "shutdown",
+        }
+    }
 }
 
 impl std::fmt::Display for RequestError {
@@ -452,10 +458,7 @@ struct Bus {
     transport: Transport,
     devices: Vec<PolledDevice>,
     timing: ModbusTiming,
-    kind: SourceKind,
-    gateway: GatewayId,
-    source_id: String,
-    sink: IngestSink,
+    ctx: Arc<SourceContext>,
     health: Health,
     shutdown: CancellationToken,
     context: Option<Context>,
@@ -502,6 +505,7 @@ impl Bus {
         let Some(device) = self.devices.get(idx).cloned() else {
             return;
         };
+        let source_id = self.ctx.source_id.clone();
         let received_at = OffsetDateTime::now_utc();
         let mut records = Vec::new();
         let mut raw = Vec::new();
@@ -509,13 +513,14 @@ impl Bus {
         for block in device.decoder.plan() {
             match self.request(device.unit_id, Op::Read(block)).await {
                 Ok(OpResult::Data(data)) => {
-                    self.sink.frame_received(&self.source_id);
+                    // Every register block is one frame of the intake.
+                    self.ctx.count_frames(1);
                     raw.extend(data.raw());
                     match device.decoder.decode(block, &data) {
                         Ok(r) => records.extend(r),
                         Err(e) => {
-                            tracing::warn!(source = %self.source_id, device = %device.name, error = %e, "modbus block not decodable");
-                            self.sink.decode_failed(&self.source_id, "register_map");
+                            tracing::warn!(source = %source_id, device = %device.name, error = %e, "modbus block not decodable");
+                            self.ctx.reject(&e);
                         }
                     }
                 }
@@ -523,7 +528,7 @@ impl Bus {
                 Err(RequestError::Shutdown) => return,
                 Err(e) => {
                     if matches!(e, RequestError::Exception(_)) {
-                        self.sink.decode_failed(&self.source_id, "exception");
+                        self.ctx.reject(&e);
                     }
                     failure = Some(e.to_string());
                     break;
@@ -531,7 +536,7 @@ impl Bus {
             }
         }
         if let Some(error) = failure {
-            tracing::warn!(source = %self.source_id, device = %device.name, %error, "modbus poll failed");
+            tracing::warn!(source = %source_id, device = %device.name, %error, "modbus poll failed");
             self.health.update(&device.name, |h| {
                 h.consecutive_failures = h.consecutive_failures.saturating_add(1);
                 h.polls_failed += 1;
@@ -554,7 +559,7 @@ impl Bus {
             },
             records,
         };
-        let meter = match meter_id(&frame) {
+        let meter = match normalise::meter_id(&frame) {
             Ok(m) => m,
             Err(e) => {
                 tracing::error!(device = %device.name, error = %e, "modbus device name is not a meter id");
@@ -562,17 +567,15 @@ impl Bus {
             }
         };
         let channel = format!("{} unit {}", self.transport.endpoint(), device.unit_id);
-        let fctx = FrameContext {
-            gateway: &self.gateway,
-            source: self.kind,
-            source_id: &self.source_id,
+        let fctx = self.ctx.frame_context(&Received {
+            raw: &raw,
             channel: Some(&channel),
             received_at,
-            raw: &raw,
-        };
-        let readings = to_readings(&frame, &meter, None, &fctx);
-        if let Err(e) = self.sink.submit(readings).await {
-            tracing::warn!(source = %self.source_id, device = %device.name, error = %e, "spool refused modbus readings");
+        });
+        let readings = normalise::to_readings(&frame, &meter, None, &fctx);
+        // A poll has no acknowledgement: a refused submit is logged, the next poll reads again.
+        if let Err(e) = self.ctx.submit(readings).await {
+            tracing::warn!(source = %source_id, device = %device.name, error = %e, "spool refused modbus readings");
         }
     }
 

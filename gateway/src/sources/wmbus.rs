@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use decoders::wmbus::{FormatCache, WmbusError};
+use decoders::wmbus::FormatCache;
 use edge_config::wmbus::WmbusUdpSourceConfig;
 use model::SourceKind;
 use sha2::{Digest, Sha256};
@@ -21,24 +21,8 @@ use time::{OffsetDateTime, UtcOffset};
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
-use crate::SourceContext;
-use crate::normalise::{FrameContext, frame_clock, meter_id, to_readings};
-
-/// Why the receiver stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    /// The configuration is invalid.
-    #[error("invalid wmbus source config: {0:?}")]
-    Config(Vec<edge_config::wmbus::WmbusConfigError>),
-    /// The UDP socket could not be bound.
-    #[error("bind {listen}: {reason}")]
-    Bind {
-        /// Address.
-        listen: String,
-        /// Why.
-        reason: String,
-    },
-}
+use super::{Commands, Received, Source, SourceContext, SourceEnv, SourceError};
+use crate::normalise::frame_clock;
 
 /// Receiver counters beyond the sink's frames and decode errors.
 #[derive(Debug, Default)]
@@ -47,26 +31,6 @@ pub struct ReceiverStats {
     pub duplicates: AtomicU64,
     /// Telegrams decoded and submitted.
     pub decoded: AtomicU64,
-}
-
-/// The decode-error label of a wM-Bus error.
-pub fn error_kind(e: &WmbusError) -> &'static str {
-    match e {
-        WmbusError::Truncated { .. } => "truncated",
-        WmbusError::LengthMismatch { .. } => "length",
-        WmbusError::BadCrc { .. } => "crc",
-        WmbusError::UnsupportedCi { .. } => "unsupported_ci",
-        WmbusError::UnsupportedSecurityMode { .. } => "unsupported_security_mode",
-        WmbusError::MissingKey { .. } => "missing_key",
-        WmbusError::WrongKey { .. } => "wrong_key",
-        WmbusError::BadEncryptedLength { .. } => "encrypted_length",
-        WmbusError::UnknownCompactFormat { .. } => "unknown_compact_format",
-        WmbusError::CompactMismatch { .. } => "compact_mismatch",
-        WmbusError::Fragmented { .. } => "fragmented",
-        WmbusError::ManufacturerSpecific { .. } => "manufacturer_specific",
-        WmbusError::Application { .. } => "records",
-        WmbusError::Wired(_) => "wired_frame",
-    }
 }
 
 /// Remembers telegram fingerprints for a time window.
@@ -176,12 +140,29 @@ fn drops_of_inode(table: &str, inode: &str) -> Option<u64> {
     })
 }
 
-/// Runs the receiver until shutdown.
-pub async fn run(config: WmbusUdpSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
-    run_with_stats(config, ctx, Arc::default()).await
+/// The wM-Bus receiver: its socket is bound at build, so a port in use stops the start.
+#[derive(Debug)]
+pub struct WmbusSource {
+    socket: UdpSocket,
+    listen: String,
+    receiver: Receiver,
+    stats: Arc<ReceiverStats>,
+}
+
+impl WmbusSource {
+    /// The receiver's counters (duplicates, decoded telegrams); watch them before `run`.
+    pub fn stats(&self) -> Arc<ReceiverStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.socket.local_addr().ok()
+    }
 }
 
 /// What the receive loop keeps between datagrams.
+#[derive(Debug)]
 struct Receiver {
     keys: std::collections::HashMap<String, [u8; 16]>,
     cache: FormatCache,
@@ -190,158 +171,188 @@ struct Receiver {
 }
 
 impl Receiver {
-    /// Decodes one datagram into readings; counts duplicates and decode errors.
+    /// Decodes one datagram into readings through the intake; counts duplicates.
     fn readings(
         &mut self,
         raw: &[u8],
         peer: std::net::SocketAddr,
-        gateway: &model::GatewayId,
-        source_id: &str,
-        sink: &crate::IngestSink,
+        ctx: &SourceContext,
         stats: &ReceiverStats,
     ) -> Vec<model::Reading> {
-        sink.frame_received(source_id);
         if !self.dedup.first_time(raw, Instant::now()) {
+            ctx.count_frames(1);
             stats.duplicates.fetch_add(1, Ordering::Relaxed);
             return Vec::new();
         }
-        let frame = match decoders::wmbus::decode(raw, &self.keys, &mut self.cache) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::debug!(source = %source_id, %peer, error = %e, "wmbus telegram not decodable");
-                sink.decode_failed(source_id, error_kind(&e));
-                return Vec::new();
-            }
+        let channel = peer.to_string();
+        let frame = Received {
+            raw,
+            channel: Some(&channel),
+            received_at: OffsetDateTime::now_utc(),
         };
-        let Ok(meter) = meter_id(&frame) else {
-            sink.decode_failed(source_id, "meter_id");
-            return Vec::new();
-        };
-        // No downgrade: a meter with a key accepts only telegrams encrypted under it.
-        if self.keys.contains_key(meter.as_str())
-            && let Err(e) = keyed_protection(raw, &self.keys, &mut self.cache)
-        {
-            tracing::warn!(source = %source_id, %peer, %meter, error = %e, "refused a wM-Bus downgrade");
-            sink.decode_failed(source_id, "security_downgrade");
-            return Vec::new();
-        }
         // The telegram's own date-time record is the reading time when the meters' zone is
         // configured (clock source `meter`, checked against the receive time by VEE's skew
         // rule); otherwise, or without the record, the receive time.
-        let meter_ts = self
-            .meter_offset
-            .and_then(|offset| Some(frame_clock(&frame)?.assume_offset(offset)));
-        let channel = peer.to_string();
-        let fctx = FrameContext {
-            gateway,
-            source: SourceKind::Wmbus,
-            source_id,
-            channel: Some(&channel),
-            received_at: OffsetDateTime::now_utc(),
-            raw,
+        let meter_offset = self.meter_offset;
+        let (keys, cache) = (&self.keys, &mut self.cache);
+        let decoded = ctx.decode(
+            &frame,
+            |raw| decoders::wmbus::decode(raw, keys, &mut *cache),
+            |f| meter_offset.and_then(|offset| Some(frame_clock(f)?.assume_offset(offset))),
+        );
+        let decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(source = %ctx.source_id, %peer, error = %e, "wmbus telegram not decodable");
+                return Vec::new();
+            }
         };
+        // No downgrade: a meter with a key accepts only telegrams encrypted under it.
+        if self.keys.contains_key(decoded.meter.as_str())
+            && let Err(e) = keyed_protection(raw, &self.keys, &mut self.cache)
+        {
+            tracing::warn!(source = %ctx.source_id, %peer, meter = %decoded.meter, error = %e, "refused a wM-Bus downgrade");
+            ctx.reject(&e);
+            return Vec::new();
+        }
         stats.decoded.fetch_add(1, Ordering::Relaxed);
-        to_readings(&frame, &meter, meter_ts, &fctx)
+        decoded.readings
     }
 }
 
-/// Runs the receiver until shutdown, counting into `stats`.
-///
-/// Datagrams are read in batches: every datagram waiting in the socket (up to
-/// [`MAX_BATCH`]) is decoded and their readings go to the spool in one submit, so a burst of
-/// hundreds of meters costs a few group commits instead of one each, while the kernel buffer
-/// (`recv_buffer_bytes`) holds what arrives meanwhile. Datagrams the kernel still drops are
-/// counted as `wm_gateway_udp_kernel_drops_total`.
-pub async fn run_with_stats(
-    config: WmbusUdpSourceConfig,
-    ctx: SourceContext,
-    stats: Arc<ReceiverStats>,
-) -> Result<(), SourceError> {
-    config.validate().map_err(SourceError::Config)?;
-    let socket = bind(&config).map_err(|e| SourceError::Bind {
-        listen: config.listen.clone(),
-        reason: e.to_string(),
-    })?;
-    let mut rx = Receiver {
-        keys: config.key_map(),
-        cache: FormatCache::new(),
-        dedup: Dedup::new(config.dedup_window),
-        meter_offset: config
-            .meter_utc_offset_minutes
-            .and_then(|m| UtcOffset::from_whole_seconds(i32::from(m).saturating_mul(60)).ok()),
-    };
-    let SourceContext {
-        gateway,
-        source_id,
-        sink,
-        mut commands,
-        shutdown,
-    } = ctx;
-    // wM-Bus meters are receive-only here (no bidirectional mode): commands are refused.
-    let refuse = tokio::spawn(async move {
-        while let Some(req) = commands.recv().await {
-            let _gone = req.reply.send(crate::CommandOutcome::Failed(
-                "wM-Bus meters take no commands through this receiver".into(),
-            ));
-        }
-    });
-    // The drop counter is read by its own task: it must keep counting while the receive loop
-    // waits for the spool, which is exactly when the kernel buffer overflows.
-    let socket = Arc::new(socket);
-    let drop_watch = {
-        let socket = Arc::clone(&socket);
-        let sink = sink.clone();
-        let source_id = source_id.clone();
-        tokio::spawn(async move {
-            let mut seen = kernel_drops(&socket).unwrap_or(0);
-            let mut poll = tokio::time::interval(DROP_POLL);
-            poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                poll.tick().await;
-                let Some(total) = kernel_drops(&socket) else {
-                    continue;
-                };
-                let new = total.saturating_sub(seen);
-                if new > 0 {
-                    tracing::warn!(source = %source_id, dropped = new, "kernel dropped wmbus datagrams (receive buffer full)");
-                    sink.counters().add_kernel_drops(&source_id, new);
-                }
-                seen = total;
+impl Source for WmbusSource {
+    type Config = edge_config::Valid<WmbusUdpSourceConfig>;
+    const KIND: SourceKind = SourceKind::Wmbus;
+
+    async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        // Checked by edge-config (`Valid`): nothing to validate here.
+        let socket = bind(config).map_err(|source| SourceError::Socket {
+            what: "wM-Bus UDP socket",
+            addr: config.listen.clone(),
+            source,
+        })?;
+        // Keys given on [[device]] entries of this source join the source's own.
+        let mut keys = config.key_map();
+        let mut extra = (**config).clone();
+        extra.keys.clear();
+        for d in env.devices() {
+            if d.source.get_ref() == env.source_id()
+                && let Some(key) = &d.key
+            {
+                extra
+                    .keys
+                    .insert(d.id.as_str().to_owned(), key.get_ref().clone());
             }
+        }
+        for (meter, key) in extra.key_map() {
+            keys.entry(meter).or_insert(key);
+        }
+        Ok(Self {
+            socket,
+            listen: config.listen.clone(),
+            receiver: Receiver {
+                keys,
+                cache: FormatCache::new(),
+                dedup: Dedup::new(config.dedup_window),
+                meter_offset: config.meter_utc_offset_minutes.and_then(|m| {
+                    UtcOffset::from_whole_seconds(i32::from(m).saturating_mul(60)).ok()
+                }),
+            },
+            stats: Arc::default(),
         })
-    };
-    let mut buf = vec![0u8; 1024];
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            r = socket.readable() => {
-                if let Err(e) = r {
-                    tracing::warn!(source = %source_id, error = %e, "wmbus socket not readable");
-                    continue;
-                }
-            }
-        }
-        let mut readings = Vec::new();
-        for _ in 0..MAX_BATCH {
-            match socket.try_recv_from(&mut buf) {
-                Ok((n, peer)) => {
-                    let raw = buf.get(..n).unwrap_or(&[]);
-                    readings.extend(rx.readings(raw, peer, &gateway, &source_id, &sink, &stats));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!(source = %source_id, error = %e, "wmbus receive failed");
-                    break;
-                }
-            }
-        }
-        if let Err(e) = sink.submit(readings).await {
-            tracing::warn!(source = %source_id, error = %e, "spool refused wmbus readings");
-        }
     }
-    refuse.abort();
-    drop_watch.abort();
-    Ok(())
+
+    fn commands(&self) -> Commands {
+        Commands::Unavailable("wM-Bus receiver is receive-only".into())
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        WmbusSource::local_addr(self)
+    }
+
+    /// Datagrams are read in batches: every datagram waiting in the socket (up to
+    /// [`MAX_BATCH`]) is decoded and their readings go to the spool in one submit, so a burst
+    /// of hundreds of meters costs a few group commits instead of one each, while the kernel
+    /// buffer (`recv_buffer_bytes`) holds what arrives meanwhile. Datagrams the kernel still
+    /// drops are counted as `wm_gateway_udp_kernel_drops_total`.
+    async fn run(self, mut ctx: SourceContext) -> Result<(), SourceError> {
+        let Self {
+            socket,
+            listen,
+            mut receiver,
+            stats,
+        } = self;
+        // wM-Bus meters are receive-only here (no bidirectional mode): commands are refused.
+        let mut commands = std::mem::replace(&mut ctx.commands, tokio::sync::mpsc::channel(1).1);
+        let refuse = tokio::spawn(async move {
+            while let Some(req) = commands.recv().await {
+                let _gone = req.reply.send(crate::CommandOutcome::Failed(
+                    "wM-Bus meters take no commands through this receiver".into(),
+                ));
+            }
+        });
+        // The drop counter is read by its own task: it must keep counting while the receive
+        // loop waits for the spool, which is exactly when the kernel buffer overflows.
+        let socket = Arc::new(socket);
+        let drop_watch = {
+            let socket = Arc::clone(&socket);
+            let sink = ctx.sink.clone();
+            let source_id = ctx.source_id.clone();
+            tokio::spawn(async move {
+                let mut seen = kernel_drops(&socket).unwrap_or(0);
+                let mut poll = tokio::time::interval(DROP_POLL);
+                poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    poll.tick().await;
+                    let Some(total) = kernel_drops(&socket) else {
+                        continue;
+                    };
+                    let new = total.saturating_sub(seen);
+                    if new > 0 {
+                        tracing::warn!(source = %source_id, dropped = new, "kernel dropped wmbus datagrams (receive buffer full)");
+                        sink.counters().add_kernel_drops(&source_id, new);
+                    }
+                    seen = total;
+                }
+            })
+        };
+        ctx.readiness.set_ready();
+        tracing::debug!(source = %ctx.source_id, %listen, "wmbus receiver ready");
+        let mut buf = vec![0u8; 1024];
+        loop {
+            tokio::select! {
+                () = ctx.shutdown.cancelled() => break,
+                r = socket.readable() => {
+                    if let Err(e) = r {
+                        tracing::warn!(source = %ctx.source_id, error = %e, "wmbus socket not readable");
+                        continue;
+                    }
+                }
+            }
+            let mut readings = Vec::new();
+            for _ in 0..MAX_BATCH {
+                match socket.try_recv_from(&mut buf) {
+                    Ok((n, peer)) => {
+                        let raw = buf.get(..n).unwrap_or(&[]);
+                        readings.extend(receiver.readings(raw, peer, &ctx, &stats));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        tracing::warn!(source = %ctx.source_id, error = %e, "wmbus receive failed");
+                        break;
+                    }
+                }
+            }
+            // Radio has no acknowledgement: a refused submit is logged, the meter sends again
+            // at its next interval.
+            if let Err(e) = ctx.submit(readings).await {
+                tracing::warn!(source = %ctx.source_id, error = %e, "spool refused wmbus readings");
+            }
+        }
+        refuse.abort();
+        drop_watch.abort();
+        Ok(())
+    }
 }
 
 /// The no-downgrade check of a telegram of a meter with a key (issue 16): parsed again for its
@@ -351,10 +362,21 @@ fn keyed_protection(
     raw: &[u8],
     keys: &std::collections::HashMap<String, [u8; 16]>,
     cache: &mut FormatCache,
-) -> Result<(), String> {
+) -> Result<(), Downgrade> {
     match decoders::wmbus::parse(raw, keys, cache) {
-        Ok(t) => decoders::wmbus::downgrade::check_keyed(&t).map_err(|e| e.to_string()),
-        Err(_) => Err("not a wireless telegram".into()),
+        Ok(t) => decoders::wmbus::downgrade::check_keyed(&t).map_err(|e| Downgrade(e.to_string())),
+        Err(_) => Err(Downgrade("not a wireless telegram".into())),
+    }
+}
+
+/// A telegram of a meter with a key that was not encrypted under it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Downgrade(String);
+
+impl super::ErrorCode for Downgrade {
+    fn code(&self) -> &'static str {
+        "security_downgrade"
     }
 }
 

@@ -45,28 +45,12 @@ use model::{CommandAction, MeterId, MeterIdError, SourceKind};
 use time::{OffsetDateTime, UtcOffset};
 use tokio::net::UdpSocket;
 
+use super::{Commands, ErrorCode, Received, Source, SourceContext, SourceEnv, SourceError};
 use crate::downlink::Downlink;
 use crate::listener::ListenerStats;
-use crate::normalise::{self, FrameContext};
-use crate::source::SourceContext;
+use crate::normalise;
 use edge_config::nbiot_keys::{IpRange, NbiotKeys};
 use model::auth::{self, Direction};
-
-/// Why the CoAP source stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum CoapError {
-    /// The UDP socket could not be bound or failed.
-    #[error("CoAP socket {addr}: {source}")]
-    Socket {
-        /// Listen address.
-        addr: SocketAddr,
-        /// Underlying error.
-        source: std::io::Error,
-    },
-    /// The key file could not be loaded (the message names no key).
-    #[error("CoAP key file: {0}")]
-    Keys(String),
-}
 
 /// Why an uplink payload (CoAP `/up` body, push envelope payload) was refused as a whole.
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +73,8 @@ pub enum UplinkError {
     MeterId(#[from] MeterIdError),
 }
 
-impl UplinkError {
-    /// A stable snake_case code, the `kind` label of `wm_gateway_decode_errors_total`.
-    pub fn code(&self) -> &'static str {
+impl ErrorCode for UplinkError {
+    fn code(&self) -> &'static str {
         match self {
             Self::Frame(e) => e.code(),
             Self::MixedMeters { .. } => "mixed_meters",
@@ -203,18 +186,21 @@ impl CoapOptions {
     /// Options of a configured source; reads its key file.
     ///
     /// # Errors
-    /// [`CoapError::Keys`] if the key file cannot be read.
+    /// [`SourceError::Keys`] if the key file cannot be read.
     pub fn from_config(
         c: &edge_config::CoapSourceConfig,
         state_dir: Option<PathBuf>,
-    ) -> Result<Self, CoapError> {
+    ) -> Result<Self, SourceError> {
         let auth = match (c.auth, &c.key_file) {
             (edge_config::CoapAuth::None, _) => CoapAuthMode::None,
             (edge_config::CoapAuth::FrameMac, Some(p)) => CoapAuthMode::FrameMac(Arc::new(
-                edge_config::nbiot_keys::load(p).map_err(|e| CoapError::Keys(e.to_string()))?,
+                edge_config::nbiot_keys::load(p)
+                    .map_err(|e| SourceError::Keys(format!("CoAP key file: {e}")))?,
             )),
             (edge_config::CoapAuth::FrameMac, None) => {
-                return Err(CoapError::Keys("frame_mac needs key_file".into()));
+                return Err(SourceError::Keys(
+                    "CoAP key file: frame_mac needs key_file".into(),
+                ));
             }
         };
         Ok(Self {
@@ -362,27 +348,6 @@ impl MeterCounters {
     }
 }
 
-/// Returns a short, stable error kind (`bad_checksum`...) from an error's variant name.
-pub fn error_kind(e: &impl std::fmt::Debug) -> String {
-    let dbg = format!("{e:?}");
-    let name = dbg
-        .split(|c: char| !c.is_alphanumeric() && c != '_')
-        .next()
-        .unwrap_or("unknown");
-    let mut out = String::new();
-    for (i, c) in name.chars().enumerate() {
-        if c.is_uppercase() {
-            if i > 0 {
-                out.push('_');
-            }
-            out.extend(c.to_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 struct Server {
     ctx: SourceContext,
     opts: CoapOptions,
@@ -401,57 +366,111 @@ struct Authenticated<'a> {
     seal: Option<([u8; 16], u64)>,
 }
 
-/// Binds the UDP socket (so errors surface at start) and returns the bound address.
-pub async fn bind(listen: SocketAddr) -> Result<UdpSocket, CoapError> {
-    UdpSocket::bind(listen)
-        .await
-        .map_err(|source| CoapError::Socket {
-            addr: listen,
-            source,
-        })
-}
-
-/// Serves CoAP on `socket` until `ctx.shutdown` is cancelled.
-pub async fn run(
+/// The NB-IoT CoAP server: its socket is bound and its key file read at build.
+#[derive(Debug)]
+pub struct CoapSource {
     socket: UdpSocket,
     opts: CoapOptions,
-    ctx: SourceContext,
     downlink: Arc<Downlink>,
-) -> Result<(), CoapError> {
-    let shutdown = ctx.shutdown.clone();
-    let counters = MeterCounters::load(opts.state_dir.clone());
-    let mut server = Server {
-        seen: ExchangeCache::new(opts.cache_entries, opts.exchange_lifetime),
-        ctx,
-        opts,
-        downlink,
-        counters,
-        ser: 0,
-    };
-    // The largest UDP datagram: a meter that missed days sends a long history, and a shorter
-    // buffer would silently cut it.
-    let mut buf = vec![0u8; 65_535];
-    let mut flush = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        let (n, peer) = tokio::select! {
-            _ = shutdown.cancelled() => {
-                server.counters.flush();
-                return Ok(());
-            }
-            _ = flush.tick() => {
-                server.counters.flush();
-                continue;
-            }
-            r = socket.recv_from(&mut buf) => r.map_err(|source| CoapError::Socket { addr: server.opts.listen, source })?,
-        };
-        let Some(datagram) = buf.get(..n) else {
-            continue;
-        };
-        if let Some(reply) = server.handle(datagram, peer).await
-            && let Err(e) = socket.send_to(&reply, peer).await
-        {
-            tracing::warn!(%peer, error = %e, "could not send CoAP reply");
+}
+
+impl CoapSource {
+    /// A server on an already bound socket (tests, benches).
+    pub fn new(socket: UdpSocket, opts: CoapOptions, downlink: Arc<Downlink>) -> Self {
+        Self {
+            socket,
+            opts,
+            downlink,
         }
+    }
+}
+
+impl Source for CoapSource {
+    type Config = edge_config::CoapSourceConfig;
+    const KIND: SourceKind = SourceKind::Coap;
+
+    async fn build(c: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        let socket = UdpSocket::bind(c.listen)
+            .await
+            .map_err(|source| SourceError::Socket {
+                what: "CoAP socket",
+                addr: c.listen.to_string(),
+                source,
+            })?;
+        let mut opts = CoapOptions::from_config(c, env.state_dir().cloned())?;
+        opts.stats = env.listener_stats();
+        let downlink = env.downlink().cloned().ok_or_else(|| {
+            SourceError::Config("a CoAP source needs the gateway's downlink".into())
+        })?;
+        Ok(Self::new(socket, opts, downlink))
+    }
+
+    fn commands(&self) -> Commands {
+        Commands::CoapQueue
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.socket.local_addr().ok()
+    }
+
+    /// Serves CoAP until `ctx.shutdown` is cancelled.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        let Self {
+            socket,
+            opts,
+            downlink,
+        } = self;
+        let shutdown = ctx.shutdown.clone();
+        let counters = MeterCounters::load(opts.state_dir.clone());
+        ctx.readiness.set_ready();
+        let mut server = Server {
+            seen: ExchangeCache::new(opts.cache_entries, opts.exchange_lifetime),
+            ctx,
+            opts,
+            downlink,
+            counters,
+            ser: 0,
+        };
+        // The largest UDP datagram: a meter that missed days sends a long history, and a
+        // shorter buffer would silently cut it.
+        let mut buf = vec![0u8; 65_535];
+        let mut flush = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            let (n, peer) = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    server.counters.flush();
+                    return Ok(());
+                }
+                _ = flush.tick() => {
+                    server.counters.flush();
+                    continue;
+                }
+                r = socket.recv_from(&mut buf) => r.map_err(|source| SourceError::Socket {
+                    what: "CoAP socket",
+                    addr: server.opts.listen.to_string(),
+                    source,
+                })?,
+            };
+            let Some(datagram) = buf.get(..n) else {
+                continue;
+            };
+            if let Some(reply) = server.handle(datagram, peer).await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
+                tracing::warn!(%peer, error = %e, "could not send CoAP reply");
+            }
+        }
+    }
+}
+
+/// A datagram that is not a CoAP message.
+#[derive(Debug, thiserror::Error)]
+#[error("not a CoAP message: {0}")]
+struct NotCoap(String);
+
+impl ErrorCode for NotCoap {
+    fn code(&self) -> &'static str {
+        "coap_message"
     }
 }
 
@@ -467,8 +486,8 @@ impl Server {
         let packet = match Packet::from_bytes(datagram) {
             Ok(p) => p,
             Err(e) => {
-                self.ctx.sink.frame_received(&source_id);
-                self.ctx.sink.decode_failed(&source_id, "coap_message");
+                self.ctx.count_frames(1);
+                self.ctx.reject(&NotCoap(format!("{e:?}")));
                 tracing::warn!(source = %source_id, %peer, error = ?e, "undecodable CoAP datagram");
                 return None;
             }
@@ -586,8 +605,8 @@ impl Server {
                     seal: None,
                 }),
                 Err(e) => {
-                    self.ctx.sink.frame_received(&source_id);
-                    self.ctx.sink.decode_failed(&source_id, e.code());
+                    self.ctx.count_frames(1);
+                    self.ctx.reject(&e);
                     tracing::warn!(source = %source_id, error = %e, payload = %hex::encode(raw), "refused a CoAP uplink");
                     Err((ResponseType::BadRequest, e.to_string().into_bytes()))
                 }
@@ -610,7 +629,6 @@ impl Server {
         let mut readings = Vec::new();
         let mut valve_replies = Vec::new();
         for ((frame, range), relative_ts) in frames.iter().zip(relative) {
-            self.ctx.sink.frame_received(&source_id);
             if frame.di == cjt188::DI_VALVE && frame.is_reply() {
                 // The meter's answer to a valve command sent in an earlier reply; applied once
                 // the payload's readings are spooled.
@@ -630,14 +648,11 @@ impl Server {
                 (Payload::Reading(r), Some(offset)) => Some(r.clock.assume_offset(offset)),
                 _ => None,
             };
-            let ctx = FrameContext {
-                gateway: &self.ctx.gateway,
-                source: SourceKind::Coap,
-                source_id: &source_id,
+            let ctx = self.ctx.frame_context(&Received {
+                raw: raw.get(range.clone()).unwrap_or(raw),
                 channel: Some(&channel),
                 received_at,
-                raw: raw.get(range.clone()).unwrap_or(raw),
-            };
+            });
             let mut rs = normalise::to_readings(&cjt188::to_decoded(frame), &meter, meter_ts, &ctx);
             if meter_ts.is_none() {
                 for r in &mut rs {
@@ -646,9 +661,10 @@ impl Server {
             }
             readings.extend(rs);
         }
-        if !readings.is_empty()
-            && let Err(e) = self.ctx.sink.submit(readings).await
-        {
+        // The meter is answered 2.04 (and its valve replies applied) only once its readings
+        // are durable.
+        self.ctx.count_frames(frames.len());
+        if let Err(e) = self.ctx.submit(readings).await {
             tracing::error!(source = %source_id, error = %e, "could not spool readings; meter will retry");
             return (ResponseType::ServiceUnavailable, Vec::new());
         }
@@ -702,19 +718,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn error_kinds_are_snake_case_variant_names() {
-        let e = cjt188::parse(&[0x68, 0x10]).unwrap_err();
-        let kind = error_kind(&e);
-        assert!(
-            kind.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
-            "{kind}"
-        );
-        assert!(!kind.is_empty());
-        #[derive(Debug)]
-        enum E {
-            BadChecksum { _x: u8 },
-        }
-        assert_eq!(error_kind(&E::BadChecksum { _x: 1 }), "bad_checksum");
+    fn uplink_error_labels_are_the_frame_codes() {
+        let e = parse_uplink(&[0x68, 0x10]).unwrap_err();
+        assert_eq!(ErrorCode::code(&e), "truncated");
+        let mut frame = cjt188::encode(&Cjt188Frame::read_address_reply(
+            0x10,
+            [0x78, 0x56, 0x34, 0x12, 0x00, 0x00, 0x00],
+            1,
+        ));
+        let last = frame.len() - 2;
+        frame[last] ^= 0xFF;
+        let e = parse_uplink(&frame).unwrap_err();
+        assert_eq!(ErrorCode::code(&e), "bad_checksum");
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! An envelope's payload may hold several CJ/T 188 frames back to back (a daily meter's hourly
 //! history, oldest first); every frame's readings are spooled, all envelopes of a body in one
 //! submit, before the 202. As on CoAP it is all or nothing: one bad frame anywhere in the body
-//! refuses the whole body with 400 ([`crate::coap::UplinkError`], counted once), so a 202
+//! refuses the whole body with 400 ([`super::coap::UplinkError`], counted once), so a 202
 //! never hides a dropped reading.
 //!
 //! Connection limits, header and body timeouts and the bounded shutdown are
@@ -35,16 +35,16 @@ use model::auth::{NonceWindow, RequestAuthError, SignedHeaders};
 use model::{ClockSource, SourceKind};
 use time::OffsetDateTime;
 
-use crate::coap::{error_kind, frame_clock, parse_uplink};
+use super::coap::{frame_clock, parse_uplink};
+use super::{Commands, Received, Source, SourceContext, SourceEnv, SourceError};
 use crate::listener::{HttpLimits, ListenerStats};
-use crate::normalise::{self, FrameContext};
-use crate::source::SourceContext;
+use crate::normalise;
 
 /// HTTP push settings (from `edge_config::HttpPushSourceConfig`).
 #[derive(Debug, Clone)]
 pub struct HttpPushOptions {
-    /// Shared secret of the HMAC.
-    pub secret: String,
+    /// Shared secret of the HMAC (`Debug` shows `***`).
+    pub secret: edge_config::Secret,
     /// Largest accepted |now − X-Timestamp|, seconds.
     pub max_skew_s: u64,
     /// Most nonces held in the replay window.
@@ -102,7 +102,7 @@ pub fn verify(
         signature: get("x-signature"),
     };
     let ts = model::auth::verify_request(
-        opts.secret.as_bytes(),
+        opts.secret.expose().as_bytes(),
         method,
         path,
         signed,
@@ -155,11 +155,8 @@ async fn push(
     let envelopes = match envelope::decode_envelopes(&body) {
         Ok(e) => e,
         Err(e) => {
-            state.ctx.sink.frame_received(source_id);
-            state
-                .ctx
-                .sink
-                .decode_failed(source_id, &format!("envelope_{}", error_kind(&e)));
+            state.ctx.count_frames(1);
+            state.ctx.reject(&e);
             tracing::warn!(source = source_id, error = %e, "undecodable push envelope");
             return (StatusCode::BAD_REQUEST, e.to_string());
         }
@@ -170,8 +167,8 @@ async fn push(
         let (meter, frames) = match parse_uplink(&env.payload) {
             Ok(p) => p,
             Err(e) => {
-                state.ctx.sink.frame_received(source_id);
-                state.ctx.sink.decode_failed(source_id, e.code());
+                state.ctx.count_frames(1);
+                state.ctx.reject(&e);
                 tracing::warn!(source = source_id, device = %env.device_id, error = %e, "undecodable CJ/T 188 payload in push");
                 return (StatusCode::BAD_REQUEST, e.to_string());
             }
@@ -187,21 +184,18 @@ async fn push(
         let clocks: Vec<_> = frames.iter().map(|(f, _)| frame_clock(f)).collect();
         let timestamps = normalise::relative_timestamps(&clocks, anchor);
         let last = frames.len().saturating_sub(1);
+        state.ctx.count_frames(frames.len());
         for (i, ((frame, range), ts)) in frames.into_iter().zip(timestamps).enumerate() {
-            state.ctx.sink.frame_received(source_id);
             let mut decoded = cjt188::to_decoded(&frame);
             if i == last {
                 // Radio figures describe this uplink: they go with its newest (last) frame.
                 decoded.records.extend(env.signal_records());
             }
-            let ctx = FrameContext {
-                gateway: &state.ctx.gateway,
-                source: SourceKind::HttpPush,
-                source_id,
+            let ctx = state.ctx.frame_context(&Received {
+                raw: env.payload.get(range).unwrap_or(env.payload.as_slice()),
                 channel: Some(&channel),
                 received_at: now,
-                raw: env.payload.get(range).unwrap_or(env.payload.as_slice()),
-            };
+            });
             let mut rs = normalise::to_readings(&decoded, &meter, None, &ctx);
             for r in &mut rs {
                 r.ts = ts;
@@ -210,7 +204,8 @@ async fn push(
             readings.extend(rs);
         }
     }
-    match state.ctx.sink.submit(readings).await {
+    // 202 only once every frame of every envelope is durable.
+    match state.ctx.submit(readings).await {
         Ok(()) => (StatusCode::ACCEPTED, String::new()),
         Err(e) => {
             tracing::error!(source = source_id, error = %e, "could not spool pushed readings");
@@ -219,36 +214,62 @@ async fn push(
     }
 }
 
-/// Binds the listener (errors surface at start); returns it with its address.
-pub async fn bind(listen: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let l = tokio::net::TcpListener::bind(listen).await?;
-    let addr = l.local_addr()?;
-    Ok((l, addr))
-}
-
-/// Serves pushes until `ctx.shutdown`; returns within the shutdown grace whatever the
-/// clients do.
-pub async fn run(
+/// The signed HTTP push listener: bound at build.
+#[derive(Debug)]
+pub struct HttpPushSource {
     listener: tokio::net::TcpListener,
     opts: HttpPushOptions,
-    ctx: SourceContext,
-) -> std::io::Result<()> {
-    let shutdown = ctx.shutdown.clone();
-    let (limits, stats) = (opts.limits.clone(), Arc::clone(&opts.stats));
-    let nonces = Mutex::new(NonceWindow::new(opts.nonce_window, opts.max_skew_s));
-    let app = Router::new()
-        .route("/v1/push", post(push))
-        .with_state(Arc::new(PushState { opts, ctx, nonces }));
-    crate::listener::serve_http(
-        listener,
-        app,
-        limits,
-        crate::listener::tcp_budget(),
-        stats,
-        shutdown,
-    )
-    .await;
-    Ok(())
+}
+
+impl Source for HttpPushSource {
+    type Config = edge_config::HttpPushSourceConfig;
+    const KIND: SourceKind = SourceKind::HttpPush;
+
+    async fn build(c: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
+        let listener = tokio::net::TcpListener::bind(c.listen)
+            .await
+            .map_err(|source| SourceError::Socket {
+                what: "HTTP push listener",
+                addr: c.listen.to_string(),
+                source,
+            })?;
+        let mut opts = HttpPushOptions::from_config(c);
+        opts.stats = env.listener_stats();
+        Ok(Self { listener, opts })
+    }
+
+    fn commands(&self) -> Commands {
+        Commands::Unavailable(
+            "(HTTP push) has no downlink; send commands through the IoT platform".into(),
+        )
+    }
+
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves pushes until `ctx.shutdown`; returns within the shutdown grace whatever the
+    /// clients do.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        let Self { listener, opts } = self;
+        let shutdown = ctx.shutdown.clone();
+        let (limits, stats) = (opts.limits.clone(), Arc::clone(&opts.stats));
+        let nonces = Mutex::new(NonceWindow::new(opts.nonce_window, opts.max_skew_s));
+        ctx.readiness.set_ready();
+        let app = Router::new()
+            .route("/v1/push", post(push))
+            .with_state(Arc::new(PushState { opts, ctx, nonces }));
+        crate::listener::serve_http(
+            listener,
+            app,
+            limits,
+            crate::listener::tcp_budget(),
+            stats,
+            shutdown,
+        )
+        .await;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

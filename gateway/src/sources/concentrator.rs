@@ -19,11 +19,17 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::coap::error_kind;
+use super::{
+    Commands, ErrorCode, IntakeError, Received, Source, SourceContext, SourceEnv, SourceError,
+};
 use crate::mqtt::{self, MqttEndpoint};
-use crate::normalise::{self, FrameContext};
+use crate::normalise;
 use crate::sink::Durable;
-use crate::source::SourceContext;
+
+/// The configured password for a CONNECT (empty when none).
+fn password(p: Option<&edge_config::Secret>) -> String {
+    p.map(|p| p.expose().to_owned()).unwrap_or_default()
+}
 
 /// Returns true when `topic` matches the MQTT filter (`+` one level, `#` the rest).
 pub fn topic_matches(filter: &str, topic: &str) -> bool {
@@ -57,14 +63,41 @@ struct ConcentratorReading {
     volume_m3: Decimal,
 }
 
-/// Why a message could not be turned into readings: (error kind, message).
-type Failure = (String, String);
+/// Why a message could not be turned into readings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    /// No `[[source.topics]]` mapping matches the topic.
+    #[error("no format mapping for the topic")]
+    UnmappedTopic,
+    /// Not the concentrator JSON.
+    #[error("not concentrator JSON: {0}")]
+    Json(String),
+    /// Unknown concentrator JSON version.
+    #[error("unsupported version {0}")]
+    Version(u16),
+    /// The binary frame did not decode.
+    #[error(transparent)]
+    Frame(#[from] decoders::DecodeError),
+    /// The frame's address is not a usable meter id.
+    #[error("unusable meter address: {0}")]
+    MeterId(#[from] model::MeterIdError),
+}
 
-fn decode_frame(format: PayloadFormat, raw: &[u8]) -> Result<DecodedFrame, Failure> {
-    let cjt = |raw: &[u8]| cjt188::decode(raw).map_err(|e| (error_kind(&e), e.to_string()));
-    let mb = |raw: &[u8]| {
-        mbus::decode(raw).map_err(|e| (format!("mbus_{}", error_kind(&e)), e.to_string()))
-    };
+impl ErrorCode for MessageError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::UnmappedTopic => "unmapped_topic",
+            Self::Json(_) => "json",
+            Self::Version(_) => "version",
+            Self::Frame(e) => e.code(),
+            Self::MeterId(_) => "meter_id",
+        }
+    }
+}
+
+fn decode_frame(format: PayloadFormat, raw: &[u8]) -> Result<DecodedFrame, MessageError> {
+    let cjt = |raw: &[u8]| cjt188::decode(raw).map_err(|e| MessageError::Frame(e.into()));
+    let mb = |raw: &[u8]| mbus::decode(raw).map_err(|e| MessageError::Frame(e.into()));
     match format {
         PayloadFormat::Cjt188 => cjt(raw),
         PayloadFormat::Mbus => mb(raw),
@@ -90,20 +123,17 @@ pub fn readings_of(
     topic: &str,
     payload: &[u8],
     received_at: OffsetDateTime,
-) -> Result<Vec<Reading>, (String, String)> {
-    let fctx = FrameContext {
-        gateway: &ctx.gateway,
-        source: SourceKind::Mqtt,
-        source_id: &ctx.source_id,
+) -> Result<Vec<Reading>, MessageError> {
+    let fctx = ctx.frame_context(&Received {
+        raw: payload,
         channel: Some(topic),
         received_at,
-        raw: payload,
-    };
+    });
     if format == PayloadFormat::Json {
         let batch: ConcentratorBatch =
-            serde_json::from_slice(payload).map_err(|e| ("json".to_owned(), e.to_string()))?;
+            serde_json::from_slice(payload).map_err(|e| MessageError::Json(e.to_string()))?;
         if batch.v != 1 {
-            return Err(("version".into(), format!("unsupported version {}", batch.v)));
+            return Err(MessageError::Version(batch.v));
         }
         let provenance = Provenance {
             gateway: ctx.gateway.clone(),
@@ -134,8 +164,7 @@ pub fn readings_of(
             .collect());
     }
     let decoded = decode_frame(format, payload)?;
-    let meter =
-        normalise::meter_id(&decoded).map_err(|e| ("meter_id".to_owned(), e.to_string()))?;
+    let meter = normalise::meter_id(&decoded)?;
     Ok(normalise::to_readings(&decoded, &meter, None, &fctx))
 }
 
@@ -156,30 +185,26 @@ async fn on_message(
     topic: &str,
     payload: &[u8],
 ) -> Handled {
-    ctx.sink.frame_received(&ctx.source_id);
-    let Some(mapping) = topics.iter().find(|m| topic_matches(&m.filter, topic)) else {
-        ctx.sink.decode_failed(&ctx.source_id, "unmapped_topic");
-        tracing::warn!(source = %ctx.source_id, %topic, "message on a topic without a format mapping");
-        return Handled::Spooling(Durable::ready());
+    let readings = match topics.iter().find(|m| topic_matches(&m.filter, topic)) {
+        Some(mapping) => readings_of(
+            ctx,
+            mapping.format,
+            topic,
+            payload,
+            OffsetDateTime::now_utc(),
+        ),
+        None => Err(MessageError::UnmappedTopic),
     };
-    match readings_of(
-        ctx,
-        mapping.format,
-        topic,
-        payload,
-        OffsetDateTime::now_utc(),
-    ) {
-        Ok(readings) => match ctx.sink.enqueue_in(epoch, readings).await {
-            Ok(durable) => Handled::Spooling(durable),
-            Err(e) => {
-                tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
-                Handled::Retry(format!("spool: {e}"))
-            }
-        },
-        Err((kind, msg)) => {
-            ctx.sink.decode_failed(&ctx.source_id, &kind);
-            tracing::warn!(source = %ctx.source_id, %topic, kind = %kind, error = %msg, "undecodable concentrator message");
+    match ctx.intake_pipelined(epoch, readings).await {
+        Ok(durable) => Handled::Spooling(durable),
+        Err(IntakeError::Rejected { code, message }) => {
+            tracing::warn!(source = %ctx.source_id, %topic, kind = code, error = %message, "undecodable concentrator message");
+            // Re-delivering it would fail the same way: acknowledged with nothing to wait for.
             Handled::Spooling(Durable::ready())
+        }
+        Err(IntakeError::Spool(e)) => {
+            tracing::error!(source = %ctx.source_id, error = %e, "could not spool; leaving the message unacknowledged");
+            Handled::Retry(format!("spool: {e}"))
         }
     }
 }
@@ -208,36 +233,64 @@ type Settling<P> =
 /// connection after a disconnect.
 const SESSION_EXPIRY_S: u32 = 3600;
 
-/// Runs the source until `ctx.shutdown`, reconnecting with backoff.
-///
-/// The session is persistent (MQTT 3.1.1 `clean_session = false`, MQTT 5 session expiry one
-/// hour) so messages not yet acknowledged are re-delivered after a reconnect.
-pub async fn run(
+/// The concentrator MQTT subscriber: TLS built at build, connects in `run`.
+#[derive(Debug)]
+pub struct ConcentratorSource {
     config: MqttSourceConfig,
     tls: Option<native_tls::TlsConnector>,
-    ctx: SourceContext,
-) {
-    let client_id = config
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-{}", ctx.gateway, ctx.source_id));
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        let failure = match config.protocol {
-            MqttProtocol::V311 => {
-                session_v311(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
+}
+
+impl Source for ConcentratorSource {
+    type Config = MqttSourceConfig;
+    const KIND: SourceKind = SourceKind::Mqtt;
+
+    async fn build(config: &MqttSourceConfig, _env: &SourceEnv) -> Result<Self, SourceError> {
+        let tls = config
+            .tls()
+            .map(|t| crate::mqtt::tls_connector(&t))
+            .transpose()?;
+        Ok(Self {
+            config: config.clone(),
+            tls,
+        })
+    }
+
+    fn commands(&self) -> Commands {
+        Commands::Unavailable("(concentrator MQTT) takes no commands".into())
+    }
+
+    /// Runs the source until `ctx.shutdown`, reconnecting with backoff; ready once every
+    /// topic filter is subscribed, connecting again after a lost connection.
+    ///
+    /// The session is persistent (MQTT 3.1.1 `clean_session = false`, MQTT 5 session expiry
+    /// one hour) so messages not yet acknowledged are re-delivered after a reconnect.
+    async fn run(self, ctx: SourceContext) -> Result<(), SourceError> {
+        let Self { config, tls } = self;
+        let client_id = config
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", ctx.gateway, ctx.source_id));
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let failure = match config.protocol {
+                MqttProtocol::V311 => {
+                    session_v311(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
+                }
+                MqttProtocol::V5 => {
+                    session_v5(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
+                }
+            };
+            ctx.readiness.set_connecting();
+            let Some(failure) = failure else {
+                return Ok(());
+            };
+            tracing::warn!(source = %ctx.source_id, error = %failure, "concentrator broker connection lost");
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
             }
-            MqttProtocol::V5 => {
-                session_v5(&config, tls.as_ref(), &ctx, &client_id, &mut backoff).await
-            }
-        };
-        let Some(failure) = failure else { return };
-        tracing::warn!(source = %ctx.source_id, error = %failure, "concentrator broker connection lost");
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -255,7 +308,7 @@ async fn session_v311(
         credentials: config
             .username
             .clone()
-            .map(|u| (u, config.password.clone().unwrap_or_default())),
+            .map(|u| (u, password(config.password.as_ref()))),
         keep_alive: Duration::from_secs(15),
         tls: tls.cloned(),
     };
@@ -265,6 +318,7 @@ async fn session_v311(
     let (client, mut events) = mqtt::connect(options, 64);
     // After a failed spool write the rest of this session is refused (see `Epoch`).
     let epoch = ctx.sink.epoch();
+    let mut awaiting_subacks = usize::MAX;
     let mut in_flight: FuturesOrdered<Settling<rumqttc::Publish>> = FuturesOrdered::new();
     loop {
         let ev = tokio::select! {
@@ -303,6 +357,16 @@ async fn session_v311(
                 for TopicMapping { filter, .. } in &config.topics {
                     client.subscribe(filter, QoS::AtLeastOnce).await.ok();
                 }
+                awaiting_subacks = config.topics.len();
+                if awaiting_subacks == 0 {
+                    ctx.readiness.set_ready();
+                }
+            }
+            Some(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                awaiting_subacks = awaiting_subacks.saturating_sub(1);
+                if awaiting_subacks == 0 {
+                    ctx.readiness.set_ready();
+                }
             }
             Some(Ok(Event::Incoming(Packet::Publish(p)))) => {
                 match on_message(ctx, &epoch, &config.topics, &p.topic, &p.payload).await {
@@ -335,7 +399,7 @@ async fn session_v5(
     options.set_max_packet_size(Some(16 * 1024 * 1024));
     options.set_transport(mqtt::transport(tls));
     if let Some(u) = &config.username {
-        options.set_credentials(u.clone(), config.password.clone().unwrap_or_default());
+        options.set_credentials(u.clone(), password(config.password.as_ref()));
     }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     // Polled on its own task: the event loop must not be cancelled mid-write.
@@ -352,6 +416,7 @@ async fn session_v5(
         }
     });
     let epoch = ctx.sink.epoch();
+    let mut awaiting_subacks = usize::MAX;
     let mut in_flight: FuturesOrdered<Settling<rumqttc::v5::mqttbytes::v5::Publish>> =
         FuturesOrdered::new();
     loop {
@@ -389,6 +454,16 @@ async fn session_v5(
                         .await
                         .ok();
                 }
+                awaiting_subacks = config.topics.len();
+                if awaiting_subacks == 0 {
+                    ctx.readiness.set_ready();
+                }
+            }
+            Some(Ok(Event5::Incoming(Packet5::SubAck(_)))) => {
+                awaiting_subacks = awaiting_subacks.saturating_sub(1);
+                if awaiting_subacks == 0 {
+                    ctx.readiness.set_ready();
+                }
             }
             Some(Ok(Event5::Incoming(Packet5::Publish(p)))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
@@ -424,13 +499,14 @@ mod tests {
     fn json_batch_becomes_readings() {
         let (sink, _rx) = crate::IngestSink::new(1);
         let (_tx, commands) = tokio::sync::mpsc::channel(1);
-        let ctx = SourceContext {
-            gateway: model::GatewayId::new("gw-1").unwrap(),
-            source_id: "conc".into(),
+        let ctx = SourceContext::new(
+            model::GatewayId::new("gw-1").unwrap(),
+            "conc",
+            SourceKind::Mqtt,
             sink,
             commands,
-            shutdown: tokio_util::sync::CancellationToken::new(),
-        };
+            tokio_util::sync::CancellationToken::new(),
+        );
         let body = br#"{"v":1,"concentrator":"c1","sent_at":"2026-11-24T10:00:00Z","readings":[{"meter":"cjt188:78330011223344","ts":"2026-11-24T09:00:00Z","volume_m3":"123.456"}]}"#;
         let topic = "concentrator/c1/readings";
         let rs = readings_of(
@@ -453,7 +529,7 @@ mod tests {
             OffsetDateTime::now_utc(),
         )
         .unwrap_err();
-        assert_eq!(e.0, "json");
+        assert_eq!(e.code(), "json");
         let e = readings_of(
             &ctx,
             PayloadFormat::Cjt188,
@@ -462,6 +538,6 @@ mod tests {
             OffsetDateTime::now_utc(),
         )
         .unwrap_err();
-        assert!(!e.0.is_empty());
+        assert_eq!(e.code(), "truncated");
     }
 }
