@@ -24,7 +24,10 @@ use model::{Decimal, Unit};
 use time::{Date, Month, PrimitiveDateTime, Time};
 
 use crate::cursor::checksum;
-use crate::frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+use crate::frame::{
+    DecodedFrame, Function, MeterInfo, Protocol, Record, RecordQuantity, RecordValue, q,
+};
+use crate::small_string::SmallString;
 
 /// Start byte of a frame.
 pub const START: u8 = 0x68;
@@ -331,7 +334,21 @@ pub fn meter_id(address: &[u8; 7]) -> String {
 
 /// Returns A6..A0 as 14 hex digits (the address as printed on the meter).
 pub fn address_digits(address: &[u8; 7]) -> String {
-    address.iter().rev().map(|b| format!("{b:02X}")).collect()
+    address_text(address).into()
+}
+
+/// [`address_digits`] on the stack (14 characters fit a [`SmallString`]).
+fn address_text(address: &[u8; 7]) -> SmallString {
+    let mut out = [0u8; 14];
+    for (pair, b) in out.chunks_exact_mut(2).zip(address.iter().rev()) {
+        for (slot, nibble) in pair.iter_mut().zip([b >> 4, b & 0x0F]) {
+            *slot = crate::mbus::HEX_UPPER
+                .get(usize::from(nibble))
+                .copied()
+                .unwrap_or(b'0');
+        }
+    }
+    SmallString::from_ascii(&out).unwrap_or_default()
 }
 
 /// Parses a 14-digit address as printed (A6..A0) into wire order A0..A6.
@@ -1184,11 +1201,7 @@ pub fn medium_name(meter_type: u8) -> &'static str {
     }
 }
 
-fn record(
-    quantity: impl Into<std::borrow::Cow<'static, str>>,
-    value: RecordValue,
-    unit: Option<Unit>,
-) -> Record {
+fn record(quantity: impl Into<RecordQuantity>, value: RecordValue, unit: Option<Unit>) -> Record {
     Record {
         quantity: quantity.into(),
         value,
@@ -1200,19 +1213,16 @@ fn record(
     }
 }
 
-fn number(quantity: &'static str, value: Decimal, unit: Option<Unit>) -> Record {
+fn number(quantity: RecordQuantity, value: Decimal, unit: Option<Unit>) -> Record {
     record(quantity, RecordValue::Number(value), unit)
 }
 
-fn clock_string(clock: PrimitiveDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+fn clock_string(clock: PrimitiveDateTime) -> SmallString {
+    crate::mbus::iso_date(
         clock.year(),
         u8::from(clock.month()),
         clock.day(),
-        clock.hour(),
-        clock.minute(),
-        clock.second()
+        Some((clock.hour(), clock.minute(), Some(clock.second()))),
     )
 }
 
@@ -1248,19 +1258,19 @@ impl StatusBits {
 
 fn status_records(records: &mut Vec<Record>, st: u16, bits: StatusBits) {
     records.push(number(
-        "valve_state",
+        q!("valve_state"),
         Decimal::from(bits.valve_state(st)),
         None,
     ));
     records.push(number(
-        "battery_low",
+        q!("battery_low"),
         Decimal::from(u8::from(bits.battery_low(st))),
         None,
     ));
-    records.push(number("status_word", Decimal::from(st), None));
+    records.push(number(q!("status_word"), Decimal::from(st), None));
 }
 
-fn unit_record(quantity: &'static str, v: &UnitValue) -> Option<Record> {
+fn unit_record(quantity: RecordQuantity, v: &UnitValue) -> Option<Record> {
     let (unit, factor) = unit_of(v.unit)?;
     let value = v.value.checked_mul(factor)?.normalize();
     Some(number(quantity, value, Some(unit)))
@@ -1274,13 +1284,13 @@ pub fn records(frame: &Cjt188Frame) -> Vec<Record> {
 /// Returns the records of a parsed frame, reading ST with the vendor's bit layout.
 pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
     let mut out = Vec::new();
-    let volume = |q: &'static str, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
+    let volume = |q: RecordQuantity, v: Decimal| number(q, v.normalize(), Some(Unit::CubicMetre));
     match &frame.payload {
         Payload::Reading(r) => {
-            out.push(volume("volume", r.current_m3));
-            out.push(volume("volume_settlement", r.settlement_m3));
+            out.push(volume(q!("volume"), r.current_m3));
+            out.push(volume(q!("volume_settlement"), r.settlement_m3));
             out.push(record(
-                "date_time",
+                q!("date_time"),
                 RecordValue::Date(clock_string(r.clock)),
                 None,
             ));
@@ -1292,37 +1302,37 @@ pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
             status,
             ..
         } => {
-            out.push(volume("volume", *current_m3));
-            out.push(volume("volume_settlement", *settlement_m3));
+            out.push(volume(q!("volume"), *current_m3));
+            out.push(volume(q!("volume_settlement"), *settlement_m3));
             status_records(&mut out, *status, bits);
         }
         Payload::Heat(h) => {
             let pairs = [
-                ("energy_settlement", &h.settlement_heat),
-                ("energy", &h.current_heat),
-                ("power", &h.power),
-                ("volume_flow", &h.flow),
-                ("volume", &h.volume),
+                (q!("energy_settlement"), &h.settlement_heat),
+                (q!("energy"), &h.current_heat),
+                (q!("power"), &h.power),
+                (q!("volume_flow"), &h.flow),
+                (q!("volume"), &h.volume),
             ];
             out.extend(pairs.into_iter().filter_map(|(q, v)| unit_record(q, v)));
             out.push(number(
-                "flow_temperature",
+                q!("flow_temperature"),
                 h.supply_c.normalize(),
                 Some(Unit::DegreeCelsius),
             ));
             out.push(number(
-                "return_temperature",
+                q!("return_temperature"),
                 h.return_c.normalize(),
                 Some(Unit::DegreeCelsius),
             ));
             out.push(number(
-                "operating_time",
+                q!("operating_time"),
                 Decimal::from(h.working_hours),
                 Some(Unit::Hour),
             ));
             if let Some(clock) = h.clock {
                 out.push(record(
-                    "date_time",
+                    q!("date_time"),
                     RecordValue::Date(clock_string(clock)),
                     None,
                 ));
@@ -1330,13 +1340,13 @@ pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
             status_records(&mut out, h.status, bits);
         }
         Payload::History { volume_m3, .. } => {
-            let mut r = volume("volume_settlement", *volume_m3);
+            let mut r = volume(q!("volume_settlement"), *volume_m3);
             r.storage = u32::from(frame.di.saturating_sub(DI_HISTORY_FIRST)).saturating_add(1);
             out.push(r);
         }
         Payload::Valve { open } => {
             out.push(number(
-                "valve_command",
+                q!("valve_command"),
                 Decimal::from(u8::from(!*open)),
                 None,
             ));
@@ -1345,7 +1355,7 @@ pub fn records_with(frame: &Cjt188Frame, bits: StatusBits) -> Vec<Record> {
         Payload::Raw(bytes) => {
             out.push(record(
                 format!("di_{:04x}", frame.di),
-                RecordValue::Raw(hex::encode(bytes)),
+                RecordValue::Raw(crate::mbus::hex_lower(bytes)),
                 None,
             ));
         }
@@ -1386,10 +1396,10 @@ pub fn to_decoded_with(frame: &Cjt188Frame, bits: StatusBits) -> DecodedFrame {
     DecodedFrame {
         protocol: Protocol::Cjt188,
         meter: MeterInfo {
-            id: address_digits(&frame.address),
+            id: address_text(&frame.address),
             manufacturer: None,
             version: None,
-            medium: Some(medium_name(frame.meter_type).to_owned()),
+            medium: Some(SmallString::from_static(medium_name(frame.meter_type))),
         },
         records: records_with(frame, bits),
     }

@@ -23,7 +23,10 @@
 use model::{Decimal, Unit};
 
 use crate::cursor::checksum;
-use crate::frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+use crate::frame::{
+    DecodedFrame, Function, MeterInfo, Protocol, Record, RecordQuantity, RecordValue,
+};
+use crate::small_string::SmallString;
 
 /// Single-character acknowledgement.
 pub const ACK: u8 = 0xE5;
@@ -164,6 +167,13 @@ pub enum MbusError {
         /// Offset of the DIF.
         offset: usize,
     },
+    /// The DIFE chain gives a tariff wider than 16 bits (a tariff bit in the 9th or 10th
+    /// DIFE), beyond what a reading can carry.
+    #[error("tariff wider than 16 bits in the record at byte {offset}")]
+    TariffTooWide {
+        /// Offset of the DIF.
+        offset: usize,
+    },
     /// Variable-length data with an LVAR this decoder cannot size.
     #[error("unsupported variable-length LVAR {lvar:#04x} at byte {offset}")]
     UnsupportedLvar {
@@ -191,6 +201,7 @@ impl MbusError {
             Self::ApplicationError { .. } => "application_error",
             Self::TooManyDife { .. } => "too_many_dife",
             Self::TooManyVife { .. } => "too_many_vife",
+            Self::TariffTooWide { .. } => "tariff_too_wide",
             Self::UnsupportedLvar { .. } => "unsupported_lvar",
         }
     }
@@ -408,13 +419,7 @@ pub struct RspUdHeader {
 impl RspUdHeader {
     /// The identification as the 8 digits printed on the meter.
     pub fn id_digits(&self) -> String {
-        // Built on the stack and copied once (no formatter): this runs for every frame.
-        let mut digits = [0u8; 8];
-        for (slot, shift) in digits.iter_mut().zip((0..8u32).rev()) {
-            let nibble = (self.id >> shift.wrapping_mul(4)) & 0x0F;
-            *slot = HEX_UPPER.get(nibble as usize).copied().unwrap_or(b'0');
-        }
-        ascii_string(&digits)
+        id_text(self.id).into()
     }
 
     fn to_wire(self) -> [u8; 12] {
@@ -478,38 +483,48 @@ impl SecondaryAddress {
 
 /// Returns the three-letter code of a packed manufacturer id (`0x2C2D` = "KAM").
 pub fn manufacturer_code(man: u16) -> String {
+    manufacturer_letters(man)
+        .iter()
+        .map(|b| char::from(*b))
+        .collect()
+}
+
+pub(crate) const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
+pub(crate) const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+/// Lowercase hex of `bytes` (what `hex::encode` gives), on the stack when it fits a
+/// [`SmallString`], otherwise allocated once at its exact size.
+pub(crate) fn hex_lower(bytes: &[u8]) -> SmallString {
+    let mut out = AsciiWriter::new(bytes.len().saturating_mul(2));
+    for b in bytes {
+        out.hex(*b);
+    }
+    out.finish()
+}
+
+/// The 8 upper-case hex digits of a BCD-coded identification (`{:08X}`).
+fn id_text(id: u32) -> SmallString {
+    hex_u32(id, HEX_UPPER)
+}
+
+/// The 8 hex digits of `id`, most significant first, from `digits` (upper or lower case).
+pub(crate) fn hex_u32(id: u32, digits: &[u8; 16]) -> SmallString {
+    let mut out = [0u8; 8];
+    for (slot, shift) in out.iter_mut().zip((0..8u32).rev()) {
+        let nibble = (id >> shift.wrapping_mul(4)) & 0x0F;
+        *slot = digits.get(nibble as usize).copied().unwrap_or(b'0');
+    }
+    SmallString::from_ascii(&out).unwrap_or_default()
+}
+
+/// The three letters of a packed manufacturer id.
+pub(crate) fn manufacturer_letters(man: u16) -> [u8; 3] {
     let mut letters = [0u8; 3];
     for (slot, shift) in letters.iter_mut().zip([10u16, 5, 0]) {
         // 5 bits, so at most 0x1F + 64: always ASCII.
         *slot = (((man >> shift) & 0x1F) as u8).wrapping_add(64);
     }
-    ascii_string(&letters)
-}
-
-const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
-const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
-
-/// Lowercase hex of `bytes` (what `hex::encode` gives), allocated once at its exact size
-/// instead of collected a character at a time.
-fn hex_lower(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
-    for b in bytes {
-        out.push(HEX_LOWER.get(usize::from(b >> 4)).copied().unwrap_or(b'0'));
-        out.push(
-            HEX_LOWER
-                .get(usize::from(b & 0x0F))
-                .copied()
-                .unwrap_or(b'0'),
-        );
-    }
-    String::from_utf8(out).unwrap_or_default()
-}
-
-/// A `String` of ASCII bytes, allocated once at its exact size.
-fn ascii_string(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    out.extend(bytes.iter().map(|b| char::from(*b)));
-    out
+    letters
 }
 
 /// Packs a three-letter manufacturer code (`"KAM"` = 0x2C2D); `None` unless 3 letters A-Z.
@@ -765,14 +780,14 @@ fn parse_fixed(ci: u8, cur: &mut Cursor<'_>) -> Result<Application, MbusError> {
         let value = raw
             .and_then(|v| v.checked_mul(pow10(info.exponent)))
             .map(|v| RecordValue::Number(v.normalize()))
-            .unwrap_or_else(|| RecordValue::Raw(hex::encode(counter)));
+            .unwrap_or_else(|| RecordValue::Raw(hex_lower(&counter)));
         let unit = if matches!(value, RecordValue::Number(_)) {
             info.unit
         } else {
             None
         };
         records.push(Record {
-            quantity: info.quantity.into(),
+            quantity: info.quantity,
             value,
             unit,
             storage: u32::from(status & 0x40 != 0),
@@ -923,19 +938,24 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
     let app = decode_application_at(app_bytes.get(..app_len).unwrap_or(&[]), ci_offset)?;
     let meter = match app.header {
         AppHeader::Long(h) => MeterInfo {
-            id: h.id_digits(),
-            manufacturer: Some(manufacturer_code(h.manufacturer)),
+            id: id_text(h.id),
+            manufacturer: SmallString::from_ascii(&manufacturer_letters(h.manufacturer)),
             version: Some(h.version),
-            medium: Some(medium_name(h.medium).to_owned()),
+            medium: Some(SmallString::from_static(medium_name(h.medium))),
         },
         AppHeader::Fixed { id, medium, .. } => MeterInfo {
-            id: format!("{id:08X}"),
+            id: id_text(id),
             manufacturer: None,
             version: None,
-            medium: Some(medium_name(medium).to_owned()),
+            medium: Some(SmallString::from_static(medium_name(medium))),
         },
         _ => MeterInfo {
-            id: format!("{address:03}"),
+            id: {
+                let mut out = AsciiWriter::new(3);
+                out.push(b'0'.wrapping_add(address.wrapping_div(100)));
+                out.two(address.wrapping_rem(100));
+                out.finish()
+            },
             manufacturer: None,
             version: None,
             medium: None,
@@ -1032,6 +1052,11 @@ impl<'a> RecordIter<'a> {
             }
         } else {
             let dife = r.chain(dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife { offset })?;
+            // Two tariff bits per DIFE: the 9th and 10th would go beyond the 16 bits a
+            // reading's tariff has, so refuse rather than cut them.
+            if dife.iter().skip(8).any(|d| d & 0x30 != 0) {
+                return Err(MbusError::TariffTooWide { offset });
+            }
             let vif = r.byte("VIF")?;
             let plain_text = if vif & 0x7F == 0x7C {
                 // libmbus and the old ELV/Itron devices put the text right after the VIF.
@@ -1276,10 +1301,10 @@ pub enum RawValue<'a> {
 }
 
 /// What a VIF (with extension) means: quantity name, unit and decimal exponent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VifInfo {
-    /// Quantity, snake_case (`volume`, `energy`, `error_flags`...).
-    pub quantity: &'static str,
+    /// Quantity (`volume`, `energy`, `error_flags`...).
+    pub quantity: RecordQuantity,
     /// Unit of the scaled value; `None` for plain numbers.
     pub unit: Option<Unit>,
     /// Power of ten applied to the raw value.
@@ -1292,7 +1317,7 @@ pub struct VifInfo {
 
 const fn vi(quantity: &'static str, unit: Option<Unit>, exponent: i32) -> VifInfo {
     VifInfo {
-        quantity,
+        quantity: RecordQuantity::from_static(quantity),
         unit,
         exponent,
         factor: 1,
@@ -1300,9 +1325,20 @@ const fn vi(quantity: &'static str, unit: Option<Unit>, exponent: i32) -> VifInf
     }
 }
 
+/// A date or date-time VIF (the value is read as a date type).
+const fn dated(quantity: &'static str) -> VifInfo {
+    VifInfo {
+        quantity: RecordQuantity::from_static(quantity),
+        unit: None,
+        exponent: 0,
+        factor: 1,
+        date: true,
+    }
+}
+
 const fn vf(quantity: &'static str, unit: Option<Unit>, exponent: i32, factor: u32) -> VifInfo {
     VifInfo {
-        quantity,
+        quantity: RecordQuantity::from_static(quantity),
         unit,
         exponent,
         factor,
@@ -1359,14 +1395,8 @@ const fn primary_vif(vif: u8) -> VifInfo {
             exp(vif, 3, -3),
         ),
         0x68..=0x6B => vi("pressure", Some(U::Bar), exp(vif, 3, -3)),
-        0x6C => VifInfo {
-            date: true,
-            ..vi("date", None, 0)
-        },
-        0x6D => VifInfo {
-            date: true,
-            ..vi("date_time", None, 0)
-        },
+        0x6C => dated("date"),
+        0x6D => dated("date_time"),
         0x6E => vi("hca", None, 0),
         0x70..=0x73 => duration("averaging_duration", vif),
         0x74..=0x77 => duration("actuality_duration", vif),
@@ -1414,10 +1444,7 @@ const fn fd_vif(code: u8) -> VifInfo {
         0x28 => vi("storage_interval_months", None, 0),
         0x29 => vi("storage_interval_years", None, 0),
         0x2C..=0x2F => duration("duration_since_readout", code),
-        0x30 => VifInfo {
-            date: true,
-            ..vi("tariff_start", None, 0)
-        },
+        0x30 => dated("tariff_start"),
         0x31..=0x33 => duration("tariff_duration", code),
         0x34..=0x37 => duration("tariff_period", code),
         0x38 => vi("tariff_period_months", None, 0),
@@ -1441,10 +1468,7 @@ const fn fd_vif(code: u8) -> VifInfo {
         0x6D => vi("battery_operating_time", Some(U::Day), 0),
         0x6E => vi("battery_operating_time_months", None, 0),
         0x6F => vi("battery_operating_time_years", None, 0),
-        0x70 => VifInfo {
-            date: true,
-            ..vi("battery_change_date", None, 0)
-        },
+        0x70 => dated("battery_change_date"),
         0x71 => vi("rf_level", Some(U::Dbm), 0),
         0x72 => vi("daylight_saving", None, 0),
         0x73 => vi("listening_window", None, 0),
@@ -1508,14 +1532,17 @@ enum VifTable {
 // would fail the build, not panic at run time.
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 const fn vif_table(which: VifTable) -> [VifInfo; 128] {
-    let mut table = [vi("reserved", None, 0); 128];
+    let mut table = [const { vi("reserved", None, 0) }; 128];
     let mut code = 0u8;
     while code < 128 {
-        table[code as usize] = match which {
+        let info = match which {
             VifTable::Primary => primary_vif(code),
             VifTable::Fd => fd_vif(code),
             VifTable::Fb => fb_vif(code),
         };
+        // `replace` + `forget` because a plain assignment would drop the old entry, which a
+        // `const fn` cannot do for a type with a destructor (the entries are all borrowed).
+        std::mem::forget(std::mem::replace(&mut table[code as usize], info));
         code += 1;
     }
     table
@@ -1524,70 +1551,114 @@ const fn vif_table(which: VifTable) -> [VifInfo; 128] {
 fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
     table
         .get(usize::from(code & 0x7F))
-        .copied()
+        .cloned()
         .unwrap_or(vi("reserved", None, 0))
 }
 
-/// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given; the same text as
-/// `format!("{y:04}-{m:02}-{d:02}T…")` without the formatting machinery (a third of a dated
-/// record's decode time went there).
-fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> String {
-    let mut out = String::with_capacity(19);
-    match u32::try_from(y) {
-        Ok(y) if y < 10_000 => {
-            push2(&mut out, u8::try_from(y.wrapping_div(100)).unwrap_or(0));
-            push2(&mut out, u8::try_from(y.wrapping_rem(100)).unwrap_or(0));
-        }
-        _ => out.push_str(&format!("{y:04}")),
+/// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given: the text of
+/// `format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}")`, written digit by digit on the
+/// stack (no formatting machinery, no allocation: both showed in the decode profile). Fields
+/// the date types cannot produce (a year outside 0..=9999) go through `format!`.
+pub(crate) fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> SmallString {
+    let Ok(year) = u16::try_from(y) else {
+        return iso_date_formatted(y, m, d, time);
+    };
+    if year > 9999 {
+        return iso_date_formatted(y, m, d, time);
     }
-    out.push('-');
-    push2(&mut out, m);
-    out.push('-');
-    push2(&mut out, d);
+    let mut out = AsciiWriter::new(19);
+    out.two(u8::try_from(year.wrapping_div(100)).unwrap_or(0));
+    out.two(u8::try_from(year.wrapping_rem(100)).unwrap_or(0));
+    out.push(b'-');
+    out.two(m);
+    out.push(b'-');
+    out.two(d);
     if let Some((h, mi, s)) = time {
-        out.push('T');
-        push_time(&mut out, h, mi, s);
+        out.push(b'T');
+        out.time(h, mi, s);
     }
-    out
+    out.finish()
 }
 
-/// Appends `HH:MM[:SS]`.
-fn push_time(out: &mut String, h: u8, mi: u8, s: Option<u8>) {
-    push2(out, h);
-    out.push(':');
-    push2(out, mi);
-    if let Some(s) = s {
-        out.push(':');
-        push2(out, s);
-    }
+/// [`iso_date`] through `format!`, for the years it does not write itself.
+fn iso_date_formatted(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> SmallString {
+    let date = format!("{y:04}-{m:02}-{d:02}");
+    SmallString::from(match time {
+        None => date,
+        Some((h, mi, None)) => format!("{date}T{h:02}:{mi:02}"),
+        Some((h, mi, Some(s))) => format!("{date}T{h:02}:{mi:02}:{s:02}"),
+    })
 }
 
-/// Appends `value` as at least two digits (`{:02}`); the clock fields of every date type are
-/// masked below 100, so the general path is only a fallback.
-fn push2(out: &mut String, value: u8) {
-    if value < 100 {
-        out.push(char::from(b'0'.wrapping_add(value.wrapping_div(10))));
-        out.push(char::from(b'0'.wrapping_add(value.wrapping_rem(10))));
-    } else {
-        push_padded(out, u32::from(value), 2);
-    }
+/// ASCII text built byte by byte: on the stack while it fits a [`SmallString`]'s inline
+/// bytes, in a `Vec` (sized once) beyond.
+struct AsciiWriter {
+    buf: [u8; 22],
+    len: usize,
+    spill: Vec<u8>,
+    expected: usize,
 }
 
-/// Appends `value` in decimal, zero-padded to at least `width` digits (like `{:0width$}`).
-fn push_padded(out: &mut String, value: u32, width: u32) {
-    let digits = value.checked_ilog10().unwrap_or(0).saturating_add(1);
-    for _ in digits..width {
-        out.push('0');
+impl AsciiWriter {
+    fn new(expected: usize) -> Self {
+        Self {
+            buf: [0; 22],
+            len: 0,
+            spill: Vec::new(),
+            expected,
+        }
     }
-    let mut divisor = 10u32.saturating_pow(digits.saturating_sub(1));
-    while divisor > 0 {
-        let digit = value
-            .checked_div(divisor)
-            .unwrap_or(0)
-            .checked_rem(10)
-            .unwrap_or(0);
-        out.push(char::from_digit(digit, 10).unwrap_or('0'));
-        divisor = divisor.checked_div(10).unwrap_or(0);
+
+    #[inline(always)]
+    fn push(&mut self, b: u8) {
+        if self.spill.is_empty() {
+            if let Some(slot) = self.buf.get_mut(self.len) {
+                *slot = b;
+                self.len = self.len.wrapping_add(1);
+                return;
+            }
+            self.spill = Vec::with_capacity(self.expected.max(self.len.wrapping_add(1)));
+            self.spill.extend_from_slice(&self.buf);
+        }
+        self.spill.push(b);
+    }
+
+    /// `value` as at least two digits (`{:02}`).
+    fn two(&mut self, value: u8) {
+        if value >= 100 {
+            self.push(b'0'.wrapping_add(value.wrapping_div(100)));
+        }
+        let value = value.wrapping_rem(100);
+        self.push(b'0'.wrapping_add(value.wrapping_div(10)));
+        self.push(b'0'.wrapping_add(value.wrapping_rem(10)));
+    }
+
+    /// `HH:MM[:SS]`.
+    fn time(&mut self, h: u8, mi: u8, s: Option<u8>) {
+        self.two(h);
+        self.push(b':');
+        self.two(mi);
+        if let Some(s) = s {
+            self.push(b':');
+            self.two(s);
+        }
+    }
+
+    /// Two lowercase hex digits.
+    fn hex(&mut self, b: u8) {
+        for nibble in [b >> 4, b & 0x0F] {
+            self.push(HEX_LOWER.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+        }
+    }
+
+    fn finish(self) -> SmallString {
+        if self.spill.is_empty() {
+            SmallString::from_ascii(self.buf.get(..self.len).unwrap_or(&[])).unwrap_or_default()
+        } else {
+            String::from_utf8(self.spill)
+                .map(SmallString::from)
+                .unwrap_or_default()
+        }
     }
 }
 
@@ -1616,19 +1687,13 @@ impl<'a> RawRecord<'a> {
     }
 
     /// Tariff: 2 bits per DIFE.
-    pub fn tariff(&self) -> u32 {
-        self.dife.iter().enumerate().fold(0u32, |acc, (i, d)| {
-            let shift = u32::try_from(i).unwrap_or(0).wrapping_mul(2);
-            acc | u32::from((d >> 4) & 3).checked_shl(shift).unwrap_or(0)
-        })
+    pub fn tariff(&self) -> u16 {
+        self.dife_fields().1
     }
 
     /// Subunit (libmbus "Device"): 1 bit per DIFE.
-    pub fn subunit(&self) -> u32 {
-        self.dife.iter().enumerate().fold(0u32, |acc, (i, d)| {
-            let shift = u32::try_from(i).unwrap_or(0);
-            acc | u32::from((d >> 6) & 1).checked_shl(shift).unwrap_or(0)
-        })
+    pub fn subunit(&self) -> u16 {
+        self.dife_fields().2
     }
 
     /// True for DIF 0F/1F manufacturer data records.
@@ -1672,7 +1737,9 @@ impl<'a> RawRecord<'a> {
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
                 // 13757-3 combinable VIFE; 0x3D is reserved): the reverse register.
-                0x3C if info.quantity == "volume" => info.quantity = "volume_reverse",
+                0x3C if info.quantity == RecordQuantity::Volume => {
+                    info.quantity = RecordQuantity::VolumeReverse;
+                }
                 // A manufacturer-specific VIFE: what follows is vendor data, stop interpreting.
                 0x7F => break,
                 _ => {}
@@ -1756,11 +1823,6 @@ impl<'a> RawRecord<'a> {
     #[inline(always)]
     fn write_record(&self, out: &mut Record) {
         let (info, additive) = self.meaning();
-        out.quantity = if self.plain_text.is_empty() {
-            info.quantity.into()
-        } else {
-            text(self.plain_text).into()
-        };
         let raw = self.raw_value_with(info.date);
         let is_number = match raw {
             RawValue::Int(v) => {
@@ -1786,21 +1848,30 @@ impl<'a> RawRecord<'a> {
         out.tariff = tariff;
         out.subunit = subunit;
         out.function = self.function();
+        out.quantity = if self.plain_text.is_empty() {
+            info.quantity
+        } else {
+            RecordQuantity::from_name(String::from(text(self.plain_text)))
+        };
     }
 
     /// Storage number, tariff and subunit from DIF and DIFEs in one pass.
-    fn dife_fields(&self) -> (u64, u32, u32) {
+    ///
+    /// The record parser refuses a tariff wider than 16 bits ([`MbusError::TariffTooWide`])
+    /// and at most 10 DIFEs give a 10-bit subunit, so both fit the `u16`s of
+    /// [`model::Reading`].
+    fn dife_fields(&self) -> (u64, u16, u16) {
         let mut storage = u64::from((self.dif >> 6) & 1);
-        let (mut tariff, mut subunit) = (0u32, 0u32);
+        let (mut tariff, mut subunit) = (0u16, 0u16);
         // At most 10 DIFEs (the parser refuses more), so the shifts stay below 64 and 32.
         for (i, d) in (0u32..).zip(self.dife) {
             storage |= u64::from(d & 0x0F)
                 .checked_shl(i.wrapping_mul(4).wrapping_add(1))
                 .unwrap_or(0);
-            tariff |= u32::from((d >> 4) & 3)
+            tariff |= u16::from((d >> 4) & 3)
                 .checked_shl(i.wrapping_mul(2))
                 .unwrap_or(0);
-            subunit |= u32::from((d >> 6) & 1).checked_shl(i).unwrap_or(0);
+            subunit |= u16::from((d >> 6) & 1).checked_shl(i).unwrap_or(0);
         }
         (storage, tariff, subunit)
     }
@@ -1813,21 +1884,19 @@ impl<'a> RawRecord<'a> {
                 RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
             }
             RawValue::Time(h, mi, s) => {
-                let mut out = String::with_capacity(8);
-                push_time(&mut out, h, mi, Some(s));
-                RecordValue::Date(out)
+                let mut out = AsciiWriter::new(8);
+                out.time(h, mi, Some(s));
+                RecordValue::Date(out.finish())
             }
             RawValue::Text(t) => RecordValue::Text(text(t)),
-            RawValue::None => RecordValue::Raw(String::new()),
+            RawValue::None => RecordValue::Raw(SmallString::new()),
             // Variable-length binary numbers are little-endian: print them MSB first.
             RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
-                let mut out = String::with_capacity(b.len().saturating_mul(2));
+                let mut out = AsciiWriter::new(b.len().saturating_mul(2));
                 for x in b.iter().rev() {
-                    for nibble in [x >> 4, x & 0x0F] {
-                        out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
-                    }
+                    out.hex(*x);
                 }
-                RecordValue::Raw(out)
+                RecordValue::Raw(out.finish())
             }
             RawValue::Bytes(b) => RecordValue::Raw(hex_lower(b)),
             RawValue::Int(_) | RawValue::Real(_) => RecordValue::Raw(hex_lower(self.data)),
@@ -1924,8 +1993,8 @@ fn strip_trailing_zeros(mut v: i64, mut scale: u32) -> (i64, u32) {
 /// A placeholder that [`RawRecord::write_record`] overwrites; nothing in it allocates.
 fn empty_record() -> Record {
     Record {
-        quantity: std::borrow::Cow::Borrowed(""),
-        value: RecordValue::Raw(String::new()),
+        quantity: RecordQuantity::Volume,
+        value: RecordValue::Raw(SmallString::new()),
         unit: None,
         storage: 0,
         tariff: 0,
@@ -1935,15 +2004,22 @@ fn empty_record() -> Record {
 }
 
 /// Text fields are sent last character first.
-fn text(bytes: &[u8]) -> String {
+fn text(bytes: &[u8]) -> SmallString {
     if bytes.is_ascii() {
-        // One exact allocation; ASCII is always valid UTF-8.
-        let reversed: Vec<u8> = bytes.iter().rev().copied().collect();
-        if let Ok(s) = String::from_utf8(reversed) {
-            return s;
+        let mut out = AsciiWriter::new(bytes.len());
+        for b in bytes.iter().rev() {
+            out.push(*b);
         }
+        return out.finish();
     }
-    bytes.iter().rev().map(|b| char::from(*b)).collect()
+    // Latin-1 beyond ASCII: each byte is one `char`.
+    SmallString::from(
+        bytes
+            .iter()
+            .rev()
+            .map(|b| char::from(*b))
+            .collect::<String>(),
+    )
 }
 
 fn pow10(exp: i32) -> Decimal {
@@ -2336,10 +2412,14 @@ mod tests {
                 );
             }
         }
-        for v in [0u32, 5, 10, 99, 100, 255, 4_294_967_295] {
-            let mut out = String::new();
-            push_padded(&mut out, v, 2);
-            assert_eq!(out, format!("{v:02}"));
+        for v in [0u8, 5, 10, 99, 100, 255] {
+            let mut out = AsciiWriter::new(2);
+            out.two(v);
+            assert_eq!(out.finish(), format!("{v:02}"));
+        }
+        for len in [0usize, 11, 12, 40] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37) as u8).collect();
+            assert_eq!(hex_lower(&bytes), hex::encode(&bytes));
         }
     }
 }
