@@ -339,7 +339,7 @@ pub fn address_digits(address: &[u8; 7]) -> String {
 
 /// [`address_digits`] on the stack (14 characters fit a [`SmallString`]).
 fn address_text(address: &[u8; 7]) -> SmallString {
-    let mut out = [0u8; 14];
+    let mut out = [0u8; crate::small_string::INLINE];
     for (pair, b) in out.chunks_exact_mut(2).zip(address.iter().rev()) {
         for (slot, nibble) in pair.iter_mut().zip([b >> 4, b & 0x0F]) {
             *slot = crate::mbus::HEX_UPPER
@@ -348,7 +348,7 @@ fn address_text(address: &[u8; 7]) -> SmallString {
                 .unwrap_or(b'0');
         }
     }
-    SmallString::from_ascii(&out).unwrap_or_default()
+    SmallString::from_ascii_buf(out, 14)
 }
 
 /// Parses a 14-digit address as printed (A6..A0) into wire order A0..A6.

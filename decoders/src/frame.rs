@@ -229,15 +229,39 @@ const fn const_eq(a: &str, b: &str) -> bool {
 impl RecordQuantity {
     /// The variant for a name from a static table (usable in `const` tables).
     pub const fn from_static(name: &'static str) -> Self {
+        let i = Self::known_index(name);
+        if (i as usize) < KNOWN_NAMES.len() {
+            Self::known(i as usize)
+        } else {
+            Self::Other(Cow::Borrowed(name))
+        }
+    }
+
+    /// Where `name` is among the names with a variant; `u8::MAX` when it has none. The VIF
+    /// tables keep this index beside the name (a `Copy` value), so turning a table entry into
+    /// a record's quantity is a jump, not a search.
+    pub(crate) const fn known_index(name: &str) -> u8 {
         let mut i = 0;
         while i < KNOWN_NAMES.len() {
             #[allow(clippy::indexing_slicing)]
             if const_eq(KNOWN_NAMES[i], name) {
-                return Self::known(i);
+                // Fewer than 255 names, so the index fits.
+                #[allow(clippy::cast_possible_truncation)]
+                return i as u8;
             }
             i = i.wrapping_add(1);
         }
-        Self::Other(Cow::Borrowed(name))
+        u8::MAX
+    }
+
+    /// The quantity of a static `name` whose [`RecordQuantity::known_index`] is `index`.
+    #[inline]
+    pub(crate) fn from_indexed(index: u8, name: &'static str) -> Self {
+        if usize::from(index) < KNOWN_NAMES.len() {
+            Self::known(usize::from(index))
+        } else {
+            Self::Other(Cow::Borrowed(name))
+        }
     }
 
     /// The variant for a name read at run time (a known name never stays `Other`).

@@ -495,11 +495,24 @@ pub(crate) const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
 /// Lowercase hex of `bytes` (what `hex::encode` gives), on the stack when it fits a
 /// [`SmallString`], otherwise allocated once at its exact size.
 pub(crate) fn hex_lower(bytes: &[u8]) -> SmallString {
-    let mut out = AsciiWriter::new(bytes.len().saturating_mul(2));
-    for b in bytes {
-        out.hex(*b);
+    if bytes.len().saturating_mul(2) <= crate::small_string::INLINE {
+        let mut buf = [0u8; crate::small_string::INLINE];
+        for (pair, b) in buf.chunks_exact_mut(2).zip(bytes) {
+            for (slot, nibble) in pair.iter_mut().zip([b >> 4, b & 0x0F]) {
+                *slot = HEX_LOWER.get(usize::from(nibble)).copied().unwrap_or(b'0');
+            }
+        }
+        return SmallString::from_ascii_buf(buf, bytes.len().saturating_mul(2));
     }
-    out.finish()
+    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
+    for b in bytes {
+        for nibble in [b >> 4, b & 0x0F] {
+            out.push(HEX_LOWER.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+        }
+    }
+    String::from_utf8(out)
+        .map(SmallString::from)
+        .unwrap_or_default()
 }
 
 /// The 8 upper-case hex digits of a BCD-coded identification (`{:08X}`).
@@ -509,12 +522,12 @@ fn id_text(id: u32) -> SmallString {
 
 /// The 8 hex digits of `id`, most significant first, from `digits` (upper or lower case).
 pub(crate) fn hex_u32(id: u32, digits: &[u8; 16]) -> SmallString {
-    let mut out = [0u8; 8];
+    let mut out = [0u8; crate::small_string::INLINE];
     for (slot, shift) in out.iter_mut().zip((0..8u32).rev()) {
         let nibble = (id >> shift.wrapping_mul(4)) & 0x0F;
         *slot = digits.get(nibble as usize).copied().unwrap_or(b'0');
     }
-    SmallString::from_ascii(&out).unwrap_or_default()
+    SmallString::from_ascii_buf(out, 8)
 }
 
 /// The three letters of a packed manufacturer id.
@@ -525,6 +538,16 @@ pub(crate) fn manufacturer_letters(man: u16) -> [u8; 3] {
         *slot = (((man >> shift) & 0x1F) as u8).wrapping_add(64);
     }
     letters
+}
+
+/// [`manufacturer_code`] without an allocation.
+pub(crate) fn manufacturer_text(man: u16) -> SmallString {
+    let [a, b, c] = manufacturer_letters(man);
+    let mut buf = [0u8; crate::small_string::INLINE];
+    for (slot, letter) in buf.iter_mut().zip([a, b, c]) {
+        *slot = letter;
+    }
+    SmallString::from_ascii_buf(buf, 3)
 }
 
 /// Packs a three-letter manufacturer code (`"KAM"` = 0x2C2D); `None` unless 3 letters A-Z.
@@ -787,7 +810,7 @@ fn parse_fixed(ci: u8, cur: &mut Cursor<'_>) -> Result<Application, MbusError> {
             None
         };
         records.push(Record {
-            quantity: info.quantity,
+            quantity: RecordQuantity::from_indexed(info.known, info.quantity),
             value,
             unit,
             storage: u32::from(status & 0x40 != 0),
@@ -939,7 +962,7 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
     let meter = match app.header {
         AppHeader::Long(h) => MeterInfo {
             id: id_text(h.id),
-            manufacturer: SmallString::from_ascii(&manufacturer_letters(h.manufacturer)),
+            manufacturer: Some(manufacturer_text(h.manufacturer)),
             version: Some(h.version),
             medium: Some(SmallString::from_static(medium_name(h.medium))),
         },
@@ -1301,10 +1324,10 @@ pub enum RawValue<'a> {
 }
 
 /// What a VIF (with extension) means: quantity name, unit and decimal exponent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VifInfo {
-    /// Quantity (`volume`, `energy`, `error_flags`...).
-    pub quantity: RecordQuantity,
+    /// Quantity, snake_case (`volume`, `energy`, `error_flags`...).
+    pub quantity: &'static str,
     /// Unit of the scaled value; `None` for plain numbers.
     pub unit: Option<Unit>,
     /// Power of ten applied to the raw value.
@@ -1313,11 +1336,16 @@ pub struct VifInfo {
     pub factor: u32,
     /// The value is a date/time (VIF 6C/6D, FD 30/70).
     pub date: bool,
+    /// [`RecordQuantity::known_index`] of `quantity`: the table stays `Copy` (a
+    /// `RecordQuantity` in it made every lookup a clone and a drop, 20 % of the record
+    /// iterator's time) and the record's quantity is still no search.
+    known: u8,
 }
 
 const fn vi(quantity: &'static str, unit: Option<Unit>, exponent: i32) -> VifInfo {
     VifInfo {
-        quantity: RecordQuantity::from_static(quantity),
+        quantity,
+        known: RecordQuantity::known_index(quantity),
         unit,
         exponent,
         factor: 1,
@@ -1328,7 +1356,8 @@ const fn vi(quantity: &'static str, unit: Option<Unit>, exponent: i32) -> VifInf
 /// A date or date-time VIF (the value is read as a date type).
 const fn dated(quantity: &'static str) -> VifInfo {
     VifInfo {
-        quantity: RecordQuantity::from_static(quantity),
+        quantity,
+        known: RecordQuantity::known_index(quantity),
         unit: None,
         exponent: 0,
         factor: 1,
@@ -1338,7 +1367,8 @@ const fn dated(quantity: &'static str) -> VifInfo {
 
 const fn vf(quantity: &'static str, unit: Option<Unit>, exponent: i32, factor: u32) -> VifInfo {
     VifInfo {
-        quantity: RecordQuantity::from_static(quantity),
+        quantity,
+        known: RecordQuantity::known_index(quantity),
         unit,
         exponent,
         factor,
@@ -1532,7 +1562,7 @@ enum VifTable {
 // would fail the build, not panic at run time.
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 const fn vif_table(which: VifTable) -> [VifInfo; 128] {
-    let mut table = [const { vi("reserved", None, 0) }; 128];
+    let mut table = [vi("reserved", None, 0); 128];
     let mut code = 0u8;
     while code < 128 {
         let info = match which {
@@ -1540,9 +1570,7 @@ const fn vif_table(which: VifTable) -> [VifInfo; 128] {
             VifTable::Fd => fd_vif(code),
             VifTable::Fb => fb_vif(code),
         };
-        // `replace` + `forget` because a plain assignment would drop the old entry, which a
-        // `const fn` cannot do for a type with a destructor (the entries are all borrowed).
-        std::mem::forget(std::mem::replace(&mut table[code as usize], info));
+        table[code as usize] = info;
         code += 1;
     }
     table
@@ -1551,33 +1579,48 @@ const fn vif_table(which: VifTable) -> [VifInfo; 128] {
 fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
     table
         .get(usize::from(code & 0x7F))
-        .cloned()
+        .copied()
         .unwrap_or(vi("reserved", None, 0))
 }
 
 /// `YYYY-MM-DD`, with `THH:MM[:SS]` when a time is given: the text of
-/// `format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}")`, written digit by digit on the
-/// stack (no formatting machinery, no allocation: both showed in the decode profile). Fields
-/// the date types cannot produce (a year outside 0..=9999) go through `format!`.
+/// `format!("{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}")`, written into a stack buffer at
+/// fixed positions (no formatting machinery, no allocation, no per-byte checks: all three
+/// showed in the decode profile). Fields the date types cannot produce (a year outside
+/// 0..=9999, a field of 100 or more) go through `format!`.
 pub(crate) fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>) -> SmallString {
-    let Ok(year) = u16::try_from(y) else {
+    let (h, mi, s) = time.map_or((0, 0, None), |(h, mi, s)| (h, mi, s));
+    let year = u16::try_from(y).ok().filter(|y| *y <= 9999);
+    let Some(year) =
+        year.filter(|_| m < 100 && d < 100 && h < 100 && mi < 100 && s.unwrap_or(0) < 100)
+    else {
         return iso_date_formatted(y, m, d, time);
     };
-    if year > 9999 {
-        return iso_date_formatted(y, m, d, time);
-    }
-    let mut out = AsciiWriter::new(19);
-    out.two(u8::try_from(year.wrapping_div(100)).unwrap_or(0));
-    out.two(u8::try_from(year.wrapping_rem(100)).unwrap_or(0));
-    out.push(b'-');
-    out.two(m);
-    out.push(b'-');
-    out.two(d);
-    if let Some((h, mi, s)) = time {
-        out.push(b'T');
-        out.time(h, mi, s);
-    }
-    out.finish()
+    let [y0, y1] = digits2(u8::try_from(year.wrapping_div(100)).unwrap_or(0));
+    let [y2, y3] = digits2(u8::try_from(year.wrapping_rem(100)).unwrap_or(0));
+    let [m0, m1] = digits2(m);
+    let [d0, d1] = digits2(d);
+    let [h0, h1] = digits2(h);
+    let [i0, i1] = digits2(mi);
+    let [s0, s1] = digits2(s.unwrap_or(0));
+    let buf = [
+        y0, y1, y2, y3, b'-', m0, m1, b'-', d0, d1, b'T', h0, h1, b':', i0, i1, b':', s0, s1, 0, 0,
+        0,
+    ];
+    let len = match time {
+        None => 10,
+        Some((_, _, None)) => 16,
+        Some((_, _, Some(_))) => 19,
+    };
+    SmallString::from_ascii_buf(buf, len)
+}
+
+/// Two decimal digits of a value below 100.
+fn digits2(v: u8) -> [u8; 2] {
+    [
+        b'0'.wrapping_add(v.wrapping_div(10)),
+        b'0'.wrapping_add(v.wrapping_rem(10)),
+    ]
 }
 
 /// [`iso_date`] through `format!`, for the years it does not write itself.
@@ -1653,7 +1696,8 @@ impl AsciiWriter {
 
     fn finish(self) -> SmallString {
         if self.spill.is_empty() {
-            SmallString::from_ascii(self.buf.get(..self.len).unwrap_or(&[])).unwrap_or_default()
+            // Every byte pushed is ASCII (digits, hex, text checked by the caller).
+            SmallString::from_ascii_buf(self.buf, self.len)
         } else {
             String::from_utf8(self.spill)
                 .map(SmallString::from)
@@ -1737,8 +1781,9 @@ impl<'a> RawRecord<'a> {
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
                 // 13757-3 combinable VIFE; 0x3D is reserved): the reverse register.
-                0x3C if info.quantity == RecordQuantity::Volume => {
-                    info.quantity = RecordQuantity::VolumeReverse;
+                0x3C if info.quantity == "volume" => {
+                    info.quantity = "volume_reverse";
+                    info.known = const { RecordQuantity::known_index("volume_reverse") };
                 }
                 // A manufacturer-specific VIFE: what follows is vendor data, stop interpreting.
                 0x7F => break,
@@ -1849,7 +1894,7 @@ impl<'a> RawRecord<'a> {
         out.subunit = subunit;
         out.function = self.function();
         out.quantity = if self.plain_text.is_empty() {
-            info.quantity
+            RecordQuantity::from_indexed(info.known, info.quantity)
         } else {
             RecordQuantity::from_name(String::from(text(self.plain_text)))
         };

@@ -9,7 +9,7 @@ use std::ops::Deref;
 use serde::Serialize;
 
 /// Bytes kept inline: with the tag this makes the type as large as a `String` (24 bytes).
-const INLINE: usize = 22;
+pub(crate) const INLINE: usize = 22;
 
 /// An immutable string that keeps up to 22 bytes inline and borrows static names, so that
 /// decoding a frame allocates only for long texts (manufacturer data as hex, long plain text).
@@ -57,13 +57,24 @@ impl SmallString {
         }
     }
 
-    /// ASCII bytes as a string (inline when short); `None` when a byte is not ASCII. The
-    /// decoders build digits and hex into a stack buffer and finish with this.
+    /// ASCII bytes as a string (inline when short); `None` when a byte is not ASCII.
+    #[cfg(test)]
     pub(crate) fn from_ascii(bytes: &[u8]) -> Option<Self> {
         if !bytes.is_ascii() {
             return None;
         }
         std::str::from_utf8(bytes).ok().map(Self::copy_of)
+    }
+
+    /// The first `len` bytes of `buf`, which the decoders filled with ASCII (digits, hex,
+    /// text they checked): taken as they are, not validated here, since [`Self::as_str`]
+    /// validates on every read (a non-UTF-8 buffer reads as empty, it cannot be unsound).
+    /// Building is the hot path, reading is not.
+    pub(crate) fn from_ascii_buf(buf: [u8; INLINE], len: usize) -> Self {
+        Self(Repr::Inline {
+            len: u8::try_from(len.min(INLINE)).unwrap_or(0),
+            buf,
+        })
     }
 
     /// The text.

@@ -433,7 +433,7 @@ fn meter_info(a: Address) -> MeterInfo {
     // `manufacturer_code`, without their allocations.
     MeterInfo {
         id: crate::mbus::hex_u32(a.id, crate::mbus::HEX_LOWER),
-        manufacturer: SmallString::from_ascii(&crate::mbus::manufacturer_letters(a.manufacturer)),
+        manufacturer: Some(crate::mbus::manufacturer_text(a.manufacturer)),
         version: Some(a.version),
         medium: Some(SmallString::from_static(link::medium_name(a.device_type))),
     }
