@@ -120,8 +120,8 @@ impl Envelope {
     /// Returns the radio metadata as records (`signal_rsrp` dBm, `signal_sinr` dB,
     /// `signal_ecl`), for the dashboard's signal-quality view.
     pub fn signal_records(&self) -> Vec<Record> {
-        let rec = |quantity: &'static str, value: Decimal, unit: Unit| Record {
-            quantity: quantity.into(),
+        let rec = |quantity: crate::frame::RecordQuantity, value: Decimal, unit: Unit| Record {
+            quantity,
             value: RecordValue::Number(value),
             unit: Some(unit),
             storage: 0,
@@ -131,13 +131,17 @@ impl Envelope {
         };
         let mut out = Vec::new();
         if let Some(v) = self.signal.rsrp {
-            out.push(rec("signal_rsrp", v, Unit::Dbm));
+            out.push(rec(crate::frame::q!("signal_rsrp"), v, Unit::Dbm));
         }
         if let Some(v) = self.signal.sinr {
-            out.push(rec("signal_sinr", v, Unit::Decibel));
+            out.push(rec(crate::frame::q!("signal_sinr"), v, Unit::Decibel));
         }
         if let Some(v) = self.signal.ecl {
-            out.push(rec("signal_ecl", Decimal::from(v), Unit::Dimensionless));
+            out.push(rec(
+                crate::frame::q!("signal_ecl"),
+                Decimal::from(v),
+                Unit::Dimensionless,
+            ));
         }
         out
     }

@@ -45,10 +45,12 @@ mod error;
 mod frame;
 pub mod mbus;
 pub mod modbus;
+mod small_string;
 pub mod wmbus;
 
 pub use error::DecodeError;
-pub use frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordValue};
+pub use frame::{DecodedFrame, Function, MeterInfo, Protocol, Record, RecordQuantity, RecordValue};
+pub use small_string::SmallString;
 
 /// Guesses the protocol of a raw frame from its framing bytes.
 ///

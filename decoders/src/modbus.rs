@@ -613,7 +613,7 @@ fn record(spec: &RegisterSpec, value: Decimal) -> Record {
         unit: spec.unit,
         storage: 0,
         tariff: 0,
-        subunit: spec.row.map_or(0, u32::from),
+        subunit: spec.row.unwrap_or(0),
         function: Function::Instantaneous,
     }
 }

@@ -113,7 +113,7 @@ fn every_corpus_frame_decodes_to_its_values() {
                 let want = rtc.replace(' ', "T");
                 assert_eq!(
                     find(&frame, "date_time").value,
-                    RecordValue::Date(want),
+                    RecordValue::Date(want.into()),
                     "{name}"
                 );
             }
@@ -135,7 +135,10 @@ fn every_corpus_frame_decodes_to_its_values() {
             let ret = jy["return_temp_c"].as_f64().unwrap();
             assert!((num(&find(&frame, "return_temperature").value) - ret).abs() < 1e-9);
             let rtc = jy["rtc"].as_str().unwrap().replace(' ', "T");
-            assert_eq!(find(&frame, "date_time").value, RecordValue::Date(rtc));
+            assert_eq!(
+                find(&frame, "date_time").value,
+                RecordValue::Date(rtc.into())
+            );
             check_status(&frame, &jy["status"]);
         } else if let Some(cmd) = decoded.get("command").and_then(Value::as_str) {
             let open = cmd.starts_with("55");

@@ -312,7 +312,7 @@ fn mbus_vif_extension_fb_humidity_frequency_and_reactive_energy() {
                 decoders::RecordValue::Number(d) => d.normalize().to_string(),
                 other => format!("{other:?}"),
             };
-            (rec.quantity.into_owned(), value, rec.unit)
+            (rec.quantity.to_string(), value, rec.unit)
         })
         .collect();
     assert_eq!(

@@ -127,7 +127,7 @@ fn compare(got: &Record, want: &Value, fixed: bool) -> Result<(), String> {
             let g = if date.len() == 16 {
                 format!("{date}:00")
             } else {
-                date.clone()
+                date.to_string()
             };
             if g != w {
                 return Err(format!("date {g:?} != {w:?}"));

@@ -314,7 +314,7 @@ fn table_rows_become_subunits_and_empty_rows_are_skipped() {
         0x0000, 0x0042, 0x0000, 0x0000,
     ];
     let records = decode(&map, 100, &words).unwrap();
-    let got: Vec<(u32, &str, RecordValue)> = records
+    let got: Vec<(u16, &str, RecordValue)> = records
         .iter()
         .map(|r| (r.subunit, r.quantity.as_ref(), r.value.clone()))
         .collect();

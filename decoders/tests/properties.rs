@@ -248,8 +248,8 @@ proptest! {
             prop_assert_eq!(&got.value, &RecordValue::Number(want.normalize()));
             prop_assert_eq!(got.unit, Some(Unit::CubicMetre));
             prop_assert_eq!(got.storage, *storage);
-            prop_assert_eq!(got.tariff, *tariff);
-            prop_assert_eq!(got.subunit, *subunit);
+            prop_assert_eq!(u32::from(got.tariff), *tariff);
+            prop_assert_eq!(u32::from(got.subunit), *subunit);
             prop_assert_eq!(got.function, functions[*f as usize]);
         }
     }

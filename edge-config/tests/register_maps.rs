@@ -17,7 +17,7 @@ fn rows(
         .unwrap()
         .into_iter()
         .map(|r| match r.value {
-            RecordValue::Number(n) => (r.quantity.into_owned(), r.subunit, n, r.unit),
+            RecordValue::Number(n) => (r.quantity.to_string(), u32::from(r.subunit), n, r.unit),
             other => panic!("not a number: {other:?}"),
         })
         .collect()

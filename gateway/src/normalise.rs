@@ -1,6 +1,6 @@
 //! Turns a [`DecodedFrame`] into normalised [`Reading`]s with provenance.
 
-use decoders::{DecodedFrame, Function, Protocol, RecordValue};
+use decoders::{DecodedFrame, Function, Protocol, RecordQuantity, RecordValue};
 use model::{
     ClockSource, GatewayId, MeterId, MeterIdError, Provenance, Quality, Reading, SourceKind, Unit,
 };
@@ -86,8 +86,8 @@ pub fn to_readings(
                 value: *value,
                 unit: record.unit.unwrap_or(Unit::Dimensionless),
                 storage: record.storage,
-                tariff: u16::try_from(record.tariff).unwrap_or(u16::MAX),
-                subunit: u16::try_from(record.subunit).unwrap_or(u16::MAX),
+                tariff: record.tariff,
+                subunit: record.subunit,
                 quality: Quality::Actual,
                 flags: Vec::new(),
                 provenance: provenance.clone(),
@@ -102,7 +102,7 @@ pub fn to_readings(
 /// decoder) or an impossible date gives `None`.
 pub fn frame_clock(frame: &DecodedFrame) -> Option<PrimitiveDateTime> {
     let record = frame.records.iter().find(|r| {
-        r.quantity == "date_time"
+        r.quantity == RecordQuantity::DateTime
             && r.storage == 0
             && r.tariff == 0
             && r.subunit == 0

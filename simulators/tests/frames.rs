@@ -136,14 +136,17 @@ fn wmbus_telegrams_decrypt_with_the_per_meter_key() {
             .expect("date_time record");
         assert_eq!(
             clock.value,
-            decoders::RecordValue::Date(format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}",
-                local.year(),
-                u8::from(local.month()),
-                local.day(),
-                local.hour(),
-                local.minute()
-            ))
+            decoders::RecordValue::Date(
+                format!(
+                    "{:04}-{:02}-{:02}T{:02}:{:02}",
+                    local.year(),
+                    u8::from(local.month()),
+                    local.day(),
+                    local.hour(),
+                    local.minute()
+                )
+                .into()
+            )
         );
         // A wrong key is refused, never garbage.
         let wrong: Option<[u8; 16]> = Some(wmbus_key(s.seed + 1, e.meter));

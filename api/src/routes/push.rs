@@ -297,8 +297,8 @@ async fn accept_push(
                 value: *value,
                 unit: record.unit.unwrap_or(Unit::Dimensionless),
                 storage: record.storage,
-                tariff: u16::try_from(record.tariff).unwrap_or(u16::MAX),
-                subunit: u16::try_from(record.subunit).unwrap_or(u16::MAX),
+                tariff: record.tariff,
+                subunit: record.subunit,
                 quality: Quality::Actual,
                 flags: Vec::new(),
                 provenance: Provenance {

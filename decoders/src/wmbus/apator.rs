@@ -55,7 +55,7 @@ pub(crate) fn records(payload: &[u8]) -> Option<Vec<Record>> {
             let bytes: [u8; 4] = block.get(at..at.checked_add(4)?)?.try_into().ok()?;
             let litres = u32::from_le_bytes(bytes);
             return Some(vec![Record {
-                quantity: "volume".into(),
+                quantity: crate::frame::RecordQuantity::Volume,
                 value: RecordValue::Number(Decimal::new(i64::from(litres), 3)),
                 unit: Some(Unit::CubicMetre),
                 storage: 0,

@@ -181,9 +181,14 @@ fn masked_sum(data: &[u8]) -> u8 {
     data.iter().fold(0u8, |acc, b| acc.wrapping_add(*b)) & 0xEF
 }
 
-fn record(quantity: &'static str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
+fn record(
+    quantity: crate::frame::RecordQuantity,
+    value: Decimal,
+    unit: Option<Unit>,
+    storage: u32,
+) -> Record {
     Record {
-        quantity: quantity.into(),
+        quantity,
         value: RecordValue::Number(value),
         unit,
         storage,
@@ -206,7 +211,7 @@ pub(crate) fn izar_records(payload: &[u8]) -> Option<Vec<Record>> {
     let h1 = *payload.first()?;
     let h2 = *payload.get(1)?;
     let mut out = vec![record(
-        "volume",
+        crate::frame::q!("volume"),
         Decimal::new(i64::from(total), 3),
         Some(Unit::CubicMetre),
         0,
@@ -214,7 +219,7 @@ pub(crate) fn izar_records(payload: &[u8]) -> Option<Vec<Record>> {
     // Short PRIOS frames (CI A0) stop after the current volume.
     if let Some(last) = u32_at(9) {
         out.push(record(
-            "volume",
+            crate::frame::q!("volume"),
             Decimal::new(i64::from(last), 3),
             Some(Unit::CubicMetre),
             1,
@@ -222,7 +227,7 @@ pub(crate) fn izar_records(payload: &[u8]) -> Option<Vec<Record>> {
     }
     // Half-years of battery left in bits 4..0 of the second header byte.
     out.push(record(
-        "battery_remaining_years",
+        crate::frame::q!("battery_remaining_years"),
         Decimal::new(i64::from(h2 & 0x1F).saturating_mul(5), 1),
         None,
         0,
@@ -230,7 +235,7 @@ pub(crate) fn izar_records(payload: &[u8]) -> Option<Vec<Record>> {
     // Transmission period 2^(n+2) seconds, n = low nibble of the first header byte.
     let period = 1u64.checked_shl(u32::from(h1 & 0x0F).saturating_add(2))?;
     out.push(record(
-        "transmit_period",
+        crate::frame::q!("transmit_period"),
         Decimal::from(period),
         Some(Unit::Second),
         0,

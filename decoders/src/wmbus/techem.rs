@@ -50,9 +50,14 @@ pub(crate) fn is_techem(meter: Address, ci: u8) -> bool {
     (0xA0..=0xA2).contains(&ci) && model(meter).is_some()
 }
 
-fn record(quantity: &'static str, value: Decimal, unit: Option<Unit>, storage: u32) -> Record {
+fn record(
+    quantity: crate::frame::RecordQuantity,
+    value: Decimal,
+    unit: Option<Unit>,
+    storage: u32,
+) -> Record {
     Record {
-        quantity: quantity.into(),
+        quantity,
         value: RecordValue::Number(value),
         unit,
         storage,
@@ -78,7 +83,7 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
     if model == Model::Smoke {
         let status = *payload.first()?;
         return Some(vec![record(
-            "status_word",
+            crate::frame::q!("status_word"),
             Decimal::from(status),
             Some(Unit::Dimensionless),
             0,
@@ -91,14 +96,19 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
             let m3 = |tenths: i64| Decimal::new(tenths, 1);
             vec![
                 record(
-                    "volume",
+                    crate::frame::q!("volume"),
                     m3(previous.checked_add(current)?),
                     Some(Unit::CubicMetre),
                     0,
                 ),
-                record("volume", m3(previous), Some(Unit::CubicMetre), 1),
                 record(
-                    "volume_since_due_date",
+                    crate::frame::q!("volume"),
+                    m3(previous),
+                    Some(Unit::CubicMetre),
+                    1,
+                ),
+                record(
+                    crate::frame::q!("volume_since_due_date"),
                     m3(current),
                     Some(Unit::CubicMetre),
                     0,
@@ -113,16 +123,26 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
             let radiator = le(t.checked_add(2)?, 2)?;
             let celsius = |hundredths: i64| Decimal::new(hundredths, 2);
             vec![
-                record("heat_cost_allocation", Decimal::from(current), None, 0),
-                record("heat_cost_allocation", Decimal::from(previous), None, 1),
                 record(
-                    "room_temperature",
+                    crate::frame::q!("heat_cost_allocation"),
+                    Decimal::from(current),
+                    None,
+                    0,
+                ),
+                record(
+                    crate::frame::q!("heat_cost_allocation"),
+                    Decimal::from(previous),
+                    None,
+                    1,
+                ),
+                record(
+                    crate::frame::q!("room_temperature"),
                     celsius(room),
                     Some(Unit::DegreeCelsius),
                     0,
                 ),
                 record(
-                    "radiator_temperature",
+                    crate::frame::q!("radiator_temperature"),
                     celsius(radiator),
                     Some(Unit::DegreeCelsius),
                     0,
@@ -133,19 +153,19 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
             let previous = le(3, 3)?;
             vec![
                 record(
-                    "energy",
+                    crate::frame::q!("energy"),
                     Decimal::from(previous.checked_add(current)?),
                     Some(Unit::KilowattHour),
                     0,
                 ),
                 record(
-                    "energy",
+                    crate::frame::q!("energy"),
                     Decimal::from(previous),
                     Some(Unit::KilowattHour),
                     1,
                 ),
                 record(
-                    "energy_since_due_date",
+                    crate::frame::q!("energy_since_due_date"),
                     Decimal::from(current),
                     Some(Unit::KilowattHour),
                     0,
@@ -159,14 +179,19 @@ pub(crate) fn records(meter: Address, ci: u8, payload: &[u8]) -> Option<Vec<Reco
             let gj = |mj: i64| Decimal::new(mj, 3);
             vec![
                 record(
-                    "energy",
+                    crate::frame::q!("energy"),
                     gj(previous.checked_add(current)?),
                     Some(Unit::Gigajoule),
                     0,
                 ),
-                record("energy", gj(previous), Some(Unit::Gigajoule), 1),
                 record(
-                    "energy_since_due_date",
+                    crate::frame::q!("energy"),
+                    gj(previous),
+                    Some(Unit::Gigajoule),
+                    1,
+                ),
+                record(
+                    crate::frame::q!("energy_since_due_date"),
                     gj(current),
                     Some(Unit::Gigajoule),
                     0,

@@ -552,7 +552,7 @@ impl Bus {
         let frame = DecodedFrame {
             protocol: Protocol::Modbus,
             meter: MeterInfo {
-                id: device.name.clone(),
+                id: device.name.as_str().into(),
                 manufacturer: None,
                 version: None,
                 medium: None,

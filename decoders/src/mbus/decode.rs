@@ -1,0 +1,195 @@
+//! The entry points from bytes to records: `decode` (link frame), `decode_application` (from the CI, reused by wM-Bus), `parse` (allocation-free) and `decode_records`.
+
+use super::*;
+
+/// Decodes the application layer from the CI byte on (`CI header records`).
+///
+/// # Errors
+/// [`MbusError`]; offsets count from the CI byte.
+pub fn decode_application(bytes: &[u8]) -> Result<Application, MbusError> {
+    decode_application_at(bytes, 0)
+}
+
+pub(super) fn decode_application_at(bytes: &[u8], base: usize) -> Result<Application, MbusError> {
+    let mut cur = Cursor::new(bytes, base);
+    let ci = cur.byte("CI")?;
+    if ci == CI_RSP_FIXED || ci == CI_RSP_FIXED_MSB {
+        return parse_fixed(ci, &mut cur);
+    }
+    let header = parse_header(ci, base, &mut cur)?;
+    let msb_first = ci == CI_RSP_LONG_MSB;
+    // The vector is filled with placeholders first (a tight loop of constant stores) and each
+    // record is then written into its slot: a record built aside and moved into the vector
+    // is read back right after its fields were written, which stalls on store forwarding.
+    let count = count_records(cur.rest);
+    let mut records_out: Vec<Record> = Vec::with_capacity(count);
+    records_out.extend(std::iter::repeat_with(empty_record).take(count));
+    let mut more = false;
+    let mut iter = RecordIter::with_offset(cur.rest, cur.offset, msb_first);
+    let mut slots = records_out.iter_mut();
+    let mut filled = 0usize;
+    // `next_record` rather than the iterator: its `Option<Result<..>>` is one more copy of
+    // every record.
+    while let Some(rec) = iter.next_record()? {
+        more |= rec.dif == 0x1F;
+        match slots.next() {
+            Some(slot) => rec.write_record(slot),
+            // Only if the counting pass and the parser disagreed; kept correct regardless.
+            None => {
+                let mut record = empty_record();
+                rec.write_record(&mut record);
+                records_out.push(record);
+                slots = [].iter_mut();
+            }
+        }
+        filled = filled.saturating_add(1);
+    }
+    records_out.truncate(filled);
+    Ok(Application {
+        ci,
+        header,
+        records: records_out,
+        more_records_follow: more,
+    })
+}
+
+/// Fixed data structure: id(4) access status medium/units(2) counter1(4) counter2(4).
+/// A variable data response split without allocation: header plus a record iterator.
+#[derive(Debug, Clone)]
+pub struct RspUd<'a> {
+    /// Link-layer control field.
+    pub control: u8,
+    /// Primary address.
+    pub address: u8,
+    /// CI.
+    pub ci: u8,
+    /// Header.
+    pub header: AppHeader,
+    /// The data records, parsed lazily.
+    pub records: RecordIter<'a>,
+}
+
+/// Parses an RSP_UD long frame (CI 72, 76, 7A, 78) without allocating: the hot path.
+///
+/// Fixed-structure frames (CI 73/77) are refused with [`MbusError::UnsupportedCi`]; use
+/// [`decode`] for them.
+///
+/// # Errors
+/// [`MbusError`] for framing and header problems; record errors come from the iterator.
+pub fn parse(bytes: &[u8]) -> Result<RspUd<'_>, MbusError> {
+    let (control, address, ci, data, data_offset) = match parse_link(bytes)? {
+        LinkFrame::Long {
+            control,
+            address,
+            ci,
+            data,
+            data_offset,
+        } => (control, address, ci, data, data_offset),
+        LinkFrame::Control { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "control frame",
+            });
+        }
+        LinkFrame::Short { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "short frame",
+            });
+        }
+        LinkFrame::Ack => {
+            return Err(MbusError::NotLongFrame {
+                kind: "single character E5",
+            });
+        }
+    };
+    let ci_offset = data_offset.saturating_sub(1);
+    let mut cur = Cursor::new(data, data_offset);
+    let header = parse_header(ci, ci_offset, &mut cur)?;
+    let records = RecordIter::with_offset(cur.rest, cur.offset, ci == CI_RSP_LONG_MSB);
+    Ok(RspUd {
+        control,
+        address,
+        ci,
+        header,
+        records,
+    })
+}
+
+/// Decodes the data records of a payload (after any header), e.g. a decrypted wM-Bus payload.
+///
+/// # Errors
+/// [`MbusError`] for structural problems; offsets count from the payload start.
+pub fn decode_records(payload: &[u8]) -> Result<Vec<Record>, MbusError> {
+    records(payload).map(|r| r.map(|r| r.to_record())).collect()
+}
+
+/// Decodes an RSP_UD long frame (CI 72, 76, 7A or 78).
+///
+/// Frames without a long header have no identification; their meter id is then the primary
+/// address as three digits.
+///
+/// # Errors
+/// [`MbusError`] with the byte offset of the first problem; CI 70 frames are refused with
+/// [`MbusError::ApplicationError`].
+pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
+    let (address, ci_offset, app_bytes) = match parse_link(bytes)? {
+        LinkFrame::Long {
+            address,
+            data_offset,
+            ..
+        } => {
+            let ci_offset = data_offset.saturating_sub(1);
+            (address, ci_offset, bytes.get(ci_offset..).unwrap_or(&[]))
+        }
+        LinkFrame::Control { ci, .. } => {
+            // A control frame may still carry an application error (CI 70 without code).
+            let mut cur = Cursor::new(&[], 6);
+            parse_header(ci, 6, &mut cur)?;
+            return Err(MbusError::NotLongFrame {
+                kind: "control frame",
+            });
+        }
+        LinkFrame::Short { .. } => {
+            return Err(MbusError::NotLongFrame {
+                kind: "short frame",
+            });
+        }
+        LinkFrame::Ack => {
+            return Err(MbusError::NotLongFrame {
+                kind: "single character E5",
+            });
+        }
+    };
+    // The app bytes include CS and stop; cut them off.
+    let app_len = app_bytes.len().saturating_sub(2);
+    let app = decode_application_at(app_bytes.get(..app_len).unwrap_or(&[]), ci_offset)?;
+    let meter = match app.header {
+        AppHeader::Long(h) => MeterInfo {
+            id: id_text(h.id),
+            manufacturer: Some(manufacturer_text(h.manufacturer)),
+            version: Some(h.version),
+            medium: Some(SmallString::from_static(medium_name(h.medium))),
+        },
+        AppHeader::Fixed { id, medium, .. } => MeterInfo {
+            id: id_text(id),
+            manufacturer: None,
+            version: None,
+            medium: Some(SmallString::from_static(medium_name(medium))),
+        },
+        _ => MeterInfo {
+            id: {
+                let mut out = AsciiWriter::new(3);
+                out.push(b'0'.wrapping_add(address.wrapping_div(100)));
+                out.two(address.wrapping_rem(100));
+                out.finish()
+            },
+            manufacturer: None,
+            version: None,
+            medium: None,
+        },
+    };
+    Ok(DecodedFrame {
+        protocol: Protocol::Mbus,
+        meter,
+        records: app.records,
+    })
+}
