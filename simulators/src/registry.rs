@@ -25,6 +25,9 @@ pub struct Layout {
     pub auto_close_every: u32,
     /// Every n-th valve meter is a protected customer (never closed).
     pub protected_every: u32,
+    /// Hydrant controllers (`simulate demo --hydrants`, source `hydrants`), role `hydrant`,
+    /// spread over the DMAs.
+    pub hydrants: u32,
 }
 
 /// The header of the CSV this module writes (a subset of the registry's columns).
@@ -99,6 +102,16 @@ pub fn registry_csv(scenario: &Scenario, layout: &Layout) -> String {
             src = source.unwrap_or(""),
         ));
     }
+    // The hydrant controllers, named as the gateway's hydrant bridge names them.
+    for h in 0..layout.hydrants {
+        let hydrant = crate::mqtt::Hydrant::new(h);
+        out.push_str(&format!(
+            "HYD{h:04},hydrant:{id},hydrant,active,hydrant,DMA-{dma},,,,false,false,false,{gw},hydrants,,,{installed}\n",
+            id = hydrant.id,
+            dma = h % pop.dmas.max(1),
+            gw = layout.gateway,
+        ));
+    }
     // Each DMA's inlet flow meter and pressure point (the demo's Modbus instruments).
     for d in 0..pop.dmas {
         for (kind, role, map, q3) in [
@@ -133,10 +146,11 @@ mod tests {
                 wmbus_meters: 1,
                 auto_close_every: 2,
                 protected_every: 3,
+                hydrants: 2,
             },
         );
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines.len(), 1 + 10 + 4, "{csv}");
+        assert_eq!(lines.len(), 1 + 10 + 2 + 4, "{csv}");
         let source = |l: &str| l.split(',').nth(13).unwrap_or("").to_owned();
         let sources: Vec<String> = lines[1..11].iter().map(|l| source(l)).collect();
         assert_eq!(
@@ -157,6 +171,10 @@ mod tests {
         // Valve policies: 2nd valve meter auto-closes, 3rd is protected.
         assert!(lines[2].contains(",true,true,false,"), "{}", lines[2]);
         assert!(lines[3].contains(",true,false,true,"), "{}", lines[3]);
-        assert!(lines[11].starts_with("DMA0-inlet,modbus:dma-0-inlet,modbus,active,inlet,DMA-0"));
+        assert_eq!(
+            lines[12],
+            "HYD0001,hydrant:hyd-0001,hydrant,active,hydrant,DMA-1,,,,false,false,false,gw-demo,hydrants,,,2026-11-01T00:00:00Z"
+        );
+        assert!(lines[13].starts_with("DMA0-inlet,modbus:dma-0-inlet,modbus,active,inlet,DMA-0"));
     }
 }
