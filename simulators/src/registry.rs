@@ -33,6 +33,9 @@ pub struct Layout {
 /// The header of the CSV this module writes (a subset of the registry's columns).
 pub const HEADER: &str = "meter_no,meter_id,protocol,status,role,dma,meter_book,customer_account,customer_class,has_valve,auto_close_on_burst,protected_customer,gateway_id,gateway_source,register_map,q3,installed_at";
 
+/// Q3 (m³/h) of the commercial meters in the registry CSV (DN32).
+pub const COMMERCIAL_Q3: &str = "10";
+
 /// The book of DMA `d`.
 pub fn book_of(dma: u32) -> String {
     format!("BOOK-{dma}")
@@ -89,12 +92,14 @@ pub fn registry_csv(scenario: &Scenario, layout: &Layout) -> String {
         } else {
             (false, false)
         };
-        let class = match m.profile {
-            Profile::Household => "residential",
-            Profile::Commercial => "non_residential",
+        // Shops draw up to 12 m³ a day: on the registry's default DN15 meter (Q3 2.5 m³/h) their
+        // busy hours look like bursts (0.4 × Q3), so they are registered as DN32 (Q3 10 m³/h).
+        let (class, q3) = match m.profile {
+            Profile::Household => ("residential", ""),
+            Profile::Commercial => ("non_residential", COMMERCIAL_Q3),
         };
         out.push_str(&format!(
-            "WM{i:07},{},{protocol},active,customer,DMA-{dma},{book},C{i:07},{class},{valve},{auto_close},{protected},{gw},{src},,,{installed}\n",
+            "WM{i:07},{},{protocol},active,customer,DMA-{dma},{book},C{i:07},{class},{valve},{auto_close},{protected},{gw},{src},,{q3},{installed}\n",
             m.id,
             dma = m.dma,
             book = book_of(m.dma),
@@ -130,6 +135,34 @@ pub fn registry_csv(scenario: &Scenario, layout: &Layout) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shops_are_registered_with_a_larger_q3() {
+        // 10 meters: 9 households, then 1 shop.
+        let s = Scenario::plain(10, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
+        let csv = registry_csv(
+            &s,
+            &Layout {
+                gateway: "gw-demo".into(),
+                coap_meters: 2,
+                http_meters: 0,
+                concentrator_meters: 0,
+                wmbus_meters: 0,
+                auto_close_every: 0,
+                protected_every: 0,
+                hydrants: 0,
+            },
+        );
+        let q3: Vec<String> = csv
+            .lines()
+            .skip(1)
+            .take(10)
+            .map(|l| l.split(',').nth(15).unwrap_or("?").to_owned())
+            .collect();
+        let mut expected = vec![String::new(); 9];
+        expected.push(COMMERCIAL_Q3.to_owned());
+        assert_eq!(q3, expected);
+    }
 
     #[test]
     fn routes_follow_the_demo_order() {
