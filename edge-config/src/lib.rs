@@ -269,6 +269,10 @@ pub struct UplinkConfig {
     /// PUBACK acknowledges instead, for a pipeline that publishes no `ingest-ack`.
     #[serde(default = "default_ack_timeout_s")]
     pub ack_timeout_s: u32,
+    /// Seconds between two publications of the retained status with the gateway's health
+    /// (spool depth, uplink lag; default 10, 1..=3600).
+    #[serde(default = "default_health_interval_s")]
+    pub health_interval_s: u16,
 }
 
 impl UplinkConfig {
@@ -284,6 +288,10 @@ fn default_keep_alive_s() -> u16 {
 
 fn default_ack_timeout_s() -> u32 {
     30
+}
+
+fn default_health_interval_s() -> u16 {
+    10
 }
 
 fn default_topic_root() -> String {
@@ -972,6 +980,13 @@ fn validate(config: &GatewayConfig, spans: &Spans<'_>) -> Vec<FieldError> {
         err(
             "uplink.keep_alive_s".into(),
             format!("{} is outside 1..=3600", u.keep_alive_s),
+        );
+    }
+    if !(1..=3600).contains(&u.health_interval_s) {
+        err(
+            uplink_at,
+            "uplink.health_interval_s",
+            format!("{} is outside 1..=3600", u.health_interval_s),
         );
     }
     if u.window == 0 || u.window > 1000 {

@@ -3,6 +3,11 @@
 //! `{root}/{gateway}/cmd-ack` and the gateway's own alarms (spool overflow) on
 //! `{root}/{gateway}/alarms`.
 //!
+//! While connected the retained `online` status is re-published every
+//! [`ControlOptions::health_every`] with the gateway's health (spool depth, uplink lag,
+//! uplink connected, readings acknowledged), so the centre's fleet view sees a gateway that is
+//! online but not getting its readings out. The last will stays a plain `offline`.
+//!
 //! The connection is a persistent MQTT session (`clean_session = false`, the stable client id
 //! `{base}-ctl`, subscription at QoS 1), so the broker queues the commands published while the
 //! gateway is offline or reconnecting and delivers them when it is back. (With a clean session
@@ -18,6 +23,7 @@
 //! acked at once (it would otherwise be re-delivered forever).
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use model::{Alarm, AlarmKind, AlarmSeverity, CommandAck, DeviceCommand, GatewayId, MeterId};
@@ -30,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::downlink::Downlink;
 use crate::mqtt::{self, MqttEndpoint};
+use crate::uplink::UplinkStats;
 
 /// Control connection settings.
 #[derive(Debug, Clone)]
@@ -42,15 +49,47 @@ pub struct ControlOptions {
     pub topic_root: String,
     /// This gateway.
     pub gateway: GatewayId,
+    /// Where the health in the status comes from; `None`: status without health.
+    pub health: Option<HealthSource>,
+    /// How often the retained status with health is re-published while connected.
+    pub health_every: Duration,
 }
 
-fn status(gateway: &GatewayId, state: &str) -> Vec<u8> {
+/// The gateway parts whose state the status reports as its health.
+#[derive(Debug, Clone)]
+pub struct HealthSource {
+    /// The spool (depth).
+    pub spool: crate::spool::Spool,
+    /// The uplink's counters (connected, acknowledged, last acknowledgement).
+    pub uplink: Arc<UplinkStats>,
+}
+
+impl HealthSource {
+    /// The health object of the status message: `spool_depth` (readings waiting),
+    /// `uplink_lag_s` (seconds the oldest waiting data may have waited, 0 when none waits),
+    /// `uplink_connected`, `readings_acked` (since the gateway started).
+    pub fn snapshot(&self) -> serde_json::Value {
+        let depth = self.spool.stats().depth;
+        json!({
+            "spool_depth": depth,
+            "uplink_lag_s": self.uplink.lag_seconds(depth),
+            "uplink_connected": self.uplink.connected.load(Ordering::Relaxed),
+            "readings_acked": self.uplink.readings_acked.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// The retained status payload: `state` `online`/`offline`, firmware `version`, `at`, and the
+/// `health` object when there is one.
+fn status(gateway: &GatewayId, state: &str, health: Option<&HealthSource>) -> Vec<u8> {
     let at = OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default();
-    json!({"v": model::WIRE_VERSION, "gateway": gateway, "state": state, "at": at, "version": env!("CARGO_PKG_VERSION")})
-        .to_string()
-        .into_bytes()
+    let mut message = json!({"v": model::WIRE_VERSION, "gateway": gateway, "state": state, "at": at, "version": env!("CARGO_PKG_VERSION")});
+    if let (Some(h), Some(m)) = (health, message.as_object_mut()) {
+        m.insert("health".into(), h.snapshot());
+    }
+    message.to_string().into_bytes()
 }
 
 /// The alarm for readings the spool evicted since the last check (`evicted_total` grew from
@@ -156,10 +195,13 @@ pub async fn run(
     // last day (a crash may have lost them in memory); after a lost connection, those of the
     // minute before it (publishes not yet PUBACKed die with the old client).
     let mut resend_since = OffsetDateTime::now_utc() - time::Duration::days(1);
+    let health = opts.health.clone();
+    let mut health_tick = tokio::time::interval(opts.health_every.max(Duration::from_millis(100)));
+    health_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let will = LastWill::new(
             &status_topic,
-            status(&opts.gateway, "offline"),
+            status(&opts.gateway, "offline", None),
             QoS::AtLeastOnce,
             true,
         );
@@ -173,7 +215,7 @@ pub async fn run(
                 _ = shutdown.cancelled() => {
                     if connected {
                         // Retained offline on a clean stop (the will covers crashes).
-                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "offline")).await.ok();
+                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "offline", health.as_ref())).await.ok();
                         // Give the event loop a moment to write it before disconnecting.
                         let deadline = tokio::time::sleep(Duration::from_millis(500));
                         tokio::pin!(deadline);
@@ -190,6 +232,9 @@ pub async fn run(
                     }
                     return;
                 }
+                _ = health_tick.tick(), if connected && health.is_some() => {
+                    client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online", health.as_ref())).await.ok();
+                }
                 ack = acks.recv(), if connected => {
                     let Some(ack) = ack else { continue };
                     publish_json(&client, &ack_topic, &ack, "a command ack").await;
@@ -205,7 +250,7 @@ pub async fn run(
                         connected = true;
                         backoff = Duration::from_millis(200);
                         tracing::info!(topic = %status_topic, session_present = ack.session_present, "control connection up; status online");
-                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online")).await.ok();
+                        client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online", health.as_ref())).await.ok();
                         // Already in a resumed session; subscribing again is harmless and creates
                         // it the first time (or after the broker lost its sessions).
                         client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();

@@ -185,6 +185,11 @@ impl Gateway {
                 client_id: format!("{client_base}-ctl"),
                 topic_root: config.uplink.topic_root.clone(),
                 gateway: config.gateway_id.clone(),
+                health: Some(control::HealthSource {
+                    spool: spool.clone(),
+                    uplink: Arc::clone(&uplink_stats),
+                }),
+                health_every: Duration::from_secs(u64::from(config.uplink.health_interval_s)),
             },
             Arc::clone(&downlink),
             acks,

@@ -85,16 +85,22 @@ pub struct UplinkStats {
 }
 
 impl UplinkStats {
-    /// Appends the uplink metrics in Prometheus text format.
-    pub fn render_prometheus(&self, out: &mut String, depth: u64) {
+    /// Uplink lag in seconds with `depth` readings in the spool: how long the oldest pending
+    /// data may have waited (time since the last acknowledgement); 0 when nothing is pending
+    /// or nothing was ever acknowledged.
+    pub fn lag_seconds(&self, depth: u64) -> i64 {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let last = self.last_ack_unix.load(Ordering::Relaxed);
-        // Lag: how long the oldest pending data may have waited; 0 when nothing is pending.
-        let lag = if depth == 0 || last == 0 {
+        if depth == 0 || last == 0 {
             0
         } else {
-            now - last
-        };
+            (now - last).max(0)
+        }
+    }
+
+    /// Appends the uplink metrics in Prometheus text format.
+    pub fn render_prometheus(&self, out: &mut String, depth: u64) {
+        let lag = self.lag_seconds(depth);
         out.push_str(&format!(
             "# TYPE wm_gateway_uplink_connected gauge\nwm_gateway_uplink_connected {}\n\
              # TYPE wm_gateway_uplink_batches_total counter\nwm_gateway_uplink_batches_total {}\n\

@@ -34,6 +34,8 @@ async fn eviction_raises_a_spool_overflow_alarm_on_the_broker() {
             client_id: common::unique_prefix("alarm-ctl").replace('/', "-"),
             topic_root: root.clone(),
             gateway: gateway.clone(),
+            health: None,
+            health_every: Duration::from_secs(10),
         },
         downlink,
         acks,

@@ -10,7 +10,8 @@ use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-/// A `gateways` row: id, online, firmware, last seen, published, applied, last refusal.
+/// A `gateways` row: id, online, firmware, last seen, published, applied, last refusal,
+/// spool depth, uplink lag, health time, uplink connected, readings acknowledged.
 type GatewayRow = (
     String,
     Option<bool>,
@@ -19,6 +20,11 @@ type GatewayRow = (
     i64,
     Option<i64>,
     Option<String>,
+    Option<i64>,
+    Option<f64>,
+    Option<OffsetDateTime>,
+    Option<bool>,
+    Option<i64>,
 );
 
 #[derive(clap::Args)]
@@ -456,15 +462,31 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: RegistryArgs) -> anyhow::Resul
         RegistryCommand::Gateways => {
             let rows: Vec<GatewayRow> = sqlx::query_as(
                 "SELECT gateway_id, online, firmware, last_seen, device_set_version,
-                            device_set_applied, device_set_error
+                            device_set_applied, device_set_error, spool_depth, uplink_lag_s,
+                            health_at, (status->'health'->>'uplink_connected')::boolean,
+                            (status->'health'->>'readings_acked')::bigint
                      FROM gateways ORDER BY gateway_id",
             )
             .fetch_all(&pool)
             .await
             .context("reading gateways (is the schema applied? `pipeline migrate`)")?;
-            for (g, online, fw, seen, published, applied, error) in rows {
+            for (g, online, fw, seen, published, applied, error, depth, lag, at, up, acked) in rows
+            {
+                let health = match (depth, lag, at) {
+                    (Some(d), Some(l), Some(at)) => format!(
+                        " health at {}: spool depth {d} uplink lag {l:.0} s uplink {} acked {}",
+                        at.format(&Rfc3339).unwrap_or_default(),
+                        match up {
+                            Some(true) => "connected",
+                            Some(false) => "disconnected",
+                            None => "?",
+                        },
+                        acked.map_or_else(|| "?".into(), |a| a.to_string()),
+                    ),
+                    _ => " health never reported".into(),
+                };
                 println!(
-                    "{g}: {} firmware {} last seen {} device set published {published} applied {}{}",
+                    "{g}: {} firmware {} last seen {} device set published {published} applied {}{}{health}",
                     match online {
                         Some(true) => "online",
                         Some(false) => "offline",

@@ -157,12 +157,19 @@ pub struct FleetConfig {
     pub step_every: Duration,
     /// Stop after this many steps (default: the whole scenario).
     pub max_steps: Option<u64>,
+    /// Never run ahead of the wall clock: a step whose readings would lie in the future waits
+    /// until their time, so a run that starts in the past replays its history at `step_every`
+    /// and then goes on in real time (one reading an interval), as a live fleet does.
+    pub not_ahead_of_wall_clock: bool,
     /// Broker for concentrators and hydrants.
     pub mqtt: Option<MqttConfig>,
     /// Concentrators (need `mqtt`).
     pub concentrators: Option<ConcentratorConfig>,
     /// Number of hydrant controllers (need `mqtt`).
     pub hydrants: u32,
+    /// Scripted hydrant illegal use: (hydrant index, step) at which a locked, closed hydrant
+    /// is opened without authorisation (in the ground truth like the random ones).
+    pub hydrant_illegal_use: Vec<(u32, u64)>,
     /// NB-IoT meters (CoAP and HTTP push) report every this many steps, each meter at its own
     /// phase (hourly steps and 24: one uplink a day, spread over the day). 0 and 1: every step.
     pub nbiot_report_every: u32,
@@ -194,9 +201,11 @@ impl FleetConfig {
             scenario,
             step_every: Duration::from_millis(100),
             max_steps: None,
+            not_ahead_of_wall_clock: false,
             mqtt: None,
             concentrators: None,
             hydrants: 0,
+            hydrant_illegal_use: Vec::new(),
             nbiot_report_every: 1,
             nbiot_uplink: NbiotUplink::Hourly,
             nbiot_without_valve: BTreeSet::new(),
@@ -381,8 +390,19 @@ impl Fleet {
                 })?
                 .context("mqtt event loop ended")?;
             if config.hydrants > 0 {
-                let bank: Arc<Mutex<Vec<Hydrant>>> =
-                    Arc::new(Mutex::new((0..config.hydrants).map(Hydrant::new).collect()));
+                let bank: Arc<Mutex<Vec<Hydrant>>> = Arc::new(Mutex::new(
+                    (0..config.hydrants)
+                        .map(|i| {
+                            Hydrant::new(i).with_illegal_use_at(
+                                config
+                                    .hydrant_illegal_use
+                                    .iter()
+                                    .filter(|(h, _)| *h == i)
+                                    .map(|(_, step)| *step),
+                            )
+                        })
+                        .collect(),
+                ));
                 tasks.push(tokio::spawn(hydrant_commands(
                     incoming,
                     client.clone(),
@@ -654,6 +674,18 @@ impl Driver {
             }
             if !self.config.step_every.is_zero() {
                 ticker.tick().await;
+            }
+            if self.config.not_ahead_of_wall_clock {
+                // The step's readings are stamped at its end.
+                let step_end = {
+                    let engine = lock(&self.engine);
+                    engine.now().unix_timestamp()
+                        + i64::from(engine.scenario().interval_minutes) * 60
+                };
+                let ahead = step_end - time::OffsetDateTime::now_utc().unix_timestamp();
+                if ahead > 0 {
+                    tokio::time::sleep(Duration::from_secs(ahead.unsigned_abs())).await;
+                }
             }
             let mut emissions: Vec<Emission> = Vec::new();
             let now = {

@@ -90,6 +90,9 @@ enum Command {
         /// Every n-th valve meter is a protected customer.
         #[arg(long, default_value_t = 25)]
         protected_every: u32,
+        /// As `demo --hydrants`: rows for the hydrant controllers `hydrant:hyd-NNNN`.
+        #[arg(long, default_value_t = 0)]
+        hydrants: u32,
     },
     /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
     /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
@@ -125,6 +128,10 @@ struct DemoArgs {
     /// Stop after this many steps (default: the whole scenario, or Ctrl-C).
     #[arg(long)]
     max_steps: Option<u64>,
+    /// Never run ahead of the wall clock: replay the scenario's past at --step-ms, then go on
+    /// in real time (one reading per meter per interval).
+    #[arg(long)]
+    not_ahead_of_clock: bool,
     /// Gateway CoAP address for NB-IoT meters (HOST:PORT).
     #[arg(long)]
     gateway_coap: Option<String>,
@@ -180,6 +187,10 @@ struct DemoArgs {
     /// Hydrant controllers.
     #[arg(long, default_value_t = 5)]
     hydrants: u32,
+    /// Scripted hydrant illegal use, `INDEX@STEP` (comma-separated or repeated): hydrant
+    /// `hyd-INDEX` is opened without authorisation at that step if it is locked and closed.
+    #[arg(long, value_delimiter = ',', value_parser = parse_illegal_use)]
+    hydrant_illegal_use: Vec<(u32, u64)>,
     /// Gateway wM-Bus UDP receiver address (HOST:PORT).
     #[arg(long)]
     gateway_wmbus: Option<String>,
@@ -226,6 +237,21 @@ struct BackfillArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     no_progress: bool,
+}
+
+/// `INDEX@STEP` of `--hydrant-illegal-use`.
+fn parse_illegal_use(s: &str) -> Result<(u32, u64), String> {
+    let (h, step) = s
+        .split_once('@')
+        .ok_or_else(|| format!("{s:?}: expected INDEX@STEP, e.g. 1@40"))?;
+    Ok((
+        h.trim()
+            .parse()
+            .map_err(|e| format!("{s:?}: hydrant index: {e}"))?,
+        step.trim()
+            .parse()
+            .map_err(|e| format!("{s:?}: step: {e}"))?,
+    ))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -299,6 +325,7 @@ fn main() -> anyhow::Result<()> {
             wmbus_meters,
             auto_close_every,
             protected_every,
+            hydrants,
         }) => {
             let s = Scenario::load(&scenario)?;
             let layout = simulators::registry::Layout {
@@ -309,6 +336,7 @@ fn main() -> anyhow::Result<()> {
                 wmbus_meters,
                 auto_close_every,
                 protected_every,
+                hydrants,
             };
             print!("{}", simulators::registry::registry_csv(&s, &layout));
             Ok(())
@@ -421,6 +449,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut config = FleetConfig::new(scenario);
     config.step_every = std::time::Duration::from_millis(args.step_ms);
     config.max_steps = args.max_steps;
+    config.not_ahead_of_wall_clock = args.not_ahead_of_clock;
     config.nbiot_report_every = args.nbiot_report_every;
     config.nbiot_uplink = match args.nbiot_uplink {
         UplinkArg::Hourly => simulators::fleet::NbiotUplink::Hourly,
@@ -466,6 +495,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             });
         }
         config.hydrants = args.hydrants;
+        config.hydrant_illegal_use = args.hydrant_illegal_use.clone();
     }
     if let Some(a) = &args.gateway_wmbus {
         config.wmbus = Some(WmbusConfig {

@@ -4,7 +4,7 @@
 //! `{prefix}concentrator/{cid}/readings|frame` and `{prefix}hydrant/{hid}/up|cmd|ack`, where the
 //! prefix is empty in the field and unique per test.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -165,6 +165,9 @@ pub struct Hydrant {
     locked: bool,
     open: bool,
     illegal_open: bool,
+    /// Steps at which the hydrant is opened illegally (if locked and closed then), besides the
+    /// rare random events: a scripted fault for demos and tests.
+    illegal_at: BTreeSet<u64>,
     unlocked_until: Option<i64>,
     events: Vec<String>,
     acks: HashMap<String, HydrantAck>,
@@ -181,11 +184,18 @@ impl Hydrant {
             locked: true,
             open: false,
             illegal_open: false,
+            illegal_at: BTreeSet::new(),
             unlocked_until: None,
             events: Vec::new(),
             acks: HashMap::new(),
             executed: 0,
         }
+    }
+
+    /// The same hydrant, also opened illegally at each of `steps` (when locked and closed).
+    pub fn with_illegal_use_at(mut self, steps: impl IntoIterator<Item = u64>) -> Self {
+        self.illegal_at.extend(steps);
+        self
     }
 
     /// Returns (locked, open).
@@ -254,9 +264,10 @@ impl Hydrant {
             self.lock();
         }
         let u = unit(seed ^ 0x4879_6472, self.index, step);
-        if u < 0.002 {
+        let scripted = self.illegal_at.contains(&step);
+        if u < 0.002 && !scripted {
             self.events.push("tilt".into());
-        } else if u < 0.006 && self.locked && !self.open {
+        } else if (scripted || u < 0.006) && self.locked && !self.open {
             self.open = true;
             self.illegal_open = true;
             self.events.push("illegal_use".into());
@@ -452,6 +463,29 @@ mod tests {
         let up = h.tick(600, 1, 2);
         assert!(up.locked);
         assert!(up.events.contains(&"close".to_owned()));
+    }
+
+    #[test]
+    fn scripted_illegal_use_opens_a_locked_hydrant_for_one_step() {
+        let mut h = Hydrant::new(3).with_illegal_use_at([5]);
+        let up = h.tick(3600, 1, 5);
+        assert_eq!((up.state.as_str(), up.locked), ("open", true));
+        assert_eq!(up.events, vec!["illegal_use".to_owned(), "open".to_owned()]);
+        let up = h.tick(7200, 1, 6);
+        assert_eq!(up.state, "closed");
+        assert!(up.events.contains(&"close".to_owned()));
+        // Not while an authorised unlock holds it open.
+        let mut h = Hydrant::new(3).with_illegal_use_at([5]);
+        h.handle(
+            &HydrantCommand {
+                command_id: "u".into(),
+                action: "unlock".into(),
+                duration_s: Some(86_400),
+            },
+            0,
+        );
+        let up = h.tick(3600, 1, 5);
+        assert!(!up.events.contains(&"illegal_use".to_owned()));
     }
 
     #[test]

@@ -25,10 +25,16 @@ pub struct Layout {
     pub auto_close_every: u32,
     /// Every n-th valve meter is a protected customer (never closed).
     pub protected_every: u32,
+    /// Hydrant controllers (`simulate demo --hydrants`, source `hydrants`), role `hydrant`,
+    /// spread over the DMAs.
+    pub hydrants: u32,
 }
 
 /// The header of the CSV this module writes (a subset of the registry's columns).
 pub const HEADER: &str = "meter_no,meter_id,protocol,status,role,dma,meter_book,customer_account,customer_class,has_valve,auto_close_on_burst,protected_customer,gateway_id,gateway_source,register_map,q3,installed_at";
+
+/// Q3 (m³/h) of the commercial meters in the registry CSV (DN32).
+pub const COMMERCIAL_Q3: &str = "10";
 
 /// The book of DMA `d`.
 pub fn book_of(dma: u32) -> String {
@@ -86,17 +92,29 @@ pub fn registry_csv(scenario: &Scenario, layout: &Layout) -> String {
         } else {
             (false, false)
         };
-        let class = match m.profile {
-            Profile::Household => "residential",
-            Profile::Commercial => "non_residential",
+        // Shops draw up to 12 m³ a day: on the registry's default DN15 meter (Q3 2.5 m³/h) their
+        // busy hours look like bursts (0.4 × Q3), so they are registered as DN32 (Q3 10 m³/h).
+        let (class, q3) = match m.profile {
+            Profile::Household => ("residential", ""),
+            Profile::Commercial => ("non_residential", COMMERCIAL_Q3),
         };
         out.push_str(&format!(
-            "WM{i:07},{},{protocol},active,customer,DMA-{dma},{book},C{i:07},{class},{valve},{auto_close},{protected},{gw},{src},,,{installed}\n",
+            "WM{i:07},{},{protocol},active,customer,DMA-{dma},{book},C{i:07},{class},{valve},{auto_close},{protected},{gw},{src},,{q3},{installed}\n",
             m.id,
             dma = m.dma,
             book = book_of(m.dma),
             gw = source.map_or("", |_| layout.gateway.as_str()),
             src = source.unwrap_or(""),
+        ));
+    }
+    // The hydrant controllers, named as the gateway's hydrant bridge names them.
+    for h in 0..layout.hydrants {
+        let hydrant = crate::mqtt::Hydrant::new(h);
+        out.push_str(&format!(
+            "HYD{h:04},hydrant:{id},hydrant,active,hydrant,DMA-{dma},,,,false,false,false,{gw},hydrants,,,{installed}\n",
+            id = hydrant.id,
+            dma = h % pop.dmas.max(1),
+            gw = layout.gateway,
         ));
     }
     // Each DMA's inlet flow meter and pressure point (the demo's Modbus instruments).
@@ -119,6 +137,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shops_are_registered_with_a_larger_q3() {
+        // 10 meters: 9 households, then 1 shop.
+        let s = Scenario::plain(10, 1, 1, time::macros::datetime!(2026-11-01 0:00 UTC));
+        let csv = registry_csv(
+            &s,
+            &Layout {
+                gateway: "gw-demo".into(),
+                coap_meters: 2,
+                http_meters: 0,
+                concentrator_meters: 0,
+                wmbus_meters: 0,
+                auto_close_every: 0,
+                protected_every: 0,
+                hydrants: 0,
+            },
+        );
+        let q3: Vec<String> = csv
+            .lines()
+            .skip(1)
+            .take(10)
+            .map(|l| l.split(',').nth(15).unwrap_or("?").to_owned())
+            .collect();
+        let mut expected = vec![String::new(); 9];
+        expected.push(COMMERCIAL_Q3.to_owned());
+        assert_eq!(q3, expected);
+    }
+
+    #[test]
     fn routes_follow_the_demo_order() {
         let mut s = Scenario::plain(10, 0, 2, time::macros::datetime!(2026-11-01 0:00 UTC));
         s.fleet.mbus_meters = 2;
@@ -133,10 +179,11 @@ mod tests {
                 wmbus_meters: 1,
                 auto_close_every: 2,
                 protected_every: 3,
+                hydrants: 2,
             },
         );
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines.len(), 1 + 10 + 4, "{csv}");
+        assert_eq!(lines.len(), 1 + 10 + 2 + 4, "{csv}");
         let source = |l: &str| l.split(',').nth(13).unwrap_or("").to_owned();
         let sources: Vec<String> = lines[1..11].iter().map(|l| source(l)).collect();
         assert_eq!(
@@ -157,6 +204,10 @@ mod tests {
         // Valve policies: 2nd valve meter auto-closes, 3rd is protected.
         assert!(lines[2].contains(",true,true,false,"), "{}", lines[2]);
         assert!(lines[3].contains(",true,false,true,"), "{}", lines[3]);
-        assert!(lines[11].starts_with("DMA0-inlet,modbus:dma-0-inlet,modbus,active,inlet,DMA-0"));
+        assert_eq!(
+            lines[12],
+            "HYD0001,hydrant:hyd-0001,hydrant,active,hydrant,DMA-1,,,,false,false,false,gw-demo,hydrants,,,2026-11-01T00:00:00Z"
+        );
+        assert!(lines[13].starts_with("DMA0-inlet,modbus:dma-0-inlet,modbus,active,inlet,DMA-0"));
     }
 }

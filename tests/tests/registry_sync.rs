@@ -1,6 +1,7 @@
 //! Registry ↔ gateway sync over real PostgreSQL and Mosquitto: a running gateway applies the
 //! registry's device sets without a restart, refuses a bad or stale version and reports it,
-//! and the registry records the gateway's status and the outcome.
+//! and the registry records the gateway's status, its health (spool depth, uplink lag,
+//! re-published periodically) and the outcome.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,14 @@ use tokio::sync::watch;
 
 /// online, firmware, device set applied, last refusal.
 type GatewayRow = (Option<bool>, Option<String>, Option<i64>, Option<String>);
+/// online, spool depth, uplink lag, health time, uplink connected.
+type HealthRow = (
+    Option<bool>,
+    Option<i64>,
+    Option<f64>,
+    Option<time::OffsetDateTime>,
+    Option<bool>,
+);
 
 const KEY: &str = "000102030405060708090a0b0c0d0e0f";
 
@@ -50,6 +59,7 @@ broker = "mqtt://{host}:{port}"
 client_id = "{gw}"
 topic_root = "{root}"
 partitions = 1
+health_interval_s = 1
 [spool]
 dir = "{spool}"
 [metrics]
@@ -270,10 +280,130 @@ auth = "none"
         "{stale_error}"
     );
 
-    stop.send(true).unwrap();
-    service.await.unwrap().unwrap();
+    // Health: the gateway's status carries it and is re-published every second
+    // (health_interval_s = 1), so health_at moves on while the gateway is up.
+    let health = |after: Option<time::OffsetDateTime>| {
+        let pool = pool.clone();
+        let gw = gw.clone();
+        move || {
+            let pool = pool.clone();
+            let gw = gw.clone();
+            async move {
+                let row: Option<HealthRow> = sqlx::query_as(
+                    "SELECT online, spool_depth, uplink_lag_s, health_at,
+                            (status->'health'->>'uplink_connected')::boolean
+                         FROM gateways WHERE gateway_id = $1 AND health_at IS NOT NULL",
+                )
+                .bind(&gw)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                row.filter(|r| after.is_none_or(|a| r.3.is_some_and(|t| t > a)))
+            }
+        }
+    };
+    let first = eventually(Duration::from_secs(10), "health recorded", health(None)).await;
+    assert_eq!(
+        (first.0, first.1, first.2, first.4),
+        (Some(true), Some(0), Some(0.0), Some(true)),
+        "online, nothing spooled, no lag, uplink connected"
+    );
+    let later = eventually(
+        Duration::from_secs(10),
+        "health re-published",
+        health(first.3),
+    )
+    .await;
+    assert_eq!(later.0, Some(true));
+
+    // Another gateway whose uplink is behind: its depth and lag are stored as reported, and a
+    // status without health (its last will) keeps the last health but turns it offline.
+    let behind = format!("gw-behind-{tag}");
+    let behind_topic = format!("{root}/{behind}/status");
+    sync::publish_retained(
+        &url,
+        &format!("behind-{tag}"),
+        vec![(
+            behind_topic.clone(),
+            serde_json::to_vec(&serde_json::json!({
+                "v": 1, "gateway": behind, "state": "online", "at": "2026-01-02T03:04:05Z",
+                "version": "9.9.9",
+                "health": {"spool_depth": 4200, "uplink_lag_s": 125.5,
+                           "uplink_connected": false, "readings_acked": 17},
+            }))
+            .unwrap(),
+        )],
+    )
+    .await
+    .unwrap();
+    let behind_row = |online: bool| {
+        let pool = pool.clone();
+        let behind = behind.clone();
+        move || {
+            let pool = pool.clone();
+            let behind = behind.clone();
+            async move {
+                let row: Option<HealthRow> = sqlx::query_as(
+                    "SELECT online, spool_depth, uplink_lag_s, health_at,
+                            (status->'health'->>'uplink_connected')::boolean
+                         FROM gateways WHERE gateway_id = $1",
+                )
+                .bind(&behind)
+                .fetch_optional(&pool)
+                .await
+                .unwrap();
+                row.filter(|r| r.0 == Some(online))
+            }
+        }
+    };
+    let at = time::macros::datetime!(2026-01-02 03:04:05 UTC);
+    let row = eventually(Duration::from_secs(10), "lagging health", behind_row(true)).await;
+    assert_eq!(
+        (row.1, row.2, row.3, row.4),
+        (Some(4200), Some(125.5), Some(at), Some(false))
+    );
+    sync::publish_retained(
+        &url,
+        &format!("behind-will-{tag}"),
+        vec![(
+            behind_topic.clone(),
+            br#"{"v":1,"state":"offline","at":"2026-01-02T03:05:00Z"}"#.to_vec(),
+        )],
+    )
+    .await
+    .unwrap();
+    let row = eventually(
+        Duration::from_secs(10),
+        "offline kept health",
+        behind_row(false),
+    )
+    .await;
+    assert_eq!((row.1, row.2, row.3), (Some(4200), Some(125.5), Some(at)));
+
+    // A clean stop publishes `offline` with the last health.
     end.send(()).unwrap();
     running.await.unwrap().shutdown().await;
+    let stopped = {
+        let pool = pool.clone();
+        let gw = gw.clone();
+        eventually(Duration::from_secs(10), "offline recorded", move || {
+            let pool = pool.clone();
+            let gw = gw.clone();
+            async move {
+                sqlx::query_scalar::<_, Option<i64>>(
+                    "SELECT spool_depth FROM gateways WHERE gateway_id = $1 AND NOT online",
+                )
+                .bind(&gw)
+                .fetch_optional(&pool)
+                .await
+                .unwrap()
+            }
+        })
+        .await
+    };
+    assert_eq!(stopped, Some(0));
+    stop.send(true).unwrap();
+    service.await.unwrap().unwrap();
     // Leave no retained messages behind on the shared broker.
     let clear = |t: String| (t, Vec::new());
     sync::publish_retained(
@@ -283,6 +413,7 @@ auth = "none"
             clear(topic),
             clear(sync::report_topic(&root, &gw)),
             clear(format!("{root}/{gw}/status")),
+            clear(behind_topic),
         ],
     )
     .await

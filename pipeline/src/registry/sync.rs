@@ -249,7 +249,9 @@ pub async fn publish_retained(
 }
 
 /// Records a gateway's retained status (`{"state": "online"|"offline", "version": firmware,
-/// "at": …}`) or device-set report in `gateways`. Returns false for a payload it does not
+/// "at": …, "health": {"spool_depth": …, "uplink_lag_s": …, …}}`) or device-set report in
+/// `gateways`; a status with health also sets `spool_depth`, `uplink_lag_s` and `health_at`
+/// (the status's `at`), a status without keeps the last health. Returns false for a payload it does not
 /// understand (logged, not an error: any client can publish there).
 ///
 /// # Errors
@@ -306,18 +308,38 @@ pub async fn record_gateway_message(
         .get("at")
         .and_then(|v| v.as_str())
         .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok());
+    let health = status.get("health").filter(|h| h.is_object());
+    let spool_depth = health
+        .and_then(|h| h.get("spool_depth"))
+        .and_then(serde_json::Value::as_u64)
+        .map(|d| i64::try_from(d).unwrap_or(i64::MAX));
+    let uplink_lag_s = health
+        .and_then(|h| h.get("uplink_lag_s"))
+        .and_then(serde_json::Value::as_f64);
+    // A retained status is read again at every (re)connect of the sync service: health_at is
+    // the gateway's own time of the status, so an old health never looks fresh.
+    let health_at = health.map(|_| at.unwrap_or_else(OffsetDateTime::now_utc));
     sqlx::query(
-        "INSERT INTO gateways (gateway_id, online, firmware, status, last_seen)
-         VALUES ($1, $2, $3, $4, coalesce($5, now()))
+        "INSERT INTO gateways (gateway_id, online, firmware, status, last_seen, spool_depth,
+                               uplink_lag_s, health_at)
+         VALUES ($1, $2, $3, $4, coalesce($5, now()), $6, $7, $8)
          ON CONFLICT (gateway_id) DO UPDATE SET online = excluded.online,
              firmware = coalesce(excluded.firmware, gateways.firmware), status = excluded.status,
-             last_seen = greatest(gateways.last_seen, excluded.last_seen), updated_at = now()",
+             last_seen = greatest(gateways.last_seen, excluded.last_seen),
+             spool_depth = CASE WHEN excluded.health_at IS NOT NULL THEN excluded.spool_depth
+                                ELSE gateways.spool_depth END,
+             uplink_lag_s = CASE WHEN excluded.health_at IS NOT NULL THEN excluded.uplink_lag_s
+                                 ELSE gateways.uplink_lag_s END,
+             health_at = coalesce(excluded.health_at, gateways.health_at), updated_at = now()",
     )
     .bind(gateway)
     .bind(online)
     .bind(firmware)
     .bind(&status)
     .bind(at)
+    .bind(spool_depth)
+    .bind(uplink_lag_s)
+    .bind(health_at)
     .execute(pool)
     .await
     .map_err(db("recording a gateway status"))?;
