@@ -22,9 +22,9 @@ pub mod publish;
 pub mod rbac;
 pub mod routes;
 pub mod signing;
+pub mod tls;
 pub mod ui;
 pub mod users;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -984,8 +984,7 @@ fn validate(config: &GatewayConfig, spans: &Spans<'_>) -> Vec<FieldError> {
     }
     if !(1..=3600).contains(&u.health_interval_s) {
         err(
-            uplink_at,
-            "uplink.health_interval_s",
+            "uplink.health_interval_s".into(),
             format!("{} is outside 1..=3600", u.health_interval_s),
         );
     }

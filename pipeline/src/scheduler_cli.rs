@@ -19,6 +19,8 @@ pub(crate) struct SchedulerArgs {
     command: SchedulerCommand,
 }
 
+// Parsed once per process; boxing the job flags would only obscure them.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum SchedulerCommand {
     /// Runs the jobs until Ctrl-C/SIGTERM (or one tick with `--once`). Start it on several nodes:

@@ -255,7 +255,7 @@ async fn nbiot_meters_report_at_their_own_interval() {
         for _ in 0..6 {
             let (n, from) = gw.recv_from(&mut buf).await.unwrap();
             let req = Packet::from_bytes(&buf[..n]).unwrap();
-            let id = cjt188::decode(&req.payload).unwrap().meter.id;
+            let id = cjt188::decode(&req.payload).unwrap().meter.id.to_string();
             *per_meter.entry(id).or_default() += 1;
             let resp = changed_ack(&req);
             gw.send_to(&resp.to_bytes().unwrap(), from).await.unwrap();
