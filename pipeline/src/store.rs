@@ -153,18 +153,17 @@ async fn resolve_keys(conn: &mut PgConnection, readings: &[&Reading]) -> Result<
     let mut sources: Vec<SourceTuple> = readings.iter().map(|r| source_tuple(r)).collect();
     sources.sort_unstable();
     sources.dedup();
-    let rows: Vec<(Option<String>, String, String, Option<String>, String, i32)> =
-        sqlx::query_as(
-            "SELECT gateway_id, source, source_id, channel, clock, source_key
+    let rows: Vec<(Option<String>, String, String, Option<String>, String, i32)> = sqlx::query_as(
+        "SELECT gateway_id, source, source_id, channel, clock, source_key
              FROM wm_source_keys($1, $2, $3, $4, $5)",
-        )
-        .bind(sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
-        .bind(sources.iter().map(|s| s.1).collect::<Vec<_>>())
-        .bind(sources.iter().map(|s| s.2.clone()).collect::<Vec<_>>())
-        .bind(sources.iter().map(|s| s.3.clone()).collect::<Vec<_>>())
-        .bind(sources.iter().map(|s| s.4).collect::<Vec<_>>())
-        .fetch_all(&mut *conn)
-        .await?;
+    )
+    .bind(sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.1).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.2.clone()).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.3.clone()).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.4).collect::<Vec<_>>())
+    .fetch_all(&mut *conn)
+    .await?;
     for (g, src, sid, ch, clk, key) in rows {
         if let Some(t) = sources
             .iter()
@@ -208,8 +207,7 @@ async fn encode_narrow(
     let mut out = Narrow::default();
     let mut frames = CopyBuffer::new();
     type FrameKey<'r> = (i32, OffsetDateTime, &'r str);
-    let mut frame_of: HashMap<FrameKey<'_>, i64, foldhash::fast::RandomState> =
-        HashMap::default();
+    let mut frame_of: HashMap<FrameKey<'_>, i64, foldhash::fast::RandomState> = HashMap::default();
     let mut block: i64 = 0;
     let mut in_block = FRAMES_PER_BLOCK;
     for (i, r) in readings.iter().enumerate() {
@@ -277,21 +275,24 @@ async fn encode_narrow(
 }
 
 /// Binary COPY of raw bytes with `statement`.
-async fn copy_in(conn: &mut PgConnection, statement: &str, bytes: Vec<u8>) -> Result<u64, sqlx::Error> {
+async fn copy_in(
+    conn: &mut PgConnection,
+    statement: &str,
+    bytes: Vec<u8>,
+) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(bytes).await?;
     copy.finish().await
 }
 
 /// COPYs the frames of `n`, then its rows into `table` (`reading_rows` or the staging table).
-async fn copy_narrow(
-    conn: &mut PgConnection,
-    table: &str,
-    n: &Narrow,
-) -> Result<u64, sqlx::Error> {
+async fn copy_narrow(conn: &mut PgConnection, table: &str, n: &Narrow) -> Result<u64, sqlx::Error> {
     copy_in(
         conn,
-        &format!("COPY frames ({}) FROM STDIN (FORMAT binary)", crate::copy::FRAME_COLUMNS),
+        &format!(
+            "COPY frames ({}) FROM STDIN (FORMAT binary)",
+            crate::copy::FRAME_COLUMNS
+        ),
         n.frames.clone(),
     )
     .await?;
@@ -312,7 +313,11 @@ async fn copy_narrow(
 
 /// Writes the `quality_detail` of `n`'s rows to `reading_details` (a detail already stored for
 /// the key is replaced) or, `staging`, to `wm_stage_details` (keyed by frame too).
-async fn write_details(conn: &mut PgConnection, staging: bool, n: &Narrow) -> Result<(), sqlx::Error> {
+async fn write_details(
+    conn: &mut PgConnection,
+    staging: bool,
+    n: &Narrow,
+) -> Result<(), sqlx::Error> {
     if n.details.is_empty() {
         return Ok(());
     }
@@ -456,7 +461,10 @@ impl Default for StoreOptions {
 ///
 /// # Errors
 /// Returns the database error (a unique violation when a row already exists).
-pub async fn copy_readings(conn: &mut PgConnection, readings: &[Reading]) -> Result<u64, StoreError> {
+pub async fn copy_readings(
+    conn: &mut PgConnection,
+    readings: &[Reading],
+) -> Result<u64, StoreError> {
     let refs: Vec<&Reading> = readings.iter().collect();
     let n = encode_narrow(conn, &refs).await?;
     let rows = copy_narrow(conn, "reading_rows", &n)
@@ -1255,7 +1263,9 @@ pub async fn find_refused(
             .map_err(stage("setting a probe savepoint"))?;
         let slice: Vec<&Reading> = readings.get(from..to).unwrap_or_default().iter().collect();
         let result = match encode_narrow(&mut tx, &slice).await {
-            Ok(n) => copy_narrow(&mut tx, "wm_probe", &n).await.map_err(stage("probing")),
+            Ok(n) => copy_narrow(&mut tx, "wm_probe", &n)
+                .await
+                .map_err(stage("probing")),
             Err(e) => Err(e),
         };
         sqlx::query("ROLLBACK TO SAVEPOINT wm_probe_sp")

@@ -53,7 +53,10 @@ impl TestDatabase {
         std::fs::create_dir_all(&dir).expect("a temporary migrations directory");
         for entry in std::fs::read_dir(&src).expect("pipeline/migrations") {
             let path = entry.expect("a migration file").path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             let version: i64 = name
                 .split('_')
                 .next()

@@ -17,7 +17,10 @@ async fn wide_readings_move_to_the_narrow_tables_unchanged() {
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!(kind, "p", "before 0080 readings is the partitioned wide table");
+    assert_eq!(
+        kind, "p",
+        "before 0080 readings is the partitioned wide table"
+    );
     // Two readings of one frame (volume and status word), an estimate with its detail and
     // flags, a multi-tariff register, a frame hash that is not 64 hex digits, provenance with
     // NULLs, a spool sequence, and a row in a month far outside the prepared partitions.
@@ -104,11 +107,10 @@ async fn wide_readings_move_to_the_narrow_tables_unchanged() {
         .await
         .unwrap();
     assert_eq!(in_default, 0);
-    let wide_left: Option<String> =
-        sqlx::query_scalar("SELECT to_regclass('readings_wide')::text")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let wide_left: Option<String> = sqlx::query_scalar("SELECT to_regclass('readings_wide')::text")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(wide_left, None);
     db.drop_database().await;
 }
@@ -150,14 +152,20 @@ async fn the_view_takes_inserts_updates_and_deletes() {
     .unwrap()
     .rows_affected();
     assert_eq!(updated, 1);
-    let row: (String, String, Option<String>, Vec<String>, Option<String>, String) =
-        sqlx::query_as(
-            "SELECT value::text, quality, quality_detail->>'by', flags, gateway_id, frame_hash
+    let row: (
+        String,
+        String,
+        Option<String>,
+        Vec<String>,
+        Option<String>,
+        String,
+    ) = sqlx::query_as(
+        "SELECT value::text, quality, quality_detail->>'by', flags, gateway_id, frame_hash
              FROM readings WHERE meter_id = 'm-1'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(
         row,
         (
