@@ -173,6 +173,6 @@ snapshot "$RESTORED_PORT" | tail -n 2 >"$WORK/after-rerun.txt"
 diff -u <(tail -n 2 "$WORK/before.txt") "$WORK/after-rerun.txt" >&2 || fail "a bill rerun changed the restored bills"
 
 tables=$(head -1 "$WORK/before.txt" | wc -w)
-readings=$(head -1 "$WORK/before.txt" | tr ' ' '\n' | sed -n 's/^readings=//p')
+readings=$(head -1 "$WORK/before.txt" | tr ' ' '\n' | sed -n 's/^reading_rows=//p')
 bills=$(head -1 "$WORK/before.txt" | tr ' ' '\n' | sed -n 's/^bills=//p')
 log "OK: $tables tables match ($readings readings, $bills bills, archive $(ls "$WORK/archive" | wc -l) WAL files); both bill runs recompute unchanged"

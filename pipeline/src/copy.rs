@@ -1,4 +1,6 @@
-//! PostgreSQL binary COPY encoding of readings (`COPY readings (...) FROM STDIN (FORMAT binary)`).
+//! PostgreSQL binary COPY encoding of readings: the narrow `reading_rows` and their `frames`
+//! (migration 0080, see docs/storage.md), and the wide row form of the `readings` view, which
+//! [`crate::store::find_refused`] still uses to let PostgreSQL judge values.
 //!
 //! Binary COPY is the fastest way into PostgreSQL: no SQL parsing per row and no text
 //! conversion of numerics and timestamps on the server. The layout is the one documented in
@@ -9,7 +11,38 @@ use model::{ClockSource, Quality, QualityFlag, Reading, SourceKind};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 
-/// Column list matching [`encode_reading`], for the COPY statement.
+/// Column list of `reading_rows` matching [`CopyBuffer::encode_row`].
+pub const ROW_COLUMNS: &str =
+    "ts, frame_id, meter_key, series_id, unit_id, storage, quality, flags, value";
+
+/// Column list of `frames` matching [`CopyBuffer::encode_frame`].
+pub const FRAME_COLUMNS: &str =
+    "frame_id, received_at, spool_seq, source_key, frame_hash, frame_label";
+
+/// One narrow reading row: every column of `reading_rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NarrowRow {
+    /// Reading time.
+    pub ts: OffsetDateTime,
+    /// `frames.frame_id` of its provenance.
+    pub frame_id: i64,
+    /// `meter_keys.meter_key`.
+    pub meter_key: i32,
+    /// `reading_series.series_id` of (quantity, tariff, subunit).
+    pub series_id: i16,
+    /// `reading_units.unit_id`.
+    pub unit_id: i16,
+    /// Storage number.
+    pub storage: i16,
+    /// [`quality_code`].
+    pub quality: i16,
+    /// [`flag_bits`].
+    pub flags: i16,
+    /// Exact value.
+    pub value: Decimal,
+}
+
+/// Column list of the wide row form matching [`CopyBuffer::encode_reading`].
 pub const READING_COLUMNS: &str = "meter_id, ts, quantity, tariff, subunit, storage, value, unit, \
      quality, quality_detail, flags, clock, source, source_id, gateway_id, spool_seq, \
      frame_hash, received_at, channel";
@@ -118,6 +151,52 @@ impl CopyBuffer {
         self.field(&b);
     }
 
+    /// Appends one row of [`ROW_COLUMNS`].
+    pub fn encode_row(&mut self, r: &NarrowRow) {
+        self.buf.extend_from_slice(&9i16.to_be_bytes());
+        self.timestamptz(r.ts);
+        self.field(&r.frame_id.to_be_bytes());
+        self.i32(r.meter_key);
+        self.i16(r.series_id);
+        self.i16(r.unit_id);
+        self.i16(r.storage);
+        self.i16(r.quality);
+        self.i16(r.flags);
+        self.numeric(r.value);
+        self.rows += 1;
+    }
+
+    /// Appends one frame as a row of [`FRAME_COLUMNS`]: a 64-hex-digit hash as its 32 bytes,
+    /// any other hash text verbatim in `frame_label`.
+    pub fn encode_frame(
+        &mut self,
+        frame_id: i64,
+        received_at: OffsetDateTime,
+        spool_seq: Option<i64>,
+        source_key: i32,
+        frame_hash: &str,
+    ) {
+        self.buf.extend_from_slice(&6i16.to_be_bytes());
+        self.field(&frame_id.to_be_bytes());
+        self.timestamptz(received_at);
+        match spool_seq {
+            Some(seq) => self.field(&seq.to_be_bytes()),
+            None => self.null(),
+        }
+        self.i32(source_key);
+        match hash_bytes(frame_hash) {
+            Some(bytes) => {
+                self.field(&bytes);
+                self.null();
+            }
+            None => {
+                self.null();
+                self.text(frame_hash);
+            }
+        }
+        self.rows += 1;
+    }
+
     /// Appends one reading as a row of [`READING_COLUMNS`]. Tariff and subunit above
     /// `i16::MAX` and storage above `i32::MAX` are clamped (the decoders never produce them).
     pub fn encode_reading(&mut self, r: &Reading, spool_seq: Option<i64>) {
@@ -169,6 +248,61 @@ pub fn quality_detail(q: &Quality) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// The 32 bytes of a frame hash written as 64 lowercase hex digits (what `encode(.., 'hex')`
+/// gives back); `None` for any other text, which is then stored verbatim.
+pub fn hash_bytes(hash: &str) -> Option<[u8; 32]> {
+    let b = hash.as_bytes();
+    if b.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in b.chunks_exact(2).enumerate() {
+        let (hi, lo) = (nibble(pair[0])?, nibble(pair[1])?);
+        if let Some(o) = out.get_mut(i) {
+            *o = hi << 4 | lo;
+        }
+    }
+    Some(out)
+}
+
+/// `reading_rows.quality` of a quality (`wm_quality_code` in migration 0080).
+pub fn quality_code(q: &Quality) -> i16 {
+    match q {
+        Quality::Actual => 0,
+        Quality::Validated => 1,
+        Quality::Estimated { .. } => 2,
+        Quality::Edited { .. } => 3,
+        Quality::Missing => 4,
+        Quality::Rejected { .. } => 5,
+    }
+}
+
+/// Bit of a flag in `reading_rows.flags` (`wm_flag_names` in migration 0080).
+pub fn flag_bit(f: QualityFlag) -> i16 {
+    let i = match f {
+        QualityFlag::ClockSkew => 0,
+        QualityFlag::OutOfOrder => 1,
+        QualityFlag::Rollover => 2,
+        QualityFlag::ReverseFlow => 3,
+        QualityFlag::MeterReplaced => 4,
+        QualityFlag::Spike => 5,
+        QualityFlag::ZeroConsumption => 6,
+        QualityFlag::UnitConverted => 7,
+        QualityFlag::Superseded => 8,
+    };
+    1 << i
+}
+
+/// `reading_rows.flags` of a flag list.
+pub fn flag_bits(flags: &[QualityFlag]) -> i16 {
+    flags.iter().fold(0, |acc, f| acc | flag_bit(*f))
 }
 
 /// Returns the snake_case name of a flag (its JSON form).
@@ -305,6 +439,41 @@ mod tests {
         );
         assert_eq!(digits(&numeric_bytes(dec!(0.000))), (0, 0, 0, 3, vec![]));
         assert_eq!(digits(&numeric_bytes(dec!(10000))), (1, 1, 0, 0, vec![1]));
+    }
+
+    #[test]
+    fn frame_hashes_are_bytes_only_when_lowercase_hex() {
+        let h = "ab".repeat(32);
+        assert_eq!(hash_bytes(&h), Some([0xab; 32]));
+        assert_eq!(hash_bytes(&"AB".repeat(32)), None);
+        assert_eq!(hash_bytes("ab"), None);
+        assert_eq!(hash_bytes(""), None);
+    }
+
+    #[test]
+    fn flag_bits_follow_the_sql_order() {
+        // wm_flag_names() in migration 0080 lists the flags in this order.
+        let sql = [
+            "clock_skew",
+            "out_of_order",
+            "rollover",
+            "reverse_flow",
+            "meter_replaced",
+            "spike",
+            "zero_consumption",
+            "unit_converted",
+            "superseded",
+        ];
+        for (i, name) in sql.iter().enumerate() {
+            let flag: QualityFlag =
+                serde_json::from_value(serde_json::json!(name)).expect("flag name");
+            assert_eq!(flag_bit(flag), 1 << i, "{name}");
+            assert_eq!(flag_name(flag), *name);
+        }
+        assert_eq!(
+            flag_bits(&[QualityFlag::Rollover, QualityFlag::Superseded]),
+            4 | 256
+        );
     }
 
     #[test]

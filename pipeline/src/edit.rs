@@ -164,9 +164,13 @@ async fn replace_reading(
     // Before any row lock: the rollup recompute must not race a worker's journal.
     crate::journal::lock_out_ingest(&mut tx).await?;
     let row = sqlx::query(
-        "SELECT value, quality FROM readings
-         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0
-         FOR UPDATE",
+        // The narrow row itself: `FOR UPDATE` cannot lock through the view's outer joins.
+        "SELECT r.value, wm_quality_text(r.quality) FROM reading_rows r
+         JOIN meter_keys k ON k.meter_key = r.meter_key
+         JOIN reading_series s ON s.series_id = r.series_id
+         WHERE k.meter_id = $1 AND r.ts = $2 AND s.quantity = $3 AND s.tariff = 0
+           AND s.subunit = 0
+         FOR UPDATE OF r",
     )
     .bind(meter)
     .bind(ts)

@@ -122,7 +122,7 @@ pub enum Unstorable {
         /// The timestamp, RFC 3339.
         ts: String,
     },
-    /// An integer column overflows (tariff and subunit are `smallint`, storage `integer`).
+    /// An integer column overflows (tariff, subunit and storage are `smallint`).
     #[error("field {field} = {value} overflows its column")]
     FieldOutOfRange {
         /// Which field.
@@ -203,7 +203,7 @@ pub fn check_storable(r: &model::Reading, now: time::OffsetDateTime) -> Result<(
     for (field, value, max) in [
         ("tariff", u64::from(r.tariff), i16::MAX as u64),
         ("subunit", u64::from(r.subunit), i16::MAX as u64),
-        ("storage", u64::from(r.storage), i32::MAX as u64),
+        ("storage", u64::from(r.storage), i16::MAX as u64),
     ] {
         if value > max {
             return Err(Unstorable::FieldOutOfRange { field, value });

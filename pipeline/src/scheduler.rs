@@ -443,6 +443,78 @@ pub fn partitions_job(schedule: Schedule) -> Job {
     }
 }
 
+/// What the reading-retention job keeps, archives and drops (docs/operations.md, "Retention").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Months of readings kept online (older whole months are archived).
+    pub keep_months: i32,
+    /// Months after which an archived month is dropped (≥ `keep_months`).
+    pub drop_months: i32,
+    /// Months of partitions created ahead.
+    pub months_ahead: i32,
+    /// Report the plan only; change nothing.
+    pub dry_run: bool,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        Self {
+            keep_months: 36,
+            drop_months: 120,
+            months_ahead: 3,
+            dry_run: false,
+        }
+    }
+}
+
+/// One step of a retention run: (month `YYYY-MM`, `create` | `archive` | `drop`, rows).
+pub type RetentionStep = (String, String, i64);
+
+/// Runs `wm_reading_retention` (migration 0081) at `at`: creates partitions ahead, archives
+/// months older than the policy keeps to schema `wm_archive` (partition, its frames and
+/// details), drops archived months past `drop_months`. Returns the steps, in order.
+///
+/// # Errors
+/// [`SchedulerError::Database`] when the database refuses (a bad policy is refused too).
+pub async fn run_retention(
+    pool: &PgPool,
+    policy: RetentionPolicy,
+    at: OffsetDateTime,
+) -> Result<Vec<RetentionStep>, SchedulerError> {
+    sqlx::query_as("SELECT month, action, row_count FROM wm_reading_retention($1, $2, $3, $4, $5)")
+        .bind(policy.keep_months)
+        .bind(policy.drop_months)
+        .bind(policy.months_ahead)
+        .bind(policy.dry_run)
+        .bind(at)
+        .fetch_all(pool)
+        .await
+        .map_err(db("running reading retention"))
+}
+
+/// Reading retention and archiving as a job ([`run_retention`] at its due time).
+pub fn retention_job(schedule: Schedule, policy: RetentionPolicy) -> Job {
+    Job {
+        name: "reading-retention".into(),
+        schedule,
+        catch_up: CatchUp::Latest,
+        run: Arc::new(move |pool, due_at| {
+            Box::pin(async move {
+                let steps = run_retention(&pool, policy, due_at)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({
+                    "dry_run": policy.dry_run,
+                    "steps": steps
+                        .iter()
+                        .map(|(m, a, n)| json!({ "month": m, "action": a, "rows": n }))
+                        .collect::<Vec<_>>(),
+                }))
+            })
+        }),
+    }
+}
+
 /// Review-queue upkeep: gathers new items (`review::collect`).
 pub fn review_collect_job(schedule: Schedule) -> Job {
     Job {

@@ -44,6 +44,18 @@ enum SchedulerCommand {
         /// Review-queue collect schedule.
         #[arg(long, default_value = "every 10m")]
         review_collect: String,
+        /// Reading retention and archiving schedule (docs/operations.md, "Retention").
+        #[arg(long, default_value = "monthly 2 02:00")]
+        retention: String,
+        /// Months of readings kept online; older whole months go to schema `wm_archive`.
+        #[arg(long, default_value_t = 36)]
+        keep_months: i32,
+        /// Months after which an archived month is dropped (dump `wm_archive` before).
+        #[arg(long, default_value_t = 120)]
+        drop_months: i32,
+        /// Retention only reports what it would do (in the job log); nothing changes.
+        #[arg(long)]
+        retention_dry_run: bool,
         /// Evaluate the arrears rule (valve close/reopen with the safeguards) on this schedule;
         /// off without it. Do not also run `pipeline run --control-arrears`.
         #[arg(long)]
@@ -108,6 +120,10 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             utc_offset,
             partitions,
             review_collect,
+            retention,
+            keep_months,
+            drop_months,
+            retention_dry_run,
             arrears,
             arrears_policy,
             api_retention,
@@ -129,6 +145,15 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             s.register(scheduler::review_collect_job(Schedule::parse(
                 &review_collect,
             )?));
+            s.register(scheduler::retention_job(
+                Schedule::parse(&retention)?,
+                scheduler::RetentionPolicy {
+                    keep_months,
+                    drop_months,
+                    dry_run: retention_dry_run,
+                    ..scheduler::RetentionPolicy::default()
+                },
+            ));
             if let Some(schedule) = arrears {
                 s.register(scheduler::arrears_job(
                     Schedule::parse(&schedule)?,

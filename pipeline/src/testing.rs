@@ -32,6 +32,64 @@ impl TestDatabase {
     /// # Panics
     /// Panics with what to start when PostgreSQL is unreachable: tests must fail loudly.
     pub async fn create() -> Self {
+        let db = Self::create_empty().await;
+        crate::MIGRATOR
+            .run(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrations failed on {}: {e}", db.name));
+        db
+    }
+
+    /// Creates a new database with the migrations up to `last_version` applied (copied from
+    /// `pipeline/migrations` into a temporary directory), so a test can fill an older schema
+    /// and then apply the rest with [`TestDatabase::migrate_rest`].
+    ///
+    /// # Panics
+    /// When PostgreSQL is unreachable or a migration fails: the test has failed.
+    pub async fn create_migrated_to(last_version: i64) -> Self {
+        let db = Self::create_empty().await;
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let dir = std::env::temp_dir().join(format!("{}_migrations", db.name));
+        std::fs::create_dir_all(&dir).expect("a temporary migrations directory");
+        for entry in std::fs::read_dir(&src).expect("pipeline/migrations") {
+            let path = entry.expect("a migration file").path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let version: i64 = name
+                .split('_')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(i64::MAX);
+            if version <= last_version {
+                std::fs::copy(&path, dir.join(name)).expect("copying a migration");
+            }
+        }
+        let migrator = sqlx::migrate::Migrator::new(dir.as_path())
+            .await
+            .expect("reading the copied migrations");
+        migrator
+            .run(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrations failed on {}: {e}", db.name));
+        std::fs::remove_dir_all(&dir).ok();
+        db
+    }
+
+    /// Applies the migrations not applied yet.
+    ///
+    /// # Panics
+    /// When a migration fails: the test has failed.
+    pub async fn migrate_rest(&self) {
+        crate::MIGRATOR
+            .run(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("migrations failed on {}: {e}", self.name));
+    }
+
+    /// Creates a new database without any migration.
+    async fn create_empty() -> Self {
         let admin_url = database_url();
         let admin: PgConnectOptions = admin_url
             .parse()
@@ -60,10 +118,6 @@ impl TestDatabase {
             .connect_with(options.clone())
             .await
             .unwrap_or_else(|e| panic!("cannot connect to test database {name}: {e}"));
-        crate::MIGRATOR
-            .run(&pool)
-            .await
-            .unwrap_or_else(|e| panic!("migrations failed on {name}: {e}"));
         let url = options.to_url_lossy().to_string();
         Self {
             pool,

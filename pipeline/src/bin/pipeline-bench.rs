@@ -1,13 +1,15 @@
 //! `pipeline-bench --readings N --meters M`: the ingest benchmark of issue 7.
 //!
 //! Measures in one run, on two fresh databases of the server at `DATABASE_URL`:
-//! 1. the raw limit: binary COPY of the same rows into the same `readings` schema
-//!    (`copy_limit_rows_per_s`);
+//! 1. the raw limit: binary COPY of the same rows into the same narrow schema (`frames`,
+//!    `reading_rows`, dictionary keys resolved per chunk; `copy_limit_rows_per_s`);
 //! 2. the full path: the same readings published as `ReadingBatch` JSON to the broker at
 //!    `MQTT_URL`, consumed by the ingest worker(s), validated, stored with rollups and meter
 //!    state (`pipeline_readings_per_s`);
 //!
-//! then prints the VEE state per meter (`state_bytes_per_meter`) and, last, `ratio` (2 over 1).
+//! then prints the VEE state per meter (`state_bytes_per_meter`), the disk space per stored
+//! reading of the second database (`bytes_per_reading`: every table and index of readings,
+//! their provenance and dictionaries) and, last, `ratio` (2 over 1).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -206,13 +208,13 @@ async fn main() -> anyhow::Result<()> {
             for (m, p) in partition_of.iter().enumerate() {
                 chunk.push(fleet.reading(m, round, *p));
                 if chunk.len() == args.copy_chunk {
-                    pipeline::store::copy_readings(&mut conn, "readings", &chunk).await?;
+                    pipeline::store::copy_readings(&mut conn, &chunk).await?;
                     chunk.clear();
                 }
             }
         }
         if !chunk.is_empty() {
-            pipeline::store::copy_readings(&mut conn, "readings", &chunk).await?;
+            pipeline::store::copy_readings(&mut conn, &chunk).await?;
         }
     }
     let copy_secs = started.elapsed().as_secs_f64();
@@ -416,6 +418,31 @@ async fn main() -> anyhow::Result<()> {
         vee.state_bytes() as f64 / vee.meters().max(1) as f64
     );
     println!("pipeline_readings_per_s={pipe_rate:.0}");
+    // Disk per reading, after a checkpoint-free VACUUM-less read of the relation sizes: the
+    // narrow rows and their index, provenance (frames, frame_sources) and dictionaries.
+    let sizes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT t, sum(pg_total_relation_size(c.oid))::int8 FROM (VALUES
+             ('reading_rows'), ('frames'), ('frame_sources'), ('reading_details'),
+             ('meter_keys'), ('reading_series'), ('reading_units')) AS v(t)
+         JOIN pg_class c ON c.relname = v.t
+           OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = v.t::regclass)
+         GROUP BY t ORDER BY t",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let total_bytes: i64 = sizes.iter().map(|s| s.1).sum();
+    println!(
+        "storage_bytes {}",
+        sizes
+            .iter()
+            .map(|(t, b)| format!("{t}={b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "bytes_per_reading={:.1}",
+        total_bytes as f64 / stored.max(1) as f64
+    );
     pool.close().await;
     if !args.keep {
         drop_db(&admin, &pipe_db).await;
