@@ -108,6 +108,9 @@ fn source_tuple(r: &Reading) -> SourceTuple {
     )
 }
 
+/// A `wm_source_keys` row: gateway, source, source id, channel, clock and the assigned key.
+type SourceKeyRow = (Option<String>, String, String, Option<String>, String, i32);
+
 /// Looks up (and adds what is missing to) the dictionaries of a batch: four statements.
 async fn resolve_keys(conn: &mut PgConnection, readings: &[&Reading]) -> Result<Keys, sqlx::Error> {
     let mut keys = Keys::default();
@@ -153,7 +156,7 @@ async fn resolve_keys(conn: &mut PgConnection, readings: &[&Reading]) -> Result<
     let mut sources: Vec<SourceTuple> = readings.iter().map(|r| source_tuple(r)).collect();
     sources.sort_unstable();
     sources.dedup();
-    let rows: Vec<(Option<String>, String, String, Option<String>, String, i32)> = sqlx::query_as(
+    let rows: Vec<SourceKeyRow> = sqlx::query_as(
         "SELECT gateway_id, source, source_id, channel, clock, source_key
              FROM wm_source_keys($1, $2, $3, $4, $5)",
     )
