@@ -251,6 +251,9 @@ pub async fn run(
                         backoff = Duration::from_millis(200);
                         tracing::info!(topic = %status_topic, session_present = ack.session_present, "control connection up; status online");
                         client.publish(&status_topic, QoS::AtLeastOnce, true, status(&opts.gateway, "online", health.as_ref())).await.ok();
+                        // That status carries the health; the periodic one is due a full period
+                        // later (the interval's pending tick would repeat it at once).
+                        health_tick.reset();
                         // Already in a resumed session; subscribing again is harmless and creates
                         // it the first time (or after the broker lost its sessions).
                         client.subscribe(&cmd_filter, QoS::AtLeastOnce).await.ok();
