@@ -24,10 +24,58 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (parts, body) = req.into_parts();
+        let bytes =
+            axum::body::Bytes::from_request(Request::from_parts(parts.clone(), body), state)
+                .await
+                .map_err(|e| {
+                    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        ApiError::TooLarge(
+                            "request body is larger than the configured limit".into(),
+                        )
+                    } else {
+                        ApiError::bad_request(e.body_text())
+                    }
+                })?;
+        if let Some(offset) = json_nul_escape(&bytes) {
+            return Err(nul_refused(format!("body (byte {offset})")));
+        }
+        let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(Self(v)),
             Err(e) => Err(json_rejection(&e)),
         }
+    }
+}
+
+/// The byte offset of a `\u0000` escape in a JSON text, if any. PostgreSQL text cannot hold a NUL,
+/// so a string carrying one would fail at the database as a 500; it is refused up front instead.
+/// A backslash only occurs inside JSON strings, so walking escapes pairwise is exact.
+fn json_nul_escape(bytes: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' {
+            if bytes.get(i + 1) == Some(&b'u') && bytes.get(i + 2..i + 6) == Some(b"0000") {
+                return Some(i);
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+/// A NUL can only reach a query or path percent-encoded; decoded it would fail at PostgreSQL.
+fn has_encoded_nul(raw: &str) -> bool {
+    raw.as_bytes().windows(3).any(|w| w == b"%00")
+}
+
+fn nul_refused(place: String) -> ApiError {
+    ApiError::Invalid {
+        field: None,
+        detail: format!("{place} contains a NUL character, which no field accepts"),
+        status: StatusCode::BAD_REQUEST,
     }
 }
 
@@ -57,6 +105,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if parts.uri.query().is_some_and(has_encoded_nul) {
+            return Err(nul_refused("query string".into()));
+        }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| Self(q.0))
@@ -80,6 +131,9 @@ where
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        if has_encoded_nul(parts.uri.path()) {
+            return Err(nul_refused("path".into()));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Self(p.0))
@@ -167,4 +221,18 @@ fn unverified_subject(token: &str) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     let sub = v.get("sub")?.as_str()?;
     Some(sub.chars().take(64).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nul_escapes_are_found_only_as_escapes() {
+        assert_eq!(json_nul_escape(br#"{"a":"x\u0000"}"#), Some(7));
+        assert_eq!(json_nul_escape(br#"{"a":"x\\u0000"}"#), None);
+        assert_eq!(json_nul_escape(br#"{"a":"\u0001"}"#), None);
+        assert!(has_encoded_nul("actor=%C2%81%00T"));
+        assert!(!has_encoded_nul("actor=%C2%81%100"));
+    }
 }
