@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # OpenAPI-driven fuzz run (schemathesis from PyPI) against a running `api serve`: every
 # operation with generated valid and invalid input, failing on any 5xx. Short by default
-# (CI form); pass a larger example count for a longer run.
+# (CI form); pass a larger example count for a longer run. Phases: examples, coverage (the
+# schema's boundary values: empty, NUL, over-long, out of range) and fuzzing; ST_PHASES overrides.
 # Needs: API_JWT_SECRET (the server's), DATABASE_URL; `pip install schemathesis` (a venv
 # under /tmp is created when the command is missing).
 # The live event stream (GET /api/v1/events) is left out: it stays open for max_s seconds by
@@ -24,5 +25,5 @@ token=$("$api" dev-token --sub fuzz --org '*' --mfa \
   --checks not_a_server_error \
   -H "Authorization: Bearer $token" \
   --max-examples "$examples" --workers 1 --request-timeout 30 \
-  --phases examples,fuzzing \
+  --phases "${ST_PHASES:-examples,coverage,fuzzing}" \
   --exclude-path /api/v1/events
