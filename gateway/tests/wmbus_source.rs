@@ -457,3 +457,29 @@ async fn a_held_compact_telegram_borrows_the_format_of_its_model() {
     r.shutdown.cancel();
     r.task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn a_held_plaintext_compact_telegram_of_a_keyed_meter_is_refused_on_release() {
+    use decoders::wmbus::encode::compact_telegram;
+    use gateway::CompactOutcome;
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // KAM22222222 has a key: a plaintext compact telegram is held (its format is unknown, so
+    // the no-downgrade check cannot run yet) ...
+    let forged = compact_telegram(&meter(0x2222_2222), &volume(999_999)).unwrap();
+    stick.send_to(&forged, r.addr).await.unwrap();
+    let sink = r.sink.clone();
+    wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
+    // ... and refused when the meter's encrypted full frame releases it.
+    let full = telegram(&meter(0x2222_2222), &volume(7_000), 5, Some(KEY));
+    stick.send_to(&full, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [("mbus:KAM22222222".into(), Quantity::Volume, "7".into())]
+    );
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Failed), 1);
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Decoded), 0);
+    assert_eq!(sink.counters().decode_errors("wm", "security_downgrade"), 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
