@@ -6,6 +6,13 @@
 //! tests: `WM_SHARED_DIR`, `<workspace>/../shared`, `/work/shared`). CPU time comes from
 //! `/proc/thread-self/schedstat`, so other processes on a shared machine do not count; the
 //! figures are per core (one thread).
+//!
+//! For instruction counts, which the machine's load does not change, set
+//! `MBUS_CORPUS_CALLGRIND=<path>:<passes>` (`path` = `ours` for `mbus::decode`, `theirs` for
+//! m-bus-parser): the bench then runs exactly `passes` passes of that path over the frames
+//! both accept, untimed, and exits. Under `valgrind --tool=callgrind`, the difference of the
+//! totals of two pass counts divided by the frames decoded is instructions per frame:
+//! `scripts/callgrind-mbus.sh` does that for both paths.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::hint::black_box;
@@ -107,6 +114,27 @@ fn main() {
         .iter()
         .filter(|f| mbus::decode(f).is_ok() && m_bus_parser_decode(f).is_some())
         .collect();
+    if let Ok(spec) = std::env::var("MBUS_CORPUS_CALLGRIND") {
+        let (path, passes) = spec
+            .split_once(':')
+            .expect("MBUS_CORPUS_CALLGRIND=<path>:<passes>");
+        let passes: usize = passes.parse().expect("passes is a number");
+        let mut records = 0usize;
+        for _ in 0..passes {
+            for f in &both {
+                records += match path {
+                    "ours" => mbus::decode(black_box(f)).unwrap().records.len(),
+                    "theirs" => m_bus_parser_decode(black_box(f)).unwrap(),
+                    other => panic!("unknown path {other:?} (ours, theirs)"),
+                };
+            }
+        }
+        println!(
+            "{path}: {passes} passes over {} frames, {records} records",
+            both.len()
+        );
+        return;
+    }
     let ours_ok = all.iter().filter(|f| mbus::decode(f).is_ok()).count();
     println!(
         "libmbus corpus: {} frames, {ours_ok} decoded by mbus::decode, {} by both",

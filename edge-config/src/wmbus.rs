@@ -56,6 +56,15 @@ pub struct WmbusUdpSourceConfig {
     /// `net.core.rmem_max`; the gateway logs the size it got.
     #[serde(default = "default_recv_buffer_bytes")]
     pub recv_buffer_bytes: usize,
+    /// Most compact telegrams (CI 79) held while their format is unknown (no full frame of
+    /// that meter or model seen yet, e.g. after a restart); the oldest is dropped for a new
+    /// one. 0 turns holding off (such telegrams are only counted).
+    #[serde(default = "default_compact_hold_frames")]
+    pub compact_hold_frames: usize,
+    /// How long a held compact telegram waits for its full frame before it is dropped (and
+    /// counted as expired). Meters send a full frame every few minutes to hours.
+    #[serde(default = "default_compact_hold_max_age", with = "humantime_serde")]
+    pub compact_hold_max_age: Duration,
 }
 
 // Hand-written so keys never reach a log.
@@ -67,6 +76,8 @@ impl std::fmt::Debug for WmbusUdpSourceConfig {
             .field("dedup_window", &self.dedup_window)
             .field("meter_utc_offset_minutes", &self.meter_utc_offset_minutes)
             .field("recv_buffer_bytes", &self.recv_buffer_bytes)
+            .field("compact_hold_frames", &self.compact_hold_frames)
+            .field("compact_hold_max_age", &self.compact_hold_max_age)
             .field("keys", &self.keys.keys().collect::<Vec<_>>())
             .finish()
     }
@@ -80,6 +91,22 @@ fn default_dedup_window() -> Duration {
 fn default_recv_buffer_bytes() -> usize {
     4 * 1024 * 1024
 }
+
+/// 1 024 held compact telegrams: at most about 256 KiB (a telegram is at most 256 bytes).
+fn default_compact_hold_frames() -> usize {
+    1024
+}
+
+/// 1 h: covers the full-frame interval of common meters (every 8th or 16th telegram at
+/// 16–120 s intervals) with room to spare.
+fn default_compact_hold_max_age() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// Most held compact telegrams accepted (16 MiB at 256 bytes each).
+const MAX_COMPACT_HOLD: usize = 65_536;
+/// Longest accepted hold of a compact telegram.
+const MAX_COMPACT_HOLD_AGE: Duration = Duration::from_secs(24 * 3600);
 
 /// Smallest accepted receive buffer (below it the kernel's own minimum applies anyway).
 const MIN_RECV_BUFFER: usize = 4096;
@@ -105,6 +132,8 @@ impl WmbusUdpSourceConfig {
             keys: BTreeMap::new(),
             meter_utc_offset_minutes: None,
             recv_buffer_bytes: default_recv_buffer_bytes(),
+            compact_hold_frames: default_compact_hold_frames(),
+            compact_hold_max_age: default_compact_hold_max_age(),
         }
     }
 
@@ -137,6 +166,21 @@ impl WmbusUdpSourceConfig {
                     "{} is outside {MIN_RECV_BUFFER}..={MAX_RECV_BUFFER}",
                     self.recv_buffer_bytes
                 ),
+            ));
+        }
+        if self.compact_hold_frames > MAX_COMPACT_HOLD {
+            errors.push(invalid(
+                "compact_hold_frames".into(),
+                format!(
+                    "{} is more than {MAX_COMPACT_HOLD}",
+                    self.compact_hold_frames
+                ),
+            ));
+        }
+        if self.compact_hold_max_age > MAX_COMPACT_HOLD_AGE {
+            errors.push(invalid(
+                "compact_hold_max_age".into(),
+                "must be at most 24 h".into(),
             ));
         }
         for (meter, key) in &self.keys {
@@ -185,6 +229,8 @@ mod tests {
             dedup_window = "5s"
             meter_utc_offset_minutes = 60
             recv_buffer_bytes = 8388608
+            compact_hold_frames = 50
+            compact_hold_max_age = "10m"
             [keys]
             "mbus:KAM12345678" = "000102030405060708090A0B0C0D0E0F"
             "#,
@@ -194,9 +240,13 @@ mod tests {
         assert_eq!(c.dedup_window, Duration::from_secs(5));
         assert_eq!(c.meter_utc_offset_minutes, Some(60));
         assert_eq!(c.recv_buffer_bytes, 8 << 20);
+        assert_eq!(c.compact_hold_frames, 50);
+        assert_eq!(c.compact_hold_max_age, Duration::from_secs(600));
         let defaults = WmbusUdpSourceConfig::new("0.0.0.0:1");
         assert_eq!(defaults.recv_buffer_bytes, 4 << 20);
         assert_eq!(defaults.meter_utc_offset_minutes, None);
+        assert_eq!(defaults.compact_hold_frames, 1024);
+        assert_eq!(defaults.compact_hold_max_age, Duration::from_secs(3600));
         let keys = c.key_map();
         assert_eq!(keys["mbus:KAM12345678"][15], 0x0F);
         let debug = format!("{c:?}");
@@ -210,6 +260,8 @@ mod tests {
         c.keys.insert("kam1".into(), "secretsecret".into());
         c.meter_utc_offset_minutes = Some(-1200);
         c.recv_buffer_bytes = 10;
+        c.compact_hold_frames = 100_000;
+        c.compact_hold_max_age = Duration::from_secs(2 * 24 * 3600);
         let text: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -222,6 +274,8 @@ mod tests {
                 "listen: \"nowhere\" is not host:port",
                 "meter_utc_offset_minutes: -1200 is outside -1080..=1080 (±18 h)",
                 "recv_buffer_bytes: 10 is outside 4096..=1073741824",
+                "compact_hold_frames: 100000 is more than 65536",
+                "compact_hold_max_age: must be at most 24 h",
                 "keys.\"kam1\": meter id must be mbus:<MAN><8 digits>, e.g. mbus:KAM12345678",
                 "keys.\"kam1\": key must be 32 hex digits (got 12 characters)",
             ]

@@ -20,5 +20,5 @@ pub mod sources;
 pub mod spool;
 pub mod uplink;
 
-pub use sink::{IngestSink, SinkError, SourceCounters, SubmitRequest};
+pub use sink::{CompactOutcome, IngestSink, SinkError, SourceCounters, SubmitRequest};
 pub use sources::{CommandOutcome, CommandRequest, SourceContext};

@@ -80,6 +80,37 @@ pub struct SourceCounters {
     frames: Mutex<BTreeMap<String, u64>>,
     decode_errors: Mutex<BTreeMap<(String, String), u64>>,
     kernel_drops: Mutex<BTreeMap<String, u64>>,
+    compact: Mutex<BTreeMap<(String, CompactOutcome), u64>>,
+}
+
+/// What became of a compact wM-Bus telegram whose format was unknown when it arrived
+/// (`wm_gateway_wmbus_compact_total{outcome}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CompactOutcome {
+    /// Held until a full frame teaches its format.
+    Held,
+    /// Decoded after the full frame arrived; its readings were submitted.
+    Decoded,
+    /// Dropped: older than `compact_hold_max_age` before its full frame came.
+    Expired,
+    /// Dropped: the hold was full (`compact_hold_frames`), the oldest made room.
+    Evicted,
+    /// The full frame came but the held telegram did not decode with it (counted under its
+    /// decode error code as well).
+    Failed,
+}
+
+impl CompactOutcome {
+    /// The Prometheus label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Decoded => "decoded",
+            Self::Expired => "expired",
+            Self::Evicted => "evicted",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 impl SourceCounters {
@@ -112,8 +143,25 @@ impl SourceCounters {
             .or_default() += n;
     }
 
-    /// Appends `wm_gateway_frames_total`, `wm_gateway_decode_errors_total` and
-    /// `wm_gateway_udp_kernel_drops_total` to `out`.
+    /// Compact wM-Bus telegrams of `source_id` with `outcome` so far.
+    pub fn compact(&self, source_id: &str, outcome: CompactOutcome) -> u64 {
+        lock(&self.compact)
+            .get(&(source_id.to_owned(), outcome))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts `n` more compact wM-Bus telegrams of `source_id` with `outcome`.
+    pub fn add_compact(&self, source_id: &str, outcome: CompactOutcome, n: u64) {
+        if n > 0 {
+            *lock(&self.compact)
+                .entry((source_id.to_owned(), outcome))
+                .or_default() += n;
+        }
+    }
+
+    /// Appends `wm_gateway_frames_total`, `wm_gateway_decode_errors_total`,
+    /// `wm_gateway_udp_kernel_drops_total` and `wm_gateway_wmbus_compact_total` to `out`.
     pub fn render_prometheus(&self, out: &mut String) {
         out.push_str("# TYPE wm_gateway_frames_total counter\n");
         for (source, n) in lock(&self.frames).iter() {
@@ -131,6 +179,13 @@ impl SourceCounters {
         for (source, n) in lock(&self.kernel_drops).iter() {
             out.push_str(&format!(
                 "wm_gateway_udp_kernel_drops_total{{source=\"{source}\"}} {n}\n"
+            ));
+        }
+        out.push_str("# TYPE wm_gateway_wmbus_compact_total counter\n");
+        for ((source, outcome), n) in lock(&self.compact).iter() {
+            out.push_str(&format!(
+                "wm_gateway_wmbus_compact_total{{source=\"{source}\",outcome=\"{}\"}} {n}\n",
+                outcome.as_str()
             ));
         }
     }

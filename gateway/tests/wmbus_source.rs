@@ -306,3 +306,180 @@ async fn datagrams_the_kernel_drops_are_counted() {
     drop(r.rx);
     r.task.await.unwrap().unwrap();
 }
+
+/// Waits up to 5 s (the hold's expiry is checked every second).
+async fn wait_long(cond: impl Fn() -> bool) {
+    for _ in 0..250 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("condition not reached in 5 s");
+}
+
+#[tokio::test]
+async fn a_compact_telegram_before_its_full_frame_is_held_then_decoded() {
+    use decoders::wmbus::encode::compact_telegram;
+    use gateway::CompactOutcome;
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let m = meter(0x4444_4444);
+
+    // The compact telegram comes first (the gateway just started): its format is unknown.
+    let compact = compact_telegram(&m, &volume(900)).unwrap();
+    assert_eq!(compact[10], 0x79);
+    stick.send_to(&compact, r.addr).await.unwrap();
+    let sink = r.sink.clone();
+    wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
+    assert_eq!(
+        sink.counters()
+            .decode_errors("wm", "unknown_compact_format"),
+        1
+    );
+    assert_eq!(r.stats.decoded.load(Ordering::Relaxed), 0);
+    let held_at = time::OffsetDateTime::now_utc();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // The meter's full frame teaches the format: both readings come in one batch, the held
+    // one with its own (earlier) receive time.
+    let full = telegram(&m, &volume(1000), 2, None);
+    stick.send_to(&full, r.addr).await.unwrap();
+    let req = tokio::time::timeout(Duration::from_secs(5), r.rx.recv())
+        .await
+        .expect("readings within 5 s")
+        .unwrap();
+    let got: Vec<(String, String)> = req
+        .readings
+        .iter()
+        .map(|r| (r.meter.to_string(), r.value.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("mbus:KAM44444444".into(), "1".into()),
+            ("mbus:KAM44444444".into(), "0.9".into()),
+        ]
+    );
+    assert!(
+        req.readings[1].ts < held_at,
+        "held reading keeps its receive time"
+    );
+    assert!(req.readings[0].ts > held_at);
+    assert_ne!(
+        req.readings[0].provenance.frame_hash,
+        req.readings[1].provenance.frame_hash
+    );
+    req.done.send(Ok(())).unwrap();
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Decoded), 1);
+    assert_eq!(r.stats.decoded.load(Ordering::Relaxed), 2);
+
+    // Now the format is known: the next compact telegram decodes at once.
+    let compact = compact_telegram(&m, &volume(1100)).unwrap();
+    stick.send_to(&compact, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [("mbus:KAM44444444".into(), Quantity::Volume, "1.1".into())]
+    );
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Held), 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_compact_telegram_whose_full_frame_never_comes_is_counted_and_dropped() {
+    use decoders::wmbus::encode::compact_telegram;
+    use gateway::CompactOutcome;
+    let mut r = start_with(Duration::from_secs(10), |c| {
+        c.compact_hold_frames = 2;
+        c.compact_hold_max_age = Duration::from_secs(1);
+    })
+    .await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // Three meters' compact telegrams into a hold of two: the oldest is evicted.
+    for id in [0x5555_0001, 0x5555_0002, 0x5555_0003] {
+        let compact = compact_telegram(&meter(id), &volume(7)).unwrap();
+        stick.send_to(&compact, r.addr).await.unwrap();
+    }
+    let sink = r.sink.clone();
+    wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 3).await;
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Evicted), 1);
+    // No full frame ever comes and no other datagram arrives: the age bound drops them.
+    wait_long(|| sink.counters().compact("wm", CompactOutcome::Expired) == 2).await;
+    assert_eq!(
+        sink.counters()
+            .decode_errors("wm", "unknown_compact_format"),
+        3
+    );
+    // A full frame of the first meter later finds nothing held: only its own reading.
+    let full = telegram(&meter(0x5555_0001), &volume(8), 1, None);
+    stick.send_to(&full, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [("mbus:KAM55550001".into(), Quantity::Volume, "0.008".into())]
+    );
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Decoded), 0);
+    let mut text = String::new();
+    sink.counters().render_prometheus(&mut text);
+    for line in [
+        "wm_gateway_wmbus_compact_total{source=\"wm\",outcome=\"held\"} 3",
+        "wm_gateway_wmbus_compact_total{source=\"wm\",outcome=\"evicted\"} 1",
+        "wm_gateway_wmbus_compact_total{source=\"wm\",outcome=\"expired\"} 2",
+    ] {
+        assert!(text.contains(line), "{line} missing in\n{text}");
+    }
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_held_compact_telegram_borrows_the_format_of_its_model() {
+    use decoders::wmbus::encode::compact_telegram;
+    use gateway::CompactOutcome;
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let compact = compact_telegram(&meter(0x6666_0001), &volume(321)).unwrap();
+    stick.send_to(&compact, r.addr).await.unwrap();
+    let sink = r.sink.clone();
+    wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
+    // Another meter of the same model (manufacturer, version, type) sends the full frame.
+    let full = telegram(&meter(0x6666_0002), &volume(5), 1, None);
+    stick.send_to(&full, r.addr).await.unwrap();
+    let got = next(&mut r.rx).await;
+    assert_eq!(
+        got,
+        [
+            ("mbus:KAM66660002".into(), Quantity::Volume, "0.005".into()),
+            ("mbus:KAM66660001".into(), Quantity::Volume, "0.321".into()),
+        ]
+    );
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Decoded), 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_held_plaintext_compact_telegram_of_a_keyed_meter_is_refused_on_release() {
+    use decoders::wmbus::encode::compact_telegram;
+    use gateway::CompactOutcome;
+    let mut r = start(Duration::from_secs(10)).await;
+    let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    // KAM22222222 has a key: a plaintext compact telegram is held (its format is unknown, so
+    // the no-downgrade check cannot run yet) ...
+    let forged = compact_telegram(&meter(0x2222_2222), &volume(999_999)).unwrap();
+    stick.send_to(&forged, r.addr).await.unwrap();
+    let sink = r.sink.clone();
+    wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
+    // ... and refused when the meter's encrypted full frame releases it.
+    let full = telegram(&meter(0x2222_2222), &volume(7_000), 5, Some(KEY));
+    stick.send_to(&full, r.addr).await.unwrap();
+    assert_eq!(
+        next(&mut r.rx).await,
+        [("mbus:KAM22222222".into(), Quantity::Volume, "7".into())]
+    );
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Failed), 1);
+    assert_eq!(sink.counters().compact("wm", CompactOutcome::Decoded), 0);
+    assert_eq!(sink.counters().decode_errors("wm", "security_downgrade"), 1);
+    r.shutdown.cancel();
+    r.task.await.unwrap().unwrap();
+}

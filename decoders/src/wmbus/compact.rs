@@ -62,10 +62,10 @@ fn header_len(bytes: &[u8]) -> Option<usize> {
     Some(i)
 }
 
-/// Calls `f` with each record header (DIF/VIF bytes, fillers skipped) of full-frame
-/// application data. `None` when the records use variable or to-the-end data, which compact
-/// frames cannot express, or are malformed.
-fn for_each_header<'a>(records: &'a [u8], mut f: impl FnMut(&'a [u8])) -> Option<()> {
+/// Calls `f` with each record header (DIF/VIF bytes, fillers skipped) and its data bytes of
+/// full-frame application data. `None` when the records use variable or to-the-end data,
+/// which compact frames cannot express, or are malformed.
+fn for_each_record<'a>(records: &'a [u8], mut f: impl FnMut(&'a [u8], &'a [u8])) -> Option<()> {
     let mut rest = records;
     let mut any = false;
     while let Some(&dif) = rest.first() {
@@ -81,9 +81,10 @@ fn for_each_header<'a>(records: &'a [u8], mut f: impl FnMut(&'a [u8])) -> Option
             DataLen::Fixed(n) => n,
             DataLen::Variable | DataLen::ToEnd => return None,
         };
-        f(rest.get(..h)?);
+        let end = h.checked_add(n)?;
+        f(rest.get(..h)?, rest.get(h..end)?);
         any = true;
-        rest = rest.get(h.checked_add(n)?..)?;
+        rest = rest.get(end..)?;
     }
     any.then_some(())
 }
@@ -92,15 +93,30 @@ fn for_each_header<'a>(records: &'a [u8], mut f: impl FnMut(&'a [u8])) -> Option
 /// allocating.
 pub(crate) fn signature_of(records: &[u8]) -> Option<u16> {
     let mut crc = Crc16::default();
-    for_each_header(records, |h| crc.update(h))?;
+    for_each_record(records, |h, _| crc.update(h))?;
     Some(crc.finish())
 }
 
 /// The format (DIF/VIF bytes without fillers) of full-frame application data and its signature.
 pub(crate) fn format_of(records: &[u8]) -> Option<(u16, Vec<u8>)> {
     let mut format = Vec::with_capacity(32);
-    for_each_header(records, |h| format.extend_from_slice(h))?;
+    for_each_record(records, |h, _| format.extend_from_slice(h))?;
     Some((crc16(&format), format))
+}
+
+/// The compact form of full-frame application data: its format signature, the CRC-16 of the
+/// full record bytes (fillers left out, as [`expand`] rebuilds them) and the data bytes.
+pub(crate) fn compact_of(records: &[u8]) -> Option<(u16, u16, Vec<u8>)> {
+    let mut format = Vec::with_capacity(32);
+    let mut full = Vec::with_capacity(records.len());
+    let mut data = Vec::with_capacity(records.len());
+    for_each_record(records, |h, v| {
+        format.extend_from_slice(h);
+        full.extend_from_slice(h);
+        full.extend_from_slice(v);
+        data.extend_from_slice(v);
+    })?;
+    Some((crc16(&format), crc16(&full), data))
 }
 
 /// Rebuilds full record bytes from a cached format and compact data; `Err` says what did not fit.
@@ -142,5 +158,9 @@ mod tests {
         let full = expand(&format, &[1, 2, 3, 4, 0, 0]).unwrap();
         assert_eq!(full, &records[2..]);
         assert!(expand(&format, &[1, 2]).is_err());
+        let (csig, ccrc, data) = compact_of(&records).unwrap();
+        assert_eq!(csig, sig);
+        assert_eq!(data, [1, 2, 3, 4, 0, 0]);
+        assert_eq!(ccrc, crc16(&records[2..]));
     }
 }

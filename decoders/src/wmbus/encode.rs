@@ -94,6 +94,28 @@ pub fn telegram(
     out
 }
 
+/// CI of a compact frame without a transport header (format signature, full-frame CRC, data).
+const CI_COMPACT: u8 = 0x79;
+
+/// Builds the compact (CI 79, plaintext) counterpart of a telegram carrying `records_payload`,
+/// as meters send between full frames: the records' format signature, the CRC-16 of the full
+/// record bytes and the data bytes only. A receiver decodes it only after a full frame with
+/// the same format (see [`super::CompactHold`]). `None` when the records cannot be sent
+/// compact (variable-length or manufacturer data, or malformed).
+pub fn compact_telegram(meter: &WmbusMeter, records_payload: &[u8]) -> Option<Vec<u8>> {
+    let (signature, full_crc, data) = super::compact::compact_of(records_payload)?;
+    let mut out = Vec::with_capacity(data.len().saturating_add(15));
+    out.push(0);
+    out.push(C_SND_NR);
+    out.extend_from_slice(&meter.address().to_wire());
+    out.push(CI_COMPACT);
+    out.extend_from_slice(&signature.to_le_bytes());
+    out.extend_from_slice(&full_crc.to_le_bytes());
+    out.extend_from_slice(&data);
+    *out.first_mut()? = u8::try_from(out.len().checked_sub(1)?).ok()?;
+    Some(out)
+}
+
 /// Splits an unfragmented CRC-free telegram (`L C M A` then the transport layer, no ELL or
 /// AFL) into AFL fragments (EN 13757-7 §6) of at most `piece` message bytes each: fragment ids
 /// 1, 2, ..., "more fragments" on all but the last, the message length (from the TPL CI to the

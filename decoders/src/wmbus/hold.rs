@@ -140,6 +140,17 @@ impl<T> CompactHold<T> {
     }
 }
 
+impl<T> CompactHold<T> {
+    /// Takes every frame still held (after dropping those older than `max_age` at `now`),
+    /// oldest first: for when a full frame taught a format that meters of the same model may
+    /// borrow ([`super::FormatCache::model_count`] grew). Frames that fail again may be held
+    /// again.
+    pub fn take_all(&mut self, now: Instant) -> Vec<Held<T>> {
+        self.expire(now);
+        std::mem::take(&mut self.held).into()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +175,13 @@ mod tests {
         assert_eq!(hold.len(), 1);
         assert!(hold.take("mbus:KAM00000001", t0 + 3 * MIN).is_empty());
         assert_eq!(hold.take("mbus:KAM00000002", t0 + 3 * MIN)[0].item, 2);
+        assert!(hold.is_empty());
+        hold.hold("b", 1, t0 + 3 * MIN, 5);
+        hold.hold("a", 2, t0 + 2 * MIN, 4);
+        hold.hold("c", 2, t0, 9);
+        // At t0 + 10.5 min "c" is 10.5 minutes old: dropped, never returned.
+        let all = hold.take_all(t0 + 10 * MIN + Duration::from_secs(30));
+        assert_eq!(all.iter().map(|h| h.item).collect::<Vec<_>>(), [4, 5]);
         assert!(hold.is_empty());
     }
 

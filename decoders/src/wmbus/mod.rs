@@ -144,6 +144,13 @@ impl FormatCache {
         self.formats.len()
     }
 
+    /// Number of distinct model formats (manufacturer, version, device type, signature) cached:
+    /// when it grows, a full frame taught a format other meters of that model may borrow, so
+    /// a caller holding compact frames (see [`CompactHold`]) retries all of them.
+    pub fn model_count(&self) -> usize {
+        self.models.len()
+    }
+
     /// Remembers the format of a full frame's records.
     fn learn(&mut self, meter: Address, records: &[u8]) {
         // Signature first (no allocation): most full frames repeat a known format.

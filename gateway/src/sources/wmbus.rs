@@ -4,6 +4,13 @@
 //! The socket's kernel receive buffer is sized from the config (`recv_buffer_bytes`) and
 //! datagrams are read in batches; the kernel's drop counter of the socket is exported.
 //!
+//! A compact telegram (CI 79) whose format no full frame has taught yet (after a restart, or
+//! a meter first heard between its full frames) is counted as `unknown_compact_format` and
+//! held, bounded by `compact_hold_frames` and `compact_hold_max_age`; when a full frame of
+//! that meter (or a new format of its model) decodes, the held telegrams are decoded again
+//! with their own receive time and their readings join that batch. What became of them is
+//! counted as `wm_gateway_wmbus_compact_total{outcome}`.
+//!
 //! The same telegram often arrives several times (the meter's own transmission and one or more
 //! repeaters); copies within `dedup_window` are dropped before decoding. Copies are recognised
 //! by the bytes after the L and C fields, since repeaters may change the C field.
@@ -13,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use decoders::wmbus::FormatCache;
+use decoders::wmbus::{CompactHold, FormatCache, Held, WmbusError};
 use edge_config::wmbus::WmbusUdpSourceConfig;
 use model::SourceKind;
 use sha2::{Digest, Sha256};
@@ -22,7 +29,8 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 
 use super::{Commands, Received, Source, SourceContext, SourceEnv, SourceError};
-use crate::normalise::frame_clock;
+use crate::CompactOutcome;
+use crate::normalise::{self, FrameContext, frame_clock};
 
 /// Receiver counters beyond the sink's frames and decode errors.
 #[derive(Debug, Default)]
@@ -75,6 +83,8 @@ impl Dedup {
 const MAX_BATCH: usize = 256;
 /// How often the kernel's drop counter of the socket is read.
 const DROP_POLL: Duration = Duration::from_secs(1);
+/// How often held compact telegrams are checked for age when no datagram arrives.
+const HOLD_EXPIRY: Duration = Duration::from_secs(1);
 
 /// Binds the UDP socket with the configured kernel receive buffer.
 fn bind(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
@@ -161,6 +171,14 @@ impl WmbusSource {
     }
 }
 
+/// A compact telegram held until its format is known: its bytes and receive context.
+#[derive(Debug)]
+struct HeldTelegram {
+    raw: Vec<u8>,
+    channel: String,
+    received_at: OffsetDateTime,
+}
+
 /// What the receive loop keeps between datagrams.
 #[derive(Debug)]
 struct Receiver {
@@ -168,10 +186,19 @@ struct Receiver {
     cache: FormatCache,
     dedup: Dedup,
     meter_offset: Option<UtcOffset>,
+    /// Compact telegrams waiting for their full frame.
+    hold: CompactHold<HeldTelegram>,
+    /// [`FormatCache::model_count`] after the last decoded telegram: when it grows, a model
+    /// format other meters may borrow was learned and every held telegram is tried again.
+    models_seen: usize,
+    /// The hold's `dropped_full` and `dropped_old` already exported.
+    evicted_counted: u64,
+    expired_counted: u64,
 }
 
 impl Receiver {
-    /// Decodes one datagram into readings through the intake; counts duplicates.
+    /// Decodes one datagram into readings through the intake; counts duplicates. Readings of
+    /// held compact telegrams that the datagram's full frame made decodable come with them.
     fn readings(
         &mut self,
         raw: &[u8],
@@ -195,15 +222,38 @@ impl Receiver {
         // rule); otherwise, or without the record, the receive time.
         let meter_offset = self.meter_offset;
         let (keys, cache) = (&self.keys, &mut self.cache);
+        let mut unknown_format = None;
         let decoded = ctx.decode(
             &frame,
-            |raw| decoders::wmbus::decode(raw, keys, &mut *cache),
+            |raw| {
+                let decoded = decoders::wmbus::decode(raw, keys, &mut *cache);
+                if let Err(WmbusError::UnknownCompactFormat { meter, signature }) = &decoded {
+                    unknown_format = Some((meter.clone(), *signature));
+                }
+                decoded
+            },
             |f| meter_offset.and_then(|offset| Some(frame_clock(f)?.assume_offset(offset))),
         );
         let decoded = match decoded {
             Ok(d) => d,
             Err(e) => {
-                tracing::debug!(source = %ctx.source_id, %peer, error = %e, "wmbus telegram not decodable");
+                if let Some((meter, signature)) = unknown_format {
+                    tracing::debug!(source = %ctx.source_id, %peer, %meter, signature = format_args!("{signature:#06x}"), "compact wmbus telegram held: format not known yet");
+                    let received_at = frame.received_at;
+                    let held = HeldTelegram {
+                        raw: raw.to_vec(),
+                        channel,
+                        received_at,
+                    };
+                    self.hold
+                        .hold(meter, signature, std::time::Instant::now(), held);
+                    ctx.sink
+                        .counters()
+                        .add_compact(&ctx.source_id, CompactOutcome::Held, 1);
+                    self.count_drops(ctx);
+                } else {
+                    tracing::debug!(source = %ctx.source_id, %peer, error = %e, "wmbus telegram not decodable");
+                }
                 return Vec::new();
             }
         };
@@ -216,7 +266,99 @@ impl Receiver {
             return Vec::new();
         }
         stats.decoded.fetch_add(1, Ordering::Relaxed);
-        decoded.readings
+        let mut readings = decoded.readings;
+        let models = self.cache.model_count();
+        if !self.hold.is_empty() {
+            let now = std::time::Instant::now();
+            let taken = if models == self.models_seen {
+                self.hold.take(decoded.meter.as_str(), now)
+            } else {
+                self.hold.take_all(now)
+            };
+            for held in taken {
+                readings.extend(self.retry(held, ctx, stats));
+            }
+            self.count_drops(ctx);
+        }
+        self.models_seen = models;
+        readings
+    }
+
+    /// Decodes a held compact telegram again, with its own receive time and channel; one
+    /// whose format is still unknown is held again (not counted twice).
+    fn retry(
+        &mut self,
+        held: Held<HeldTelegram>,
+        ctx: &SourceContext,
+        stats: &ReceiverStats,
+    ) -> Vec<model::Reading> {
+        let counters = ctx.sink.counters();
+        let t = &held.item;
+        let frame = match decoders::wmbus::decode(&t.raw, &self.keys, &mut self.cache) {
+            Ok(frame) => frame,
+            Err(WmbusError::UnknownCompactFormat { meter, signature }) => {
+                self.hold.hold(meter, signature, held.received, held.item);
+                return Vec::new();
+            }
+            Err(e) => {
+                tracing::debug!(source = %ctx.source_id, meter = %held.meter, error = %e, "held compact wmbus telegram not decodable with its format");
+                ctx.reject(&e);
+                counters.add_compact(&ctx.source_id, CompactOutcome::Failed, 1);
+                return Vec::new();
+            }
+        };
+        let meter = match normalise::meter_id(&frame) {
+            Ok(meter) => meter,
+            Err(e) => {
+                ctx.reject(&e);
+                counters.add_compact(&ctx.source_id, CompactOutcome::Failed, 1);
+                return Vec::new();
+            }
+        };
+        if self.keys.contains_key(meter.as_str())
+            && let Err(e) = keyed_protection(&t.raw, &self.keys, &mut self.cache)
+        {
+            tracing::warn!(source = %ctx.source_id, %meter, error = %e, "refused a held wM-Bus downgrade");
+            ctx.reject(&e);
+            counters.add_compact(&ctx.source_id, CompactOutcome::Failed, 1);
+            return Vec::new();
+        }
+        let meter_ts = self
+            .meter_offset
+            .and_then(|offset| Some(frame_clock(&frame)?.assume_offset(offset)));
+        let fc = FrameContext {
+            gateway: &ctx.gateway,
+            source: ctx.kind,
+            source_id: &ctx.source_id,
+            channel: Some(&t.channel),
+            received_at: t.received_at,
+            raw: &t.raw,
+        };
+        stats.decoded.fetch_add(1, Ordering::Relaxed);
+        counters.add_compact(&ctx.source_id, CompactOutcome::Decoded, 1);
+        normalise::to_readings(&frame, &meter, meter_ts, &fc)
+    }
+
+    /// Drops held telegrams older than their bound; called when no datagram arrives too.
+    fn expire(&mut self, ctx: &SourceContext) {
+        if !self.hold.is_empty() {
+            self.hold.expire(std::time::Instant::now());
+            self.count_drops(ctx);
+        }
+    }
+
+    /// Exports the hold's drops (full, too old) not exported yet.
+    fn count_drops(&mut self, ctx: &SourceContext) {
+        let counters = ctx.sink.counters();
+        let (evicted, expired) = (self.hold.dropped_full(), self.hold.dropped_old());
+        let new_evicted = evicted.saturating_sub(self.evicted_counted);
+        let new_expired = expired.saturating_sub(self.expired_counted);
+        if new_evicted > 0 || new_expired > 0 {
+            tracing::warn!(source = %ctx.source_id, evicted = new_evicted, expired = new_expired, "held compact wmbus telegrams dropped before their full frame came");
+        }
+        counters.add_compact(&ctx.source_id, CompactOutcome::Evicted, new_evicted);
+        counters.add_compact(&ctx.source_id, CompactOutcome::Expired, new_expired);
+        (self.evicted_counted, self.expired_counted) = (evicted, expired);
     }
 }
 
@@ -257,6 +399,10 @@ impl Source for WmbusSource {
                 meter_offset: config.meter_utc_offset_minutes.and_then(|m| {
                     UtcOffset::from_whole_seconds(i32::from(m).saturating_mul(60)).ok()
                 }),
+                hold: CompactHold::new(config.compact_hold_frames, config.compact_hold_max_age),
+                models_seen: 0,
+                evicted_counted: 0,
+                expired_counted: 0,
             },
             stats: Arc::default(),
         })
@@ -319,9 +465,15 @@ impl Source for WmbusSource {
         ctx.readiness.set_ready();
         tracing::debug!(source = %ctx.source_id, %listen, "wmbus receiver ready");
         let mut buf = vec![0u8; 1024];
+        let mut expiry = tokio::time::interval(HOLD_EXPIRY);
+        expiry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = ctx.shutdown.cancelled() => break,
+                _ = expiry.tick() => {
+                    receiver.expire(&ctx);
+                    continue;
+                }
                 r = socket.readable() => {
                     if let Err(e) = r {
                         tracing::warn!(source = %ctx.source_id, error = %e, "wmbus socket not readable");
