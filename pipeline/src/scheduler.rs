@@ -422,7 +422,46 @@ impl Scheduler {
     }
 }
 
-/// Reading-partition upkeep: creates last month to three months ahead (`wm_ensure_reading_partitions`).
+/// Monthly partitions created by one upkeep run ([`ensure_partitions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PartitionsCreated {
+    /// `reading_rows` partitions (`readings_YYYYMM`).
+    pub readings: i32,
+    /// `api_call_log` partitions (`api_call_log_YYYYMM`, migration 0111).
+    pub api_call_log: i32,
+    /// `audit_log` partitions (`audit_log_YYYYMM`, migration 0111).
+    pub audit_log: i32,
+}
+
+/// Creates the monthly partitions of readings, the API call log and the audit log from the
+/// month before `at` to three months after it (those missing only).
+///
+/// # Errors
+/// [`SchedulerError::Database`] when the database refuses.
+pub async fn ensure_partitions(
+    pool: &PgPool,
+    at: OffsetDateTime,
+) -> Result<PartitionsCreated, SchedulerError> {
+    let (readings, api_call_log, audit_log): (i32, i32, i32) = sqlx::query_as(
+        "WITH m AS (SELECT (date_trunc('month', $1::timestamptz) - interval '1 month')::date AS m)
+         SELECT wm_ensure_reading_partitions(m, 5),
+                wm_ensure_monthly_partitions('api_call_log', 'at', m, 5),
+                wm_ensure_monthly_partitions('audit_log', 'at', m, 5)
+         FROM m",
+    )
+    .bind(at)
+    .fetch_one(pool)
+    .await
+    .map_err(db("creating monthly partitions"))?;
+    Ok(PartitionsCreated {
+        readings,
+        api_call_log,
+        audit_log,
+    })
+}
+
+/// Partition upkeep ([`ensure_partitions`]): readings, API call log and audit log, last month
+/// to three months ahead.
 pub fn partitions_job(schedule: Schedule) -> Job {
     Job {
         name: "reading-partitions".into(),
@@ -430,14 +469,14 @@ pub fn partitions_job(schedule: Schedule) -> Job {
         catch_up: CatchUp::Latest,
         run: Arc::new(|pool, due_at| {
             Box::pin(async move {
-                let created: i32 = sqlx::query_scalar(
-                    "SELECT wm_ensure_reading_partitions((date_trunc('month', $1::timestamptz) - interval '1 month')::date, 5)",
-                )
-                .bind(due_at)
-                .fetch_one(&pool)
-                .await
-                .map_err(|e| format!("creating reading partitions: {e}"))?;
-                Ok(json!({ "partitions_created": created }))
+                let created = ensure_partitions(&pool, due_at)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({
+                    "partitions_created": created.readings,
+                    "api_call_log_partitions_created": created.api_call_log,
+                    "audit_log_partitions_created": created.audit_log,
+                }))
             })
         }),
     }
