@@ -4,7 +4,7 @@
 //! created ahead, a frame still used online stays, and a dry run returns the real run's plan
 //! and changes nothing (docs/operations.md, "Retention").
 
-use pipeline::scheduler::{RetentionPolicy, RetentionStep, run_retention};
+use pipeline::scheduler::{RetentionPolicy, RetentionStep, compact_closed_months, run_retention};
 use pipeline::testing::TestDatabase;
 use sqlx::PgPool;
 use time::{Duration, OffsetDateTime};
@@ -316,6 +316,118 @@ async fn retention_refuses_a_policy_that_drops_before_it_archives() {
         .await
         .unwrap(),
         0
+    );
+    db.drop_database().await;
+}
+
+#[tokio::test]
+async fn closed_months_get_their_key_compacted_once_and_keep_deduplicating() {
+    let db = TestDatabase::create().await;
+    let pool = &db.pool;
+    let at = OffsetDateTime::now_utc();
+    // Two months back (closed: the month after it has ended too) and last month (not yet):
+    // 2 000 meters × 30 rounds, round-major with each round one key-ordered insert, as ingest
+    // writes them, so the key's leaves split half-full.
+    sqlx::raw_sql(&format!(
+        "INSERT INTO meter_keys (meter_id)
+             SELECT format('cjt188:%s', lpad(i::text, 14, '0')) FROM generate_series(1, 2000) i;
+         INSERT INTO reading_series (quantity, tariff, subunit) VALUES ('volume', 0, 0);
+         INSERT INTO reading_units (unit) VALUES ('m3');
+         DO $$
+         BEGIN
+             FOR r IN 0..29 LOOP
+                 INSERT INTO reading_rows (ts, frame_id, meter_key, series_id, unit_id, storage,
+                                           quality, flags, value)
+                 SELECT b.t + r * interval '15 minutes', 1, k.meter_key, 1, 1, 0, 0, 0,
+                        1000 + r * 0.001
+                 FROM meter_keys k, (VALUES (timestamptz '{closed}'), (timestamptz '{open}')) b(t)
+                 ORDER BY k.meter_key, b.t;
+             END LOOP;
+         END $$;",
+        closed = day_in(at, 2),
+        open = day_in(at, 1),
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    let closed = format!("readings_{}", suffix(at, 2));
+    let key_of = |part: &str| {
+        format!(
+            "SELECT x.indexrelid::regclass::text FROM pg_index x
+             WHERE x.indrelid = '{part}'::regclass AND x.indisprimary"
+        )
+    };
+    let index: String = sqlx::query_scalar(&key_of(&closed))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let size = |index: String| async move {
+        count(
+            pool,
+            &format!("SELECT pg_relation_size('{index}'::regclass)"),
+        )
+        .await
+    };
+    let before = size(index.clone()).await;
+    assert!(
+        before as f64 / 60_000.0 > 33.0,
+        "the fresh key is loose: {before} bytes for 60 000 entries"
+    );
+
+    let planned = compact_closed_months(pool, at, true).await.unwrap();
+    assert_eq!(planned, vec![(label(at, 2), before, before)]);
+    assert_eq!(
+        size(index.clone()).await,
+        before,
+        "a dry run rebuilds nothing"
+    );
+
+    let done = compact_closed_months(pool, at, false).await.unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    let (month, b, after) = done[0].clone();
+    assert_eq!((month, b), (label(at, 2), before));
+    assert_eq!(size(index.clone()).await, after);
+    assert!(
+        (after as f64 / 60_000.0) < 30.0,
+        "compacted to under 30 bytes per entry: {after} bytes (was {before})"
+    );
+    // Still the dedup key: a second reading of the same meter, series and time is refused.
+    let dup = sqlx::raw_sql(&format!(
+        "INSERT INTO reading_rows (ts, frame_id, meter_key, series_id, unit_id, storage, quality,
+                                   flags, value)
+         VALUES (timestamptz '{}', 1, 7, 1, 1, 0, 0, 0, 1)",
+        day_in(at, 2)
+    ))
+    .execute(pool)
+    .await
+    .expect_err("the compacted key still refuses duplicates");
+    assert!(
+        dup.as_database_error().and_then(|e| e.code()).as_deref() == Some("23505"),
+        "{dup}"
+    );
+    assert_eq!(
+        count(
+            pool,
+            &format!(
+                "SELECT count(*) FROM readings WHERE meter_id = 'cjt188:00000000000007'
+                 AND ts >= timestamptz '{}' AND ts < timestamptz '{}' + interval '1 month'",
+                day_in(at, 2),
+                day_in(at, 2)
+            )
+        )
+        .await,
+        30
+    );
+    // Once only; last month waits until the month after it has ended.
+    assert_eq!(
+        compact_closed_months(pool, at, false).await.unwrap(),
+        vec![]
+    );
+    let later = at + Duration::days(31);
+    let next = compact_closed_months(pool, later, true).await.unwrap();
+    assert_eq!(
+        next.iter().map(|c| c.0.clone()).collect::<Vec<_>>(),
+        vec![label(at, 1)]
     );
     db.drop_database().await;
 }
