@@ -73,11 +73,11 @@ async fn read_at(pool: &PgPool, at: OffsetDateTime, back: i32, hour: i32, estima
              clock, source, source_id, gateway_id, spool_seq, frame_hash, received_at)
          VALUES ('cjt188:00000000000042', timestamptz '{ts}' + interval '{hour} hours', 'volume',
              {value}, 'm3', '{quality}', {detail}, 'meter', 'coap', 'nb', 'gw-1', {seq},
-             '{hash}', timestamptz '{ts}' + interval '{hour} hours 5 seconds')",
+             '{hash:064x}', timestamptz '{ts}' + interval '{hour} hours 5 seconds')",
         ts = day_in(at, back),
         value = 1000 + 10 * (40 - back) + hour,
         seq = 100 * (40 - back) + hour,
-        hash = format!("{:064x}", 1000 * (40 - back) + hour),
+        hash = 1000 * (40 - back) + hour,
     ))
     .execute(pool)
     .await
