@@ -420,8 +420,11 @@ async fn main() -> anyhow::Result<()> {
     println!("pipeline_readings_per_s={pipe_rate:.0}");
     // Disk per reading, after a checkpoint-free VACUUM-less read of the relation sizes: the
     // narrow rows and their index, provenance (frames, frame_sources) and dictionaries.
-    let sizes: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT t, sum(pg_total_relation_size(c.oid))::int8 FROM (VALUES
+    // Per table: everything (heap, TOAST, maps, indexes) and the indexes alone, so the
+    // breakdown in docs/benchmarks.md can be read off one run.
+    let sizes: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT t, sum(pg_total_relation_size(c.oid))::int8, sum(pg_indexes_size(c.oid))::int8
+         FROM (VALUES
              ('reading_rows'), ('frames'), ('frame_sources'), ('reading_details'),
              ('meter_keys'), ('reading_series'), ('reading_units')) AS v(t)
          JOIN pg_class c ON c.relname = v.t
@@ -435,7 +438,18 @@ async fn main() -> anyhow::Result<()> {
         "storage_bytes {}",
         sizes
             .iter()
-            .map(|(t, b)| format!("{t}={b}"))
+            .map(|(t, b, _)| format!("{t}={b}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "storage_bytes_per_reading {}",
+        sizes
+            .iter()
+            .map(|(t, b, i)| {
+                let n = stored.max(1) as f64;
+                format!("{t}={:.1}(indexes={:.1})", *b as f64 / n, *i as f64 / n)
+            })
             .collect::<Vec<_>>()
             .join(" ")
     );
