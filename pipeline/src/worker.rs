@@ -456,6 +456,13 @@ async fn writer(
         pending.add(stats.journal_ids.into_iter().zip(job.entries).collect());
         IngestMetrics::add(&metrics.commits, 1);
         IngestMetrics::add(&metrics.stored, stats.inserted);
+        // The merge's ON CONFLICT DO NOTHING drops a reading whose key is already stored
+        // without a word; counted so a summary can account for every reading it was handed.
+        let merged = stats.inserted + stats.superseded;
+        IngestMetrics::add(
+            &metrics.already_stored,
+            (job.readings.len() as u64).saturating_sub(merged),
+        );
         let [duplicates, conflicts, estimated, rejected] = job.counts;
         IngestMetrics::add(&metrics.duplicates, duplicates);
         IngestMetrics::add(&metrics.conflicts, conflicts);
@@ -1028,12 +1035,20 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
-        // Rejected reads (a meter clock far ahead among them) do not move the event clock, nor
-        // does anything after the wall clock.
+        // The event clock follows the meters' (and carrier platforms') own timestamps: not a
+        // gateway's receive time (polled instruments are stamped when read, i.e. by the wall
+        // clock, which would put a simulated fleet hours behind at once), not estimates, not
+        // rejected reads (a meter clock far ahead among them), nothing after the wall clock.
         let wall = OffsetDateTime::now_utc().unix_timestamp();
         let newest = out
             .readings
             .iter()
+            .filter(|r| {
+                matches!(
+                    r.clock,
+                    model::ClockSource::Meter | model::ClockSource::Platform
+                )
+            })
             .filter(|r| !matches!(r.quality, model::Quality::Rejected { .. }))
             .map(|r| r.ts.unix_timestamp().min(wall))
             .max();

@@ -1771,8 +1771,8 @@ pub enum SweepNow {
     /// The wall clock, against each meter's receive times and uplink cadence (production).
     #[default]
     Wall,
-    /// The newest event timestamp the worker has validated (not rejected, not after the wall
-    /// clock): for a fleet that replays or simulates time faster than the clock (`run-demo.sh`),
+    /// The newest meter- or platform-clock timestamp the worker has validated (not a gateway's
+    /// receive time, not rejected, not after the wall clock): for a fleet that replays or simulates time faster than the clock (`run-demo.sh`),
     /// where silence against the wall clock never exceeds three usual intervals.
     EventTime,
 }
