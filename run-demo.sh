@@ -197,7 +197,11 @@ trap 'echo; echo "stopping…"; stop_all; exit 130' INT TERM
 trap stop_all EXIT
 
 started_at="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+# The fleet's time runs an hour per --step-ms: silence is judged against the newest reading
+# time the worker has seen (event time), every 5 s, not against the wall clock, or the silent
+# meter would never be silent for three usual intervals (docs/detectors.md).
 "$BIN/pipeline" run --control --control-arrears --calendar "$RUN_DIR/calendar.toml" \
+    --sweep-clock event-time --sweep-interval-s 5 \
     --metrics-listen "$PIPELINE_METRICS" >"$RUN_DIR/pipeline.log" 2>&1 &
 started $! pipeline
 "$BIN/gateway" run --config demo/gateway.toml >"$RUN_DIR/gateway.log" 2>&1 &
@@ -390,19 +394,48 @@ echo "=== commands by state, control decisions ==="
 q -c "SELECT action->>'type' AS action, state, count(*) FROM commands GROUP BY 1, 2 ORDER BY 1, 2"
 q -c "SELECT rule, outcome, reason, count(*) AS meters, min(meter_id) AS first_meter
       FROM control_decisions GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-echo "=== gateway metrics (excerpt) ==="
-metrics | grep -E '^wm_gateway_(frames_total|decode_errors_total|spool_depth|uplink|commands_total)' | head -n 40 || true
-echo "=== pipeline metrics (excerpt) ==="
-metrics_of "$PIPELINE_METRICS" | grep -E '^pipeline_(messages|entries_seq_duplicate|readings|batches_gap|commits_total|ingest_acks)' || true
-# Published and stored are read together: the pipeline keeps committing while the summary runs,
-# so counts read minutes apart differ by what was committed in between (the "gap" of earlier
-# summaries). Readings still in the spool are neither.
+# Counters and the table read together (the pipeline keeps committing while the summary runs).
 gw_metrics=$(metrics)
+pl_metrics=$(metrics_of "$PIPELINE_METRICS")
 stored=$(q -A -t -c "SELECT count(*) FROM readings WHERE quality <> 'estimated'")
-acked=$(awk '/^wm_gateway_uplink_acked_readings_total /{print $2}' <<<"$gw_metrics")
-spooled=$(awk '/^wm_gateway_spool_depth /{print $2}' <<<"$gw_metrics")
+echo "=== gateway metrics (excerpt) ==="
+grep -E '^wm_gateway_(frames_total|decode_errors_total|spool_depth|uplink|commands_total)' <<<"$gw_metrics" | head -n 40 || true
+echo "=== pipeline metrics (excerpt) ==="
+grep -E '^pipeline_(messages|entries_seq_duplicate|readings|batches_gap|commits_total|ingest_acks)' <<<"$pl_metrics" || true
+# The readings' ledger, read together after the drain (the pipeline keeps committing while
+# the summary runs). From the gateway's spool to the table, every reading is in one place:
+#   issued  = spool sequence numbers issued this run (the spool starts empty: next_seq - 1)
+#           = acknowledged (distinct readings the pipeline confirmed) + spool depth + evicted
+#   at the pipeline, each distinct spooled reading it committed is stored (a row not
+#   estimated: actual, validated or rejected) or dropped as a duplicate (by VEE's memory or,
+#   pipeline_readings_already_stored_total, by the store's merge), a conflict,
+#   unstorable or of a wrong partition; what it has not committed yet is "in flight" (still
+#   in the spool, or published and not yet committed). Re-sent copies of committed readings
+#   (pipeline_entries_seq_duplicate_total) are dropped by sequence and counted nowhere else.
+# Not in the ledger: frames the gateway refused before its spool (decode errors, failed
+# authentication, its own duplicate filter: wm_gateway_frames_total / decode_errors_total)
+# and the pipeline's own estimates (rows of quality 'estimated').
+gw() { awk -v k="$1" '$1 == k { n = $2 } END { printf "%d", n }' <<<"$gw_metrics"; }
+pl() { awk -v k="$1" '$1 == k { n = $2 } END { printf "%d", n }' <<<"$pl_metrics"; }
+acked=$(gw wm_gateway_uplink_acked_readings_total)
+spooled=$(gw wm_gateway_spool_depth)
+evicted=$(gw wm_gateway_spool_evicted_total)
+next_seq=$(gw wm_gateway_spool_next_seq)
+issued=$(( ${next_seq:-1} - 1 ))
+dups=$(( $(pl pipeline_readings_duplicate_total) + $(pl pipeline_readings_already_stored_total) )); conflicts=$(pl pipeline_readings_conflict_total)
+unstorable=$(pl pipeline_readings_unstorable_total); wrongp=$(pl pipeline_readings_wrong_partition_total)
+resent=$(pl pipeline_entries_seq_duplicate_total)
+committed=$(( stored + ${dups:-0} + ${conflicts:-0} + ${unstorable:-0} + ${wrongp:-0} ))
+in_flight=$(( issued - ${evicted:-0} - committed ))
 echo "=== result ==="
-echo "readings published by the gateway and acknowledged by the pipeline: ${acked:-?}; still in its spool: ${spooled:-?}"
+echo "readings spooled by the gateway: $issued = acknowledged by the pipeline ${acked:-?} + still in its spool ${spooled:-?} + evicted ${evicted:-?}"
+echo "  at the pipeline: stored $stored + duplicates ${dups:-?} + conflicts ${conflicts:-?} + unstorable ${unstorable:-?} + wrong partition ${wrongp:-?} = $committed committed;"
+echo "  in flight (spooled, not committed yet): $in_flight; committed, acknowledgement not back yet: $(( committed - ${acked:-0} ))"
+echo "  re-sent copies dropped by sequence (not counted above): ${resent:-?}"
+if [ "$(( ${acked:-0} + ${spooled:-0} + ${evicted:-0} ))" != "$issued" ] || [ "$in_flight" -lt 0 ] \
+    || [ "$in_flight" -gt "${spooled:-0}" ]; then
+    echo "  the ledger does not balance (counters read a moment apart, or a reading lost): see the logs" >&2
+fi
 echo "readings stored (not estimates, rejected included): $stored in $(( sim_ms / 1000 )) s of fleet time ($(( stored * 1000 / (sim_ms + 1) )) readings/s)"
 echo "logs: $RUN_DIR/{pipeline,gateway,registry-sync,scheduler,api,simulate}.log"
 [ "$stored" -gt 0 ] || { echo "no readings arrived" >&2; exit 1; }

@@ -762,8 +762,10 @@ impl Spool {
         Ok(out)
     }
 
-    /// Acknowledges records (the broker has them); fully acknowledged segments are deleted.
-    pub fn ack(&self, seqs: &[u64]) {
+    /// Acknowledges records (the broker or the pipeline has them); fully acknowledged segments
+    /// are deleted. Returns how many were not acknowledged before (a re-sent record the
+    /// pipeline acknowledges twice counts once).
+    pub fn ack(&self, seqs: &[u64]) -> u64 {
         let mut index = lock(&self.index);
         let mut n = 0u64;
         for &seq in seqs {
@@ -778,6 +780,7 @@ impl Spool {
         index.delete_acked();
         index.refresh_gauges();
         index.save_watermark();
+        n
     }
 }
 
@@ -1060,7 +1063,10 @@ mod tests {
         assert!(stats.segments > 3, "small segments rotate: {stats:?}");
         assert_eq!(stats.depth, 100);
         // Acknowledge the first 60: full segments disappear, reads skip acked ones.
-        spool.ack(&(1..=60).collect::<Vec<_>>());
+        assert_eq!(spool.ack(&(1..=60).collect::<Vec<_>>()), 60);
+        // A re-sent record acknowledged again (and one never written) counts nothing.
+        assert_eq!(spool.ack(&[59, 60, 500]), 0);
+        assert_eq!(spool.stats().acked, 60);
         let rest = values(&spool);
         assert_eq!(rest.first().unwrap().0, 61);
         assert_eq!(rest.len(), 40);

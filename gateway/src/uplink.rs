@@ -70,7 +70,8 @@ pub struct UplinkStats {
     pub connected: AtomicBool,
     /// Batches published (including re-sends).
     pub batches_sent: AtomicU64,
-    /// Readings acknowledged by the broker.
+    /// Distinct readings acknowledged (by the pipeline end to end, else by the broker): a
+    /// re-sent reading acknowledged again is not counted again.
     pub readings_acked: AtomicU64,
     /// Connections established.
     pub connects: AtomicU64,
@@ -408,8 +409,11 @@ async fn session(
                     }
                     let done = pending.acknowledge(ack.partition, ack.seq);
                     if !done.is_empty() {
-                        spool.ack(&done);
-                        stats.readings_acked.fetch_add(done.len() as u64, Ordering::Relaxed);
+                        // Counted by the spool: a reading staged again after a re-send
+                        // started, and acknowledged for its first copy before the second went
+                        // out, comes back here a second time (issue 23's acked > stored gap).
+                        let fresh = spool.ack(&done);
+                        stats.readings_acked.fetch_add(fresh, Ordering::Relaxed);
                         stats.last_ack_unix.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
                         pending.progress_at = tokio::time::Instant::now();
                         pending.timeout = base_timeout;
@@ -431,8 +435,8 @@ async fn session(
                     if let Some(seqs) = inflight.remove(&ack.pkid)
                         && !end_to_end
                     {
-                        spool.ack(&seqs);
-                        stats.readings_acked.fetch_add(seqs.len() as u64, Ordering::Relaxed);
+                        let fresh = spool.ack(&seqs);
+                        stats.readings_acked.fetch_add(fresh, Ordering::Relaxed);
                         stats.last_ack_unix.store(OffsetDateTime::now_utc().unix_timestamp(), Ordering::Relaxed);
                     }
                 }

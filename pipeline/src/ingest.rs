@@ -338,6 +338,9 @@ pub mod metric {
     pub const SEQ_DUPLICATES: &str = "pipeline_entries_seq_duplicate_total";
     /// Readings dropped as exact duplicates by VEE.
     pub const DUPLICATES: &str = "pipeline_readings_duplicate_total";
+    /// Validated readings the store's merge dropped because a row with their key was already
+    /// stored (or came twice in one batch): the duplicates VEE's memory did not see.
+    pub const ALREADY_STORED: &str = "pipeline_readings_already_stored_total";
     /// Readings refused because a different value is stored at the same key.
     pub const CONFLICTS: &str = "pipeline_readings_conflict_total";
     /// Readings written (actual, validated, rejected kept for audit).
@@ -383,6 +386,8 @@ pub struct IngestMetrics {
     pub seq_duplicates: AtomicU64,
     /// [`metric::DUPLICATES`].
     pub duplicates: AtomicU64,
+    /// [`metric::ALREADY_STORED`].
+    pub already_stored: AtomicU64,
     /// [`metric::CONFLICTS`].
     pub conflicts: AtomicU64,
     /// [`metric::STORED`].
@@ -434,6 +439,7 @@ impl IngestMetrics {
             (metric::WRONG_PARTITION, &self.wrong_partition),
             (metric::SEQ_DUPLICATES, &self.seq_duplicates),
             (metric::DUPLICATES, &self.duplicates),
+            (metric::ALREADY_STORED, &self.already_stored),
             (metric::CONFLICTS, &self.conflicts),
             (metric::STORED, &self.stored),
             (metric::ESTIMATED, &self.estimated),

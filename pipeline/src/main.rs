@@ -170,6 +170,14 @@ struct RunArgs {
     /// Detector thresholds per meter class (TOML, docs/detectors.md); defaults without it.
     #[arg(long)]
     detectors: Option<std::path::PathBuf>,
+    /// What the communication-loss sweep judges silence against: `wall` (the wall clock and
+    /// each meter's uplink cadence; production) or `event-time` (the newest reading time this
+    /// worker validated; a replayed or simulated fleet whose time runs faster than the clock).
+    #[arg(long, value_enum, default_value_t = pipeline::detect::SweepNow::Wall)]
+    sweep_clock: pipeline::detect::SweepNow,
+    /// Seconds between communication-loss sweeps.
+    #[arg(long, default_value_t = 60)]
+    sweep_interval_s: u64,
     /// Also run the control service (command outbox, acks, rules) as a task of this process
     /// (run it in one process only; docs/control.md).
     #[arg(long)]
@@ -433,6 +441,8 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
     config.max_batch_delay = std::time::Duration::from_millis(args.max_batch_delay_ms);
     config.flush_interval = std::time::Duration::from_millis(args.rollup_interval_ms);
     config.state_checkpoint_interval = std::time::Duration::from_secs(args.state_checkpoint_s);
+    config.sweep_now = args.sweep_clock;
+    config.sweep_interval = std::time::Duration::from_secs(args.sweep_interval_s.max(1));
     if let Some(path) = &args.detectors {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;

@@ -61,6 +61,9 @@ pub struct WorkerConfig {
     pub detect: crate::detect::DetectConfig,
     /// How often the communication-loss sweep runs.
     pub sweep_interval: Duration,
+    /// What the sweep takes as "now": the wall clock (default) or the newest event time this
+    /// worker has validated.
+    pub sweep_now: crate::detect::SweepNow,
     /// How often worker 0 judges the DMA water balance (`detect::dma`).
     pub dma_interval: Duration,
 }
@@ -99,6 +102,7 @@ impl WorkerConfig {
             store: StoreOptions::default(),
             detect: crate::detect::DetectConfig::default(),
             sweep_interval: Duration::from_secs(60),
+            sweep_now: crate::detect::SweepNow::Wall,
             dma_interval: Duration::from_secs(3600),
         })
     }
@@ -272,6 +276,7 @@ pub async fn run(
         progress,
         registry: crate::registry::live::spawn_listener(pool.clone()),
         frames: crate::registry::sync::FrameSink::spawn(pool.clone(), Duration::from_secs(5)),
+        newest_ts: None,
     };
     // One batch may be validated while the previous one is being written: the writer commits
     // batches strictly in order and retries until each succeeds, so the processor may apply a
@@ -451,6 +456,13 @@ async fn writer(
         pending.add(stats.journal_ids.into_iter().zip(job.entries).collect());
         IngestMetrics::add(&metrics.commits, 1);
         IngestMetrics::add(&metrics.stored, stats.inserted);
+        // The merge's ON CONFLICT DO NOTHING drops a reading whose key is already stored
+        // without a word; counted so a summary can account for every reading it was handed.
+        let merged = stats.inserted + stats.superseded;
+        IngestMetrics::add(
+            &metrics.already_stored,
+            (job.readings.len() as u64).saturating_sub(merged),
+        );
         let [duplicates, conflicts, estimated, rejected] = job.counts;
         IngestMetrics::add(&metrics.duplicates, duplicates);
         IngestMetrics::add(&metrics.conflicts, conflicts);
@@ -787,6 +799,9 @@ struct Processor<'a> {
     registry: mpsc::Receiver<crate::registry::live::Change>,
     /// Last frame per meter, written behind to `meter_last_frame`.
     frames: crate::registry::sync::FrameSink,
+    /// The newest event time (unix seconds) of a reading this worker validated and did not
+    /// reject; the sweep's "now" with [`crate::detect::SweepNow::EventTime`].
+    newest_ts: Option<i64>,
 }
 
 impl Processor<'_> {
@@ -831,8 +846,16 @@ impl Processor<'_> {
                     continue;
                 }
                 _ = sweep.tick() => {
-                    // Silence has no reading to trigger on: judged against the wall clock.
-                    let alarms = crate::detect::sweep_write(self.detectors.on(&mut self.vee));
+                    // Silence has no reading to trigger on: judged against the wall clock, or
+                    // against the newest event time when the fleet's time runs faster (a
+                    // replayed or simulated fleet); before any reading there is nothing to judge.
+                    let alarms = match self.config.sweep_now {
+                        crate::detect::SweepNow::Wall => crate::detect::sweep_write(self.detectors.on(&mut self.vee)),
+                        crate::detect::SweepNow::EventTime => match self.newest_ts {
+                            Some(now) => crate::detect::sweep_write_at(self.detectors.on(&mut self.vee), now, crate::detect::SweepClock::Event),
+                            None => continue,
+                        },
+                    };
                     if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms, self.config.partitions)).await.is_err() {
                         return Err(WorkerError::Mqtt("handing a batch to the writer"));
                     }
@@ -1012,6 +1035,24 @@ impl Processor<'_> {
             out.rejected,
         ];
         self.vee.commit(&out.states);
+        // The event clock follows the meters' (and carrier platforms') own timestamps: not a
+        // gateway's receive time (polled instruments are stamped when read, i.e. by the wall
+        // clock, which would put a simulated fleet hours behind at once), not estimates, not
+        // rejected reads (a meter clock far ahead among them), nothing after the wall clock.
+        let wall = OffsetDateTime::now_utc().unix_timestamp();
+        let newest = out
+            .readings
+            .iter()
+            .filter(|r| {
+                matches!(
+                    r.clock,
+                    model::ClockSource::Meter | model::ClockSource::Platform
+                )
+            })
+            .filter(|r| !matches!(r.quality, model::Quality::Rejected { .. }))
+            .map(|r| r.ts.unix_timestamp().min(wall))
+            .max();
+        self.newest_ts = self.newest_ts.max(newest);
         let mut alarms =
             crate::detect::batch_write(self.detectors.on(&mut self.vee), &out.readings);
         // Detector states go behind with the meter states (journal, checkpoint); the events

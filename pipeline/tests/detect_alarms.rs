@@ -513,3 +513,152 @@ async fn status_bits_follow_the_registry_model_live() {
     drop(changes);
     db.drop_database().await;
 }
+
+/// Runs a worker whose sweep takes `sweep_now` as its clock, feeds it a day of hourly reads of
+/// ten meters delivered at once (as a simulated fleet does: event time far ahead of the wall
+/// clock's progress), with meter 0 silent after hour 10, lets it sweep a few times and returns
+/// the communication-loss alarms as (meter, state, silent_s).
+async fn worker_sweep(sweep_now: detect::SweepNow) -> Vec<(String, String, i64)> {
+    use model::{BatchEntry, GatewayId, ReadingBatch, WIRE_VERSION};
+    use pipeline::ingest::IngestMetrics;
+    use rumqttc::{AsyncClient, MqttOptions, QoS};
+    use std::sync::Arc;
+    let db = TestDatabase::create().await;
+    let url = pipeline::config::mqtt_url();
+    let root = format!("wm-test-sweepnow-{}", rand::random::<u32>());
+    let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, 1).unwrap();
+    let client_id = format!("sw-{}", rand::random::<u32>());
+    config.client_id = client_id.clone();
+    config.sweep_interval = std::time::Duration::from_millis(300);
+    config.sweep_now = sweep_now;
+    let metrics = Arc::new(IngestMetrics::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker = tokio::spawn(pipeline::worker::run(
+        config,
+        db.pool.clone(),
+        Arc::clone(&metrics),
+        shutdown,
+    ));
+    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let (client, mut el) = AsyncClient::new(
+        MqttOptions::new(format!("swp-{}", rand::random::<u32>()), host, port),
+        64,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    // Until the worker has subscribed: a probe of an unknown wire version, until committed.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while IngestMetrics::get(&metrics.commits) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "worker never consumed"
+        );
+        client
+            .publish(
+                format!("{root}/readings/0"),
+                QoS::AtLeastOnce,
+                false,
+                b"{\"v\":99}".to_vec(),
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // Two days ago, hour-aligned; every read received now.
+    let now = OffsetDateTime::now_utc();
+    let t0 = now.replace_time(time::Time::MIDNIGHT) - Duration::days(2);
+    let meters: Vec<String> = (0..10).map(|i| format!("cjt188:{:014}", 500 + i)).collect();
+    let mut seq = 1u64;
+    let mut expected = 0i64;
+    for hour in 0..24i64 {
+        let entries: Vec<BatchEntry> = meters
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 0 || hour <= 10)
+            .map(|(_, m)| {
+                let mut r =
+                    volume_read(m, t0 + Duration::hours(hour), Decimal::new(1000 + hour, 3));
+                r.provenance.received_at = now;
+                seq += 1;
+                BatchEntry {
+                    seq: seq - 1,
+                    reading: r,
+                }
+            })
+            .collect();
+        expected += entries.len() as i64;
+        let batch = ReadingBatch {
+            v: WIRE_VERSION,
+            gateway: GatewayId::new("gw-1").unwrap(),
+            partition: 0,
+            sent_at: now,
+            incarnation: None,
+            prev: None,
+            entries,
+        };
+        client
+            .publish(
+                format!("{root}/readings/0"),
+                QoS::AtLeastOnce,
+                false,
+                serde_json::to_vec(&batch).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if n == expected {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} of {expected} readings stored"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // Several sweeps after the last batch.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    stop.send(true).unwrap();
+    worker.await.unwrap().unwrap();
+    let rows: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT meter_id, state, (detail->>'silent_s')::bigint FROM alarms
+         WHERE kind = 'communication_loss' ORDER BY meter_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    pipeline::worker::forget_session(&url, &client_id)
+        .await
+        .unwrap();
+    db.drop_database().await;
+    rows
+}
+
+#[tokio::test]
+async fn event_time_sweep_raises_communication_loss_for_a_meter_silent_in_a_fast_fleet() {
+    // Meter 0's last read is hour 10; the newest is hour 23 once every batch is in. A sweep may
+    // run while the hours still arrive: the alarm records the silence when it was raised,
+    // more than 3 hourly intervals and at most 13 h. The nine others report every hour: none.
+    let rows = worker_sweep(detect::SweepNow::EventTime).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let (meter, state, silent_s) = &rows[0];
+    assert_eq!(
+        (meter.as_str(), state.as_str()),
+        ("cjt188:00000000000500", "open")
+    );
+    assert!(
+        (3 * 3600 + 1..=13 * 3600).contains(silent_s),
+        "silent {silent_s} s"
+    );
+    assert_eq!(silent_s % 3600, 0, "silence in whole hours of event time");
+}
+
+#[tokio::test]
+async fn wall_clock_sweep_sees_no_silence_in_reads_all_received_just_now() {
+    // Unchanged default: every meter, meter 0 included, was heard (received) seconds ago.
+    assert_eq!(worker_sweep(detect::SweepNow::Wall).await, vec![]);
+}

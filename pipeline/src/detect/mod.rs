@@ -1764,15 +1764,37 @@ pub fn batch_write<'d>(det: impl Into<DetectorsOn<'d>>, readings: &[Reading]) ->
     store::AlarmWrite { events, states }
 }
 
+/// What the live worker's communication-loss sweep takes as "now" (`pipeline run
+/// --sweep-clock`, docs/detectors.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SweepNow {
+    /// The wall clock, against each meter's receive times and uplink cadence (production).
+    #[default]
+    Wall,
+    /// The newest meter- or platform-clock timestamp the worker has validated (not a gateway's
+    /// receive time, not rejected, not after the wall clock): for a fleet that replays or simulates time faster than the clock (`run-demo.sh`),
+    /// where silence against the wall clock never exceeds three usual intervals.
+    EventTime,
+}
+
 /// Runs the communication-loss sweep against the wall clock; returns what to write.
 pub fn sweep_write<'d>(det: impl Into<DetectorsOn<'d>>) -> store::AlarmWrite {
-    let mut det = det.into();
-    let mut events = Vec::new();
-    det.sweep(
+    sweep_write_at(
+        det,
         time::OffsetDateTime::now_utc().unix_timestamp(),
         SweepClock::Received,
-        &mut events,
-    );
+    )
+}
+
+/// Runs the communication-loss sweep at `now` (unix seconds) on `clock`; returns what to write.
+pub fn sweep_write_at<'d>(
+    det: impl Into<DetectorsOn<'d>>,
+    now: i64,
+    clock: SweepClock,
+) -> store::AlarmWrite {
+    let mut det = det.into();
+    let mut events = Vec::new();
+    det.sweep(now, clock, &mut events);
     let mut meters: Vec<&str> = events.iter().map(|e| e.meter.as_str()).collect();
     meters.sort_unstable();
     meters.dedup();
