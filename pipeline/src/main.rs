@@ -149,7 +149,8 @@ struct RunArgs {
     /// Readings per database transaction (upper bound).
     #[arg(long, default_value_t = 40_000)]
     max_batch_readings: usize,
-    /// Longest wait for more messages before writing a batch, milliseconds.
+    /// Longest wait for more messages before writing a batch while the writer is still busy
+    /// with the previous one, milliseconds (idle, a batch is written at once).
     #[arg(long, default_value_t = 50)]
     max_batch_delay_ms: u64,
     /// Longest time consumption spans wait in the ingest journal before they are folded into
@@ -515,9 +516,20 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
         if args.control_arrears {
             control.arrears = Some(args.control_policy.policy()?);
         }
+        // In one process: the worker hands its alarms to the service directly (no broker
+        // round trip before a burst auto-close); the broker copy is still published.
+        let (tap, local) = tokio::sync::mpsc::unbounded_channel();
+        config.alarm_tap = Some(tap);
         let (pool, shutdown) = (pool.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = pipeline::control::service::run(pool, control, shutdown).await {
+            if let Err(e) = pipeline::control::service::run_with_local_alarms(
+                pool,
+                control,
+                shutdown,
+                Some(local),
+            )
+            .await
+            {
                 tracing::error!(error = %e, "control service stopped");
             }
         });

@@ -3,7 +3,8 @@
 //! Worker `i` of `W` subscribes `{root}/readings/{p}` for the partitions with `p % W == i`,
 //! with a stable client id and `clean_session = false`, so the broker keeps its subscriptions
 //! and unacknowledged messages while it is down. Messages are gathered into a batch (up to
-//! [`WorkerConfig::max_batch_readings`] or [`WorkerConfig::max_batch_delay`]), validated, written
+//! [`WorkerConfig::max_batch_readings`], until the queue runs empty while the writer has room,
+//! or [`WorkerConfig::max_batch_delay`] while it has none), validated, written
 //! in one transaction, and acknowledged only after the commit: a crash before the commit means
 //! redelivery, and redelivery is harmless (spool-sequence progress and the row key dedupe).
 
@@ -41,8 +42,14 @@ pub struct WorkerConfig {
     pub partitions: u16,
     /// A batch is written once it holds this many readings...
     pub max_batch_readings: usize,
-    /// ... or this long after its first message arrived.
+    /// ... or, while the writer is still busy with the previous batch, this long after its
+    /// first message arrived. A batch whose queue runs empty while the writer has room is
+    /// handed over at once (adaptive batching: no wait when nothing else is arriving).
     pub max_batch_delay: Duration,
+    /// Adaptive batching (the default): hand a batch over once the queue runs empty while the
+    /// writer has room. `false`: the fixed batching of before, every batch waits
+    /// `max_batch_delay` for company (kept to compare the two in benches).
+    pub adaptive_batching: bool,
     /// Consumption spans are folded from the journal into the rollups at most this long after
     /// their readings commit...
     pub flush_interval: Duration,
@@ -66,6 +73,10 @@ pub struct WorkerConfig {
     pub sweep_now: crate::detect::SweepNow,
     /// How often worker 0 judges the DMA water balance (`detect::dma`).
     pub dma_interval: Duration,
+    /// Alarms committed by this worker are also handed here (the JSON published on
+    /// `{root}/alarms`), for a control service in the same process: it acts on them without
+    /// waiting for the broker round trip. `None`: only published.
+    pub alarm_tap: Option<mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 impl WorkerConfig {
@@ -94,6 +105,7 @@ impl WorkerConfig {
             partitions,
             max_batch_readings: 40_000,
             max_batch_delay: Duration::from_millis(50),
+            adaptive_batching: true,
             flush_interval: Duration::from_secs(5),
             flush_idle: Duration::from_millis(250),
             flush_max_spans: 500_000,
@@ -104,6 +116,7 @@ impl WorkerConfig {
             sweep_interval: Duration::from_secs(60),
             sweep_now: crate::detect::SweepNow::Wall,
             dma_interval: Duration::from_secs(3600),
+            alarm_tap: None,
         })
     }
 
@@ -472,6 +485,10 @@ async fn writer(
             .into_iter()
             .chain(crate::detect::alarm_messages(&job.announce))
         {
+            if let Some(tap) = &config.alarm_tap {
+                // A gone control service is not this worker's failure: the broker copy stays.
+                tap.send(payload.clone()).ok();
+            }
             out.send(Outbound::Publish {
                 topic: crate::detect::alarms_topic(&config.topic_root),
                 payload,
@@ -887,16 +904,55 @@ impl Processor<'_> {
                     None => return Ok(()),
                 },
             };
+            // Adaptive batching: take what is already queued; once the queue is empty, hand the
+            // batch over at once if the writer has room for it (nothing waits for company when
+            // nothing else is arriving: a lone message costs no batch delay), else keep
+            // gathering while the writer is busy with the previous batch — up to
+            // `max_batch_delay` or until the writer's slot frees. Under load the batch grows
+            // with the writer's commit time, as before; idle, the latency floor is gone.
             let deadline = tokio::time::Instant::now() + self.config.max_batch_delay;
             let mut batch = vec![first];
             let mut estimate = estimate_readings(&batch);
             while estimate < self.config.max_batch_readings {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(p)) => {
+                match rx.try_recv() {
+                    Ok(p) => {
                         batch.push(p);
                         estimate = estimate_readings(&batch);
+                        continue;
                     }
-                    Ok(None) | Err(_) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+                if !self.config.adaptive_batching {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(p)) => {
+                            batch.push(p);
+                            estimate = estimate_readings(&batch);
+                            continue;
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                if jobs.capacity() > 0 {
+                    break;
+                }
+                tokio::select! {
+                    biased;
+                    p = rx.recv() => match p {
+                        Some(p) => {
+                            batch.push(p);
+                            estimate = estimate_readings(&batch);
+                        }
+                        None => break,
+                    },
+                    // The writer took the previous job: its slot is free for this one. The
+                    // permit is dropped unused; this task is the only sender, so the slot
+                    // stays free for the send below.
+                    permit = jobs.reserve() => {
+                        drop(permit);
+                        break;
+                    }
+                    () = tokio::time::sleep_until(deadline) => break,
                 }
             }
             let job = self.process(batch).await;

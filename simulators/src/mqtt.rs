@@ -154,7 +154,17 @@ pub struct HydrantUp {
     pub locked: bool,
     /// Events since the last status (`tilt`, `illegal_use`, `open`, `close`).
     pub events: Vec<String>,
+    /// Cumulative outlet volume register, m³, 3 decimals (optional on the wire: older
+    /// firmware does not send it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_m3: Option<String>,
+    /// Instantaneous outlet flow, m³/h, 3 decimals (optional on the wire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_m3h: Option<String>,
 }
+
+/// Outlet flow of a simulated hydrant while open, litres per second (a DN65 hose, 18 m³/h).
+pub const HYDRANT_FLOW_L_PER_S: i64 = 5;
 
 /// One simulated hydrant controller.
 #[derive(Debug, Clone)]
@@ -171,6 +181,10 @@ pub struct Hydrant {
     unlocked_until: Option<i64>,
     events: Vec<String>,
     acks: HashMap<String, HydrantAck>,
+    /// Cumulative outlet volume, litres (exact: an integer count of litres).
+    volume_l: i64,
+    /// Simulated time up to which `volume_l` is accounted.
+    accounted_to: Option<i64>,
     /// Commands executed (not counting repeated command ids).
     pub executed: u64,
 }
@@ -188,6 +202,8 @@ impl Hydrant {
             unlocked_until: None,
             events: Vec::new(),
             acks: HashMap::new(),
+            volume_l: 0,
+            accounted_to: None,
             executed: 0,
         }
     }
@@ -203,12 +219,31 @@ impl Hydrant {
         (self.locked, self.open)
     }
 
+    /// The cumulative outlet volume register, m³ (exact, 3 decimals).
+    pub fn volume_m3(&self) -> Decimal {
+        Decimal::new(self.volume_l, 3)
+    }
+
+    /// Accounts the water drawn up to simulated time `now`: the outlet flows at
+    /// [`HYDRANT_FLOW_L_PER_S`] while open. Called before every state change, so a lock stops
+    /// the register at the lock's time.
+    fn accumulate(&mut self, now: i64) {
+        if let Some(from) = self.accounted_to
+            && now > from
+            && self.open
+        {
+            self.volume_l += (now - from) * HYDRANT_FLOW_L_PER_S;
+        }
+        self.accounted_to = Some(self.accounted_to.map_or(now, |t| t.max(now)));
+    }
+
     /// Handles a command at simulated time `now`. A command id seen before is acknowledged
     /// again with the first result and not executed again.
     pub fn handle(&mut self, cmd: &HydrantCommand, now: i64) -> HydrantAck {
         if let Some(ack) = self.acks.get(&cmd.command_id) {
             return ack.clone();
         }
+        self.accumulate(now);
         let refuse = |reason: &str| HydrantAck {
             command_id: cmd.command_id.clone(),
             result: "refused".into(),
@@ -255,6 +290,7 @@ impl Hydrant {
     /// Advances to simulated time `now` (step `step` of the run) and returns the status to
     /// publish. Rare random events: a tilt (collision), or illegal use while locked.
     pub fn tick(&mut self, now: i64, seed: u64, step: u64) -> HydrantUp {
+        self.accumulate(now);
         if self.illegal_open {
             self.illegal_open = false;
             self.open = false;
@@ -285,6 +321,13 @@ impl Hydrant {
             state: if self.open { "open" } else { "closed" }.into(),
             locked: self.locked,
             events: std::mem::take(&mut self.events),
+            volume_m3: Some(self.volume_m3().to_string()),
+            flow_m3h: Some(if self.open {
+                // L/s × 3600 s/h ÷ 1000 L/m³.
+                Decimal::new(HYDRANT_FLOW_L_PER_S * 3600, 3).to_string()
+            } else {
+                Decimal::new(0, 3).to_string()
+            }),
         }
     }
 }
@@ -460,9 +503,42 @@ mod tests {
         let up = h.tick(300, 1, 1);
         assert_eq!((up.state.as_str(), up.locked), ("open", false));
         assert_eq!(up.events, vec!["open".to_owned()]);
+        // 300 s at 5 L/s = 1.5 m³, flowing at 18 m³/h.
+        assert_eq!(up.volume_m3.as_deref(), Some("1.500"));
+        assert_eq!(up.flow_m3h.as_deref(), Some("18.000"));
         let up = h.tick(600, 1, 2);
         assert!(up.locked);
         assert!(up.events.contains(&"close".to_owned()));
+        // Drawn up to the lock at 600 s, nothing after it.
+        assert_eq!(up.volume_m3.as_deref(), Some("3.000"));
+        assert_eq!(up.flow_m3h.as_deref(), Some("0.000"));
+        let up = h.tick(900, 1, 3);
+        assert_eq!(up.volume_m3.as_deref(), Some("3.000"));
+    }
+
+    #[test]
+    fn a_lock_command_stops_the_register_at_its_time() {
+        let mut h = Hydrant::new(4);
+        h.tick(0, 1, 0);
+        h.handle(
+            &HydrantCommand {
+                command_id: "u".into(),
+                action: "unlock".into(),
+                duration_s: Some(3600),
+            },
+            10,
+        );
+        assert_eq!(h.tick(20, 1, 1).volume_m3.as_deref(), Some("0.050"));
+        h.handle(
+            &HydrantCommand {
+                command_id: "l".into(),
+                action: "lock".into(),
+                duration_s: None,
+            },
+            25,
+        );
+        assert_eq!(h.volume_m3(), Decimal::new(75, 3));
+        assert_eq!(h.tick(40, 1, 2).volume_m3.as_deref(), Some("0.075"));
     }
 
     #[test]

@@ -91,6 +91,36 @@ async fn event_count(pool: &PgPool, id: &str) -> usize {
         .unwrap_or(0)
 }
 
+/// Prints a command's round trip from the times the system itself recorded (the row's issue,
+/// its publication by the service, the gateway's acknowledgement once the device answered):
+/// figures for docs/benchmarks.md, not asserted (this shared machine is too noisy to bound
+/// them).
+async fn print_round_trip(pool: &PgPool, id: &str, what: &str) {
+    type Times = (
+        OffsetDateTime,
+        Option<OffsetDateTime>,
+        Option<OffsetDateTime>,
+    );
+    let row: Option<Times> = sqlx::query_as(
+        "SELECT issued_at, published_at, acknowledged_at FROM commands WHERE command_id = $1",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten();
+    let ms = |d: time::Duration| d.as_seconds_f64() * 1000.0;
+    if let Some((issued, Some(published), Some(acked))) = row {
+        println!(
+            "round_trip {what}: issued→published {:.1} ms, published→device acknowledged {:.1} ms, \
+             issued→acknowledged {:.1} ms",
+            ms(published - issued),
+            ms(acked - published),
+            ms(acked - issued)
+        );
+    }
+}
+
 fn gateway_config(root: &str, site: &str, spool: &std::path::Path) -> edge_config::GatewayConfig {
     let url = pipeline::config::mqtt_url();
     let (host, port) = pipeline::config::parse_mqtt_url(&url).expect("MQTT_URL");
@@ -242,6 +272,7 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
     )
     .await;
     assert_eq!(executed.load(Ordering::SeqCst), 1);
+    print_round_trip(&pool, &id, "hydrant unlock (real gateway, MQTT hydrant)").await;
 
     let (hyd, _hyd_rx) = subscribe("ctl-hyd-up", &format!("{root}/unused")).await;
     // 2. The same id again: no new command; re-published: the gateway only repeats its ack.
@@ -458,6 +489,388 @@ async fn commands_through_the_real_gateway_and_simulated_hydrant() {
 
     stop.send(true).ok();
     service_task.await.expect("service task").expect("service");
+    worker_task.await.expect("worker task").expect("worker");
+    gateway.shutdown().await;
+    pipeline::worker::forget_session(&broker, &worker_client)
+        .await
+        .ok();
+    db.drop_database().await;
+}
+
+/// The simulated hydrant's report decodes, through the gateway's hydrant decoder, to the
+/// register the simulator holds (the wire extension's round trip: device side → gateway).
+#[test]
+fn simulated_hydrant_volume_register_round_trips_through_the_decoder() {
+    let mut h = Hydrant::new(7);
+    h.tick(1_780_000_000, 1, 0);
+    h.handle(
+        &HydrantCommand {
+            command_id: "u".into(),
+            action: "unlock".into(),
+            duration_s: Some(3600),
+        },
+        1_780_000_000,
+    );
+    let up = h.tick(1_780_000_123, 1, 1);
+    let bytes = serde_json::to_vec(&up).expect("json");
+    let provenance = model::Provenance {
+        gateway: model::GatewayId::new("gw-1").expect("id"),
+        source: model::SourceKind::Mqtt,
+        source_id: "hyd".into(),
+        frame_hash: "00".into(),
+        received_at: OffsetDateTime::now_utc(),
+        channel: None,
+    };
+    let decoded = gateway::sources::hydrant::decode_up("hyd-0007", &bytes, provenance)
+        .expect("the simulator's report decodes");
+    let of = |q: model::Quantity| {
+        decoded
+            .readings
+            .iter()
+            .find(|r| r.quantity == q)
+            .map(|r| (r.value, r.unit))
+    };
+    // 123 s open at 5 L/s.
+    assert_eq!(
+        of(model::Quantity::Volume),
+        Some((rust_decimal::Decimal::new(615, 3), model::Unit::CubicMetre))
+    );
+    assert_eq!(h.volume_m3(), rust_decimal::Decimal::new(615, 3));
+    assert_eq!(
+        of(model::Quantity::Flow),
+        Some((
+            rust_decimal::Decimal::new(18_000, 3),
+            model::Unit::CubicMetrePerHour
+        ))
+    );
+}
+
+/// Plays hydrant `hyd-0001` of `site` with its volume register: executes commands and reports
+/// its status every 500 ms on the real clock. `illegal_from` (a step) makes it open illegally
+/// for five steps from there. Returns the shared model and the step counter.
+async fn run_metered_hydrant(
+    site: &str,
+) -> (
+    Arc<std::sync::Mutex<Hydrant>>,
+    Arc<AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (client, mut cmds) = subscribe("ctl-mhyd", &format!("{site}/hyd-0001/cmd")).await;
+    let hydrant = Arc::new(std::sync::Mutex::new(Hydrant::new(1)));
+    let step = Arc::new(AtomicU64::new(0));
+    let (h, n) = (Arc::clone(&hydrant), Arc::clone(&step));
+    let (ack_topic, up_topic) = (
+        format!("{site}/hyd-0001/ack"),
+        format!("{site}/hyd-0001/up"),
+    );
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let (topic, body) = tokio::select! {
+                c = cmds.recv() => {
+                    let Some((_, body)) = c else { return };
+                    let Ok(cmd) = serde_json::from_slice::<HydrantCommand>(&body) else {
+                        continue;
+                    };
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    let ack = h.lock().expect("hydrant").handle(&cmd, now);
+                    (ack_topic.clone(), serde_json::to_vec(&ack).expect("ack json"))
+                }
+                _ = tick.tick() => {
+                    let now = OffsetDateTime::now_utc().unix_timestamp();
+                    let s = n.fetch_add(1, Ordering::SeqCst);
+                    let up = h.lock().expect("hydrant").tick(now, 7, s);
+                    (up_topic.clone(), serde_json::to_vec(&up).expect("up json"))
+                }
+            };
+            if client
+                .publish(topic, QoS::AtLeastOnce, false, body)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    (hydrant, step, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permit_volume_limit_locks_the_hydrant_through_the_real_gateway() {
+    let root = wm_tests::unique_prefix("ctlvol");
+    let site = format!("{root}/hyd");
+    let db = TestDatabase::create().await;
+    let pool = db.pool.clone();
+    let broker = pipeline::config::mqtt_url();
+    sqlx::query(
+        "INSERT INTO meters (meter_id, protocol, gateway_id, has_valve, auto_close_on_burst) \
+         VALUES ('hydrant:hyd-0001', 'named', $1, false, false)",
+    )
+    .bind(GW)
+    .execute(&pool)
+    .await
+    .expect("register");
+    let (_l, mut alarms) = subscribe("ctlvol-alarms", &format!("{root}/alarms")).await;
+    let (hydrant_model, steps, hydrant_task) = run_metered_hydrant(&site).await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gateway = Gateway::start(gateway_config(&root, &site, &dir.path().join("spool")))
+        .await
+        .expect("gateway starts");
+    let cid = root.replace('/', "-");
+    let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
+    worker.client_id = format!("{cid}-pipeline");
+    let worker_client = worker.client_id.clone();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let worker_task = tokio::spawn(pipeline::worker::run(
+        worker,
+        pool.clone(),
+        Arc::new(pipeline::ingest::IngestMetrics::default()),
+        shutdown.clone(),
+    ));
+    let mut config =
+        service::ServiceConfig::new(&broker, &root, &format!("{cid}-control")).expect("config");
+    config.sweep_interval = Duration::from_millis(300);
+    let service_task = tokio::spawn(service::run(pool.clone(), config, shutdown));
+
+    // The hydrant's locked, closed register reaches the database before the unlock, so the
+    // register at the unlock is a reading from before it.
+    wait_for("a volume register stored", Duration::from_secs(120), || {
+        let pool = pool.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM readings WHERE meter_id = 'hydrant:hyd-0001' \
+                 AND quantity = 'volume'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (n > 0).then_some(())
+        }
+    })
+    .await;
+
+    // 20 L allowed: four seconds of the simulated hose (5 L/s).
+    let limit = rust_decimal::Decimal::new(20, 3);
+    let now = OffsetDateTime::now_utc();
+    hydrant::create_permit(
+        &pool,
+        &hydrant::Permit {
+            id: "P-VOL".into(),
+            hydrant: "hydrant:hyd-0001".into(),
+            holder: "tanker 7".into(),
+            valid_from: now - time::Duration::minutes(1),
+            valid_to: now + time::Duration::hours(1),
+            volume_limit_m3: Some(limit),
+            issued_by: "user:permits".into(),
+        },
+    )
+    .await
+    .expect("permit");
+    let unlock = hydrant::unlock(&pool, "P-VOL", "user:holder", OffsetDateTime::now_utc())
+        .await
+        .expect("unlock inside the permit");
+    let lock_id = "permit:P-VOL:volume-lock";
+    wait_for(
+        "the volume lock acknowledged",
+        Duration::from_secs(120),
+        || async {
+            (state(&pool, lock_id).await == Some(CentralState::Acknowledged)).then_some(())
+        },
+    )
+    .await;
+    assert!(matches!(
+        state(&pool, &unlock.command.id).await,
+        Some(CentralState::Acknowledged | CentralState::ConfirmedByTelemetry)
+    ));
+    {
+        let h = hydrant_model.lock().expect("hydrant");
+        assert_eq!(
+            h.state(),
+            (true, false),
+            "locked and closed by the volume lock"
+        );
+        assert_eq!(h.executed, 2, "one unlock, one lock");
+        assert!(h.volume_m3() >= limit, "{} drawn", h.volume_m3());
+    }
+
+    // The permit's registers, the decision and the command's cause.
+    let (start, drawn, exhausted, lock): (
+        Option<rust_decimal::Decimal>,
+        Option<rust_decimal::Decimal>,
+        Option<OffsetDateTime>,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT volume_start_m3, volume_drawn_m3, exhausted_at, lock_command_id \
+         FROM hydrant_permits WHERE permit_id = 'P-VOL'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("permit row");
+    let (start, drawn) = (start.expect("register at unlock"), drawn.expect("drawn"));
+    assert!(drawn >= limit, "drawn {drawn} < limit {limit}");
+    // Stopped within a few sweeps and reports: at most 4 s of flow past the limit.
+    assert!(
+        drawn <= limit + rust_decimal::Decimal::new(20, 3),
+        "drawn {drawn}"
+    );
+    assert!(exhausted.is_some());
+    assert_eq!(lock.as_deref(), Some(lock_id));
+    let decisions = pipeline::control::rules::decisions(&pool, "hydrant:hyd-0001")
+        .await
+        .expect("decisions");
+    let d = decisions
+        .iter()
+        .find(|d| d.rule == hydrant::VOLUME_RULE)
+        .expect("a permit_volume_exhausted decision");
+    assert_eq!(d.outcome, "issued");
+    assert_eq!(d.command.as_deref(), Some(lock_id));
+    assert_eq!(d.inputs["permit"], "P-VOL");
+    assert_eq!(
+        d.inputs["register_at_unlock_m3"]
+            .as_str()
+            .map(|s| s.parse::<rust_decimal::Decimal>().expect("decimal")),
+        Some(start)
+    );
+    let row = control::get(&pool, lock_id).await.expect("lock row");
+    assert_eq!(row.cause["rule"], hydrant::VOLUME_RULE);
+    assert_eq!(row.cause["permit"], "P-VOL");
+    let audit: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_log WHERE action = 'permit.volume_exhausted' \
+         AND entity_id = 'P-VOL'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("audit");
+    assert_eq!(audit, 1);
+    let events: Vec<String> = control::events(&pool, lock_id)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.state)
+        .collect();
+    assert!(events.iter().any(|s| s == "acknowledged"), "{events:?}");
+
+    // The register as the hydrant holds it reaches the database (readings stored: volume and
+    // flow), and the window-end lock is not issued on top of the volume lock.
+    let held = hydrant_model.lock().expect("hydrant").volume_m3();
+    wait_for("the held register stored", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            let max: Option<rust_decimal::Decimal> = sqlx::query_scalar(
+                "SELECT max(value) FROM readings WHERE meter_id = 'hydrant:hyd-0001' \
+                 AND quantity = 'volume'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (max == Some(held)).then_some(())
+        }
+    })
+    .await;
+    let flows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM readings WHERE meter_id = 'hydrant:hyd-0001' \
+         AND quantity = 'flow' AND value > 0",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("flows");
+    assert!(flows >= 1, "an open-outlet flow reading is stored");
+    assert!(control::get(&pool, "permit:P-VOL:lock").await.is_err());
+
+    // Water drawn after the lock: the hydrant opens illegally → hydrant_illegal_use.
+    let illegal_from = {
+        let mut h = hydrant_model.lock().expect("hydrant");
+        let from = steps.load(Ordering::SeqCst) + 1;
+        let scripted = h.clone().with_illegal_use_at(from..from + 5);
+        *h = scripted;
+        from
+    };
+    let detail: serde_json::Value = wait_for(
+        "hydrant_illegal_use after the lock",
+        Duration::from_secs(120),
+        || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_scalar(
+                    "SELECT detail FROM alarms WHERE meter_id = 'hydrant:hyd-0001' \
+                     AND kind = 'hydrant_illegal_use' AND cleared_at IS NULL",
+                )
+                .fetch_optional(&pool)
+                .await
+                .ok()?
+            }
+        },
+    )
+    .await;
+    // Raised by whichever sees it first: the detector from the device's own illegal-use bit,
+    // or the control service from the readings.
+    assert!(detail.is_object(), "{detail}");
+    wait_for(
+        "the illegal-use alarm on {root}/alarms",
+        Duration::from_secs(30),
+        || {
+            let mut found = false;
+            while let Ok((_, p)) = alarms.try_recv() {
+                if let Ok(a) = serde_json::from_slice::<Alarm>(&p) {
+                    found |= a.kind == AlarmKind::HydrantIllegalUse
+                        && a.meter.as_str() == "hydrant:hyd-0001";
+                }
+            }
+            async move { found.then_some(()) }
+        },
+    )
+    .await;
+    // Server-side, independent of the device's bit: with that alarm cleared, the volume
+    // check raises its own from the register rising after the lock's acknowledgement.
+    wait_for("the illegal draw over", Duration::from_secs(60), || {
+        let done = steps.load(Ordering::SeqCst) > illegal_from + 6;
+        async move { done.then_some(()) }
+    })
+    .await;
+    let held_before = hydrant_model.lock().expect("hydrant").volume_m3();
+    assert!(
+        held_before > held,
+        "{held_before} drawn after the lock at {held}"
+    );
+    wait_for("the drawn register stored", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            let max: Option<rust_decimal::Decimal> = sqlx::query_scalar(
+                "SELECT max(value) FROM readings WHERE meter_id = 'hydrant:hyd-0001' \
+                 AND quantity = 'volume'",
+            )
+            .fetch_one(&pool)
+            .await
+            .ok()?;
+            (max >= Some(held_before)).then_some(())
+        }
+    })
+    .await;
+    stop.send(true).ok();
+    service_task.await.expect("service task").expect("service");
+    sqlx::query("UPDATE alarms SET cleared_at = now() WHERE meter_id = 'hydrant:hyd-0001'")
+        .execute(&pool)
+        .await
+        .expect("clear");
+    let report = hydrant::enforce_volume(&pool, OffsetDateTime::now_utc())
+        .await
+        .expect("enforce");
+    assert!(report.locked.is_empty(), "{report:?}");
+    assert_eq!(report.drawn_after_lock.len(), 1, "{report:?}");
+    let (h, after, _) = &report.drawn_after_lock[0];
+    assert_eq!(h, "hydrant:hyd-0001");
+    assert!(*after > rust_decimal::Decimal::ZERO, "{after}");
+    let reason: String = sqlx::query_scalar(
+        "SELECT detail->>'reason' FROM alarms WHERE meter_id = 'hydrant:hyd-0001' \
+         AND kind = 'hydrant_illegal_use' AND cleared_at IS NULL",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("the server-side alarm");
+    assert_eq!(reason, "water drawn after the permit's volume lock");
+
+    hydrant_task.abort();
     worker_task.await.expect("worker task").expect("worker");
     gateway.shutdown().await;
     pipeline::worker::forget_session(&broker, &worker_client)
@@ -691,6 +1104,12 @@ valve = {{ register = 2, open = 0, close = 1 }}
         Some(1),
         "the valve register holds the close value"
     );
+    print_round_trip(
+        &pool,
+        "mb-close-1",
+        "modbus valve close (real gateway, TCP slave)",
+    )
+    .await;
 
     // 2. Read now: one poll outside the schedule, acknowledged; its reading (valve closed)
     //    confirms the close by telemetry.
@@ -720,6 +1139,7 @@ valve = {{ register = 2, open = 0, close = 1 }}
         slave.reads.load(Ordering::SeqCst) > reads_before,
         "read-now polled the slave"
     );
+    print_round_trip(&pool, "mb-read-1", "modbus read-now").await;
     wait_for(
         "the read-now reading stored",
         Duration::from_secs(120),
@@ -921,6 +1341,7 @@ key_file = "{keys}"
         cjt188::ST_VALVE_CLOSED,
     ));
     let (sealed, mid, token, _) = uplink(reply);
+    let replied = OffsetDateTime::now_utc();
     simulators::nbiot::coap_post(&meter, coap, mid, token, sealed)
         .await
         .expect("valve reply answered");
@@ -932,6 +1353,25 @@ key_file = "{keys}"
         .then_some(())
     })
     .await;
+    // The NB-IoT close waits for the meter's next uplink (here the test's own 400 ms wake
+    // loop); the figure that is the system's: valve reply sent → gateway acknowledgement.
+    print_round_trip(
+        &pool,
+        "nb-close-1",
+        "nb-iot coap valve close (incl. waiting for the uplink)",
+    )
+    .await;
+    let acked: Option<OffsetDateTime> =
+        sqlx::query_scalar("SELECT acknowledged_at FROM commands WHERE command_id = 'nb-close-1'")
+            .fetch_one(&pool)
+            .await
+            .expect("acknowledged_at");
+    if let Some(acked) = acked {
+        println!(
+            "round_trip nb-iot coap: sealed valve reply posted→acknowledged {:.1} ms",
+            (acked - replied).as_seconds_f64() * 1000.0
+        );
+    }
 
     // 4. Its next sealed reading shows the valve closed: confirmed by telemetry.
     wait_for("confirmed by telemetry", Duration::from_secs(120), || {

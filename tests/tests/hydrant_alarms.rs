@@ -105,6 +105,9 @@ topic_prefix = "{prefix}/hydrant"
             state: "closed".into(),
             locked: true,
             events: vec![],
+            // A report of older firmware: no volume register.
+            volume_m3: None,
+            flow_m3h: None,
         };
         probe
             .publish(

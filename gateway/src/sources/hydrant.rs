@@ -269,6 +269,14 @@ pub enum UpError {
     /// `state` is neither `open` nor `closed`.
     #[error("field state: {0:?} (expected \"open\" or \"closed\")")]
     State(String),
+    /// `volume_m3` or `flow_m3h` is negative.
+    #[error("field {field}: {value} is negative (expected a register or flow >= 0)")]
+    Negative {
+        /// The field.
+        field: &'static str,
+        /// Its value.
+        value: Decimal,
+    },
 }
 
 impl ErrorCode for UpError {
@@ -281,6 +289,7 @@ impl ErrorCode for UpError {
             Self::MeterId(_) => "meter_id",
             Self::Timestamp(_) => "timestamp",
             Self::State(_) => "state",
+            Self::Negative { .. } => "negative",
         }
     }
 }
@@ -301,12 +310,19 @@ struct UpMessage {
     tilt_deg: Option<Decimal>,
     #[serde(default)]
     events: Vec<String>,
+    /// Cumulative outlet volume register, m³ (optional: older firmware does not send it).
+    #[serde(default)]
+    volume_m3: Option<Decimal>,
+    /// Instantaneous outlet flow, m³/h (optional).
+    #[serde(default)]
+    flow_m3h: Option<Decimal>,
 }
 
 /// A decoded uplink.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodedUp {
-    /// Readings in a fixed order: pressure, outlet_state, tilt, status_word.
+    /// Readings in a fixed order: pressure, outlet_state, tilt, status_word, volume, flow
+    /// (each only when its field is present).
     pub readings: Vec<Reading>,
     /// Event names this bridge does not know (ignored, counted).
     pub unknown_events: Vec<String>,
@@ -346,6 +362,11 @@ pub fn decode_up(
         Some("closed") => Some(Decimal::ZERO),
         Some(other) => return Err(UpError::State(other.to_owned())),
     };
+    for (field, value) in [("volume_m3", msg.volume_m3), ("flow_m3h", msg.flow_m3h)] {
+        if let Some(value) = value.filter(|v| v.is_sign_negative() && !v.is_zero()) {
+            return Err(UpError::Negative { field, value });
+        }
+    }
     let mut status: u32 = 0;
     let mut unknown_events = Vec::new();
     if msg.locked == Some(true) {
@@ -393,6 +414,12 @@ pub fn decode_up(
             Decimal::from(status),
             Unit::Dimensionless,
         ));
+    }
+    if let Some(v) = msg.volume_m3 {
+        readings.push(reading(Quantity::Volume, v, Unit::CubicMetre));
+    }
+    if let Some(f) = msg.flow_m3h {
+        readings.push(reading(Quantity::Flow, f, Unit::CubicMetrePerHour));
     }
     Ok(DecodedUp {
         readings,
@@ -629,14 +656,54 @@ mod tests {
         assert_eq!(up.unknown_events, ["boom"]);
     }
 
+    /// Golden vector of the volume extension: the register and flow come out exact, after the
+    /// older fields, and a frame of older firmware (no register) still decodes.
+    #[test]
+    fn volume_register_and_flow_golden_vector() {
+        let json = br#"{"v":1,"hydrant":"h1","ts":"2026-11-25T10:00:00Z","state":"open",
+            "locked":false,"events":[],"volume_m3":"1234.567","flow_m3h":"18.000"}"#;
+        let up = decode_up("h1", json, prov()).unwrap();
+        let got: Vec<(Quantity, String, Unit)> = up
+            .readings
+            .iter()
+            .map(|r| (r.quantity, r.value.to_string(), r.unit))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Quantity::OutletState, "1".to_string(), Unit::Dimensionless),
+                (Quantity::StatusWord, "0".to_string(), Unit::Dimensionless),
+                (Quantity::Volume, "1234.567".to_string(), Unit::CubicMetre),
+                (
+                    Quantity::Flow,
+                    "18.000".to_string(),
+                    Unit::CubicMetrePerHour
+                ),
+            ]
+        );
+        let old = br#"{"v":1,"hydrant":"h1","state":"closed","locked":true}"#;
+        let up = decode_up("h1", old, prov()).unwrap();
+        assert!(
+            up.readings
+                .iter()
+                .all(|r| r.quantity != Quantity::Volume && r.quantity != Quantity::Flow)
+        );
+        assert_eq!(up.readings.len(), 2);
+    }
+
     #[test]
     fn bad_uplinks_are_typed() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str); 7] = [
             (b"not json", "json"),
             (br#"{"v":2,"hydrant":"h1"}"#, "version"),
             (br#"{"v":1,"hydrant":"h2"}"#, "hydrant_mismatch"),
             (br#"{"v":1,"hydrant":"h1","ts":"yesterday"}"#, "timestamp"),
             (br#"{"v":1,"hydrant":"h1","state":"ajar"}"#, "state"),
+            (
+                br#"{"v":1,"hydrant":"h1","volume_m3":"-0.001"}"#,
+                "negative",
+            ),
+            (br#"{"v":1,"hydrant":"h1","flow_m3h":"ten"}"#, "json"),
         ];
         for (payload, kind) in cases {
             assert_eq!(decode_up("h1", payload, prov()).unwrap_err().code(), kind);

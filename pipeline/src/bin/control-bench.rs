@@ -50,6 +50,14 @@ struct Args {
     /// longest a lone message waits for company before its batch is processed.
     #[arg(long, default_value_t = 50)]
     max_batch_delay_ms: u64,
+    /// Alarms reach the control service only through the broker (as from workers of another
+    /// process), not handed over in-process (`pipeline run --control` hands them over).
+    #[arg(long)]
+    via_broker: bool,
+    /// The workers batch as before adaptive batching: a lone message waits the whole batch
+    /// delay for company (to compare in the same session).
+    #[arg(long)]
+    fixed_batching: bool,
 }
 
 const GW: &str = "gw-bench";
@@ -140,12 +148,22 @@ async fn main() -> anyhow::Result<()> {
         rand::random::<u32>()
     );
     println!(
-        "trials={} load_rate={} load_meters={} partitions={} workers={} nproc={}",
+        "trials={} load_rate={} load_meters={} partitions={} workers={} alarms={} batching={} nproc={}",
         args.trials,
         args.load_rate,
         args.load_meters,
         args.partitions,
         args.workers,
+        if args.via_broker {
+            "via-broker"
+        } else {
+            "in-process"
+        },
+        if args.fixed_batching {
+            "fixed"
+        } else {
+            "adaptive"
+        },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let trial_meters: Vec<MeterId> = (0..args.trials)
@@ -165,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let (tap, local_alarms) = mpsc::unbounded_channel();
     for w in 0..args.workers {
         let mut config = pipeline::worker::WorkerConfig::new(
             &mqtt_url,
@@ -175,6 +194,10 @@ async fn main() -> anyhow::Result<()> {
         )?;
         config.client_id = format!("ctl-bench-{}-w{w}", std::process::id());
         config.max_batch_delay = Duration::from_millis(args.max_batch_delay_ms);
+        config.adaptive_batching = !args.fixed_batching;
+        if !args.via_broker {
+            config.alarm_tap = Some(tap.clone());
+        }
         tasks.push(tokio::spawn(pipeline::worker::run(
             config,
             pool.clone(),
@@ -187,10 +210,12 @@ async fn main() -> anyhow::Result<()> {
         &root,
         &format!("ctl-bench-{}-control", std::process::id()),
     )?;
-    let control_task = tokio::spawn(pipeline::control::service::run(
+    drop(tap);
+    let control_task = tokio::spawn(pipeline::control::service::run_with_local_alarms(
         pool.clone(),
         control,
         shutdown.clone(),
+        (!args.via_broker).then_some(local_alarms),
     ));
 
     // The observer: when each close command reaches the broker's subscribers.

@@ -62,6 +62,10 @@ struct Args {
     /// Journal fold interval of the workers, milliseconds (default: the worker's own).
     #[arg(long)]
     flush_interval_ms: Option<u64>,
+    /// The workers batch as before adaptive batching: every batch waits the batch delay for
+    /// company (to compare the two in the same session).
+    #[arg(long)]
+    fixed_batching: bool,
     /// Keep the two bench databases afterwards.
     #[arg(long)]
     keep: bool,
@@ -246,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
             args.partitions,
         )?;
         config.client_id = format!("bench-{}-w{w}", std::process::id());
+        config.adaptive_batching = !args.fixed_batching;
         if let Some(n) = args.max_batch_readings {
             config.max_batch_readings = n;
         }

@@ -42,7 +42,7 @@ pub struct Decision {
 /// Stores a decision unless the latest decision of the rule for the meter already says the
 /// same (a sweep re-evaluating a deferred close does not add a row every minute). Returns
 /// whether it was stored.
-async fn decide(tx: &mut PgConnection, d: &Decision) -> Result<bool, ControlError> {
+pub(crate) async fn decide(tx: &mut PgConnection, d: &Decision) -> Result<bool, ControlError> {
     if d.command.is_none() {
         let last: Option<(String, String)> = sqlx::query_as(
             "SELECT outcome, reason FROM control_decisions WHERE meter_id = $1 AND rule = $2 \

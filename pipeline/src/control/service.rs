@@ -8,7 +8,7 @@
 //! - consumes `{root}/alarms`: a raised `burst` runs [`rules::burst_auto_close`] and the close
 //!   is published at once;
 //! - sweeps: TTL expiry, telemetry confirmation (`valve_fault` on contradiction), hydrant
-//!   permits ending, unpermitted hydrant use, missed burst alarms, and the arrears rule
+//!   permits ending, permit volume limits ([`hydrant::enforce_volume`]), unpermitted hydrant use, missed burst alarms, and the arrears rule
 //!   (reopen on payment is also woken by the `arrears` notification).
 //!
 //! Deadlock rule of the workspace (docs/reliability.md): the task that drains the MQTT event
@@ -88,8 +88,26 @@ enum Incoming {
 pub async fn run(
     pool: PgPool,
     config: ServiceConfig,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControlError> {
+    run_with_local_alarms(pool, config, shutdown, None).await
+}
+
+/// Runs the control service until `shutdown` turns true, also taking alarms from ingest
+/// workers of this process (`WorkerConfig::alarm_tap`) as soon as they commit, instead of
+/// only after their round trip through the broker. The broker copy of an alarm already
+/// taken locally is skipped (same meter, kind and raise time).
+///
+/// # Errors
+/// [`ControlError`] when the database listener cannot start.
+pub async fn run_with_local_alarms(
+    pool: PgPool,
+    config: ServiceConfig,
+    mut shutdown: watch::Receiver<bool>,
+    local_alarms: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+) -> Result<(), ControlError> {
+    let mut local_alarms = local_alarms;
+    let mut seen = RecentAlarms::default();
     let mut options = MqttOptions::new(
         config.client_id.clone(),
         config.broker_host.clone(),
@@ -191,9 +209,24 @@ pub async fn run(
                 if *shutdown.borrow() { break; }
                 Ok(())
             }
+            Some(payload) = async {
+                match local_alarms.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match serde_json::from_slice::<Alarm>(&payload) {
+                Ok(alarm) if seen.first(&alarm) => svc.on_alarm(&alarm).await,
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "control: unreadable local alarm");
+                    Ok(())
+                }
+            },
             m = in_rx.recv() => match m {
                 Some(Incoming::Ack(ack)) => svc.on_ack(&ack).await,
-                Some(Incoming::Alarm(alarm)) => svc.on_alarm(&alarm).await,
+                Some(Incoming::Alarm(alarm)) => {
+                    if seen.first(&alarm) { svc.on_alarm(&alarm).await } else { Ok(()) }
+                }
                 Some(Incoming::Connected) => svc.flush_outbox().await,
                 None => break,
             },
@@ -231,6 +264,41 @@ pub async fn run(
     publisher.await.ok();
     client.disconnect().await.ok();
     Ok(())
+}
+
+/// (meter, kind, raise time, cleared): one alarm message.
+type AlarmKey = (String, AlarmKind, i128, bool);
+
+/// Alarms recently acted on, so one taken from a local worker is not acted on again when its
+/// broker copy arrives (acting twice is harmless, the rules are idempotent, but costs queries).
+#[derive(Default)]
+struct RecentAlarms {
+    set: std::collections::HashSet<AlarmKey>,
+    order: std::collections::VecDeque<AlarmKey>,
+}
+
+impl RecentAlarms {
+    const CAPACITY: usize = 4096;
+
+    /// True the first time an alarm (meter, kind, raise time) is seen.
+    fn first(&mut self, alarm: &Alarm) -> bool {
+        let key = (
+            alarm.meter.as_str().to_owned(),
+            alarm.kind,
+            alarm.raised_at.unix_timestamp_nanos(),
+            alarm.cleared_at.is_some(),
+        );
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        self.order.push_back(key);
+        while self.order.len() > Self::CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 struct Service<'a> {
@@ -384,6 +452,15 @@ impl Service<'_> {
             if let Some((d, _)) = rules::burst_auto_close(self.pool, &meter).await? {
                 self.publish_decision(&d);
             }
+        }
+        let volume = hydrant::enforce_volume(self.pool, now).await?;
+        for (h, drawn, ts) in &volume.drawn_after_lock {
+            self.publish_alarm(
+                h,
+                AlarmKind::HydrantIllegalUse,
+                json!({"source": "control", "reason": "water drawn after the permit's volume lock",
+                       "drawn_after_lock_m3": drawn, "register_at": super::rfc3339(*ts)}),
+            );
         }
         hydrant::lock_ended(self.pool, now).await?;
         for (h, ts) in hydrant::detect_illegal_use(self.pool, illegal_since).await? {
