@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
 use api::publish::{Publisher, PublisherConfig};
 use api::{ApiConfig, AppState};
-use pipeline::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 
 const SECRET: &[u8] = b"test-hs256-secret-0123456789";

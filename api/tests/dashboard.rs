@@ -10,9 +10,9 @@ use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
 use api::publish::{Publisher, PublisherConfig};
 use api::users::{NewUser, totp_at, upsert_user};
 use api::{ApiConfig, AppState};
-use pipeline::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
+use testkit::TestDatabase;
 
 const SECRET: &[u8] = b"test-hs256-secret-dashboard-0123";
 const ISS: &str = "wm-test";

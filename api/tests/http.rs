@@ -9,10 +9,10 @@ use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
 use api::publish::{Publisher, PublisherConfig};
 use api::{ApiConfig, AppState, rbac};
 use model::ReadingBatch;
-use pipeline::testing::TestDatabase;
 use reqwest::{Method, StatusCode};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
+use testkit::TestDatabase;
 
 const SECRET: &[u8] = b"test-hs256-secret-0123456789";
 const ISS: &str = "wm-test";
@@ -56,21 +56,13 @@ fn broker() -> (String, u16) {
     pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap()
 }
 
-fn unique(name: &str) -> String {
-    format!(
-        "test/api-{name}/{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
 async fn start(name: &str) -> Harness {
     start_with(name, None).await
 }
 
 async fn start_with(name: &str, jwks_url: Option<String>) -> Harness {
     let db = TestDatabase::create().await;
-    let root = unique(name);
+    let root = testkit::names::unique_prefix(&format!("api-{name}"));
     let (host, port) = broker();
     let publisher = Publisher::start(PublisherConfig {
         host,
@@ -1233,7 +1225,7 @@ async fn readings_raw_rollups_csv_and_edit() {
     let t0 = time::macros::datetime!(2026-10-01 00:00 UTC);
     let mut reads = Vec::new();
     for i in 0..5i64 {
-        let mut r = pipeline::testing::volume_read(
+        let mut r = testkit::volume_read(
             "cjt188:00000000000031",
             t0 + time::Duration::hours(i),
             rust_decimal::Decimal::new(1000 + i * 10, 1),
@@ -1562,11 +1554,8 @@ async fn billing_quote_run_bills_arrears() {
         (time::macros::datetime!(2026-02-28 15:00 UTC), 100i64),
         (time::macros::datetime!(2026-03-31 15:00 UTC), 112),
     ] {
-        let mut r = pipeline::testing::volume_read(
-            "cjt188:00000000000051",
-            ts,
-            rust_decimal::Decimal::from(v),
-        );
+        let mut r =
+            testkit::volume_read("cjt188:00000000000051", ts, rust_decimal::Decimal::from(v));
         r.quality = model::Quality::Validated;
         reads.push(r);
     }

@@ -10,12 +10,8 @@ use rust_decimal_macros::dec;
 use time::macros::{date, datetime};
 use time::{Date, OffsetDateTime};
 
-fn file(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/../tariffs/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
-
 fn book(names: &[&str]) -> TariffBook {
-    TariffBook::new(names.iter().map(|n| Tariff::parse(n, &file(n)).unwrap())).unwrap()
+    testkit::tariff::book(names)
 }
 
 fn read(ts: OffsetDateTime, value: Decimal) -> RegisterRead {
@@ -156,7 +152,7 @@ id = "residential"
 #[test]
 fn price_change_inside_the_cycle_is_prorated_by_days() {
     let b = TariffBook::new([
-        Tariff::parse("nanan-2025.toml", &file("nanan-2025.toml")).unwrap(),
+        Tariff::parse("nanan-2025.toml", &testkit::tariff::text("nanan-2025.toml")).unwrap(),
         Tariff::parse("newer.toml", NEWER).unwrap(),
     ])
     .unwrap();
@@ -269,7 +265,7 @@ fn two_month_cycle_doubles_monthly_tiers_and_large_households_get_more() {
     // 50 m3 = 30 × 2.80 + 15 × 3.73 + 5 × 6.50 = 84.00 + 55.95 + 32.50.
     let t = Tariff::parse(
         "example.toml",
-        &file("nanan-2025.toml")
+        &testkit::tariff::text("nanan-2025.toml")
             .replace("status = \"verified\"", "")
             .replace("[[classes]]\nid = \"residential\"", "[[classes]]\nid = \"residential\"\nbase_persons = 4\nextra_volume_per_person = \"5\""),
     )

@@ -10,9 +10,7 @@ use time::Date;
 use time::macros::{date, offset};
 
 fn shipped(name: &str) -> TariffBook {
-    let text = std::fs::read_to_string(format!("{}/../tariffs/{name}", env!("CARGO_MANIFEST_DIR")))
-        .unwrap();
-    TariffBook::new([Tariff::parse(name, &text).unwrap()]).unwrap()
+    testkit::tariff::book(&[name])
 }
 
 /// Annual tiers, three components, large-household extra, no fixed charge (a fixed charge is

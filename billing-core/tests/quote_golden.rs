@@ -1,14 +1,12 @@
 //! Golden quotes computed by hand (Nan'an 2025: 2.80 / 3.73 / 6.50 per m3 water + sewage).
 
-use billing_core::{QuoteRequest, Tariff, TariffBook, quote, to_fen};
+use billing_core::{QuoteRequest, TariffBook, quote, to_fen};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use time::macros::date;
 
 fn book(name: &str) -> TariffBook {
-    let path = format!("{}/../tariffs/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    TariffBook::new([Tariff::parse(name, &text).unwrap()]).unwrap()
+    testkit::tariff::book(&[name])
 }
 
 fn amounts(q: &billing_core::Quote) -> Vec<(String, u32, Decimal, Decimal)> {

@@ -33,9 +33,7 @@ id = "special"
 "#;
 
 fn shipped(name: &str) -> Tariff {
-    let path = format!("{}/../tariffs/{name}", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap();
-    Tariff::parse(name, &text).unwrap()
+    testkit::tariff::shipped(name)
 }
 
 #[test]

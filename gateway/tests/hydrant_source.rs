@@ -7,18 +7,10 @@ use gateway::sources::hydrant::HydrantSource;
 use gateway::sources::{Source, SourceEnv, SourceError};
 use gateway::{CommandOutcome, CommandRequest, IngestSink, SourceContext, SubmitRequest};
 use model::{CommandAction, CommandId, DeviceCommand, GatewayId, MeterId, Quantity};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("test/{name}/{}-{nanos:08x}", std::process::id())
-}
 
 struct Harness {
     prefix: String,
@@ -30,7 +22,7 @@ struct Harness {
 }
 
 async fn start(name: &str, ack_timeout: Duration) -> Harness {
-    let prefix = unique(name);
+    let prefix = testkit::names::unique_prefix(name);
     let mut config = HydrantSourceConfig::new(
         "127.0.0.1",
         1883,
@@ -76,25 +68,16 @@ async fn hydrant_client(
     prefix: &str,
     hid: &str,
 ) -> (AsyncClient, mpsc::Receiver<serde_json::Value>) {
-    let id = format!("sim-{}-{hid}", prefix.replace('/', "-"));
-    let mut options = MqttOptions::new(id, "127.0.0.1", 1883);
-    options.set_keep_alive(Duration::from_secs(10));
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (client, mut eventloop) = testkit::mqtt::connect(&format!("sim-{prefix}-{hid}"));
     client
         .subscribe(format!("{prefix}/{hid}/cmd"), QoS::AtLeastOnce)
         .await
         .unwrap();
+    testkit::mqtt::wait_suback(&mut eventloop, 1).await;
     let (tx, rx) = mpsc::channel(16);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let mut ready = Some(ready_tx);
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        r.send(()).ok();
-                    }
-                }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
                     if tx.send(v).await.is_err() {
@@ -106,7 +89,6 @@ async fn hydrant_client(
             }
         }
     });
-    ready_rx.await.unwrap();
     (client, rx)
 }
 

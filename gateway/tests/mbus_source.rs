@@ -197,34 +197,11 @@ async fn run_slaves(port: PathBuf, slaves: Slaves) {
     }
 }
 
-struct Pty {
-    _dir: tempfile::TempDir,
-    master_end: PathBuf,
-    _socat: tokio::process::Child,
-}
-
-async fn pty_pair(slaves: Slaves) -> Pty {
-    let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("master");
-    let b = dir.path().join("slaves");
-    let socat = tokio::process::Command::new("socat")
-        .arg(format!("pty,raw,echo=0,link={}", a.display()))
-        .arg(format!("pty,raw,echo=0,link={}", b.display()))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("socat installed");
-    for _ in 0..100 {
-        if a.try_exists().unwrap_or(false) && b.try_exists().unwrap_or(false) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    tokio::spawn(run_slaves(b, slaves));
-    Pty {
-        _dir: dir,
-        master_end: a,
-        _socat: socat,
-    }
+/// The socat pair with the simulated slaves answering on end `b`; the master opens `a`.
+async fn pty_pair(slaves: Slaves) -> testkit::pty::PtyPair {
+    let pty = testkit::pty::pty_pair().await;
+    tokio::spawn(run_slaves(pty.b.clone(), slaves));
+    pty
 }
 
 fn slave(primary: u8, id: &str, telegrams: &[u32]) -> Slave {
@@ -245,13 +222,8 @@ async fn multi_telegram_read_toggles_fcb_and_retry_repeats_it() {
         s2,
     ]));
     let pty = pty_pair(Arc::clone(&slaves)).await;
-    let mut master = Master::open(
-        pty.master_end.to_str().unwrap(),
-        2400,
-        Duration::from_millis(300),
-        2,
-    )
-    .unwrap();
+    let mut master =
+        Master::open(pty.a.to_str().unwrap(), 2400, Duration::from_millis(300), 2).unwrap();
     let telegrams = master.read(&Address::Primary(1), 8).await.unwrap();
     assert_eq!(telegrams.len(), 3);
     let frame = decoders::mbus::decode(&telegrams[1]).unwrap();
@@ -284,13 +256,8 @@ async fn wildcard_search_resolves_collisions() {
         slave(0, "87654321", &[4]),
     ]));
     let pty = pty_pair(Arc::clone(&slaves)).await;
-    let mut master = Master::open(
-        pty.master_end.to_str().unwrap(),
-        2400,
-        Duration::from_millis(150),
-        1,
-    )
-    .unwrap();
+    let mut master =
+        Master::open(pty.a.to_str().unwrap(), 2400, Duration::from_millis(150), 1).unwrap();
     let found = master.search().await.unwrap();
     assert_eq!(found, ["12345678", "12345679", "12995678", "87654321"]);
     // Read one of them by its secondary address.
@@ -334,7 +301,7 @@ async fn source_submits_readings_and_executes_commands() {
         slave(0, "87654321", &[4_321]),
     ]));
     let pty = pty_pair(Arc::clone(&slaves)).await;
-    let mut config = MbusSerialSourceConfig::new(pty.master_end.to_string_lossy());
+    let mut config = MbusSerialSourceConfig::new(pty.a.to_string_lossy());
     config.timeout = Duration::from_millis(200);
     config.poll_interval = Duration::from_secs(30);
     config.meters = vec![
@@ -443,7 +410,7 @@ async fn search_at_start_polls_found_meters_and_counts_garbled_answers() {
         broken,
     ]));
     let pty = pty_pair(Arc::clone(&slaves)).await;
-    let mut config = MbusSerialSourceConfig::new(pty.master_end.to_string_lossy());
+    let mut config = MbusSerialSourceConfig::new(pty.a.to_string_lossy());
     config.timeout = Duration::from_millis(120);
     config.retries = 1;
     config.search_secondary = true;

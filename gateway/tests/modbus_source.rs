@@ -384,21 +384,8 @@ async fn unreachable_endpoint_backs_off_without_a_storm() {
 
 #[tokio::test]
 async fn rtu_polls_over_a_socat_pty_pair() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a");
-    let b = dir.path().join("b");
-    let mut socat = tokio::process::Command::new("socat")
-        .arg(format!("pty,raw,echo=0,link={}", a.display()))
-        .arg(format!("pty,raw,echo=0,link={}", b.display()))
-        .kill_on_drop(true)
-        .spawn()
-        .expect("socat installed");
-    for _ in 0..100 {
-        if a.try_exists().unwrap_or(false) && b.try_exists().unwrap_or(false) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let pty = testkit::pty::pty_pair().await;
+    let (a, b) = (pty.a.clone(), pty.b.clone());
     // Two slaves on one line would both read every request; one server answering two units
     // stands for the line here.
     let s3 = slave(3, 1_000);
@@ -459,7 +446,7 @@ async fn rtu_polls_over_a_socat_pty_pair() {
     req.done.send(Ok(())).unwrap();
     shutdown.cancel();
     task.await.unwrap().unwrap();
-    socat.kill().await.ok();
+    drop(pty);
 }
 
 #[tokio::test]

@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         bail!("--trials must be at least 1");
     }
     let mqtt_url = pipeline::config::mqtt_url();
-    let db = pipeline::testing::TestDatabase::create().await;
+    let db = testkit::TestDatabase::create().await;
     let pool = db.pool.clone();
     let root = format!(
         "bench/ctl-{}-{:08x}",

@@ -4,9 +4,9 @@
 
 use std::str::FromStr;
 
-use pipeline::testing::TestDatabase;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use time::macros::{date, datetime};
 

@@ -8,9 +8,9 @@ use model::{CommandAck, CommandAction, CommandId, CommandState, GatewayId, Meter
 use pipeline::control::calendar::Calendar;
 use pipeline::control::rules::{self, ArrearsPolicy, NoticeKind};
 use pipeline::control::{self, AckOutcome, CentralState, ControlError, IssueRequest, hydrant};
-use pipeline::testing::TestDatabase;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use time::macros::datetime;
 

@@ -6,8 +6,8 @@
 use model::Reading;
 use pipeline::detect::{self, DetectConfig, Detectors, store};
 use pipeline::store::{StoreOptions, WriteSet, write_batch};
-use pipeline::testing::{TestDatabase, volume_read};
 use rust_decimal::Decimal;
+use testkit::{TestDatabase, volume_read};
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use model::{BatchEntry, GatewayId, Reading, ReadingBatch, WIRE_VERSION};
 use pipeline::detect::{self, DetectConfig, Detectors};
 use pipeline::ingest::IngestMetrics;
-use pipeline::testing::{TestDatabase, volume_read};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use rust_decimal::Decimal;
+use testkit::{TestDatabase, volume_read};
 use time::OffsetDateTime;
 
 const PARTITIONS: u16 = 4;

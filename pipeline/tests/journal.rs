@@ -5,10 +5,10 @@
 use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
 use pipeline::journal::{self, Pending};
 use pipeline::store::{self, StoreOptions, WriteSet};
-use pipeline::testing::TestDatabase;
 use pipeline::vee::{Vee, VeeConfig};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
+use testkit::TestDatabase;
 use time::{OffsetDateTime, macros::datetime};
 
 const T0: OffsetDateTime = datetime!(2026-11-20 00:00 UTC);
@@ -21,7 +21,7 @@ const METERS: [&str; 4] = [
 ];
 
 fn read(meter: &str, hour: i64, value: Decimal) -> Reading {
-    pipeline::testing::volume_read(meter, T0 + time::Duration::hours(hour), value)
+    testkit::volume_read(meter, T0 + time::Duration::hours(hour), value)
 }
 
 /// Register value of meter `i` at `hour`: each meter uses its own steady flow.
@@ -116,7 +116,7 @@ async fn run_direct(db: &TestDatabase) {
     for step in scenario() {
         match step {
             Step::Reads(readings) => {
-                pipeline::testing::write_validated(&db.pool, &mut vee, readings, now()).await;
+                testkit::write_validated(&db.pool, &mut vee, readings, now()).await;
             }
             Step::Edit { meter, hour, value } => edit(db, meter, hour, value).await,
         }

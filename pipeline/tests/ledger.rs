@@ -5,9 +5,9 @@
 use std::str::FromStr;
 
 use pipeline::ledger::{self, MeterLedger};
-use pipeline::testing::TestDatabase;
 use rust_decimal::Decimal;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::macros::{date, datetime, offset};
 use time::{Duration, OffsetDateTime};
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use hmac::{Hmac, Mac};
 use pipeline::notify::{self, Adapter, AlarmRoute, SmsGateway, Smtp, Webhook};
-use pipeline::testing::TestDatabase;
 use sha2::Sha256;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;

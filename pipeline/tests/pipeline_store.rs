@@ -9,21 +9,21 @@ use model::{
 };
 use pipeline::ingest::IngestMetrics;
 use pipeline::store;
-use pipeline::testing::TestDatabase;
 use pipeline::vee::{Vee, VeeConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
+use testkit::TestDatabase;
 use time::{OffsetDateTime, macros::datetime};
 
 const T0: OffsetDateTime = datetime!(2026-11-20 00:00 UTC);
 
 fn read(meter: &str, minutes: i64, value: Decimal) -> Reading {
-    pipeline::testing::volume_read(meter, T0 + time::Duration::minutes(minutes), value)
+    testkit::volume_read(meter, T0 + time::Duration::minutes(minutes), value)
 }
 
 async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> store::WriteStats {
-    pipeline::testing::write_validated(&db.pool, vee, readings, T0 + time::Duration::days(3)).await
+    testkit::write_validated(&db.pool, vee, readings, T0 + time::Duration::days(3)).await
 }
 
 #[tokio::test]
@@ -211,18 +211,10 @@ fn batch(gateway: &str, partition: u16, first_seq: u64, readings: Vec<Reading>) 
     }
 }
 
-fn unique(name: &str) -> String {
-    format!(
-        "test/{name}/{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    )
-}
-
 #[tokio::test]
 async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
     let db = TestDatabase::create().await;
-    let root = unique("worker");
+    let root = testkit::names::unique_prefix("worker");
     let url = pipeline::config::mqtt_url();
     let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, 4).unwrap();
     let client_id = format!("wk-{}", rand::random::<u32>());
@@ -331,7 +323,7 @@ async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
             .await
             .unwrap();
     assert!(rejects >= 1);
-    pipeline::testing::wait_folded(&[&metrics], Duration::from_secs(10)).await;
+    testkit::wait_folded(&[&metrics], Duration::from_secs(10)).await;
     let consumption: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
         .fetch_one(&db.pool)
         .await

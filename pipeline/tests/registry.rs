@@ -10,12 +10,12 @@ use pipeline::ingest::IngestMetrics;
 use pipeline::registry::{
     self, Book, Cycle, Op, RegistryError, Replacement, Status, csv, lifecycle,
 };
-use pipeline::testing::TestDatabase;
 use pipeline::vee::{Vee, VeeConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 
 const ACTOR: &str = "test-operator";
@@ -369,7 +369,7 @@ async fn an_import_with_a_bad_row_applies_nothing() {
 }
 
 fn read(meter: &str, ts: OffsetDateTime, value: Decimal) -> Reading {
-    pipeline::testing::volume_read(meter, ts, value)
+    testkit::volume_read(meter, ts, value)
 }
 
 #[tokio::test]
@@ -384,7 +384,7 @@ async fn a_replacement_revalidates_the_held_reads() {
     let mut vee = Vee::new(VeeConfig::default());
     // Old device: 100.0, 100.4; swapped at h(2) (final 100.5, new starts at 0.3); the new
     // device's reads 0.5 and 0.9 are held as register decreases.
-    pipeline::testing::write_validated(
+    testkit::write_validated(
         pool,
         &mut vee,
         vec![

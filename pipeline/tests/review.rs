@@ -2,8 +2,8 @@
 //! oldest first, assigned, and resolved with the decision applied to the read and audited.
 
 use pipeline::review::{self, Decision, Filter, ItemKind, ReviewError};
-use pipeline::testing::TestDatabase;
 use rust_decimal::Decimal;
+use testkit::TestDatabase;
 
 const METER: &str = "cjt188:00000000000777";
 

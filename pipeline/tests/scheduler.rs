@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use pipeline::scheduler::{self, BillRunJob, CatchUp, Job, Schedule, Scheduler};
-use pipeline::testing::TestDatabase;
 use rust_decimal::Decimal;
 use serde_json::json;
+use testkit::TestDatabase;
 use time::macros::{datetime, offset, time};
 use time::{Duration, OffsetDateTime};
 

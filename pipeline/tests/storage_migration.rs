@@ -1,7 +1,7 @@
 //! Migration 0080: wide `readings` rows move to the narrow tables unchanged, and the view gives
 //! every column back exactly as the wide table held it.
 
-use pipeline::testing::TestDatabase;
+use testkit::TestDatabase;
 
 /// Every column of the wide table (its row as text: exact values, NULLs visible), in key order.
 const ALL_COLUMNS: &str = "SELECT ROW(meter_id, ts, quantity, tariff, subunit, storage, value, unit, \

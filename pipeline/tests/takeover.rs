@@ -10,8 +10,8 @@ use model::{
     BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
     ReadingBatch, SourceKind, Unit, WIRE_VERSION,
 };
-use pipeline::testing::TestDatabase;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 
 const PARTITIONS: u16 = 4;

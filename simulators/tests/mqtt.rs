@@ -3,48 +3,23 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
 use simulators::engine::{Delivery, Engine, ml_to_m3};
 use simulators::fleet::{ConcentratorConfig, ConcentratorFormat, Fleet, FleetConfig, Upload};
 use simulators::mqtt::{ConcentratorBatch, HydrantAck, HydrantUp, MqttConfig};
 use simulators::scenario::Scenario;
 use time::macros::datetime;
 
-fn unique(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    format!("test/sim-{name}/{}-{nanos:08x}", std::process::id())
-}
-
 fn broker() -> (String, u16) {
-    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
-    let c = MqttConfig::from_url(&url, "", "x").unwrap();
-    (c.host, c.port)
+    let b = testkit::mqtt::broker();
+    (b.host, b.port)
 }
 
 /// Connects a test client and waits for the SubAck of `topic`.
 async fn subscriber(name: &str, topic: &str) -> (AsyncClient, EventLoop) {
-    let (host, port) = broker();
-    let mut opts = MqttOptions::new(unique(name).replace('/', "-"), host, port);
-    opts.set_max_packet_size(4 << 20, 4 << 20);
-    let (client, mut el) = AsyncClient::new(opts, 64);
+    let (client, mut el) = testkit::mqtt::connect(name);
     client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => break,
-                Ok(_) => {}
-                Err(e) => panic!(
-                    "cannot reach Mosquitto at {:?}: {e} (start mosquitto)",
-                    broker()
-                ),
-            }
-        }
-    })
-    .await
-    .expect("suback within 10 s");
+    testkit::mqtt::wait_suback(&mut el, 1).await;
     (client, el)
 }
 
@@ -62,7 +37,7 @@ async fn next_publish(el: &mut EventLoop) -> rumqttc::Publish {
 
 #[tokio::test]
 async fn concentrators_publish_every_reading_the_model_produced() {
-    let prefix = unique("conc");
+    let prefix = testkit::names::unique_prefix("conc");
     let (_sub, mut el) = subscriber("conc-sub", &format!("{prefix}/concentrator/+/readings")).await;
 
     let mut scenario = Scenario::plain(40, 1, 3, datetime!(2026-11-01 0:00 UTC));
@@ -78,7 +53,7 @@ async fn concentrators_publish_every_reading_the_model_produced() {
         host,
         port,
         topic_prefix: format!("{prefix}/"),
-        client_id: unique("fleet").replace('/', "-"),
+        client_id: testkit::names::client_id("fleet"),
     });
     config.concentrators = Some(ConcentratorConfig {
         format: ConcentratorFormat::Json,
@@ -142,7 +117,7 @@ async fn concentrators_publish_every_reading_the_model_produced() {
 
 #[tokio::test]
 async fn hydrants_ack_commands_and_execute_each_command_id_once() {
-    let prefix = unique("hyd");
+    let prefix = testkit::names::unique_prefix("hyd");
     let (sub, mut el) = subscriber("hyd-sub", &format!("{prefix}/hydrant/hyd-0001/ack")).await;
     let scenario = Scenario::plain(5, 1, 3, datetime!(2026-11-01 0:00 UTC));
     let mut config = FleetConfig::new(scenario);
@@ -152,7 +127,7 @@ async fn hydrants_ack_commands_and_execute_each_command_id_once() {
         host,
         port,
         topic_prefix: format!("{prefix}/"),
-        client_id: unique("hyd-fleet").replace('/', "-"),
+        client_id: testkit::names::client_id("hyd-fleet"),
     });
     config.hydrants = 3;
     let fleet = Fleet::start(config).await.unwrap();
@@ -189,7 +164,7 @@ async fn hydrants_ack_commands_and_execute_each_command_id_once() {
 
 #[tokio::test]
 async fn hydrant_status_reports_unlock_as_open() {
-    let prefix = unique("hyd-up");
+    let prefix = testkit::names::unique_prefix("hyd-up");
     let (sub, mut el) = subscriber("hyd-up-sub", &format!("{prefix}/hydrant/hyd-0000/up")).await;
     let scenario = Scenario::plain(5, 1, 3, datetime!(2026-11-01 0:00 UTC));
     let mut config = FleetConfig::new(scenario);
@@ -199,7 +174,7 @@ async fn hydrant_status_reports_unlock_as_open() {
         host,
         port,
         topic_prefix: format!("{prefix}/"),
-        client_id: unique("hyd-up-fleet").replace('/', "-"),
+        client_id: testkit::names::client_id("hyd-up-fleet"),
     });
     config.hydrants = 1;
     let fleet = Fleet::start(config).await.unwrap();
@@ -233,7 +208,7 @@ async fn hydrant_status_reports_unlock_as_open() {
 
 #[tokio::test]
 async fn concentrators_forward_raw_cjt188_frames() {
-    let prefix = unique("conc-frames");
+    let prefix = testkit::names::unique_prefix("conc-frames");
     let (_sub, mut el) = subscriber("frames-sub", &format!("{prefix}/concentrator/+/frame")).await;
     let mut scenario = Scenario::plain(10, 1, 5, datetime!(2026-11-01 0:00 UTC));
     scenario
@@ -251,7 +226,7 @@ async fn concentrators_forward_raw_cjt188_frames() {
         host,
         port,
         topic_prefix: format!("{prefix}/"),
-        client_id: unique("frames-fleet").replace('/', "-"),
+        client_id: testkit::names::client_id("frames-fleet"),
     });
     config.concentrators = Some(ConcentratorConfig {
         format: ConcentratorFormat::Frames,
@@ -281,7 +256,7 @@ async fn concentrators_forward_raw_cjt188_frames() {
 
 #[tokio::test]
 async fn hydrant_events_are_in_the_ground_truth() {
-    let prefix = unique("hyd-truth");
+    let prefix = testkit::names::unique_prefix("hyd-truth");
     let (_sub, mut el) = subscriber("hyd-truth-sub", &format!("{prefix}/hydrant/+/up")).await;
     let scenario = Scenario::plain(5, 30, 3, datetime!(2026-11-01 0:00 UTC));
     let mut config = FleetConfig::new(scenario);
@@ -294,7 +269,7 @@ async fn hydrant_events_are_in_the_ground_truth() {
         host,
         port,
         topic_prefix: format!("{prefix}/"),
-        client_id: unique("hyd-truth-fleet").replace('/', "-"),
+        client_id: testkit::names::client_id("hyd-truth-fleet"),
     });
     config.hydrants = 10;
     // Read while the fleet runs: the broker queues only so many messages per client.

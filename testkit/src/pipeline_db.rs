@@ -48,7 +48,7 @@ impl TestDatabase {
     /// When PostgreSQL is unreachable or a migration fails: the test has failed.
     pub async fn create_migrated_to(last_version: i64) -> Self {
         let db = Self::create_empty().await;
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipeline/migrations");
         let dir = std::env::temp_dir().join(format!("{}_migrations", db.name));
         std::fs::create_dir_all(&dir).expect("a temporary migrations directory");
         for entry in std::fs::read_dir(&src).expect("pipeline/migrations") {

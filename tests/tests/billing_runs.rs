@@ -7,8 +7,8 @@ use std::str::FromStr;
 use billing_core::{Tariff, TariffBook};
 use model::Decimal;
 use pipeline::billing::{Arrears, Cycle, arrears_of, meters_in_arrears, record_arrears, run_cycle};
-use pipeline::testing::TestDatabase;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::macros::{date, datetime};
 use time::{Date, OffsetDateTime};
 

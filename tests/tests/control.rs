@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 use gateway::runtime::Gateway;
 use model::{Alarm, AlarmKind, AlarmSeverity, DeviceCommand, MeterId};
 use pipeline::control::{self, CentralState, hydrant, service};
-use pipeline::testing::TestDatabase;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use simulators::mqtt::{Hydrant, HydrantCommand};
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 

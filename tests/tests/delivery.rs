@@ -23,9 +23,9 @@ use model::{
     ReadingBatch, SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use pipeline::testing::TestDatabase;
 use pipeline::worker::{self, WorkerConfig};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};

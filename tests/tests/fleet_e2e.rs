@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use gateway::runtime::Gateway;
 use model::{CommandAck, CommandState};
-use pipeline::testing::TestDatabase;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use rust_decimal::Decimal;
 use simulators::engine::{Emission, Engine};
@@ -24,6 +23,7 @@ use simulators::fleet::{
 };
 use simulators::mqtt::MqttConfig;
 use simulators::scenario::Scenario;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 

@@ -7,8 +7,8 @@ use model::{
     BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
     ReadingBatch, SourceKind, Unit, WIRE_VERSION,
 };
-use pipeline::testing::TestDatabase;
 use rumqttc::{Event, Packet, QoS};
+use testkit::TestDatabase;
 use time::macros::time;
 use time::{Duration as TimeDelta, OffsetDateTime};
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use gateway::runtime::Gateway;
 use pipeline::ingest::IngestMetrics;
-use pipeline::testing::TestDatabase;
 use rumqttc::QoS;
 use simulators::fleet::{Fleet, FleetConfig};
 use simulators::mqtt::{HydrantUp, MqttConfig};
 use simulators::scenario::Scenario;
 use simulators::truth::TruthKind;
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use gateway::runtime::Gateway;
 use model::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet};
 use pipeline::registry::{self, Book, Cycle, csv, sync};
-use pipeline::testing::TestDatabase;
+use testkit::TestDatabase;
 use tokio::sync::watch;
 
 /// online, firmware, device set applied, last refusal.

@@ -9,9 +9,9 @@ use model::{
     ReadingBatch, SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use pipeline::testing::TestDatabase;
 use pipeline::worker::{self, WorkerConfig};
 use rumqttc::{AsyncClient, QoS};
+use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -252,7 +252,7 @@ async fn two_workers_store_every_reading_exactly_once() {
         (IngestMetrics::get(&w0.metrics.stored) + IngestMetrics::get(&w1.metrics.stored)) as usize,
         distinct
     );
-    pipeline::testing::wait_folded(&[&w0.metrics, &w1.metrics], Duration::from_secs(10)).await;
+    testkit::wait_folded(&[&w0.metrics, &w1.metrics], Duration::from_secs(10)).await;
     let consumption: String = sqlx::query_scalar("SELECT sum(consumption)::text FROM rollup_daily")
         .fetch_one(&db.pool)
         .await

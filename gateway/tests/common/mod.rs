@@ -6,53 +6,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gateway::mqtt::MqttEndpoint;
-use model::{
-    ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
-};
-use rumqttc::{AsyncClient, Event, EventLoop, Packet, QoS};
-use rust_decimal::Decimal;
+use model::Reading;
+use rumqttc::{AsyncClient, QoS};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// The test broker (env `MQTT_URL`, default local Mosquitto).
 pub fn broker() -> MqttEndpoint {
-    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".into());
-    MqttEndpoint::parse(&url).expect("MQTT_URL")
+    MqttEndpoint::parse(&testkit::mqtt::broker().to_string()).expect("MQTT_URL")
 }
 
 /// A topic root no other test uses.
 pub fn unique_prefix(name: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("test/{name}/{}-{nanos:08x}", std::process::id())
+    testkit::names::unique_prefix(name)
 }
 
 /// A volume reading of `meter` with value `value`/1000 m³.
 pub fn reading(meter: &str, value: i64) -> Reading {
-    Reading {
-        meter: MeterId::new(meter).unwrap(),
-        ts: time::macros::datetime!(2026-11-24 10:43:00 UTC),
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value: Decimal::new(value, 3),
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-test").unwrap(),
-            source: SourceKind::Coap,
-            source_id: "test".into(),
-            frame_hash: "00".repeat(32),
-            received_at: time::macros::datetime!(2026-11-24 10:43:05 UTC),
-            channel: None,
-        },
-    }
+    testkit::reading(meter).milli(value).build()
 }
 
 /// Subscribes to `filter` and forwards every (topic, payload) received; returns once SUBACKed.
@@ -60,39 +32,8 @@ pub async fn subscribe(
     name: &str,
     filter: &str,
 ) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
-    let mut o = broker().options(&unique_prefix(name).replace('/', "-"), None);
-    o.set_keep_alive(Duration::from_secs(10));
-    let (client, mut el): (AsyncClient, EventLoop) = AsyncClient::new(o, 64);
-    client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let mut ready_tx = Some(ready_tx);
-    tokio::spawn(async move {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready_tx.take() {
-                        r.send(()).ok();
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("test subscriber: {e}");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx)
-        .await
-        .expect("SUBACK in time")
-        .expect("subscriber alive");
-    (client, rx)
+    let s = testkit::mqtt::subscribe(name, &[filter]).await;
+    (s.client, s.rx)
 }
 
 /// A TCP proxy in front of the broker that can cut every connection and refuse new ones.
