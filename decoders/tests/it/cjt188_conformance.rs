@@ -1,6 +1,6 @@
 //! Every framed CJ/T 188 example of `../shared/conformance/cjt188/` decodes to its listed values.
 
-mod common;
+use crate::common;
 
 use decoders::RecordValue;
 use decoders::cjt188::{self, Payload};

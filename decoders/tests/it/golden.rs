@@ -1,6 +1,6 @@
 //! Golden vectors: exact JSON of decoded frames and exact errors of malformed ones.
 
-mod common;
+use crate::common;
 
 use decoders::{cjt188, mbus};
 use serde_json::json;

@@ -3,7 +3,7 @@
 //! Error frames must be refused. Prints the pass counts; frames we cannot match are listed in
 //! `decoders/CONFORMANCE.md`.
 
-mod common;
+use crate::common;
 
 use decoders::{Function, Record, RecordValue, mbus};
 use model::Unit;

@@ -2,7 +2,7 @@
 //! the gateway's CoAP source spools every one of them before its 2.04, and a payload with one
 //! bad frame is refused whole (4.00, counted) with nothing spooled. The same over HTTP push.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

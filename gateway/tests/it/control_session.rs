@@ -2,7 +2,7 @@
 //! gateway is down is delivered when it comes back, executed once on the hydrant and
 //! acknowledged; a further restart neither re-delivers nor re-executes it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! 300 slow HTTP clients neither starve the CoAP source nor `/metrics`, and SIGTERM stops the
 //! gateway within seconds while clients trickle request bodies.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! 60,000 CoAP requests. Slow HTTP clients and SIGTERM under trickling bodies run against the
 //! gateway process in `edge_limits.rs`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

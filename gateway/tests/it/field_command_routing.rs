@@ -2,7 +2,7 @@
 //! router to the hydrant bridge source and back as acks; re-sending the id does not reach the
 //! hydrant again.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! reading batch; a valve command is queued, delivered in the CoAP reply, acknowledged by the
 //! meter's valve reply, and a re-sent command id is never executed twice; status and metrics.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

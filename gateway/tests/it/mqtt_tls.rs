@@ -2,7 +2,7 @@
 //! with username/password, one that requires a client certificate. Certificates are made at
 //! test time with the `openssl` command line tool.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! The `gateway` binary as a process: kill -9 loses no acknowledged reading, SIGHUP reloads
 //! sources.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

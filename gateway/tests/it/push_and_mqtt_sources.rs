@@ -1,7 +1,7 @@
 //! HTTP push (HMAC-signed envelopes) and the concentrator MQTT source (3.1.1 and 5), through the running
 //! gateway to reading batches on Mosquitto.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! A spool past its size bound evicts its oldest readings and the gateway raises a
 //! `spool_overflow` alarm on `{root}/{gateway}/alarms` through the real broker.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! and readings spooled while the broker is unreachable are replayed after reconnect; end to
 //! end, readings stay spooled until the pipeline's acknowledgement and are re-sent without it.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;

@@ -52,7 +52,7 @@ async fn migrations_are_idempotent_and_create_partitions() {
     // no longer do: they address `readings` as a table, which 0080 turned into the view.
     pipeline::MIGRATOR.run(&db.pool).await.unwrap();
     sqlx::raw_sql(include_str!(
-        "../../pipeline/migrations/0080_narrow_readings.sql"
+        "../../../pipeline/migrations/0080_narrow_readings.sql"
     ))
     .execute(&db.pool)
     .await
