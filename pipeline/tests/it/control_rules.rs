@@ -2,7 +2,7 @@
 //! test): idempotent issue, the pending bound, supersession, ack repetition, telemetry
 //! confirmation and `valve_fault`, retries and cancels, the arrears safeguards and the reopen
 //! on payment, hydrant permits and unpermitted use. The MQTT side (the real gateway and
-//! simulators) is in `tests/tests/control.rs`.
+//! simulators) is in `tests/tests/it/control.rs`.
 
 use model::{CommandAck, CommandAction, CommandId, CommandState, GatewayId, MeterId};
 use pipeline::control::calendar::Calendar;
