@@ -6,7 +6,7 @@
 # Needs: API_JWT_SECRET (the server's), DATABASE_URL; `pip install schemathesis` (a venv
 # under /tmp is created when the command is missing).
 # The live event stream (GET /api/v1/events) is left out: it stays open for max_s seconds by
-# design (up to an hour), longer than the request timeout; api/tests/dashboard.rs tests it.
+# design (up to an hour), longer than the request timeout; api/tests/it/dashboard.rs tests it.
 # Usage: scripts/api-fuzz.sh [max_examples]
 set -euo pipefail
 examples=${1:-10}

@@ -284,16 +284,7 @@ async fn main() -> anyhow::Result<()> {
             let tariff_book = if tariffs.is_empty() {
                 None
             } else {
-                let mut list = Vec::new();
-                for p in &tariffs {
-                    let text = std::fs::read_to_string(p)
-                        .with_context(|| format!("cannot read tariff file {}", p.display()))?;
-                    list.push(billing_core::Tariff::parse(
-                        &p.display().to_string(),
-                        &text,
-                    )?);
-                }
-                Some(Arc::new(billing_core::TariffBook::new(list)?))
+                Some(Arc::new(billing_core::TariffBook::load(&tariffs)?))
             };
             let gateway = model::GatewayId::new(node_id.clone())
                 .with_context(|| format!("--node-id {node_id:?}"))?;

@@ -164,7 +164,7 @@ impl Publisher {
                 if let Ok(mut w) = self.shared.waiters.lock() {
                     w.requested.push_back(tx);
                 }
-                let topic = format!("{}/readings/{partition}", self.config.topic_root);
+                let topic = model::topic::readings(&self.config.topic_root, partition);
                 client
                     .publish(topic, QoS::AtLeastOnce, false, payload)
                     .await

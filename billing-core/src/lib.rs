@@ -10,6 +10,7 @@
 
 pub mod bill;
 pub mod quote;
+pub mod run_policy;
 pub mod tariff;
 
 pub use bill::{
@@ -17,4 +18,5 @@ pub use bill::{
     adjustment_lines, bill_total, compute_bill, register_usage,
 };
 pub use quote::{BillingError, Line, Quote, QuoteRequest, price_class, quote, to_fen};
+pub use run_policy::{Revision, Skip, StandingBill};
 pub use tariff::{Class, Component, Tariff, TariffBook, TariffError, TariffStatus, TierPeriod};

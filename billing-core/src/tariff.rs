@@ -244,6 +244,14 @@ pub enum TariffError {
         /// The shared effective date.
         date: Date,
     },
+    /// A tariff file could not be read.
+    #[error("cannot read tariff file {file}: {message}")]
+    Read {
+        /// The path.
+        file: String,
+        /// The operating system's reason.
+        message: String,
+    },
     /// No file defines the class on that date.
     #[error("no tariff defines class {class} on {date}")]
     NoTariff {
@@ -672,6 +680,28 @@ impl TariffBook {
             .map(|(name, text)| Tariff::parse(name, text))
             .collect::<Result<Vec<_>, _>>()?;
         Self::new(tariffs)
+    }
+
+    /// Reads and parses tariff files: the one loader of the `billing`, `pipeline` and `api`
+    /// binaries and the tests (each file is named by its path in errors and in the book).
+    ///
+    /// # Errors
+    /// [`TariffError::Read`] for a file that cannot be read, then as [`TariffBook::parse`].
+    pub fn load<P: AsRef<std::path::Path>>(files: &[P]) -> Result<Self, TariffError> {
+        let texts = files
+            .iter()
+            .map(|p| {
+                let p = p.as_ref();
+                let file = p.display().to_string();
+                std::fs::read_to_string(p)
+                    .map(|t| (file.clone(), t))
+                    .map_err(|e| TariffError::Read {
+                        file,
+                        message: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::parse(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())))
     }
 
     /// All versions, oldest first.

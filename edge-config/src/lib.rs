@@ -164,59 +164,8 @@ struct RawConfig {
     registry: RegistrySettings,
 }
 
-/// An MQTT broker URL: `mqtt://host[:port]` (plain) or `mqtts://host[:port]` (TLS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    /// Host name or address.
-    pub host: String,
-    /// TCP port (default 1883, or 8883 with TLS).
-    pub port: u16,
-    /// TLS requested by the scheme.
-    pub tls: bool,
-}
-
-impl std::str::FromStr for BrokerUrl {
-    type Err = String;
-    fn from_str(url: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("tcp://") {
-            (false, r)
-        } else if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("ssl://") {
-            (true, r)
-        } else {
-            return Err(format!(
-                "broker URL `{url}` must start with mqtt://, tcp://, mqtts:// or ssl://"
-            ));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("broker URL `{url}`: port `{p}` is not 0-65535"))?,
-            ),
-            None => (rest, if tls { 8883 } else { 1883 }),
-        };
-        if host.is_empty() {
-            return Err(format!("broker URL `{url}` has no host"));
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-            tls,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for BrokerUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+/// An MQTT broker URL (`mqtt://` plain, `mqtts://` TLS): the one grammar lives in `model`.
+pub use model::BrokerUrl;
 
 /// MQTT protocol version of a connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

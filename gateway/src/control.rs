@@ -171,10 +171,10 @@ pub async fn run(
     mut alarms: mpsc::UnboundedReceiver<Alarm>,
     shutdown: CancellationToken,
 ) {
-    let status_topic = format!("{}/{}/status", opts.topic_root, opts.gateway);
-    let cmd_filter = format!("{}/{}/cmd/#", opts.topic_root, opts.gateway);
-    let ack_topic = format!("{}/{}/cmd-ack", opts.topic_root, opts.gateway);
-    let alarm_topic = format!("{}/{}/alarms", opts.topic_root, opts.gateway);
+    let status_topic = model::topic::status(&opts.topic_root, opts.gateway.as_str());
+    let cmd_filter = model::topic::commands_of(&opts.topic_root, opts.gateway.as_str());
+    let ack_topic = model::topic::command_ack(&opts.topic_root, opts.gateway.as_str());
+    let alarm_topic = model::topic::alarms(&opts.topic_root, opts.gateway.as_str());
     // Commands are handled one at a time, in arrival order, so a duplicate id can never race
     // its original past the idempotency check. Each carries the PUBLISH and the client of the
     // connection it came on, to be acked once the command is journaled.

@@ -127,8 +127,8 @@ pub async fn run(
     updates: mpsc::Sender<DeviceSetUpdate>,
     shutdown: CancellationToken,
 ) {
-    let topic = format!("{}/{}/config/devices", opts.topic_root, opts.gateway);
-    let report_topic = format!("{}/{}/status/device-set", opts.topic_root, opts.gateway);
+    let topic = model::topic::device_set(&opts.topic_root, opts.gateway.as_str());
+    let report_topic = model::topic::device_set_report(&opts.topic_root, opts.gateway.as_str());
     let mut backoff = Duration::from_millis(200);
     let mut last_refusal: Option<(u64, String)> = None;
     loop {

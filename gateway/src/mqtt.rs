@@ -148,16 +148,13 @@ pub struct MqttEndpoint {
 }
 
 impl MqttEndpoint {
-    /// Parses `mqtt://host[:port]` (or `tcp://`, or bare `host[:port]`; default port 1883) or
-    /// `mqtts://host[:port]` (or `ssl://`; default port 8883, verified against the system's
-    /// roots).
+    /// Parses a [`model::BrokerUrl`] (`mqtt://host[:port]`, `tcp://` or bare `host[:port]`,
+    /// default port 1883; `mqtts://` or `ssl://`, default port 8883, verified against the
+    /// system's roots).
     pub fn parse(url: &str) -> Result<Self, String> {
-        let with_scheme = if url.contains("://") {
-            url.to_owned()
-        } else {
-            format!("mqtt://{url}")
-        };
-        let broker: edge_config::BrokerUrl = with_scheme.parse()?;
+        let broker: model::BrokerUrl = url
+            .parse()
+            .map_err(|e: model::BrokerUrlError| e.to_string())?;
         let tls = if broker.tls {
             Some(tls_connector(&MqttTls::default()).map_err(|e| format!("`{url}`: {e}"))?)
         } else {

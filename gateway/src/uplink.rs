@@ -182,7 +182,7 @@ fn stage(
             }
             payload.extend_from_slice(b"]}");
             out.push_back(Staged {
-                topic: format!("{}/readings/{partition}", opts.topic_root),
+                topic: model::topic::readings(&opts.topic_root, partition),
                 payload,
                 partition,
                 seqs: chunk.iter().map(|e| e.seq).collect(),
@@ -291,7 +291,7 @@ async fn session(
     let read_chunk = (opts.batch_size.max(1) * usize::from(opts.partitions.max(1))).min(50_000);
     let end_to_end = opts.ack_timeout.is_some();
     let base_timeout = opts.ack_timeout.unwrap_or(MAX_ACK_TIMEOUT);
-    let ack_topic = format!("{}/{}/ingest-ack", opts.topic_root, opts.gateway);
+    let ack_topic = model::topic::ingest_ack(&opts.topic_root, opts.gateway.as_str());
     let max_unacked = opts.max_unacked.max(opts.batch_size.max(1));
     let mut incarnation = spool.incarnation();
     let mut pending = Pending::new(base_timeout);

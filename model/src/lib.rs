@@ -19,13 +19,16 @@
 
 mod alarm;
 pub mod auth;
+mod broker;
 mod command;
 mod device_set;
 mod meter;
 mod reading;
+pub mod topic;
 mod unit;
 
 pub use alarm::{Alarm, AlarmKind, AlarmSeverity};
+pub use broker::{BrokerUrl, BrokerUrlError, MQTT_PORT, MQTTS_PORT};
 pub use command::{CommandAck, CommandAction, CommandId, CommandState, DeviceCommand};
 pub use device_set::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet, DeviceSetReport};
 pub use meter::{GatewayId, MeterAddress, MeterId, MeterIdError, partition_of};

@@ -10,6 +10,7 @@
 //! Arrears reported by the revenue system are stored here too ([`record_arrears`]): they feed
 //! the valve-control policy ([`meters_in_arrears`]).
 
+use billing_core::run_policy::{self, Revision, Skip, StandingBill};
 use billing_core::{
     BillLine, BillRequest, LineKind, RegisterRead, Replacement, TariffBook, adjustment_lines,
     bill_total, compute_bill,
@@ -433,18 +434,25 @@ async fn bill_meter(
         }
     };
     let Some(start) = start else {
-        return Ok(Outcome::Skipped(format!(
-            "no billable read in the {} days before the cycle start {start_boundary}",
-            options.read_window.whole_days()
-        )));
+        return Ok(Outcome::Skipped(
+            Skip::NoStartRead {
+                window_days: options.read_window.whole_days(),
+                boundary: start_boundary,
+            }
+            .to_string(),
+        ));
     };
-    let after = start.ts.max(end_boundary - options.read_window);
+    let after = run_policy::end_read_after(start.ts, end_boundary, options.read_window);
     let Some(end) = boundary_read(&mut tx, id, end_boundary, after).await? else {
-        return Ok(Outcome::Skipped(format!(
-            "no billable read after {after} and at or before the cycle end {end_boundary}"
-        )));
+        return Ok(Outcome::Skipped(
+            Skip::NoEndRead {
+                after,
+                boundary: end_boundary,
+            }
+            .to_string(),
+        ));
     };
-    if let Some(limit) = options.max_estimated_share {
+    if options.max_estimated_share.is_some() {
         let (total, doubtful): (i64, i64) = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE quality IN ('estimated', 'edited')) FROM readings
              WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
@@ -457,13 +465,13 @@ async fn bill_meter(
         .fetch_one(&mut *tx)
         .await
         .map_err(db("counting estimated reads"))?;
-        if total > 0 && Decimal::from(doubtful) > limit * Decimal::from(total) {
-            return Ok(Outcome::Skipped(format!(
-                "held for review: {doubtful} of {total} reads in the cycle are estimated or edited (limit {limit})"
-            )));
+        if let Err(skip) =
+            run_policy::check_estimated_share(total, doubtful, options.max_estimated_share)
+        {
+            return Ok(Outcome::Skipped(skip.to_string()));
         }
     }
-    let replacements: Vec<(OffsetDateTime, Decimal, Decimal)> = sqlx::query_as(
+    let replacements: Vec<Replacement> = sqlx::query_as(
         "SELECT replaced_at, old_final_value, new_initial_value FROM meter_replacements
          WHERE meter_id = $1 AND replaced_at > $2 AND replaced_at <= $3 ORDER BY replaced_at",
     )
@@ -472,19 +480,20 @@ async fn bill_meter(
     .bind(end.ts)
     .fetch_all(&mut *tx)
     .await
-    .map_err(db("reading meter replacements"))?;
-    if replacements.len() > 1 {
-        return Ok(Outcome::Skipped(
-            "more than one meter replacement in the cycle: bill by hand".to_owned(),
-        ));
-    }
-    let replacement = replacements
-        .first()
-        .map(|(at, old_final, new_initial)| Replacement {
-            at: *at,
-            old_final: old_final.normalize(),
-            new_initial: new_initial.normalize(),
-        });
+    .map_err(db("reading meter replacements"))?
+    .into_iter()
+    .map(
+        |(at, old_final, new_initial): (OffsetDateTime, Decimal, Decimal)| Replacement {
+            at,
+            old_final,
+            new_initial,
+        },
+    )
+    .collect();
+    let replacement = match run_policy::single_replacement(&replacements) {
+        Ok(r) => r,
+        Err(skip) => return Ok(Outcome::Skipped(skip.to_string())),
+    };
 
     // Tier position: usage of this meter's standing bills in the same tariff year before this
     // cycle, taken per segment so a cycle across 1 January counts only its new-year part.
@@ -535,16 +544,24 @@ async fn bill_meter(
     .fetch_optional(&mut *tx)
     .await
     .map_err(db("reading the standing bill"))?;
-    let (revision, adjusts, lines, total) = match &latest {
-        Some((_, _, Some(hash), _)) if *hash == fingerprint => return Ok(Outcome::Unchanged),
-        None => (0, None, bill.lines.clone(), bill.total),
-        Some((bill_id, revision, _, _)) => {
-            let previous = charge_lines(&mut tx, *bill_id).await?;
-            let lines = adjustment_lines(&previous, &bill.lines);
-            let total = bill_total(&lines);
-            (revision + 1, Some(*bill_id), lines, total)
-        }
-    };
+    let standing = latest
+        .as_ref()
+        .map(|(bill_id, revision, hash, _)| StandingBill {
+            bill_id: *bill_id,
+            revision: *revision,
+            inputs_hash: hash.as_deref(),
+        });
+    let (revision, adjusts, lines, total) =
+        match run_policy::choose_revision(standing, &fingerprint) {
+            Revision::Unchanged => return Ok(Outcome::Unchanged),
+            Revision::Original => (0, None, bill.lines.clone(), bill.total),
+            Revision::Adjustment { adjusts, revision } => {
+                let previous = charge_lines(&mut tx, adjusts).await?;
+                let lines = adjustment_lines(&previous, &bill.lines);
+                let total = bill_total(&lines);
+                (revision, Some(adjusts), lines, total)
+            }
+        };
     let inputs = serde_json::to_value(StoredInputs {
         request: &bill.request,
         usage: &bill.usage,

@@ -5,18 +5,15 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 /// Default MQTT broker URL: the local Mosquitto.
 pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 
-/// Why a broker URL could not be used.
+/// Why a broker URL could not be used by the pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    /// The URL does not start with `mqtt://` or `tcp://`.
-    #[error("broker url {url:?} must start with mqtt:// or tcp://")]
-    Scheme {
-        /// The URL given.
-        url: String,
-    },
-    /// The port is not a number.
-    #[error("broker url {url:?} has a bad port (expected 1..=65535)")]
-    Port {
+    /// Not a broker URL (scheme, port or host): the one grammar of [`model::BrokerUrl`].
+    #[error(transparent)]
+    Url(#[from] model::BrokerUrlError),
+    /// `mqtts://`: the pipeline's MQTT connections are plain TCP so far.
+    #[error("broker URL {url:?}: the pipeline does not speak TLS yet (use mqtt://)")]
+    Tls {
         /// The URL given.
         url: String,
     },
@@ -32,31 +29,20 @@ pub fn mqtt_url() -> String {
     std::env::var("MQTT_URL").unwrap_or_else(|_| DEFAULT_MQTT_URL.to_owned())
 }
 
-/// Splits `mqtt://host:port` into host and port (default port 1883).
+/// Splits a plain broker URL ([`model::BrokerUrl`]: `mqtt://host[:port]`, `tcp://` or bare
+/// `host[:port]`, default port 1883) into host and port.
 ///
 /// # Errors
-/// Returns [`UrlError`] for another scheme or a bad port.
+/// Returns [`UrlError`] for a malformed URL, or a TLS one (the pipeline's connections are
+/// plain TCP).
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| UrlError::Scheme {
+    let b: model::BrokerUrl = url.parse()?;
+    if b.tls {
+        return Err(UrlError::Tls {
             url: url.to_owned(),
-        })?;
-    let rest = rest.trim_end_matches('/');
-    match rest.rsplit_once(':') {
-        Some((host, port)) => {
-            let port =
-                port.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| UrlError::Port {
-                        url: url.to_owned(),
-                    })?;
-            Ok((host.to_owned(), port))
-        }
-        None => Ok((rest.to_owned(), 1883)),
+        });
     }
+    Ok((b.host, b.port))
 }
 
 #[cfg(test)]
@@ -72,11 +58,15 @@ mod tests {
         assert_eq!(parse_mqtt_url("tcp://broker/"), Ok(("broker".into(), 1883)));
         assert!(matches!(
             parse_mqtt_url("http://x"),
-            Err(UrlError::Scheme { .. })
+            Err(UrlError::Url(model::BrokerUrlError::Scheme { .. }))
         ));
         assert!(matches!(
             parse_mqtt_url("mqtt://x:0"),
-            Err(UrlError::Port { .. })
+            Err(UrlError::Url(model::BrokerUrlError::Port { .. }))
+        ));
+        assert!(matches!(
+            parse_mqtt_url("mqtts://x"),
+            Err(UrlError::Tls { .. })
         ));
     }
 }

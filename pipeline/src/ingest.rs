@@ -11,12 +11,12 @@ use model::{BatchEntry, ReadingBatch, WIRE_VERSION};
 
 /// Returns the readings topic of one partition under `root` (`{root}/readings/{partition}`).
 pub fn readings_topic(root: &str, partition: u16) -> String {
-    format!("{root}/readings/{partition}")
+    model::topic::readings(root, partition)
 }
 
 /// Returns the end-to-end acknowledgement topic of a gateway (`{root}/{gateway}/ingest-ack`).
 pub fn ack_topic(root: &str, gateway: &str) -> String {
-    format!("{root}/{gateway}/ingest-ack")
+    model::topic::ingest_ack(root, gateway)
 }
 
 /// Returns the partitions owned by worker `worker` of `workers`: those with `p % workers == worker`.

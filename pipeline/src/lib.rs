@@ -23,7 +23,6 @@ pub mod review;
 pub mod scheduler;
 pub mod store;
 pub mod takeover;
-pub mod testing;
 pub mod vee;
 pub mod worker;
 

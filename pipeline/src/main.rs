@@ -14,7 +14,7 @@ mod scheduler_cli;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use billing_core::{Tariff, TariffBook};
+use billing_core::TariffBook;
 use clap::{Parser, Subcommand};
 use pipeline::billing::{Arrears, Cycle, RunOptions, RunProgress, RunReport};
 use rust_decimal::Decimal;
@@ -246,15 +246,7 @@ async fn connect(database_url: &str) -> anyhow::Result<sqlx::PgPool> {
 }
 
 fn load_tariffs(files: &[PathBuf]) -> anyhow::Result<TariffBook> {
-    let tariffs = files
-        .iter()
-        .map(|p| {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read tariff file {}", p.display()))?;
-            Tariff::parse(&p.display().to_string(), &text).map_err(anyhow::Error::from)
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(TariffBook::new(tariffs)?)
+    Ok(TariffBook::load(files)?)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

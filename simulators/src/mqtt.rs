@@ -30,27 +30,23 @@ pub struct MqttConfig {
 }
 
 impl MqttConfig {
-    /// Parses `mqtt://host:port` (or `host:port`) into a config with the given prefix.
+    /// Parses a plain [`model::BrokerUrl`] (`mqtt://host:port` or `host:port`) into a config
+    /// with the given prefix.
     ///
     /// # Errors
     /// Returns a message when the URL has no valid port.
     pub fn from_url(url: &str, topic_prefix: &str, client_id: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("mqtt://").unwrap_or(url);
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) => (
-                h,
-                p.parse::<u16>()
-                    .map_err(|_| format!("bad port {p:?} in MQTT URL {url:?}"))?,
-            ),
-            None => (rest, 1883),
-        };
-        if host.is_empty() {
-            return Err(format!("no host in MQTT URL {url:?}"));
+        let broker: model::BrokerUrl = url
+            .parse()
+            .map_err(|e: model::BrokerUrlError| e.to_string())?;
+        if broker.tls {
+            return Err(format!(
+                "MQTT URL {url:?}: the simulators speak plain MQTT only"
+            ));
         }
         Ok(Self {
-            host: host.to_owned(),
-            port,
+            host: broker.host,
+            port: broker.port,
             topic_prefix: normalise_prefix(topic_prefix),
             client_id: client_id.to_owned(),
         })

@@ -79,17 +79,7 @@ fn parse_date(s: &str) -> Result<Date, String> {
 }
 
 fn load(files: &[PathBuf]) -> Result<TariffBook> {
-    let texts = files
-        .iter()
-        .map(|p| {
-            std::fs::read_to_string(p)
-                .with_context(|| format!("cannot read tariff file {}", p.display()))
-                .map(|t| (p.display().to_string(), t))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    Ok(TariffBook::parse(
-        texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
-    )?)
+    Ok(TariffBook::load(files)?)
 }
 
 fn main() -> Result<()> {

@@ -618,7 +618,7 @@ fn state_round_trips_through_bytes() {
 
 /// A volume read of meter `m` at `T0 + hours`, actual or estimated, as the worker hands it over.
 fn volume_reading(hours: i64, m3: i64, estimated: bool) -> Reading {
-    let mut r = crate::testing::volume_read(
+    let mut r = testkit::volume_read(
         "cjt188:00000000000001",
         time::OffsetDateTime::from_unix_timestamp(T0 + hours * 3600).unwrap(),
         Decimal::from(m3),

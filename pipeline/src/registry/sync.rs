@@ -39,12 +39,12 @@ pub enum SyncError {
 
 /// Topic of a gateway's device set.
 pub fn device_set_topic(root: &str, gateway: &str) -> String {
-    format!("{root}/{gateway}/config/devices")
+    model::topic::device_set(root, gateway)
 }
 
 /// Topic of a gateway's device-set report.
 pub fn report_topic(root: &str, gateway: &str) -> String {
-    format!("{root}/{gateway}/status/device-set")
+    model::topic::device_set_report(root, gateway)
 }
 
 /// FNV-1a 64 of the set's JSON: a stable content hash (the version moves only when it does).

@@ -1,0 +1,7 @@
+//! All integration tests of this package in one binary (issue 15: one link instead of one per
+//! file; each former `tests/NAME.rs` is module `NAME`, run one with `--test it NAME::`).
+
+mod bill_golden;
+mod properties;
+mod quote_golden;
+mod tariff_files;

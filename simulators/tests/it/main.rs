@@ -1,0 +1,10 @@
+//! All integration tests of this package in one binary (issue 15: one link instead of one per
+//! file; each former `tests/NAME.rs` is module `NAME`, run one with `--test it NAME::`).
+
+mod cli;
+mod frames;
+mod mbus_serial;
+mod modbus_tcp;
+mod mqtt;
+mod scenarios;
+mod transports;
