@@ -4,8 +4,8 @@
 //! their months ahead, moving rows out of the default partition when their month is created.
 
 use pipeline::scheduler::{PartitionsCreated, ensure_partitions};
-use testkit::TestDatabase;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::{Duration, OffsetDateTime};
 
 const AUDIT_ROWS: &str = "SELECT ROW(audit_id, at, actor, action, entity, entity_id, detail, \

@@ -5,8 +5,8 @@
 //! and changes nothing (docs/operations.md, "Retention").
 
 use pipeline::scheduler::{RetentionPolicy, RetentionStep, compact_closed_months, run_retention};
-use testkit::TestDatabase;
 use sqlx::PgPool;
+use testkit::TestDatabase;
 use time::{Duration, OffsetDateTime};
 
 /// (year, month) of the month `back` months before the month of `at` (negative: ahead).
