@@ -37,8 +37,13 @@ where
                         ApiError::bad_request(e.body_text())
                     }
                 })?;
-        if let Some(offset) = json_nul_escape(&bytes) {
-            return Err(nul_refused(format!("body (byte {offset})")));
+        if json_nul_escape(&bytes).is_some() {
+            // Name the field when the body parses; otherwise the JSON error below says why not.
+            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+                if let Some(path) = nul_string_path(&value, String::new()) {
+                    return Err(ApiError::field(path, NUL_DETAIL));
+                }
+            }
         }
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
@@ -66,16 +71,51 @@ fn json_nul_escape(bytes: &[u8]) -> Option<usize> {
     None
 }
 
+const NUL_DETAIL: &str = "contains a NUL character, which no field accepts";
+
+/// The path (`reads[2].meter`) of the first string, key or value, holding a NUL.
+fn nul_string_path(value: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            Some(if at.is_empty() { "body".into() } else { at })
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_string_path(v, format!("{at}[{i}]"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let path = if at.is_empty() {
+                k.clone()
+            } else {
+                format!("{at}.{k}")
+            };
+            if k.contains('\0') {
+                Some(path)
+            } else {
+                nul_string_path(v, path)
+            }
+        }),
+        _ => None,
+    }
+}
+
 /// A NUL can only reach a query or path percent-encoded; decoded it would fail at PostgreSQL.
 fn has_encoded_nul(raw: &str) -> bool {
     raw.as_bytes().windows(3).any(|w| w == b"%00")
 }
 
-fn nul_refused(place: String) -> ApiError {
-    ApiError::Invalid {
-        field: None,
-        detail: format!("{place} contains a NUL character, which no field accepts"),
-        status: StatusCode::BAD_REQUEST,
+/// The query parameter whose name or value holds a NUL, as a 422 naming it.
+fn query_nul_refused(uri: &axum::http::Uri) -> ApiError {
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    match pairs
+        .into_iter()
+        .find(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        Some((key, _)) => ApiError::field(key.replace('\0', "\\0"), NUL_DETAIL),
+        None => ApiError::bad_request(format!("query string {NUL_DETAIL}")),
     }
 }
 
@@ -106,7 +146,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         if parts.uri.query().is_some_and(has_encoded_nul) {
-            return Err(nul_refused("query string".into()));
+            return Err(query_nul_refused(&parts.uri));
         }
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
@@ -132,7 +172,7 @@ where
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         if has_encoded_nul(parts.uri.path()) {
-            return Err(nul_refused("path".into()));
+            return Err(ApiError::bad_request(format!("path {NUL_DETAIL}")));
         }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
@@ -234,5 +274,20 @@ mod tests {
         assert_eq!(json_nul_escape(br#"{"a":"\u0001"}"#), None);
         assert!(has_encoded_nul("actor=%C2%81%00T"));
         assert!(!has_encoded_nul("actor=%C2%81%100"));
+        let body = serde_json::json!({"reads": [{"meter": "a"}, {"meter": "b\0"}]});
+        assert_eq!(
+            nul_string_path(&body, String::new()).as_deref(),
+            Some("reads[1].meter")
+        );
+        let uri: axum::http::Uri = "/x?state=%00&y=1".parse().unwrap();
+        match query_nul_refused(&uri) {
+            ApiError::Invalid { field, status, .. } => {
+                assert_eq!(
+                    (field.as_deref(), status),
+                    (Some("state"), StatusCode::UNPROCESSABLE_ENTITY)
+                );
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 }
