@@ -37,13 +37,12 @@ where
                         ApiError::bad_request(e.body_text())
                     }
                 })?;
-        if json_nul_escape(&bytes).is_some() {
-            // Name the field when the body parses; otherwise the JSON error below says why not.
-            if let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes) {
-                if let Some(path) = nul_string_path(&value, String::new()) {
-                    return Err(ApiError::field(path, NUL_DETAIL));
-                }
-            }
+        // Name the field when the body parses; otherwise the JSON error below says why not.
+        if json_nul_escape(&bytes).is_some()
+            && let Ok(value) = serde_json::from_slice::<serde_json::Value>(&bytes)
+            && let Some(path) = nul_string_path(&value, String::new())
+        {
+            return Err(ApiError::field(path, NUL_DETAIL));
         }
         let req = Request::from_parts(parts, axum::body::Body::from(bytes));
         match axum::Json::<T>::from_request(req, state).await {
