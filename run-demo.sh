@@ -17,7 +17,7 @@
 # answering (scripts/services.sh, shared with .ci/run); builds; recreates the demo database
 # (DEMO_DATABASE, default wm_demo) and migrates it; registers the fleet through the registry
 # import (all protocols, 2 DMAs with inlet meters and pressure points, books, customers,
-# 5 hydrants); starts `pipeline run` (with the control service and the arrears rule),
+# 5 hydrants, every device placed around Nan'an); starts `pipeline run` (with the control service and the arrears rule),
 # `gateway run`, `pipeline registry sync`, `pipeline scheduler run` and `api serve`; grants a
 # hydrant permit and records a customer in arrears; prints the dashboard URL and the demo
 # credentials of every role; then drives the fleet (`simulate demo`) with scripted faults: a
@@ -226,7 +226,7 @@ for d in 0 1; do
 done
 "$BIN/simulate" registry-csv "$RUN_DIR/scenario.toml" --gateway gw-demo \
     --coap-meters "$coap" --http-meters "$http" --concentrator-meters "$conc" \
-    --wmbus-meters "$wmbus" --hydrants "$HYDRANTS" >"$RUN_DIR/registry.csv"
+    --wmbus-meters "$wmbus" --hydrants "$HYDRANTS" --wmbus-dma-inlets >"$RUN_DIR/registry.csv"
 "$BIN/pipeline" registry --actor run-demo.sh import --dry-run "$RUN_DIR/registry.csv"
 "$BIN/pipeline" registry --actor run-demo.sh import "$RUN_DIR/registry.csv"
 "$BIN/pipeline" registry sync --republish-s 10 >"$RUN_DIR/registry-sync.log" 2>&1 &
@@ -293,7 +293,7 @@ API docs:  http://$LISTEN/api/v1/docs
 credentials per role (also in $creds):
 $(cat "$creds")
 fleet: $METERS meters ($coap CoAP, $http HTTP push, $conc via 4 concentrators, $wmbus wM-Bus),
-       2 DMAs with inlet and pressure instruments (Modbus), $HYDRANTS hydrants (permit P-DEMO-1 on hyd-0000)
+       2 DMAs with inlet bulk meters (wM-Bus) and pressure transmitters (Modbus), $HYDRANTS hydrants (permit P-DEMO-1 on hyd-0000)
 faults: leak on $(meter_of "$LEAK") (from $(at 2)), burst on $(meter_of "$BURST") ($(at 10)..$(at 15), auto-close valve),
         silent $(meter_of "$SILENT") (from $(at 20)), hydrant:hyd-0001 opened illegally at $(at 12),
         $arrears_meter in arrears (356.40 yuan, notices sent)
@@ -314,7 +314,7 @@ fleet_args=(
     --gateway-http 127.0.0.1:8088 --http-secret demo-push-secret-2026 --http-meters "$http"
     --mqtt "$MQTT_URL" --concentrators 4 --concentrator-meters "$conc" --upload-every-step
     --hydrants "$HYDRANTS" --hydrant-illegal-use 1@12
-    --gateway-wmbus 127.0.0.1:9011 --wmbus-meters "$wmbus" --wmbus-clear
+    --gateway-wmbus 127.0.0.1:9011 --wmbus-meters "$wmbus" --wmbus-clear --wmbus-dma-inlets
     --modbus-bind 127.0.0.1:5020
 )
 # Unlock the permitted hydrant once the fleet (and its hydrant controllers) are up.

@@ -55,6 +55,34 @@ pub fn cjt188_address(index: u32) -> [u8; 7] {
     out
 }
 
+/// First M-Bus identification number of the DMA inlet bulk meters (`+ dma`); the fleet's
+/// meters ([`mbus_id`]) reach it only past 89 million meters.
+pub const DMA_INLET_MBUS_ID: u32 = 99_000_000;
+
+/// Index given to [`crate::frames::wmbus_key`] for the inlet meter of `dma` (from the top of
+/// the range, clear of the fleet's indices).
+pub fn dma_inlet_key_index(dma: u32) -> u32 {
+    u32::MAX - dma
+}
+
+/// The wM-Bus bulk meter at the inlet of `dma` (`simulate demo --wmbus-dma-inlets`): it
+/// measures the DMA's system input volume ([`Engine::dma_inflow`]).
+pub fn dma_inlet_meter(dma: u32) -> MeterSpec {
+    let address = MeterAddress::Mbus {
+        id: DMA_INLET_MBUS_ID + dma % 1_000_000,
+        manufacturer: MBUS_MANUFACTURER.into(),
+        version: 1,
+        medium: MBUS_MEDIUM_WATER,
+    };
+    MeterSpec {
+        id: MeterId::from(&address),
+        address,
+        profile: Profile::Commercial,
+        daily_litres: 0.0,
+        dma,
+    }
+}
+
 /// Returns the 8-digit M-Bus identification number of simulated meter `index`.
 pub fn mbus_id(index: u32) -> u32 {
     10_000_000 + index % 90_000_000

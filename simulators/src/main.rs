@@ -93,6 +93,9 @@ enum Command {
         /// As `demo --hydrants`: rows for the hydrant controllers `hydrant:hyd-NNNN`.
         #[arg(long, default_value_t = 0)]
         hydrants: u32,
+        /// As `demo --wmbus-dma-inlets`: each DMA's inlet meter is its wM-Bus bulk meter.
+        #[arg(long)]
+        wmbus_dma_inlets: bool,
     },
     /// Prints the wM-Bus AES keys of a scenario's M-Bus-addressed meters as JSON
     /// (`{"mbus:SIM10000042": "hex key", ...}`) for the gateway's key configuration.
@@ -200,6 +203,10 @@ struct DemoArgs {
     /// Send wM-Bus telegrams unencrypted.
     #[arg(long)]
     wmbus_clear: bool,
+    /// Each DMA's inlet is also a wM-Bus bulk meter (`mbus:SIM990000NN`, needs
+    /// --gateway-wmbus) sending the DMA's inflow totaliser with its own clock after every step.
+    #[arg(long)]
+    wmbus_dma_inlets: bool,
     /// Wired M-Bus slaves on a socat pty pair created in --mbus-dir.
     #[arg(long, default_value_t = 0)]
     mbus_meters: u32,
@@ -284,6 +291,15 @@ fn main() -> anyhow::Result<()> {
                     let key = simulators::frames::wmbus_key(s.seed, i as u32);
                     (m.id.to_string(), hex::encode(key).into())
                 })
+                // The DMA inlet bulk meters of `demo --wmbus-dma-inlets`.
+                .chain((0..pop.dmas).map(|d| {
+                    let index = simulators::engine::dma_inlet_key_index(d);
+                    let key = simulators::frames::wmbus_key(s.seed, index);
+                    (
+                        simulators::engine::dma_inlet_meter(d).id.to_string(),
+                        hex::encode(key).into(),
+                    )
+                }))
                 .collect();
             if toml {
                 for (id, key) in &keys {
@@ -326,6 +342,7 @@ fn main() -> anyhow::Result<()> {
             auto_close_every,
             protected_every,
             hydrants,
+            wmbus_dma_inlets,
         }) => {
             let s = Scenario::load(&scenario)?;
             let layout = simulators::registry::Layout {
@@ -337,6 +354,7 @@ fn main() -> anyhow::Result<()> {
                 auto_close_every,
                 protected_every,
                 hydrants,
+                wmbus_dma_inlets,
             };
             print!("{}", simulators::registry::registry_csv(&s, &layout));
             Ok(())
@@ -503,6 +521,13 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             meters: args.wmbus_meters,
             encrypted: !args.wmbus_clear,
         });
+    }
+    if args.wmbus_dma_inlets {
+        anyhow::ensure!(
+            config.wmbus.is_some(),
+            "--wmbus-dma-inlets needs --gateway-wmbus (the inlets send wM-Bus telegrams)"
+        );
+        config.wmbus_dma_inlets = true;
     }
     if args.mbus_meters > 0 {
         std::fs::create_dir_all(&args.mbus_dir)

@@ -309,6 +309,12 @@ impl MeterDetect {
         self.set_active(kind, true);
     }
 
+    /// Leak rules (continuous flow, night flow) are for customer meters (DOMAIN.md §2): an inlet,
+    /// outlet or open hydrant flows day and night by nature; the DMA balance judges losses there.
+    fn judges_leaks(&self) -> bool {
+        Role::from_code(self.role) == Role::Customer
+    }
+
     fn is_hydrant(&self, meter: &str) -> bool {
         Role::from_code(self.role) == Role::Hydrant || meter.starts_with("hydrant:")
     }
@@ -1651,7 +1657,7 @@ fn finish_hour(
             .run_min_lph
             .min(u16::try_from(ml / 1000).unwrap_or(u16::MAX));
         let hours = i64::from(h) + 1 - i64::from(st.run_start);
-        if hours >= i64::from(t.leak_hours) {
+        if hours >= i64::from(t.leak_hours) && st.judges_leaks() {
             let lph = f64::from(st.run_min_lph);
             out.hold(
                 st,
@@ -1718,7 +1724,7 @@ fn finish_hour(
                 st.nights = 1;
             }
             st.night_last = night;
-            if u32::from(st.nights) >= t.night_nights {
+            if u32::from(st.nights) >= t.night_nights && st.judges_leaks() {
                 let first_night = i64::from(night) - 24 * (i64::from(st.nights) - 1);
                 let first = match st.run_start {
                     NO_HOUR => first_night,

@@ -20,8 +20,13 @@ fn profile(q3: f64, role: Role) -> MeterProfile {
 
 /// Feeds hourly volume reads built from hourly consumptions (litres), returns the events.
 fn hourly(litres: &[f64]) -> Vec<AlarmEvent> {
+    hourly_as(Role::Customer, litres)
+}
+
+/// [`hourly`] for a meter of `role`.
+fn hourly_as(role: Role, litres: &[f64]) -> Vec<AlarmEvent> {
     let mut det = Detectors::new(DetectConfig::default());
-    det.set_profile("m", &profile(2.5, Role::Customer));
+    det.set_profile("m", &profile(2.5, role));
     let mut events = Vec::new();
     let mut reg = Decimal::new(1000, 0);
     obs(&mut det, T0, Quantity::Volume, reg, &mut events);
@@ -135,6 +140,21 @@ fn leak_table() {
             .filter(|(k, _)| *k == K::Leak)
             .collect();
         assert_eq!(got, c.raised, "{}", c.name);
+    }
+}
+
+#[test]
+fn leak_is_judged_on_customer_meters_only() {
+    // A DMA inlet, outlet or an open hydrant carries flow day and night by nature: the DMA's
+    // water balance judges losses there, not the customer-meter leak rules.
+    let litres = days(4, |_, l| l + 800.0);
+    assert!(raised(&hourly_as(Role::Customer, &litres)).contains(&(K::Leak, 0)));
+    for role in [Role::Inlet, Role::Outlet, Role::Hydrant, Role::Pressure] {
+        let leaks: Vec<_> = raised(&hourly_as(role, &litres))
+            .into_iter()
+            .filter(|(k, _)| *k == K::Leak)
+            .collect();
+        assert_eq!(leaks, vec![], "{role:?}");
     }
 }
 

@@ -146,6 +146,11 @@ pub struct FleetConfig {
     pub mbus: Option<MbusConfig>,
     /// Modbus TCP instruments, one pair per DMA.
     pub modbus: Option<ModbusConfig>,
+    /// Each DMA's inlet is also a wM-Bus bulk meter ([`crate::engine::dma_inlet_meter`],
+    /// needs `wmbus`) that sends its totaliser with its own clock after every step, so the
+    /// inflow is stamped with the simulated time (a polled Modbus instrument is stamped with
+    /// the gateway's receive time).
+    pub wmbus_dma_inlets: bool,
 }
 
 impl FleetConfig {
@@ -169,6 +174,7 @@ impl FleetConfig {
             wmbus: None,
             mbus: None,
             modbus: None,
+            wmbus_dma_inlets: false,
         }
     }
 

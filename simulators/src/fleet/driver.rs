@@ -144,6 +144,9 @@ impl Driver {
                     dma_measurement(&engine, d)
                 });
             }
+            if self.config.wmbus_dma_inlets {
+                self.send_dma_inlets(now, step).await;
+            }
             if let Some(c) = &conc {
                 let midnight = (now + offset).rem_euclid(86_400) == 0;
                 if c.upload == Upload::EveryStep || midnight {
@@ -374,6 +377,48 @@ impl Driver {
             readings.len() as u64 * u64::from(copies),
         );
         Some((payload, copies, newest))
+    }
+
+    /// Sends each DMA inlet bulk meter's telegram: its totaliser (the DMA's inflow so far)
+    /// stamped with its own clock at the step's end, as the fleet's wM-Bus meters do.
+    async fn send_dma_inlets(&self, now: i64, step: u64) {
+        let (Some(socket), Some(w)) = (&self.wmbus_socket, &self.config.wmbus) else {
+            return;
+        };
+        let measurements: Vec<(u32, modbus_tcp::DmaMeasurement)> = {
+            let engine = lock(&self.engine);
+            (0..engine.population().dmas)
+                .filter_map(|d| Some((d, dma_measurement(&engine, d)?)))
+                .collect()
+        };
+        for (d, m) in measurements {
+            let spec = crate::engine::dma_inlet_meter(d);
+            let mut e = Emission::idle(crate::engine::dma_inlet_key_index(d));
+            e.ts = now;
+            e.meter_ts = now;
+            e.register_ml = u64::try_from(m.inflow_ml).unwrap_or(0);
+            e.flow_lph = m.flow_lph;
+            e.battery_pct = 100;
+            let key = w
+                .encrypted
+                .then(|| wmbus_key(self.config.scenario.seed, e.meter));
+            let Some(telegram) = crate::frames::wmbus_telegram(
+                &spec,
+                (step & 0xFF) as u8,
+                key,
+                &e,
+                self.config.scenario.utc_offset_hours,
+            ) else {
+                continue;
+            };
+            match socket.send_to(&telegram, w.gateway).await {
+                Ok(_) => add(&self.counters.wmbus_telegrams, 1),
+                Err(err) => {
+                    tracing::warn!(error = %err, dma = d, "inlet wm-bus datagram not sent");
+                    add(&self.counters.errors, 1);
+                }
+            }
+        }
     }
 
     async fn send_wmbus(&self, e: &Emission, step: u64) {
