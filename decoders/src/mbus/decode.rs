@@ -18,33 +18,23 @@ pub(super) fn decode_application_at(bytes: &[u8], base: usize) -> Result<Applica
     }
     let header = parse_header(ci, base, &mut cur)?;
     let msb_first = ci == CI_RSP_LONG_MSB;
-    // The vector is filled with placeholders first (a tight loop of constant stores) and each
-    // record is then written into its slot: a record built aside and moved into the vector
-    // is read back right after its fields were written, which stalls on store forwarding.
-    let count = count_records(cur.rest);
-    let mut records_out: Vec<Record> = Vec::with_capacity(count);
-    records_out.extend(std::iter::repeat_with(empty_record).take(count));
+    // One pass: the vector is sized by a guess from the payload length (a typical record is
+    // DIF, VIF and 2 to 4 data bytes) instead of a separate counting pass over the records;
+    // a frame of unusually short records only grows it. Each record is written into a
+    // placeholder already in the vector rather than built aside and moved in: the moved
+    // record was read back right after its fields were written, a store-forwarding stall.
+    let mut records_out: Vec<Record> = Vec::with_capacity((cur.rest.len() >> 2).wrapping_add(1));
     let mut more = false;
     let mut iter = RecordIter::with_offset(cur.rest, cur.offset, msb_first);
-    let mut slots = records_out.iter_mut();
-    let mut filled = 0usize;
     // `next_record` rather than the iterator: its `Option<Result<..>>` is one more copy of
     // every record.
     while let Some(rec) = iter.next_record()? {
         more |= rec.dif == 0x1F;
-        match slots.next() {
-            Some(slot) => rec.write_record(slot),
-            // Only if the counting pass and the parser disagreed; kept correct regardless.
-            None => {
-                let mut record = empty_record();
-                rec.write_record(&mut record);
-                records_out.push(record);
-                slots = [].iter_mut();
-            }
+        records_out.push(empty_record());
+        if let Some(slot) = records_out.last_mut() {
+            rec.write_record(slot);
         }
-        filled = filled.saturating_add(1);
     }
-    records_out.truncate(filled);
     Ok(Application {
         ci,
         header,

@@ -1,4 +1,4 @@
-//! The data-record parser: DIF/DIFE/VIF/VIFE chains and data lengths, the allocation-free `RecordIter`, and the structure-only counting pass `decode` sizes its vector with.
+//! The data-record parser: DIF/DIFE/VIF/VIFE chains and data lengths, the allocation-free `RecordIter`.
 
 use super::*;
 
@@ -124,65 +124,6 @@ impl<'a> RecordIter<'a> {
         self.rest = r.rest();
         self.offset = r.offset();
         Ok(Some(record))
-    }
-}
-
-/// Number of records in `payload` by structure alone (the lengths, no values): sizes the
-/// record vector exactly. Stops at the first malformed record, which the parser reports.
-pub(super) fn count_records(payload: &[u8]) -> usize {
-    let mut count = 0usize;
-    let mut pos = 0usize;
-    let at = |i: usize| payload.get(i).copied();
-    // Skips an extension chain starting after `first`; `None` when it runs off the end.
-    let skip_chain = |mut i: usize, first: u8| -> Option<usize> {
-        let mut ext = first & 0x80 != 0;
-        while ext {
-            ext = at(i)? & 0x80 != 0;
-            i = i.saturating_add(1);
-        }
-        Some(i)
-    };
-    loop {
-        while at(pos) == Some(0x2F) {
-            pos = pos.saturating_add(1);
-        }
-        let Some(dif) = at(pos) else {
-            return count;
-        };
-        count = count.saturating_add(1);
-        if dif == 0x0F || dif == 0x1F {
-            return count;
-        }
-        let Some(after_dife) = skip_chain(pos.saturating_add(1), dif) else {
-            return count;
-        };
-        let Some(vif) = at(after_dife) else {
-            return count;
-        };
-        let mut i = after_dife.saturating_add(1);
-        if vif & 0x7F == 0x7C {
-            let Some(len) = at(i) else {
-                return count;
-            };
-            i = i.saturating_add(1).saturating_add(usize::from(len));
-        }
-        let Some(after_vife) = skip_chain(i, vif) else {
-            return count;
-        };
-        i = after_vife;
-        let len = if dif & 0x0F == 0x0D {
-            let Some(len) = at(i).and_then(lvar_len) else {
-                return count;
-            };
-            i = i.saturating_add(1);
-            len
-        } else {
-            data_len(dif & 0x0F)
-        };
-        pos = i.saturating_add(len);
-        if pos > payload.len() {
-            return count;
-        }
     }
 }
 

@@ -17,15 +17,17 @@ pub(crate) fn hex_lower(bytes: &[u8]) -> SmallString {
         }
         return SmallString::from_ascii_buf(buf, bytes.len().saturating_mul(2));
     }
-    let mut out = Vec::with_capacity(bytes.len().saturating_mul(2));
+    // Written as a `String` of ASCII chars: building bytes and validating them with
+    // `String::from_utf8` afterwards read the whole text a second time.
+    let mut out = String::with_capacity(bytes.len().saturating_mul(2));
     for b in bytes {
         for nibble in [b >> 4, b & 0x0F] {
-            out.push(HEX_LOWER.get(usize::from(nibble)).copied().unwrap_or(b'0'));
+            out.push(char::from(
+                HEX_LOWER.get(usize::from(nibble)).copied().unwrap_or(b'0'),
+            ));
         }
     }
-    String::from_utf8(out)
-        .map(SmallString::from)
-        .unwrap_or_default()
+    SmallString::from(out)
 }
 
 /// The 8 upper-case hex digits of a BCD-coded identification (`{:08X}`).
