@@ -17,52 +17,16 @@ use std::time::{Duration, Instant};
 use gateway::runtime::Gateway;
 use model::{Alarm, AlarmKind, AlarmSeverity, DeviceCommand, MeterId};
 use pipeline::control::{self, CentralState, hydrant, service};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::QoS;
 use simulators::mqtt::{Hydrant, HydrantCommand};
 use sqlx::PgPool;
 use testkit::TestDatabase;
 use time::OffsetDateTime;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use wm_tests::subscribe;
 
 const GW: &str = "gw-ctl-e2e";
-
-/// Subscribes `filter` and forwards every publish (after the SUBACK).
-async fn subscribe(
-    name: &str,
-    filter: &str,
-) -> (AsyncClient, UnboundedReceiver<(String, Vec<u8>)>) {
-    let (client, mut events) = wm_tests::mqtt_client(name);
-    client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .expect("subscribe");
-    let (tx, rx) = unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        r.send(()).ok();
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => panic!("MQTT connection of the test failed (is Mosquitto running?): {e}"),
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx)
-        .await
-        .expect("SUBACK within 10 s")
-        .expect("subscriber alive");
-    (client, rx)
-}
 
 /// Polls `check` until it returns `Some`, failing with `what` after `within`.
 async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use gateway::runtime::Gateway;
 use model::{CommandAck, CommandState};
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::QoS;
 use rust_decimal::Decimal;
 use simulators::engine::{Emission, Engine};
 use simulators::fleet::{
@@ -25,7 +25,9 @@ use simulators::mqtt::MqttConfig;
 use simulators::scenario::Scenario;
 use testkit::TestDatabase;
 use time::OffsetDateTime;
-use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use wm_tests::subscribe;
 
 const GW: &str = "gw-fleet";
 const METERS: u32 = 60;
@@ -37,44 +39,6 @@ const NBIOT_KEY_SEED: &str = "fleet-e2e-nbiot-keys";
 const CONCENTRATOR_METERS: u32 = 20;
 const STEPS: u64 = 5;
 const SEED: u64 = 11;
-
-/// Subscribes `filter` and forwards every publish to the returned channel (after the SUBACK).
-async fn subscribe(
-    name: &str,
-    filter: &str,
-) -> (AsyncClient, UnboundedReceiver<(String, Vec<u8>)>) {
-    let (client, mut events) = wm_tests::mqtt_client(name);
-    client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .expect("subscribe request");
-    let (tx, rx) = unbounded_channel();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let mut ready = Some(ready_tx);
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(r) = ready.take() {
-                        r.send(()).ok();
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => panic!("MQTT connection of the test failed (is Mosquitto running?): {e}"),
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), ready_rx)
-        .await
-        .expect("SUBACK within 10 s")
-        .expect("subscriber task alive");
-    (client, rx)
-}
 
 /// Returns a port nobody listens on now (bound and released; the gateway binds it next).
 fn free_port(udp: bool) -> u16 {
