@@ -410,10 +410,11 @@ async fn bill_meter(
         .assume_offset(options.utc_offset);
 
     // Start read: the end read of the bill of the cycle that ended where this one starts
-    // (continuity: every m3 is billed once), else the read at the start boundary.
+    // (continuity: every m3 is billed once), else the read at the start boundary. That cycle
+    // started before this one: `b.period_start < $2` skips the bill months from this one on.
     let previous_end: Option<(serde_json::Value,)> = sqlx::query_as(
         "SELECT b.inputs->'request'->'end' FROM bills b JOIN billing_cycles c ON c.cycle_id = b.cycle_id
-         WHERE b.meter_id = $1 AND c.period_end = $2
+         WHERE b.meter_id = $1 AND c.period_end = $2 AND b.period_start < $2
          ORDER BY b.created_at DESC, b.revision DESC LIMIT 1",
     )
     .bind(id)
@@ -497,6 +498,8 @@ async fn bill_meter(
 
     // Tier position: usage of this meter's standing bills in the same tariff year before this
     // cycle, taken per segment so a cycle across 1 January counts only its new-year part.
+    // Cycles that ended by this one's start began before it: `b.period_start < $2` leaves out
+    // the bill months from this one on (bills are partitioned by their cycle's first day).
     let year_start = Date::from_calendar_date(cycle.period_start.year(), Month::January, 1)
         .unwrap_or(cycle.period_start);
     let (year_usage_before,): (Decimal,) = sqlx::query_as(
@@ -504,9 +507,11 @@ async fn bill_meter(
          FROM bills b JOIN billing_cycles c ON c.cycle_id = b.cycle_id
          CROSS JOIN LATERAL jsonb_array_elements(b.inputs->'segments') s
          WHERE b.meter_id = $1 AND c.period_end <= $2 AND c.period_end > $3 AND c.cycle_id <> $4
+           AND b.period_start < $2
            AND (s->>'from')::date >= $3
            AND b.revision = (SELECT max(b2.revision) FROM bills b2
-                             WHERE b2.cycle_id = b.cycle_id AND b2.meter_id = b.meter_id)",
+                             WHERE b2.cycle_id = b.cycle_id AND b2.meter_id = b.meter_id
+                               AND b2.period_start = b.period_start)",
     )
     .bind(id)
     .bind(cycle.period_start)
@@ -537,10 +542,11 @@ async fn bill_meter(
 
     let latest: Option<(i64, i32, Option<String>, Option<Decimal>)> = sqlx::query_as(
         "SELECT bill_id, revision, inputs_hash, effective_total FROM bills
-         WHERE cycle_id = $1 AND meter_id = $2 ORDER BY revision DESC LIMIT 1",
+         WHERE cycle_id = $1 AND meter_id = $2 AND period_start = $3 ORDER BY revision DESC LIMIT 1",
     )
     .bind(cycle_id)
     .bind(id)
+    .bind(cycle.period_start)
     .fetch_optional(&mut *tx)
     .await
     .map_err(db("reading the standing bill"))?;
@@ -556,7 +562,8 @@ async fn bill_meter(
             Revision::Unchanged => return Ok(Outcome::Unchanged),
             Revision::Original => (0, None, bill.lines.clone(), bill.total),
             Revision::Adjustment { adjusts, revision } => {
-                let previous = charge_lines(&mut tx, adjusts).await?;
+                // The standing bill is of this cycle: it sits in this cycle's month.
+                let previous = charge_lines(&mut tx, adjusts, cycle.period_start).await?;
                 let lines = adjustment_lines(&previous, &bill.lines);
                 let total = bill_total(&lines);
                 (revision, Some(adjusts), lines, total)
@@ -578,8 +585,9 @@ async fn bill_meter(
     let (bill_id,): (i64,) = sqlx::query_as(
         "INSERT INTO bills (cycle_id, meter_id, revision, adjusts_bill_id, customer_class, tariff_name,
              tariff_version, start_ts, end_ts, start_value, end_value, usage_m3, estimated, total, inputs,
-             kind, effective_total, inputs_hash, run_id)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)
+             kind, effective_total, inputs_hash, run_id, period_start, adjusts_period_start)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+             $20, $21)
          RETURNING bill_id",
     )
     .bind(cycle_id)
@@ -601,6 +609,10 @@ async fn bill_meter(
     .bind(bill.total)
     .bind(&fingerprint)
     .bind(run_id)
+    // The partition key (migration 0140): the cycle's first day, for the bill and, as an
+    // adjustment adjusts the standing bill of the same cycle, for the bill it adjusts.
+    .bind(cycle.period_start)
+    .bind(adjusts.map(|_| cycle.period_start))
     .fetch_one(&mut *tx)
     .await
     .map_err(db("inserting the bill"))?;
@@ -619,9 +631,9 @@ async fn bill_meter(
     let to: Vec<Date> = lines.iter().map(|l| l.to).collect();
     let version: Vec<&str> = lines.iter().map(|l| l.tariff_version.as_str()).collect();
     sqlx::query(
-        "INSERT INTO bill_lines (bill_id, line_no, component, tier, volume_m3, unit_price, amount, kind,
-             period_from, period_to, tariff_version)
-         SELECT $1, * FROM UNNEST($2::int4[], $3::text[], $4::int4[], $5::numeric[], $6::numeric[],
+        "INSERT INTO bill_lines (bill_id, period_start, line_no, component, tier, volume_m3, unit_price,
+             amount, kind, period_from, period_to, tariff_version)
+         SELECT $1, $12, * FROM UNNEST($2::int4[], $3::text[], $4::int4[], $5::numeric[], $6::numeric[],
              $7::numeric[], $8::text[], $9::date[], $10::date[], $11::text[])",
     )
     .bind(bill_id)
@@ -635,6 +647,7 @@ async fn bill_meter(
     .bind(&from)
     .bind(&to)
     .bind(&version)
+    .bind(cycle.period_start)
     .execute(&mut *tx)
     .await
     .map_err(db("inserting bill lines"))?;
@@ -670,9 +683,11 @@ async fn bill_meter(
     })
 }
 
+/// The charge lines of bill `bill_id`, whose partition is the month of `period_start`.
 async fn charge_lines(
     tx: &mut Transaction<'_, Postgres>,
     bill_id: i64,
+    period_start: Date,
 ) -> Result<Vec<BillLine>, BillingRunError> {
     type LineRow = (
         String,
@@ -686,9 +701,10 @@ async fn charge_lines(
     );
     let rows: Vec<LineRow> = sqlx::query_as(
         "SELECT component, tier, volume_m3, unit_price, amount, period_from, period_to, tariff_version
-         FROM bill_lines WHERE bill_id = $1 AND kind = 'charge' ORDER BY line_no",
+         FROM bill_lines WHERE bill_id = $1 AND period_start = $2 AND kind = 'charge' ORDER BY line_no",
     )
     .bind(bill_id)
+    .bind(period_start)
     .fetch_all(&mut **tx)
     .await
     .map_err(db("reading the previous bill lines"))?;

@@ -431,10 +431,12 @@ pub struct PartitionsCreated {
     pub api_call_log: i32,
     /// `audit_log` partitions (`audit_log_YYYYMM`, migration 0111).
     pub audit_log: i32,
+    /// `bills` partitions (`bills_YYYYMM`, each with its `bill_lines_YYYYMM`; migration 0140).
+    pub bills: i32,
 }
 
-/// Creates the monthly partitions of readings, the API call log and the audit log from the
-/// month before `at` to three months after it (those missing only).
+/// Creates the monthly partitions of readings, the API call log, the audit log and bills (with
+/// their lines) from the month before `at` to three months after it (those missing only).
 ///
 /// # Errors
 /// [`SchedulerError::Database`] when the database refuses.
@@ -442,11 +444,12 @@ pub async fn ensure_partitions(
     pool: &PgPool,
     at: OffsetDateTime,
 ) -> Result<PartitionsCreated, SchedulerError> {
-    let (readings, api_call_log, audit_log): (i32, i32, i32) = sqlx::query_as(
+    let (readings, api_call_log, audit_log, bills): (i32, i32, i32, i32) = sqlx::query_as(
         "WITH m AS (SELECT (date_trunc('month', $1::timestamptz) - interval '1 month')::date AS m)
          SELECT wm_ensure_reading_partitions(m, 5),
                 wm_ensure_monthly_partitions('api_call_log', 'at', m, 5),
-                wm_ensure_monthly_partitions('audit_log', 'at', m, 5)
+                wm_ensure_monthly_partitions('audit_log', 'at', m, 5),
+                wm_ensure_bill_partitions(m, 5)
          FROM m",
     )
     .bind(at)
@@ -457,11 +460,12 @@ pub async fn ensure_partitions(
         readings,
         api_call_log,
         audit_log,
+        bills,
     })
 }
 
-/// Partition upkeep ([`ensure_partitions`]): readings, API call log and audit log, last month
-/// to three months ahead.
+/// Partition upkeep ([`ensure_partitions`]): readings, API call log, audit log and bills, last
+/// month to three months ahead.
 pub fn partitions_job(schedule: Schedule) -> Job {
     Job {
         name: "reading-partitions".into(),
@@ -476,6 +480,7 @@ pub fn partitions_job(schedule: Schedule) -> Job {
                     "partitions_created": created.readings,
                     "api_call_log_partitions_created": created.api_call_log,
                     "audit_log_partitions_created": created.audit_log,
+                    "bills_partitions_created": created.bills,
                 }))
             })
         }),

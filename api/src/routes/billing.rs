@@ -395,9 +395,15 @@ async fn bill(
     ApiPath(id): ApiPath<i64>,
 ) -> Result<axum::Json<BillDetail>, ApiError> {
     p.require(rbac::BILLS_READ)?;
+    // Bills are partitioned by their cycle's month (migration 0140): the month comes from
+    // bill_index first, so only that month's partition is searched (run-time pruning), not
+    // one index per month.
     let bill: Option<BillView> = sqlx::query_as(&format!(
         "SELECT {BILL_COLUMNS} FROM bills b JOIN billing_cycles c ON c.cycle_id = b.cycle_id
-         JOIN meters m ON m.meter_id = b.meter_id WHERE b.bill_id = $3 AND {}",
+         JOIN meters m ON m.meter_id = b.meter_id
+         WHERE b.bill_id = $3
+           AND b.period_start = (SELECT i.period_start FROM bill_index i WHERE i.bill_id = $3)
+           AND {}",
         scope_sql(1, 2)
     ))
     .bind(&p.scope.org)
@@ -407,11 +413,13 @@ async fn bill(
     .await
     .map_err(ApiError::db("reading a bill"))?;
     let bill = bill.ok_or_else(|| ApiError::NotFound(format!("no bill {id} in your scope")))?;
+    // The lines sit in their bill's month; the bill's period_start is its cycle's.
     let lines: Vec<BillLineView> = sqlx::query_as(
         "SELECT component, tier, volume_m3, unit_price, amount FROM bill_lines
-         WHERE bill_id = $1 ORDER BY line_no",
+         WHERE bill_id = $1 AND period_start = $2::date ORDER BY line_no",
     )
     .bind(id)
+    .bind(&bill.period_start)
     .fetch_all(&s.pool)
     .await
     .map_err(ApiError::db("reading bill lines"))?;

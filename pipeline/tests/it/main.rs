@@ -8,6 +8,7 @@ mod detect_crash;
 mod detect_replay_cli;
 mod journal;
 mod ledger;
+mod monthly_bills;
 mod monthly_logs;
 mod notify;
 mod pipeline_store;
