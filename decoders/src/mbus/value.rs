@@ -1,6 +1,7 @@
 //! Values of a record: raw integers, reals, BCD, dates, text; scaling by the VIF; conversion to `Record` (written in place by `decode`).
 
 use super::*;
+use super::readings::whole_f32;
 
 /// A decoded number or other value of a record, without allocation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -190,6 +191,15 @@ impl<'a> RawRecord<'a> {
             RawValue::Int(v) => {
                 write_int_number(v, info.exponent, info.factor, additive, &mut out.value)
             }
+            // A whole-numbered real is scaled as its integer: the same value
+            // (`readings::whole_f32`), without the float conversion.
+            RawValue::Real(f) if whole_f32(f).is_some() => write_int_number(
+                whole_f32(f).unwrap_or(0),
+                info.exponent,
+                info.factor,
+                additive,
+                &mut out.value,
+            ),
             RawValue::Real(_) => match scaled(raw, &info, additive) {
                 Some(d) => {
                     out.value = RecordValue::Number(d.normalize());
