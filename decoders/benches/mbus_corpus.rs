@@ -168,7 +168,11 @@ fn main() {
     let gateway = measure(
         "mbus::readings -> typed readings (the gateway's path)",
         both.len(),
-        || both.iter().map(|f| gateway_path(black_box(f), &mut buf)).sum(),
+        || {
+            both.iter()
+                .map(|f| gateway_path(black_box(f), &mut buf))
+                .sum()
+        },
     );
     let parse = measure(
         "mbus::parse + scaled values (allocation-free)",

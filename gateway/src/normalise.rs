@@ -440,6 +440,9 @@ mod tests {
                 (old, new) => panic!("frame {i}: {old:?} vs {new:?}"),
             }
         }
-        assert!(with_readings >= 50, "only {with_readings} frames with readings");
+        assert!(
+            with_readings >= 50,
+            "only {with_readings} frames with readings"
+        );
     }
 }

@@ -52,7 +52,8 @@ impl NumericReading {
 ///
 /// The same frames succeed and fail with the same errors as [`decode`]; on an error `out` may
 /// hold the readings of the records before the bad one. Nothing is allocated apart from
-/// `out`'s growth (and a plain-text VIF's unit name, rare).
+/// `out`'s growth (and the records of a fixed-structure frame, CI 73/77, which takes
+/// `decode`'s path).
 ///
 /// # Errors
 /// [`MbusError`], as [`decode`].
@@ -222,7 +223,18 @@ mod tests {
 
     #[test]
     fn whole_reals_scale_as_their_integer() {
-        for f in [0.0f32, 1.0, -1.0, 7.0, 100.0, 12_345.0, -65_536.0, 16_777_216.0, 1e17, -9.9e17] {
+        for f in [
+            0.0f32,
+            1.0,
+            -1.0,
+            7.0,
+            100.0,
+            12_345.0,
+            -65_536.0,
+            16_777_216.0,
+            1e17,
+            -9.9e17,
+        ] {
             for exponent in [-9, -6, -3, -1, 0, 1, 3] {
                 for (factor, additive) in [(1, None), (60, None), (1, Some(-3)), (60, Some(0))] {
                     assert_eq!(

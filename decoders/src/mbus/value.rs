@@ -1,7 +1,7 @@
 //! Values of a record: raw integers, reals, BCD, dates, text; scaling by the VIF; conversion to `Record` (written in place by `decode`).
 
-use super::*;
 use super::readings::whole_f32;
+use super::*;
 
 /// A decoded number or other value of a record, without allocation.
 #[derive(Debug, Clone, Copy, PartialEq)]

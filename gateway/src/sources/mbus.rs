@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use decoders::mbus;
 use edge_config::mbus::MbusSerialSourceConfig;
 use model::{CommandAction, SourceKind};
 use time::OffsetDateTime;
