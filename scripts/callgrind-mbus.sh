@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per frame of `mbus::decode` (the gateway's wired M-Bus path) and of the
-# m-bus-parser crate on the libmbus corpus frames both accept, counted by callgrind: the count
+# Instructions per frame of `mbus::decode` (the public API), `mbus::readings` (the gateway's
+# wired M-Bus path) and of the m-bus-parser crate on the libmbus corpus frames both accept, counted by callgrind: the count
 # does not depend on the machine's load, so their ratio is the load-independent speed ratio.
 #
 #   scripts/callgrind-mbus.sh [passes]     (default 200)
@@ -26,7 +26,7 @@ total() { # path passes -> total instructions (Ir)
 }
 frames=
 declare -A per_frame
-for path in ours theirs; do
+for path in ours gateway theirs; do
     zero=$(total "$path" 0)
     many=$(total "$path" "$passes")
     frames=$(sed -nE 's/.* passes over ([0-9]+) frames.*/\1/p' "$out/stdout.$path.$passes")
@@ -34,3 +34,4 @@ for path in ours theirs; do
     echo "$path: $(( many - zero )) instructions for $passes passes x $frames frames = ${per_frame[$path]} per frame"
 done
 python3 -c "print(f'ratio (m-bus-parser / mbus::decode instructions): {${per_frame[theirs]} / ${per_frame[ours]}:.2f}x')"
+python3 -c "print(f'ratio (m-bus-parser / mbus::readings instructions): {${per_frame[theirs]} / ${per_frame[gateway]}:.2f}x')"

@@ -1,6 +1,7 @@
 //! Frames per CPU-second on the public corpora, side by side in one process: the paths the
-//! gateway runs (`mbus::decode`, `cjt188::decode`, `wmbus::decode`) and, for wired M-Bus, the
-//! `m-bus-parser` crate (0.5.3) on the frames both accept.
+//! gateway runs (`mbus::readings` for serial and concentrator M-Bus, `cjt188::decode`,
+//! `wmbus::decode`), the public `mbus::decode`, and, for wired M-Bus, the `m-bus-parser` crate
+//! (0.5.3) on the frames both accept.
 //!
 //! `cargo bench -p decoders --bench mbus_corpus` (reads `conformance/` like the conformance
 //! tests: `WM_SHARED_DIR`, `<workspace>/../shared`, `/work/shared`). CPU time comes from
@@ -8,8 +9,8 @@
 //! figures are per core (one thread).
 //!
 //! For instruction counts, which the machine's load does not change, set
-//! `MBUS_CORPUS_CALLGRIND=<path>:<passes>` (`path` = `ours` for `mbus::decode`, `theirs` for
-//! m-bus-parser): the bench then runs exactly `passes` passes of that path over the frames
+//! `MBUS_CORPUS_CALLGRIND=<path>:<passes>` (`path` = `ours` for `mbus::decode`, `gateway` for
+//! `mbus::readings`, `theirs` for m-bus-parser): the bench then runs exactly `passes` passes of that path over the frames
 //! both accept, untimed, and exits. Under `valgrind --tool=callgrind`, the difference of the
 //! totals of two pass counts divided by the frames decoded is instructions per frame:
 //! `scripts/callgrind-mbus.sh` does that for both paths.
@@ -101,6 +102,17 @@ fn m_bus_parser_decode(frame: &[u8]) -> Option<usize> {
     Some(records)
 }
 
+/// The gateway's M-Bus path in the decoder: the meter's identity and the typed readings the
+/// pipeline stores, into a buffer reused across frames (the gateway then wraps them in
+/// `model::Reading`s with their provenance).
+fn gateway_path(frame: &[u8], buf: &mut Vec<mbus::NumericReading>) -> usize {
+    buf.clear();
+    let meter = mbus::readings(frame, buf).unwrap();
+    black_box(&meter);
+    black_box(&*buf);
+    buf.len()
+}
+
 fn main() {
     let dir = shared_dir().join("conformance");
 
@@ -120,12 +132,14 @@ fn main() {
             .expect("MBUS_CORPUS_CALLGRIND=<path>:<passes>");
         let passes: usize = passes.parse().expect("passes is a number");
         let mut records = 0usize;
+        let mut buf = Vec::new();
         for _ in 0..passes {
             for f in &both {
                 records += match path {
                     "ours" => mbus::decode(black_box(f)).unwrap().records.len(),
+                    "gateway" => gateway_path(black_box(f), &mut buf),
                     "theirs" => m_bus_parser_decode(black_box(f)).unwrap(),
-                    other => panic!("unknown path {other:?} (ours, theirs)"),
+                    other => panic!("unknown path {other:?} (ours, gateway, theirs)"),
                 };
             }
         }
@@ -150,6 +164,16 @@ fn main() {
                 .sum()
         },
     );
+    let mut buf = Vec::new();
+    let gateway = measure(
+        "mbus::readings -> typed readings (the gateway's path)",
+        both.len(),
+        || {
+            both.iter()
+                .map(|f| gateway_path(black_box(f), &mut buf))
+                .sum()
+        },
+    );
     let parse = measure(
         "mbus::parse + scaled values (allocation-free)",
         both.len(),
@@ -170,7 +194,8 @@ fn main() {
             .sum()
     });
     println!(
-        "ratio mbus::decode / m-bus-parser: {:.2}x; allocation-free / m-bus-parser: {:.2}x",
+        "ratio mbus::readings (gateway) / m-bus-parser: {:.2}x; mbus::decode / m-bus-parser: {:.2}x; allocation-free / m-bus-parser: {:.2}x",
+        gateway / theirs,
         decode / theirs,
         parse / theirs
     );

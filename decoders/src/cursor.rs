@@ -95,5 +95,7 @@ impl<'a, E: From<Truncated>> Cursor<'a, E> {
 
 /// The 8-bit arithmetic sum both CJ/T 188 and M-Bus use as their frame checksum.
 pub(crate) fn checksum(bytes: &[u8]) -> u8 {
+    // A byte fold: the compiler vectorises it (a word-at-a-time version with 16-bit lanes
+    // counted more instructions, measured with `scripts/callgrind-mbus.sh`).
     bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
 }

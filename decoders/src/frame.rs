@@ -208,6 +208,27 @@ const KNOWN_NAMES: [&str; 26] = [
     "more_records_follow",
 ];
 
+/// The pipeline's quantity of each [`RecordQuantity::known_index`] (`None` for the names it
+/// does not store and for every index without a name): the record-to-reading step of the
+/// gateway's path is then one load, not a variant built and matched.
+pub(crate) static READING_OF_KNOWN: [Option<model::Quantity>; 256] = {
+    let mut table = [None; 256];
+    let mut i = 0;
+    while i < KNOWN_NAMES.len() {
+        let quantity = RecordQuantity::known(i);
+        // Bounded by the loop condition (fewer than 256 names); `[]` because `get_mut` is not
+        // const.
+        #[allow(clippy::indexing_slicing)]
+        {
+            table[i] = quantity.reading_quantity();
+        }
+        // A known variant owns nothing; forgotten because a `const` cannot run its drop.
+        std::mem::forget(quantity);
+        i = i.wrapping_add(1);
+    }
+    table
+};
+
 /// Byte-wise string equality usable in a `const fn`.
 const fn const_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
@@ -262,6 +283,15 @@ impl RecordQuantity {
         } else {
             Self::Other(Cow::Borrowed(name))
         }
+    }
+
+    /// The pipeline's quantity of a name sent last character first (a plain-text VIF's
+    /// unit as on the wire), without building the name: only a known name can have one.
+    pub(crate) fn reading_quantity_of_reversed(sent: &[u8]) -> Option<model::Quantity> {
+        let i = KNOWN_NAMES
+            .iter()
+            .position(|k| k.len() == sent.len() && k.bytes().eq(sent.iter().rev().copied()))?;
+        Self::known(i).reading_quantity()
     }
 
     /// The variant for a name read at run time (a known name never stays `Other`).
@@ -339,7 +369,7 @@ impl RecordQuantity {
     }
 
     /// The pipeline's quantity for this name, if the pipeline stores it.
-    pub fn reading_quantity(&self) -> Option<model::Quantity> {
+    pub const fn reading_quantity(&self) -> Option<model::Quantity> {
         use model::Quantity as Q;
         Some(match self {
             Self::Volume => Q::Volume,

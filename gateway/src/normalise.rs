@@ -1,6 +1,8 @@
-//! Turns a [`DecodedFrame`] into normalised [`Reading`]s with provenance.
+//! Turns a [`DecodedFrame`] into normalised [`Reading`]s with provenance; wired M-Bus frames
+//! go from bytes to readings directly ([`mbus_readings`]), without the `DecodedFrame`.
 
-use decoders::{DecodedFrame, Function, Protocol, RecordQuantity, RecordValue};
+use decoders::mbus::{MbusError, NumericReading};
+use decoders::{DecodedFrame, Function, MeterInfo, Protocol, RecordQuantity, RecordValue};
 use model::{
     ClockSource, GatewayId, MeterId, MeterIdError, Provenance, Quality, Reading, SourceKind, Unit,
 };
@@ -34,15 +36,57 @@ pub fn frame_hash(raw: &[u8]) -> String {
 ///
 /// Modbus frames carry no identity; their meter id comes from the device configuration.
 pub fn meter_id(frame: &DecodedFrame) -> Result<MeterId, MeterIdError> {
-    match frame.protocol {
-        Protocol::Cjt188 => MeterId::new(format!("cjt188:{}", frame.meter.id)),
+    meter_id_of(frame.protocol, &frame.meter)
+}
+
+/// [`meter_id`] from the protocol and the meter's identity.
+fn meter_id_of(protocol: Protocol, meter: &MeterInfo) -> Result<MeterId, MeterIdError> {
+    match protocol {
+        Protocol::Cjt188 => MeterId::new(format!("cjt188:{}", meter.id)),
         Protocol::Mbus | Protocol::Wmbus => MeterId::new(format!(
             "mbus:{}{}",
-            frame.meter.manufacturer.as_deref().unwrap_or(""),
-            frame.meter.id
+            meter.manufacturer.as_deref().unwrap_or(""),
+            meter.id
         )),
-        Protocol::Modbus => MeterId::new(format!("modbus:{}", frame.meter.id)),
+        Protocol::Modbus => MeterId::new(format!("modbus:{}", meter.id)),
     }
+}
+
+/// Why a wired M-Bus frame gave no readings ([`mbus_readings`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MbusFrameError {
+    /// The frame did not decode.
+    #[error(transparent)]
+    Decode(#[from] MbusError),
+    /// The frame's identity is not a valid meter id.
+    #[error(transparent)]
+    MeterId(#[from] MeterIdError),
+}
+
+impl crate::sources::ErrorCode for MbusFrameError {
+    fn code(&self) -> &'static str {
+        match self {
+            Self::Decode(e) => e.code(),
+            Self::MeterId(_) => "meter_id",
+        }
+    }
+}
+
+/// The wired M-Bus intake from bytes (`ctx.raw`): the meter id and the readings, the same as
+/// [`decoders::mbus::decode`] then [`meter_id`] and [`to_readings`] give, without building the
+/// [`DecodedFrame`] and its per-record texts ([`decoders::mbus::readings`]).
+///
+/// # Errors
+/// The decoder's error, or the meter id's.
+pub fn mbus_readings(
+    ctx: &FrameContext<'_>,
+    meter_ts: Option<OffsetDateTime>,
+) -> Result<(MeterId, Vec<Reading>), MbusFrameError> {
+    let mut numeric = Vec::new();
+    let meter = decoders::mbus::readings(ctx.raw, &mut numeric)?;
+    let meter = meter_id_of(Protocol::Mbus, &meter)?;
+    let readings = build_readings(numeric, &meter, meter_ts, ctx);
+    Ok((meter, readings))
 }
 
 /// Readings of the frame's numeric records that the pipeline stores.
@@ -53,6 +97,21 @@ pub fn meter_id(frame: &DecodedFrame) -> Result<MeterId, MeterIdError> {
 /// frame, which the provenance hash identifies.
 pub fn to_readings(
     frame: &DecodedFrame,
+    meter: &MeterId,
+    meter_ts: Option<OffsetDateTime>,
+    ctx: &FrameContext<'_>,
+) -> Vec<Reading> {
+    build_readings(
+        frame.records.iter().filter_map(NumericReading::of_record),
+        meter,
+        meter_ts,
+        ctx,
+    )
+}
+
+/// The readings of `numeric` (the records the pipeline stores) with their time and provenance.
+fn build_readings(
+    numeric: impl IntoIterator<Item = NumericReading>,
     meter: &MeterId,
     meter_ts: Option<OffsetDateTime>,
     ctx: &FrameContext<'_>,
@@ -69,29 +128,21 @@ pub fn to_readings(
         received_at: ctx.received_at,
         channel: ctx.channel.map(str::to_owned),
     };
-    frame
-        .records
-        .iter()
-        .filter(|r| r.function == Function::Instantaneous)
-        .filter_map(|record| {
-            let quantity = record.reading_quantity()?;
-            let RecordValue::Number(value) = &record.value else {
-                return None;
-            };
-            Some(Reading {
-                meter: meter.clone(),
-                ts,
-                clock,
-                quantity,
-                value: *value,
-                unit: record.unit.unwrap_or(Unit::Dimensionless),
-                storage: record.storage,
-                tariff: record.tariff,
-                subunit: record.subunit,
-                quality: Quality::Actual,
-                flags: Vec::new(),
-                provenance: provenance.clone(),
-            })
+    numeric
+        .into_iter()
+        .map(|r| Reading {
+            meter: meter.clone(),
+            ts,
+            clock,
+            quantity: r.quantity,
+            value: r.value,
+            unit: r.unit.unwrap_or(Unit::Dimensionless),
+            storage: r.storage,
+            tariff: r.tariff,
+            subunit: r.subunit,
+            quality: Quality::Actual,
+            flags: Vec::new(),
+            provenance: provenance.clone(),
         })
         .collect()
 }
@@ -321,6 +372,77 @@ mod tests {
         assert_eq!(
             r.provenance.channel.as_deref(),
             Some("/dev/ttyUSB0 primary 5")
+        );
+    }
+
+    /// The libmbus corpus (`conformance/mbus/libmbus_cases.jsonl` in the shared directory:
+    /// `WM_SHARED_DIR`, `<workspace>/../shared`, `/work/shared`).
+    fn libmbus_frames() -> Vec<Vec<u8>> {
+        let mut dirs: Vec<std::path::PathBuf> = Vec::new();
+        if let Ok(dir) = std::env::var("WM_SHARED_DIR") {
+            dirs.push(dir.into());
+        }
+        dirs.push(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+        dirs.push("/work/shared".into());
+        let path = dirs
+            .iter()
+            .map(|d| d.join("conformance/mbus/libmbus_cases.jsonl"))
+            .find(|p| p.is_file())
+            .expect("libmbus corpus (set WM_SHARED_DIR to the shared/ directory)");
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let case: serde_json::Value = serde_json::from_str(l).unwrap();
+                case["frame_hex"]
+                    .as_str()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .filter_map(|t| u8::from_str_radix(t, 16).ok())
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mbus_bytes_to_readings_equal_decode_then_normalise_on_the_corpus() {
+        let gateway = GatewayId::new("gw-1").unwrap();
+        let frames = libmbus_frames();
+        assert!(frames.len() >= 100, "corpus too small: {}", frames.len());
+        let mut with_readings = 0;
+        for (i, raw) in frames.iter().enumerate() {
+            let ctx = FrameContext {
+                gateway: &gateway,
+                source: SourceKind::MbusSerial,
+                source_id: "bus1",
+                channel: Some("/dev/ttyUSB0 primary 5"),
+                received_at: datetime!(2026-11-24 10:43:05 UTC),
+                raw,
+            };
+            let old = decoders::mbus::decode(raw)
+                .map_err(MbusFrameError::from)
+                .and_then(|frame| {
+                    let meter = meter_id(&frame)?;
+                    let readings = to_readings(&frame, &meter, None, &ctx);
+                    Ok((meter, readings))
+                });
+            let new = mbus_readings(&ctx, None);
+            // `Debug`, so that each value's scale is compared too.
+            match (old, new) {
+                (Ok(old), Ok(new)) => {
+                    with_readings += usize::from(!new.1.is_empty());
+                    assert_eq!(format!("{old:?}"), format!("{new:?}"), "frame {i}");
+                }
+                (Err(old), Err(new)) => {
+                    assert_eq!(old.to_string(), new.to_string(), "frame {i}");
+                }
+                (old, new) => panic!("frame {i}: {old:?} vs {new:?}"),
+            }
+        }
+        assert!(
+            with_readings >= 50,
+            "only {with_readings} frames with readings"
         );
     }
 }

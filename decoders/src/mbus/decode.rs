@@ -121,38 +121,52 @@ pub fn decode_records(payload: &[u8]) -> Result<Vec<Record>, MbusError> {
 /// [`MbusError`] with the byte offset of the first problem; CI 70 frames are refused with
 /// [`MbusError::ApplicationError`].
 pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
-    let (address, ci_offset, app_bytes) = match parse_link(bytes)? {
+    let (address, ci_offset, app_bytes) = long_frame_application(bytes)?;
+    let app = decode_application_at(app_bytes, ci_offset)?;
+    Ok(DecodedFrame {
+        protocol: Protocol::Mbus,
+        meter: meter_info(&app.header, address),
+        records: app.records,
+    })
+}
+
+/// The link layer of an RSP_UD long frame: its primary address, the offset of its CI byte and
+/// the application bytes (CI to the last data byte, without CS and stop). Other frames are
+/// refused as [`decode`] refuses them.
+pub(super) fn long_frame_application(bytes: &[u8]) -> Result<(u8, usize, &[u8]), MbusError> {
+    match parse_link(bytes)? {
         LinkFrame::Long {
             address,
             data_offset,
             ..
         } => {
             let ci_offset = data_offset.saturating_sub(1);
-            (address, ci_offset, bytes.get(ci_offset..).unwrap_or(&[]))
+            let app_bytes = bytes.get(ci_offset..).unwrap_or(&[]);
+            // The app bytes include CS and stop; cut them off.
+            let app_len = app_bytes.len().saturating_sub(2);
+            Ok((address, ci_offset, app_bytes.get(..app_len).unwrap_or(&[])))
         }
         LinkFrame::Control { ci, .. } => {
             // A control frame may still carry an application error (CI 70 without code).
             let mut cur = Cursor::new(&[], 6);
             parse_header(ci, 6, &mut cur)?;
-            return Err(MbusError::NotLongFrame {
+            Err(MbusError::NotLongFrame {
                 kind: "control frame",
-            });
+            })
         }
-        LinkFrame::Short { .. } => {
-            return Err(MbusError::NotLongFrame {
-                kind: "short frame",
-            });
-        }
-        LinkFrame::Ack => {
-            return Err(MbusError::NotLongFrame {
-                kind: "single character E5",
-            });
-        }
-    };
-    // The app bytes include CS and stop; cut them off.
-    let app_len = app_bytes.len().saturating_sub(2);
-    let app = decode_application_at(app_bytes.get(..app_len).unwrap_or(&[]), ci_offset)?;
-    let meter = match app.header {
+        LinkFrame::Short { .. } => Err(MbusError::NotLongFrame {
+            kind: "short frame",
+        }),
+        LinkFrame::Ack => Err(MbusError::NotLongFrame {
+            kind: "single character E5",
+        }),
+    }
+}
+
+/// The meter's identity from the application header; frames without a long header are
+/// named by their primary address as three digits.
+pub(super) fn meter_info(header: &AppHeader, address: u8) -> MeterInfo {
+    match header {
         AppHeader::Long(h) => MeterInfo {
             id: id_text(h.id),
             manufacturer: Some(manufacturer_text(h.manufacturer)),
@@ -160,10 +174,10 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
             medium: Some(SmallString::from_static(medium_name(h.medium))),
         },
         AppHeader::Fixed { id, medium, .. } => MeterInfo {
-            id: id_text(id),
+            id: id_text(*id),
             manufacturer: None,
             version: None,
-            medium: Some(SmallString::from_static(medium_name(medium))),
+            medium: Some(SmallString::from_static(medium_name(*medium))),
         },
         _ => MeterInfo {
             id: {
@@ -176,10 +190,5 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
             version: None,
             medium: None,
         },
-    };
-    Ok(DecodedFrame {
-        protocol: Protocol::Mbus,
-        meter,
-        records: app.records,
-    })
+    }
 }

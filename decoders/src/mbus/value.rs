@@ -1,5 +1,6 @@
 //! Values of a record: raw integers, reals, BCD, dates, text; scaling by the VIF; conversion to `Record` (written in place by `decode`).
 
+use super::readings::whole_f32;
 use super::*;
 
 /// A decoded number or other value of a record, without allocation.
@@ -70,7 +71,7 @@ impl<'a> RawRecord<'a> {
     /// The VIF's meaning with the combinable VIFEs applied, and the exponent of the additive
     /// correction (VIFE 78..7B: 10^(nn-3) units), in one pass over the chain.
     #[inline(always)]
-    fn meaning(&self) -> (VifInfo, Option<i32>) {
+    pub(super) fn meaning(&self) -> (VifInfo, Option<i32>) {
         if self.is_manufacturer_data() {
             let q = if self.dif == 0x1F {
                 "more_records_follow"
@@ -98,7 +99,7 @@ impl<'a> RawRecord<'a> {
                 0x7D => info.exponent = info.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
                 // 13757-3 combinable VIFE; 0x3D is reserved): the reverse register.
-                0x3C if info.quantity == "volume" => {
+                0x3C if info.known == VOLUME_INDEX => {
                     info.quantity = "volume_reverse";
                     info.known = const { RecordQuantity::known_index("volume_reverse") };
                 }
@@ -119,7 +120,7 @@ impl<'a> RawRecord<'a> {
     }
 
     #[inline(always)]
-    fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
+    pub(super) fn raw_value_with(&self, info_date: bool) -> RawValue<'a> {
         if self.is_manufacturer_data() {
             return RawValue::Bytes(self.data);
         }
@@ -190,6 +191,15 @@ impl<'a> RawRecord<'a> {
             RawValue::Int(v) => {
                 write_int_number(v, info.exponent, info.factor, additive, &mut out.value)
             }
+            // A whole-numbered real is scaled as its integer: the same value
+            // (`readings::whole_f32`), without the float conversion.
+            RawValue::Real(f) if whole_f32(f).is_some() => write_int_number(
+                whole_f32(f).unwrap_or(0),
+                info.exponent,
+                info.factor,
+                additive,
+                &mut out.value,
+            ),
             RawValue::Real(_) => match scaled(raw, &info, additive) {
                 Some(d) => {
                     out.value = RecordValue::Number(d.normalize());
@@ -222,7 +232,7 @@ impl<'a> RawRecord<'a> {
     /// The record parser refuses a tariff wider than 16 bits ([`MbusError::TariffTooWide`])
     /// and at most 10 DIFEs give a 10-bit subunit, so both fit the `u16`s of
     /// [`model::Reading`].
-    fn dife_fields(&self) -> (u64, u16, u16) {
+    pub(super) fn dife_fields(&self) -> (u64, u16, u16) {
         let mut storage = u64::from((self.dif >> 6) & 1);
         let (mut tariff, mut subunit) = (0u16, 0u16);
         // At most 10 DIFEs (the parser refuses more), so the shifts stay below 64 and 32.
@@ -265,6 +275,9 @@ impl<'a> RawRecord<'a> {
         }
     }
 }
+
+/// [`RecordQuantity::known_index`] of `volume`, the quantity VIFE 3C turns into `volume_reverse`.
+pub(super) const VOLUME_INDEX: u8 = RecordQuantity::known_index("volume");
 
 /// `raw` scaled by the VIF's exponent and factor plus the additive correction; `None` when it
 /// is not a number or does not fit a `Decimal`.
@@ -420,11 +433,7 @@ pub(super) fn bcd(data: &[u8]) -> Option<i64> {
     if n > 8 {
         return bcd_bytewise(data);
     }
-    let mut buf = [0u8; 8];
-    for (d, s) in buf.iter_mut().zip(data) {
-        *d = *s;
-    }
-    let mut x = u64::from_le_bytes(buf);
+    let mut x = le_word(data);
     // The most significant digit F is the minus sign (EN 13757-3 annex B).
     let top = n.wrapping_sub(1).wrapping_mul(8).wrapping_add(4) as u32;
     let negative = n > 0 && (x >> top) & 0x0F == 0x0F;
@@ -452,6 +461,22 @@ pub(super) fn bcd(data: &[u8]) -> Option<i64> {
     } else {
         value
     })
+}
+
+/// Up to 8 bytes, least significant first, as one word (zero-extended). The usual widths
+/// are loaded whole: a byte loop over a stack buffer became a `memcpy` call per record.
+#[inline(always)]
+fn le_word(data: &[u8]) -> u64 {
+    match *data {
+        [a, b, c, d] => u64::from(u32::from_le_bytes([a, b, c, d])),
+        [a, b] => u64::from(u16::from_le_bytes([a, b])),
+        [a] => u64::from(a),
+        [a, b, c, d, e, f, g, h] => u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+        _ => data
+            .iter()
+            .rev()
+            .fold(0u64, |acc, b| acc.wrapping_shl(8) | u64::from(*b)),
+    }
 }
 
 /// [`bcd`] a byte at a time with overflow checks: for LVAR BCD longer than 8 bytes.

@@ -9,6 +9,7 @@ mod cli;
 mod envelope;
 mod golden;
 mod mbus_conformance;
+mod mbus_readings;
 mod modbus;
 mod properties;
 mod wmbus_conformance;

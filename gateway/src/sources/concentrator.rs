@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use decoders::{DecodedFrame, cjt188, mbus};
+use decoders::cjt188;
 use edge_config::{MqttProtocol, MqttSourceConfig, PayloadFormat, TopicMapping};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
@@ -23,7 +23,7 @@ use super::{
     Commands, ErrorCode, IntakeError, Received, Source, SourceContext, SourceEnv, SourceError,
 };
 use crate::mqtt::{self, MqttEndpoint};
-use crate::normalise;
+use crate::normalise::{self, MbusFrameError};
 use crate::sink::Durable;
 
 /// The configured password for a CONNECT (empty when none).
@@ -95,23 +95,18 @@ impl ErrorCode for MessageError {
     }
 }
 
-fn decode_frame(format: PayloadFormat, raw: &[u8]) -> Result<DecodedFrame, MessageError> {
-    let cjt = |raw: &[u8]| cjt188::decode(raw).map_err(|e| MessageError::Frame(e.into()));
-    let mb = |raw: &[u8]| mbus::decode(raw).map_err(|e| MessageError::Frame(e.into()));
+/// Whether a binary payload is decoded as M-Bus (else CJ/T 188).
+fn is_mbus(format: PayloadFormat, raw: &[u8]) -> bool {
     match format {
-        PayloadFormat::Cjt188 => cjt(raw),
-        PayloadFormat::Mbus => mb(raw),
+        PayloadFormat::Cjt188 => false,
+        PayloadFormat::Mbus => true,
         // CJ/T 188: optional FE preamble, 0x68, then the meter type (never 0x68); an M-Bus long
         // frame repeats 0x68 after its two length bytes.
         _ => {
             let body = raw
                 .get(raw.iter().take_while(|b| **b == 0xFE).count()..)
                 .unwrap_or(&[]);
-            if body.first() == Some(&0x68) && body.get(3) == Some(&0x68) {
-                mb(raw)
-            } else {
-                cjt(raw)
-            }
+            body.first() == Some(&0x68) && body.get(3) == Some(&0x68)
         }
     }
 }
@@ -163,7 +158,15 @@ pub fn readings_of(
             })
             .collect());
     }
-    let decoded = decode_frame(format, payload)?;
+    if is_mbus(format, payload) {
+        // Bytes to readings directly, without the `DecodedFrame` (the same readings).
+        return match normalise::mbus_readings(&fctx, None) {
+            Ok((_, readings)) => Ok(readings),
+            Err(MbusFrameError::Decode(e)) => Err(MessageError::Frame(e.into())),
+            Err(MbusFrameError::MeterId(e)) => Err(MessageError::MeterId(e)),
+        };
+    }
+    let decoded = cjt188::decode(payload).map_err(|e| MessageError::Frame(e.into()))?;
     let meter = normalise::meter_id(&decoded)?;
     Ok(normalise::to_readings(&decoded, &meter, None, &fctx))
 }

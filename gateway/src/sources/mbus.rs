@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use decoders::mbus;
 use edge_config::mbus::MbusSerialSourceConfig;
 use model::{CommandAction, SourceKind};
 use time::OffsetDateTime;
@@ -22,6 +21,7 @@ use tokio_serial::{SerialPort as _, SerialStream};
 use tokio_util::sync::CancellationToken;
 
 use super::{ErrorCode, Health, Received, Source, SourceContext, SourceEnv, SourceError};
+use crate::normalise;
 use crate::{CommandOutcome, CommandRequest};
 
 /// Why one exchange on the bus failed.
@@ -596,11 +596,15 @@ impl Bus {
                 channel: Some(&channel),
                 received_at,
             };
-            match self.ctx.decode(&frame, mbus::decode, |_| None) {
-                Ok(decoded) => {
-                    self.known
-                        .insert(decoded.meter.to_string(), address.clone());
-                    readings.extend(decoded.readings);
+            // Bytes to readings directly (no `DecodedFrame`): the same readings and failure
+            // counts as `SourceContext::decode` with `mbus::decode`.
+            self.ctx.count_frames(1);
+            let decoded = normalise::mbus_readings(&self.ctx.frame_context(&frame), None)
+                .map_err(|e| self.ctx.reject(&e));
+            match decoded {
+                Ok((meter, decoded)) => {
+                    self.known.insert(meter.to_string(), address.clone());
+                    readings.extend(decoded);
                 }
                 Err(e) => {
                     tracing::warn!(source = %source_id, %address, error = %e, "m-bus telegram not decodable");
