@@ -12,7 +12,10 @@ use crate::common;
 use decoders::mbus;
 use serde_json::Value;
 
-const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/data/mbus_json_golden.tsv");
+const GOLDEN: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/it/data/mbus_json_golden.tsv"
+);
 
 /// Values each byte from the CI on is set to in turn (checksum fixed): no data / zero,
 /// variable length, filler, extension bit, all ones (invalid BCD, `FD` tables); few, as the
@@ -50,7 +53,11 @@ fn listing() -> String {
     let mut out = String::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let case: Value = serde_json::from_str(line).unwrap();
-        let name = format!("{}/{}", case["set"].as_str().unwrap(), case["name"].as_str().unwrap());
+        let name = format!(
+            "{}/{}",
+            case["set"].as_str().unwrap(),
+            case["name"].as_str().unwrap()
+        );
         let bytes = common::hex_tokens(case["frame_hex"].as_str().unwrap_or(""));
         let mut whole = Fnv::new();
         outputs(&bytes, &mut whole);
