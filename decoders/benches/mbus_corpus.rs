@@ -10,7 +10,8 @@
 //!
 //! For instruction counts, which the machine's load does not change, set
 //! `MBUS_CORPUS_CALLGRIND=<path>:<passes>` (`path` = `ours` for `mbus::decode`, `gateway` for
-//! `mbus::readings`, `theirs` for m-bus-parser): the bench then runs exactly `passes` passes of that path over the frames
+//! `mbus::readings`, `theirs` for m-bus-parser; `walk`, `lazy` and `typed` for what a
+//! redesigned `decode` would cost at least, see `walk_path`, `lazy_path`, `typed_path`): the bench then runs exactly `passes` passes of that path over the frames
 //! both accept, untimed, and exits. Under `valgrind --tool=callgrind`, the difference of the
 //! totals of two pass counts divided by the frames decoded is instructions per frame:
 //! `scripts/callgrind-mbus.sh` does that for both paths.
@@ -113,6 +114,57 @@ fn gateway_path(frame: &[u8], buf: &mut Vec<mbus::NumericReading>) -> usize {
     buf.len()
 }
 
+/// Floor of a fully lazy `decode`: link frame, header and the record walk that validates the
+/// structure, nothing computed per record (fixed-structure frames, which `parse` refuses,
+/// count as 0 records).
+fn walk_path(frame: &[u8]) -> usize {
+    let Ok(rsp) = mbus::parse(frame) else {
+        return 0;
+    };
+    black_box(&rsp.header);
+    let mut n = 0;
+    for r in rsp.records {
+        black_box(r.unwrap());
+        n += 1;
+    }
+    n
+}
+
+/// What a `decode` whose records are computed on access would cost at least: an owned copy
+/// of the frame and, per record, where it starts in the copy (the walk validates the
+/// structure once; fields would be read from the copy on access).
+fn lazy_path(frame: &[u8]) -> usize {
+    let Ok(rsp) = mbus::parse(frame) else {
+        return 0;
+    };
+    black_box(&rsp.header);
+    let owned = frame.to_vec();
+    let mut starts: Vec<u32> = Vec::with_capacity(frame.len() >> 2);
+    for r in rsp.records {
+        starts.push(r.unwrap().offset as u32);
+    }
+    black_box((&owned, &starts));
+    starts.len()
+}
+
+/// What an eager compact `decode` computes per record without text or `Decimal`: the VIF's
+/// meaning, the unscaled typed value, storage/tariff/subunit/function (through the public
+/// record API, which reads the VIF table twice: an upper bound).
+fn typed_path(frame: &[u8]) -> usize {
+    let Ok(rsp) = mbus::parse(frame) else {
+        return 0;
+    };
+    black_box(&rsp.header);
+    let mut n = 0;
+    for r in rsp.records {
+        let r = r.unwrap();
+        black_box((r.vif_info(), r.raw_value()));
+        black_box((r.storage(), r.tariff(), r.subunit(), r.function()));
+        n += 1;
+    }
+    n
+}
+
 fn main() {
     let dir = shared_dir().join("conformance");
 
@@ -139,7 +191,12 @@ fn main() {
                     "ours" => mbus::decode(black_box(f)).unwrap().records.len(),
                     "gateway" => gateway_path(black_box(f), &mut buf),
                     "theirs" => m_bus_parser_decode(black_box(f)).unwrap(),
-                    other => panic!("unknown path {other:?} (ours, gateway, theirs)"),
+                    "walk" => walk_path(black_box(f)),
+                    "typed" => typed_path(black_box(f)),
+                    "lazy" => lazy_path(black_box(f)),
+                    other => {
+                        panic!("unknown path {other:?} (ours, gateway, theirs, walk, typed, lazy)")
+                    }
                 };
             }
         }

@@ -197,7 +197,7 @@ fn int_number(v: i64, exponent: i32, factor: u32, additive: Option<i32>) -> Opti
     let info = VifInfo {
         exponent,
         factor,
-        ..vi("", None, 0)
+        ..const { vi("", None, 0) }
     };
     scaled(RawValue::Int(v), &info, additive).map(|d| d.normalize())
 }
@@ -212,7 +212,7 @@ mod tests {
         let info = VifInfo {
             exponent,
             factor,
-            ..vi("", None, 0)
+            ..const { vi("", None, 0) }
         };
         scaled(RawValue::Real(f), &info, additive).map(|d| d.normalize())
     }

@@ -73,17 +73,18 @@ impl<'a> RawRecord<'a> {
     #[inline(always)]
     pub(super) fn meaning(&self) -> (VifInfo, Option<i32>) {
         if self.is_manufacturer_data() {
-            let q = if self.dif == 0x1F {
-                "more_records_follow"
+            // `const` blocks: a `vi` call at run time searches the known names.
+            let info = if self.dif == 0x1F {
+                const { vi("more_records_follow", None, 0) }
             } else {
-                "manufacturer_specific"
+                const { vi("manufacturer_specific", None, 0) }
             };
-            return (vi(q, None, 0), None);
+            return (info, None);
         }
         let (mut info, combinable) = match (self.vif, self.vife.split_first()) {
             (0xFD, Some((code, rest))) => (lookup(&FD_VIF, *code), rest),
             (0xFB, Some((code, rest))) => (lookup(&FB_VIF, *code), rest),
-            (0x7C | 0xFC, _) => (vi("plain_text", None, 0), self.vife),
+            (0x7C | 0xFC, _) => (const { vi("plain_text", None, 0) }, self.vife),
             (v, _) => (lookup(&PRIMARY_VIF, v), self.vife),
         };
         let mut additive = None;
@@ -341,7 +342,7 @@ pub(super) fn write_int_number(
     let info = VifInfo {
         exponent,
         factor,
-        ..vi("", None, 0)
+        ..const { vi("", None, 0) }
     };
     match scaled(RawValue::Int(v), &info, additive) {
         Some(d) => {

@@ -264,5 +264,6 @@ pub(super) fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
     table
         .get(usize::from(code & 0x7F))
         .copied()
-        .unwrap_or(vi("reserved", None, 0))
+        // Built at compile time: `vi` as an argument ran its name search on every lookup.
+        .unwrap_or(const { vi("reserved", None, 0) })
 }

@@ -9,6 +9,7 @@ mod cli;
 mod envelope;
 mod golden;
 mod mbus_conformance;
+mod mbus_json_golden;
 mod mbus_readings;
 mod modbus;
 mod properties;
