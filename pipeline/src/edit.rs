@@ -163,6 +163,17 @@ async fn replace_reading(
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
     // Before any row lock: the rollup recompute must not race a worker's journal.
     crate::journal::lock_out_ingest(&mut tx).await?;
+    // A packed month (migration 0120) goes back to row form first, so the row can be locked
+    // and changed; the next retention run packs it again.
+    sqlx::query(
+        "SELECT wm_unpack_readings(ARRAY[k.meter_key], ARRAY[$2::timestamptz])
+         FROM meter_keys k WHERE k.meter_id = $1",
+    )
+    .bind(meter)
+    .bind(ts)
+    .execute(&mut *tx)
+    .await
+    .map_err(db("unpacking the reading's month"))?;
     let row = sqlx::query(
         // The narrow row itself: `FOR UPDATE` cannot lock through the view's outer joins.
         "SELECT r.value, wm_quality_text(r.quality) FROM reading_rows r

@@ -289,7 +289,11 @@ async fn copy_in(
 }
 
 /// COPYs the frames of `n`, then its rows into `table` (`reading_rows` or the staging table).
+/// Before rows that will reach `reading_rows`, the packed months they fall in are unpacked.
 async fn copy_narrow(conn: &mut PgConnection, table: &str, n: &Narrow) -> Result<u64, sqlx::Error> {
+    if table != "wm_probe" {
+        unpack_for(conn, &n.rows).await?;
+    }
     copy_in(
         conn,
         &format!(
@@ -312,6 +316,31 @@ async fn copy_narrow(conn: &mut PgConnection, table: &str, n: &Narrow) -> Result
         buf.finish(),
     )
     .await
+}
+
+/// Moves the packed (meter, month)s of `rows` older than the pack horizon back to row form
+/// (migration 0120, docs/storage.md "Packed months"), so the unique key of `reading_rows`
+/// judges duplicates and late reads exactly as for rows never packed. A batch of current
+/// reads pays one small query (the horizon, read under the shared lock that keeps the packing
+/// job from moving it until this transaction ends).
+async fn unpack_for(conn: &mut PgConnection, rows: &[crate::copy::NarrowRow]) -> Result<(), sqlx::Error> {
+    let Some(oldest) = rows.iter().map(|r| r.ts).min() else {
+        return Ok(());
+    };
+    let older: bool = sqlx::query_scalar("SELECT $1 < wm_pack_horizon()")
+        .bind(oldest)
+        .fetch_one(&mut *conn)
+        .await?;
+    if older {
+        let keys: Vec<i32> = rows.iter().map(|r| r.meter_key).collect();
+        let ts: Vec<OffsetDateTime> = rows.iter().map(|r| r.ts).collect();
+        sqlx::query("SELECT wm_unpack_readings($1, $2)")
+            .bind(keys)
+            .bind(ts)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Writes the `quality_detail` of `n`'s rows to `reading_details` (a detail already stored for

@@ -10,6 +10,7 @@ mod journal;
 mod ledger;
 mod monthly_logs;
 mod notify;
+mod packing;
 mod pipeline_store;
 mod registry;
 mod retention;
