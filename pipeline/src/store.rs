@@ -323,7 +323,10 @@ async fn copy_narrow(conn: &mut PgConnection, table: &str, n: &Narrow) -> Result
 /// judges duplicates and late reads exactly as for rows never packed. A batch of current
 /// reads pays one small query (the horizon, read under the shared lock that keeps the packing
 /// job from moving it until this transaction ends).
-async fn unpack_for(conn: &mut PgConnection, rows: &[crate::copy::NarrowRow]) -> Result<(), sqlx::Error> {
+async fn unpack_for(
+    conn: &mut PgConnection,
+    rows: &[crate::copy::NarrowRow],
+) -> Result<(), sqlx::Error> {
     let Some(oldest) = rows.iter().map(|r| r.ts).min() else {
         return Ok(());
     };

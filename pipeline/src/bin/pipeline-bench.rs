@@ -148,10 +148,15 @@ async fn pack_and_measure(pool: &PgPool, stored: i64) -> anyhow::Result<()> {
         .context("packing the bench's months")?;
     let secs = t.elapsed().as_secs_f64();
     let rows: i64 = packed.iter().map(|p| p.2).sum();
-    sqlx::raw_sql("VACUUM ANALYZE frames, reading_packs, frame_packs; REINDEX TABLE frames")
-        .execute(pool)
-        .await
-        .context("vacuuming after packing")?;
+    for sql in [
+        "VACUUM ANALYZE frames, reading_packs, frame_packs",
+        "REINDEX TABLE frames",
+    ] {
+        sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .with_context(|| format!("{sql} after packing"))?;
+    }
     let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
         .fetch_one(pool)
         .await?;
