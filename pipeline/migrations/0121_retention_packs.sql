@@ -75,14 +75,17 @@ BEGIN
                                    WHERE r.frame_id = f.frame_id
                                      AND r.frame_id BETWEEN %s AND %s)',
                 'frames_' || p.yyyymm, coalesce(lo, 0), coalesce(hi, -1));
-            EXECUTE format(
-                'CREATE TABLE wm_archive.%I AS WITH moved AS (DELETE FROM reading_packs
-                     WHERE month = %L RETURNING *) SELECT * FROM moved',
-                'rpacks_' || p.yyyymm, to_date(p.yyyymm, 'YYYYMM'));
-            EXECUTE format(
-                'CREATE TABLE wm_archive.%I AS WITH moved AS (DELETE FROM frame_packs
-                     WHERE month = %L RETURNING *) SELECT * FROM moved',
-                'fpacks_' || p.yyyymm, to_date(p.yyyymm, 'YYYYMM'));
+            -- A packed month's packs go with it (only when it has any).
+            IF EXISTS (SELECT 1 FROM frame_packs fp WHERE fp.month = to_date(p.yyyymm, 'YYYYMM')) THEN
+                EXECUTE format(
+                    'CREATE TABLE wm_archive.%I AS WITH moved AS (DELETE FROM reading_packs
+                         WHERE month = %L RETURNING *) SELECT * FROM moved',
+                    'rpacks_' || p.yyyymm, to_date(p.yyyymm, 'YYYYMM'));
+                EXECUTE format(
+                    'CREATE TABLE wm_archive.%I AS WITH moved AS (DELETE FROM frame_packs
+                         WHERE month = %L RETURNING *) SELECT * FROM moved',
+                    'fpacks_' || p.yyyymm, to_date(p.yyyymm, 'YYYYMM'));
+            END IF;
             EXECUTE format('CREATE TABLE wm_archive.%I (LIKE reading_details)',
                 'details_' || p.yyyymm);
             EXECUTE format(
