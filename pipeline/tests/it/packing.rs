@@ -6,8 +6,8 @@
 //! realistic month packs to under 100 bytes per reading.
 
 use model::{Quantity, Reading};
+use pipeline::db::{self, StoreOptions, WriteSet};
 use pipeline::scheduler::pack_closed_months;
-use pipeline::store::{self, StoreOptions, WriteSet};
 use pipeline::vee::{Vee, VeeConfig};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -102,10 +102,10 @@ async fn recomputed_rollups(
     to: OffsetDateTime,
 ) -> Vec<String> {
     let mut tx = pool.begin().await.expect("a transaction");
-    pipeline::journal::lock_out_ingest(&mut tx)
+    pipeline::db::journal::lock_out_ingest(&mut tx)
         .await
         .expect("the journal lock");
-    store::recompute_rollups(&mut tx, meter, from, to, StoreOptions::default())
+    db::rollups::recompute_rollups(&mut tx, meter, from, to, StoreOptions::default())
         .await
         .expect("recomputing rollups");
     tx.commit().await.expect("committing");
@@ -134,9 +134,9 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 
 /// Writes `readings` as one ingest batch without VEE (what a redelivered or late batch does
 /// after VEE let it through).
-async fn write_raw(pool: &PgPool, readings: &[Reading]) -> store::WriteStats {
+async fn write_raw(pool: &PgPool, readings: &[Reading]) -> db::WriteStats {
     let mut conn = pool.acquire().await.expect("a connection");
-    store::write_batch(
+    db::write_batch(
         &mut conn,
         &WriteSet {
             readings,
@@ -189,7 +189,7 @@ async fn packed_month_reads_back_identically_and_stays_writable() {
     let before_view = view(pool).await;
     let before_bill = billing_reads(pool, meters[0], from, m0 + Duration::days(10)).await;
     let before_rollups = recomputed_rollups(pool, meters[0], from, to).await;
-    let before_vee = store::load_vee(pool, VeeConfig::default(), |_| true)
+    let before_vee = db::meter_state::load_vee(pool, VeeConfig::default(), |_| true)
         .await
         .expect("loading VEE");
     let before_state = format!("{:?}", before_vee.state(meters[0]));
@@ -241,7 +241,7 @@ async fn packed_month_reads_back_identically_and_stays_writable() {
         recomputed_rollups(pool, meters[0], from, to).await,
         before_rollups
     );
-    let after_vee = store::load_vee(pool, VeeConfig::default(), |_| true)
+    let after_vee = db::meter_state::load_vee(pool, VeeConfig::default(), |_| true)
         .await
         .expect("loading VEE");
     assert_eq!(format!("{:?}", after_vee.state(meters[0])), before_state);
