@@ -260,7 +260,7 @@ async fn packed_month_reads_back_identically_and_stays_writable() {
         dec!(2000) + Decimal::new(6 * 125, 3),
         7,
     );
-    let stats = write_raw(pool, &[again.clone()]).await;
+    let stats = write_raw(pool, std::slice::from_ref(&again)).await;
     assert_eq!(stats.inserted, 0);
     assert!(stats.slow_path);
     // A different value at a stored key: a duplicate conflict for review, stored value kept.
