@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgPool, Row};
 use time::OffsetDateTime;
 
-use crate::db::{self, StoreError, StoreOptions, WriteSet};
+use crate::db::{self, StoreError, StoreOptions, WriteMode, WriteSet};
 use crate::vee::VeeConfig;
 
 /// Why an edit or manual read failed.
@@ -325,12 +325,13 @@ pub async fn ingest_manual(
         &mut tx,
         &WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             progress: &[],
             rejects: &rejects,
             out_of_order: &out.out_of_order,
-            journal: None,
             alarms: None,
         },
         StoreOptions::default(),

@@ -22,6 +22,7 @@ pub mod review;
 pub mod scheduler;
 pub mod takeover;
 pub mod vee;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 /// The schema migrations in `pipeline/migrations`, embedded at build time.

@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::db::journal::{self, JournalEntry, Pending};
 use crate::db::rejects::RejectRecord;
-use crate::db::{self, StoreOptions, WriteSet};
+use crate::db::{self, StoreOptions, WriteMode, WriteSet, retry};
 use crate::ingest::{self, Decoded, IngestMetrics, Progress, ProgressKey};
 use crate::vee::{Vee, VeeConfig};
 
@@ -523,7 +523,7 @@ async fn writer(
 
 /// Commits one job, retrying until it succeeds; `None` when shutdown came first.
 ///
-/// A transaction the database refuses for its data (see [`db::error::is_data_error`]) is split:
+/// A transaction the database refuses for its data (see [`db::retry::classify`]) is split:
 /// the refused readings are found by bisection, moved to `ingest_rejects`
 /// (`database_refused`) and the rest is committed, so one poison reading never blocks its
 /// partition. Any other failure (database down) is retried with backoff; after a few attempts
@@ -543,12 +543,10 @@ async fn commit(
     loop {
         let set = WriteSet {
             readings: &job.readings,
-            usage: &[],
-            states: None,
+            mode: WriteMode::Journal(&job.entries),
             progress: &job.progress,
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
-            journal: Some(&job.entries),
             alarms: Some(&job.alarms),
         };
         let attempt_write = async {
@@ -573,7 +571,7 @@ async fn commit(
         };
         let e = match result {
             Ok(stats) => {
-                if attempt >= STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt) {
                     tracing::info!(
                         attempt,
                         "ingest transaction committed again; no longer stuck"
@@ -585,7 +583,7 @@ async fn commit(
             Err(e) => e,
         };
         IngestMetrics::add(&metrics.commit_failures, 1);
-        if !isolated && db::error::is_data_error(&e) {
+        if !isolated && retry::classify(&e) == retry::Failure::Data {
             isolated = true;
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database refused a batch's data; isolating the readings it refuses");
             let refused = match pool.acquire().await {
@@ -637,13 +635,13 @@ async fn commit(
             }
         }
         attempt += 1;
-        if attempt == STUCK_AFTER {
+        if retry::INGEST.becomes_stuck(attempt) {
             metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot commit; nothing is acknowledged until it can");
         } else {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
         }
-        let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+        let wait = retry::INGEST.backoff(attempt);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(shutdown) => return None,
@@ -723,9 +721,6 @@ impl RefusedSpans {
     }
 }
 
-/// Failed attempts after which a worker reports itself stuck (about 9 s of retrying).
-const STUCK_AFTER: u32 = 8;
-
 /// Folds `pending` into the rollups (and with `checkpoint` the meter states), retrying up to
 /// `attempts` times.
 async fn flush(
@@ -762,7 +757,7 @@ async fn flush(
         };
         match result {
             Ok(stats) => {
-                if attempt > STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt - 1) {
                     tracing::info!(attempt, "journal folded again; no longer stuck");
                     metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -788,14 +783,14 @@ async fn flush(
                 IngestMetrics::add(&metrics.flush_failures, 1);
                 // A fold that keeps failing blocks the writer as much as a commit that does
                 // (nothing is committed or acknowledged meanwhile): reported the same way.
-                if attempt == STUCK_AFTER {
+                if retry::INGEST.becomes_stuck(attempt) {
                     metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot fold its journal; nothing is committed or acknowledged until it can");
                 }
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
                 // The journal keeps what is not folded: a stop between attempts loses nothing.
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))) => {}
+                    () = tokio::time::sleep(retry::INGEST.backoff(attempt)) => {}
                     () = stopped(&mut shutdown) => return,
                 }
             }

@@ -235,8 +235,10 @@ pub async fn write_validated(
         &mut conn,
         &crate::db::WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: crate::db::WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             out_of_order: &out.out_of_order,
             ..crate::db::WriteSet::default()
         },

@@ -45,18 +45,3 @@ pub(crate) fn is_unique_violation(e: &sqlx::Error) -> bool {
         .and_then(|d| d.code())
         .is_some_and(|c| c == "23505")
 }
-
-/// True when `e` is the database refusing the data itself (SQLSTATE classes 22 data
-/// exception, 23 integrity violation, 54 program limit exceeded), which retrying cannot cure
-/// and splitting the batch can isolate; false for connection loss, shutdowns, deadlocks and
-/// the like, which a retry does cure.
-pub fn is_data_error(e: &StoreError) -> bool {
-    let source = match e {
-        StoreError::Database(s) | StoreError::Stage { source: s, .. } => s,
-        StoreError::Journal { .. } | StoreError::Encode { .. } => return false,
-    };
-    source
-        .as_database_error()
-        .and_then(|d| d.code())
-        .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54"))
-}

@@ -16,11 +16,12 @@ pub mod partitions;
 pub mod progress;
 pub mod readings;
 pub mod rejects;
+pub mod retry;
 pub mod rollups;
 pub mod write;
 
 pub use error::StoreError;
-pub use write::{WriteSet, WriteStats, write_batch};
+pub use write::{WriteMode, WriteSet, WriteStats, write_batch};
 
 /// Storage options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,9 +28,9 @@ pub async fn insert_readings(pool: &PgPool, readings: &[Reading]) -> Result<u64,
     for r in readings {
         narrow_ranges(r)?;
     }
-    let (inserted, _) = merge_readings(&mut tx, readings, false).await?;
+    let merged = merge_readings(&mut tx, readings, false).await?;
     tx.commit().await.map_err(stage("committing"))?;
-    Ok(inserted)
+    Ok(merged.inserted)
 }
 
 /// Refuses a reading whose small integers do not fit their `smallint` columns.
@@ -396,15 +396,24 @@ pub(super) fn reading_key(r: &Reading) -> (&str, OffsetDateTime, &str, u16, u16)
     )
 }
 
+/// What the conflict-tolerant merge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeCounts {
+    /// Rows added that were not there before.
+    pub inserted: u64,
+    /// Estimates replaced by an actual read at the same key (moved to `reading_history`).
+    pub superseded: u64,
+}
+
 /// The conflict-tolerant path: staging table, conflicts recorded, estimates moved to
 /// `reading_history` and replaced by actual reads (`supersede`; otherwise stored rows are left
 /// untouched), everything else `ON CONFLICT DO NOTHING`. Frames no stored row refers to are
-/// removed again. Returns (new rows, superseded estimates).
+/// removed again.
 pub(super) async fn merge_readings(
     conn: &mut PgConnection,
     readings: &[Reading],
     supersede: bool,
-) -> Result<(u64, u64), StoreError> {
+) -> Result<MergeCounts, StoreError> {
     sqlx::query(
         "CREATE TEMP TABLE IF NOT EXISTS wm_stage (LIKE reading_rows INCLUDING DEFAULTS) \
          ON COMMIT DELETE ROWS",
@@ -532,7 +541,10 @@ pub(super) async fn merge_readings(
             .map_err(stage("removing unused frames"))?;
     }
     let inserted = merged.len() as u64;
-    Ok((inserted.saturating_sub(superseded), superseded))
+    Ok(MergeCounts {
+        inserted: inserted.saturating_sub(superseded),
+        superseded,
+    })
 }
 
 /// Finds the readings the database refuses to store, by bisection: each probe writes a slice

@@ -18,22 +18,40 @@ use crate::vee::Usage;
 pub struct WriteSet<'a> {
     /// Readings after VEE (and estimates).
     pub readings: &'a [Reading],
-    /// Consumption per billable read, for the rollups.
-    pub usage: &'a [Usage],
-    /// New meter states.
-    pub states: Option<&'a crate::vee::StateMap>,
+    /// Where the batch's rollups and meter states go.
+    pub mode: WriteMode<'a>,
     /// Spool progress to record: (gateway, spool incarnation, partition, max seq).
     pub progress: &'a [(String, String, u16, i64)],
     /// Refused payloads and reads.
     pub rejects: &'a [RejectRecord],
     /// Out-of-order reads: supersede estimates around them, recompute their rollups.
     pub out_of_order: &'a [(MeterId, OffsetDateTime)],
-    /// When set, rollups and meter states go to the ingest journal as these records (the
-    /// worker folds them later, see [`super::journal`]) and `usage` and `states` are ignored;
-    /// otherwise they are upserted in this transaction.
-    pub journal: Option<&'a [JournalEntry]>,
     /// Alarm events and detector states of this batch (`crate::detect::store`).
     pub alarms: Option<&'a crate::detect::store::AlarmWrite>,
+}
+
+/// The two ways an ingest transaction writes rollups and meter states.
+#[derive(Debug, Clone, Copy)]
+pub enum WriteMode<'a> {
+    /// Upserted in this transaction (edits, manual reads, the registry, tests).
+    Direct {
+        /// Consumption per billable read, for the rollups.
+        usage: &'a [Usage],
+        /// New meter states (`None`: none to write).
+        states: Option<&'a crate::vee::StateMap>,
+    },
+    /// Appended to the ingest journal as these records, one per partition; the worker folds
+    /// them into the rollups and `meter_state` later (see [`super::journal`]).
+    Journal(&'a [JournalEntry]),
+}
+
+impl Default for WriteMode<'_> {
+    fn default() -> Self {
+        Self::Direct {
+            usage: &[],
+            states: None,
+        }
+    }
 }
 
 /// What a write did.
@@ -45,7 +63,7 @@ pub struct WriteStats {
     pub superseded: u64,
     /// True when the batch had to take the conflict-tolerant path.
     pub slow_path: bool,
-    /// Journal ids of [`WriteSet::journal`]'s records, in order.
+    /// Journal ids of the [`WriteMode::Journal`] records, in order.
     pub journal_ids: Vec<i64>,
 }
 
@@ -65,7 +83,7 @@ pub async fn write_batch(
     let mut stats = WriteStats::default();
     let t0 = std::time::Instant::now();
     // First, so the journal lock (which edits wait on) is taken before any row lock.
-    if let Some(entries) = set.journal {
+    if let WriteMode::Journal(entries) = set.mode {
         stats.journal_ids = journal::append(&mut tx, entries).await?;
     }
     let t_journal = t0.elapsed();
@@ -93,21 +111,24 @@ pub async fn write_batch(
                     .await
                     .map_err(stage("rolling back to the savepoint"))?;
                 stats.slow_path = true;
-                let (inserted, superseded) =
-                    readings::merge_readings(&mut tx, set.readings, true).await?;
-                stats.inserted = inserted;
-                stats.superseded = superseded;
+                let merged = readings::merge_readings(&mut tx, set.readings, true).await?;
+                stats.inserted = merged.inserted;
+                stats.superseded = merged.superseded;
             }
             Err(e) => return Err(stage("copying readings")(e)),
         }
     }
     let t_readings = t0.elapsed();
-    if set.journal.is_none() {
-        let usage: Vec<&Usage> = set.usage.iter().collect();
+    if let WriteMode::Direct { usage, .. } = set.mode {
+        let usage: Vec<&Usage> = usage.iter().collect();
         rollups::write_rollups(&mut tx, &usage, options).await?;
     }
     let t_rollups = t0.elapsed();
-    if let (Some(states), None) = (set.states, set.journal) {
+    if let WriteMode::Direct {
+        states: Some(states),
+        ..
+    } = set.mode
+    {
         meter_state::write_states(&mut tx, states).await?;
     }
     let t_states = t0.elapsed();

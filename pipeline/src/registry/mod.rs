@@ -1030,12 +1030,13 @@ async fn revalidate_held(
         tx,
         &crate::db::WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: crate::db::WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             progress: &[],
             rejects: &rejects,
             out_of_order: &out.out_of_order,
-            journal: None,
             alarms: None,
         },
         crate::db::StoreOptions::default(),

@@ -4,7 +4,7 @@
 
 use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
 use pipeline::db::journal::{self, Pending};
-use pipeline::db::{self, StoreOptions, WriteSet};
+use pipeline::db::{self, StoreOptions, WriteMode, WriteSet};
 use pipeline::vee::{Vee, VeeConfig};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -138,7 +138,7 @@ async fn write_journalled(
         &WriteSet {
             readings: &out.readings,
             out_of_order: &out.out_of_order,
-            journal: Some(&entries),
+            mode: WriteMode::Journal(&entries),
             ..WriteSet::default()
         },
         StoreOptions::default(),
