@@ -47,6 +47,9 @@ pub enum SchedulerError {
         /// The driver's error.
         source: sqlx::Error,
     },
+    /// A retention policy value out of range.
+    #[error("reading retention policy: {0}")]
+    BadPolicy(String),
 }
 
 fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> SchedulerError {
@@ -498,6 +501,9 @@ pub struct RetentionPolicy {
     pub months_ahead: i32,
     /// Report the plan only; change nothing.
     pub dry_run: bool,
+    /// Pack months that ended at least this many days ago into `reading_packs` /
+    /// `frame_packs` ([`pack_closed_months`]); `None`: never pack.
+    pub pack_after_days: Option<i32>,
 }
 
 impl Default for RetentionPolicy {
@@ -507,9 +513,14 @@ impl Default for RetentionPolicy {
             drop_months: 120,
             months_ahead: 3,
             dry_run: false,
+            pack_after_days: Some(DEFAULT_PACK_AFTER_DAYS),
         }
     }
 }
+
+/// Days after its end at which a month is packed by default (TimescaleDB's 0080 policy
+/// compresses after 7 days; late reads for a packed month still work, they unpack it).
+pub const DEFAULT_PACK_AFTER_DAYS: i32 = 7;
 
 /// One step of a retention run: (month `YYYY-MM`, `create` | `archive` | `drop`, rows).
 pub type RetentionStep = (String, String, i64);
@@ -598,8 +609,85 @@ pub async fn compact_closed_months(
     Ok(done)
 }
 
+/// One packed month: (month `YYYY-MM`, segments, readings, frames); a dry run gives what it
+/// would pack.
+pub type Packing = (String, i64, i64, i64);
+
+/// Packs every non-empty `readings_YYYYMM` partition whose month ended at least `after_days`
+/// days before `at` (migration 0120, `wm_pack_month`): its rows move to one row per
+/// (meter, series, month) of `reading_packs`, their frames to one row per (meter, month) of
+/// `frame_packs`, the partition is truncated. The pack horizon is raised first in its own
+/// transaction, so every writer of an older reading unpacks its (meter, month) before the
+/// unique key judges it (docs/storage.md, "Packed months"). A month unpacked by late reads
+/// since is packed again. Oldest first; a dry run counts and changes nothing.
+///
+/// # Errors
+/// [`SchedulerError::Database`] when the database refuses; [`SchedulerError::BadPolicy`]
+/// for a negative `after_days`.
+pub async fn pack_closed_months(
+    pool: &PgPool,
+    at: OffsetDateTime,
+    after_days: i32,
+    dry_run: bool,
+) -> Result<Vec<Packing>, SchedulerError> {
+    if after_days < 0 {
+        return Err(SchedulerError::BadPolicy(format!(
+            "pack_after_days must be 0 or more, got {after_days}"
+        )));
+    }
+    let months: Vec<(time::Date, time::OffsetDateTime)> = sqlx::query_as(
+        "SELECT m, (m + interval '1 month')::timestamp AT TIME ZONE 'UTC'
+         FROM (SELECT to_date(substring(c.relname from 10), 'YYYYMM') AS m
+               FROM pg_inherits i
+               JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
+               WHERE i.inhparent = 'reading_rows'::regclass
+                 AND c.relname ~ '^readings_[0-9]{6}$'
+                 AND pg_relation_size(c.oid) > 0) p
+         WHERE (m + interval '1 month')::timestamp AT TIME ZONE 'UTC'
+               + make_interval(days => $2) <= $1
+         ORDER BY m",
+    )
+    .bind(at)
+    .bind(after_days)
+    .fetch_all(pool)
+    .await
+    .map_err(db("listing closed reading months to pack"))?;
+    let Some(&(_, horizon)) = months.last() else {
+        return Ok(Vec::new());
+    };
+    if !dry_run {
+        // Its own transaction: it waits for writers that read the old horizon to commit.
+        sqlx::query("SELECT wm_pack_raise_horizon($1)")
+            .bind(horizon)
+            .execute(pool)
+            .await
+            .map_err(db("raising the pack horizon"))?;
+    }
+    let mut done = Vec::with_capacity(months.len());
+    for (month, _) in months {
+        let (segments, rows, frames): (i64, i64, i64) =
+            sqlx::query_as("SELECT * FROM wm_pack_month($1, $2)")
+                .bind(month)
+                .bind(dry_run)
+                .fetch_one(pool)
+                .await
+                .map_err(db("packing a closed reading month"))?;
+        let label = format!("{:04}-{:02}", month.year(), u8::from(month.month()));
+        if rows == 0 {
+            continue;
+        }
+        if !dry_run {
+            tracing::info!(month = %label, segments, rows, frames, "closed reading month packed");
+        }
+        done.push((label, segments, rows, frames));
+    }
+    Ok(done)
+}
+
 /// Reading retention and archiving as a job ([`run_retention`] at its due time), then the
-/// compaction of closed months ([`compact_closed_months`], same dry-run flag).
+/// packing of closed months ([`pack_closed_months`], when the policy packs) and the
+/// compaction of the ones left in row form ([`compact_closed_months`]), same dry-run flag.
 pub fn retention_job(schedule: Schedule, policy: RetentionPolicy) -> Job {
     Job {
         name: "reading-retention".into(),
@@ -610,6 +698,12 @@ pub fn retention_job(schedule: Schedule, policy: RetentionPolicy) -> Job {
                 let steps = run_retention(&pool, policy, due_at)
                     .await
                     .map_err(|e| e.to_string())?;
+                let packed = match policy.pack_after_days {
+                    Some(days) => pack_closed_months(&pool, due_at, days, policy.dry_run)
+                        .await
+                        .map_err(|e| e.to_string())?,
+                    None => Vec::new(),
+                };
                 let compacted = compact_closed_months(&pool, due_at, policy.dry_run)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -618,6 +712,10 @@ pub fn retention_job(schedule: Schedule, policy: RetentionPolicy) -> Job {
                     "steps": steps
                         .iter()
                         .map(|(m, a, n)| json!({ "month": m, "action": a, "rows": n }))
+                        .collect::<Vec<_>>(),
+                    "packed": packed
+                        .iter()
+                        .map(|(m, s, r, f)| json!({ "month": m, "segments": s, "rows": r, "frames": f }))
                         .collect::<Vec<_>>(),
                     "compacted": compacted
                         .iter()

@@ -56,6 +56,10 @@ enum SchedulerCommand {
         /// Retention only reports what it would do (in the job log); nothing changes.
         #[arg(long)]
         retention_dry_run: bool,
+        /// Pack months that ended at least this many days ago (docs/storage.md, "Packed
+        /// months"); `off` never packs.
+        #[arg(long, default_value = "7")]
+        pack_after_days: String,
         /// Evaluate the arrears rule (valve close/reopen with the safeguards) on this schedule;
         /// off without it. Do not also run `pipeline run --control-arrears`.
         #[arg(long)]
@@ -124,6 +128,7 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
             keep_months,
             drop_months,
             retention_dry_run,
+            pack_after_days,
             arrears,
             arrears_policy,
             api_retention,
@@ -151,6 +156,7 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
                     keep_months,
                     drop_months,
                     dry_run: retention_dry_run,
+                    pack_after_days: parse_pack_after_days(&pack_after_days)?,
                     ..scheduler::RetentionPolicy::default()
                 },
             ));
@@ -222,4 +228,15 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: SchedulerArgs) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// `--pack-after-days`: a number of days (0 or more) or `off`.
+fn parse_pack_after_days(text: &str) -> anyhow::Result<Option<i32>> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let days: i32 = text.parse().ok().filter(|d| *d >= 0).with_context(|| {
+        format!("--pack-after-days {text:?}: expected a number of days (0 or more) or `off`")
+    })?;
+    Ok(Some(days))
 }

@@ -17,9 +17,10 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::db::journal::{self, JournalEntry, Pending};
+use crate::db::rejects::RejectRecord;
+use crate::db::{self, StoreOptions, WriteMode, WriteSet, retry};
 use crate::ingest::{self, Decoded, IngestMetrics, Progress, ProgressKey};
-use crate::journal::{self, JournalEntry, Pending};
-use crate::store::{self, RejectRecord, StoreOptions, WriteSet};
 use crate::vee::{Vee, VeeConfig};
 
 /// Settings of one worker.
@@ -134,7 +135,7 @@ pub enum WorkerError {
     Config(String),
     /// Loading state or maintaining partitions failed at start.
     #[error("cannot start the worker")]
-    Start(#[source] store::StoreError),
+    Start(#[source] db::StoreError),
     /// The MQTT client's request channel closed (the event loop ended).
     #[error("mqtt client closed while {0}")]
     Mqtt(&'static str),
@@ -152,11 +153,11 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     // Not fatal: the default partition stores whatever falls outside the prepared months, and
     // a worker that cannot start stores nothing at all.
-    if let Err(e) = store::ensure_partitions(&pool, 3).await {
+    if let Err(e) = db::partitions::ensure_partitions(&pool, 3).await {
         tracing::error!(alarm = "partition_maintenance", error = %e, source = ?std::error::Error::source(&e), "cannot prepare reading partitions; starting anyway");
     }
     let started = Instant::now();
-    let mut vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
+    let mut vee = db::meter_state::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
         .await
         .map_err(WorkerError::Start)?;
     // Journal records a stopped or crashed worker left on these partitions: their states are
@@ -164,7 +165,7 @@ pub async fn run(
     let owned = ingest::owned_partitions(config.worker, config.workers, config.partitions);
     let recovered = {
         let mut conn = pool.acquire().await.map_err(|source| {
-            WorkerError::Start(store::StoreError::Stage {
+            WorkerError::Start(db::StoreError::Stage {
                 stage: "acquiring a connection",
                 source,
             })
@@ -319,15 +320,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn load_progress(
-    pool: &PgPool,
-    config: &WorkerConfig,
-) -> Result<Progress, store::StoreError> {
+async fn load_progress(pool: &PgPool, config: &WorkerConfig) -> Result<Progress, db::StoreError> {
     let rows: Vec<(String, String, i32, i64)> =
         sqlx::query_as("SELECT gateway_id, incarnation, partition, max_seq FROM ingest_progress")
             .fetch_all(pool)
             .await
-            .map_err(|source| store::StoreError::Stage {
+            .map_err(|source| db::StoreError::Stage {
                 stage: "loading spool progress",
                 source,
             })?;
@@ -525,7 +523,7 @@ async fn writer(
 
 /// Commits one job, retrying until it succeeds; `None` when shutdown came first.
 ///
-/// A transaction the database refuses for its data (see [`store::is_data_error`]) is split:
+/// A transaction the database refuses for its data (see [`db::retry::classify`]) is split:
 /// the refused readings are found by bisection, moved to `ingest_rejects`
 /// (`database_refused`) and the rest is committed, so one poison reading never blocks its
 /// partition. Any other failure (database down) is retried with backoff; after a few attempts
@@ -538,25 +536,23 @@ async fn commit(
     job: &mut WriteJob,
     owed: &mut RefusedSpans,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<store::WriteStats> {
+) -> Option<db::WriteStats> {
     let mut attempt = 0u32;
     let mut isolated = false;
     owed.settle(&mut job.entries);
     loop {
         let set = WriteSet {
             readings: &job.readings,
-            usage: &[],
-            states: None,
+            mode: WriteMode::Journal(&job.entries),
             progress: &job.progress,
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
-            journal: Some(&job.entries),
             alarms: Some(&job.alarms),
         };
         let attempt_write = async {
             match pool.acquire().await {
-                Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
-                Err(source) => Err(store::StoreError::Stage {
+                Ok(mut conn) => db::write_batch(&mut conn, &set, config.store).await,
+                Err(source) => Err(db::StoreError::Stage {
                     stage: "acquiring a connection",
                     source,
                 }),
@@ -575,7 +571,7 @@ async fn commit(
         };
         let e = match result {
             Ok(stats) => {
-                if attempt >= STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt) {
                     tracing::info!(
                         attempt,
                         "ingest transaction committed again; no longer stuck"
@@ -587,12 +583,12 @@ async fn commit(
             Err(e) => e,
         };
         IngestMetrics::add(&metrics.commit_failures, 1);
-        if !isolated && store::is_data_error(&e) {
+        if !isolated && retry::classify(&e) == retry::Failure::Data {
             isolated = true;
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database refused a batch's data; isolating the readings it refuses");
             let refused = match pool.acquire().await {
-                Ok(mut conn) => store::find_refused(&mut conn, &job.readings).await,
-                Err(source) => Err(store::StoreError::Stage {
+                Ok(mut conn) => db::readings::find_refused(&mut conn, &job.readings).await,
+                Err(source) => Err(db::StoreError::Stage {
                     stage: "acquiring a connection",
                     source,
                 }),
@@ -639,13 +635,13 @@ async fn commit(
             }
         }
         attempt += 1;
-        if attempt == STUCK_AFTER {
+        if retry::INGEST.becomes_stuck(attempt) {
             metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot commit; nothing is acknowledged until it can");
         } else {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
         }
-        let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+        let wait = retry::INGEST.backoff(attempt);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(shutdown) => return None,
@@ -725,9 +721,6 @@ impl RefusedSpans {
     }
 }
 
-/// Failed attempts after which a worker reports itself stuck (about 9 s of retrying).
-const STUCK_AFTER: u32 = 8;
-
 /// Folds `pending` into the rollups (and with `checkpoint` the meter states), retrying up to
 /// `attempts` times.
 async fn flush(
@@ -757,14 +750,14 @@ async fn flush(
                 )
                 .await
             }
-            Err(source) => Err(store::StoreError::Stage {
+            Err(source) => Err(db::StoreError::Stage {
                 stage: "acquiring a connection",
                 source,
             }),
         };
         match result {
             Ok(stats) => {
-                if attempt > STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt - 1) {
                     tracing::info!(attempt, "journal folded again; no longer stuck");
                     metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -790,14 +783,14 @@ async fn flush(
                 IngestMetrics::add(&metrics.flush_failures, 1);
                 // A fold that keeps failing blocks the writer as much as a commit that does
                 // (nothing is committed or acknowledged meanwhile): reported the same way.
-                if attempt == STUCK_AFTER {
+                if retry::INGEST.becomes_stuck(attempt) {
                     metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot fold its journal; nothing is committed or acknowledged until it can");
                 }
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
                 // The journal keeps what is not folded: a stop between attempts loses nothing.
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))) => {}
+                    () = tokio::time::sleep(retry::INGEST.backoff(attempt)) => {}
                     () = stopped(&mut shutdown) => return,
                 }
             }
@@ -894,7 +887,7 @@ impl Processor<'_> {
                     continue;
                 }
                 _ = maintenance.tick() => {
-                    if let Err(e) = store::ensure_partitions(self.pool, 3).await {
+                    if let Err(e) = db::partitions::ensure_partitions(self.pool, 3).await {
                         tracing::error!(error = %e, "partition maintenance failed");
                     }
                     continue;
@@ -1058,7 +1051,7 @@ impl Processor<'_> {
         self.frames.note(&readings);
         let decreasing = self.vee.decreasing_meters(readings.iter());
         if !decreasing.is_empty() {
-            match store::load_replacements(self.pool, &decreasing).await {
+            match db::meter_state::load_replacements(self.pool, &decreasing).await {
                 Ok(reps) => {
                     for (m, r) in reps {
                         self.vee.add_replacement(&m, r);

@@ -69,6 +69,11 @@ struct Args {
     /// Keep the two bench databases afterwards.
     #[arg(long)]
     keep: bool,
+    /// After the pipeline phase, pack every month of the stored readings the way the
+    /// `reading-retention` job packs closed months (`scheduler::pack_closed_months`, the bench's
+    /// data treated as history) and print `packed_bytes_per_reading=`.
+    #[arg(long)]
+    pack: bool,
 }
 
 /// Generates the benchmark rows: round-major (every meter once per interval, as gateways
@@ -127,6 +132,70 @@ impl Fleet {
             },
         }
     }
+}
+
+/// The `--pack` step: packs every month holding readings (as the retention job does with
+/// months that ended `pack_after_days` ago; here the bench's data counts as history), checks
+/// the `readings` view still holds every reading, and prints the disk per reading of the
+/// packed form. Before measuring, `frames` is vacuumed and reindexed: the job leaves the
+/// packed frames' space in `frames` to be reused by new frames (a steady state holds only the
+/// open months there), while a bench that packs everything would otherwise count it.
+async fn pack_and_measure(pool: &PgPool, stored: i64) -> anyhow::Result<()> {
+    let at = OffsetDateTime::now_utc() + time::Duration::days(62);
+    let t = Instant::now();
+    let packed = pipeline::scheduler::pack_closed_months(pool, at, 0, false)
+        .await
+        .context("packing the bench's months")?;
+    let secs = t.elapsed().as_secs_f64();
+    let rows: i64 = packed.iter().map(|p| p.2).sum();
+    for sql in [
+        "VACUUM ANALYZE frames, reading_packs, frame_packs",
+        "REINDEX TABLE frames",
+    ] {
+        sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .with_context(|| format!("{sql} after packing"))?;
+    }
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
+        .fetch_one(pool)
+        .await?;
+    anyhow::ensure!(
+        visible == stored,
+        "after packing the readings view holds {visible} readings, expected {stored}"
+    );
+    println!(
+        "packed_months={} packed_segments={} packed_rows={rows} packed_frames={} pack_seconds={secs:.2} pack_readings_per_s={:.0} packed_view_rows={visible}",
+        packed.len(),
+        packed.iter().map(|p| p.1).sum::<i64>(),
+        packed.iter().map(|p| p.3).sum::<i64>(),
+        rows as f64 / secs.max(1e-9),
+    );
+    let sizes: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT t, sum(pg_total_relation_size(c.oid))::int8, sum(pg_indexes_size(c.oid))::int8
+         FROM (VALUES
+             ('reading_rows'), ('reading_packs'), ('frames'), ('frame_packs'), ('frame_sources'),
+             ('reading_details'), ('meter_keys'), ('reading_series'), ('reading_units')) AS v(t)
+         JOIN pg_class c ON c.relname = v.t
+           OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = v.t::regclass)
+         GROUP BY t ORDER BY t",
+    )
+    .fetch_all(pool)
+    .await?;
+    let n = stored.max(1) as f64;
+    println!(
+        "packed_storage_bytes_per_reading {}",
+        sizes
+            .iter()
+            .map(|(t, b, i)| format!("{t}={:.1}(indexes={:.1})", *b as f64 / n, *i as f64 / n))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "packed_bytes_per_reading={:.1}",
+        sizes.iter().map(|s| s.1).sum::<i64>() as f64 / n
+    );
+    Ok(())
 }
 
 async fn create_db(admin: &PgConnectOptions, name: &str) -> anyhow::Result<PgPool> {
@@ -212,13 +281,13 @@ async fn main() -> anyhow::Result<()> {
             for (m, p) in partition_of.iter().enumerate() {
                 chunk.push(fleet.reading(m, round, *p));
                 if chunk.len() == args.copy_chunk {
-                    pipeline::store::copy_readings(&mut conn, &chunk).await?;
+                    pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
                     chunk.clear();
                 }
             }
         }
         if !chunk.is_empty() {
-            pipeline::store::copy_readings(&mut conn, &chunk).await?;
+            pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
         }
     }
     let copy_secs = started.elapsed().as_secs_f64();
@@ -391,7 +460,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     // The state a worker holds is what it rebuilds on restart: measure that.
     let mut vee =
-        pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
+        pipeline::db::meter_state::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true)
+            .await?;
     let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
     println!(
         "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} rollup_daily_consumption={daily} meter_state_rows={states} messages={} commits={} journal_flushes={} slow_path_conflicts={}",
@@ -462,6 +532,9 @@ async fn main() -> anyhow::Result<()> {
         "bytes_per_reading={:.1}",
         total_bytes as f64 / stored.max(1) as f64
     );
+    if args.pack {
+        pack_and_measure(&pool, stored).await?;
+    }
     pool.close().await;
     if !args.keep {
         drop_db(&admin, &pipe_db).await;

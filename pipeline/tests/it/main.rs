@@ -11,6 +11,7 @@ mod ledger;
 mod monthly_bills;
 mod monthly_logs;
 mod notify;
+mod packing;
 mod pipeline_store;
 mod registry;
 mod retention;

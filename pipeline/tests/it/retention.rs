@@ -126,6 +126,7 @@ async fn retention_archives_drops_and_creates_ahead_and_its_dry_run_changes_noth
         drop_months: 18,
         months_ahead: 3,
         dry_run: true,
+        pack_after_days: None,
     };
     let rows_of = |back: i32| match back {
         20 => 1,
@@ -298,6 +299,7 @@ async fn retention_refuses_a_policy_that_drops_before_it_archives() {
             drop_months: 6,
             months_ahead: 3,
             dry_run: true,
+            pack_after_days: None,
         },
         OffsetDateTime::now_utc(),
     )
