@@ -29,6 +29,9 @@ pub mod register_map;
 
 pub mod device_set;
 
+pub mod coap;
+pub mod concentrator;
+pub mod http_push;
 pub mod hydrant;
 pub mod mbus;
 pub mod modbus;
@@ -39,12 +42,15 @@ pub mod tls;
 mod valid;
 pub mod wmbus;
 
+pub use coap::{CoapAuth, CoapSourceConfig};
+pub use concentrator::{MqttSourceConfig, PayloadFormat, TopicMapping};
+pub use http_push::HttpPushSourceConfig;
 pub use secret::Secret;
 pub use spans::{FieldError, FieldPath, Spans};
 pub use tls::MqttTls;
 /// Values with their position in the TOML text (re-exported for `GatewayConfig::devices`).
 pub use toml::Spanned;
-pub use valid::{Valid, Validate};
+pub use valid::{FieldProblem, Valid, Validate};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -53,6 +59,7 @@ use std::path::{Path, PathBuf};
 
 use model::{GatewayId, MeterId};
 use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 /// One problem in a configuration file: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +112,7 @@ pub struct GatewayConfig {
     /// This gateway's id (used in topics and provenance).
     pub gateway_id: GatewayId,
     /// Connection to the central broker and how batches are published.
-    pub uplink: UplinkConfig,
+    pub uplink: Valid<UplinkConfig>,
     /// The on-disk spool.
     pub spool: SpoolSettings,
     /// The Prometheus endpoint.
@@ -229,6 +236,54 @@ impl UplinkConfig {
     pub fn tls(&self) -> Option<MqttTls> {
         MqttTls::from_fields(self.broker.tls, &self.tls_ca, &self.tls_cert, &self.tls_key)
     }
+
+    /// Checks every field; returns all problems found.
+    ///
+    /// # Errors
+    /// Every problem, each naming its field.
+    pub fn validate(&self) -> Result<(), Vec<FieldProblem>> {
+        let mut problems = Vec::new();
+        if self.partitions == 0 {
+            problems.push(FieldProblem::new("partitions", "must be at least 1"));
+        }
+        let mut outside = |field: &str, value: u64, range: std::ops::RangeInclusive<u64>| {
+            if !range.contains(&value) {
+                problems.push(FieldProblem::new(
+                    field,
+                    format!("{value} is outside {}..={}", range.start(), range.end()),
+                ));
+            }
+        };
+        outside("batch_size", self.batch_size as u64, 1..=10_000);
+        outside("keep_alive_s", self.keep_alive_s.into(), 1..=3600);
+        outside("health_interval_s", self.health_interval_s.into(), 1..=3600);
+        outside("window", self.window.into(), 1..=1000);
+        if self.topic_root.is_empty()
+            || self.topic_root.contains(['+', '#'])
+            || self.topic_root.ends_with('/')
+        {
+            problems.push(FieldProblem::new(
+                "topic_root",
+                format!(
+                    "`{}` must be non-empty, without wildcards or a trailing /",
+                    self.topic_root
+                ),
+            ));
+        }
+        for (field, reason) in tls::field_problems(
+            self.broker.tls,
+            &self.tls_ca,
+            &self.tls_cert,
+            &self.tls_key,
+            "use mqtts://",
+        ) {
+            problems.push(FieldProblem::new(field, reason));
+        }
+        if self.username.is_none() && self.password.is_some() {
+            problems.push(FieldProblem::new("password", "a password needs a username"));
+        }
+        valid::collected(problems)
+    }
 }
 
 fn default_keep_alive_s() -> u16 {
@@ -296,11 +351,11 @@ fn default_metrics_listen() -> SocketAddr {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceConfig {
     /// MQTT subscriber for concentrators.
-    Mqtt(MqttSourceConfig),
+    Mqtt(Valid<MqttSourceConfig>),
     /// NB-IoT CoAP server.
-    Coap(CoapSourceConfig),
+    Coap(Valid<CoapSourceConfig>),
     /// IoT-platform HTTP push endpoint.
-    HttpPush(HttpPushSourceConfig),
+    HttpPush(Valid<HttpPushSourceConfig>),
     /// Modbus TCP poller.
     ModbusTcp(Valid<modbus::ModbusTcpSourceConfig>),
     /// Modbus RTU poller.
@@ -341,169 +396,6 @@ impl SourceConfig {
             Self::HydrantMqtt(_) => "hydrant_mqtt",
         }
     }
-}
-
-/// How the payloads of an MQTT topic are decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PayloadFormat {
-    /// Concentrator readings JSON (`{"v":1,"concentrator":..,"readings":[..]}`).
-    Json,
-    /// One raw CJ/T 188 frame.
-    Cjt188,
-    /// One raw M-Bus long frame.
-    Mbus,
-    /// A raw frame; CJ/T 188 (starts 0x68 with a meter type) or M-Bus by its start bytes.
-    Auto,
-}
-
-/// One topic subscription of an MQTT source.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicMapping {
-    /// Topic filter (wildcards allowed), e.g. `concentrator/+/readings`.
-    pub filter: String,
-    /// Payload format.
-    pub format: PayloadFormat,
-}
-
-/// `kind = "mqtt"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MqttSourceConfig {
-    /// Source id.
-    pub id: String,
-    /// Site broker.
-    pub broker: BrokerUrl,
-    /// Client id (default `<gateway>-<source id>`).
-    pub client_id: Option<String>,
-    /// Protocol version (default "3.1.1").
-    #[serde(default)]
-    pub protocol: MqttProtocol,
-    /// User name.
-    pub username: Option<String>,
-    /// Password (`Debug` shows `***`).
-    pub password: Option<Secret>,
-    /// CA certificate (PEM) to verify the broker.
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for mutual TLS.
-    pub tls_cert: Option<PathBuf>,
-    /// Client key (PEM) for mutual TLS.
-    pub tls_key: Option<PathBuf>,
-    /// Topic → payload format.
-    pub topics: Vec<TopicMapping>,
-}
-
-impl MqttSourceConfig {
-    /// TLS settings, `None` for a plain `mqtt://` broker.
-    pub fn tls(&self) -> Option<MqttTls> {
-        MqttTls::from_fields(self.broker.tls, &self.tls_ca, &self.tls_cert, &self.tls_key)
-    }
-}
-
-/// `kind = "coap"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CoapSourceConfig {
-    /// Source id.
-    pub id: String,
-    /// UDP listen address (default port 5683).
-    pub listen: SocketAddr,
-    /// UTC offset of the meters' clocks in minutes (e.g. 480 for China). Without it the
-    /// gateway's receive time is used as the reading time.
-    pub meter_utc_offset_minutes: Option<i16>,
-    /// How uplinks are authenticated (default `frame_mac`: every payload carries a counter and
-    /// a MAC under the meter's key from `key_file`; `none` accepts anyone who reaches the port).
-    #[serde(default)]
-    pub auth: CoapAuth,
-    /// The meters' keys (`nbiot_keys`), relative to the configuration file; needed by
-    /// `frame_mac`.
-    pub key_file: Option<PathBuf>,
-    /// Operator address ranges uplinks may come from (`10.64.0.0/10`, one address...); empty
-    /// accepts any address.
-    #[serde(default)]
-    pub allow: Vec<String>,
-    /// Most entries of the retransmission cache (default 10000).
-    #[serde(default = "default_exchange_cache_entries")]
-    pub exchange_cache_entries: usize,
-    /// How long a message id is remembered, seconds (default 247, RFC 7252 EXCHANGE_LIFETIME).
-    #[serde(default = "default_exchange_lifetime_s")]
-    pub exchange_lifetime_s: u64,
-    /// Fingerprint of the key file's content when loaded, so a changed key file makes SIGHUP
-    /// restart the source (the keys themselves are read by the source, never kept here).
-    #[serde(skip)]
-    pub key_file_fingerprint: u64,
-}
-
-/// How a CoAP source authenticates uplinks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CoapAuth {
-    /// Counter and truncated HMAC-SHA256 trailer under the meter's key (`model::auth`).
-    #[default]
-    FrameMac,
-    /// No authentication (test benches, or a network where nothing else can reach the port).
-    None,
-}
-
-fn default_exchange_cache_entries() -> usize {
-    10_000
-}
-
-fn default_exchange_lifetime_s() -> u64 {
-    247
-}
-
-/// `kind = "http_push"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpPushSourceConfig {
-    /// Source id.
-    pub id: String,
-    /// TCP listen address.
-    pub listen: SocketAddr,
-    /// HMAC-SHA256 shared secret (`Debug` shows `***`).
-    pub secret: Secret,
-    /// Largest accepted clock difference of `X-Timestamp`, seconds (default 300).
-    #[serde(default = "default_max_skew")]
-    pub max_skew_s: u64,
-    /// Connections served at once (default 256; all push listeners together also stay within
-    /// the descriptor limit).
-    #[serde(default = "default_push_connections")]
-    pub max_connections: usize,
-    /// Time allowed for a request's headers, seconds (default 10).
-    #[serde(default = "default_push_timeout_s")]
-    pub header_timeout_s: u64,
-    /// Time allowed for a request's body, seconds (default 10).
-    #[serde(default = "default_push_timeout_s")]
-    pub body_timeout_s: u64,
-    /// Largest accepted body, bytes (default 1 MiB).
-    #[serde(default = "default_push_body_bytes")]
-    pub max_body_bytes: usize,
-    /// Most nonces remembered within the replay window (default 100000); when full, pushes
-    /// are refused (503) rather than a nonce forgotten.
-    #[serde(default = "default_nonce_window")]
-    pub nonce_window: usize,
-}
-
-fn default_max_skew() -> u64 {
-    300
-}
-
-fn default_push_connections() -> usize {
-    256
-}
-
-fn default_push_timeout_s() -> u64 {
-    10
-}
-
-fn default_push_body_bytes() -> usize {
-    1 << 20
-}
-
-fn default_nonce_window() -> usize {
-    100_000
 }
 
 /// The protocol a device speaks.
@@ -594,11 +486,12 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
         {
             *p = base.join(&*p);
         }
-        let u = &mut config.uplink;
+        let u = config.uplink.paths_mut();
         tls::resolve(base, [&mut u.tls_ca, &mut u.tls_cert, &mut u.tls_key]);
         for s in &mut config.sources {
             match &mut s.config {
                 SourceConfig::Mqtt(m) => {
+                    let m = m.paths_mut();
                     tls::resolve(base, [&mut m.tls_ca, &mut m.tls_cert, &mut m.tls_key]);
                 }
                 SourceConfig::HydrantMqtt(h) => {
@@ -606,7 +499,7 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
                     tls::resolve(base, [&mut h.tls_ca, &mut h.tls_cert, &mut h.tls_key]);
                 }
                 SourceConfig::Coap(c) => {
-                    if let Some(p) = &mut c.key_file
+                    if let Some(p) = &mut c.paths_mut().key_file
                         && p.is_relative()
                     {
                         *p = base.join(&*p);
@@ -621,14 +514,14 @@ pub fn load(path: &Path) -> Result<GatewayConfig, ConfigErrors> {
     let mut key_errors = Vec::new();
     for (i, s) in config.sources.iter_mut().enumerate() {
         if let SourceConfig::Coap(c) = &mut s.config
-            && let Some(p) = &c.key_file
+            && let Some(p) = c.key_file.clone()
         {
-            match nbiot_keys::load(p) {
+            match nbiot_keys::load(&p) {
                 Ok(keys) => {
                     use std::hash::{Hash, Hasher};
                     let mut h = std::collections::hash_map::DefaultHasher::new();
                     keys.to_toml().hash(&mut h);
-                    c.key_file_fingerprint = h.finish();
+                    c.paths_mut().key_file_fingerprint = h.finish();
                 }
                 Err(e) => key_errors.push(config_error(
                     &text,
@@ -721,16 +614,23 @@ pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigErrors> {
         }
     };
     let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigErrors(vec![toml_error(e, 0)]))?;
+    // The same text as a spanned document: each `[[source]]` table is typed from it by its
+    // `kind`, and its errors keep their absolute positions (their own lines).
+    let doc = DeTable::parse(text).map_err(|e| ConfigErrors(vec![toml_error(e, 0)]))?;
+    let source_tables = match doc.get_ref().get("source").map(Spanned::get_ref) {
+        Some(DeValue::Array(a)) => a.iter().cloned().collect(),
+        _ => Vec::new(),
+    };
     let mut errors = Vec::new();
     let mut sources = Vec::new();
-    for table in &raw.source {
+    for (table, value) in raw.source.iter().zip(source_tables) {
         let header = table.span();
-        match source_config(table.get_ref(), text, header.end) {
+        match source_config(table.get_ref(), value) {
             Ok(config) => sources.push(SourceEntry {
                 line: locate(text, header.start).0,
                 config,
             }),
-            Err(SourceParseError::Toml(e)) => errors.push(toml_error(e, header.end)),
+            Err(SourceParseError::Toml(e)) => errors.push(toml_error(e, 0)),
             Err(SourceParseError::Kind(message)) => {
                 let (line, column, _) = locate(text, header.start);
                 errors.push(ConfigError {
@@ -745,7 +645,8 @@ pub fn parse(text: &str, file: &Path) -> Result<GatewayConfig, ConfigErrors> {
     }
     let config = GatewayConfig {
         gateway_id: raw.gateway_id,
-        uplink: raw.uplink,
+        // Checked by `validate` before `parse` returns anything (see `Valid`).
+        uplink: Valid::pending(raw.uplink),
         spool: raw.spool,
         metrics: raw.metrics,
         sources,
@@ -772,44 +673,11 @@ enum SourceParseError {
     Kind(String),
 }
 
-/// The body of the `[[source]]` table whose header ends at `header_end`, with nested
-/// `[source.x]`/`[[source.x]]` headers rewritten to `[x]`/`[[x]]` and the `kind` line blanked,
-/// padded so byte offsets still match the file (errors then point at the right line).
-fn source_body(text: &str, header_end: usize) -> String {
-    let rest = text.get(header_end..).unwrap_or("");
-    let mut body = String::with_capacity(rest.len());
-    let mut first = true;
-    for line in rest.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        let nl = if line.ends_with('\n') { "\n" } else { "" };
-        let content = line.strip_suffix('\n').unwrap_or(line);
-        if !first && trimmed.starts_with('[') {
-            let inner = trimmed.trim_start_matches('[');
-            if inner.starts_with("source.") {
-                let cut = content.replacen("source.", "", 1);
-                body.push_str(&cut);
-                body.push_str("       ");
-                body.push_str(nl);
-                continue;
-            }
-            break;
-        }
-        first = false;
-        let key = trimmed.split('=').next().unwrap_or("").trim();
-        if key == "kind" {
-            body.push_str(&" ".repeat(content.len()));
-            body.push_str(nl);
-        } else {
-            body.push_str(line);
-        }
-    }
-    body
-}
-
+/// Types one `[[source]]` table (`table`, the same as `value` from the spanned document) by
+/// its `kind`.
 fn source_config(
     table: &toml::Table,
-    text: &str,
-    header_end: usize,
+    mut value: Spanned<DeValue<'_>>,
 ) -> Result<SourceConfig, SourceParseError> {
     let kind = match table.get("kind") {
         Some(toml::Value::String(k)) => k.as_str(),
@@ -827,28 +695,27 @@ fn source_config(
             ));
         }
     };
-    let body = || source_body(text, header_end);
-    let typed = |e| SourceParseError::Toml(e);
+    // `kind` chose the type; the typed tables refuse unknown fields, so it goes.
+    if let DeValue::Table(t) = value.get_mut() {
+        t.remove("kind");
+    }
+    // Checked by `validate` before `parse` returns anything (see `Valid`).
+    fn typed<T: serde::de::DeserializeOwned>(
+        value: Spanned<DeValue<'_>>,
+    ) -> Result<Valid<T>, SourceParseError> {
+        T::deserialize(ValueDeserializer::from(value))
+            .map(Valid::pending)
+            .map_err(SourceParseError::Toml)
+    }
     Ok(match kind {
-        "mqtt" => SourceConfig::Mqtt(toml::from_str(&body()).map_err(typed)?),
-        "coap" => SourceConfig::Coap(toml::from_str(&body()).map_err(typed)?),
-        "http_push" => SourceConfig::HttpPush(toml::from_str(&body()).map_err(typed)?),
-        // Checked by `validate` before `parse` returns anything (see `Valid`).
-        "modbus_tcp" => {
-            SourceConfig::ModbusTcp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
-        }
-        "modbus_rtu" => {
-            SourceConfig::ModbusRtu(Valid::pending(toml::from_str(&body()).map_err(typed)?))
-        }
-        "mbus_serial" => {
-            SourceConfig::MbusSerial(Valid::pending(toml::from_str(&body()).map_err(typed)?))
-        }
-        "wmbus_udp" => {
-            SourceConfig::WmbusUdp(Valid::pending(toml::from_str(&body()).map_err(typed)?))
-        }
-        "hydrant_mqtt" => {
-            SourceConfig::HydrantMqtt(Valid::pending(toml::from_str(&body()).map_err(typed)?))
-        }
+        "mqtt" => SourceConfig::Mqtt(typed(value)?),
+        "coap" => SourceConfig::Coap(typed(value)?),
+        "http_push" => SourceConfig::HttpPush(typed(value)?),
+        "modbus_tcp" => SourceConfig::ModbusTcp(typed(value)?),
+        "modbus_rtu" => SourceConfig::ModbusRtu(typed(value)?),
+        "mbus_serial" => SourceConfig::MbusSerial(typed(value)?),
+        "wmbus_udp" => SourceConfig::WmbusUdp(typed(value)?),
+        "hydrant_mqtt" => SourceConfig::HydrantMqtt(typed(value)?),
         other => {
             return Err(SourceParseError::Kind(format!(
                 "unknown source kind `{other}` (expected one of mqtt, coap, http_push, \
@@ -915,57 +782,8 @@ fn field_errors<E: FieldPath>(
 fn validate(config: &GatewayConfig, spans: &Spans<'_>) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let mut err = |path: String, message: String| errors.push(spans.error(path, message));
-    let u = &config.uplink;
-    if u.partitions == 0 {
-        err("uplink.partitions".into(), "must be at least 1".into());
-    }
-    if !(1..=10_000).contains(&u.batch_size) {
-        err(
-            "uplink.batch_size".into(),
-            format!("{} is outside 1..=10000", u.batch_size),
-        );
-    }
-    if !(1..=3600).contains(&u.keep_alive_s) {
-        err(
-            "uplink.keep_alive_s".into(),
-            format!("{} is outside 1..=3600", u.keep_alive_s),
-        );
-    }
-    if !(1..=3600).contains(&u.health_interval_s) {
-        err(
-            "uplink.health_interval_s".into(),
-            format!("{} is outside 1..=3600", u.health_interval_s),
-        );
-    }
-    if u.window == 0 || u.window > 1000 {
-        err(
-            "uplink.window".into(),
-            format!("{} is outside 1..=1000", u.window),
-        );
-    }
-    if u.topic_root.is_empty() || u.topic_root.contains(['+', '#']) || u.topic_root.ends_with('/') {
-        err(
-            "uplink.topic_root".into(),
-            format!(
-                "`{}` must be non-empty, without wildcards or a trailing /",
-                u.topic_root
-            ),
-        );
-    }
-    for (field, message) in tls::field_problems(
-        u.broker.tls,
-        &u.tls_ca,
-        &u.tls_cert,
-        &u.tls_key,
-        "use mqtts://",
-    ) {
-        err(format!("uplink.{field}"), message);
-    }
-    if u.username.is_none() && u.password.is_some() {
-        err(
-            "uplink.password".into(),
-            "a password needs a username".into(),
-        );
+    for e in config.uplink.check().err().unwrap_or_default() {
+        err(format!("uplink.{}", e.field_path()), e.reason);
     }
     if config.spool.max_bytes < 1 << 20 {
         err(
@@ -985,94 +803,9 @@ fn validate(config: &GatewayConfig, spans: &Spans<'_>) -> Vec<FieldError> {
             err(at("id"), format!("duplicate source id `{id}`"));
         }
         match src {
-            SourceConfig::Mqtt(m) => {
-                for (field, message) in tls::field_problems(
-                    m.broker.tls,
-                    &m.tls_ca,
-                    &m.tls_cert,
-                    &m.tls_key,
-                    "use mqtts://",
-                ) {
-                    err(at(field), format!("source `{id}`: {message}"));
-                }
-                if m.topics.is_empty() {
-                    err(
-                        at("topics"),
-                        format!("source `{id}`: at least one topic mapping is needed"),
-                    );
-                }
-                for (j, t) in m.topics.iter().enumerate() {
-                    if t.filter.is_empty() {
-                        err(
-                            at(&format!("topics[{j}].filter")),
-                            format!("source `{id}`: empty topic filter"),
-                        );
-                    }
-                }
-            }
-            SourceConfig::Coap(c) => {
-                if c.auth == CoapAuth::FrameMac && c.key_file.is_none() {
-                    err(
-                        at("key_file"),
-                        format!(
-                            "source `{id}`: auth = \"frame_mac\" (the default) needs key_file, \
-                             the meters' keys; set auth = \"none\" to accept unauthenticated uplinks"
-                        ),
-                    );
-                }
-                for (j, a) in c.allow.iter().enumerate() {
-                    if nbiot_keys::IpRange::parse(a).is_none() {
-                        err(
-                            at(&format!("allow[{j}]")),
-                            format!("source `{id}`: `{a}` is not an address or address/prefix"),
-                        );
-                    }
-                }
-                if !(1..=1_000_000).contains(&c.exchange_cache_entries) {
-                    err(
-                        at("exchange_cache_entries"),
-                        format!(
-                            "source `{id}`: {} is outside 1..=1000000",
-                            c.exchange_cache_entries
-                        ),
-                    );
-                }
-                if !(1..=3600).contains(&c.exchange_lifetime_s) {
-                    err(
-                        at("exchange_lifetime_s"),
-                        format!(
-                            "source `{id}`: {} is outside 1..=3600",
-                            c.exchange_lifetime_s
-                        ),
-                    );
-                }
-            }
-            SourceConfig::HttpPush(h) => {
-                if h.secret.len() < 16 {
-                    err(
-                        at("secret"),
-                        format!("source `{id}`: the HMAC secret must be at least 16 bytes"),
-                    );
-                }
-                for (field, value, range) in [
-                    ("max_connections", h.max_connections as u64, 1..=100_000),
-                    ("header_timeout_s", h.header_timeout_s, 1..=300),
-                    ("body_timeout_s", h.body_timeout_s, 1..=300),
-                    ("max_body_bytes", h.max_body_bytes as u64, 1..=(64 << 20)),
-                    ("nonce_window", h.nonce_window as u64, 1..=10_000_000),
-                ] {
-                    if !range.contains(&value) {
-                        err(
-                            at(field),
-                            format!(
-                                "source `{id}`: {value} is outside {}..={}",
-                                range.start(),
-                                range.end()
-                            ),
-                        );
-                    }
-                }
-            }
+            SourceConfig::Mqtt(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::Coap(c) => field_errors(&mut err, i, id, c.validate()),
+            SourceConfig::HttpPush(c) => field_errors(&mut err, i, id, c.validate()),
             SourceConfig::ModbusTcp(c) => field_errors(&mut err, i, id, c.validate()),
             SourceConfig::ModbusRtu(c) => field_errors(&mut err, i, id, c.validate()),
             SourceConfig::MbusSerial(c) => field_errors(&mut err, i, id, c.validate()),
@@ -1415,6 +1148,120 @@ source = "nbiot"
             c.uplink.password.as_ref().map(Secret::expose),
             Some("pa55word-pa55word")
         );
+    }
+
+    /// Every field check of `[uplink]` and of the `mqtt`, `coap` and `http_push` sources points
+    /// at the field's own line.
+    #[test]
+    fn uplink_and_listener_source_errors_point_at_their_own_lines() {
+        let text = r#"gateway_id = "gw-1"
+[uplink]
+broker = "mqtt://127.0.0.1:1883"
+partitions = 0
+batch_size = 0
+window = 0
+keep_alive_s = 0
+health_interval_s = 0
+topic_root = "a/#"
+tls_ca = "ca.pem"
+tls_key = "key.pem"
+password = "uplink-pa55word"
+[spool]
+dir = "spool"
+[[source]]
+id = "conc"
+kind = "mqtt"
+broker = "mqtt://127.0.0.1"
+tls_ca = "conc-ca.pem"
+tls_key = "conc-key.pem"
+password = "conc-pa55word"
+topics = [{ filter = "", format = "json" }]
+[[source]]
+id = "conc2"
+kind = "mqtt"
+broker = "mqtt://127.0.0.1"
+topics = []
+[[source]]
+id = "nb"
+kind = "coap"
+listen = "0.0.0.0:5683"
+meter_utc_offset_minutes = 900
+allow = ["10.0.0.0/8",
+  "bogus"]
+exchange_cache_entries = 0
+exchange_lifetime_s = 0
+[[source]]
+id = "p"
+kind = "http_push"
+listen = "127.0.0.1:0"
+secret = "short-s3cr3t"
+max_skew_s = 0
+max_connections = 0
+header_timeout_s = 0
+body_timeout_s = 301
+max_body_bytes = 0
+nonce_window = 0
+"#;
+        let e = parse(text, Path::new("gw.toml")).unwrap_err();
+        let shown = e.to_string();
+        assert!(
+            !shown.contains("s3cr3t") && !shown.contains("pa55word"),
+            "{shown}"
+        );
+        let line_of = |needle: &str| {
+            let at = text.find(needle).unwrap_or_else(|| panic!("{needle}"));
+            text[..at].matches('\n').count() + 1
+        };
+        let expected = [
+            ("uplink.partitions", "partitions = 0"),
+            ("uplink.batch_size", "batch_size = 0"),
+            ("uplink.window", "window = 0"),
+            ("uplink.keep_alive_s", "keep_alive_s = 0"),
+            ("uplink.health_interval_s", "health_interval_s = 0"),
+            ("uplink.topic_root", "topic_root = "),
+            ("uplink.tls_ca", "tls_ca = "),
+            ("uplink.tls_key", "tls_key = "),
+            ("uplink.password", "password = \"uplink"),
+            ("source.tls_ca", "tls_ca = \"conc"),
+            ("source.tls_key", "tls_key = \"conc"),
+            ("source.password", "password = \"conc"),
+            ("source.topics.filter", "filter = \"\""),
+            ("source.topics", "topics = []"),
+            (
+                "source.meter_utc_offset_minutes",
+                "meter_utc_offset_minutes",
+            ),
+            // Absent (it is what is missing): its table, the `[[source]]` header.
+            ("source.key_file", "[[source]]\nid = \"nb\""),
+            ("source.allow", "\"bogus\""),
+            ("source.exchange_cache_entries", "exchange_cache_entries"),
+            ("source.exchange_lifetime_s", "exchange_lifetime_s"),
+            ("source.secret", "secret = "),
+            ("source.max_skew_s", "max_skew_s"),
+            ("source.max_connections", "max_connections"),
+            ("source.header_timeout_s", "header_timeout_s"),
+            ("source.body_timeout_s", "body_timeout_s"),
+            ("source.max_body_bytes", "max_body_bytes"),
+            ("source.nonce_window", "nonce_window"),
+        ];
+        for (field, needle) in expected {
+            let lines: Vec<usize> =
+                e.0.iter()
+                    .filter(|x| x.field == field)
+                    .map(|x| x.line)
+                    .collect();
+            assert!(
+                lines.contains(&line_of(needle)),
+                "{field}: expected line {} ({needle}), got {lines:?}\n{shown}",
+                line_of(needle)
+            );
+        }
+        assert_eq!(e.0.len(), expected.len(), "{shown}");
+        // Spot checks with literal lines: the field's line, never its table's header.
+        let line = |f: &str| e.0.iter().find(|x| x.field == f).unwrap().line;
+        assert_eq!(line("uplink.partitions"), 4, "{shown}");
+        assert_eq!(line("source.allow"), 34, "{shown}");
+        assert_eq!(line("source.nonce_window"), 47, "{shown}");
     }
 
     #[test]

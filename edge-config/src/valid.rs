@@ -36,7 +36,8 @@ impl<T> Valid<T> {
         Self(config)
     }
 
-    /// Resolves paths relative to the configuration file (validity does not depend on them).
+    /// Resolves paths relative to the configuration file and records the key file's
+    /// fingerprint (validity depends on neither).
     pub(crate) fn paths_mut(&mut self) -> &mut T {
         &mut self.0
     }
@@ -51,6 +52,42 @@ impl<T> Deref for Valid<T> {
     type Target = T;
     fn deref(&self) -> &T {
         &self.0
+    }
+}
+
+/// One problem with a field of a configuration section that has no error type of its own
+/// (uplink, CoAP, HTTP push and concentrator MQTT sources): the field and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FieldProblem {
+    /// Field path relative to the section (`topics[1].filter`).
+    pub field: String,
+    /// What is wrong and what was expected.
+    pub reason: String,
+}
+
+impl FieldProblem {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl FieldPath for FieldProblem {
+    fn field_path(&self) -> &str {
+        &self.field
+    }
+}
+
+/// `Ok` when nothing was found.
+pub(crate) fn collected<E>(problems: Vec<E>) -> Result<(), Vec<E>> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
     }
 }
 
@@ -71,6 +108,10 @@ validate_with_inherent!(
     crate::mbus::MbusSerialSourceConfig => crate::mbus::MbusConfigError,
     crate::wmbus::WmbusUdpSourceConfig => crate::wmbus::WmbusConfigError,
     crate::hydrant::HydrantSourceConfig => crate::hydrant::HydrantConfigError,
+    crate::UplinkConfig => FieldProblem,
+    crate::concentrator::MqttSourceConfig => FieldProblem,
+    crate::coap::CoapSourceConfig => FieldProblem,
+    crate::http_push::HttpPushSourceConfig => FieldProblem,
 );
 
 #[cfg(test)]

@@ -999,32 +999,15 @@ pub fn spawn_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use model::{ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, SourceKind, Unit};
+    use model::SourceKind;
     use rust_decimal::Decimal;
-    use time::macros::datetime;
 
     pub(crate) fn reading(meter: &str, value: i64) -> Reading {
-        Reading {
-            meter: MeterId::new(meter).unwrap(),
-            ts: datetime!(2026-11-24 10:43:00 UTC),
-            clock: ClockSource::Meter,
-            quantity: Quantity::Volume,
-            value: Decimal::new(value, 3),
-            unit: Unit::CubicMetre,
-            storage: 0,
-            tariff: 0,
-            subunit: 0,
-            quality: Quality::Actual,
-            flags: vec![],
-            provenance: Provenance {
-                gateway: GatewayId::new("gw-1").unwrap(),
-                source: SourceKind::Coap,
-                source_id: "nbiot".into(),
-                frame_hash: "00".repeat(32),
-                received_at: datetime!(2026-11-24 10:43:05 UTC),
-                channel: None,
-            },
-        }
+        testkit::reading(meter)
+            .milli(value)
+            .gateway("gw-1")
+            .source(SourceKind::Coap, "nbiot")
+            .build()
     }
 
     fn values(spool: &Spool) -> Vec<(u64, Decimal)> {

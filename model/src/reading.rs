@@ -219,6 +219,53 @@ pub struct Reading {
     pub provenance: Provenance,
 }
 
+impl Reading {
+    /// An actual reading of the current register (storage, tariff and subunit 0) without
+    /// flags: the common case of one decoded value, for tools and benches that make readings.
+    pub fn actual(
+        meter: MeterId,
+        ts: OffsetDateTime,
+        clock: ClockSource,
+        (quantity, value, unit): (Quantity, Decimal, Unit),
+        provenance: Provenance,
+    ) -> Self {
+        Self {
+            meter,
+            ts,
+            clock,
+            quantity,
+            value,
+            unit,
+            storage: 0,
+            tariff: 0,
+            subunit: 0,
+            quality: Quality::Actual,
+            flags: Vec::new(),
+            provenance,
+        }
+    }
+}
+
+impl Provenance {
+    /// Where a reading came from, without a channel.
+    pub fn new(
+        gateway: GatewayId,
+        source: SourceKind,
+        source_id: impl Into<String>,
+        frame_hash: impl Into<String>,
+        received_at: OffsetDateTime,
+    ) -> Self {
+        Self {
+            gateway,
+            source,
+            source_id: source_id.into(),
+            frame_hash: frame_hash.into(),
+            received_at,
+            channel: None,
+        }
+    }
+}
+
 /// A spooled reading with its gateway sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEntry {
@@ -278,27 +325,19 @@ mod tests {
     use time::macros::datetime;
 
     fn sample() -> Reading {
-        Reading {
-            meter: MeterId::new("cjt188:78330011223344").unwrap(),
-            ts: datetime!(2026-11-24 10:43:00 UTC),
-            clock: ClockSource::Meter,
-            quantity: Quantity::Volume,
-            value: dec!(556677.00),
-            unit: Unit::CubicMetre,
-            storage: 0,
-            tariff: 0,
-            subunit: 0,
-            quality: Quality::Actual,
-            flags: vec![],
-            provenance: Provenance {
-                gateway: GatewayId::new("gw-1").unwrap(),
-                source: SourceKind::Coap,
-                source_id: "nbiot".into(),
-                frame_hash: "00".repeat(32),
-                received_at: datetime!(2026-11-24 10:43:05 UTC),
-                channel: None,
-            },
-        }
+        Reading::actual(
+            MeterId::new("cjt188:78330011223344").unwrap(),
+            datetime!(2026-11-24 10:43:00 UTC),
+            ClockSource::Meter,
+            (Quantity::Volume, dec!(556677.00), Unit::CubicMetre),
+            Provenance::new(
+                GatewayId::new("gw-1").unwrap(),
+                SourceKind::Coap,
+                "nbiot",
+                "00".repeat(32),
+                datetime!(2026-11-24 10:43:05 UTC),
+            ),
+        )
     }
 
     /// Pins the documented v1 JSON form (docs/wire-format.md).

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use model::{
-    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
+    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quantity, Reading, ReadingBatch,
+    SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -63,27 +63,19 @@ struct Args {
 const GW: &str = "gw-bench";
 
 fn reading(meter: &MeterId, ts: OffsetDateTime, value: Decimal, gateway: &GatewayId) -> Reading {
-    Reading {
-        meter: meter.clone(),
+    Reading::actual(
+        meter.clone(),
         ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value,
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: gateway.clone(),
-            source: SourceKind::Coap,
-            source_id: "bench".into(),
-            frame_hash: "00".repeat(32),
-            received_at: OffsetDateTime::now_utc(),
-            channel: None,
-        },
-    }
+        ClockSource::Meter,
+        (Quantity::Volume, value, Unit::CubicMetre),
+        Provenance::new(
+            gateway.clone(),
+            SourceKind::Coap,
+            "bench",
+            "00".repeat(32),
+            OffsetDateTime::now_utc(),
+        ),
+    )
 }
 
 /// Numbers entries per (gateway, partition), as a gateway's spool does.

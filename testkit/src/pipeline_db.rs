@@ -191,30 +191,14 @@ pub fn volume_read(
     ts: time::OffsetDateTime,
     value: rust_decimal::Decimal,
 ) -> model::Reading {
-    use model::{
-        ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
-    };
-    Reading {
-        meter: MeterId::new(meter).expect("test meter id"),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value,
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-1").expect("test gateway id"),
-            source: SourceKind::Coap,
-            source_id: "nb".into(),
-            frame_hash: "ab".repeat(32),
-            received_at: ts + time::Duration::seconds(3),
-            channel: None,
-        },
-    }
+    crate::reading(meter)
+        .ts(ts)
+        .value(value)
+        .gateway("gw-1")
+        .source(model::SourceKind::Coap, "nb")
+        .frame_hash("ab".repeat(32))
+        .received_at(ts + time::Duration::seconds(3))
+        .build()
 }
 
 /// Validates `readings` against `vee` at `now` and writes them the way a manual read is

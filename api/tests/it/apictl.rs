@@ -2,22 +2,17 @@
 //! (four-eyes) for high-risk actions, the arrears-rule routes (notices, decisions, bulk
 //! approval of held closures), TLS inside the server, and the retention job.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
-use api::publish::{Publisher, PublisherConfig};
-use api::{ApiConfig, AppState};
+use api::auth::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use testkit::TestDatabase;
 use time::OffsetDateTime;
 
+use crate::common::{self, AUD, DEADLINE, TokenFor};
+
 const SECRET: &[u8] = b"test-hs256-secret-0123456789";
-const ISS: &str = "wm-test";
-const AUD: &str = "wm-api";
-const DEADLINE: Duration = Duration::from_secs(60);
 
 struct Harness {
     db: TestDatabase,
@@ -25,73 +20,33 @@ struct Harness {
     http: reqwest::Client,
 }
 
-fn state(db: &TestDatabase, name: &str) -> AppState {
-    let (host, port) =
-        pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).expect("MQTT URL");
-    let publisher = Publisher::start(PublisherConfig {
-        host,
-        port,
-        client_id: format!("api-test-{:08x}", rand::random::<u32>()),
-        topic_root: format!("test/api-{name}/{}", std::process::id()),
-        partitions: 4,
-        gateway: model::GatewayId::new("api-test").unwrap(),
-        ack_timeout: Duration::from_secs(30),
-    });
-    AppState {
-        pool: db.pool.clone(),
-        jwt: Arc::new(JwtVerifier::new(JwtConfig {
-            issuer: ISS.into(),
-            audience: AUD.into(),
-            hs256_secret: Some(SECRET.to_vec()),
-            jwks_url: None,
-            jwks_min_refresh: Duration::from_secs(60),
-        })),
-        publisher,
-        metrics: Arc::default(),
-        config: Arc::new(ApiConfig::default()),
-        tariffs: None,
-        calls: api::calllog::CallLog::start(db.pool.clone()),
-    }
+fn state(db: &TestDatabase, name: &str) -> api::AppState {
+    let publisher = common::publisher(
+        "api-test",
+        format!("test/api-{name}/{}", std::process::id()),
+    );
+    common::app_state(db, SECRET, None, publisher)
 }
 
 async fn start(name: &str) -> Harness {
     let db = TestDatabase::create().await;
-    let state = state(&db, name);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
+    let base = common::serve(state(&db, name)).await;
     Harness {
         db,
-        base: format!("http://{addr}"),
+        base,
         http: reqwest::Client::new(),
     }
 }
 
 /// A token of `sub` with `roles` in `org`, with or without a second factor.
 fn tok(sub: &str, roles: &[Role], org: &str, mfa: bool) -> String {
-    let now = OffsetDateTime::now_utc().unix_timestamp();
-    api::auth::sign_hs256(
-        SECRET,
-        &Claims {
-            sub: sub.into(),
-            iss: ISS.into(),
-            aud: AUD.into(),
-            exp: now + 3600,
-            iat: now,
-            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
-            org: Some(org.into()),
-            areas: Vec::new(),
-            amr: if mfa { vec!["otp".into()] } else { vec![] },
-        },
-    )
-    .unwrap()
+    let who = TokenFor {
+        sub,
+        roles,
+        org,
+        mfa,
+    };
+    common::sign(SECRET, &who, AUD, 3600)
 }
 
 impl Harness {
@@ -103,22 +58,8 @@ impl Harness {
         body: Option<Value>,
         headers: &[(&str, &str)],
     ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
-        let mut rb = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(token);
-        for (k, v) in headers {
-            rb = rb.header(*k, *v);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, v, headers)
+        let (http, base) = (&self.http, &self.base);
+        common::request(http, base, (method, path), Some(token), body, headers).await
     }
 
     async fn call(
@@ -449,15 +390,7 @@ async fn a_second_approver_stands_in_for_the_second_factor() {
     assert_eq!(v["result"]["field"], "device");
 
     // Metrics count the outcomes.
-    let text = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = common::metrics(&h.http, &h.base).await;
     assert!(
         text.contains("api_approvals_total{action=\"valve_close\",outcome=\"requested\"} 4"),
         "{text}"
@@ -840,7 +773,7 @@ async fn tls_serves_https_with_a_self_signed_certificate() {
     tokio::spawn(async move {
         axum::serve(
             listener,
-            api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
+            api::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .await
         .unwrap();

@@ -2,22 +2,17 @@
 //! hashes, TOTP and the failure limit; the read endpoints on known rows; the live event
 //! stream fed by LISTEN/NOTIFY; the embedded pages with their content types and CSP.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
-use api::publish::{Publisher, PublisherConfig};
+use api::auth::Role;
 use api::users::{NewUser, totp_at, upsert_user};
-use api::{ApiConfig, AppState};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use testkit::TestDatabase;
 
+use crate::common::{self, AUD, DEADLINE, ISS, TokenFor};
+
 const SECRET: &[u8] = b"test-hs256-secret-dashboard-0123";
-const ISS: &str = "wm-test";
-const AUD: &str = "wm-api";
-const DEADLINE: Duration = Duration::from_secs(60);
 /// "12345678901234567890" in base32 (the RFC 6238 test key).
 const TOTP_B32: &str = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
 
@@ -29,44 +24,14 @@ struct Harness {
 
 async fn start() -> Harness {
     let db = TestDatabase::create().await;
-    let (host, port) = pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
-    let publisher = Publisher::start(PublisherConfig {
-        host,
-        port,
-        client_id: format!("api-dash-{:08x}", rand::random::<u32>()),
-        topic_root: format!("test/api-dash/{:08x}", rand::random::<u32>()),
-        partitions: 4,
-        gateway: model::GatewayId::new("api-test").unwrap(),
-        ack_timeout: Duration::from_secs(30),
-    });
-    let state = AppState {
-        pool: db.pool.clone(),
-        jwt: Arc::new(JwtVerifier::new(JwtConfig {
-            issuer: ISS.into(),
-            audience: AUD.into(),
-            hs256_secret: Some(SECRET.to_vec()),
-            jwks_url: None,
-            jwks_min_refresh: Duration::from_secs(60),
-        })),
-        publisher,
-        metrics: Arc::default(),
-        config: Arc::new(ApiConfig::default()),
-        tariffs: None,
-        calls: api::calllog::CallLog::start(db.pool.clone()),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
+    let publisher = common::publisher(
+        "api-dash",
+        format!("test/api-dash/{:08x}", rand::random::<u32>()),
+    );
+    let base = common::serve(common::app_state(&db, SECRET, None, publisher)).await;
     Harness {
         db,
-        base: format!("http://{addr}"),
+        base,
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -75,22 +40,13 @@ async fn start() -> Harness {
 }
 
 fn token(role: Role, org: &str) -> String {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    api::auth::sign_hs256(
-        SECRET,
-        &Claims {
-            sub: "tester".into(),
-            iss: ISS.into(),
-            aud: AUD.into(),
-            exp: now + 3600,
-            iat: now,
-            roles: vec![role.as_str().into()],
-            org: Some(org.into()),
-            areas: Vec::new(),
-            amr: vec![],
-        },
-    )
-    .unwrap()
+    let who = TokenFor {
+        sub: "tester",
+        roles: &[role],
+        org,
+        mfa: false,
+    };
+    common::sign(SECRET, &who, AUD, 3600)
 }
 
 impl Harness {
@@ -101,20 +57,9 @@ impl Harness {
         tok: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = tok {
-            rb = rb.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        let (http, base) = (&self.http, &self.base);
+        let (st, v, _) = common::request(http, base, (method, path), tok, body, &[]).await;
+        (st, v)
     }
 
     async fn get(&self, path: &str, tok: &str) -> Value {

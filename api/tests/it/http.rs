@@ -1,25 +1,21 @@
 //! The API over real HTTP, PostgreSQL and Mosquitto: every endpoint with valid and invalid
 //! input, RBAC route by route, signed pushes (and a replay refused), the audit chain.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::auth::{Claims, JwtConfig, JwtVerifier, Role};
-use api::publish::{Publisher, PublisherConfig};
-use api::{ApiConfig, AppState, rbac};
+use api::auth::{Claims, Role};
+use api::{ApiConfig, rbac};
 use model::ReadingBatch;
 use reqwest::{Method, StatusCode};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use testkit::TestDatabase;
 
+use crate::common::{self, AUD, DEADLINE, ISS, TokenFor};
+
 const SECRET: &[u8] = b"test-hs256-secret-0123456789";
-const ISS: &str = "wm-test";
-const AUD: &str = "wm-api";
 const CLIENT: &str = "platform-a";
 const CLIENT_SECRET: &str = "client-secret-0123456789";
-const DEADLINE: Duration = Duration::from_secs(60);
 
 const TARIFF: &str = r#"
 name = "test tariff"
@@ -52,10 +48,6 @@ struct Harness {
     root: String,
 }
 
-fn broker() -> (String, u16) {
-    pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap()
-}
-
 async fn start(name: &str) -> Harness {
     start_with(name, None).await
 }
@@ -63,16 +55,7 @@ async fn start(name: &str) -> Harness {
 async fn start_with(name: &str, jwks_url: Option<String>) -> Harness {
     let db = TestDatabase::create().await;
     let root = testkit::names::unique_prefix(&format!("api-{name}"));
-    let (host, port) = broker();
-    let publisher = Publisher::start(PublisherConfig {
-        host,
-        port,
-        client_id: format!("api-test-{:08x}", rand::random::<u32>()),
-        topic_root: root.clone(),
-        partitions: 4,
-        gateway: model::GatewayId::new("api-test").unwrap(),
-        ack_timeout: Duration::from_secs(30),
-    });
+    let publisher = common::publisher("api-test", root.clone());
     let t0 = Instant::now();
     while !publisher.connected() {
         assert!(
@@ -82,62 +65,32 @@ async fn start_with(name: &str, jwks_url: Option<String>) -> Harness {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let tariff = billing_core::Tariff::parse("test.toml", TARIFF).unwrap();
-    let state = AppState {
-        pool: db.pool.clone(),
-        jwt: Arc::new(JwtVerifier::new(JwtConfig {
-            issuer: ISS.into(),
-            audience: AUD.into(),
-            hs256_secret: Some(SECRET.to_vec()),
-            jwks_url,
-            jwks_min_refresh: Duration::from_secs(60),
-        })),
-        publisher,
-        metrics: Arc::default(),
-        config: Arc::new(ApiConfig {
-            max_body_bytes: 4 * 1024 * 1024,
-            ..ApiConfig::default()
-        }),
-        tariffs: Some(Arc::new(billing_core::TariffBook::new([tariff]).unwrap())),
-        calls: api::calllog::CallLog::start(db.pool.clone()),
-    };
+    let mut state = common::app_state(&db, SECRET, jwks_url, publisher);
+    state.config = Arc::new(ApiConfig {
+        max_body_bytes: 4 * 1024 * 1024,
+        ..ApiConfig::default()
+    });
+    state.tariffs = Some(Arc::new(billing_core::TariffBook::new([tariff]).unwrap()));
     api::signing::upsert_client(&db.pool, CLIENT, CLIENT_SECRET, None)
         .await
         .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        axum::serve(
-            listener,
-            api::app(state).into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-        .unwrap();
-    });
+    let base = common::serve(state).await;
     Harness {
         db,
-        base: format!("http://{addr}"),
+        base,
         http: reqwest::Client::new(),
         root,
     }
 }
 
 fn token_with(roles: &[Role], org: &str, mfa: bool, exp_in: i64, aud: &str) -> String {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    api::auth::sign_hs256(
-        SECRET,
-        &Claims {
-            sub: "tester".into(),
-            iss: ISS.into(),
-            aud: aud.into(),
-            exp: now + exp_in,
-            iat: now,
-            roles: roles.iter().map(|r| r.as_str().to_owned()).collect(),
-            org: Some(org.into()),
-            areas: Vec::new(),
-            amr: if mfa { vec!["otp".into()] } else { vec![] },
-        },
-    )
-    .unwrap()
+    let who = TokenFor {
+        sub: "tester",
+        roles,
+        org,
+        mfa,
+    };
+    common::sign(SECRET, &who, aud, exp_in)
 }
 
 fn token(roles: &[Role]) -> String {
@@ -152,18 +105,9 @@ impl Harness {
         tok: Option<&str>,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
-        let mut rb = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(t) = tok {
-            rb = rb.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb.send().await.unwrap();
-        let status = resp.status();
-        let text = resp.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        (status, v)
+        let (http, base) = (&self.http, &self.base);
+        let (st, v, _) = common::request(http, base, (method, path), tok, body, &[]).await;
+        (st, v)
     }
 
     async fn push(
@@ -196,46 +140,22 @@ impl Harness {
         rb.send().await.unwrap()
     }
 
+    /// The reading batches the API publishes, once subscribed.
     async fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<ReadingBatch> {
-        let (host, port) = broker();
-        let mut opts =
-            MqttOptions::new(format!("api-sub-{:08x}", rand::random::<u32>()), host, port);
-        opts.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
-        let (client, mut events) = AsyncClient::new(opts, 100);
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        let topic = format!("{}/readings/+", self.root);
-        let mut ready_tx = Some(ready_tx);
+        let filter = format!("{}/readings/+", self.root);
+        let testkit::mqtt::Subscriber { client, mut rx } =
+            testkit::mqtt::subscribe("api-sub", &[&filter]).await;
+        let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            loop {
-                match events.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        client
-                            .subscribe(topic.clone(), QoS::AtLeastOnce)
-                            .await
-                            .unwrap();
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(t) = ready_tx.take() {
-                            t.send(()).unwrap_or_default();
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        let b: ReadingBatch = serde_json::from_slice(&p.payload).unwrap();
-                        if tx.send(b).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            let _client = client;
+            while let Some((_, payload)) = rx.recv().await {
+                let b: ReadingBatch = serde_json::from_slice(&payload).unwrap();
+                if tx.send(b).is_err() {
+                    return;
                 }
             }
         });
-        tokio::time::timeout(DEADLINE, ready_rx)
-            .await
-            .unwrap()
-            .unwrap();
-        rx
+        batches
     }
 }
 
@@ -353,15 +273,7 @@ async fn health_metrics_openapi_and_problem_json() {
         .await;
     assert_eq!(st, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
     assert!(p["detail"].as_str().unwrap().contains("meter_no"), "{p}");
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&h.http, &h.base).await;
     assert!(
         metrics.contains("api_requests_total{route=\"/healthz\",method=\"GET\",status=\"200\"} 1"),
         "{metrics}"
@@ -410,15 +322,7 @@ async fn bearer_tokens_are_checked_and_failures_counted() {
         .call(Method::GET, path, Some(&token(&[Role::MeterAdmin])), None)
         .await;
     assert_eq!(st, StatusCode::OK);
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&h.http, &h.base).await;
     assert!(
         metrics.contains("api_auth_failures_total{client=\"tester\",address=\"127.0.0.1\",reason=\"expired_token\"} 1"),
         "{metrics}"
@@ -864,15 +768,7 @@ async fn signed_push_is_durable_deduplicated_and_replay_proof() {
         .unwrap();
     assert!(n >= 5, "{n}");
     // Failures are counted per client and address.
-    let metrics = h
-        .http
-        .get(format!("{}/metrics", h.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics(&h.http, &h.base).await;
     assert!(metrics.contains("api_auth_failures_total{client=\"platform-a\",address=\"127.0.0.1\",reason=\"replay\"} 1"), "{metrics}");
     // The six-field call log (written behind).
     let t0 = Instant::now();

@@ -2,5 +2,6 @@
 //! file; each former `tests/NAME.rs` is module `NAME`, run one with `--test it NAME::`).
 
 mod apictl;
+mod common;
 mod dashboard;
 mod http;

@@ -11,9 +11,7 @@ use anyhow::Context;
 use gateway::mqtt::MqttEndpoint;
 use gateway::spool::{Spool, SpoolConfig};
 use gateway::uplink::{self, UplinkOptions, UplinkStats};
-use model::{
-    ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
-};
+use model::{ClockSource, GatewayId, MeterId, Provenance, Quantity, Reading, SourceKind, Unit};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -38,27 +36,23 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let mut group = Vec::with_capacity(8192);
     for i in 0..n {
-        group.push(Reading {
-            meter: MeterId::new(format!("cjt188:{:014}", i % 10_000))?,
-            ts: now,
-            clock: ClockSource::Meter,
-            quantity: Quantity::Volume,
-            value: Decimal::new(i64::try_from(i)?, 3),
-            unit: Unit::CubicMetre,
-            storage: 0,
-            tariff: 0,
-            subunit: 0,
-            quality: Quality::Actual,
-            flags: vec![],
-            provenance: Provenance {
-                gateway: gateway.clone(),
-                source: SourceKind::Coap,
-                source_id: "bench".into(),
-                frame_hash: "ab".repeat(32),
-                received_at: now,
-                channel: None,
-            },
-        });
+        group.push(Reading::actual(
+            MeterId::new(format!("cjt188:{:014}", i % 10_000))?,
+            now,
+            ClockSource::Meter,
+            (
+                Quantity::Volume,
+                Decimal::new(i64::try_from(i)?, 3),
+                Unit::CubicMetre,
+            ),
+            Provenance::new(
+                gateway.clone(),
+                SourceKind::Coap,
+                "bench",
+                "ab".repeat(32),
+                now,
+            ),
+        ));
         if group.len() == 8192 || i + 1 == n {
             writer.append(&group)?;
             writer.sync()?;

@@ -8,34 +8,25 @@ use std::io::Write;
 use anyhow::Context;
 use gateway::IngestSink;
 use gateway::spool::{Spool, SpoolConfig, spawn_writer};
-use model::{
-    ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
-};
+use model::{ClockSource, GatewayId, MeterId, Provenance, Quantity, Reading, SourceKind, Unit};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 
 fn reading(task: usize, n: i64) -> anyhow::Result<Reading> {
-    Ok(Reading {
-        meter: MeterId::new(format!("torture:{task}"))?,
-        ts: OffsetDateTime::now_utc(),
-        clock: ClockSource::Gateway,
-        quantity: Quantity::Volume,
-        value: Decimal::new(n, 0),
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-torture")?,
-            source: SourceKind::Coap,
-            source_id: "torture".into(),
-            frame_hash: "00".repeat(32),
-            received_at: OffsetDateTime::now_utc(),
-            channel: None,
-        },
-    })
+    let now = OffsetDateTime::now_utc();
+    Ok(Reading::actual(
+        MeterId::new(format!("torture:{task}"))?,
+        now,
+        ClockSource::Gateway,
+        (Quantity::Volume, Decimal::new(n, 0), Unit::CubicMetre),
+        Provenance::new(
+            GatewayId::new("gw-torture")?,
+            SourceKind::Coap,
+            "torture",
+            "00".repeat(32),
+            now,
+        ),
+    ))
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

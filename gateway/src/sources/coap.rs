@@ -49,6 +49,7 @@ use super::{Commands, ErrorCode, Received, Source, SourceContext, SourceEnv, Sou
 use crate::downlink::Downlink;
 use crate::listener::ListenerStats;
 use crate::normalise;
+use edge_config::coap::UplinkAuth;
 use edge_config::nbiot_keys::{IpRange, NbiotKeys};
 use model::auth::{self, Direction};
 
@@ -183,35 +184,31 @@ impl CoapOptions {
         }
     }
 
-    /// Options of a configured source; reads its key file.
+    /// Options of a configured (checked) source; reads its key file.
     ///
     /// # Errors
     /// [`SourceError::Keys`] if the key file cannot be read.
     pub fn from_config(
-        c: &edge_config::CoapSourceConfig,
+        c: &edge_config::Valid<edge_config::CoapSourceConfig>,
         state_dir: Option<PathBuf>,
     ) -> Result<Self, SourceError> {
-        let auth = match (c.auth, &c.key_file) {
-            (edge_config::CoapAuth::None, _) => CoapAuthMode::None,
-            (edge_config::CoapAuth::FrameMac, Some(p)) => CoapAuthMode::FrameMac(Arc::new(
-                edge_config::nbiot_keys::load(p)
+        let auth = match c.uplink_auth() {
+            UplinkAuth::Open => CoapAuthMode::None,
+            UplinkAuth::FrameMac { key_file } => CoapAuthMode::FrameMac(Arc::new(
+                edge_config::nbiot_keys::load(key_file)
                     .map_err(|e| SourceError::Keys(format!("CoAP key file: {e}")))?,
             )),
-            (edge_config::CoapAuth::FrameMac, None) => {
-                return Err(SourceError::Keys(
-                    "CoAP key file: frame_mac needs key_file".into(),
-                ));
-            }
         };
         Ok(Self {
             listen: c.listen,
+            // Within -12:00..=+14:00 (checked), which `UtcOffset` always represents.
             meter_utc_offset: c
-                .meter_utc_offset_minutes
-                .and_then(|m| UtcOffset::from_whole_seconds(i32::from(m) * 60).ok()),
+                .meter_utc_offset_s()
+                .and_then(|s| UtcOffset::from_whole_seconds(s).ok()),
             auth,
-            allow: c.allow.iter().filter_map(|a| IpRange::parse(a)).collect(),
+            allow: c.allow_ranges(),
             cache_entries: c.exchange_cache_entries,
-            exchange_lifetime: Duration::from_secs(c.exchange_lifetime_s),
+            exchange_lifetime: c.exchange_lifetime(),
             state_dir,
             stats: Arc::default(),
         })
@@ -386,7 +383,7 @@ impl CoapSource {
 }
 
 impl Source for CoapSource {
-    type Config = edge_config::CoapSourceConfig;
+    type Config = edge_config::Valid<edge_config::CoapSourceConfig>;
     const KIND: SourceKind = SourceKind::Coap;
 
     async fn build(c: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {

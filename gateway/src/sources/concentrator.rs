@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use decoders::cjt188;
-use edge_config::{MqttProtocol, MqttSourceConfig, PayloadFormat, TopicMapping};
+use edge_config::{MqttProtocol, MqttSourceConfig, PayloadFormat, TopicMapping, Valid};
 use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use model::{ClockSource, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit};
@@ -239,15 +239,18 @@ const SESSION_EXPIRY_S: u32 = 3600;
 /// The concentrator MQTT subscriber: TLS built at build, connects in `run`.
 #[derive(Debug)]
 pub struct ConcentratorSource {
-    config: MqttSourceConfig,
+    config: Valid<MqttSourceConfig>,
     tls: Option<native_tls::TlsConnector>,
 }
 
 impl Source for ConcentratorSource {
-    type Config = MqttSourceConfig;
+    type Config = Valid<MqttSourceConfig>;
     const KIND: SourceKind = SourceKind::Mqtt;
 
-    async fn build(config: &MqttSourceConfig, _env: &SourceEnv) -> Result<Self, SourceError> {
+    async fn build(
+        config: &Valid<MqttSourceConfig>,
+        _env: &SourceEnv,
+    ) -> Result<Self, SourceError> {
         let tls = config
             .tls()
             .map(|t| crate::mqtt::tls_connector(&t))

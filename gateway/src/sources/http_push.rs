@@ -57,16 +57,15 @@ pub struct HttpPushOptions {
 
 impl HttpPushOptions {
     /// Options from a source's configuration, with fresh counters.
-    pub fn from_config(c: &edge_config::HttpPushSourceConfig) -> Self {
-        use std::time::Duration;
+    pub fn from_config(c: &edge_config::Valid<edge_config::HttpPushSourceConfig>) -> Self {
         Self {
             secret: c.secret.clone(),
             max_skew_s: c.max_skew_s,
             nonce_window: c.nonce_window,
             limits: HttpLimits {
                 max_connections: c.max_connections,
-                header_timeout: Duration::from_secs(c.header_timeout_s),
-                body_timeout: Duration::from_secs(c.body_timeout_s),
+                header_timeout: c.header_timeout(),
+                body_timeout: c.body_timeout(),
                 max_body_bytes: c.max_body_bytes,
                 ..HttpLimits::push_defaults()
             },
@@ -222,7 +221,7 @@ pub struct HttpPushSource {
 }
 
 impl Source for HttpPushSource {
-    type Config = edge_config::HttpPushSourceConfig;
+    type Config = edge_config::Valid<edge_config::HttpPushSourceConfig>;
     const KIND: SourceKind = SourceKind::HttpPush;
 
     async fn build(c: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
@@ -278,17 +277,18 @@ mod tests {
 
     #[test]
     fn signed_push_verifies_once() {
-        let mut opts = HttpPushOptions::from_config(&edge_config::HttpPushSourceConfig {
-            id: "p".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            secret: "0123456789abcdef".into(),
-            max_skew_s: 300,
-            max_connections: 4,
-            header_timeout_s: 1,
-            body_timeout_s: 1,
-            max_body_bytes: 1024,
-            nonce_window: 10,
-        });
+        let mut config = edge_config::HttpPushSourceConfig::new(
+            "p",
+            "127.0.0.1:0".parse().unwrap(),
+            "0123456789abcdef",
+        );
+        (config.max_connections, config.header_timeout_s) = (4, 1);
+        (
+            config.body_timeout_s,
+            config.max_body_bytes,
+            config.nonce_window,
+        ) = (1, 1024, 10);
+        let mut opts = HttpPushOptions::from_config(&edge_config::Valid::new(config).unwrap());
         opts.max_skew_s = 300;
         let nonces = Mutex::new(NonceWindow::new(10, 300));
         let body = br#"{"device_id":"d","payload":"00"}"#;

@@ -26,7 +26,11 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use wm_tests::subscribe;
 
+use crate::common::{gateway_toml, start_gateway};
+
 const GW: &str = "gw-ctl-e2e";
+/// The `[uplink]` settings of every gateway here.
+const UPLINK: &str = "partitions = 4\nbatch_size = 50\n";
 
 /// Polls `check` until it returns `Some`, failing with `what` after `within`.
 async fn wait_for<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
@@ -89,19 +93,8 @@ fn gateway_config(root: &str, site: &str, spool: &std::path::Path) -> edge_confi
     let url = pipeline::config::mqtt_url();
     let (host, port) = pipeline::config::parse_mqtt_url(&url).expect("MQTT_URL");
     let cid = root.replace('/', "-");
-    let toml = format!(
-        r#"gateway_id = "{GW}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}-gw"
-topic_root = "{root}"
-partitions = 4
-batch_size = 50
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "hydrants"
 kind = "hydrant_mqtt"
 host = "{host}"
@@ -109,9 +102,9 @@ port = {port}
 client_id = "{cid}-hyd"
 topic_prefix = "{site}"
 ack_timeout = "10s"
-"#,
-        spool = spool.display()
+"#
     );
+    let toml = gateway_toml(GW, root, spool, UPLINK, &sources);
     edge_config::parse(&toml, "control-e2e.toml".as_ref()).expect("gateway config")
 }
 
@@ -912,7 +905,6 @@ async fn modbus_valve_close_and_read_now_round_trip() {
     let db = TestDatabase::create().await;
     let pool = db.pool.clone();
     let broker = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
     for (meter, protocol) in [
         ("modbus:valve-1", "modbus"),
         ("cjt188:00000000000888", "cjt188"),
@@ -976,19 +968,8 @@ async fn modbus_valve_close_and_read_now_round_trip() {
     std::fs::write(&map, VALVE_MAP).expect("map");
     let cid = root.replace('/', "-");
     // Polled once an hour: after the first poll, readings come from read-now commands only.
-    let toml = format!(
-        r#"gateway_id = "{GW_MODBUS}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}-gw"
-topic_root = "{root}"
-partitions = 4
-batch_size = 50
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "valves"
 kind = "modbus_tcp"
 [source.timing]
@@ -1002,11 +983,11 @@ map = "{map}"
 poll_interval = "1h"
 valve = {{ register = 2, open = 0, close = 1 }}
 "#,
-        spool = dir.path().join("spool").display(),
         map = map.display(),
     );
-    let config = edge_config::parse(&toml, "modbus-e2e.toml".as_ref()).expect("gateway config");
-    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let spool = dir.path().join("spool");
+    let toml = gateway_toml(GW_MODBUS, &root, &spool, UPLINK, &sources);
+    let gateway = start_gateway(&toml, "modbus-e2e.toml").await;
     let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
     worker.client_id = format!("{cid}-pipeline");
     let worker_client = worker.client_id.clone();
@@ -1174,7 +1155,6 @@ async fn nbiot_coap_valve_close_rides_the_reply_to_a_sealed_uplink() {
     let db = TestDatabase::create().await;
     let pool = db.pool.clone();
     let broker = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
     sqlx::query(
         "INSERT INTO meters (meter_id, protocol, gateway_id, has_valve, status) \
          VALUES ($1, 'cjt188', $2, true, 'active')",
@@ -1192,29 +1172,18 @@ async fn nbiot_coap_valve_close_rides_the_reply_to_a_sealed_uplink() {
     )
     .expect("keys");
     let cid = root.replace('/', "-");
-    let toml = format!(
-        r#"gateway_id = "{GW_COAP}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}-gw"
-topic_root = "{root}"
-partitions = 4
-batch_size = 50
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 key_file = "{keys}"
 "#,
-        spool = dir.path().join("spool").display(),
         keys = keys.display(),
     );
-    let config = edge_config::parse(&toml, "coap-e2e.toml".as_ref()).expect("gateway config");
-    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let spool = dir.path().join("spool");
+    let toml = gateway_toml(GW_COAP, &root, &spool, UPLINK, &sources);
+    let gateway = start_gateway(&toml, "coap-e2e.toml").await;
     let coap = gateway.source_addr("nbiot").expect("coap bound");
     let mut worker = pipeline::worker::WorkerConfig::new(&broker, &root, 0, 1, 4).expect("worker");
     worker.client_id = format!("{cid}-pipeline");

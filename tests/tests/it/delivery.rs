@@ -18,19 +18,17 @@ use std::time::{Duration, Instant};
 use gateway::mqtt::MqttEndpoint;
 use gateway::spool::{Spool, SpoolConfig, SpoolWriter};
 use gateway::uplink::{self, UplinkOptions, UplinkStats};
-use model::{
-    BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
-};
+use model::{BatchEntry, Decimal, GatewayId, Reading, ReadingBatch, SourceKind, WIRE_VERSION};
 use pipeline::ingest::IngestMetrics;
-use pipeline::worker::{self, WorkerConfig};
+use pipeline::worker::WorkerConfig;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use testkit::TestDatabase;
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use crate::common::{RunningWorker, spawn_worker};
 
 const PARTITIONS: u16 = 4;
 
@@ -170,12 +168,6 @@ impl PgProxy {
     }
 }
 
-struct RunningWorker {
-    task: JoinHandle<Result<(), worker::WorkerError>>,
-    metrics: Arc<IngestMetrics>,
-    stop: watch::Sender<bool>,
-}
-
 fn start_worker(
     pool: sqlx::PgPool,
     broker_url: &str,
@@ -185,14 +177,7 @@ fn start_worker(
     let mut config = WorkerConfig::new(broker_url, root, 0, 1, PARTITIONS).unwrap();
     config.client_id = client_id.to_owned();
     config.max_batch_readings = 2_000;
-    let metrics = Arc::new(IngestMetrics::default());
-    let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(worker::run(config, pool, Arc::clone(&metrics), shutdown));
-    RunningWorker {
-        task,
-        metrics,
-        stop,
-    }
+    spawn_worker(config, pool)
 }
 
 /// Reading `i` of a run: ten seconds apart from 30 days ago, so even the soak's 200,000 stay
@@ -201,27 +186,14 @@ fn start_worker(
 fn reading(meter: &str, gateway: &str, i: i64) -> Reading {
     let ts = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::days(30)
         + time::Duration::seconds(10 * i);
-    Reading {
-        meter: MeterId::new(meter).unwrap(),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value: Decimal::new(1_000 + i, 3),
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new(gateway).unwrap(),
-            source: SourceKind::Coap,
-            source_id: "nb".into(),
-            frame_hash: "ab".repeat(32),
-            received_at: ts + time::Duration::seconds(2),
-            channel: None,
-        },
-    }
+    testkit::reading(meter)
+        .ts(ts)
+        .milli(1_000 + i)
+        .gateway(gateway)
+        .source(SourceKind::Coap, "nb")
+        .frame_hash("ab".repeat(32))
+        .received_at(ts + time::Duration::seconds(2))
+        .build()
 }
 
 /// A plain MQTT client on `url`, its events forwarded (publishes only).

@@ -197,21 +197,8 @@ async fn simulated_fleet_through_gateway_and_pipeline_into_postgres() {
     )
     .expect("key file");
     let client_base = root.replace('/', "-");
-    let toml = format!(
-        r#"gateway_id = "{GW}"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{client_base}-gw"
-topic_root = "{root}"
-partitions = 4
-batch_size = 200
-
-[spool]
-dir = "{spool}"
-
-[metrics]
-listen = "127.0.0.1:0"
-
+    let sources = format!(
+        r#"
 [[source]]
 id = "nbiot"
 kind = "coap"
@@ -251,9 +238,11 @@ unit_id = 1
 map = "generic-emf"
 poll_interval = "1s"
 "#,
-        spool = dir.path().join("spool").display(),
         nbiot_keys = nbiot_keys.display(),
     );
+    let spool = dir.path().join("spool");
+    let uplink = "partitions = 4\nbatch_size = 200\n";
+    let toml = crate::common::gateway_toml(GW, &root, &spool, uplink, &sources);
     let config = edge_config::parse(&toml, "fleet-e2e.toml".as_ref()).expect("gateway config");
     let (_acks_client, mut acks) = subscribe("fleet-acks", &format!("{root}/{GW}/cmd-ack")).await;
     let gateway = Gateway::start(config).await.expect("gateway starts");
@@ -532,8 +521,6 @@ async fn daily_nbiot_uplinks_deliver_every_hourly_reading() {
     const DAILY_METERS: u32 = 3;
     const DAILY_STEPS: u64 = 24;
     let root = wm_tests::unique_prefix("daily");
-    let broker = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
     let now = OffsetDateTime::now_utc();
     let start = now
         .replace_minute(0)
@@ -543,27 +530,15 @@ async fn daily_nbiot_uplinks_deliver_every_hourly_reading() {
         - time::Duration::hours(DAILY_STEPS as i64 + 1);
     let scenario = Scenario::plain(DAILY_METERS, 2, SEED, start);
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = format!(
-        r#"gateway_id = "gw-daily"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}-gw"
-topic_root = "{root}"
-partitions = 2
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = r#"[[source]]
 id = "nbiot"
 kind = "coap"
 listen = "127.0.0.1:0"
 meter_utc_offset_minutes = 480
 auth = "none"
-"#,
-        cid = root.replace('/', "-"),
-        spool = dir.path().join("spool").display(),
-    );
+"#;
+    let spool = dir.path().join("spool");
+    let toml = crate::common::gateway_toml("gw-daily", &root, &spool, "partitions = 2\n", sources);
     let config = edge_config::parse(&toml, "daily.toml".as_ref()).expect("gateway config");
     let (_sub, mut published) = subscribe("daily-readings", &format!("{root}/readings/+")).await;
     let gateway = Gateway::start(config).await.expect("gateway starts");

@@ -3,10 +3,7 @@
 
 use std::time::Duration;
 
-use model::{
-    BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
-};
+use model::{BatchEntry, Decimal, GatewayId, Reading, ReadingBatch, SourceKind, WIRE_VERSION};
 use rumqttc::{Event, Packet, QoS};
 use testkit::TestDatabase;
 use time::macros::time;
@@ -21,27 +18,13 @@ fn this_month_mid() -> OffsetDateTime {
 }
 
 fn reading(value: &str, ts: OffsetDateTime) -> Reading {
-    Reading {
-        meter: MeterId::new("cjt188:78330011223344").unwrap(),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value: value.parse().unwrap(),
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new("gw-test").unwrap(),
-            source: SourceKind::Coap,
-            source_id: "nbiot".into(),
-            frame_hash: "ab".repeat(32),
-            received_at: ts + TimeDelta::seconds(3),
-            channel: None,
-        },
-    }
+    testkit::reading("cjt188:78330011223344")
+        .ts(ts)
+        .value(value.parse().unwrap())
+        .source(SourceKind::Coap, "nbiot")
+        .frame_hash("ab".repeat(32))
+        .received_at(ts + TimeDelta::seconds(3))
+        .build()
 }
 
 #[tokio::test]

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::runtime::Gateway;
 use pipeline::ingest::IngestMetrics;
 use rumqttc::QoS;
 use simulators::fleet::{Fleet, FleetConfig};
@@ -35,29 +34,19 @@ async fn illegal_hydrant_use_raises_one_alarm_through_gateway_and_pipeline() {
     let cid = prefix.replace('/', "-");
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = format!(
-        r#"gateway_id = "gw-hyd"
-[uplink]
-broker = "mqtt://{host}:{port}"
-client_id = "{cid}-gw"
-topic_root = "{prefix}"
-partitions = 2
-[spool]
-dir = "{spool}"
-[metrics]
-listen = "127.0.0.1:0"
-[[source]]
+    let sources = format!(
+        r#"[[source]]
 id = "hydrants"
 kind = "hydrant_mqtt"
 host = "{host}"
 port = {port}
 client_id = "{cid}-bridge"
 topic_prefix = "{prefix}/hydrant"
-"#,
-        spool = dir.path().join("spool").display(),
+"#
     );
-    let config = edge_config::parse(&toml, "hydrants.toml".as_ref()).expect("gateway config");
-    let gateway = Gateway::start(config).await.expect("gateway starts");
+    let spool = dir.path().join("spool");
+    let toml = crate::common::gateway_toml("gw-hyd", &prefix, &spool, "partitions = 2\n", &sources);
+    let gateway = crate::common::start_gateway(&toml, "hydrants.toml").await;
 
     let mut worker_config =
         pipeline::worker::WorkerConfig::new(&broker, &prefix, 0, 1, 2).expect("worker config");

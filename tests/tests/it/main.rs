@@ -2,6 +2,7 @@
 //! file; each former `tests/NAME.rs` is module `NAME`, run one with `--test it NAME::`).
 
 mod billing_runs;
+mod common;
 mod control;
 mod delivery;
 mod detector_scoring;

@@ -1,28 +1,18 @@
 //! Scale-out of the pipeline: workers on disjoint partitions of one broker and one database,
 //! with redeliveries, duplicates and a crash; no reading lost, none stored twice.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use model::{
-    BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
-};
+use model::{BatchEntry, GatewayId, Reading, ReadingBatch, SourceKind, WIRE_VERSION};
 use pipeline::ingest::IngestMetrics;
 use pipeline::worker::{self, WorkerConfig};
 use rumqttc::{AsyncClient, QoS};
 use testkit::TestDatabase;
 use time::OffsetDateTime;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::common::{RunningWorker, spawn_worker};
 
 const PARTITIONS: u16 = 8;
-
-struct RunningWorker {
-    task: JoinHandle<Result<(), worker::WorkerError>>,
-    metrics: Arc<IngestMetrics>,
-    stop: watch::Sender<bool>,
-}
 
 fn start_worker(
     db: &TestDatabase,
@@ -47,14 +37,7 @@ fn start_worker_with(
     config.client_id = client_id.to_owned();
     config.max_batch_readings = 200;
     configure(&mut config);
-    let metrics = Arc::new(IngestMetrics::default());
-    let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(worker::run(config, pool, Arc::clone(&metrics), shutdown));
-    RunningWorker {
-        task,
-        metrics,
-        stop,
-    }
+    spawn_worker(config, pool)
 }
 
 fn publisher(name: &str) -> AsyncClient {
@@ -93,27 +76,14 @@ async fn wait_subscribed(client: &AsyncClient, root: &str, partition: u16, worke
 
 fn reading(meter: &str, gateway: &str, hour: i64, start: OffsetDateTime) -> Reading {
     let ts = start + time::Duration::hours(hour);
-    Reading {
-        meter: MeterId::new(meter).unwrap(),
-        ts,
-        clock: ClockSource::Meter,
-        quantity: Quantity::Volume,
-        value: Decimal::new(1000 + hour * 25, 3),
-        unit: Unit::CubicMetre,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: vec![],
-        provenance: Provenance {
-            gateway: GatewayId::new(gateway).unwrap(),
-            source: SourceKind::Coap,
-            source_id: "nb".into(),
-            frame_hash: "cd".repeat(32),
-            received_at: ts + time::Duration::seconds(2),
-            channel: None,
-        },
-    }
+    testkit::reading(meter)
+        .ts(ts)
+        .milli(1000 + hour * 25)
+        .gateway(gateway)
+        .source(SourceKind::Coap, "nb")
+        .frame_hash("cd".repeat(32))
+        .received_at(ts + time::Duration::seconds(2))
+        .build()
 }
 
 /// Builds one message per (round, partition): `meters` meters, `rounds` hourly reads each.
