@@ -11,6 +11,7 @@ mod ledger;
 mod monthly_logs;
 mod notify;
 mod pipeline_store;
+mod priority_lane;
 mod registry;
 mod retention;
 mod review;
