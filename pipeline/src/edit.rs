@@ -7,7 +7,7 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgPool, Row};
 use time::OffsetDateTime;
 
-use crate::store::{self, StoreError, StoreOptions, WriteSet};
+use crate::db::{self, StoreError, StoreOptions, WriteMode, WriteSet};
 use crate::vee::VeeConfig;
 
 /// Why an edit or manual read failed.
@@ -162,7 +162,7 @@ async fn replace_reading(
     let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
     // Before any row lock: the rollup recompute must not race a worker's journal.
-    crate::journal::lock_out_ingest(&mut tx).await?;
+    crate::db::journal::lock_out_ingest(&mut tx).await?;
     let row = sqlx::query(
         // The narrow row itself: `FOR UPDATE` cannot lock through the view's outer joins.
         "SELECT r.value, wm_quality_text(r.quality) FROM reading_rows r
@@ -250,7 +250,7 @@ async fn replace_reading(
         .fetch_one(&mut *tx)
         .await
         .map_err(db("finding the next reading"))?;
-        store::recompute_rollups(
+        db::rollups::recompute_rollups(
             &mut tx,
             meter,
             ts,
@@ -297,28 +297,30 @@ pub async fn ingest_manual(
     let mut conn = pool.acquire().await.map_err(db("acquiring a connection"))?;
     let mut tx = conn.begin().await.map_err(db("beginning"))?;
     // Before any row lock: the rollup recompute must not race a worker's journal.
-    crate::journal::lock_out_ingest(&mut tx).await?;
-    let mut vee = store::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
+    crate::db::journal::lock_out_ingest(&mut tx).await?;
+    let mut vee =
+        db::meter_state::load_vee_filtered(&mut tx, config, Some(&meter), |_| true).await?;
     // A state still in the ingest journal is newer than its `meter_state` row.
-    if let Some(state) = crate::journal::latest_state(&mut tx, &meter).await? {
+    if let Some(state) = crate::db::journal::latest_state(&mut tx, &meter).await? {
         vee.insert_state(&meter, state);
     }
     let out = vee.validate(vec![reading], OffsetDateTime::now_utc());
-    let rejects: Vec<store::RejectRecord> = out
+    let rejects: Vec<db::rejects::RejectRecord> = out
         .conflicts
         .iter()
-        .map(store::RejectRecord::conflict)
+        .map(db::rejects::RejectRecord::conflict)
         .collect();
-    store::write_batch(
+    db::write_batch(
         &mut tx,
         &WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             progress: &[],
             rejects: &rejects,
             out_of_order: &out.out_of_order,
-            journal: None,
             alarms: None,
         },
         StoreOptions::default(),

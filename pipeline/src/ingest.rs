@@ -212,17 +212,6 @@ pub fn check_storable(r: &model::Reading, now: time::OffsetDateTime) -> Result<(
     Ok(())
 }
 
-/// Replaces NUL characters in every string of a JSON value (jsonb cannot hold `\u0000`), so a
-/// reject record about a NUL byte can itself be stored.
-pub fn strip_nul(v: &mut serde_json::Value) {
-    match v {
-        serde_json::Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{2400}"),
-        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nul),
-        serde_json::Value::Object(map) => map.values_mut().for_each(strip_nul),
-        _ => {}
-    }
-}
-
 /// Identifies one sequence of spool numbers: (gateway, spool incarnation, partition).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ProgressKey {
@@ -620,9 +609,6 @@ mod tests {
                 value: 40_000
             })
         );
-        let mut v = serde_json::json!({"a": ["x\0y"], "b": "\0"});
-        strip_nul(&mut v);
-        assert!(!v.to_string().contains("\\u0000"));
     }
 
     #[test]

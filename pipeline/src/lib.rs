@@ -1,7 +1,7 @@
 //! The central pipeline: ingest from MQTT, VEE, storage on PostgreSQL, rollups, billing trigger.
 //!
 //! `pipeline` owns the database: the schema ([`MIGRATOR`]), batched writes of readings
-//! ([`store`]), and the stages between the broker and storage. It never serves HTTP (that is
+//! ([`db`]), and the stages between the broker and storage. It never serves HTTP (that is
 //! `api`) and never speaks device protocols (that is `gateway` and `decoders`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -10,20 +10,19 @@ pub mod api_retention;
 pub mod billing;
 pub mod config;
 pub mod control;
-pub mod copy;
+pub mod db;
 pub mod detect;
 pub mod edit;
 pub mod ingest;
-pub mod journal;
 pub mod ledger;
 pub mod metrics_http;
 pub mod notify;
 pub mod registry;
 pub mod review;
 pub mod scheduler;
-pub mod store;
 pub mod takeover;
 pub mod vee;
+#[cfg(feature = "worker")]
 pub mod worker;
 
 /// The schema migrations in `pipeline/migrations`, embedded at build time.

@@ -17,9 +17,10 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
 
+use crate::db::journal::{self, JournalEntry, Pending};
+use crate::db::rejects::RejectRecord;
+use crate::db::{self, StoreOptions, WriteMode, WriteSet, retry};
 use crate::ingest::{self, Decoded, IngestMetrics, Progress, ProgressKey};
-use crate::journal::{self, JournalEntry, Pending};
-use crate::store::{self, RejectRecord, StoreOptions, WriteSet};
 use crate::vee::{Vee, VeeConfig};
 
 mod lane;
@@ -141,7 +142,7 @@ pub enum WorkerError {
     Config(String),
     /// Loading state or maintaining partitions failed at start.
     #[error("cannot start the worker")]
-    Start(#[source] store::StoreError),
+    Start(#[source] db::StoreError),
     /// The MQTT client's request channel closed (the event loop ended).
     #[error("mqtt client closed while {0}")]
     Mqtt(&'static str),
@@ -159,11 +160,11 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     // Not fatal: the default partition stores whatever falls outside the prepared months, and
     // a worker that cannot start stores nothing at all.
-    if let Err(e) = store::ensure_partitions(&pool, 3).await {
+    if let Err(e) = db::partitions::ensure_partitions(&pool, 3).await {
         tracing::error!(alarm = "partition_maintenance", error = %e, source = ?std::error::Error::source(&e), "cannot prepare reading partitions; starting anyway");
     }
     let started = Instant::now();
-    let mut vee = store::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
+    let mut vee = db::meter_state::load_vee(&pool, config.vee.clone(), |m| config.owns(m))
         .await
         .map_err(WorkerError::Start)?;
     // Journal records a stopped or crashed worker left on these partitions: their states are
@@ -171,7 +172,7 @@ pub async fn run(
     let owned = ingest::owned_partitions(config.worker, config.workers, config.partitions);
     let recovered = {
         let mut conn = pool.acquire().await.map_err(|source| {
-            WorkerError::Start(store::StoreError::Stage {
+            WorkerError::Start(db::StoreError::Stage {
                 stage: "acquiring a connection",
                 source,
             })
@@ -224,7 +225,7 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    set_nodelay(&mut eventloop);
+    crate::config::set_nodelay(&mut eventloop);
     let topics: Vec<rumqttc::SubscribeFilter> = owned
         .into_iter()
         .map(|p| {
@@ -353,19 +354,6 @@ pub async fn run(
     Ok(())
 }
 
-/// Disables Nagle's algorithm on an MQTT client's socket. rumqttc leaves it on: a small
-/// packet (an alarm, a PUBACK) written while an earlier one is not yet acknowledged by TCP
-/// then waits for that ACK, which the peer's delayed-ACK timer may hold back ~40 ms.
-/// `WM_MQTT_NAGLE=1` leaves it on (to measure the difference, `docs/benchmarks.md`).
-pub(crate) fn set_nodelay(eventloop: &mut rumqttc::EventLoop) {
-    if std::env::var("WM_MQTT_NAGLE").is_ok_and(|v| v == "1") {
-        return;
-    }
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-}
-
 /// The per-meter state of the worker's meters, shared by the bulk path and the priority lane
 /// (each holds the lock only while it filters and validates, never while it commits).
 struct Engines {
@@ -375,15 +363,12 @@ struct Engines {
     book: lane::Book,
 }
 
-async fn load_progress(
-    pool: &PgPool,
-    config: &WorkerConfig,
-) -> Result<Progress, store::StoreError> {
+async fn load_progress(pool: &PgPool, config: &WorkerConfig) -> Result<Progress, db::StoreError> {
     let rows: Vec<(String, String, i32, i64)> =
         sqlx::query_as("SELECT gateway_id, incarnation, partition, max_seq FROM ingest_progress")
             .fetch_all(pool)
             .await
-            .map_err(|source| store::StoreError::Stage {
+            .map_err(|source| db::StoreError::Stage {
                 stage: "loading spool progress",
                 source,
             })?;
@@ -623,7 +608,7 @@ async fn writer(
 
 /// Commits one job, retrying until it succeeds; `None` when shutdown came first.
 ///
-/// A transaction the database refuses for its data (see [`store::is_data_error`]) is split:
+/// A transaction the database refuses for its data (see [`db::retry::classify`]) is split:
 /// the refused readings are found by bisection, moved to `ingest_rejects`
 /// (`database_refused`) and the rest is committed, so one poison reading never blocks its
 /// partition. Any other failure (database down) is retried with backoff; after a few attempts
@@ -636,25 +621,23 @@ async fn commit(
     job: &mut WriteJob,
     owed: &mut RefusedSpans,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<store::WriteStats> {
+) -> Option<db::WriteStats> {
     let mut attempt = 0u32;
     let mut isolated = false;
     owed.settle(&mut job.entries);
     loop {
         let set = WriteSet {
             readings: &job.readings,
-            usage: &[],
-            states: None,
+            mode: WriteMode::Journal(&job.entries),
             progress: &job.progress,
             rejects: &job.rejects,
             out_of_order: &job.out_of_order,
-            journal: Some(&job.entries),
             alarms: Some(&job.alarms),
         };
         let attempt_write = async {
             match pool.acquire().await {
-                Ok(mut conn) => store::write_batch(&mut conn, &set, config.store).await,
-                Err(source) => Err(store::StoreError::Stage {
+                Ok(mut conn) => db::write_batch(&mut conn, &set, config.store).await,
+                Err(source) => Err(db::StoreError::Stage {
                     stage: "acquiring a connection",
                     source,
                 }),
@@ -673,7 +656,7 @@ async fn commit(
         };
         let e = match result {
             Ok(stats) => {
-                if attempt >= STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt) {
                     tracing::info!(
                         attempt,
                         "ingest transaction committed again; no longer stuck"
@@ -685,12 +668,12 @@ async fn commit(
             Err(e) => e,
         };
         IngestMetrics::add(&metrics.commit_failures, 1);
-        if !isolated && store::is_data_error(&e) {
+        if !isolated && retry::classify(&e) == retry::Failure::Data {
             isolated = true;
             tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "database refused a batch's data; isolating the readings it refuses");
             let refused = match pool.acquire().await {
-                Ok(mut conn) => store::find_refused(&mut conn, &job.readings).await,
-                Err(source) => Err(store::StoreError::Stage {
+                Ok(mut conn) => db::readings::find_refused(&mut conn, &job.readings).await,
+                Err(source) => Err(db::StoreError::Stage {
                     stage: "acquiring a connection",
                     source,
                 }),
@@ -737,13 +720,13 @@ async fn commit(
             }
         }
         attempt += 1;
-        if attempt == STUCK_AFTER {
+        if retry::INGEST.becomes_stuck(attempt) {
             metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot commit; nothing is acknowledged until it can");
         } else {
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "ingest transaction failed; retrying");
         }
-        let wait = Duration::from_millis(200 * u64::from(attempt.min(25)));
+        let wait = retry::INGEST.backoff(attempt);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = stopped(shutdown) => return None,
@@ -823,9 +806,6 @@ impl RefusedSpans {
     }
 }
 
-/// Failed attempts after which a worker reports itself stuck (about 9 s of retrying).
-const STUCK_AFTER: u32 = 8;
-
 /// Folds `pending` into the rollups (and with `checkpoint` the meter states), retrying up to
 /// `attempts` times.
 async fn flush(
@@ -855,14 +835,14 @@ async fn flush(
                 )
                 .await
             }
-            Err(source) => Err(store::StoreError::Stage {
+            Err(source) => Err(db::StoreError::Stage {
                 stage: "acquiring a connection",
                 source,
             }),
         };
         match result {
             Ok(stats) => {
-                if attempt > STUCK_AFTER {
+                if retry::INGEST.was_stuck(attempt - 1) {
                     tracing::info!(attempt, "journal folded again; no longer stuck");
                     metrics.stuck.store(0, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -888,14 +868,14 @@ async fn flush(
                 IngestMetrics::add(&metrics.flush_failures, 1);
                 // A fold that keeps failing blocks the writer as much as a commit that does
                 // (nothing is committed or acknowledged meanwhile): reported the same way.
-                if attempt == STUCK_AFTER {
+                if retry::INGEST.becomes_stuck(attempt) {
                     metrics.stuck.store(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::error!(alarm = "ingest_stuck", error = %e, source = ?std::error::Error::source(&e), attempt, "ingest worker cannot fold its journal; nothing is committed or acknowledged until it can");
                 }
                 tracing::error!(error = %e, source = ?std::error::Error::source(&e), attempt, "journal fold failed; retrying");
                 // The journal keeps what is not folded: a stop between attempts loses nothing.
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(25)))) => {}
+                    () = tokio::time::sleep(retry::INGEST.backoff(attempt)) => {}
                     () = stopped(&mut shutdown) => return,
                 }
             }
@@ -999,7 +979,7 @@ impl Processor<'_> {
                     continue;
                 }
                 _ = maintenance.tick() => {
-                    if let Err(e) = store::ensure_partitions(self.pool, 3).await {
+                    if let Err(e) = db::partitions::ensure_partitions(self.pool, 3).await {
                         tracing::error!(error = %e, "partition maintenance failed");
                     }
                     continue;
@@ -1167,7 +1147,7 @@ impl Processor<'_> {
         let handed = eng.book.split_off(&mut readings);
         let decreasing = eng.vee.decreasing_meters(readings.iter());
         if !decreasing.is_empty() {
-            match store::load_replacements(self.pool, &decreasing).await {
+            match db::meter_state::load_replacements(self.pool, &decreasing).await {
                 Ok(reps) => {
                     for (m, r) in reps {
                         eng.vee.add_replacement(&m, r);

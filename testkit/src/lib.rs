@@ -31,7 +31,7 @@ mod pipeline_db;
 // `pipeline`; these private imports keep those paths valid, so later edits to the file on
 // other branches still merge by rename.
 #[cfg(feature = "db")]
-use pipeline::{MIGRATOR, config, ingest, store, vee};
+use pipeline::{MIGRATOR, config, db, ingest, vee};
 
 #[cfg(feature = "db")]
 pub use pipeline_db::{TestDatabase, volume_read, wait_folded, write_validated};

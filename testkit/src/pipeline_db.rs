@@ -228,19 +228,21 @@ pub async fn write_validated(
     vee: &mut crate::vee::Vee,
     readings: Vec<model::Reading>,
     now: time::OffsetDateTime,
-) -> crate::store::WriteStats {
+) -> crate::db::WriteStats {
     let out = vee.validate(readings, now);
     let mut conn = pool.acquire().await.expect("a connection");
-    let stats = crate::store::write_batch(
+    let stats = crate::db::write_batch(
         &mut conn,
-        &crate::store::WriteSet {
+        &crate::db::WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: crate::db::WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             out_of_order: &out.out_of_order,
-            ..crate::store::WriteSet::default()
+            ..crate::db::WriteSet::default()
         },
-        crate::store::StoreOptions::default(),
+        crate::db::StoreOptions::default(),
     )
     .await
     .expect("writing the batch");

@@ -1233,7 +1233,7 @@ async fn readings_raw_rollups_csv_and_edit() {
         r.quality = model::Quality::Validated;
         reads.push(r);
     }
-    pipeline::store::insert_readings(&h.db.pool, &reads)
+    pipeline::db::readings::insert_readings(&h.db.pool, &reads)
         .await
         .unwrap();
     sqlx::query("INSERT INTO rollup_hourly (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
@@ -1559,7 +1559,7 @@ async fn billing_quote_run_bills_arrears() {
         r.quality = model::Quality::Validated;
         reads.push(r);
     }
-    pipeline::store::insert_readings(&h.db.pool, &reads)
+    pipeline::db::readings::insert_readings(&h.db.pool, &reads)
         .await
         .unwrap();
     let run = json!({"book": "BK", "period_start": "2026-03-01", "period_end": "2026-04-01"});

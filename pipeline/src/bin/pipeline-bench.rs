@@ -212,13 +212,13 @@ async fn main() -> anyhow::Result<()> {
             for (m, p) in partition_of.iter().enumerate() {
                 chunk.push(fleet.reading(m, round, *p));
                 if chunk.len() == args.copy_chunk {
-                    pipeline::store::copy_readings(&mut conn, &chunk).await?;
+                    pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
                     chunk.clear();
                 }
             }
         }
         if !chunk.is_empty() {
-            pipeline::store::copy_readings(&mut conn, &chunk).await?;
+            pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
         }
     }
     let copy_secs = started.elapsed().as_secs_f64();
@@ -391,7 +391,8 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     // The state a worker holds is what it rebuilds on restart: measure that.
     let mut vee =
-        pipeline::store::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true).await?;
+        pipeline::db::meter_state::load_vee(&pool, pipeline::vee::VeeConfig::default(), |_| true)
+            .await?;
     let per_meter = vee.state_bytes() as f64 / vee.meters().max(1) as f64;
     println!(
         "pipeline_seconds={pipe_secs:.2} stored={stored} validated={validated} rollup_hourly_rows={hourly} rollup_daily_consumption={daily} meter_state_rows={states} messages={} commits={} journal_flushes={} slow_path_conflicts={}",

@@ -118,7 +118,7 @@ pub async fn run_with_local_alarms(
         .set_clean_session(true)
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    crate::worker::set_nodelay(&mut eventloop);
+    crate::config::set_nodelay(&mut eventloop);
     let root = config.topic_root.clone();
     let filters = vec![
         rumqttc::SubscribeFilter::new(format!("{root}/+/cmd-ack"), QoS::AtLeastOnce),

@@ -16,7 +16,7 @@ use time::{Date, OffsetDateTime, UtcOffset};
 
 use super::config::DmaThresholds;
 use super::{AlarmEvent, Transition};
-use crate::store::StoreError;
+use crate::db::StoreError;
 use model::{AlarmKind, AlarmSeverity};
 
 /// Complete local days judged on every run.

@@ -104,14 +104,14 @@ pub async fn run(
                     let mut tx =
                         pool.begin()
                             .await
-                            .map_err(|source| crate::store::StoreError::Stage {
+                            .map_err(|source| crate::db::StoreError::Stage {
                                 stage: "beginning",
                                 source,
                             })?;
                     store::write(&mut tx, &write).await?;
                     tx.commit()
                         .await
-                        .map_err(|source| crate::store::StoreError::Stage {
+                        .map_err(|source| crate::db::StoreError::Stage {
                             stage: "committing",
                             source,
                         })

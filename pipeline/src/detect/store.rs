@@ -12,7 +12,7 @@ use super::{
     AlarmEvent, DetectConfig, Detectors, DetectorsOn, MeterDetect, MeterIndex, MeterProfile, Role,
     Transition,
 };
-use crate::store::StoreError;
+use crate::db::StoreError;
 
 /// What one ingest transaction writes for the detectors.
 #[derive(Debug, Clone, Default)]
@@ -381,7 +381,7 @@ pub async fn refresh_profiles<'d>(
 }
 
 /// [`load`], then the detector states a worker's journal still holds (newer than
-/// `detector_state`: see [`crate::journal::recover`]) on top.
+/// `detector_state`: see [`crate::db::journal::recover`]) on top.
 ///
 /// # Errors
 /// [`StoreError::Stage`] when a query fails.

@@ -13,7 +13,7 @@ use sqlx::postgres::PgListener;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
-use crate::store::StoreError;
+use crate::db::StoreError;
 use crate::vee::{MeterExtras, MeterState, Replacement, Vee};
 
 /// The notification channel of registry changes.
@@ -203,11 +203,13 @@ pub async fn refresh(
                 .acquire()
                 .await
                 .map_err(stage("acquiring a connection"))?;
-            let one =
-                crate::store::load_vee_filtered(&mut conn, vee.config().clone(), Some(&id), |_| {
-                    true
-                })
-                .await?;
+            let one = crate::db::meter_state::load_vee_filtered(
+                &mut conn,
+                vee.config().clone(),
+                Some(&id),
+                |_| true,
+            )
+            .await?;
             if let Some(s) = one.state(&id) {
                 state = *s;
             }

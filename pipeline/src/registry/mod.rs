@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 
 pub use lifecycle::{Op, Status};
 
-use crate::store::StoreError;
+use crate::db::StoreError;
 
 /// Why a registry operation was refused or failed. Nothing is written when one is returned.
 #[derive(Debug, thiserror::Error)]
@@ -807,7 +807,7 @@ pub async fn replace(
     let mut tx = begin(pool).await?;
     // Before any row lock, as every writer that recomputes rollups does: no ingest commit can
     // slip between the re-validation and its rollups.
-    crate::journal::lock_out_ingest(&mut tx).await?;
+    crate::db::journal::lock_out_ingest(&mut tx).await?;
     let locked = lock(&mut tx, meter).await?;
     let op = if r.successor.is_some() {
         Op::ReplaceBySuccessor
@@ -1000,14 +1000,14 @@ async fn revalidate_held(
     .execute(&mut *tx)
     .await
     .map_err(db("moving the held reads to history"))?;
-    let mut vee = crate::store::load_vee_filtered(
+    let mut vee = crate::db::meter_state::load_vee_filtered(
         tx,
         crate::vee::VeeConfig::default(),
         Some(meter_id),
         |_| true,
     )
     .await?;
-    if let Some(state) = crate::journal::latest_state(tx, meter_id).await? {
+    if let Some(state) = crate::db::journal::latest_state(tx, meter_id).await? {
         vee.insert_state(meter_id, state);
     }
     let out = vee.validate(held, OffsetDateTime::now_utc());
@@ -1021,24 +1021,25 @@ async fn revalidate_held(
         .iter()
         .filter(|r| r.quality.is_billable() && r.clock != model::ClockSource::Pipeline)
         .count() as u64;
-    let rejects: Vec<crate::store::RejectRecord> = out
+    let rejects: Vec<crate::db::rejects::RejectRecord> = out
         .conflicts
         .iter()
-        .map(crate::store::RejectRecord::conflict)
+        .map(crate::db::rejects::RejectRecord::conflict)
         .collect();
-    crate::store::write_batch(
+    crate::db::write_batch(
         tx,
-        &crate::store::WriteSet {
+        &crate::db::WriteSet {
             readings: &out.readings,
-            usage: &out.usage,
-            states: Some(&out.states),
+            mode: crate::db::WriteMode::Direct {
+                usage: &out.usage,
+                states: Some(&out.states),
+            },
             progress: &[],
             rejects: &rejects,
             out_of_order: &out.out_of_order,
-            journal: None,
             alarms: None,
         },
-        crate::store::StoreOptions::default(),
+        crate::db::StoreOptions::default(),
     )
     .await?;
     Ok(ReplaceOutcome {

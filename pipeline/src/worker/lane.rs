@@ -31,9 +31,9 @@ use time::OffsetDateTime;
 use tokio::sync::{Mutex, mpsc, watch};
 
 use super::{Engines, Outbound, RefusedSpans, WorkerConfig, WorkerError, WriteJob, commit};
+use crate::db::journal::{self, JournalEntry};
+use crate::db::rejects::RejectRecord;
 use crate::ingest::{self, Decoded, IngestMetrics};
-use crate::journal::{self, JournalEntry};
-use crate::store::RejectRecord;
 
 /// Identity of a reading (its row key in `readings`).
 pub(super) type ReadingKey = (model::MeterId, i128, model::Quantity, u32, u16, u16);
@@ -250,7 +250,7 @@ impl Lane<'_> {
             .set_clean_session(true)
             .set_max_packet_size(16 << 20, 16 << 20);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
-        super::set_nodelay(&mut eventloop);
+        crate::config::set_nodelay(&mut eventloop);
         let topics: Vec<rumqttc::SubscribeFilter> = ingest::owned_partitions(
             self.config.worker,
             self.config.workers,
@@ -368,7 +368,7 @@ impl Lane<'_> {
             // A register that went down may be a replaced meter (rare; as on the bulk path).
             let decreasing = eng.vee.decreasing_meters(readings.iter());
             if !decreasing.is_empty() {
-                match crate::store::load_replacements(self.pool, &decreasing).await {
+                match crate::db::meter_state::load_replacements(self.pool, &decreasing).await {
                     Ok(reps) => {
                         for (m, r) in reps {
                             eng.vee.add_replacement(&m, r);

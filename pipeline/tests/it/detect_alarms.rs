@@ -4,8 +4,8 @@
 //! communication-loss sweep raising and clearing.
 
 use model::Reading;
+use pipeline::db::{StoreOptions, WriteSet, write_batch};
 use pipeline::detect::{self, DetectConfig, Detectors, store};
-use pipeline::store::{StoreOptions, WriteSet, write_batch};
 use rust_decimal::Decimal;
 use testkit::{TestDatabase, volume_read};
 use time::macros::datetime;

@@ -3,8 +3,8 @@
 //! happen, across crashes, edits and out-of-order reads.
 
 use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
-use pipeline::journal::{self, Pending};
-use pipeline::store::{self, StoreOptions, WriteSet};
+use pipeline::db::journal::{self, Pending};
+use pipeline::db::{self, StoreOptions, WriteMode, WriteSet};
 use pipeline::vee::{Vee, VeeConfig};
 use rust_decimal::Decimal;
 use rust_decimal_macros::dec;
@@ -133,12 +133,12 @@ async fn write_journalled(
 ) {
     let out = vee.validate(readings, now());
     let entries = journal::split(out.usage, out.states.clone(), Vec::new(), PARTITIONS);
-    let stats = store::write_batch(
+    let stats = db::write_batch(
         conn,
         &WriteSet {
             readings: &out.readings,
             out_of_order: &out.out_of_order,
-            journal: Some(&entries),
+            mode: WriteMode::Journal(&entries),
             ..WriteSet::default()
         },
         StoreOptions::default(),

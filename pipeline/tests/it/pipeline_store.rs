@@ -7,8 +7,8 @@ use model::{
     BatchEntry, ClockSource, GatewayId, Quality, Quantity, Reading, ReadingBatch, SourceKind, Unit,
     WIRE_VERSION,
 };
+use pipeline::db;
 use pipeline::ingest::IngestMetrics;
-use pipeline::store;
 use pipeline::vee::{Vee, VeeConfig};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use rust_decimal::Decimal;
@@ -22,7 +22,7 @@ fn read(meter: &str, minutes: i64, value: Decimal) -> Reading {
     testkit::volume_read(meter, T0 + time::Duration::minutes(minutes), value)
 }
 
-async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> store::WriteStats {
+async fn write(db: &TestDatabase, vee: &mut Vee, readings: Vec<Reading>) -> db::WriteStats {
     testkit::write_validated(&db.pool, vee, readings, T0 + time::Duration::days(3)).await
 }
 

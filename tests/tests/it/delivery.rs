@@ -528,7 +528,7 @@ async fn a_row_in_the_default_partition_does_not_stop_a_worker() {
         .unwrap();
     let mut future = reading("cjt188:00000000000042", "gw-default", 0);
     future.ts = OffsetDateTime::now_utc() + time::Duration::days(62);
-    pipeline::store::insert_readings(&db.pool, &[future])
+    pipeline::db::readings::insert_readings(&db.pool, &[future])
         .await
         .unwrap();
     let in_default: i64 = sqlx::query_scalar("SELECT count(*) FROM readings_default")
@@ -537,7 +537,7 @@ async fn a_row_in_the_default_partition_does_not_stop_a_worker() {
         .unwrap();
     assert_eq!(in_default, 1);
     // What used to fail: "updated partition constraint for default partition would be violated".
-    let created = pipeline::store::ensure_partitions(&db.pool, 3)
+    let created = pipeline::db::partitions::ensure_partitions(&db.pool, 3)
         .await
         .unwrap();
     assert!(created >= 1);

@@ -163,7 +163,7 @@ async fn reading_round_trips_through_mosquitto_into_postgres() {
     let received: ReadingBatch = serde_json::from_slice(&payload).unwrap();
     assert_eq!(received, batch);
     let readings: Vec<Reading> = received.entries.into_iter().map(|e| e.reading).collect();
-    let inserted = pipeline::store::insert_readings(&db.pool, &readings)
+    let inserted = pipeline::db::readings::insert_readings(&db.pool, &readings)
         .await
         .unwrap();
     assert_eq!(inserted, 1);

@@ -28,8 +28,10 @@ use rust_decimal::Decimal;
 use sqlx::{Connection, PgConnection, Row};
 use time::{Date, OffsetDateTime};
 
+use super::StoreOptions;
+use super::error::{StoreError, stage};
+use super::{meter_state, rollups};
 use crate::detect::MeterDetect;
-use crate::store::{self, StoreError, StoreOptions};
 use crate::vee::{MeterState, Usage};
 
 /// First byte of every journal record: the format version. Version 1 holds meter states and
@@ -580,10 +582,6 @@ pub async fn append(
         .collect())
 }
 
-fn stage(stage: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
-    move |source| StoreError::Stage { stage, source }
-}
-
 /// Blocks ingest transactions (and flushes) until the caller's transaction ends, so that a
 /// rollup recompute and its reset see the same journal. Call it first in the transaction,
 /// before any row is locked.
@@ -595,30 +593,6 @@ pub async fn lock_out_ingest(conn: &mut PgConnection) -> Result<(), StoreError> 
         .execute(&mut *conn)
         .await
         .map_err(stage("locking the ingest journal"))?;
-    Ok(())
-}
-
-/// Records that `meter`'s rollups over the local days covering `[from, to]` were recomputed
-/// from `readings`, so journalled spans up to now must not be added again.
-///
-/// # Errors
-/// Returns [`StoreError::Stage`] when the insert fails.
-pub async fn record_reset(
-    conn: &mut PgConnection,
-    meter: &str,
-    from: OffsetDateTime,
-    to: OffsetDateTime,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO rollup_resets (meter_id, from_ts, to_ts, journal_upto)
-         SELECT $1, $2, $3, coalesce(max(journal_id), 0) FROM ingest_journal",
-    )
-    .bind(meter)
-    .bind(from)
-    .bind(to)
-    .execute(&mut *conn)
-    .await
-    .map_err(stage("recording a rollup reset"))?;
     Ok(())
 }
 
@@ -697,13 +671,13 @@ pub async fn flush(
         })
         .collect();
     let started = Instant::now();
-    let spans = store::write_rollups(&mut tx, &counted, options).await?;
+    let spans = rollups::write_rollups(&mut tx, &counted, options).await?;
     stats.rollups_ms = started.elapsed().as_millis() as u64;
     stats.spans = spans;
     stats.skipped = pending.spans - spans;
     let ids: Vec<i64> = pending.records.iter().map(|(id, _)| *id).collect();
     if checkpoint {
-        store::write_states(&mut tx, &pending.states).await?;
+        meter_state::write_states(&mut tx, &pending.states).await?;
         stats.states = pending.states.len();
         stats.detector_states =
             crate::detect::store::write_states(&mut tx, pending.detector_states()).await?;

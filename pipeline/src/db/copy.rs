@@ -1,6 +1,6 @@
 //! PostgreSQL binary COPY encoding of readings: the narrow `reading_rows` and their `frames`
 //! (migration 0080, see docs/storage.md), and the wide row form of the `readings` view, which
-//! [`crate::store::find_refused`] still uses to let PostgreSQL judge values.
+//! [`super::readings::find_refused`] still uses to let PostgreSQL judge values.
 //!
 //! Binary COPY is the fastest way into PostgreSQL: no SQL parsing per row and no text
 //! conversion of numerics and timestamps on the server. The layout is the one documented in
