@@ -437,6 +437,8 @@ struct WriteJob {
 
 /// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
 /// folds the journal into the rollups and meter state when due, when idle and at the end.
+// The writer's inputs are its whole context (no struct of them is used anywhere else).
+#[allow(clippy::too_many_arguments)]
 async fn writer(
     config: &WorkerConfig,
     pool: &PgPool,
