@@ -58,6 +58,9 @@ struct Args {
     /// delay for company (to compare in the same session).
     #[arg(long)]
     fixed_batching: bool,
+    /// No priority lane: the valve meters' readings take the bulk path with the load.
+    #[arg(long)]
+    no_lane: bool,
 }
 
 const GW: &str = "gw-bench";
@@ -140,7 +143,7 @@ async fn main() -> anyhow::Result<()> {
         rand::random::<u32>()
     );
     println!(
-        "trials={} load_rate={} load_meters={} partitions={} workers={} alarms={} batching={} nproc={}",
+        "trials={} load_rate={} load_meters={} partitions={} workers={} alarms={} batching={} lane={} nproc={}",
         args.trials,
         args.load_rate,
         args.load_meters,
@@ -156,6 +159,7 @@ async fn main() -> anyhow::Result<()> {
         } else {
             "adaptive"
         },
+        if args.no_lane { "off" } else { "on" },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let trial_meters: Vec<MeterId> = (0..args.trials)
@@ -187,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         config.client_id = format!("ctl-bench-{}-w{w}", std::process::id());
         config.max_batch_delay = Duration::from_millis(args.max_batch_delay_ms);
         config.adaptive_batching = !args.fixed_batching;
+        config.priority_lane = !args.no_lane;
         if !args.via_broker {
             config.alarm_tap = Some(tap.clone());
         }
@@ -427,6 +432,13 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "background_stored_per_s={:.0} (published {load_published} in total)",
         stored as f64 / elapsed
+    );
+    println!(
+        "lane_stored={} loadavg={}",
+        IngestMetrics::get(&metrics.lane_stored),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
     stop.send(true).ok();
     for t in tasks {

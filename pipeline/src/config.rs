@@ -45,6 +45,19 @@ pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
     Ok((b.host, b.port))
 }
 
+/// Disables Nagle's algorithm on an MQTT client's socket. rumqttc leaves it on: a small
+/// packet (an alarm, a PUBACK) written while an earlier one is not yet acknowledged by TCP
+/// then waits for that ACK, which the peer's delayed-ACK timer may hold back ~40 ms.
+/// `WM_MQTT_NAGLE=1` leaves it on (to measure the difference, `docs/benchmarks.md`).
+pub fn set_nodelay(eventloop: &mut rumqttc::EventLoop) {
+    if std::env::var("WM_MQTT_NAGLE").is_ok_and(|v| v == "1") {
+        return;
+    }
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -358,6 +358,8 @@ pub mod metric {
     pub const ACKS_PUBLISHED: &str = "pipeline_ingest_acks_published_total";
     /// 1 while the worker cannot commit or fold its journal (retrying), else 0 (gauge).
     pub const STUCK: &str = "pipeline_worker_stuck";
+    /// Readings stored by the priority lane (included in [`STORED`]).
+    pub const LANE_STORED: &str = "pipeline_lane_readings_stored_total";
 }
 
 /// Counters of one worker. Cheap to update from the hot path.
@@ -405,6 +407,8 @@ pub struct IngestMetrics {
     pub acks_published: AtomicU64,
     /// [`metric::STUCK`] (a gauge).
     pub stuck: AtomicU64,
+    /// [`metric::LANE_STORED`].
+    pub lane_stored: AtomicU64,
 }
 
 impl IngestMetrics {
@@ -441,6 +445,7 @@ impl IngestMetrics {
             (metric::ISOLATED, &self.isolated),
             (metric::GAPS, &self.gaps),
             (metric::ACKS_PUBLISHED, &self.acks_published),
+            (metric::LANE_STORED, &self.lane_stored),
         ] {
             out.push_str(&format!(
                 "# TYPE {name} counter\n{name} {}\n",

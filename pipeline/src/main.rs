@@ -153,6 +153,10 @@ struct RunArgs {
     /// with the previous one, milliseconds (idle, a batch is written at once).
     #[arg(long, default_value_t = 50)]
     max_batch_delay_ms: u64,
+    /// Every reading takes the bulk path: no priority lane for the meters with a valve and
+    /// `auto_close_on_burst` (docs/control.md, "priority lane").
+    #[arg(long)]
+    no_priority_lane: bool,
     /// Longest time consumption spans wait in the ingest journal before they are folded into
     /// the hourly and daily rollups, milliseconds (they are folded sooner when idle).
     #[arg(long, default_value_t = 5_000)]
@@ -432,6 +436,7 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
     }
     config.max_batch_readings = args.max_batch_readings;
     config.max_batch_delay = std::time::Duration::from_millis(args.max_batch_delay_ms);
+    config.priority_lane = !args.no_priority_lane;
     config.flush_interval = std::time::Duration::from_millis(args.rollup_interval_ms);
     config.state_checkpoint_interval = std::time::Duration::from_secs(args.state_checkpoint_s);
     config.sweep_now = args.sweep_clock;

@@ -23,6 +23,8 @@ use crate::db::{self, StoreOptions, WriteMode, WriteSet, retry};
 use crate::ingest::{self, Decoded, IngestMetrics, Progress, ProgressKey};
 use crate::vee::{Vee, VeeConfig};
 
+mod lane;
+
 /// Settings of one worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -78,6 +80,10 @@ pub struct WorkerConfig {
     /// `{root}/alarms`), for a control service in the same process: it acts on them without
     /// waiting for the broker round trip. `None`: only published.
     pub alarm_tap: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// The priority lane (`worker/lane.rs`): readings of meters with a valve and the
+    /// `auto_close_on_burst` policy are committed in small transactions of their own instead of
+    /// waiting behind the bulk transaction. `false`: every reading takes the bulk path.
+    pub priority_lane: bool,
 }
 
 impl WorkerConfig {
@@ -118,6 +124,7 @@ impl WorkerConfig {
             sweep_now: crate::detect::SweepNow::Wall,
             dma_interval: Duration::from_secs(3600),
             alarm_tap: None,
+            priority_lane: true,
         })
     }
 
@@ -218,6 +225,7 @@ pub async fn run(
         .set_manual_acks(true)
         .set_max_packet_size(16 << 20, 16 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    crate::config::set_nodelay(&mut eventloop);
     let topics: Vec<rumqttc::SubscribeFilter> = owned
         .into_iter()
         .map(|p| {
@@ -281,12 +289,37 @@ pub async fn run(
             }
         }
     };
+    let engines = Arc::new(tokio::sync::Mutex::new(Engines {
+        vee,
+        detectors,
+        book: lane::Book::default(),
+    }));
+    let (lane_ends, lane_link, handoffs) = lane::link();
+    let lane = config.priority_lane.then(|| lane::Lane {
+        config: &config,
+        pool: &pool,
+        metrics: &metrics,
+        engines: Arc::clone(&engines),
+        out: out_tx.clone(),
+        ends: lane_ends,
+        shutdown: shutdown.clone(),
+    });
+    let (lane_link, handoffs) = match lane {
+        Some(_) => (Some(lane_link), Some(handoffs)),
+        None => (None, None),
+    };
+    let lane = async move {
+        match lane {
+            Some(l) => l.run().await,
+            None => Ok(()),
+        }
+    };
     let processor = Processor {
         config: &config,
         pool: &pool,
         metrics: &metrics,
-        vee,
-        detectors,
+        engines,
+        handoffs,
         progress,
         registry: crate::registry::live::spawn_listener(pool.clone()),
         frames: crate::registry::sync::FrameSink::spawn(pool.clone(), Duration::from_secs(5)),
@@ -306,11 +339,12 @@ pub async fn run(
         &metrics,
         jobs_rx,
         recovered,
+        lane_link,
         shutdown_for_writer,
     );
     let work = async {
-        let (p, w, ()) = tokio::join!(process, write, outbound);
-        p.and(w)
+        let (p, w, l, ()) = tokio::join!(process, write, lane, outbound);
+        p.and(w).and(l)
     };
     tokio::select! {
         () = event_loop => {}
@@ -318,6 +352,15 @@ pub async fn run(
     }
     client.disconnect().await.ok();
     Ok(())
+}
+
+/// The per-meter state of the worker's meters, shared by the bulk path and the priority lane
+/// (each holds the lock only while it filters and validates, never while it commits).
+struct Engines {
+    vee: Vee,
+    detectors: crate::detect::Detectors,
+    /// Which path handled which reading of a lane meter.
+    book: lane::Book,
 }
 
 async fn load_progress(pool: &PgPool, config: &WorkerConfig) -> Result<Progress, db::StoreError> {
@@ -388,10 +431,14 @@ struct WriteJob {
     alarms: crate::detect::store::AlarmWrite,
     /// Alarm events committed elsewhere (the DMA balance), only to publish after this job.
     announce: Vec<crate::detect::AlarmEvent>,
+    /// Completed once the lane has committed the readings handed to it from this batch.
+    lane_done: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
 /// Writes jobs in order, retrying each until it commits, then acknowledges its messages;
 /// folds the journal into the rollups and meter state when due, when idle and at the end.
+// The writer's inputs are its whole context (no struct of them is used anywhere else).
+#[allow(clippy::too_many_arguments)]
 async fn writer(
     config: &WorkerConfig,
     pool: &PgPool,
@@ -399,6 +446,7 @@ async fn writer(
     metrics: &IngestMetrics,
     mut jobs: mpsc::Receiver<WriteJob>,
     mut pending: Pending,
+    mut lane: Option<lane::LaneLink>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), WorkerError> {
     // What a stopped or crashed worker left: folded before the first new batch is written.
@@ -414,6 +462,9 @@ async fn writer(
     .await;
     let mut owed = RefusedSpans::default();
     loop {
+        if let Some(l) = &mut lane {
+            l.take_done(&mut pending);
+        }
         let checkpoint = pending.states_due(config.state_checkpoint_interval);
         if checkpoint || pending.due(config.flush_interval, config.flush_max_spans) {
             flush(
@@ -427,28 +478,61 @@ async fn writer(
             )
             .await;
         }
-        let job = if pending.is_empty() {
-            jobs.recv().await
+        // The lane's committed records are taken in while waiting, so an idle bulk path still
+        // folds them.
+        let idle = pending.is_empty();
+        let next = async {
+            match &mut lane {
+                Some(l) => tokio::select! {
+                    job = jobs.recv() => Some(job),
+                    Some(done) = l.done.recv() => {
+                        pending.add(done);
+                        None
+                    }
+                },
+                None => Some(jobs.recv().await),
+            }
+        };
+        let waited = if idle {
+            Ok(next.await)
         } else {
-            match tokio::time::timeout(config.flush_idle, jobs.recv()).await {
-                Ok(job) => job,
-                Err(_) => {
-                    // Idle: bring everything up to date, states included.
-                    flush(
-                        config,
-                        pool,
-                        metrics,
-                        &mut pending,
-                        true,
-                        u32::MAX,
-                        &shutdown,
-                    )
-                    .await;
-                    continue;
-                }
+            tokio::time::timeout(config.flush_idle, next).await
+        };
+        let job = match waited {
+            Ok(Some(job)) => job,
+            Ok(None) => continue,
+            Err(_) => {
+                // Idle: bring everything up to date, states included.
+                flush(
+                    config,
+                    pool,
+                    metrics,
+                    &mut pending,
+                    true,
+                    u32::MAX,
+                    &shutdown,
+                )
+                .await;
+                continue;
             }
         };
         let Some(mut job) = job else { break };
+        if let Some(done) = job.lane_done.take() {
+            // The readings this batch handed to the lane must be committed first: its spool
+            // progress and acknowledgements cover them. The lane never waits for this writer;
+            // it drops the handoff only when stopping while the database refuses, and then
+            // this batch is not committed either.
+            if done.await.is_err() {
+                tracing::warn!(
+                    messages = job.publishes.len(),
+                    "stopping before the lane committed; the batch will be delivered again"
+                );
+                break;
+            }
+            if let Some(l) = &mut lane {
+                l.take_done(&mut pending);
+            }
+        }
         let Some(stats) = commit(config, pool, metrics, &mut job, &mut owed, &mut shutdown).await
         else {
             // Shutdown while the database refuses: nothing of this job is acknowledged, so
@@ -515,6 +599,9 @@ async fn writer(
             .map_err(|_| WorkerError::Mqtt("publishing an ingest acknowledgement"))?;
             IngestMetrics::add(&metrics.acks_published, 1);
         }
+    }
+    if let Some(l) = &mut lane {
+        l.take_done(&mut pending);
     }
     // At shutdown: a few attempts; whatever is left stays in the journal for the next start.
     flush(config, pool, metrics, &mut pending, true, 3, &shutdown).await;
@@ -802,8 +889,10 @@ struct Processor<'a> {
     config: &'a WorkerConfig,
     pool: &'a PgPool,
     metrics: &'a IngestMetrics,
-    vee: Vee,
-    detectors: crate::detect::Detectors,
+    /// VEE and detector state, shared with the priority lane.
+    engines: Arc<tokio::sync::Mutex<Engines>>,
+    /// Where the lane meters' readings of a batch go (`None`: no lane).
+    handoffs: Option<mpsc::UnboundedSender<lane::Handoff>>,
     progress: Progress,
     /// Registry changes (LISTEN wm_registry), applied between batches.
     registry: mpsc::Receiver<crate::registry::live::Change>,
@@ -838,7 +927,9 @@ impl Processor<'_> {
                 }
                 Some(change) = self.registry.recv() => {
                     let owns = |m: &str| self.config.owns(m);
-                    if let Err(e) = crate::registry::live::refresh(self.pool, &mut self.vee, &change, owns).await {
+                    let mut guard = self.engines.lock().await;
+                    let eng = &mut *guard;
+                    if let Err(e) = crate::registry::live::refresh(self.pool, &mut eng.vee, &change, owns).await {
                         tracing::error!(error = %e, "applying a registry change failed");
                     }
                     // The detectors' profiles (class, Q3, role, zone, status-bit model) too.
@@ -849,7 +940,7 @@ impl Processor<'_> {
                         _ => None,
                     };
                     if ids.as_ref().is_none_or(|i| !i.is_empty())
-                        && let Err(e) = crate::detect::store::refresh_profiles(self.pool, self.detectors.on(&mut self.vee), ids.as_deref(), owns).await
+                        && let Err(e) = crate::detect::store::refresh_profiles(self.pool, eng.detectors.on(&mut eng.vee), ids.as_deref(), owns).await
                     {
                         tracing::error!(error = %e, "reloading detector profiles failed");
                     }
@@ -859,13 +950,16 @@ impl Processor<'_> {
                     // Silence has no reading to trigger on: judged against the wall clock, or
                     // against the newest event time when the fleet's time runs faster (a
                     // replayed or simulated fleet); before any reading there is nothing to judge.
+                    let mut guard = self.engines.lock().await;
+                    let eng = &mut *guard;
                     let alarms = match self.config.sweep_now {
-                        crate::detect::SweepNow::Wall => crate::detect::sweep_write(self.detectors.on(&mut self.vee)),
+                        crate::detect::SweepNow::Wall => crate::detect::sweep_write(eng.detectors.on(&mut eng.vee)),
                         crate::detect::SweepNow::EventTime => match self.newest_ts {
-                            Some(now) => crate::detect::sweep_write_at(self.detectors.on(&mut self.vee), now, crate::detect::SweepClock::Event),
+                            Some(now) => crate::detect::sweep_write_at(eng.detectors.on(&mut eng.vee), now, crate::detect::SweepClock::Event),
                             None => continue,
                         },
                     };
+                    drop(guard);
                     if !alarms.is_empty() && jobs.send(WriteJob::alarms_only(alarms, self.config.partitions)).await.is_err() {
                         return Err(WorkerError::Mqtt("handing a batch to the writer"));
                     }
@@ -1049,18 +1143,22 @@ impl Processor<'_> {
             }
         }
         self.frames.note(&readings);
-        let decreasing = self.vee.decreasing_meters(readings.iter());
+        // Held until the states are applied: the lane validates nothing in between.
+        let mut guard = self.engines.lock().await;
+        let eng = &mut *guard;
+        let handed = eng.book.split_off(&mut readings);
+        let decreasing = eng.vee.decreasing_meters(readings.iter());
         if !decreasing.is_empty() {
             match db::meter_state::load_replacements(self.pool, &decreasing).await {
                 Ok(reps) => {
                     for (m, r) in reps {
-                        self.vee.add_replacement(&m, r);
+                        eng.vee.add_replacement(&m, r);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot load meter replacements"),
             }
         }
-        let out = self.vee.validate(readings, OffsetDateTime::now_utc());
+        let out = eng.vee.validate(readings, OffsetDateTime::now_utc());
         rejects.extend(out.conflicts.iter().map(RejectRecord::conflict));
         let progress_rows: Vec<(String, String, u16, i64)> = touched
             .iter()
@@ -1083,7 +1181,7 @@ impl Processor<'_> {
             out.estimated,
             out.rejected,
         ];
-        self.vee.commit(&out.states);
+        eng.vee.commit(&out.states);
         // The event clock follows the meters' (and carrier platforms') own timestamps: not a
         // gateway's receive time (polled instruments are stamped when read, i.e. by the wall
         // clock, which would put a simulated fleet hours behind at once), not estimates, not
@@ -1102,8 +1200,22 @@ impl Processor<'_> {
             .map(|r| r.ts.unix_timestamp().min(wall))
             .max();
         self.newest_ts = self.newest_ts.max(newest);
-        let mut alarms =
-            crate::detect::batch_write(self.detectors.on(&mut self.vee), &out.readings);
+        let mut alarms = crate::detect::batch_write(eng.detectors.on(&mut eng.vee), &out.readings);
+        drop(guard);
+        // The lane validates the lane meters' readings (so each meter's state is changed by
+        // one task, in order); this batch is committed after them.
+        let lane_done = match (&self.handoffs, handed.is_empty()) {
+            (Some(tx), false) => {
+                let (done, rx) = tokio::sync::oneshot::channel();
+                tx.send(lane::Handoff {
+                    readings: handed,
+                    done,
+                })
+                .ok();
+                Some(rx)
+            }
+            _ => None,
+        };
         // Detector states go behind with the meter states (journal, checkpoint); the events
         // stay in the ingest transaction.
         let detect_states = std::mem::take(&mut alarms.states);
@@ -1125,6 +1237,7 @@ impl Processor<'_> {
             counts,
             alarms,
             announce: Vec::new(),
+            lane_done,
         }
     }
 
@@ -1160,6 +1273,7 @@ impl WriteJob {
             counts: [0; 4],
             alarms,
             announce: Vec::new(),
+            lane_done: None,
         }
     }
 }

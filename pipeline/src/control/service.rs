@@ -118,6 +118,7 @@ pub async fn run_with_local_alarms(
         .set_clean_session(true)
         .set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    crate::config::set_nodelay(&mut eventloop);
     let root = config.topic_root.clone();
     let filters = vec![
         rumqttc::SubscribeFilter::new(format!("{root}/+/cmd-ack"), QoS::AtLeastOnce),
@@ -192,75 +193,107 @@ pub async fn run_with_local_alarms(
             what: "listening on wm_control",
             source,
         })?;
+    let serial = tokio::sync::Mutex::new(());
     let svc = Service {
         pool: &pool,
         config: &config,
         out: out_tx,
+        serial: &serial,
     };
-    let mut sweep = tokio::time::interval(config.sweep_interval);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sweep runs beside the event loop below, not in it: a burst alarm arriving during a
+    // sweep (tens of ms of queries, more on a loaded database) is acted on at once instead of
+    // queueing behind it. The two meet only where they could act twice, and there they take
+    // turns (`Service::serial`).
+    let sweeper_svc = Service {
+        pool: &pool,
+        config: &config,
+        out: svc.out.clone(),
+        serial: &serial,
+    };
+    let mut sweep_shutdown = shutdown.clone();
+    let sweeper = async {
+        let mut sweep = tokio::time::interval(config.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut illegal_since = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        loop {
+            tokio::select! {
+                changed = sweep_shutdown.changed() => {
+                    if changed.is_err() || *sweep_shutdown.borrow() { return; }
+                    continue;
+                }
+                _ = sweep.tick() => {}
+            }
+            let now = OffsetDateTime::now_utc();
+            match sweeper_svc.sweep(illegal_since).await {
+                // Overlap by a minute: a reading committed late is still seen.
+                Ok(()) => illegal_since = now - time::Duration::minutes(1),
+                Err(e) => {
+                    tracing::error!(error = %e, "control sweep failed; retried on the next one")
+                }
+            }
+        }
+    };
     let mut arrears_tick = tokio::time::interval(config.arrears_interval);
     arrears_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut illegal_since = OffsetDateTime::now_utc() - time::Duration::hours(1);
     tracing::info!(root = %config.topic_root, "control service started");
-    loop {
-        let step = tokio::select! {
-            _ = shutdown.changed() => {
-                if *shutdown.borrow() { break; }
-                Ok(())
-            }
-            Some(payload) = async {
-                match local_alarms.as_mut() {
-                    Some(rx) => rx.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => match serde_json::from_slice::<Alarm>(&payload) {
-                Ok(alarm) if seen.first(&alarm) => svc.on_alarm(&alarm).await,
-                Ok(_) => Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "control: unreadable local alarm");
+    let events = async {
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { break; }
                     Ok(())
                 }
-            },
-            m = in_rx.recv() => match m {
-                Some(Incoming::Ack(ack)) => svc.on_ack(&ack).await,
-                Some(Incoming::Alarm(alarm)) => {
-                    if seen.first(&alarm) { svc.on_alarm(&alarm).await } else { Ok(()) }
-                }
-                Some(Incoming::Connected) => svc.flush_outbox().await,
-                None => break,
-            },
-            n = listener.recv() => match n {
-                Ok(n) if n.payload() == "arrears" => match &config.arrears {
-                    Some(_) => svc.reopen().await,
+                Some(payload) = async {
+                    match local_alarms.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match serde_json::from_slice::<Alarm>(&payload) {
+                    Ok(alarm) if seen.first(&alarm) => svc.on_alarm(&alarm).await,
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control: unreadable local alarm");
+                        Ok(())
+                    }
+                },
+                m = in_rx.recv() => match m {
+                    Some(Incoming::Ack(ack)) => svc.on_ack(&ack).await,
+                    Some(Incoming::Alarm(alarm)) => {
+                        if seen.first(&alarm) { svc.on_alarm(&alarm).await } else { Ok(()) }
+                    }
+                    Some(Incoming::Connected) => svc.flush_outbox().await,
+                    None => break,
+                },
+                n = listener.recv() => match n {
+                    Ok(n) if n.payload() == "arrears" => match &config.arrears {
+                        Some(_) => svc.reopen().await,
+                        None => Ok(()),
+                    },
+                    Ok(_) => svc.flush_outbox().await,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "control: database listener failed; it reconnects");
+                        Ok(())
+                    }
+                },
+                _ = arrears_tick.tick() => match &config.arrears {
+                    Some(policy) => svc.arrears(policy).await,
                     None => Ok(()),
                 },
-                Ok(_) => svc.flush_outbox().await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control: database listener failed; it reconnects");
-                    Ok(())
-                }
-            },
-            _ = sweep.tick() => {
-                let now = OffsetDateTime::now_utc();
-                let r = svc.sweep(illegal_since).await;
-                if r.is_ok() {
-                    // Overlap by a minute: a reading committed late is still seen.
-                    illegal_since = now - time::Duration::minutes(1);
-                }
-                r
+            };
+            if let Err(e) = step {
+                tracing::error!(error = %e, "control step failed; retried on the next event or sweep");
             }
-            _ = arrears_tick.tick() => match &config.arrears {
-                Some(policy) => svc.arrears(policy).await,
-                None => Ok(()),
-            },
-        };
-        if let Err(e) = step {
-            tracing::error!(error = %e, "control step failed; retried on the next event or sweep");
         }
+    };
+    // The event loop ends on shutdown (or when the connection task is gone); a sweep still in
+    // progress then is dropped (its transaction rolls back) and runs again at the next start.
+    tokio::select! {
+        () = events => {}
+        () = sweeper => {}
     }
     event_loop.abort();
     drop(svc);
+    drop(sweeper_svc);
     publisher.await.ok();
     client.disconnect().await.ok();
     Ok(())
@@ -305,6 +338,10 @@ struct Service<'a> {
     pool: &'a PgPool,
     config: &'a ServiceConfig,
     out: mpsc::UnboundedSender<Outgoing>,
+    /// Taken by whatever could act twice when the sweep and the event loop run at once: the
+    /// burst rule for a meter (both could find its alarm undecided) and the outbox (both could
+    /// publish a command).
+    serial: &'a tokio::sync::Mutex<()>,
 }
 
 impl Service<'_> {
@@ -341,6 +378,7 @@ impl Service<'_> {
     /// Publishes every unpublished command, and re-publishes those published over a minute
     /// ago that no gateway has reported on.
     async fn flush_outbox(&self) -> Result<(), ControlError> {
+        let _turn = self.serial.lock().await;
         loop {
             let mut rows = super::outbox(self.pool, 500).await?;
             let stale: Vec<String> = sqlx::query_scalar(
@@ -401,7 +439,11 @@ impl Service<'_> {
         if alarm.kind != AlarmKind::Burst || alarm.cleared_at.is_some() {
             return Ok(());
         }
-        if let Some((d, issued)) = rules::burst_auto_close(self.pool, alarm.meter.as_str()).await? {
+        let decided = {
+            let _turn = self.serial.lock().await;
+            rules::burst_auto_close(self.pool, alarm.meter.as_str()).await?
+        };
+        if let Some((d, issued)) = decided {
             self.publish_decision(&d);
             if issued.is_some() {
                 self.flush_outbox().await?;
@@ -449,7 +491,11 @@ impl Service<'_> {
             }
         }
         for meter in rules::undecided_bursts(self.pool).await? {
-            if let Some((d, _)) = rules::burst_auto_close(self.pool, &meter).await? {
+            let decided = {
+                let _turn = self.serial.lock().await;
+                rules::burst_auto_close(self.pool, &meter).await?
+            };
+            if let Some((d, _)) = decided {
                 self.publish_decision(&d);
             }
         }

@@ -13,6 +13,7 @@ mod monthly_logs;
 mod notify;
 mod packing;
 mod pipeline_store;
+mod priority_lane;
 mod registry;
 mod retention;
 mod review;
