@@ -20,7 +20,7 @@ use model::{
     SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
@@ -216,14 +216,15 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     // The observer: when each close command reaches the broker's subscribers.
-    let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
-    let mut options = MqttOptions::new(
+    let broker = pipeline::config::broker_url(&mqtt_url)?;
+    let (obs, mut obs_loop) = pipeline::config::mqtt_client(
+        &broker,
         format!("ctl-bench-obs-{}", std::process::id()),
-        host.clone(),
-        port,
-    );
-    options.set_keep_alive(Duration::from_secs(30));
-    let (obs, mut obs_loop) = AsyncClient::new(options, 64);
+        64,
+        |o| {
+            o.set_keep_alive(Duration::from_secs(30));
+        },
+    )?;
     obs.subscribe(format!("{root}/{GW}/cmd/#"), QoS::AtLeastOnce)
         .await?;
     let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, Instant)>();
@@ -253,12 +254,16 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("observer SUBACK")??;
 
-    let mut options = MqttOptions::new(format!("ctl-bench-pub-{}", std::process::id()), host, port);
-    options
-        .set_max_packet_size(16 << 20, 16 << 20)
-        .set_inflight(200)
-        .set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let (client, mut eventloop) = pipeline::config::mqtt_client(
+        &broker,
+        format!("ctl-bench-pub-{}", std::process::id()),
+        256,
+        |o| {
+            o.set_max_packet_size(16 << 20, 16 << 20)
+                .set_inflight(200)
+                .set_keep_alive(Duration::from_secs(30));
+        },
+    )?;
     tokio::spawn(async move {
         loop {
             if eventloop.poll().await.is_err() {

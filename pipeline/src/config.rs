@@ -6,16 +6,18 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 pub const DEFAULT_MQTT_URL: &str = "mqtt://127.0.0.1:1883";
 
 /// Why a broker URL could not be used by the pipeline.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UrlError {
     /// Not a broker URL (scheme, port or host): the one grammar of [`model::BrokerUrl`].
     #[error(transparent)]
     Url(#[from] model::BrokerUrlError),
-    /// `mqtts://`: the pipeline's MQTT connections are plain TCP so far.
-    #[error("broker URL {url:?}: the pipeline does not speak TLS yet (use mqtt://)")]
+    /// `mqtts://`: the TLS connector (system trust store, TLS 1.2+) could not be built.
+    #[error("broker URL `{url}`: cannot set up TLS: {source}")]
     Tls {
-        /// The URL given.
+        /// The URL, as parsed.
         url: String,
+        /// What the TLS library said.
+        source: native_tls::Error,
     },
 }
 
@@ -29,20 +31,58 @@ pub fn mqtt_url() -> String {
     std::env::var("MQTT_URL").unwrap_or_else(|_| DEFAULT_MQTT_URL.to_owned())
 }
 
-/// Splits a plain broker URL ([`model::BrokerUrl`]: `mqtt://host[:port]`, `tcp://` or bare
-/// `host[:port]`, default port 1883) into host and port.
+/// Parses a broker URL in the one grammar of [`model::BrokerUrl`] (`mqtt://`, `tcp://`, bare
+/// `host[:port]`, or `mqtts://`/`ssl://` for TLS).
 ///
 /// # Errors
-/// Returns [`UrlError`] for a malformed URL, or a TLS one (the pipeline's connections are
-/// plain TCP).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), UrlError> {
-    let b: model::BrokerUrl = url.parse()?;
-    if b.tls {
-        return Err(UrlError::Tls {
-            url: url.to_owned(),
-        });
+/// [`UrlError::Url`] naming the URL and the part refused.
+pub fn broker_url(url: &str) -> Result<model::BrokerUrl, UrlError> {
+    Ok(url.parse()?)
+}
+
+/// MQTT options for `broker`: host, port and transport. `mqtts://` gets TLS (1.2 or newer),
+/// the broker's certificate checked against the system trust store (OpenSSL's: `SSL_CERT_FILE`
+/// or `SSL_CERT_DIR` point it elsewhere) and its name against the URL's host.
+///
+/// # Errors
+/// [`UrlError::Tls`] when the TLS connector cannot be built.
+pub fn mqtt_options(
+    broker: &model::BrokerUrl,
+    client_id: impl Into<String>,
+) -> Result<rumqttc::MqttOptions, UrlError> {
+    let mut options = rumqttc::MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    if broker.tls {
+        let connector = native_tls::TlsConnector::builder()
+            .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+            .build()
+            .map_err(|source| UrlError::Tls {
+                url: broker.to_string(),
+                source,
+            })?;
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::NativeConnector(connector),
+        ));
     }
-    Ok((b.host, b.port))
+    Ok(options)
+}
+
+/// The one way the pipeline connects to a broker: [`mqtt_options`] for `broker`, then
+/// `configure` (keep-alive, session, packet sizes), then the client with `TCP_NODELAY`
+/// ([`set_nodelay`]).
+///
+/// # Errors
+/// [`UrlError::Tls`] when the TLS connector cannot be built.
+pub fn mqtt_client(
+    broker: &model::BrokerUrl,
+    client_id: impl Into<String>,
+    cap: usize,
+    configure: impl FnOnce(&mut rumqttc::MqttOptions),
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), UrlError> {
+    let mut options = mqtt_options(broker, client_id)?;
+    configure(&mut options);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, cap);
+    set_nodelay(&mut eventloop);
+    Ok((client, eventloop))
 }
 
 /// Disables Nagle's algorithm on an MQTT client's socket. rumqttc leaves it on: a small
@@ -61,25 +101,51 @@ pub fn set_nodelay(eventloop: &mut rumqttc::EventLoop) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rumqttc::Transport;
 
     #[test]
-    fn parses_broker_urls() {
-        assert_eq!(
-            parse_mqtt_url("mqtt://127.0.0.1:1883"),
-            Ok(("127.0.0.1".into(), 1883))
-        );
-        assert_eq!(parse_mqtt_url("tcp://broker/"), Ok(("broker".into(), 1883)));
+    fn plain_url_gives_tcp_with_host_and_port() {
+        let o = mqtt_options(&broker_url("mqtt://127.0.0.1:1884").unwrap(), "t").unwrap();
+        assert_eq!(o.broker_address(), ("127.0.0.1".to_owned(), 1884));
+        assert!(matches!(o.transport(), Transport::Tcp));
+        let o = mqtt_options(&broker_url("tcp://broker/").unwrap(), "t").unwrap();
+        assert_eq!(o.broker_address(), ("broker".to_owned(), 1883));
+        assert!(matches!(o.transport(), Transport::Tcp));
+    }
+
+    #[test]
+    fn tls_url_gives_tls_on_8883() {
+        let o = mqtt_options(&broker_url("mqtts://broker.example").unwrap(), "t").unwrap();
+        assert_eq!(o.broker_address(), ("broker.example".to_owned(), 8883));
+        assert!(matches!(o.transport(), Transport::Tls(_)));
+        let o = mqtt_options(&broker_url("ssl://b:8884").unwrap(), "t").unwrap();
+        assert_eq!(o.broker_address(), ("b".to_owned(), 8884));
+        assert!(matches!(o.transport(), Transport::Tls(_)));
+    }
+
+    #[test]
+    fn bad_url_is_typed_and_named() {
+        for (url, part) in [("http://x", "http://x"), ("mqtt://x:0", "`0`")] {
+            let e = broker_url(url).unwrap_err();
+            assert!(matches!(e, UrlError::Url(_)), "{url}: {e:?}");
+            assert!(e.to_string().contains(url), "{e}");
+            assert!(e.to_string().contains(part), "{e}");
+        }
         assert!(matches!(
-            parse_mqtt_url("http://x"),
-            Err(UrlError::Url(model::BrokerUrlError::Scheme { .. }))
+            broker_url("mqtt://:1883"),
+            Err(UrlError::Url(model::BrokerUrlError::Host { .. }))
         ));
-        assert!(matches!(
-            parse_mqtt_url("mqtt://x:0"),
-            Err(UrlError::Url(model::BrokerUrlError::Port { .. }))
-        ));
-        assert!(matches!(
-            parse_mqtt_url("mqtts://x"),
-            Err(UrlError::Tls { .. })
-        ));
+    }
+
+    #[test]
+    fn client_helper_builds_for_both_schemes() {
+        for url in ["mqtt://127.0.0.1:1883", "mqtts://127.0.0.1"] {
+            let b = broker_url(url).unwrap();
+            let (_client, eventloop) = mqtt_client(&b, "t", 8, |o| {
+                o.set_keep_alive(std::time::Duration::from_secs(30));
+            })
+            .unwrap();
+            let _ = eventloop;
+        }
     }
 }

@@ -497,8 +497,7 @@ async fn run(database_url: &str, args: RunArgs) -> anyhow::Result<()> {
         // One consumer of the gateways' alarms and status for the whole pipeline.
         tokio::spawn(pipeline::detect::gateway::run(
             pool.clone(),
-            config.broker_host.clone(),
-            config.broker_port,
+            config.broker.clone(),
             format!("{}-gw-alarms", config.client_id),
             config.topic_root.clone(),
             shutdown.clone(),

@@ -563,10 +563,8 @@ pub trait Republish: Send + Sync {
 
 /// A [`Republish`] over one short MQTT connection per call (a person's decision, not a stream).
 pub struct MqttRepublisher {
-    /// Broker host.
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
+    /// The broker (`mqtts://` connects over TLS).
+    pub broker: model::BrokerUrl,
 }
 
 impl Republish for MqttRepublisher {
@@ -575,12 +573,13 @@ impl Republish for MqttRepublisher {
         topic: &'a str,
         payload: &'a [u8],
     ) -> futures::future::BoxFuture<'a, Result<(), String>> {
-        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        use rumqttc::{Event, Packet, QoS};
         Box::pin(async move {
             let id = format!("wm-review-{}-{}", std::process::id(), rand::random::<u32>());
-            let mut options = MqttOptions::new(id, self.host.clone(), self.port);
-            options.set_clean_session(true);
-            let (client, mut eventloop) = AsyncClient::new(options, 8);
+            let (client, mut eventloop) = crate::config::mqtt_client(&self.broker, id, 8, |o| {
+                o.set_clean_session(true);
+            })
+            .map_err(|e| e.to_string())?;
             client
                 .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
                 .await
@@ -591,7 +590,7 @@ impl Republish for MqttRepublisher {
                     match eventloop.poll().await {
                         Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
                         Ok(_) => {}
-                        Err(e) => return Err(format!("broker {}:{}: {e}", self.host, self.port)),
+                        Err(e) => return Err(format!("broker {}: {e}", self.broker)),
                     }
                 }
             })

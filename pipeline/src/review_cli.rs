@@ -114,8 +114,8 @@ pub(crate) async fn run(pool: sqlx::PgPool, args: ReviewArgs) -> anyhow::Result<
             println!("item {id} assigned to {owner}");
         }
         ReviewCommand::Reprocess { id, note, mqtt_url } => {
-            let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
-            let republisher = review::MqttRepublisher { host, port };
+            let broker = pipeline::config::broker_url(&mqtt_url)?;
+            let republisher = review::MqttRepublisher { broker };
             review::reprocess(&pool, id, &republisher, &args.actor, &note).await?;
             println!("item {id} reprocessed: its message was published again");
         }

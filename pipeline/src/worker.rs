@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
+use rumqttc::{Event, Packet, Publish, QoS};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, watch};
@@ -28,10 +28,8 @@ mod lane;
 /// Settings of one worker.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Broker host.
-    pub broker_host: String,
-    /// Broker port.
-    pub broker_port: u16,
+    /// The broker (`mqtts://` connects over TLS).
+    pub broker: model::BrokerUrl,
     /// MQTT client id: must be stable across restarts (the persistent session is keyed by it)
     /// and unique per worker.
     pub client_id: String,
@@ -95,7 +93,7 @@ impl WorkerConfig {
         workers: u16,
         partitions: u16,
     ) -> Result<Self, WorkerError> {
-        let (broker_host, broker_port) = crate::config::parse_mqtt_url(broker_url)
+        let broker = crate::config::broker_url(broker_url)
             .map_err(|e| WorkerError::Config(e.to_string()))?;
         if workers == 0 || worker >= workers || partitions == 0 {
             return Err(WorkerError::Config(format!(
@@ -103,8 +101,7 @@ impl WorkerConfig {
             )));
         }
         Ok(Self {
-            broker_host,
-            broker_port,
+            broker,
             client_id: format!("wm-pipeline-{worker}"),
             topic_root: topic_root.to_owned(),
             worker,
@@ -214,18 +211,14 @@ pub async fn run(
         .await
         .map_err(WorkerError::Start)?;
 
-    let mut options = MqttOptions::new(
-        config.client_id.clone(),
-        config.broker_host.clone(),
-        config.broker_port,
-    );
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(false)
-        .set_manual_acks(true)
-        .set_max_packet_size(16 << 20, 16 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    crate::config::set_nodelay(&mut eventloop);
+    let (client, mut eventloop) =
+        crate::config::mqtt_client(&config.broker, config.client_id.clone(), 1024, |o| {
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(false)
+                .set_manual_acks(true)
+                .set_max_packet_size(16 << 20, 16 << 20);
+        })
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
     let topics: Vec<rumqttc::SubscribeFilter> = owned
         .into_iter()
         .map(|p| {
@@ -1291,11 +1284,12 @@ fn estimate_readings(batch: &[Publish]) -> usize {
 /// Returns [`WorkerError::Config`] for a bad URL and [`WorkerError::Mqtt`] when the broker
 /// cannot be reached within five seconds.
 pub async fn forget_session(broker_url: &str, client_id: &str) -> Result<(), WorkerError> {
-    let (host, port) = crate::config::parse_mqtt_url(broker_url)
-        .map_err(|e| WorkerError::Config(e.to_string()))?;
-    let mut options = MqttOptions::new(client_id, host, port);
-    options.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 8);
+    let broker =
+        crate::config::broker_url(broker_url).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let (client, mut eventloop) = crate::config::mqtt_client(&broker, client_id, 8, |o| {
+        o.set_clean_session(true);
+    })
+    .map_err(|e| WorkerError::Config(e.to_string()))?;
     let connected = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match eventloop.poll().await {

@@ -21,7 +21,7 @@ use model::{
     ReadingBatch, SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -338,13 +338,17 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )));
     }
-    let (host, port) = pipeline::config::parse_mqtt_url(&mqtt_url)?;
-    let mut options = MqttOptions::new(format!("bench-pub-{}", std::process::id()), host, port);
-    options
-        .set_max_packet_size(16 << 20, 16 << 20)
-        .set_inflight(200)
-        .set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 256);
+    let broker = pipeline::config::broker_url(&mqtt_url)?;
+    let (client, mut eventloop) = pipeline::config::mqtt_client(
+        &broker,
+        format!("bench-pub-{}", std::process::id()),
+        256,
+        |o| {
+            o.set_max_packet_size(16 << 20, 16 << 20)
+                .set_inflight(200)
+                .set_keep_alive(Duration::from_secs(30));
+        },
+    )?;
     tokio::spawn(async move {
         loop {
             if let Err(e) = eventloop.poll().await {

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use model::{Alarm, AlarmKind, AlarmSeverity, CommandAck, MeterId};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::json;
 use sqlx::PgPool;
 use sqlx::postgres::PgListener;
@@ -34,10 +34,8 @@ pub const CHANNEL: &str = "wm_control";
 /// Settings of the control service.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    /// Broker host.
-    pub broker_host: String,
-    /// Broker port.
-    pub broker_port: u16,
+    /// The broker (`mqtts://` connects over TLS).
+    pub broker: model::BrokerUrl,
     /// MQTT client id.
     pub client_id: String,
     /// Topic root.
@@ -56,11 +54,10 @@ impl ServiceConfig {
     /// # Errors
     /// [`ControlError::Mqtt`] for a bad broker URL.
     pub fn new(broker_url: &str, topic_root: &str, client_id: &str) -> Result<Self, ControlError> {
-        let (host, port) = crate::config::parse_mqtt_url(broker_url)
-            .map_err(|e| ControlError::Mqtt(e.to_string()))?;
+        let broker =
+            crate::config::broker_url(broker_url).map_err(|e| ControlError::Mqtt(e.to_string()))?;
         Ok(Self {
-            broker_host: host,
-            broker_port: port,
+            broker,
             client_id: client_id.to_owned(),
             topic_root: topic_root.to_owned(),
             sweep_interval: Duration::from_secs(2),
@@ -108,17 +105,13 @@ pub async fn run_with_local_alarms(
 ) -> Result<(), ControlError> {
     let mut local_alarms = local_alarms;
     let mut seen = RecentAlarms::default();
-    let mut options = MqttOptions::new(
-        config.client_id.clone(),
-        config.broker_host.clone(),
-        config.broker_port,
-    );
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
-    crate::config::set_nodelay(&mut eventloop);
+    let (client, mut eventloop) =
+        crate::config::mqtt_client(&config.broker, config.client_id.clone(), 1024, |o| {
+            o.set_keep_alive(Duration::from_secs(30))
+                .set_clean_session(true)
+                .set_max_packet_size(1 << 20, 1 << 20);
+        })
+        .map_err(|e| ControlError::Mqtt(e.to_string()))?;
     let root = config.topic_root.clone();
     let filters = vec![
         rumqttc::SubscribeFilter::new(format!("{root}/+/cmd-ack"), QoS::AtLeastOnce),

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use model::{AlarmKind, AlarmSeverity};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -68,15 +68,21 @@ pub fn interpret(topic: &str, payload: &[u8], now: i64) -> Option<AlarmEvent> {
 /// message skipped (the status is retained and re-read at the next connect).
 pub async fn run(
     pool: PgPool,
-    host: String,
-    port: u16,
+    broker: model::BrokerUrl,
     client_id: String,
     root: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut options = MqttOptions::new(client_id, host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let connected = crate::config::mqtt_client(&broker, client_id, 64, |o| {
+        o.set_keep_alive(Duration::from_secs(30));
+    });
+    let (client, mut eventloop) = match connected {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway alarm listener not started");
+            return;
+        }
+    };
     let topics = [format!("{root}/+/alarms"), format!("{root}/+/status")];
     loop {
         let event = tokio::select! {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use model::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet, DeviceSetReport};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
 use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -193,13 +193,20 @@ pub async fn publish_device_sets(
     Ok(published)
 }
 
-fn mqtt_options(broker_url: &str, client_id: &str) -> Result<MqttOptions, SyncError> {
-    let (host, port) =
-        crate::config::parse_mqtt_url(broker_url).map_err(|e| SyncError::Url(e.to_string()))?;
-    let mut o = MqttOptions::new(client_id, host, port);
-    o.set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(16 << 20, 16 << 20);
-    Ok(o)
+fn mqtt_client(
+    broker_url: &str,
+    client_id: &str,
+    cap: usize,
+    clean_session: bool,
+) -> Result<(AsyncClient, rumqttc::EventLoop), SyncError> {
+    let url = |e: crate::config::UrlError| SyncError::Url(e.to_string());
+    let broker = crate::config::broker_url(broker_url).map_err(url)?;
+    crate::config::mqtt_client(&broker, client_id, cap, |o| {
+        o.set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(16 << 20, 16 << 20)
+            .set_clean_session(clean_session);
+    })
+    .map_err(url)
 }
 
 /// Publishes `messages` retained at QoS 1 on a short-lived connection and waits (10 s at most)
@@ -212,7 +219,7 @@ pub async fn publish_retained(
     client_id: &str,
     messages: Vec<(String, Vec<u8>)>,
 ) -> Result<(), SyncError> {
-    let (client, mut events) = AsyncClient::new(mqtt_options(broker_url, client_id)?, 64);
+    let (client, mut events) = mqtt_client(broker_url, client_id, 64, true)?;
     let n = messages.len();
     let result = tokio::time::timeout(Duration::from_secs(10), async {
         let mut acked = 0;
@@ -370,9 +377,12 @@ pub async fn run(
     opts: SyncOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SyncError> {
-    let mut o = mqtt_options(&opts.broker_url, &format!("{}-sub", opts.client_id))?;
-    o.set_clean_session(true);
-    let (client, mut events) = AsyncClient::new(o, 256);
+    let (client, mut events) = mqtt_client(
+        &opts.broker_url,
+        &format!("{}-sub", opts.client_id),
+        256,
+        true,
+    )?;
     let mut changes = super::live::spawn_listener(pool.clone());
     let mut tick = tokio::time::interval(opts.republish_every);
     let publish = || async {

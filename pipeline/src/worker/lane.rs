@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, mpsc, watch};
@@ -240,17 +240,17 @@ impl Lane<'_> {
         let mut changes = crate::registry::live::spawn_listener(self.pool.clone());
         let mut meters = self.reload().await;
         let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
-        let mut options = MqttOptions::new(
+        let (client, mut eventloop) = crate::config::mqtt_client(
+            &self.config.broker,
             format!("{}-lane", self.config.client_id),
-            self.config.broker_host.clone(),
-            self.config.broker_port,
-        );
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(16 << 20, 16 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        crate::config::set_nodelay(&mut eventloop);
+            64,
+            |o| {
+                o.set_keep_alive(Duration::from_secs(30))
+                    .set_clean_session(true)
+                    .set_max_packet_size(16 << 20, 16 << 20);
+            },
+        )
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
         let topics: Vec<rumqttc::SubscribeFilter> = ingest::owned_partitions(
             self.config.worker,
             self.config.workers,

@@ -225,13 +225,13 @@ async fn gateway_offline_and_spool_overflow_reach_the_alarms_table() {
     use rumqttc::{AsyncClient, MqttOptions, QoS};
     let db = TestDatabase::create().await;
     let url = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let root = format!("wm-test-gwalarm-{}", rand::random::<u32>());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let consumer = tokio::spawn(detect::gateway::run(
         db.pool.clone(),
-        host.clone(),
-        port,
+        broker,
         format!("gwa-{}", rand::random::<u32>()),
         root.clone(),
         shutdown,
@@ -539,7 +539,8 @@ async fn worker_sweep(sweep_now: detect::SweepNow) -> Vec<(String, String, i64)>
         Arc::clone(&metrics),
         shutdown,
     ));
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let (client, mut el) = AsyncClient::new(
         MqttOptions::new(format!("swp-{}", rand::random::<u32>()), host, port),
         64,

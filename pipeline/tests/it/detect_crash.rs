@@ -194,7 +194,8 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     config.sweep_interval = Duration::from_secs(24 * 3600);
     config.dma_interval = Duration::from_secs(24 * 3600);
 
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let mut opts = MqttOptions::new(format!("pub-{}", rand::random::<u32>()), host, port);
     opts.set_max_packet_size(1 << 24, 1 << 24);
     let (client, mut el) = AsyncClient::new(opts, 1024);
@@ -352,7 +353,8 @@ async fn a_running_worker_reads_status_words_with_the_model_the_registry_assigns
     config.client_id = format!("wk-model-{}", rand::random::<u32>());
     config.sweep_interval = Duration::from_secs(24 * 3600);
     let (worker, _metrics, stop) = start(&db, &config);
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let (client, mut el) = AsyncClient::new(
         MqttOptions::new(format!("pub-{}", rand::random::<u32>()), host, port),
         64,

@@ -228,7 +228,8 @@ async fn worker_ingests_dedupes_and_refuses_unknown_versions() {
         shutdown,
     ));
 
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let mut opts = MqttOptions::new(format!("pub-{}", rand::random::<u32>()), host, port);
     opts.set_max_packet_size(1 << 24, 1 << 24);
     let (client, mut el) = AsyncClient::new(opts, 64);

@@ -518,7 +518,8 @@ async fn a_running_worker_sees_registry_changes_without_restart() {
         Arc::clone(&metrics),
         shutdown,
     ));
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let broker = pipeline::config::broker_url(&url).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let (client, mut el) = AsyncClient::new(
         MqttOptions::new(format!("pub-{}", rand::random::<u32>()), host, port),
         64,

@@ -278,7 +278,8 @@ async fn an_ingest_reject_is_reprocessed_onto_its_topic_through_the_broker() {
     .unwrap();
     let (message, refusal) = (items[0].item_id, items[1].item_id);
 
-    let (host, port) = pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
+    let broker = pipeline::config::broker_url(&pipeline::config::mqtt_url()).unwrap();
+    let (host, port) = (broker.host.clone(), broker.port);
     let (sub, mut events) = AsyncClient::new(
         MqttOptions::new(
             format!("review-sub-{}", std::process::id()),
@@ -307,7 +308,7 @@ async fn an_ingest_reject_is_reprocessed_onto_its_topic_through_the_broker() {
         .await
         .unwrap()
         .unwrap();
-    let republisher = review::MqttRepublisher { host, port };
+    let republisher = review::MqttRepublisher { broker };
     let err = review::reprocess(&db.pool, refusal, &republisher, "li.wei", "x")
         .await
         .unwrap_err();

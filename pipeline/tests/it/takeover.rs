@@ -141,7 +141,8 @@ async fn a_standby_takes_over_a_killed_worker_without_loss_or_duplicates() {
     let client_id = format!("takeover-{tag}");
     let logs = tempfile::tempdir().unwrap();
     let (client, mut eventloop) = {
-        let (host, port) = pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).unwrap();
+        let broker = pipeline::config::broker_url(&pipeline::config::mqtt_url()).unwrap();
+        let (host, port) = (broker.host.clone(), broker.port);
         let mut o = MqttOptions::new(format!("takeover-pub-{tag}"), host, port);
         o.set_keep_alive(Duration::from_secs(5));
         AsyncClient::new(o, 1000)
