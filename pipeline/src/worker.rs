@@ -357,19 +357,9 @@ struct Engines {
 }
 
 async fn load_progress(pool: &PgPool, config: &WorkerConfig) -> Result<Progress, db::StoreError> {
-    let rows: Vec<(String, String, i32, i64)> =
-        sqlx::query_as("SELECT gateway_id, incarnation, partition, max_seq FROM ingest_progress")
-            .fetch_all(pool)
-            .await
-            .map_err(|source| db::StoreError::Stage {
-                stage: "loading spool progress",
-                source,
-            })?;
     let mut progress = Progress::default();
-    for (gateway, incarnation, p, s) in rows {
-        if let Ok(partition) = u16::try_from(p)
-            && partition % config.workers == config.worker
-        {
+    for (gateway, incarnation, partition, s) in db::progress::load_all(pool).await? {
+        if partition % config.workers == config.worker {
             progress.set(
                 ProgressKey {
                     gateway,
@@ -1234,19 +1224,17 @@ impl Processor<'_> {
         }
     }
 
+    /// The stored progress of `key`; `-1` (nothing known) when there is none or the lookup
+    /// fails, as before the query moved to `db::progress` (the failure is now logged).
     async fn lookup_progress(&self, key: &ProgressKey) -> i64 {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT max_seq FROM ingest_progress
-              WHERE gateway_id = $1 AND incarnation = $2 AND partition = $3",
-        )
-        .bind(&key.gateway)
-        .bind(&key.incarnation)
-        .bind(i32::from(key.partition))
-        .fetch_optional(self.pool)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(-1)
+        match db::progress::max_seq(self.pool, &key.gateway, &key.incarnation, key.partition).await
+        {
+            Ok(seq) => seq.unwrap_or(-1),
+            Err(e) => {
+                tracing::warn!(gateway = %key.gateway, partition = key.partition, error = %e, "spool progress lookup failed");
+                -1
+            }
+        }
     }
 }
 
