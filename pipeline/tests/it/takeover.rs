@@ -6,10 +6,7 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use model::{
-    BatchEntry, ClockSource, Decimal, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
-};
+use model::{BatchEntry, GatewayId, ReadingBatch, SourceKind, WIRE_VERSION};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use testkit::TestDatabase;
 use time::OffsetDateTime;
@@ -66,27 +63,14 @@ fn round_batches(round: i64, start: OffsetDateTime) -> Vec<(u16, Vec<u8>)> {
                     seq: (round as u64) * 1_000
                         + u64::from(p) * 100
                         + (m[7..].parse::<u64>().unwrap() % 100),
-                    reading: Reading {
-                        meter: MeterId::new(&m).unwrap(),
-                        ts,
-                        clock: ClockSource::Meter,
-                        quantity: Quantity::Volume,
-                        value: Decimal::new(1000 + round * 10, 3),
-                        unit: Unit::CubicMetre,
-                        storage: 0,
-                        tariff: 0,
-                        subunit: 0,
-                        quality: Quality::Actual,
-                        flags: vec![],
-                        provenance: Provenance {
-                            gateway: GatewayId::new("gw-t").unwrap(),
-                            source: SourceKind::Coap,
-                            source_id: "nb".into(),
-                            frame_hash: "ab".repeat(32),
-                            received_at: ts + time::Duration::seconds(1),
-                            channel: None,
-                        },
-                    },
+                    reading: testkit::reading(&m)
+                        .ts(ts)
+                        .milli(1000 + round * 10)
+                        .gateway("gw-t")
+                        .source(SourceKind::Coap, "nb")
+                        .frame_hash("ab".repeat(32))
+                        .received_at(ts + time::Duration::seconds(1))
+                        .build(),
                 }
             })
             .collect();
