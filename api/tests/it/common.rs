@@ -24,8 +24,8 @@ pub(crate) const DEADLINE: Duration = Duration::from_secs(60);
 /// The API's command publisher on the test broker: client `{client_prefix}-<random>`, 4
 /// partitions, topics under `topic_root`.
 pub(crate) fn publisher(client_prefix: &str, topic_root: String) -> Arc<Publisher> {
-    let (host, port) =
-        pipeline::config::parse_mqtt_url(&pipeline::config::mqtt_url()).expect("MQTT URL");
+    let model::BrokerUrl { host, port, .. } =
+        pipeline::config::broker_url(&pipeline::config::mqtt_url()).expect("MQTT URL");
     Publisher::start(PublisherConfig {
         host,
         port,

@@ -91,7 +91,7 @@ async fn print_round_trip(pool: &PgPool, id: &str, what: &str) {
 
 fn gateway_config(root: &str, site: &str, spool: &std::path::Path) -> edge_config::GatewayConfig {
     let url = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).expect("MQTT_URL");
+    let model::BrokerUrl { host, port, .. } = pipeline::config::broker_url(&url).expect("MQTT_URL");
     let cid = root.replace('/', "-");
     let sources = format!(
         r#"[[source]]

@@ -198,7 +198,7 @@ fn reading(meter: &str, gateway: &str, i: i64) -> Reading {
 
 /// A plain MQTT client on `url`, its events forwarded (publishes only).
 fn client(url: &str, name: &str) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
-    let (host, port) = pipeline::config::parse_mqtt_url(url).unwrap();
+    let model::BrokerUrl { host, port, .. } = pipeline::config::broker_url(url).unwrap();
     let mut o = MqttOptions::new(
         format!("{name}-{}", wm_tests::unique_prefix("c").replace('/', "-")),
         host,
@@ -1042,7 +1042,7 @@ fn concentrator_message(base: OffsetDateTime, g: usize, per: usize) -> String {
 
 /// A publisher on `url` that counts the broker's PUBACKs: what the broker accepted is "in".
 fn counting_publisher(url: &str, name: &str) -> (AsyncClient, Arc<std::sync::atomic::AtomicU64>) {
-    let (host, port) = pipeline::config::parse_mqtt_url(url).unwrap();
+    let model::BrokerUrl { host, port, .. } = pipeline::config::broker_url(url).unwrap();
     let mut o = MqttOptions::new(
         format!("{name}-{}", wm_tests::unique_prefix("p").replace('/', "-")),
         host,

@@ -123,7 +123,8 @@ async fn simulated_fleet_through_gateway_and_pipeline_into_postgres() {
     let site = format!("{root}/site");
     let db = TestDatabase::create().await;
     let broker = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
+    let model::BrokerUrl { host, port, .. } =
+        pipeline::config::broker_url(&broker).expect("MQTT_URL");
 
     // The fleet: readings end at the last full hour, so none is in the future for the VEE.
     let now = OffsetDateTime::now_utc();

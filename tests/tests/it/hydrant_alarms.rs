@@ -30,7 +30,8 @@ async fn count(db: &TestDatabase, sql: &str) -> i64 {
 async fn illegal_hydrant_use_raises_one_alarm_through_gateway_and_pipeline() {
     let prefix = wm_tests::unique_prefix("hydrant-alarm");
     let broker = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&broker).expect("MQTT_URL");
+    let model::BrokerUrl { host, port, .. } =
+        pipeline::config::broker_url(&broker).expect("MQTT_URL");
     let cid = prefix.replace('/', "-");
     let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");

@@ -45,7 +45,7 @@ async fn device_sets_reach_a_running_gateway_and_bad_versions_are_refused() {
     let db = TestDatabase::create().await;
     let pool = db.pool.clone();
     let url = pipeline::config::mqtt_url();
-    let (host, port) = pipeline::config::parse_mqtt_url(&url).unwrap();
+    let model::BrokerUrl { host, port, .. } = pipeline::config::broker_url(&url).unwrap();
     let tag = format!("{}-{:08x}", std::process::id(), rand_u32());
     let root = format!("test/regsync/{tag}");
     let gw = format!("gw-reg-{tag}");
