@@ -22,6 +22,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -264,11 +265,20 @@ impl Lane<'_> {
             )
         })
         .collect();
+        // Subscribed only while the lane has meters: otherwise every message would cross the
+        // broker twice and be parsed twice for nothing. Correctness never depends on it (the
+        // bulk path hands every lane meter's reading over), only the lane's head start does.
+        let subscribed = Arc::new(AtomicBool::new(!meters.is_empty()));
+        let lane_topics = topics.clone();
         let sub_client = client.clone();
+        let sub_wanted = Arc::clone(&subscribed);
         let event_loop = async move {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if !sub_wanted.load(Ordering::Relaxed) {
+                            continue;
+                        }
                         if let Err(e) = sub_client.try_subscribe_many(topics.clone()) {
                             tracing::warn!(error = %e, "lane: mqtt subscribe failed");
                         }
@@ -313,6 +323,19 @@ impl Lane<'_> {
                         // Any change may add or remove a valve or the policy: reload all.
                         while changes.try_recv().is_ok() {}
                         meters = self.reload().await;
+                        let want = !meters.is_empty();
+                        if subscribed.swap(want, Ordering::Relaxed) != want {
+                            let r = if want {
+                                client.try_subscribe_many(lane_topics.clone())
+                            } else {
+                                lane_topics
+                                    .iter()
+                                    .try_for_each(|t| client.try_unsubscribe(t.path.clone()))
+                            };
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "lane: mqtt (un)subscribe failed");
+                            }
+                        }
                         continue;
                     }
                     Some(p) = rx.recv(), if !stopping => p,
