@@ -8,9 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use edge_config::hydrant::HydrantSourceConfig;
-use model::{
-    ClockSource, CommandAction, MeterId, Provenance, Quality, Quantity, Reading, SourceKind, Unit,
-};
+use model::{ClockSource, CommandAction, MeterId, Provenance, Quantity, Reading, SourceKind, Unit};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, Publish, QoS};
 use rust_decimal::Decimal;
 use serde::Deserialize;
@@ -384,19 +382,14 @@ pub fn decode_up(
             }
         };
     }
-    let reading = |quantity, value, unit| Reading {
-        meter: meter.clone(),
-        ts,
-        clock,
-        quantity,
-        value,
-        unit,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        quality: Quality::Actual,
-        flags: Vec::new(),
-        provenance: provenance.clone(),
+    let reading = |quantity, value, unit| {
+        Reading::actual(
+            meter.clone(),
+            ts,
+            clock,
+            (quantity, value, unit),
+            provenance.clone(),
+        )
     };
     let mut readings = Vec::new();
     if let Some(p) = msg.pressure_bar {
