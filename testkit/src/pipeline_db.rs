@@ -88,6 +88,23 @@ impl TestDatabase {
             .unwrap_or_else(|e| panic!("migrations failed on {}: {e}", self.name));
     }
 
+    /// A pool of its own on this database, for a task the test aborts mid-query.
+    ///
+    /// A future dropped between a query's messages can hand its connection back to the pool
+    /// with the protocol exchange half done; the next query on that connection then fails with
+    /// `expected ParseComplete, got ReadyForQuery`. Giving the task its own pool keeps such a
+    /// connection away from the test's [`TestDatabase::pool`]; close it after the abort.
+    ///
+    /// # Panics
+    /// When PostgreSQL is unreachable: the test has failed.
+    pub async fn separate_pool(&self) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&self.url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to test database {}: {e}", self.name))
+    }
+
     /// Creates a new database without any migration.
     async fn create_empty() -> Self {
         let admin_url = database_url();

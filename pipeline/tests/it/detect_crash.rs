@@ -89,7 +89,7 @@ fn messages(hours: &[Vec<Reading>]) -> Vec<(u16, Vec<u8>)> {
 }
 
 fn start(
-    db: &TestDatabase,
+    pool: &sqlx::PgPool,
     config: &pipeline::worker::WorkerConfig,
 ) -> (
     tokio::task::JoinHandle<Result<(), pipeline::worker::WorkerError>>,
@@ -100,7 +100,7 @@ fn start(
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let handle = tokio::spawn(pipeline::worker::run(
         config.clone(),
-        db.pool.clone(),
+        pool.clone(),
         Arc::clone(&metrics),
         shutdown,
     ));
@@ -210,7 +210,10 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
     });
 
     // First worker: wait until it is subscribed (its persistent session then queues for it).
-    let (worker, metrics, _stop) = start(&db, &config);
+    // The worker killed below gets a pool of its own: the abort can leave a connection
+    // mid-exchange, which must not be handed to this test's own queries.
+    let crash_pool = db.separate_pool().await;
+    let (worker, metrics, _stop) = start(&crash_pool, &config);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while IngestMetrics::get(&metrics.commits) == 0 {
         assert!(
@@ -243,6 +246,7 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
         worker.await.is_err_and(|e| e.is_cancelled()),
         "the worker was still running when killed"
     );
+    drop(crash_pool);
     assert!(
         stored < total,
         "the kill came before the end ({stored} of {total})"
@@ -257,7 +261,7 @@ async fn alarms_are_written_exactly_once_across_a_crash_mid_batch_and_a_replay()
 
     // Restart (the broker redelivers what was not acknowledged) and replay everything again
     // (a gateway re-sending its spool after reconnecting).
-    let (worker, metrics, stop) = start(&db, &config);
+    let (worker, metrics, stop) = start(&db.pool, &config);
     publish_all(&client, &root, &msgs).await;
     wait_count(
         &db,
@@ -352,7 +356,7 @@ async fn a_running_worker_reads_status_words_with_the_model_the_registry_assigns
     let mut config = pipeline::worker::WorkerConfig::new(&url, &root, 0, 1, PARTITIONS).unwrap();
     config.client_id = format!("wk-model-{}", rand::random::<u32>());
     config.sweep_interval = Duration::from_secs(24 * 3600);
-    let (worker, _metrics, stop) = start(&db, &config);
+    let (worker, _metrics, stop) = start(&db.pool, &config);
     let broker = pipeline::config::broker_url(&url).unwrap();
     let (host, port) = (broker.host.clone(), broker.port);
     let (client, mut el) = AsyncClient::new(

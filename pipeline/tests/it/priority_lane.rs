@@ -300,7 +300,10 @@ async fn lane_readings_stay_in_order_and_are_stored_once_across_a_crash() {
     register_valve(pool).await;
     let root = format!("wm-test-lane-{}", rand::random::<u32>());
     let client_id = format!("lane-{}", rand::random::<u32>());
-    let w = start(pool, &root, &client_id);
+    // The worker aborted below gets a pool of its own: the abort can leave a connection
+    // mid-exchange, which must not be handed to this test's own queries.
+    let crash_pool = db.separate_pool().await;
+    let w = start(&crash_pool, &root, &client_id);
     let client = publisher().await;
     let mut spool = Spool::new("gw-1");
     let t0 = OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT) - time::Duration::days(3);
@@ -352,6 +355,7 @@ async fn lane_readings_stay_in_order_and_are_stored_once_across_a_crash() {
     }
     w.handle.abort();
     w.handle.await.ok();
+    drop(crash_pool);
     // A gateway whose batches were not acknowledged sends them again.
     let w = start(pool, &root, &client_id);
     for p in &payloads {
