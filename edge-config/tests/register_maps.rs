@@ -31,6 +31,16 @@ fn q(quantity: &str, value: Decimal, unit: Option<Unit>) -> (String, u32, Decima
     (quantity.to_owned(), 0, value, unit)
 }
 
+/// Asserts the value of the first decoded record of each quantity in `expected` (decimal
+/// text), naming the quantity when one is missing or wrong.
+#[track_caller]
+fn assert_values(got: &[(String, u32, Decimal, Option<Unit>)], expected: &[(&str, &str)]) {
+    for (quantity, value) in expected {
+        let found = got.iter().find(|r| r.0 == *quantity).map(|r| r.2);
+        assert_eq!(found, Some(d(value)), "{quantity}");
+    }
+}
+
 #[test]
 fn every_builtin_map_loads_and_its_file_matches() {
     for name in register_map::builtin_names() {
@@ -154,15 +164,19 @@ fn tuf_2000m_vector_is_word_swapped() {
     put(32, [0x0000, 0x4194]); // inlet 18.5 °C
     put(34, [0x0000, 0x4194]); // outlet 18.5 °C
     let got = rows(&map, RegisterFunction::Holding, 0, &words);
-    let find = |quantity: &str| got.iter().find(|r| r.0 == quantity).map(|r| r.2);
-    assert_eq!(find("volume_flow"), Some(d("1.234")));
-    assert_eq!(find("volume"), Some(d("1234")));
-    assert_eq!(find("volume_fraction"), Some(d("0.5")));
-    assert_eq!(find("volume_reverse"), Some(d("7")));
-    assert_eq!(find("volume_reverse_fraction"), Some(d("0.25")));
-    assert_eq!(find("volume_net"), Some(d("1227")));
-    assert_eq!(find("flow_temperature"), Some(d("18.5")));
-    assert_eq!(find("velocity"), Some(d("0")));
+    assert_values(
+        &got,
+        &[
+            ("volume_flow", "1.234"),
+            ("volume", "1234"),
+            ("volume_fraction", "0.5"),
+            ("volume_reverse", "7"),
+            ("volume_reverse_fraction", "0.25"),
+            ("volume_net", "1227"),
+            ("flow_temperature", "18.5"),
+            ("velocity", "0"),
+        ],
+    );
     // Error code (REG0072), signal quality (REG0092) and working time (REG0103-0104) in a
     // second block 71..104: 0x0000, quality 87, 3600 s = 0x00000E10 low word first.
     let mut block = vec![0u16; 33];
@@ -194,13 +208,17 @@ fn xintai_vector_is_little_endian() {
     words[0x1B] = 0x3040;
     words[0x1C] = 0x0001; // valve open
     let got = rows(&map, RegisterFunction::Holding, 0, &words);
-    let find = |quantity: &str| got.iter().find(|r| r.0 == quantity).map(|r| r.2);
-    assert_eq!(find("volume"), Some(d("123.5")));
-    assert_eq!(find("volume_flow"), Some(d("0.545")));
-    assert_eq!(find("pipe_state"), Some(d("170")));
-    assert_eq!(find("pressure"), Some(d("3.6")));
-    assert_eq!(find("battery_voltage"), Some(d("2.75")));
-    assert_eq!(find("status_word"), Some(d("1")));
+    assert_values(
+        &got,
+        &[
+            ("volume", "123.5"),
+            ("volume_flow", "0.545"),
+            ("pipe_state", "170"),
+            ("pressure", "3.6"),
+            ("battery_voltage", "2.75"),
+            ("status_word", "1"),
+        ],
+    );
     assert_eq!(got.len(), 10);
 }
 

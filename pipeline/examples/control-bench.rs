@@ -254,15 +254,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("observer SUBACK")??;
 
-    let (client, mut eventloop) = pipeline::config::mqtt_client(
+    let (client, mut eventloop) = pipeline::config::bench_publisher(
         &broker,
         format!("ctl-bench-pub-{}", std::process::id()),
-        256,
-        |o| {
-            o.set_max_packet_size(16 << 20, 16 << 20)
-                .set_inflight(200)
-                .set_keep_alive(Duration::from_secs(30));
-        },
     )?;
     tokio::spawn(async move {
         loop {

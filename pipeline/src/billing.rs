@@ -18,7 +18,7 @@ use billing_core::{
 use futures::StreamExt;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use time::{Date, Duration, Month, OffsetDateTime, UtcOffset};
 
 /// Why a bill run failed. Meters that cannot be billed do not fail the run: they are reported
@@ -34,6 +34,9 @@ pub enum BillingRunError {
         #[source]
         source: sqlx::Error,
     },
+    /// A query of the database layer failed (reads of stored readings).
+    #[error(transparent)]
+    Store(#[from] crate::db::StoreError),
     /// Bill inputs could not be encoded or decoded as JSON.
     #[error("bill inputs of meter {meter} cannot be encoded or decoded")]
     Json {
@@ -337,34 +340,40 @@ where
     Ok(())
 }
 
-/// The billable volume read of `meter` at or before `boundary` (within `window`) and after
-/// `after`: an actual read wins over an estimate, then the latest wins.
-async fn boundary_read(
-    tx: &mut Transaction<'_, Postgres>,
+/// Returns the billable volume read of `meter` at or before `boundary` and after `after`: an
+/// actual read wins over an estimate, then the latest wins. The bill run's start and end read;
+/// public so tests check the very query bills are made from
+/// ([`crate::db::readings::boundary_read`]).
+///
+/// # Errors
+/// [`BillingRunError::Store`] when the query fails.
+pub async fn boundary_read(
+    conn: &mut PgConnection,
     meter: &str,
     boundary: OffsetDateTime,
     after: OffsetDateTime,
 ) -> Result<Option<RegisterRead>, BillingRunError> {
-    let row: Option<(OffsetDateTime, Decimal, String)> = sqlx::query_as(
-        "SELECT ts, value, quality FROM readings
-         WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
-           AND ts <= $2 AND ts > $3
-           AND quality IN ('validated', 'estimated', 'edited')
-           AND NOT ('superseded' = ANY (flags))
-         ORDER BY (quality = 'estimated'), ts DESC
-         LIMIT 1",
-    )
-    .bind(meter)
-    .bind(boundary)
-    .bind(after)
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(db("selecting a boundary read"))?;
-    Ok(row.map(|(ts, value, quality)| RegisterRead {
-        ts,
-        value: value.normalize(),
-        estimated: quality == "estimated",
+    let read = crate::db::readings::boundary_read(&mut *conn, meter, boundary, after).await?;
+    Ok(read.map(|r| RegisterRead {
+        ts: r.ts,
+        value: r.value.normalize(),
+        estimated: r.quality == "estimated",
     }))
+}
+
+/// Returns `(billable, estimated or edited)`: how many billable volume reads of `meter` lie in
+/// `(from, to]` and how many of them are not actual reads (the billing gate of
+/// [`RunOptions::max_estimated_share`]; [`crate::db::readings::estimated_share`]).
+///
+/// # Errors
+/// [`BillingRunError::Store`] when the query fails.
+pub async fn estimated_share(
+    conn: &mut PgConnection,
+    meter: &str,
+    from: OffsetDateTime,
+    to: OffsetDateTime,
+) -> Result<(i64, i64), BillingRunError> {
+    Ok(crate::db::readings::estimated_share(&mut *conn, meter, from, to).await?)
 }
 
 /// Stored with every bill: everything needed to reproduce it.
@@ -454,18 +463,7 @@ async fn bill_meter(
         ));
     };
     if options.max_estimated_share.is_some() {
-        let (total, doubtful): (i64, i64) = sqlx::query_as(
-            "SELECT count(*), count(*) FILTER (WHERE quality IN ('estimated', 'edited')) FROM readings
-             WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
-               AND ts > $2 AND ts <= $3 AND quality IN ('validated', 'estimated', 'edited')
-               AND NOT ('superseded' = ANY (flags))",
-        )
-        .bind(id)
-        .bind(start.ts)
-        .bind(end.ts)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("counting estimated reads"))?;
+        let (total, doubtful) = estimated_share(&mut tx, id, start.ts, end.ts).await?;
         if let Err(skip) =
             run_policy::check_estimated_share(total, doubtful, options.max_estimated_share)
         {

@@ -85,6 +85,23 @@ pub fn mqtt_client(
     Ok((client, eventloop))
 }
 
+/// The reading publisher of `pipeline-bench` and `control-bench`, one definition so the two
+/// benches load the broker alike: [`mqtt_client`] with a 256-request queue, 16 MiB packets
+/// (whole gateway batches), 200 QoS-1 publishes in flight and a 30 s keep-alive.
+///
+/// # Errors
+/// [`UrlError::Tls`] when the TLS connector cannot be built.
+pub fn bench_publisher(
+    broker: &model::BrokerUrl,
+    client_id: impl Into<String>,
+) -> Result<(rumqttc::AsyncClient, rumqttc::EventLoop), UrlError> {
+    mqtt_client(broker, client_id, 256, |o| {
+        o.set_max_packet_size(16 << 20, 16 << 20)
+            .set_inflight(200)
+            .set_keep_alive(std::time::Duration::from_secs(30));
+    })
+}
+
 /// Disables Nagle's algorithm on an MQTT client's socket. rumqttc leaves it on: a small
 /// packet (an alarm, a PUBACK) written while an earlier one is not yet acknowledged by TCP
 /// then waits for that ACK, which the peer's delayed-ACK timer may hold back ~40 ms.

@@ -4,7 +4,7 @@
 
 use model::{ClockSource, Quality, Quantity, Reading, SourceKind};
 use rust_decimal::Decimal;
-use sqlx::{Connection, PgPool, Row};
+use sqlx::{Connection, PgPool};
 use time::OffsetDateTime;
 
 use crate::db::{self, StoreError, StoreOptions, WriteMode, WriteSet};
@@ -96,27 +96,8 @@ pub async fn estimate_reading(
     user: &str,
     reason: &str,
 ) -> Result<(EditOutcome, Decimal), EditError> {
-    type Neighbour = Option<(OffsetDateTime, Decimal)>;
-    let side = |sql: &'static str| async move {
-        sqlx::query_as::<_, (OffsetDateTime, Decimal)>(sql)
-            .bind(meter)
-            .bind(ts)
-            .fetch_optional(pool)
-            .await
-            .map_err(db("finding the neighbouring reads"))
-    };
-    let before: Neighbour = side(
-        "SELECT ts, value FROM readings WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0
-           AND subunit = 0 AND ts < $2 AND quality IN ('validated', 'edited', 'estimated')
-           AND NOT ('superseded' = ANY (flags)) ORDER BY ts DESC LIMIT 1",
-    )
-    .await?;
-    let after: Neighbour = side(
-        "SELECT ts, value FROM readings WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0
-           AND subunit = 0 AND ts > $2 AND quality IN ('validated', 'edited', 'estimated')
-           AND NOT ('superseded' = ANY (flags)) ORDER BY ts LIMIT 1",
-    )
-    .await?;
+    let before = db::readings::neighbour(pool, meter, ts, db::readings::Side::Before).await?;
+    let after = db::readings::neighbour(pool, meter, ts, db::readings::Side::After).await?;
     let (Some((t0, v0)), Some((t1, v1))) = (before, after) else {
         return Err(EditError::NoNeighbours {
             meter: meter.to_owned(),
@@ -165,68 +146,24 @@ async fn replace_reading(
     crate::db::journal::lock_out_ingest(&mut tx).await?;
     // A packed month (migration 0120) goes back to row form first, so the row can be locked
     // and changed; the next retention run packs it again.
-    sqlx::query(
-        "SELECT wm_unpack_readings(ARRAY[k.meter_key], ARRAY[$2::timestamptz])
-         FROM meter_keys k WHERE k.meter_id = $1",
-    )
-    .bind(meter)
-    .bind(ts)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("unpacking the reading's month"))?;
-    let row = sqlx::query(
-        // The narrow row itself: `FOR UPDATE` cannot lock through the view's outer joins.
-        "SELECT r.value, wm_quality_text(r.quality) FROM reading_rows r
-         JOIN meter_keys k ON k.meter_key = r.meter_key
-         JOIN reading_series s ON s.series_id = r.series_id
-         WHERE k.meter_id = $1 AND r.ts = $2 AND s.quantity = $3 AND s.tariff = 0
-           AND s.subunit = 0
-         FOR UPDATE OF r",
-    )
-    .bind(meter)
-    .bind(ts)
-    .bind(quantity.as_str())
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db("reading the reading to edit"))?
-    .ok_or_else(|| EditError::NotFound {
-        meter: meter.to_owned(),
+    db::readings::unpack_month(&mut tx, meter, ts).await?;
+    let (old_value, old_quality) = db::readings::lock_for_edit(&mut tx, meter, ts, quantity)
+        .await?
+        .ok_or_else(|| EditError::NotFound {
+            meter: meter.to_owned(),
+            ts,
+            quantity: quantity.as_str(),
+        })?;
+    db::readings::keep_history(
+        &mut tx,
+        meter,
         ts,
-        quantity: quantity.as_str(),
-    })?;
-    let old_value: Decimal = row.try_get(0).map_err(db("reading the old value"))?;
-    let old_quality: String = row.try_get(1).map_err(db("reading the old quality"))?;
-    sqlx::query(
-        "INSERT INTO reading_history (meter_id, ts, quantity, tariff, subunit, value, unit,
-             quality, quality_detail, flags, replaced_by, reason)
-         SELECT meter_id, ts, quantity, tariff, subunit, value, unit, quality, quality_detail,
-                flags, 'edit:' || $4, $5
-         FROM readings
-         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
+        quantity,
+        &format!("edit:{user}"),
+        reason,
     )
-    .bind(meter)
-    .bind(ts)
-    .bind(quantity.as_str())
-    .bind(user)
-    .bind(reason)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("keeping the edited reading's history"))?;
-    let detail = serde_json::to_value(quality).unwrap_or_default();
-    sqlx::query(
-        "UPDATE readings SET value = $4, quality = $6, quality_detail = $5,
-             flags = array_remove(flags, 'superseded')
-         WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
-    )
-    .bind(meter)
-    .bind(ts)
-    .bind(quantity.as_str())
-    .bind(new_value)
-    .bind(&detail)
-    .bind(quality.status())
-    .execute(&mut *tx)
-    .await
-    .map_err(db("editing the reading"))?;
+    .await?;
+    db::readings::set_value(&mut tx, meter, ts, quantity, new_value, quality).await?;
     sqlx::query(
         "INSERT INTO audit_log (actor, action, entity, entity_id, detail)
          VALUES ($1, $4, 'reading', $2, $3)",
@@ -251,16 +188,7 @@ async fn replace_reading(
     .await
     .map_err(db("auditing the edit"))?;
     if quantity == Quantity::Volume {
-        let next: Option<OffsetDateTime> = sqlx::query_scalar(
-            "SELECT min(ts) FROM readings WHERE meter_id = $1 AND quantity = 'volume'
-               AND tariff = 0 AND subunit = 0 AND storage = 0 AND ts > $2
-               AND quality IN ('validated', 'edited', 'estimated')",
-        )
-        .bind(meter)
-        .bind(ts)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db("finding the next reading"))?;
+        let next = db::readings::next_volume_ts(&mut *tx, meter, ts).await?;
         db::rollups::recompute_rollups(
             &mut tx,
             meter,
@@ -270,13 +198,7 @@ async fn replace_reading(
         )
         .await?;
         // Keep meter_state in step when the latest read was edited.
-        sqlx::query("UPDATE meter_state SET last_value = $3 WHERE meter_id = $1 AND last_ts = $2")
-            .bind(meter)
-            .bind(ts)
-            .bind(new_value)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("updating meter state"))?;
+        db::meter_state::set_last_value(&mut tx, meter, ts, new_value).await?;
     }
     tx.commit().await.map_err(db("committing the edit"))?;
     Ok(EditOutcome {

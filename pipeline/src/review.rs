@@ -80,6 +80,17 @@ fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> ReviewError {
     move |source| ReviewError::Database { what, source }
 }
 
+/// A database-layer error as the queue's own: a failed statement keeps its stage as `what`.
+fn store(e: crate::db::StoreError) -> ReviewError {
+    match e {
+        crate::db::StoreError::Stage { stage, source } => ReviewError::Database {
+            what: stage,
+            source,
+        },
+        other => ReviewError::Edit(EditError::Store(other)),
+    }
+}
+
 /// What an item is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -465,18 +476,9 @@ pub async fn resolve(
         (Decision::Reject, Some((meter, ts, quantity, _))) => {
             // A held (actual, out-of-order) read is not in the rollups: marking it rejected
             // changes no consumption.
-            sqlx::query(
-                "UPDATE readings SET quality = 'rejected',
-                     quality_detail = jsonb_build_object('status', 'rejected', 'reason', 'review', 'by', $4::text)
-                 WHERE meter_id = $1 AND ts = $2 AND quantity = $3 AND tariff = 0 AND subunit = 0",
-            )
-            .bind(&meter)
-            .bind(ts)
-            .bind(quantity.as_str())
-            .bind(actor)
-            .execute(pool)
-            .await
-            .map_err(db("rejecting the read"))?;
+            crate::db::readings::reject_reviewed(pool, &meter, ts, quantity, actor)
+                .await
+                .map_err(store)?;
         }
         (Decision::Dismiss, _) => {}
         (_, None) => {

@@ -50,6 +50,9 @@ pub enum SchedulerError {
     /// A retention policy value out of range.
     #[error("reading retention policy: {0}")]
     BadPolicy(String),
+    /// The database layer failed otherwise than in a statement.
+    #[error(transparent)]
+    Store(crate::db::StoreError),
 }
 
 fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> SchedulerError {
@@ -522,12 +525,27 @@ impl Default for RetentionPolicy {
 /// compresses after 7 days; late reads for a packed month still work, they unpack it).
 pub const DEFAULT_PACK_AFTER_DAYS: i32 = 7;
 
-/// One step of a retention run: (month `YYYY-MM`, `create` | `archive` | `drop`, rows).
-pub type RetentionStep = (String, String, i64);
+pub use crate::db::partitions::{Compaction, Packing, RetentionStep};
+
+/// A database-layer error as the scheduler's own (a failed statement keeps its stage).
+fn store(e: crate::db::StoreError) -> SchedulerError {
+    match e {
+        crate::db::StoreError::Stage { stage, source } => SchedulerError::Database {
+            what: stage,
+            source,
+        },
+        crate::db::StoreError::Database(source) => SchedulerError::Database {
+            what: "reading storage maintenance",
+            source,
+        },
+        other => SchedulerError::Store(other),
+    }
+}
 
 /// Runs `wm_reading_retention` (migration 0081) at `at`: creates partitions ahead, archives
 /// months older than the policy keeps to schema `wm_archive` (partition, its frames and
-/// details), drops archived months past `drop_months`. Returns the steps, in order.
+/// details), drops archived months past `drop_months`. Returns the steps, in order
+/// ([`crate::db::partitions::run_retention`]).
 ///
 /// # Errors
 /// [`SchedulerError::Database`] when the database refuses (a bad policy is refused too).
@@ -536,26 +554,22 @@ pub async fn run_retention(
     policy: RetentionPolicy,
     at: OffsetDateTime,
 ) -> Result<Vec<RetentionStep>, SchedulerError> {
-    sqlx::query_as("SELECT month, action, row_count FROM wm_reading_retention($1, $2, $3, $4, $5)")
-        .bind(policy.keep_months)
-        .bind(policy.drop_months)
-        .bind(policy.months_ahead)
-        .bind(policy.dry_run)
-        .bind(at)
-        .fetch_all(pool)
-        .await
-        .map_err(db("running reading retention"))
+    crate::db::partitions::run_retention(
+        pool,
+        crate::db::partitions::Retention {
+            keep_months: policy.keep_months,
+            drop_months: policy.drop_months,
+            months_ahead: policy.months_ahead,
+            dry_run: policy.dry_run,
+        },
+        at,
+    )
+    .await
+    .map_err(store)
 }
 
-/// One compacted month: (month `YYYY-MM`, primary-key index bytes before, after; after =
-/// before in a dry run).
-pub type Compaction = (String, i64, i64);
-
-/// Compacts the primary-key index of every non-empty `readings_YYYYMM` partition whose month
-/// ended at least a whole month before `at` (late reads are then rare), once: the index gets
-/// `fillfactor = 100` and is rebuilt with `REINDEX INDEX CONCURRENTLY` (reads and writes go on).
-/// Round-major ingest leaves that index about 63 % full (44 bytes per reading); rebuilt it
-/// holds about 28.6 (docs/storage.md). Oldest month first; a dry run only lists them.
+/// Compacts the primary-key index of every closed `readings_YYYYMM` partition once
+/// ([`crate::db::partitions::compact_closed_months`]); a dry run only lists them.
 ///
 /// # Errors
 /// [`SchedulerError::Database`] when the database refuses.
@@ -564,62 +578,14 @@ pub async fn compact_closed_months(
     at: OffsetDateTime,
     dry_run: bool,
 ) -> Result<Vec<Compaction>, SchedulerError> {
-    let candidates: Vec<(String, String, i64)> = sqlx::query_as(
-        "SELECT to_char(to_date(substring(c.relname from 10), 'YYYYMM'), 'YYYY-MM'),
-                x.indexrelid::regclass::text, pg_relation_size(x.indexrelid)
-         FROM pg_inherits i
-         JOIN pg_class c ON c.oid = i.inhrelid
-         JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
-         JOIN pg_index x ON x.indrelid = c.oid AND x.indisprimary
-         JOIN pg_class ic ON ic.oid = x.indexrelid
-         WHERE i.inhparent = 'reading_rows'::regclass AND c.relname ~ '^readings_[0-9]{6}$'
-           AND to_date(substring(c.relname from 10), 'YYYYMM') + interval '2 months'
-               <= date_trunc('month', $1::timestamptz)
-           AND pg_relation_size(c.oid) > 0
-           AND NOT coalesce(ic.reloptions @> ARRAY['fillfactor=100'], false)
-         ORDER BY 1",
-    )
-    .bind(at)
-    .fetch_all(pool)
-    .await
-    .map_err(db("listing closed reading months"))?;
-    let mut done = Vec::with_capacity(candidates.len());
-    for (month, index, before) in candidates {
-        if dry_run {
-            done.push((month, before, before));
-            continue;
-        }
-        // REINDEX CONCURRENTLY cannot run in a transaction block: each statement on its own.
-        sqlx::raw_sql(&format!("ALTER INDEX {index} SET (fillfactor = 100)"))
-            .execute(pool)
-            .await
-            .map_err(db("setting a closed month's index fillfactor"))?;
-        sqlx::raw_sql(&format!("REINDEX INDEX CONCURRENTLY {index}"))
-            .execute(pool)
-            .await
-            .map_err(db("rebuilding a closed month's index"))?;
-        let after: i64 = sqlx::query_scalar("SELECT pg_relation_size($1::regclass)")
-            .bind(&index)
-            .fetch_one(pool)
-            .await
-            .map_err(db("measuring a rebuilt index"))?;
-        tracing::info!(%month, %index, before, after, "closed reading month compacted");
-        done.push((month, before, after));
-    }
-    Ok(done)
+    crate::db::partitions::compact_closed_months(pool, at, dry_run)
+        .await
+        .map_err(store)
 }
 
-/// One packed month: (month `YYYY-MM`, segments, readings, frames); a dry run gives what it
-/// would pack.
-pub type Packing = (String, i64, i64, i64);
-
 /// Packs every non-empty `readings_YYYYMM` partition whose month ended at least `after_days`
-/// days before `at` (migration 0120, `wm_pack_month`): its rows move to one row per
-/// (meter, series, month) of `reading_packs`, their frames to one row per (meter, month) of
-/// `frame_packs`, the partition is truncated. The pack horizon is raised first in its own
-/// transaction, so every writer of an older reading unpacks its (meter, month) before the
-/// unique key judges it (docs/storage.md, "Packed months"). A month unpacked by late reads
-/// since is packed again. Oldest first; a dry run counts and changes nothing.
+/// days before `at` ([`crate::db::partitions::pack_closed_months`], docs/storage.md, "Packed
+/// months"). Oldest first; a dry run counts and changes nothing.
 ///
 /// # Errors
 /// [`SchedulerError::Database`] when the database refuses; [`SchedulerError::BadPolicy`]
@@ -635,54 +601,9 @@ pub async fn pack_closed_months(
             "pack_after_days must be 0 or more, got {after_days}"
         )));
     }
-    let months: Vec<(time::Date, time::OffsetDateTime)> = sqlx::query_as(
-        "SELECT m, (m + interval '1 month')::timestamp AT TIME ZONE 'UTC'
-         FROM (SELECT to_date(substring(c.relname from 10), 'YYYYMM') AS m
-               FROM pg_inherits i
-               JOIN pg_class c ON c.oid = i.inhrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'public'
-               WHERE i.inhparent = 'reading_rows'::regclass
-                 AND c.relname ~ '^readings_[0-9]{6}$'
-                 AND pg_relation_size(c.oid) > 0) p
-         WHERE (m + interval '1 month')::timestamp AT TIME ZONE 'UTC'
-               + make_interval(days => $2) <= $1
-         ORDER BY m",
-    )
-    .bind(at)
-    .bind(after_days)
-    .fetch_all(pool)
-    .await
-    .map_err(db("listing closed reading months to pack"))?;
-    let Some(&(_, horizon)) = months.last() else {
-        return Ok(Vec::new());
-    };
-    if !dry_run {
-        // Its own transaction: it waits for writers that read the old horizon to commit.
-        sqlx::query("SELECT wm_pack_raise_horizon($1)")
-            .bind(horizon)
-            .execute(pool)
-            .await
-            .map_err(db("raising the pack horizon"))?;
-    }
-    let mut done = Vec::with_capacity(months.len());
-    for (month, _) in months {
-        let (segments, rows, frames): (i64, i64, i64) =
-            sqlx::query_as("SELECT * FROM wm_pack_month($1, $2)")
-                .bind(month)
-                .bind(dry_run)
-                .fetch_one(pool)
-                .await
-                .map_err(db("packing a closed reading month"))?;
-        let label = format!("{:04}-{:02}", month.year(), u8::from(month.month()));
-        if rows == 0 {
-            continue;
-        }
-        if !dry_run {
-            tracing::info!(month = %label, segments, rows, frames, "closed reading month packed");
-        }
-        done.push((label, segments, rows, frames));
-    }
-    Ok(done)
+    crate::db::partitions::pack_closed_months(pool, at, after_days, dry_run)
+        .await
+        .map_err(store)
 }
 
 /// Reading retention and archiving as a job ([`run_retention`] at its due time), then the

@@ -48,7 +48,7 @@ fn control_error(e: ControlError, field: &str) -> ApiError {
         | C::RetryLimit { .. }
         | C::Permit { .. }) => ApiError::Conflict(e.to_string()),
         C::Invalid(m) => ApiError::field(field, m),
-        e @ (C::Db { .. } | C::Calendar { .. } | C::Mqtt(_)) => {
+        e @ (C::Db { .. } | C::Store(_) | C::Calendar { .. } | C::Mqtt(_)) => {
             ApiError::Internal(format!("control: {e:?}"))
         }
     }

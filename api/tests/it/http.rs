@@ -143,7 +143,7 @@ impl Harness {
     /// The reading batches the API publishes, once subscribed.
     async fn subscribe(&self) -> tokio::sync::mpsc::UnboundedReceiver<ReadingBatch> {
         let filter = format!("{}/readings/+", self.root);
-        let testkit::mqtt::Subscriber { client, mut rx } =
+        let testkit::mqtt::Subscriber { client, mut rx, .. } =
             testkit::mqtt::subscribe("api-sub", &[&filter]).await;
         let (tx, batches) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {

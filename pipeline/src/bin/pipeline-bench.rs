@@ -339,16 +339,8 @@ async fn main() -> anyhow::Result<()> {
         )));
     }
     let broker = pipeline::config::broker_url(&mqtt_url)?;
-    let (client, mut eventloop) = pipeline::config::mqtt_client(
-        &broker,
-        format!("bench-pub-{}", std::process::id()),
-        256,
-        |o| {
-            o.set_max_packet_size(16 << 20, 16 << 20)
-                .set_inflight(200)
-                .set_keep_alive(Duration::from_secs(30));
-        },
-    )?;
+    let (client, mut eventloop) =
+        pipeline::config::bench_publisher(&broker, format!("bench-pub-{}", std::process::id()))?;
     tokio::spawn(async move {
         loop {
             if let Err(e) = eventloop.poll().await {

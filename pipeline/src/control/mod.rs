@@ -47,6 +47,9 @@ pub enum ControlError {
         /// Underlying error.
         source: sqlx::Error,
     },
+    /// A query of the database layer failed (reads of stored readings).
+    #[error(transparent)]
+    Store(#[from] crate::db::StoreError),
     /// The device is not in the meter registry.
     #[error("device `{0}` is not in the meter registry (register it first)")]
     UnknownDevice(String),
@@ -905,17 +908,8 @@ pub async fn confirm_by_telemetry(pool: &PgPool) -> Result<Vec<TelemetryVerdict>
             _ => continue,
         };
         // The reading's meter time may be off; the partition bound only has to be generous.
-        let value: Option<rust_decimal::Decimal> = sqlx::query_scalar(
-            "SELECT value FROM readings WHERE meter_id = $1 AND quantity = $2 \
-               AND received_at > $3 AND ts > $3 - interval '2 days' \
-             ORDER BY received_at, ts LIMIT 1",
-        )
-        .bind(&device)
-        .bind(quantity)
-        .bind(acked_at)
-        .fetch_optional(pool)
-        .await
-        .map_err(db("reading telemetry after a command"))?;
+        let value =
+            crate::db::readings::first_received_after(pool, &device, quantity, acked_at).await?;
         let Some(value) = value else { continue };
         let value = i64::try_from(value.trunc()).unwrap_or(-1);
         let (observed, abnormal) = if quantity == "valve_state" {

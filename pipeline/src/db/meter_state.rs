@@ -255,3 +255,42 @@ pub async fn load_replacements(
         })
         .collect()
 }
+
+/// Sets the persisted `last_value` of `meter` when its last read is the one at `ts` (an edit
+/// of the latest read keeps `meter_state` in step).
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the statement fails.
+pub async fn set_last_value(
+    conn: &mut PgConnection,
+    meter: &str,
+    ts: OffsetDateTime,
+    value: Decimal,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE meter_state SET last_value = $3 WHERE meter_id = $1 AND last_ts = $2")
+        .bind(meter)
+        .bind(ts)
+        .bind(value)
+        .execute(conn)
+        .await
+        .map_err(stage("updating meter state"))?;
+    Ok(())
+}
+
+/// Returns `(meter, last_ts)` of the persisted states of `meters` that have a last read.
+///
+/// # Errors
+/// Returns [`StoreError::Stage`] when the query fails.
+pub async fn last_times(
+    pool: &PgPool,
+    meters: &[String],
+) -> Result<Vec<(String, OffsetDateTime)>, StoreError> {
+    sqlx::query_as(
+        "SELECT meter_id, last_ts FROM meter_state
+         WHERE meter_id = ANY($1) AND last_ts IS NOT NULL",
+    )
+    .bind(meters)
+    .fetch_all(pool)
+    .await
+    .map_err(stage("reloading meter state"))
+}

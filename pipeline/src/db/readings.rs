@@ -1,6 +1,9 @@
 //! Readings: the narrow encoding (dictionary keys, frames, rows), binary COPY into
 //! `reading_rows`, the conflict-tolerant merge through a staging table, and the probe that
-//! isolates readings the database refuses.
+//! isolates readings the database refuses. Outside the ingest path, the reads other modules
+//! make of stored readings (`query`: billing, estimates, re-validation, command telemetry) and
+//! the changes to single readings (`edit`: edits, review rejections, `reading_history`) are
+//! here too, so `readings`, `reading_rows` and `reading_history` have one owner.
 
 use std::collections::HashMap;
 
@@ -10,6 +13,17 @@ use time::OffsetDateTime;
 
 use super::copy::{self, CopyBuffer};
 use super::error::{StoreError, stage};
+
+mod edit;
+mod query;
+
+pub use edit::{
+    keep_history, lock_for_edit, move_held_to_history, reject_reviewed, set_value, unpack_month,
+};
+pub use query::{
+    HeldRead, Side, VolumeRead, boundary_read, estimated_share, first_received_after,
+    held_register_decreases, neighbour, next_volume_ts,
+};
 
 /// Inserts readings; rows already stored (same meter, ts, quantity, tariff, subunit) are left
 /// untouched. Returns how many rows were new.

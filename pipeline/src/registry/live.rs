@@ -170,14 +170,7 @@ pub async fn refresh(
     // reload them on a full refresh.
     let newer: Vec<(String, OffsetDateTime)> = match &only {
         None => Vec::new(),
-        Some(ids) => sqlx::query_as(
-            "SELECT meter_id, last_ts FROM meter_state
-             WHERE meter_id = ANY($1) AND last_ts IS NOT NULL",
-        )
-        .bind(ids)
-        .fetch_all(pool)
-        .await
-        .map_err(stage("reloading meter state"))?,
+        Some(ids) => crate::db::meter_state::last_times(pool, ids).await?,
     };
     let mut refreshed = 0;
     for (id, cap, q3, installed, retired) in meters {

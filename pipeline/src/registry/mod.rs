@@ -934,72 +934,37 @@ async fn revalidate_held(
     since: OffsetDateTime,
 ) -> Result<ReplaceOutcome, RegistryError> {
     use time::format_description::well_known::Rfc3339;
-    let rows = sqlx::query(
-        "SELECT ts, clock, quantity, value::text, unit, storage, tariff, subunit, source,
-                source_id, coalesce(gateway_id, 'unknown'), coalesce(frame_hash, ''),
-                received_at, channel
-         FROM readings
-         WHERE meter_id = $1 AND ts > $2 AND quality = 'rejected'
-           AND quality_detail->>'reason' = 'register_decrease'
-         ORDER BY ts",
-    )
-    .bind(meter_id)
-    .bind(since)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(db("reading the held reads"))?;
+    let rows = crate::db::readings::held_register_decreases(&mut *tx, meter_id, since).await?;
     if rows.is_empty() {
         return Ok(ReplaceOutcome::default());
     }
     let mut held = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let g = |i: usize| -> Result<String, RegistryError> {
-            row.try_get::<String, _>(i)
-                .map_err(db("reading a held read"))
-        };
-        let ts: OffsetDateTime = row.try_get(0).map_err(db("reading a held read"))?;
-        let received: OffsetDateTime = row.try_get(12).map_err(db("reading a held read"))?;
-        let channel: Option<String> = row.try_get(13).map_err(db("reading a held read"))?;
+    for row in rows {
         let json = serde_json::json!({
             "meter": meter_id,
-            "ts": ts.format(&Rfc3339).unwrap_or_default(),
-            "clock": g(1)?,
-            "quantity": g(2)?,
-            "value": g(3)?,
-            "unit": g(4)?,
-            "storage": row.try_get::<i32, _>(5).map_err(db("reading a held read"))?,
-            "tariff": row.try_get::<i16, _>(6).map_err(db("reading a held read"))?,
-            "subunit": row.try_get::<i16, _>(7).map_err(db("reading a held read"))?,
+            "ts": row.ts.format(&Rfc3339).unwrap_or_default(),
+            "clock": row.clock,
+            "quantity": row.quantity,
+            "value": row.value,
+            "unit": row.unit,
+            "storage": row.storage,
+            "tariff": row.tariff,
+            "subunit": row.subunit,
             "quality": {"status": "actual"},
             "provenance": {
-                "gateway": g(10)?,
-                "source": g(8)?,
-                "source_id": g(9)?,
-                "frame_hash": g(11)?,
-                "received_at": received.format(&Rfc3339).unwrap_or_default(),
-                "channel": channel,
+                "gateway": row.gateway,
+                "source": row.source,
+                "source_id": row.source_id,
+                "frame_hash": row.frame_hash,
+                "received_at": row.received_at.format(&Rfc3339).unwrap_or_default(),
+                "channel": row.channel,
             },
         });
         let reading: model::Reading = serde_json::from_value(json)
             .map_err(|e| invalid("reading", format!("a held read cannot be rebuilt: {e}")))?;
         held.push(reading);
     }
-    sqlx::query(
-        "WITH moved AS (
-             DELETE FROM readings WHERE meter_id = $1 AND ts > $2 AND quality = 'rejected'
-               AND quality_detail->>'reason' = 'register_decrease'
-             RETURNING *)
-         INSERT INTO reading_history (meter_id, ts, quantity, tariff, subunit, value, unit,
-             quality, quality_detail, flags, replaced_by, reason)
-         SELECT meter_id, ts, quantity, tariff, subunit, value, unit, quality, quality_detail,
-                flags, 'revalidation', 'meter replacement recorded'
-         FROM moved",
-    )
-    .bind(meter_id)
-    .bind(since)
-    .execute(&mut *tx)
-    .await
-    .map_err(db("moving the held reads to history"))?;
+    crate::db::readings::move_held_to_history(tx, meter_id, since).await?;
     let mut vee = crate::db::meter_state::load_vee_filtered(
         tx,
         crate::vee::VeeConfig::default(),

@@ -57,40 +57,21 @@ async fn view(pool: &PgPool) -> Vec<String> {
     .expect("reading the view")
 }
 
-/// Billing's two reading queries (`billing.rs`: boundary read, estimated share) for `meter`.
+/// Billing's two reading queries (`billing::boundary_read`, `billing::estimated_share`) for
+/// `meter`, called as the bill run calls them.
 async fn billing_reads(
     pool: &PgPool,
     meter: &str,
     from: OffsetDateTime,
     to: OffsetDateTime,
 ) -> String {
-    let boundary: Option<(OffsetDateTime, Decimal, String)> = sqlx::query_as(
-        "SELECT ts, value, quality FROM readings
-         WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
-           AND ts <= $2 AND ts > $3
-           AND quality IN ('validated', 'estimated', 'edited')
-           AND NOT ('superseded' = ANY (flags))
-         ORDER BY (quality = 'estimated'), ts DESC
-         LIMIT 1",
-    )
-    .bind(meter)
-    .bind(to)
-    .bind(from)
-    .fetch_optional(pool)
-    .await
-    .expect("a boundary read");
-    let share: (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE quality IN ('estimated', 'edited')) FROM readings
-         WHERE meter_id = $1 AND quantity = 'volume' AND tariff = 0 AND subunit = 0 AND storage = 0
-           AND ts > $2 AND ts <= $3 AND quality IN ('validated', 'estimated', 'edited')
-           AND NOT ('superseded' = ANY (flags))",
-    )
-    .bind(meter)
-    .bind(from)
-    .bind(to)
-    .fetch_one(pool)
-    .await
-    .expect("the estimated share");
+    let mut conn = pool.acquire().await.expect("a connection");
+    let boundary = pipeline::billing::boundary_read(&mut conn, meter, to, from)
+        .await
+        .expect("a boundary read");
+    let share = pipeline::billing::estimated_share(&mut conn, meter, from, to)
+        .await
+        .expect("the estimated share");
     format!("{boundary:?} {share:?}")
 }
 
@@ -188,6 +169,10 @@ async fn packed_month_reads_back_identically_and_stays_writable() {
     let (from, to) = (m0, m1 + Duration::days(5));
     let before_view = view(pool).await;
     let before_bill = billing_reads(pool, meters[0], from, m0 + Duration::days(10)).await;
+    assert!(
+        before_bill.starts_with("Some(RegisterRead"),
+        "billing finds a boundary read before packing: {before_bill}"
+    );
     let before_rollups = recomputed_rollups(pool, meters[0], from, to).await;
     let before_vee = db::meter_state::load_vee(pool, VeeConfig::default(), |_| true)
         .await
