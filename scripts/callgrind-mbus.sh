@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Instructions per frame of `mbus::decode` (the public API), `mbus::readings` (the gateway's
+# Instructions per frame of `mbus::decode` (the public API, every record then read, as
+# m-bus-parser's records are iterated), `mbus::readings` (the gateway's
 # wired M-Bus path) and of the m-bus-parser crate on the libmbus corpus frames both accept, counted by callgrind: the count
 # does not depend on the machine's load, so their ratio is the load-independent speed ratio.
 #
