@@ -7,7 +7,15 @@
 //! above the threshold) and measures until the valve-close command for the meter's gateway is
 //! seen on `{root}/{gateway}/cmd/{meter}`: detection in the ingest transaction, the alarm on
 //! `{root}/alarms`, the rule, the command row and its publication. Meanwhile a background
-//! load of `--load-rate` readings/s flows through the same workers. Prints p50/p99/max.
+//! load of `--load-rate` readings/s flows through the same workers. Prints p50/p99/max and the
+//! CPU time spent per background reading over the measured phase (utime + stime from
+//! `/proc/PID/stat`): this process (split into the load generator's thread and the rest), the
+//! PostgreSQL processes and Mosquitto. CPU time, unlike throughput, barely depends on what else
+//! the machine runs, so it compares configurations on a shared machine.
+//!
+//! `--own-broker` starts a private Mosquitto on a free port with a temporary configuration
+//! (`--broker-nodelay` adds `set_tcp_nodelay true`); otherwise the broker of `MQTT_URL` is used
+//! and its CPU is read through `/run/mosquitto/mosquitto.pid`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,6 +69,18 @@ struct Args {
     /// No priority lane: the valve meters' readings take the bulk path with the load.
     #[arg(long)]
     no_lane: bool,
+    /// Pause between two bursts, ms: stretches the measured phase (CPU accounting needs some
+    /// seconds of it) without more bursts.
+    #[arg(long, default_value_t = 0)]
+    trial_gap_ms: u64,
+    /// Runs a private Mosquitto on a free port (temporary configuration, no persistence) instead
+    /// of using `MQTT_URL`: its CPU time is then this bench's alone.
+    #[arg(long)]
+    own_broker: bool,
+    /// With `--own-broker`: `set_tcp_nodelay true` in its configuration (Mosquitto ≥ 2.0; off by
+    /// default: the broker's sockets keep Nagle's algorithm).
+    #[arg(long, requires = "own_broker")]
+    broker_nodelay: bool,
 }
 
 const GW: &str = "gw-bench";
@@ -117,6 +137,287 @@ impl Sequencer {
     }
 }
 
+/// A private Mosquitto (`--own-broker`), killed when dropped.
+struct OwnBroker {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    async fn start(nodelay: bool) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("mosquitto.conf");
+        let mut text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
+        );
+        if nodelay {
+            text.push_str("set_tcp_nodelay true\n");
+        }
+        std::fs::write(&conf, text)?;
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting mosquitto (is it installed?)")?;
+        let mut broker = Self {
+            child,
+            url: format!("mqtt://127.0.0.1:{port}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Some(status) = broker.child.try_wait()? {
+                bail!("mosquitto exited at start ({status}); does it know set_tcp_nodelay?");
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "mosquitto not listening after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(broker)
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}
+
+/// utime + stime of the `/proc/…/stat` file `path`, in clock ticks.
+fn stat_ticks(path: &std::path::Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // The command name (field 2) may hold spaces: fields are counted after its `)`.
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when that fails).
+fn clock_ticks_per_s() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Which share of the PostgreSQL processes a process is.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum PgRole {
+    /// A backend of the bench's database (or an autovacuum worker on it).
+    Own,
+    /// The postmaster and the shared auxiliary processes (WAL writer, checkpointer, …).
+    Shared,
+    /// Backends of other databases: other users of the server (not counted per reading).
+    Other,
+}
+
+/// CPU ticks of the processes the bench accounts for, at one moment.
+#[derive(Default)]
+struct CpuSnapshot {
+    bench: u64,
+    load_gen: u64,
+    broker: u64,
+    postgres: HashMap<u32, (PgRole, u64)>,
+}
+
+/// Whose CPU time the bench reads.
+struct CpuAccounts {
+    load_gen: Option<std::path::PathBuf>,
+    broker_pid: Option<u32>,
+    database: String,
+}
+
+impl CpuAccounts {
+    fn snapshot(&self) -> CpuSnapshot {
+        let read = |p: &std::path::Path| stat_ticks(p).unwrap_or(0);
+        let mut postgres = HashMap::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let dir = entry.path();
+            if std::fs::read_to_string(dir.join("comm")).map_or(true, |c| c.trim() != "postgres") {
+                continue;
+            }
+            // Backends show `postgres: 15/main: user database host(port) state`.
+            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            let words: Vec<&str> = cmdline.split_whitespace().collect();
+            let role = if words.contains(&self.database.as_str()) {
+                PgRole::Own
+            } else if words
+                .iter()
+                .any(|w| *w == "[local]" || w.contains('(') && w.ends_with(')'))
+                || words.contains(&"autovacuum") && words.contains(&"worker")
+            {
+                PgRole::Other
+            } else {
+                PgRole::Shared
+            };
+            if let Some(t) = stat_ticks(&dir.join("stat")) {
+                postgres.insert(pid, (role, t));
+            }
+        }
+        CpuSnapshot {
+            bench: read(std::path::Path::new("/proc/self/stat")),
+            load_gen: self.load_gen.as_deref().map_or(0, read),
+            broker: self.broker_pid.map_or(0, |pid| {
+                read(
+                    &std::path::Path::new("/proc")
+                        .join(pid.to_string())
+                        .join("stat"),
+                )
+            }),
+            postgres,
+        }
+    }
+}
+
+/// CPU seconds spent between two snapshots.
+struct CpuSpent {
+    bench: f64,
+    load_gen: f64,
+    broker: f64,
+    pg_own: f64,
+    pg_shared: f64,
+    pg_other: f64,
+}
+
+impl CpuSpent {
+    fn between(a: &CpuSnapshot, b: &CpuSnapshot) -> Self {
+        let hz = clock_ticks_per_s();
+        let s = |x: u64, y: u64| y.saturating_sub(x) as f64 / hz;
+        let mut pg = HashMap::<PgRole, f64>::new();
+        // A process started meanwhile counts from 0; one that ended meanwhile is lost (its
+        // ticks go to no one we can read): the bench's connections live through the phase.
+        for (pid, (role, end)) in &b.postgres {
+            let start = a.postgres.get(pid).map_or(0, |(_, t)| *t);
+            *pg.entry(*role).or_default() += s(start, *end);
+        }
+        Self {
+            bench: s(a.bench, b.bench),
+            load_gen: s(a.load_gen, b.load_gen),
+            broker: s(a.broker, b.broker),
+            pg_own: pg.get(&PgRole::Own).copied().unwrap_or_default(),
+            pg_shared: pg.get(&PgRole::Shared).copied().unwrap_or_default(),
+            pg_other: pg.get(&PgRole::Other).copied().unwrap_or_default(),
+        }
+    }
+}
+
+/// `/proc/self/task/<tid>` of this process's thread named `name`.
+fn thread_stat(name: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .find(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
+        .map(|t| t.path().join("stat"))
+}
+
+/// Publishes `rate` readings/s of `meters` background meters, `batch` per message, until
+/// `stop`; returns how many it published.
+async fn generate_load(
+    broker: model::BrokerUrl,
+    root: String,
+    partitions: u16,
+    rate: u64,
+    meters: u64,
+    batch: usize,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<u64> {
+    let mut published = 0u64;
+    if rate == 0 {
+        return Ok(published);
+    }
+    let (client, mut eventloop) = pipeline::config::mqtt_client(
+        &broker,
+        format!("ctl-bench-load-{}", std::process::id()),
+        256,
+        |o| {
+            o.set_max_packet_size(16 << 20, 16 << 20)
+                .set_inflight(200)
+                .set_keep_alive(Duration::from_secs(30));
+        },
+    )?;
+    tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let gw = GatewayId::new("gw-load").context("gateway id")?;
+    let mut seq = Sequencer {
+        gateway: gw.clone(),
+        next: vec![1; usize::from(partitions)],
+        partitions,
+    };
+    let ids: Vec<MeterId> = (0..meters)
+        .filter_map(|i| MeterId::new(format!("cjt188:99{i:012}")).ok())
+        .collect();
+    let base = OffsetDateTime::now_utc() - time::Duration::days(90);
+    let started = Instant::now();
+    let mut round = 0i64;
+    let mut cursor = 0usize;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return Ok(published),
+            _ = tick.tick() => {}
+        }
+        let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        while published + batch as u64 <= due {
+            let mut readings = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let Some(m) = ids.get(cursor) else { break };
+                let ts = base + time::Duration::minutes(15 * round);
+                readings.push(reading(m, ts, Decimal::new(round * 10, 3), &gw));
+                cursor += 1;
+                if cursor == ids.len() {
+                    cursor = 0;
+                    round += 1;
+                }
+            }
+            published += readings.len() as u64;
+            for (p, payload) in seq.batch(readings) {
+                if client
+                    .publish(
+                        pipeline::ingest::readings_topic(&root, p),
+                        QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .await
+                    .is_err()
+                {
+                    return Ok(published);
+                }
+            }
+        }
+    }
+}
+
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1;
     sorted.get(i).copied().unwrap_or_default()
@@ -134,7 +435,20 @@ async fn main() -> anyhow::Result<()> {
     if args.trials == 0 {
         bail!("--trials must be at least 1");
     }
-    let mqtt_url = pipeline::config::mqtt_url();
+    let own_broker = if args.own_broker {
+        Some(OwnBroker::start(args.broker_nodelay).await?)
+    } else {
+        None
+    };
+    let mqtt_url = own_broker
+        .as_ref()
+        .map_or_else(pipeline::config::mqtt_url, |b| b.url.clone());
+    let broker_pid = match &own_broker {
+        Some(b) => Some(b.child.id()),
+        None => std::fs::read_to_string("/run/mosquitto/mosquitto.pid")
+            .ok()
+            .and_then(|p| p.trim().parse().ok()),
+    };
     let db = testkit::TestDatabase::create().await;
     let pool = db.pool.clone();
     let root = format!(
@@ -143,7 +457,7 @@ async fn main() -> anyhow::Result<()> {
         rand::random::<u32>()
     );
     println!(
-        "trials={} load_rate={} load_meters={} partitions={} workers={} alarms={} batching={} lane={} nproc={}",
+        "trials={} load_rate={} load_meters={} partitions={} workers={} alarms={} batching={} lane={} broker={} nproc={}",
         args.trials,
         args.load_rate,
         args.load_meters,
@@ -160,6 +474,11 @@ async fn main() -> anyhow::Result<()> {
             "adaptive"
         },
         if args.no_lane { "off" } else { "on" },
+        match (args.own_broker, args.broker_nodelay) {
+            (false, _) => "shared",
+            (true, false) => "own",
+            (true, true) => "own+nodelay",
+        },
         std::thread::available_parallelism().map_or(0, usize::from)
     );
     let trial_meters: Vec<MeterId> = (0..args.trials)
@@ -315,77 +634,40 @@ async fn main() -> anyhow::Result<()> {
     }
     eprintln!("history stored");
 
-    // Background load, paced per 100 ms slice.
-    let load_client = client.clone();
-    let (load_stop_tx, mut load_stop) = tokio::sync::watch::channel(false);
-    let load = tokio::spawn({
+    // Background load, paced per 100 ms slice, on a thread of its own with its own client and
+    // runtime: its CPU time (building and serializing the readings, publishing) is read apart
+    // from the pipeline's.
+    let (load_stop_tx, load_stop) = tokio::sync::watch::channel(false);
+    let load = std::thread::Builder::new().name("load-gen".into()).spawn({
         let root = root.clone();
+        let broker = broker.clone();
         let partitions = args.partitions;
         let (rate, meters, batch) = (args.load_rate, args.load_meters.max(1), args.batch.max(1));
-        async move {
-            let mut published = 0u64;
-            if rate == 0 {
-                return published;
-            }
-            let gw = GatewayId::new("gw-load").unwrap_or_else(|_| unreachable!());
-            let mut seq = Sequencer {
-                gateway: gw.clone(),
-                next: vec![1; usize::from(partitions)],
-                partitions,
-            };
-            let ids: Vec<MeterId> = (0..meters)
-                .filter_map(|i| MeterId::new(format!("cjt188:99{i:012}")).ok())
-                .collect();
-            let base = OffsetDateTime::now_utc() - time::Duration::days(90);
-            let started = Instant::now();
-            let mut round = 0i64;
-            let mut cursor = 0usize;
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    _ = load_stop.changed() => return published,
-                    _ = tick.tick() => {}
-                }
-                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
-                while published + batch as u64 <= due {
-                    let mut readings = Vec::with_capacity(batch);
-                    for _ in 0..batch {
-                        let Some(m) = ids.get(cursor) else { break };
-                        let ts = base + time::Duration::minutes(15 * round);
-                        readings.push(reading(m, ts, Decimal::new(round * 10, 3), &gw));
-                        cursor += 1;
-                        if cursor == ids.len() {
-                            cursor = 0;
-                            round += 1;
-                        }
-                    }
-                    published += readings.len() as u64;
-                    for (p, payload) in seq.batch(readings) {
-                        if load_client
-                            .publish(
-                                pipeline::ingest::readings_topic(&root, p),
-                                QoS::AtLeastOnce,
-                                false,
-                                payload,
-                            )
-                            .await
-                            .is_err()
-                        {
-                            return published;
-                        }
-                    }
-                }
-            }
+        move || -> anyhow::Result<u64> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(generate_load(
+                broker, root, partitions, rate, meters, batch, load_stop,
+            ))
         }
-    });
-
+    })?;
     // Let the load reach its rate before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let accounts = CpuAccounts {
+        load_gen: thread_stat("load-gen"),
+        broker_pid,
+        database: db.name.clone(),
+    };
+    let cpu_start = accounts.snapshot();
     let stored_at_start = IngestMetrics::get(&metrics.stored);
     let measure_start = Instant::now();
     let mut latencies = Vec::with_capacity(trial_meters.len());
     let mut missed = 0u32;
     for m in &trial_meters {
+        if args.trial_gap_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.trial_gap_ms)).await;
+        }
         let payloads = trial_seq.batch(vec![reading(m, h2, Decimal::new(103_000, 3), &gw)]);
         let sent = Instant::now();
         for (p, payload) in payloads {
@@ -414,8 +696,11 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = measure_start.elapsed().as_secs_f64();
     let stored = IngestMetrics::get(&metrics.stored) - stored_at_start;
+    let cpu = CpuSpent::between(&cpu_start, &accounts.snapshot());
     load_stop_tx.send(true).ok();
-    let load_published = load.await.unwrap_or(0);
+    let load_published = tokio::task::spawn_blocking(move || load.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the load generator panicked"))??;
     latencies.sort();
     if latencies.is_empty() {
         bail!(
@@ -431,6 +716,28 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "background_stored_per_s={:.0} (published {load_published} in total)",
         stored as f64 / elapsed
+    );
+    // Per background reading: the bursts' own readings are a few hundred among millions.
+    let per = |secs: f64| secs * 1e6 / stored.max(1) as f64;
+    let pipeline_s = cpu.bench - cpu.load_gen;
+    let total = cpu.bench + cpu.pg_own + cpu.pg_shared + cpu.broker;
+    println!(
+        "cpu_us_per_reading={:.2} (bench {:.2} = load generator {:.2} + pipeline {:.2}; postgres {:.2} = own database {:.2} + shared processes {:.2}; mosquitto {:.2})",
+        per(total),
+        per(cpu.bench),
+        per(cpu.load_gen),
+        per(pipeline_s),
+        per(cpu.pg_own + cpu.pg_shared),
+        per(cpu.pg_own),
+        per(cpu.pg_shared),
+        per(cpu.broker),
+    );
+    println!(
+        "cpu_s={total:.2} over {elapsed:.1} s ({:.2} cores busy; without the load generator {:.2}); stored_in_phase={stored}; other databases' backends {:.2} s (not counted); mosquitto pid {}",
+        total / elapsed,
+        (total - cpu.load_gen) / elapsed,
+        cpu.pg_other,
+        broker_pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
     );
     println!(
         "lane_stored={} loadavg={}",

@@ -6,14 +6,22 @@
 //!
 //! The lane is an accelerator, not a second system of record. It has its own MQTT client
 //! (`{client_id}-lane`, clean session, QoS 0) subscribed to the same partitions, so it sees
-//! every message at once, however long the bulk session's queue is; it decodes only the meter
-//! ids of a message (cheap) and the whole message only when a lane meter is in it. The bulk
-//! session still receives, filters (spool progress), commits and acknowledges every message
-//! as before, except that it never validates a lane meter's reading itself: it hands them to
-//! the lane ([`Handoff`]), which validates those it has not taken from its own session yet
-//! ([`Book`] remembers what it took). So one meter is always validated by one task, in order,
+//! every message at once, however long the bulk session's queue is; it finds the meter ids of
+//! a message with a byte search (no JSON parse, [`may_hold_lane_meter`]) and decodes the
+//! message only when a lane meter is in it. The bulk session still receives, filters (spool
+//! progress), commits and acknowledges every message as before, except that it never
+//! validates a lane meter's reading itself: it hands them to the lane ([`Handoff`]), which
+//! validates those it has not taken from its own session yet ([`Book`] remembers what it
+//! took). So one meter is always validated by one task, in order,
 //! and its states reach the journal in order; a message the lane's session never delivers
 //! (QoS 0 dropped, lane busy, lane meter added meanwhile) still reaches the lane this way.
+//!
+//! Why a session of its own rather than the bulk session's event loop handing lane meters'
+//! readings over as they arrive: the bulk session is QoS 1 with acknowledgements sent only
+//! after the commit, so while a bulk transaction runs the broker's in-flight window for it
+//! (Mosquitto's `max_inflight_messages`, 20 by default) is full and a new message waits in the
+//! broker's queue until that commit; a QoS 0 session has no such window. The price is that the
+//! broker sends every message of these partitions twice while the lane has meters.
 //!
 //! Durability: a bulk job is not committed before the lane has committed the readings handed
 //! over with it ([`super::writer`]), so the spool progress and the MQTT acknowledgements of a
@@ -87,7 +95,12 @@ pub(super) struct Book {
 impl Book {
     /// Takes the lane meters' readings out of `readings` (the bulk path's batch).
     pub(super) fn split_off(&self, readings: &mut Vec<model::Reading>) -> Vec<model::Reading> {
-        if self.meters.is_empty() {
+        // Most batches hold no lane meter: looked up without moving any reading.
+        if self.meters.is_empty()
+            || !readings
+                .iter()
+                .any(|r| self.meters.contains(r.meter.as_str()))
+        {
             return Vec::new();
         }
         let (lane, bulk) = std::mem::take(readings)
@@ -171,8 +184,78 @@ async fn load_meters(
         .collect())
 }
 
-/// Only the meter ids of a batch: most messages hold no lane meter, and this is all it takes
-/// to know (the rest of each entry is skipped without being built).
+/// The key every reading's meter id is stored under in the wire form (`docs/wire-format.md`).
+static METER_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"meter\""));
+
+/// Returns whether `payload` may hold a reading of one of `meters`, without parsing the JSON:
+/// a byte search for each `"meter"` key and a set look-up of the id after it. Most messages
+/// hold no lane meter, and this is all the lane spends on them (one pass of `memmem` over the
+/// bytes and a look-up per reading, instead of a JSON parse of the whole message).
+///
+/// Never a false "no" for a well-formed wire batch as the gateways write it: an id that is
+/// escaped (meter ids need no escapes, `model::MeterId`) answers "maybe". Whitespace around
+/// the colon is allowed. A key written with escapes (`"\u006deter"`) is not found: such a
+/// reading still reaches the lane through the bulk path's handoff, later. A false "yes" (the
+/// key in another object) only costs the full decode that follows.
+fn may_hold_lane_meter(payload: &[u8], meters: &HashSet<Box<str>>) -> bool {
+    fn skip_ws(b: &[u8]) -> &[u8] {
+        let n = b
+            .iter()
+            .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+            .count();
+        b.get(n..).unwrap_or_default()
+    }
+    if meters.is_empty() {
+        return false;
+    }
+    for at in METER_KEY.find_iter(payload) {
+        let rest = skip_ws(payload.get(at + b"\"meter\"".len()..).unwrap_or_default());
+        // `"meter"` as a string value (a unit, a source id) is followed by `,` `}` or `]`.
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let Some(rest) = skip_ws(rest).strip_prefix(b"\"") else {
+            // Not a string: no reading's meter.
+            continue;
+        };
+        let Some(end) = memchr::memchr2(b'"', b'\\', rest) else {
+            return true;
+        };
+        match (rest.get(end), rest.get(..end).map(std::str::from_utf8)) {
+            (Some(b'"'), Some(Ok(id))) => {
+                if meters.contains(id) {
+                    return true;
+                }
+            }
+            // An escape or invalid UTF-8 in the id: let the decoder judge.
+            _ => return true,
+        }
+    }
+    false
+}
+
+/// How the lane finds lane meters in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// [`may_hold_lane_meter`]'s byte search (the default).
+    Bytes,
+    /// A JSON parse of every message's meter ids ([`ids_hold_lane_meter`]): the way before,
+    /// kept to measure the difference (`WM_LANE_SCAN=parse`, `docs/benchmarks.md`).
+    Parse,
+}
+
+impl Scan {
+    fn from_env() -> Self {
+        match std::env::var("WM_LANE_SCAN") {
+            Ok(v) if v == "parse" => Self::Parse,
+            _ => Self::Bytes,
+        }
+    }
+}
+
+/// Only the meter ids of a batch ([`Scan::Parse`]): the rest of each entry is skipped without
+/// being built, but the whole message is still parsed.
 #[derive(serde::Deserialize)]
 struct Light<'a> {
     #[serde(borrow)]
@@ -191,22 +274,30 @@ struct LightReading<'a> {
     meter: std::borrow::Cow<'a, str>,
 }
 
+/// [`Scan::Parse`]: whether a JSON parse of the meter ids finds one of `meters`.
+fn ids_hold_lane_meter(payload: &[u8], meters: &HashSet<Box<str>>) -> bool {
+    serde_json::from_slice::<Light<'_>>(payload).is_ok_and(|light| {
+        light
+            .entries
+            .iter()
+            .any(|e| meters.contains(&*e.reading.meter))
+    })
+}
+
 /// The lane meters' storable readings of one message.
 fn lane_readings(
     payload: &[u8],
+    scan: Scan,
     meters: &HashSet<Box<str>>,
     config: &WorkerConfig,
     now: OffsetDateTime,
     into: &mut Vec<model::Reading>,
 ) {
-    let Ok(light) = serde_json::from_slice::<Light<'_>>(payload) else {
-        return;
+    let maybe = match scan {
+        Scan::Bytes => may_hold_lane_meter(payload, meters),
+        Scan::Parse => ids_hold_lane_meter(payload, meters),
     };
-    if !light
-        .entries
-        .iter()
-        .any(|e| meters.contains(&*e.reading.meter))
-    {
+    if !maybe {
         return;
     }
     // Unknown versions and malformed batches are the bulk path's to refuse and record.
@@ -240,6 +331,7 @@ impl Lane<'_> {
     pub(super) async fn run(mut self) -> Result<(), WorkerError> {
         let mut changes = crate::registry::live::spawn_listener(self.pool.clone());
         let mut meters = self.reload().await;
+        let scan = Scan::from_env();
         let (tx, mut rx) = mpsc::channel::<Bytes>(4096);
         let (client, mut eventloop) = crate::config::mqtt_client(
             &self.config.broker,
@@ -341,9 +433,9 @@ impl Lane<'_> {
                     Some(p) = rx.recv(), if !stopping => p,
                 };
                 let now = OffsetDateTime::now_utc();
-                lane_readings(&first, &meters, self.config, now, &mut readings);
+                lane_readings(&first, scan, &meters, self.config, now, &mut readings);
                 while let Ok(p) = rx.try_recv() {
-                    lane_readings(&p, &meters, self.config, now, &mut readings);
+                    lane_readings(&p, scan, &meters, self.config, now, &mut readings);
                 }
                 if readings.is_empty() {
                     continue;
@@ -476,5 +568,134 @@ fn validate(eng: &mut Engines, readings: Vec<model::Reading>, partitions: u16) -
         alarms,
         announce: Vec::new(),
         lane_done: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch_json(meters: &[&str], pretty: bool) -> Vec<u8> {
+        let batch = model::ReadingBatch {
+            v: model::WIRE_VERSION,
+            gateway: model::GatewayId::new("gw-1").unwrap(),
+            partition: 0,
+            sent_at: testkit::reading::DEFAULT_TS,
+            incarnation: None,
+            prev: None,
+            entries: meters
+                .iter()
+                .enumerate()
+                .map(|(i, m)| model::BatchEntry {
+                    seq: i as u64 + 1,
+                    // A source id "meter" puts the word as a string value into the message.
+                    reading: testkit::reading(m)
+                        .source(model::SourceKind::Coap, "meter")
+                        .build(),
+                })
+                .collect(),
+        };
+        if pretty {
+            serde_json::to_vec_pretty(&batch).unwrap()
+        } else {
+            serde_json::to_vec(&batch).unwrap()
+        }
+    }
+
+    fn lane(ids: &[&str]) -> HashSet<Box<str>> {
+        ids.iter().map(|m| Box::from(*m)).collect()
+    }
+
+    #[test]
+    fn scan_finds_a_lane_meter_among_others_compact_and_pretty() {
+        let meters = lane(&["cjt188:77000000000001"]);
+        for pretty in [false, true] {
+            let with = batch_json(
+                &[
+                    "cjt188:99000000000001",
+                    "cjt188:77000000000001",
+                    "cjt188:99000000000002",
+                ],
+                pretty,
+            );
+            assert!(may_hold_lane_meter(&with, &meters), "pretty={pretty}");
+            let without = batch_json(&["cjt188:99000000000001", "cjt188:99000000000002"], pretty);
+            assert!(!may_hold_lane_meter(&without, &meters), "pretty={pretty}");
+        }
+    }
+
+    #[test]
+    fn scan_matches_whole_ids_only() {
+        // A longer id that starts with a lane meter's id, and one that is a prefix of it.
+        let meters = lane(&["cjt188:7700000000000"]);
+        let payload = batch_json(&["cjt188:77000000000001", "cjt188:770000000000"], false);
+        assert!(!may_hold_lane_meter(&payload, &meters));
+        assert!(!may_hold_lane_meter(&payload, &HashSet::new()));
+    }
+
+    #[test]
+    fn scan_answers_maybe_for_an_escaped_id_and_skips_non_string_values() {
+        let meters = lane(&["cjt188:1"]);
+        assert!(may_hold_lane_meter(
+            br#"{"entries":[{"reading":{"meter":"cjt\u0031"}}]}"#,
+            &meters
+        ));
+        assert!(!may_hold_lane_meter(
+            br#"{"x":{"meter":7},"y":"meter","z":["meter"]}"#,
+            &meters
+        ));
+        assert!(may_hold_lane_meter(
+            br#"{"x":{"meter":7},"reading":{"meter" : "cjt188:1"}}"#,
+            &meters
+        ));
+        // Cut off inside the id: the decoder refuses it, the scan may say either.
+        assert!(may_hold_lane_meter(
+            br#"{"reading":{"meter":"cjt188:1"#,
+            &meters
+        ));
+    }
+
+    #[test]
+    fn lane_readings_are_the_lane_meters_readings_of_the_message() {
+        let config = WorkerConfig::new("mqtt://127.0.0.1:1883", "wm/v1", 0, 1, 4).unwrap();
+        let ids = [
+            "cjt188:99000000000001",
+            "cjt188:77000000000001",
+            "cjt188:99000000000002",
+            "cjt188:77000000000002",
+        ];
+        let meters = lane(&["cjt188:77000000000001", "cjt188:77000000000002"]);
+        let now = testkit::reading::DEFAULT_TS + time::Duration::minutes(1);
+        // Both ways of finding them agree.
+        for scan in [Scan::Bytes, Scan::Parse] {
+            let mut got = Vec::new();
+            lane_readings(
+                &batch_json(&ids, false),
+                scan,
+                &meters,
+                &config,
+                now,
+                &mut got,
+            );
+            let got: Vec<&str> = got.iter().map(|r| r.meter.as_str()).collect();
+            assert_eq!(
+                got,
+                ["cjt188:77000000000001", "cjt188:77000000000002"],
+                "{scan:?}"
+            );
+
+            let mut none = Vec::new();
+            let others = batch_json(&ids[..1], false);
+            lane_readings(&others, scan, &meters, &config, now, &mut none);
+            assert!(none.is_empty(), "{scan:?}");
+            // A batch of another wire version is the bulk path's to refuse, even with a lane
+            // meter in it.
+            let v2 = String::from_utf8(batch_json(&ids, false))
+                .unwrap()
+                .replacen("\"v\":1", "\"v\":2", 1);
+            assert!(v2.contains("\"v\":2"));
+            lane_readings(v2.as_bytes(), scan, &meters, &config, now, &mut none);
+            assert!(none.is_empty(), "{scan:?}");
+        }
     }
 }
