@@ -14,12 +14,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 /// A running private Mosquitto.
-pub struct OwnBroker {
+pub(crate) struct OwnBroker {
     child: Child,
     port: u16,
     dir: PathBuf,
     /// True when the broker runs with `set_tcp_nodelay true`.
-    pub tcp_nodelay: bool,
+    pub(crate) tcp_nodelay: bool,
 }
 
 /// The configuration file: one listener, anonymous, unbounded queues, no persistence.
@@ -51,7 +51,7 @@ impl OwnBroker {
     ///
     /// # Errors
     /// When `mosquitto` is not installed or does not come up; its log is in the message.
-    pub async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("wm-bench-mosquitto-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut last_log = String::new();
@@ -98,12 +98,12 @@ impl OwnBroker {
     }
 
     /// The broker's URL.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
     /// The broker's process id (for its CPU).
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

@@ -49,13 +49,13 @@ fn stat_cpu_s(path: &Path) -> Option<f64> {
 }
 
 /// CPU seconds of this whole process so far (every thread, ended ones included).
-pub fn process_cpu_s() -> f64 {
+pub(crate) fn process_cpu_s() -> f64 {
     stat_cpu_s(Path::new("/proc/self/stat")).unwrap_or(0.0)
 }
 
 /// CPU seconds of the calling thread so far, from `schedstat` (nanoseconds) when the kernel
 /// keeps it, else from its `stat` (10 ms ticks).
-pub fn thread_cpu_s() -> f64 {
+pub(crate) fn thread_cpu_s() -> f64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
@@ -66,12 +66,12 @@ pub fn thread_cpu_s() -> f64 {
 }
 
 /// CPU seconds of process `pid` so far.
-pub fn pid_cpu_s(pid: u32) -> Option<f64> {
+pub(crate) fn pid_cpu_s(pid: u32) -> Option<f64> {
     stat_cpu_s(Path::new(&format!("/proc/{pid}/stat")))
 }
 
 /// The 1-minute load average.
-pub fn load_average() -> String {
+pub(crate) fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join("/"))
@@ -122,31 +122,31 @@ fn scan_postgres(db: &str) -> HashMap<u32, (PgClass, f64)> {
 }
 
 /// What one phase cost, in CPU seconds.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PhaseCpu {
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PhaseCpu {
     /// Wall-clock seconds between start and stop.
-    pub wall_s: f64,
+    pub(crate) wall_s: f64,
     /// This process, without the sampler thread.
-    pub bench_s: f64,
+    pub(crate) bench_s: f64,
     /// The PostgreSQL backends (and autovacuum workers) of the phase's database.
-    pub postgres_s: f64,
+    pub(crate) postgres_s: f64,
     /// PostgreSQL's shared background processes (not in [`PhaseCpu::total_s`]).
-    pub postgres_background_s: f64,
+    pub(crate) postgres_background_s: f64,
     /// The broker, when its process is known.
-    pub broker_s: Option<f64>,
+    pub(crate) broker_s: Option<f64>,
     /// Load average at the start and at the end.
-    pub load: (String, String),
+    pub(crate) load: (String, String),
 }
 
 impl PhaseCpu {
     /// This process + the phase's PostgreSQL backends + the broker.
-    pub fn total_s(&self) -> f64 {
+    pub(crate) fn total_s(&self) -> f64 {
         self.bench_s + self.postgres_s + self.broker_s.unwrap_or(0.0)
     }
 }
 
 /// Measures one phase from [`CpuMeter::start`] to [`CpuMeter::stop`].
-pub struct CpuMeter {
+pub(crate) struct CpuMeter {
     started: Instant,
     process_at_start: f64,
     broker: Option<(u32, f64)>,
@@ -157,7 +157,7 @@ pub struct CpuMeter {
 
 impl CpuMeter {
     /// Starts measuring: `db` names the phase's database, `broker` the broker's pid if known.
-    pub fn start(db: &str, broker: Option<u32>) -> anyhow::Result<Self> {
+    pub(crate) fn start(db: &str, broker: Option<u32>) -> anyhow::Result<Self> {
         let db = db.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
@@ -203,7 +203,7 @@ impl CpuMeter {
     }
 
     /// Stops measuring and returns the phase's CPU.
-    pub fn stop(self) -> PhaseCpu {
+    pub(crate) fn stop(self) -> PhaseCpu {
         let wall_s = self.started.elapsed().as_secs_f64();
         let broker_s = self
             .broker
