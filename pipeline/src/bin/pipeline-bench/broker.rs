@@ -68,7 +68,9 @@ impl OwnBroker {
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(&log)?)
                 .spawn()
-                .context("starting mosquitto (is it installed? `--own-broker false` uses MQTT_URL)")?;
+                .context(
+                    "starting mosquitto (is it installed? `--own-broker false` uses MQTT_URL)",
+                )?;
             let mut broker = Self {
                 child,
                 port,
@@ -94,7 +96,10 @@ impl OwnBroker {
             std::fs::create_dir_all(&dir)?;
         }
         std::fs::remove_dir_all(&dir).ok();
-        anyhow::bail!("the bench's own mosquitto did not start: {}", last_log.trim())
+        anyhow::bail!(
+            "the bench's own mosquitto did not start: {}",
+            last_log.trim()
+        )
     }
 
     /// The broker's URL.

@@ -386,7 +386,12 @@ impl Publisher {
         if let Some(stop) = self.stop.take() {
             stop.send(()).ok();
         }
-        match self.thread.take().context("the publisher already ended")?.join() {
+        match self
+            .thread
+            .take()
+            .context("the publisher already ended")?
+            .join()
+        {
             Ok(r) => r,
             Err(_) => anyhow::bail!("the publisher panicked"),
         }
