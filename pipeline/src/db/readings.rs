@@ -235,9 +235,9 @@ const FRAMES_PER_BLOCK: usize = 1 << 20;
 
 /// Resolves the keys of `readings` and encodes their frames (one per distinct provenance) and
 /// rows. Frame ids come from one `wm_frame_block_seq` call per 2^20 frames.
-pub(super) async fn encode_narrow<'r>(
+pub(super) async fn encode_narrow(
     conn: &mut PgConnection,
-    readings: &[&'r Reading],
+    readings: &[&Reading],
 ) -> Result<Narrow, StoreError> {
     let keys = resolve_keys(conn, readings)
         .await
