@@ -48,26 +48,32 @@ pub enum Decoded {
     },
 }
 
-/// Decodes one MQTT payload, checking the wire version before the full structure so that a
-/// newer gateway's batch is refused as such and not reported as malformed.
+/// Decodes one MQTT payload. A batch of another wire version is refused as such, not
+/// reported as malformed, even when its structure no longer parses as this version's.
+///
+/// The payload is parsed once when it is a batch of this version (every message on the
+/// ingest path); only a payload that does not parse is read again for its version alone.
 pub fn decode_payload(payload: &[u8]) -> Decoded {
     #[derive(serde::Deserialize)]
     struct VersionOnly {
         v: u64,
     }
-    match serde_json::from_slice::<VersionOnly>(payload) {
-        Ok(VersionOnly { v }) if v != u64::from(WIRE_VERSION) => {
-            return Decoded::UnknownVersion { version: v };
-        }
-        Ok(_) => {}
-        Err(e) => {
-            return Decoded::Malformed {
-                error: e.to_string(),
+    let error = match serde_json::from_slice::<ReadingBatch>(payload) {
+        Ok(batch) if batch.v == WIRE_VERSION => return Decoded::Batch(batch),
+        Ok(batch) => {
+            return Decoded::UnknownVersion {
+                version: u64::from(batch.v),
             };
         }
-    }
-    match serde_json::from_slice::<ReadingBatch>(payload) {
-        Ok(batch) => Decoded::Batch(batch),
+        Err(e) => e,
+    };
+    match serde_json::from_slice::<VersionOnly>(payload) {
+        Ok(VersionOnly { v }) if v != u64::from(WIRE_VERSION) => {
+            Decoded::UnknownVersion { version: v }
+        }
+        Ok(_) => Decoded::Malformed {
+            error: error.to_string(),
+        },
         Err(e) => Decoded::Malformed {
             error: e.to_string(),
         },
@@ -631,6 +637,20 @@ mod tests {
             decode_payload(br#"{"v":1}"#),
             Decoded::Malformed { .. }
         ));
+        // A later version whose batch no longer parses as this one's is still that version.
+        assert!(matches!(
+            decode_payload(br#"{"v":3,"readings":[]}"#),
+            Decoded::UnknownVersion { version: 3 }
+        ));
+        assert!(matches!(
+            decode_payload(br#"{"v":70000}"#),
+            Decoded::UnknownVersion { version: 70000 }
+        ));
+        // Not JSON: the parser's own words.
+        match decode_payload(b"not json") {
+            Decoded::Malformed { error } => assert!(error.contains("expected"), "{error}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

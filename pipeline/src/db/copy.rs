@@ -118,8 +118,14 @@ impl CopyBuffer {
     }
 
     fn numeric(&mut self, d: Decimal) {
-        let bytes = numeric_bytes(d);
-        self.field(&bytes);
+        // Straight into the buffer: this runs once per reading on the ingest path.
+        let at = self.buf.len();
+        self.buf.extend_from_slice(&0i32.to_be_bytes());
+        let len = numeric_into(&mut self.buf, d);
+        let len = i32::try_from(len).unwrap_or(i32::MAX).to_be_bytes();
+        if let Some(prefix) = self.buf.get_mut(at..at + 4) {
+            prefix.copy_from_slice(&len);
+        }
     }
 
     fn text_array(&mut self, items: &[&str]) {
@@ -349,56 +355,55 @@ pub fn source_name(s: SourceKind) -> &'static str {
 /// Encodes a decimal in PostgreSQL's binary `numeric` form: digit count, weight (in base-10000
 /// digits), sign, display scale, then base-10000 digits.
 pub fn numeric_bytes(d: Decimal) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 2 * NUMERIC_GROUPS);
+    numeric_into(&mut out, d);
+    out
+}
+
+/// Most base-10000 digits of a `Decimal`: a 96-bit mantissa (< 7.93e28) scaled by at most
+/// 10^3 to align the point to a digit has at most 32 decimal digits.
+const NUMERIC_GROUPS: usize = 8;
+
+/// Appends the binary `numeric` form of `d` to `out` (see [`numeric_bytes`]) without
+/// allocating; returns the bytes appended.
+fn numeric_into(out: &mut Vec<u8>, d: Decimal) -> usize {
     let scale = d.scale();
     let negative = d.is_sign_negative() && !d.is_zero();
-    let digits = d.mantissa().unsigned_abs().to_string();
-    let scale_us = scale as usize;
-    let (int_part, frac_part) = if digits.len() > scale_us {
-        let (i, f) = digits.split_at(digits.len() - scale_us);
-        (i.to_owned(), f.to_owned())
+    // Scale the mantissa so the decimal point falls between two base-10000 digits:
+    // value = m · 10^-scale = (m · 10^pad) · 10000^-(scale + pad) / 4.
+    let pad = (4 - scale % 4) % 4;
+    let mut m = d.mantissa().unsigned_abs() * 10u128.pow(pad);
+    let frac_groups = i16::try_from((scale + pad) / 4).unwrap_or(0);
+    // Base-10000 digits, least significant first.
+    let mut groups = [0i16; NUMERIC_GROUPS + 2];
+    let mut n = 0usize;
+    while m > 0 {
+        if let Some(g) = groups.get_mut(n) {
+            *g = i16::try_from(m % 10_000).unwrap_or(0);
+        }
+        m /= 10_000;
+        n += 1;
+    }
+    let n = n.min(groups.len());
+    // The weight is that of the most significant digit (there are no leading zero digits);
+    // trailing zero digits are dropped, which leaves the weight as it is.
+    let weight = if n == 0 {
+        0
     } else {
-        (
-            String::new(),
-            format!("{}{}", "0".repeat(scale_us - digits.len()), digits),
-        )
+        i16::try_from(n).unwrap_or(i16::MAX) - 1 - frac_groups
     };
-    // Pad the integer part on the left and the fraction on the right to whole base-10000 digits.
-    let int_pad = (4 - int_part.len() % 4) % 4;
-    let int_s = format!("{}{}", "0".repeat(int_pad), int_part);
-    let frac_pad = (4 - frac_part.len() % 4) % 4;
-    let frac_s = format!("{}{}", frac_part, "0".repeat(frac_pad));
-    let group = |s: &str| -> Vec<i16> {
-        s.as_bytes()
-            .chunks(4)
-            .map(|c| {
-                c.iter()
-                    .fold(0i16, |acc, b| acc * 10 + i16::from(b.saturating_sub(b'0')))
-            })
-            .collect()
-    };
-    let int_groups = group(&int_s);
-    let frac_groups = group(&frac_s);
-    let mut weight = i16::try_from(int_groups.len()).unwrap_or(i16::MAX) - 1;
-    let mut all: Vec<i16> = int_groups.into_iter().chain(frac_groups).collect();
-    // Strip leading zero digits (each lowers the weight) and trailing zero digits.
-    let leading = all.iter().take_while(|g| **g == 0).count();
-    all.drain(..leading);
-    weight -= i16::try_from(leading).unwrap_or(0);
-    while all.last() == Some(&0) {
-        all.pop();
-    }
-    if all.is_empty() {
-        weight = 0;
-    }
-    let mut out = Vec::with_capacity(8 + all.len() * 2);
-    out.extend_from_slice(&i16::try_from(all.len()).unwrap_or(0).to_be_bytes());
+    let digits = groups.get(..n).unwrap_or(&[]);
+    let zeros = digits.iter().take_while(|g| **g == 0).count();
+    let digits = digits.get(zeros..).unwrap_or(&[]);
+    let start = out.len();
+    out.extend_from_slice(&i16::try_from(digits.len()).unwrap_or(0).to_be_bytes());
     out.extend_from_slice(&weight.to_be_bytes());
     out.extend_from_slice(&(if negative { 0x4000u16 } else { 0 }).to_be_bytes());
     out.extend_from_slice(&u16::try_from(scale).unwrap_or(0).to_be_bytes());
-    for g in all {
+    for g in digits.iter().rev() {
         out.extend_from_slice(&g.to_be_bytes());
     }
-    out
+    out.len() - start
 }
 
 #[cfg(test)]
@@ -439,6 +444,42 @@ mod tests {
         );
         assert_eq!(digits(&numeric_bytes(dec!(0.000))), (0, 0, 0, 3, vec![]));
         assert_eq!(digits(&numeric_bytes(dec!(10000))), (1, 1, 0, 0, vec![1]));
+        assert_eq!(digits(&numeric_bytes(dec!(0.5))), (1, -1, 0, 1, vec![5000]));
+        assert_eq!(
+            digits(&numeric_bytes(dec!(1001.000000))),
+            (1, 0, 0, 6, vec![1001])
+        );
+        assert_eq!(
+            digits(&numeric_bytes(dec!(99999999999999.999999))),
+            (6, 3, 0, 6, vec![99, 9999, 9999, 9999, 9999, 9900])
+        );
+        // The largest mantissa a Decimal holds, at the scale that needs the most padding.
+        assert_eq!(
+            digits(&numeric_bytes(Decimal::from_i128_with_scale(
+                79_228_162_514_264_337_593_543_950_335,
+                1
+            ))),
+            (
+                8,
+                6,
+                0,
+                1,
+                vec![7922, 8162, 5142, 6433, 7593, 5439, 5033, 5000]
+            )
+        );
+    }
+
+    #[test]
+    fn numeric_in_a_row_matches_numeric_bytes() {
+        for d in [dec!(0), dec!(-0.000001), dec!(123.456), dec!(1000), dec!(5)] {
+            let mut b = CopyBuffer::new();
+            b.numeric(d);
+            let bytes = b.finish();
+            let body = &bytes[HEADER.len()..bytes.len() - 2];
+            let len = i32::from_be_bytes(body[..4].try_into().unwrap());
+            assert_eq!(&body[4..], numeric_bytes(d).as_slice(), "{d}");
+            assert_eq!(len as usize, body.len() - 4);
+        }
     }
 
     #[test]

@@ -59,30 +59,45 @@ fn narrow_ranges(r: &Reading) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Seeded fast hashing: these maps are filled and probed once per reading.
+type Fast = foldhash::fast::RandomState;
+
 /// The dictionary keys of one batch (migration 0080): meters, series, units, frame sources.
+/// Series and units are a handful per batch (a linear search beats hashing); the others are
+/// looked up with keys borrowed from the readings, so no lookup allocates.
 #[derive(Debug, Default)]
-struct Keys {
-    meters: HashMap<String, i32>,
-    series: HashMap<(String, i16, i16), i16>,
-    units: HashMap<String, i16>,
-    sources: HashMap<SourceTuple, i32>,
+struct Keys<'r> {
+    meters: HashMap<&'r str, i32, Fast>,
+    series: Vec<((&'static str, i16, i16), i16)>,
+    units: Vec<(&'static str, i16)>,
+    sources: HashMap<SourceTuple<'r>, i32, Fast>,
 }
 
-/// (gateway, source, source id, channel, clock) of a frame.
-type SourceTuple = (
-    Option<String>,
-    &'static str,
-    String,
-    Option<String>,
-    &'static str,
-);
+impl Keys<'_> {
+    fn series(&self, quantity: &str, tariff: i16, subunit: i16) -> Option<i16> {
+        self.series
+            .iter()
+            .find(|((q, t, s), _)| *q == quantity && *t == tariff && *s == subunit)
+            .map(|(_, id)| *id)
+    }
 
-fn source_tuple(r: &Reading) -> SourceTuple {
+    fn unit(&self, unit: &str) -> Option<i16> {
+        self.units
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, id)| *id)
+    }
+}
+
+/// (gateway, source, source id, channel, clock) of a frame, borrowed.
+type SourceTuple<'r> = (Option<&'r str>, &'r str, &'r str, Option<&'r str>, &'r str);
+
+fn source_tuple(r: &Reading) -> SourceTuple<'_> {
     (
-        Some(r.provenance.gateway.as_str().to_owned()),
+        Some(r.provenance.gateway.as_str()),
         copy::source_name(r.provenance.source),
-        r.provenance.source_id.clone(),
-        r.provenance.channel.clone(),
+        &r.provenance.source_id,
+        r.provenance.channel.as_deref(),
         copy::clock_name(r.clock),
     )
 }
@@ -91,18 +106,29 @@ fn source_tuple(r: &Reading) -> SourceTuple {
 type SourceKeyRow = (Option<String>, String, String, Option<String>, String, i32);
 
 /// Looks up (and adds what is missing to) the dictionaries of a batch: four statements.
-async fn resolve_keys(conn: &mut PgConnection, readings: &[&Reading]) -> Result<Keys, sqlx::Error> {
+async fn resolve_keys<'r>(
+    conn: &mut PgConnection,
+    readings: &[&'r Reading],
+) -> Result<Keys<'r>, sqlx::Error> {
     let mut keys = Keys::default();
     let mut meters: Vec<&str> = readings.iter().map(|r| r.meter.as_str()).collect();
     meters.sort_unstable();
     meters.dedup();
-    let rows: Vec<(String, i32)> =
-        sqlx::query_as("SELECT meter_id, meter_key FROM wm_meter_keys($1)")
-            .bind(&meters)
-            .fetch_all(&mut *conn)
-            .await?;
-    keys.meters.extend(rows);
-    let mut series: Vec<(&str, i16, i16)> = readings
+    // One int4[] aligned with `meters` (migration 0150): no text comes back.
+    let found: Option<Vec<Option<i32>>> = sqlx::query_scalar("SELECT wm_meter_key_list($1)")
+        .bind(&meters)
+        .fetch_one(&mut *conn)
+        .await?;
+    let found = found.unwrap_or_default();
+    keys.meters.reserve(meters.len());
+    for (m, k) in meters.iter().zip(found) {
+        // A key still missing (cannot happen after the insert) leaves the meter out: the
+        // encoder then refuses its reading by name.
+        if let Some(k) = k {
+            keys.meters.insert(*m, k);
+        }
+    }
+    let mut series: Vec<(&'static str, i16, i16)> = readings
         .iter()
         .map(|r| {
             (
@@ -122,36 +148,54 @@ async fn resolve_keys(conn: &mut PgConnection, readings: &[&Reading]) -> Result<
     .bind(series.iter().map(|s| s.2).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
-    keys.series
-        .extend(rows.into_iter().map(|(q, t, s, id)| ((q, t, s), id)));
-    let mut units: Vec<&str> = readings.iter().map(|r| r.unit.symbol()).collect();
+    for (q, t, s, id) in rows {
+        if let Some(k) = series.iter().find(|k| k.0 == q && k.1 == t && k.2 == s) {
+            keys.series.push((*k, id));
+        }
+    }
+    let mut units: Vec<&'static str> = readings.iter().map(|r| r.unit.symbol()).collect();
     units.sort_unstable();
     units.dedup();
     let rows: Vec<(String, i16)> = sqlx::query_as("SELECT unit, unit_id FROM wm_unit_keys($1)")
         .bind(&units)
         .fetch_all(&mut *conn)
         .await?;
-    keys.units.extend(rows);
-    let mut sources: Vec<SourceTuple> = readings.iter().map(|r| source_tuple(r)).collect();
+    for (u, id) in rows {
+        if let Some(k) = units.iter().find(|k| **k == u) {
+            keys.units.push((k, id));
+        }
+    }
+    let mut sources: Vec<SourceTuple<'r>> = readings.iter().map(|r| source_tuple(r)).collect();
     sources.sort_unstable();
     sources.dedup();
     let rows: Vec<SourceKeyRow> = sqlx::query_as(
         "SELECT gateway_id, source, source_id, channel, clock, source_key
              FROM wm_source_keys($1, $2, $3, $4, $5)",
     )
-    .bind(sources.iter().map(|s| s.0.clone()).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.0).collect::<Vec<_>>())
     .bind(sources.iter().map(|s| s.1).collect::<Vec<_>>())
-    .bind(sources.iter().map(|s| s.2.clone()).collect::<Vec<_>>())
-    .bind(sources.iter().map(|s| s.3.clone()).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.2).collect::<Vec<_>>())
+    .bind(sources.iter().map(|s| s.3).collect::<Vec<_>>())
     .bind(sources.iter().map(|s| s.4).collect::<Vec<_>>())
     .fetch_all(&mut *conn)
     .await?;
+    // By hash, not by a search per row: a batch of NB-IoT meters has a source (channel =
+    // the meter's own address) per meter.
+    let index: HashMap<SourceTuple<'r>, usize, Fast> =
+        sources.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    keys.sources.reserve(rows.len());
     for (g, src, sid, ch, clk, key) in rows {
-        if let Some(t) = sources
-            .iter()
-            .find(|t| t.0 == g && t.1 == src && t.2 == sid && t.3 == ch && t.4 == clk)
-        {
-            keys.sources.insert(t.clone(), key);
+        let found = index
+            .get(&(
+                g.as_deref(),
+                src.as_str(),
+                sid.as_str(),
+                ch.as_deref(),
+                clk.as_str(),
+            ))
+            .and_then(|i| sources.get(*i));
+        if let Some(t) = found {
+            keys.sources.insert(*t, key);
         }
     }
     Ok(keys)
@@ -168,6 +212,36 @@ pub(super) struct Narrow {
     pub(super) rows: Vec<copy::NarrowRow>,
     /// `quality_detail` of the rows that have one: (row index, JSON).
     pub(super) details: Vec<(usize, String)>,
+}
+
+impl Narrow {
+    /// Sorts the rows by the primary key of `reading_rows`, (meter key, series, ts), each
+    /// detail staying with its row: the index is then filled page by page instead of at
+    /// random places across all meters (measured about 1.5x faster on the index). Sorting
+    /// the encoded integers is cheaper than sorting the readings by their meter id text,
+    /// and it is the index's own order.
+    pub(super) fn sort_by_key(&mut self) {
+        let key = |r: &copy::NarrowRow| (r.meter_key, r.series_id, r.ts);
+        if self.details.is_empty() {
+            self.rows.sort_by_key(key);
+            return;
+        }
+        let mut detail_of: Vec<Option<String>> = vec![None; self.rows.len()];
+        for (i, d) in self.details.drain(..) {
+            if let Some(slot) = detail_of.get_mut(i) {
+                *slot = Some(d);
+            }
+        }
+        let mut paired: Vec<(copy::NarrowRow, Option<String>)> =
+            self.rows.drain(..).zip(detail_of).collect();
+        paired.sort_by_key(|(r, _)| key(r));
+        for (i, (r, d)) in paired.into_iter().enumerate() {
+            self.rows.push(r);
+            if let Some(d) = d {
+                self.details.push((i, d));
+            }
+        }
+    }
 }
 
 /// Frames of one block (frame_id = block << 20 | index).
@@ -187,9 +261,11 @@ pub(super) async fn encode_narrow(
         meter: r.meter.to_string(),
     };
     let mut out = Narrow::default();
+    out.rows.reserve(readings.len());
     let mut frames = CopyBuffer::new();
-    type FrameKey<'r> = (i32, OffsetDateTime, &'r str);
-    let mut frame_of: HashMap<FrameKey<'_>, i64, foldhash::fast::RandomState> = HashMap::default();
+    type FrameKey<'a> = (i32, OffsetDateTime, &'a str);
+    let mut frame_of: HashMap<FrameKey<'_>, i64, Fast> =
+        HashMap::with_capacity_and_hasher(readings.len(), Fast::default());
     let mut block: i64 = 0;
     let mut in_block = FRAMES_PER_BLOCK;
     for (i, r) in readings.iter().enumerate() {
@@ -235,13 +311,11 @@ pub(super) async fn encode_narrow(
                 .meters
                 .get(r.meter.as_str())
                 .ok_or_else(|| missing("meter", r))?,
-            series_id: *keys
-                .series
-                .get(&(r.quantity.as_str().to_owned(), tariff, subunit))
+            series_id: keys
+                .series(r.quantity.as_str(), tariff, subunit)
                 .ok_or_else(|| missing("quantity", r))?,
-            unit_id: *keys
-                .units
-                .get(r.unit.symbol())
+            unit_id: keys
+                .unit(r.unit.symbol())
                 .ok_or_else(|| missing("unit", r))?,
             storage: i16::try_from(r.storage).map_err(|_| missing("storage", r))?,
             quality: copy::quality_code(&r.quality),
@@ -260,7 +334,7 @@ pub(super) async fn encode_narrow(
 async fn copy_in(
     conn: &mut PgConnection,
     statement: &str,
-    bytes: Vec<u8>,
+    bytes: &[u8],
 ) -> Result<u64, sqlx::Error> {
     let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(bytes).await?;
@@ -311,7 +385,7 @@ pub(super) async fn copy_narrow(
             "COPY frames ({}) FROM STDIN (FORMAT binary)",
             copy::FRAME_COLUMNS
         ),
-        n.frames.clone(),
+        &n.frames,
     )
     .await?;
     let mut buf = CopyBuffer::new();
@@ -324,7 +398,7 @@ pub(super) async fn copy_narrow(
             "COPY {table} ({}) FROM STDIN (FORMAT binary)",
             copy::ROW_COLUMNS
         ),
-        buf.finish(),
+        &buf.finish(),
     )
     .await
 }
@@ -396,18 +470,6 @@ pub async fn copy_readings(
         .await
         .map_err(stage("writing quality details"))?;
     Ok(rows)
-}
-
-/// The unique key of `readings` (meter, ts, quantity, tariff, subunit), for sorting: meters
-/// with neighbouring ids mostly have neighbouring keys (assigned in sorted batches).
-pub(super) fn reading_key(r: &Reading) -> (&str, OffsetDateTime, &str, u16, u16) {
-    (
-        r.meter.as_str(),
-        r.ts,
-        r.quantity.as_str(),
-        r.tariff,
-        r.subunit,
-    )
 }
 
 /// What the conflict-tolerant merge did.

@@ -92,11 +92,10 @@ pub async fn write_batch(
             .execute(&mut *tx)
             .await
             .map_err(stage("setting a savepoint"))?;
-        // In key order: the unique index of `readings` is then filled page by page instead of
-        // at random places across all meters (measured about 1.5x faster on the index).
-        let mut sorted: Vec<&Reading> = set.readings.iter().collect();
-        sorted.sort_by(|a, b| readings::reading_key(a).cmp(&readings::reading_key(b)));
-        let narrow = readings::encode_narrow(&mut tx, &sorted).await?;
+        let refs: Vec<&Reading> = set.readings.iter().collect();
+        let mut narrow = readings::encode_narrow(&mut tx, &refs).await?;
+        // In the primary key's order (see `Narrow::sort_by_key`).
+        narrow.sort_by_key();
         let copied = match readings::copy_narrow(&mut tx, "reading_rows", &narrow).await {
             Ok(n) => readings::write_details(&mut tx, false, &narrow)
                 .await

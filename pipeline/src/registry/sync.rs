@@ -516,18 +516,22 @@ async fn write_frames(pool: &PgPool, latest: &mut HashMap<String, (String, Offse
         gateways.push(g.as_str());
         times.push(*t);
     }
+    // Only the unexpected rows come back: the others (every meter of the fleet, in a busy
+    // interval) would be sent to this process just to be skipped.
     let result = sqlx::query(
-        "INSERT INTO meter_last_frame (meter_id, gateway_id, received_at, unexpected)
-         SELECT s.meter_id, s.gateway_id, s.received_at,
-                coalesce(m.gateway_id IS NOT NULL AND m.gateway_id <> s.gateway_id, false)
-         FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(meter_id, gateway_id, received_at)
-         LEFT JOIN meters m ON m.meter_id = s.meter_id
-         ORDER BY s.meter_id
-         ON CONFLICT (meter_id) DO UPDATE SET gateway_id = excluded.gateway_id,
-             received_at = excluded.received_at, unexpected = excluded.unexpected,
-             updated_at = now()
-         WHERE meter_last_frame.received_at <= excluded.received_at
-         RETURNING meter_id, gateway_id, unexpected",
+        "WITH up AS (
+             INSERT INTO meter_last_frame (meter_id, gateway_id, received_at, unexpected)
+             SELECT s.meter_id, s.gateway_id, s.received_at,
+                    coalesce(m.gateway_id IS NOT NULL AND m.gateway_id <> s.gateway_id, false)
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS s(meter_id, gateway_id, received_at)
+             LEFT JOIN meters m ON m.meter_id = s.meter_id
+             ORDER BY s.meter_id
+             ON CONFLICT (meter_id) DO UPDATE SET gateway_id = excluded.gateway_id,
+                 received_at = excluded.received_at, unexpected = excluded.unexpected,
+                 updated_at = now()
+             WHERE meter_last_frame.received_at <= excluded.received_at
+             RETURNING meter_id, gateway_id, unexpected)
+         SELECT meter_id, gateway_id, unexpected FROM up WHERE unexpected",
     )
     .bind(&meters)
     .bind(&gateways)

@@ -10,6 +10,17 @@
 //! then prints the VEE state per meter (`state_bytes_per_meter`), the disk space per stored
 //! reading of the second database (`bytes_per_reading`: every table and index of readings,
 //! their provenance and dictionaries) and, last, `ratio` (2 over 1).
+//!
+//! Both phases are also measured in CPU seconds (`cpu.rs`): this process (the publisher
+//! thread, i.e. the gateways' work, apart from the workers), the PostgreSQL backends of the
+//! phase's database and the broker, printed per reading (`copy_cpu_us_per_row`,
+//! `pipeline_cpu_us_per_reading` and their splits, `cpu_ratio`), so a run on a loaded machine
+//! still says what an idle one would do. By default the bench runs its own Mosquitto
+//! (`broker.rs`; `--own-broker false` uses `MQTT_URL`), and it fails with the counts when no
+//! reading arrives for `--stall-timeout-s` instead of waiting for messages a broker dropped.
+
+mod broker;
+mod cpu;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,6 +80,15 @@ struct Args {
     /// Keep the two bench databases afterwards.
     #[arg(long)]
     keep: bool,
+    /// Run a private Mosquitto for the pipeline phase (free port, no queue limit, stopped at the
+    /// end; `false`: the broker at `MQTT_URL`, shared and with Mosquitto's default limit of
+    /// 1000 queued messages per client).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    own_broker: bool,
+    /// Fail when nothing is published, consumed or stored for this many seconds (a broker
+    /// that dropped messages would otherwise make the bench wait forever).
+    #[arg(long, default_value_t = 120)]
+    stall_timeout_s: u64,
     /// After the pipeline phase, pack every month of the stored readings the way the
     /// `reading-retention` job packs closed months (`scheduler::pack_closed_months`, the bench's
     /// data treated as history) and print `packed_bytes_per_reading=`.
@@ -228,6 +248,150 @@ async fn drop_db(admin: &PgConnectOptions, name: &str) {
     }
 }
 
+/// The shared Mosquitto's pid (Debian's service writes it here), for its CPU.
+fn system_broker_pid() -> Option<u32> {
+    std::fs::read_to_string("/run/mosquitto/mosquitto.pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The gateways: publishes the pre-encoded batches from a thread (and runtime) of its own, so
+/// its CPU is measured apart from the workers'. At most `window` messages are ahead of what
+/// the workers consumed.
+struct Publisher {
+    thread: Option<std::thread::JoinHandle<anyhow::Result<f64>>>,
+    connected: Option<tokio::sync::oneshot::Receiver<()>>,
+    go: Option<tokio::sync::oneshot::Sender<()>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    published: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Publisher {
+    fn spawn(
+        mqtt_url: &str,
+        root: String,
+        payloads: Vec<(u16, Vec<u8>)>,
+        window: u64,
+        metrics: Arc<IngestMetrics>,
+    ) -> anyhow::Result<Self> {
+        let broker = pipeline::config::broker_url(mqtt_url)?;
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&published);
+        let thread = std::thread::Builder::new()
+            .name("bench-publisher".into())
+            .spawn(move || -> anyhow::Result<f64> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async move {
+                    let (client, mut eventloop) = pipeline::config::bench_publisher(
+                        &broker,
+                        format!("bench-pub-{}", std::process::id()),
+                    )?;
+                    tokio::spawn(async move {
+                        let mut connected = Some(connected_tx);
+                        loop {
+                            match eventloop.poll().await {
+                                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                                    if let Some(c) = connected.take() {
+                                        c.send(()).ok();
+                                    }
+                                }
+                                Ok(_) => {}
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "bench publisher connection");
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                            }
+                        }
+                    });
+                    go_rx.await?;
+                    let cpu_at_start = cpu::thread_cpu_s();
+                    for (published, (p, payload)) in (0u64..).zip(payloads) {
+                        while published.saturating_sub(IngestMetrics::get(&metrics.messages))
+                            > window
+                        {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        client
+                            .publish(
+                                pipeline::ingest::readings_topic(&root, p),
+                                QoS::AtLeastOnce,
+                                false,
+                                payload,
+                            )
+                            .await?;
+                        counter.store(published + 1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // Stays connected (PUBACKs, the broker's view) until the phase ends.
+                    stop_rx.await.ok();
+                    Ok(cpu::thread_cpu_s() - cpu_at_start)
+                })
+            })?;
+        Ok(Self {
+            thread: Some(thread),
+            connected: Some(connected),
+            go: Some(go),
+            stop: Some(stop),
+            published,
+        })
+    }
+
+    /// Waits until the publisher's MQTT session is up (at most 30 s).
+    async fn connected(&mut self) -> anyhow::Result<()> {
+        let rx = self.connected.take().context("connected() twice")?;
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .context("the bench publisher did not connect to the broker within 30 s")?
+            .context("the bench publisher stopped before connecting")
+    }
+
+    /// Starts publishing.
+    fn go(&mut self) {
+        if let Some(go) = self.go.take() {
+            go.send(()).ok();
+        }
+    }
+
+    /// Messages handed to the MQTT client so far.
+    fn published(&self) -> u64 {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The publisher's error, if it stopped early.
+    fn failed(&mut self) -> Option<String> {
+        if !self.thread.as_ref()?.is_finished() {
+            return None;
+        }
+        match self.thread.take()?.join() {
+            Ok(Ok(_)) => Some("the publisher stopped early".into()),
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("the publisher panicked".into()),
+        }
+    }
+
+    /// Ends the publisher; returns its CPU seconds from [`Publisher::go`] on.
+    fn finish(mut self) -> anyhow::Result<f64> {
+        if let Some(stop) = self.stop.take() {
+            stop.send(()).ok();
+        }
+        match self
+            .thread
+            .take()
+            .context("the publisher already ended")?
+            .join()
+        {
+            Ok(r) => r,
+            Err(_) => anyhow::bail!("the publisher panicked"),
+        }
+    }
+}
+
 fn rss_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
@@ -248,7 +412,15 @@ async fn main() -> anyhow::Result<()> {
         "need readings >= meters > 0"
     );
     let admin: PgConnectOptions = pipeline::config::database_url().parse()?;
-    let mqtt_url = pipeline::config::mqtt_url();
+    let own_broker = if args.own_broker {
+        Some(broker::OwnBroker::start().await?)
+    } else {
+        None
+    };
+    let (mqtt_url, broker_pid) = match &own_broker {
+        Some(b) => (b.url(), Some(b.pid())),
+        None => (pipeline::config::mqtt_url(), system_broker_pid()),
+    };
     let fleet = Fleet::new(
         args.meters,
         args.readings,
@@ -264,6 +436,15 @@ async fn main() -> anyhow::Result<()> {
         args.batch,
         std::thread::available_parallelism().map_or(0, usize::from)
     );
+    println!(
+        "broker={} broker_url={mqtt_url} broker_tcp_nodelay={}",
+        if own_broker.is_some() {
+            "own"
+        } else {
+            "shared"
+        },
+        own_broker.as_ref().is_some_and(|b| b.tcp_nodelay)
+    );
     let partition_of: Vec<u16> = fleet
         .meters
         .iter()
@@ -273,24 +454,35 @@ async fn main() -> anyhow::Result<()> {
     // Phase 1: raw binary COPY of the same rows into the same schema.
     let copy_db = format!("wm_bench_copy_{}", std::process::id());
     let pool = create_db(&admin, &copy_db).await?;
+    let mut conn = pool.acquire().await?;
+    let meter = cpu::CpuMeter::start(&copy_db, None)?;
     let started = Instant::now();
+    // Making the rows is not the COPY's work: its CPU (this thread's, exact to the
+    // nanosecond) is taken out of the phase's.
+    let mut generator_s = 0.0;
     {
-        let mut conn = pool.acquire().await?;
         let mut chunk = Vec::with_capacity(args.copy_chunk);
+        let mut gen_started = cpu::thread_cpu_s();
         for round in 0..fleet.rounds {
             for (m, p) in partition_of.iter().enumerate() {
                 chunk.push(fleet.reading(m, round, *p));
                 if chunk.len() == args.copy_chunk {
+                    generator_s += cpu::thread_cpu_s() - gen_started;
                     pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
                     chunk.clear();
+                    gen_started = cpu::thread_cpu_s();
                 }
             }
         }
+        generator_s += cpu::thread_cpu_s() - gen_started;
         if !chunk.is_empty() {
             pipeline::db::readings::copy_readings(&mut conn, &chunk).await?;
         }
     }
     let copy_secs = started.elapsed().as_secs_f64();
+    let mut copy_cpu = meter.stop();
+    copy_cpu.bench_s = (copy_cpu.bench_s - generator_s).max(0.0);
+    drop(conn);
     let copied: i64 = sqlx::query_scalar("SELECT count(*) FROM readings")
         .fetch_one(&pool)
         .await?;
@@ -298,6 +490,17 @@ async fn main() -> anyhow::Result<()> {
     let copy_rate = total as f64 / copy_secs;
     println!("copy_limit_seconds={copy_secs:.2}");
     println!("copy_limit_rows_per_s={copy_rate:.0}");
+    let per_row = |s: f64| s * 1e6 / total as f64;
+    println!(
+        "copy_cpu_us_per_row={:.2} copy_bench_cpu_us_per_row={:.2} copy_postgres_cpu_us_per_row={:.2} copy_postgres_background_cpu_us_per_row={:.2} copy_generator_cpu_us_per_row={:.2} copy_load_average={}..{}",
+        per_row(copy_cpu.total_s()),
+        per_row(copy_cpu.bench_s),
+        per_row(copy_cpu.postgres_s),
+        per_row(copy_cpu.postgres_background_s),
+        per_row(generator_s),
+        copy_cpu.load.0,
+        copy_cpu.load.1,
+    );
     pool.close().await;
     if !args.keep {
         drop_db(&admin, &copy_db).await;
@@ -338,17 +541,6 @@ async fn main() -> anyhow::Result<()> {
             shutdown.clone(),
         )));
     }
-    let broker = pipeline::config::broker_url(&mqtt_url)?;
-    let (client, mut eventloop) =
-        pipeline::config::bench_publisher(&broker, format!("bench-pub-{}", std::process::id()))?;
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = eventloop.poll().await {
-                tracing::warn!(error = %e, "bench publisher connection");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
     // Let the workers subscribe before timing starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let by_partition: Vec<Vec<usize>> = (0..args.partitions)
@@ -390,32 +582,60 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+    let messages_total = payloads.len() as u64;
+    let mut publisher = Publisher::spawn(
+        &mqtt_url,
+        root.clone(),
+        payloads,
+        args.window,
+        Arc::clone(&metrics),
+    )?;
+    publisher.connected().await?;
+    let meter = cpu::CpuMeter::start(&pipe_db, broker_pid)?;
     let started = Instant::now();
-    for (published, (p, payload)) in (0u64..).zip(payloads) {
-        while published.saturating_sub(IngestMetrics::get(&metrics.messages)) > args.window {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        client
-            .publish(
-                pipeline::ingest::readings_topic(&root, p),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(3600);
+    publisher.go();
     // Done when every reading is stored and its rollups and meter state are folded in.
+    let stall = Duration::from_secs(args.stall_timeout_s);
+    let mut last_progress = (0, 0, 0, 0);
+    let mut progressed_at = Instant::now();
     while IngestMetrics::get(&metrics.stored) < total
         || IngestMetrics::get(&metrics.pending_spans) > 0
     {
+        let now = (
+            publisher.published(),
+            IngestMetrics::get(&metrics.messages),
+            IngestMetrics::get(&metrics.stored),
+            IngestMetrics::get(&metrics.flushes),
+        );
+        if now != last_progress {
+            last_progress = now;
+            progressed_at = Instant::now();
+        }
+        if let Some(e) = publisher.failed() {
+            anyhow::bail!("publishing failed: {e}");
+        }
         anyhow::ensure!(
-            Instant::now() < deadline,
-            "pipeline did not finish within an hour"
+            progressed_at.elapsed() < stall,
+            "no progress for {} s: {} of {messages_total} messages published, {} consumed by \
+             the workers, {} of {total} readings stored ({} already stored, {} duplicates, {} \
+             rejected before storage, {} batches held back after a gap), {} journal folds; a \
+             broker that drops messages (Mosquitto's max_queued_messages, 1000 by default) \
+             loses them for good here (`--own-broker true` has no limit)",
+            args.stall_timeout_s,
+            now.0,
+            now.1,
+            now.2,
+            IngestMetrics::get(&metrics.already_stored),
+            IngestMetrics::get(&metrics.duplicates),
+            IngestMetrics::get(&metrics.unstorable),
+            IngestMetrics::get(&metrics.gaps),
+            now.3,
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let pipe_secs = started.elapsed().as_secs_f64();
+    let pipe_cpu = meter.stop();
+    let publisher_s = publisher.finish()?;
     let pipe_rate = total as f64 / pipe_secs;
     stop.send(true).ok();
     for w in workers {
@@ -489,6 +709,33 @@ async fn main() -> anyhow::Result<()> {
         vee.state_bytes() as f64 / vee.meters().max(1) as f64
     );
     println!("pipeline_readings_per_s={pipe_rate:.0}");
+    let per_reading = |s: f64| s * 1e6 / total as f64;
+    let pipe_us = per_reading(pipe_cpu.total_s());
+    println!(
+        "pipeline_cpu_us_per_reading={pipe_us:.2} bench_workers_cpu_us_per_reading={:.2} bench_publisher_cpu_us_per_reading={:.2} postgres_cpu_us_per_reading={:.2} broker_cpu_us_per_reading={} postgres_background_cpu_us_per_reading={:.2} pipeline_load_average={}..{}",
+        per_reading((pipe_cpu.bench_s - publisher_s).max(0.0)),
+        per_reading(publisher_s),
+        per_reading(pipe_cpu.postgres_s),
+        pipe_cpu
+            .broker_s
+            .map_or_else(|| "na".to_owned(), |b| format!("{:.2}", per_reading(b))),
+        per_reading(pipe_cpu.postgres_background_s),
+        pipe_cpu.load.0,
+        pipe_cpu.load.1,
+    );
+    // Rates an idle machine would reach if the phase were bound by CPU alone: the pipeline
+    // spreads over every core (two workers, PostgreSQL backends, broker, publisher); the raw
+    // COPY is one connection whose client and backend take turns, so one core.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let copy_us = per_row(copy_cpu.total_s());
+    println!(
+        "cpu_ratio={:.3} pipeline_cpu_bound_readings_per_s={:.0} copy_cpu_bound_rows_per_s={:.0} pipeline_cpu_utilisation={:.2} copy_cpu_utilisation={:.2}",
+        copy_us / pipe_us.max(1e-9),
+        cores * 1e6 / pipe_us.max(1e-9),
+        1e6 / copy_us.max(1e-9),
+        pipe_cpu.total_s() / pipe_cpu.wall_s.max(1e-9),
+        copy_cpu.total_s() / copy_cpu.wall_s.max(1e-9),
+    );
     // Disk per reading, after a checkpoint-free VACUUM-less read of the relation sizes: the
     // narrow rows and their index, provenance (frames, frame_sources) and dictionaries.
     // Per table: everything (heap, TOAST, maps, indexes) and the indexes alone, so the
