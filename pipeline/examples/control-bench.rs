@@ -17,6 +17,10 @@
 //! (`--broker-nodelay` adds `set_tcp_nodelay true`); otherwise the broker of `MQTT_URL` is used
 //! and its CPU is read through `/run/mosquitto/mosquitto.pid`.
 
+// The private broker of `pipeline-bench` (one implementation for both benches).
+#[path = "../src/bin/pipeline-bench/broker.rs"]
+mod broker;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +32,7 @@ use model::{
     SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
+use broker::OwnBroker;
 use rumqttc::{Event, Packet, QoS};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
@@ -134,64 +139,6 @@ impl Sequencer {
                 (p, serde_json::to_vec(&batch).unwrap_or_default())
             })
             .collect()
-    }
-}
-
-/// A private Mosquitto (`--own-broker`), killed when dropped.
-struct OwnBroker {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl OwnBroker {
-    async fn start(nodelay: bool) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let dir = tempfile::tempdir()?;
-        let conf = dir.path().join("mosquitto.conf");
-        let mut text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\n"
-        );
-        if nodelay {
-            text.push_str("set_tcp_nodelay true\n");
-        }
-        std::fs::write(&conf, text)?;
-        let child = std::process::Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting mosquitto (is it installed?)")?;
-        let mut broker = Self {
-            child,
-            url: format!("mqtt://127.0.0.1:{port}"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            if let Some(status) = broker.child.try_wait()? {
-                bail!("mosquitto exited at start ({status}); does it know set_tcp_nodelay?");
-            }
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "mosquitto not listening after 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(broker)
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
     }
 }
 
@@ -436,15 +383,15 @@ async fn main() -> anyhow::Result<()> {
         bail!("--trials must be at least 1");
     }
     let own_broker = if args.own_broker {
-        Some(OwnBroker::start(args.broker_nodelay).await?)
+        Some(OwnBroker::start(Some(args.broker_nodelay)).await?)
     } else {
         None
     };
     let mqtt_url = own_broker
         .as_ref()
-        .map_or_else(pipeline::config::mqtt_url, |b| b.url.clone());
+        .map_or_else(pipeline::config::mqtt_url, OwnBroker::url);
     let broker_pid = match &own_broker {
-        Some(b) => Some(b.child.id()),
+        Some(b) => Some(b.pid()),
         None => std::fs::read_to_string("/run/mosquitto/mosquitto.pid")
             .ok()
             .and_then(|p| p.trim().parse().ok()),
@@ -474,10 +421,10 @@ async fn main() -> anyhow::Result<()> {
             "adaptive"
         },
         if args.no_lane { "off" } else { "on" },
-        match (args.own_broker, args.broker_nodelay) {
-            (false, _) => "shared",
-            (true, false) => "own",
-            (true, true) => "own+nodelay",
+        match own_broker.as_ref().map(|b| b.tcp_nodelay) {
+            None => "shared",
+            Some(false) => "own",
+            Some(true) => "own+nodelay",
         },
         std::thread::available_parallelism().map_or(0, usize::from)
     );

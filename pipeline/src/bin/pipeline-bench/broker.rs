@@ -1,4 +1,5 @@
-//! The bench's own Mosquitto (`--own-broker`, the default).
+//! The bench's own Mosquitto (`--own-broker`, the default in `pipeline-bench`; also used by
+//! `examples/control-bench.rs` through `#[path]`).
 //!
 //! The shared broker keeps at most 1000 queued QoS 1 messages per client (Mosquitto's default
 //! `max_queued_messages`) and drops the rest; on a loaded machine a slow bench worker lost
@@ -47,16 +48,23 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl OwnBroker {
-    /// Starts `mosquitto` and waits until it accepts connections (at most 10 s).
+    /// Starts `mosquitto` and waits until it accepts connections (at most 10 s). `tcp_nodelay`
+    /// `None` tries `set_tcp_nodelay true` and falls back to Mosquitto's default; `Some(b)`
+    /// asks for exactly that (to compare the two).
     ///
     /// # Errors
     /// When `mosquitto` is not installed or does not come up; its log is in the message.
-    pub(crate) async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start(tcp_nodelay: Option<bool>) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!("wm-bench-mosquitto-{}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut last_log = String::new();
         // An older Mosquitto refuses the unknown `set_tcp_nodelay`: then without it.
-        for tcp_nodelay in [true, false] {
+        let attempts: &[bool] = match tcp_nodelay {
+            None => &[true, false],
+            Some(true) => &[true],
+            Some(false) => &[false],
+        };
+        for &tcp_nodelay in attempts {
             let port = free_port()?;
             let conf = dir.join("mosquitto.conf");
             std::fs::write(&conf, config(port, tcp_nodelay))?;

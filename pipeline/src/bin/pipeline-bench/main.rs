@@ -413,7 +413,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let admin: PgConnectOptions = pipeline::config::database_url().parse()?;
     let own_broker = if args.own_broker {
-        Some(broker::OwnBroker::start().await?)
+        Some(broker::OwnBroker::start(None).await?)
     } else {
         None
     };
