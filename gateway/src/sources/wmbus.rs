@@ -120,6 +120,28 @@ fn bind(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
+/// [`bind`], waiting up to [`REBIND_WAIT`] while the address is still in use: a receiver
+/// restarted for new device keys binds the port its predecessor is still releasing, and a
+/// refused bind there would leave the gateway without its wM-Bus source (a device set applied
+/// while the machine was loaded lost the demo's DMA inlets this way).
+async fn bind_when_free(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
+    let deadline = tokio::time::Instant::now() + REBIND_WAIT;
+    loop {
+        match bind(config) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// How long [`bind_when_free`] waits for a port being released.
+const REBIND_WAIT: Duration = Duration::from_secs(3);
+
 /// The kernel's count of datagrams dropped for `socket` (receive buffer full, bad checksum):
 /// the `drops` column of its line in `/proc/net/udp` or `/proc/net/udp6`, found by inode.
 /// `None` where procfs is not available.
@@ -368,11 +390,13 @@ impl Source for WmbusSource {
 
     async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
         // Checked by edge-config (`Valid`): nothing to validate here.
-        let socket = bind(config).map_err(|source| SourceError::Socket {
-            what: "wM-Bus UDP socket",
-            addr: config.listen.clone(),
-            source,
-        })?;
+        let socket = bind_when_free(config)
+            .await
+            .map_err(|source| SourceError::Socket {
+                what: "wM-Bus UDP socket",
+                addr: config.listen.clone(),
+                source,
+            })?;
         // Keys given on [[device]] entries of this source join the source's own.
         let mut keys = config.key_map();
         let mut extra = (**config).clone();
