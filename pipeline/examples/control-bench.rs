@@ -26,13 +26,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use broker::OwnBroker;
 use clap::Parser;
 use model::{
     BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quantity, Reading, ReadingBatch,
     SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use broker::OwnBroker;
 use rumqttc::{Event, Packet, QoS};
 use rust_decimal::Decimal;
 use time::OffsetDateTime;
