@@ -20,9 +20,7 @@ pub(super) fn decode_application_at(bytes: &[u8], base: usize) -> Result<Applica
     let msb_first = ci == CI_RSP_LONG_MSB;
     // One pass: the vector is sized by a guess from the payload length (a typical record is
     // DIF, VIF and 2 to 4 data bytes) instead of a separate counting pass over the records;
-    // a frame of unusually short records only grows it. Each record is written into a
-    // placeholder already in the vector rather than built aside and moved in: the moved
-    // record was read back right after its fields were written, a store-forwarding stall.
+    // a frame of unusually short records only grows it.
     let mut records_out: Vec<Record> = Vec::with_capacity((cur.rest.len() >> 2).wrapping_add(1));
     let mut more = false;
     let mut iter = RecordIter::with_offset(cur.rest, cur.offset, msb_first);
@@ -30,10 +28,7 @@ pub(super) fn decode_application_at(bytes: &[u8], base: usize) -> Result<Applica
     // every record.
     while let Some(rec) = iter.next_record()? {
         more |= rec.dif == 0x1F;
-        records_out.push(empty_record());
-        if let Some(slot) = records_out.last_mut() {
-            rec.write_record(slot);
-        }
+        records_out.push(rec.make_record());
     }
     Ok(Application {
         ci,

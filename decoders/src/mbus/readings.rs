@@ -179,10 +179,11 @@ static PLAIN_TEXT: VifInfo = vi("plain_text", None, 0);
 /// `lookup`'s fallback (never used: the tables have 128 entries).
 static RESERVED: VifInfo = vi("reserved", None, 0);
 
-/// An integer record's value scaled and in normal form, as [`write_int_number`] stores it;
-/// `None` when it does not fit a `Decimal`.
+/// An integer record's value scaled and in normal form (the common case, an integer scaled
+/// down by a power of ten, built directly in normal form instead of through
+/// `Decimal::normalize`); `None` when it does not fit a `Decimal`.
 #[inline(always)]
-fn int_number(v: i64, exponent: i32, factor: u32, additive: Option<i32>) -> Option<Decimal> {
+pub(super) fn int_number(v: i64, exponent: i32, factor: u32, additive: Option<i32>) -> Option<Decimal> {
     if factor == 1 && additive.is_none() && (-28..=0).contains(&exponent) {
         let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
         let magnitude = mantissa.unsigned_abs();

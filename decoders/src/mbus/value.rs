@@ -1,6 +1,6 @@
 //! Values of a record: raw integers, reals, BCD, dates, text; scaling by the VIF; conversion to `Record` (written in place by `decode`).
 
-use super::readings::whole_f32;
+use super::readings::{int_number, whole_f32};
 use super::*;
 
 /// A decoded number or other value of a record, without allocation.
@@ -174,58 +174,46 @@ impl<'a> RawRecord<'a> {
     }
 
     /// Converts to the protocol-neutral record. The quantity name is borrowed from the VIF
-    /// table; only plain-text VIFs, dates, text and raw bytes allocate.
+    /// table; only plain-text VIFs, long text and long raw bytes allocate.
     pub fn to_record(&self) -> Record {
-        let mut record = empty_record();
-        self.write_record(&mut record);
-        record
+        self.make_record()
     }
 
-    /// Fills `out` (every field) with this record. `decode` writes into the slot of its
-    /// vector: a record built aside and then moved was read back right after its fields were
-    /// written, which stalls on store forwarding (a quarter of the decode time).
+    /// The record, built once from values in registers and returned whole: `decode` pushes
+    /// it. (Writing into a placeholder already in the vector cost a placeholder write, a drop
+    /// check per field and spills, more instructions than the one move of the record.)
     #[inline(always)]
-    pub(super) fn write_record(&self, out: &mut Record) {
+    pub(super) fn make_record(&self) -> Record {
         let (info, additive) = self.meaning();
         let raw = self.raw_value_with(info.date);
-        let is_number = match raw {
-            RawValue::Int(v) => {
-                write_int_number(v, info.exponent, info.factor, additive, &mut out.value)
-            }
+        let number = match raw {
+            RawValue::Int(v) => int_number(v, info.exponent, info.factor, additive),
             // A whole-numbered real is scaled as its integer: the same value
             // (`readings::whole_f32`), without the float conversion.
-            RawValue::Real(f) if whole_f32(f).is_some() => write_int_number(
-                whole_f32(f).unwrap_or(0),
-                info.exponent,
-                info.factor,
-                additive,
-                &mut out.value,
-            ),
-            RawValue::Real(_) => match scaled(raw, &info, additive) {
-                Some(d) => {
-                    out.value = RecordValue::Number(d.normalize());
-                    true
-                }
-                None => false,
+            RawValue::Real(f) => match whole_f32(f) {
+                Some(v) => int_number(v, info.exponent, info.factor, additive),
+                None => real_number(raw, &info, additive),
             },
-            _ => false,
+            _ => None,
         };
-        if is_number {
-            out.unit = info.unit;
-        } else {
-            out.value = self.non_number(raw);
-            out.unit = None;
-        }
+        let (value, unit) = match number {
+            Some(d) => (RecordValue::Number(d), info.unit),
+            None => (self.non_number(raw), None),
+        };
         let (storage, tariff, subunit) = self.dife_fields();
-        out.storage = u32::try_from(storage).unwrap_or(u32::MAX);
-        out.tariff = tariff;
-        out.subunit = subunit;
-        out.function = self.function();
-        out.quantity = if self.plain_text.is_empty() {
-            RecordQuantity::from_indexed(info.known, info.quantity)
-        } else {
-            RecordQuantity::from_name(String::from(text(self.plain_text)))
-        };
+        Record {
+            quantity: if self.plain_text.is_empty() {
+                RecordQuantity::from_indexed(info.known, info.quantity)
+            } else {
+                plain_text_quantity(self.plain_text)
+            },
+            value,
+            unit,
+            storage: u32::try_from(storage).unwrap_or(u32::MAX),
+            tariff,
+            subunit,
+            function: self.function(),
+        }
     }
 
     /// Storage number, tariff and subunit from DIF and DIFEs in one pass.
@@ -303,54 +291,17 @@ pub(super) fn scaled(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -
     Some(value)
 }
 
-/// Writes an integer record's value, in normal form, into `out`; false (and `out` untouched)
-/// when it does not fit a `Decimal`.
-///
-/// Not inlined, and writing through `out`, on purpose: the `Decimal` is stored once, straight
-/// into the record. Inlined, it went through the stack and was read back as 16 bytes right
-/// after being written as four words, a store-forwarding stall per record.
+/// A non-whole real scaled and normalised; out of line, as it is rare and its
+/// float-to-decimal conversion is large.
 #[inline(never)]
-pub(super) fn write_int_number(
-    v: i64,
-    exponent: i32,
-    factor: u32,
-    additive: Option<i32>,
-    out: &mut RecordValue,
-) -> bool {
-    // The common case, an integer scaled down by a power of ten, is built directly in normal
-    // form (no trailing fractional zeros) instead of through `Decimal::normalize`, and
-    // without an `Option`/`Result` around it (those live on the stack).
-    if factor == 1 && additive.is_none() && (-28..=0).contains(&exponent) {
-        // The old value is dropped first (a possible call that would otherwise force the new
-        // `Decimal` onto the stack), then the number is stored straight from registers.
-        *out = RecordValue::Number(Decimal::ZERO);
-        if let RecordValue::Number(slot) = out {
-            let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
-            // `Decimal::new(mantissa, scale)` by its parts: `new` is not inlined across
-            // crates and returns through memory (the same stall again); `from_parts` is.
-            let magnitude = mantissa.unsigned_abs();
-            *slot = Decimal::from_parts(
-                (magnitude & 0xFFFF_FFFF) as u32,
-                (magnitude >> 32) as u32,
-                0,
-                mantissa < 0,
-                scale,
-            );
-        }
-        return true;
-    }
-    let info = VifInfo {
-        exponent,
-        factor,
-        ..const { vi("", None, 0) }
-    };
-    match scaled(RawValue::Int(v), &info, additive) {
-        Some(d) => {
-            *out = RecordValue::Number(d.normalize());
-            true
-        }
-        None => false,
-    }
+fn real_number(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -> Option<Decimal> {
+    scaled(raw, info, additive).map(|d| d.normalize())
+}
+
+/// A plain-text VIF's unit as the record's quantity (rare: out of line).
+#[inline(never)]
+fn plain_text_quantity(sent: &[u8]) -> RecordQuantity {
+    RecordQuantity::from_name(String::from(text(sent)))
 }
 
 /// `(v, scale)` with the trailing zeros of `v` moved out of the scale, as far as it goes:
@@ -364,19 +315,6 @@ pub(super) fn strip_trailing_zeros(mut v: i64, mut scale: u32) -> (i64, u32) {
         scale = scale.saturating_sub(1);
     }
     (v, scale)
-}
-
-/// A placeholder that [`RawRecord::write_record`] overwrites; nothing in it allocates.
-pub(super) fn empty_record() -> Record {
-    Record {
-        quantity: RecordQuantity::Volume,
-        value: RecordValue::Raw(SmallString::new()),
-        unit: None,
-        storage: 0,
-        tariff: 0,
-        subunit: 0,
-        function: Function::Instantaneous,
-    }
 }
 
 /// Text fields are sent last character first.
