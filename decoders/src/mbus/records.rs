@@ -51,25 +51,34 @@ impl<'a> RecordIter<'a> {
         }
     }
 
+    /// The next record, walked on a shrinking slice: a field is a pattern match or a
+    /// `split_at_checked`, and offsets (for errors and [`RawRecord::offset`]) are computed
+    /// from the length left, not kept as a running index beside the slice (that index and
+    /// the slices rebuilt from it were a fifth of `decode`'s instructions).
     #[inline(always)]
     pub(super) fn next_record(&mut self) -> Result<Option<RawRecord<'a>>, MbusError> {
+        let whole = self.rest;
+        let base = self.offset;
+        // Offset in the input of the first byte of `rest`, a suffix of `whole`.
+        let at = |rest: &[u8]| base.wrapping_add(whole.len().wrapping_sub(rest.len()));
+        let mut rest = whole;
         // Idle fillers (2F) are skipped.
-        let fillers = self.rest.iter().take_while(|b| **b == 0x2F).count();
-        let mut r = RecordReader {
-            bytes: self.rest,
-            pos: fillers,
-            base: self.offset,
+        let dif = loop {
+            match rest {
+                [] => return Ok(None),
+                [0x2F, tail @ ..] => rest = tail,
+                [dif, tail @ ..] => {
+                    rest = tail;
+                    break *dif;
+                }
+            }
         };
-        let offset = r.offset();
-        let Some(&dif) = self.rest.get(fillers) else {
-            return Ok(None);
-        };
-        r.pos = r.pos.wrapping_add(1);
+        let offset = at(rest).wrapping_sub(1);
         let msb_first = self.msb_first;
         let record = if dif == 0x0F || dif == 0x1F {
             // Manufacturer data: the rest of the payload.
-            let data = r.rest();
-            r.pos = r.bytes.len();
+            let data = rest;
+            rest = &[];
             RawRecord {
                 offset,
                 dif,
@@ -82,32 +91,36 @@ impl<'a> RecordIter<'a> {
                 msb_first,
             }
         } else {
-            let dife = r.chain(dif, MAX_DIFE, "DIFE", || MbusError::TooManyDife { offset })?;
+            let dife = chain(&mut rest, dif, MAX_DIFE, "DIFE", &at, || {
+                MbusError::TooManyDife { offset }
+            })?;
             // Two tariff bits per DIFE: the 9th and 10th would go beyond the 16 bits a
             // reading's tariff has, so refuse rather than cut them.
             if dife.iter().skip(8).any(|d| d & 0x30 != 0) {
                 return Err(MbusError::TariffTooWide { offset });
             }
-            let vif = r.byte("VIF")?;
+            let vif = byte(&mut rest, "VIF", &at)?;
             let plain_text = if vif & 0x7F == 0x7C {
                 // libmbus and the old ELV/Itron devices put the text right after the VIF.
-                let len = r.byte("plain-text VIF length")?;
-                r.take(usize::from(len), "plain-text VIF")?
+                let len = byte(&mut rest, "plain-text VIF length", &at)?;
+                take(&mut rest, usize::from(len), "plain-text VIF", &at)?
             } else {
                 &[]
             };
-            let vife = r.chain(vif, MAX_VIFE, "VIFE", || MbusError::TooManyVife { offset })?;
+            let vife = chain(&mut rest, vif, MAX_VIFE, "VIFE", &at, || {
+                MbusError::TooManyVife { offset }
+            })?;
             let (data, lvar) = match dif & 0x0F {
                 0x0D => {
-                    let lvar_offset = r.offset();
-                    let lvar = r.byte("LVAR")?;
+                    let lvar_offset = at(rest);
+                    let lvar = byte(&mut rest, "LVAR", &at)?;
                     let len = lvar_len(lvar).ok_or(MbusError::UnsupportedLvar {
                         offset: lvar_offset,
                         lvar,
                     })?;
-                    (r.take(len, "variable-length data")?, Some(lvar))
+                    (take(&mut rest, len, "variable-length data", &at)?, Some(lvar))
                 }
-                coding => (r.take(data_len(coding), "data")?, None),
+                coding => (take(&mut rest, data_len(coding), "data", &at)?, None),
             };
             RawRecord {
                 offset,
@@ -121,10 +134,77 @@ impl<'a> RecordIter<'a> {
                 msb_first,
             }
         };
-        self.rest = r.rest();
-        self.offset = r.offset();
+        self.offset = at(rest);
+        self.rest = rest;
         Ok(Some(record))
     }
+}
+
+/// One byte off the front of `rest`; errors name the field at its offset (`at`).
+#[inline(always)]
+fn byte<'a>(
+    rest: &mut &'a [u8],
+    field: &'static str,
+    at: &impl Fn(&[u8]) -> usize,
+) -> Result<u8, MbusError> {
+    let all: &'a [u8] = rest;
+    match all.split_first() {
+        Some((b, tail)) => {
+            *rest = tail;
+            Ok(*b)
+        }
+        None => Err(MbusError::Truncated {
+            offset: at(all),
+            field,
+            needed: 1,
+        }),
+    }
+}
+
+/// `n` bytes off the front of `rest`.
+#[inline(always)]
+fn take<'a>(
+    rest: &mut &'a [u8],
+    n: usize,
+    field: &'static str,
+    at: &impl Fn(&[u8]) -> usize,
+) -> Result<&'a [u8], MbusError> {
+    let all: &'a [u8] = rest;
+    match all.split_at_checked(n) {
+        Some((taken, tail)) => {
+            *rest = tail;
+            Ok(taken)
+        }
+        None => Err(MbusError::Truncated {
+            offset: at(all),
+            field,
+            needed: n.saturating_sub(all.len()),
+        }),
+    }
+}
+
+/// An extension chain (DIFEs or VIFEs) after `first`, while the extension bit is set; at
+/// most `max` bytes, else `too_many`.
+#[inline(always)]
+fn chain<'a>(
+    rest: &mut &'a [u8],
+    first: u8,
+    max: usize,
+    field: &'static str,
+    at: &impl Fn(&[u8]) -> usize,
+    too_many: impl FnOnce() -> MbusError,
+) -> Result<&'a [u8], MbusError> {
+    let start = *rest;
+    let mut n = 0usize;
+    let mut ext = first & 0x80 != 0;
+    while ext {
+        if n >= max {
+            return Err(too_many());
+        }
+        ext = byte(rest, field, at)? & 0x80 != 0;
+        n = n.wrapping_add(1);
+    }
+    Ok(start.get(..n).unwrap_or(&[]))
 }
 
 /// Length of variable-length data from its LVAR byte (EN 13757-3 §6.3.3); `None` if reserved.
@@ -140,82 +220,6 @@ pub(super) fn lvar_len(lvar: u8) -> Option<usize> {
         0xF6 => 64,
         _ => return None,
     })
-}
-
-/// The record parser's reader: an index into the payload instead of a re-sliced cursor, as
-/// this runs for every byte of every record. Its arithmetic wraps instead of saturating (the
-/// saturating forms cost a compare and a conditional move each, a tenth of the record walk):
-/// `pos` never passes the payload's length, advances by at most a few hundred bytes, and
-/// `base` is an offset into the same frame, so nothing comes near `usize::MAX`; a wrapped
-/// `end` would be below `pos` and read as truncated, never out of bounds. Errors name the field and its offset exactly as
-/// [`Cursor`] does.
-pub(super) struct RecordReader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-    /// Offset of `bytes[0]` in the input.
-    base: usize,
-}
-
-impl<'a> RecordReader<'a> {
-    fn offset(&self) -> usize {
-        self.base.wrapping_add(self.pos)
-    }
-
-    fn rest(&self) -> &'a [u8] {
-        self.bytes.get(self.pos..).unwrap_or(&[])
-    }
-
-    #[inline]
-    fn byte(&mut self, field: &'static str) -> Result<u8, MbusError> {
-        match self.bytes.get(self.pos) {
-            Some(b) => {
-                self.pos = self.pos.wrapping_add(1);
-                Ok(*b)
-            }
-            None => Err(MbusError::Truncated {
-                offset: self.offset(),
-                field,
-                needed: 1,
-            }),
-        }
-    }
-
-    #[inline]
-    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], MbusError> {
-        let end = self.pos.wrapping_add(n);
-        match self.bytes.get(self.pos..end) {
-            Some(taken) => {
-                self.pos = end;
-                Ok(taken)
-            }
-            None => Err(MbusError::Truncated {
-                offset: self.offset(),
-                field,
-                needed: n.saturating_sub(self.bytes.len().saturating_sub(self.pos)),
-            }),
-        }
-    }
-
-    /// An extension chain (DIFEs or VIFEs) after `first`, while the extension bit is set; at
-    /// most `max` bytes, else `too_many`.
-    #[inline]
-    fn chain(
-        &mut self,
-        first: u8,
-        max: usize,
-        field: &'static str,
-        too_many: impl FnOnce() -> MbusError,
-    ) -> Result<&'a [u8], MbusError> {
-        let start = self.pos;
-        let mut ext = first & 0x80 != 0;
-        while ext {
-            if self.pos.wrapping_sub(start) >= max {
-                return Err(too_many());
-            }
-            ext = self.byte(field)? & 0x80 != 0;
-        }
-        Ok(self.bytes.get(start..self.pos).unwrap_or(&[]))
-    }
 }
 
 impl<'a> Iterator for RecordIter<'a> {
