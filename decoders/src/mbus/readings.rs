@@ -168,17 +168,6 @@ pub(super) fn whole_f32(f: f32) -> Option<i64> {
     }
 }
 
-/// The entry for `code` (extension bit ignored) of a VIF table, by reference.
-#[inline(always)]
-fn table_entry(table: &'static [VifInfo; 128], code: u8) -> &'static VifInfo {
-    table.get(usize::from(code & 0x7F)).unwrap_or(&RESERVED)
-}
-
-/// `meaning`'s entry for a plain-text VIF.
-static PLAIN_TEXT: VifInfo = vi("plain_text", None, 0);
-/// `lookup`'s fallback (never used: the tables have 128 entries).
-static RESERVED: VifInfo = vi("reserved", None, 0);
-
 /// An integer record's value scaled and in normal form (the common case, an integer scaled
 /// down by a power of ten, built directly in normal form instead of through
 /// `Decimal::normalize`); `None` when it does not fit a `Decimal`.

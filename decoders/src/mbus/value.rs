@@ -72,44 +72,72 @@ impl<'a> RawRecord<'a> {
     /// correction (VIFE 78..7B: 10^(nn-3) units), in one pass over the chain.
     #[inline(always)]
     pub(super) fn meaning(&self) -> (VifInfo, Option<i32>) {
-        if self.is_manufacturer_data() {
-            // `const` blocks: a `vi` call at run time searches the known names.
-            let info = if self.dif == 0x1F {
-                const { vi("more_records_follow", None, 0) }
-            } else {
-                const { vi("manufacturer_specific", None, 0) }
-            };
-            return (info, None);
-        }
-        let (mut info, combinable) = match (self.vif, self.vife.split_first()) {
-            (0xFD, Some((code, rest))) => (lookup(&FD_VIF, *code), rest),
-            (0xFB, Some((code, rest))) => (lookup(&FB_VIF, *code), rest),
-            (0x7C | 0xFC, _) => (const { vi("plain_text", None, 0) }, self.vife),
-            (v, _) => (lookup(&PRIMARY_VIF, v), self.vife),
+        let m = self.meaning_ref();
+        let quantity = if m.known == m.entry.known {
+            m.entry.quantity
+        } else {
+            "volume_reverse"
         };
-        let mut additive = None;
+        let info = VifInfo {
+            quantity,
+            known: m.known,
+            exponent: m.exponent,
+            ..*m.entry
+        };
+        (info, m.additive)
+    }
+
+    /// [`RawRecord::meaning`] with the table entry by reference and only what the VIFEs change
+    /// beside it: a copy of the whole entry stayed live on the stack through the record's
+    /// value computation.
+    #[inline(always)]
+    pub(super) fn meaning_ref(&self) -> Meaning {
+        if self.is_manufacturer_data() {
+            let entry = if self.dif == 0x1F {
+                &MORE_RECORDS_FOLLOW
+            } else {
+                &MANUFACTURER_SPECIFIC
+            };
+            return Meaning {
+                entry,
+                exponent: entry.exponent,
+                additive: None,
+                known: entry.known,
+            };
+        }
+        let (entry, combinable) = match (self.vif, self.vife.split_first()) {
+            (0xFD, Some((code, rest))) => (table_entry(&FD_VIF, *code), rest),
+            (0xFB, Some((code, rest))) => (table_entry(&FB_VIF, *code), rest),
+            (0x7C | 0xFC, _) => (&PLAIN_TEXT, self.vife),
+            (v, _) => (table_entry(&PRIMARY_VIF, v), self.vife),
+        };
+        let mut m = Meaning {
+            entry,
+            exponent: entry.exponent,
+            additive: None,
+            known: entry.known,
+        };
         for v in combinable {
             match v & 0x7F {
                 // Multiplicative correction 10^(nnn-6).
-                c @ 0x70..=0x77 => info.exponent = info.exponent.wrapping_add(exp(c, 7, -6)),
+                c @ 0x70..=0x77 => m.exponent = m.exponent.wrapping_add(exp(c, 7, -6)),
                 // Additive correction constant 10^(nn-3); the first one counts.
                 c @ 0x78..=0x7B => {
-                    additive.get_or_insert(exp(c, 3, -3));
+                    m.additive.get_or_insert(exp(c, 3, -3));
                 }
                 // Multiplicative correction 10^3.
-                0x7D => info.exponent = info.exponent.wrapping_add(3),
+                0x7D => m.exponent = m.exponent.wrapping_add(3),
                 // E011 1100: accumulation of abs value only if negative contributions (EN
                 // 13757-3 combinable VIFE; 0x3D is reserved): the reverse register.
-                0x3C if info.known == VOLUME_INDEX => {
-                    info.quantity = "volume_reverse";
-                    info.known = const { RecordQuantity::known_index("volume_reverse") };
+                0x3C if m.known == VOLUME_INDEX => {
+                    m.known = const { RecordQuantity::known_index("volume_reverse") };
                 }
                 // A manufacturer-specific VIFE: what follows is vendor data, stop interpreting.
                 0x7F => break,
                 _ => {}
             }
         }
-        (info, additive)
+        m
     }
 
     /// Decodes the data field without VIF scaling (no allocation).
@@ -184,35 +212,40 @@ impl<'a> RawRecord<'a> {
     /// check per field and spills, more instructions than the one move of the record.)
     #[inline(always)]
     pub(super) fn make_record(&self) -> Record {
-        let (info, additive) = self.meaning();
-        let raw = self.raw_value_with(info.date);
+        // In the order that lets each part of the record die before the next call: the DIFE
+        // chain and the VIFE chain are read before any out-of-line value code runs, so they
+        // are not kept on the stack across it.
+        let (storage, tariff, subunit) = self.dife_fields();
+        let function = self.function();
+        let m = self.meaning_ref();
+        let quantity = if self.plain_text.is_empty() {
+            RecordQuantity::from_indexed(m.known, m.entry.quantity)
+        } else {
+            plain_text_quantity(self.plain_text)
+        };
+        let raw = self.raw_value_with(m.entry.date);
         let number = match raw {
-            RawValue::Int(v) => int_number(v, info.exponent, info.factor, additive),
+            RawValue::Int(v) => int_number(v, m.exponent, m.entry.factor, m.additive),
             // A whole-numbered real is scaled as its integer: the same value
             // (`readings::whole_f32`), without the float conversion.
             RawValue::Real(f) => match whole_f32(f) {
-                Some(v) => int_number(v, info.exponent, info.factor, additive),
-                None => real_number(raw, &info, additive),
+                Some(v) => int_number(v, m.exponent, m.entry.factor, m.additive),
+                None => real_number(raw, &m),
             },
             _ => None,
         };
         let (value, unit) = match number {
-            Some(d) => (RecordValue::Number(d), info.unit),
+            Some(d) => (RecordValue::Number(d), m.entry.unit),
             None => (self.non_number(raw), None),
         };
-        let (storage, tariff, subunit) = self.dife_fields();
         Record {
-            quantity: if self.plain_text.is_empty() {
-                RecordQuantity::from_indexed(info.known, info.quantity)
-            } else {
-                plain_text_quantity(self.plain_text)
-            },
+            quantity,
             value,
             unit,
             storage: u32::try_from(storage).unwrap_or(u32::MAX),
             tariff,
             subunit,
-            function: self.function(),
+            function,
         }
     }
 
@@ -294,8 +327,26 @@ pub(super) fn scaled(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -
 /// A non-whole real scaled and normalised; out of line, as it is rare and its
 /// float-to-decimal conversion is large.
 #[inline(never)]
-fn real_number(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -> Option<Decimal> {
-    scaled(raw, info, additive).map(|d| d.normalize())
+fn real_number(raw: RawValue<'_>, m: &Meaning) -> Option<Decimal> {
+    let info = VifInfo {
+        exponent: m.exponent,
+        ..*m.entry
+    };
+    scaled(raw, &info, m.additive).map(|d| d.normalize())
+}
+
+/// What [`RawRecord::meaning_ref`] gives: the VIF table entry and what the VIFEs change.
+#[derive(Clone, Copy)]
+pub(super) struct Meaning {
+    /// The table entry of the VIF (or of the extension code).
+    pub(super) entry: &'static VifInfo,
+    /// The entry's exponent with the multiplicative corrections applied.
+    pub(super) exponent: i32,
+    /// Exponent of the additive correction, if any.
+    pub(super) additive: Option<i32>,
+    /// [`RecordQuantity::known_index`] of the quantity (VIFE 3C turns `volume` into
+    /// `volume_reverse`).
+    pub(super) known: u8,
 }
 
 /// A plain-text VIF's unit as the record's quantity (rare: out of line).

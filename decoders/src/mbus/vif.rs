@@ -260,10 +260,17 @@ pub(super) const fn vif_table(which: VifTable) -> [VifInfo; 128] {
     table
 }
 
-pub(super) fn lookup(table: &'static [VifInfo; 128], code: u8) -> VifInfo {
-    table
-        .get(usize::from(code & 0x7F))
-        .copied()
-        // Built at compile time: `vi` as an argument ran its name search on every lookup.
-        .unwrap_or(const { vi("reserved", None, 0) })
+/// The entry for `code` (extension bit ignored) of a VIF table, by reference.
+#[inline(always)]
+pub(super) fn table_entry(table: &'static [VifInfo; 128], code: u8) -> &'static VifInfo {
+    table.get(usize::from(code & 0x7F)).unwrap_or(&RESERVED)
 }
+
+/// The meaning of a plain-text VIF.
+pub(super) static PLAIN_TEXT: VifInfo = vi("plain_text", None, 0);
+/// The meaning of a DIF 1F record.
+pub(super) static MORE_RECORDS_FOLLOW: VifInfo = vi("more_records_follow", None, 0);
+/// The meaning of a DIF 0F record.
+pub(super) static MANUFACTURER_SPECIFIC: VifInfo = vi("manufacturer_specific", None, 0);
+/// `table_entry`'s fallback (never used: the tables have 128 entries).
+static RESERVED: VifInfo = vi("reserved", None, 0);
