@@ -236,7 +236,7 @@ impl<'a> RawRecord<'a> {
         };
         let (value, unit) = match number {
             Some(d) => (RecordValue::Number(d), m.entry.unit),
-            None => (self.non_number(raw), None),
+            None => (non_number(raw, self.lvar, self.data), None),
         };
         Record {
             quantity,
@@ -270,32 +270,6 @@ impl<'a> RawRecord<'a> {
         (storage, tariff, subunit)
     }
 
-    /// The value of a record that is not a number: dates as ISO text, text, raw hex.
-    fn non_number(&self, raw: RawValue<'_>) -> RecordValue {
-        match raw {
-            RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
-            RawValue::DateTime(y, mo, d, h, mi, s) => {
-                RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
-            }
-            RawValue::Time(h, mi, s) => {
-                let mut out = AsciiWriter::new(8);
-                out.time(h, mi, Some(s));
-                RecordValue::Date(out.finish())
-            }
-            RawValue::Text(t) => RecordValue::Text(text(t)),
-            RawValue::None => RecordValue::Raw(SmallString::new()),
-            // Variable-length binary numbers are little-endian: print them MSB first.
-            RawValue::Bytes(b) if self.lvar.is_some_and(|l| l >= 0xE0) => {
-                let mut out = AsciiWriter::new(b.len().saturating_mul(2));
-                for x in b.iter().rev() {
-                    out.hex(*x);
-                }
-                RecordValue::Raw(out.finish())
-            }
-            RawValue::Bytes(b) => RecordValue::Raw(hex_lower(b)),
-            RawValue::Int(_) | RawValue::Real(_) => RecordValue::Raw(hex_lower(self.data)),
-        }
-    }
 }
 
 /// [`RecordQuantity::known_index`] of `volume`, the quantity VIFE 3C turns into `volume_reverse`.
@@ -322,6 +296,36 @@ pub(super) fn scaled(raw: RawValue<'_>, info: &VifInfo, additive: Option<i32>) -
         value = value.checked_add(Decimal::ONE.checked_mul(pow10(add)).unwrap_or_default())?;
     }
     Some(value)
+}
+
+/// The value of a record that is not a number: dates as ISO text, text, raw hex.
+// Out of line and given the record's fields, not the record: taking `&self` made
+// `decode` keep every record in memory for this call.
+#[inline(never)]
+fn non_number(raw: RawValue<'_>, lvar: Option<u8>, data: &[u8]) -> RecordValue {
+    match raw {
+        RawValue::Date(y, m, d) => RecordValue::Date(iso_date(y, m, d, None)),
+        RawValue::DateTime(y, mo, d, h, mi, s) => {
+            RecordValue::Date(iso_date(y, mo, d, Some((h, mi, s))))
+        }
+        RawValue::Time(h, mi, s) => {
+            let mut out = AsciiWriter::new(8);
+            out.time(h, mi, Some(s));
+            RecordValue::Date(out.finish())
+        }
+        RawValue::Text(t) => RecordValue::Text(text(t)),
+        RawValue::None => RecordValue::Raw(SmallString::new()),
+        // Variable-length binary numbers are little-endian: print them MSB first.
+        RawValue::Bytes(b) if lvar.is_some_and(|l| l >= 0xE0) => {
+            let mut out = AsciiWriter::new(b.len().saturating_mul(2));
+            for x in b.iter().rev() {
+                out.hex(*x);
+            }
+            RecordValue::Raw(out.finish())
+        }
+        RawValue::Bytes(b) => RecordValue::Raw(hex_lower(b)),
+        RawValue::Int(_) | RawValue::Real(_) => RecordValue::Raw(hex_lower(data)),
+    }
 }
 
 /// A non-whole real scaled and normalised; out of line, as it is rare and its
