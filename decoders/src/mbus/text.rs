@@ -97,13 +97,27 @@ pub(crate) fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>)
     SmallString::from_ascii_buf(buf, len)
 }
 
-/// Two decimal digits of a value below 100.
+/// Two decimal digits of a value below 100 (a table entry: a division and a remainder by 10
+/// per field were half of `iso_date`'s instructions).
 pub(super) fn digits2(v: u8) -> [u8; 2] {
-    [
-        b'0'.wrapping_add(v.wrapping_div(10)),
-        b'0'.wrapping_add(v.wrapping_rem(10)),
-    ]
+    TWO_DIGITS.get(usize::from(v)).copied().unwrap_or([b'0', b'0'])
 }
+
+/// `"00"` to `"99"`.
+static TWO_DIGITS: [[u8; 2]; 100] = {
+    let mut table = [[0u8; 2]; 100];
+    let mut i = 0u8;
+    while i < 100 {
+        // Bounded by the loop condition (and evaluated at build time); `[]` because
+        // `get_mut` is not const.
+        #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+        {
+            table[i as usize] = [b'0' + i / 10, b'0' + i % 10];
+            i += 1;
+        }
+    }
+    table
+};
 
 /// [`iso_date`] through `format!`, for the years it does not write itself.
 pub(super) fn iso_date_formatted(
