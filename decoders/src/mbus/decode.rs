@@ -129,6 +129,21 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
 /// the application bytes (CI to the last data byte, without CS and stop). Other frames are
 /// refused as [`decode`] refuses them.
 pub(super) fn long_frame_application(bytes: &[u8]) -> Result<(u8, usize, &[u8]), MbusError> {
+    // A well-formed long frame with data is checked in place, without the general link
+    // parser's cursor and `LinkFrame`; anything else, errors included, takes that parser, so
+    // every error is still the one (and at the offset) `parse_link` gives.
+    if let [START_LONG, l1, l2, START_LONG, body @ .., cs, STOP] = bytes {
+        if l1 == l2 && usize::from(*l1) == body.len() && body.len() > 3 && checksum(body) == *cs {
+            // C, A, CI and at least one data byte: `body.len() > 3`.
+            if let [_, address, ..] = body {
+                return Ok((
+                    *address,
+                    6,
+                    bytes.get(6..bytes.len().wrapping_sub(2)).unwrap_or(&[]),
+                ));
+            }
+        }
+    }
     match parse_link(bytes)? {
         LinkFrame::Long {
             address,

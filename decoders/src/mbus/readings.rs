@@ -172,7 +172,12 @@ pub(super) fn whole_f32(f: f32) -> Option<i64> {
 /// down by a power of ten, built directly in normal form instead of through
 /// `Decimal::normalize`); `None` when it does not fit a `Decimal`.
 #[inline(always)]
-pub(super) fn int_number(v: i64, exponent: i32, factor: u32, additive: Option<i32>) -> Option<Decimal> {
+pub(super) fn int_number(
+    v: i64,
+    exponent: i32,
+    factor: u32,
+    additive: Option<i32>,
+) -> Option<Decimal> {
     if factor == 1 && additive.is_none() && (-28..=0).contains(&exponent) {
         let (mantissa, scale) = strip_trailing_zeros(v, exponent.unsigned_abs());
         let magnitude = mantissa.unsigned_abs();

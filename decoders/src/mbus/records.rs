@@ -118,7 +118,10 @@ impl<'a> RecordIter<'a> {
                         offset: lvar_offset,
                         lvar,
                     })?;
-                    (take(&mut rest, len, "variable-length data", &at)?, Some(lvar))
+                    (
+                        take(&mut rest, len, "variable-length data", &at)?,
+                        Some(lvar),
+                    )
                 }
                 coding => (take(&mut rest, data_len(coding), "data", &at)?, None),
             };

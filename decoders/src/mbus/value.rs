@@ -269,7 +269,6 @@ impl<'a> RawRecord<'a> {
         }
         (storage, tariff, subunit)
     }
-
 }
 
 /// [`RecordQuantity::known_index`] of `volume`, the quantity VIFE 3C turns into `volume_reverse`.
