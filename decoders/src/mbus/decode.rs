@@ -129,21 +129,33 @@ pub fn decode(bytes: &[u8]) -> Result<DecodedFrame, MbusError> {
 /// the application bytes (CI to the last data byte, without CS and stop). Other frames are
 /// refused as [`decode`] refuses them.
 pub(super) fn long_frame_application(bytes: &[u8]) -> Result<(u8, usize, &[u8]), MbusError> {
-    // A well-formed long frame with data is checked in place, without the general link
-    // parser's cursor and `LinkFrame`; anything else, errors included, takes that parser, so
-    // every error is still the one (and at the offset) `parse_link` gives.
-    if let [START_LONG, l1, l2, START_LONG, body @ .., cs, STOP] = bytes {
-        if l1 == l2 && usize::from(*l1) == body.len() && body.len() > 3 && checksum(body) == *cs {
-            // C, A, CI and at least one data byte: `body.len() > 3`.
-            if let [_, address, ..] = body {
-                return Ok((
-                    *address,
-                    6,
-                    bytes.get(6..bytes.len().wrapping_sub(2)).unwrap_or(&[]),
-                ));
-            }
-        }
+    match long_frame_in_place(bytes) {
+        Some(found) => Ok(found),
+        None => long_frame_general(bytes),
     }
+}
+
+/// [`long_frame_application`] for a well-formed long frame with data, checked in place
+/// without the general link parser's cursor and `LinkFrame`; `None` for anything else, which
+/// [`long_frame_general`] then handles, so every error is still the one (and at the offset)
+/// `parse_link` gives.
+#[inline(always)]
+fn long_frame_in_place(bytes: &[u8]) -> Option<(u8, usize, &[u8])> {
+    let [START_LONG, l1, l2, START_LONG, body @ .., cs, STOP] = bytes else {
+        return None;
+    };
+    // C, A, CI and at least one data byte: `body.len() > 3`.
+    if l1 != l2 || usize::from(*l1) != body.len() || body.len() <= 3 || checksum(body) != *cs {
+        return None;
+    }
+    let [_, address, ..] = body else {
+        return None;
+    };
+    Some((*address, 6, bytes.get(6..bytes.len().wrapping_sub(2))?))
+}
+
+/// [`long_frame_application`] through the general link parser.
+fn long_frame_general(bytes: &[u8]) -> Result<(u8, usize, &[u8]), MbusError> {
     match parse_link(bytes)? {
         LinkFrame::Long {
             address,
@@ -200,5 +212,43 @@ pub(super) fn meter_info(header: &AppHeader, address: u8) -> MeterInfo {
             version: None,
             medium: None,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Wherever the in-place check accepts a frame, the general link parser gives the
+        /// same address, CI offset and application bytes; and it accepts every well-formed
+        /// long frame with data (so this compares something).
+        #[test]
+        fn in_place_long_frame_equals_the_link_parser(
+            address in any::<u8>(),
+            data in prop::collection::vec(any::<u8>(), 2..=253),
+            edit in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            extra in prop::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let frame = encode::long(0x08, address, data[0], &data[1..]);
+            let fast = long_frame_in_place(&frame);
+            prop_assert_eq!(fast, Some((address, 6, &frame[6..frame.len() - 2])));
+            prop_assert_eq!(Ok(fast.unwrap()), long_frame_general(&frame));
+            let mut bad = frame.clone();
+            if let Some((i, b)) = edit {
+                let i = i.index(bad.len());
+                bad[i] = b;
+            }
+            if let Some(i) = cut {
+                bad.truncate(i.index(bad.len() + 1));
+            }
+            bad.extend_from_slice(&extra);
+            if let Some(found) = long_frame_in_place(&bad) {
+                prop_assert_eq!(Ok(found), long_frame_general(&bad));
+            }
+            prop_assert_eq!(long_frame_application(&bad), long_frame_general(&bad));
+        }
     }
 }
