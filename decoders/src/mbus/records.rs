@@ -54,7 +54,8 @@ impl<'a> RecordIter<'a> {
     /// The next record, walked on a shrinking slice: a field is a pattern match or a
     /// `split_at_checked`, and offsets (for errors and [`RawRecord::offset`]) are computed
     /// from the length left, not kept as a running index beside the slice (that index and
-    /// the slices rebuilt from it were a fifth of `decode`'s instructions).
+    /// the slices rebuilt from it with bound checks cost about 300 instructions a frame
+    /// more, 4 % of `decode`).
     #[inline(always)]
     pub(super) fn next_record(&mut self) -> Result<Option<RawRecord<'a>>, MbusError> {
         let whole = self.rest;
