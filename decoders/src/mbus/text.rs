@@ -98,7 +98,7 @@ pub(crate) fn iso_date(y: i32, m: u8, d: u8, time: Option<(u8, u8, Option<u8>)>)
 }
 
 /// Two decimal digits of a value below 100 (a table entry: a division and a remainder by 10
-/// per field were half of `iso_date`'s instructions).
+/// per field were a third of `iso_date`'s instructions).
 pub(super) fn digits2(v: u8) -> [u8; 2] {
     TWO_DIGITS
         .get(usize::from(v))
