@@ -6,6 +6,7 @@ mod control_rules;
 mod detect_alarms;
 mod detect_crash;
 mod detect_replay_cli;
+mod fresh_layout;
 mod ingest_encoding;
 mod journal;
 mod ledger;

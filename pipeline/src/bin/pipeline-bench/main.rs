@@ -9,7 +9,9 @@
 //!
 //! then prints the VEE state per meter (`state_bytes_per_meter`), the disk space per stored
 //! reading of the second database (`bytes_per_reading`: every table and index of readings,
-//! their provenance and dictionaries) and, last, `ratio` (2 over 1).
+//! their provenance and dictionaries; `bytes_per_reading_net`: less what the same relations
+//! take right after migrating; `key_leaf_density`: the primary keys' leaf fill) and, last,
+//! `ratio` (2 over 1).
 //!
 //! Both phases are also measured in CPU seconds (`cpu.rs`): this process (the publisher
 //! thread, i.e. the gateways' work, apart from the workers), the PostgreSQL backends of the
@@ -216,6 +218,59 @@ async fn pack_and_measure(pool: &PgPool, stored: i64) -> anyhow::Result<()> {
         sizes.iter().map(|s| s.1).sum::<i64>() as f64 / n
     );
     Ok(())
+}
+
+/// Size of each relation of the stored readings (narrow rows, provenance, dictionaries) with
+/// its partitions: (table, everything: heap, TOAST, maps and indexes, the indexes alone).
+async fn relation_sizes(pool: &PgPool) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT t, sum(pg_total_relation_size(c.oid))::int8, sum(pg_indexes_size(c.oid))::int8
+         FROM (VALUES
+             ('reading_rows'), ('frames'), ('frame_sources'), ('reading_details'),
+             ('meter_keys'), ('reading_series'), ('reading_units')) AS v(t)
+         JOIN pg_class c ON c.relname = v.t
+           OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = v.t::regclass)
+         GROUP BY t ORDER BY t",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Prints the leaf fill (pgstattuple's `avg_leaf_density`, %) of the primary keys of
+/// `reading_rows`' non-empty partitions and of `frames`. The reading key's fill is what moves
+/// `bytes_per_reading` between runs of the same layout: with one new reading per meter per
+/// round every leaf splits in the same round, so the fill when the run stops depends on its
+/// number of rounds (docs/benchmarks.md, "Fresh bytes per reading"). Skipped with a note when
+/// the server has no pgstattuple.
+async fn print_key_fill(pool: &PgPool) {
+    if let Err(e) = sqlx::query("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        .execute(pool)
+        .await
+    {
+        println!("key_leaf_density=na ({e})");
+        return;
+    }
+    let fill: Result<Vec<(String, f64)>, sqlx::Error> = sqlx::query_as(
+        "SELECT i.indexrelid::regclass::text, (pgstatindex(i.indexrelid::regclass)).avg_leaf_density
+         FROM pg_index i JOIN pg_class t ON t.oid = i.indrelid
+         WHERE i.indisprimary AND t.relkind = 'r' AND pg_relation_size(t.oid) > 0
+           AND (t.relname = 'frames'
+                OR t.oid IN (SELECT inhrelid FROM pg_inherits
+                             WHERE inhparent = 'reading_rows'::regclass))
+         ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await;
+    match fill {
+        Ok(fill) => println!(
+            "key_leaf_density {}",
+            fill.iter()
+                .map(|(i, d)| format!("{i}={d:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+        Err(e) => println!("key_leaf_density=na ({e})"),
+    }
 }
 
 async fn create_db(admin: &PgConnectOptions, name: &str) -> anyhow::Result<PgPool> {
@@ -509,6 +564,7 @@ async fn main() -> anyhow::Result<()> {
     // Phase 2: the full path.
     let pipe_db = format!("wm_bench_pipe_{}", std::process::id());
     let pool = create_db(&admin, &pipe_db).await?;
+    let empty_sizes = relation_sizes(&pool).await?;
     let root = format!("bench/{}-{:08x}", std::process::id(), rand::random::<u32>());
     let metrics = Arc::new(IngestMetrics::default());
     let (stop, shutdown) = tokio::sync::watch::channel(false);
@@ -740,17 +796,7 @@ async fn main() -> anyhow::Result<()> {
     // narrow rows and their index, provenance (frames, frame_sources) and dictionaries.
     // Per table: everything (heap, TOAST, maps, indexes) and the indexes alone, so the
     // breakdown in docs/benchmarks.md can be read off one run.
-    let sizes: Vec<(String, i64, i64)> = sqlx::query_as(
-        "SELECT t, sum(pg_total_relation_size(c.oid))::int8, sum(pg_indexes_size(c.oid))::int8
-         FROM (VALUES
-             ('reading_rows'), ('frames'), ('frame_sources'), ('reading_details'),
-             ('meter_keys'), ('reading_series'), ('reading_units')) AS v(t)
-         JOIN pg_class c ON c.relname = v.t
-           OR c.oid IN (SELECT inhrelid FROM pg_inherits WHERE inhparent = v.t::regclass)
-         GROUP BY t ORDER BY t",
-    )
-    .fetch_all(&pool)
-    .await?;
+    let sizes = relation_sizes(&pool).await?;
     let total_bytes: i64 = sizes.iter().map(|s| s.1).sum();
     println!(
         "storage_bytes {}",
@@ -775,6 +821,34 @@ async fn main() -> anyhow::Result<()> {
         "bytes_per_reading={:.1}",
         total_bytes as f64 / stored.max(1) as f64
     );
+    // The same relations right after migrating hold no reading but take space (mostly the
+    // indexes of the ~37 empty monthly partitions prepared around now, ~104 KiB each): a fixed
+    // cost that a short run spreads over few readings (14 bytes per reading at 300 000).
+    let empty_bytes: i64 = empty_sizes.iter().map(|s| s.1).sum();
+    println!(
+        "empty_schema_bytes={empty_bytes} bytes_per_reading_net={:.1}",
+        (total_bytes - empty_bytes) as f64 / stored.max(1) as f64
+    );
+    println!(
+        "storage_bytes_per_reading_net {}",
+        sizes
+            .iter()
+            .map(|(t, b, i)| {
+                let (eb, ei) = empty_sizes
+                    .iter()
+                    .find(|e| e.0 == *t)
+                    .map_or((0, 0), |e| (e.1, e.2));
+                let n = stored.max(1) as f64;
+                format!(
+                    "{t}={:.1}(indexes={:.1})",
+                    (b - eb) as f64 / n,
+                    (i - ei) as f64 / n
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    print_key_fill(&pool).await;
     if args.pack {
         pack_and_measure(&pool, stored).await?;
     }
