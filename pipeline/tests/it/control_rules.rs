@@ -733,6 +733,13 @@ async fn hydrant_permits_bound_unlocks_locks_and_illegal_use() {
         issued.command.action,
         CommandAction::HydrantUnlock { duration_s: 3600 }
     );
+    // Repeated 90 s later, with less of the window left: the same command, nothing new.
+    let again = hydrant::unlock(pool, "P-1", "user:x", inside + time::Duration::seconds(90))
+        .await
+        .unwrap();
+    assert!(!again.created);
+    assert_eq!(again.command.id, issued.command.id);
+    assert_eq!(again.command.action, issued.command.action);
     // At the end: locked once.
     assert!(hydrant::lock_ended(pool, inside).await.unwrap().is_empty());
     let locks = hydrant::lock_ended(pool, now + time::Duration::hours(3))
