@@ -297,23 +297,11 @@ async fn generate_load(
     if rate == 0 {
         return Ok(published);
     }
-    let (client, mut eventloop) = pipeline::config::mqtt_client(
+    let (publisher, _connected) = pipeline::config::BenchPublisher::spawn(
         &broker,
         format!("ctl-bench-load-{}", std::process::id()),
-        256,
-        |o| {
-            o.set_max_packet_size(16 << 20, 16 << 20)
-                .set_inflight(200)
-                .set_keep_alive(Duration::from_secs(30));
-        },
+        root,
     )?;
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
     let gw = GatewayId::new("gw-load").context("gateway id")?;
     let mut seq = Sequencer {
         gateway: gw.clone(),
@@ -348,16 +336,7 @@ async fn generate_load(
             }
             published += readings.len() as u64;
             for (p, payload) in seq.batch(readings) {
-                if client
-                    .publish(
-                        pipeline::ingest::readings_topic(&root, p),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload,
-                    )
-                    .await
-                    .is_err()
-                {
+                if publisher.publish(p, payload).await.is_err() {
                     return Ok(published);
                 }
             }
@@ -520,17 +499,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("observer SUBACK")??;
 
-    let (client, mut eventloop) = pipeline::config::bench_publisher(
+    let (publisher, _connected) = pipeline::config::BenchPublisher::spawn(
         &broker,
         format!("ctl-bench-pub-{}", std::process::id()),
+        root.clone(),
     )?;
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
 
     // History: two hour boundaries before the confirming one, 1.5 m³ per hour.
     let now = OffsetDateTime::now_utc();
@@ -561,14 +534,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     'stored: loop {
         for (p, payload) in &history {
-            client
-                .publish(
-                    pipeline::ingest::readings_topic(&root, *p),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.clone(),
-                )
-                .await?;
+            publisher.publish(*p, payload.clone()).await?;
         }
         let round = Instant::now() + Duration::from_secs(5);
         while Instant::now() < round {
@@ -618,14 +584,7 @@ async fn main() -> anyhow::Result<()> {
         let payloads = trial_seq.batch(vec![reading(m, h2, Decimal::new(103_000, 3), &gw)]);
         let sent = Instant::now();
         for (p, payload) in payloads {
-            client
-                .publish(
-                    pipeline::ingest::readings_topic(&root, p),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await?;
+            publisher.publish(p, payload).await?;
         }
         let got = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some((device, at)) = seen_rx.recv().await {

@@ -32,7 +32,6 @@ use model::{
     SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use rumqttc::QoS;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -283,27 +282,14 @@ impl Publisher {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let (client, mut eventloop) = pipeline::config::bench_publisher(
+                    let (publisher, connected) = pipeline::config::BenchPublisher::spawn(
                         &broker,
                         format!("bench-pub-{}", std::process::id()),
+                        root,
                     )?;
-                    tokio::spawn(async move {
-                        let mut connected = Some(connected_tx);
-                        loop {
-                            match eventloop.poll().await {
-                                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                                    if let Some(c) = connected.take() {
-                                        c.send(()).ok();
-                                    }
-                                }
-                                Ok(_) => {}
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "bench publisher connection");
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                }
-                            }
-                        }
-                    });
+                    if connected.await.is_ok() {
+                        connected_tx.send(()).ok();
+                    }
                     go_rx.await?;
                     let cpu_at_start = cpu::thread_cpu_s();
                     for (published, (p, payload)) in (0u64..).zip(payloads) {
@@ -312,14 +298,7 @@ impl Publisher {
                         {
                             tokio::time::sleep(Duration::from_millis(2)).await;
                         }
-                        client
-                            .publish(
-                                pipeline::ingest::readings_topic(&root, p),
-                                QoS::AtLeastOnce,
-                                false,
-                                payload,
-                            )
-                            .await?;
+                        publisher.publish(p, payload).await?;
                         counter.store(published + 1, std::sync::atomic::Ordering::Relaxed);
                     }
                     // Stays connected (PUBACKs, the broker's view) until the phase ends.
