@@ -21,6 +21,7 @@
 
 mod broker;
 mod cpu;
+mod pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,6 +85,11 @@ struct Args {
     /// 1000 queued messages per client).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     own_broker: bool,
+    /// Run a private PostgreSQL 15 cluster with the ingest configuration of
+    /// docs/operations.md (temporary directory and free port, removed at the end) instead of
+    /// the server at `DATABASE_URL`.
+    #[arg(long)]
+    own_postgres: bool,
     /// Fail when nothing is published, consumed or stored for this many seconds (a broker
     /// that dropped messages would otherwise make the bench wait forever).
     #[arg(long, default_value_t = 120)]
@@ -380,11 +386,32 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Interrupted, the bench's future is dropped before `main` returns: its own broker and
+    // PostgreSQL cluster stop and their directories go (they would outlive a killed process).
+    tokio::select! {
+        r = bench(args) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = terminate.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.meters > 0 && args.readings >= args.meters,
         "need readings >= meters > 0"
     );
-    let admin: PgConnectOptions = pipeline::config::database_url().parse()?;
+    let own_postgres = if args.own_postgres {
+        Some(pg::OwnPostgres::start()?)
+    } else {
+        None
+    };
+    let cluster = own_postgres.as_ref().map(pg::OwnPostgres::postmaster);
+    let admin: PgConnectOptions = match &own_postgres {
+        Some(pg) => pg.url(),
+        None => pipeline::config::database_url(),
+    }
+    .parse()?;
     let own_broker = if args.own_broker {
         Some(broker::OwnBroker::start(None).await?)
     } else {
@@ -418,6 +445,15 @@ async fn main() -> anyhow::Result<()> {
         },
         own_broker.as_ref().is_some_and(|b| b.tcp_nodelay)
     );
+    println!(
+        "postgres={} postgres_settings {}",
+        if own_postgres.is_some() {
+            "own"
+        } else {
+            "shared"
+        },
+        pg::server_settings(&admin).await?
+    );
     let partition_of: Vec<u16> = fleet
         .meters
         .iter()
@@ -428,7 +464,7 @@ async fn main() -> anyhow::Result<()> {
     let copy_db = format!("wm_bench_copy_{}", std::process::id());
     let pool = create_db(&admin, &copy_db).await?;
     let mut conn = pool.acquire().await?;
-    let meter = cpu::CpuMeter::start(&copy_db, None)?;
+    let meter = cpu::CpuMeter::start(&copy_db, None, cluster)?;
     let started = Instant::now();
     // Making the rows is not the COPY's work: its CPU (this thread's, exact to the
     // nanosecond) is taken out of the phase's.
@@ -564,7 +600,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?;
     publisher.connected().await?;
-    let meter = cpu::CpuMeter::start(&pipe_db, broker_pid)?;
+    let meter = cpu::CpuMeter::start(&pipe_db, broker_pid, cluster)?;
     let started = Instant::now();
     publisher.go();
     // Done when every reading is stored and its rollups and meter state are folded in.
