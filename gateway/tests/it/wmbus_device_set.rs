@@ -101,6 +101,13 @@ async fn new_keys_take_effect_without_releasing_the_port_and_a_refused_set_keeps
         ),
     )
     .unwrap();
+    // A fixed port, as in the field: a receiver that bound its address again would have to
+    // get this one back.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let toml = common::gateway_toml(
         gw,
         &root,
@@ -112,7 +119,7 @@ key_file = "{}"
 [[source]]
 id = "radio"
 kind = "wmbus_udp"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{port}"
 "#,
             keys.display()
         ),
@@ -120,6 +127,7 @@ listen = "127.0.0.1:0"
     let config = edge_config::parse(&toml, "keys.toml".as_ref()).expect("config");
     let mut gateway = Gateway::start(config).await.expect("gateway starts");
     let radio = gateway.source_addr("radio").expect("bound");
+    assert_eq!(radio.port(), port);
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 
     // Version 1: the meter's key is `old`.
