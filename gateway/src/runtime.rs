@@ -78,6 +78,8 @@ struct RunningSource {
     route: Route,
     addr: Option<SocketAddr>,
     readiness: Readiness,
+    /// Handed to the successor when the source restarts for new device keys.
+    udp: Option<Arc<tokio::net::UdpSocket>>,
 }
 
 /// A running gateway.
@@ -307,8 +309,18 @@ impl Gateway {
 
     /// Checks a registry device set like the TOML's `[[device]]` tables (key references
     /// resolved in the key file) and applies it without a restart: devices re-routed, wM-Bus
-    /// sources whose keys changed restarted. On error nothing changes. Returns the number of
-    /// devices in force.
+    /// receivers whose keys changed restarted. On error nothing changes: the receivers in
+    /// force keep running with their keys. Returns the number of devices in force.
+    ///
+    /// A receiver takes its keys when it is built, so new keys need a new receiver; it is
+    /// built with its predecessor's bound socket ([`Source::udp_socket`]) while the
+    /// predecessor still runs, and only then swapped in. Closing the socket and binding the
+    /// port again (what this did before) left a window in which the port was free: another
+    /// process, or the predecessor's socket not yet released on a loaded machine, made the
+    /// bind fail after the old receiver had stopped, and the gateway received no wM-Bus at
+    /// all. `SO_REUSEPORT` is no way out either: the kernel would split the datagrams between
+    /// the two sockets. With the socket handed over the port is never released, and datagrams
+    /// arriving during the swap wait in its kernel buffer.
     pub async fn apply_device_set(&mut self, set: &model::DeviceSet) -> Result<usize, String> {
         let devices = edge_config::device_set::devices_of_set(set, &self.config)
             .map_err(|e| e.to_string())?;
@@ -327,29 +339,52 @@ impl Gateway {
                 })
                 .collect::<BTreeMap<_, _>>()
         };
-        let restart: Vec<String> = self
-            .sources
-            .iter()
-            .filter(|(id, s)| {
-                matches!(s.config, SourceConfig::WmbusUdp(_))
-                    && keys_of(&self.config.devices, id) != keys_of(&devices, id)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in restart {
-            if let Some(s) = self.sources.remove(&id) {
-                tracing::info!(source = %id, "restarting for new device keys");
-                s.token.cancel();
-                tokio::time::timeout(Duration::from_secs(10), s.task)
-                    .await
-                    .ok();
+        let mut successors = Vec::new();
+        for (id, s) in &self.sources {
+            let SourceConfig::WmbusUdp(c) = &s.config else {
+                continue;
+            };
+            if keys_of(&self.config.devices, id) == keys_of(&devices, id) {
+                continue;
             }
+            let mut env = self.env_for(id, devices.iter().map(|d| d.get_ref().clone()).collect());
+            if let Some(socket) = &s.udp {
+                env = env.with_udp_socket(Arc::clone(socket));
+            }
+            let source = crate::sources::wmbus::WmbusSource::build(c, &env)
+                .await
+                .map_err(|source| {
+                    RuntimeError::Source {
+                        source_id: id.clone(),
+                        source,
+                    }
+                    .to_string()
+                })?;
+            successors.push((id.clone(), s.config.clone(), source));
         }
-        let mut new = self.config.clone();
-        new.devices = devices;
-        let n = new.devices.len();
+        // Nothing has changed up to here. Each predecessor stops (its in-flight submit
+        // finishes) before its successor reads from the shared socket: two readers would
+        // decode the same port's datagrams with different keys.
+        for (id, cfg, source) in successors {
+            if let Some(old) = self.sources.remove(&id) {
+                tracing::info!(source = %id, "restarting for new device keys (socket kept)");
+                old.token.cancel();
+                let abort = old.task.abort_handle();
+                if tokio::time::timeout(Duration::from_secs(10), old.task)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(source = %id, "source did not stop within 10 s; aborted");
+                    abort.abort();
+                }
+            }
+            let running = self.spawn_source(&cfg, source);
+            self.sources.insert(id, running);
+        }
+        let n = devices.len();
+        self.config.devices = devices;
         self.device_set_version = set.version;
-        self.reload_inner(new).await.map_err(|e| e.to_string())?;
+        self.update_routes();
         Ok(n)
     }
 
@@ -385,26 +420,37 @@ impl Gateway {
         }
     }
 
-    /// Builds source `S` (a failure stops the start or reload), then runs it as a task whose
-    /// commands, readiness and address the gateway keeps.
+    /// What source `id` is built with, given the devices in force.
+    fn env_for(&self, id: &str, devices: Vec<edge_config::DeviceConfig>) -> SourceEnv {
+        SourceEnv::new(id)
+            .with_state_dir(self.config.spool.dir.clone())
+            .with_register_maps(self.config.register_maps.clone())
+            .with_devices(devices)
+            .with_registries(Arc::clone(&self.health), self.listeners.clone())
+            .with_downlink(Arc::clone(&self.downlink))
+    }
+
+    /// Builds source `S` (a failure stops the start or reload), then runs it.
     async fn launch<S: Source>(
         &self,
         cfg: &SourceConfig,
         config: &S::Config,
     ) -> Result<RunningSource, RuntimeError> {
         let id = cfg.id().to_owned();
-        let env = SourceEnv::new(id.clone())
-            .with_state_dir(self.config.spool.dir.clone())
-            .with_register_maps(self.config.register_maps.clone())
-            .with_devices(self.devices().cloned().collect())
-            .with_registries(Arc::clone(&self.health), self.listeners.clone())
-            .with_downlink(Arc::clone(&self.downlink));
+        let env = self.env_for(&id, self.devices().cloned().collect());
         let source = S::build(config, &env)
             .await
             .map_err(|source| RuntimeError::Source {
                 source_id: id.clone(),
                 source,
             })?;
+        Ok(self.spawn_source(cfg, source))
+    }
+
+    /// Runs a built source as a task whose commands, readiness, address and UDP socket the
+    /// gateway keeps.
+    fn spawn_source<S: Source>(&self, cfg: &SourceConfig, source: S) -> RunningSource {
+        let id = cfg.id().to_owned();
         let token = self.shutdown.child_token();
         let (cmd_tx, commands) = mpsc::channel(16);
         let ctx = SourceContext::new(
@@ -421,6 +467,7 @@ impl Gateway {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(id.clone(), readiness.clone());
         let addr = source.local_addr();
+        let udp = source.udp_socket();
         let route = match source.commands() {
             Commands::Channel => Route::Channel(cmd_tx),
             Commands::CoapQueue => Route::CoapQueue,
@@ -433,14 +480,15 @@ impl Gateway {
             }
         });
         tracing::info!(source = %id, kind = cfg.kind(), ?addr, "source started");
-        Ok(RunningSource {
+        RunningSource {
             config: cfg.clone(),
             token,
             task,
             route,
             addr,
             readiness,
-        })
+            udp,
+        }
     }
 
     fn update_routes(&self) {

@@ -9,17 +9,25 @@
 //! `{root}/alarms`, the rule, the command row and its publication. Meanwhile a background
 //! load of `--load-rate` readings/s flows through the same workers. Prints p50/p99/max and the
 //! CPU time spent per background reading over the measured phase (utime + stime from
-//! `/proc/PID/stat`): this process (split into the load generator's thread and the rest), the
-//! PostgreSQL processes and Mosquitto. CPU time, unlike throughput, barely depends on what else
-//! the machine runs, so it compares configurations on a shared machine.
+//! `/proc`, by `pipeline-bench`'s `cpu.rs`): this process (split into the load generator's
+//! thread and the rest), the PostgreSQL processes of its database and the shared background
+//! ones (checkpointer, WAL writer, ...), and Mosquitto. CPU time, unlike throughput, barely
+//! depends on what else the machine runs, so it compares configurations on a shared machine.
 //!
 //! `--own-broker` starts a private Mosquitto on a free port with a temporary configuration
 //! (`--broker-nodelay` adds `set_tcp_nodelay true`); otherwise the broker of `MQTT_URL` is used
 //! and its CPU is read through `/run/mosquitto/mosquitto.pid`.
 
-// The private broker of `pipeline-bench` (one implementation for both benches).
+// The private broker and the `/proc` CPU accounting of `pipeline-bench` (one implementation
+// for both benches; kept out of the library so the api's build never carries them).
 #[path = "../src/bin/pipeline-bench/broker.rs"]
 mod broker;
+#[path = "../src/bin/pipeline-bench/cpu.rs"]
+#[allow(
+    dead_code,
+    reason = "pipeline-bench prints the phase's wall time and load from it"
+)]
+mod cpu;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -142,137 +150,6 @@ impl Sequencer {
     }
 }
 
-/// utime + stime of the `/proc/…/stat` file `path`, in clock ticks.
-fn stat_ticks(path: &std::path::Path) -> Option<u64> {
-    let text = std::fs::read_to_string(path).ok()?;
-    // The command name (field 2) may hold spaces: fields are counted after its `)`.
-    let rest = text.get(text.rfind(')')? + 1..)?;
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when that fails).
-fn clock_ticks_per_s() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|t| t.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// Which share of the PostgreSQL processes a process is.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-enum PgRole {
-    /// A backend of the bench's database (or an autovacuum worker on it).
-    Own,
-    /// The postmaster and the shared auxiliary processes (WAL writer, checkpointer, …).
-    Shared,
-    /// Backends of other databases: other users of the server (not counted per reading).
-    Other,
-}
-
-/// CPU ticks of the processes the bench accounts for, at one moment.
-#[derive(Default)]
-struct CpuSnapshot {
-    bench: u64,
-    load_gen: u64,
-    broker: u64,
-    postgres: HashMap<u32, (PgRole, u64)>,
-}
-
-/// Whose CPU time the bench reads.
-struct CpuAccounts {
-    load_gen: Option<std::path::PathBuf>,
-    broker_pid: Option<u32>,
-    database: String,
-}
-
-impl CpuAccounts {
-    fn snapshot(&self) -> CpuSnapshot {
-        let read = |p: &std::path::Path| stat_ticks(p).unwrap_or(0);
-        let mut postgres = HashMap::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let dir = entry.path();
-            if std::fs::read_to_string(dir.join("comm")).map_or(true, |c| c.trim() != "postgres") {
-                continue;
-            }
-            // Backends show `postgres: 15/main: user database host(port) state`.
-            let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            let words: Vec<&str> = cmdline.split_whitespace().collect();
-            let role = if words.contains(&self.database.as_str()) {
-                PgRole::Own
-            } else if words
-                .iter()
-                .any(|w| *w == "[local]" || w.contains('(') && w.ends_with(')'))
-                || words.contains(&"autovacuum") && words.contains(&"worker")
-            {
-                PgRole::Other
-            } else {
-                PgRole::Shared
-            };
-            if let Some(t) = stat_ticks(&dir.join("stat")) {
-                postgres.insert(pid, (role, t));
-            }
-        }
-        CpuSnapshot {
-            bench: read(std::path::Path::new("/proc/self/stat")),
-            load_gen: self.load_gen.as_deref().map_or(0, read),
-            broker: self.broker_pid.map_or(0, |pid| {
-                read(
-                    &std::path::Path::new("/proc")
-                        .join(pid.to_string())
-                        .join("stat"),
-                )
-            }),
-            postgres,
-        }
-    }
-}
-
-/// CPU seconds spent between two snapshots.
-struct CpuSpent {
-    bench: f64,
-    load_gen: f64,
-    broker: f64,
-    pg_own: f64,
-    pg_shared: f64,
-    pg_other: f64,
-}
-
-impl CpuSpent {
-    fn between(a: &CpuSnapshot, b: &CpuSnapshot) -> Self {
-        let hz = clock_ticks_per_s();
-        let s = |x: u64, y: u64| y.saturating_sub(x) as f64 / hz;
-        let mut pg = HashMap::<PgRole, f64>::new();
-        // A process started meanwhile counts from 0; one that ended meanwhile is lost (its
-        // ticks go to no one we can read): the bench's connections live through the phase.
-        for (pid, (role, end)) in &b.postgres {
-            let start = a.postgres.get(pid).map_or(0, |(_, t)| *t);
-            *pg.entry(*role).or_default() += s(start, *end);
-        }
-        Self {
-            bench: s(a.bench, b.bench),
-            load_gen: s(a.load_gen, b.load_gen),
-            broker: s(a.broker, b.broker),
-            pg_own: pg.get(&PgRole::Own).copied().unwrap_or_default(),
-            pg_shared: pg.get(&PgRole::Shared).copied().unwrap_or_default(),
-            pg_other: pg.get(&PgRole::Other).copied().unwrap_or_default(),
-        }
-    }
-}
-
 /// `/proc/self/task/<tid>` of this process's thread named `name`.
 fn thread_stat(name: &str) -> Option<std::path::PathBuf> {
     std::fs::read_dir("/proc/self/task")
@@ -297,23 +174,11 @@ async fn generate_load(
     if rate == 0 {
         return Ok(published);
     }
-    let (client, mut eventloop) = pipeline::config::mqtt_client(
+    let (publisher, _connected) = pipeline::config::BenchPublisher::spawn(
         &broker,
         format!("ctl-bench-load-{}", std::process::id()),
-        256,
-        |o| {
-            o.set_max_packet_size(16 << 20, 16 << 20)
-                .set_inflight(200)
-                .set_keep_alive(Duration::from_secs(30));
-        },
+        root,
     )?;
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
     let gw = GatewayId::new("gw-load").context("gateway id")?;
     let mut seq = Sequencer {
         gateway: gw.clone(),
@@ -348,16 +213,7 @@ async fn generate_load(
             }
             published += readings.len() as u64;
             for (p, payload) in seq.batch(readings) {
-                if client
-                    .publish(
-                        pipeline::ingest::readings_topic(&root, p),
-                        QoS::AtLeastOnce,
-                        false,
-                        payload,
-                    )
-                    .await
-                    .is_err()
-                {
+                if publisher.publish(p, payload).await.is_err() {
                     return Ok(published);
                 }
             }
@@ -520,17 +376,11 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("observer SUBACK")??;
 
-    let (client, mut eventloop) = pipeline::config::bench_publisher(
+    let (publisher, _connected) = pipeline::config::BenchPublisher::spawn(
         &broker,
         format!("ctl-bench-pub-{}", std::process::id()),
+        root.clone(),
     )?;
-    tokio::spawn(async move {
-        loop {
-            if eventloop.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
 
     // History: two hour boundaries before the confirming one, 1.5 m³ per hour.
     let now = OffsetDateTime::now_utc();
@@ -561,14 +411,7 @@ async fn main() -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     'stored: loop {
         for (p, payload) in &history {
-            client
-                .publish(
-                    pipeline::ingest::readings_topic(&root, *p),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload.clone(),
-                )
-                .await?;
+            publisher.publish(*p, payload.clone()).await?;
         }
         let round = Instant::now() + Duration::from_secs(5);
         while Instant::now() < round {
@@ -601,12 +444,10 @@ async fn main() -> anyhow::Result<()> {
     })?;
     // Let the load reach its rate before measuring.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let accounts = CpuAccounts {
-        load_gen: thread_stat("load-gen"),
-        broker_pid,
-        database: db.name.clone(),
-    };
-    let cpu_start = accounts.snapshot();
+    let load_gen = thread_stat("load-gen");
+    let load_gen_cpu = || load_gen.as_deref().and_then(cpu::stat_cpu_s).unwrap_or(0.0);
+    let load_gen_at_start = load_gen_cpu();
+    let meter = cpu::CpuMeter::start(&db.name, broker_pid, None)?;
     let stored_at_start = IngestMetrics::get(&metrics.stored);
     let measure_start = Instant::now();
     let mut latencies = Vec::with_capacity(trial_meters.len());
@@ -618,14 +459,7 @@ async fn main() -> anyhow::Result<()> {
         let payloads = trial_seq.batch(vec![reading(m, h2, Decimal::new(103_000, 3), &gw)]);
         let sent = Instant::now();
         for (p, payload) in payloads {
-            client
-                .publish(
-                    pipeline::ingest::readings_topic(&root, p),
-                    QoS::AtLeastOnce,
-                    false,
-                    payload,
-                )
-                .await?;
+            publisher.publish(p, payload).await?;
         }
         let got = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some((device, at)) = seen_rx.recv().await {
@@ -643,7 +477,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = measure_start.elapsed().as_secs_f64();
     let stored = IngestMetrics::get(&metrics.stored) - stored_at_start;
-    let cpu = CpuSpent::between(&cpu_start, &accounts.snapshot());
+    let cpu = meter.stop();
+    let load_gen_s = (load_gen_cpu() - load_gen_at_start).max(0.0);
     load_stop_tx.send(true).ok();
     let load_published = tokio::task::spawn_blocking(move || load.join())
         .await?
@@ -666,24 +501,26 @@ async fn main() -> anyhow::Result<()> {
     );
     // Per background reading: the bursts' own readings are a few hundred among millions.
     let per = |secs: f64| secs * 1e6 / stored.max(1) as f64;
-    let pipeline_s = cpu.bench - cpu.load_gen;
-    let total = cpu.bench + cpu.pg_own + cpu.pg_shared + cpu.broker;
+    let pipeline_s = cpu.bench_s - load_gen_s;
+    let broker_s = cpu.broker_s.unwrap_or(0.0);
+    // The shared background processes count here (unlike in `pipeline-bench`'s totals): the
+    // bench's load is most of what they do during the phase.
+    let total = cpu.bench_s + cpu.postgres_s + cpu.postgres_background_s + broker_s;
     println!(
         "cpu_us_per_reading={:.2} (bench {:.2} = load generator {:.2} + pipeline {:.2}; postgres {:.2} = own database {:.2} + shared processes {:.2}; mosquitto {:.2})",
         per(total),
-        per(cpu.bench),
-        per(cpu.load_gen),
+        per(cpu.bench_s),
+        per(load_gen_s),
         per(pipeline_s),
-        per(cpu.pg_own + cpu.pg_shared),
-        per(cpu.pg_own),
-        per(cpu.pg_shared),
-        per(cpu.broker),
+        per(cpu.postgres_s + cpu.postgres_background_s),
+        per(cpu.postgres_s),
+        per(cpu.postgres_background_s),
+        per(broker_s),
     );
     println!(
-        "cpu_s={total:.2} over {elapsed:.1} s ({:.2} cores busy; without the load generator {:.2}); stored_in_phase={stored}; other databases' backends {:.2} s (not counted); mosquitto pid {}",
+        "cpu_s={total:.2} over {elapsed:.1} s ({:.2} cores busy; without the load generator {:.2}); stored_in_phase={stored}; mosquitto pid {}",
         total / elapsed,
-        (total - cpu.load_gen) / elapsed,
-        cpu.pg_other,
+        (total - load_gen_s) / elapsed,
         broker_pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
     );
     println!(

@@ -102,6 +102,71 @@ pub fn bench_publisher(
     })
 }
 
+/// A [`bench_publisher`] whose connection is driven: what both benches publish readings with.
+#[derive(Debug, Clone)]
+pub struct BenchPublisher {
+    client: rumqttc::AsyncClient,
+    root: String,
+}
+
+impl BenchPublisher {
+    /// Connects a [`bench_publisher`] and polls its event loop on a task of the calling
+    /// runtime (a connection error is logged and the connection tried again after 200 ms;
+    /// the task ends when the last clone of the publisher is dropped). The receiver is told
+    /// at the first CONNACK.
+    ///
+    /// # Errors
+    /// [`UrlError::Tls`] when the TLS connector cannot be built.
+    pub fn spawn(
+        broker: &model::BrokerUrl,
+        client_id: impl Into<String>,
+        root: impl Into<String>,
+    ) -> Result<(Self, tokio::sync::oneshot::Receiver<()>), UrlError> {
+        let (client, mut eventloop) = bench_publisher(broker, client_id)?;
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let mut connected = Some(connected_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                        if let Some(c) = connected.take() {
+                            c.send(()).ok();
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bench publisher connection");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        let root = root.into();
+        Ok((Self { client, root }, connected))
+    }
+
+    /// Publishes a `ReadingBatch` payload to partition `partition` of the root (QoS 1, as
+    /// gateways do); returns once the client queued it.
+    ///
+    /// # Errors
+    /// When the client's event loop has ended.
+    pub async fn publish(
+        &self,
+        partition: u16,
+        payload: Vec<u8>,
+    ) -> Result<(), rumqttc::ClientError> {
+        self.client
+            .publish(
+                crate::ingest::readings_topic(&self.root, partition),
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+    }
+}
+
 /// Disables Nagle's algorithm on an MQTT client's socket. rumqttc leaves it on: a small
 /// packet (an alarm, a PUBACK) written while an earlier one is not yet acknowledged by TCP
 /// then waits for that ACK, which the peer's delayed-ACK timer may hold back ~40 ms.

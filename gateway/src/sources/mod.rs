@@ -58,6 +58,14 @@ pub trait Source: Sized + Send + 'static {
         None
     }
 
+    /// The bound UDP socket of a receiver the runtime restarts with new device keys: it is
+    /// handed to the successor ([`SourceEnv::with_udp_socket`]) instead of closed and bound
+    /// again, so the port is never free for another process to take and a restart cannot
+    /// leave the gateway without the receiver.
+    fn udp_socket(&self) -> Option<Arc<tokio::net::UdpSocket>> {
+        None
+    }
+
     /// Receives (and executes commands) until `ctx.shutdown`. A source marks
     /// `ctx.readiness` ready once it receives, and connecting while it reconnects.
     fn run(
@@ -135,6 +143,7 @@ pub struct SourceEnv {
     listeners: crate::listener::ListenerRegistry,
     downlink: Option<Arc<crate::downlink::Downlink>>,
     resolver: Arc<MapResolver>,
+    udp_socket: Option<Arc<tokio::net::UdpSocket>>,
 }
 
 impl std::fmt::Debug for SourceEnv {
@@ -160,6 +169,7 @@ impl SourceEnv {
             listeners: crate::listener::ListenerRegistry::default(),
             downlink: None,
             resolver: Arc::new(modbus::resolve_map),
+            udp_socket: None,
         }
     }
 
@@ -202,6 +212,18 @@ impl SourceEnv {
     pub fn with_map_resolver(mut self, resolver: Arc<MapResolver>) -> Self {
         self.resolver = resolver;
         self
+    }
+
+    /// With the bound socket of the predecessor (see [`Source::udp_socket`]): a UDP receiver
+    /// takes it instead of binding its configured address.
+    pub fn with_udp_socket(mut self, socket: Arc<tokio::net::UdpSocket>) -> Self {
+        self.udp_socket = Some(socket);
+        self
+    }
+
+    /// The predecessor's bound UDP socket, if handed over.
+    pub fn udp_socket(&self) -> Option<&Arc<tokio::net::UdpSocket>> {
+        self.udp_socket.as_ref()
     }
 
     /// The source's id.

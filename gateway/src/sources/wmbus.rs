@@ -121,9 +121,10 @@ fn bind(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
 }
 
 /// [`bind`], waiting up to [`REBIND_WAIT`] while the address is still in use: a receiver
-/// restarted for new device keys binds the port its predecessor is still releasing, and a
-/// refused bind there would leave the gateway without its wM-Bus source (a device set applied
-/// while the machine was loaded lost the demo's DMA inlets this way).
+/// restarted by a configuration reload binds the port its predecessor is still releasing.
+/// (A restart for new device keys does not bind at all: it takes the predecessor's socket, see
+/// `Gateway::apply_device_set`; a device set applied while the machine was loaded once lost
+/// the demo's DMA inlets to a refused rebind.)
 async fn bind_when_free(config: &WmbusUdpSourceConfig) -> std::io::Result<UdpSocket> {
     let deadline = tokio::time::Instant::now() + REBIND_WAIT;
     loop {
@@ -172,10 +173,12 @@ fn drops_of_inode(table: &str, inode: &str) -> Option<u64> {
     })
 }
 
-/// The wM-Bus receiver: its socket is bound at build, so a port in use stops the start.
+/// The wM-Bus receiver: its socket is bound at build, so a port in use stops the start. A
+/// receiver restarted for new device keys takes its predecessor's socket instead (shared, as
+/// the runtime keeps it across the restart).
 #[derive(Debug)]
 pub struct WmbusSource {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     listen: String,
     receiver: Receiver,
     stats: Arc<ReceiverStats>,
@@ -390,13 +393,17 @@ impl Source for WmbusSource {
 
     async fn build(config: &Self::Config, env: &SourceEnv) -> Result<Self, SourceError> {
         // Checked by edge-config (`Valid`): nothing to validate here.
-        let socket = bind_when_free(config)
-            .await
-            .map_err(|source| SourceError::Socket {
-                what: "wM-Bus UDP socket",
-                addr: config.listen.clone(),
-                source,
-            })?;
+        let socket =
+            match env.udp_socket() {
+                Some(socket) => Arc::clone(socket),
+                None => Arc::new(bind_when_free(config).await.map_err(|source| {
+                    SourceError::Socket {
+                        what: "wM-Bus UDP socket",
+                        addr: config.listen.clone(),
+                        source,
+                    }
+                })?),
+            };
         // Keys given on [[device]] entries of this source join the source's own.
         let mut keys = config.key_map();
         let mut extra = (**config).clone();
@@ -440,6 +447,10 @@ impl Source for WmbusSource {
         WmbusSource::local_addr(self)
     }
 
+    fn udp_socket(&self) -> Option<Arc<UdpSocket>> {
+        Some(Arc::clone(&self.socket))
+    }
+
     /// Datagrams are read in batches: every datagram waiting in the socket (up to
     /// [`MAX_BATCH`]) is decoded and their readings go to the spool in one submit, so a burst
     /// of hundreds of meters costs a few group commits instead of one each, while the kernel
@@ -463,7 +474,6 @@ impl Source for WmbusSource {
         });
         // The drop counter is read by its own task: it must keep counting while the receive
         // loop waits for the spool, which is exactly when the kernel buffer overflows.
-        let socket = Arc::new(socket);
         let drop_watch = {
             let socket = Arc::clone(&socket);
             let sink = ctx.sink.clone();

@@ -19,4 +19,5 @@ mod push_and_mqtt_sources;
 mod spool_alarm;
 mod spool_crash;
 mod uplink;
+mod wmbus_device_set;
 mod wmbus_source;

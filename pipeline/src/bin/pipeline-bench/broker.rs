@@ -42,7 +42,7 @@ fn config(port: u16, tcp_nodelay: bool) -> String {
 }
 
 /// A port free on 127.0.0.1 right now (the OS picks it).
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }

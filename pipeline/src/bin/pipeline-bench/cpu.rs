@@ -36,16 +36,26 @@ const BACKGROUND: [&str; 7] = [
     "stats collector",
 ];
 
-/// utime + stime of a `/proc/.../stat` file, seconds.
-fn stat_cpu_s(path: &Path) -> Option<f64> {
+/// The fields of a `/proc/.../stat` file after the command name: field 3 (state) is index 0.
+fn stat_fields(path: &Path) -> Option<Vec<String>> {
     let s = std::fs::read_to_string(path).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
     let rest = s.get(s.rfind(')')? + 1..)?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After the name, field 3 (state) is index 0: utime (14) and stime (15) are 11 and 12.
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// utime + stime of a `/proc/.../stat` file, seconds.
+pub(crate) fn stat_cpu_s(path: &Path) -> Option<f64> {
+    let fields = stat_fields(path)?;
+    // utime (14) and stime (15) are indexes 11 and 12.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / TICKS_PER_S)
+}
+
+/// The parent pid (field 4) of a `/proc/.../stat` file.
+fn stat_ppid(path: &Path) -> Option<u32> {
+    stat_fields(path)?.get(1)?.parse().ok()
 }
 
 /// CPU seconds of this whole process so far (every thread, ended ones included).
@@ -80,15 +90,17 @@ pub(crate) fn load_average() -> String {
 
 /// Which PostgreSQL processes count for a phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PgClass {
+pub(crate) enum PgClass {
     /// Serves the phase's database.
     Ours,
     /// Shared by every database.
     Background,
 }
 
-/// The PostgreSQL processes of interest now: pid → (class, CPU seconds).
-fn scan_postgres(db: &str) -> HashMap<u32, (PgClass, f64)> {
+/// The PostgreSQL processes of interest now: pid → (class, CPU seconds). With `cluster` (a
+/// postmaster's pid) only that cluster's processes, its children: the shared server's
+/// background processes run beside a private cluster with the same titles.
+pub(crate) fn scan_postgres(db: &str, cluster: Option<u32>) -> HashMap<u32, (PgClass, f64)> {
     let mut out = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return out;
@@ -105,12 +117,18 @@ fn scan_postgres(db: &str) -> HashMap<u32, (PgClass, f64)> {
         if !std::fs::read_to_string(base.join("comm")).is_ok_and(|c| c.trim() == "postgres") {
             continue;
         }
+        if let Some(postmaster) = cluster
+            && stat_ppid(&base.join("stat")) != Some(postmaster)
+        {
+            continue;
+        }
         let Ok(cmdline) = std::fs::read(base.join("cmdline")) else {
             continue;
         };
         let title = String::from_utf8_lossy(&cmdline).replace('\0', " ");
         // Backends and autovacuum workers: `postgres: 15/main: <user> <db> <host> <state>`,
-        // `postgres: 15/main: autovacuum worker <db>`.
+        // `postgres: 15/main: autovacuum worker <db>` (the private cluster's are named
+        // `wm-bench:`).
         let class = if title.split_whitespace().any(|w| w == db) {
             PgClass::Ours
         } else if title.starts_with("postgres:") && BACKGROUND.iter().any(|b| title.contains(b)) {
@@ -163,8 +181,13 @@ pub(crate) struct CpuMeter {
 }
 
 impl CpuMeter {
-    /// Starts measuring: `db` names the phase's database, `broker` the broker's pid if known.
-    pub(crate) fn start(db: &str, broker: Option<u32>) -> anyhow::Result<Self> {
+    /// Starts measuring: `db` names the phase's database, `broker` the broker's pid if known,
+    /// `cluster` the postmaster of a private PostgreSQL cluster (then only its processes count).
+    pub(crate) fn start(
+        db: &str,
+        broker: Option<u32>,
+        cluster: Option<u32>,
+    ) -> anyhow::Result<Self> {
         let db = db.to_owned();
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
@@ -174,7 +197,7 @@ impl CpuMeter {
             .spawn(move || {
                 let own_start = thread_cpu_s();
                 // pid → (class, CPU at first sight, CPU at last sight)
-                let mut seen: Seen = scan_postgres(&db)
+                let mut seen: Seen = scan_postgres(&db, cluster)
                     .into_iter()
                     .map(|(pid, (class, cpu))| (pid, (class, cpu, cpu)))
                     .collect();
@@ -183,7 +206,7 @@ impl CpuMeter {
                 loop {
                     let stopping = stopping.load(Ordering::Relaxed);
                     if stopping || last.elapsed() >= SAMPLE_EVERY {
-                        for (pid, (class, cpu)) in scan_postgres(&db) {
+                        for (pid, (class, cpu)) in scan_postgres(&db, cluster) {
                             seen.entry(pid)
                                 // Born during the phase: all of its time is the phase's.
                                 .or_insert((class, 0.0, 0.0))
@@ -253,6 +276,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stat_cpu_s(&path), Some(3.0));
+        assert_eq!(stat_ppid(&path), Some(1));
         std::fs::remove_dir_all(&dir).ok();
     }
 

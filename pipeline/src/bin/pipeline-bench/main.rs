@@ -23,6 +23,7 @@
 
 mod broker;
 mod cpu;
+mod pg;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,11 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use model::{
-    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quality, Quantity, Reading,
-    ReadingBatch, SourceKind, Unit, WIRE_VERSION,
+    BatchEntry, ClockSource, GatewayId, MeterId, Provenance, Quantity, Reading, ReadingBatch,
+    SourceKind, Unit, WIRE_VERSION,
 };
 use pipeline::ingest::IngestMetrics;
-use rumqttc::QoS;
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
@@ -87,6 +87,11 @@ struct Args {
     /// 1000 queued messages per client).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     own_broker: bool,
+    /// Run a private PostgreSQL 15 cluster with the ingest configuration of
+    /// docs/operations.md (temporary directory and free port, removed at the end) instead of
+    /// the server at `DATABASE_URL`.
+    #[arg(long)]
+    own_postgres: bool,
     /// Fail when nothing is published, consumed or stored for this many seconds (a broker
     /// that dropped messages would otherwise make the bench wait forever).
     #[arg(long, default_value_t = 120)]
@@ -132,27 +137,21 @@ impl Fleet {
         // 1..10 L per interval depending on the meter; register starts at meter-specific value.
         let per_round = Decimal::new(1 + (meter as i64 % 10), 3);
         let value = Decimal::new(1000 + meter as i64 % 5000, 0) + per_round * Decimal::from(round);
-        Reading {
-            meter: self.meters[meter].clone(),
+        // model's own constructors: a field `Reading` gains gets its default here as in every
+        // other maker of actual readings, so the bench's cannot drift from production's.
+        Reading::actual(
+            self.meters[meter].clone(),
             ts,
-            clock: ClockSource::Meter,
-            quantity: Quantity::Volume,
-            value,
-            unit: Unit::CubicMetre,
-            storage: 0,
-            tariff: 0,
-            subunit: 0,
-            quality: Quality::Actual,
-            flags: vec![],
-            provenance: Provenance {
-                gateway: self.gateway[usize::from(partition)].clone(),
-                source: SourceKind::Coap,
-                source_id: "nbiot".into(),
-                frame_hash: format!("{:064x}", meter as u64 * 1_000_003 + round),
-                received_at: ts + time::Duration::seconds(5),
-                channel: None,
-            },
-        }
+            ClockSource::Meter,
+            (Quantity::Volume, value, Unit::CubicMetre),
+            Provenance::new(
+                self.gateway[usize::from(partition)].clone(),
+                SourceKind::Coap,
+                "nbiot",
+                format!("{:064x}", meter as u64 * 1_000_003 + round),
+                ts + time::Duration::seconds(5),
+            ),
+        )
     }
 }
 
@@ -344,27 +343,14 @@ impl Publisher {
                     .enable_all()
                     .build()?;
                 rt.block_on(async move {
-                    let (client, mut eventloop) = pipeline::config::bench_publisher(
+                    let (publisher, connected) = pipeline::config::BenchPublisher::spawn(
                         &broker,
                         format!("bench-pub-{}", std::process::id()),
+                        root,
                     )?;
-                    tokio::spawn(async move {
-                        let mut connected = Some(connected_tx);
-                        loop {
-                            match eventloop.poll().await {
-                                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                                    if let Some(c) = connected.take() {
-                                        c.send(()).ok();
-                                    }
-                                }
-                                Ok(_) => {}
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "bench publisher connection");
-                                    tokio::time::sleep(Duration::from_millis(200)).await;
-                                }
-                            }
-                        }
-                    });
+                    if connected.await.is_ok() {
+                        connected_tx.send(()).ok();
+                    }
                     go_rx.await?;
                     let cpu_at_start = cpu::thread_cpu_s();
                     for (published, (p, payload)) in (0u64..).zip(payloads) {
@@ -373,14 +359,7 @@ impl Publisher {
                         {
                             tokio::time::sleep(Duration::from_millis(2)).await;
                         }
-                        client
-                            .publish(
-                                pipeline::ingest::readings_topic(&root, p),
-                                QoS::AtLeastOnce,
-                                false,
-                                payload,
-                            )
-                            .await?;
+                        publisher.publish(p, payload).await?;
                         counter.store(published + 1, std::sync::atomic::Ordering::Relaxed);
                     }
                     // Stays connected (PUBACKs, the broker's view) until the phase ends.
@@ -462,11 +441,32 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Interrupted, the bench's future is dropped before `main` returns: its own broker and
+    // PostgreSQL cluster stop and their directories go (they would outlive a killed process).
+    tokio::select! {
+        r = bench(args) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = terminate.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.meters > 0 && args.readings >= args.meters,
         "need readings >= meters > 0"
     );
-    let admin: PgConnectOptions = pipeline::config::database_url().parse()?;
+    let own_postgres = if args.own_postgres {
+        Some(pg::OwnPostgres::start()?)
+    } else {
+        None
+    };
+    let cluster = own_postgres.as_ref().map(pg::OwnPostgres::postmaster);
+    let admin: PgConnectOptions = match &own_postgres {
+        Some(pg) => pg.url(),
+        None => pipeline::config::database_url(),
+    }
+    .parse()?;
     let own_broker = if args.own_broker {
         Some(broker::OwnBroker::start(None).await?)
     } else {
@@ -500,6 +500,15 @@ async fn main() -> anyhow::Result<()> {
         },
         own_broker.as_ref().is_some_and(|b| b.tcp_nodelay)
     );
+    println!(
+        "postgres={} postgres_settings {}",
+        if own_postgres.is_some() {
+            "own"
+        } else {
+            "shared"
+        },
+        pg::server_settings(&admin).await?
+    );
     let partition_of: Vec<u16> = fleet
         .meters
         .iter()
@@ -510,7 +519,7 @@ async fn main() -> anyhow::Result<()> {
     let copy_db = format!("wm_bench_copy_{}", std::process::id());
     let pool = create_db(&admin, &copy_db).await?;
     let mut conn = pool.acquire().await?;
-    let meter = cpu::CpuMeter::start(&copy_db, None)?;
+    let meter = cpu::CpuMeter::start(&copy_db, None, cluster)?;
     let started = Instant::now();
     // Making the rows is not the COPY's work: its CPU (this thread's, exact to the
     // nanosecond) is taken out of the phase's.
@@ -647,7 +656,7 @@ async fn main() -> anyhow::Result<()> {
         Arc::clone(&metrics),
     )?;
     publisher.connected().await?;
-    let meter = cpu::CpuMeter::start(&pipe_db, broker_pid)?;
+    let meter = cpu::CpuMeter::start(&pipe_db, broker_pid, cluster)?;
     let started = Instant::now();
     publisher.go();
     // Done when every reading is stored and its rollups and meter state are folded in.
