@@ -158,7 +158,7 @@ struct RunArgs {
     #[arg(long)]
     no_priority_lane: bool,
     /// Longest time consumption spans wait in the ingest journal before they are folded into
-    /// the hourly and daily rollups, milliseconds (they are folded sooner when idle).
+    /// the daily rollups, milliseconds (they are folded sooner when idle).
     #[arg(long, default_value_t = 5_000)]
     rollup_interval_ms: u64,
     /// Longest time meter states wait in the ingest journal before a checkpoint writes them

@@ -171,8 +171,9 @@ async fn readings(
         }
         Resolution::Hourly | Resolution::Daily => {
             let sql = if resolution == Resolution::Hourly {
-                "SELECT bucket, consumption, read_count, estimated FROM rollup_hourly
-                 WHERE meter_id = $1 AND bucket >= $2 AND bucket < $3
+                // Derived from the meter's reads in the range (not folded on ingest: migration
+                // 0151), with the rollups' span logic.
+                "SELECT bucket, consumption, read_count, estimated FROM wm_rollup_hourly($1, $2, $3)
                  ORDER BY bucket LIMIT $4 OFFSET $5"
             } else {
                 // Daily buckets are UTC dates of the rollup; compared as timestamps at 00:00 UTC.

@@ -1132,10 +1132,30 @@ async fn readings_raw_rollups_csv_and_edit() {
     pipeline::db::readings::insert_readings(&h.db.pool, &reads)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO rollup_hourly (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
-                 VALUES ('cjt188:00000000000031', '2026-10-01T00:00:00Z', 1.5, 100, 101.5, 2, false),
-                        ('cjt188:00000000000031', '2026-10-01T01:00:00Z', 0.5, 101.5, 102, 1, true)")
-        .execute(&h.db.pool).await.unwrap();
+    // Hourly consumption is derived from the reads (migration 0151): R-2's reads give the two
+    // rows the folded table held for this test before (1.5 m3 from 2 reads, then 0.5 m3 from
+    // one estimate).
+    register(&h, "R-2", "cjt188:00000000000032", "org-a", None).await;
+    let estimate = model::Quality::Estimated {
+        method: model::EstimationMethod::Linear,
+    };
+    let r2 = [
+        (0, "100", model::Quality::Validated),
+        (30, "101.5", model::Quality::Validated),
+        (75, "102", estimate),
+    ]
+    .map(|(min, v, quality)| {
+        let mut r = testkit::volume_read(
+            "cjt188:00000000000032",
+            t0 + time::Duration::minutes(min),
+            v.parse().unwrap(),
+        );
+        r.quality = quality;
+        r
+    });
+    pipeline::db::readings::insert_readings(&h.db.pool, &r2)
+        .await
+        .unwrap();
     sqlx::query("INSERT INTO rollup_daily (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
                  VALUES ('cjt188:00000000000031', '2026-10-01', 2, 100, 102, 3, false)")
         .execute(&h.db.pool).await.unwrap();
@@ -1172,8 +1192,57 @@ async fn readings_raw_rollups_csv_and_edit() {
             None,
         )
         .await;
-    assert_eq!(v["items"][1]["quality"], "estimated");
+    let hours: Vec<(&str, &str, &str, i64)> = v["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["ts"].as_str().unwrap(),
+                i["value"].as_str().unwrap(),
+                i["quality"].as_str().unwrap(),
+                i["count_or_tariff"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        hours,
+        [
+            ("2026-10-01T00:00:00Z", "0", "validated", 1),
+            ("2026-10-01T01:00:00Z", "1", "validated", 1),
+            ("2026-10-01T02:00:00Z", "1", "validated", 1),
+            ("2026-10-01T03:00:00Z", "1", "validated", 1),
+            ("2026-10-01T04:00:00Z", "1", "validated", 1),
+        ]
+    );
+    let (st, v) = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/meters/R-2/readings?{q}&resolution=hourly"),
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["items"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v["items"][0]["value"], "1.5");
+    assert_eq!(v["items"][0]["quality"], "validated");
+    assert_eq!(v["items"][0]["count_or_tariff"], 2);
+    assert_eq!(v["items"][1]["ts"], "2026-10-01T01:00:00Z");
+    assert_eq!(v["items"][1]["value"], "0.5");
+    assert_eq!(v["items"][1]["quality"], "estimated");
+    assert_eq!(v["items"][1]["count_or_tariff"], 1);
+    // A range starting inside the meter's history takes its base from the read before it.
+    let (_, v) = h
+        .call(
+            Method::GET,
+            "/api/v1/meters/R-2/readings?from=2026-10-01T01:00:00Z&to=2026-10-01T02:00:00Z&resolution=hourly",
+            Some(&tok),
+            None,
+        )
+        .await;
+    assert_eq!(v["items"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["items"][0]["value"], "0.5");
     let (_, v) = h
         .call(
             Method::GET,

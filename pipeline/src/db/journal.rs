@@ -5,8 +5,9 @@
 //! of each transaction on them). Instead each ingest transaction appends one compact binary
 //! record per partition to `ingest_journal` (the batch's consumption spans and new meter
 //! states), in the same transaction as the readings, and the worker keeps them in memory
-//! ([`Pending`]). Every few seconds the worker folds the spans it holds into `rollup_hourly`
-//! and `rollup_daily` and marks their records `folded`; every half minute, when idle and at
+//! ([`Pending`]). Every few seconds the worker folds the spans it holds into `rollup_daily`
+//! and marks their records `folded` (hourly consumption is derived from `readings` on read,
+//! see [`super::rollups`]); every half minute, when idle and at
 //! shutdown it also checkpoints the meter states into `meter_state` and deletes the records.
 //! Each fold is one transaction ([`flush`]), so a span is added to the rollups exactly once
 //! whether the worker crashes before, during or after it. On start a worker reads the records

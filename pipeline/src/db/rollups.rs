@@ -1,6 +1,7 @@
-//! `rollup_hourly` and `rollup_daily`: consumption spans summed per hour and local day, the
-//! recompute from `readings`, and `rollup_resets` (which keeps the journal from adding spans a
-//! recompute already counted, see [`super::journal`]).
+//! `rollup_daily`: consumption spans summed per local day, the recompute from `readings`, and
+//! `rollup_resets` (which keeps the journal from adding spans a recompute already counted, see
+//! [`super::journal`]). Hourly consumption is not folded: `wm_rollup_hourly` (migration 0151)
+//! derives it from `readings` when asked, with the same span logic as the recompute.
 
 use std::collections::HashMap;
 
@@ -24,17 +25,13 @@ struct Bucket {
     estimated: bool,
 }
 
-/// Rollup rows keyed by (meter, bucket), in key order.
-type Rows<'u, B> = Vec<((&'u str, B), Bucket)>;
+/// Rollup rows keyed by (meter, local day), in key order.
+type Rows<'u> = Vec<((&'u str, time::Date), Bucket)>;
 
-/// Sums usage per (meter, hour) and (meter, local day), both in key order. Spans are grouped
-/// by meter with a hash map, the meters sorted once, and each meter's spans merged in time
-/// order: the fold of a few hundred thousand spans spent most of its CPU comparing meter ids
-/// when it sorted every span (or hashed every span twice and sorted both maps).
-fn aggregate<'u>(
-    usage: &[&'u Usage],
-    options: StoreOptions,
-) -> (Rows<'u, OffsetDateTime>, Rows<'u, time::Date>) {
+/// Sums usage per (meter, local day), in key order. Spans are grouped by meter with a hash
+/// map, the meters sorted once, and each meter's spans merged in time order: the fold of a few
+/// hundred thousand spans spent most of its CPU comparing meter ids when it sorted every span.
+fn aggregate<'u>(usage: &[&'u Usage], options: StoreOptions) -> Rows<'u> {
     fn add(b: &mut Bucket, u: &Usage) {
         b.consumption += u.delta;
         b.count += 1;
@@ -48,24 +45,6 @@ fn aggregate<'u>(
             b.last_value = u.value;
         }
     }
-    fn merge<'u, B: PartialEq>(rows: &mut Rows<'u, B>, key: (&'u str, B), u: &Usage) {
-        match rows.last_mut() {
-            Some((k, b)) if *k == key => add(b, u),
-            _ => {
-                let mut b = Bucket {
-                    consumption: Decimal::ZERO,
-                    first_ts: u.ts,
-                    first_value: u.value,
-                    last_ts: u.ts,
-                    last_value: u.value,
-                    count: 0,
-                    estimated: false,
-                };
-                add(&mut b, u);
-                rows.push((key, b));
-            }
-        }
-    }
     let mut by_meter: HashMap<&'u str, Vec<&'u Usage>, foldhash::fast::RandomState> =
         HashMap::default();
     for u in usage {
@@ -73,30 +52,35 @@ fn aggregate<'u>(
     }
     let mut meters: Vec<(&'u str, Vec<&'u Usage>)> = by_meter.into_iter().collect();
     meters.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let mut hourly = Vec::with_capacity(usage.len());
-    let mut daily = Vec::with_capacity(meters.len());
+    let mut daily: Rows<'u> = Vec::with_capacity(meters.len());
     for (meter, mut spans) in meters {
         // Stable: spans at one instant keep their arrival order (the last one wins).
         spans.sort_by_key(|u| u.ts);
         for u in spans {
-            let hour =
-                u.ts.replace_minute(0)
-                    .and_then(|t| t.replace_second(0))
-                    .map(|t| t.replace_nanosecond(0).unwrap_or(t))
-                    .unwrap_or(u.ts);
-            merge(&mut hourly, (meter, hour), u);
-            merge(
-                &mut daily,
-                (meter, u.ts.to_offset(options.day_offset).date()),
-                u,
-            );
+            let key = (meter, u.ts.to_offset(options.day_offset).date());
+            match daily.last_mut() {
+                Some((k, b)) if *k == key => add(b, u),
+                _ => {
+                    let mut b = Bucket {
+                        consumption: Decimal::ZERO,
+                        first_ts: u.ts,
+                        first_value: u.value,
+                        last_ts: u.ts,
+                        last_value: u.value,
+                        count: 0,
+                        estimated: false,
+                    };
+                    add(&mut b, u);
+                    daily.push((key, b));
+                }
+            }
         }
     }
-    (hourly, daily)
+    daily
 }
 
-/// Adds consumption spans to `rollup_hourly` and `rollup_daily` (one upsert per table, in key
-/// order); returns how many spans there were.
+/// Adds consumption spans to `rollup_daily` (one upsert, in key order); returns how many
+/// spans there were.
 pub(crate) async fn write_rollups(
     conn: &mut PgConnection,
     usage: &[&Usage],
@@ -108,62 +92,47 @@ pub(crate) async fn write_rollups(
     // In key order: the primary-key lookups and the heap pages then follow the index instead
     // of jumping across all meters (measured 1.5–1.9x faster per statement), and concurrent
     // writers take row locks in one order.
-    let (hourly, daily) = aggregate(usage, options);
-    macro_rules! upsert {
-        ($map:expr, $table:literal, $bucket_ty:literal, $stage:literal) => {{
-            let n = $map.len();
-            let mut meter = Vec::with_capacity(n);
-            let mut bucket = Vec::with_capacity(n);
-            let mut consumption = Vec::with_capacity(n);
-            let mut first = Vec::with_capacity(n);
-            let mut last = Vec::with_capacity(n);
-            let mut count = Vec::with_capacity(n);
-            let mut estimated = Vec::with_capacity(n);
-            for ((m, b), v) in $map {
-                meter.push(m);
-                bucket.push(b);
-                consumption.push(v.consumption);
-                first.push(v.first_value);
-                last.push(v.last_value);
-                count.push(v.count);
-                estimated.push(v.estimated);
-            }
-            sqlx::query(concat!(
-                "INSERT INTO ",
-                $table,
-                " AS t (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
-                 SELECT * FROM UNNEST($1::text[], $2::",
-                $bucket_ty,
-                "[], $3::numeric[], $4::numeric[], $5::numeric[], $6::int4[], $7::bool[])
-                 ON CONFLICT (meter_id, bucket) DO UPDATE SET
-                     consumption = t.consumption + excluded.consumption,
-                     last_value = excluded.last_value,
-                     read_count = t.read_count + excluded.read_count,
-                     estimated = t.estimated OR excluded.estimated"
-            ))
-            .bind(meter)
-            .bind(bucket)
-            .bind(consumption)
-            .bind(first)
-            .bind(last)
-            .bind(count)
-            .bind(estimated)
-            .execute(&mut *conn)
-            .await
-            .map_err(stage($stage))?;
-        }};
+    let daily = aggregate(usage, options);
+    let n = daily.len();
+    let mut meter = Vec::with_capacity(n);
+    let mut bucket = Vec::with_capacity(n);
+    let mut consumption = Vec::with_capacity(n);
+    let mut first = Vec::with_capacity(n);
+    let mut last = Vec::with_capacity(n);
+    let mut count = Vec::with_capacity(n);
+    let mut estimated = Vec::with_capacity(n);
+    for ((m, b), v) in daily {
+        meter.push(m);
+        bucket.push(b);
+        consumption.push(v.consumption);
+        first.push(v.first_value);
+        last.push(v.last_value);
+        count.push(v.count);
+        estimated.push(v.estimated);
     }
-    upsert!(
-        hourly,
-        "rollup_hourly",
-        "timestamptz",
-        "updating hourly rollups"
-    );
-    upsert!(daily, "rollup_daily", "date", "updating daily rollups");
+    sqlx::query(
+        "INSERT INTO rollup_daily AS t (meter_id, bucket, consumption, first_value, last_value, read_count, estimated)
+         SELECT * FROM UNNEST($1::text[], $2::date[], $3::numeric[], $4::numeric[], $5::numeric[], $6::int4[], $7::bool[])
+         ON CONFLICT (meter_id, bucket) DO UPDATE SET
+             consumption = t.consumption + excluded.consumption,
+             last_value = excluded.last_value,
+             read_count = t.read_count + excluded.read_count,
+             estimated = t.estimated OR excluded.estimated",
+    )
+    .bind(meter)
+    .bind(bucket)
+    .bind(consumption)
+    .bind(first)
+    .bind(last)
+    .bind(count)
+    .bind(estimated)
+    .execute(&mut *conn)
+    .await
+    .map_err(stage("updating daily rollups"))?;
     Ok(usage.len())
 }
 
-/// Rebuilds a meter's rollups over the local days covering `[from, to]` from its readings,
+/// Rebuilds a meter's daily rollups over the local days covering `[from, to]` from its readings,
 /// and records the reset that keeps journalled spans of those days from being added again.
 /// Outside an ingest transaction, call [`super::journal::lock_out_ingest`] first.
 ///

@@ -92,6 +92,35 @@ async fn tables(db: &TestDatabase) -> Vec<String> {
     out
 }
 
+/// Hourly consumption is derived from `readings` (migration 0151) while `rollup_daily` is
+/// folded from the journal's spans (and recomputed after edits): summed per local day (+08:00,
+/// the default day offset) the hours must give every daily row exactly.
+async fn assert_hourly_sums_to_daily(db: &TestDatabase) {
+    let row = "meter_id || ' ' || bucket || ' ' || consumption || ' ' || first_value || ' ' || \
+               last_value || ' ' || read_count || ' ' || estimated";
+    let daily: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT {row} FROM rollup_daily ORDER BY meter_id, bucket"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let from_hours: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT {row} FROM (
+             SELECT meter_id, ((bucket + interval '8 hours') AT TIME ZONE 'UTC')::date AS bucket,
+                    sum(consumption) AS consumption,
+                    (array_agg(first_value ORDER BY bucket))[1] AS first_value,
+                    (array_agg(last_value ORDER BY bucket DESC))[1] AS last_value,
+                    sum(read_count) AS read_count, bool_or(estimated) AS estimated
+             FROM rollup_hourly GROUP BY 1, 2) h
+         ORDER BY meter_id, bucket"
+    ))
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(daily.len() >= 8, "{daily:?}");
+    assert_eq!(from_hours, daily);
+}
+
 async fn edit(db: &TestDatabase, meter: &str, hour: i64, value: Decimal) {
     pipeline::edit::edit_reading(
         &db.pool,
@@ -239,6 +268,7 @@ async fn journal_folds_equal_writing_in_the_ingest_transaction() {
     .unwrap();
     assert_eq!(superseded, 1);
     assert!(expected.len() > 40, "{expected:?}");
+    assert_hourly_sums_to_daily(&reference).await;
     reference.drop_database().await;
 
     let steps = scenario().len();
@@ -283,6 +313,7 @@ async fn journal_folds_equal_writing_in_the_ingest_transaction() {
         let db = TestDatabase::create().await;
         run_journal(&db, plan).await;
         assert_eq!(tables(&db).await, expected, "{name}");
+        assert_hourly_sums_to_daily(&db).await;
         db.drop_database().await;
     }
 }
