@@ -180,21 +180,11 @@ pub async fn unlock(
     let mut tx = pool.begin().await.map_err(db("starting a transaction"))?;
     // A repeated unlock of the same permit is the same request although less of the window is
     // left now: it gets the command issued first, not an id conflict over its duration.
-    if let Some(r) = sqlx::query(&format!(
-        "SELECT {} FROM commands WHERE command_id = $1",
-        super::ROW_COLUMNS
-    ))
-    .bind(&req.id.0)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db("looking up the permit's unlock"))?
+    if let Some(existing) = super::find_in(&mut tx, &req.id.0).await?
+        && existing.device == req.device.as_str()
+        && matches!(existing.action, CommandAction::HydrantUnlock { .. })
     {
-        let existing = super::row_of(&r)?;
-        if existing.device == req.device.as_str()
-            && matches!(existing.action, CommandAction::HydrantUnlock { .. })
-        {
-            req.action = existing.action;
-        }
+        req.action = existing.action;
     }
     let out = super::issue_in(&mut tx, &req, true).await?;
     tx.commit().await.map_err(db("committing an unlock"))?;

@@ -290,6 +290,19 @@ pub async fn get(pool: &PgPool, id: &str) -> Result<CommandRow, ControlError> {
     row_of(&r)
 }
 
+/// The command with id `id`, if there is one, read on `conn` (inside the caller's transaction).
+async fn find_in(conn: &mut PgConnection, id: &str) -> Result<Option<CommandRow>, ControlError> {
+    sqlx::query(&format!(
+        "SELECT {ROW_COLUMNS} FROM commands WHERE command_id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db("looking up the command id"))?
+    .map(|r| row_of(&r))
+    .transpose()
+}
+
 /// The commands of a device, newest first (at most `limit`).
 ///
 /// # Errors
@@ -412,15 +425,7 @@ pub(crate) async fn issue_in(
         .map_err(db("locking the device's commands"))?;
     let action_json = serde_json::to_value(&req.action)
         .map_err(|e| ControlError::Invalid(format!("action: {e}")))?;
-    if let Some(r) = sqlx::query(&format!(
-        "SELECT {ROW_COLUMNS} FROM commands WHERE command_id = $1"
-    ))
-    .bind(&req.id.0)
-    .fetch_optional(&mut *tx)
-    .await
-    .map_err(db("looking up the command id"))?
-    {
-        let existing = row_of(&r)?;
+    if let Some(existing) = find_in(tx, &req.id.0).await? {
         if existing.device != device || existing.action != req.action {
             return Err(ControlError::IdConflict {
                 id: req.id.0.clone(),
