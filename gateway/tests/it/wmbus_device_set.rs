@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use decoders::wmbus::encode::{WmbusMeter, telegram};
-use decoders::wmbus::manufacturer_from_code;
+use decoders::wmbus::encode::telegram;
 use gateway::runtime::Gateway;
 use model::{DEVICE_SET_WIRE_VERSION, DeviceEntry, DeviceSet, ReadingBatch};
 use rust_decimal::Decimal;
@@ -20,28 +19,14 @@ const OLD_KEY: [u8; 16] = [0x11; 16];
 const NEW_KEY: [u8; 16] = [0x22; 16];
 const METER: &str = "mbus:KAM31313131";
 
-fn meter() -> WmbusMeter {
-    WmbusMeter {
-        manufacturer: manufacturer_from_code("KAM").unwrap(),
-        id: 0x3131_3131,
-        version: 1,
-        device_type: 0x07,
-    }
-}
-
 /// An encrypted (mode 5) telegram of [`METER`] with volume record `0C 13` of `litres`.
 fn volume_telegram(litres: u32, access_no: u8, key: [u8; 16]) -> Vec<u8> {
-    let s = format!("{litres:08}");
-    let d: Vec<u8> = s.bytes().map(|b| b - b'0').collect();
-    let records = [
-        0x0C,
-        0x13,
-        (d[6] << 4) | d[7],
-        (d[4] << 4) | d[5],
-        (d[2] << 4) | d[3],
-        (d[0] << 4) | d[1],
-    ];
-    telegram(&meter(), &records, access_no, Some(key))
+    telegram(
+        &common::kam_meter(0x3131_3131),
+        &common::volume_record(litres),
+        access_no,
+        Some(key),
+    )
 }
 
 fn device_set(gw: &str, version: u64, key_ref: &str) -> DeviceSet {

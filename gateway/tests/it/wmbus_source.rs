@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use decoders::wmbus::encode::{WmbusMeter, telegram};
-use decoders::wmbus::manufacturer_from_code;
+use crate::common::{kam_meter, volume_record};
+use decoders::wmbus::encode::telegram;
 use edge_config::wmbus::WmbusUdpSourceConfig;
 use gateway::sources::wmbus::{ReceiverStats, WmbusSource};
 use gateway::sources::{Source, SourceEnv, SourceError};
@@ -18,29 +18,6 @@ use tokio_util::sync::CancellationToken;
 const KEY: [u8; 16] = [
     0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F,
 ];
-
-fn meter(id: u32) -> WmbusMeter {
-    WmbusMeter {
-        manufacturer: manufacturer_from_code("KAM").unwrap(),
-        id,
-        version: 1,
-        device_type: 0x07,
-    }
-}
-
-/// Volume record `0C 13` (8 BCD digits, litres).
-fn volume(litres: u32) -> Vec<u8> {
-    let s = format!("{litres:08}");
-    let d: Vec<u8> = s.bytes().map(|b| b - b'0').collect();
-    vec![
-        0x0C,
-        0x13,
-        (d[6] << 4) | d[7],
-        (d[4] << 4) | d[5],
-        (d[2] << 4) | d[3],
-        (d[0] << 4) | d[1],
-    ]
-}
 
 struct Rx {
     addr: std::net::SocketAddr,
@@ -132,7 +109,7 @@ async fn plain_and_encrypted_telegrams_become_readings_and_repeats_are_dropped()
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let repeater = UdpSocket::bind("127.0.0.1:0").await.unwrap();
 
-    let plain = telegram(&meter(0x1111_1111), &volume(123_456), 1, None);
+    let plain = telegram(&kam_meter(0x1111_1111), &volume_record(123_456), 1, None);
     stick.send_to(&plain, r.addr).await.unwrap();
     assert_eq!(
         next(&mut r.rx).await,
@@ -144,7 +121,7 @@ async fn plain_and_encrypted_telegrams_become_readings_and_repeats_are_dropped()
     );
 
     // Mode 5 with the configured key; the repeater forwards the same telegram twice more.
-    let secret = telegram(&meter(0x2222_2222), &volume(7_000), 2, Some(KEY));
+    let secret = telegram(&kam_meter(0x2222_2222), &volume_record(7_000), 2, Some(KEY));
     stick.send_to(&secret, r.addr).await.unwrap();
     repeater.send_to(&secret, r.addr).await.unwrap();
     let mut repeated = secret.clone();
@@ -166,10 +143,15 @@ async fn bad_telegrams_are_counted_by_kind() {
     let mut r = start(Duration::from_millis(200)).await;
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // Encrypted for a meter without a configured key.
-    let unknown = telegram(&meter(0x3333_3333), &volume(1), 3, Some(KEY));
+    let unknown = telegram(&kam_meter(0x3333_3333), &volume_record(1), 3, Some(KEY));
     stick.send_to(&unknown, r.addr).await.unwrap();
     // Encrypted with another key than the configured one.
-    let wrong = telegram(&meter(0x2222_2222), &volume(1), 4, Some([0x55; 16]));
+    let wrong = telegram(
+        &kam_meter(0x2222_2222),
+        &volume_record(1),
+        4,
+        Some([0x55; 16]),
+    );
     stick.send_to(&wrong, r.addr).await.unwrap();
     // Noise: L field larger than the datagram.
     stick.send_to(&[0x40, 0x44, 0x2D], r.addr).await.unwrap();
@@ -186,7 +168,7 @@ async fn bad_telegrams_are_counted_by_kind() {
         .sum();
     assert_eq!(total, 1);
     // After the window the same telegram is decoded again (a new transmission).
-    let plain = telegram(&meter(0x1111_1111), &volume(5), 9, None);
+    let plain = telegram(&kam_meter(0x1111_1111), &volume_record(5), 9, None);
     stick.send_to(&plain, r.addr).await.unwrap();
     assert_eq!(next(&mut r.rx).await[0].2, "0.005");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,7 +180,7 @@ async fn bad_telegrams_are_counted_by_kind() {
 
 /// Volume record plus the meter's date-time record `04 6D` (type F, local time).
 fn volume_at(litres: u32, at: time::PrimitiveDateTime) -> Vec<u8> {
-    let mut records = volume(litres);
+    let mut records = volume_record(litres);
     let mut clock = Vec::new();
     decoders::mbus::DataRecord::date_time(at).encode_into(&mut clock);
     records.extend(clock);
@@ -216,7 +198,7 @@ async fn the_telegram_clock_is_the_reading_time_when_the_zone_is_configured() {
         c.meter_utc_offset_minutes = Some(120)
     })
     .await;
-    let t = telegram(&meter(0x1111_1111), &volume_at(42, at), 1, None);
+    let t = telegram(&kam_meter(0x1111_1111), &volume_at(42, at), 1, None);
     stick.send_to(&t, r.addr).await.unwrap();
     let req = tokio::time::timeout(Duration::from_secs(5), r.rx.recv())
         .await
@@ -227,7 +209,7 @@ async fn the_telegram_clock_is_the_reading_time_when_the_zone_is_configured() {
     assert_eq!(req.readings[0].clock, model::ClockSource::Meter);
     req.done.send(Ok(())).unwrap();
     // A telegram without the record keeps the receive time.
-    let t = telegram(&meter(0x1111_1111), &volume(43), 2, None);
+    let t = telegram(&kam_meter(0x1111_1111), &volume_record(43), 2, None);
     stick.send_to(&t, r.addr).await.unwrap();
     let req = r.rx.recv().await.unwrap();
     assert_eq!(req.readings[0].clock, model::ClockSource::Gateway);
@@ -240,7 +222,7 @@ async fn the_telegram_clock_is_the_reading_time_when_the_zone_is_configured() {
 
     // Without a configured zone the record cannot be placed in UTC: receive time.
     let mut r = start(Duration::from_secs(10)).await;
-    let t = telegram(&meter(0x1111_1111), &volume_at(44, at), 3, None);
+    let t = telegram(&kam_meter(0x1111_1111), &volume_at(44, at), 3, None);
     stick.send_to(&t, r.addr).await.unwrap();
     let req = r.rx.recv().await.unwrap();
     assert_eq!(req.readings[0].clock, model::ClockSource::Gateway);
@@ -255,7 +237,7 @@ async fn a_burst_of_a_thousand_meters_is_received_whole_in_batches() {
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let n = 1000u32;
     for i in 0..n {
-        let t = telegram(&meter(0x1000_0000 + i), &volume(i), 1, None);
+        let t = telegram(&kam_meter(0x1000_0000 + i), &volume_record(i), 1, None);
         stick.send_to(&t, r.addr).await.unwrap();
     }
     let mut meters = std::collections::BTreeSet::new();
@@ -280,7 +262,7 @@ async fn datagrams_the_kernel_drops_are_counted() {
     let r = start_with(Duration::from_secs(10), |c| c.recv_buffer_bytes = 4096).await;
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for i in 0..3000u32 {
-        let t = telegram(&meter(0x2000_0000 + i), &volume(i), 1, None);
+        let t = telegram(&kam_meter(0x2000_0000 + i), &volume_record(i), 1, None);
         stick.send_to(&t, r.addr).await.unwrap();
     }
     let sink = r.sink.clone();
@@ -324,10 +306,10 @@ async fn a_compact_telegram_before_its_full_frame_is_held_then_decoded() {
     use gateway::CompactOutcome;
     let mut r = start(Duration::from_secs(10)).await;
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let m = meter(0x4444_4444);
+    let m = kam_meter(0x4444_4444);
 
     // The compact telegram comes first (the gateway just started): its format is unknown.
-    let compact = compact_telegram(&m, &volume(900)).unwrap();
+    let compact = compact_telegram(&m, &volume_record(900)).unwrap();
     assert_eq!(compact[10], 0x79);
     stick.send_to(&compact, r.addr).await.unwrap();
     let sink = r.sink.clone();
@@ -343,7 +325,7 @@ async fn a_compact_telegram_before_its_full_frame_is_held_then_decoded() {
 
     // The meter's full frame teaches the format: both readings come in one batch, the held
     // one with its own (earlier) receive time.
-    let full = telegram(&m, &volume(1000), 2, None);
+    let full = telegram(&m, &volume_record(1000), 2, None);
     stick.send_to(&full, r.addr).await.unwrap();
     let req = tokio::time::timeout(Duration::from_secs(5), r.rx.recv())
         .await
@@ -375,7 +357,7 @@ async fn a_compact_telegram_before_its_full_frame_is_held_then_decoded() {
     assert_eq!(r.stats.decoded.load(Ordering::Relaxed), 2);
 
     // Now the format is known: the next compact telegram decodes at once.
-    let compact = compact_telegram(&m, &volume(1100)).unwrap();
+    let compact = compact_telegram(&m, &volume_record(1100)).unwrap();
     stick.send_to(&compact, r.addr).await.unwrap();
     assert_eq!(
         next(&mut r.rx).await,
@@ -398,7 +380,7 @@ async fn a_compact_telegram_whose_full_frame_never_comes_is_counted_and_dropped(
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // Three meters' compact telegrams into a hold of two: the oldest is evicted.
     for id in [0x5555_0001, 0x5555_0002, 0x5555_0003] {
-        let compact = compact_telegram(&meter(id), &volume(7)).unwrap();
+        let compact = compact_telegram(&kam_meter(id), &volume_record(7)).unwrap();
         stick.send_to(&compact, r.addr).await.unwrap();
     }
     let sink = r.sink.clone();
@@ -412,7 +394,7 @@ async fn a_compact_telegram_whose_full_frame_never_comes_is_counted_and_dropped(
         3
     );
     // A full frame of the first meter later finds nothing held: only its own reading.
-    let full = telegram(&meter(0x5555_0001), &volume(8), 1, None);
+    let full = telegram(&kam_meter(0x5555_0001), &volume_record(8), 1, None);
     stick.send_to(&full, r.addr).await.unwrap();
     assert_eq!(
         next(&mut r.rx).await,
@@ -438,12 +420,12 @@ async fn a_held_compact_telegram_borrows_the_format_of_its_model() {
     use gateway::CompactOutcome;
     let mut r = start(Duration::from_secs(10)).await;
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let compact = compact_telegram(&meter(0x6666_0001), &volume(321)).unwrap();
+    let compact = compact_telegram(&kam_meter(0x6666_0001), &volume_record(321)).unwrap();
     stick.send_to(&compact, r.addr).await.unwrap();
     let sink = r.sink.clone();
     wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
     // Another meter of the same model (manufacturer, version, type) sends the full frame.
-    let full = telegram(&meter(0x6666_0002), &volume(5), 1, None);
+    let full = telegram(&kam_meter(0x6666_0002), &volume_record(5), 1, None);
     stick.send_to(&full, r.addr).await.unwrap();
     let got = next(&mut r.rx).await;
     assert_eq!(
@@ -466,12 +448,12 @@ async fn a_held_plaintext_compact_telegram_of_a_keyed_meter_is_refused_on_releas
     let stick = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     // KAM22222222 has a key: a plaintext compact telegram is held (its format is unknown, so
     // the no-downgrade check cannot run yet) ...
-    let forged = compact_telegram(&meter(0x2222_2222), &volume(999_999)).unwrap();
+    let forged = compact_telegram(&kam_meter(0x2222_2222), &volume_record(999_999)).unwrap();
     stick.send_to(&forged, r.addr).await.unwrap();
     let sink = r.sink.clone();
     wait_for(|| sink.counters().compact("wm", CompactOutcome::Held) == 1).await;
     // ... and refused when the meter's encrypted full frame releases it.
-    let full = telegram(&meter(0x2222_2222), &volume(7_000), 5, Some(KEY));
+    let full = telegram(&kam_meter(0x2222_2222), &volume_record(7_000), 5, Some(KEY));
     stick.send_to(&full, r.addr).await.unwrap();
     assert_eq!(
         next(&mut r.rx).await,
