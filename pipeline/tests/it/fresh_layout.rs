@@ -6,7 +6,6 @@
 //! queries scan `frames`).
 
 use model::Reading;
-use pipeline::db::{self, StoreOptions, WriteSet};
 use rust_decimal::Decimal;
 use sqlx::PgPool;
 use testkit::TestDatabase;
@@ -39,18 +38,8 @@ fn fleet(meters: u32, rounds: u32) -> Vec<Vec<Reading>> {
 
 /// Writes each round as one ingest batch (the COPY path).
 async fn store(pool: &PgPool, rounds: &[Vec<Reading>]) {
-    let mut conn = pool.acquire().await.expect("a connection");
     for readings in rounds {
-        db::write_batch(
-            &mut conn,
-            &WriteSet {
-                readings,
-                ..WriteSet::default()
-            },
-            StoreOptions::default(),
-        )
-        .await
-        .expect("writing a round");
+        crate::packing::write_raw(pool, readings).await;
     }
 }
 

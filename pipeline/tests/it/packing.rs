@@ -115,7 +115,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 
 /// Writes `readings` as one ingest batch without VEE (what a redelivered or late batch does
 /// after VEE let it through).
-async fn write_raw(pool: &PgPool, readings: &[Reading]) -> db::WriteStats {
+pub(crate) async fn write_raw(pool: &PgPool, readings: &[Reading]) -> db::WriteStats {
     let mut conn = pool.acquire().await.expect("a connection");
     db::write_batch(
         &mut conn,
